@@ -1,0 +1,15 @@
+"""The default access policy: an identity may use the rooms its ``rooms`` glob patterns match.
+
+Registered first among the built-ins and marked ``trylast``, so any other plugin's
+``wirehub_authorize`` answer comes before it.
+"""
+
+from __future__ import annotations
+
+from service.auth import Identity
+from service.hookspecs import hookimpl
+
+
+@hookimpl(trylast=True)
+def wirehub_authorize(identity: Identity, action: str, room: str) -> bool:
+    return identity.may_access(room)

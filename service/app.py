@@ -1,0 +1,247 @@
+"""Assembles one replica: plugins, backend, hub, handlers and the Tornado application; start and drain.
+
+``Wirehub.build(config)`` does everything that needs no I/O (and so backs ``check-config``);
+``start()`` starts the bus and listens; ``drain()`` is what SIGTERM runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import socket
+import time
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+import tornado.routing
+import tornado.web
+from tornado.httpserver import HTTPServer
+from tornado.netutil import bind_sockets
+
+from service import http
+from service.config import Config, ConfigError
+from service.handler import HandlerContext
+from service.hub import Hub
+from service.metrics import Metrics
+from service.plugins import PluginError, PluginHost, build_plugin_manager
+from service.protocol import CloseCode, close_reason
+from service.websocket import WirehubSocket
+
+if TYPE_CHECKING:
+    from service.auth import Authenticator
+    from service.bus import Backend
+    from service.handler import Handler
+    from service.session import Session
+
+log = logging.getLogger("wirehub")
+access_log = logging.getLogger("wirehub.access")
+
+CORE_PATHS = ("/healthz", "/readyz", "/metrics", "/api/")
+
+
+class ConnectionLimits:
+    """Open connections per user and per client IP on this replica (0 = unlimited)."""
+
+    def __init__(self, per_user: int, per_ip: int) -> None:
+        self.per_user, self.per_ip = per_user, per_ip
+        self.users: Counter[str] = Counter()
+        self.ips: Counter[str] = Counter()
+
+    def admit(self, user: str, ip: str) -> str | None:
+        """Count a new connection, or return the reason it is over a limit."""
+        if self.per_user and self.users[user] >= self.per_user:
+            return "too_many_connections_for_user"
+        if self.per_ip and self.ips[ip] >= self.per_ip:
+            return "too_many_connections_from_ip"
+        self.users[user] += 1
+        self.ips[ip] += 1
+        return None
+
+    def release(self, user: str, ip: str) -> None:
+        for counter, key in ((self.users, user), (self.ips, ip)):
+            counter[key] -= 1
+            if counter[key] <= 0:
+                del counter[key]
+
+
+class Wirehub:
+    """One replica. Attributes are the collaborators handlers get through ``initialize``."""
+
+    def __init__(self, config: Config, hooks: PluginHost) -> None:
+        self.config = config
+        self.hooks = hooks
+        self.node = config.node_id
+        self.metrics = Metrics()
+        self.draining = False
+        self.started = False
+        self.sessions: dict[Session, WirehubSocket] = {}
+        self._closing_tasks: set[asyncio.Task[None]] = set()
+        self._all_closed = asyncio.Event()
+        self.connections = ConnectionLimits(config.server.max_connections_per_user, config.server.max_connections_per_ip)
+        registries = hooks.buses(), hooks.authenticators(), hooks.handlers()
+        bus_factory = hooks.pick(registries[0], config.bus.plugin, "bus.plugin", "bus")
+        auth_factory = hooks.pick(registries[1], config.auth.plugin, "auth.plugin", "authenticator")
+        self.backend: Backend = bus_factory(config.bus.options, config.bus.key)
+        self.authenticator: Authenticator = auth_factory(config.auth.options, config.auth.key)
+        self.hub = Hub(self.backend, self.metrics)
+        self.handlers: dict[str, Handler] = {}
+        for i, ep in enumerate(config.endpoints):
+            factory = hooks.pick(registries[2], ep.handler, f"endpoints[{i}].handler", "handler")
+            context = HandlerContext(
+                config=config,
+                endpoint=ep,
+                hub=self.hub,
+                backend=self.backend,
+                hooks=hooks,
+                authenticator=self.authenticator,
+                metrics=self.metrics,
+                node=self.node,
+            )
+            self.handlers[ep.path] = factory(ep.options, f"endpoints[{i}].options", context)
+        self.application = self._make_application()
+        self.server: HTTPServer | None = None
+        self.port: int | None = None
+
+    @classmethod
+    def build(cls, config: Config) -> Wirehub:
+        """Plugins, config hooks and every factory, with no I/O. Raises ConfigError or PluginError."""
+        hooks = build_plugin_manager(config.plugins)
+        hooks.configure(config)
+        return cls(config, hooks)
+
+    # -- the Tornado application ------------------------------------------------------------------------
+
+    def _make_application(self) -> tornado.web.Application:
+        routes: list[Any] = http.core_routes(self)
+        for ep in self.config.endpoints:
+            max_size = int(ep.options.get("max_message_size", self.config.server.max_message_size))
+            kwargs = {"app": self, "endpoint": ep, "handler": self.handlers[ep.path], "max_message_size": max_size}
+            routes.append((tornado.routing.PathMatches(_literal(ep.path)), WirehubSocket, kwargs))
+        taken = {ep.path for ep in self.config.endpoints}
+        for plugin, (pattern, handler_cls, kwargs) in self.hooks.routes(self):
+            if pattern in taken or any(pattern.startswith(p) for p in CORE_PATHS):
+                raise PluginError(f"plugin {plugin!r}: route {pattern!r} collides with a core route or endpoint")
+            taken.add(pattern)
+            routes.append((pattern, handler_cls, kwargs))
+        return tornado.web.Application(
+            routes,
+            default_handler_class=http.NotFoundHandler,
+            log_function=self._log_request,
+            websocket_max_message_size=self.config.server.max_message_size,
+            xheaders=self.config.server.xheaders,
+            compress_response=False,
+        )
+
+    def _log_request(self, handler: tornado.web.RequestHandler) -> None:
+        # Never the query string or headers: tokens travel there.
+        if not self.config.logging.access_log or handler.request.path in ("/healthz", "/readyz"):
+            return
+        status = handler.get_status()
+        level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
+        ms = 1000.0 * handler.request.request_time()
+        access_log.log(level, "%d %s %s %s %.1fms", status, handler.request.method, handler.request.path,
+                       handler.request.remote_ip, ms)
+
+    # -- lifecycle --------------------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self.started and not self.draining and self.backend.bus.healthy
+
+    async def start(self, sockets: list[socket.socket] | None = None) -> None:
+        """Start the bus, run startup hooks and listen (on ``sockets``, or host:port from config)."""
+        await self.backend.bus.start(self.hub)
+        self.hub.on_bus_state(self.backend.bus.healthy)
+        await self.hooks.startup(self)
+        if sockets is None:
+            cfg = self.config.server
+            sockets = bind_sockets(cfg.port, cfg.host or None, backlog=cfg.backlog)
+        self.server = HTTPServer(self.application, xheaders=self.config.server.xheaders)
+        self.server.add_sockets(sockets)
+        self.port = sockets[0].getsockname()[1]
+        self.started = True
+        log.info("wirehub node %s listening on port %d; %s; bus %s; endpoints: %s", self.node, self.port,
+                 self.authenticator.describe(), self.config.bus.plugin,
+                 ", ".join(f"{ep.path} ({ep.handler})" for ep in self.config.endpoints))
+
+    def session_opened(self, session: Session, socket_handler: WirehubSocket) -> None:
+        self.sessions[session] = socket_handler
+        self._all_closed.clear()
+        self.metrics.sessions.labels(session.endpoint).inc()
+        self.metrics.sessions_opened.labels(session.endpoint).inc()
+        log.info("session open %s user=%s endpoint=%s ip=%s", session.id, session.identity.user, session.endpoint,
+                 session.remote_ip)
+
+    def session_closing(self, session: Session, socket_handler: WirehubSocket, code: int | None,
+                        reason: str | None) -> None:
+        task = asyncio.ensure_future(self._finish_session(session, code, reason))
+        self._closing_tasks.add(task)
+        task.add_done_callback(self._closing_tasks.discard)
+
+    async def _finish_session(self, session: Session, code: int | None, reason: str | None) -> None:
+        try:
+            await self.hub.leave_all(session)
+            await self.handlers[session.endpoint].on_close(session)
+        except Exception:
+            log.exception("closing %r failed", session)
+        finally:
+            self.sessions.pop(session, None)
+            self.metrics.sessions.labels(session.endpoint).dec()
+            self.metrics.sessions_closed.labels(session.endpoint, str(code)).inc()
+            if self.draining:
+                self.metrics.drain_remaining.set(len(self.sessions))
+            if not self.sessions:
+                self._all_closed.set()
+            log.info("session close %s user=%s endpoint=%s code=%s duration=%.1fs", session.id,
+                     session.identity.user, session.endpoint, code, time.time() - session.opened_at)
+        await self.hooks.session_closed(session, code, reason)
+
+    async def drain(self) -> None:
+        """Refuse new upgrades, close sessions in paced batches with 1001 and a jittered retry hint,
+        wait for their close handshakes (pending sends flush before the close frame), then stop.
+        Bounded by ``drain.grace`` seconds."""
+        if self.draining:
+            return
+        cfg = self.config.drain
+        deadline = time.monotonic() + cfg.grace
+        self.draining = True
+        self.metrics.draining.set(1)
+        self.metrics.drain_remaining.set(len(self.sessions))
+        log.info("draining %d sessions (grace %.1fs)", len(self.sessions), cfg.grace)
+        sessions = list(self.sessions)
+        for start in range(0, len(sessions), cfg.batch_size):
+            for session in sessions[start:start + cfg.batch_size]:
+                retry_ms = int(random.uniform(0, cfg.reconnect_jitter) * 1000)
+                session.close(CloseCode.GOING_AWAY, close_reason(CloseCode.GOING_AWAY, retry_ms))
+            if start + cfg.batch_size < len(sessions) and time.monotonic() + cfg.batch_interval < deadline:
+                await asyncio.sleep(cfg.batch_interval)
+        if self.sessions:
+            try:
+                await asyncio.wait_for(self._all_closed.wait(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                log.warning("drain grace over with %d sessions open; aborting them", len(self.sessions))
+                for handler in list(self.sessions.values()):
+                    if handler.ws_connection is not None:
+                        handler.ws_connection._abort()  # type: ignore[attr-defined]
+        await self.stop()
+
+    async def stop(self) -> None:
+        """Stop listening, run shutdown hooks and close the bus. Idempotent."""
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+        if self._closing_tasks:
+            await asyncio.wait(list(self._closing_tasks), timeout=5)
+        if self.started:
+            self.started = False
+            await self.hooks.shutdown(self)
+            await self.hub.close()
+            await self.backend.bus.close()
+
+
+def _literal(path: str) -> str:
+    import re
+
+    return re.escape(path) + "$"
+

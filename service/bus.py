@@ -1,0 +1,182 @@
+"""The backend contracts: Bus, History, Presence and StateStore, and their guarantees.
+
+A bus plugin registers a factory that returns a :class:`Backend`: one bus plus the history,
+presence and state stores of the same broker (memory, Redis, NATS). Every implementation passes
+the contract suites in :mod:`service.testing`.
+
+Payloads are opaque bytes to a backend. The hub owns their format.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+
+class BusUnavailable(Exception):
+    """The broker cannot be reached: the operation did not happen (never "maybe happened")."""
+
+
+class StateConflict(Exception):
+    """compare_and_set lost a race: the stored version is not the expected one."""
+
+
+class BusHandler(Protocol):
+    """What a bus pushes inbound messages to (the hub implements it)."""
+
+    def on_bus_message(self, room: str, payload: bytes, offset: int | None) -> None:
+        """One message published to ``room`` on any replica, in the room's bus order.
+
+        ``offset`` is the history offset when the message was published with ``history=True``,
+        else ``None``. Called on the event loop; must not block and must not raise.
+        """
+
+    def on_bus_state(self, healthy: bool) -> None:
+        """The bus went up (``True``) or down (``False``). Called on every transition.
+
+        After a reconnect, ``on_bus_state(True)`` comes after every room is resubscribed and
+        before any message received on the new connection is pushed.
+        """
+
+
+@runtime_checkable
+class Bus(Protocol):
+    """Publish/subscribe across replicas.
+
+    Guarantees every implementation keeps:
+
+    - at-most-once fan-out: a published message reaches each subscribed replica once or, during a
+      broker outage, not at all (history is how a client finds out, never a silent duplicate);
+    - one order per room: all replicas receive one room's messages in the same order, and a
+      message published with ``history=True`` has a larger offset than every earlier one;
+    - ``publish`` raises :class:`BusUnavailable` rather than buffering without bound or reporting
+      a message it did not hand to the broker as published;
+    - ``healthy`` is False while the broker is unreachable; the bus reconnects with capped
+      backoff and resubscribes every room by itself, then reports ``on_bus_state(True)``.
+    """
+
+    @property
+    def healthy(self) -> bool: ...
+
+    async def start(self, handler: BusHandler) -> None:
+        """Connect and begin pushing messages to ``handler``. Raises BusUnavailable if it cannot."""
+
+    async def close(self) -> None:
+        """Disconnect; idempotent. No handler call happens after it returns."""
+
+    async def publish(self, room: str, payload: bytes, *, history: bool = False) -> int | None:
+        """Send ``payload`` to every subscriber of ``room`` on every replica (this one included).
+
+        With ``history=True`` the message is also appended to the room's history, atomically with
+        the publish so that history order equals delivery order, and its offset is returned
+        (``None`` otherwise). Raises BusUnavailable when the broker did not take the message.
+        """
+
+    async def subscribe(self, room: str) -> None:
+        """Start receiving ``room``; when it returns, every later publish is delivered."""
+
+    async def unsubscribe(self, room: str) -> None:
+        """Stop receiving ``room``; idempotent."""
+
+
+@dataclass(frozen=True)
+class HistoryPage:
+    """What :meth:`History.read` returns.
+
+    ``complete`` is False when messages after ``after`` were lost (trimmed by count or age, or
+    the epoch changed): the client must treat the page as a fresh start, not a recovery.
+    """
+
+    epoch: str
+    top: int  # offset of the newest message in history (0 when empty)
+    messages: Sequence[tuple[int, bytes]]
+    complete: bool
+
+
+@runtime_checkable
+class History(Protocol):
+    """Per-room message history, bounded by count and age, shared by all replicas.
+
+    Offsets are positive integers increasing by publish order within one epoch. ``epoch`` is an
+    opaque string that changes whenever the room's history was lost (broker restart without
+    persistence, flush, expiry of the whole room), so that (offset, epoch) names one message.
+    Messages are appended through :meth:`Bus.publish` with ``history=True``.
+    """
+
+    async def read(self, room: str, after: int | None, limit: int) -> HistoryPage:
+        """Up to ``limit`` messages with offset > ``after``, oldest first.
+
+        ``after=None`` returns the newest ``limit`` messages. ``complete`` is False when
+        ``after`` is older than the oldest retained message, or newer than ``top``
+        (an offset from another epoch). Raises BusUnavailable.
+        """
+        ...
+
+    async def position(self, room: str) -> tuple[int, str]:
+        """``(top, epoch)`` of the room now; ``top`` is 0 for an empty history."""
+        ...
+
+
+@dataclass(frozen=True)
+class PresenceEntry:
+    """One connection in a room."""
+
+    user: str
+    session: str
+    node: str
+    info: Mapping[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Presence(Protocol):
+    """Who is in a room, across replicas.
+
+    Entries are per connection; a user is present while any of their connections is. Entries of
+    a replica that stops refreshing them (crashed, SIGKILLed) expire after the backend's TTL.
+    """
+
+    async def join(self, room: str, entry: PresenceEntry) -> bool:
+        """Add a connection; True when its user was not present in ``room`` before."""
+        ...
+
+    async def leave(self, room: str, session: str) -> str | None:
+        """Remove a connection; returns its user when that was the user's last connection."""
+        ...
+
+    async def members(self, room: str) -> list[PresenceEntry]:
+        """All live connections in ``room``, one entry per connection."""
+        ...
+
+
+@runtime_checkable
+class StateStore(Protocol):
+    """A versioned JSON document per room with compare-and-set, shared by all replicas."""
+
+    async def get(self, room: str) -> tuple[int, Any] | None:
+        """``(version, document)``, or None when the room has no state."""
+        ...
+
+    async def compare_and_set(self, room: str, expected_version: int, document: Any) -> int:
+        """Store ``document`` as version ``expected_version + 1`` if the stored version is
+        ``expected_version`` (0 = "no state yet"); return the new version.
+
+        Raises :class:`StateConflict` when another writer got there first: re-read and retry.
+        """
+        ...
+
+    async def delete(self, room: str) -> None:
+        """Forget the room's state (idle expiry)."""
+        ...
+
+
+@dataclass
+class Backend:
+    """What a bus plugin's factory returns: one broker's bus and stores."""
+
+    bus: Bus
+    history: History
+    presence: Presence
+    state: StateStore
+    name: str = "backend"
+    extra: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,193 @@
+"""``wirehub serve | check-config | plugins | token | listen | send``; the only place that exits.
+
+Exit codes: 0 success, 1 runtime failure, 2 bad config or plugin (the message names the dotted key).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from service.config import ConfigError, load_config
+from service.plugins import PluginError
+
+log = logging.getLogger("wirehub")
+
+EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # Tornado's own access log prints full URIs (query strings carry tokens); ours replaces it.
+    logging.getLogger("tornado.access").disabled = True
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"wirehub: {message}", file=sys.stderr)
+    return code
+
+
+# -- serve -----------------------------------------------------------------------------------------------------
+
+
+async def _serve(config_path: str | None) -> int:
+    from service.app import Wirehub
+
+    config = load_config(config_path)
+    setup_logging(config.logging.level, config.logging.format)
+    app = Wirehub.build(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await app.start()
+    except Exception as exc:
+        log.error("startup failed: %s", exc)
+        await app.stop()
+        return EXIT_FAILURE
+    log.info("config %s; send SIGTERM to drain", config.source)
+    await stop.wait()
+    log.info("signal received: draining")
+    await app.drain()
+    log.info("stopped")
+    return EXIT_OK
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    return asyncio.run(_serve(args.config))
+
+
+# -- check-config and plugins ----------------------------------------------------------------------------------
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from service.app import Wirehub
+
+    config = load_config(args.file or args.config)
+    app = Wirehub.build(config)
+    print(f"{config.source}: OK (auth {config.auth.plugin}, bus {config.bus.plugin}, "
+          f"endpoints {', '.join(ep.path for ep in config.endpoints)}, {len(app.hooks.describe())} plugins)")
+    return EXIT_OK
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from service.plugins import build_plugin_manager
+
+    config = load_config(args.config)
+    host = build_plugin_manager(config.plugins)
+    infos = host.describe()
+    if args.json:
+        print(json.dumps([{"name": p.name, "source": p.source, "module": p.module, "hooks": list(p.hooks),
+                           "registers": {k: list(v) for k, v in p.registers.items()}} for p in infos], indent=2))
+        return EXIT_OK
+    for p in infos:
+        print(f"{p.name}  [{p.source}]")
+        for kind, names in p.registers.items():
+            print(f"    registers {kind}: {', '.join(names)}")
+        print(f"    hooks: {', '.join(p.hooks) or '(none)'}")
+    return EXIT_OK
+
+
+# -- token, listen, send (implemented by the JWT plugin and the Python client) ----------------------------------
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    from plugins.auth.jwt import mint_token_from_config
+
+    config = load_config(args.config)
+    print(mint_token_from_config(config, sub=args.sub, rooms=args.rooms, ttl=args.ttl, name=args.name))
+    return EXIT_OK
+
+
+def cmd_listen(args: argparse.Namespace) -> int:
+    from service.client import listen_main
+
+    return listen_main(args)
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    from service.client import send_main
+
+    return send_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wirehub", description="A real-time WebSocket service.")
+    parser.add_argument("--config", "-c", default=None,
+                        help="YAML config file (default: $WIREHUB_CONFIG, else the embedded config/wirehub.yaml)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the service")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("check-config", help="validate a config file and its plugins without starting")
+    p.add_argument("file", nargs="?", default=None)
+    p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("plugins", help="list loaded plugins, their sources, hooks and registered names")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plugins)
+
+    p = sub.add_parser("token", help="print a JWT signed with the configured HMAC secret (development)")
+    p.add_argument("--sub", required=True, help="user id")
+    p.add_argument("--rooms", default="*", help="comma-separated glob patterns, e.g. 'lobby,team-*'")
+    p.add_argument("--ttl", default="1h", help="lifetime: 30s, 15m, 1h, 7d")
+    p.add_argument("--name", default=None, help="display name")
+    p.set_defaults(func=cmd_token)
+
+    for name, helptext in (("listen", "print a room's messages as JSON lines"),
+                           ("send", "publish one JSON value to a room")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("room")
+        if name == "send":
+            p.add_argument("data", help="a JSON value")
+        p.add_argument("--url", default=os.environ.get("WIREHUB_URL", "ws://localhost:8080/ws/chat"))
+        p.add_argument("--token", default=os.environ.get("WIREHUB_TOKEN"))
+        p.set_defaults(func=cmd_listen if name == "listen" else cmd_send)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.config is None and getattr(args, "file", None) is None:
+        args.config = os.environ.get("WIREHUB_CONFIG")
+    try:
+        code = args.func(args)
+    except (ConfigError, PluginError) as exc:
+        code = _fail(str(exc), EXIT_CONFIG)
+    except KeyboardInterrupt:
+        code = EXIT_FAILURE
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,402 @@
+"""YAML config -> frozen dataclasses.
+
+One loader serves the core and every plugin: a plugin describes its own block as a frozen dataclass
+and calls :func:`parse_block`, so its errors name the dotted key the same way the core's do
+(``auth.jwt.leeway: expected a number, got 'soon'``). Defaults live in the dataclasses, once.
+
+String values may be references, resolved at load:
+
+- ``$env:NAME``   the environment variable NAME; an error if it is unset
+- ``$env?:NAME``  the same, but unset means "no value" (``null``; dropped from lists)
+- ``$file:PATH`` / ``$file?:PATH``  a file's content, trailing newline stripped (Kubernetes secrets)
+- ``$$...``       a literal string starting with ``$``
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar, get_args, get_origin
+
+import yaml
+
+T = TypeVar("T")
+
+ENV_CONFIG = "WIREHUB_CONFIG"
+_MISSING_OPTIONAL = object()
+
+
+class ConfigError(Exception):
+    """A config value that is wrong; ``key`` is the dotted path to it (``""`` for the whole file)."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}" if key else message)
+        self.key = key
+        self.message = message
+
+
+def _join(key: str, name: str | int) -> str:
+    if isinstance(name, int):
+        return f"{key}[{name}]"
+    return f"{key}.{name}" if key else name
+
+
+def resolve_references(value: Any, key: str = "") -> Any:
+    """Replace ``$env:``/``$file:`` references in a YAML tree; see the module docstring."""
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            resolved = resolve_references(v, _join(key, str(k)))
+            out[k] = None if resolved is _MISSING_OPTIONAL else resolved
+        return out
+    if isinstance(value, list):
+        items = [resolve_references(v, _join(key, i)) for i, v in enumerate(value)]
+        return [v for v in items if v is not _MISSING_OPTIONAL]
+    if not isinstance(value, str) or not value.startswith("$"):
+        return value
+    if value.startswith("$$"):
+        return value[1:]
+    kind, sep, ref = value[1:].partition(":")
+    if not sep or kind not in ("env", "env?", "file", "file?"):
+        return value
+    optional = kind.endswith("?")
+    if not ref:
+        raise ConfigError(key, f"reference {value!r} names nothing")
+    if kind.startswith("env"):
+        if ref in os.environ:
+            return os.environ[ref]
+        if optional:
+            return _MISSING_OPTIONAL
+        raise ConfigError(key, f"environment variable {ref} is not set (referenced as {value!r})")
+    try:
+        return Path(ref).read_text().rstrip("\n")
+    except OSError as exc:
+        if optional:
+            return _MISSING_OPTIONAL
+        raise ConfigError(key, f"cannot read {ref} (referenced as {value!r}): {exc.strerror}") from None
+
+
+def _type_name(tp: Any) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+    if tp in names:
+        return names[tp]
+    origin = get_origin(tp)
+    if origin is tuple:
+        return f"a list of {_type_name(get_args(tp)[0])[2:]}s"
+    if origin in (Mapping, dict) or tp is Mapping:
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return str(tp)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        last: ConfigError | None = None
+        for arg in args:
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError as exc:
+                last = exc
+        assert last is not None
+        raise last
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        return parse_block(tp, value, key)  # type: ignore[type-var]
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r}")
+        item_tp = get_args(tp)[0]
+        return tuple(_coerce(item_tp, v, _join(key, i)) for i, v in enumerate(value))
+    if origin in (Mapping, dict) or tp is Mapping:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"expected a mapping, got {value!r}")
+        return types.MappingProxyType(dict(value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(key, f"expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, f"expected a string, got {value!r}")
+        return value
+    raise TypeError(f"config type {tp!r} at {key} is not supported")
+
+
+def _check_constraints(f: dataclasses.Field[Any], value: Any, key: str) -> None:
+    meta = f.metadata
+    if value is None:
+        return
+    if "choices" in meta and value not in meta["choices"]:
+        choices = ", ".join(map(str, meta["choices"]))
+        raise ConfigError(key, f"{value!r} is not one of: {choices}")
+    if "min" in meta and value < meta["min"]:
+        raise ConfigError(key, f"must be at least {meta['min']}, got {value!r}")
+    if "max" in meta and value > meta["max"]:
+        raise ConfigError(key, f"must be at most {meta['max']}, got {value!r}")
+
+
+def parse_block(cls: type[T], data: Any, key: str) -> T:
+    """Build the frozen dataclass ``cls`` from a YAML mapping, naming ``key`` in every error.
+
+    Unknown keys are errors (a typo must not silently become a default). Field metadata may carry
+    ``choices``, ``min`` and ``max``; a field without a default is required. ``None`` stands for
+    an absent or empty block.
+    """
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(key, f"expected a mapping, got {data!r}")
+    assert dataclasses.is_dataclass(cls)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(map(str, data)) - set(fields))
+    if unknown:
+        raise ConfigError(_join(key, unknown[0]), f"unknown key; valid keys are: {', '.join(sorted(fields))}")
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        sub = _join(key, name)
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(sub, "is required")
+            continue
+        value = _coerce(hints[name], data[name], sub)
+        _check_constraints(f, value, sub)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def opt(default: Any, **meta: Any) -> Any:
+    """A dataclass field with a default and validation metadata (``choices``, ``min``, ``max``)."""
+    if isinstance(default, list | dict | tuple) and not isinstance(default, tuple):
+        raise TypeError("use a tuple or MappingProxyType default")
+    return field(default=default, metadata=meta)
+
+
+# --------------------------------------------------------------------------------------- the core's blocks
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "0.0.0.0"
+    port: int = opt(8080, min=0, max=65535)
+    #: listen backlog; Tornado's default of 128 drops handshakes in a connection burst
+    backlog: int = opt(1024, min=1)
+    #: replica name in welcome frames and presence; default: $POD_NAME, else the hostname
+    node_id: str | None = None
+    #: exact Origin values allowed to upgrade; empty = same origin only; "*" = any
+    allowed_origins: tuple[str, ...] = ()
+    #: largest accepted client frame in bytes; larger -> close 1009
+    max_message_size: int = opt(65536, min=125)
+    ping_interval: float = opt(20.0, min=0)
+    #: seconds without a pong before the connection is dropped; at most ping_interval
+    ping_timeout: float = opt(15.0, min=0)
+    #: bytes queued to one client before it is closed with 4008 (slow consumer)
+    send_queue_bytes: int = opt(1048576, min=1024)
+    #: trust X-Forwarded-For / X-Real-Ip (behind a proxy or ingress)
+    xheaders: bool = False
+    #: open connections allowed per user and per client IP on one replica (0 = unlimited); over -> 429
+    max_connections_per_user: int = opt(0, min=0)
+    max_connections_per_ip: int = opt(0, min=0)
+
+
+@dataclass(frozen=True)
+class DrainConfig:
+    #: seconds from SIGTERM to exit; keep below Kubernetes' terminationGracePeriodSeconds
+    grace: float = opt(20.0, min=0)
+    #: sessions closed per batch, and seconds between batches
+    batch_size: int = opt(500, min=1)
+    batch_interval: float = opt(0.1, min=0)
+    #: clients are told to reconnect after a random delay in [0, reconnect_jitter] seconds
+    reconnect_jitter: float = opt(5.0, min=0)
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = opt("info", choices=("debug", "info", "warning", "error"))
+    format: str = opt("text", choices=("text", "json"))
+    access_log: bool = True
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    #: bearer keys accepted by POST /api/publish; empty = the publish API answers 503
+    keys: tuple[str, ...] = ()
+    max_body: int = opt(65536, min=64)
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class PluginsConfig:
+    #: importable module paths registered as plugins, after the entry points
+    load: tuple[str, ...] = ()
+    #: plugin names (module path or entry-point name) never registered
+    block: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PluginChoice:
+    """A ``{plugin: NAME, NAME: {...options}}`` block: the chosen name and its own options."""
+
+    plugin: str
+    options: Mapping[str, Any]
+    key: str  # dotted key of the options block, for the plugin's own errors
+
+
+@dataclass(frozen=True)
+class EndpointConfig:
+    path: str
+    handler: str
+    options: Mapping[str, Any] = field(default_factory=lambda: types.MappingProxyType({}))
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig
+    drain: DrainConfig
+    logging: LoggingConfig
+    auth: PluginChoice
+    bus: PluginChoice
+    endpoints: tuple[EndpointConfig, ...]
+    api: ApiConfig
+    metrics: MetricsConfig
+    plugins: PluginsConfig
+    #: free-form blocks for third-party plugins, by plugin name (read in wirehub_configure)
+    extensions: Mapping[str, Any]
+    source: str = "<defaults>"
+
+    @property
+    def node_id(self) -> str:
+        import socket
+
+        return self.server.node_id or os.environ.get("POD_NAME") or socket.gethostname()
+
+
+_SECTIONS: dict[str, type] = {
+    "server": ServerConfig,
+    "drain": DrainConfig,
+    "logging": LoggingConfig,
+    "api": ApiConfig,
+    "metrics": MetricsConfig,
+    "plugins": PluginsConfig,
+}
+_TOP_LEVEL = (*_SECTIONS, "auth", "bus", "endpoints", "extensions")
+_DEFAULT_CHOICE = {"auth": "anonymous", "bus": "memory"}
+DEFAULT_ENDPOINTS = (
+    {"path": "/ws/echo", "handler": "echo"},
+    {"path": "/ws/chat", "handler": "chat"},
+    {"path": "/ws/game", "handler": "game"},
+)
+
+
+def _parse_choice(section: str, data: Any) -> PluginChoice:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(section, f"expected a mapping like {{plugin: NAME}}, got {data!r}")
+    name = data.get("plugin", _DEFAULT_CHOICE[section])
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{section}.plugin", f"expected a plugin name, got {name!r}")
+    for other, block in data.items():
+        if other != "plugin" and block is not None and not isinstance(block, dict):
+            raise ConfigError(f"{section}.{other}", f"expected the options mapping of plugin {other!r}")
+    options = data.get(name) or {}
+    return PluginChoice(plugin=name, options=types.MappingProxyType(dict(options)), key=f"{section}.{name}")
+
+
+def _parse_endpoints(data: Any) -> tuple[EndpointConfig, ...]:
+    if data is None:
+        data = list(DEFAULT_ENDPOINTS)
+    if not isinstance(data, list):
+        raise ConfigError("endpoints", f"expected a list of {{path, handler, options}}, got {data!r}")
+    endpoints = tuple(parse_block(EndpointConfig, item, f"endpoints[{i}]") for i, item in enumerate(data))
+    seen: set[str] = set()
+    for i, ep in enumerate(endpoints):
+        if not ep.path.startswith("/") or "?" in ep.path or "(" in ep.path:
+            raise ConfigError(f"endpoints[{i}].path", f"expected a plain absolute path like /ws/chat, got {ep.path!r}")
+        if ep.path in seen:
+            raise ConfigError(f"endpoints[{i}].path", f"{ep.path!r} is used by two endpoints")
+        seen.add(ep.path)
+    return endpoints
+
+
+def config_from_dict(raw: Any, source: str = "<dict>") -> Config:
+    """Validate a YAML tree (references not yet resolved) into a :class:`Config`."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError("", f"{source}: the top level must be a mapping, got {type(raw).__name__}")
+    for k in raw:
+        if k not in _TOP_LEVEL:
+            raise ConfigError(str(k), f"unknown top-level key; valid keys are: {', '.join(sorted(_TOP_LEVEL))}")
+    data = resolve_references(raw)
+    sections = {name: parse_block(cls, data.get(name), name) for name, cls in _SECTIONS.items()}
+    server = sections["server"]
+    if server.ping_interval and server.ping_timeout > server.ping_interval:
+        raise ConfigError("server.ping_timeout", f"{server.ping_timeout:g} is longer than server.ping_interval "
+                          f"({server.ping_interval:g}); a ping must time out before the next one is sent")
+    extensions = data.get("extensions") or {}
+    if not isinstance(extensions, dict):
+        raise ConfigError("extensions", f"expected a mapping of plugin name -> options, got {extensions!r}")
+    return Config(
+        auth=_parse_choice("auth", data.get("auth")),
+        bus=_parse_choice("bus", data.get("bus")),
+        endpoints=_parse_endpoints(data.get("endpoints")),
+        extensions=types.MappingProxyType(extensions),
+        source=source,
+        **sections,  # type: ignore[arg-type]
+    )
+
+
+def default_config_path() -> Path:
+    """The embedded default config (config/wirehub.yaml), in a checkout or an installed package."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "default.yaml", here.parent / "config" / "wirehub.yaml"):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError("", "the embedded default config is missing from this installation")
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Load ``path``, else $WIREHUB_CONFIG, else the embedded default. Raises :class:`ConfigError`."""
+    if path is None:
+        path = os.environ.get(ENV_CONFIG) or default_config_path()
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError("", f"cannot read config file {p}: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = ""
+        mark = getattr(exc, "problem_mark", None)
+        if mark is not None:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}"
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError("", f"{p}: malformed YAML{where}: {problem}") from None
+    return config_from_dict(raw, source=str(p))

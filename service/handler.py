@@ -1,0 +1,141 @@
+"""The message-handler contract, the context a handler gets, and a base class for JSON op handlers."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from service.auth import AuthError
+from service.protocol import PROTOCOL_VERSION, ErrorCode, ProtocolError, parse_request
+
+if TYPE_CHECKING:
+    from service.auth import Authenticator
+    from service.bus import Backend
+    from service.config import Config, EndpointConfig
+    from service.hub import Hub
+    from service.metrics import Metrics
+    from service.plugins import PluginHost
+    from service.session import Session
+
+log = logging.getLogger("wirehub.handler")
+
+
+@dataclass
+class HandlerContext:
+    """Everything a handler may use; handlers get it from their factory, never from globals."""
+
+    config: Config
+    endpoint: EndpointConfig
+    hub: Hub
+    backend: Backend
+    hooks: PluginHost
+    authenticator: Authenticator
+    metrics: Metrics
+    node: str
+
+
+@runtime_checkable
+class Handler(Protocol):
+    """Serves one endpoint path. All methods run on the event loop and may be async.
+
+    The core calls ``on_open`` once the upgrade succeeded, ``on_message`` for each frame in order
+    (the next frame is read only after it returns: a slow handler applies backpressure to that
+    client only), and ``on_close`` once after the connection ended. An exception escaping
+    ``on_message`` is logged and answered with ``error internal``; the session stays open.
+    """
+
+    async def on_open(self, session: Session) -> None: ...
+
+    async def on_message(self, session: Session, data: str | bytes) -> None:
+        """``data`` is ``str`` for a text frame, ``bytes`` for a binary one."""
+
+    async def on_close(self, session: Session) -> None: ...
+
+
+Op = Callable[["Session", dict[str, Any]], Awaitable[None]]
+
+
+class OpHandler:
+    """Base of the JSON handlers (chat, game): a welcome on open and one method per op.
+
+    Subclasses add ops to :attr:`ops` (``{"join": self.op_join}``) in ``__init__``. Every request
+    is ``{"op": ..., "id"?: ...}``; replies carry the same ``id``. ``ping`` and ``refresh`` are
+    common to all of them.
+    """
+
+    def __init__(self, context: HandlerContext) -> None:
+        self.context = context
+        self.ops: dict[str, Op] = {"ping": self.op_ping, "refresh": self.op_refresh}
+
+    def welcome(self, session: Session) -> dict[str, Any]:
+        frame: dict[str, Any] = {
+            "op": "welcome",
+            "v": PROTOCOL_VERSION,
+            "session": session.id,
+            "user": session.identity.user,
+            "node": session.node,
+        }
+        if session.identity.name:
+            frame["name"] = session.identity.name
+        if session.identity.expires_at is not None:
+            frame["expires_at"] = session.identity.expires_at
+        return frame
+
+    async def on_open(self, session: Session) -> None:
+        session.send(self.welcome(session))
+
+    async def on_message(self, session: Session, data: str | bytes) -> None:
+        req_id: Any = None
+        try:
+            request = parse_request(data)
+            req_id = request.get("id")
+            op = self.ops.get(request["op"])
+            if op is None:
+                raise ProtocolError(
+                    ErrorCode.UNKNOWN_OP, f"unknown op {request['op']!r}; valid: {', '.join(sorted(self.ops))}"
+                )
+            await op(session, request)
+        except ProtocolError as exc:
+            session.send_error(exc.code, exc.message, exc.req_id if exc.req_id is not None else req_id, **exc.extra)
+        except Exception:
+            log.exception("%s: op failed for %r", type(self).__name__, session)
+            session.send_error(ErrorCode.INTERNAL, "internal error", req_id)
+
+    async def on_close(self, session: Session) -> None:
+        return None
+
+    def reply(self, session: Session, request: dict[str, Any], op: str, **fields: Any) -> None:
+        frame: dict[str, Any] = {"op": op}
+        if request.get("id") is not None:
+            frame["id"] = request["id"]
+        frame.update(fields)
+        session.send(frame)
+
+    async def op_ping(self, session: Session, request: dict[str, Any]) -> None:
+        self.reply(session, request, "pong", ts=time.time())
+
+    async def op_refresh(self, session: Session, request: dict[str, Any]) -> None:
+        token = request.get("token")
+        if not isinstance(token, str) or not token:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "refresh needs a string field 'token'")
+        try:
+            identity = await self.context.authenticator.refresh(session.identity, token)
+        except AuthError as exc:
+            self.context.metrics.auth_failures.labels(exc.reason).inc()
+            raise ProtocolError(ErrorCode.FORBIDDEN, f"refresh refused: {exc.reason}", reason=exc.reason) from None
+        if identity.user != session.identity.user:
+            raise ProtocolError(ErrorCode.FORBIDDEN, "refresh refused: the token is for another user", reason="bad_sub")
+        session.identity = identity
+        self.reply(session, request, "refreshed", expires_at=identity.expires_at)
+
+
+def require_str(request: dict[str, Any], name: str, *, max_len: int = 256) -> str:
+    value = request.get(name)
+    if not isinstance(value, str) or not value or len(value) > max_len:
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST, f"field {name!r} must be a non-empty string of at most {max_len} characters"
+        )
+    return value

@@ -1,0 +1,92 @@
+"""Plain HTTP on the service's port: health, readiness, metrics, plugin listing, JSON 404s."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+import tornado.web
+
+if TYPE_CHECKING:
+    from service.app import Wirehub
+
+
+class JsonHandler(tornado.web.RequestHandler):
+    """Base of the core's HTTP handlers: every answer, errors included, is JSON."""
+
+    def initialize(self, app: Wirehub | None = None) -> None:
+        self.app = app
+
+    def set_default_headers(self) -> None:
+        self.set_header("Content-Type", "application/json")
+        self.set_header("Cache-Control", "no-store")
+
+    def write_json(self, status: int, body: dict[str, Any]) -> None:
+        self.set_status(status)
+        self.finish(json.dumps(body))
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        # Tracebacks go to the log, never into the response.
+        reason = {404: "not_found", 405: "method_not_allowed", 400: "bad_request"}.get(status_code, "error")
+        self.finish(json.dumps({"error": reason, "reason": self._reason}))
+
+
+class NotFoundHandler(JsonHandler):
+    """Any unknown path, including WebSocket upgrades, gets 404 before any upgrade."""
+
+    def prepare(self) -> None:
+        self.write_json(404, {"error": "not_found", "reason": f"no route for {self.request.path}"})
+
+
+class HealthHandler(JsonHandler):
+    """Liveness: answers while the process serves its loop."""
+
+    def get(self) -> None:
+        assert self.app is not None
+        self.write_json(200, {"status": "ok", "node": self.app.node})
+
+
+class ReadyHandler(JsonHandler):
+    """Readiness: 503 until the bus is up, while it is down, and while draining."""
+
+    def get(self) -> None:
+        app = self.app
+        assert app is not None
+        if app.ready:
+            self.write_json(200, {"status": "ready", "node": app.node})
+            return
+        reason = "draining" if app.draining else "starting" if not app.started else "bus_down"
+        self.write_json(503, {"status": "not_ready", "reason": reason, "node": app.node})
+
+
+class MetricsHandler(tornado.web.RequestHandler):
+    def initialize(self, app: Wirehub) -> None:
+        self.app = app
+
+    def get(self) -> None:
+        self.set_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+        self.finish(self.app.metrics.render())
+
+
+class PluginsHandler(JsonHandler):
+    """The loaded plugins, their sources, hooks and registered names (as ``wirehub plugins``)."""
+
+    def get(self) -> None:
+        assert self.app is not None
+        self.write_json(200, {"plugins": [
+            {"name": p.name, "source": p.source, "module": p.module, "hooks": list(p.hooks),
+             "registers": {k: list(v) for k, v in p.registers.items()}}
+            for p in self.app.hooks.describe()
+        ]})
+
+
+def core_routes(app: Wirehub) -> list[Any]:
+    kwargs = {"app": app}
+    routes: list[Any] = [
+        (r"/healthz", HealthHandler, kwargs),
+        (r"/readyz", ReadyHandler, kwargs),
+        (r"/api/plugins", PluginsHandler, kwargs),
+    ]
+    if app.config.metrics.enabled:
+        routes.append((r"/metrics", MetricsHandler, kwargs))
+    return routes

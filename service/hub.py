@@ -1,0 +1,203 @@
+"""Rooms -> local sessions, one bus subscription per room per process, and the fan-out.
+
+The hub owns the bus envelope: ``b"<origin> <ts_ms>\\n" + frame`` where ``frame`` is the JSON
+object every member receives, ``origin`` the id of a session that must not get its own message
+(empty for none) and ``ts_ms`` the publish time for the latency metric. A bus message is encoded
+into an :class:`OutFrame` once per process and the same bytes are written to every local member.
+
+When the bus comes back after an outage, the hub repairs each local room from history: it reads
+what was published after the last offset it delivered and replays it in order before live
+messages; when history cannot cover the gap, members get ``gap {room}`` and know to reload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+from service.bus import Backend, BusUnavailable
+from service.metrics import Metrics
+from service.protocol import dumps, with_offset
+from service.session import OutFrame, Session
+
+log = logging.getLogger("wirehub.hub")
+
+
+@dataclass(eq=False)
+class _Room:
+    name: str
+    members: dict[bytes, Session] = field(default_factory=dict)
+    subscribed: bool = False
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    #: newest history offset fanned out here; the repair after an outage starts from it
+    last_offset: int | None = None
+    #: while repairing: live messages kept back until the history replay is done
+    backlog: list[tuple[bytes, int | None]] | None = None
+
+
+def envelope(frame: bytes, origin: Session | None = None, ts: float | None = None) -> bytes:
+    """Wrap an encoded frame for the bus (see the module docstring)."""
+    ts_ms = int((ts if ts is not None else time.time()) * 1000)
+    oid = origin.id_bytes if origin is not None else b""
+    return b"%s %d\n%s" % (oid, ts_ms, frame)
+
+
+def split_envelope(payload: bytes) -> tuple[bytes, int, bytes]:
+    """``(origin, ts_ms, frame)`` of a bus payload."""
+    nl = payload.index(b"\n")
+    origin, _, ts = payload[:nl].partition(b" ")
+    return origin, int(ts or 0), payload[nl + 1 :]
+
+
+class Hub:
+    """Implements :class:`service.bus.BusHandler` for one process."""
+
+    def __init__(self, backend: Backend, metrics: Metrics) -> None:
+        self.backend = backend
+        self.bus = backend.bus
+        self.metrics = metrics
+        self._rooms: dict[str, _Room] = {}
+        self._bus_was_down = False
+        self._repairs: set[asyncio.Task[None]] = set()
+        self.healthy = False
+
+    # -- membership --------------------------------------------------------------------------------
+
+    def members(self, room: str) -> list[Session]:
+        r = self._rooms.get(room)
+        return list(r.members.values()) if r else []
+
+    def rooms(self) -> list[str]:
+        return [name for name, r in self._rooms.items() if r.members]
+
+    async def join(self, room: str, session: Session) -> None:
+        """Add ``session`` to ``room``; subscribes the bus on the first local member.
+
+        When it returns, every message published to ``room`` afterwards reaches the session.
+        Raises BusUnavailable (the session is then not a member).
+        """
+        r = self._rooms.get(room)
+        if r is None:
+            r = self._rooms[room] = _Room(room)
+            self.metrics.rooms.set(len(self._rooms))
+        r.members[session.id_bytes] = session
+        session.rooms.add(room)
+        try:
+            async with r.lock:
+                if not r.subscribed:
+                    await self.bus.subscribe(room)
+                    r.subscribed = True
+        except BaseException:
+            await self.leave(room, session)
+            raise
+
+    async def leave(self, room: str, session: Session) -> None:
+        """Remove ``session`` from ``room``; unsubscribes the bus after the last local member."""
+        session.rooms.discard(room)
+        r = self._rooms.get(room)
+        if r is None or r.members.pop(session.id_bytes, None) is None or r.members:
+            return
+        async with r.lock:
+            if not r.members and r.subscribed:
+                r.subscribed = False
+                try:
+                    await self.bus.unsubscribe(room)
+                except BusUnavailable:
+                    log.debug("unsubscribe %s while the bus is down; it resubscribes nothing it lost", room)
+        if not r.members and not r.subscribed and not r.lock.locked() and self._rooms.get(room) is r:
+            del self._rooms[room]
+            self.metrics.rooms.set(len(self._rooms))
+
+    async def leave_all(self, session: Session) -> None:
+        for room in list(session.rooms):
+            await self.leave(room, session)
+
+    # -- publishing and fan-out --------------------------------------------------------------------
+
+    async def publish(
+        self, room: str, frame: bytes, *, origin: Session | None = None, history: bool = False
+    ) -> int | None:
+        """Publish an encoded JSON object ``frame`` to ``room`` on every replica.
+
+        ``origin`` does not receive it. With ``history=True`` the message is stored and every
+        member gets it with ``"offset"`` spliced in; its offset is returned. Raises BusUnavailable.
+        """
+        return await self.bus.publish(room, envelope(frame, origin), history=history)
+
+    def on_bus_message(self, room: str, payload: bytes, offset: int | None) -> None:
+        r = self._rooms.get(room)
+        if r is None:
+            return
+        if r.backlog is not None:
+            r.backlog.append((payload, offset))
+            return
+        self._fan_out(r, payload, offset)
+
+    def _fan_out(self, r: _Room, payload: bytes, offset: int | None) -> None:
+        try:
+            origin, ts_ms, frame = split_envelope(payload)
+        except ValueError:
+            log.error("dropped a malformed bus message in room %s", r.name)
+            self.metrics.dropped.labels("malformed").inc()
+            return
+        if offset is not None:
+            r.last_offset = offset
+        self.metrics.bus_messages.inc()
+        if ts_ms:
+            self.metrics.latency.observe(max(0.0, time.time() - ts_ms / 1000))
+        out = OutFrame(with_offset(frame, offset))
+        skip = r.members.get(origin) if origin else None
+        n = 0
+        for s in list(r.members.values()):
+            if s is not skip:
+                s.deliver(r.name, out, offset)
+                n += 1
+        self.metrics.deliveries.inc(n)
+
+    # -- bus health and repair ---------------------------------------------------------------------
+
+    def on_bus_state(self, healthy: bool) -> None:
+        self.healthy = healthy
+        self.metrics.bus_up.set(1 if healthy else 0)
+        if not healthy:
+            self._bus_was_down = True
+            return
+        if self._bus_was_down:
+            self._bus_was_down = False
+            self.metrics.bus_reconnects.inc()
+            for r in list(self._rooms.values()):
+                if r.members and r.last_offset is not None and r.backlog is None:
+                    r.backlog = []  # now, before the bus pushes anything newer
+                    task = asyncio.ensure_future(self._repair(r))
+                    self._repairs.add(task)
+                    task.add_done_callback(self._repairs.discard)
+
+    async def _repair(self, r: _Room) -> None:
+        replayed: int | None = None
+        try:
+            page = await self.backend.history.read(r.name, r.last_offset, 10_000)
+            if page.complete:
+                for offset, payload in page.messages:
+                    self._fan_out(r, payload, offset)
+                    replayed = offset
+            else:
+                log.warning("room %s: history does not cover the outage; members are told", r.name)
+                r.last_offset = None
+                gap = OutFrame(dumps({"op": "gap", "room": r.name, "epoch": page.epoch}).encode())
+                for s in list(r.members.values()):
+                    s.deliver(r.name, gap, None)
+        except BusUnavailable:
+            log.warning("room %s: repair postponed, the bus went down again", r.name)
+        except Exception:
+            log.exception("room %s: repair after the outage failed", r.name)
+        finally:
+            backlog, r.backlog = r.backlog or [], None
+            for payload, offset in backlog:
+                if replayed is None or offset is None or offset > replayed:
+                    self._fan_out(r, payload, offset)
+
+    async def close(self) -> None:
+        for task in list(self._repairs):
+            task.cancel()

@@ -1,0 +1,46 @@
+"""Prometheus metrics of one wirehub app, in a registry of its own (several apps may share a process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class Metrics:
+    """Every metric wirehub exports; docs/operations.md lists them."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.sessions = Gauge("wirehub_sessions", "Open WebSocket sessions", ["endpoint"], registry=r)
+        self.sessions_opened = Counter(
+            "wirehub_sessions_opened", "WebSocket sessions opened", ["endpoint"], registry=r
+        )
+        self.sessions_closed = Counter(
+            "wirehub_sessions_closed", "WebSocket sessions closed, by close code", ["endpoint", "code"], registry=r
+        )
+        self.messages_in = Counter("wirehub_messages_in", "Frames received from clients", ["endpoint"], registry=r)
+        self.messages_out = Counter("wirehub_messages_out", "Frames sent to clients", registry=r)
+        self.deliveries = Counter("wirehub_deliveries", "Bus messages written to local members", registry=r)
+        self.bus_messages = Counter("wirehub_bus_messages", "Messages received from the bus", registry=r)
+        self.published = Counter("wirehub_published", "Messages published to the bus", ["source"], registry=r)
+        self.dropped = Counter("wirehub_dropped", "Messages not delivered, by reason", ["reason"], registry=r)
+        self.slow_consumers = Counter(
+            "wirehub_slow_consumer_closes", "Sessions closed with 4008 (send queue over its cap)", registry=r
+        )
+        self.errors = Counter("wirehub_errors", "error frames sent, by code", ["code"], registry=r)
+        self.auth_failures = Counter("wirehub_auth_failures", "Refused upgrades, by reason", ["reason"], registry=r)
+        self.bus_up = Gauge("wirehub_bus_up", "1 while the bus is connected", registry=r)
+        self.bus_reconnects = Counter("wirehub_bus_reconnects", "Bus transitions from down to up", registry=r)
+        self.rooms = Gauge("wirehub_rooms", "Rooms with local members", registry=r)
+        self.latency = Histogram(
+            "wirehub_publish_to_delivery_seconds",
+            "Time from publish (any replica) to fan-out on this replica",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.draining = Gauge("wirehub_draining", "1 while the replica drains", registry=r)
+        self.drain_remaining = Gauge("wirehub_drain_sessions_remaining", "Sessions left to close", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

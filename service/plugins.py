@@ -1,0 +1,292 @@
+"""The plugin host: builds the pluggy manager and is the only caller of its hooks.
+
+Registration order (fixed; later registrations are called first, as in pluggy):
+
+1. built-ins, in :data:`BUILTIN_PLUGINS` order;
+2. installed packages' entry points of group ``wirehub``;
+3. module paths listed in ``plugins.load`` of the config;
+
+skipping any name in ``plugins.block``; then ``check_pending()``, so a hookimpl with a misspelt
+hook name fails at startup rather than never being called.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import inspect
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+import pluggy
+
+from service import hookspecs
+from service.config import ConfigError, PluginsConfig
+
+if TYPE_CHECKING:
+    from tornado.web import RequestHandler
+
+    from service.app import Wirehub
+    from service.auth import Authenticator, Identity
+    from service.bus import Backend
+    from service.config import Config
+    from service.handler import Handler, HandlerContext
+    from service.session import Session
+
+log = logging.getLogger("wirehub.plugins")
+
+ENTRY_POINT_GROUP = "wirehub"
+
+BUILTIN_PLUGINS: tuple[str, ...] = (
+    "plugins.policy",
+    "plugins.auth.anonymous",
+    "plugins.auth.jwt",
+    "plugins.bus.memory",
+    "plugins.bus.redis",
+    "plugins.bus.nats",
+    "plugins.handlers.echo",
+    "plugins.handlers.chat",
+    "plugins.handlers.game",
+)
+
+BusFactory: TypeAlias = "Callable[[Mapping[str, Any], str], Backend]"
+AuthFactory: TypeAlias = "Callable[[Mapping[str, Any], str], Authenticator]"
+HandlerFactory: TypeAlias = "Callable[[Mapping[str, Any], str, HandlerContext], Handler]"
+RouteSpec: TypeAlias = "tuple[str, type[RequestHandler], dict[str, Any]]"
+
+
+class PluginError(Exception):
+    """A plugin could not be loaded or is inconsistent; the message says which and why."""
+
+
+class UpdateRejected(Exception):
+    """Raised by ``wirehub_validate_update``: the client gets ``error rejected`` with ``reason``."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class _Drop:
+    def __repr__(self) -> str:
+        return "DROP"
+
+
+#: Returned by ``wirehub_filter_message`` to refuse a message.
+DROP: Any = _Drop()
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    name: str
+    source: str  # "built-in", "entry point <dist> <version>" or "config"
+    module: str
+    hooks: tuple[str, ...]
+    registers: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Registered:
+    factory: Callable[..., Any]
+    plugin: str
+
+
+def _load_module(path: str, what: str) -> ModuleType:
+    try:
+        return importlib.import_module(path)
+    except Exception as exc:
+        raise PluginError(f"{what}: cannot import plugin module {path!r}: {type(exc).__name__}: {exc}") from exc
+
+
+def build_plugin_manager(config: PluginsConfig | None = None) -> PluginHost:
+    """Build the plugin manager and its host; see the module docstring for the order."""
+    config = config or PluginsConfig()
+    blocked = set(config.block)
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    sources: dict[str, str] = {}
+
+    def register(plugin: object, name: str, source: str) -> None:
+        if name in blocked:
+            log.info("plugin %s (%s) is blocked by plugins.block", name, source)
+            return
+        if pm.has_plugin(name):
+            raise PluginError(f"plugin {name!r} ({source}) is already registered ({sources[name]})")
+        try:
+            pm.register(plugin, name=name)
+        except pluggy.PluginValidationError as exc:
+            raise PluginError(f"plugin {name!r} ({source}) is invalid: {exc}") from exc
+        sources[name] = source
+
+    for path in BUILTIN_PLUGINS:
+        if path not in blocked:
+            register(_load_module(path, "built-in"), path, "built-in")
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in blocked or ep.value in blocked:
+            continue
+        dist = f" {ep.dist.name} {ep.dist.version}" if ep.dist is not None else ""
+        try:
+            plugin = ep.load()
+        except Exception as exc:
+            raise PluginError(f"entry point {ep.name} = {ep.value}: cannot load: {type(exc).__name__}: {exc}") from exc
+        register(plugin, ep.name, f"entry point{dist}")
+    for i, path in enumerate(config.load):
+        try:
+            module = _load_module(path, f"plugins.load[{i}]")
+        except PluginError as exc:
+            raise ConfigError(f"plugins.load[{i}]", str(exc).split(": ", 1)[1]) from exc
+        register(module, path, "config")
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        plugin_name = pm.get_name(exc.plugin) or "?"
+        raise PluginError(
+            f"plugin {plugin_name!r} ({sources.get(plugin_name, '?')}) implements an unknown hook: {exc}. "
+            "Every hook name starts with wirehub_; see docs/plugins.md for the list."
+        ) from exc
+    return PluginHost(pm, sources)
+
+
+def _call(impl: pluggy.HookImpl, kwargs: Mapping[str, Any]) -> Any:
+    return impl.function(*[kwargs[name] for name in impl.argnames])
+
+
+async def _resolve(value: Any) -> Any:
+    return await value if inspect.isawaitable(value) else value
+
+
+class PluginHost:
+    """The plugin manager plus the typed facade over its hooks (the only caller of ``pm.hook``)."""
+
+    def __init__(self, pm: pluggy.PluginManager, sources: Mapping[str, str]) -> None:
+        self.pm = pm
+        self.sources = dict(sources)
+
+    def _impls(self, hook: str) -> list[pluggy.HookImpl]:
+        # pluggy calls the last registered (and tryfirst) implementation first
+        return list(reversed(getattr(self.pm.hook, hook).get_hookimpls()))
+
+    def _sync_results(self, hook: str, **kwargs: Any) -> list[tuple[str, Any]]:
+        out = []
+        for impl in self._impls(hook):
+            result = _call(impl, kwargs)
+            if inspect.isawaitable(result):
+                raise PluginError(f"plugin {impl.plugin_name!r}: {hook} must not be async")
+            if result is not None:
+                out.append((impl.plugin_name, result))
+        return out
+
+    # -- registries ---------------------------------------------------------------------------------
+
+    def _registry(self, hook: str) -> dict[str, Registered]:
+        registry: dict[str, Registered] = {}
+        for plugin_name, mapping in reversed(self._sync_results(hook)):
+            if not isinstance(mapping, Mapping):
+                raise PluginError(f"plugin {plugin_name!r}: {hook} must return a mapping of name -> factory")
+            for name, factory in mapping.items():
+                if name in registry:
+                    raise PluginError(
+                        f"{hook}: name {name!r} is registered by both {registry[name].plugin!r} and {plugin_name!r}"
+                    )
+                registry[name] = Registered(factory, plugin_name)
+        return registry
+
+    def buses(self) -> dict[str, Registered]:
+        return self._registry("wirehub_register_buses")
+
+    def authenticators(self) -> dict[str, Registered]:
+        return self._registry("wirehub_register_authenticators")
+
+    def handlers(self) -> dict[str, Registered]:
+        return self._registry("wirehub_register_handlers")
+
+    @staticmethod
+    def pick(registry: Mapping[str, Registered], name: str, key: str, kind: str) -> Callable[..., Any]:
+        """The factory registered as ``name``, or a ConfigError listing the valid names."""
+        if name not in registry:
+            valid = ", ".join(sorted(registry)) or "(none)"
+            raise ConfigError(key, f"{name!r} is not a registered {kind}; choose one of: {valid}")
+        return registry[name].factory
+
+    def describe(self) -> list[PluginInfo]:
+        """Every registered plugin, its source, hooks and registered names (for ``wirehub plugins``)."""
+        registers: dict[str, dict[str, list[str]]] = {}
+        for kind, hook in (("buses", "buses"), ("authenticators", "authenticators"), ("handlers", "handlers")):
+            for name, reg in getattr(self, hook)().items():
+                registers.setdefault(reg.plugin, {}).setdefault(kind, []).append(name)
+        infos = []
+        for name, plugin in self.pm.list_name_plugin():
+            if plugin is None:
+                continue
+            hooks = tuple(sorted(caller.name for caller in self.pm.get_hookcallers(plugin) or []))
+            module = getattr(plugin, "__name__", type(plugin).__module__)
+            regs = {k: tuple(sorted(v)) for k, v in registers.get(name, {}).items()}
+            infos.append(PluginInfo(name, self.sources.get(name, "?"), module, hooks, regs))
+        return infos
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+
+    def configure(self, config: Config) -> None:
+        self._sync_results("wirehub_configure", config=config)
+
+    def routes(self, app: Wirehub) -> list[tuple[str, RouteSpec]]:
+        out: list[tuple[str, RouteSpec]] = []
+        for plugin_name, specs in self._sync_results("wirehub_routes", app=app):
+            for spec in specs:
+                if not (isinstance(spec, tuple) and len(spec) == 3):
+                    raise PluginError(f"plugin {plugin_name!r}: wirehub_routes items must be (path, handler, kwargs)")
+                out.append((plugin_name, spec))
+        return out
+
+    async def startup(self, app: Wirehub) -> None:
+        for impl in self._impls("wirehub_startup"):
+            await _resolve(_call(impl, {"app": app}))
+
+    async def _notify(self, hook: str, **kwargs: Any) -> None:
+        for impl in self._impls(hook):
+            try:
+                await _resolve(_call(impl, kwargs))
+            except Exception:
+                log.exception("plugin %s: %s failed", impl.plugin_name, hook)
+
+    async def shutdown(self, app: Wirehub) -> None:
+        await self._notify("wirehub_shutdown", app=app)
+
+    async def session_opened(self, session: Session) -> None:
+        await self._notify("wirehub_session_opened", session=session)
+
+    async def session_closed(self, session: Session, code: int | None, reason: str | None) -> None:
+        await self._notify("wirehub_session_closed", session=session, code=code, reason=reason)
+
+    # -- policy ----------------------------------------------------------------------------------------
+
+    async def authorize(self, identity: Identity, action: str, room: str) -> bool:
+        """The first non-None answer of ``wirehub_authorize``; False when nobody answers."""
+        kwargs = {"identity": identity, "action": action, "room": room}
+        for impl in self._impls("wirehub_authorize"):
+            answer = await _resolve(_call(impl, kwargs))
+            if answer is not None:
+                return bool(answer)
+        return False
+
+    async def filter_message(self, session: Session | None, room: str, data: Any) -> Any:
+        """``data`` after every ``wirehub_filter_message`` in turn, or :data:`DROP`."""
+        for impl in self._impls("wirehub_filter_message"):
+            result = await _resolve(_call(impl, {"session": session, "room": room, "data": data}))
+            if result is DROP:
+                return DROP
+            if result is not None:
+                data = result
+        return data
+
+    async def validate_update(self, room: str, state: Any, patch: list[Any], identity: Identity) -> list[Any]:
+        """``patch`` after every ``wirehub_validate_update``; raises UpdateRejected."""
+        for impl in self._impls("wirehub_validate_update"):
+            kwargs = {"room": room, "state": state, "patch": patch, "identity": identity}
+            result = await _resolve(_call(impl, kwargs))
+            if result is not None:
+                patch = result
+        return patch

@@ -1,0 +1,167 @@
+"""Per-connection state and the bounded send queue; testable without sockets.
+
+The session never touches a socket: it writes through a :class:`Transport` (the WebSocket handler
+in production, a fake in unit tests). The send queue is the transport's own buffer, capped in
+bytes: past ``max_queue_bytes`` the session is closed with 4008, so a client that stops reading
+costs at most the cap in memory.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, Protocol
+
+from service.auth import Identity
+from service.protocol import CloseCode, ErrorCode, close_reason, dumps, error_frame
+
+if TYPE_CHECKING:
+    from service.metrics import Metrics
+
+
+class OutFrame:
+    """An encoded message, framed for the wire at most once however many sessions get it."""
+
+    __slots__ = ("__dict__", "binary", "payload")
+
+    def __init__(self, payload: bytes, binary: bool = False) -> None:
+        self.payload = payload
+        self.binary = binary
+
+    @cached_property
+    def wire(self) -> bytes:
+        """The unmasked server-to-client WebSocket frame (RFC 6455 section 5.2)."""
+        n = len(self.payload)
+        first = 0x82 if self.binary else 0x81
+        if n < 126:
+            header = bytes((first, n))
+        elif n < 65536:
+            header = bytes((first, 126)) + n.to_bytes(2, "big")
+        else:
+            header = bytes((first, 127)) + n.to_bytes(8, "big")
+        return header + self.payload
+
+    def __len__(self) -> int:
+        return len(self.payload)
+
+
+class Transport(Protocol):
+    def send_frame(self, frame: OutFrame) -> None:
+        """Queue one text frame; never blocks. A closed transport drops it."""
+
+    def buffered(self) -> int:
+        """Bytes queued but not yet handed to the kernel."""
+        ...
+
+    def close(self, code: int, reason: str) -> None:
+        """Start the closing handshake; idempotent."""
+
+    @property
+    def closed(self) -> bool: ...
+
+
+class Session:
+    """One WebSocket connection: identity, rooms, handler state and the send queue."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        identity: Identity,
+        *,
+        endpoint: str,
+        node: str,
+        max_queue_bytes: int,
+        remote_ip: str = "",
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.id = uuid.uuid4().hex[:16]
+        self.id_bytes = self.id.encode()
+        self.transport = transport
+        self.identity = identity
+        self.endpoint = endpoint
+        self.node = node
+        self.remote_ip = remote_ip
+        self.max_queue_bytes = max_queue_bytes
+        self.metrics = metrics
+        self.opened_at = time.time()
+        self.rooms: set[str] = set()
+        #: handler-private state (e.g. the chat handler's rate limiter)
+        self.state: dict[str, Any] = {}
+        self.close_code: int | None = None
+        self._held: dict[str, list[tuple[int | None, OutFrame]]] = {}
+
+    def __repr__(self) -> str:
+        return f"<Session {self.id} user={self.identity.user!r} endpoint={self.endpoint}>"
+
+    @property
+    def closed(self) -> bool:
+        return self.close_code is not None or self.transport.closed
+
+    @property
+    def buffered(self) -> int:
+        return self.transport.buffered()
+
+    # -- sending -----------------------------------------------------------------------------------
+
+    def send_frame(self, frame: OutFrame) -> bool:
+        """Queue ``frame``; False (and the session closed with 4008) when over the byte cap."""
+        if self.closed:
+            return False
+        if self.transport.buffered() + len(frame.payload) > self.max_queue_bytes:
+            if self.metrics is not None:
+                self.metrics.slow_consumers.inc()
+                self.metrics.dropped.labels("slow_consumer").inc()
+            self.close(CloseCode.SLOW_CONSUMER, retry_ms=1000)
+            return False
+        self.transport.send_frame(frame)
+        if self.metrics is not None:
+            self.metrics.messages_out.inc()
+        return True
+
+    def send(self, message: dict[str, Any]) -> bool:
+        """Encode and queue one JSON object."""
+        return self.send_frame(OutFrame(dumps(message).encode()))
+
+    def send_error(self, code: ErrorCode, message: str, req_id: Any = None, **extra: Any) -> bool:
+        if self.metrics is not None:
+            self.metrics.errors.labels(str(code)).inc()
+        return self.send_frame(OutFrame(error_frame(code, message, req_id, **extra).encode()))
+
+    def close(self, code: int, reason: str | None = None, retry_ms: int | None = None) -> None:
+        """Close with ``code``; ``reason`` defaults to the close-code table's text plus the hint."""
+        if self.close_code is not None:
+            return
+        self.close_code = code
+        self.transport.close(code, reason if reason is not None else close_reason(code, retry_ms))
+
+    # -- fan-out entry, with the join gate used for gap-free recovery ---------------------------
+
+    def deliver(self, room: str, frame: OutFrame, offset: int | None) -> None:
+        """A room message from the hub. While ``room`` is held it is kept back, not sent."""
+        if self._held:
+            held = self._held.get(room)
+            if held is not None:
+                held.append((offset, frame))
+                return
+        self.send_frame(frame)
+
+    def hold(self, room: str) -> None:
+        """Keep ``room``'s live messages back (while its history is being replayed)."""
+        self._held.setdefault(room, [])
+
+    def release(self, room: str, after: int | None) -> int:
+        """Send the held messages with offset > ``after`` (and all without an offset); stop holding.
+
+        Returns how many were sent. Messages at or below ``after`` were already replayed.
+        """
+        held = self._held.pop(room, [])
+        sent = 0
+        for offset, frame in held:
+            if offset is None or after is None or offset > after:
+                self.send_frame(frame)
+                sent += 1
+        return sent
+
+    def describe(self) -> dict[str, Any]:
+        return {"session": self.id, "user": self.identity.user, "endpoint": self.endpoint, "rooms": sorted(self.rooms)}

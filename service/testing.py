@@ -1,0 +1,436 @@
+"""pytest plugin for wirehub and its plugin authors: live servers, a WebSocket client, contract suites.
+
+Enable it in a ``conftest.py`` with ``pytest_plugins = ["service.testing"]``. Tests are asyncio
+tests (pytest-asyncio, ``asyncio_mode = auto``).
+
+- ``wirehub_server``: a factory fixture; ``await wirehub_server({...config...})`` starts a real
+  Tornado server on a free port in this process and returns a :class:`LiveServer`.
+- :func:`ws_connect`: a real WebSocket client with JSON helpers.
+- Contract suites: subclass :class:`BusContract`, :class:`HistoryContract`,
+  :class:`PresenceContract` or :class:`StateStoreContract` in a ``Test*`` class and provide an
+  async ``backend`` fixture yielding a started :class:`service.bus.Backend` (or a pair of them
+  on one broker through ``backend_pair``, for the cross-replica cases).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HTTPResponse
+from tornado.netutil import bind_sockets
+from tornado.websocket import WebSocketClientConnection, websocket_connect
+
+from service.app import Wirehub
+from service.bus import Backend, BusHandler, BusUnavailable, PresenceEntry, StateConflict
+from service.config import config_from_dict
+
+# -- helpers ------------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def unique_room(prefix: str = "room") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+class WsClient:
+    """A real WebSocket client (Tornado's) with JSON helpers and timeouts on every read."""
+
+    def __init__(self, conn: WebSocketClientConnection) -> None:
+        self.conn = conn
+
+    async def send(self, obj: Any) -> None:
+        await self.conn.write_message(obj if isinstance(obj, str | bytes) else json.dumps(obj),
+                                      binary=isinstance(obj, bytes))
+
+    async def recv_raw(self, timeout: float = 5.0) -> str | bytes | None:
+        """The next frame; None when the server closed the connection."""
+        return await asyncio.wait_for(self.conn.read_message(), timeout)
+
+    async def recv(self, timeout: float = 5.0) -> dict[str, Any]:
+        msg = await self.recv_raw(timeout)
+        if msg is None:
+            raise ConnectionError(f"closed by the server: {self.close_code} {self.close_reason}")
+        result: dict[str, Any] = json.loads(msg)
+        return result
+
+    async def recv_op(self, op: str, timeout: float = 5.0) -> dict[str, Any]:
+        """Skip frames until one with ``"op": op`` (returns it)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            msg = await self.recv(max(0.01, deadline - loop.time()))
+            if msg.get("op") == op:
+                return msg
+
+    async def request(self, obj: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
+        """Send ``obj`` with a fresh ``id`` and return the reply carrying that id."""
+        obj = {**obj, "id": obj.get("id", uuid.uuid4().hex[:8])}
+        await self.send(obj)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            msg = await self.recv(max(0.01, deadline - loop.time()))
+            if msg.get("id") == obj["id"]:
+                return msg
+
+    async def expect_nothing(self, within: float = 0.3) -> None:
+        try:
+            msg = await asyncio.wait_for(self.conn.read_message(), within)
+        except TimeoutError:
+            return
+        raise AssertionError(f"expected no frame, got {msg!r}")
+
+    async def wait_closed(self, timeout: float = 5.0) -> tuple[int | None, str | None]:
+        """Read until the server closes; returns (close_code, close_reason)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while await asyncio.wait_for(self.conn.read_message(), max(0.01, deadline - loop.time())) is not None:
+            pass
+        return self.close_code, self.close_reason
+
+    @property
+    def close_code(self) -> int | None:
+        return self.conn.close_code
+
+    @property
+    def close_reason(self) -> str | None:
+        return self.conn.close_reason
+
+    def close(self, code: int | None = None) -> None:
+        self.conn.close(code)
+
+
+async def ws_connect(url: str, *, headers: dict[str, str] | None = None, subprotocols: list[str] | None = None,
+                     welcome: bool = False, timeout: float = 5.0, **kwargs: Any) -> WsClient:
+    """Connect a real client; with ``welcome=True`` the welcome frame is read and checked."""
+    request = HTTPRequest(url, headers=headers or {}, connect_timeout=timeout, request_timeout=timeout)
+    conn = await websocket_connect(request, subprotocols=subprotocols, **kwargs)
+    client = WsClient(conn)
+    if welcome:
+        first = await client.recv(timeout)
+        assert first.get("op") == "welcome", first
+    return client
+
+
+@dataclass
+class LiveServer:
+    """A running wirehub app on a free port in this process."""
+
+    app: Wirehub
+    port: int
+    clients: list[WsClient] = field(default_factory=list)
+
+    def url(self, path: str = "/", scheme: str = "http") -> str:
+        return f"{scheme}://127.0.0.1:{self.port}{path}"
+
+    def ws_url(self, path: str) -> str:
+        return self.url(path, "ws")
+
+    async def ws(self, path: str, **kwargs: Any) -> WsClient:
+        client = await ws_connect(self.ws_url(path), **kwargs)
+        self.clients.append(client)
+        return client
+
+    async def http(self, path: str, method: str = "GET", body: Any = None,
+                   headers: dict[str, str] | None = None) -> HTTPResponse:
+        """An HTTP request that returns error responses instead of raising."""
+        if body is not None and not isinstance(body, str | bytes):
+            body = json.dumps(body)
+        req = HTTPRequest(self.url(path), method=method, body=body, headers=headers or {},
+                          allow_nonstandard_methods=True)
+        try:
+            return await AsyncHTTPClient().fetch(req, raise_error=False)
+        except HTTPClientError as exc:  # pragma: no cover - raise_error=False returns instead
+            assert exc.response is not None
+            return exc.response
+
+
+def config_for_tests(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The config tests start from: defaults, port 0, no pings, quiet logs."""
+    base: dict[str, Any] = {"server": {"port": 0, "host": "127.0.0.1", "ping_interval": 0}}
+    for key, value in (overrides or {}).items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            base[key] = {**base[key], **value}
+        else:
+            base[key] = value
+    return base
+
+
+@pytest.fixture
+async def wirehub_server() -> AsyncIterator[Callable[..., Awaitable[LiveServer]]]:
+    """Factory: ``server = await wirehub_server({"endpoints": [...]})`` (merged over config_for_tests)."""
+    started: list[LiveServer] = []
+
+    async def start(overrides: dict[str, Any] | None = None) -> LiveServer:
+        config = config_from_dict(config_for_tests(overrides), source="<test>")
+        app = Wirehub.build(config)
+        sockets = bind_sockets(0, "127.0.0.1", backlog=config.server.backlog)
+        await app.start(sockets)
+        assert app.port is not None
+        server = LiveServer(app, app.port)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        for client in server.clients:
+            client.close()
+        await server.app.stop()
+
+
+# -- contract suites -------------------------------------------------------------------------------------------
+
+
+class Recorder(BusHandler):
+    """A BusHandler that records what the bus pushes."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[str, bytes, int | None]] = []
+        self.states: list[bool] = []
+        self._event = asyncio.Event()
+
+    def on_bus_message(self, room: str, payload: bytes, offset: int | None) -> None:
+        self.messages.append((room, payload, offset))
+        self._event.set()
+
+    def on_bus_state(self, healthy: bool) -> None:
+        self.states.append(healthy)
+
+    def of(self, room: str) -> list[bytes]:
+        return [p for r, p, _ in self.messages if r == room]
+
+    async def wait_for(self, room: str, count: int, timeout: float = 5.0) -> list[bytes]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while len(self.of(room)) < count:
+            self._event.clear()
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise AssertionError(f"got {len(self.of(room))} of {count} messages in {room}")
+            try:
+                await asyncio.wait_for(self._event.wait(), remaining)
+            except TimeoutError:
+                pass
+        return self.of(room)
+
+
+BackendPair = tuple[tuple[Backend, Recorder], tuple[Backend, Recorder]]
+
+
+class BusContract:
+    """Every bus keeps these. Provide ``backend_pair``: two started backends on one broker, each
+    with its Recorder (two replicas); for the memory bus both may be the same backend."""
+
+    async def test_publish_reaches_subscribers_on_every_replica(self, backend_pair: BackendPair) -> None:
+        (a, ra), (b, rb) = backend_pair
+        room = unique_room()
+        await a.bus.subscribe(room)
+        await b.bus.subscribe(room)
+        await a.bus.publish(room, b"hello")
+        assert await ra.wait_for(room, 1) == [b"hello"]
+        assert await rb.wait_for(room, 1) == [b"hello"]
+
+    async def test_one_order_per_room_for_every_replica(self, backend_pair: BackendPair) -> None:
+        (a, ra), (b, rb) = backend_pair
+        room = unique_room()
+        await a.bus.subscribe(room)
+        await b.bus.subscribe(room)
+        sent = [f"m{i}".encode() for i in range(50)]
+        await asyncio.gather(*(
+            (a if i % 2 else b).bus.publish(room, payload, history=True) for i, payload in enumerate(sent)
+        ))
+        got_a, got_b = await ra.wait_for(room, 50), await rb.wait_for(room, 50)
+        assert got_a == got_b
+        assert sorted(got_a) == sorted(sent)
+        offsets = [o for r, _, o in ra.messages if r == room]
+        assert offsets == sorted(offsets) and len(set(offsets)) == 50
+
+    async def test_history_offsets_follow_publish_order(self, backend_pair: BackendPair) -> None:
+        (a, ra), _ = backend_pair
+        room = unique_room()
+        await a.bus.subscribe(room)
+        first = await a.bus.publish(room, b"1", history=True)
+        second = await a.bus.publish(room, b"2", history=True)
+        plain = await a.bus.publish(room, b"3")
+        assert isinstance(first, int) and isinstance(second, int) and second > first
+        assert plain is None
+        await ra.wait_for(room, 3)
+        assert [(p, o) for r, p, o in ra.messages if r == room] == [(b"1", first), (b"2", second), (b"3", None)]
+
+    async def test_unsubscribed_rooms_are_not_delivered(self, backend_pair: BackendPair) -> None:
+        (a, ra), (b, _) = backend_pair
+        room, other = unique_room(), unique_room()
+        await a.bus.subscribe(room)
+        await a.bus.subscribe(other)
+        await a.bus.unsubscribe(other)
+        await b.bus.publish(other, b"nobody")
+        await b.bus.publish(room, b"somebody")
+        await ra.wait_for(room, 1)
+        await asyncio.sleep(0.1)
+        assert ra.of(other) == []
+
+    async def test_healthy_while_connected(self, backend_pair: BackendPair) -> None:
+        (a, _), _ = backend_pair
+        assert a.bus.healthy is True
+
+
+class HistoryContract:
+    """Provide ``backend``: a started Backend. History is bounded and epoch-tagged."""
+
+    async def test_read_after_an_offset_returns_the_rest_in_order(self, backend: Backend) -> None:
+        room = unique_room()
+        offsets = [await backend.bus.publish(room, f"m{i}".encode(), history=True) for i in range(5)]
+        page = await backend.history.read(room, offsets[1], 100)
+        assert page.complete
+        assert [p for _, p in page.messages] == [b"m2", b"m3", b"m4"]
+        assert [o for o, _ in page.messages] == offsets[2:]
+        assert page.top == offsets[-1]
+
+    async def test_read_without_after_returns_the_newest(self, backend: Backend) -> None:
+        room = unique_room()
+        for i in range(5):
+            await backend.bus.publish(room, f"m{i}".encode(), history=True)
+        page = await backend.history.read(room, None, 2)
+        assert page.complete and [p for _, p in page.messages] == [b"m3", b"m4"]
+
+    async def test_limit_bounds_the_page(self, backend: Backend) -> None:
+        room = unique_room()
+        first = await backend.bus.publish(room, b"a", history=True)
+        for i in range(5):
+            await backend.bus.publish(room, f"m{i}".encode(), history=True)
+        page = await backend.history.read(room, first, 2)
+        assert page.complete and [p for _, p in page.messages] == [b"m0", b"m1"]
+
+    async def test_position_of_a_new_room_is_zero_with_a_stable_epoch(self, backend: Backend) -> None:
+        room = unique_room()
+        top, epoch = await backend.history.position(room)
+        assert top == 0 and isinstance(epoch, str) and epoch
+        offset = await backend.bus.publish(room, b"x", history=True)
+        top2, epoch2 = await backend.history.position(room)
+        assert (top2, epoch2) == (offset, epoch)
+        page = await backend.history.read(room, 0, 10)
+        assert page.complete and page.epoch == epoch and [p for _, p in page.messages] == [b"x"]
+
+    async def test_an_offset_beyond_the_top_is_not_recoverable(self, backend: Backend) -> None:
+        room = unique_room()
+        await backend.bus.publish(room, b"x", history=True)
+        page = await backend.history.read(room, 10_000, 10)
+        assert page.complete is False and page.messages == []
+
+    async def test_up_to_date_is_complete_and_empty(self, backend: Backend) -> None:
+        room = unique_room()
+        offset = await backend.bus.publish(room, b"x", history=True)
+        page = await backend.history.read(room, offset, 10)
+        assert page.complete is True and list(page.messages) == []
+
+    async def test_trimmed_history_is_not_recoverable(self, small_history_backend: Backend) -> None:
+        """``small_history_backend`` keeps at most 3 messages per room."""
+        backend = small_history_backend
+        room = unique_room()
+        offsets = [await backend.bus.publish(room, f"m{i}".encode(), history=True) for i in range(10)]
+        page = await backend.history.read(room, offsets[1], 100)
+        assert page.complete is False
+        recent = await backend.history.read(room, offsets[6], 100)
+        assert recent.complete and [p for _, p in recent.messages] == [b"m7", b"m8", b"m9"]
+
+
+class PresenceContract:
+    """Provide ``backend``. Presence is per connection; a user leaves with their last connection."""
+
+    async def test_join_and_leave_per_user(self, backend: Backend) -> None:
+        room = unique_room()
+        p = backend.presence
+        assert await p.join(room, PresenceEntry("alice", "s1", "n1")) is True
+        assert await p.join(room, PresenceEntry("alice", "s2", "n1")) is False  # second tab
+        assert await p.join(room, PresenceEntry("bob", "s3", "n2", {"name": "Bob"})) is True
+        members = await p.members(room)
+        assert sorted((m.user, m.session) for m in members) == [("alice", "s1"), ("alice", "s2"), ("bob", "s3")]
+        assert next(m for m in members if m.user == "bob").info == {"name": "Bob"}
+        assert await p.leave(room, "s1") is None  # alice still has s2
+        assert await p.leave(room, "s2") == "alice"
+        assert await p.leave(room, "s2") is None  # idempotent
+        assert [m.user for m in await p.members(room)] == ["bob"]
+
+    async def test_rooms_are_separate(self, backend: Backend) -> None:
+        a, b = unique_room(), unique_room()
+        await backend.presence.join(a, PresenceEntry("alice", "s1", "n1"))
+        assert await backend.presence.members(b) == []
+
+
+class StateStoreContract:
+    """Provide ``backend``. Compare-and-set never loses a write."""
+
+    async def test_versions_start_at_one_and_increase(self, backend: Backend) -> None:
+        room = unique_room()
+        assert await backend.state.get(room) is None
+        assert await backend.state.compare_and_set(room, 0, {"a": 1}) == 1
+        assert await backend.state.get(room) == (1, {"a": 1})
+        assert await backend.state.compare_and_set(room, 1, {"a": 2}) == 2
+        assert await backend.state.get(room) == (2, {"a": 2})
+
+    async def test_a_stale_version_conflicts_and_changes_nothing(self, backend: Backend) -> None:
+        room = unique_room()
+        await backend.state.compare_and_set(room, 0, {"n": 0})
+        with pytest.raises(StateConflict):
+            await backend.state.compare_and_set(room, 0, {"n": 99})
+        assert await backend.state.get(room) == (1, {"n": 0})
+
+    async def test_concurrent_increments_lose_nothing(self, backend: Backend) -> None:
+        room = unique_room()
+        await backend.state.compare_and_set(room, 0, {"n": 0})
+
+        async def increment() -> None:
+            while True:
+                found = await backend.state.get(room)
+                assert found is not None
+                version, doc = found
+                try:
+                    await backend.state.compare_and_set(room, version, {"n": doc["n"] + 1})
+                    return
+                except StateConflict:
+                    await asyncio.sleep(0)
+
+        await asyncio.gather(*(increment() for _ in range(20)))
+        assert await backend.state.get(room) == (21, {"n": 20})
+
+    async def test_returned_documents_are_copies(self, backend: Backend) -> None:
+        room = unique_room()
+        doc = {"list": [1]}
+        await backend.state.compare_and_set(room, 0, doc)
+        doc["list"].append(2)
+        found = await backend.state.get(room)
+        assert found is not None and found[1] == {"list": [1]}
+
+    async def test_delete_forgets_the_room(self, backend: Backend) -> None:
+        room = unique_room()
+        await backend.state.compare_and_set(room, 0, {"x": 1})
+        await backend.state.delete(room)
+        assert await backend.state.get(room) is None
+
+
+__all__ = [
+    "BusContract",
+    "BusUnavailable",
+    "HistoryContract",
+    "LiveServer",
+    "PresenceContract",
+    "Recorder",
+    "StateStoreContract",
+    "WsClient",
+    "free_port",
+    "config_for_tests",
+    "unique_room",
+    "ws_connect",
+]
