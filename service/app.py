@@ -20,7 +20,7 @@ from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
 from service import http
-from service.config import Config, ConfigError
+from service.config import Config
 from service.handler import HandlerContext
 from service.hub import Hub
 from service.metrics import Metrics
@@ -78,7 +78,9 @@ class Wirehub:
         self.sessions: dict[Session, WirehubSocket] = {}
         self._closing_tasks: set[asyncio.Task[None]] = set()
         self._all_closed = asyncio.Event()
-        self.connections = ConnectionLimits(config.server.max_connections_per_user, config.server.max_connections_per_ip)
+        self.connections = ConnectionLimits(
+            config.server.max_connections_per_user, config.server.max_connections_per_ip
+        )
         registries = hooks.buses(), hooks.authenticators(), hooks.handlers()
         bus_factory = hooks.pick(registries[0], config.bus.plugin, "bus.plugin", "bus")
         auth_factory = hooks.pick(registries[1], config.auth.plugin, "auth.plugin", "authenticator")

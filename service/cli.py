@@ -130,13 +130,13 @@ def cmd_token(args: argparse.Namespace) -> int:
 def cmd_listen(args: argparse.Namespace) -> int:
     from service.client import listen_main
 
-    return listen_main(args)
+    return int(listen_main(args))
 
 
 def cmd_send(args: argparse.Namespace) -> int:
     from service.client import send_main
 
-    return send_main(args)
+    return int(send_main(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.config is None and getattr(args, "file", None) is None:
-        args.config = os.environ.get("WIREHUB_CONFIG")
+        args.config = os.environ.get("WIREHUB_CONFIG") or None
     try:
         code = args.func(args)
     except (ConfigError, PluginError) as exc:

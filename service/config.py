@@ -111,8 +111,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         raise last
     if tp is Any:
         return value
-    if dataclasses.is_dataclass(tp):
-        return parse_block(tp, value, key)  # type: ignore[type-var]
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        return parse_block(tp, value, key)
     if origin is tuple:
         if not isinstance(value, list):
             raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r}")
@@ -354,8 +354,8 @@ def config_from_dict(raw: Any, source: str = "<dict>") -> Config:
         if k not in _TOP_LEVEL:
             raise ConfigError(str(k), f"unknown top-level key; valid keys are: {', '.join(sorted(_TOP_LEVEL))}")
     data = resolve_references(raw)
-    sections = {name: parse_block(cls, data.get(name), name) for name, cls in _SECTIONS.items()}
-    server = sections["server"]
+    sections: dict[str, Any] = {name: parse_block(cls, data.get(name), name) for name, cls in _SECTIONS.items()}
+    server: ServerConfig = sections["server"]
     if server.ping_interval and server.ping_timeout > server.ping_interval:
         raise ConfigError("server.ping_timeout", f"{server.ping_timeout:g} is longer than server.ping_interval "
                           f"({server.ping_interval:g}); a ping must time out before the next one is sent")
@@ -368,7 +368,7 @@ def config_from_dict(raw: Any, source: str = "<dict>") -> Config:
         endpoints=_parse_endpoints(data.get("endpoints")),
         extensions=types.MappingProxyType(extensions),
         source=source,
-        **sections,  # type: ignore[arg-type]
+        **sections,
     )
 
 
@@ -383,7 +383,7 @@ def default_config_path() -> Path:
 
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     """Load ``path``, else $WIREHUB_CONFIG, else the embedded default. Raises :class:`ConfigError`."""
-    if path is None:
+    if not path:
         path = os.environ.get(ENV_CONFIG) or default_config_path()
     p = Path(path)
     try:

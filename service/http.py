@@ -81,11 +81,14 @@ class PluginsHandler(JsonHandler):
 
 
 def core_routes(app: Wirehub) -> list[Any]:
+    from service.publish import PublishHandler  # it subclasses JsonHandler from here
+
     kwargs = {"app": app}
     routes: list[Any] = [
         (r"/healthz", HealthHandler, kwargs),
         (r"/readyz", ReadyHandler, kwargs),
         (r"/api/plugins", PluginsHandler, kwargs),
+        (r"/api/publish", PublishHandler, kwargs),
     ]
     if app.config.metrics.enabled:
         routes.append((r"/metrics", MetricsHandler, kwargs))

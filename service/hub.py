@@ -194,9 +194,9 @@ class Hub:
             log.exception("room %s: repair after the outage failed", r.name)
         finally:
             backlog, r.backlog = r.backlog or [], None
-            for payload, offset in backlog:
-                if replayed is None or offset is None or offset > replayed:
-                    self._fan_out(r, payload, offset)
+            for payload, live_offset in backlog:
+                if replayed is None or live_offset is None or live_offset > replayed:
+                    self._fan_out(r, payload, live_offset)
 
     async def close(self) -> None:
         for task in list(self._repairs):

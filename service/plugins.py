@@ -113,6 +113,9 @@ def build_plugin_manager(config: PluginsConfig | None = None) -> PluginHost:
         if name in blocked:
             log.info("plugin %s (%s) is blocked by plugins.block", name, source)
             return
+        if pm.is_registered(plugin):
+            log.info("plugin %s (%s) is already registered as %s", name, source, pm.get_name(plugin))
+            return
         if pm.has_plugin(name):
             raise PluginError(f"plugin {name!r} ({source}) is already registered ({sources[name]})")
         try:

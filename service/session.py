@@ -163,5 +163,9 @@ class Session:
                 sent += 1
         return sent
 
+    def drop_held(self, room: str) -> None:
+        """Stop holding ``room`` and discard what was kept back (a join that failed half-way)."""
+        self._held.pop(room, None)
+
     def describe(self) -> dict[str, Any]:
         return {"session": self.id, "user": self.identity.user, "endpoint": self.endpoint, "rooms": sorted(self.rooms)}

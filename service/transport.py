@@ -12,6 +12,7 @@ tests/test_transport.py fails if the attribute changes.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 
@@ -59,10 +60,8 @@ class StreamTransport:
             if sent == len(data):
                 return
             data = memoryview(data)[sent:]
-        try:
+        with contextlib.suppress(StreamClosedError):
             stream.write(data)
-        except StreamClosedError:
-            pass
 
     def close(self, code: int, reason: str) -> None:
         close = self._close

@@ -9,6 +9,7 @@ Origin, 401 from the authenticator, 429 over a connection limit. After the upgra
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -41,7 +42,10 @@ class _Protocol(WebSocketProtocol13):
     """Tornado's protocol, failing the connection on invalid close frames and invalid UTF-8.
 
     Tornado echoes any close code back, and drops the TCP connection without a close frame on
-    invalid UTF-8; RFC 6455 wants 1002 and 1007 (Autobahn cases 7.9.x, 7.5.1 and 6.x).
+    invalid UTF-8; RFC 6455 wants 1002 and 1007 (Autobahn cases 7.9.x, 7.3.2, 7.5.1 and 6.x).
+    Once the server has sent its Close frame, data frames are dropped unread: the echo and the
+    fan-out write through :class:`StreamTransport`, which Tornado's closing state does not stop,
+    and nothing may follow a Close frame (section 5.5.1). tests/test_autobahn.py checks all this.
     """
 
     def _handle_message(self, opcode: int, data: bytes) -> Future[None] | None:
@@ -56,24 +60,37 @@ class _Protocol(WebSocketProtocol13):
                 except UnicodeDecodeError:
                     problem = True
             if problem:
-                self.client_terminated = True
-                self.close(CloseCode.PROTOCOL_ERROR, "invalid close frame")
+                self.client_terminated = True  # the peer is done: close the TCP connection right after ours
+                self._fail(CloseCode.PROTOCOL_ERROR, "invalid close frame")
                 return None
+        elif opcode in (0x1, 0x2) and self.server_terminated:
+            return None  # our Close frame is out: no reply may follow it
         elif opcode == 0x1:
             try:
                 text = data.decode("utf-8")
             except UnicodeDecodeError:
-                self.close(1007, "invalid UTF-8")
+                self._fail(1007, "invalid UTF-8")
                 return None
             self._message_bytes_in += len(data)
             return self._run_callback(self.handler.on_message, text)
         return super()._handle_message(opcode, data)
 
+    def _fail(self, code: int, reason: str) -> None:
+        """Send a Close frame with ``code`` through the session, when there is one, so the session
+        counts as closed at once: no room fan-out is written after the Close frame, and
+        ``wirehub_session_closed`` reports ``code``."""
+        session = self.handler.session if isinstance(self.handler, WirehubSocket) else None
+        if session is not None and not session.closed:
+            session.close(code, reason)
+        else:
+            self.close(code, reason)
+
 
 class WirehubSocket(WebSocketHandler):
     """One endpoint path. Collaborators arrive through :meth:`initialize`."""
 
-    def initialize(self, app: Wirehub, endpoint: EndpointConfig, handler: Handler, max_message_size: int) -> None:
+    def initialize(self, app: Wirehub, endpoint: EndpointConfig, handler: Handler,
+                   max_message_size: int) -> None:
         self.app = app
         self.endpoint = endpoint
         self.handler = handler
@@ -120,12 +137,13 @@ class WirehubSocket(WebSocketHandler):
             self.app.metrics.auth_failures.labels(exc.reason).inc()
             log.info("refused upgrade on %s from %s: %s", self.request.path, self.request.remote_ip, exc)
             return self._refuse(exc.status, exc.error, exc.reason)
-        limit = self.app.connections.admit(identity.user, self.request.remote_ip)
+        remote_ip = self.request.remote_ip or ""
+        limit = self.app.connections.admit(identity.user, remote_ip)
         if limit is not None:
             self.app.metrics.auth_failures.labels(limit).inc()
             self.set_header("Retry-After", "5")
             return self._refuse(429, "too_many_connections", limit)
-        self._counted = (identity.user, self.request.remote_ip)
+        self._counted = (identity.user, remote_ip)
         self.identity = identity
         try:
             await super().get(*args, **kwargs)
@@ -163,7 +181,8 @@ class WirehubSocket(WebSocketHandler):
 
     async def open(self, *args: str, **kwargs: str) -> None:
         assert self.identity is not None and self.ws_connection is not None
-        stream = self.ws_connection.stream  # type: ignore[attr-defined]
+        stream = self.ws_connection.stream
+        assert stream is not None
         self.set_nodelay(True)
         session = Session(
             StreamTransport(stream, self.close),
@@ -217,10 +236,8 @@ class WirehubSocket(WebSocketHandler):
             self._schedule_expiry()  # refreshed meanwhile
 
     def close(self, code: int | None = None, reason: str | None = None) -> None:
-        try:
+        with contextlib.suppress(WebSocketClosedError):
             super().close(code, reason)
-        except WebSocketClosedError:
-            pass
 
     def on_close(self) -> None:
         if self._expiry is not None:

@@ -118,8 +118,8 @@ class MemoryHistory:
         log = self._log(room)
         msgs = log.messages
         if after is None:
-            chosen = list(msgs)[-limit:] if limit > 0 else []
-            return HistoryPage(log.epoch, log.top, [(o, p) for o, _, p in chosen], True)
+            newest = list(msgs)[-limit:] if limit > 0 else []
+            return HistoryPage(log.epoch, log.top, [(o, p) for o, _, p in newest], True)
         oldest = msgs[0][0] if msgs else log.top + 1
         complete = 0 <= after <= log.top and after >= oldest - 1
         chosen = [(o, p) for o, _, p in msgs if o > after][:limit] if complete else []

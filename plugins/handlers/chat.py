@@ -1,1 +1,319 @@
-"""(being written: registers nothing yet)"""
+"""The chat handler: rooms, broadcast to the other members, acks, presence, history and recovery.
+
+Ops (docs/protocol.md, "Chat endpoint"): ``join {room, since?}``, ``leave {room}``,
+``publish {room, data, echo?}``, ``presence {room}``, ``history {room, since?, limit?}``, plus
+``ping`` and ``refresh`` from :class:`service.handler.OpHandler`. Publishing goes through
+:func:`service.rooms.publish_message`, which the HTTP publish API shares.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from service.bus import BusUnavailable, PresenceEntry
+from service.config import ConfigError, opt, parse_block
+from service.handler import HandlerContext, Op, OpHandler
+from service.hookspecs import hookimpl
+from service.plugins import HandlerFactory
+from service.protocol import CloseCode, ErrorCode, ProtocolError, encode
+from service.rooms import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_ROOM_PATTERN,
+    RoomLimit,
+    RoomRules,
+    TokenBucket,
+    history_frame,
+    parse_since,
+    publish_message,
+    recover,
+    stored_frames,
+)
+from service.session import OutFrame, Session
+
+log = logging.getLogger("wirehub.chat")
+
+
+@dataclass(frozen=True)
+class ChatOptions:
+    #: regular expression a room name must match in full
+    room_pattern: str = DEFAULT_ROOM_PATTERN
+    #: rooms one session may be in at once
+    max_rooms: int = opt(100, min=1)
+    #: largest message ``data`` (as compact JSON, in bytes), and per-room-pattern overrides
+    max_message_bytes: int = opt(DEFAULT_MAX_MESSAGE_BYTES, min=1)
+    room_limits: tuple[RoomLimit, ...] = ()
+    #: publishes per second per session (token bucket), and the burst saved up
+    publish_rate: float = opt(20.0, min=0.01)
+    publish_burst: int = opt(40, min=1)
+    #: rate-limited publishes in a row before the session is closed with 4029 (0 = never)
+    rate_limit_close_after: int = opt(50, min=0)
+    #: send presence.join / presence.leave events to the members
+    presence_events: bool = True
+    #: messages in a history reply when the client gives no limit, and the largest limit allowed
+    history_limit: int = opt(50, min=1)
+    history_max_limit: int = opt(500, min=1)
+    #: most messages replayed by a join with ``since``; more missed -> recovered false
+    recovery_limit: int = opt(1000, min=0)
+    #: per-endpoint override of server.max_message_size (read by the core)
+    max_message_size: int | None = opt(None, min=125)
+
+
+@dataclass(eq=False)
+class _ChatState:
+    """Per-session chat state, in ``session.state`` (the core empties ``session.rooms`` before
+    ``on_close``, so the rooms to leave presence in are recorded here)."""
+
+    bucket: TokenBucket
+    rooms: set[str] = field(default_factory=set)
+    strikes: int = 0
+
+
+_STATE = "chat"
+
+
+def _presence_list(entries: list[PresenceEntry]) -> list[dict[str, Any]]:
+    """One item per user (a user with two tabs is one member), with their connection count."""
+    users: dict[str, dict[str, Any]] = {}
+    for e in entries:
+        item = users.get(e.user)
+        if item is None:
+            item = users[e.user] = {"user": e.user, "connections": 0}
+            if e.info.get("name"):
+                item["name"] = e.info["name"]
+        item["connections"] += 1
+    return [users[u] for u in sorted(users)]
+
+
+class ChatHandler(OpHandler):
+    def __init__(self, options: ChatOptions, context: HandlerContext, rules: RoomRules) -> None:
+        super().__init__(context)
+        self.options = options
+        #: read by the HTTP publish API too
+        self.room_rules = rules
+        ops: dict[str, Op] = {
+            "join": self.op_join,
+            "leave": self.op_leave,
+            "publish": self.op_publish,
+            "presence": self.op_presence,
+            "history": self.op_history,
+        }
+        self.ops.update({name: _bus_errors(op) for name, op in ops.items()})
+
+    def _state(self, session: Session) -> _ChatState:
+        st = session.state.get(_STATE)
+        if st is None:
+            st = session.state[_STATE] = _ChatState(
+                TokenBucket(self.options.publish_rate, self.options.publish_burst)
+            )
+        assert isinstance(st, _ChatState)
+        return st
+
+    async def _authorize(self, session: Session, action: str, room: str) -> None:
+        if not await self.context.hooks.authorize(session.identity, action, room):
+            raise ProtocolError(
+                ErrorCode.FORBIDDEN, f"not allowed to {action} room {room!r}", reason="not_allowed"
+            )
+
+    # -- join / leave ---------------------------------------------------------------------------------
+
+    async def op_join(self, session: Session, request: dict[str, Any]) -> None:
+        room = self.room_rules.room(request)
+        since = parse_since(request.get("since"))
+        st = self._state(session)
+        if room in st.rooms:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"already joined room {room!r}")
+        if len(st.rooms) >= self.options.max_rooms:
+            raise ProtocolError(
+                ErrorCode.FORBIDDEN,
+                f"at most {self.options.max_rooms} rooms per connection",
+                reason="room_limit",
+            )
+        await self._authorize(session, "join", room)
+        ctx = self.context
+        st.rooms.add(room)
+        # Gap-free and duplicate-free: live messages are held from the moment the session is a
+        # member; history after `since` is replayed; then the held ones newer than the replay go out.
+        session.hold(room)
+        try:
+            await ctx.hub.join(room, session)
+            entry = PresenceEntry(
+                session.identity.user,
+                session.id,
+                session.node,
+                {"name": session.identity.name} if session.identity.name else {},
+            )
+            if await ctx.backend.presence.join(room, entry) and self.options.presence_events:
+                await self._presence_event(session, room, "presence.join")
+            members = await ctx.backend.presence.members(room)
+            recovery = await recover(ctx.backend.history, room, since, self.options.recovery_limit)
+        except BaseException:
+            session.drop_held(room)
+            await self._leave(session, st, room, quiet=True)
+            raise
+        self.reply(
+            session,
+            request,
+            "joined",
+            room=room,
+            offset=recovery.top,
+            epoch=recovery.epoch,
+            recovered=recovery.recovered,
+            presence=_presence_list(members),
+        )
+        for frame in stored_frames(recovery.messages):
+            session.send_frame(OutFrame(frame))
+        session.release(room, recovery.messages[-1][0] if recovery.messages else recovery.top)
+        if session.closed:  # closed while joining: on_close may have run before this room was added
+            await self._leave(session, st, room, quiet=True)
+
+    async def op_leave(self, session: Session, request: dict[str, Any]) -> None:
+        room = self.room_rules.room(request)
+        st = self._state(session)
+        if room not in st.rooms:
+            raise ProtocolError(ErrorCode.NOT_JOINED, f"not a member of room {room!r}")
+        await self._leave(session, st, room)
+        self.reply(session, request, "left", room=room)
+
+    async def _leave(self, session: Session, st: _ChatState, room: str, quiet: bool = False) -> None:
+        """Leave the hub room and presence; ``quiet`` swallows BusUnavailable (cleanup paths)."""
+        st.rooms.discard(room)
+        await self.context.hub.leave(room, session)
+        try:
+            user = await self.context.backend.presence.leave(room, session.id)
+            if user is not None and self.options.presence_events:
+                await self._presence_event(session, room, "presence.leave")
+        except BusUnavailable:
+            if not quiet:
+                raise
+            log.warning("room %s: presence of %r not removed, the bus is down (it expires)", room, session)
+
+    async def _presence_event(self, session: Session, room: str, op: str) -> None:
+        event: dict[str, Any] = {"op": op, "room": room, "user": session.identity.user}
+        if op == "presence.join" and session.identity.name:
+            event["name"] = session.identity.name
+        # Through the bus, so members on every replica get it; the joiner has the list in `joined`.
+        await self.context.hub.publish(room, encode(event), origin=session)
+
+    async def on_close(self, session: Session) -> None:
+        st = session.state.get(_STATE)
+        if not isinstance(st, _ChatState):
+            return
+        for room in list(st.rooms):
+            await self._leave(session, st, room, quiet=True)
+
+    # -- publish --------------------------------------------------------------------------------------
+
+    async def op_publish(self, session: Session, request: dict[str, Any]) -> None:
+        st = self._state(session)
+        if not st.bucket.take():
+            st.strikes += 1
+            retry_ms = st.bucket.wait_ms()
+            session.send_error(
+                ErrorCode.RATE_LIMITED, "too many publishes; slow down", request.get("id"), retry_ms=retry_ms
+            )
+            limit = self.options.rate_limit_close_after
+            if limit and st.strikes >= limit:
+                refill_ms = int(self.options.publish_burst / self.options.publish_rate * 1000)
+                session.close(CloseCode.RATE_LIMITED, retry_ms=refill_ms)
+            return
+        st.strikes = 0
+        room = self.room_rules.room(request)
+        if "data" not in request:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "publish needs a field 'data' (any JSON value)")
+        echo = request.get("echo", False)
+        if not isinstance(echo, bool):
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "field 'echo' must be true or false")
+        if room not in st.rooms:
+            raise ProtocolError(ErrorCode.NOT_JOINED, f"join room {room!r} before publishing to it")
+        await self._authorize(session, "publish", room)
+        offset = await publish_message(
+            self.context.hub,
+            self.context.hooks,
+            self.room_rules,
+            room,
+            request["data"],
+            sender=session.identity.user,
+            session=session,
+            echo=echo,
+        )
+        self.reply(session, request, "ack", offset=offset)
+
+    # -- presence / history ---------------------------------------------------------------------------
+
+    async def _may_read(self, session: Session, action: str, room: str) -> None:
+        """Members may read their rooms; others need ``wirehub_authorize(action)``."""
+        if room not in self._state(session).rooms:
+            await self._authorize(session, action, room)
+
+    async def op_presence(self, session: Session, request: dict[str, Any]) -> None:
+        room = self.room_rules.room(request)
+        await self._may_read(session, "presence", room)
+        members = await self.context.backend.presence.members(room)
+        self.reply(session, request, "presence", room=room, members=_presence_list(members))
+
+    async def op_history(self, session: Session, request: dict[str, Any]) -> None:
+        room = self.room_rules.room(request)
+        since = parse_since(request.get("since"))
+        limit = request.get("limit", self.options.history_limit)
+        top_limit = self.options.history_max_limit
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= top_limit:
+            raise ProtocolError(
+                ErrorCode.BAD_REQUEST, f"field 'limit' must be an integer from 1 to {top_limit}"
+            )
+        await self._may_read(session, "history", room)
+        history = self.context.backend.history
+        messages: Sequence[tuple[int, bytes]] = []
+        if since is None:
+            page = await history.read(room, None, limit)
+            top, epoch, messages, complete = page.top, page.epoch, page.messages, True
+        elif since.usable:
+            page = await history.read(room, since.offset, limit)
+            complete = page.complete and page.epoch == since.epoch
+            top, epoch = page.top, page.epoch
+            if complete:
+                messages = page.messages
+        else:
+            top, epoch = await history.position(room)
+            complete = False
+        head: dict[str, Any] = {"op": "history"}
+        if request.get("id") is not None:
+            head["id"] = request["id"]
+        head.update(room=room, offset=top, epoch=epoch, complete=complete)
+        session.send_frame(OutFrame(history_frame(head, stored_frames(messages))))
+
+
+def _bus_errors(op: Op) -> Op:
+    """A broker outage is ``error unavailable``: the request did not happen (never "delivered")."""
+
+    async def guarded(session: Session, request: dict[str, Any]) -> None:
+        try:
+            await op(session, request)
+        except BusUnavailable:
+            raise ProtocolError(
+                ErrorCode.UNAVAILABLE, "the message bus is unavailable; retry later"
+            ) from None
+
+    return guarded
+
+
+def _factory(options: Mapping[str, Any], key: str, context: HandlerContext) -> ChatHandler:
+    opts = parse_block(ChatOptions, options, key)
+    try:
+        rules = RoomRules(opts.room_pattern, opts.max_message_bytes, opts.room_limits)
+    except re.error as exc:
+        raise ConfigError(f"{key}.room_pattern", f"not a valid regular expression: {exc}") from None
+    if opts.history_limit > opts.history_max_limit:
+        raise ConfigError(
+            f"{key}.history_limit",
+            f"{opts.history_limit} is above history_max_limit ({opts.history_max_limit})",
+        )
+    return ChatHandler(opts, context, rules)
+
+
+@hookimpl
+def wirehub_register_handlers() -> Mapping[str, HandlerFactory]:
+    return {"chat": _factory}

