@@ -17,6 +17,7 @@ import errno
 import logging
 
 from tornado.iostream import IOStream, StreamClosedError
+from tornado.websocket import WebSocketProtocol
 
 from service.session import OutFrame
 
@@ -28,17 +29,20 @@ _RETRY = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR)
 class StreamTransport:
     """:class:`service.session.Transport` over a WebSocket connection's stream."""
 
-    __slots__ = ("_close", "_direct", "_stream")
+    __slots__ = ("_close", "_direct", "_protocol", "_stream")
 
-    def __init__(self, stream: IOStream, close: object) -> None:
-        self._stream = stream
+    def __init__(self, protocol: WebSocketProtocol, close: object) -> None:
+        self._protocol = protocol
+        self._stream: IOStream = protocol.stream  # type: ignore[attr-defined,assignment]
         self._close = close
         # SSL streams must go through their own write path.
-        self._direct = type(stream) is IOStream
+        self._direct = type(self._stream) is IOStream
 
     @property
     def closed(self) -> bool:
-        return self._stream.closed()
+        # Once our Close frame is out (whoever sent it: us, Tornado on 1009 or a ping timeout),
+        # no data frame may follow it (RFC 6455 section 5.5.1).
+        return self._protocol.server_terminated or self._stream.closed()
 
     def buffered(self) -> int:
         buf = self._stream._write_buffer
@@ -46,7 +50,7 @@ class StreamTransport:
 
     def send_frame(self, frame: OutFrame) -> None:
         stream = self._stream
-        if stream.closed():
+        if self._protocol.server_terminated or stream.closed():
             return
         data: bytes | memoryview = frame.wire
         if self._direct and not stream._write_buffer and not stream._connecting:

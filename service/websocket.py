@@ -181,11 +181,9 @@ class WirehubSocket(WebSocketHandler):
 
     async def open(self, *args: str, **kwargs: str) -> None:
         assert self.identity is not None and self.ws_connection is not None
-        stream = self.ws_connection.stream
-        assert stream is not None
         self.set_nodelay(True)
         session = Session(
-            StreamTransport(stream, self.close),
+            StreamTransport(self.ws_connection, self.close),
             self.identity,
             endpoint=self.endpoint.path,
             node=self.app.node,
