@@ -128,7 +128,7 @@ class OpHandler:
             raise ProtocolError(ErrorCode.FORBIDDEN, f"refresh refused: {exc.reason}", reason=exc.reason) from None
         if identity.user != session.identity.user:
             raise ProtocolError(ErrorCode.FORBIDDEN, "refresh refused: the token is for another user", reason="bad_sub")
-        session.identity = identity
+        session.set_identity(identity)
         self.reply(session, request, "refreshed", expires_at=identity.expires_at)
 
 

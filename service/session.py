@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -89,7 +90,15 @@ class Session:
         #: handler-private state (e.g. the chat handler's rate limiter)
         self.state: dict[str, Any] = {}
         self.close_code: int | None = None
+        #: called after :meth:`set_identity` (the WebSocket layer reschedules the 4001 expiry)
+        self.on_identity_changed: Callable[[], None] | None = None
         self._held: dict[str, list[tuple[int | None, OutFrame]]] = {}
+
+    def set_identity(self, identity: Identity) -> None:
+        """Replace the identity (a refreshed token); its expiry takes effect at once."""
+        self.identity = identity
+        if self.on_identity_changed is not None:
+            self.on_identity_changed()
 
     def __repr__(self) -> str:
         return f"<Session {self.id} user={self.identity.user!r} endpoint={self.endpoint}>"

@@ -193,6 +193,7 @@ class WirehubSocket(WebSocketHandler):
         )
         self.session = session
         self.app.session_opened(session, self)
+        session.on_identity_changed = self._schedule_expiry
         self._schedule_expiry()
         await self.handler.on_open(session)
         await self.app.hooks.session_opened(session)
@@ -214,6 +215,9 @@ class WirehubSocket(WebSocketHandler):
             session.send_error(ErrorCode.INTERNAL, "internal error")
 
     def _schedule_expiry(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
         session = self.session
         if session is None or session.identity.expires_at is None:
             return

@@ -65,8 +65,9 @@ MAX_JWKS_KEYS = 100
 MAX_CLAIM_CHARS = 256
 #: 9999-12-31T23:59:59Z: a larger time claim is garbage, not a far future
 MAX_TIME = 253402300799
-#: compact JWS: three base64url segments (the signature may be empty: "alg: none" then fails as bad_signature)
-_COMPACT = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+#: compact JWS: three base64url segments (the signature may be empty: "alg: none" then fails as
+#: bad_signature); PyJWT tolerates "=" padding, which some issuers (AWS ALB) add
+_COMPACT = re.compile(r"[A-Za-z0-9_-]+={0,2}\.[A-Za-z0-9_-]+={0,2}\.(?:[A-Za-z0-9_-]+={0,2})?")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _TTL = re.compile(r"(\d+)([smhd])")
 _TTL_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -322,7 +323,7 @@ def compile_settings(options: Mapping[str, Any], key: str) -> Settings:
 def _show(value: Any) -> str:
     """An attacker-supplied value, made safe and short for a log line."""
     text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return text if len(text) <= 100 else text[:97] + "..."
 
 
 def _jwk_public_key(jwk: Mapping[str, Any]) -> Any:
@@ -505,18 +506,21 @@ class JwtAuthenticator:
             raise _refuse("missing", f"no token in any of {', '.join(self.options.sources)}")
         token, source = found
         try:
-            identity = await self.verify(token)
+            identity = await self._verify_safely(token)
         except AuthError as exc:
-            exc.detail = f"{exc.detail} (token from {source})"
-            raise
+            raise AuthError(exc.status, exc.reason, f"{exc.detail} (token from {source})", exc.error) from None
         log.debug("jwt: %s authenticated by a token from %s", identity.user, source)
         return identity
 
     async def refresh(self, identity: Identity, token: str) -> Identity:
-        renewed = await self.verify(token)
+        try:
+            renewed = await self._verify_safely(token)
+        except AuthError as exc:
+            log.info("jwt: refresh refused for %s: %s", identity.user, exc)
+            raise
         if renewed.user != identity.user:
-            raise AuthError(403, "bad_sub", f"refresh token is for {_show(renewed.user)}, session is "
-                                            f"{_show(identity.user)}")
+            log.info("jwt: refresh refused for %s: the token is for %s", identity.user, renewed.user)
+            raise AuthError(403, "bad_sub", "the refresh token is for another user")
         return renewed
 
     def describe(self) -> str:
@@ -572,6 +576,18 @@ class JwtAuthenticator:
 
     # -- verification ----------------------------------------------------------------------------------------
 
+    async def _verify_safely(self, token: str) -> Identity:
+        try:
+            return await self.verify(token)
+        except AuthError:
+            raise
+        except Exception as exc:
+            # A bug must not escape to Tornado, whose "Uncaught exception" log line prints the request URI
+            # (with a query-string token); the traceback holds no token (no message here quotes it).
+            log.error("jwt: internal error while verifying a token (%s); refused as malformed",
+                      type(exc).__name__, exc_info=True)
+            raise _refuse("malformed", "internal error, see the log") from None
+
     async def verify(self, token: str) -> Identity:
         """The identity a token stands for, or an AuthError with a reason from :data:`REASONS`."""
         if not token:
@@ -584,7 +600,7 @@ class JwtAuthenticator:
         try:
             header = self._jws.get_unverified_header(token)
         except jwt.PyJWTError as exc:  # includes PyJWT's own refusal of an unknown "crit"
-            raise _refuse("malformed", f"header: {exc}") from None
+            raise _refuse("malformed", f"header: {_show(str(exc))}") from None
         if "crit" in header:
             # RFC 7515 4.1.11: a critical extension we do not implement means the token is invalid
             raise _refuse("malformed", f"crit header {_show(header['crit'])}: no extension is supported")
@@ -602,7 +618,7 @@ class JwtAuthenticator:
             except (jwt.InvalidSignatureError, jwt.InvalidKeyError):
                 continue
             except jwt.PyJWTError as exc:
-                raise _refuse("malformed", f"{type(exc).__name__}: {exc}") from None
+                raise _refuse("malformed", f"{type(exc).__name__}: {_show(str(exc))}") from None
             log.debug("jwt: signature verified with %s", candidate.label)
             break
         if payload is None:

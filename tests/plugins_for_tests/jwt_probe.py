@@ -1,7 +1,8 @@
 """A handler "probe" for the JWT tests, plus their shared helpers.
 
 The handler is an :class:`service.handler.OpHandler` (welcome, ``ping``, ``refresh``) with one more
-op, ``whoami``, that shows the session's identity, so the JWT tests do not depend on chat.
+ops, ``whoami`` (the session's identity) and ``may`` (the room policy's answer for it), so the JWT tests do
+not depend on chat.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 import jwt
 
-from service.handler import HandlerContext, OpHandler
+from service.handler import HandlerContext, OpHandler, require_str
 from service.hookspecs import hookimpl
 from service.session import Session
 
@@ -30,11 +31,20 @@ class ProbeHandler(OpHandler):
     def __init__(self, context: HandlerContext) -> None:
         super().__init__(context)
         self.ops["whoami"] = self.op_whoami
+        self.ops["may"] = self.op_may
 
     async def op_whoami(self, session: Session, request: dict[str, Any]) -> None:
         ident = session.identity
         self.reply(session, request, "identity", user=ident.user, name=ident.name, rooms=list(ident.rooms),
                    expires_at=ident.expires_at)
+
+
+    async def op_may(self, session: Session, request: dict[str, Any]) -> None:
+        """``may {room, action?}``: the answer of the wirehub_authorize policy for this session."""
+        room = require_str(request, "room")
+        action = str(request.get("action", "join"))
+        allowed = await self.context.hooks.authorize(session.identity, action, room)
+        self.reply(session, request, "may", room=room, action=action, allowed=allowed)
 
 
 def _factory(options: Mapping[str, Any], key: str, context: HandlerContext) -> ProbeHandler:
