@@ -136,6 +136,8 @@ class WirehubSocket(WebSocketHandler):
         except AuthError as exc:
             self.app.metrics.auth_failures.labels(exc.reason).inc()
             log.info("refused upgrade on %s from %s: %s", self.request.path, self.request.remote_ip, exc)
+            if exc.status == 401:
+                self.set_header("WWW-Authenticate", f'Bearer realm="wirehub", error="{exc.error}"')
             return self._refuse(exc.status, exc.error, exc.reason)
         remote_ip = self.request.remote_ip or ""
         limit = self.app.connections.admit(identity.user, remote_ip)

@@ -173,6 +173,7 @@ async def test_the_websocket_client_sees_401(wirehub_server: Start) -> None:
     assert err.value.code == 401
     assert err.value.response is not None
     assert json.loads(err.value.response.body) == {"error": "invalid_token", "reason": "expired"}
+    assert err.value.response.headers["WWW-Authenticate"] == 'Bearer realm="wirehub", error="invalid_token"'
 
 
 # -- token sources --------------------------------------------------------------------------------------------
