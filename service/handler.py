@@ -130,6 +130,10 @@ class OpHandler:
             raise ProtocolError(ErrorCode.FORBIDDEN, "refresh refused: the token is for another user", reason="bad_sub")
         session.set_identity(identity)
         self.reply(session, request, "refreshed", expires_at=identity.expires_at)
+        await self.after_refresh(session)
+
+    async def after_refresh(self, session: Session) -> None:
+        """The identity changed (its rooms may have): subclasses re-check what the session holds."""
 
 
 def require_str(request: dict[str, Any], name: str, *, max_len: int = 256) -> str:

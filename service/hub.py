@@ -33,6 +33,8 @@ class _Room:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     #: newest history offset fanned out here; the repair after an outage starts from it
     last_offset: int | None = None
+    #: the history epoch when the room was subscribed: a repair across a lost history must say gap
+    epoch: str | None = None
     #: while repairing: live messages kept back until the history replay is done
     backlog: list[tuple[bytes, int | None]] | None = None
 
@@ -89,6 +91,7 @@ class Hub:
                 if not r.subscribed:
                     await self.bus.subscribe(room)
                     r.subscribed = True
+                    r.epoch = (await self.backend.history.position(room))[1]
         except BaseException:
             await self.leave(room, session)
             raise
@@ -178,13 +181,13 @@ class Hub:
         replayed: int | None = None
         try:
             page = await self.backend.history.read(r.name, r.last_offset, 10_000)
-            if page.complete:
+            if page.complete and (r.epoch is None or page.epoch == r.epoch):
                 for offset, payload in page.messages:
                     self._fan_out(r, payload, offset)
                     replayed = offset
             else:
                 log.warning("room %s: history does not cover the outage; members are told", r.name)
-                r.last_offset = None
+                r.last_offset, r.epoch = None, page.epoch
                 gap = OutFrame(dumps({"op": "gap", "room": r.name, "epoch": page.epoch}).encode())
                 for s in list(r.members.values()):
                     s.deliver(r.name, gap, None)

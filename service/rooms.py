@@ -204,6 +204,20 @@ def stored_frames(messages: Sequence[tuple[int, bytes]]) -> list[bytes]:
     return frames
 
 
+def fit(frames: list[bytes], budget: int, *, newest: bool) -> list[bytes]:
+    """The longest run of ``frames`` (the newest or the oldest end) whose bytes stay within ``budget``.
+
+    A reply larger than the session's send queue would close it with 4008 however fast it reads.
+    """
+    total, kept = 0, 0
+    for frame in reversed(frames) if newest else frames:
+        total += len(frame) + 1
+        if total > budget:
+            break
+        kept += 1
+    return frames[len(frames) - kept :] if newest else frames[:kept]
+
+
 def history_frame(head: dict[str, Any], frames: Sequence[bytes]) -> bytes:
     """``head`` plus ``"messages": [...]`` spliced from already encoded frames (no re-decode)."""
     return b'%s,"messages":[%s]}' % (encode(head)[:-1], b",".join(frames))

@@ -188,3 +188,20 @@ async def test_repair_that_history_cannot_cover_sends_gap() -> None:
     hub.on_bus_state(True)
     await asyncio.sleep(0.05)
     assert t.texts()[-1] == b'{"op":"gap","room":"r","epoch":"new-epoch"}'
+
+
+async def test_repair_across_a_lost_history_sends_gap_even_if_offsets_look_fine() -> None:
+    """A broker restarted without persistence: new epoch, offsets counting again from 1."""
+    hub, _ = await make_hub()
+    s, t = session()
+    await hub.join("r", s)
+    await hub.publish("r", b'{"n":1}', history=True)
+
+    async def new_epoch(room: str, after: int | None, limit: int) -> HistoryPage:
+        return HistoryPage("after-restart", 3, [(2, b' 0\n{"n":"new2"}'), (3, b' 0\n{"n":"new3"}')], True)
+
+    hub.backend.history.read = new_epoch  # type: ignore[method-assign]
+    hub.on_bus_state(False)
+    hub.on_bus_state(True)
+    await asyncio.sleep(0.05)
+    assert t.texts()[-1] == b'{"op":"gap","room":"r","epoch":"after-restart"}'

@@ -26,6 +26,7 @@ from service.rooms import (
     RoomLimit,
     RoomRules,
     TokenBucket,
+    fit,
     history_frame,
     parse_since,
     publish_message,
@@ -152,8 +153,12 @@ class ChatHandler(OpHandler):
             recovery = await recover(ctx.backend.history, room, since, self.options.recovery_limit)
         except BaseException:
             session.drop_held(room)
-            await self._leave(session, st, room, quiet=True)
+            await self._leave(session, st, room)
             raise
+        replay = stored_frames(recovery.messages)
+        recovered = recovery.recovered
+        if sum(map(len, replay)) > _budget(session):  # it would close the session with 4008
+            replay, recovered = [], False
         self.reply(
             session,
             request,
@@ -161,14 +166,14 @@ class ChatHandler(OpHandler):
             room=room,
             offset=recovery.top,
             epoch=recovery.epoch,
-            recovered=recovery.recovered,
+            recovered=recovered,
             presence=_presence_list(members),
         )
-        for frame in stored_frames(recovery.messages):
+        for frame in replay:
             session.send_frame(OutFrame(frame))
-        session.release(room, recovery.messages[-1][0] if recovery.messages else recovery.top)
-        if session.closed:  # closed while joining: on_close may have run before this room was added
-            await self._leave(session, st, room, quiet=True)
+        session.release(room, recovery.messages[-1][0] if replay else recovery.top)
+        if session.closed:  # closed meanwhile; if on_close already ran, it did not see this room joined
+            await self._leave(session, st, room)
 
     async def op_leave(self, session: Session, request: dict[str, Any]) -> None:
         room = self.room_rules.room(request)
@@ -178,8 +183,9 @@ class ChatHandler(OpHandler):
         await self._leave(session, st, room)
         self.reply(session, request, "left", room=room)
 
-    async def _leave(self, session: Session, st: _ChatState, room: str, quiet: bool = False) -> None:
-        """Leave the hub room and presence; ``quiet`` swallows BusUnavailable (cleanup paths)."""
+    async def _leave(self, session: Session, st: _ChatState, room: str) -> None:
+        """Leave the hub room and presence. Leaving always succeeds locally: with the bus down, the
+        presence entry stays until the backend's TTL expires it."""
         st.rooms.discard(room)
         await self.context.hub.leave(room, session)
         try:
@@ -187,8 +193,6 @@ class ChatHandler(OpHandler):
             if user is not None and self.options.presence_events:
                 await self._presence_event(session, room, "presence.leave")
         except BusUnavailable:
-            if not quiet:
-                raise
             log.warning("room %s: presence of %r not removed, the bus is down (it expires)", room, session)
 
     async def _presence_event(self, session: Session, room: str, op: str) -> None:
@@ -198,12 +202,20 @@ class ChatHandler(OpHandler):
         # Through the bus, so members on every replica get it; the joiner has the list in `joined`.
         await self.context.hub.publish(room, encode(event), origin=session)
 
+    async def after_refresh(self, session: Session) -> None:
+        """A refreshed token may grant fewer rooms: leave the ones it no longer allows."""
+        st = self._state(session)
+        for room in sorted(st.rooms):
+            if not await self.context.hooks.authorize(session.identity, "join", room):
+                await self._leave(session, st, room)
+                session.send({"op": "left", "room": room, "reason": "forbidden"})
+
     async def on_close(self, session: Session) -> None:
         st = session.state.get(_STATE)
         if not isinstance(st, _ChatState):
             return
         for room in list(st.rooms):
-            await self._leave(session, st, room, quiet=True)
+            await self._leave(session, st, room)
 
     # -- publish --------------------------------------------------------------------------------------
 
@@ -283,7 +295,14 @@ class ChatHandler(OpHandler):
         if request.get("id") is not None:
             head["id"] = request["id"]
         head.update(room=room, offset=top, epoch=epoch, complete=complete)
-        session.send_frame(OutFrame(history_frame(head, stored_frames(messages))))
+        # Capped to fit the send queue; the client pages on with `since` (its last offset < `offset`).
+        frames = fit(stored_frames(messages), _budget(session), newest=since is None)
+        session.send_frame(OutFrame(history_frame(head, frames)))
+
+
+def _budget(session: Session) -> int:
+    """Bytes a history reply or a recovery replay may take: half the session's send queue."""
+    return session.max_queue_bytes // 2
 
 
 def _bus_errors(op: Op) -> Op:
