@@ -72,8 +72,10 @@ class Wirehub:
         self.config = config
         self.hooks = hooks
         self.node = config.node_id
-        self.metrics = Metrics()
+        self.metrics = Metrics(ep.path for ep in config.endpoints)
         self.draining = False
+        self._drain_running = False
+        self._drain_started = 0.0
         self.started = False
         self.sessions: dict[Session, WirehubSocket] = {}
         self._closing_tasks: set[asyncio.Task[None]] = set()
@@ -140,7 +142,8 @@ class Wirehub:
         if not self.config.logging.access_log or handler.request.path in ("/healthz", "/readyz"):
             return
         status = handler.get_status()
-        level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
+        # 503 is an answer we choose (draining, bus down), not a server fault
+        level = logging.INFO if status < 400 else logging.ERROR if status >= 500 and status != 503 else logging.WARNING
         ms = 1000.0 * handler.request.request_time()
         access_log.log(level, "%d %s %s %s %.1fms", status, handler.request.method, handler.request.path,
                        handler.request.remote_ip, ms)
@@ -172,8 +175,12 @@ class Wirehub:
         self._all_closed.clear()
         self.metrics.sessions.labels(session.endpoint).inc()
         self.metrics.sessions_opened.labels(session.endpoint).inc()
+        if self.draining:  # its upgrade passed the draining check just before the drain began
+            self._close_going_away(session)
         log.info("session open %s user=%s endpoint=%s ip=%s", session.id, session.identity.user, session.endpoint,
-                 session.remote_ip)
+                 session.remote_ip, extra={"event": "session_open", "session": session.id,
+                                           "user": session.identity.user, "endpoint": session.endpoint,
+                                           "ip": session.remote_ip})
 
     def session_closing(self, session: Session, socket_handler: WirehubSocket, code: int | None,
                         reason: str | None) -> None:
@@ -195,37 +202,86 @@ class Wirehub:
                 self.metrics.drain_remaining.set(len(self.sessions))
             if not self.sessions:
                 self._all_closed.set()
+            duration = time.time() - session.opened_at
             log.info("session close %s user=%s endpoint=%s code=%s duration=%.1fs", session.id,
-                     session.identity.user, session.endpoint, code, time.time() - session.opened_at)
+                     session.identity.user, session.endpoint, code, duration,
+                     extra={"event": "session_close", "session": session.id, "user": session.identity.user,
+                            "endpoint": session.endpoint, "code": code, "duration": round(duration, 3)})
         await self.hooks.session_closed(session, code, reason)
 
-    async def drain(self) -> None:
-        """Refuse new upgrades, close sessions in paced batches with 1001 and a jittered retry hint,
-        wait for their close handshakes (pending sends flush before the close frame), then stop.
-        Bounded by ``drain.grace`` seconds."""
-        if self.draining:
-            return
-        cfg = self.config.drain
-        deadline = time.monotonic() + cfg.grace
+    def begin_drain(self) -> None:
+        """From now on /readyz answers 503 and upgrades are refused; :meth:`drain` does the rest.
+
+        (``serve`` already sets ``draining`` in the Python-level signal handler, which runs before the
+        event loop handles anything that arrived after the signal.)"""
         self.draining = True
+        if self._drain_started:
+            return
+        self._drain_started = time.monotonic()
         self.metrics.draining.set(1)
         self.metrics.drain_remaining.set(len(self.sessions))
-        log.info("draining %d sessions (grace %.1fs)", len(self.sessions), cfg.grace)
-        sessions = list(self.sessions)
-        for start in range(0, len(sessions), cfg.batch_size):
-            for session in sessions[start:start + cfg.batch_size]:
-                retry_ms = int(random.uniform(0, cfg.reconnect_jitter) * 1000)
-                session.close(CloseCode.GOING_AWAY, close_reason(CloseCode.GOING_AWAY, retry_ms))
-            if start + cfg.batch_size < len(sessions) and time.monotonic() + cfg.batch_interval < deadline:
-                await asyncio.sleep(cfg.batch_interval)
+
+    def _close_going_away(self, session: Session) -> None:
+        """Close with 1001 and a reconnect hint spread over ``drain.reconnect_jitter`` seconds, so that the
+        clients of a draining replica do not all come back in the same second."""
+        retry_ms = int(random.uniform(0.0, self.config.drain.reconnect_jitter) * 1000)
+        session.close(CloseCode.GOING_AWAY, close_reason(CloseCode.GOING_AWAY, retry_ms))
+
+    async def drain(self) -> None:
+        """What SIGTERM runs; returns within ``drain.grace`` seconds of :meth:`begin_drain`.
+
+        Readiness 503 and upgrades refused at once; open sessions closed in paced batches
+        (``drain.batch_size`` every ``drain.batch_interval`` s, faster when that would not fit in half
+        of the grace) with 1001 and a jittered ``retry_ms`` hint; Server-Sent Events streams end with a
+        jittered ``retry:``. A close frame is queued behind the session's pending sends, so those are
+        flushed first; the close handshakes are awaited until the grace (less a reserve for shutdown)
+        is over, then the rest are aborted and the replica stops.
+        """
+        if self._drain_running:
+            return
+        self._drain_running = True
+        self.begin_drain()
+        cfg = self.config.drain
+        deadline = self._drain_started + cfg.grace
+        reserve = min(2.0, 0.1 * cfg.grace)  # for shutdown hooks and closing the bus
+        pending = [s for s in self.sessions if s.close_code is None]
+        total = len(pending)
+        log.info("draining %d sessions (grace %.1fs)", total, cfg.grace)
+        batches = -(-total // cfg.batch_size)
+        interval = cfg.batch_interval
+        if batches > 1:
+            interval = min(interval, 0.5 * cfg.grace / (batches - 1))
+        closed = 0
+        while pending:
+            batch, pending = pending[:cfg.batch_size], pending[cfg.batch_size:]
+            for session in batch:
+                self._close_going_away(session)
+            closed += len(batch)
+            log.info("drain: closing %d of %d sessions", closed, max(total, closed),
+                     extra={"event": "drain_batch", "closing": closed, "total": max(total, closed)})
+            if not pending:  # sessions whose upgrade was already past the draining check
+                pending = [s for s in self.sessions if s.close_code is None]
+            if pending and interval > 0 and time.monotonic() + interval < deadline - reserve:
+                await asyncio.sleep(interval)
+        from service.sse import close_streams, open_streams  # Server-Sent Events streams end the same way
+
+        streams = close_streams(self)
         if self.sessions:
             try:
-                await asyncio.wait_for(self._all_closed.wait(), max(0.0, deadline - time.monotonic()))
+                await asyncio.wait_for(self._all_closed.wait(), max(0.0, deadline - reserve - time.monotonic()))
             except TimeoutError:
                 log.warning("drain grace over with %d sessions open; aborting them", len(self.sessions))
                 for handler in list(self.sessions.values()):
                     if handler.ws_connection is not None:
                         handler.ws_connection._abort()  # type: ignore[attr-defined]
+        # Each stream's handler finishes its response right after the hint; a bounded poll, as the SSE
+        # module exposes no completion event.
+        while open_streams(self) and time.monotonic() < deadline - reserve:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        if self._closing_tasks:
+            await asyncio.wait(list(self._closing_tasks), timeout=max(0.1, deadline - time.monotonic()))
+        log.info("drained %d sessions and %d event streams in %.1fs", total, streams,
+                 time.monotonic() - self._drain_started)
         await self.stop()
 
     async def stop(self) -> None:

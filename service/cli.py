@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import signal
 import sys
 from collections.abc import Sequence
@@ -23,25 +24,60 @@ log = logging.getLogger("wirehub")
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 
 
+#: query parameters, headers and subprotocols that carry credentials; their values never reach a log line
+_SECRETS = (
+    re.compile(r"(?i)([?&;](?:access_token|token|jwt|api_key|apikey|key|password|secret)=)[^&\s\"'#]+"),
+    re.compile(r"(?i)(\bbearer[ .])[A-Za-z0-9._~+/=-]+"),
+)
+#: attributes every LogRecord has; anything else on a record came from ``extra=`` and is a field
+_RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+
+
+def redact(text: str) -> str:
+    """``text`` with the values of token-like query parameters and bearer credentials replaced."""
+    for pattern in _SECRETS:
+        text = pattern.sub(r"\1[redacted]", text)
+    return text
+
+
+class TextFormatter(logging.Formatter):
+    """``TIME LEVEL LOGGER: message``, credentials redacted (defence in depth: nothing should log them)."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+
 class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ``ts``, ``level``, ``logger``, ``msg``, then the record's ``extra=`` fields
+    (the session open/close lines carry ``event``, ``session``, ``user``, ``endpoint``, ``code``,
+    ``duration``), and ``exc`` for a traceback. Credentials are redacted as in the text format."""
+
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
             "ts": round(record.created, 3),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": redact(record.getMessage()),
         }
+        for key, value in vars(record).items():
+            if key not in _RECORD_ATTRS and key not in entry:
+                entry[key] = redact(value) if isinstance(value, str) else value
         if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
+            entry["exc"] = redact(self.formatException(record.exc_info))
+        elif record.exc_text:
+            entry["exc"] = redact(record.exc_text)
+        if record.stack_info:
+            entry["stack"] = redact(self.formatStack(record.stack_info))
+        return json.dumps(entry, ensure_ascii=False, default=str)
 
 
 def setup_logging(level: str, fmt: str) -> None:
+    """Log to stderr as ``fmt`` (``text`` or ``json``) from ``level`` up, replacing any earlier handler."""
     handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -65,8 +101,20 @@ async def _serve(config_path: str | None) -> int:
     app = Wirehub.build(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        app.begin_drain()
+        stop.set()
+
+    def mark_draining(signum: int, frame: object) -> None:
+        # The Python-level handler runs in the main thread right after the signal, before the event loop
+        # handles any request that arrived after it: /readyz is 503 and upgrades are refused from the
+        # first moment. Only a plain attribute store is safe here; the loop callback does the rest.
+        app.draining = True
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)  # wakes the loop (its wakeup fd) and runs on_signal there
+        signal.signal(sig, mark_draining)  # replaces asyncio's no-op Python-level handler; the wakeup fd stays
     try:
         await app.start()
     except Exception as exc:

@@ -1,8 +1,16 @@
-"""Prometheus metrics of one wirehub app, in a registry of its own (several apps may share a process)."""
+"""Prometheus metrics of one wirehub app, in a registry of its own (several apps may share a process).
+
+Served at ``GET /metrics`` in the Prometheus text format; docs/operations.md lists every metric and what to
+alert on. Counters are exported with the ``_total`` suffix (``wirehub_messages_in_total``).
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+
+from service import __version__
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -10,8 +18,10 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 class Metrics:
     """Every metric wirehub exports; docs/operations.md lists them."""
 
-    def __init__(self) -> None:
+    def __init__(self, endpoints: Iterable[str] = ()) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
+        self.build = Info("wirehub_build", "The running wirehub version", registry=r)
+        self.build.info({"version": __version__})
         self.sessions = Gauge("wirehub_sessions", "Open WebSocket sessions", ["endpoint"], registry=r)
         self.sessions_opened = Counter(
             "wirehub_sessions_opened", "WebSocket sessions opened", ["endpoint"], registry=r
@@ -41,6 +51,10 @@ class Metrics:
         )
         self.draining = Gauge("wirehub_draining", "1 while the replica drains", registry=r)
         self.drain_remaining = Gauge("wirehub_drain_sessions_remaining", "Sessions left to close", registry=r)
+        for endpoint in endpoints:  # every configured endpoint is exported from the start, at 0
+            self.sessions.labels(endpoint)
+            self.sessions_opened.labels(endpoint)
+            self.messages_in.labels(endpoint)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

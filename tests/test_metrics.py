@@ -1,0 +1,164 @@
+"""/metrics: Prometheus text that the official parser reads, and counters that move with traffic."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.auth import Identity
+from service.metrics import Metrics
+from service.session import OutFrame, Session
+from service.testing import LiveServer, unique_room
+
+ROOT = Path(__file__).resolve().parent.parent
+ECHO = [{"path": "/ws/echo", "handler": "echo"}]
+
+
+def parse(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """``(sample name, sorted labels) -> value`` of every sample."""
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+async def scrape(server: LiveServer) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    response = await server.http("/metrics")
+    assert response.code == 200
+    assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    return parse(response.body.decode())
+
+
+def value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+async def test_metrics_parse_and_start_at_zero(wirehub_server: Callable[..., Any]) -> None:
+    server: LiveServer = await wirehub_server({"endpoints": ECHO})
+    samples = await scrape(server)
+    names = {name for name, _ in samples}
+    for expected in ("wirehub_sessions", "wirehub_sessions_opened_total", "wirehub_messages_in_total",
+                     "wirehub_messages_out_total", "wirehub_deliveries_total", "wirehub_slow_consumer_closes_total",
+                     "wirehub_bus_up", "wirehub_bus_reconnects_total", "wirehub_publish_to_delivery_seconds_bucket",
+                     "wirehub_draining", "wirehub_drain_sessions_remaining", "wirehub_build_info"):
+        assert expected in names, expected
+    assert value(samples, "wirehub_sessions", endpoint="/ws/echo") == 0  # exported before the first session
+    assert value(samples, "wirehub_bus_up") == 1
+    assert value(samples, "wirehub_draining") == 0
+
+
+async def test_counters_move_with_traffic(wirehub_server: Callable[..., Any]) -> None:
+    server: LiveServer = await wirehub_server({"endpoints": ECHO})
+    before = await scrape(server)
+    client = await server.ws("/ws/echo")
+    for i in range(3):
+        await client.send({"n": i})
+        assert await client.recv() == {"echo": {"n": i}}
+    await client.send("not json")
+    assert (await client.recv())["code"] == "bad_json"
+    during = await scrape(server)
+    assert value(during, "wirehub_sessions", endpoint="/ws/echo") == 1
+    assert value(during, "wirehub_sessions_opened_total", endpoint="/ws/echo") == 1
+    assert value(during, "wirehub_messages_in_total", endpoint="/ws/echo") == 4
+    assert value(during, "wirehub_messages_out_total") - value(before, "wirehub_messages_out_total") == 4
+    assert value(during, "wirehub_errors_total", code="bad_json") == 1
+
+    # A bus message fanned out to a member: delivery, bus message and latency are counted.
+    (session,) = list(server.app.sessions)
+    room = unique_room()
+    await server.app.hub.join(room, session)
+    assert value(await scrape(server), "wirehub_rooms") == 1
+    await server.app.hub.publish(room, json.dumps({"op": "message", "room": room}).encode())
+    assert (await client.recv())["room"] == room
+    after_publish = await scrape(server)
+    assert value(after_publish, "wirehub_deliveries_total") == 1
+    assert value(after_publish, "wirehub_bus_messages_total") == 1
+    assert value(after_publish, "wirehub_publish_to_delivery_seconds_count") == 1
+    assert value(after_publish, "wirehub_publish_to_delivery_seconds_bucket", le="+Inf") == 1
+
+    # A refused upgrade is an auth failure by reason.
+    response = await server.http("/ws/echo", headers={"Upgrade": "websocket", "Connection": "Upgrade",
+                                                      "Sec-WebSocket-Version": "13",
+                                                      "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+                                                      "Origin": "https://evil.example"})
+    assert response.code == 403
+
+    client.close(1000)
+    for _ in range(100):
+        closed = await scrape(server)
+        if value(closed, "wirehub_sessions", endpoint="/ws/echo") == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert value(closed, "wirehub_sessions", endpoint="/ws/echo") == 0
+    assert value(closed, "wirehub_sessions_closed_total", endpoint="/ws/echo", code="1000") == 1
+    assert value(closed, "wirehub_auth_failures_total", reason="origin") == 1
+    assert value(closed, "wirehub_rooms") == 0
+
+
+async def test_drain_progress_is_exported(wirehub_server: Callable[..., Any]) -> None:
+    server: LiveServer = await wirehub_server({"endpoints": ECHO, "drain": {"grace": 5, "batch_size": 2,
+                                                                           "batch_interval": 0.01}})
+    clients = [await server.ws("/ws/echo") for _ in range(5)]
+    app = server.app
+    drain = asyncio.ensure_future(app.drain())
+    await asyncio.sleep(0)
+    assert app.draining and value(parse(app.metrics.render().decode()), "wirehub_draining") == 1
+    for client in clients:
+        code, reason = await client.wait_closed()
+        assert code == 1001 and reason is not None and re.fullmatch(r"server going away; retry_ms=\d+", reason)
+    await drain
+    samples = parse(app.metrics.render().decode())
+    assert value(samples, "wirehub_draining") == 1
+    assert value(samples, "wirehub_drain_sessions_remaining") == 0
+    assert value(samples, "wirehub_sessions_closed_total", endpoint="/ws/echo", code="1001") == 5
+
+
+class _StuckTransport:
+    """A client that stopped reading: everything stays queued."""
+
+    def __init__(self) -> None:
+        self.queued = 0
+        self.closed_with: tuple[int, str] | None = None
+
+    def send_frame(self, frame: OutFrame) -> None:
+        self.queued += len(frame.payload)
+
+    def buffered(self) -> int:
+        return self.queued
+
+    def close(self, code: int, reason: str) -> None:
+        self.closed_with = (code, reason)
+
+    @property
+    def closed(self) -> bool:
+        return self.closed_with is not None
+
+
+def test_slow_consumer_closes_and_drops_are_counted() -> None:
+    metrics = Metrics(["/ws/chat"])
+    transport = _StuckTransport()
+    session = Session(transport, Identity(user="u"), endpoint="/ws/chat", node="n", max_queue_bytes=1024,
+                      metrics=metrics)
+    frame = OutFrame(b"x" * 400)
+    assert session.send_frame(frame) and session.send_frame(frame)
+    assert session.send_frame(frame) is False
+    assert transport.closed_with is not None and transport.closed_with[0] == 4008
+    samples = parse(metrics.render().decode())
+    assert value(samples, "wirehub_slow_consumer_closes_total") == 1
+    assert value(samples, "wirehub_dropped_total", reason="slow_consumer") == 1
+    assert value(samples, "wirehub_messages_out_total") == 2
+    assert value(samples, "wirehub_sessions", endpoint="/ws/chat") == 0
+
+
+def test_every_metric_is_documented() -> None:
+    docs = (ROOT / "docs" / "operations.md").read_text()
+    for family in Metrics().registry.collect():
+        name = family.name + ("_total" if family.type == "counter" else "_info" if family.type == "info" else "")
+        assert f"`{name}" in docs, f"{name} is missing from docs/operations.md"
