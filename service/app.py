@@ -37,7 +37,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("wirehub")
 access_log = logging.getLogger("wirehub.access")
 
-CORE_PATHS = ("/healthz", "/readyz", "/metrics", "/api/")
+#: paths the core serves: a plugin route starting with one of them, or equal to "/", is refused
+CORE_PATHS = ("/healthz", "/readyz", "/metrics", "/api/", "/sse", "/static/")
 
 
 class ConnectionLimits:
@@ -124,7 +125,7 @@ class Wirehub:
             routes.append((tornado.routing.PathMatches(_literal(ep.path)), WirehubSocket, kwargs))
         taken = {ep.path for ep in self.config.endpoints}
         for plugin, (pattern, handler_cls, kwargs) in self.hooks.routes(self):
-            if pattern in taken or any(pattern.startswith(p) for p in CORE_PATHS):
+            if pattern in taken or pattern in ("/", "/()") or any(pattern.startswith(p) for p in CORE_PATHS):
                 raise PluginError(f"plugin {plugin!r}: route {pattern!r} collides with a core route or endpoint")
             taken.add(pattern)
             routes.append((pattern, handler_cls, kwargs))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import TYPE_CHECKING, Any
 
 import tornado.web
@@ -80,8 +81,21 @@ class PluginsHandler(JsonHandler):
         ]})
 
 
+#: the demo page and the JS client (service/static/, shipped as package data)
+STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+
+
+class StaticHandler(tornado.web.StaticFileHandler):
+    """``/static/*`` and the demo page at ``/``; revalidated on every load (the client is small)."""
+
+    def set_extra_headers(self, path: str) -> None:
+        self.set_header("Cache-Control", "no-cache")
+        self.set_header("X-Content-Type-Options", "nosniff")
+
+
 def core_routes(app: Wirehub) -> list[Any]:
     from service.publish import PublishHandler  # it subclasses JsonHandler from here
+    from service.sse import SseHandler
 
     kwargs = {"app": app}
     routes: list[Any] = [
@@ -89,6 +103,9 @@ def core_routes(app: Wirehub) -> list[Any]:
         (r"/readyz", ReadyHandler, kwargs),
         (r"/api/plugins", PluginsHandler, kwargs),
         (r"/api/publish", PublishHandler, kwargs),
+        (r"/sse", SseHandler, kwargs),
+        (r"/()", StaticHandler, {"path": STATIC_DIR, "default_filename": "index.html"}),
+        (r"/static/(.*)", StaticHandler, {"path": STATIC_DIR}),
     ]
     if app.config.metrics.enabled:
         routes.append((r"/metrics", MetricsHandler, kwargs))

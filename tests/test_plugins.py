@@ -118,3 +118,14 @@ def test_blocking_an_entry_point_by_name(installed_example: Path, tmp_path: Path
     result = run_cli("check-config", str(config), env=_env_with(installed_example))
     assert result.returncode == 2
     assert "endpoints[0].handler: 'upper' is not a registered handler" in result.stderr
+
+
+def test_a_plugin_route_may_not_shadow_a_core_path() -> None:
+    from service.app import Wirehub
+    from service.config import config_from_dict
+    from service.plugins import PluginError
+
+    config = config_from_dict({"plugins": {"load": ["tests.plugins_for_tests.route_collision"]},
+                               "endpoints": [{"path": "/ws/echo", "handler": "echo"}]})
+    with pytest.raises(PluginError, match=r"route '/static/evil.js' collides with a core route"):
+        Wirehub.build(config)

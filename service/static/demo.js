@@ -1,0 +1,241 @@
+// The demo page: a chat (rooms, presence, history) and a shared board, on /static/wirehub.js.
+// URL parameters: ?room=lobby (first room) &game=board (board room) &token=... (JWT setups).
+import { WirehubClient } from "/static/wirehub.js";
+
+const params = new URLSearchParams(location.search);
+const token = params.get("token") || undefined;
+const firstRoom = params.get("room") || "lobby";
+const gameRoom = params.get("game") || "board";
+const SIZE = 8;
+
+const $ = (/** @type {string} */ sel) => /** @type {HTMLElement} */ (document.querySelector(sel));
+const el = (/** @type {string} */ tag, /** @type {string} */ cls = "", /** @type {string} */ text = "") => {
+  const e = document.createElement(tag);
+  if (cls) e.className = cls;
+  if (text) e.textContent = text;
+  return e;
+};
+
+/** a stable colour per user */
+function colour(/** @type {string} */ user) {
+  let h = 0;
+  for (const c of user) h = (h * 31 + c.charCodeAt(0)) >>> 0;
+  return `hsl(${h % 360} 70% 55%)`;
+}
+
+// -- chat -------------------------------------------------------------------------------------------------
+
+const chat = new WirehubClient("/ws/chat", { token });
+window.wirehubChat = chat; // for the console and the browser tests
+
+/** @type {Map<string, {items: any[], keys: Set<string>, epochs: string[], unread: number, presence: any[]}>} */
+const rooms = new Map();
+let current = firstRoom;
+
+function roomState(/** @type {string} */ room) {
+  let st = rooms.get(room);
+  if (!st) rooms.set(room, (st = { items: [], keys: new Set(), epochs: [], unread: 0, presence: [] }));
+  return st;
+}
+
+/** Add a message once (by epoch:offset), in (epoch seen order, offset) order. */
+function addMessage(/** @type {string} */ room, /** @type {any} */ msg, /** @type {string} */ epoch) {
+  const st = roomState(room);
+  const key = `${epoch}:${msg.offset}`;
+  if (st.keys.has(key)) return;
+  st.keys.add(key);
+  if (!st.epochs.includes(epoch)) st.epochs.push(epoch);
+  const item = { ...msg, epochIndex: st.epochs.indexOf(epoch) };
+  let i = st.items.length;
+  while (i > 0 && (st.items[i - 1].epochIndex > item.epochIndex ||
+      (st.items[i - 1].epochIndex === item.epochIndex && st.items[i - 1].offset > item.offset))) i--;
+  st.items.splice(i, 0, item);
+  if (room !== current) st.unread += 1;
+  render();
+}
+
+function notice(/** @type {string} */ room, /** @type {string} */ text) {
+  const st = roomState(room);
+  const last = st.items[st.items.length - 1];
+  st.items.push({ notice: text, epochIndex: last ? last.epochIndex : 0, offset: last ? last.offset : 0 });
+  render();
+}
+
+async function loadHistory(/** @type {string} */ room) {
+  const sub = chat.rooms.get(room);
+  if (!sub) return;
+  const page = await chat.history(room, { limit: 50 });
+  for (const m of page.messages) addMessage(room, m, page.epoch);
+}
+
+async function joinRoom(/** @type {string} */ room) {
+  if (chat.rooms.has(room)) return selectRoom(room);
+  roomState(room);
+  selectRoom(room);
+  try {
+    await chat.join(room, (msg) => addMessage(room, msg, /** @type {string} */ (chat.rooms.get(room)?.epoch)), {
+      onJoined: (info) => {
+        roomState(room).presence = info.presence;
+        if (!info.rejoin) return;
+        if (info.recovered) notice(room, "reconnected: missed messages recovered");
+        else {
+          notice(room, "reconnected: history reloaded");
+          loadHistory(room).catch(console.error);
+        }
+      },
+      onPresence: () => refreshPresence(room),
+      onGap: () => loadHistory(room).catch(console.error),
+    });
+    await loadHistory(room);
+  } catch (err) {
+    notice(room, `could not join: ${/** @type {any} */ (err).message}`);
+  }
+  render();
+}
+
+async function refreshPresence(/** @type {string} */ room) {
+  try {
+    roomState(room).presence = await chat.presence(room);
+    render();
+  } catch (err) { console.warn(err); }
+}
+
+function selectRoom(/** @type {string} */ room) {
+  current = room;
+  roomState(room).unread = 0;
+  render();
+}
+
+let renderQueued = false;
+function render() {
+  if (renderQueued) return;
+  renderQueued = true;
+  requestAnimationFrame(() => { renderQueued = false; draw(); });
+}
+
+function draw() {
+  const me = chat.welcome ? chat.welcome.user : "";
+  $("#me").textContent = me ? `you are ${me}` : "";
+  const roomsEl = $("#rooms");
+  roomsEl.replaceChildren(...[...rooms.keys()].map((room) => {
+    const li = el("li", room === current ? "active" : "", `#${room}`);
+    li.dataset.room = room;
+    const unread = rooms.get(room)?.unread || 0;
+    if (unread) li.append(el("span", "unread", String(unread)));
+    li.onclick = () => selectRoom(room);
+    return li;
+  }));
+  $("#room-title").textContent = `#${current}`;
+  const st = roomState(current);
+  const list = $("#messages");
+  const atBottom = list.scrollTop + list.clientHeight >= list.scrollHeight - 20;
+  list.replaceChildren(...st.items.map((m) => {
+    if (m.notice) return el("li", "notice", m.notice);
+    const li = el("li", m.from === me ? "mine" : "");
+    li.dataset.offset = String(m.offset);
+    const from = el("span", "from", m.from);
+    from.style.color = colour(m.from);
+    const text = typeof m.data === "object" && m.data !== null && "text" in m.data ? String(m.data.text) : JSON.stringify(m.data);
+    li.append(from, el("span", "text", text), el("span", "time", new Date(m.ts * 1000).toLocaleTimeString()));
+    return li;
+  }));
+  if (atBottom) list.scrollTop = list.scrollHeight;
+  $("#presence").replaceChildren(...st.presence.map((p) => {
+    const li = el("li");
+    const dot = el("span", "dot");
+    dot.style.background = colour(p.user);
+    li.append(dot, document.createTextNode(p.name || p.user), el("small", "", p.connections > 1 ? ` ×${p.connections}` : ""));
+    li.dataset.user = p.user;
+    return li;
+  }));
+}
+
+chat.on("status", (s) => { $("#status").textContent = s; $("#status").dataset.status = s; });
+chat.on("welcome", () => render());
+chat.on("error", (err) => console.warn("wirehub:", err));
+
+$("#send-form").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  const input = /** @type {HTMLInputElement} */ ($("#message-input"));
+  const text = input.value.trim();
+  if (!text) return;
+  input.value = "";
+  const room = current;
+  try {
+    const { offset } = await chat.publish(room, { text });
+    const sub = chat.rooms.get(room);
+    addMessage(room, { op: "message", room, from: chat.welcome.user, data: { text }, offset, ts: Date.now() / 1000 },
+      /** @type {string} */ (sub?.epoch));
+  } catch (err) {
+    notice(room, `not sent (${/** @type {any} */ (err).code}): ${text}`);
+  }
+});
+
+$("#join-form").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  const input = /** @type {HTMLInputElement} */ ($("#join-input"));
+  const room = input.value.trim();
+  input.value = "";
+  if (room) joinRoom(room);
+});
+
+// -- the shared board --------------------------------------------------------------------------------------
+
+const game = new WirehubClient("/ws/game", { token });
+window.wirehubGame = game;
+/** @type {import("./wirehub.js").GameRoom | null} */
+let board = null;
+
+const boardEl = $("#board");
+for (let y = 0; y < SIZE; y++) {
+  for (let x = 0; x < SIZE; x++) {
+    const cell = el("div", "cell");
+    cell.dataset.key = `${x}-${y}`;
+    cell.onclick = () => paint(`${x}-${y}`);
+    boardEl.append(cell);
+  }
+}
+$("#game-room").textContent = `#${gameRoom}`;
+
+function drawBoard() {
+  // the board's state is {"<x>-<y>": "<user>"}: one member per painted cell
+  const cells = (board && board.state && typeof board.state === "object" && board.state) || {};
+  for (const cell of /** @type {NodeListOf<HTMLElement>} */ (boardEl.querySelectorAll(".cell"))) {
+    const owner = cells[/** @type {string} */ (cell.dataset.key)];
+    cell.style.background = owner ? colour(owner) : "";
+    cell.dataset.owner = owner || "";
+    cell.title = owner || "";
+  }
+  $("#game-version").textContent = String(board ? board.version : 0);
+  if (game.welcome) $("#my-colour").style.background = colour(game.welcome.user);
+}
+
+async function paint(/** @type {string} */ key) {
+  if (!board || !game.welcome) return;
+  const me = game.welcome.user;
+  const cells = board.state || {};
+  const patch = cells[key] === me
+    ? [{ op: "test", path: `/${key}`, value: me }, { op: "remove", path: `/${key}` }]
+    : [{ op: "add", path: `/${key}`, value: me }];
+  try {
+    await board.update(patch);
+  } catch (err) {
+    console.warn("board update refused", err);
+    board.sync();
+  }
+}
+
+$("#clear-board").addEventListener("click", async () => {
+  if (!board || !game.welcome || !board.state) return;
+  const me = game.welcome.user;
+  const mine = Object.keys(board.state).filter((k) => board?.state[k] === me);
+  if (mine.length) await board.update(mine.map((k) => ({ op: "remove", path: `/${k}` }))).catch(() => board?.sync());
+});
+
+game.on("status", (s) => { $("#game-status").textContent = s; });
+
+// -- start ------------------------------------------------------------------------------------------------
+
+joinRoom(firstRoom);
+game.joinGame(gameRoom, () => drawBoard()).then((room) => { board = room; boardEl.dataset.ready = "1"; drawBoard(); })
+  .catch((err) => { $("#game-status").textContent = `could not join: ${err.message}`; });

@@ -1,0 +1,161 @@
+"""Runs the JS client's tests (tests/js/*.test.mjs, Node's built-in runner) against real servers.
+
+This test starts two real wirehub servers in this process (anonymous auth, and JWT auth) plus a
+small control endpoint the JS tests use to make the server do what it does in production: close a
+session with a close code and reconnect hint (as a drain, a slow consumer, an expired token or a
+policy would), restart (drain, then a fresh server on the same port), or hang for a moment (its
+event loop blocked, as a stuck process). Nothing about the
+protocol is mocked: the client talks to wirehub.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tornado.web
+from tornado.httpserver import HTTPServer
+from tornado.netutil import bind_sockets
+
+from service.app import Wirehub
+from service.config import config_from_dict
+from service.protocol import close_reason
+from service.testing import config_for_tests, free_port
+
+JS_DIR = Path(__file__).parent / "js"
+SECRET = "j" * 40
+INSTALL = "apt-get install -y nodejs  (Node 20+; .ci/run installs it)"
+
+
+class Servers:
+    """The anonymous and JWT servers, restartable on their ports."""
+
+    def __init__(self) -> None:
+        self.ports = {"anon": free_port(), "jwt": free_port()}
+        self.apps: dict[str, Wirehub] = {}
+
+    def config(self, kind: str) -> Any:
+        overrides: dict[str, Any] = {"server": {"port": self.ports[kind]},
+                                     "drain": {"grace": 2, "reconnect_jitter": 0.2}}
+        if kind == "jwt":
+            overrides["auth"] = {"plugin": "jwt", "jwt": {"algorithms": ["HS256"], "secret": SECRET,
+                                                          "leeway": 0, "expiry_grace": 0}}
+        return config_from_dict(config_for_tests(overrides), source=f"<js-{kind}>")
+
+    async def start(self, kind: str) -> None:
+        app = Wirehub.build(self.config(kind))
+        await app.start(bind_sockets(self.ports[kind], "127.0.0.1"))
+        self.apps[kind] = app
+
+    async def stop(self) -> None:
+        for app in self.apps.values():
+            await app.stop()
+
+
+class ControlHandler(tornado.web.RequestHandler):
+    def initialize(self, servers: Servers) -> None:
+        self.servers = servers
+
+    async def post(self, action: str) -> None:
+        body = json.loads(self.request.body or b"{}")
+        kind = body.get("server", "anon")
+        app = self.servers.apps[kind]
+        if action == "close":
+            closed = 0
+            for session in list(app.sessions):
+                if session.identity.user == body["user"]:
+                    retry = body.get("retry_ms")
+                    session.close(int(body["code"]), close_reason(int(body["code"]), retry))
+                    closed += 1
+            self.finish({"closed": closed})
+        elif action == "freeze":
+            # The whole server stops answering for a moment (a hung process): its event loop is blocked.
+            self.finish({"frozen": _hang(float(body.get("seconds", 1.0)))})
+        elif action == "restart":
+            await app.drain()
+            await self.servers.start(kind)
+            self.finish({"restarted": kind})
+        else:
+            self.set_status(404)
+            self.finish({"error": action})
+
+
+def _hang(seconds: float) -> float:
+    seconds = min(seconds, 3.0)
+    time.sleep(seconds)
+    return seconds
+
+
+@pytest.fixture
+async def servers() -> AsyncIterator[tuple[Servers, int]]:
+    servers = Servers()
+    await servers.start("anon")
+    await servers.start("jwt")
+    control = HTTPServer(tornado.web.Application([(r"/(\w+)", ControlHandler, {"servers": servers})]))
+    sockets = bind_sockets(0, "127.0.0.1")
+    control.add_sockets(sockets)
+    try:
+        yield servers, sockets[0].getsockname()[1]
+    finally:
+        control.stop()
+        await servers.stop()
+
+
+def node_binary() -> str | None:
+    return shutil.which("node")
+
+
+async def test_js_client(servers: tuple[Servers, int]) -> None:
+    node = node_binary()
+    if node is None:
+        pytest.skip(f"node is not installed: {INSTALL}")
+    srv, control_port = servers
+    files = sorted(str(p) for p in JS_DIR.glob("*.test.mjs"))
+    assert files, "no JS tests found"
+    env = {
+        **os.environ,
+        "WIREHUB_URL": f"http://127.0.0.1:{srv.ports['anon']}",
+        "WIREHUB_JWT_URL": f"http://127.0.0.1:{srv.ports['jwt']}",
+        "WIREHUB_JWT_SECRET": SECRET,
+        "WIREHUB_CONTROL": f"http://127.0.0.1:{control_port}",
+        "NODE_NO_WARNINGS": "1",
+    }
+    proc = await asyncio.create_subprocess_exec(
+        node, "--experimental-websocket", "--test", "--test-concurrency=1", "--test-reporter=spec", *files,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env)
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), 100)
+    except TimeoutError:
+        proc.kill()
+        out, _ = await proc.communicate()
+        pytest.fail("node --test did not finish in 100 s:\n" + out.decode(errors="replace"))
+    text = out.decode(errors="replace")
+    sys.stdout.write(text)
+    assert proc.returncode == 0, text
+    assert re.search(r"^\S* ?fail 0$", text, re.MULTILINE), text  # the spec reporter's summary line
+
+
+async def test_the_client_and_the_demo_page_are_served(wirehub_server: Any) -> None:
+    server = await wirehub_server()
+    js = await server.http("/static/wirehub.js")
+    assert js.code == 200
+    assert js.headers["Content-Type"].startswith(("application/javascript", "text/javascript"))
+    assert js.body == (Path(__file__).parent.parent / "service" / "static" / "wirehub.js").read_bytes()
+    page = await server.http("/")
+    assert page.code == 200 and page.headers["Content-Type"].startswith("text/html")
+    assert b'<script type="module" src="/static/demo.js">' in page.body
+    for asset in ("/static/demo.js", "/static/demo.css"):
+        assert (await server.http(asset)).code == 200
+    missing = await server.http("/static/nope.js")
+    assert missing.code == 404
+    traversal = await server.http("/static/../app.py")
+    assert traversal.code in (403, 404)
