@@ -97,6 +97,8 @@ class BrokerProcess:
     def __init__(self, *, port: int | None = None, directory: str | Path | None = None,
                  binary: str | None = None, startup_timeout: float = 15.0) -> None:
         self.binary = binary or find_binary(self.binary_name)
+        self._fixed_port = port is not None
+        self._started_once = False
         self.port = port or _free_port()
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         if directory is None:
@@ -131,7 +133,26 @@ class BrokerProcess:
         return self.proc is not None and self.proc.poll() is None
 
     def start(self) -> None:
-        """Start the broker and wait until it serves (raises BrokerError)."""
+        """Start the broker and wait until it serves (raises BrokerError).
+
+        A broker that was given no port retries its first start on new free ports when the one
+        it picked was taken in between."""
+        for attempt in range(3):
+            try:
+                self._start()
+                self._started_once = True
+                return
+            except BrokerError:
+                if self._fixed_port or self._started_once or attempt == 2 \
+                        or "in use" not in self.output():
+                    raise
+                self.port = _free_port()
+                self._reset_ports()
+
+    def _reset_ports(self) -> None:
+        """Pick new auxiliary ports before a retried start (subclasses with more ports)."""
+
+    def _start(self) -> None:
         if self.running:
             return
         log_path = self.directory / f"{self.binary_name}.out"
@@ -263,7 +284,16 @@ class NatsServer(BrokerProcess):
     def __init__(self, *, token: str | None = None, **kwargs: object) -> None:
         self.token = token
         super().__init__(**kwargs)  # type: ignore[arg-type]
-        self.monitor_port = _free_port()
+        self.monitor_port = self._other_port()
+
+    def _reset_ports(self) -> None:
+        self.monitor_port = self._other_port()
+
+    def _other_port(self) -> int:
+        while True:
+            port = _free_port()
+            if port != self.port:
+                return port
 
     def command(self) -> list[str]:
         cmd = [self.binary, "-js", "-a", "127.0.0.1", "-p", str(self.port), "-m", str(self.monitor_port),
@@ -286,5 +316,5 @@ class NatsServer(BrokerProcess):
 
     def restart(self) -> None:
         self.stop()
-        self.monitor_port = _free_port()
+        self.monitor_port = self._other_port()
         self.start()

@@ -91,7 +91,10 @@ class Hub:
                 if not r.subscribed:
                     await self.bus.subscribe(room)
                     r.subscribed = True
-                    r.epoch = (await self.backend.history.position(room))[1]
+                    top, r.epoch = await self.backend.history.position(room)
+                    if r.last_offset is None:
+                        # a repair after an outage starts here even if nothing was delivered yet
+                        r.last_offset = top
         except BaseException:
             await self.leave(room, session)
             raise
@@ -181,13 +184,17 @@ class Hub:
         replayed: int | None = None
         try:
             page = await self.backend.history.read(r.name, r.last_offset, 10_000)
-            if page.complete and (r.epoch is None or page.epoch == r.epoch):
+            # pages of 10,000 until the top of the read: a partial replay would be a silent gap
+            while page.complete and (r.epoch is None or page.epoch == r.epoch) and page.messages:
                 for offset, payload in page.messages:
                     self._fan_out(r, payload, offset)
                     replayed = offset
-            else:
+                if page.messages[-1][0] >= page.top:
+                    break
+                page = await self.backend.history.read(r.name, page.messages[-1][0], 10_000)
+            if not (page.complete and (r.epoch is None or page.epoch == r.epoch)):
                 log.warning("room %s: history does not cover the outage; members are told", r.name)
-                r.last_offset, r.epoch = None, page.epoch
+                r.last_offset, r.epoch = page.top, page.epoch  # the next repair starts from here
                 gap = OutFrame(dumps({"op": "gap", "room": r.name, "epoch": page.epoch}).encode())
                 for s in list(r.members.values()):
                     s.deliver(r.name, gap, None)

@@ -1,1 +1,725 @@
-"""(being written: registers nothing yet)"""
+"""The NATS backend: bus and history on one JetStream stream, presence and state in JetStream KV.
+
+``bus: {plugin: nats, nats: {servers: [nats://...], subject_prefix: wirehub, ...}}``; needs
+``pip install 'wirehub[nats]'`` (nats-py, imported only when the backend is built).
+
+Layout (``<p>`` = ``subject_prefix``, ``<r>`` = the room name in base64url, so any room name is
+one valid subject token): the stream ``<P>_rooms`` captures ``<p>.r.*.*``; a room's history
+messages go to ``<p>.r.<r>.h`` and its messages without history to ``<p>.r.<r>.e``. Both are
+stored (``max_msgs_per_subject = history_size``, ``max_age = history_ttl``), so both get a place in
+the stream's single sequence.
+
+One order per room: each replica reads a room through an *ordered push consumer* on
+``<p>.r.<r>.*`` (``DeliverPolicy.NEW``, created by ``subscribe`` before it returns). JetStream
+delivers a consumer's messages in stream-sequence order and the ordered consumer detects any gap
+and restarts from the last sequence it saw, so every replica gets the room in stream order, without
+loss or duplicate while connected. Core NATS subscriptions are not used for rooms (their order
+relative to the stream is not defined).
+
+Offsets: a per-room counter carried in the ``Wh-Off`` header. A history publish sends the next
+offset with ``Nats-Expected-Last-Subject-Sequence`` set to the stream sequence of the room's last
+history message; JetStream refuses it if another replica got there first, and the publisher
+re-reads the room's last message and tries again. So offsets are consecutive in stream order.
+When a room has no retained message (new, or everything expired), its next offset starts a new
+*run* at ``last stream sequence + 1`` (larger than every earlier offset of the room, since an
+offset never exceeds its message's stream sequence) and is marked ``Wh-Start``; a reader that
+was at 0 (joined an empty room) recovers from a run start, anyone else gets ``complete=False``.
+
+Epoch: derived from the stream's creation time; it changes when the stream is deleted and
+created again (a broker that lost its store, an operator's reset). A restart that keeps the
+JetStream store keeps the epoch and the history.
+
+Presence: KV bucket ``<P>_presence`` (``max_age = presence_ttl``), one key
+``<r>.<user>.<session>`` per connection, re-put by its replica every ``presence_ttl / 3``; a
+replica that died stops re-putting and its keys expire. State: KV bucket ``<P>_state``, one key
+per room holding ``{"v": version, "d": document}``; compare-and-set is ``create`` (version 0) or
+``update(last=revision)``, which JetStream applies only if nobody wrote in between.
+
+Failures: nats-py's own reconnect (and the publish buffer it fills while reconnecting) is
+disabled; :mod:`plugins.bus._broker` supervises the connection: a PING/PONG flush every
+``heartbeat_interval`` that must answer within ``heartbeat_timeout``, capped backoff, resubscribe.
+``publish`` is a JetStream publish that waits for the stream's acknowledgement: it returns only
+when the message is stored, and raises BusUnavailable when the bus is down or no ack came
+within ``op_timeout`` (a timed-out publish may still have been stored: the publisher got
+``error unavailable`` but the message is in history and delivered, once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import hashlib
+import json
+import logging
+import re
+import ssl
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from plugins.bus._broker import Supervised, encode_room, safe_close
+from service.bus import Backend, BusUnavailable, HistoryPage, PresenceEntry, StateConflict
+from service.config import ConfigError, opt, parse_block
+from service.hookspecs import hookimpl
+from service.plugins import BusFactory
+
+log = logging.getLogger("wirehub.bus.nats")
+
+INSTALL_HINT = "pip install 'wirehub[nats]'"
+HDR_OFFSET = "Wh-Off"
+HDR_START = "Wh-Start"
+EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
+WRONG_LAST_SEQUENCE = (10071, 10164)
+_SUBJECT_PREFIX = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
+
+
+@dataclass(frozen=True)
+class NatsOptions:
+    #: nats:// or tls:// URLs of the cluster's servers
+    servers: tuple[str, ...] = ("nats://127.0.0.1:4222",)
+    #: one of: token, user + password, credentials (a .creds file with JWT and NKey seed)
+    token: str | None = None
+    user: str | None = None
+    password: str | None = None
+    credentials: str | None = None
+    #: TLS: a CA bundle (implies TLS), and a client certificate + key for mutual TLS
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    #: subjects start with "<subject_prefix>."; stream and buckets are named after it
+    subject_prefix: str = "wirehub"
+    #: JetStream storage and replicas of the stream and buckets (replicas > 1 needs a cluster)
+    storage: str = opt("file", choices=("file", "memory"))
+    replicas: int = opt(1, min=1, max=5)
+    history_size: int = opt(1000, min=0)
+    history_ttl: float = opt(3600.0, min=1)
+    presence_ttl: float = opt(15.0, min=0.5)
+    heartbeat_interval: float = opt(2.0, min=0.05)
+    heartbeat_timeout: float = opt(6.0, min=0.05)
+    op_timeout: float = opt(5.0, min=0.05)
+    connect_timeout: float = opt(5.0, min=0.05)
+    max_backoff: float = opt(5.0, min=0.1)
+
+
+def _import_nats(key: str) -> Any:
+    try:
+        import nats
+        import nats.js.api
+        import nats.js.errors
+    except ImportError as exc:  # pragma: no cover - exercised without the extra
+        raise ConfigError(key, f"the nats bus needs nats-py: {INSTALL_HINT} ({exc})") from None
+    return nats
+
+
+def _name(prefix: str, what: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", prefix) + "_" + what
+
+
+class _Wrong(Exception):
+    """Nats-Expected-Last-Subject-Sequence did not match: another writer was first."""
+
+
+class NatsBus(Supervised):
+    """The bus; also holds the connection that history, presence and state use."""
+
+    log = log
+
+    def __init__(self, opts: NatsOptions, key: str) -> None:
+        super().__init__(heartbeat_interval=opts.heartbeat_interval, heartbeat_timeout=opts.heartbeat_timeout,
+                         max_backoff=opts.max_backoff, op_timeout=opts.op_timeout,
+                         connect_timeout=opts.connect_timeout, refresh_interval=opts.presence_ttl / 3)
+        self.opts = opts
+        self.nats = _import_nats(key)
+        nerr = self.nats.errors
+        jerr = self.nats.js.errors
+        self.errors: tuple[type[BaseException], ...] = (
+            nerr.ConnectionClosedError, nerr.StaleConnectionError, nerr.OutboundBufferLimitError,
+            nerr.ConnectionReconnectingError, nerr.ConnectionDrainingError, nerr.NoServersError, OSError,
+        )
+        self.soft: tuple[type[BaseException], ...] = (nerr.Error, jerr.Error)
+        self.prefix = opts.subject_prefix
+        self.stream = _name(opts.subject_prefix, "rooms")
+        self.epoch = ""
+        self.nc: Any = None
+        self.js: Any = None
+        self.presence_kv: Any = None
+        self.state_kv: Any = None
+        self.presence: NatsPresence | None = None
+        #: room -> the token of its live consumer (messages of an older consumer are dropped)
+        self._tokens: dict[str, object] = {}
+        self._subs: dict[str, Any] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        #: room -> (stream seq, offset) of its newest history message, as far as this replica knows
+        self._last: collections.OrderedDict[str, tuple[int, int]] = collections.OrderedDict()
+
+    def subject(self, room: str, kind: str = "h") -> str:
+        return f"{self.prefix}.r.{encode_room(room)}.{kind}"
+
+    # -- connection ----------------------------------------------------------------------------------
+
+    def _tls(self) -> ssl.SSLContext | None:
+        o = self.opts
+        if not (o.tls_ca_file or o.tls_cert_file or any(s.startswith("tls://") for s in o.servers)):
+            return None
+        ctx = ssl.create_default_context(cafile=o.tls_ca_file)
+        if o.tls_cert_file:
+            ctx.load_cert_chain(o.tls_cert_file, o.tls_key_file)
+        return ctx
+
+    async def _open(self) -> None:
+        o, api = self.opts, self.nats.js.api
+        conn: dict[str, Any] = {}
+
+        async def on_error(exc: Exception) -> None:
+            log.debug("nats: %s", exc)
+
+        async def on_lost() -> None:
+            if self.nc is not None and conn.get("nc") is self.nc:
+                self._fail("disconnected from NATS")
+
+        kwargs: dict[str, Any] = {
+            "servers": list(o.servers),
+            "allow_reconnect": False,  # we reconnect (and resubscribe) ourselves; nothing is buffered meanwhile
+            "connect_timeout": o.connect_timeout,
+            "max_reconnect_attempts": 1,  # the first connect tries each server once (0 would retry forever)
+            "reconnect_time_wait": 0.05,
+            "error_cb": on_error,
+            "disconnected_cb": on_lost,
+            "closed_cb": on_lost,
+            "name": "wirehub",
+            "ping_interval": 600,  # the watchdog pings; nats-py's own ping would notice in minutes
+        }
+        if o.token:
+            kwargs["token"] = o.token
+        if o.user:
+            kwargs["user"], kwargs["password"] = o.user, o.password
+        if o.credentials:
+            kwargs["user_credentials"] = o.credentials
+        tls = self._tls()
+        if tls is not None:
+            kwargs["tls"] = tls
+        nc = self.nats.NATS()
+        conn["nc"] = self.nc = nc  # so that _teardown closes it even when connect fails half-way
+        await nc.connect(**kwargs)
+        js = self.js = nc.jetstream(timeout=o.op_timeout)
+        storage = api.StorageType.MEMORY if o.storage == "memory" else api.StorageType.FILE
+        config = api.StreamConfig(
+            name=self.stream, subjects=[f"{self.prefix}.r.*.*"], max_msgs_per_subject=max(1, o.history_size),
+            max_age=o.history_ttl, storage=storage, num_replicas=o.replicas, discard=api.DiscardPolicy.OLD,
+            allow_direct=True,
+        )
+        try:
+            info = await js.add_stream(config)
+        except self.nats.js.errors.BadRequestError:
+            info = await js.update_stream(config)
+        created = getattr(info, "created", None) or (await js.stream_info(self.stream)).created
+        self.epoch = hashlib.sha1(f"{self.stream}@{created}".encode()).hexdigest()[:12]
+        self._last.clear()
+        self.presence_kv = await self._bucket(_name(self.prefix, "presence"), o.presence_ttl, storage)
+        self.state_kv = await self._bucket(_name(self.prefix, "state"), None, storage)
+        self._tokens, self._subs = {}, {}
+        for room in sorted(self._rooms):
+            await self._consume(room)
+
+    async def _bucket(self, name: str, ttl: float | None, storage: Any) -> Any:
+        js = self.js
+        try:
+            return await js.create_key_value(bucket=name, history=1, ttl=ttl, storage=storage,
+                                             replicas=self.opts.replicas)
+        except self.nats.js.errors.BadRequestError:
+            return await js.key_value(name)  # exists with another config (e.g. a changed TTL)
+
+    async def _consume(self, room: str) -> None:
+        api = self.nats.js.api
+        token = object()
+
+        async def on_msg(msg: Any) -> None:
+            if self._tokens.get(room) is not token:
+                return
+            offset = None
+            if msg.subject.endswith(".h"):
+                hdr = msg.headers or {}
+                offset = int(hdr.get(HDR_OFFSET, 0)) or None
+                if offset is not None:
+                    self._remember(room, msg.metadata.sequence.stream, offset)
+            self._deliver(room, msg.data, offset)
+
+        self._tokens[room] = token
+        self._subs[room] = await self.js.subscribe(
+            f"{self.prefix}.r.{encode_room(room)}.*", stream=self.stream, cb=on_msg, ordered_consumer=True,
+            deliver_policy=api.DeliverPolicy.NEW, pending_msgs_limit=100_000,
+        )
+
+    def _remember(self, room: str, seq: int, offset: int) -> None:
+        cur = self._last.get(room)
+        if cur is None or seq > cur[0]:
+            self._last[room] = (seq, offset)
+            self._last.move_to_end(room)
+            while len(self._last) > 10_000:
+                self._last.popitem(last=False)
+
+    async def _teardown(self) -> None:
+        nc, self.nc = self.nc, None
+        self.js = self.presence_kv = self.state_kv = None
+        self._tokens, self._subs = {}, {}
+        if nc is not None:
+            await safe_close(log, "nats connection")(nc.close())
+
+    async def _roundtrip(self) -> None:
+        nc = self.nc
+        if nc is None:
+            raise ConnectionError("not connected")
+        await nc.flush(timeout=self.heartbeat_timeout)
+
+    async def _refresh(self) -> None:
+        if self.presence is not None:
+            await self.presence.refresh()
+
+    async def call(self, what: str, op: Any) -> Any:
+        return await self._call(what, op, self.errors, soft=self.soft)
+
+    # -- Bus -------------------------------------------------------------------------------------------
+
+    async def last(self, room: str) -> tuple[int, int, bool]:
+        """(stream seq, offset, is run start) of the room's newest history message; (0, 0, False)."""
+        js, stream, subject = self.js, self.stream, self.subject(room)
+        not_found = self.nats.js.errors.NotFoundError
+
+        async def get() -> tuple[int, int, bool]:
+            try:
+                msg = await js.get_last_msg(stream, subject, direct=True)
+            except not_found:
+                return 0, 0, False
+            hdr = msg.headers or {}
+            return int(msg.seq), int(hdr.get(HDR_OFFSET, 0)), HDR_START in hdr
+
+        return await self.call("history", get)  # type: ignore[no-any-return]
+
+    async def publish(self, room: str, payload: bytes, *, history: bool = False) -> int | None:
+        self._check()
+        js, stream = self.js, self.stream
+        if not history:
+            subject = self.subject(room, "e")
+            await self.call("publish", lambda: js.publish(subject, payload, stream=stream))
+            return None
+        lock = self._locks.get(room)
+        if lock is None:
+            lock = self._locks[room] = asyncio.Lock()
+        try:
+            async with lock:
+                return await self._publish_history(room, payload)
+        finally:
+            if not lock.locked() and self._locks.get(room) is lock:
+                del self._locks[room]
+
+    async def _publish_history(self, room: str, payload: bytes) -> int:
+        js, stream, subject = self.js, self.stream, self.subject(room)
+        api_error = self.nats.js.errors.APIError
+
+        async def send(headers: dict[str, str]) -> Any:
+            try:
+                return await js.publish(subject, payload, stream=stream, headers=headers)
+            except api_error as exc:
+                if exc.err_code in WRONG_LAST_SEQUENCE:
+                    raise _Wrong() from None
+                raise
+
+        for attempt in range(100):
+            known = self._last.get(room)
+            if known is None:
+                seq, top, _ = await self.last(room)
+            else:
+                seq, top = known
+            headers = {EXPECTED_LAST_SUBJECT_SEQ: str(seq)}
+            if seq == 0:
+                info = await self.call("publish", lambda: js.stream_info(stream))
+                offset = int(info.state.last_seq) + 1
+                headers[HDR_START] = "1"
+            else:
+                offset = top + 1
+            headers[HDR_OFFSET] = str(offset)
+            try:
+                ack = await self.call("publish", lambda h=headers: send(h))  # type: ignore[misc]
+            except _Wrong:
+                self._last.pop(room, None)
+                await asyncio.sleep(0.001 * min(attempt, 20))
+                continue
+            self._remember(room, int(ack.seq), offset)
+            return offset
+        raise BusUnavailable(f"publish to {room!r}: too many concurrent writers")
+
+    async def subscribe(self, room: str) -> None:
+        self._check()
+        self._rooms.add(room)
+        try:
+            await self.call("subscribe", lambda: self._consume(room))
+        except BaseException:
+            self._rooms.discard(room)
+            self._tokens.pop(room, None)
+            raise
+
+    async def unsubscribe(self, room: str) -> None:
+        if room not in self._rooms:
+            return
+        self._rooms.discard(room)
+        self._tokens.pop(room, None)
+        sub = self._subs.pop(room, None)
+        if sub is not None and self._healthy:
+            with contextlib.suppress(BusUnavailable):
+                await self.call("unsubscribe", sub.unsubscribe)
+
+
+class NatsHistory:
+    def __init__(self, bus: NatsBus) -> None:
+        self.bus = bus
+
+    async def position(self, room: str) -> tuple[int, str]:
+        self.bus._check()
+        _, top, _ = await self.bus.last(room)
+        return top, self.bus.epoch
+
+    async def read(self, room: str, after: int | None, limit: int) -> HistoryPage:
+        bus = self.bus
+        bus._check()
+        epoch = bus.epoch
+        seq, top, _ = await bus.last(room)
+        if seq == 0:
+            return HistoryPage(epoch, 0, [], after is None or after == 0)
+        if after is not None and after > top:
+            return HistoryPage(epoch, top, [], False)
+        if (after is not None and after == top) or bus.opts.history_size == 0:
+            return HistoryPage(epoch, top, [], after is None or after == top)
+        if after is None and limit <= 0:
+            return HistoryPage(epoch, top, [], True)
+        floor = top - limit if after is None else after
+        # an offset never exceeds its stream sequence: floor + 1 is a safe place to start reading
+        found = await bus.call("history", lambda: self._scan(room, floor, top))
+        if after is None:
+            return HistoryPage(epoch, top, [(o, p) for o, p, _ in found][-limit:], True)
+        complete = bool(found) and (found[0][0] == after + 1 or (after == 0 and found[0][2]))
+        return HistoryPage(epoch, top, [(o, p) for o, p, _ in found[:limit]] if complete else [], complete)
+
+    async def _scan(self, room: str, floor: int, top: int) -> list[tuple[int, bytes, bool]]:
+        """Retained history messages of ``room`` with offset > floor, up to ``top``, in order."""
+        bus = self.bus
+        api = bus.nats.js.api
+        config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+                                    opt_start_seq=max(1, floor + 1))
+        sub = await bus.js.subscribe(bus.subject(room), stream=bus.stream, ordered_consumer=True, config=config)
+        out: list[tuple[int, bytes, bool]] = []
+        try:
+            while True:
+                msg = await sub.next_msg(timeout=bus.op_timeout)
+                hdr = msg.headers or {}
+                offset = int(hdr.get(HDR_OFFSET, 0))
+                if offset > floor:
+                    out.append((offset, msg.data, HDR_START in hdr))
+                if offset >= top or msg.metadata.num_pending == 0:
+                    return out
+        finally:
+            await sub.unsubscribe()
+
+
+def _key(*parts: str) -> str:
+    return ".".join(encode_room(p) for p in parts)
+
+
+def _is_value(msg: Any) -> bool:
+    hdr = msg.headers or {}
+    return bool(msg.data) and "KV-Operation" not in hdr and "Nats-Marker-Reason" not in hdr
+
+
+def _parse_entry(data: bytes) -> PresenceEntry:
+    d = json.loads(data)
+    return PresenceEntry(d["user"], d["session"], d["node"], d.get("info") or {})
+
+
+class _RoomWatch:
+    """A live copy of one room's presence keys, kept while this replica has members there.
+
+    Entries are stamped with the time of their last put; one older than ``presence_ttl`` is
+    ignored (JetStream expires it without telling watchers).
+    """
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn  # the connection it belongs to: a new connection needs a new watch
+        self.entries: dict[str, tuple[PresenceEntry, float]] = {}
+        self.ready = asyncio.Event()
+        self.processed = 0
+        self.sub: Any = None
+
+    def live(self, ttl: float) -> list[tuple[str, PresenceEntry]]:
+        horizon = time.monotonic() - ttl
+        return [(k, e) for k, (e, stamp) in self.entries.items() if stamp > horizon]
+
+
+class NatsPresence:
+    def __init__(self, bus: NatsBus) -> None:
+        self.bus = bus
+        self.ttl = bus.opts.presence_ttl
+        self.bucket = _name(bus.prefix, "presence")
+        self.pre = f"$KV.{self.bucket}."
+        self._local: dict[str, dict[str, PresenceEntry]] = {}
+        self._watches: dict[str, asyncio.Future[_RoomWatch]] = {}
+
+    # -- reading -----------------------------------------------------------------------------------------
+
+    async def _scan(self, pattern: str) -> list[tuple[str, PresenceEntry]]:
+        """The newest value of every key matching ``pattern``, read once with an ordered consumer.
+        (nats-py's KV watch can announce "no more values" before values it already received.)"""
+        bus = self.bus
+
+        async def scan() -> list[tuple[str, PresenceEntry]]:
+            api = bus.nats.js.api
+            sub = await bus.js.subscribe(self.pre + pattern, stream=f"KV_{self.bucket}", ordered_consumer=True,
+                                         deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT)
+            out: list[tuple[str, PresenceEntry]] = []
+            try:
+                info = await sub.consumer_info()
+                if info.num_pending == 0 and not info.delivered.consumer_seq:
+                    return out
+                while True:
+                    msg = await sub.next_msg(timeout=bus.op_timeout)
+                    if _is_value(msg):
+                        out.append((msg.subject[len(self.pre):], _parse_entry(msg.data)))
+                    if msg.metadata.num_pending == 0:
+                        return out
+            finally:
+                await sub.unsubscribe()
+
+        bus._check()
+        return await bus.call("presence", scan)  # type: ignore[no-any-return]
+
+    async def _watch(self, room: str) -> _RoomWatch | None:
+        """The room's live watch when this replica has members there (started on first use)."""
+        if room not in self._local:
+            return None
+        bus = self.bus
+        fut = self._watches.get(room)
+        if fut is not None and fut.done() and (fut.exception() is not None or fut.result().conn is not bus.nc):
+            self._drop_watch(room)
+            fut = None
+        if fut is None:
+            fut = self._watches[room] = asyncio.get_running_loop().create_future()
+            try:
+                watch: _RoomWatch = await bus.call("presence", lambda: self._start_watch(room))
+            except BaseException as exc:
+                self._watches.pop(room, None)
+                if not fut.done():
+                    fut.set_exception(exc if isinstance(exc, Exception) else BusUnavailable("cancelled"))
+                    fut.exception()
+                raise
+            fut.set_result(watch)
+            if room not in self._local:  # everybody left meanwhile
+                self._drop_watch(room)
+            return watch
+        watch_ = await asyncio.shield(fut)
+        assert isinstance(watch_, _RoomWatch)
+        return watch_
+
+    async def _start_watch(self, room: str) -> _RoomWatch:
+        bus = self.bus
+        api = bus.nats.js.api
+        watch = _RoomWatch(bus.nc)
+        pre = self.pre
+
+        async def on_msg(msg: Any) -> None:
+            key = msg.subject[len(pre):]
+            if _is_value(msg):
+                age = 0.0
+                ts = getattr(msg.metadata, "timestamp", None)
+                if ts is not None and not watch.ready.is_set():
+                    # the snapshot's entries are as old as their last put (capped: the broker's
+                    # clock may differ from ours, and one refresh period more is harmless)
+                    age = min(max(0.0, time.time() - ts.timestamp()), self.ttl / 2)
+                try:
+                    watch.entries[key] = (_parse_entry(msg.data), time.monotonic() - age)
+                except (ValueError, KeyError):
+                    watch.entries.pop(key, None)
+            else:
+                watch.entries.pop(key, None)
+            watch.processed += 1
+            if msg.metadata.num_pending == 0:
+                watch.ready.set()
+
+        watch.sub = await bus.js.subscribe(f"{pre}{encode_room(room)}.>", stream=f"KV_{self.bucket}", cb=on_msg,
+                                           ordered_consumer=True, deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT)
+        info = await watch.sub.consumer_info()
+        if info.num_pending == 0 and watch.processed >= (info.delivered.consumer_seq or 0):
+            watch.ready.set()
+        await watch.ready.wait()
+        return watch
+
+    def _drop_watch(self, room: str) -> None:
+        fut = self._watches.pop(room, None)
+        if fut is None or not fut.done() or fut.exception() is not None:
+            return
+        watch = fut.result()
+        if watch.conn is self.bus.nc and watch.sub is not None:
+            task = asyncio.ensure_future(watch.sub.unsubscribe())
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    async def _room_entries(self, room: str, prefix: str = "") -> list[tuple[str, PresenceEntry]]:
+        """Entries of ``room`` whose key starts with ``<room>.<prefix>``."""
+        watch = await self._watch(room)
+        if watch is None:
+            return await self._scan(f"{encode_room(room)}.{prefix}{'*' if prefix else '>'}")
+        full = f"{encode_room(room)}.{prefix}"
+        return [(k, e) for k, e in watch.live(self.ttl) if k.startswith(full)]
+
+    # -- Presence ------------------------------------------------------------------------------------------
+
+    async def _put(self, room: str, entry: PresenceEntry) -> None:
+        kv = self.bus.presence_kv
+        value = json.dumps({"user": entry.user, "session": entry.session, "node": entry.node,
+                            "info": dict(entry.info)}).encode()
+        await self.bus.call("presence", lambda: kv.put(_key(room, entry.user, entry.session), value))
+
+    async def join(self, room: str, entry: PresenceEntry) -> bool:
+        self.bus._check()
+        self._local.setdefault(room, {})[entry.session] = entry
+        try:
+            await self._put(room, entry)
+        except BaseException:
+            self._forget_local(room, entry.session)
+            raise
+        same_user = await self._room_entries(room, encode_room(entry.user) + ".")
+        return all(e.session == entry.session for _, e in same_user)
+
+    async def leave(self, room: str, session: str) -> str | None:
+        entry = self._forget_local(room, session)  # first: never refreshed again, whatever happens next
+        self.bus._check()
+        if entry is not None:
+            key = _key(room, entry.user, session)
+        else:
+            found = await self._scan(f"{encode_room(room)}.*.{encode_room(session)}")
+            if not found:
+                return None
+            key, entry = found[0]
+        kv = self.bus.presence_kv
+        not_found = self.bus.nats.js.errors.KeyNotFoundError
+
+        async def delete() -> bool:
+            try:
+                await kv.get(key)
+            except not_found:
+                return False
+            await kv.delete(key)
+            return True
+
+        if not await self.bus.call("presence", delete):
+            return None
+        rest = await self._room_entries(room, encode_room(entry.user) + ".")
+        return entry.user if all(k == key for k, _ in rest) else None
+
+    async def members(self, room: str) -> list[PresenceEntry]:
+        return [e for _, e in await self._room_entries(room)]
+
+    def _forget_local(self, room: str, session: str) -> PresenceEntry | None:
+        local = self._local.get(room)
+        entry = local.pop(session, None) if local is not None else None
+        if local is not None and not local:
+            del self._local[room]
+            self._drop_watch(room)
+        return entry
+
+    async def refresh(self) -> None:
+        for room, entries in list(self._local.items()):
+            await asyncio.gather(*(self._put(room, e) for e in list(entries.values())))
+
+
+class NatsStateStore:
+    def __init__(self, bus: NatsBus) -> None:
+        self.bus = bus
+
+    async def get(self, room: str) -> tuple[int, Any] | None:
+        found = await self._entry(room)
+        return None if found is None else (found[0], found[1])
+
+    async def _entry(self, room: str) -> tuple[int, Any, int] | None:
+        bus = self.bus
+        bus._check()
+        kv, not_found = bus.state_kv, bus.nats.js.errors.KeyNotFoundError
+
+        async def get() -> tuple[int, Any, int] | None:
+            try:
+                entry = await kv.get(encode_room(room))
+            except not_found:
+                return None
+            if not entry.value:
+                return None
+            d = json.loads(entry.value)
+            return int(d["v"]), d["d"], int(entry.revision)
+
+        return await bus.call("state", get)  # type: ignore[no-any-return]
+
+    async def compare_and_set(self, room: str, expected_version: int, document: Any) -> int:
+        bus = self.bus
+        bus._check()
+        kv, key = bus.state_kv, encode_room(room)
+        wrong = bus.nats.js.errors.KeyWrongLastSequenceError
+        value = json.dumps({"v": expected_version + 1, "d": document}, separators=(",", ":")).encode()
+        if expected_version == 0:
+            op: Any = lambda: kv.create(key, value)  # noqa: E731
+        else:
+            found = await self._entry(room)
+            current = 0 if found is None else found[0]
+            if found is None or current != expected_version:
+                raise StateConflict(f"room {room!r} is at version {current}, not {expected_version}")
+            revision = found[2]
+            op = lambda: kv.update(key, value, last=revision)  # noqa: E731
+
+        async def write() -> bool:
+            try:
+                await op()
+            except wrong:
+                return False
+            return True
+
+        if not await bus.call("state", write):
+            found = await self._entry(room)
+            current = 0 if found is None else found[0]
+            raise StateConflict(f"room {room!r} is at version {current}, not {expected_version}")
+        return expected_version + 1
+
+    async def delete(self, room: str) -> None:
+        bus = self.bus
+        bus._check()
+        kv, key = bus.state_kv, encode_room(room)
+        not_found = bus.nats.js.errors.KeyNotFoundError
+
+        async def delete() -> None:
+            with contextlib.suppress(not_found):
+                await kv.delete(key)
+
+        await bus.call("state", delete)
+
+
+def create_backend(options: Mapping[str, Any], key: str) -> Backend:
+    opts = parse_block(NatsOptions, options, key)
+    if not opts.servers:
+        raise ConfigError(f"{key}.servers", "name at least one server URL")
+    for i, server in enumerate(opts.servers):
+        if not re.match(r"^(nats|tls|ws|wss)://", server):
+            raise ConfigError(f"{key}.servers[{i}]", f"expected a nats:// or tls:// URL, got {server!r}")
+    if not _SUBJECT_PREFIX.match(opts.subject_prefix):
+        raise ConfigError(f"{key}.subject_prefix", f"expected dot-separated tokens of letters, digits, - and _, "
+                          f"got {opts.subject_prefix!r}")
+    if opts.user and opts.password is None:
+        raise ConfigError(f"{key}.password", "is required with user")
+    if opts.tls_key_file and not opts.tls_cert_file:
+        raise ConfigError(f"{key}.tls_cert_file", "is required with tls_key_file")
+    if opts.heartbeat_timeout < opts.heartbeat_interval / 2:
+        raise ConfigError(f"{key}.heartbeat_timeout", "must be at least half of heartbeat_interval")
+    bus = NatsBus(opts, key)
+    presence = NatsPresence(bus)
+    bus.presence = presence
+    return Backend(bus=bus, history=NatsHistory(bus), presence=presence, state=NatsStateStore(bus), name="nats",
+                   extra={"options": opts})
+
+
+@hookimpl
+def wirehub_register_buses() -> Mapping[str, BusFactory]:
+    return {"nats": create_backend}

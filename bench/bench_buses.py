@@ -1,0 +1,225 @@
+"""Fan-out across replicas through each bus: deliveries per second and publish-to-delivery latency.
+
+Scenarios (one room, ``--members`` chat members, one of them publishing with at most ``--window``
+messages' deliveries outstanding, as in ``bench.loadgen fanout``):
+
+- ``memory``: one ``wirehub serve`` replica with the memory bus, every member on it;
+- ``redis``:  two replicas on one ``redis-server``, members split evenly between them;
+- ``nats``:   two replicas on one ``nats-server -js``, members split evenly between them.
+
+The publisher is on the first replica. A delivery's latency is from the publish (a timestamp in the
+payload) to its read by a member, sampled on every ``--sample-every``-th member of both replicas.
+Brokers are started on free ports in temporary directories (:mod:`service.brokers`); replicas are
+real ``wirehub serve`` processes. CPU seconds of the replicas, the broker and this load generator are
+reported for the measurement window (on a small machine they compete for the same cores).
+
+    python -m bench.bench_buses [--members 1000] [--duration 5] [--scenarios memory,redis,nats]
+
+The last line of stdout is a JSON list with one result object per scenario.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.loadgen import ChatClient, Fan, Window, connect_many, cpu_seconds, perf, raise_nofile, summarize
+from service.brokers import BrokerProcess, NatsServer, RedisServer
+
+ROOT = Path(__file__).resolve().parent.parent
+CHAT_OPTIONS: dict[str, Any] = {"publish_rate": 1e9, "publish_burst": 1_000_000_000, "presence_events": False}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def bus_block(kind: str, broker: BrokerProcess | None, prefix: str) -> dict[str, Any]:
+    if kind == "redis":
+        assert broker is not None
+        return {"plugin": "redis", "redis": {"url": broker.url, "key_prefix": prefix}}
+    if kind == "nats":
+        assert broker is not None
+        return {"plugin": "nats", "nats": {"servers": [broker.url], "subject_prefix": prefix}}
+    return {"plugin": "memory"}
+
+
+def start_replica(workdir: Path, name: str, bus: dict[str, Any]) -> tuple[subprocess.Popen[bytes], int, Path]:
+    port = free_port()
+    cfg = {
+        "server": {"host": "127.0.0.1", "port": port, "backlog": 2048, "node_id": name},
+        "logging": {"level": os.environ.get("BENCH_LOG_LEVEL", "warning"), "access_log": False},
+        "drain": {"grace": 2},
+        "bus": bus,
+        "endpoints": [{"path": "/ws/chat", "handler": "chat", "options": CHAT_OPTIONS}],
+    }
+    path = workdir / f"{name}.yaml"
+    path.write_text(json.dumps(cfg))
+    log = workdir / f"{name}.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "service.cli", "--config", str(path), "serve"], cwd=ROOT,
+                                stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited: {log.read_text()[-2000:]}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return proc, port, log
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"{name} did not listen: {log.read_text()[-2000:]}")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+async def fanout(ports: list[int], pids: list[int], *, members: int, window_msgs: int, size: int,
+                 sample_every: int, warmup: float, duration: float, burst: int) -> dict[str, Any]:
+    window = Window()
+    fan = Fan(members - 1, window_msgs)
+    room = f"bench-{uuid.uuid4().hex[:8]}"
+    pad = b"x" * max(0, size - 40)
+    clients: list[ChatClient] = []
+    share = [members // len(ports) + (1 if i < members % len(ports) else 0) for i in range(len(ports))]
+    counter = iter(range(members))
+    for port, n in zip(ports, share, strict=True):
+        def make(port: int = port) -> ChatClient:
+            return ChatClient("127.0.0.1", port, "/ws/chat", window, fan, room, next(counter) % sample_every == 0, pad)
+
+        got, _, failures = await connect_many(make, "127.0.0.1", port, n, burst)
+        if failures:
+            raise ConnectionError(f"{len(failures)} connections to port {port} failed: {failures[0]}")
+        clients.extend(got)
+    sem = asyncio.Semaphore(burst)
+
+    async def join(c: ChatClient) -> None:
+        async with sem:
+            await asyncio.wait_for(c.join(), 60)
+
+    joins = await asyncio.gather(*(join(c) for c in clients), return_exceptions=True)
+    failed = [j for j in joins if isinstance(j, BaseException)]
+    if failed:
+        for c in clients:
+            c.close()
+        raise RuntimeError(f"{len(failed)} of {members} joins failed; first: {failed[0]}")
+    publisher = clients[0]  # connected to the first replica
+    publisher.sampled = False
+    fan.publisher = publisher
+    await asyncio.sleep(0.5)
+    fan.running = True
+    fan.pump()
+    await asyncio.sleep(warmup)
+    cpu0 = {pid: cpu_seconds(pid) for pid in pids}
+    me0 = cpu_seconds(os.getpid())
+    t0 = perf()
+    window.count, window.errors, window.latencies = 0, 0, []
+    window.measuring = True
+    await asyncio.sleep(duration)
+    window.measuring = False
+    wall = perf() - t0
+    cpu = {pid: round(cpu_seconds(pid) - cpu0[pid], 3) for pid in pids}
+    times = {"wall": wall, "server_cpu": sum(cpu.values()), "loadgen_cpu": cpu_seconds(os.getpid()) - me0}
+    fan.running = False
+    closed = sum(1 for c in clients if not c.is_open)
+    for c in clients:
+        c.close()
+    return summarize("fanout", window, times, members=members, replicas=len(ports), published=fan.published,
+                     closed=closed, cpu_by_pid=cpu)
+
+
+def show_logs(workdir: Path, kind: str) -> None:
+    for log in sorted(workdir.glob(f"{kind}-*.log")):
+        print(f"--- {log.name}:\n{log.read_text()[-3000:]}", file=sys.stderr)
+
+
+async def run_scenario(kind: str, a: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    broker: BrokerProcess | None = None
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        if kind == "redis":
+            broker = RedisServer()
+        elif kind == "nats":
+            broker = NatsServer()
+        if broker is not None:
+            broker.start()
+        bus = bus_block(kind, broker, f"bench{uuid.uuid4().hex[:6]}")
+        ports = []
+        for i in range(1 if kind == "memory" else 2):
+            proc, port, _ = start_replica(workdir, f"{kind}-{i}", bus)
+            procs.append(proc)
+            ports.append(port)
+        pids = [p.pid for p in procs] + ([broker.pid] if broker is not None and broker.pid else [])
+        try:
+            result = await fanout(ports, pids, members=a.members, window_msgs=a.window, size=a.size,
+                                  sample_every=a.sample_every, warmup=a.warmup, duration=a.duration,
+                                  burst=a.burst)
+        except Exception:
+            show_logs(workdir, kind)
+            raise
+        result["bus"] = kind
+        return result
+    finally:
+        for proc in procs:
+            stop(proc)
+        if broker is not None:
+            broker.close()
+
+
+def render(results: list[dict[str, Any]]) -> str:
+    lines = ["| bus | replicas | members | deliveries/s | p50 ms | p99 ms | CPU s (replicas+broker) | loadgen CPU s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['bus']} | {r['replicas']} | {r['members']} | {r['per_wall_s']:,.0f} | {r['p50_ms']} | "
+                     f"{r['p99_ms']} | {r['server_cpu']} | {r['loadgen_cpu']} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--scenarios", default="memory,redis,nats")
+    p.add_argument("--members", type=int, default=1000)
+    p.add_argument("--window", type=int, default=20, help="messages whose deliveries may be outstanding")
+    p.add_argument("--size", type=int, default=100, help="approximate payload bytes")
+    p.add_argument("--sample-every", type=int, default=10)
+    p.add_argument("--warmup", type=float, default=2.0)
+    p.add_argument("--duration", type=float, default=5.0)
+    p.add_argument("--burst", type=int, default=100)
+    a = p.parse_args(argv)
+    raise_nofile()
+    results = []
+    with tempfile.TemporaryDirectory(prefix="wirehub-bench-buses-") as tmp:
+        for kind in a.scenarios.split(","):
+            result = asyncio.run(run_scenario(kind.strip(), a, Path(tmp)))
+            print(f"{kind}: {result['per_wall_s']:,.0f} deliveries/s, p50 {result['p50_ms']} ms, "
+                  f"p99 {result['p99_ms']} ms, errors {result['errors']}", file=sys.stderr)
+            results.append(result)
+    print(render(results))
+    print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

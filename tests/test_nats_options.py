@@ -1,0 +1,79 @@
+"""The nats bus's options, authentication and the missing-extra error."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from plugins.bus.nats import create_backend
+from service.brokers import BrokerProcess
+from service.bus import BusUnavailable
+from service.config import ConfigError, load_config
+from service.testing import Recorder, free_port, unique_room
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_example_config_reads_the_servers_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("WIREHUB_NATS_URL", raising=False)
+    with pytest.raises(ConfigError, match="WIREHUB_NATS_URL"):
+        load_config(ROOT / "config" / "nats.yaml")
+    monkeypatch.setenv("WIREHUB_NATS_URL", "tls://nats.example:4222")
+    monkeypatch.setenv("WIREHUB_NATS_TOKEN", "t0ken")
+    config = load_config(ROOT / "config" / "nats.yaml")
+    assert config.bus.plugin == "nats"
+    opts = create_backend(config.bus.options, config.bus.key).extra["options"]
+    assert (opts.servers, opts.token, opts.subject_prefix) == (("tls://nats.example:4222",), "t0ken", "wirehub")
+
+
+@pytest.mark.parametrize(("options", "key", "message"), [
+    ({"servers": ["http://x"]}, "bus.nats.servers[0]", "nats:// or tls://"),
+    ({"servers": []}, "bus.nats.servers", "at least one"),
+    ({"subject_prefix": "a.*"}, "bus.nats.subject_prefix", "dot-separated"),
+    ({"storage": "disk"}, "bus.nats.storage", "not one of"),
+    ({"user": "u"}, "bus.nats.password", "required"),
+    ({"tls_key_file": "k.pem"}, "bus.nats.tls_cert_file", "required"),
+])
+def test_bad_options_name_their_key(options: dict[str, object], key: str, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        create_backend(options, "bus.nats")
+    assert err.value.key == key and message in str(err.value)
+
+
+def test_a_missing_client_library_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "nats", None)
+    with pytest.raises(ConfigError, match=r"pip install 'wirehub\[nats\]'") as err:
+        create_backend({}, "bus.nats")
+    assert err.value.key == "bus.nats"
+
+
+async def test_token_authentication(nats_server_factory: Callable[..., BrokerProcess]) -> None:
+    server = nats_server_factory(token="t0ken")
+    base = {"servers": [server.url], "storage": "memory", "connect_timeout": 1}
+    wrong = create_backend({**base, "token": "nope"}, "bus.nats")
+    with pytest.raises(BusUnavailable):
+        await wrong.bus.start(Recorder())
+    backend = create_backend({**base, "token": "t0ken"}, "bus.nats")
+    recorder = Recorder()
+    await backend.bus.start(recorder)
+    try:
+        room = unique_room()
+        await backend.bus.subscribe(room)
+        offset = await backend.bus.publish(room, b"hi", history=True)
+        assert await recorder.wait_for(room, 1) == [b"hi"]
+        page = await backend.history.read(room, 0, 10)
+        assert page.complete and page.messages == [(offset, b"hi")]
+    finally:
+        await backend.bus.close()
+
+
+async def test_an_unreachable_nats_fails_the_start() -> None:
+    backend = create_backend({"servers": [f"nats://127.0.0.1:{free_port()}"], "connect_timeout": 0.5}, "bus.nats")
+    with pytest.raises(BusUnavailable):
+        await backend.bus.start(Recorder())
+    with pytest.raises(BusUnavailable):
+        await backend.bus.publish("room", b"x")
+    await backend.bus.close()
