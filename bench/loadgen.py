@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import resource
@@ -41,7 +42,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -137,9 +138,8 @@ class WsClient(asyncio.Protocol):
     # asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.write(self._request)
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        self.transport.write(self._request)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.opened.done():
@@ -427,11 +427,16 @@ class Fan:
         self.published = 0
         self.delivered = 0
         self.running = False
+        self.stopped = False
         self.publisher: ChatClient | None = None
+        #: set once stopped and every delivery of what was published has been read
+        self.drained = asyncio.Event()
 
     def pump(self) -> None:
         pub = self.publisher
         if not self.running or pub is None:
+            if self.stopped and self.delivered >= self.published * self.receivers:
+                self.drained.set()
             return
         per, limit = self.receivers, self.window * self.receivers
         while self.published * per - self.delivered < limit:
@@ -529,14 +534,23 @@ async def run_fanout(host: str, port: int, path: str, *, members: int, window_ms
     fan.running = True
     fan.pump()
     times = await measure(window, server_pid, warmup, duration)
-    fan.running = False
+    fan.running, fan.stopped = False, True
+    # Integrity: once the last deliveries are in, every receiver got every message, exactly once.
+    fan.pump()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(fan.drained.wait(), 10)
+    receivers = clients[1:]
+    lost = sum(max(0, fan.published - c.got) for c in receivers)
+    extra = sum(max(0, c.got - fan.published) for c in receivers)
+    if lost or extra:
+        window.error(f"{lost} deliveries missing and {extra} extra after {fan.published} publishes")
     closed = sum(1 for c in clients if not c.is_open)
     if closed:
         window.error(f"{closed} connections were closed during the run")
     for c in clients:
         c.close()
     return summarize("fanout", window, times, conns=members, receivers=members - 1, window_msgs=window_msgs,
-                     published=fan.published, acks=publisher.acks, closed=closed,
+                     published=fan.published, acks=publisher.acks, lost=lost, closed=closed,
                      size=len(pad) + 40)
 
 
@@ -593,7 +607,8 @@ async def run_idle(host: str, port: int, path: str, *, conns: int, burst: int, s
             window.error(f"probe failed: {exc!r}")
     for c in clients:
         c.close()
-    await asyncio.wait([asyncio.ensure_future(c.lost) for c in clients] or [asyncio.sleep(0)], timeout=10)
+    if clients:
+        await asyncio.wait(list(c.lost for c in clients), timeout=10)
     ok = len(clients)
     return summarize("idle", window, {"wall": wall, "server_cpu": s1 - s0, "loadgen_cpu": g1 - g0},
                      conns=conns, connected=ok, failed=len(failures), probed_alive=alive,

@@ -2,9 +2,14 @@
 
 Fan-out writes the same :class:`~service.session.OutFrame` to many sockets. Tornado's
 ``write_message`` frames the payload again for every recipient and allocates a Future per write;
-here a frame is built once and, when the stream has nothing queued, handed straight to the
-kernel with ``socket.send``. Only what the kernel does not take goes through ``IOStream.write``,
-whose buffer is the session's send queue (its size is what the 4008 cap is checked against).
+here a frame is built once and handed straight to the kernel with ``socket.send`` when the stream
+has nothing queued. Only what the kernel does not take goes through ``IOStream.write``, whose
+buffer is the session's send queue (its size is what the 4008 cap is checked against).
+
+Writes are corked for the rest of the current event-loop iteration: the frames a connection gets
+in one iteration (several bus messages of one read, a reply and a broadcast, a history replay)
+leave in one ``send`` system call, which is most of a delivery's cost. Frames are never delayed
+past the end of the iteration, and a Close frame is preceded by everything queued before it.
 
 This reads ``IOStream._write_buffer``; setup.cfg pins Tornado below 7 for that reason and
 tests/test_transport.py fails if the attribute changes.
@@ -12,9 +17,11 @@ tests/test_transport.py fails if the attribute changes.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import logging
+import weakref
 
 from tornado.iostream import IOStream, StreamClosedError
 from tornado.websocket import WebSocketProtocol
@@ -26,10 +33,44 @@ log = logging.getLogger("wirehub.transport")
 _RETRY = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR)
 
 
+class _Flusher:
+    """Sends what the transports of one event loop corked, once per loop iteration."""
+
+    __slots__ = ("__weakref__", "_dirty", "_loop", "_scheduled")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._dirty: list[StreamTransport] = []
+        self._scheduled = False
+
+    def add(self, transport: StreamTransport) -> None:
+        self._dirty.append(transport)
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._run)
+
+    def _run(self) -> None:
+        self._scheduled = False
+        dirty, self._dirty = self._dirty, []
+        for transport in dirty:
+            transport.flush()
+
+
+_flushers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Flusher] = weakref.WeakKeyDictionary()
+
+
+def _flusher() -> _Flusher:
+    loop = asyncio.get_running_loop()
+    flusher = _flushers.get(loop)
+    if flusher is None:
+        flusher = _flushers[loop] = _Flusher(loop)
+    return flusher
+
+
 class StreamTransport:
     """:class:`service.session.Transport` over a WebSocket connection's stream."""
 
-    __slots__ = ("_close", "_direct", "_protocol", "_stream")
+    __slots__ = ("_close", "_corked", "_corked_bytes", "_direct", "_flusher", "_protocol", "_stream")
 
     def __init__(self, protocol: WebSocketProtocol, close: object) -> None:
         self._protocol = protocol
@@ -37,6 +78,10 @@ class StreamTransport:
         self._close = close
         # SSL streams must go through their own write path.
         self._direct = type(self._stream) is IOStream
+        #: wire frames queued in this loop iteration, sent by flush() (None: nothing queued)
+        self._corked: list[bytes] | None = None
+        self._corked_bytes = 0
+        self._flusher: _Flusher | None = None
 
     @property
     def closed(self) -> bool:
@@ -46,13 +91,34 @@ class StreamTransport:
 
     def buffered(self) -> int:
         buf = self._stream._write_buffer
-        return len(buf) if buf is not None else 0
+        return (len(buf) if buf is not None else 0) + self._corked_bytes
 
     def send_frame(self, frame: OutFrame) -> None:
+        if self._protocol.server_terminated or self._stream.closed():
+            return
+        wire = frame.wire
+        corked = self._corked
+        if corked is None:
+            self._corked = [wire]
+            flusher = self._flusher
+            if flusher is None:
+                flusher = self._flusher = _flusher()
+            flusher.add(self)
+        else:
+            corked.append(wire)
+        self._corked_bytes += len(wire)
+
+    def flush(self) -> None:
+        """Hand the corked frames to the kernel (or the stream's buffer for what it does not take)."""
+        corked = self._corked
+        if corked is None:
+            return
+        self._corked = None
+        self._corked_bytes = 0
         stream = self._stream
         if self._protocol.server_terminated or stream.closed():
             return
-        data: bytes | memoryview = frame.wire
+        data: bytes | memoryview = corked[0] if len(corked) == 1 else b"".join(corked)
         if self._direct and not stream._write_buffer and not stream._connecting:
             try:
                 sent = stream.socket.send(data)
@@ -68,6 +134,7 @@ class StreamTransport:
             stream.write(data)
 
     def close(self, code: int, reason: str) -> None:
+        self.flush()
         close = self._close
         assert callable(close)
         close(code, reason)

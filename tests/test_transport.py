@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from tornado.iostream import IOStream
 
+from service.session import OutFrame
 from service.testing import LiveServer
 
 Start = Callable[..., Awaitable[LiveServer]]
@@ -36,3 +39,42 @@ async def test_large_frames_cross_the_fast_path_intact(wirehub_server: Start) ->
         assert await client.recv_raw(10) == payload
     await client.send(b"\x00\xff" * 70000)
     assert await client.recv_raw() == b"\x00\xff" * 70000
+
+
+class _CountingSocket:
+    """Wraps a socket to record each send() call."""
+
+    def __init__(self, sock: Any) -> None:
+        self.sock = sock
+        self.sends: list[bytes] = []
+
+    def send(self, data: Any, *args: Any) -> int:
+        self.sends.append(bytes(data))
+        return int(self.sock.send(data, *args))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sock, name)
+
+
+async def test_frames_of_one_loop_iteration_leave_in_one_send_and_close_flushes_them_first(
+    wirehub_server: Start,
+) -> None:
+    server = await wirehub_server({"endpoints": [{"path": "/ws/raw", "handler": "echo", "options": {"raw": True}}]})
+    client = await server.ws("/ws/raw")
+    await client.send("hi")
+    assert await client.recv_raw() == "hi"
+    (session,) = list(server.app.sessions)
+    stream = session.transport._stream  # type: ignore[attr-defined]
+    counting = _CountingSocket(stream.socket)
+    stream.socket = counting
+    for i in range(3):
+        session.send_frame(OutFrame(b"m%d" % i))
+    assert counting.sends == [] and session.buffered == 3 * 4  # corked, and counted against the cap
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert len(counting.sends) == 1, counting.sends
+    assert [await client.recv_raw() for _ in range(3)] == ["m0", "m1", "m2"]
+    session.send_frame(OutFrame(b"last"))
+    session.close(1000)
+    assert await client.recv_raw() == "last"
+    assert await client.recv_raw() is None and client.close_code == 1000
