@@ -170,6 +170,8 @@ class Wirehub:
         log.info("wirehub node %s listening on port %d; %s; bus %s; endpoints: %s", self.node, self.port,
                  self.authenticator.describe(), self.config.bus.plugin,
                  ", ".join(f"{ep.path} ({ep.handler})" for ep in self.config.endpoints))
+        if not self.config.api.keys:
+            log.info("publish API off: no api.keys (set WIREHUB_API_KEY or api.keys to turn it on)")
 
     def session_opened(self, session: Session, socket_handler: WirehubSocket) -> None:
         self.sessions[session] = socket_handler

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -188,23 +189,28 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    config_help = "YAML config file (default: $WIREHUB_CONFIG, else the embedded default config)"
     parser = argparse.ArgumentParser(prog="wirehub", description="A real-time WebSocket service.")
-    parser.add_argument("--config", "-c", default=None,
-                        help="YAML config file (default: $WIREHUB_CONFIG, else the embedded config/wirehub.yaml)")
+    parser.add_argument("--config", "-c", default=None, help=config_help)
+    # `wirehub serve --config F` and `wirehub --config F serve` both work: the option is on every
+    # subcommand too, without a default there so it never overwrites the one given before.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", "-c", default=argparse.SUPPRESS, help=config_help)
     sub = parser.add_subparsers(dest="command", required=True)
+    add_parser = functools.partial(sub.add_parser, parents=[common])
 
-    p = sub.add_parser("serve", help="run the service")
+    p = add_parser("serve", help="run the service")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("check-config", help="validate a config file and its plugins without starting")
+    p = add_parser("check-config", help="validate a config file and its plugins without starting")
     p.add_argument("file", nargs="?", default=None)
     p.set_defaults(func=cmd_check_config)
 
-    p = sub.add_parser("plugins", help="list loaded plugins, their sources, hooks and registered names")
+    p = add_parser("plugins", help="list loaded plugins, their sources, hooks and registered names")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plugins)
 
-    p = sub.add_parser("token", help="print a JWT signed with the configured HMAC secret (development)")
+    p = add_parser("token", help="print a JWT signed with the configured HMAC secret (development)")
     p.add_argument("--sub", required=True, help="user id")
     p.add_argument("--rooms", default="*", help="comma-separated glob patterns, e.g. 'lobby,team-*'")
     p.add_argument("--ttl", default="1h", help="lifetime: 30s, 15m, 1h, 7d")
@@ -213,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, helptext in (("listen", "print a room's messages as JSON lines"),
                            ("send", "publish one JSON value to a room")):
-        p = sub.add_parser(name, help=helptext)
+        p = add_parser(name, help=helptext)
         p.add_argument("room")
         if name == "send":
             p.add_argument("data", help="a JSON value")

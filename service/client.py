@@ -405,13 +405,19 @@ class Client:
             policy = close_policy(code, reason, self._attempt, self.backoff_min, self.backoff_max)
             if not welcomed and callable(self.token_source) and code in (None, 4401):
                 policy = ClosePolicy(policy.reconnect, policy.delay, True)
+            elif code == 4401:  # a fixed token (or none): the same request would be refused again
+                policy = ClosePolicy(False, 0.0, False)
             reconnect = policy.reconnect and self.auto_reconnect
             self._emit("close", {"code": code, "reason": reason, "reconnect": reconnect, "delay": policy.delay})
             if not reconnect:
-                forbidden = code == CloseCode.FORBIDDEN
+                forbidden = code in (CloseCode.FORBIDDEN, 4401)  # refused for good
                 self._stopped = True
-                self._stop_error = ClientError("stopped" if forbidden else "closed",
-                                               f"closed by the server ({code} {reason})")
+                if code == 4401:
+                    self._stop_error = ClientError("unauthorized", "the upgrade was refused with HTTP 401: "
+                                                   "no token, or an invalid one")
+                else:
+                    self._stop_error = ClientError("stopped" if forbidden else "closed",
+                                                   f"closed by the server ({code} {reason})")
                 self._set_status("stopped" if forbidden else "closed")
                 return
             if policy.new_token:

@@ -238,9 +238,14 @@ class LoggingConfig:
     access_log: bool = True
 
 
+#: when a config does not set ``api.keys``: one key from the environment, if it is set there
+DEFAULT_API_KEYS = ("$env?:WIREHUB_API_KEY",)
+
+
 @dataclass(frozen=True)
 class ApiConfig:
     #: bearer keys accepted by POST /api/publish; empty = the publish API answers 503
+    #: (unset in the file: DEFAULT_API_KEYS, i.e. $WIREHUB_API_KEY when that variable is set)
     keys: tuple[str, ...] = ()
     max_body: int = opt(65536, min=64)
 
@@ -353,6 +358,9 @@ def config_from_dict(raw: Any, source: str = "<dict>") -> Config:
     for k in raw:
         if k not in _TOP_LEVEL:
             raise ConfigError(str(k), f"unknown top-level key; valid keys are: {', '.join(sorted(_TOP_LEVEL))}")
+    api = raw.get("api")
+    if api is None or (isinstance(api, dict) and "keys" not in api):
+        raw = {**raw, "api": {**(api or {}), "keys": list(DEFAULT_API_KEYS)}}
     data = resolve_references(raw)
     sections: dict[str, Any] = {name: parse_block(cls, data.get(name), name) for name, cls in _SECTIONS.items()}
     server: ServerConfig = sections["server"]

@@ -48,7 +48,11 @@ LINES = ((0, 1, 2), (3, 4, 5), (6, 7, 8), (0, 3, 6), (1, 4, 7), (2, 5, 8), (0, 4
 MOVE_HELP = 'a move is [{"op": "replace", "path": "/board/<0-8>", "value": "X" or "O"}]'
 _CELL = re.compile(r"/board/([0-8])")
 
-_rooms: tuple[str, ...] = ("*",)
+#: rooms judged by default: only those named for the game, so installing the plugin leaves other
+#: game rooms (the demo page's board, say) alone
+DEFAULT_ROOMS = ("ttt-*",)
+# One process hosts one app; wirehub_configure sets this once at startup.
+_rooms: tuple[str, ...] = DEFAULT_ROOMS
 
 
 def new_game(players: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -124,7 +128,7 @@ def wirehub_configure(config: Config) -> None:
     block = config.extensions.get("tictactoe") or {}
     if not isinstance(block, Mapping) or set(block) - {"rooms"}:
         raise ConfigError("extensions.tictactoe", "expected a mapping with one key: rooms (glob patterns)")
-    rooms = block.get("rooms", ["*"])
+    rooms = block.get("rooms", list(DEFAULT_ROOMS))
     if not isinstance(rooms, list) or not all(isinstance(r, str) and r for r in rooms):
         raise ConfigError("extensions.tictactoe.rooms", f"expected a list of glob patterns, got {rooms!r}")
     _rooms = tuple(rooms)
