@@ -218,6 +218,10 @@ class ServerConfig:
     #: open connections allowed per user and per client IP on one replica (0 = unlimited); over -> 429
     max_connections_per_user: int = opt(0, min=0)
     max_connections_per_ip: int = opt(0, min=0)
+    #: serve the demo page at / (the JS client at /static/wirehub.js is always served)
+    demo_page: bool = True
+    #: serve GET /api/plugins (plugin names, sources and versions)
+    plugin_listing: bool = True
 
 
 @dataclass(frozen=True)

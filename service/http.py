@@ -98,15 +98,18 @@ def core_routes(app: Wirehub) -> list[Any]:
     from service.sse import SseHandler
 
     kwargs = {"app": app}
+    server = app.config.server
     routes: list[Any] = [
         (r"/healthz", HealthHandler, kwargs),
         (r"/readyz", ReadyHandler, kwargs),
-        (r"/api/plugins", PluginsHandler, kwargs),
         (r"/api/publish", PublishHandler, kwargs),
         (r"/sse", SseHandler, kwargs),
-        (r"/()", StaticHandler, {"path": STATIC_DIR, "default_filename": "index.html"}),
         (r"/static/(.*)", StaticHandler, {"path": STATIC_DIR}),
     ]
+    if server.demo_page:
+        routes.append((r"/()", StaticHandler, {"path": STATIC_DIR, "default_filename": "index.html"}))
+    if server.plugin_listing:
+        routes.append((r"/api/plugins", PluginsHandler, kwargs))
     if app.config.metrics.enabled:
         routes.append((r"/metrics", MetricsHandler, kwargs))
     return routes

@@ -206,3 +206,11 @@ async def test_write_after_close_is_harmless(wirehub_server: Start) -> None:
     with pytest.raises(WebSocketClosedError):
         await client.send({"late": True})
     assert (await server.http("/healthz")).code == 200
+
+
+async def test_demo_page_and_plugin_listing_can_be_turned_off(wirehub_server: Start) -> None:
+    on = await wirehub_server(ECHO)
+    assert (await on.http("/")).code == 200 and (await on.http("/api/plugins")).code == 200
+    off = await wirehub_server({**ECHO, "server": {"demo_page": False, "plugin_listing": False}})
+    assert (await off.http("/")).code == 404 and (await off.http("/api/plugins")).code == 404
+    assert (await off.http("/static/wirehub.js")).code == 200
