@@ -31,6 +31,7 @@ from tornado.websocket import WebSocketClientConnection, websocket_connect
 from service.app import Wirehub
 from service.bus import Backend, BusHandler, BusUnavailable, PresenceEntry, StateConflict
 from service.config import config_from_dict
+from service.session import OutFrame
 
 # -- helpers ------------------------------------------------------------------------------------------------
 
@@ -43,6 +44,39 @@ def free_port() -> int:
 
 def unique_room(prefix: str = "room") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+class FakeTransport:
+    """A :class:`service.session.Transport` without a socket, to unit-test handlers, the hub and sessions.
+
+    Pass it to :class:`service.session.Session`. It keeps every frame it is given (``frames``; their
+    payloads with :meth:`texts`) and never sends any: ``buffered()`` is the wire size of all of them, as
+    for a client that reads nothing (the session's byte cap then applies). ``close()`` records the code and
+    reason in ``closed_with``.
+    """
+
+    def __init__(self) -> None:
+        self.frames: list[OutFrame] = []
+        self.queued = 0
+        self.closed_with: tuple[int, str] | None = None
+
+    def send_frame(self, frame: OutFrame) -> None:
+        self.frames.append(frame)
+        self.queued += len(frame.wire)
+
+    def buffered(self) -> int:
+        return self.queued
+
+    def close(self, code: int, reason: str) -> None:
+        self.closed_with = (code, reason)
+
+    @property
+    def closed(self) -> bool:
+        return self.closed_with is not None
+
+    def texts(self) -> list[bytes]:
+        """The payloads of the frames sent, in order."""
+        return [f.payload for f in self.frames]
 
 
 class WsClient:
@@ -446,6 +480,7 @@ __all__ = [
     "BrokerFactory",
     "BusContract",
     "BusUnavailable",
+    "FakeTransport",
     "HistoryContract",
     "LiveServer",
     "PresenceContract",

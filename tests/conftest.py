@@ -1,12 +1,29 @@
-"""Shared test setup: wirehub's pytest plugin, and skips turned into failures on CI."""
+"""Shared test setup: wirehub's pytest plugin, the broker fixtures of the fault and replica tests, and skips
+turned into failures on CI."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import pytest
 
+from service.brokers import BrokerProcess
+
 pytest_plugins = ["service.testing"]
+
+
+@pytest.fixture(params=["redis", "nats"])
+def kind(request: pytest.FixtureRequest) -> str:
+    """The bus under test: each test that asks for it runs on Redis and on NATS."""
+    return str(request.param)
+
+
+@pytest.fixture
+def broker(kind: str, redis_server_factory: Callable[..., BrokerProcess],
+           nats_server_factory: Callable[..., BrokerProcess]) -> BrokerProcess:
+    """A broker of ``kind`` of this test's own (it may be killed, paused or restarted)."""
+    return redis_server_factory() if kind == "redis" else nats_server_factory()
 
 
 @pytest.hookimpl(wrapper=True)

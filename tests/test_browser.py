@@ -16,11 +16,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -30,6 +26,7 @@ import pytest
 from service.brokers import RedisServer
 from service.client import Client
 from service.testing import LiveServer, free_port, unique_room
+from tests.helpers import ServerProcess
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -189,54 +186,20 @@ async def test_two_pages_chat_and_share_the_board(wirehub_server: Callable[..., 
 # -- a real server restart mid-session --------------------------------------------------------------------------
 
 
-class ServerProcess:
-    """``wirehub serve`` in a subprocess with a config file; restartable on its port."""
-
-    def __init__(self, tmp: Path, name: str, port: int, extra: str) -> None:
-        self.port = port
-        self.config = tmp / f"{name}.yaml"
-        self.config.write_text(
-            f"server: {{host: 127.0.0.1, port: {port}, ping_interval: 5, ping_timeout: 4}}\n"
-            "drain: {grace: 3, reconnect_jitter: 0.3}\n"
-            "logging: {level: warning}\n" + extra)
-        self.log = tmp / f"{name}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "service.cli", "-c", str(self.config), "serve"],
-                                         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log.read_text()
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=1) as resp:
-                    if resp.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"server on {self.port} not ready: {self.log.read_text()}")
-
-    def stop(self) -> None:
-        """SIGTERM: the drain closes every session with 1001 and a retry hint, then the process exits."""
-        if self.proc is None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
-        self.proc = None
-
-
 @pytest.fixture
 def processes(tmp_path: Path) -> Any:
+    """``processes(name, extra_yaml)``: a ``wirehub serve`` with a config file, restartable on its port
+    (``stop()`` is SIGTERM: the drain closes every session with 1001 and a retry hint); stopped at the end."""
     made: list[ServerProcess] = []
 
     def make(name: str, extra: str, port: int | None = None) -> ServerProcess:
-        proc = ServerProcess(tmp_path, name, port or free_port(), extra)
+        port = port or free_port()
+        config = tmp_path / f"{name}.yaml"
+        config.write_text(
+            f"server: {{host: 127.0.0.1, port: {port}, ping_interval: 5, ping_timeout: 4}}\n"
+            "drain: {grace: 3, reconnect_jitter: 0.3}\n"
+            "logging: {level: warning}\n" + extra)
+        proc = ServerProcess(config, port, name=name)
         made.append(proc)
         return proc
 
@@ -255,7 +218,7 @@ async def test_pages_recover_across_a_server_restart(bus: str, browser: Any, pro
     else:
         extra = ""
     a = processes("a", extra)
-    a.start()
+    await a.start_ready()
     room, game = unique_room("demo"), unique_room("board")
     url = f"http://127.0.0.1:{a.port}/?room={room}&game={game}"
     p1 = await open_page(browser, url)
@@ -271,11 +234,11 @@ async def test_pages_recover_across_a_server_restart(bus: str, browser: Any, pro
     missed = ["while away one", "while away two"]
     if bus == "redis":
         b = processes("b", extra)  # another replica on the same Redis: the room goes on without A
-        await asyncio.to_thread(b.start)
+        await b.start_ready()
         await publish_all(f"ws://127.0.0.1:{b.port}/ws/chat", room, missed)
-        await asyncio.to_thread(a.start)
+        await a.start_ready()
     else:
-        await asyncio.to_thread(a.start)  # a fresh process: the memory history is gone
+        await a.start_ready()  # a fresh process: the memory history is gone
         await publish_all(f"ws://127.0.0.1:{a.port}/ws/chat", room, missed)
 
     for page in (p1, p2):

@@ -16,16 +16,12 @@ from plugins.bus.redis import create_backend as redis_backend
 from service.brokers import BrokerProcess
 from service.bus import Backend, BusUnavailable, PresenceEntry
 from service.testing import LiveServer, Recorder, unique_room
-
-# Fast failure detection for tests; the defaults are 2 s / 6 s.
-FAST: dict[str, Any] = {"heartbeat_interval": 0.2, "heartbeat_timeout": 1.0, "op_timeout": 1.0,
-                        "connect_timeout": 1.0, "max_backoff": 0.5, "presence_ttl": 1.5}
+from tests.helpers import bus_options
 
 
 def options(kind: str, broker: BrokerProcess, **extra: Any) -> dict[str, Any]:
-    if kind == "redis":
-        return {"url": broker.url, "key_prefix": f"f{uuid.uuid4().hex[:6]}", **FAST, **extra}
-    return {"servers": [broker.url], "subject_prefix": f"f{uuid.uuid4().hex[:6]}", **FAST, **extra}
+    """Bus options with fast failure detection (``FAST_BUS``) and a prefix of their own."""
+    return bus_options(kind, broker, f"f{uuid.uuid4().hex[:6]}", **extra)
 
 
 def make_backend(kind: str, opts: dict[str, Any]) -> Backend:
@@ -42,17 +38,7 @@ async def until(predicate: Callable[[], bool], timeout: float, what: str) -> flo
     return time.monotonic() - start
 
 
-@pytest.fixture(params=["redis", "nats"])
-def kind(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-@pytest.fixture
-def broker(kind: str, redis_server_factory: Callable[..., BrokerProcess],
-           nats_server_factory: Callable[..., BrokerProcess]) -> BrokerProcess:
-    """A broker of this test's own (it gets killed or paused)."""
-    return redis_server_factory() if kind == "redis" else nats_server_factory()
-
+# ``kind`` (redis, nats) and ``broker`` (of the test's own: it gets killed or paused) are in conftest.py.
 
 Started = Callable[..., Awaitable[tuple[Backend, Recorder]]]
 

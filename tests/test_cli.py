@@ -73,7 +73,7 @@ async def test_serve_from_wirehub_config_then_sigterm_drains_and_exits_0(tmp_pat
         "drain": {"grace": 5, "reconnect_jitter": 2},
         "endpoints": [{"path": "/ws/echo", "handler": "echo"}],
     })
-    server = ServerProcess(config, port)
+    server = ServerProcess(config, port).start()
     try:
         await server.wait_ready()
         client = await ws_connect(server.url("/ws/echo", "ws"))
@@ -98,10 +98,19 @@ async def test_serve_reads_wirehub_config_env(tmp_path: Path) -> None:
     port = free_port()
     config = write_config(tmp_path / "env.yaml", {"server": {"port": port, "host": "127.0.0.1"},
                                                   "endpoints": [{"path": "/ws/e", "handler": "echo"}]})
-    server = ServerProcess(None, port, env={"WIREHUB_CONFIG": str(config)}, log=tmp_path / "out.log")
+    server = ServerProcess(None, port, env={"WIREHUB_CONFIG": str(config)}, log=tmp_path / "out.log").start()
     try:
         await server.wait_ready()
         health = await AsyncHTTPClient().fetch(server.url("/healthz"))
         assert json.loads(health.body)["status"] == "ok"
     finally:
         assert server.stop() == 0
+
+
+def test_config_option_works_before_and_after_the_subcommand(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "c.yaml", {"endpoints": [{"path": "/only", "handler": "echo"}]})
+    for args in (("--config", str(config), "check-config"), ("check-config", "--config", str(config)),
+                 ("plugins", "-c", str(config))):
+        result = run_cli(*args)
+        assert result.returncode == 0, (args, result.stderr)
+    assert "/only" in run_cli("check-config", "-c", str(config)).stdout

@@ -11,7 +11,6 @@ import asyncio
 import json
 import os
 import signal
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -26,6 +25,7 @@ from service.config import config_from_dict
 from service.protocol import CloseCode, close_reason
 from service.session import Session
 from service.testing import LiveServer, config_for_tests, free_port, unique_room
+from tests.helpers import run_cli_async, wirehub_cmd
 
 Start = Callable[..., Awaitable[LiveServer]]
 SECRET = "k" * 40
@@ -309,12 +309,7 @@ async def test_server_restart_on_the_same_port(clients: Callable[..., Client]) -
 
 
 async def run_cli(*args: str, timeout: float = 20.0) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "service.cli", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env={**os.environ, "WIREHUB_TOKEN": ""})
-    out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    return await run_cli_async(*args, env={"WIREHUB_TOKEN": ""}, timeout=timeout, cwd=None)
 
 
 async def test_send_publishes_and_prints_the_ack(wirehub_server: Start, clients: Callable[..., Client]) -> None:
@@ -343,12 +338,22 @@ async def test_send_refusals_exit_1(wirehub_server: Start) -> None:
     assert code == 0 and json.loads(out)["room"] == "team-a"
 
 
+async def test_cli_without_a_valid_token_fails_fast_on_401(wirehub_server: Start) -> None:
+    server = await wirehub_server(JWT_CONFIG)
+    url = server.ws_url("/ws/chat")
+    for args in (("send", "team-a", '"x"'), ("listen", "team-a"), ("send", "team-a", '"x"', "--token", "garbage")):
+        started = asyncio.get_running_loop().time()
+        code, _, err = await run_cli(*args, "--url", url, timeout=10)
+        assert code == 1 and "HTTP 401" in err, (args, code, err)
+        assert asyncio.get_running_loop().time() - started < 8
+
+
 async def test_listen_prints_json_lines_and_survives_a_reconnect(wirehub_server: Start,
                                                                   clients: Callable[..., Client]) -> None:
     server = await wirehub_server()
     room = unique_room()
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "service.cli", "listen", room, "--url", server.ws_url("/ws/chat"),
+        *wirehub_cmd("listen", room, "--url", server.ws_url("/ws/chat")),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env={**os.environ, "WIREHUB_TOKEN": ""})
     assert proc.stdout is not None and proc.stderr is not None
     try:

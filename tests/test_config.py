@@ -149,3 +149,12 @@ def test_blocked_plugin_is_not_registered() -> None:
                                "endpoints": [{"path": "/e", "handler": "echo"}]})
     with pytest.raises(ConfigError, match="'echo' is not a registered handler"):
         Wirehub.build(config)
+
+
+def test_api_keys_default_to_wirehub_api_key_when_the_file_sets_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WIREHUB_API_KEY", "from-env")
+    assert config_from_dict({}).api.keys == ("from-env",)
+    assert config_from_dict({"api": {"max_body": 1000}}).api.keys == ("from-env",)
+    assert config_from_dict({"api": {"keys": []}}).api.keys == ()  # an explicit empty list turns it off
+    monkeypatch.delenv("WIREHUB_API_KEY")
+    assert config_from_dict({}).api.keys == ()

@@ -15,23 +15,20 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HTTPResponse
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
 from service.auth import Identity
-from service.session import OutFrame, Session
-from service.testing import LiveServer, free_port
+from service.session import Session
+from service.testing import FakeTransport, LiveServer, free_port
+from tests.helpers import ServerProcess, write_config
 
 HINT = re.compile(r"^server going away; retry_ms=(\d+)$")
 CLIENTS = 200
@@ -39,19 +36,8 @@ GRACE = 10.0
 JITTER = 5.0
 
 
-@dataclass
-class Replica:
-    """A ``wirehub --config FILE serve`` subprocess."""
-
-    proc: subprocess.Popen[bytes]
-    port: int
-    log_path: Path
-
-    def url(self, path: str, scheme: str = "http") -> str:
-        return f"{scheme}://127.0.0.1:{self.port}{path}"
-
-    def log_lines(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.log_path.read_text().splitlines() if line.startswith("{")]
+def log_lines(replica: ServerProcess) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in replica.output().splitlines() if line.startswith("{")]
 
 
 async def http_get(url: str, timeout: float = 2.0) -> HTTPResponse:
@@ -63,15 +49,8 @@ async def http_get(url: str, timeout: float = 2.0) -> HTTPResponse:
         return exc.response
 
 
-def spawn_serve(config: Path, log_path: Path) -> subprocess.Popen[bytes]:
-    """``wirehub --config CONFIG serve`` with stdout and stderr into ``log_path``."""
-    env = {k: v for k, v in os.environ.items() if k != "WIREHUB_CONFIG"}
-    with log_path.open("wb") as log:
-        return subprocess.Popen([sys.executable, "-m", "service.cli", "--config", str(config), "serve"],
-                                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=config.parent)
-
-
-async def start_replica(tmp_path: Path, name: str, overrides: dict[str, Any]) -> Replica:
+def make_replica(tmp_path: Path, name: str, overrides: dict[str, Any]) -> ServerProcess:
+    """``wirehub --config NAME.yaml serve`` (not started), run in ``tmp_path`` without ``WIREHUB_CONFIG``."""
     port = free_port()
     config: dict[str, Any] = {
         "server": {"host": "127.0.0.1", "port": port, "ping_interval": 0, "node_id": name},
@@ -81,39 +60,23 @@ async def start_replica(tmp_path: Path, name: str, overrides: dict[str, Any]) ->
     }
     for key, value in overrides.items():
         config[key] = {**config[key], **value} if isinstance(value, dict) and key in config else value
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    log_path = tmp_path / f"{name}.log"
-    proc = spawn_serve(path, log_path)
-    replica = Replica(proc, port, log_path)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"{name} exited with {proc.returncode}:\n{log_path.read_text()}")
-        try:
-            if (await http_get(replica.url("/readyz"), 0.5)).code == 200:
-                return replica
-        except OSError:
-            pass
-        await asyncio.sleep(0.1)
-    proc.kill()
-    raise AssertionError(f"{name} did not become ready:\n{log_path.read_text()}")
+    return ServerProcess(write_config(tmp_path / f"{name}.yaml", config), port, name=name,
+                         unset_env=("WIREHUB_CONFIG",), cwd=tmp_path)
 
 
 @pytest.fixture
 async def replicas(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
-    started: list[Replica] = []
+    started: list[ServerProcess] = []
 
-    async def start(name: str = "replica-a", **overrides: Any) -> Replica:
-        replica = await start_replica(tmp_path, name, overrides)
+    async def start(name: str = "replica-a", **overrides: Any) -> ServerProcess:
+        replica = make_replica(tmp_path, name, overrides)
         started.append(replica)
+        await replica.start().wait_ready(request_timeout=0.5)
         return replica
 
     yield start
     for replica in started:
-        if replica.proc.poll() is None:
-            replica.proc.kill()
-        replica.proc.wait(10)
+        replica.kill()
 
 
 @pytest.fixture
@@ -139,7 +102,7 @@ async def connect_many(url: str, n: int, opened: list[WebSocketClientConnection]
     return conns
 
 
-async def metric(replica: Replica, name: str, **labels: str) -> float:
+async def metric(replica: ServerProcess, name: str, **labels: str) -> float:
     text = (await http_get(replica.url("/metrics"))).body.decode()
     total = 0.0
     for family in text_string_to_metric_families(text):
@@ -164,7 +127,7 @@ async def read_until_closed(conn: WebSocketClientConnection, timeout: float) -> 
 
 async def test_sigterm_drains_200_clients_with_1001_and_a_jittered_hint(
         replicas: Callable[..., Any], opened: list[WebSocketClientConnection]) -> None:
-    replica: Replica = await replicas()
+    replica: ServerProcess = await replicas()
     conns = await connect_many(replica.url("/ws/echo", "ws"), CLIENTS, opened)
     assert await metric(replica, "wirehub_sessions", endpoint="/ws/echo") == CLIENTS
     # Each client sends one message; its echo is queued to it before the drain (the server counted it),
@@ -209,7 +172,7 @@ async def test_sigterm_drains_200_clients_with_1001_and_a_jittered_hint(
     elapsed = time.monotonic() - sigterm_at
     assert code == 0
     assert elapsed < GRACE, f"exit took {elapsed:.1f}s, over the grace of {GRACE}s"
-    logs = replica.log_lines()
+    logs = log_lines(replica)
     closed = [e for e in logs if e.get("event") == "session_close"]
     assert len(closed) == CLIENTS and {e["code"] for e in closed} == {1001}
     # Paced: 4 batches of 50, 0.1 s apart (timed by the server; the clients' clock sees its own load).
@@ -249,8 +212,8 @@ async def test_messages_published_elsewhere_around_the_drain_are_delivered_or_re
         "bus": {"plugin": "redis", "redis": {"url": redis_server.url, "key_prefix": prefix}},
         "endpoints": [{"path": "/ws/chat", "handler": "chat"}],
     }
-    a: Replica = await replicas("replica-a", **overrides)
-    b: Replica = await replicas("replica-b", **overrides)
+    a: ServerProcess = await replicas("replica-a", **overrides)
+    b: ServerProcess = await replicas("replica-b", **overrides)
     room = "drain-room"
     members = await connect_many(b.url("/ws/chat", "ws"), 20, opened)
     positions: list[dict[str, Any]] = []
@@ -300,7 +263,7 @@ async def test_a_session_whose_upgrade_raced_the_drain_is_closed_too(wirehub_ser
                                                "drain": {"grace": 5}})
     app = server.app
     app.begin_drain()
-    transport = _FakeTransport()
+    transport = FakeTransport()
     session = Session(transport, Identity(user="late"), endpoint="/ws/echo", node=app.node, max_queue_bytes=65536)
     app.session_opened(session, None)  # type: ignore[arg-type]
     assert transport.closed_with is not None
@@ -308,24 +271,6 @@ async def test_a_session_whose_upgrade_raced_the_drain_is_closed_too(wirehub_ser
     assert code == 1001 and HINT.match(reason)
     app.sessions.pop(session)
     app.metrics.sessions.labels("/ws/echo").dec()
-
-
-class _FakeTransport:
-    def __init__(self) -> None:
-        self.closed_with: tuple[int, str] | None = None
-
-    def send_frame(self, frame: OutFrame) -> None:
-        pass
-
-    def buffered(self) -> int:
-        return 0
-
-    def close(self, code: int, reason: str) -> None:
-        self.closed_with = (code, reason)
-
-    @property
-    def closed(self) -> bool:
-        return self.closed_with is not None
 
 
 async def test_drain_ends_event_streams_with_a_jittered_retry(wirehub_server: Callable[..., Any]) -> None:

@@ -8,117 +8,53 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import signal
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from service.brokers import BrokerProcess, NatsServer, RedisServer
-from service.testing import free_port, unique_room
+from service.testing import unique_room
+from tests.helpers import ROOT, Cluster, ServerProcess, bus_block
 from tests.plugins_for_tests.game_client import GameClient
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parent.parent
 GAME = "/ws/game"
 RULES = "tests.plugins_for_tests.game_rules"
-FAST: dict[str, Any] = {"heartbeat_interval": 0.2, "heartbeat_timeout": 1.0, "op_timeout": 1.0,
-                        "connect_timeout": 1.0, "max_backoff": 0.5, "presence_ttl": 1.5}
 GAME_OPTIONS: dict[str, Any] = {"tick": 0.02, "updates_per_second": 0, "verify_interval": 1.0,
                                 "gap_timeout": 0.5, "initial_state": {"n": 0, "list": [], "map": {}}}
 
 
-@dataclass
-class Replica:
-    name: str
-    port: int
-    config: Path
-    log: Path
-    proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "service.cli", "--config", str(self.config), "serve"],
-                                         cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
-
-    def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}{GAME}"
-
-    def get(self, path: str) -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=2) as resp:
-                return int(resp.status), resp.read().decode()
-        except urllib.error.HTTPError as exc:
-            return exc.code, ""
-        except OSError:
-            return 0, ""
-
-    def metric(self, name: str) -> float:
-        _, body = self.get("/metrics")
-        for line in body.splitlines():
-            if line.startswith(name + "{"):
-                return float(line.rsplit(" ", 1)[1])
-        return 0.0
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+def metric(replica: ServerProcess, name: str) -> float:
+    _, body = replica.get("/metrics")
+    for line in body.splitlines():
+        if line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
 
 
-def bus_block(kind: str, broker: BrokerProcess, prefix: str) -> dict[str, Any]:
-    if kind == "redis":
-        return {"plugin": "redis", "redis": {"url": broker.url, "key_prefix": prefix, **FAST}}
-    return {"plugin": "nats", "nats": {"servers": [broker.url], "subject_prefix": prefix, **FAST}}
-
-
-def start_replicas(kind: str, broker: BrokerProcess, directory: Path, n: int = 3) -> list[Replica]:
-    prefix = f"g{uuid.uuid4().hex[:6]}"
-    out = []
-    for i in range(n):
-        port = free_port()
-        config = {
-            "server": {"host": "127.0.0.1", "port": port, "node_id": f"game-{i}", "ping_interval": 0},
-            "logging": {"level": "warning", "access_log": False},
-            "drain": {"grace": 2},
-            "bus": bus_block(kind, broker, prefix),
-            "endpoints": [{"path": GAME, "handler": "game", "options": GAME_OPTIONS}],
-            "plugins": {"load": [RULES]},
-        }
-        path = directory / f"game-{kind}-{i}.yaml"
-        path.write_text(yaml.safe_dump(config))
-        out.append(Replica(f"game-{i}", port, path, directory / f"game-{kind}-{i}.log"))
-    for r in out:
-        r.start()
-    deadline = time.monotonic() + 30
-    for r in out:
-        while r.get("/readyz")[0] != 200:
-            if (r.proc is not None and r.proc.poll() is not None) or time.monotonic() > deadline:
-                for x in out:
-                    x.stop()
-                raise AssertionError(f"{r.name} not ready: {r.log.read_text()[-3000:]}")
-            time.sleep(0.05)
-    return out
+def start_replicas(kind: str, broker: BrokerProcess, directory: Path, n: int = 3) -> list[ServerProcess]:
+    """``n`` replicas on ``broker``, ready (all stopped again if one is not within 30 s)."""
+    pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    cluster = Cluster.configure(directory, [f"game-{i}" for i in range(n)], {
+        "bus": bus_block(kind, broker, f"g{uuid.uuid4().hex[:6]}"),
+        "endpoints": [{"path": GAME, "handler": "game", "options": GAME_OPTIONS}],
+        "plugins": {"load": [RULES]},
+    }, env={"PYTHONPATH": pythonpath})
+    cluster.start()
+    try:
+        cluster.wait_ready_sync(30)
+    except AssertionError:
+        cluster.stop()
+        raise
+    return cluster.replicas
 
 
 @pytest.fixture(scope="module", params=["redis", "nats"])
-def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Replica]]:
+def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[ServerProcess]]:
     """Three replicas on a broker of this module's own (not restarted: the restart test has its own)."""
     kind = str(request.param)
     broker: BrokerProcess = RedisServer() if kind == "redis" else NatsServer()
@@ -126,7 +62,7 @@ def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     replicas = start_replicas(kind, broker, tmp_path_factory.mktemp(f"game-{kind}"))
     yield replicas
     for r in replicas:
-        r.stop()
+        r.stop(10)
     broker.close()
 
 
@@ -134,8 +70,8 @@ def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
 async def clients() -> Any:
     made: list[GameClient] = []
 
-    async def connect(replica: Replica, name: str = "") -> GameClient:
-        client = await GameClient.connect(replica.ws_url(), name)
+    async def connect(replica: ServerProcess, name: str = "") -> GameClient:
+        client = await GameClient.connect(replica.url(GAME, "ws"), name)
         made.append(client)
         return client
 
@@ -160,12 +96,12 @@ async def converge(room: str, members: list[GameClient], timeout: float = 15.0) 
         await asyncio.sleep(0.1)
 
 
-async def test_concurrent_updates_on_three_replicas_lose_no_write(cluster: list[Replica], clients: Any) -> None:
+async def test_concurrent_updates_on_three_replicas_lose_no_write(cluster: list[ServerProcess], clients: Any) -> None:
     room = unique_room("counter")
     members = [await clients(cluster[i % 3], f"m{i}") for i in range(9)]
     for m in members:
         await m.join(room)
-    conflicts_before = sum(r.metric("wirehub_game_conflicts_total") for r in cluster)
+    conflicts_before = sum(metric(r, "wirehub_game_conflicts_total") for r in cluster)
 
     async def bump(m: GameClient) -> int:
         acks = 0
@@ -178,7 +114,7 @@ async def test_concurrent_updates_on_three_replicas_lose_no_write(cluster: list[
     total = sum(await asyncio.gather(*(bump(m) for m in members)))
     _, state = await converge(room, members)
     assert state["n"] == total == 180
-    assert sum(r.metric("wirehub_game_conflicts_total") for r in cluster) > conflicts_before
+    assert sum(metric(r, "wirehub_game_conflicts_total") for r in cluster) > conflicts_before
 
 
 def random_patch(rng: random.Random, me: str) -> list[Any]:
@@ -196,7 +132,7 @@ def random_patch(rng: random.Random, me: str) -> list[Any]:
     return [{"op": "move", "from": f"/map/{me}", "path": "/map/moved"}]
 
 
-async def test_a_random_burst_leaves_every_client_on_the_server_state(cluster: list[Replica],
+async def test_a_random_burst_leaves_every_client_on_the_server_state(cluster: list[ServerProcess],
                                                                       clients: Any) -> None:
     room = unique_room("prop")
     members = [await clients(cluster[i % 3], f"c{i}") for i in range(12)]
@@ -223,7 +159,7 @@ async def test_a_random_burst_leaves_every_client_on_the_server_state(cluster: l
         assert (reply["version"], reply["state"]) == (version, state)
 
 
-async def test_a_replica_joining_late_serves_the_current_state(cluster: list[Replica], clients: Any) -> None:
+async def test_a_replica_joining_late_serves_the_current_state(cluster: list[ServerProcess], clients: Any) -> None:
     room = unique_room("late")
     a, b = await clients(cluster[0], "a"), await clients(cluster[1], "b")
     await a.join(room)
@@ -238,10 +174,10 @@ async def test_a_replica_joining_late_serves_the_current_state(cluster: list[Rep
     await converge(room, [a, b, c])
 
 
-async def authoritative(replica: Replica, room: str, timeout: float = 20.0) -> tuple[int, Any]:
+async def authoritative(replica: ServerProcess, room: str, timeout: float = 20.0) -> tuple[int, Any]:
     """The store's (version, state), through a replica with no member in ``room``: its join reads
     the store (retried while the replica answers ``unavailable``)."""
-    probe = await GameClient.connect(replica.ws_url(), "probe")
+    probe = await GameClient.connect(replica.url(GAME, "ws"), "probe")
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     try:
@@ -311,4 +247,4 @@ async def test_a_broker_restart_during_play(kind: str, tmp_path: Path, clients: 
         assert await authoritative(replicas[3], room) == members[0].rooms[room]
     finally:
         # stopped off the event loop, so that clients still answer the drain's close frames
-        await asyncio.gather(*(asyncio.to_thread(r.stop) for r in replicas))
+        await asyncio.gather(*(asyncio.to_thread(r.stop, 10) for r in replicas))

@@ -11,30 +11,7 @@ from service.bus import Backend, BusUnavailable, HistoryPage
 from service.hub import Hub, envelope, split_envelope
 from service.metrics import Metrics
 from service.session import OutFrame, Session
-
-
-class FakeTransport:
-    def __init__(self) -> None:
-        self.frames: list[OutFrame] = []
-        self.queued = 0
-        self.closed_with: tuple[int, str] | None = None
-
-    def send_frame(self, frame: OutFrame) -> None:
-        self.frames.append(frame)
-        self.queued += len(frame.wire)
-
-    def buffered(self) -> int:
-        return self.queued
-
-    def close(self, code: int, reason: str) -> None:
-        self.closed_with = (code, reason)
-
-    @property
-    def closed(self) -> bool:
-        return self.closed_with is not None
-
-    def texts(self) -> list[bytes]:
-        return [f.payload for f in self.frames]
+from service.testing import FakeTransport
 
 
 class CountingBus:

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import os
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -18,24 +15,15 @@ from plugins.auth.jwt import mint_token_from_config, parse_ttl
 from service.config import ConfigError, config_from_dict, load_config
 from service.plugins import build_plugin_manager
 from service.testing import LiveServer
+from tests.helpers import ROOT, run_cli_async
 from tests.plugins_for_tests.jwt_probe import PATH, SECRET, server_config
 
 Start = Callable[..., Awaitable[LiveServer]]
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def jwt_config(**options: Any) -> Any:
     return config_from_dict({"auth": {"plugin": "jwt", "jwt": {"algorithms": ["HS256"], "secret": SECRET,
                                                               **options}}})
-
-
-async def run_cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "service.cli", *args, cwd=ROOT, env={**os.environ, **(env or {})},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 @pytest.mark.parametrize(("ttl", "seconds"), [("30s", 30), ("15m", 900), ("1h", 3600), ("7d", 604800)])
@@ -84,7 +72,7 @@ async def test_wirehub_token_subprocess_mints_a_token_the_server_accepts(
     path = tmp_path / "wirehub.yaml"
     path.write_text(yaml.safe_dump(overrides))
     monkeypatch.setenv("WIREHUB_JWT_SECRET", SECRET)
-    code, out, err = await run_cli("--config", str(path), "token", "--sub", "alice", "--rooms", "lobby,team-*",
+    code, out, err = await run_cli_async("--config", str(path), "token", "--sub", "alice", "--rooms", "lobby,team-*",
                                    "--ttl", "1h", "--name", "Alice", env={"WIREHUB_JWT_SECRET": SECRET})
     assert code == 0, err
     minted = out.strip()
@@ -98,15 +86,15 @@ async def test_wirehub_token_subprocess_mints_a_token_the_server_accepts(
 
 
 async def test_wirehub_token_subprocess_errors(tmp_path: Path) -> None:
-    code, out, err = await run_cli("token", "--sub", "alice", env={"WIREHUB_CONFIG": ""})
+    code, out, err = await run_cli_async("token", "--sub", "alice", env={"WIREHUB_CONFIG": ""})
     assert (code, out) == (2, "")
     assert err.startswith("wirehub: auth.plugin: `wirehub token` signs with the jwt plugin's HMAC secret")
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"auth": {"plugin": "jwt", "jwt": {"algorithms": ["HS256"], "secret": SECRET}}}))
-    code, out, err = await run_cli("-c", str(path), "token", "--sub", "alice", "--ttl", "forever")
+    code, out, err = await run_cli_async("-c", str(path), "token", "--sub", "alice", "--ttl", "forever")
     assert (code, out) == (2, "")
     assert err.startswith("wirehub: --ttl: expected a duration like 30s, 15m, 1h or 7d")
-    code, _, err = await run_cli("-c", str(path), "token", "--sub", "alice", "--ttl", "30s")
+    code, _, err = await run_cli_async("-c", str(path), "token", "--sub", "alice", "--ttl", "30s")
     assert code == 0, err
 
 

@@ -6,21 +6,19 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from tornado.websocket import websocket_connect
 
 from service.cli import JsonFormatter, TextFormatter, redact
 from service.testing import free_port
+from tests.helpers import ServerProcess, write_config
 
 TOKEN = "eyJhbGciOiJIUzI1NiJ9.SECRET-QUERY-TOKEN.sig"
 HEADER_TOKEN = "SECRET-HEADER-TOKEN"
@@ -28,14 +26,6 @@ PROTOCOL_TOKEN = "SECRET-SUBPROTOCOL-TOKEN"
 BODY = "SECRET-MESSAGE-BODY-42"
 API_KEY = "SECRET-API-KEY-0123456789"
 API_BODY = "SECRET-API-PUBLISH-BODY"
-
-
-def spawn_serve(config: Path, log_path: Path) -> subprocess.Popen[bytes]:
-    """``wirehub --config CONFIG serve`` with stdout and stderr into ``log_path``."""
-    env = {k: v for k, v in os.environ.items() if k != "WIREHUB_CONFIG"}
-    with log_path.open("wb") as log:
-        return subprocess.Popen([sys.executable, "-m", "service.cli", "--config", str(config), "serve"],
-                                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=config.parent)
 
 
 async def _run_session(tmp_path: Path, fmt: str) -> str:
@@ -48,23 +38,12 @@ async def _run_session(tmp_path: Path, fmt: str) -> str:
         "endpoints": [{"path": "/ws/echo", "handler": "echo"}, {"path": "/ws/chat", "handler": "chat"}],
         "api": {"keys": [API_KEY]},
     }
-    path = tmp_path / "wirehub.yaml"
-    path.write_text(yaml.safe_dump(config))
     log_path = tmp_path / "wirehub.log"
-    proc = spawn_serve(path, log_path)
+    server = ServerProcess(write_config(tmp_path / "wirehub.yaml", config), port, log=log_path,
+                           unset_env=("WIREHUB_CONFIG",), cwd=tmp_path).start()
     try:
         base = f"127.0.0.1:{port}"
-        deadline = time.monotonic() + 20
-        while True:
-            assert proc.poll() is None, log_path.read_text()
-            try:
-                response = await AsyncHTTPClient().fetch(f"http://{base}/readyz", raise_error=False)
-                if response.code == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, log_path.read_text()
-            await asyncio.sleep(0.1)
+        await server.wait_ready()
         # An unknown path with a token: the access log must show the path only.
         await AsyncHTTPClient().fetch(f"http://{base}/nope?token={TOKEN}", raise_error=False)
         request = HTTPRequest(f"ws://{base}/ws/echo?token={TOKEN}&room=lobby",
@@ -100,12 +79,10 @@ async def _run_session(tmp_path: Path, fmt: str) -> str:
         while log_path.read_text().count("session close") < 2:
             assert time.monotonic() < deadline, log_path.read_text()
             await asyncio.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        assert await asyncio.get_running_loop().run_in_executor(None, proc.wait, 15) == 0
+        server.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.get_running_loop().run_in_executor(None, server.proc.wait, 15) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        server.kill()
     return log_path.read_text()
 
 

@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from service.auth import Identity
 from service.metrics import Metrics
 from service.session import OutFrame, Session
-from service.testing import LiveServer, unique_room
+from service.testing import FakeTransport, LiveServer, unique_room
 
 ROOT = Path(__file__).resolve().parent.parent
 ECHO = [{"path": "/ws/echo", "handler": "echo"}]
@@ -120,30 +120,9 @@ async def test_drain_progress_is_exported(wirehub_server: Callable[..., Any]) ->
     assert value(samples, "wirehub_sessions_closed_total", endpoint="/ws/echo", code="1001") == 5
 
 
-class _StuckTransport:
-    """A client that stopped reading: everything stays queued."""
-
-    def __init__(self) -> None:
-        self.queued = 0
-        self.closed_with: tuple[int, str] | None = None
-
-    def send_frame(self, frame: OutFrame) -> None:
-        self.queued += len(frame.payload)
-
-    def buffered(self) -> int:
-        return self.queued
-
-    def close(self, code: int, reason: str) -> None:
-        self.closed_with = (code, reason)
-
-    @property
-    def closed(self) -> bool:
-        return self.closed_with is not None
-
-
 def test_slow_consumer_closes_and_drops_are_counted() -> None:
     metrics = Metrics(["/ws/chat"])
-    transport = _StuckTransport()
+    transport = FakeTransport()  # a client that stopped reading: everything stays queued
     session = Session(transport, Identity(user="u"), endpoint="/ws/chat", node="n", max_queue_bytes=1024,
                       metrics=metrics)
     frame = OutFrame(b"x" * 400)

@@ -101,7 +101,7 @@ async def test_entry_point_plugin_serves_its_endpoint(installed_example: Path, t
         "server": {"port": port, "host": "127.0.0.1"},
         "endpoints": [{"path": "/ws/upper", "handler": "upper", "options": {"prefix": "> "}}],
     })
-    server = ServerProcess(config, port, env=_env_with(installed_example))
+    server = ServerProcess(config, port, env=_env_with(installed_example)).start()
     try:
         await server.wait_ready()
         client = await ws_connect(server.url("/ws/upper", "ws"))

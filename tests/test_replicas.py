@@ -6,140 +6,55 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
-import signal
-import subprocess
-import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
-from tornado.httpclient import AsyncHTTPClient
 
 from service.brokers import BrokerProcess
-from service.testing import WsClient, free_port, unique_room, ws_connect
+from service.testing import WsClient, unique_room, ws_connect
+from tests.helpers import Cluster, ServerProcess, bus_block
 
 pytestmark = pytest.mark.slow
 
-FAST: dict[str, Any] = {"heartbeat_interval": 0.2, "heartbeat_timeout": 1.0, "op_timeout": 1.0,
-                        "connect_timeout": 1.0, "max_backoff": 0.5, "presence_ttl": 1.5}
 
+class ChatCluster(Cluster):
+    """The replicas, their broker, and the chat clients opened on them (closed after the test)."""
 
-def _command(config: Path) -> list[str]:
-    exe = shutil.which("wirehub")
-    prefix = [exe] if exe else [sys.executable, "-m", "service.cli"]
-    return [*prefix, "--config", str(config), "serve"]
-
-
-@dataclass
-class Replica:
-    name: str
-    port: int
-    config: Path
-    log: Path
-    proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(_command(self.config), stdin=subprocess.DEVNULL, stdout=out,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
-
-    def url(self, path: str, scheme: str = "http") -> str:
-        return f"{scheme}://127.0.0.1:{self.port}{path}"
-
-    async def status(self, path: str) -> int:
-        try:
-            resp = await AsyncHTTPClient().fetch(self.url(path), raise_error=False, request_timeout=2)
-            return int(resp.code)
-        except OSError:
-            return 0
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-
-@dataclass
-class Cluster:
-    kind: str
-    broker: BrokerProcess
-    replicas: list[Replica]
-    clients: list[WsClient] = field(default_factory=list)
+    def __init__(self, kind: str, broker: BrokerProcess, replicas: list[ServerProcess]) -> None:
+        super().__init__(replicas)
+        self.kind = kind
+        self.broker = broker
+        self.clients: list[WsClient] = []
 
     async def client(self, replica: int) -> WsClient:
         c = await ws_connect(self.replicas[replica].url("/ws/chat", "ws"), welcome=True)
         self.clients.append(c)
         return c
 
-    async def wait_ready(self, timeout: float = 20.0, want: int = 200) -> None:
-        deadline = time.monotonic() + timeout
-        for r in self.replicas:
-            if r.proc is None or r.proc.poll() is not None:
-                continue
-            while await r.status("/readyz") != want:
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"{r.name} not {want} on /readyz: {r.log.read_text()[-3000:]}")
-                await asyncio.sleep(0.05)
 
-
-def bus_block(kind: str, broker: BrokerProcess, prefix: str) -> dict[str, Any]:
-    if kind == "redis":
-        return {"plugin": "redis", "redis": {"url": broker.url, "key_prefix": prefix, **FAST}}
-    return {"plugin": "nats", "nats": {"servers": [broker.url], "subject_prefix": prefix, **FAST}}
-
-
-@pytest.fixture(params=["redis", "nats"])
-def kind(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
+# ``kind`` (redis, nats) and ``broker`` (of the test's own: it gets killed and restarted) are in conftest.py.
 
 
 @pytest.fixture
-def broker(kind: str, redis_server_factory: Callable[..., BrokerProcess],
-           nats_server_factory: Callable[..., BrokerProcess]) -> BrokerProcess:
-    return redis_server_factory() if kind == "redis" else nats_server_factory()
+def replicas(kind: str, broker: BrokerProcess, tmp_path: Path) -> Iterator[list[ServerProcess]]:
+    """Three replicas (the installed ``wirehub`` entry point, each in a session of its own) on ``broker``."""
+    cluster = Cluster.configure(tmp_path, [f"replica-{name}" for name in ("a", "b", "c")], {
+        "bus": bus_block(kind, broker, f"e{uuid.uuid4().hex[:6]}"),
+        "endpoints": [{"path": "/ws/chat", "handler": "chat",
+                       "options": {"publish_rate": 1000, "publish_burst": 1000}}],
+    }, installed=True)
+    cluster.start()
+    yield cluster.replicas
+    cluster.stop()
 
 
 @pytest.fixture
-def replicas(kind: str, broker: BrokerProcess, tmp_path: Path) -> Iterator[list[Replica]]:
-    prefix = f"e{uuid.uuid4().hex[:6]}"
-    out = []
-    for name in ("a", "b", "c"):
-        port = free_port()
-        config = {
-            "server": {"host": "127.0.0.1", "port": port, "node_id": f"replica-{name}", "ping_interval": 0},
-            "logging": {"level": "warning", "access_log": False},
-            "drain": {"grace": 2},
-            "bus": bus_block(kind, broker, prefix),
-            "endpoints": [{"path": "/ws/chat", "handler": "chat",
-                           "options": {"publish_rate": 1000, "publish_burst": 1000}}],
-        }
-        path = tmp_path / f"replica-{name}.yaml"
-        path.write_text(yaml.safe_dump(config))
-        out.append(Replica(name, port, path, tmp_path / f"replica-{name}.log"))
-    for r in out:
-        r.start()
-    yield out
-    for r in out:
-        r.stop()
-
-
-@pytest.fixture
-async def cluster(kind: str, broker: BrokerProcess, replicas: list[Replica]) -> AsyncIterator[Cluster]:
-    c = Cluster(kind, broker, replicas)
+async def cluster(kind: str, broker: BrokerProcess, replicas: list[ServerProcess]) -> AsyncIterator[ChatCluster]:
+    c = ChatCluster(kind, broker, replicas)
     await c.wait_ready()
     yield c
     for client in c.clients:
@@ -156,7 +71,7 @@ async def collect(client: WsClient, room: str, count: int, timeout: float = 10.0
     return out
 
 
-async def test_every_member_on_every_replica_gets_each_message_once_in_one_order(cluster: Cluster) -> None:
+async def test_every_member_on_every_replica_gets_each_message_once_in_one_order(cluster: ChatCluster) -> None:
     room = unique_room()
     members = [await cluster.client(i % 3) for i in range(6)]  # two on each replica
     for m in members:
@@ -191,7 +106,7 @@ async def test_every_member_on_every_replica_gets_each_message_once_in_one_order
         await m.expect_nothing(0.2)  # and nothing twice
 
 
-async def test_presence_spans_replicas_and_a_killed_replica_expires(cluster: Cluster) -> None:
+async def test_presence_spans_replicas_and_a_killed_replica_expires(cluster: ChatCluster) -> None:
     room = unique_room()
     clients = [await cluster.client(i) for i in range(3)]
     users = []
@@ -216,7 +131,7 @@ async def test_presence_spans_replicas_and_a_killed_replica_expires(cluster: Clu
     assert await cluster.replicas[0].status("/readyz") == 200
 
 
-async def test_a_client_recovers_on_another_replica(cluster: Cluster) -> None:
+async def test_a_client_recovers_on_another_replica(cluster: ChatCluster) -> None:
     room = unique_room()
     publisher = await cluster.client(1)
     await publisher.request({"op": "join", "room": room})
@@ -240,7 +155,7 @@ async def test_a_client_recovers_on_another_replica(cluster: Cluster) -> None:
     assert other_room["recovered"] is False  # an epoch from elsewhere: a fresh start, said so
 
 
-async def test_broker_restart_under_live_sessions(cluster: Cluster) -> None:
+async def test_broker_restart_under_live_sessions(cluster: ChatCluster) -> None:
     room = unique_room()
     members = [await cluster.client(i) for i in range(3)]
     for m in members:
@@ -274,4 +189,4 @@ async def test_broker_restart_under_live_sessions(cluster: Cluster) -> None:
     for m in members:
         await m.send(json.dumps({"op": "ping", "id": "x"}))
     for r in cluster.replicas:
-        assert r.proc is not None and r.proc.poll() is None, r.log.read_text()[-2000:]
+        assert r.running, r.output()[-2000:]
