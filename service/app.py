@@ -26,7 +26,7 @@ from service.hub import Hub
 from service.metrics import Metrics
 from service.plugins import PluginError, PluginHost, build_plugin_manager
 from service.protocol import CloseCode, close_reason
-from service.websocket import WirehubSocket
+from service.websocket import Keepalive, WirehubSocket
 
 if TYPE_CHECKING:
     from service.auth import Authenticator
@@ -79,6 +79,9 @@ class Wirehub:
         self._drain_started = 0.0
         self.started = False
         self.sessions: dict[Session, WirehubSocket] = {}
+        #: WebSocket pings, one timer for all connections (None: server.ping_interval 0)
+        self.keepalive = (Keepalive(self.sessions, config.server.ping_interval, config.server.ping_timeout)
+                          if config.server.ping_interval else None)
         self._closing_tasks: set[asyncio.Task[None]] = set()
         self._all_closed = asyncio.Event()
         self.connections = ConnectionLimits(
@@ -166,6 +169,8 @@ class Wirehub:
         self.server = HTTPServer(self.application, xheaders=self.config.server.xheaders)
         self.server.add_sockets(sockets)
         self.port = sockets[0].getsockname()[1]
+        if self.keepalive is not None:
+            self.keepalive.start()
         self.started = True
         log.info("wirehub node %s listening on port %d; %s; bus %s; endpoints: %s", self.node, self.port,
                  self.authenticator.describe(), self.config.bus.plugin,
@@ -292,6 +297,8 @@ class Wirehub:
         if self.server is not None:
             self.server.stop()
             self.server = None
+        if self.keepalive is not None:
+            self.keepalive.stop()
         if self._closing_tasks:
             await asyncio.wait(list(self._closing_tasks), timeout=5)
         if self.started:

@@ -209,7 +209,7 @@ class ServerConfig:
     #: largest accepted client frame in bytes; larger -> close 1009
     max_message_size: int = opt(65536, min=125)
     ping_interval: float = opt(20.0, min=0)
-    #: seconds without a pong before the connection is dropped; at most ping_interval
+    #: seconds after a ping with no frame back (a pong or any other) before the drop; at most ping_interval
     ping_timeout: float = opt(15.0, min=0)
     #: bytes queued to one client before it is closed with 4008 (slow consumer)
     send_queue_bytes: int = opt(1048576, min=1024)

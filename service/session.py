@@ -63,7 +63,16 @@ class Transport(Protocol):
 
 
 class Session:
-    """One WebSocket connection: identity, rooms, handler state and the send queue."""
+    """One WebSocket connection: identity, rooms, handler state and the send queue.
+
+    There is one per connection, so its attributes are slots (a subclass without ``__slots__`` may
+    add others), and :attr:`rooms` and :attr:`state` are created on first use: an echo session
+    never needs them.
+    """
+
+    __slots__ = ("__weakref__", "_held", "_rooms", "_state", "close_code", "endpoint", "id", "id_bytes",
+                 "identity", "max_queue_bytes", "metrics", "node", "on_identity_changed", "opened_at",
+                 "remote_ip", "transport")
 
     def __init__(
         self,
@@ -86,13 +95,37 @@ class Session:
         self.max_queue_bytes = max_queue_bytes
         self.metrics = metrics
         self.opened_at = time.time()
-        self.rooms: set[str] = set()
-        #: handler-private state (e.g. the chat handler's rate limiter)
-        self.state: dict[str, Any] = {}
+        self._rooms: set[str] | None = None
+        self._state: dict[str, Any] | None = None
         self.close_code: int | None = None
         #: called after :meth:`set_identity` (the WebSocket layer reschedules the 4001 expiry)
         self.on_identity_changed: Callable[[], None] | None = None
-        self._held: dict[str, list[tuple[int | None, OutFrame]]] = {}
+        #: rooms whose live messages are kept back, and those messages (None: none held)
+        self._held: dict[str, list[tuple[int | None, OutFrame]]] | None = None
+
+    @property
+    def rooms(self) -> set[str]:
+        """The rooms this session is a member of on this replica (the hub keeps it)."""
+        rooms = self._rooms
+        if rooms is None:
+            rooms = self._rooms = set()
+        return rooms
+
+    @rooms.setter
+    def rooms(self, rooms: set[str]) -> None:
+        self._rooms = rooms
+
+    @property
+    def state(self) -> dict[str, Any]:
+        """Handler-private state (e.g. the chat handler's rate limiter)."""
+        state = self._state
+        if state is None:
+            state = self._state = {}
+        return state
+
+    @state.setter
+    def state(self, state: dict[str, Any]) -> None:
+        self._state = state
 
     def set_identity(self, identity: Identity) -> None:
         """Replace the identity (a refreshed token); its expiry takes effect at once."""
@@ -157,6 +190,8 @@ class Session:
 
     def hold(self, room: str) -> None:
         """Keep ``room``'s live messages back (while its history is being replayed)."""
+        if self._held is None:
+            self._held = {}
         self._held.setdefault(room, [])
 
     def release(self, room: str, after: int | None) -> int:
@@ -164,7 +199,7 @@ class Session:
 
         Returns how many were sent. Messages at or below ``after`` were already replayed.
         """
-        held = self._held.pop(room, [])
+        held = self._held.pop(room, []) if self._held else []
         sent = 0
         for offset, frame in held:
             if offset is None or after is None or offset > after:
@@ -174,7 +209,8 @@ class Session:
 
     def drop_held(self, room: str) -> None:
         """Stop holding ``room`` and discard what was kept back (a join that failed half-way)."""
-        self._held.pop(room, None)
+        if self._held:
+            self._held.pop(room, None)
 
     def describe(self) -> dict[str, Any]:
         return {"session": self.id, "user": self.identity.user, "endpoint": self.endpoint, "rooms": sorted(self.rooms)}

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
+import types
+from collections.abc import Awaitable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from tornado.concurrent import Future
+from tornado.iostream import StreamClosedError
 from tornado.websocket import WebSocketClosedError, WebSocketHandler, WebSocketProtocol, WebSocketProtocol13
 
 from service.auth import AuthError, Identity
@@ -46,11 +50,14 @@ class _Protocol(WebSocketProtocol13):
     Once the server has sent its Close frame, data frames are dropped unread: the echo and the
     fan-out write through :class:`StreamTransport`, which Tornado's closing state does not stop,
     and nothing may follow a Close frame (section 5.5.1). tests/test_autobahn.py checks all this.
+    Every frame read sets ``_received_pong``: :class:`Keepalive` takes any frame as a sign of life.
     """
 
     def _handle_message(self, opcode: int, data: bytes) -> Future[None] | None:
         if self.client_terminated:
             return None
+        # Tornado's "pong since the last ping" flag; here any frame counts (see Keepalive)
+        self._received_pong = True
         if opcode == 0x8:
             problem = len(data) == 1
             if len(data) >= 2:
@@ -87,7 +94,14 @@ class _Protocol(WebSocketProtocol13):
 
 
 class WirehubSocket(WebSocketHandler):
-    """One endpoint path. Collaborators arrive through :meth:`initialize`."""
+    """One endpoint path. Collaborators arrive through :meth:`initialize`.
+
+    wirehub's own attributes are slots: Tornado's handler and its WebSocket detach already set 27
+    instance attributes, and past 30 names an instance dict stops sharing its keys with the class
+    and costs about 1 kB more per connection.
+    """
+
+    __slots__ = ("_eager_run", "_expiry", "_max_message_size", "app", "endpoint", "handler", "identity", "session")
 
     def initialize(self, app: Wirehub, endpoint: EndpointConfig, handler: Handler,
                    max_message_size: int) -> None:
@@ -95,10 +109,10 @@ class WirehubSocket(WebSocketHandler):
         self.endpoint = endpoint
         self.handler = handler
         self._max_message_size = max_message_size
+        #: set once admitted: counted in ``app.connections`` (its user and the remote IP) until released
         self.identity: Identity | None = None
         self.session: Session | None = None
         self._expiry: asyncio.TimerHandle | None = None
-        self._counted: tuple[str, str] | None = None
         self._eager_run = 0
 
     # -- before the upgrade -------------------------------------------------------------------------
@@ -118,7 +132,10 @@ class WirehubSocket(WebSocketHandler):
         host = self.request.headers.get("Host", "")
         return urlsplit(origin).netloc.lower() == host.lower()
 
-    async def get(self, *args: Any, **kwargs: Any) -> None:
+    async def prepare(self) -> None:
+        """The checks before the upgrade (a refusal finishes the request: :meth:`get` is not called)."""
+        if self.request.method != "GET":
+            return  # Tornado answers 405
         headers = self.request.headers
         if headers.get("Upgrade", "").lower() != "websocket":
             self.set_header("Upgrade", "websocket")
@@ -140,23 +157,46 @@ class WirehubSocket(WebSocketHandler):
             if exc.status == 401:
                 self.set_header("WWW-Authenticate", f'Bearer realm="wirehub", error="{exc.error}"')
             return self._refuse(exc.status, exc.error, exc.reason)
-        remote_ip = self.request.remote_ip or ""
-        limit = self.app.connections.admit(identity.user, remote_ip)
+        limit = self.app.connections.admit(identity.user, self.request.remote_ip or "")
         if limit is not None:
             self.app.metrics.auth_failures.labels(limit).inc()
             self.set_header("Retry-After", "5")
             return self._refuse(429, "too_many_connections", limit)
-        self._counted = (identity.user, remote_ip)
         self.identity = identity
-        try:
-            await super().get(*args, **kwargs)
-        finally:
-            if self.session is None and self._counted is not None and self.get_status() != 101:
-                self.app.connections.release(*self._counted)
-                self._counted = None
+
+    def get(self, *args: Any, **kwargs: Any) -> Coroutine[Any, Any, None]:
+        """Tornado's ``get`` less the checks :meth:`prepare` made, and not a coroutine itself.
+
+        Tornado's ``_execute`` awaits what ``get`` returns for the connection's whole life: here that
+        is the protocol's accept coroutine itself, with no ``get`` frame (and its locals) suspended
+        above it for as long.
+        """
+        self.open_args = args
+        self.open_kwargs = kwargs or _NO_KWARGS  # type: ignore[assignment]  # kept for the connection's life
+        self.ws_connection = self.get_websocket_protocol()
+        if self.ws_connection is None:
+            return self._unsupported_version()
+        return self.ws_connection.accept_connection(self)
+
+    async def _unsupported_version(self) -> None:
+        self.set_status(426, "Upgrade Required")
+        self.set_header("Sec-WebSocket-Version", "7, 8, 13")
+        await self.finish()
+
+    def _release(self) -> None:
+        if self.identity is not None:
+            self.app.connections.release(self.identity.user, self.request.remote_ip or "")
+            self.identity = None
+
+    def on_finish(self) -> None:
+        # The HTTP response is complete: the 101, or Tornado's own refusal of an upgrade that passed
+        # prepare() (400 for missing WebSocket headers, 426 for an unknown version), which releases
+        # the connection count. After a 101 on_close() releases it.
+        if self.get_status() != 101:
+            self._release()
 
     def check_origin(self, origin: str) -> bool:
-        return True  # checked in get(), with a JSON answer
+        return True  # checked in prepare(), with a JSON answer
 
     def select_subprotocol(self, subprotocols: list[str]) -> str | None:
         # Browsers may carry a token as "bearer.<token>" beside it; that one is never echoed.
@@ -165,8 +205,7 @@ class WirehubSocket(WebSocketHandler):
     def get_websocket_protocol(self) -> WebSocketProtocol | None:
         if self.request.headers.get("Sec-WebSocket-Version") not in ("7", "8", "13"):
             return None
-        params = _websocket_params(self)
-        return _Protocol(self, False, params)
+        return _Protocol(self, False, _websocket_params(self.max_message_size))
 
     @property
     def max_message_size(self) -> int:
@@ -174,15 +213,18 @@ class WirehubSocket(WebSocketHandler):
 
     @property
     def ping_interval(self) -> float | None:
-        return self.app.config.server.ping_interval or None
+        """None: Tornado's task per connection stays off; :class:`Keepalive` pings for the whole app."""
+        return None
 
     @property
     def ping_timeout(self) -> float | None:
-        return self.app.config.server.ping_timeout or None
+        return None
 
     # -- the session ----------------------------------------------------------------------------------
 
-    async def open(self, *args: str, **kwargs: str) -> None:
+    def open(self, *args: str, **kwargs: str) -> Awaitable[None] | None:
+        # Not a coroutine: Tornado keeps what open() returns for the connection's life (a local of
+        # its accept coroutine), and the open hooks usually complete without suspending.
         assert self.identity is not None and self.ws_connection is not None
         self.set_nodelay(True)
         session = Session(
@@ -198,6 +240,14 @@ class WirehubSocket(WebSocketHandler):
         self.app.session_opened(session, self)
         session.on_identity_changed = self._schedule_expiry
         self._schedule_expiry()
+        coro = self._opened(session)
+        try:
+            first = coro.send(None)
+        except StopIteration:
+            return None
+        return _Resumed(coro, first)
+
+    async def _opened(self, session: Session) -> None:
         await self.handler.on_open(session)
         await self.app.hooks.session_opened(session)
 
@@ -262,9 +312,7 @@ class WirehubSocket(WebSocketHandler):
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
-        if self._counted is not None:
-            self.app.connections.release(*self._counted)
-            self._counted = None
+        self._release()
         session = self.session
         if session is None:
             return
@@ -276,6 +324,7 @@ class WirehubSocket(WebSocketHandler):
 
 
 _EAGER_TURN = 16
+_NO_KWARGS: Mapping[str, Any] = types.MappingProxyType({})
 
 
 class _Resumed:
@@ -303,12 +352,103 @@ class _Resumed:
                     return stop.value
 
 
-def _websocket_params(handler: WebSocketHandler) -> Any:
+class Keepalive:
+    """WebSocket pings for every connection of a replica, from one timer instead of a task each.
+
+    Each connection gets a ping every ``interval`` seconds; one that sent nothing (no pong, and no
+    other frame either) within ``timeout`` seconds of a ping is dropped: a Close frame 1000 "ping
+    timed out", and the TCP connection closed at once. ``timeout`` 0 means ``interval``, as with
+    Tornado's own pings, which this replaces (``server.ping_interval`` / ``server.ping_timeout``).
+
+    The connections are split into :attr:`SLICES` groups by session id, and one group is pinged
+    every ``interval / SLICES`` seconds, so 10,000 connections are not pinged in one loop
+    iteration; a new connection gets its first ping within ``interval`` of opening.
+    """
+
+    SLICES = 16
+
+    def __init__(self, sessions: Mapping[Session, WirehubSocket], interval: float, timeout: float) -> None:
+        self._sessions = sessions
+        self.interval = interval
+        self.timeout = timeout or interval
+        self._step = interval / self.SLICES
+        self._slice = 0
+        self._next = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        #: per slice: the timer of the check of its last ping, and the connections pinged
+        self._checks: list[tuple[asyncio.TimerHandle, list[_Protocol]] | None] = [None] * self.SLICES
+
+    def start(self) -> None:
+        if self._timer is None:
+            loop = asyncio.get_running_loop()
+            self._next = loop.time() + self._step
+            self._timer = loop.call_at(self._next, self._tick)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for i, pending in enumerate(self._checks):
+            if pending is not None:
+                pending[0].cancel()
+                self._checks[i] = None
+
+    def _tick(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        self._next += self._step
+        if self._next <= now:  # the loop was held up: go on from now rather than catch up in a burst
+            self._next = now + self._step
+        self._timer = loop.call_at(self._next, self._tick)
+        n, self._slice = self._slice, (self._slice + 1) % self.SLICES
+        self.ping_slice(n)
+
+    def ping_slice(self, n: int) -> int:
+        """Ping the open connections of slice ``n`` (what the timer does every ``interval / SLICES``
+        seconds, for ``n`` in turn); returns how many were pinged."""
+        pending = self._checks[n]
+        if pending is not None:  # timeout == interval: the check of the slice's last ping is due too
+            pending[0].cancel()
+            self._check(n)
+        slices = self.SLICES
+        pinged: list[_Protocol] = []
+        for session, socket_handler in self._sessions.items():
+            if hash(session.id) % slices != n:
+                continue
+            ws = socket_handler.ws_connection
+            if not isinstance(ws, _Protocol) or ws.is_closing():
+                continue
+            ws._received_pong = False
+            try:
+                ws.write_ping(b"")
+            except StreamClosedError:
+                continue
+            pinged.append(ws)
+        if pinged:
+            self._checks[n] = (asyncio.get_running_loop().call_later(self.timeout, self._check, n), pinged)
+        return len(pinged)
+
+    def _check(self, n: int) -> None:
+        pending, self._checks[n] = self._checks[n], None
+        if pending is None:
+            return
+        for ws in pending[1]:
+            if not ws._received_pong and not ws.is_closing():
+                session = ws.handler.session if isinstance(ws.handler, WirehubSocket) else None
+                log.info("no pong within %gs from %r: dropping the connection", self.timeout, session)
+                ws.close(CloseCode.NORMAL, "ping timed out")
+                ws._abort()
+
+
+@functools.cache
+def _websocket_params(max_message_size: int) -> Any:
+    """Tornado's per-connection protocol parameters, shared by the connections with the same size
+    limit (Tornado only reads them)."""
     from tornado.websocket import _WebSocketParams
 
     return _WebSocketParams(
-        ping_interval=handler.ping_interval,
-        ping_timeout=handler.ping_timeout,
-        max_message_size=handler.max_message_size,
+        ping_interval=None,  # Keepalive pings, not a task per connection
+        ping_timeout=None,
+        max_message_size=max_message_size,
         compression_options=None,  # no permessage-deflate: fan-out writes one encoding to everyone
     )
