@@ -24,28 +24,21 @@ import argparse
 import asyncio
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from bench.loadgen import ChatClient, Fan, Window, connect_many, cpu_seconds, perf, raise_nofile, summarize
+from bench.procs import start_replica, stop
 from service.brokers import BrokerProcess, NatsServer, RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAT_OPTIONS: dict[str, Any] = {"publish_rate": 1e9, "publish_burst": 1_000_000_000, "presence_events": False}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+CHAT_ENDPOINT: dict[str, Any] = {"path": "/ws/chat", "handler": "chat", "options": CHAT_OPTIONS}
 
 
 def bus_block(kind: str, broker: BrokerProcess | None, prefix: str) -> dict[str, Any]:
@@ -56,44 +49,6 @@ def bus_block(kind: str, broker: BrokerProcess | None, prefix: str) -> dict[str,
         assert broker is not None
         return {"plugin": "nats", "nats": {"servers": [broker.url], "subject_prefix": prefix}}
     return {"plugin": "memory"}
-
-
-def start_replica(workdir: Path, name: str, bus: dict[str, Any]) -> tuple[subprocess.Popen[bytes], int, Path]:
-    port = free_port()
-    cfg = {
-        "server": {"host": "127.0.0.1", "port": port, "backlog": 2048, "node_id": name},
-        "logging": {"level": os.environ.get("BENCH_LOG_LEVEL", "warning"), "access_log": False},
-        "drain": {"grace": 2},
-        "bus": bus,
-        "endpoints": [{"path": "/ws/chat", "handler": "chat", "options": CHAT_OPTIONS}],
-    }
-    path = workdir / f"{name}.yaml"
-    path.write_text(json.dumps(cfg))
-    log = workdir / f"{name}.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "service.cli", "--config", str(path), "serve"], cwd=ROOT,
-                                stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{name} exited: {log.read_text()[-2000:]}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return proc, port, log
-        except OSError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError(f"{name} did not listen: {log.read_text()[-2000:]}")
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
 
 
 async def fanout(ports: list[int], pids: list[int], *, members: int, window_msgs: int, size: int,
@@ -168,7 +123,7 @@ async def run_scenario(kind: str, a: argparse.Namespace, workdir: Path) -> dict[
         bus = bus_block(kind, broker, f"bench{uuid.uuid4().hex[:6]}")
         ports = []
         for i in range(1 if kind == "memory" else 2):
-            proc, port, _ = start_replica(workdir, f"{kind}-{i}", bus)
+            proc, port, _ = start_replica(workdir, f"{kind}-{i}", bus, CHAT_ENDPOINT)
             procs.append(proc)
             ports.append(port)
         pids = [p.pid for p in procs] + ([broker.pid] if broker is not None and broker.pid else [])

@@ -25,66 +25,21 @@ import bisect
 import json
 import os
 import random
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from bench.loadgen import WsClient, connect_many, cpu_seconds, percentile, perf, raise_nofile
+from bench.procs import start_replica, stop
 from service.brokers import BrokerProcess, RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 GAME_OPTIONS: dict[str, Any] = {"tick": 0.05, "updates_per_second": 40}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_replica(workdir: Path, name: str, bus: dict[str, Any]) -> tuple[subprocess.Popen[bytes], int]:
-    port = free_port()
-    cfg = {
-        "server": {"host": "127.0.0.1", "port": port, "backlog": 2048, "node_id": name},
-        "logging": {"level": "warning", "access_log": False},
-        "drain": {"grace": 2},
-        "bus": bus,
-        "endpoints": [{"path": "/ws/game", "handler": "game", "options": GAME_OPTIONS}],
-    }
-    path = workdir / f"{name}.yaml"
-    path.write_text(json.dumps(cfg))
-    log = workdir / f"{name}.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "service.cli", "--config", str(path), "serve"], cwd=ROOT,
-                                stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{name} exited: {log.read_text()[-2000:]}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return proc, port
-        except OSError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError(f"{name} did not listen: {log.read_text()[-2000:]}")
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+GAME_ENDPOINT: dict[str, Any] = {"path": "/ws/game", "handler": "game", "options": GAME_OPTIONS}  # tick set by main
 
 
 def _int_after(data: bytes, key: bytes, start: int, end: int) -> tuple[int, int]:
@@ -261,7 +216,7 @@ async def run_scenario(kind: str, a: argparse.Namespace, workdir: Path) -> dict[
             bus = {"plugin": "memory"}
         ports = []
         for i in range(a.replicas if kind != "memory" else 1):
-            proc, port = start_replica(workdir, f"{kind}-{i}", bus)
+            proc, port, _ = start_replica(workdir, f"{kind}-{i}", bus, GAME_ENDPOINT)
             procs.append(proc)
             ports.append(port)
         pids = [p.pid for p in procs] + ([broker.pid] if broker is not None and broker.pid else [])

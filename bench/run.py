@@ -19,18 +19,20 @@ import argparse
 import json
 import os
 import resource
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as `python bench/run.py`
+    sys.path.insert(0, str(ROOT))
+
+from bench.procs import free_port, spawn, stop, tail  # noqa: E402
+
 SCENARIOS = ("fanout", "echo", "idle")
 SERVERS = ("wirehub", "baseline")
 #: targets from issue 3: (metric, wirehub/baseline ratio, direction)
@@ -43,12 +45,6 @@ TARGETS: dict[str, tuple[str, float, str]] = {
 #: (1,000 joins would send ~500,000 of them before the measurement starts; the baseline sends none)
 CHAT_OPTIONS: dict[str, Any] = {"publish_rate": 1e9, "publish_burst": 1_000_000_000, "presence_events": False}
 ENDPOINT = {"fanout": "/ws/chat", "echo": "/ws/echo", "idle": "/ws/echo"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _child_setup(core: int | None) -> Any:
@@ -104,16 +100,7 @@ class Server:
     log: Path
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-    def tail(self) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-20:])
+        stop(self.proc)
 
 
 def start_server(name: str, workdir: Path, core: int | None, backlog: int, chat: bool,
@@ -129,20 +116,8 @@ def start_server(name: str, workdir: Path, core: int | None, backlog: int, chat:
         cmd = [sys.executable, str(ROOT / "bench" / "baseline_server.py"), "--port", str(port),
                "--backlog", str(backlog)]
     cwd = wirehub_root if name == "wirehub" else ROOT
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_child_setup(core))
-    server = Server(name, proc, port, log)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{name} exited with {proc.returncode}:\n{server.tail()}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return server
-        except OSError:
-            time.sleep(0.1)
-    server.stop()
-    raise RuntimeError(f"{name} did not listen on port {port} within 30 s:\n{server.tail()}")
+    proc = spawn(cmd, port, log, name=name, cwd=cwd, preexec_fn=_child_setup(core))
+    return Server(name, proc, port, log)
 
 
 def loadgen_args(scenario: str, a: argparse.Namespace) -> list[str]:
@@ -169,7 +144,7 @@ def run_pair(scenario: str, name: str, a: argparse.Namespace, workdir: Path,
         lines = proc.stdout.strip().splitlines()
         if proc.returncode != 0 or not lines:
             raise RuntimeError(f"loadgen {scenario} against {name} failed ({proc.returncode}):\n"
-                               f"{proc.stderr[-3000:]}\nserver log:\n{server.tail()}")
+                               f"{proc.stderr[-3000:]}\nserver log:\n{tail(server.log)}")
         result: dict[str, Any] = json.loads(lines[-1])
         result["server"] = name
         if server.proc.poll() is not None:
@@ -344,6 +319,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
     sys.exit(main())

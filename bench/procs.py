@@ -1,0 +1,76 @@
+"""Starting and stopping the servers a benchmark measures (wirehub replicas, the baseline)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def spawn(cmd: list[str], port: int, log: Path, *, name: str, cwd: Path = ROOT,
+          preexec_fn: Callable[[], None] | None = None, timeout: float = 30.0) -> subprocess.Popen[bytes]:
+    """Start ``cmd`` with its output in ``log`` and wait until it listens on ``port``."""
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, preexec_fn=preexec_fn)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with {proc.returncode}:\n{tail(log)}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return proc
+        except OSError:
+            time.sleep(0.1)
+    stop(proc)
+    raise RuntimeError(f"{name} did not listen on port {port} within {timeout:g} s:\n{tail(log)}")
+
+
+def wirehub_cmd(config: Path) -> list[str]:
+    return [sys.executable, "-m", "service.cli", "--config", str(config), "serve"]
+
+
+def start_replica(workdir: Path, name: str, bus: dict[str, Any],
+                  endpoint: dict[str, Any]) -> tuple[subprocess.Popen[bytes], int, Path]:
+    """A `wirehub serve` replica on a free port with one endpoint and ``bus``; (process, port, log)."""
+    port = free_port()
+    cfg = {
+        "server": {"host": "127.0.0.1", "port": port, "backlog": 2048, "node_id": name},
+        "logging": {"level": os.environ.get("BENCH_LOG_LEVEL", "warning"), "access_log": False},
+        "drain": {"grace": 2},
+        "bus": bus,
+        "endpoints": [endpoint],
+    }
+    path = workdir / f"{name}.yaml"
+    path.write_text(json.dumps(cfg))
+    log = workdir / f"{name}.log"
+    return spawn(wirehub_cmd(path), port, log, name=name), port, log
+
+
+def stop(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    """SIGTERM (wirehub drains), then SIGKILL after ``timeout`` seconds."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def tail(log: Path, lines: int = 20) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
