@@ -19,7 +19,7 @@ import yaml
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
 from service.brokers import BrokerProcess
-from service.testing import free_port
+from service.testing import WsClient, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -256,3 +256,14 @@ class Cluster:
         """:meth:`wait_ready`, blocking."""
         for r, left in self._remaining(timeout):
             r.wait_ready_sync(left, want=want, interval=0.05, request_timeout=2)
+
+
+async def rejoin_collecting(ws: WsClient, room: str, since: dict[str, Any], got: list[int]) -> dict[str, Any]:
+    """Join with ``since``, appending the offset of every message frame, even one before ``joined``."""
+    await ws.send({"op": "join", "id": "rejoin", "room": room, "since": since})
+    while True:
+        frame = await ws.recv()
+        if frame["op"] == "message":
+            got.append(frame["offset"])
+        elif frame.get("id") == "rejoin":
+            return frame

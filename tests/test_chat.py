@@ -16,6 +16,7 @@ import pytest
 from service.app import Wirehub
 from service.config import ConfigError, config_from_dict
 from service.testing import LiveServer, WsClient, config_for_tests, unique_room
+from tests.helpers import rejoin_collecting
 
 CHAT = "/ws/chat"
 ServerFactory = Callable[..., Awaitable[LiveServer]]
@@ -404,17 +405,6 @@ async def test_history_reply_and_replay_fit_half_the_send_queue(wirehub_server: 
     assert (await c.join(room, since={"offset": 8, "epoch": epoch}))["recovered"] is True
     assert [(await c.ws.recv_op("message"))["offset"] for _ in range(2)] == [9, 10]
     assert not c.ws.close_code and not b.ws.close_code
-
-
-async def rejoin_collecting(ws: WsClient, room: str, since: dict[str, Any], got: list[int]) -> dict[str, Any]:
-    """Join with ``since``, appending the offset of every message frame, even one before ``joined``."""
-    await ws.send({"op": "join", "id": "rejoin", "room": room, "since": since})
-    while True:
-        frame = await ws.recv()
-        if frame["op"] == "message":
-            got.append(frame["offset"])
-        elif frame.get("id") == "rejoin":
-            return frame
 
 
 async def test_recovery_under_concurrent_publishing_has_no_gap_and_no_duplicate(

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from service.testing import LiveServer, WsClient, unique_room
+from tests.helpers import rejoin_collecting
 
 CHAT = "/ws/chat"
 KEY = "replica-test-key"
@@ -45,17 +46,6 @@ async def member(server: LiveServer, user: str, room: str, **join: Any) -> tuple
     joined = await ws.request({"op": "join", "room": room, **join})
     assert joined["op"] == "joined", joined
     return ws, joined
-
-
-async def rejoin_collecting(ws: WsClient, room: str, since: dict[str, Any], got: list[int]) -> dict[str, Any]:
-    """Join with ``since``, appending the offset of every message frame, even one before ``joined``."""
-    await ws.send({"op": "join", "id": "rejoin", "room": room, "since": since})
-    while True:
-        frame = await ws.recv()
-        if frame["op"] == "message":
-            got.append(frame["offset"])
-        elif frame.get("id") == "rejoin":
-            return frame
 
 
 async def test_messages_and_presence_cross_replicas(replicas: tuple[LiveServer, LiveServer]) -> None:
