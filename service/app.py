@@ -25,7 +25,7 @@ from service.handler import HandlerContext
 from service.hub import Hub
 from service.metrics import Metrics
 from service.plugins import PluginError, PluginHost, build_plugin_manager
-from service.protocol import CloseCode, close_reason
+from service.protocol import CLOSE_REASONS, CloseCode, close_reason
 from service.websocket import Keepalive, WirehubSocket
 
 if TYPE_CHECKING:
@@ -205,7 +205,9 @@ class Wirehub:
         finally:
             self.sessions.pop(session, None)
             self.metrics.sessions.labels(session.endpoint).dec()
-            self.metrics.sessions_closed.labels(session.endpoint, str(code)).inc()
+            # clients choose codes 3000-4999 freely: label those outside our table "other" (bounded series)
+            label = str(code) if code is None or code < 3000 or code in CLOSE_REASONS else "other"
+            self.metrics.sessions_closed.labels(session.endpoint, label).inc()
             if self.draining:
                 self.metrics.drain_remaining.set(len(self.sessions))
             if not self.sessions:

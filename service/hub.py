@@ -80,28 +80,35 @@ class Hub:
         When it returns, every message published to ``room`` afterwards reaches the session.
         Raises BusUnavailable (the session is then not a member).
         """
-        r = self._rooms.get(room)
-        if r is None:
-            r = self._rooms[room] = _Room(room)
-            self.metrics.rooms.set(len(self._rooms))
-        r.members[session.id_bytes] = session
         session.rooms.add(room)
         try:
-            async with r.lock:
-                if not r.subscribed:
-                    await self.bus.subscribe(room)
-                    r.subscribed = True
-                    top, r.epoch = await self.backend.history.position(room)
-                    if r.last_offset is None:
-                        # a repair after an outage starts here even if nothing was delivered yet
-                        r.last_offset = top
+            while True:
+                r = self._rooms.get(room)
+                if r is None:
+                    r = self._rooms[room] = _Room(room)
+                    self.metrics.rooms.set(len(self._rooms))
+                r.members[session.id_bytes] = session
+                async with r.lock:
+                    if self._rooms.get(room) is not r:
+                        # the last member's leave retired this room while we waited: use the new one
+                        r.members.pop(session.id_bytes, None)
+                        continue
+                    if not r.subscribed:
+                        # position first: when it fails, nothing is half done (subscribed, no epoch)
+                        top, epoch = await self.backend.history.position(room)
+                        await self.bus.subscribe(room)
+                        r.subscribed, r.epoch = True, epoch
+                        if r.last_offset is None:
+                            # a repair after an outage starts here even if nothing was delivered yet
+                            r.last_offset = top
+                    return
         except BaseException:
             await self.leave(room, session)
             raise
 
     async def leave(self, room: str, session: Session) -> None:
         """Remove ``session`` from ``room``; unsubscribes the bus after the last local member."""
-        session.rooms.discard(room)
+        session.left(room)
         r = self._rooms.get(room)
         if r is None or r.members.pop(session.id_bytes, None) is None or r.members:
             return
@@ -112,13 +119,18 @@ class Hub:
                     await self.bus.unsubscribe(room)
                 except BusUnavailable:
                     log.debug("unsubscribe %s while the bus is down; it resubscribes nothing it lost", room)
-        if not r.members and not r.subscribed and not r.lock.locked() and self._rooms.get(room) is r:
-            del self._rooms[room]
-            self.metrics.rooms.set(len(self._rooms))
+            # Retired under the lock: a join waiting on it sees the room is gone and uses a new one.
+            if not r.members and not r.subscribed and self._rooms.get(room) is r:
+                del self._rooms[room]
+                self.metrics.rooms.set(len(self._rooms))
 
     async def leave_all(self, session: Session) -> None:
+        """Leave every room; one failing room does not keep the session in the others."""
         for room in list(session.rooms):
-            await self.leave(room, session)
+            try:
+                await self.leave(room, session)
+            except Exception:
+                log.exception("room %s: leaving %r failed", room, session)
 
     # -- publishing and fan-out --------------------------------------------------------------------
 

@@ -70,7 +70,8 @@ class Session:
     never needs them.
     """
 
-    __slots__ = ("__weakref__", "_held", "_rooms", "_state", "close_code", "endpoint", "id", "id_bytes",
+    __slots__ = ("__weakref__", "_floor", "_held", "_held_bytes", "_rooms", "_state", "close_code", "endpoint",
+                 "id", "id_bytes",
                  "identity", "max_queue_bytes", "metrics", "node", "on_identity_changed", "opened_at",
                  "remote_ip", "transport")
 
@@ -102,6 +103,9 @@ class Session:
         self.on_identity_changed: Callable[[], None] | None = None
         #: rooms whose live messages are kept back, and those messages (None: none held)
         self._held: dict[str, list[tuple[int | None, OutFrame]]] | None = None
+        self._held_bytes = 0
+        #: per room, the offset a recovery replayed up to: a live copy at or below it is a duplicate
+        self._floor: dict[str, int] | None = None
 
     @property
     def rooms(self) -> set[str]:
@@ -151,15 +155,19 @@ class Session:
         if self.closed:
             return False
         if self.transport.buffered() + len(frame.payload) > self.max_queue_bytes:
-            if self.metrics is not None:
-                self.metrics.slow_consumers.inc()
-                self.metrics.dropped.labels("slow_consumer").inc()
-            self.close(CloseCode.SLOW_CONSUMER, retry_ms=1000)
+            self._overflow()
             return False
         self.transport.send_frame(frame)
         if self.metrics is not None:
             self.metrics.messages_out.inc()
         return True
+
+    def _overflow(self) -> None:
+        """Queued plus held-back bytes went over the cap: close with 4008 (slow consumer)."""
+        if self.metrics is not None:
+            self.metrics.slow_consumers.inc()
+            self.metrics.dropped.labels("slow_consumer").inc()
+        self.close(CloseCode.SLOW_CONSUMER, retry_ms=1000)
 
     def send(self, message: dict[str, Any]) -> bool:
         """Encode and queue one JSON object."""
@@ -180,11 +188,21 @@ class Session:
     # -- fan-out entry, with the join gate used for gap-free recovery ---------------------------
 
     def deliver(self, room: str, frame: OutFrame, offset: int | None) -> None:
-        """A room message from the hub. While ``room`` is held it is kept back, not sent."""
+        """A room message from the hub. While ``room`` is held it is kept back, not sent; one at or
+        below the offset a recovery replayed up to is a duplicate and dropped."""
         if self._held:
             held = self._held.get(room)
             if held is not None:
                 held.append((offset, frame))
+                self._held_bytes += len(frame.payload)
+                if self._held_bytes + self.transport.buffered() > self.max_queue_bytes:
+                    self._held.clear()
+                    self._held_bytes = 0
+                    self._overflow()
+                return
+        if self._floor and offset is not None:
+            floor = self._floor.get(room)
+            if floor is not None and offset <= floor:
                 return
         self.send_frame(frame)
 
@@ -199,7 +217,11 @@ class Session:
 
         Returns how many were sent. Messages at or below ``after`` were already replayed.
         """
-        held = self._held.pop(room, []) if self._held else []
+        held = self.drop_held(room)
+        if after is not None:
+            if self._floor is None:
+                self._floor = {}
+            self._floor[room] = after
         sent = 0
         for offset, frame in held:
             if offset is None or after is None or offset > after:
@@ -207,10 +229,19 @@ class Session:
                 sent += 1
         return sent
 
-    def drop_held(self, room: str) -> None:
-        """Stop holding ``room`` and discard what was kept back (a join that failed half-way)."""
-        if self._held:
-            self._held.pop(room, None)
+    def drop_held(self, room: str) -> list[tuple[int | None, OutFrame]]:
+        """Stop holding ``room`` and return what was kept back (discarded by a join that failed)."""
+        held = self._held.pop(room, []) if self._held else []
+        self._held_bytes -= sum(len(frame.payload) for _, frame in held)
+        return held
+
+    def left(self, room: str) -> None:
+        """The session is no longer in ``room`` (the hub calls it): forget its room state."""
+        if self._rooms is not None:
+            self._rooms.discard(room)
+        self.drop_held(room)
+        if self._floor:
+            self._floor.pop(room, None)
 
     def describe(self) -> dict[str, Any]:
         return {"session": self.id, "user": self.identity.user, "endpoint": self.endpoint, "rooms": sorted(self.rooms)}

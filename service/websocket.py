@@ -82,6 +82,16 @@ class _Protocol(WebSocketProtocol13):
             return self._run_callback(self.handler.on_message, text)
         return super()._handle_message(opcode, data)
 
+    def close(self, code: int | None = None, reason: str | None = None) -> None:
+        # Every Close frame, Tornado's own too (the reply to the client's, 1009, a keepalive drop),
+        # goes after what the session corked in this loop iteration (transport.py's promise).
+        session = self.handler.session if isinstance(self.handler, WirehubSocket) else None
+        if session is not None and not self.server_terminated:
+            flush = getattr(session.transport, "flush", None)
+            if flush is not None:
+                flush()
+        super().close(code, reason)
+
     def _fail(self, code: int, reason: str) -> None:
         """Send a Close frame with ``code`` through the session, when there is one, so the session
         counts as closed at once: no room fan-out is written after the Close frame, and
@@ -157,6 +167,8 @@ class WirehubSocket(WebSocketHandler):
             if exc.status == 401:
                 self.set_header("WWW-Authenticate", f'Bearer realm="wirehub", error="{exc.error}"')
             return self._refuse(exc.status, exc.error, exc.reason)
+        if self._on_close_called:
+            return  # the client went away during authentication: nothing to count, no session to open
         limit = self.app.connections.admit(identity.user, self.request.remote_ip or "")
         if limit is not None:
             self.app.metrics.auth_failures.labels(limit).inc()
@@ -226,6 +238,9 @@ class WirehubSocket(WebSocketHandler):
         # Not a coroutine: Tornado keeps what open() returns for the connection's life (a local of
         # its accept coroutine), and the open hooks usually complete without suspending.
         assert self.identity is not None and self.ws_connection is not None
+        if self._on_close_called:  # gone before the 101 was out: on_close already ran, once
+            self._release()
+            return None
         self.set_nodelay(True)
         session = Session(
             StreamTransport(self.ws_connection, self.close),
@@ -436,6 +451,8 @@ class Keepalive:
             if not ws._received_pong and not ws.is_closing():
                 session = ws.handler.session if isinstance(ws.handler, WirehubSocket) else None
                 log.info("no pong within %gs from %r: dropping the connection", self.timeout, session)
+                if session is not None and session.close_code is None:
+                    session.close_code = CloseCode.NORMAL  # recorded for the metric and the close hook
                 ws.close(CloseCode.NORMAL, "ping timed out")
                 ws._abort()
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
 from plugins.bus.memory import create_backend
 from service.auth import Identity
 from service.bus import Backend, BusUnavailable, HistoryPage
@@ -182,3 +184,68 @@ async def test_repair_across_a_lost_history_sends_gap_even_if_offsets_look_fine(
     hub.on_bus_state(True)
     await asyncio.sleep(0.05)
     assert t.texts()[-1] == b'{"op":"gap","room":"r","epoch":"after-restart"}'
+
+
+async def test_a_join_waiting_on_a_retiring_room_subscribes_the_new_one() -> None:
+    """Last member leaves (unsubscribing) while another joins: the bus ends up subscribed."""
+    hub, bus = await make_hub()
+    a, _ = session()
+    await hub.join("x", a)
+    leaving = asyncio.ensure_future(hub.leave("x", a))
+    await asyncio.sleep(0)  # a's leave holds the room's lock, unsubscribing
+    b, tb = session()
+    joining = asyncio.ensure_future(hub.join("x", b))
+    await asyncio.gather(leaving, joining)
+    assert "x" in bus.inner._rooms  # type: ignore[attr-defined]
+    await hub.publish("x", b'{"n":1}')
+    assert tb.texts() == [b'{"n":1}']
+
+
+async def test_a_failing_position_leaves_the_room_unsubscribed() -> None:
+    hub, bus = await make_hub()
+
+    async def down(room: str) -> tuple[int, str]:
+        raise BusUnavailable("down")
+
+    original = hub.backend.history.position
+    hub.backend.history.position = down  # type: ignore[method-assign]
+    s, _ = session()
+    with pytest.raises(BusUnavailable):
+        await hub.join("r", s)
+    assert ("subscribe", "r") not in bus.calls and hub.rooms() == [] and s.rooms == set()
+    hub.backend.history.position = original  # type: ignore[method-assign]
+    await hub.join("r", s)
+    assert bus.calls[-1] == ("subscribe", "r")
+
+
+async def test_a_live_copy_of_a_replayed_message_is_dropped() -> None:
+    s, t = session()
+    s.hold("r")
+    assert s.release("r", after=5) == 0
+    for offset in (4, 5, 6):  # 4 and 5 came late over the bus after the replay had sent them
+        s.deliver("r", OutFrame(b"%d" % offset), offset)
+    assert t.texts() == [b"6"]
+
+
+async def test_held_messages_count_against_the_cap() -> None:
+    s, t = session(cap=2048)
+    s.hold("r")
+    for i in range(3):
+        s.deliver("r", OutFrame(b"x" * 1000), i + 1)
+    assert t.closed_with is not None and t.closed_with[0] == 4008
+
+
+async def test_leave_all_goes_on_after_a_failing_room() -> None:
+    hub, bus = await make_hub()
+    s, _ = session()
+    await hub.join("a", s)
+    await hub.join("b", s)
+
+    async def broken(room: str) -> None:
+        if room == "a":
+            raise RuntimeError("broken unsubscribe")
+        await bus.inner.unsubscribe(room)
+
+    bus.unsubscribe = broken  # type: ignore[method-assign]
+    await hub.leave_all(s)
+    assert hub.members("b") == [] and s.rooms == set()

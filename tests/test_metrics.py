@@ -141,3 +141,17 @@ def test_every_metric_is_documented() -> None:
     for family in Metrics().registry.collect():
         name = family.name + ("_total" if family.type == "counter" else "_info" if family.type == "info" else "")
         assert f"`{name}" in docs, f"{name} is missing from docs/operations.md"
+
+
+async def test_client_chosen_close_codes_do_not_grow_metric_series(wirehub_server: Any) -> None:
+    server = await wirehub_server({"endpoints": [{"path": "/ws/echo", "handler": "echo"}]})
+    for code in (3001, 4123, 4999):
+        client = await server.ws("/ws/echo")
+        client.close(code)
+    registry = server.app.metrics.registry
+    for _ in range(100):
+        if registry.get_sample_value("wirehub_sessions_closed_total", {"endpoint": "/ws/echo", "code": "other"}) == 3:
+            break
+        await asyncio.sleep(0.02)
+    assert registry.get_sample_value("wirehub_sessions_closed_total", {"endpoint": "/ws/echo", "code": "other"}) == 3
+    assert registry.get_sample_value("wirehub_sessions_closed_total", {"endpoint": "/ws/echo", "code": "4123"}) is None

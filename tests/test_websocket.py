@@ -214,3 +214,25 @@ async def test_demo_page_and_plugin_listing_can_be_turned_off(wirehub_server: St
     off = await wirehub_server({**ECHO, "server": {"demo_page": False, "plugin_listing": False}})
     assert (await off.http("/")).code == 404 and (await off.http("/api/plugins")).code == 404
     assert (await off.http("/static/wirehub.js")).code == 200
+
+
+async def test_a_client_gone_during_authentication_leaves_no_session_and_no_count(wirehub_server: Start) -> None:
+    server = await wirehub_server({**ECHO, "auth": {"plugin": "slow"},
+                                   "plugins": {"load": ["tests.plugins_for_tests.slow_auth"]},
+                                   "server": {"max_connections_per_user": 1}})
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setblocking(False)
+    await loop.sock_connect(sock, ("127.0.0.1", server.port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    await loop.sock_sendall(sock, (
+        f"GET /ws/echo HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+    await asyncio.sleep(0.1)
+    sock.close()  # gone while the authenticator still works
+    await asyncio.sleep(0.5)
+    assert server.app.sessions == {}
+    assert not server.app.connections.users and not server.app.connections.ips
+    client = await server.ws("/ws/echo")  # the one allowed connection of the user is still free
+    await client.send({"ok": 1})
+    assert await client.recv() == {"echo": {"ok": 1}}
