@@ -182,3 +182,16 @@ async def test_nothing_follows_the_failing_close_frame(wirehub_server: Start, ba
             break
         await asyncio.sleep(0.02)
     assert registry.get_sample_value("wirehub_sessions_closed_total", labels) == 1.0
+
+
+async def test_replies_corked_before_the_clients_close_still_go_out_first(wirehub_server: Start) -> None:
+    """A message and a Close frame in one TCP write: the echo (corked in that loop iteration) precedes
+    Tornado's own Close reply instead of being dropped by it."""
+    server = await wirehub_server(_config())
+    reader, writer, _ = await _handshake(server)
+    try:
+        writer.write(_client_frame(0x1, b"last words") + _client_frame(0x8, (1000).to_bytes(2, "big")))
+        received = await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+    assert received == bytes((0x81, 10)) + b"last words" + bytes((0x88, 2)) + (1000).to_bytes(2, "big")
