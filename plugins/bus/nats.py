@@ -577,6 +577,18 @@ class NatsPresence:
                             "info": dict(entry.info)}).encode()
         await self.bus.call("presence", lambda: kv.put(_key(room, entry.user, entry.session), value))
 
+    def _seen(self, room: str, key: str, entry: PresenceEntry | None) -> None:
+        """Read your writes: put this replica's own change into the room's live copy at once, rather
+        than when the watch echoes it (a members() right after a join must list the joiner)."""
+        fut = self._watches.get(room)
+        if fut is None or not fut.done() or fut.exception() is not None:
+            return
+        entries = fut.result().entries
+        if entry is None:
+            entries.pop(key, None)
+        else:
+            entries[key] = (entry, time.monotonic())
+
     async def join(self, room: str, entry: PresenceEntry) -> bool:
         self.bus._check()
         self._local.setdefault(room, {})[entry.session] = entry
@@ -585,6 +597,7 @@ class NatsPresence:
         except BaseException:
             self._forget_local(room, entry.session)
             raise
+        self._seen(room, _key(room, entry.user, entry.session), entry)
         same_user = await self._room_entries(room, encode_room(entry.user) + ".")
         return all(e.session == entry.session for _, e in same_user)
 
@@ -611,6 +624,7 @@ class NatsPresence:
 
         if not await self.bus.call("presence", delete):
             return None
+        self._seen(room, key, None)
         rest = await self._room_entries(room, encode_room(entry.user) + ".")
         return entry.user if all(k == key for k, _ in rest) else None
 
