@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -32,7 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.loadgen import ChatClient, Fan, Window, connect_many, cpu_seconds, perf, raise_nofile, summarize
+from bench.loadgen import ChatClient, Fan, Window, connect_many, measure, raise_nofile, summarize
 from bench.procs import start_replica, stop
 from service.brokers import BrokerProcess, NatsServer, RedisServer
 
@@ -86,17 +85,8 @@ async def fanout(ports: list[int], pids: list[int], *, members: int, window_msgs
     await asyncio.sleep(0.5)
     fan.running = True
     fan.pump()
-    await asyncio.sleep(warmup)
-    cpu0 = {pid: cpu_seconds(pid) for pid in pids}
-    me0 = cpu_seconds(os.getpid())
-    t0 = perf()
-    window.count, window.errors, window.latencies = 0, 0, []
-    window.measuring = True
-    await asyncio.sleep(duration)
-    window.measuring = False
-    wall = perf() - t0
-    cpu = {pid: round(cpu_seconds(pid) - cpu0[pid], 3) for pid in pids}
-    times = {"wall": wall, "server_cpu": sum(cpu.values()), "loadgen_cpu": cpu_seconds(os.getpid()) - me0}
+    times = await measure(window, pids, warmup, duration)
+    cpu = times.pop("cpu_by_pid")
     fan.running = False
     closed = sum(1 for c in clients if not c.is_open)
     for c in clients:

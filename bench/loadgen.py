@@ -286,11 +286,14 @@ class Window:
             self.first_error = text[:300]
 
 
-async def measure(window: Window, server_pid: int | None, warmup: float, duration: float) -> dict[str, float]:
-    """Warm up, then record for ``duration`` seconds; wall time and CPU of server and this process."""
+async def measure(window: Window, server_pids: int | Sequence[int] | None, warmup: float,
+                  duration: float) -> dict[str, Any]:
+    """Warm up, then record for ``duration`` seconds: wall time, the CPU seconds of the server
+    processes (summed, and ``cpu_by_pid``) and of this process."""
+    pids = [] if not server_pids else [server_pids] if isinstance(server_pids, int) else list(server_pids)
     await asyncio.sleep(warmup)
     me = os.getpid()
-    s0 = cpu_seconds(server_pid) if server_pid else 0.0
+    s0 = {pid: cpu_seconds(pid) for pid in pids}
     g0 = cpu_seconds(me)
     t0 = perf()
     window.count, window.errors, window.latencies = 0, 0, []
@@ -298,9 +301,8 @@ async def measure(window: Window, server_pid: int | None, warmup: float, duratio
     await asyncio.sleep(duration)
     window.measuring = False
     wall = perf() - t0
-    s1 = cpu_seconds(server_pid) if server_pid else 0.0
-    g1 = cpu_seconds(me)
-    return {"wall": wall, "server_cpu": s1 - s0, "loadgen_cpu": g1 - g0}
+    cpu = {pid: round(cpu_seconds(pid) - s0[pid], 3) for pid in pids}
+    return {"wall": wall, "server_cpu": sum(cpu.values()), "loadgen_cpu": cpu_seconds(me) - g0, "cpu_by_pid": cpu}
 
 
 def summarize(scenario: str, window: Window, times: dict[str, float], **extra: Any) -> dict[str, Any]:
