@@ -74,6 +74,7 @@ class Wirehub:
         self.hooks = hooks
         self.node = config.node_id
         self.metrics = Metrics(ep.path for ep in config.endpoints)
+        hooks.failures.bind(self.metrics.plugin_errors)
         self.draining = False
         self._drain_running = False
         self._drain_started = 0.0
@@ -94,8 +95,11 @@ class Wirehub:
         self.authenticator: Authenticator = auth_factory(config.auth.options, config.auth.key)
         self.hub = Hub(self.backend, self.metrics)
         self.handlers: dict[str, Handler] = {}
+        #: endpoint path -> the name of the plugin that registered its handler (for failure reports)
+        self.handler_plugins: dict[str, str] = {}
         for i, ep in enumerate(config.endpoints):
             factory = hooks.pick(registries[2], ep.handler, f"endpoints[{i}].handler", "handler")
+            self.handler_plugins[ep.path] = registries[2][ep.handler].plugin
             context = HandlerContext(
                 config=config,
                 endpoint=ep,
@@ -196,10 +200,18 @@ class Wirehub:
         self._closing_tasks.add(task)
         task.add_done_callback(self._closing_tasks.discard)
 
+    def handler_failed(self, session: Session, method: str, exc: BaseException) -> None:
+        """The endpoint's handler raised out of ``method`` (``on_open``, ``on_message``, ``on_close``):
+        one rate-limited log line naming its plugin, and ``wirehub_plugin_errors_total``."""
+        self.hooks.failures.report(self.handler_plugins.get(session.endpoint, "?"), method, exc)
+
     async def _finish_session(self, session: Session, code: int | None, reason: str | None) -> None:
         try:
             await self.hub.leave_all(session)
-            await self.handlers[session.endpoint].on_close(session)
+            try:
+                await self.handlers[session.endpoint].on_close(session)
+            except Exception as exc:
+                self.handler_failed(session, "on_close", exc)
         except Exception:
             log.exception("closing %r failed", session)
         finally:
