@@ -23,6 +23,7 @@ from service import http
 from service.config import Config
 from service.handler import HandlerContext
 from service.hub import Hub
+from service.inflight import InFlight
 from service.metrics import Metrics
 from service.plugins import PluginError, PluginHost, build_plugin_manager
 from service.protocol import CLOSE_REASONS, CloseCode, close_reason
@@ -85,6 +86,10 @@ class Wirehub:
                           if config.server.ping_interval else None)
         self._closing_tasks: set[asyncio.Task[None]] = set()
         self._all_closed = asyncio.Event()
+        #: POST /api/publish requests being served; stop() waits for them before closing the bus
+        self.api_requests = InFlight()
+        #: set by stop(): the bus is about to close, so the publish API refuses (503, nothing published)
+        self.stopping = False
         self.connections = ConnectionLimits(
             config.server.max_connections_per_user, config.server.max_connections_per_ip
         )
@@ -304,10 +309,16 @@ class Wirehub:
             await asyncio.wait(list(self._closing_tasks), timeout=max(0.1, deadline - time.monotonic()))
         log.info("drained %d sessions and %d event streams in %.1fs", total, streams,
                  time.monotonic() - self._drain_started)
-        await self.stop()
+        await self.stop(in_flight_timeout=max(0.1, deadline - 0.5 * reserve - time.monotonic()))
 
-    async def stop(self) -> None:
-        """Stop listening, run shutdown hooks and close the bus. Idempotent."""
+    async def stop(self, in_flight_timeout: float = 5.0) -> None:
+        """Stop listening, wait (up to ``in_flight_timeout`` s) for publish API requests and chat
+        publishes in flight, run shutdown hooks and close the bus. Idempotent.
+
+        Waiting matters: a publish that reached the bus must be answered as published, not with
+        the failure a closed bus would give it (see the publish API's outcomes in publish.py).
+        """
+        self.stopping = True  # from now the publish API answers 503 before publishing anything
         if self.server is not None:
             self.server.stop()
             self.server = None
@@ -315,11 +326,23 @@ class Wirehub:
             self.keepalive.stop()
         if self._closing_tasks:
             await asyncio.wait(list(self._closing_tasks), timeout=5)
+        await self._wait_in_flight(in_flight_timeout)
         if self.started:
             self.started = False
             await self.hooks.shutdown(self)
             await self.hub.close()
             await self.backend.bus.close()
+
+
+    async def _wait_in_flight(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        requests_done = await self.api_requests.wait(timeout)
+        publishes_done = await self.hub.publishing.wait(deadline - time.monotonic())
+        if requests_done and publishes_done:
+            return
+        log.warning("stopping with %d publish API requests and %d publishes still in flight after %.1fs; "
+                    "their publishers get 504 timeout or 503 unavailable", self.api_requests.count,
+                    self.hub.publishing.count, timeout)
 
 
 def _literal(path: str) -> str:
