@@ -98,6 +98,8 @@ class Wirehub:
         auth_factory = hooks.pick(registries[1], config.auth.plugin, "auth.plugin", "authenticator")
         self.backend: Backend = bus_factory(config.bus.options, config.bus.key)
         self.authenticator: Authenticator = auth_factory(config.auth.options, config.auth.key)
+        #: the name of the plugin that registered the authenticator (for failure reports)
+        self.auth_plugin = registries[1][config.auth.plugin].plugin
         self.hub = Hub(self.backend, self.metrics)
         self.handlers: dict[str, Handler] = {}
         #: endpoint path -> the name of the plugin that registered its handler (for failure reports)

@@ -167,6 +167,9 @@ class WirehubSocket(WebSocketHandler):
             if exc.status == 401:
                 self.set_header("WWW-Authenticate", f'Bearer realm="wirehub", error="{exc.error}"')
             return self._refuse(exc.status, exc.error, exc.reason)
+        except Exception as exc:  # a broken authenticator plugin: reported, and nothing was counted yet
+            self.app.hooks.failures.report(self.app.auth_plugin, "authenticate", exc)
+            return self._refuse(500, "internal", "internal error")
         if self._on_close_called:
             return  # the client went away during authentication: nothing to count, no session to open
         limit = self.app.connections.admit(identity.user, self.request.remote_ip or "")

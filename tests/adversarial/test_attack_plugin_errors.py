@@ -11,14 +11,16 @@ counts them; a bystander is served throughout, and SIGTERM does not wait out the
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
-from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
-from service.testing import WsClient, free_port, unique_room, ws_connect
+from service.testing import LiveServer, WsClient, free_port, unique_room, ws_connect
 from tests.helpers import ServerProcess, write_config
 
 PLUGIN = "tests.plugins_for_tests.raising_hooks"
@@ -36,6 +38,7 @@ def start_replica(tmp_path: Path) -> ServerProcess:
             {"path": "/ws/open", "handler": "raising-open"},
             {"path": "/ws/message", "handler": "raising-message"},
             {"path": "/ws/chat", "handler": "chat"},
+            {"path": "/ws/game", "handler": "game"},
         ],
         "plugins": {"load": [PLUGIN]},
     }
@@ -115,6 +118,26 @@ async def test_raising_hooks_release_the_session_and_answer_internal(tmp_path: P
         await publisher.wait_closed()
         finish(publisher)
 
+        # a game rules hook that raises: error internal for that update, the room stays usable
+        game = await ws_connect(replica.url("/ws/game", "ws"), welcome=True)
+        game_room = unique_room("g")
+        assert (await game.request({"op": "join", "room": game_room}))["op"] == "state"
+        for _ in range(3):
+            reply = await game.request({"op": "update", "room": game_room,
+                                        "patch": [{"op": "add", "path": "/x", "value": "boom"}]})
+            assert (reply["op"], reply["code"]) == ("error", "internal")
+        reply = await game.request({"op": "update", "room": game_room,
+                                    "patch": [{"op": "add", "path": "/x", "value": 1}]})
+        assert (reply["op"], reply["version"]) == ("ack", 1)
+        game.close()
+        await game.wait_closed()
+        finish(game)
+
+        # Server-Sent Events: a raising authorize answers 500 internal before any stream starts
+        resp = await AsyncHTTPClient().fetch(HTTPRequest(replica.url(f"/sse?rooms={unique_room('boom-authz')}"),
+                                                         request_timeout=2), raise_error=False)
+        assert (resp.code, json.loads(resp.body)) == (500, {"error": "internal", "reason": "internal error"})
+
         # a handler whose on_message raises: error internal each time, the session stays open
         raising = await ws_connect(replica.url("/ws/message", "ws"), welcome=True)
         for _ in range(20):
@@ -127,11 +150,14 @@ async def test_raising_hooks_release_the_session_and_answer_internal(tmp_path: P
         finish(raising)
 
         # one log line per (plugin, hook), however often it raised (rate-limited), and no traceback
-        for hook, count in (("on_open", 5), ("on_close", 5), ("on_message", 20), ("filter_message", 1),
-                            ("authorize", 1)):
+        assert await metric(replica, "wirehub_plugin_errors_total", plugin=PLUGIN, hook="authorize") == 2
+        assert await metric(replica, "wirehub_plugin_errors_total", plugin=PLUGIN, hook="validate_update") == 3
+        for hook in ("on_open", "on_close", "on_message", "filter_message", "authorize", "validate_update"):
             lines = lines_naming(replica, hook)
-            assert len(lines) == 1, (hook, count, lines)
+            assert len(lines) == 1, (hook, lines)
         assert "Traceback" not in replica.output()
+
+        assert (await bystander.request({"op": "ping"}))["op"] == "pong"  # still served after all that
 
         # SIGTERM drains the one open session (the bystander) and exits well within the grace
         assert await metric(replica, "wirehub_sessions") == 1
@@ -142,3 +168,23 @@ async def test_raising_hooks_release_the_session_and_answer_internal(tmp_path: P
         finish(bystander)
     finally:
         replica.kill()
+
+
+async def test_a_raising_authenticator_answers_500_before_the_upgrade(
+    wirehub_server: Callable[..., Awaitable[LiveServer]],
+) -> None:
+    server = await wirehub_server({"auth": {"plugin": "raising"}, "plugins": {"load": [PLUGIN]},
+                                   "server": {"max_connections_per_ip": 1},
+                                   "endpoints": [{"path": "/ws/echo", "handler": "echo"}]})
+    for _ in range(3):
+        try:
+            await ws_connect(server.ws_url("/ws/echo"), headers={"X-Boom": "1"})
+        except HTTPClientError as exc:
+            assert exc.response is not None
+            assert (exc.code, json.loads(exc.response.body)) == (500, {"error": "internal", "reason": "internal error"})
+        else:
+            raise AssertionError("the upgrade went through")
+    bystander = await server.ws("/ws/echo")  # nothing was counted against the per-IP limit of 1
+    await bystander.send({"hello": 1})
+    assert await bystander.recv() == {"echo": {"hello": 1}}
+    assert server.app.metrics.plugin_errors.labels(PLUGIN, "authenticate")._value.get() == 3
