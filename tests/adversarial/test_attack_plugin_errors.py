@@ -184,7 +184,15 @@ async def test_a_raising_authenticator_answers_500_before_the_upgrade(
             assert (exc.code, json.loads(exc.response.body)) == (500, {"error": "internal", "reason": "internal error"})
         else:
             raise AssertionError("the upgrade went through")
+    # a raising wirehub_session_opened closes with 1011 and gives the slot back, every time
+    for _ in range(3):
+        client = await server.ws("/ws/echo", headers={"X-User": "boom-user"})
+        assert await client.wait_closed() == (1011, "internal error")
+        finish(client)
     bystander = await server.ws("/ws/echo")  # nothing was counted against the per-IP limit of 1
     await bystander.send({"hello": 1})
     assert await bystander.recv() == {"echo": {"hello": 1}}
-    assert server.app.metrics.plugin_errors.labels(PLUGIN, "authenticate")._value.get() == 3
+    metrics = server.app.metrics
+    assert metrics.plugin_errors.labels(PLUGIN, "authenticate")._value.get() == 3
+    assert metrics.plugin_errors.labels(PLUGIN, "session_opened")._value.get() == 3
+    assert metrics.sessions.labels("/ws/echo")._value.get() == 1  # the bystander only

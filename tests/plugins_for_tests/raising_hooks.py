@@ -5,7 +5,8 @@
 - ``wirehub_filter_message`` raises for the data ``"boom"``, and leaves anything else as it is;
 - ``wirehub_session_opened`` raises for users whose name starts with ``boom`` (none by default);
 - ``wirehub_validate_update`` raises for a patch that sets the value ``"boom"``;
-- authenticator ``raising``: raises for a request with an ``X-Boom`` header, else a guest.
+- authenticator ``raising``: raises for a request with an ``X-Boom`` header, else the user named by
+  ``X-User`` (default ``guest``).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ class RaisingAuthenticator:
     async def authenticate(self, request: HTTPServerRequest) -> Identity:
         if "X-Boom" in request.headers:
             raise RuntimeError("authenticate broke on purpose")
-        return Identity(user="guest", rooms=("*",))
+        return Identity(user=request.headers.get("X-User", "guest"), rooms=("*",))
 
     async def refresh(self, identity: Identity, token: str) -> Identity:
         raise AuthError(400, "unsupported")
