@@ -23,6 +23,7 @@ from service import http
 from service.config import Config
 from service.handler import HandlerContext
 from service.hub import Hub
+from service.inflight import InFlight
 from service.metrics import Metrics
 from service.plugins import PluginError, PluginHost, build_plugin_manager
 from service.protocol import CLOSE_REASONS, CloseCode, close_reason
@@ -74,6 +75,7 @@ class Wirehub:
         self.hooks = hooks
         self.node = config.node_id
         self.metrics = Metrics(ep.path for ep in config.endpoints)
+        hooks.failures.bind(self.metrics.plugin_errors)
         self.draining = False
         self._drain_running = False
         self._drain_started = 0.0
@@ -84,6 +86,10 @@ class Wirehub:
                           if config.server.ping_interval else None)
         self._closing_tasks: set[asyncio.Task[None]] = set()
         self._all_closed = asyncio.Event()
+        #: POST /api/publish requests being served; stop() waits for them before closing the bus
+        self.api_requests = InFlight()
+        #: set by stop(): the bus is about to close, so the publish API refuses (503, nothing published)
+        self.stopping = False
         self.connections = ConnectionLimits(
             config.server.max_connections_per_user, config.server.max_connections_per_ip
         )
@@ -92,10 +98,15 @@ class Wirehub:
         auth_factory = hooks.pick(registries[1], config.auth.plugin, "auth.plugin", "authenticator")
         self.backend: Backend = bus_factory(config.bus.options, config.bus.key)
         self.authenticator: Authenticator = auth_factory(config.auth.options, config.auth.key)
+        #: the name of the plugin that registered the authenticator (for failure reports)
+        self.auth_plugin = registries[1][config.auth.plugin].plugin
         self.hub = Hub(self.backend, self.metrics)
         self.handlers: dict[str, Handler] = {}
+        #: endpoint path -> the name of the plugin that registered its handler (for failure reports)
+        self.handler_plugins: dict[str, str] = {}
         for i, ep in enumerate(config.endpoints):
             factory = hooks.pick(registries[2], ep.handler, f"endpoints[{i}].handler", "handler")
+            self.handler_plugins[ep.path] = registries[2][ep.handler].plugin
             context = HandlerContext(
                 config=config,
                 endpoint=ep,
@@ -196,10 +207,18 @@ class Wirehub:
         self._closing_tasks.add(task)
         task.add_done_callback(self._closing_tasks.discard)
 
+    def handler_failed(self, session: Session, method: str, exc: BaseException) -> None:
+        """The endpoint's handler raised out of ``method`` (``on_open``, ``on_message``, ``on_close``):
+        one rate-limited log line naming its plugin, and ``wirehub_plugin_errors_total``."""
+        self.hooks.failures.report(self.handler_plugins.get(session.endpoint, "?"), method, exc)
+
     async def _finish_session(self, session: Session, code: int | None, reason: str | None) -> None:
         try:
             await self.hub.leave_all(session)
-            await self.handlers[session.endpoint].on_close(session)
+            try:
+                await self.handlers[session.endpoint].on_close(session)
+            except Exception as exc:
+                self.handler_failed(session, "on_close", exc)
         except Exception:
             log.exception("closing %r failed", session)
         finally:
@@ -292,10 +311,16 @@ class Wirehub:
             await asyncio.wait(list(self._closing_tasks), timeout=max(0.1, deadline - time.monotonic()))
         log.info("drained %d sessions and %d event streams in %.1fs", total, streams,
                  time.monotonic() - self._drain_started)
-        await self.stop()
+        await self.stop(in_flight_timeout=max(0.1, deadline - 0.5 * reserve - time.monotonic()))
 
-    async def stop(self) -> None:
-        """Stop listening, run shutdown hooks and close the bus. Idempotent."""
+    async def stop(self, in_flight_timeout: float = 5.0) -> None:
+        """Stop listening, wait (up to ``in_flight_timeout`` s) for publish API requests and chat
+        publishes in flight, run shutdown hooks and close the bus. Idempotent.
+
+        Waiting matters: a publish that reached the bus must be answered as published, not with
+        the failure a closed bus would give it (see the publish API's outcomes in publish.py).
+        """
+        self.stopping = True  # from now the publish API answers 503 before publishing anything
         if self.server is not None:
             self.server.stop()
             self.server = None
@@ -303,11 +328,23 @@ class Wirehub:
             self.keepalive.stop()
         if self._closing_tasks:
             await asyncio.wait(list(self._closing_tasks), timeout=5)
+        await self._wait_in_flight(in_flight_timeout)
         if self.started:
             self.started = False
             await self.hooks.shutdown(self)
             await self.hub.close()
             await self.backend.bus.close()
+
+
+    async def _wait_in_flight(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        requests_done = await self.api_requests.wait(timeout)
+        publishes_done = await self.hub.publishing.wait(deadline - time.monotonic())
+        if requests_done and publishes_done:
+            return
+        log.warning("stopping with %d publish API requests and %d publishes still in flight after %.1fs; "
+                    "their publishers get 504 timeout or 503 unavailable", self.api_requests.count,
+                    self.hub.publishing.count, timeout)
 
 
 def _literal(path: str) -> str:

@@ -18,6 +18,13 @@ class BusUnavailable(Exception):
     """The broker cannot be reached: the operation did not happen (never "maybe happened")."""
 
 
+class PublishOutcomeUnknown(BusUnavailable):
+    """A publish was handed to the broker but no answer came (timeout, connection lost while
+    waiting): it may or may not have been stored and delivered. Callers must not report it as
+    "not published"; a retry with the same ``dedupe_key`` within the window is delivered at most once.
+    """
+
+
 class StateConflict(Exception):
     """compare_and_set lost a race: the stored version is not the expected one."""
 
@@ -51,7 +58,11 @@ class Bus(Protocol):
     - one order per room: all replicas receive one room's messages in the same order, and a
       message published with ``history=True`` has a larger offset than every earlier one;
     - ``publish`` raises :class:`BusUnavailable` rather than buffering without bound or reporting
-      a message it did not hand to the broker as published;
+      a message it did not hand to the broker as published; :class:`BusUnavailable` itself means the
+      message was not published, :class:`PublishOutcomeUnknown` (a subclass) that it may have been;
+    - idempotent publish: a history publish with a ``dedupe_key`` that an earlier publish to the same
+      room used within ``dedupe_window`` seconds is not stored or delivered again, on any replica,
+      and returns the earlier message's offset (0 when the backend no longer knows it);
     - ``healthy`` is False while the broker is unreachable; the bus reconnects with capped
       backoff and resubscribes every room by itself, then reports ``on_bus_state(True)``.
     """
@@ -65,12 +76,20 @@ class Bus(Protocol):
     async def close(self) -> None:
         """Disconnect; idempotent. No handler call happens after it returns."""
 
-    async def publish(self, room: str, payload: bytes, *, history: bool = False) -> int | None:
+    async def publish(self, room: str, payload: bytes, *, history: bool = False, dedupe_key: str | None = None,
+                      dedupe_window: float = 0.0) -> int | None:
         """Send ``payload`` to every subscriber of ``room`` on every replica (this one included).
 
         With ``history=True`` the message is also appended to the room's history, atomically with
         the publish so that history order equals delivery order, and its offset is returned
-        (``None`` otherwise). Raises BusUnavailable when the broker did not take the message.
+        (``None`` otherwise). Raises BusUnavailable when the broker did not take the message, and
+        PublishOutcomeUnknown when it may have.
+
+        ``dedupe_key`` (history publishes only; a non-empty string of at most 128 printable ASCII
+        characters) makes the publish idempotent for ``dedupe_window`` seconds, across replicas: a
+        second publish to ``room`` with the same key returns the first one's offset and delivers
+        nothing. The check and the append are atomic (a Lua script on Redis, JetStream's
+        ``Nats-Msg-Id`` on NATS).
         """
 
     async def subscribe(self, room: str) -> None:

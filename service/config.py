@@ -252,6 +252,9 @@ class ApiConfig:
     #: (unset in the file: DEFAULT_API_KEYS, i.e. $WIREHUB_API_KEY when that variable is set)
     keys: tuple[str, ...] = ()
     max_body: int = opt(65536, min=64)
+    #: seconds a publish's idempotency key is remembered (API and chat publish): a retry with the same
+    #: key within it is delivered once, on any replica (NATS: at most the bus's history_ttl)
+    idempotency_window: float = opt(120.0, min=1, max=86400)
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,9 @@ class Handler(Protocol):
     The core calls ``on_open`` once the upgrade succeeded, ``on_message`` for each frame in order
     (the next frame is read only after it returns: a slow handler applies backpressure to that
     client only), and ``on_close`` once after the connection ended. An exception escaping
-    ``on_message`` is logged and answered with ``error internal``; the session stays open.
+    ``on_message`` is reported (one rate-limited log line, ``wirehub_plugin_errors_total``) and
+    answered with ``error internal``; the session stays open. One escaping ``on_open`` closes the
+    session with 1011; one escaping ``on_close`` is reported. Either way the session is released.
     """
 
     async def on_open(self, session: Session) -> None: ...

@@ -100,7 +100,7 @@ def wirehub_startup(app: Wirehub) -> None:
 def wirehub_shutdown(app: Wirehub) -> None:
     """Called once after every session is closed and before the bus is closed.
 
-    May be async. Exceptions are logged and do not stop other plugins' shutdown.
+    May be async. Exceptions are reported (log line + metric) and do not stop other plugins' shutdown.
     """
 
 
@@ -111,7 +111,7 @@ def wirehub_shutdown(app: Wirehub) -> None:
 def wirehub_session_opened(session: Session) -> None:
     """Called after a WebSocket session is accepted and its handler's ``on_open`` ran.
 
-    May be async. Exceptions are logged; the session stays open. The return value is ignored.
+    May be async. An exception is reported and closes the session with 1011. The return value is ignored.
     """
 
 
@@ -121,7 +121,7 @@ def wirehub_session_closed(session: Session, code: int | None, reason: str | Non
     every room. ``code`` and ``reason`` are the close code and reason (sent by either side;
     ``None`` when the connection dropped without a close frame).
 
-    May be async. Exceptions are logged. The return value is ignored.
+    May be async. Exceptions are reported; the session is released all the same. The return value is ignored.
     """
 
 
@@ -148,7 +148,7 @@ def wirehub_filter_message(session: Session | None, room: str, data: Any) -> Any
     message's JSON value. Return ``None`` to leave it unchanged, a new JSON value to replace it
     (later filters see the replacement), or :data:`service.plugins.DROP` to refuse it: the
     publisher then gets ``error rejected``. May be async. An exception refuses the message with
-    ``error internal`` and is logged.
+    ``error internal`` (nothing is published) and is reported.
     """
 
 
@@ -159,5 +159,6 @@ def wirehub_validate_update(room: str, state: Any, patch: list[Any], identity: I
     Called for every update, and again after a compare-and-set conflict with the newer state.
     Return ``None`` to accept the patch as is, or a corrected patch (later rules see it). Raise
     :class:`service.plugins.UpdateRejected` with a client-visible reason to refuse it: the client
-    gets ``error rejected``. Must not mutate ``state``. May be async.
+    gets ``error rejected``. Must not mutate ``state``. May be async. Any other exception refuses
+    the update with ``error internal`` and is reported.
     """

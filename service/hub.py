@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 
 from service.bus import Backend, BusUnavailable
+from service.inflight import InFlight
 from service.metrics import Metrics
 from service.protocol import dumps, with_offset
 from service.session import OutFrame, Session
@@ -64,6 +65,8 @@ class Hub:
         self._bus_was_down = False
         self._repairs: set[asyncio.Task[None]] = set()
         self.healthy = False
+        #: publishes handed to the bus and not answered yet (the drain waits for them)
+        self.publishing = InFlight()
 
     # -- membership --------------------------------------------------------------------------------
 
@@ -135,14 +138,22 @@ class Hub:
     # -- publishing and fan-out --------------------------------------------------------------------
 
     async def publish(
-        self, room: str, frame: bytes, *, origin: Session | None = None, history: bool = False
+        self, room: str, frame: bytes, *, origin: Session | None = None, history: bool = False,
+        dedupe_key: str | None = None, dedupe_window: float = 0.0,
     ) -> int | None:
         """Publish an encoded JSON object ``frame`` to ``room`` on every replica.
 
         ``origin`` does not receive it. With ``history=True`` the message is stored and every
-        member gets it with ``"offset"`` spliced in; its offset is returned. Raises BusUnavailable.
+        member gets it with ``"offset"`` spliced in; its offset is returned. ``dedupe_key``: see
+        :meth:`service.bus.Bus.publish`. Raises BusUnavailable (PublishOutcomeUnknown: maybe
+        published). Counted in :attr:`publishing` until the bus answered: the drain waits for it.
         """
-        return await self.bus.publish(room, envelope(frame, origin), history=history)
+        payload = envelope(frame, origin)
+        with self.publishing.track():
+            if dedupe_key is None:  # buses written before dedupe_key need not know the keyword
+                return await self.bus.publish(room, payload, history=history)
+            return await self.bus.publish(room, payload, history=history, dedupe_key=dedupe_key,
+                                          dedupe_window=dedupe_window)
 
     def on_bus_message(self, room: str, payload: bytes, offset: int | None) -> None:
         r = self._rooms.get(room)

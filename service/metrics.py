@@ -49,6 +49,10 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.plugin_errors = Counter(
+            "wirehub_plugin_errors", "Exceptions raised by plugin hooks and handler methods", ["plugin", "hook"],
+            registry=r,
+        )
         self.draining = Gauge("wirehub_draining", "1 while the replica drains", registry=r)
         self.drain_remaining = Gauge("wirehub_drain_sessions_remaining", "Sessions left to close", registry=r)
         for endpoint in endpoints:  # every configured endpoint is exported from the start, at 0

@@ -25,6 +25,8 @@ import pluggy
 
 from service import hookspecs
 from service.config import ConfigError, PluginsConfig
+from service.failures import PluginFailures
+from service.protocol import ErrorCode, ProtocolError
 
 if TYPE_CHECKING:
     from tornado.web import RequestHandler
@@ -60,6 +62,15 @@ RouteSpec: TypeAlias = "tuple[str, type[RequestHandler], dict[str, Any]]"
 
 class PluginError(Exception):
     """A plugin could not be loaded or is inconsistent; the message says which and why."""
+
+
+class PluginFailed(ProtocolError):
+    """A plugin hook raised: already logged and counted by :class:`PluginHost`; the client gets
+    ``error internal`` (a :class:`ProtocolError`, so op handlers answer it without logging again)."""
+
+    def __init__(self, plugin: str, hook: str) -> None:
+        super().__init__(ErrorCode.INTERNAL, "internal error")
+        self.plugin, self.hook = plugin, hook
 
 
 class UpdateRejected(Exception):
@@ -153,6 +164,11 @@ def build_plugin_manager(config: PluginsConfig | None = None) -> PluginHost:
     return PluginHost(pm, sources)
 
 
+def _hook_name(hook: str) -> str:
+    """The hook's short name for logs and metric labels: ``wirehub_authorize`` -> ``authorize``."""
+    return hook.removeprefix("wirehub_")
+
+
 def _call(impl: pluggy.HookImpl, kwargs: Mapping[str, Any]) -> Any:
     return impl.function(*[kwargs[name] for name in impl.argnames])
 
@@ -167,6 +183,20 @@ class PluginHost:
     def __init__(self, pm: pluggy.PluginManager, sources: Mapping[str, str]) -> None:
         self.pm = pm
         self.sources = dict(sources)
+        #: every exception out of a hook is reported here (log line + metric), see service/failures.py
+        self.failures = PluginFailures(log)
+
+    def _failed(self, impl: pluggy.HookImpl, hook: str, exc: BaseException) -> PluginFailed:
+        name = _hook_name(hook)
+        self.failures.report(impl.plugin_name, name, exc)
+        return PluginFailed(impl.plugin_name, name)
+
+    async def _await(self, impl: pluggy.HookImpl, hook: str, kwargs: Mapping[str, Any]) -> Any:
+        """One hookimpl's result; any exception is reported and becomes :class:`PluginFailed`."""
+        try:
+            return await _resolve(_call(impl, kwargs))
+        except Exception as exc:
+            raise self._failed(impl, hook, exc) from exc
 
     def _impls(self, hook: str) -> list[pluggy.HookImpl]:
         # pluggy calls the last registered (and tryfirst) implementation first
@@ -175,7 +205,15 @@ class PluginHost:
     def _sync_results(self, hook: str, **kwargs: Any) -> list[tuple[str, Any]]:
         out = []
         for impl in self._impls(hook):
-            result = _call(impl, kwargs)
+            try:
+                result = _call(impl, kwargs)
+            except (ConfigError, PluginError):
+                raise
+            except Exception as exc:
+                self._failed(impl, hook, exc)
+                raise PluginError(
+                    f"plugin {impl.plugin_name!r}: {hook} raised {type(exc).__name__}: {exc}"
+                ) from exc
             if inspect.isawaitable(result):
                 raise PluginError(f"plugin {impl.plugin_name!r}: {hook} must not be async")
             if result is not None:
@@ -245,21 +283,32 @@ class PluginHost:
         return out
 
     async def startup(self, app: Wirehub) -> None:
+        """Raises PluginError naming the plugin (the startup is aborted)."""
         for impl in self._impls("wirehub_startup"):
-            await _resolve(_call(impl, {"app": app}))
+            try:
+                await self._await(impl, "wirehub_startup", {"app": app})
+            except PluginFailed as exc:
+                cause = exc.__cause__
+                raise PluginError(
+                    f"plugin {impl.plugin_name!r}: wirehub_startup raised {type(cause).__name__}: {cause}"
+                ) from cause
 
-    async def _notify(self, hook: str, **kwargs: Any) -> None:
+    async def _notify(self, hook: str, **kwargs: Any) -> bool:
+        """Every implementation, even after one failed; False when any raised (reported)."""
+        ok = True
         for impl in self._impls(hook):
             try:
-                await _resolve(_call(impl, kwargs))
-            except Exception:
-                log.exception("plugin %s: %s failed", impl.plugin_name, hook)
+                await self._await(impl, hook, kwargs)
+            except PluginFailed:
+                ok = False
+        return ok
 
     async def shutdown(self, app: Wirehub) -> None:
         await self._notify("wirehub_shutdown", app=app)
 
-    async def session_opened(self, session: Session) -> None:
-        await self._notify("wirehub_session_opened", session=session)
+    async def session_opened(self, session: Session) -> bool:
+        """False when a plugin raised: the caller closes the session with 1011."""
+        return await self._notify("wirehub_session_opened", session=session)
 
     async def session_closed(self, session: Session, code: int | None, reason: str | None) -> None:
         await self._notify("wirehub_session_closed", session=session, code=code, reason=reason)
@@ -267,10 +316,11 @@ class PluginHost:
     # -- policy ----------------------------------------------------------------------------------------
 
     async def authorize(self, identity: Identity, action: str, room: str) -> bool:
-        """The first non-None answer of ``wirehub_authorize``; False when nobody answers."""
+        """The first non-None answer of ``wirehub_authorize``; False when nobody answers.
+        Raises PluginFailed (as every per-request hook here) when an implementation raised."""
         kwargs = {"identity": identity, "action": action, "room": room}
         for impl in self._impls("wirehub_authorize"):
-            answer = await _resolve(_call(impl, kwargs))
+            answer = await self._await(impl, "wirehub_authorize", kwargs)
             if answer is not None:
                 return bool(answer)
         return False
@@ -278,7 +328,8 @@ class PluginHost:
     async def filter_message(self, session: Session | None, room: str, data: Any) -> Any:
         """``data`` after every ``wirehub_filter_message`` in turn, or :data:`DROP`."""
         for impl in self._impls("wirehub_filter_message"):
-            result = await _resolve(_call(impl, {"session": session, "room": room, "data": data}))
+            kwargs = {"session": session, "room": room, "data": data}
+            result = await self._await(impl, "wirehub_filter_message", kwargs)
             if result is DROP:
                 return DROP
             if result is not None:
@@ -289,7 +340,12 @@ class PluginHost:
         """``patch`` after every ``wirehub_validate_update``; raises UpdateRejected."""
         for impl in self._impls("wirehub_validate_update"):
             kwargs = {"room": room, "state": state, "patch": patch, "identity": identity}
-            result = await _resolve(_call(impl, kwargs))
+            try:
+                result = await _resolve(_call(impl, kwargs))
+            except UpdateRejected:
+                raise
+            except Exception as exc:
+                raise self._failed(impl, "wirehub_validate_update", exc) from exc
             if result is not None:
                 patch = result
         return patch

@@ -27,6 +27,7 @@ class ErrorCode(StrEnum):
     CONFLICT = "conflict"
     REJECTED = "rejected"
     UNAVAILABLE = "unavailable"
+    TIMEOUT = "timeout"  # the bus did not confirm a publish in time: it may have been delivered
     INTERNAL = "internal"
 
 

@@ -4,6 +4,14 @@
 is off (503). Members get a ``message`` from ``"server"``, published by the very function the
 chat handler uses (:func:`service.rooms.publish_message`), after ``wirehub_filter_message`` with
 ``session=None``. Every answer is JSON; errors are ``{error, reason}``.
+
+Outcomes (docs/protocol.md, "Publish API"): 200 published (also for a retry whose idempotency key
+was already used within ``api.idempotency_window``: the original offset, nothing delivered again);
+503 ``unavailable`` only when nothing was published (API off, bus down before the send, replica
+stopping); 504 ``timeout`` when the bus took the message but did not confirm it: it may have been
+delivered, and a retry with the same ``Idempotency-Key`` is delivered at most once. Every request
+is counted in ``app.api_requests`` until answered, and the drain waits for them before closing
+the bus.
 """
 
 from __future__ import annotations
@@ -14,10 +22,10 @@ from typing import TYPE_CHECKING, Any
 
 import tornado.web
 
-from service.bus import BusUnavailable
+from service.bus import BusUnavailable, PublishOutcomeUnknown
 from service.http import JsonHandler
 from service.protocol import ErrorCode, ProtocolError
-from service.rooms import SERVER_SENDER, RoomRules, publish_message
+from service.rooms import SERVER_SENDER, RoomRules, parse_idempotency_key, publish_message
 
 if TYPE_CHECKING:
     from service.app import Wirehub
@@ -66,6 +74,14 @@ class PublishHandler(JsonHandler):
     async def post(self) -> None:
         app = self.app
         assert app is not None
+        if app.stopping:  # the bus is about to close: refuse before anything is published
+            self.set_header("Retry-After", "1")
+            self.set_header("Connection", "close")
+            return self._fail(503, "unavailable", "the replica is stopping; retry on another replica")
+        with app.api_requests.track():
+            await self._publish(app)
+
+    async def _publish(self, app: Wirehub) -> None:
         if not app.config.api.keys:
             return self._fail(503, "unavailable", "the publish API is off: no api.keys are configured")
         if not self._key_ok():
@@ -85,12 +101,25 @@ class PublishHandler(JsonHandler):
         try:
             rules = room_rules(app)
             room = rules.room(body)
+            key = self._idempotency_key(body)
             offset = await publish_message(
-                app.hub, app.hooks, rules, room, body["data"], sender=SERVER_SENDER, session=None
+                app.hub, app.hooks, rules, room, body["data"], sender=SERVER_SENDER, session=None,
+                idempotency_key=key, idempotency_window=app.config.api.idempotency_window,
             )
         except ProtocolError as exc:
             return self._fail(_STATUS.get(exc.code, 500), str(exc.code), exc.message)
+        except PublishOutcomeUnknown:
+            return self._fail(504, "timeout", "the message bus did not confirm the publish in time; it may have "
+                              "been delivered: retry with the same Idempotency-Key")
         except BusUnavailable:
             self.set_header("Retry-After", "1")
             return self._fail(503, "unavailable", "the message bus is unavailable; retry later")
         self.write_json(200, {"room": room, "offset": offset})
+
+    def _idempotency_key(self, body: dict[str, Any]) -> str | None:
+        """The ``Idempotency-Key`` header or the body's ``idempotency_key`` (equal when both are given)."""
+        header = parse_idempotency_key(self.request.headers.get("Idempotency-Key"), "Idempotency-Key")
+        field = parse_idempotency_key(body.get("idempotency_key"))
+        if header is not None and field is not None and header != field:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "Idempotency-Key and idempotency_key differ")
+        return header if header is not None else field

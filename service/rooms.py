@@ -114,12 +114,16 @@ async def publish_message(
     sender: str,
     session: Session | None,
     echo: bool = False,
+    idempotency_key: str | None = None,
+    idempotency_window: float = 0.0,
 ) -> int:
     """Publish ``data`` to ``room`` as a ``message`` from ``sender``; returns its history offset.
 
     ``session`` is the publisher (``None`` for the HTTP API); it does not get its own message
-    unless ``echo``. Raises ProtocolError (``too_large``, ``rejected``, ``bad_request``) and
-    BusUnavailable (the message was then not published).
+    unless ``echo``. With ``idempotency_key``, a publish to ``room`` that reuses the key of one
+    made within ``idempotency_window`` seconds (on any replica) delivers nothing and returns the
+    first one's offset. Raises ProtocolError (``too_large``, ``rejected``, ``bad_request``),
+    BusUnavailable (the message was then not published) and PublishOutcomeUnknown (it may have been).
     """
     encoded = _checked(rules, room, data)
     filtered = await hooks.filter_message(session, room, data)
@@ -129,11 +133,27 @@ async def publish_message(
         encoded = _checked(rules, room, filtered)  # a rewrite must obey the same limit
     frame = message_frame(room, sender, encoded, round(time.time(), 3))
     origin = None if echo else session
-    offset = await hub.publish(room, frame, origin=origin, history=True)
+    offset = await hub.publish(room, frame, origin=origin, history=True, dedupe_key=idempotency_key,
+                               dedupe_window=idempotency_window)
     if offset is None:  # a bus that ignores history=True breaks its contract
         raise RuntimeError(f"bus {type(hub.bus).__name__} returned no offset for a history publish")
     hub.metrics.published.labels("client" if session is not None else "api").inc()
     return offset
+
+
+#: an idempotency key: 1 to 128 printable ASCII characters (it becomes part of broker keys and headers)
+_IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,128}")
+
+
+def parse_idempotency_key(value: Any, field_name: str = "idempotency_key") -> str | None:
+    """``None`` when absent; a valid key; or ``bad_request``."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _IDEMPOTENCY_KEY.fullmatch(value):
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST, f"{field_name} must be 1 to 128 printable ASCII characters without spaces"
+        )
+    return value
 
 
 # -- positions, recovery and history pages ------------------------------------------------------------

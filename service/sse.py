@@ -39,6 +39,7 @@ from tornado.iostream import StreamClosedError
 from service.auth import AuthError
 from service.bus import BusUnavailable
 from service.hub import split_envelope
+from service.plugins import PluginFailed
 from service.protocol import CloseCode, ProtocolError, dumps, with_offset
 from service.rooms import Since, recover
 from service.session import OutFrame, Session
@@ -226,7 +227,11 @@ class SseHandler(tornado.web.RequestHandler):
         if rooms is None:
             return
         for room in rooms:
-            if not await app.hooks.authorize(identity, "subscribe", room):
+            try:
+                allowed = await app.hooks.authorize(identity, "subscribe", room)
+            except PluginFailed:  # reported (log line, metric) by the plugin host
+                return self._refuse(500, "internal", "internal error")
+            if not allowed:
                 return self._refuse(403, "forbidden", "not_allowed", room=room)
         last_id = self.request.headers.get("Last-Event-ID") or self.get_argument("last_event_id", "")
         since = decode_position(last_id)

@@ -328,6 +328,43 @@ class BusContract:
         (a, _), _ = backend_pair
         assert a.bus.healthy is True
 
+    async def test_a_dedupe_key_is_published_once_across_replicas(self, backend_pair: BackendPair) -> None:
+        (a, ra), (b, rb) = backend_pair
+        room, other = unique_room(), unique_room()
+        for bus in (a.bus, b.bus):
+            await bus.subscribe(room)
+            await bus.subscribe(other)
+        first = await a.bus.publish(room, b"once", history=True, dedupe_key="k-1", dedupe_window=60)
+        # the retry, on the other replica and on the same one: the first offset, nothing delivered
+        assert await b.bus.publish(room, b"once", history=True, dedupe_key="k-1", dedupe_window=60) == first
+        assert await a.bus.publish(room, b"once", history=True, dedupe_key="k-1", dedupe_window=60) == first
+        # keys are per room, and other keys (or none) publish as usual
+        elsewhere = await b.bus.publish(other, b"same key", history=True, dedupe_key="k-1", dedupe_window=60)
+        second = await b.bus.publish(room, b"twice", history=True, dedupe_key="k-2", dedupe_window=60)
+        third = await a.bus.publish(room, b"plain", history=True)
+        assert isinstance(first, int) and isinstance(second, int) and isinstance(third, int)
+        assert first < second < third and isinstance(elsewhere, int)
+        for rec in (ra, rb):
+            assert await rec.wait_for(room, 3) == [b"once", b"twice", b"plain"]
+            assert await rec.wait_for(other, 1) == [b"same key"]
+        await asyncio.sleep(0.1)
+        assert ra.of(room) == [b"once", b"twice", b"plain"] and rb.of(room) == ra.of(room)
+        page = await a.history.read(room, None, 10)
+        assert [p for _, p in page.messages] == [b"once", b"twice", b"plain"]
+
+    async def test_concurrent_publishes_with_one_dedupe_key_store_one(self, backend_pair: BackendPair) -> None:
+        (a, ra), (b, _) = backend_pair
+        room = unique_room()
+        await a.bus.subscribe(room)
+        offsets = await asyncio.gather(*(
+            (a if i % 2 else b).bus.publish(room, b"racing", history=True, dedupe_key="same", dedupe_window=60)
+            for i in range(10)
+        ))
+        assert len(set(offsets)) == 1 and isinstance(offsets[0], int)
+        await ra.wait_for(room, 1)
+        await asyncio.sleep(0.1)
+        assert ra.of(room) == [b"racing"]
+
 
 class HistoryContract:
     """Provide ``backend``: a started Backend. History is bounded and epoch-tagged."""

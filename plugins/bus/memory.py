@@ -36,6 +36,8 @@ class MemoryBus:
         self._handler: BusHandler | None = None
         self._rooms: set[str] = set()
         self._sweeper: asyncio.Task[None] | None = None
+        #: (room, dedupe key) -> (expiry on the monotonic clock, offset), in insertion order
+        self._seen: dict[tuple[str, str], tuple[float, int]] = {}
 
     @property
     def healthy(self) -> bool:
@@ -57,11 +59,36 @@ class MemoryBus:
             await asyncio.sleep(interval)
             self._history.sweep()
 
-    async def publish(self, room: str, payload: bytes, *, history: bool = False) -> int | None:
+    async def publish(self, room: str, payload: bytes, *, history: bool = False, dedupe_key: str | None = None,
+                      dedupe_window: float = 0.0) -> int | None:
+        dedupe = history and dedupe_key is not None and dedupe_window > 0
+        if dedupe:
+            assert dedupe_key is not None
+            seen = self._duplicate(room, dedupe_key)
+            if seen is not None:
+                return seen
         offset = self._history.append(room, payload) if history else None
+        if dedupe and offset is not None:
+            assert dedupe_key is not None
+            self._seen[(room, dedupe_key)] = (time.monotonic() + dedupe_window, offset)
         if self._handler is not None and room in self._rooms:
             self._handler.on_bus_message(room, payload, offset)
         return offset
+
+    def _duplicate(self, room: str, key: str) -> int | None:
+        """The offset of an earlier publish with ``key`` still in its window; drops expired keys
+        from the oldest end first, so the table holds one window of keys at most."""
+        now = time.monotonic()
+        seen = self._seen
+        while seen:
+            oldest = next(iter(seen))
+            if seen[oldest][0] > now:
+                break
+            del seen[oldest]
+        found = seen.get((room, key))
+        if found is None or found[0] <= now:
+            return None
+        return found[1]
 
     async def subscribe(self, room: str) -> None:
         self._rooms.add(room)

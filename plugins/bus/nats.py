@@ -39,9 +39,11 @@ Failures: nats-py's own reconnect (and the publish buffer it fills while reconne
 disabled; :mod:`plugins.bus._broker` supervises the connection: a PING/PONG flush every
 ``heartbeat_interval`` that must answer within ``heartbeat_timeout``, capped backoff, resubscribe.
 ``publish`` is a JetStream publish that waits for the stream's acknowledgement: it returns only
-when the message is stored, and raises BusUnavailable when the bus is down or no ack came
-within ``op_timeout`` (a timed-out publish may still have been stored: the publisher got
-``error unavailable`` but the message is in history and delivered, once).
+when the message is stored, and raises BusUnavailable when the bus is down or JetStream refused
+it, PublishOutcomeUnknown when no ack came within ``op_timeout`` (it may still have been stored).
+Idempotent publishes carry ``Nats-Msg-Id: <r>.<key>``: JetStream stores one message per id within
+the stream's ``duplicate_window`` (set to the publisher's window, at most ``history_ttl``) and
+acks a duplicate with ``duplicate=True`` and the first one's sequence, whose ``Wh-Off`` is returned.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -60,7 +63,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from plugins.bus._broker import Supervised, encode_room, safe_close
-from service.bus import Backend, BusUnavailable, HistoryPage, PresenceEntry, StateConflict
+from service.bus import Backend, BusUnavailable, HistoryPage, PresenceEntry, PublishOutcomeUnknown, StateConflict
 from service.config import ConfigError, opt, parse_block
 from service.hookspecs import hookimpl
 from service.plugins import BusFactory
@@ -71,6 +74,7 @@ INSTALL_HINT = "pip install 'wirehub[nats]'"
 HDR_OFFSET = "Wh-Off"
 HDR_START = "Wh-Start"
 EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
+MSG_ID = "Nats-Msg-Id"
 WRONG_LAST_SEQUENCE = (10071, 10164)
 _SUBJECT_PREFIX = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
 
@@ -121,6 +125,10 @@ class _Wrong(Exception):
     """Nats-Expected-Last-Subject-Sequence did not match: another writer was first."""
 
 
+class _Refused(Exception):
+    """JetStream answered the publish with an error: the message was not stored."""
+
+
 class NatsBus(Supervised):
     """The bus; also holds the connection that history, presence and state use."""
 
@@ -153,6 +161,9 @@ class NatsBus(Supervised):
         self._locks: dict[str, asyncio.Lock] = {}
         #: room -> (stream seq, offset) of its newest history message, as far as this replica knows
         self._last: collections.OrderedDict[str, tuple[int, int]] = collections.OrderedDict()
+        #: the stream's duplicate_window in seconds as this replica set it (0: the server's default, 2 min)
+        self._dedupe_window = 0.0
+        self._stream_config: Any = None
 
     def subject(self, room: str, kind: str = "h") -> str:
         return f"{self.prefix}.r.{encode_room(room)}.{kind}"
@@ -208,8 +219,9 @@ class NatsBus(Supervised):
         config = api.StreamConfig(
             name=self.stream, subjects=[f"{self.prefix}.r.*.*"], max_msgs_per_subject=max(1, o.history_size),
             max_age=o.history_ttl, storage=storage, num_replicas=o.replicas, discard=api.DiscardPolicy.OLD,
-            allow_direct=True,
+            allow_direct=True, duplicate_window=self._dedupe_window,
         )
+        self._stream_config = config
         try:
             info = await js.add_stream(config)
         except self.nats.js.errors.BadRequestError:
@@ -297,24 +309,43 @@ class NatsBus(Supervised):
 
         return await self.call("history", get)  # type: ignore[no-any-return]
 
-    async def publish(self, room: str, payload: bytes, *, history: bool = False) -> int | None:
+    async def publish(self, room: str, payload: bytes, *, history: bool = False, dedupe_key: str | None = None,
+                      dedupe_window: float = 0.0) -> int | None:
         self._check()
         js, stream = self.js, self.stream
         if not history:
             subject = self.subject(room, "e")
-            await self.call("publish", lambda: js.publish(subject, payload, stream=stream))
+            try:
+                await self.call("publish", lambda: js.publish(subject, payload, stream=stream))
+            except BusUnavailable as exc:
+                raise PublishOutcomeUnknown(str(exc)) from exc
             return None
+        msg_id = None
+        if dedupe_key is not None and dedupe_window > 0:
+            await self._ensure_dedupe_window(dedupe_window)
+            msg_id = f"{encode_room(room)}.{dedupe_key}"  # keys are per room; the stream's are not
         lock = self._locks.get(room)
         if lock is None:
             lock = self._locks[room] = asyncio.Lock()
         try:
             async with lock:
-                return await self._publish_history(room, payload)
+                return await self._publish_history(room, payload, msg_id)
         finally:
             if not lock.locked() and self._locks.get(room) is lock:
                 del self._locks[room]
 
-    async def _publish_history(self, room: str, payload: bytes) -> int:
+    async def _ensure_dedupe_window(self, window: float) -> None:
+        """JetStream dedupes ``Nats-Msg-Id`` within the stream's ``duplicate_window`` (at most its
+        ``max_age``): set it to ``window`` once, when it differs."""
+        window = min(window, self.opts.history_ttl)
+        if window == self._dedupe_window:
+            return
+        config = dataclasses.replace(self._stream_config, duplicate_window=window)
+        js = self.js
+        await self.call("publish", lambda: js.update_stream(config))
+        self._stream_config, self._dedupe_window = config, window
+
+    async def _publish_history(self, room: str, payload: bytes, msg_id: str | None = None) -> int:
         js, stream, subject = self.js, self.stream, self.subject(room)
         api_error = self.nats.js.errors.APIError
 
@@ -324,7 +355,7 @@ class NatsBus(Supervised):
             except api_error as exc:
                 if exc.err_code in WRONG_LAST_SEQUENCE:
                     raise _Wrong() from None
-                raise
+                raise _Refused(f"{type(exc).__name__}: {exc}") from exc
 
         for attempt in range(100):
             known = self._last.get(room)
@@ -340,15 +371,40 @@ class NatsBus(Supervised):
             else:
                 offset = top + 1
             headers[HDR_OFFSET] = str(offset)
+            if msg_id is not None:
+                headers[MSG_ID] = msg_id
             try:
                 ack = await self.call("publish", lambda h=headers: send(h))  # type: ignore[misc]
             except _Wrong:
                 self._last.pop(room, None)
                 await asyncio.sleep(0.001 * min(attempt, 20))
                 continue
+            except _Refused as exc:
+                raise BusUnavailable(f"publish to {room!r} refused: {exc}") from exc
+            except BusUnavailable as exc:  # sent, and no answer: it may have been stored
+                raise PublishOutcomeUnknown(str(exc)) from exc
+            if ack.duplicate:  # JetStream kept the first one: ack.seq is its sequence
+                return await self._offset_of(int(ack.seq))
             self._remember(room, int(ack.seq), offset)
             return offset
         raise BusUnavailable(f"publish to {room!r}: too many concurrent writers")
+
+    async def _offset_of(self, seq: int) -> int:
+        """The offset of the message at stream sequence ``seq``; 0 when it is gone (trimmed)."""
+        js, stream = self.js, self.stream
+        not_found = self.nats.js.errors.NotFoundError
+
+        async def get() -> int:
+            try:
+                msg = await js.get_msg(stream, seq, direct=True)
+            except not_found:
+                return 0
+            return int((msg.headers or {}).get(HDR_OFFSET, 0))
+
+        try:
+            return await self.call("publish", get)  # type: ignore[no-any-return]
+        except BusUnavailable as exc:  # the duplicate was answered: published once, offset unknown
+            raise PublishOutcomeUnknown(str(exc)) from exc
 
     async def subscribe(self, room: str) -> None:
         self._check()

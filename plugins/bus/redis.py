@@ -27,9 +27,11 @@ Failures: see :mod:`plugins.bus._broker` (watchdog through the broker: a PUBLISH
 heartbeat channel must come back through its own subscriber connection within
 ``heartbeat_timeout``). ``publish`` raises BusUnavailable while the bus is down and when Redis
 does not answer within ``op_timeout``; nothing is buffered. A publish that timed out may still
-have been executed by a Redis that was slow rather than dead: the message then is in history
-and delivered, although the publisher got ``error unavailable`` (at most once: it is never
-delivered twice, and a client that retries sends a new message).
+have been executed by a Redis that was slow rather than dead: it raises PublishOutcomeUnknown
+(the publish API answers 504 ``timeout``), and a retry with the same idempotency key is
+delivered at most once: the publish script checks and sets the key ``<prefix>:i:{room}:<key>``
+(``SET ... PX window``) in the same script as the append, so a duplicate stores and sends nothing
+and returns the original offset.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from plugins.bus._broker import Supervised, encode_room, safe_close
-from service.bus import Backend, BusUnavailable, HistoryPage, PresenceEntry, StateConflict
+from service.bus import Backend, BusUnavailable, HistoryPage, PresenceEntry, PublishOutcomeUnknown, StateConflict
 from service.config import ConfigError, opt, parse_block
 from service.hookspecs import hookimpl
 from service.plugins import BusFactory
@@ -111,8 +113,15 @@ local function trim_age(horizon)
 end
 """
 
-# KEYS: stream, meta; ARGV: channel, payload, size, ttl_ms, epoch candidate
+# KEYS: stream, meta, dedupe key (the meta key again when none);
+# ARGV: channel, payload, size, ttl_ms, epoch candidate, dedupe window ms (0 = none)
+# -> {offset, 1 for a duplicate (nothing stored or sent) else 0}
 _PUBLISH = _LUA_COMMON + """
+local dedupe = tonumber(ARGV[6])
+if dedupe > 0 then
+  local seen = redis.call('GET', KEYS[3])
+  if seen then return {tonumber(seen), 1} end
+end
 local ttl = tonumber(ARGV[4])
 local now = now_ms()
 ensure_meta(ARGV[5], 2 * ttl + 60000)
@@ -124,7 +133,8 @@ if size > 0 then
   redis.call('PEXPIRE', KEYS[1], ttl + 1000)
 end
 redis.call('PUBLISH', ARGV[1], string.format('%d ', top) .. ARGV[2])
-return top
+if dedupe > 0 then redis.call('SET', KEYS[3], top, 'PX', dedupe) end
+return {top, 0}
 """
 
 # KEYS: stream, meta; ARGV: after (-1 = newest), limit, ttl_ms, epoch candidate
@@ -395,17 +405,24 @@ class RedisBus(Supervised):
 
     # -- Bus -------------------------------------------------------------------------------------------
 
-    async def publish(self, room: str, payload: bytes, *, history: bool = False) -> int | None:
-        self._check()
+    async def publish(self, room: str, payload: bytes, *, history: bool = False, dedupe_key: str | None = None,
+                      dedupe_window: float = 0.0) -> int | None:
+        self._check()  # down: nothing was sent (BusUnavailable); from here on a failure is "maybe"
         client, ch = self.client, self.channel(room)
-        if not history:
-            await self._call("publish", lambda: client.publish(ch, b"- " + payload), self.errors)
-            return None
-        keys = [self.key("h", room), self.key("m", room)]
-        args = [ch, payload, self.opts.history_size, int(self.opts.history_ttl * 1000), uuid.uuid4().hex[:12]]
-        script = self.scripts["publish"]
-        result = await self._call("publish", lambda: script(keys=keys, args=args, client=client), self.errors)
-        return int(result)
+        try:
+            if not history:
+                await self._call("publish", lambda: client.publish(ch, b"- " + payload), self.errors)
+                return None
+            meta = self.key("m", room)
+            window_ms = int(dedupe_window * 1000) if dedupe_key is not None else 0
+            keys = [self.key("h", room), meta, f"{self.key('i', room)}:{dedupe_key}" if window_ms > 0 else meta]
+            args = [ch, payload, self.opts.history_size, int(self.opts.history_ttl * 1000), uuid.uuid4().hex[:12],
+                    window_ms]
+            script = self.scripts["publish"]
+            result = await self._call("publish", lambda: script(keys=keys, args=args, client=client), self.errors)
+        except BusUnavailable as exc:
+            raise PublishOutcomeUnknown(str(exc)) from exc
+        return int(result[0])
 
     async def subscribe(self, room: str) -> None:
         self._check()

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.bus import BusUnavailable, PresenceEntry
+from service.bus import BusUnavailable, PresenceEntry, PublishOutcomeUnknown
 from service.config import ConfigError, opt, parse_block
 from service.handler import HandlerContext, Op, OpHandler
 from service.hookspecs import hookimpl
@@ -28,6 +28,7 @@ from service.rooms import (
     TokenBucket,
     fit,
     history_frame,
+    parse_idempotency_key,
     parse_since,
     publish_message,
     recover,
@@ -239,6 +240,7 @@ class ChatHandler(OpHandler):
         echo = request.get("echo", False)
         if not isinstance(echo, bool):
             raise ProtocolError(ErrorCode.BAD_REQUEST, "field 'echo' must be true or false")
+        idempotency_key = parse_idempotency_key(request.get("idempotency_key"))
         if room not in st.rooms:
             raise ProtocolError(ErrorCode.NOT_JOINED, f"join room {room!r} before publishing to it")
         await self._authorize(session, "publish", room)
@@ -251,6 +253,8 @@ class ChatHandler(OpHandler):
             sender=session.identity.user,
             session=session,
             echo=echo,
+            idempotency_key=idempotency_key,
+            idempotency_window=self.context.config.api.idempotency_window,
         )
         self.reply(session, request, "ack", offset=offset)
 
@@ -311,6 +315,12 @@ def _bus_errors(op: Op) -> Op:
     async def guarded(session: Session, request: dict[str, Any]) -> None:
         try:
             await op(session, request)
+        except PublishOutcomeUnknown:
+            raise ProtocolError(
+                ErrorCode.TIMEOUT,
+                "the bus did not confirm the publish in time; it may have been delivered: retry with the same "
+                "idempotency_key",
+            ) from None
         except BusUnavailable:
             raise ProtocolError(
                 ErrorCode.UNAVAILABLE, "the message bus is unavailable; retry later"

@@ -30,7 +30,7 @@ import jsonpatch
 
 from plugins.handlers.game.options import _APPLY_ERRORS, _explain, check_patch
 from service.bus import BusUnavailable, StateConflict
-from service.plugins import UpdateRejected
+from service.plugins import PluginFailed, UpdateRejected
 from service.protocol import ErrorCode, dumps
 from service.session import Session
 
@@ -143,6 +143,9 @@ class _Committer:
                     answered.append((u, _Outcome(ErrorCode.REJECTED, exc.reason)))
                 except _Outcome as exc:
                     answered.append((u, exc))
+                except PluginFailed:  # already reported (one rate-limited line naming the plugin, a metric)
+                    work = self._rebuild(base, accepted)
+                    answered.append((u, _Outcome(ErrorCode.INTERNAL, "internal error")))
                 except Exception:
                     log.exception("room %s: a rules plugin failed on an update", self.room)
                     work = self._rebuild(base, accepted)
