@@ -132,9 +132,10 @@ class Subscription:
         new = offset if isinstance(offset, int) and not isinstance(offset, bool) else None
         if epoch != self.epoch:
             self.offset, self.epoch = new, epoch if isinstance(epoch, str) else None
+            self.own = set()  # offsets of another epoch
         elif new is not None and (self.offset is None or new > self.offset):
             self.offset = new
-        self.own = {o for o in self.own if self.offset is None or o > self.offset}
+            self.own = {o for o in self.own if o > new}
 
     async def publish(self, data: Any, timeout: float | None = None) -> int:
         return await self.client.publish(self.room, data, timeout=timeout)

@@ -287,3 +287,26 @@ async def test_leave_all_goes_on_after_a_failing_room() -> None:
     bus.unsubscribe = broken  # type: ignore[method-assign]
     await hub.leave_all(s)
     assert hub.members("b") == [] and s.rooms == set()
+
+
+async def test_a_trimmed_history_gap_leaves_members_just_before_the_first_live_message_held() -> None:
+    """Same epoch, but the missed messages were trimmed: gap, placed so that no live message kept
+    back during the repair is dropped and none is delivered below the gap's offset."""
+    hub, _ = await make_hub()
+    s, t = session()
+    await hub.join("r", s)
+    await hub.publish("r", b'{"n":1}', history=True)
+    epoch = (await hub.backend.history.position("r"))[1]
+
+    async def trimmed(room: str, after: int | None, limit: int) -> HistoryPage:
+        # while the read runs, offsets 8 and 9 arrive live (7 and below were published during the outage)
+        hub.on_bus_message("r", envelope(b'{"n":8}'), 8)
+        hub.on_bus_message("r", envelope(b'{"n":9}'), 9)
+        return HistoryPage(epoch, 9, [], False)
+
+    hub.backend.history.read = trimmed  # type: ignore[method-assign]
+    hub.on_bus_state(False)
+    hub.on_bus_state(True)
+    await asyncio.sleep(0.05)
+    assert t.texts()[1:] == [b'{"op":"gap","room":"r","epoch":"%s","offset":7}' % epoch.encode(),
+                             b'{"n":8,"offset":8}', b'{"n":9,"offset":9}']

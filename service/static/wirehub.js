@@ -278,10 +278,11 @@ export class Subscription {
     if (epoch !== this.epoch) {
       this.offset = next;
       this.epoch = typeof epoch === "string" ? epoch : null;
+      this.own.clear(); // offsets of another epoch
     } else if (next !== null && (this.offset === null || next > this.offset)) {
       this.offset = next;
+      for (const o of this.own) if (o <= next) this.own.delete(o);
     }
-    for (const o of this.own) if (this.offset === null || o <= this.offset) this.own.delete(o);
   }
 
   /** Publish to this room (see WirehubClient.publish). @param {any} data */

@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from service.brokers import BrokerProcess
+from service.client import Client
 from service.testing import LiveServer, WsClient, unique_room
 from tests.helpers import bus_options
 
@@ -93,6 +94,20 @@ async def publisher(ws: WsClient, room: str, acked: list[int], stop: asyncio.Eve
         await asyncio.sleep(PUBLISH_EVERY)
 
 
+async def restarts(broker: BrokerProcess, a: LiveServer, b: LiveServer) -> None:
+    """Kill and restart the broker RESTARTS times while the replicas are busy."""
+    bus_a, bus_b = a.app.backend.bus, b.app.backend.bus
+    for _ in range(RESTARTS):
+        await asyncio.sleep(0.4)
+        broker.kill()
+        await until(lambda: not bus_a.healthy and not bus_b.healthy, 5, "both replicas notice the kill")
+        await asyncio.sleep(0.2)
+        broker.start()
+        await until(lambda: bus_a.healthy, 10, "A reconnects")
+        await until(lambda: bus_b.healthy, 10, "B reconnects")
+    await asyncio.sleep(0.4)
+
+
 async def test_no_acked_message_is_lost_across_broker_restarts(
         kind: str, broker: BrokerProcess, wirehub_server: Callable[..., Awaitable[LiveServer]]) -> None:
     prefix = f"g{uuid.uuid4().hex[:6]}"
@@ -114,29 +129,31 @@ async def test_no_acked_message_is_lost_across_broker_restarts(
     listeners = [Listener(await server.ws("/ws/chat", welcome=True), room) for server in (a, b)]
     for listener in listeners:
         assert (await listener.join())["offset"] == ack["offset"] >= 30
+    # and a client of the Python library on B, which keeps its position from the frames
+    lib = Client(b.ws_url("/ws/chat"), backoff_min=0.05, backoff_max=0.2, ping_interval=0)
+    lib_seqs: list[int] = []
+    sub = await lib.join(room, lambda m: lib_seqs.append(m["data"]["seq"]))
 
     acked: list[int] = []
     stop = asyncio.Event()
     pub_task = asyncio.ensure_future(publisher(pub, room, acked, stop))
-    bus_a, bus_b = a.app.backend.bus, b.app.backend.bus
     try:
-        for _ in range(RESTARTS):
-            await asyncio.sleep(0.4)
-            broker.kill()
-            await until(lambda: not bus_a.healthy and not bus_b.healthy, 5, "both replicas notice the kill")
-            await asyncio.sleep(0.2)
-            broker.start()
-            await until(lambda: bus_a.healthy, 10, "A reconnects")
-            await until(lambda: bus_b.healthy, 10, "B reconnects")
-        await asyncio.sleep(0.4)
+        await restarts(broker, a, b)
     finally:
         stop.set()
         await asyncio.wait_for(pub_task, 15)
     assert len(acked) > 100
     want = set(acked)
-    with contextlib.suppress(AssertionError):  # the exact counts are asserted below
-        await until(lambda: all(want <= set(x.seqs()) for x in listeners), 10, "every acked message arrives")
-    history = await pub.request({"op": "history", "room": room, "limit": 1})
+    try:
+        with contextlib.suppress(AssertionError):  # the exact counts are asserted below
+            await until(lambda: want <= set(lib_seqs) and all(want <= set(x.seqs()) for x in listeners), 10,
+                        "every acked message arrives")
+        history = await pub.request({"op": "history", "room": room, "limit": 1})
+        assert sorted(want & set(lib_seqs)) == [s for s in lib_seqs if s in want] == sorted(want)
+        assert sub.position == {"offset": history["offset"], "epoch": history["epoch"]}
+        assert lib.connections == 1  # it stayed connected
+    finally:
+        await lib.close()
     for name, listener in zip("AB", listeners, strict=True):
         await listener.stop()
         seqs = [s for s in listener.seqs() if s in want]

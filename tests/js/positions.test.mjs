@@ -4,6 +4,7 @@
 // those messages were handed to onMessage would make the rejoin deliver them again.
 import { test, afterEach } from "node:test";
 import assert from "node:assert/strict";
+import { Subscription } from "../../service/static/wirehub.js";
 import { client, closeAll, eventually, sleep, uniqueRoom } from "./helpers.mjs";
 
 afterEach(() => closeAll());
@@ -66,4 +67,22 @@ test("positions only move forward: joins bounced at once under ~300 msg/s get ev
   await other.join(room, (m) => seen.push(m.data));
   await pub.publish(room, "bystander check");
   await eventually(() => seen.includes("bystander check"), 5000, "the bystander gets it");
+});
+
+test("a position moves forward within an epoch and starts over with a new one (gap)", () => {
+  const c = client();
+  const got = [];
+  const sub = new Subscription(c, "r", (m) => got.push(m.data), { since: { offset: 10, epoch: "e1" } });
+  sub.own.add(12);
+  c.rooms.set("r", sub);
+  c._onFrame({ op: "gap", room: "r", epoch: "e1", offset: 4 }); // an older offset: no move back
+  assert.deepEqual(sub.position, { offset: 10, epoch: "e1" });
+  c._onFrame({ op: "message", room: "r", offset: 10, data: "dup" });
+  assert.deepEqual(got, []);
+  c._onFrame({ op: "gap", room: "r", epoch: "e2", offset: 0 }); // the broker lost e1
+  assert.deepEqual(sub.position, { offset: 0, epoch: "e2" });
+  assert.equal(sub.own.size, 0);
+  c._onFrame({ op: "message", room: "r", offset: 1, data: "new epoch" });
+  assert.deepEqual(got, ["new epoch"]);
+  assert.deepEqual(sub.position, { offset: 1, epoch: "e2" });
 });
