@@ -245,8 +245,9 @@ class Hub:
         """One attempt, paged, from ``last_offset``. Same epoch: the pages after it. Another epoch
         (the broker lost the old history): the old epoch's tail is really lost, so members get
         ``gap {epoch, offset: 0}`` and then the new epoch from its start, which is complete when it
-        was all published after the restart (while this replica was still reconnecting).
-        ``gap`` at the top only when history does not cover it."""
+        was all published after the restart (while this replica was still reconnecting). When
+        history was trimmed past what members got, ``gap`` covers only the trimmed part and what
+        history still holds follows it."""
         history = self.backend.history
         page = await history.read(r.name, r.last_offset, REPAIR_PAGE)
         if r.epoch is None:
@@ -265,9 +266,17 @@ class Hub:
                 break
             page = await history.read(r.name, page.messages[-1][0], REPAIR_PAGE)
         if not (page.complete and page.epoch == r.epoch):
+            # trimmed (by count or age): the gap is only what is gone; what history still holds follows
             log.warning("room %s: history does not cover the outage; members are told", r.name)
             done = (r.last_offset or 0) if page.epoch == r.epoch else 0
-            self._gap(r, page.epoch, self._live_from(r, page.top, done))
+            newest = await history.read(r.name, None, REPAIR_PAGE)
+            kept = [(offset, payload) for offset, payload in newest.messages if offset > done]
+            if not kept:
+                self._gap(r, newest.epoch, self._live_from(r, newest.top, done))
+                return
+            self._gap(r, newest.epoch, kept[0][0] - 1)
+            for offset, payload in kept:
+                self._fan_out(r, payload, offset)
 
     @staticmethod
     def _live_from(r: _Room, top: int | None, done: int) -> int:
