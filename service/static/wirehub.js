@@ -61,7 +61,7 @@
  * @property {{offset: number, epoch: string}} [since] resume from a stored position
  * @property {(info: JoinInfo) => void} [onJoined] after the first join and after every rejoin
  * @property {(event: {op: string, room: string, user: string, name?: string}) => void} [onPresence]
- * @property {(event: {room: string, epoch?: string}) => void} [onGap] the server lost messages of this room
+ * @property {(event: {room: string, epoch?: string, offset?: number}) => void} [onGap] the server lost messages of this room; {epoch, offset} is the position the next messages continue
  * @property {(event: {room: string, reason?: string}) => void} [onLeft] the server left the room for this client
  *   (after a `refresh`, the new token no longer allows it); it is not rejoined
  */
