@@ -126,6 +126,17 @@ class Subscription:
             return None
         return {"offset": self.offset, "epoch": self.epoch}
 
+    def _move(self, offset: Any, epoch: Any) -> None:
+        """Take a position the server named: within an epoch it only moves forward (a message
+        already handed to ``on_message`` is never asked for again); another epoch starts over."""
+        new = offset if isinstance(offset, int) and not isinstance(offset, bool) else None
+        if epoch != self.epoch:
+            self.offset, self.epoch = new, epoch if isinstance(epoch, str) else None
+            self.own = set()  # offsets of another epoch
+        elif new is not None and (self.offset is None or new > self.offset):
+            self.offset = new
+            self.own = {o for o in self.own if o > new}
+
     async def publish(self, data: Any, timeout: float | None = None) -> int:
         return await self.client.publish(self.room, data, timeout=timeout)
 
@@ -243,6 +254,8 @@ class Client:
         self._runner: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        #: per request id, run when its (non-error) reply arrives, before any later frame is handled
+        self._reply_hooks: dict[str, Callable[[dict[str, Any]], None]] = {}
         self._next_id = 0
         self._attempt = 0
         self._token: str | None = token if isinstance(token, str) else None
@@ -514,6 +527,9 @@ class Client:
         if req_id is not None:
             fut = self._pending.pop(str(req_id), None)
             if fut is not None:
+                hook = self._reply_hooks.pop(str(req_id), None)
+                if hook is not None and frame.get("op") != "error":
+                    hook(frame)
                 if not fut.done():
                     if frame.get("op") == "error":
                         fut.set_exception(ClientError(str(frame.get("code")), str(frame.get("message")), frame))
@@ -532,8 +548,10 @@ class Client:
             self._emit("presence", frame)
         elif op == "gap":
             if sub is not None:
-                sub.offset = None
-                sub.epoch = frame.get("epoch")
+                if isinstance(frame.get("offset"), int):
+                    sub._move(frame["offset"], frame.get("epoch"))
+                else:  # a server before gap carried an offset: the next message sets it
+                    sub.offset, sub.epoch = None, frame.get("epoch")
             self._emit("gap", frame)
         elif op == "patch":
             game = self.games.get(room) if isinstance(room, str) else None
@@ -567,9 +585,11 @@ class Client:
     # -- requests --------------------------------------------------------------------------------------
 
     async def request(self, body: dict[str, Any], timeout: float | None = None, *,
-                      _internal: bool = False) -> dict[str, Any]:
+                      _internal: bool = False,
+                      _on_reply: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
         """Send ``{op, ...}`` with a fresh id; return the reply with that id (ClientError on an
-        ``error`` reply or a timeout). While disconnected it waits for the next connection."""
+        ``error`` reply or a timeout). While disconnected it waits for the next connection.
+        ``_on_reply(reply)`` runs as the reply is read, before the frames after it."""
         if self._stopped:
             raise self._stop_error or ClientError("closed", "the client was closed")
         if self._runner is None:
@@ -586,6 +606,8 @@ class Client:
                     raise ClientError("disconnected", "not connected")
                 fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
                 self._pending[req_id] = fut
+                if _on_reply is not None:
+                    self._reply_hooks[req_id] = _on_reply
                 try:
                     await conn.write_message(json.dumps({**body, "id": req_id}))
                 except WebSocketClosedError:
@@ -595,9 +617,11 @@ class Client:
             raise ClientError("timeout", f"no reply to {body.get('op')} within {limit} s") from None
         finally:
             self._pending.pop(req_id, None)
+            self._reply_hooks.pop(req_id, None)
 
     def _fail_pending(self, code: str, message: str) -> None:
         pending, self._pending = self._pending, {}
+        self._reply_hooks.clear()
         for fut in pending.values():
             if not fut.done():
                 fut.set_exception(ClientError(code, message))
@@ -654,11 +678,7 @@ class Client:
         body: dict[str, Any] = {"op": "join", "room": sub.room}
         if sub.position is not None:
             body["since"] = sub.position
-        reply = await self.request(body, _internal=True)
-        if not reply.get("recovered") or sub.offset is None or sub.epoch != reply.get("epoch"):
-            sub.offset = reply.get("offset")
-            sub.own.clear()
-        sub.epoch = reply.get("epoch")
+        reply = await self.request(body, _internal=True, _on_reply=lambda r: self._joined(sub, r))
         sub.recovered = bool(reply.get("recovered"))
         sub.presence = list(reply.get("presence") or [])
         info = {"room": sub.room, "offset": reply.get("offset"), "epoch": sub.epoch, "recovered": sub.recovered,
@@ -666,6 +686,14 @@ class Client:
         self._emit("joined", info)
         if sub.on_joined is not None:
             self._call(sub.on_joined, info)
+
+    @staticmethod
+    def _joined(sub: Subscription, reply: dict[str, Any]) -> None:
+        """The position after ``joined``, taken as the reply is read: the live messages that follow
+        it may be handed to ``on_message`` before the awaiting ``_join`` resumes."""
+        if reply.get("recovered") and sub.offset is not None and sub.epoch == reply.get("epoch"):
+            return  # the replay that follows moves it
+        sub._move(reply.get("offset"), reply.get("epoch"))
 
     async def leave(self, room: str) -> None:
         """Leave a chat or game room (no rejoin after a reconnect)."""

@@ -7,7 +7,9 @@ into an :class:`OutFrame` once per process and the same bytes are written to eve
 
 When the bus comes back after an outage, the hub repairs each local room from history: it reads
 what was published after the last offset it delivered and replays it in order before live
-messages; when history cannot cover the gap, members get ``gap {room}`` and know to reload.
+messages; when history cannot cover the gap, members get ``gap {room, epoch, offset}`` and know to
+reload. A lost history (a new epoch) is a gap for the old epoch only: the new one is replayed from
+its start when its history is complete.
 """
 
 from __future__ import annotations
@@ -24,6 +26,13 @@ from service.protocol import dumps, with_offset
 from service.session import OutFrame, Session
 
 log = logging.getLogger("wirehub.hub")
+
+#: messages per history read of a repair
+REPAIR_PAGE = 10_000
+#: a repair that finds the bus unavailable tries again after this many seconds (once it is up) ...
+REPAIR_RETRY = 0.2
+#: ... and, while the bus stays up, gives up after this many attempts with a ``gap``
+REPAIR_ATTEMPTS = 5
 
 
 @dataclass(eq=False)
@@ -64,6 +73,9 @@ class Hub:
         self._rooms: dict[str, _Room] = {}
         self._bus_was_down = False
         self._repairs: set[asyncio.Task[None]] = set()
+        #: bus outages so far, and set while the bus is up: a repair retries after both
+        self._outages = 0
+        self._bus_up = asyncio.Event()
         self.healthy = False
         #: publishes handed to the bus and not answered yet (the drain waits for them)
         self.publishing = InFlight()
@@ -192,7 +204,13 @@ class Hub:
         self.metrics.bus_up.set(1 if healthy else 0)
         if not healthy:
             self._bus_was_down = True
+            self._outages += 1
+            self._bus_up.clear()
+            for r in self._rooms.values():
+                if r.backlog:  # a repair is running: it reads these again from history, in order
+                    r.backlog.clear()
             return
+        self._bus_up.set()
         if self._bus_was_down:
             self._bus_was_down = False
             self.metrics.bus_reconnects.inc()
@@ -204,32 +222,90 @@ class Hub:
                     task.add_done_callback(self._repairs.discard)
 
     async def _repair(self, r: _Room) -> None:
-        replayed: int | None = None
+        """Replay what the room's members missed during the outage, then release the live backlog.
+
+        When the bus fails again meanwhile, the attempt starts over from what members have got once
+        it is back (the backlog was emptied on the failure: those messages are read from history).
+        """
+        attempts = 0
         try:
-            page = await self.backend.history.read(r.name, r.last_offset, 10_000)
-            # pages of 10,000 until the top of the read: a partial replay would be a silent gap
-            while page.complete and (r.epoch is None or page.epoch == r.epoch) and page.messages:
-                for offset, payload in page.messages:
-                    self._fan_out(r, payload, offset)
-                    replayed = offset
-                if page.messages[-1][0] >= page.top:
-                    break
-                page = await self.backend.history.read(r.name, page.messages[-1][0], 10_000)
-            if not (page.complete and (r.epoch is None or page.epoch == r.epoch)):
-                log.warning("room %s: history does not cover the outage; members are told", r.name)
-                r.last_offset, r.epoch = page.top, page.epoch  # the next repair starts from here
-                gap = OutFrame(dumps({"op": "gap", "room": r.name, "epoch": page.epoch}).encode())
-                for s in list(r.members.values()):
-                    s.deliver(r.name, gap, None)
-        except BusUnavailable:
-            log.warning("room %s: repair postponed, the bus went down again", r.name)
+            while r.members:
+                outages = self._outages
+                try:
+                    await self._replay(r)
+                except BusUnavailable:
+                    attempts += 1
+                    if attempts >= REPAIR_ATTEMPTS and self.healthy:
+                        raise
+                    log.info("room %s: repair postponed, the bus is unavailable", r.name)
+                    await asyncio.sleep(REPAIR_RETRY)
+                    await self._bus_up.wait()
+                    continue
+                if outages == self._outages:
+                    return
         except Exception:
-            log.exception("room %s: repair after the outage failed", r.name)
+            log.exception("room %s: repair after the outage failed; members are told", r.name)
+            self._gap(r, r.epoch or "", self._live_from(r, None, r.last_offset or 0))
         finally:
             backlog, r.backlog = r.backlog or [], None
             for payload, live_offset in backlog:
-                if replayed is None or live_offset is None or live_offset > replayed:
+                if live_offset is None or r.last_offset is None or live_offset > r.last_offset:
                     self._fan_out(r, payload, live_offset)
+
+    async def _replay(self, r: _Room) -> None:
+        """One attempt, paged, from ``last_offset``. Same epoch: the pages after it. Another epoch
+        (the broker lost the old history): the old epoch's tail is really lost, so members get
+        ``gap {epoch, offset: 0}`` and then the new epoch from its start, which is complete when it
+        was all published after the restart (while this replica was still reconnecting). When
+        history was trimmed past what members got, ``gap`` covers only the trimmed part and what
+        history still holds follows it."""
+        history = self.backend.history
+        page = await history.read(r.name, r.last_offset, REPAIR_PAGE)
+        if r.epoch is None:
+            r.epoch = page.epoch
+        elif page.epoch != r.epoch:
+            log.warning("room %s: history epoch %s was lost; epoch %s is replayed from its start",
+                        r.name, r.epoch, page.epoch)
+            page = await history.read(r.name, 0, REPAIR_PAGE)
+            if page.complete:
+                self._gap(r, page.epoch, 0)
+        # pages until the top of the read: a partial replay would be a silent gap
+        while page.complete and page.epoch == r.epoch and page.messages:
+            for offset, payload in page.messages:
+                self._fan_out(r, payload, offset)
+            if page.messages[-1][0] >= page.top:
+                break
+            page = await history.read(r.name, page.messages[-1][0], REPAIR_PAGE)
+        if not (page.complete and page.epoch == r.epoch):
+            # trimmed (by count or age): the gap is only what is gone; what history still holds follows
+            log.warning("room %s: history does not cover the outage; members are told", r.name)
+            done = (r.last_offset or 0) if page.epoch == r.epoch else 0
+            newest = await history.read(r.name, None, REPAIR_PAGE)
+            kept = [(offset, payload) for offset, payload in newest.messages if offset > done]
+            if not kept:
+                self._gap(r, newest.epoch, self._live_from(r, newest.top, done))
+                return
+            self._gap(r, newest.epoch, kept[0][0] - 1)
+            for offset, payload in kept:
+                self._fan_out(r, payload, offset)
+
+    @staticmethod
+    def _live_from(r: _Room, top: int | None, done: int) -> int:
+        """Where a ``gap`` leaves members who have got ``done``: ``top`` (None: unknown), or just
+        before the first newer live message kept back, which is then sent (never dropped)."""
+        for _, offset in r.backlog or ():
+            if offset is not None and offset > done:
+                return offset - 1 if top is None else max(done, min(top, offset - 1))
+        return done if top is None else max(done, top)
+
+    def _gap(self, r: _Room, epoch: str, offset: int) -> None:
+        """Tell the members that messages are lost: their position is now ``(offset, epoch)``, and
+        the messages that follow continue it."""
+        r.epoch, r.last_offset = epoch, offset
+        gap = OutFrame(dumps({"op": "gap", "room": r.name, "epoch": epoch, "offset": offset}).encode())
+        for s in list(r.members.values()):
+            s.rebase(r.name)  # a join's duplicate floor belongs to the old offsets
+            s.deliver(r.name, gap, None)
 
     async def close(self) -> None:
         for task in list(self._repairs):

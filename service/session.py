@@ -229,6 +229,11 @@ class Session:
                 sent += 1
         return sent
 
+    def rebase(self, room: str) -> None:
+        """``room``'s offsets start over (the hub announced a gap): forget the join's duplicate floor."""
+        if self._floor:
+            self._floor.pop(room, None)
+
     def drop_held(self, room: str) -> list[tuple[int | None, OutFrame]]:
         """Stop holding ``room`` and return what was kept back (discarded by a join that failed)."""
         held = self._held.pop(room, []) if self._held else []

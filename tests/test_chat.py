@@ -778,9 +778,12 @@ async def test_gap_after_an_outage_that_history_cannot_cover(wirehub_server: Ser
     await bus.inner.subscribe(room)
     await bus.inner.subscribe(covered)
     bus.set_down(False)
-    frames = [await a.ws.recv() for _ in range(3)]
-    assert {"op": "gap", "room": room, "epoch": epoch} in frames
-    replayed = [(f["data"], f["offset"]) for f in frames if f["op"] == "message"]
+    frames = [await a.ws.recv() for _ in range(6)]
+    # offsets 2 and 3 of `room` were trimmed: the gap says so, and 4 to 6, still in history, follow it
+    assert [(f["op"], f.get("offset")) for f in frames if f["room"] == room] == [
+        ("gap", 3), ("message", 4), ("message", 5), ("message", 6)]
+    assert {"op": "gap", "room": room, "epoch": epoch, "offset": 3} in frames
+    replayed = [(f["data"], f["offset"]) for f in frames if f["op"] == "message" and f["room"] == covered]
     assert replayed == [(0, 2), (1, 3)]
 
 

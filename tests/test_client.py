@@ -20,7 +20,7 @@ import pytest
 from tornado.netutil import bind_sockets
 
 from service.app import Wirehub
-from service.client import Client, ClientError, backoff_delay, close_policy, parse_retry_ms
+from service.client import Client, ClientError, Subscription, backoff_delay, close_policy, parse_retry_ms
 from service.config import config_from_dict
 from service.protocol import CloseCode, close_reason
 from service.session import Session
@@ -64,6 +64,26 @@ async def clients() -> AsyncIterator[Callable[..., Client]]:
 
 
 # -- the pure parts ---------------------------------------------------------------------------------------------
+
+
+def test_a_position_moves_forward_within_an_epoch_and_starts_over_with_a_new_one() -> None:
+    client = Client("ws://127.0.0.1:9/ws/chat")
+    sub = Subscription(client, "r", lambda m: None, offset=10, epoch="e1", own={9, 12})
+    frames: list[dict[str, Any]] = []
+    sub.on_message = frames.append
+    client.rooms["r"] = sub
+    client._on_frame({"op": "gap", "room": "r", "epoch": "e1", "offset": 4})  # an older offset: no move back
+    assert sub.position == {"offset": 10, "epoch": "e1"}
+    client._on_frame({"op": "message", "room": "r", "offset": 10, "data": "dup"})
+    assert frames == []
+    client._on_frame({"op": "gap", "room": "r", "epoch": "e2", "offset": 0})  # the broker lost e1
+    assert sub.position == {"offset": 0, "epoch": "e2"} and sub.own == set()
+    client._on_frame({"op": "message", "room": "r", "offset": 1, "data": "new epoch"})
+    assert [f["data"] for f in frames] == ["new epoch"] and sub.position == {"offset": 1, "epoch": "e2"}
+    Client._joined(sub, {"recovered": False, "offset": 0, "epoch": "e2"})  # not back to 0
+    assert sub.position == {"offset": 1, "epoch": "e2"}
+    Client._joined(sub, {"recovered": False, "offset": 5, "epoch": "e3"})
+    assert sub.position == {"offset": 5, "epoch": "e3"}
 
 
 def test_backoff_is_full_jitter_and_capped() -> None:

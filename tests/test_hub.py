@@ -160,30 +160,68 @@ async def test_repair_that_history_cannot_cover_sends_gap() -> None:
     await hub.publish("r", b'{"n":1}', history=True)
 
     async def lost(room: str, after: int | None, limit: int) -> HistoryPage:
-        return HistoryPage("new-epoch", 0, [], False)
+        return HistoryPage("new-epoch", 5, [], False)  # even the new epoch's start was trimmed
 
     hub.backend.history.read = lost  # type: ignore[method-assign]
     hub.on_bus_state(False)
     hub.on_bus_state(True)
     await asyncio.sleep(0.05)
-    assert t.texts()[-1] == b'{"op":"gap","room":"r","epoch":"new-epoch"}'
+    assert t.texts()[-1] == b'{"op":"gap","room":"r","epoch":"new-epoch","offset":5}'
 
 
-async def test_repair_across_a_lost_history_sends_gap_even_if_offsets_look_fine() -> None:
-    """A broker restarted without persistence: new epoch, offsets counting again from 1."""
+async def test_repair_across_a_lost_history_replays_the_new_epoch_from_its_start() -> None:
+    """A broker restarted without persistence: new epoch, offsets counting again (here from 2). The
+    old epoch's tail is a gap; the new epoch's messages, all in its history, follow the gap."""
     hub, _ = await make_hub()
     s, t = session()
+    s.hold("r")
     await hub.join("r", s)
     await hub.publish("r", b'{"n":1}', history=True)
+    s.release("r", 1)  # a join's duplicate floor at offset 1: it must not drop the new epoch's offsets
+    reads: list[int | None] = []
 
     async def new_epoch(room: str, after: int | None, limit: int) -> HistoryPage:
-        return HistoryPage("after-restart", 3, [(2, b' 0\n{"n":"new2"}'), (3, b' 0\n{"n":"new3"}')], True)
+        reads.append(after)
+        msgs = [(2, b' 0\n{"n":"new2"}'), (3, b' 0\n{"n":"new3"}')]
+        return HistoryPage("after-restart", 3, [m for m in msgs if m[0] > (after or 0)], True)
 
     hub.backend.history.read = new_epoch  # type: ignore[method-assign]
     hub.on_bus_state(False)
     hub.on_bus_state(True)
     await asyncio.sleep(0.05)
-    assert t.texts()[-1] == b'{"op":"gap","room":"r","epoch":"after-restart"}'
+    assert reads == [1, 0]
+    assert t.texts()[-3:] == [b'{"op":"gap","room":"r","epoch":"after-restart","offset":0}',
+                              b'{"n":"new2","offset":2}', b'{"n":"new3","offset":3}']
+
+
+async def test_a_repair_interrupted_by_another_outage_starts_over_from_what_was_delivered() -> None:
+    hub, bus = await make_hub()
+    s, t = session()
+    await hub.join("r", s)
+    await hub.publish("r", b'{"n":1}', history=True)
+    hub.on_bus_state(False)
+    await bus.inner.unsubscribe("r")
+    await hub.publish("r", b'{"n":2}', history=True)  # missed: only history has it
+    await bus.inner.subscribe("r")
+    original = hub.backend.history.read
+    calls = 0
+
+    async def failing_once(room: str, after: int | None, limit: int) -> HistoryPage:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            hub.on_bus_state(False)  # the broker went away again during the read
+            raise BusUnavailable("down again")
+        return await original(room, after, limit)
+
+    hub.backend.history.read = failing_once  # type: ignore[method-assign]
+    hub.on_bus_state(True)
+    await asyncio.sleep(0.05)
+    assert t.texts() == [b'{"n":1,"offset":1}']  # held back while the bus is down
+    await hub.publish("r", b'{"n":3}', history=True)  # reaches the backlog, then history again
+    hub.on_bus_state(True)
+    await asyncio.sleep(0.4)
+    assert t.texts() == [b'{"n":1,"offset":1}', b'{"n":2,"offset":2}', b'{"n":3,"offset":3}']
 
 
 async def test_a_join_waiting_on_a_retiring_room_subscribes_the_new_one() -> None:
@@ -249,3 +287,26 @@ async def test_leave_all_goes_on_after_a_failing_room() -> None:
     bus.unsubscribe = broken  # type: ignore[method-assign]
     await hub.leave_all(s)
     assert hub.members("b") == [] and s.rooms == set()
+
+
+async def test_a_trimmed_history_gap_leaves_members_just_before_the_first_live_message_held() -> None:
+    """Same epoch, but the missed messages were trimmed: gap, placed so that no live message kept
+    back during the repair is dropped and none is delivered below the gap's offset."""
+    hub, _ = await make_hub()
+    s, t = session()
+    await hub.join("r", s)
+    await hub.publish("r", b'{"n":1}', history=True)
+    epoch = (await hub.backend.history.position("r"))[1]
+
+    async def trimmed(room: str, after: int | None, limit: int) -> HistoryPage:
+        # while the read runs, offsets 8 and 9 arrive live (7 and below were published during the outage)
+        hub.on_bus_message("r", envelope(b'{"n":8}'), 8)
+        hub.on_bus_message("r", envelope(b'{"n":9}'), 9)
+        return HistoryPage(epoch, 9, [], False)
+
+    hub.backend.history.read = trimmed  # type: ignore[method-assign]
+    hub.on_bus_state(False)
+    hub.on_bus_state(True)
+    await asyncio.sleep(0.05)
+    assert t.texts()[1:] == [b'{"op":"gap","room":"r","epoch":"%s","offset":7}' % epoch.encode(),
+                             b'{"n":8,"offset":8}', b'{"n":9,"offset":9}']

@@ -34,6 +34,10 @@ from service.testing import config_for_tests, free_port
 JS_DIR = Path(__file__).parent / "js"
 SECRET = "j" * 40
 INSTALL = "apt-get install -y nodejs  (Node 20+; .ci/run installs it)"
+#: the default endpoints, plus a chat endpoint whose publish rate lets one test publish hundreds a second
+ENDPOINTS = [{"path": "/ws/echo", "handler": "echo"}, {"path": "/ws/chat", "handler": "chat"},
+             {"path": "/ws/game", "handler": "game"},
+             {"path": "/ws/fastchat", "handler": "chat", "options": {"publish_rate": 5000, "publish_burst": 5000}}]
 
 
 class Servers:
@@ -45,7 +49,8 @@ class Servers:
 
     def config(self, kind: str) -> Any:
         overrides: dict[str, Any] = {"server": {"port": self.ports[kind]},
-                                     "drain": {"grace": 2, "reconnect_jitter": 0.2}}
+                                     "drain": {"grace": 2, "reconnect_jitter": 0.2},
+                                     "endpoints": ENDPOINTS}
         if kind == "jwt":
             overrides["auth"] = {"plugin": "jwt", "jwt": {"algorithms": ["HS256"], "secret": SECRET,
                                                           "leeway": 0, "expiry_grace": 0}}

@@ -61,7 +61,7 @@
  * @property {{offset: number, epoch: string}} [since] resume from a stored position
  * @property {(info: JoinInfo) => void} [onJoined] after the first join and after every rejoin
  * @property {(event: {op: string, room: string, user: string, name?: string}) => void} [onPresence]
- * @property {(event: {room: string, epoch?: string}) => void} [onGap] the server lost messages of this room
+ * @property {(event: {room: string, epoch?: string, offset?: number}) => void} [onGap] the server lost messages of this room; {epoch, offset} is the position the next messages continue
  * @property {(event: {room: string, reason?: string}) => void} [onLeft] the server left the room for this client
  *   (after a `refresh`, the new token no longer allows it); it is not rejoined
  */
@@ -266,6 +266,23 @@ export class Subscription {
   /** The position to store for a later `join(room, fn, {since})`, or null. */
   get position() {
     return this.offset !== null && this.epoch !== null ? { offset: this.offset, epoch: this.epoch } : null;
+  }
+
+  /**
+   * Take a position the server named: within an epoch it only moves forward (a message already
+   * given to onMessage is never asked for again); another epoch starts over.
+   * @param {any} offset @param {any} epoch
+   */
+  _move(offset, epoch) {
+    const next = Number.isInteger(offset) ? offset : null;
+    if (epoch !== this.epoch) {
+      this.offset = next;
+      this.epoch = typeof epoch === "string" ? epoch : null;
+      this.own.clear(); // offsets of another epoch
+    } else if (next !== null && (this.offset === null || next > this.offset)) {
+      this.offset = next;
+      for (const o of this.own) if (o <= next) this.own.delete(o);
+    }
   }
 
   /** Publish to this room (see WirehubClient.publish). @param {any} data */
@@ -634,7 +651,10 @@ export class WirehubClient {
         this._pending.delete(String(id));
         clearTimeout(p.timer);
         if (frame.op === "error") p.reject(new WirehubError(frame.code, frame.message, frame));
-        else p.resolve(frame);
+        else {
+          p.onReply?.(frame); // now: the frames after this one may be handled before the awaiter resumes
+          p.resolve(frame);
+        }
         return;
       }
     }
@@ -653,8 +673,8 @@ export class WirehubClient {
       case "gap": {
         const sub = this.rooms.get(frame.room);
         if (sub) {
-          sub.offset = null;
-          sub.epoch = frame.epoch ?? null;
+          if (Number.isInteger(frame.offset)) sub._move(frame.offset, frame.epoch);
+          else { sub.offset = null; sub.epoch = frame.epoch ?? null; } // a server whose gap has no offset
           sub.options.onGap?.(frame);
         }
         this._emit("gap", frame);
@@ -776,9 +796,10 @@ export class WirehubClient {
    * for the next connection (its timeout runs meanwhile).
    * @param {Record<string, any>} body
    * @param {number} [timeout]
+   * @param {(reply: any) => void} [onReply] internal: runs as the reply is read, before later frames
    * @returns {Promise<any>}
    */
-  request(body, timeout) {
+  request(body, timeout, onReply) {
     if (this._stopped) {
       return Promise.reject(new WirehubError(this.status === "stopped" ? "stopped" : "closed", `the client is ${this.status}`));
     }
@@ -791,7 +812,7 @@ export class WirehubClient {
         if (i >= 0) this._queue.splice(i, 1);
         reject(new WirehubError("timeout", `no reply to ${body.op} within ${timeout ?? this.options.ackTimeout} ms`));
       }, timeout ?? this.options.ackTimeout);
-      this._pending.set(id, { resolve, reject, timer, sent: false, frame });
+      this._pending.set(id, { resolve, reject, timer, sent: false, frame, onReply });
       const internal = body.op === "join" || body.op === "ping" || body.op === "refresh";
       if (this._ws && (this._ready || internal) && this._ws.readyState === 1) this._send(id);
       else this._queue.push(id);
@@ -886,12 +907,10 @@ export class WirehubClient {
     /** @type {Record<string, any>} */
     const body = { op: "join", room: sub.room };
     if (sub.position) body.since = sub.position;
-    const reply = await this.request(body);
-    if (!reply.recovered || sub.offset === null || sub.epoch !== reply.epoch) {
-      sub.offset = reply.offset;
-      sub.own.clear();
-    }
-    sub.epoch = reply.epoch;
+    const reply = await this.request(body, undefined, (r) => {
+      // the position after `joined`, as it is read: the replayed and live messages come right after it
+      if (!(r.recovered && sub.offset !== null && sub.epoch === r.epoch)) sub._move(r.offset, r.epoch);
+    });
     sub.recovered = reply.recovered;
     sub.presence = reply.presence || [];
     /** @type {JoinInfo} */

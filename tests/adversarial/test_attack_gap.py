@@ -1,0 +1,178 @@
+"""Issue 12, defect 9: no needless ``gap`` after a broker restart.
+
+Two replicas on a real broker of the test's own; a subscriber on each; a publisher on replica A that
+publishes with acks at a steady rate while the broker is killed and restarted (without persistence:
+the room's history, and so its epoch, is lost each time). Replica B reconnects later than A (a larger
+backoff), so the messages its members miss were published after the restart, into the new epoch's
+history. Every acked message must reach both subscribers exactly once; the only ``gap`` is the one
+for the lost epoch (``offset: 0``: nothing of the new epoch is lost), and each subscriber's position
+ends where the room is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from service.brokers import BrokerProcess
+from service.client import Client
+from service.testing import LiveServer, WsClient, unique_room
+from tests.helpers import bus_options
+
+RESTARTS = 3
+#: seconds between two publishes of the publisher
+PUBLISH_EVERY = 0.01
+
+
+async def until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"not within {timeout}s: {what}"
+        await asyncio.sleep(0.02)
+
+
+class Listener:
+    """A subscriber that stays connected: every message and gap, in arrival order."""
+
+    def __init__(self, ws: WsClient, room: str) -> None:
+        self.ws, self.room = ws, room
+        self.frames: list[dict[str, Any]] = []
+        self.task: asyncio.Task[None] | None = None
+
+    async def join(self) -> dict[str, Any]:
+        joined = await self.ws.request({"op": "join", "room": self.room})
+        assert joined["op"] == "joined", joined
+        self.joined = joined
+        self.task = asyncio.ensure_future(self._read())
+        return joined
+
+    async def _read(self) -> None:
+        with contextlib.suppress(ConnectionError):
+            while True:
+                frame = await self.ws.recv(60)
+                if frame.get("op") in ("message", "gap"):
+                    self.frames.append(frame)
+
+    def seqs(self) -> list[int]:
+        return [f["data"]["seq"] for f in self.frames if f["op"] == "message"]
+
+    def gaps(self) -> list[dict[str, Any]]:
+        return [f for f in self.frames if f["op"] == "gap"]
+
+    def position(self) -> tuple[int, str]:
+        """Where a client that follows the frames is: offsets grow within an epoch, a gap moves it."""
+        offset, epoch = self.joined["offset"], self.joined["epoch"]
+        for f in self.frames:
+            if f["op"] == "gap":
+                assert f["epoch"] != epoch or f["offset"] >= offset, f"gap moved back: {f}"
+                offset, epoch = f["offset"], f["epoch"]
+            else:
+                assert f["offset"] > offset, f"offset {f['offset']} after {offset} in epoch {epoch}"
+                offset = f["offset"]
+        return offset, epoch
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.wait([self.task])
+
+
+async def publisher(ws: WsClient, room: str, acked: list[int], stop: asyncio.Event) -> None:
+    """Publish ``{seq}`` every PUBLISH_EVERY s; ``acked`` gets the seq of each publish answered ``ack``."""
+    seq = 0
+    while not stop.is_set():
+        seq += 1
+        reply = await ws.request({"op": "publish", "room": room, "data": {"seq": seq}}, timeout=10)
+        if reply["op"] == "ack":
+            acked.append(seq)
+        else:
+            assert reply["op"] == "error" and reply["code"] == "unavailable", reply
+        await asyncio.sleep(PUBLISH_EVERY)
+
+
+async def restarts(broker: BrokerProcess, a: LiveServer, b: LiveServer, acked: list[int]) -> int:
+    """Kill and restart the broker RESTARTS times while the replicas are busy; returns how many
+    publishes were acked while A was back and B not yet (what B's members must get from history)."""
+    bus_a, bus_b = a.app.backend.bus, b.app.backend.bus
+    behind = 0
+    for _ in range(RESTARTS):
+        await asyncio.sleep(0.4)
+        broker.kill()
+        await until(lambda: not bus_a.healthy and not bus_b.healthy, 5, "both replicas notice the kill")
+        await asyncio.sleep(1.0)  # B's backoff has grown meanwhile, A's is capped at 0.1 s
+        broker.start()
+        await until(lambda: bus_a.healthy, 10, "A reconnects")
+        before = len(acked)
+        await until(lambda: bus_b.healthy, 10, "B reconnects")
+        behind += len(acked) - before
+    await asyncio.sleep(0.4)
+    return behind
+
+
+async def test_no_acked_message_is_lost_across_broker_restarts(
+        kind: str, broker: BrokerProcess, wirehub_server: Callable[..., Awaitable[LiveServer]]) -> None:
+    prefix = f"g{uuid.uuid4().hex[:6]}"
+    extra = {"storage": "memory"} if kind == "nats" else {}  # a restart loses the history, as Redis does
+    chat = {"path": "/ws/chat", "handler": "chat", "options": {"publish_rate": 1000, "publish_burst": 1000}}
+
+    def config(max_backoff: float) -> dict[str, Any]:
+        opts = bus_options(kind, broker, prefix, max_backoff=max_backoff, **extra)
+        return {"bus": {"plugin": kind, kind: opts}, "endpoints": [chat]}
+
+    # B reconnects up to a second later than A: its members miss what A's publisher sends meanwhile
+    a, b = await wirehub_server(config(0.1)), await wirehub_server(config(2.0))
+    room = unique_room("gap")
+    pub = await a.ws("/ws/chat", welcome=True)
+    assert (await pub.request({"op": "join", "room": room}))["op"] == "joined"
+    for seq in range(-30, 0):  # some history first: the listeners' join positions are not 0
+        ack = await pub.request({"op": "publish", "room": room, "data": {"seq": seq}})
+        assert ack["op"] == "ack"
+    listeners = [Listener(await server.ws("/ws/chat", welcome=True), room) for server in (a, b)]
+    for listener in listeners:
+        assert (await listener.join())["offset"] == ack["offset"] >= 30
+    # and a client of the Python library on B, which keeps its position from the frames
+    lib = Client(b.ws_url("/ws/chat"), backoff_min=0.05, backoff_max=0.2, ping_interval=0)
+    try:
+        lib_seqs: list[int] = []
+        sub = await lib.join(room, lambda m: lib_seqs.append(m["data"]["seq"]))
+        acked: list[int] = []
+        stop = asyncio.Event()
+        pub_task = asyncio.ensure_future(publisher(pub, room, acked, stop))
+        try:
+            behind = await restarts(broker, a, b, acked)
+        finally:
+            stop.set()
+            await asyncio.wait_for(pub_task, 15)
+        assert behind > 0, "B never reconnected after A: the race was not exercised"
+        want = set(acked)
+        with contextlib.suppress(AssertionError):  # the exact counts are asserted below
+            await until(lambda: want <= set(lib_seqs) and all(want <= set(x.seqs()) for x in listeners), 10,
+                        "every acked message arrives")
+        history = await pub.request({"op": "history", "room": room, "limit": 1})
+        assert sorted(want & set(lib_seqs)) == [s for s in lib_seqs if s in want] == sorted(want)
+        assert sub.position == {"offset": history["offset"], "epoch": history["epoch"]}
+        assert lib.connections == 1  # it stayed connected
+    finally:
+        for listener in listeners:
+            await listener.stop()
+        await lib.close()
+    for name, listener in zip("AB", listeners, strict=True):
+        seqs = [s for s in listener.seqs() if s in want]
+        assert not want - set(seqs), f"{name}: {len(want - set(seqs))} of {len(want)} acked messages lost"
+        assert len(seqs) == len(want), f"{name}: duplicates"
+        assert seqs == sorted(seqs), f"{name}: out of order"
+        # one gap per restart, for the lost epoch only: the new epoch is replayed from its start
+        gaps = listener.gaps()
+        assert [g["offset"] for g in gaps] == [0] * RESTARTS, f"{name}: {gaps}"
+        assert len({g["epoch"] for g in gaps}) == RESTARTS
+        assert listener.position() == (history["offset"], history["epoch"]), name
+
+    # bystanders on both replicas are served
+    for server in (a, b):
+        other = await server.ws("/ws/chat", welcome=True)
+        assert (await other.request({"op": "ping"}))["op"] == "pong"
+        assert (await other.request({"op": "join", "room": room}))["offset"] == history["offset"]
