@@ -151,21 +151,27 @@ class SseTransport:
             if frame.offset is not None and epoch is not None:
                 self.positions[frame.room] = (frame.offset, epoch)
                 lines.append(b"id: " + self.event_id().encode())
-            elif frame.op == "gap":
-                self._gap(frame)
+            elif frame.op == "gap" and self._gap(frame):
+                lines.append(b"id: " + self.event_id().encode())
             lines.append(b"event: " + frame.op.encode())
             lines.append(b"data: " + frame.payload)
             self.handler.write_raw(b"\n".join(lines) + b"\n\n")
         else:  # an error frame or the like: a plain event of its own
             self.handler.write_raw(b"event: " + _op_of(frame.payload).encode() + b"\ndata: " + frame.payload + b"\n\n")
 
-    def _gap(self, frame: RoomFrame) -> None:
-        """The hub lost messages of this room: forget the position, take the new epoch."""
+    def _gap(self, frame: RoomFrame) -> bool:
+        """The hub lost messages of this room: take the new epoch, and the ``offset`` the messages
+        after the gap continue from as the position (True), else forget the position (False)."""
+        self.positions.pop(frame.room, None)
         with contextlib.suppress(ValueError):
-            epoch = json.loads(frame.payload).get("epoch")
+            gap = json.loads(frame.payload)
+            epoch, offset = gap.get("epoch"), gap.get("offset")
             if isinstance(epoch, str):
                 self.epochs[frame.room] = epoch
-        self.positions.pop(frame.room, None)
+                if isinstance(offset, int) and not isinstance(offset, bool) and offset >= 0:
+                    self.positions[frame.room] = (offset, epoch)
+                    return True
+        return False
 
     def close(self, code: int, reason: str) -> None:
         if self._closed:

@@ -502,3 +502,34 @@ async def test_draining_refuses_and_ends_streams(wirehub_server: Start) -> None:
     assert time.monotonic() - started < 2.0
     assert second.retry is not None and 1 <= second.retry <= 5000  # drain.reconnect_jitter: 5 s
     assert not open_streams(server.app)
+
+
+class _Writer:
+    """What SseTransport writes to: a response that is open and records its raw writes."""
+
+    def __init__(self) -> None:
+        self.request = type("Request", (), {"connection": object()})()
+        self.finished_stream = False
+        self.chunks: list[bytes] = []
+
+    def write_raw(self, data: bytes) -> None:
+        self.chunks.append(data)
+
+
+def test_a_gap_event_carries_the_position_the_stream_continues_from() -> None:
+    from service.sse import RoomFrame, SseTransport, decode_position
+
+    writer = _Writer()
+    transport = SseTransport(writer)  # type: ignore[arg-type]
+    transport.epochs["r"] = "e1"
+    transport.send_frame(RoomFrame(b'{"op":"message","room":"r","offset":7}', "r", 7))
+    transport.send_frame(RoomFrame(b'{"op":"gap","room":"r","epoch":"e2","offset":0}', "r", None, op="gap"))
+    gap_event = writer.chunks[-1].decode()
+    assert gap_event.startswith("id: r=0_e2\nevent: gap\n"), gap_event
+    assert decode_position("r=0_e2")["r"].epoch == "e2"
+    transport.send_frame(RoomFrame(b'{"op":"message","room":"r","offset":1}', "r", 1))
+    assert writer.chunks[-1].decode().startswith("id: r=1_e2\n")
+    # a gap without an offset (an older hub) forgets the position: no id until the next message
+    transport.send_frame(RoomFrame(b'{"op":"gap","room":"r","epoch":"e3"}', "r", None, op="gap"))
+    assert writer.chunks[-1].decode().startswith("event: gap\n")
+    assert transport.positions == {}
