@@ -20,6 +20,7 @@ from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
 from service import http
+from service.bus import HistoryUsage
 from service.config import Config
 from service.handler import HandlerContext
 from service.hub import Hub
@@ -93,6 +94,8 @@ class Wirehub:
         self.backend: Backend = bus_factory(config.bus.options, config.bus.key)
         self.authenticator: Authenticator = auth_factory(config.auth.options, config.auth.key)
         self.hub = Hub(self.backend, self.metrics)
+        if isinstance(self.backend.history, HistoryUsage):
+            self.metrics.track_history(self.backend.history)
         self.handlers: dict[str, Handler] = {}
         for i, ep in enumerate(config.endpoints):
             factory = hooks.pick(registries[2], ep.handler, f"endpoints[{i}].handler", "handler")

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import itertools
 import time
 import uuid
-from collections import deque
+import zlib
+from collections import OrderedDict, deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +28,8 @@ class MemoryOptions:
     #: messages kept per room, and their maximum age in seconds
     history_size: int = opt(1000, min=0)
     history_ttl: float = opt(3600.0, min=1)
+    #: bytes of history (all rooms) one replica keeps; over it the least recently used rooms are dropped
+    history_max_bytes: int = opt(64 * 1024 * 1024, min=65536)
 
 
 class MemoryBus:
@@ -70,33 +72,72 @@ class MemoryBus:
         self._rooms.discard(room)
 
 
+#: bytes counted for a room's log besides its messages, and for each message besides its payload
+ROOM_OVERHEAD = 256
+MESSAGE_OVERHEAD = 64
+#: rooms are spread over this many loss counters (see MemoryHistory)
+_LOSS_BUCKETS = 256
+
+
 @dataclass
 class _RoomLog:
     epoch: str
     top: int = 0
     touched: float = field(default_factory=time.monotonic)
     messages: deque[tuple[int, float, bytes]] = field(default_factory=deque)
+    nbytes: int = 0
 
 
 class MemoryHistory:
-    def __init__(self, size: int, ttl: float) -> None:
-        self.size, self.ttl = size, ttl
-        self._instance = uuid.uuid4().hex[:8]
-        self._generation = itertools.count(1)
-        self._rooms: dict[str, _RoomLog] = {}
+    """Ring buffers per room, created by the first publish (a read of a room without one creates nothing).
 
-    def _log(self, room: str) -> _RoomLog:
+    The total is capped at ``max_bytes``: over it, the least recently used rooms' logs are dropped
+    (``rooms_evicted``). A room's epoch is ``<instance>.<bucket>.<losses>``: ``losses`` counts the logs
+    of the room's bucket that were dropped (evicted, or swept after the TTL). A room without a log
+    reports the epoch its next log will get, so the epoch a client reads from an empty room is the one
+    the first message is published under; and a dropped room's next log has a new epoch, so a client
+    at an old position gets ``recovered: false`` / ``gap``, never a silent loss.
+    """
+
+    def __init__(self, size: int, ttl: float, max_bytes: int = 64 * 1024 * 1024) -> None:
+        self.size, self.ttl, self.max_bytes = size, ttl, max_bytes
+        self._instance = uuid.uuid4().hex[:8]
+        self._losses = [0] * _LOSS_BUCKETS
+        #: least recently used first
+        self._rooms: OrderedDict[str, _RoomLog] = OrderedDict()
+        #: bytes held by every log (payloads plus overheads), and logs dropped to stay under max_bytes
+        self.bytes_held = 0
+        self.rooms_evicted = 0
+
+    def _bucket(self, room: str) -> int:
+        return zlib.crc32(room.encode()) % _LOSS_BUCKETS
+
+    def _epoch(self, room: str) -> str:
+        bucket = self._bucket(room)
+        return f"{self._instance}.{bucket}.{self._losses[bucket]}"
+
+    def _existing(self, room: str) -> _RoomLog | None:
         log = self._rooms.get(room)
-        if log is None:
-            log = self._rooms[room] = _RoomLog(epoch=f"{self._instance}.{next(self._generation)}")
-        log.touched = time.monotonic()
-        self._trim(log)
+        if log is not None:
+            log.touched = time.monotonic()
+            self._rooms.move_to_end(room)
+            self._trim(log)
         return log
 
     def _trim(self, log: _RoomLog) -> None:
         horizon = time.monotonic() - self.ttl
         while log.messages and (len(log.messages) > self.size or log.messages[0][1] < horizon):
-            log.messages.popleft()
+            self._drop_oldest(log)
+
+    def _drop_oldest(self, log: _RoomLog) -> None:
+        freed = len(log.messages.popleft()[2]) + MESSAGE_OVERHEAD
+        log.nbytes -= freed
+        self.bytes_held -= freed
+
+    def _forget(self, room: str) -> None:
+        log = self._rooms.pop(room)
+        self.bytes_held -= log.nbytes
+        self._losses[self._bucket(room)] += 1
 
     def sweep(self) -> None:
         """Forget rooms untouched for a TTL whose messages all expired (their epoch dies too)."""
@@ -104,18 +145,40 @@ class MemoryHistory:
         for room, log in list(self._rooms.items()):
             self._trim(log)
             if not log.messages and log.touched < horizon:
-                del self._rooms[room]
+                self._forget(room)
+
+    def _fit(self, keep: str) -> None:
+        """Evict least recently used logs (then ``keep``'s oldest messages) until under max_bytes."""
+        while self.bytes_held > self.max_bytes:
+            oldest = next(iter(self._rooms))
+            if oldest != keep:
+                self._forget(oldest)
+                self.rooms_evicted += 1
+                continue
+            log = self._rooms[keep]
+            if not log.messages:
+                return  # one room's bookkeeping alone: nothing left to give back
+            self._drop_oldest(log)
 
     def append(self, room: str, payload: bytes) -> int:
-        log = self._log(room)
+        log = self._existing(room)
+        if log is None:
+            log = self._rooms[room] = _RoomLog(epoch=self._epoch(room), nbytes=ROOM_OVERHEAD + len(room))
+            self.bytes_held += log.nbytes
         log.top += 1
         if self.size:
             log.messages.append((log.top, time.monotonic(), payload))
+            added = len(payload) + MESSAGE_OVERHEAD
+            log.nbytes += added
+            self.bytes_held += added
             self._trim(log)
+        self._fit(room)
         return log.top
 
     async def read(self, room: str, after: int | None, limit: int) -> HistoryPage:
-        log = self._log(room)
+        log = self._existing(room)
+        if log is None:  # nothing was published (or it was dropped): an empty page, and no new log
+            return HistoryPage(self._epoch(room), 0, [], after is None or after == 0)
         msgs = log.messages
         if after is None:
             newest = list(msgs)[-limit:] if limit > 0 else []
@@ -126,8 +189,8 @@ class MemoryHistory:
         return HistoryPage(log.epoch, log.top, chosen, complete)
 
     async def position(self, room: str) -> tuple[int, str]:
-        log = self._log(room)
-        return log.top, log.epoch
+        log = self._existing(room)
+        return (log.top, log.epoch) if log is not None else (0, self._epoch(room))
 
 
 class MemoryPresence:
@@ -174,7 +237,7 @@ class MemoryStateStore:
 
 def create_backend(options: Mapping[str, Any], key: str) -> Backend:
     opts = parse_block(MemoryOptions, options, key)
-    history = MemoryHistory(opts.history_size, opts.history_ttl)
+    history = MemoryHistory(opts.history_size, opts.history_ttl, opts.history_max_bytes)
     return Backend(
         bus=MemoryBus(history), history=history, presence=MemoryPresence(), state=MemoryStateStore(), name="memory"
     )
