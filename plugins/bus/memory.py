@@ -36,7 +36,7 @@ class MemoryBus:
     def __init__(self, history: MemoryHistory) -> None:
         self._history = history
         self._handler: BusHandler | None = None
-        self._rooms: set[str] = set()
+        self._rooms = history.subscribed  # shared: the history keeps the logs of rooms with members
         self._sweeper: asyncio.Task[None] | None = None
 
     @property
@@ -92,11 +92,12 @@ class MemoryHistory:
     """Ring buffers per room, created by the first publish (a read of a room without one creates nothing).
 
     The total is capped at ``max_bytes``: over it, the least recently used rooms' logs are dropped
-    (``rooms_evicted``). A room's epoch is ``<instance>.<bucket>.<losses>``: ``losses`` counts the logs
-    of the room's bucket that were dropped (evicted, or swept after the TTL). A room without a log
-    reports the epoch its next log will get, so the epoch a client reads from an empty room is the one
-    the first message is published under; and a dropped room's next log has a new epoch, so a client
-    at an old position gets ``recovered: false`` / ``gap``, never a silent loss.
+    (``rooms_evicted``), except those of rooms with members, whose oldest messages are trimmed
+    instead. A room's epoch is ``<instance>.<bucket>.<losses>``: ``losses`` counts the logs of the
+    room's bucket that were dropped (evicted, or swept after the TTL). A room without a log reports
+    the epoch its next log will get, so the epoch a client reads from an empty room is the one the
+    first message is published under; and a dropped room's next log has a new epoch, so a client at
+    an old position gets ``recovered: false`` / ``gap``, never a silent loss.
     """
 
     def __init__(self, size: int, ttl: float, max_bytes: int = 64 * 1024 * 1024) -> None:
@@ -108,6 +109,8 @@ class MemoryHistory:
         #: bytes held by every log (payloads plus overheads), and logs dropped to stay under max_bytes
         self.bytes_held = 0
         self.rooms_evicted = 0
+        #: rooms the bus is subscribed to (members on this replica): never dropped, only trimmed
+        self.subscribed: set[str] = set()
 
     def _bucket(self, room: str) -> int:
         return zlib.crc32(room.encode()) % _LOSS_BUCKETS
@@ -144,21 +147,31 @@ class MemoryHistory:
         horizon = time.monotonic() - self.ttl
         for room, log in list(self._rooms.items()):
             self._trim(log)
-            if not log.messages and log.touched < horizon:
+            if not log.messages and log.touched < horizon and room not in self.subscribed:
                 self._forget(room)
 
     def _fit(self, keep: str) -> None:
-        """Evict least recently used logs (then ``keep``'s oldest messages) until under max_bytes."""
-        while self.bytes_held > self.max_bytes:
-            oldest = next(iter(self._rooms))
-            if oldest != keep:
-                self._forget(oldest)
-                self.rooms_evicted += 1
-                continue
-            log = self._rooms[keep]
-            if not log.messages:
-                return  # one room's bookkeeping alone: nothing left to give back
-            self._drop_oldest(log)
+        """Get under max_bytes: drop the least recently used logs of rooms without members here (not
+        ``keep``); if that is not enough, the oldest messages of the least recently used rooms (a
+        trim: offsets and epoch stay, so live members never see an offset twice)."""
+        excess = self.bytes_held - self.max_bytes
+        if excess <= 0:
+            return
+        victims = []
+        for room, log in self._rooms.items():
+            if excess <= 0:
+                break
+            if room != keep and room not in self.subscribed:
+                victims.append(room)
+                excess -= log.nbytes
+        for room in victims:
+            self._forget(room)
+        self.rooms_evicted += len(victims)
+        for log in self._rooms.values():
+            while self.bytes_held > self.max_bytes and log.messages:
+                self._drop_oldest(log)
+            if self.bytes_held <= self.max_bytes:
+                return
 
     def append(self, room: str, payload: bytes) -> int:
         log = self._existing(room)
