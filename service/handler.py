@@ -100,6 +100,7 @@ class OpHandler:
 
     async def on_message(self, session: Session, data: str | bytes) -> None:
         req_id: Any = None
+        request: dict[str, Any] | None = None
         try:
             request = parse_request(data)
             req_id = request.get("id")
@@ -112,6 +113,8 @@ class OpHandler:
                 )
             await op(session, request)
         except ProtocolError as exc:
+            if request is None and not self.admit(session, exc.req_id):  # invalid frames cost a request too
+                return
             session.send_error(exc.code, exc.message, exc.req_id if exc.req_id is not None else req_id, **exc.extra)
         except Exception:
             log.exception("%s: op failed for %r", type(self).__name__, session)

@@ -295,3 +295,14 @@ async def test_memory_history_cap_trims_rooms_with_members_instead_of_dropping_t
     assert metric(text, "wirehub_history_bytes") <= 65536
     assert metric(text, "wirehub_history_rooms_evicted_total") == 0
     await publish_round_trip(server.ws_url(CHAT))
+
+
+async def test_invalid_frames_count_against_the_op_rate(wirehub_server: Callable[..., Awaitable[LiveServer]]) -> None:
+    server = await wirehub_server({"server": OP_LIMITS})
+    attacker = await server.ws(CHAT, welcome=True)
+    for _ in range(30):
+        await attacker.send("{not json")
+    codes = [(await attacker.recv())["code"] for _ in range(30)]
+    assert codes[:10] == ["bad_json"] * 10 and set(codes[12:]) == {"rate_limited"}, codes
+    bystander = await server.ws(CHAT, welcome=True)
+    assert (await bystander.request({"op": "ping"}))["op"] == "pong"
