@@ -306,3 +306,20 @@ async def test_invalid_frames_count_against_the_op_rate(wirehub_server: Callable
     assert codes[:10] == ["bad_json"] * 10 and set(codes[12:]) == {"rate_limited"}, codes
     bystander = await server.ws(CHAT, welcome=True)
     assert (await bystander.request({"op": "ping"}))["op"] == "pong"
+
+
+async def test_join_leave_churn_leaves_nothing_behind(wirehub_server: Callable[..., Awaitable[LiveServer]]) -> None:
+    """Chat and game join/leave of unique rooms: no history log, presence entry, hub room or game record."""
+    server = await wirehub_server({"server": NO_OP_LIMIT})
+    chat, game = await server.ws(CHAT, welcome=True), await server.ws(GAME, welcome=True)
+    for i in range(200):
+        for client, path in ((chat, CHAT), (game, GAME)):
+            room = f"churn-{i}-{uuid.uuid4().hex[:6]}"
+            assert (await client.request({"op": "join", "room": room}))["op"] in ("joined", "state")
+            assert (await client.request({"op": "leave", "room": room}))["op"] == "left", path
+    backend, handler = server.app.backend, server.app.handlers[GAME]
+    assert backend.history.bytes_held == 0  # type: ignore[attr-defined]
+    assert backend.presence._rooms == {}  # type: ignore[attr-defined]
+    assert server.app.hub.rooms() == [] and server.app.hub._rooms == {}
+    assert handler.views == {} and handler.idle == {}  # type: ignore[attr-defined]
+    await publish_round_trip(server.ws_url(CHAT))
