@@ -176,8 +176,8 @@ async def test_history_of_unique_rooms_creates_no_state(
         else:
             expected = set().union(*(_room_keys(kind, prefix, room) for room in bystander_rooms))
             assert state_after[0] - state_before[0] == expected
-            if kind == "redis":  # nothing anywhere in Redis but the bystanders' rooms
-                assert state_after[1] - state_before[1] == len(expected)
+            if kind == "redis":  # nothing anywhere in Redis but the bystanders' rooms (other tests' keys may expire)
+                assert state_after[1] - state_before[1] <= len(expected)
     finally:
         for a in attackers:
             a.close()
