@@ -2,7 +2,8 @@
 
 For a single replica and for tests. Delivery is synchronous inside ``publish``, so the order of
 publishes is the order of delivery. History is lost when the process restarts; the epoch
-(new per process and per room) tells clients so.
+(new per process, and per dropped room: see :class:`MemoryHistory`) tells clients so. All rooms'
+history together is capped at ``history_max_bytes``.
 """
 
 from __future__ import annotations

@@ -72,10 +72,10 @@ class GameHandler(OpHandler):
         self.coalesced = counters["coalesced"].labels(ep)
         self.expired = counters["expired"].labels(ep)
 
-    # -- helpers -------------------------------------------------------------------------------------
     def own_rate_limit(self, op: str) -> bool:
         return op in ("update", "sync")  # updates_per_second (0: unlimited, as the operator chose)
 
+    # -- helpers -------------------------------------------------------------------------------------
 
     def key(self, room: str) -> str:
         return f"{self.options.namespace}/{room}"
