@@ -20,6 +20,7 @@ from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
 from service import http
+from service.bus import HistoryUsage
 from service.config import Config
 from service.handler import HandlerContext
 from service.hub import Hub
@@ -101,6 +102,8 @@ class Wirehub:
         #: the name of the plugin that registered the authenticator (for failure reports)
         self.auth_plugin = registries[1][config.auth.plugin].plugin
         self.hub = Hub(self.backend, self.metrics)
+        if isinstance(self.backend.history, HistoryUsage):
+            self.metrics.track_history(self.backend.history)
         self.handlers: dict[str, Handler] = {}
         #: endpoint path -> the name of the plugin that registered its handler (for failure reports)
         self.handler_plugins: dict[str, str] = {}

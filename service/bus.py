@@ -137,6 +137,22 @@ class History(Protocol):
         ...
 
 
+@runtime_checkable
+class HistoryUsage(Protocol):
+    """Optional, for a History held in the replica's own memory: exported as metrics
+    (``wirehub_history_bytes``, ``wirehub_history_rooms_evicted_total``)."""
+
+    @property
+    def bytes_held(self) -> int:
+        """Bytes of history this replica holds now."""
+        ...
+
+    @property
+    def rooms_evicted(self) -> int:
+        """Rooms whose history was dropped to stay under the byte cap, since start."""
+        ...
+
+
 @dataclass(frozen=True)
 class PresenceEntry:
     """One connection in a room."""

@@ -218,6 +218,11 @@ class ServerConfig:
     #: open connections allowed per user and per client IP on one replica (0 = unlimited); over -> 429
     max_connections_per_user: int = opt(0, min=0)
     max_connections_per_ip: int = opt(0, min=0)
+    #: requests (frames with an op) per second per session on chat, game and every OpHandler endpoint
+    #: (token bucket, 0 = unlimited), the burst saved up, and refusals in a row before close 4029 (0 = never)
+    op_rate: float = opt(50.0, min=0)
+    op_burst: int = opt(100, min=1)
+    op_rate_close_after: int = opt(50, min=0)
     #: serve the demo page at / (the JS client at /static/wirehub.js is always served)
     demo_page: bool = True
     #: serve GET /api/plugins (plugin names, sources and versions)

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from service.auth import AuthError
-from service.protocol import PROTOCOL_VERSION, ErrorCode, ProtocolError, parse_request
+from service.protocol import PROTOCOL_VERSION, CloseCode, ErrorCode, ProtocolError, parse_request
+from service.rooms import TokenBucket
 
 if TYPE_CHECKING:
     from service.auth import Authenticator
@@ -59,6 +60,16 @@ class Handler(Protocol):
 
 Op = Callable[["Session", dict[str, Any]], Awaitable[None]]
 
+_OP_BUDGET = "ops"
+
+
+@dataclass(eq=False)
+class _OpBudget:
+    """A session's op token bucket (in ``session.state``) and its refusals in a row."""
+
+    bucket: TokenBucket
+    strikes: int = 0
+
 
 class OpHandler:
     """Base of the JSON handlers (chat, game): a welcome on open and one method per op.
@@ -91,9 +102,12 @@ class OpHandler:
 
     async def on_message(self, session: Session, data: str | bytes) -> None:
         req_id: Any = None
+        request: dict[str, Any] | None = None
         try:
             request = parse_request(data)
             req_id = request.get("id")
+            if not self.own_rate_limit(request["op"]) and not self.admit(session, req_id):
+                return
             op = self.ops.get(request["op"])
             if op is None:
                 raise ProtocolError(
@@ -101,6 +115,8 @@ class OpHandler:
                 )
             await op(session, request)
         except ProtocolError as exc:
+            if request is None and not self.admit(session, exc.req_id):  # invalid frames cost a request too
+                return
             session.send_error(exc.code, exc.message, exc.req_id if exc.req_id is not None else req_id, **exc.extra)
         except Exception:
             log.exception("%s: op failed for %r", type(self).__name__, session)
@@ -108,6 +124,33 @@ class OpHandler:
 
     async def on_close(self, session: Session) -> None:
         return None
+
+    def own_rate_limit(self, op: str) -> bool:
+        """True for an op with a per-session rate limit of its own (chat ``publish``): it is charged to
+        that one, not to the op rate. Every other request, whatever its op, goes through :meth:`admit`."""
+        return False
+
+    def admit(self, session: Session, req_id: Any) -> bool:
+        """The per-session op rate (``server.op_rate``, ``op_burst``): False after answering
+        ``error rate_limited``; after ``op_rate_close_after`` refusals in a row the session is
+        closed with 4029. A flood of cheap requests (history, presence, join/leave) costs the
+        replica at most ``op_rate`` handled requests a second per session."""
+        server = self.context.config.server
+        if not server.op_rate:
+            return True
+        budget = session.state.get(_OP_BUDGET)
+        if not isinstance(budget, _OpBudget):
+            budget = session.state[_OP_BUDGET] = _OpBudget(TokenBucket(server.op_rate, server.op_burst))
+        if budget.bucket.take():
+            budget.strikes = 0
+            return True
+        budget.strikes += 1
+        session.send_error(
+            ErrorCode.RATE_LIMITED, "too many requests; slow down", req_id, retry_ms=budget.bucket.wait_ms()
+        )
+        if server.op_rate_close_after and budget.strikes >= server.op_rate_close_after:
+            session.close(CloseCode.RATE_LIMITED, retry_ms=int(server.op_burst / server.op_rate * 1000))
+        return False
 
     def reply(self, session: Session, request: dict[str, Any], op: str, **fields: Any) -> None:
         frame: dict[str, Any] = {"op": op}

@@ -6,11 +6,14 @@ alert on. Counters are exported with the ``_total`` suffix (``wirehub_messages_i
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from service import __version__
+from service.bus import HistoryUsage
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -60,5 +63,26 @@ class Metrics:
             self.sessions_opened.labels(endpoint)
             self.messages_in.labels(endpoint)
 
+    def track_history(self, usage: HistoryUsage) -> None:
+        """Export the bytes and evictions of a history kept in this replica's memory."""
+        self.registry.register(_HistoryCollector(usage))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _HistoryCollector(Collector):
+    """Reads the history's own counters at scrape time (nothing to keep in step)."""
+
+    def __init__(self, usage: HistoryUsage) -> None:
+        self.usage = usage
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "wirehub_history_bytes", "Bytes of history held in this replica's memory", value=self.usage.bytes_held
+        )
+        yield CounterMetricFamily(
+            "wirehub_history_rooms_evicted",
+            "Rooms whose history was dropped to keep under the memory bus's history_max_bytes",
+            value=self.usage.rooms_evicted,
+        )

@@ -366,8 +366,14 @@ class BusContract:
         assert ra.of(room) == [b"racing"]
 
 
+#: ``footprint()``: what the backend stores (broker keys, stream subjects, in-memory logs), as a sorted
+#: list of names; equal before and after operations that must store nothing.
+Footprint = Callable[[], Awaitable[list[str]]]
+
+
 class HistoryContract:
-    """Provide ``backend``: a started Backend. History is bounded and epoch-tagged."""
+    """Provide ``backend``: a started Backend, and ``footprint`` (see :data:`Footprint`). History is
+    bounded and epoch-tagged."""
 
     async def test_read_after_an_offset_returns_the_rest_in_order(self, backend: Backend) -> None:
         room = unique_room()
@@ -439,8 +445,48 @@ class HistoryContract:
         assert isinstance(after, int) and after > offsets[-1]
 
 
+    async def test_reading_an_unknown_room_creates_nothing(self, backend: Backend, footprint: Footprint) -> None:
+        """A client can name any number of rooms: reading one without messages must store nothing
+        (no key, log or stream entry), yet report a stable epoch, the one its first message gets."""
+        before = await footprint()
+        rooms = [unique_room("unread") for _ in range(20)]
+        epochs = {}
+        for room in rooms:
+            top, epoch = await backend.history.position(room)
+            newest = await backend.history.read(room, None, 10)
+            from_zero = await backend.history.read(room, 0, 10)
+            beyond = await backend.history.read(room, 5, 10)
+            assert (top, newest.top, from_zero.top) == (0, 0, 0) and epoch
+            assert newest.complete and from_zero.complete and not beyond.complete
+            assert newest.messages == [] and from_zero.messages == [] and beyond.messages == []
+            assert newest.epoch == from_zero.epoch == beyond.epoch == epoch
+            assert await backend.history.position(room) == (0, epoch)
+            epochs[room] = epoch
+        assert await footprint() == before
+        room = rooms[0]
+        offset = await backend.bus.publish(room, b"first", history=True)
+        page = await backend.history.read(room, 0, 10)  # a client that joined the empty room recovers
+        assert page.epoch == epochs[room] and page.complete and page.messages == [(offset, b"first")]
+
+
 class PresenceContract:
-    """Provide ``backend``. Presence is per connection; a user leaves with their last connection."""
+    """Provide ``backend``, and ``footprint`` (see :data:`Footprint`). Presence is per connection; a user
+    leaves with their last connection."""
+
+    async def test_join_and_leave_churn_leaves_nothing(self, backend: Backend, footprint: Footprint) -> None:
+        before = await footprint()
+        p = backend.presence
+        for i in range(10):
+            room = unique_room("churn")
+            assert await p.members(room) == []
+            assert await p.join(room, PresenceEntry("alice", f"s{i}a", "n1")) is True
+            assert await p.join(room, PresenceEntry("bob", f"s{i}b", "n2")) is True
+            assert len(await p.members(room)) == 2
+            assert await p.leave(room, f"s{i}a") == "alice"
+            assert await p.leave(room, f"s{i}b") == "bob"
+            assert await p.leave(room, "never-joined") is None
+            assert await p.members(room) == []
+        assert await footprint() == before
 
     async def test_join_and_leave_per_user(self, backend: Backend) -> None:
         room = unique_room()
@@ -518,6 +564,7 @@ __all__ = [
     "BusContract",
     "BusUnavailable",
     "FakeTransport",
+    "Footprint",
     "HistoryContract",
     "LiveServer",
     "PresenceContract",

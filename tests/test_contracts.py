@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
+from nats.js.errors import NoKeysError
 
+from plugins.bus.memory import MemoryHistory, MemoryPresence
 from plugins.bus.memory import create_backend as memory_backend
+from plugins.bus.nats import NatsBus
 from plugins.bus.nats import create_backend as nats_backend
+from plugins.bus.redis import RedisBus
 from plugins.bus.redis import create_backend as redis_backend
 from service.brokers import NatsServer, RedisServer
 from service.bus import Backend
 from service.testing import (
     BackendPair,
     BusContract,
+    Footprint,
     HistoryContract,
     PresenceContract,
     Recorder,
@@ -92,6 +98,41 @@ async def small_history_backend(backend_kind: str, request: pytest.FixtureReques
     await backend.bus.start(Recorder())
     yield backend
     await backend.bus.close()
+
+
+async def _memory_footprint(backend: Backend) -> list[str]:
+    history, presence = backend.history, backend.presence
+    assert isinstance(history, MemoryHistory) and isinstance(presence, MemoryPresence)
+    return sorted([f"h:{r}" for r in history._rooms] + [f"p:{r}" for r in presence._rooms])
+
+
+async def _redis_footprint(backend: Backend) -> list[str]:
+    bus = backend.bus
+    assert isinstance(bus, RedisBus)
+    keys = [k.decode() async for k in bus.client.scan_iter(match=f"{bus.prefix}:*", count=1000)]
+    return sorted(keys)
+
+
+async def _nats_footprint(backend: Backend) -> list[str]:
+    """Subjects of the rooms stream, and the live keys of the presence and state buckets."""
+    bus = backend.bus
+    assert isinstance(bus, NatsBus)
+    info = await bus.js.stream_info(bus.stream, subjects_filter=">")
+    out = [f"s:{subject}" for subject in (info.state.subjects or {})]
+    for kv in (bus.presence_kv, bus.state_kv):
+        with contextlib.suppress(NoKeysError):
+            out += [f"{kv._name}:{key}" for key in await kv.keys()]
+    return sorted(out)
+
+
+FOOTPRINTS: dict[str, Callable[[Backend], Awaitable[list[str]]]] = {
+    "memory": _memory_footprint, "redis": _redis_footprint, "nats": _nats_footprint,
+}
+
+
+@pytest.fixture
+def footprint(backend_kind: str, backend: Backend) -> Footprint:
+    return lambda: FOOTPRINTS[backend_kind](backend)
 
 
 class TestBus(BusContract):

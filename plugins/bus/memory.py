@@ -2,17 +2,18 @@
 
 For a single replica and for tests. Delivery is synchronous inside ``publish``, so the order of
 publishes is the order of delivery. History is lost when the process restarts; the epoch
-(new per process and per room) tells clients so.
+(new per process, and per dropped room: see :class:`MemoryHistory`) tells clients so. All rooms'
+history together is capped at ``history_max_bytes``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
-import itertools
 import time
 import uuid
-from collections import deque
+import zlib
+from collections import OrderedDict, deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,13 +29,15 @@ class MemoryOptions:
     #: messages kept per room, and their maximum age in seconds
     history_size: int = opt(1000, min=0)
     history_ttl: float = opt(3600.0, min=1)
+    #: bytes of history (all rooms) one replica keeps; over it the least recently used rooms are dropped
+    history_max_bytes: int = opt(64 * 1024 * 1024, min=65536)
 
 
 class MemoryBus:
     def __init__(self, history: MemoryHistory) -> None:
         self._history = history
         self._handler: BusHandler | None = None
-        self._rooms: set[str] = set()
+        self._rooms = history.subscribed  # shared: the history keeps the logs of rooms with members
         self._sweeper: asyncio.Task[None] | None = None
         #: (room, dedupe key) -> (expiry on the monotonic clock, offset), in insertion order
         self._seen: dict[tuple[str, str], tuple[float, int]] = {}
@@ -97,52 +100,126 @@ class MemoryBus:
         self._rooms.discard(room)
 
 
+#: bytes counted for a room's log besides its messages, and for each message besides its payload
+ROOM_OVERHEAD = 256
+MESSAGE_OVERHEAD = 64
+#: rooms are spread over this many loss counters (see MemoryHistory)
+_LOSS_BUCKETS = 256
+
+
 @dataclass
 class _RoomLog:
     epoch: str
     top: int = 0
     touched: float = field(default_factory=time.monotonic)
     messages: deque[tuple[int, float, bytes]] = field(default_factory=deque)
+    nbytes: int = 0
 
 
 class MemoryHistory:
-    def __init__(self, size: int, ttl: float) -> None:
-        self.size, self.ttl = size, ttl
-        self._instance = uuid.uuid4().hex[:8]
-        self._generation = itertools.count(1)
-        self._rooms: dict[str, _RoomLog] = {}
+    """Ring buffers per room, created by the first publish (a read of a room without one creates nothing).
 
-    def _log(self, room: str) -> _RoomLog:
+    The total is capped at ``max_bytes``: over it, the least recently used rooms' logs are dropped
+    (``rooms_evicted``), except those of rooms with members, whose oldest messages are trimmed
+    instead. A room's epoch is ``<instance>.<bucket>.<losses>``: ``losses`` counts the logs of the
+    room's bucket that were dropped (evicted, or swept after the TTL). A room without a log reports
+    the epoch its next log will get, so the epoch a client reads from an empty room is the one the
+    first message is published under; and a dropped room's next log has a new epoch, so a client at
+    an old position gets ``recovered: false`` / ``gap``, never a silent loss.
+    """
+
+    def __init__(self, size: int, ttl: float, max_bytes: int = 64 * 1024 * 1024) -> None:
+        self.size, self.ttl, self.max_bytes = size, ttl, max_bytes
+        self._instance = uuid.uuid4().hex[:8]
+        self._losses = [0] * _LOSS_BUCKETS
+        #: least recently used first
+        self._rooms: OrderedDict[str, _RoomLog] = OrderedDict()
+        #: bytes held by every log (payloads plus overheads), and logs dropped to stay under max_bytes
+        self.bytes_held = 0
+        self.rooms_evicted = 0
+        #: rooms the bus is subscribed to (members on this replica): never dropped, only trimmed
+        self.subscribed: set[str] = set()
+
+    def _bucket(self, room: str) -> int:
+        return zlib.crc32(room.encode()) % _LOSS_BUCKETS
+
+    def _epoch(self, room: str) -> str:
+        bucket = self._bucket(room)
+        return f"{self._instance}.{bucket}.{self._losses[bucket]}"
+
+    def _existing(self, room: str) -> _RoomLog | None:
         log = self._rooms.get(room)
-        if log is None:
-            log = self._rooms[room] = _RoomLog(epoch=f"{self._instance}.{next(self._generation)}")
-        log.touched = time.monotonic()
-        self._trim(log)
+        if log is not None:
+            log.touched = time.monotonic()
+            self._rooms.move_to_end(room)
+            self._trim(log)
         return log
 
     def _trim(self, log: _RoomLog) -> None:
         horizon = time.monotonic() - self.ttl
         while log.messages and (len(log.messages) > self.size or log.messages[0][1] < horizon):
-            log.messages.popleft()
+            self._drop_oldest(log)
+
+    def _drop_oldest(self, log: _RoomLog) -> None:
+        freed = len(log.messages.popleft()[2]) + MESSAGE_OVERHEAD
+        log.nbytes -= freed
+        self.bytes_held -= freed
+
+    def _forget(self, room: str) -> None:
+        log = self._rooms.pop(room)
+        self.bytes_held -= log.nbytes
+        self._losses[self._bucket(room)] += 1
 
     def sweep(self) -> None:
         """Forget rooms untouched for a TTL whose messages all expired (their epoch dies too)."""
         horizon = time.monotonic() - self.ttl
         for room, log in list(self._rooms.items()):
             self._trim(log)
-            if not log.messages and log.touched < horizon:
-                del self._rooms[room]
+            if not log.messages and log.touched < horizon and room not in self.subscribed:
+                self._forget(room)
+
+    def _fit(self, keep: str) -> None:
+        """Get under max_bytes: drop the least recently used logs of rooms without members here (not
+        ``keep``); if that is not enough, the oldest messages of the least recently used rooms (a
+        trim: offsets and epoch stay, so live members never see an offset twice)."""
+        excess = self.bytes_held - self.max_bytes
+        if excess <= 0:
+            return
+        victims = []
+        for room, log in self._rooms.items():
+            if excess <= 0:
+                break
+            if room != keep and room not in self.subscribed:
+                victims.append(room)
+                excess -= log.nbytes
+        for room in victims:
+            self._forget(room)
+        self.rooms_evicted += len(victims)
+        for log in self._rooms.values():
+            while self.bytes_held > self.max_bytes and log.messages:
+                self._drop_oldest(log)
+            if self.bytes_held <= self.max_bytes:
+                return
 
     def append(self, room: str, payload: bytes) -> int:
-        log = self._log(room)
+        log = self._existing(room)
+        if log is None:
+            log = self._rooms[room] = _RoomLog(epoch=self._epoch(room), nbytes=ROOM_OVERHEAD + len(room))
+            self.bytes_held += log.nbytes
         log.top += 1
         if self.size:
             log.messages.append((log.top, time.monotonic(), payload))
+            added = len(payload) + MESSAGE_OVERHEAD
+            log.nbytes += added
+            self.bytes_held += added
             self._trim(log)
+        self._fit(room)
         return log.top
 
     async def read(self, room: str, after: int | None, limit: int) -> HistoryPage:
-        log = self._log(room)
+        log = self._existing(room)
+        if log is None:  # nothing was published (or it was dropped): an empty page, and no new log
+            return HistoryPage(self._epoch(room), 0, [], after is None or after == 0)
         msgs = log.messages
         if after is None:
             newest = list(msgs)[-limit:] if limit > 0 else []
@@ -153,8 +230,8 @@ class MemoryHistory:
         return HistoryPage(log.epoch, log.top, chosen, complete)
 
     async def position(self, room: str) -> tuple[int, str]:
-        log = self._log(room)
-        return log.top, log.epoch
+        log = self._existing(room)
+        return (log.top, log.epoch) if log is not None else (0, self._epoch(room))
 
 
 class MemoryPresence:
@@ -201,7 +278,7 @@ class MemoryStateStore:
 
 def create_backend(options: Mapping[str, Any], key: str) -> Backend:
     opts = parse_block(MemoryOptions, options, key)
-    history = MemoryHistory(opts.history_size, opts.history_ttl)
+    history = MemoryHistory(opts.history_size, opts.history_ttl, opts.history_max_bytes)
     return Backend(
         bus=MemoryBus(history), history=history, presence=MemoryPresence(), state=MemoryStateStore(), name="memory"
     )

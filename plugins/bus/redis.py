@@ -11,9 +11,12 @@ connection) receives the channel: history order == delivery order on every repli
 without history is a plain PUBLISH, ordered by the same single Redis thread.
 
 Offsets are the per-room counter: 1, 2, 3, ... The room's meta hash holds ``top`` and ``epoch``;
-the epoch is created with the hash (a fresh random id) and is lost with it: a Redis restart
-without persistence, a flush, or the whole room expiring (``history_ttl`` without a message)
-gives the room a new epoch, and the stream is dropped with the old one. Trimming keeps at most
+it is created by the room's first history publish, never by a read (a read or ``position`` of a
+room without one answers ``top`` 0 and creates no key). Its epoch is ``<base>.<window>`` (see
+``next_epoch``), the same one a read of the still empty room reported; it is lost with the hash: a
+Redis restart without persistence or a flush (a new base), or the whole room expiring
+(``history_ttl`` without a message; its next hash is in a later window) gives the room a new epoch,
+and the stream is dropped with the old one. Trimming keeps at most
 ``history_size`` entries (exact MAXLEN) and drops entries older than ``history_ttl`` (checked by
 each publish and read against the Redis server clock).
 
@@ -90,10 +93,23 @@ local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
-local function ensure_meta(epoch, meta_ttl)
+-- The epoch a room's next meta hash gets, which a room without one reports: "<base>.<window>".
+-- <base> is <key_prefix>:epoch (one key, made again after a flush or a restart without persistence;
+-- derived from KEYS[2] = <key_prefix>:m:{room}); <window> numbers meta_ttl-long windows of server
+-- time. A meta hash lives at least meta_ttl, so a room's next one is in a later window: a new epoch.
+local function next_epoch(candidate, meta_ttl)
+  local base_key = string.sub(KEYS[2], 1, string.find(KEYS[2], ':m:{', 1, true) - 1) .. ':epoch'
+  local base = redis.call('GET', base_key)
+  if not base then
+    redis.call('SET', base_key, candidate)
+    base = candidate
+  end
+  return base .. '.' .. string.format('%d', math.floor(now_ms() / meta_ttl))
+end
+local function ensure_meta(candidate, meta_ttl)
   if redis.call('EXISTS', KEYS[2]) == 0 then
     redis.call('DEL', KEYS[1])
-    redis.call('HSET', KEYS[2], 'epoch', epoch, 'top', 0)
+    redis.call('HSET', KEYS[2], 'epoch', next_epoch(candidate, meta_ttl), 'top', 0)
   end
   redis.call('PEXPIRE', KEYS[2], meta_ttl)
 end
@@ -137,15 +153,21 @@ if dedupe > 0 then redis.call('SET', KEYS[3], top, 'PX', dedupe) end
 return {top, 0}
 """
 
-# KEYS: stream, meta; ARGV: after (-1 = newest), limit, ttl_ms, epoch candidate
-# -> {epoch, top, complete, id1, data1, id2, data2, ...}
+# KEYS: stream, meta; ARGV: after (-1 = newest), limit, ttl_ms, epoch base candidate
+# -> {epoch, top, complete, id1, data1, id2, data2, ...}. A room without a meta hash is read as
+# empty and creates nothing (a client must not be able to make keys by reading unique rooms).
 _READ = _LUA_COMMON + """
 local ttl = tonumber(ARGV[3])
-ensure_meta(ARGV[4], 2 * ttl + 60000)
+local after = tonumber(ARGV[1])
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  local complete = 0
+  if after <= 0 then complete = 1 end
+  return {next_epoch(ARGV[4], 2 * ttl + 60000), 0, complete}
+end
+redis.call('PEXPIRE', KEYS[2], 2 * ttl + 60000)
 trim_age(now_ms() - ttl)
 local epoch = redis.call('HGET', KEYS[2], 'epoch')
 local top = tonumber(redis.call('HGET', KEYS[2], 'top'))
-local after = tonumber(ARGV[1])
 local limit = tonumber(ARGV[2])
 local out = {epoch, top, 1}
 local entries = {}
@@ -171,9 +193,11 @@ end
 return out
 """
 
-# KEYS: stream, meta; ARGV: ttl_ms, epoch candidate -> {top, epoch}
+# KEYS: stream, meta; ARGV: ttl_ms, epoch base candidate -> {top, epoch}; creates nothing
 _POSITION = _LUA_COMMON + """
-ensure_meta(ARGV[2], 2 * tonumber(ARGV[1]) + 60000)
+local meta_ttl = 2 * tonumber(ARGV[1]) + 60000
+if redis.call('EXISTS', KEYS[2]) == 0 then return {0, next_epoch(ARGV[2], meta_ttl)} end
+redis.call('PEXPIRE', KEYS[2], meta_ttl)
 return {tonumber(redis.call('HGET', KEYS[2], 'top')), redis.call('HGET', KEYS[2], 'epoch')}
 """
 
@@ -325,6 +349,8 @@ class RedisBus(Supervised):
         client = self.client = self._make_client()
         self.scripts = {name: client.register_script(src) for name, src in _SCRIPTS.items()}
         await asyncio.wait_for(client.ping(), self.connect_timeout)
+        # the epoch base (see next_epoch): made here so that no client request is the one to make it
+        await asyncio.wait_for(client.set(f"{self.prefix}:epoch", uuid.uuid4().hex[:12], nx=True), self.op_timeout)
         pubsub = self._pubsub = client.pubsub()
         self._channel_rooms = {self.channel(room): room for room in self._rooms}
         channels = [self._hb_channel, *self._channel_rooms]

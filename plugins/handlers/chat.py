@@ -105,6 +105,9 @@ class ChatHandler(OpHandler):
         }
         self.ops.update({name: _bus_errors(op) for name, op in ops.items()})
 
+    def own_rate_limit(self, op: str) -> bool:
+        return op == "publish"  # publish_rate
+
     def _state(self, session: Session) -> _ChatState:
         st = session.state.get(_STATE)
         if st is None:

@@ -72,6 +72,9 @@ class GameHandler(OpHandler):
         self.coalesced = counters["coalesced"].labels(ep)
         self.expired = counters["expired"].labels(ep)
 
+    def own_rate_limit(self, op: str) -> bool:
+        return op in ("update", "sync")  # updates_per_second (0: unlimited, as the operator chose)
+
     # -- helpers -------------------------------------------------------------------------------------
 
     def key(self, room: str) -> str:
@@ -207,7 +210,9 @@ class GameHandler(OpHandler):
     async def _drop_view(self, view: _View) -> None:
         if self.views.get(view.room) is view:
             del self.views[view.room]
-        if view.ready and self.options.idle_expiry:
+        # a room that never had state has nothing to expire: join/leave churn must leave no record
+        has_state = view.version > 0 or view.room in self.committers
+        if view.ready and self.options.idle_expiry and has_state:
             self.idle[view.room] = _Idle(self.loop_time(), (view.version, view.epoch, view.head))
             self._ensure_maintainer()
         view.ready = False
