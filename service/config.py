@@ -218,6 +218,18 @@ class ServerConfig:
     #: open connections allowed per user and per client IP on one replica (0 = unlimited); over -> 429
     max_connections_per_user: int = opt(0, min=0)
     max_connections_per_ip: int = opt(0, min=0)
+    #: open TCP connections on this replica; 0 = the file limit less fd_reserve. At the cap, the connection
+    #: waiting longest for a request head is closed; if none is, the new one gets HTTP 503
+    max_connections: int = opt(0, min=0)
+    #: file descriptors kept for the bus, files and listening sockets when max_connections is derived
+    fd_reserve: int = opt(128, min=0)
+    #: seconds for a complete request head, from the accept or the previous response (the idle timeout
+    #: of a connection before the upgrade too); then the connection is closed
+    header_timeout: float = opt(10.0, min=0.1)
+    #: seconds for a request body (POST /api/publish)
+    body_timeout: float = opt(30.0, min=0.1)
+    #: bytes of request line and headers; larger -> HTTP 431
+    max_header_size: int = opt(65536, min=1024)
     #: serve the demo page at / (the JS client at /static/wirehub.js is always served)
     demo_page: bool = True
     #: serve GET /api/plugins (plugin names, sources and versions)
