@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.config import ConfigError, config_from_dict
 from service.testing import LiveServer, WsClient, free_port, ws_connect
 from tests.helpers import ServerProcess, write_config
 
@@ -123,13 +124,14 @@ def sockets() -> Iterator[list[socket.socket]]:
 
 
 def low_fd_limit() -> None:
-    # soft and hard: wirehub raises the soft limit to the hard one at startup
-    resource.setrlimit(resource.RLIMIT_NOFILE, (FD_LIMIT, FD_LIMIT))
+    # a soft limit below the hard one: wirehub raises it to the hard one at startup
+    resource.setrlimit(resource.RLIMIT_NOFILE, (FD_LIMIT // 2, FD_LIMIT))
 
 
 @pytest.fixture
 async def limited_replica(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[ServerProcess]]]:
-    """Factory: a ``wirehub serve`` subprocess with RLIMIT_NOFILE 256 and a 1 s header timeout."""
+    """Factory: a ``wirehub serve`` subprocess with RLIMIT_NOFILE 128 (soft) / 256 (hard) and a 1 s header
+    timeout."""
     started: list[ServerProcess] = []
 
     async def start(**server: Any) -> ServerProcess:
@@ -257,6 +259,35 @@ async def test_headers_sent_byte_by_byte_are_cut_at_the_header_timeout(wirehub_s
     assert got == b"", got  # closed without an answer
     assert 0.9 < elapsed < 0.2 * len(request), elapsed  # at the timeout, long before the head was complete
     await echo_round_trip(bystander, "bystander")
+
+
+async def test_a_request_body_slower_than_the_body_timeout_is_cut(wirehub_server: Start) -> None:
+    server = await wirehub_server({"endpoints": ECHO, "server": {"body_timeout": 1.0}})
+    bystander = await server.ws("/ws/echo")
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    started = time.monotonic()
+    try:
+        writer.write(b"POST /api/publish HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n{\"room\"")  # and never the rest
+        await writer.drain()
+        assert await asyncio.wait_for(reader.read(), 5.0) == b""  # closed, no answer
+    finally:
+        writer.close()
+    assert 0.9 < time.monotonic() - started < 4.0
+    await echo_round_trip(bystander, "bystander")
+
+
+@pytest.mark.parametrize(("server", "key", "message"), [
+    ({"header_timeout": 0}, "server.header_timeout", "at least 0.1"),
+    ({"body_timeout": "soon"}, "server.body_timeout", "expected a number"),
+    ({"max_connections": -1}, "server.max_connections", "at least 0"),
+    ({"fd_reserve": 1.5}, "server.fd_reserve", "expected an integer"),
+    ({"max_header_size": 100}, "server.max_header_size", "at least 1024"),
+])
+def test_edge_config_errors_name_the_key(server: dict[str, Any], key: str, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"server": server})
+    assert err.value.key == key and message in err.value.message
 
 
 # -- defect 7: malformed HTTP -----------------------------------------------------------------------------------
