@@ -295,10 +295,9 @@ class EdgeServer(HTTPServer):
         if now - self._last_log < LOG_INTERVAL:
             return
         name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
-        log.warning("accept failed (%s: %s): pausing accepts for %.2fs; %d such pauses in the last %.0fs; "
+        log.warning("accept failed (%s: %s): accepts paused for %.2fs (%d times since the last such line); "
                     "%d connections open, cap %d", name, os.strerror(exc.errno or 0), ACCEPT_PAUSE,
-                    self._accept_errors, min(now - self._last_log, LOG_INTERVAL), len(self.table.open),
-                    self.table.cap)
+                    self._accept_errors, len(self.table.open), self.table.cap)
         self._accept_errors = 0
         self._last_log = now
 
@@ -309,6 +308,10 @@ def make_server(application: tornado.web.Application, config: ServerConfig, metr
     cap = connection_cap(config, fd_limit)
     log.info("file limit %s; connection cap %s (server.max_connections %d, server.fd_reserve %d)",
              fd_limit or "unlimited", cap or "none", config.max_connections, config.fd_reserve)
+    if fd_limit and config.max_connections > fd_limit - config.fd_reserve:
+        log.warning("server.max_connections %d is above the file limit %d less server.fd_reserve %d: "
+                    "expect accept pauses (EMFILE) before the cap", config.max_connections, fd_limit,
+                    config.fd_reserve)
     return EdgeServer(application, xheaders=config.xheaders, idle_connection_timeout=config.header_timeout,
                       body_timeout=config.body_timeout, max_header_size=config.max_header_size,
                       table=ConnectionTable(cap, metrics))
