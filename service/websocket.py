@@ -43,7 +43,9 @@ def _valid_close_code(code: int) -> bool:
 
 
 class _Protocol(WebSocketProtocol13):
-    """Tornado's protocol, failing the connection on invalid close frames and invalid UTF-8.
+    """Tornado's protocol, failing the connection on invalid close frames and invalid UTF-8, and with a
+    1002 Close frame (not a bare TCP close) on frames Tornado rejects: oversized or fragmented control
+    frames, reserved bits or opcodes.
 
     Tornado echoes any close code back, and drops the TCP connection without a close frame on
     invalid UTF-8; RFC 6455 wants 1002 and 1007 (Autobahn cases 7.9.x, 7.3.2, 7.5.1 and 6.x).
@@ -91,6 +93,10 @@ class _Protocol(WebSocketProtocol13):
                 self.client_terminated = True  # the peer is done: close the TCP connection right after ours
                 self._fail(CloseCode.PROTOCOL_ERROR, "invalid close frame")
                 return None
+        elif opcode not in (0x1, 0x2, 0x9, 0xA):  # a reserved opcode: Tornado would abort with no Close frame
+            self.client_terminated = True
+            self._fail(CloseCode.PROTOCOL_ERROR, "reserved opcode")
+            return None
         elif opcode in (0x1, 0x2) and self.server_terminated:
             return None  # our Close frame is out: no reply may follow it
         elif opcode == 0x1:

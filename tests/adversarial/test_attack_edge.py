@@ -381,7 +381,10 @@ async def read_close_code(reader: asyncio.StreamReader, timeout: float = 5.0) ->
     frame(0xA, b"q" * 200),
     frame(0x8, struct.pack("!H", 1000), fin=False),
     bytes([0x81 | 0x40, 0x80]) + os.urandom(4),  # an empty text frame with RSV1 set
-], ids=["ping-126", "ping-1000", "fragmented-ping", "pong-200", "fragmented-close", "reserved-bit"])
+    frame(0x3, b"x"),
+    frame(0xB, b"x"),
+], ids=["ping-126", "ping-1000", "fragmented-ping", "pong-200", "fragmented-close", "reserved-bit",
+        "reserved-data-opcode", "reserved-control-opcode"])
 async def test_invalid_control_frames_are_closed_1002(wirehub_server: Start, attack: bytes) -> None:
     server = await wirehub_server({"endpoints": ECHO})
     bystander = await server.ws("/ws/echo")
