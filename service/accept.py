@@ -9,7 +9,9 @@ logged a traceback and spun the CPU while the pending connection stayed in the b
   files and the listening sockets);
 - at the cap, a new connection takes the place of the one that has waited longest for a request head
   (an idle or slow pre-upgrade connection); when every connection is busy (WebSocket sessions,
-  requests in flight), the new one gets a 503 JSON answer and is closed at once;
+  requests in flight), it takes one of :data:`PROBE_SLOTS` slots past the cap, where only
+  :data:`PROBE_PATHS` are served and anything else is answered 503; with those busy too, it gets the
+  503 JSON answer at the accept and is closed;
 - EMFILE/ENFILE (or any other accept error) pauses accepting for :data:`ACCEPT_PAUSE` seconds, with
   one log line per :data:`LOG_INTERVAL` that counts the pauses;
 - a request head over ``server.max_header_size`` is answered 431 before the close.
@@ -28,6 +30,7 @@ import time
 from collections.abc import Awaitable, Iterable
 from typing import TYPE_CHECKING, Any
 
+from tornado import httputil
 from tornado.concurrent import Future
 from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop
@@ -50,6 +53,10 @@ LOG_INTERVAL = 10.0
 LINGER_SECONDS = 2.0
 LINGER_BYTES = 4 * 1048576
 LINGER_MAX = 64
+#: paths still served on the few connections accepted past the cap when every connection is busy, so that
+#: a full replica answers its liveness probe (and is not restarted for being full) and can be scraped
+PROBE_PATHS = frozenset(("/healthz", "/readyz", "/metrics"))
+PROBE_SLOTS = 16
 #: connections accepted per readiness event, as Tornado does, so that accepting cannot starve the loop
 ACCEPT_BATCH = 128
 
@@ -61,8 +68,8 @@ def _response(status: int, reason: str, body: dict[str, str], extra: str = "") -
     return head.encode() + data
 
 
-OVER_CAP = _response(503, "Service Unavailable", {"error": "unavailable", "reason": "too_many_connections"},
-                     "Retry-After: 1\r\n")
+OVER_CAP_BODY = {"error": "unavailable", "reason": "too_many_connections"}
+OVER_CAP = _response(503, "Service Unavailable", OVER_CAP_BODY, "Retry-After: 1\r\n")
 BAD_REQUEST = _response(400, "Bad Request", {"error": "bad_request", "reason": "malformed HTTP request"})
 #: what Tornado's HTTP/1 server writes for a malformed request head before it closes
 TORNADO_BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\n\r\n"
@@ -98,18 +105,28 @@ class ConnectionTable:
         self.open: dict[EdgeStream, None] = {}
         #: oldest first: the connection that has waited longest for a head is evicted first
         self.waiting: dict[EdgeStream, None] = {}
+        #: connections past the cap that may only ask for PROBE_PATHS, and those of them waiting for a head
+        self.probes: dict[EdgeStream, None] = {}
+        self.probes_waiting: dict[EdgeStream, None] = {}
         self.lingering: set[_Lingering] = set()
         metrics.connections.set_function(lambda: len(self.open))
         metrics.connections_max.set(cap)
 
     def make_room(self) -> bool:
         """Below the cap, or made so by closing the longest-waiting connection; False when all are busy."""
-        if not self.cap or len(self.open) < self.cap:
+        if not self.cap or len(self.open) - len(self.probes) < self.cap:
             return True
-        victim = next(iter(self.waiting), None)
+        return self._evict(self.waiting)
+
+    def make_probe_room(self) -> bool:
+        """A probe slot is free, or made so by closing the longest-waiting probe connection."""
+        return len(self.probes) < PROBE_SLOTS or self._evict(self.probes_waiting)
+
+    def _evict(self, waiting: dict[EdgeStream, None]) -> bool:
+        victim = next(iter(waiting), None)
         if victim is None:
             return False
-        victim.close()  # leaves both tables at once (close_fd)
+        victim.close()  # leaves every table at once (close_fd)
         self.metrics.connections_evicted.inc()
         return True
 
@@ -124,8 +141,8 @@ class ConnectionTable:
         self.lingering.add(_Lingering(sock.dup(), self.lingering))
 
     def closed(self, stream: EdgeStream) -> None:
-        self.open.pop(stream, None)
-        self.waiting.pop(stream, None)
+        for table in (self.open, self.waiting, self.probes, self.probes_waiting):
+            table.pop(stream, None)
 
 
 class _Lingering:
@@ -160,18 +177,22 @@ class _Lingering:
 class EdgeStream(IOStream):
     """An accepted connection that tells its table when it waits for a request head and when it closes."""
 
-    def __init__(self, sock: socket.socket, table: ConnectionTable, **kwargs: Any) -> None:
+    def __init__(self, sock: socket.socket, table: ConnectionTable, probe: bool = False, **kwargs: Any) -> None:
         super().__init__(sock, **kwargs)
         self._table = table
+        self.probe = probe
+        self._waiting = table.probes_waiting if probe else table.waiting
         self._reading_head = False
         table.open[self] = None
-        table.waiting[self] = None  # it has sent no head yet (Tornado starts reading one in a moment)
+        if probe:
+            table.probes[self] = None
+        self._waiting[self] = None  # it has sent no head yet (Tornado starts reading one in a moment)
 
     def read_until_regex(self, regex: bytes, max_bytes: int | None = None) -> Awaitable[bytes]:
         # Tornado's HTTP/1 server reads a request head, and nothing else, with read_until_regex.
         self._reading_head = True
         if not self.closed():
-            self._table.waiting[self] = None
+            self._waiting[self] = None
         future = super().read_until_regex(regex, max_bytes)
         if isinstance(future, Future):
             future.add_done_callback(self._head_read)
@@ -179,7 +200,7 @@ class EdgeStream(IOStream):
 
     def _head_read(self, _: Future[bytes]) -> None:
         self._reading_head = False
-        self._table.waiting.pop(self, None)
+        self._waiting.pop(self, None)
 
     def write(self, data: bytes | memoryview) -> Future[None]:
         if data == TORNADO_BAD_REQUEST:  # the same answer, with the JSON body every other error has
@@ -249,6 +270,42 @@ class _Acceptor:
             self.loop.add_handler(self.sock, self._on_readable, IOLoop.READ)
 
 
+class _ProbesOnly(httputil.HTTPMessageDelegate):
+    """A request on a connection past the cap: passed on for :data:`PROBE_PATHS`, else answered 503."""
+
+    def __init__(self, inner: httputil.HTTPMessageDelegate, conn: httputil.HTTPConnection, metrics: Metrics) -> None:
+        self.inner, self.conn, self.metrics = inner, conn, metrics
+        self.passed = False
+
+    def headers_received(self, start_line: httputil.RequestStartLine | httputil.ResponseStartLine,
+                         headers: httputil.HTTPHeaders) -> Awaitable[None] | None:
+        assert isinstance(start_line, httputil.RequestStartLine)
+        if start_line.path.partition("?")[0] in PROBE_PATHS:
+            self.passed = True
+            return self.inner.headers_received(start_line, headers)
+        self.metrics.connections_refused.labels("over_cap").inc()
+        body = json.dumps(OVER_CAP_BODY).encode()
+        self.conn.write_headers(
+            httputil.ResponseStartLine("HTTP/1.1", 503, "Service Unavailable"),
+            httputil.HTTPHeaders({"Content-Type": "application/json", "Cache-Control": "no-store",
+                                  "Content-Length": str(len(body)), "Retry-After": "1"}),
+            body,
+        )
+        self.conn.finish()
+        return None
+
+    def data_received(self, chunk: bytes) -> Awaitable[None] | None:
+        return self.inner.data_received(chunk) if self.passed else None
+
+    def finish(self) -> None:
+        if self.passed:
+            self.inner.finish()
+
+    def on_connection_close(self) -> None:
+        if self.passed:
+            self.inner.on_connection_close()
+
+
 class EdgeServer(HTTPServer):
     """Tornado's HTTPServer with :class:`_Acceptor` in place of ``add_accept_handler``."""
 
@@ -271,22 +328,30 @@ class EdgeServer(HTTPServer):
             lingering.close()
 
     def admit(self, conn: socket.socket, address: Any) -> None:
+        probe = False
         if not self.table.make_room():
-            self.table.metrics.connections_refused.labels("over_cap").inc()
-            try:
-                conn.setblocking(False)
-                conn.send(OVER_CAP)
-            except OSError:
-                pass
-            conn.close()
-            return
+            probe = self.table.make_probe_room()
+            if not probe:
+                self.table.metrics.connections_refused.labels("over_cap").inc()
+                with contextlib.suppress(OSError):
+                    conn.setblocking(False)
+                    conn.send(OVER_CAP)
+                conn.close()
+                return
         try:
-            stream = EdgeStream(conn, self.table, max_buffer_size=self.max_buffer_size,
+            stream = EdgeStream(conn, self.table, probe, max_buffer_size=self.max_buffer_size,
                                 read_chunk_size=self.read_chunk_size)
             self.handle_stream(stream, address)  # HTTPServer's is synchronous
         except Exception:
             log.exception("could not serve a new connection from %s", address)
             conn.close()
+
+    def start_request(self, server_conn: object, request_conn: httputil.HTTPConnection) -> httputil.HTTPMessageDelegate:
+        delegate = super().start_request(server_conn, request_conn)
+        stream = getattr(server_conn, "stream", None)
+        if isinstance(stream, EdgeStream) and stream.probe:
+            return _ProbesOnly(delegate, request_conn, self.table.metrics)
+        return delegate
 
     def accept_failed(self, exc: OSError) -> None:
         self.table.metrics.accept_paused.inc()

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.accept import PROBE_SLOTS
 from service.config import ConfigError, config_from_dict
 from service.testing import LiveServer, WsClient, free_port, ws_connect
 from tests.helpers import ServerProcess, write_config
@@ -216,23 +217,44 @@ async def test_emfile_pauses_accepting_with_one_log_line_and_recovers(
         bystander.close()
 
 
-async def test_every_connection_busy_at_the_cap_gets_503(wirehub_server: Start) -> None:
-    server = await wirehub_server({"endpoints": ECHO, "server": {"max_connections": 2}})
+async def test_at_a_full_cap_only_probes_are_served_and_past_the_probe_slots_connections_get_503(
+        wirehub_server: Start, sockets: list[socket.socket]) -> None:
+    server = await wirehub_server({"endpoints": ECHO, "server": {"max_connections": 2, "body_timeout": 30}})
     bystander = await server.ws("/ws/echo")
-    other = await server.ws("/ws/echo")
-    status, body, raw = await raw_request(server.port, get("/healthz"))
-    assert (status, body) == (503, {"error": "unavailable", "reason": "too_many_connections"})
-    assert b"Retry-After: 1" in raw
+    other = await server.ws("/ws/echo")  # the cap is full of sessions: nothing to evict
+    over_cap = (503, {"error": "unavailable", "reason": "too_many_connections"})
+    # a full replica still answers its probes (and is not restarted for being full) ...
+    assert await http_get(server.port, "/healthz") == (200, {"status": "ok", "node": server.app.node})
+    assert (await http_get(server.port, "/readyz"))[0] == 200
+    # ... and nothing else
+    status, body, raw = await raw_request(server.port, get("/static/wirehub.js"))
+    assert (status, body) == over_cap and b"Retry-After: 1" in raw
+    assert (await http_get(server.port, "/ws/echo"))[0] == 503
+    # idle connections past the cap take each other's probe slots, not the probes' turn
+    sockets += idle_connections(server.port, 3 * PROBE_SLOTS)
+    assert (await http_get(server.port, "/healthz"))[0] == 200
     await echo_round_trip(bystander, "bystander")
-    refused = metric(server.app.metrics.render().decode(), "wirehub_connections_refused_total", reason="over_cap")
-    assert refused == 1
+    # every probe slot busy (a request whose body never comes): a new connection is answered at the accept
+    for sock in idle_connections(server.port, PROBE_SLOTS):
+        sockets.append(sock)
+        sock.sendall(b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n")
+    await asyncio.sleep(0.2)
+    status, body, raw = await raw_request(server.port, get("/healthz"))
+    assert (status, body) == over_cap and b"Connection: close" in raw
+    text = server.app.metrics.render().decode()
+    assert metric(text, "wirehub_connections_refused_total", reason="over_cap") == 3
+    assert metric(text, "wirehub_connections") <= 2 + PROBE_SLOTS
+    await echo_round_trip(bystander, "bystander")
+    # a session ends: room for anything again
+    for sock in sockets:
+        sock.close()
     other.close()
     await other.wait_closed()
-    for _ in range(50):  # the server side of the close completes a moment later
-        if len(server.app.server.table.open) < 2:  # type: ignore[union-attr]
+    for _ in range(50):  # the server side of the closes completes a moment later
+        if metric(server.app.metrics.render().decode(), "wirehub_connections") < 2:
             break
         await asyncio.sleep(0.02)
-    assert (await http_get(server.port, "/healthz"))[0] == 200
+    assert (await raw_request(server.port, get("/static/wirehub.js")))[0] == 200
 
 
 async def test_headers_sent_byte_by_byte_are_cut_at_the_header_timeout(wirehub_server: Start) -> None:
