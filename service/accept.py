@@ -14,6 +14,8 @@ logged a traceback and spun the CPU while the pending connection stayed in the b
   503 JSON answer at the accept and is closed;
 - EMFILE/ENFILE (or any other accept error) pauses accepting for :data:`ACCEPT_PAUSE` seconds, with
   one log line per :data:`LOG_INTERVAL` that counts the pauses;
+- a connection's first request head is due within ``server.header_timeout``; later ones (keep-alive)
+  within ``server.idle_timeout``, Tornado's own head timeout;
 - a request head over ``server.max_header_size`` is answered 431 before the close.
 """
 
@@ -99,9 +101,10 @@ def connection_cap(config: ServerConfig, fd_limit: int) -> int:
 class ConnectionTable:
     """Open connections of one server in accept order, and those waiting for a request head."""
 
-    def __init__(self, cap: int, metrics: Metrics) -> None:
+    def __init__(self, cap: int, metrics: Metrics, header_timeout: float) -> None:
         self.cap = cap
         self.metrics = metrics
+        self.header_timeout = header_timeout
         self.open: dict[EdgeStream, None] = {}
         #: oldest first: the connection that has waited longest for a head is evicted first
         self.waiting: dict[EdgeStream, None] = {}
@@ -187,6 +190,15 @@ class EdgeStream(IOStream):
         if probe:
             table.probes[self] = None
         self._waiting[self] = None  # it has sent no head yet (Tornado starts reading one in a moment)
+        # The first head is due within server.header_timeout; Tornado's own head timeout (server.idle_timeout)
+        # is longer, as it is also the keep-alive idle timeout, which must outlast a proxy's.
+        self._first_head: object | None = IOLoop.current().call_later(table.header_timeout, self._head_overdue)
+
+    def _head_overdue(self) -> None:
+        self._first_head = None
+        if not self.closed():
+            self._table.metrics.connections_refused.labels("header_timeout").inc()
+            self.close()
 
     def read_until_regex(self, regex: bytes, max_bytes: int | None = None) -> Awaitable[bytes]:
         # Tornado's HTTP/1 server reads a request head, and nothing else, with read_until_regex.
@@ -201,6 +213,12 @@ class EdgeStream(IOStream):
     def _head_read(self, _: Future[bytes]) -> None:
         self._reading_head = False
         self._waiting.pop(self, None)
+        self._cancel_first_head()
+
+    def _cancel_first_head(self) -> None:
+        if self._first_head is not None:
+            self.io_loop.remove_timeout(self._first_head)
+            self._first_head = None
 
     def write(self, data: bytes | memoryview) -> Future[None]:
         if data == TORNADO_BAD_REQUEST:  # the same answer, with the JSON body every other error has
@@ -222,6 +240,7 @@ class EdgeStream(IOStream):
         try:
             super().close_fd()
         finally:
+            self._cancel_first_head()
             self._table.closed(self)
 
 
@@ -377,6 +396,6 @@ def make_server(application: tornado.web.Application, config: ServerConfig, metr
         log.warning("server.max_connections %d is above the file limit %d less server.fd_reserve %d: "
                     "expect accept pauses (EMFILE) before the cap", config.max_connections, fd_limit,
                     config.fd_reserve)
-    return EdgeServer(application, xheaders=config.xheaders, idle_connection_timeout=config.header_timeout,
+    return EdgeServer(application, xheaders=config.xheaders, idle_connection_timeout=config.idle_timeout,
                       body_timeout=config.body_timeout, max_header_size=config.max_header_size,
-                      table=ConnectionTable(cap, metrics))
+                      table=ConnectionTable(cap, metrics, config.header_timeout))

@@ -223,9 +223,11 @@ class ServerConfig:
     max_connections: int = opt(0, min=0)
     #: file descriptors kept for the bus, files and listening sockets when max_connections is derived
     fd_reserve: int = opt(128, min=0)
-    #: seconds for a complete request head, from the accept or the previous response (the idle timeout
-    #: of a connection before the upgrade too); then the connection is closed
+    #: seconds from the accept to a connection's first complete request head; then it is closed
     header_timeout: float = opt(10.0, min=0.1)
+    #: seconds a keep-alive connection may wait for (and take to send) its next request head; keep it above
+    #: the idle timeout of a proxy's upstream connections (ingress-nginx and AWS ALB: 60 s)
+    idle_timeout: float = opt(75.0, min=0.1)
     #: seconds for a request body (POST /api/publish)
     body_timeout: float = opt(30.0, min=0.1)
     #: bytes of request line and headers; larger -> HTTP 431

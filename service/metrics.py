@@ -56,7 +56,8 @@ class Metrics:
                                  registry=r)
         self.connections_max = Gauge("wirehub_connections_max", "The connection cap (0 = none)", registry=r)
         self.connections_refused = Counter(
-            "wirehub_connections_refused", "Connections answered and closed at the edge, by reason", ["reason"],
+            "wirehub_connections_refused", "Connections closed at the edge before a request was served, by reason",
+            ["reason"],
             registry=r,
         )
         self.connections_evicted = Counter(
@@ -65,7 +66,7 @@ class Metrics:
         self.accept_paused = Counter(
             "wirehub_accept_paused", "Pauses of accepting after an accept error such as EMFILE", registry=r
         )
-        for reason in ("over_cap", "headers_too_large"):
+        for reason in ("over_cap", "headers_too_large", "header_timeout"):
             self.connections_refused.labels(reason)
         for endpoint in endpoints:  # every configured endpoint is exported from the start, at 0
             self.sessions.labels(endpoint)

@@ -184,6 +184,9 @@ async def test_idle_connections_past_the_file_limit_evict_each_other_and_the_rep
         assert (await http_get(replica.port, "/healthz"))[0] == 200
         text = await metrics_text(replica.port)
         assert metric(text, "wirehub_connections") <= 3  # the bystander, this request, maybe the last one
+        closed = (metric(text, "wirehub_connections_evicted_total")
+                  + metric(text, "wirehub_connections_refused_total", reason="header_timeout"))
+        assert closed >= 400
         log = replica.output()[size_before:]
         assert "Traceback" not in log and len(log) < 4000, log[:2000]
     finally:
@@ -281,6 +284,36 @@ async def test_headers_sent_byte_by_byte_are_cut_at_the_header_timeout(wirehub_s
     assert got == b"", got  # closed without an answer
     assert 0.9 < elapsed < 0.2 * len(request), elapsed  # at the timeout, long before the head was complete
     await echo_round_trip(bystander, "bystander")
+    text = server.app.metrics.render().decode()
+    assert metric(text, "wirehub_connections_refused_total", reason="header_timeout") == 1
+
+
+async def test_a_keep_alive_connection_gets_idle_timeout_between_requests_not_header_timeout(
+        wirehub_server: Start) -> None:
+    server = await wirehub_server({"endpoints": ECHO, "server": {"header_timeout": 0.5, "idle_timeout": 2.0}})
+    bystander = await server.ws("/ws/echo")
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+
+    async def healthz() -> bytes:
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
+        length = re.search(rb"Content-Length: (\d+)", head)
+        assert length, head
+        await reader.readexactly(int(length.group(1)))
+        return head
+
+    try:
+        assert (await healthz()).startswith(b"HTTP/1.1 200")
+        await asyncio.sleep(1.0)  # twice the header timeout: it applies to the first head only
+        assert (await healthz()).startswith(b"HTTP/1.1 200")
+        idle_from = time.monotonic()
+        assert await asyncio.wait_for(reader.read(), 5.0) == b""  # closed by the idle timeout
+        assert 1.5 < time.monotonic() - idle_from < 4.0
+    finally:
+        writer.close()
+    await echo_round_trip(bystander, "bystander")
+    text = server.app.metrics.render().decode()
+    assert metric(text, "wirehub_connections_refused_total", reason="header_timeout") == 0
 
 
 async def test_a_request_body_slower_than_the_body_timeout_is_cut(wirehub_server: Start) -> None:
@@ -302,6 +335,7 @@ async def test_a_request_body_slower_than_the_body_timeout_is_cut(wirehub_server
 @pytest.mark.parametrize(("server", "key", "message"), [
     ({"header_timeout": 0}, "server.header_timeout", "at least 0.1"),
     ({"body_timeout": "soon"}, "server.body_timeout", "expected a number"),
+    ({"idle_timeout": 0}, "server.idle_timeout", "at least 0.1"),
     ({"max_connections": -1}, "server.max_connections", "at least 0"),
     ({"fd_reserve": 1.5}, "server.fd_reserve", "expected an integer"),
     ({"max_header_size": 100}, "server.max_header_size", "at least 1024"),
