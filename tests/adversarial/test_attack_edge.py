@@ -1,9 +1,9 @@
 """Issue 12, defects 1, 7 and 8: attacks on the network edge, each against a real server with a bystander.
 
-1. idle TCP connections past the file limit (a real ``wirehub serve`` with a soft and hard limit of 256),
-   headers sent byte by byte, every connection busy at the cap;
-7. malformed requests (a NUL in a static path, bad percent-encoding, a bad Origin, oversized headers);
-8. invalid control frames (a ping over 125 bytes, a fragmented ping).
+1. idle TCP connections past the file limit (a real ``wirehub serve`` started with a soft file limit of 128
+   and a hard one of 256), headers or a body sent too slowly, every connection busy at the cap;
+7. malformed requests (a NUL in a static path, bad percent-encoding, a bad Origin or Host, oversized headers);
+8. invalid control frames (a ping over 125 bytes, a fragmented ping, reserved bits and opcodes).
 """
 
 from __future__ import annotations
