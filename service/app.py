@@ -20,6 +20,7 @@ from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
 from service import http
+from service.accept import make_server
 from service.bus import HistoryUsage
 from service.config import Config
 from service.handler import HandlerContext
@@ -180,7 +181,7 @@ class Wirehub:
         if sockets is None:
             cfg = self.config.server
             sockets = bind_sockets(cfg.port, cfg.host or None, backlog=cfg.backlog)
-        self.server = HTTPServer(self.application, xheaders=self.config.server.xheaders)
+        self.server = make_server(self.application, self.config.server, self.metrics)
         self.server.add_sockets(sockets)
         self.port = sockets[0].getsockname()[1]
         if self.keepalive is not None:

@@ -223,6 +223,20 @@ class ServerConfig:
     op_rate: float = opt(50.0, min=0)
     op_burst: int = opt(100, min=1)
     op_rate_close_after: int = opt(50, min=0)
+    #: open TCP connections on this replica; 0 = the file limit less fd_reserve. At the cap, the connection
+    #: waiting longest for a request head is closed; if none is, the new one gets HTTP 503
+    max_connections: int = opt(0, min=0)
+    #: file descriptors kept for the bus, files and listening sockets when max_connections is derived
+    fd_reserve: int = opt(128, min=0)
+    #: seconds from the accept to a connection's first complete request head; then it is closed
+    header_timeout: float = opt(10.0, min=0.1)
+    #: seconds a keep-alive connection may wait for (and take to send) its next request head; keep it above
+    #: the idle timeout of a proxy's upstream connections (ingress-nginx and AWS ALB: 60 s)
+    idle_timeout: float = opt(75.0, min=0.1)
+    #: seconds for a request body (POST /api/publish)
+    body_timeout: float = opt(30.0, min=0.1)
+    #: bytes of request line and headers; larger -> HTTP 431
+    max_header_size: int = opt(65536, min=1024)
     #: serve the demo page at / (the JS client at /static/wirehub.js is always served)
     demo_page: bool = True
     #: serve GET /api/plugins (plugin names, sources and versions)

@@ -28,8 +28,15 @@ class JsonHandler(tornado.web.RequestHandler):
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         # Tracebacks go to the log, never into the response.
-        reason = {404: "not_found", 405: "method_not_allowed", 400: "bad_request"}.get(status_code, "error")
-        self.finish(json.dumps({"error": reason, "reason": self._reason}))
+        write_json_error(self, status_code)
+
+
+def write_json_error(handler: tornado.web.RequestHandler, status_code: int) -> None:
+    """The JSON body of an error answer (``send_error`` has set the status and cleared the headers)."""
+    reason = {400: "bad_request", 403: "forbidden", 404: "not_found", 405: "method_not_allowed"}.get(
+        status_code, "error")
+    handler.set_header("Content-Type", "application/json")
+    handler.finish(json.dumps({"error": reason, "reason": handler._reason}))
 
 
 class NotFoundHandler(JsonHandler):
@@ -91,6 +98,16 @@ class StaticHandler(tornado.web.StaticFileHandler):
     def set_extra_headers(self, path: str) -> None:
         self.set_header("Cache-Control", "no-cache")
         self.set_header("X-Content-Type-Options", "nosniff")
+
+    def validate_absolute_path(self, root: str, absolute_path: str) -> str | None:
+        # A path no file can have (a NUL byte: os.path.realpath raises ValueError) is not found, not a 500.
+        try:
+            return super().validate_absolute_path(root, absolute_path)
+        except ValueError:
+            raise tornado.web.HTTPError(404) from None
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        write_json_error(self, status_code)
 
 
 def core_routes(app: Wirehub) -> list[Any]:

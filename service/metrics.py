@@ -58,6 +58,23 @@ class Metrics:
         )
         self.draining = Gauge("wirehub_draining", "1 while the replica drains", registry=r)
         self.drain_remaining = Gauge("wirehub_drain_sessions_remaining", "Sessions left to close", registry=r)
+        # the network edge (service/accept.py)
+        self.connections = Gauge("wirehub_connections", "Open TCP connections, before and after the upgrade",
+                                 registry=r)
+        self.connections_max = Gauge("wirehub_connections_max", "The connection cap (0 = none)", registry=r)
+        self.connections_refused = Counter(
+            "wirehub_connections_refused", "Connections closed at the edge before a request was served, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.connections_evicted = Counter(
+            "wirehub_connections_evicted", "Connections waiting for a request head, closed at the cap", registry=r
+        )
+        self.accept_paused = Counter(
+            "wirehub_accept_paused", "Pauses of accepting after an accept error such as EMFILE", registry=r
+        )
+        for reason in ("over_cap", "headers_too_large", "header_timeout"):
+            self.connections_refused.labels(reason)
         for endpoint in endpoints:  # every configured endpoint is exported from the start, at 0
             self.sessions.labels(endpoint)
             self.sessions_opened.labels(endpoint)

@@ -23,7 +23,7 @@ import errno
 import logging
 import weakref
 
-from tornado.iostream import IOStream, StreamClosedError
+from tornado.iostream import IOStream, SSLIOStream, StreamClosedError
 from tornado.websocket import WebSocketProtocol
 
 from service.session import OutFrame
@@ -76,8 +76,8 @@ class StreamTransport:
         self._protocol = protocol
         self._stream: IOStream = protocol.stream  # type: ignore[attr-defined,assignment]
         self._close = close
-        # SSL streams must go through their own write path.
-        self._direct = type(self._stream) is IOStream
+        # SSL streams must go through their own write path (plain ones may be a subclass: service/accept.py).
+        self._direct = isinstance(self._stream, IOStream) and not isinstance(self._stream, SSLIOStream)
         #: wire frames queued in this loop iteration, sent by flush() (None: nothing queued)
         self._corked: list[bytes] | None = None
         self._corked_bytes = 0

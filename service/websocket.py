@@ -43,7 +43,9 @@ def _valid_close_code(code: int) -> bool:
 
 
 class _Protocol(WebSocketProtocol13):
-    """Tornado's protocol, failing the connection on invalid close frames and invalid UTF-8.
+    """Tornado's protocol, failing the connection on invalid close frames and invalid UTF-8, and with a
+    1002 Close frame (not a bare TCP close) on frames Tornado rejects: oversized or fragmented control
+    frames, reserved bits or opcodes.
 
     Tornado echoes any close code back, and drops the TCP connection without a close frame on
     invalid UTF-8; RFC 6455 wants 1002 and 1007 (Autobahn cases 7.9.x, 7.3.2, 7.5.1 and 6.x).
@@ -53,7 +55,28 @@ class _Protocol(WebSocketProtocol13):
     Every frame read sets ``_received_pong``: :class:`Keepalive` takes any frame as a sign of life.
     """
 
+    #: the task parsing a frame header, while it does (see :meth:`_abort`)
+    _parser: asyncio.Task[Any] | None = None
+
+    async def _receive_frame(self) -> None:
+        self._parser = asyncio.current_task()
+        await super()._receive_frame()
+
+    def _abort(self) -> None:
+        # Tornado's frame parser aborts without a Close frame on a protocol violation: a control frame
+        # over 125 bytes or fragmented, reserved bits, a continuation with nothing to continue. RFC 6455
+        # wants 1002 first. Only aborts from the parser itself qualify (its task, before the frame is
+        # handled, nothing sent yet): a keepalive or drain abort, a closed stream, 1009, stay plain aborts.
+        if (self._parser is not None and self._parser is asyncio.current_task() and not self.server_terminated
+                and self.stream is not None and not self.stream.closed()):
+            self._parser = None
+            self.client_terminated = True  # read nothing more: close the TCP connection right after ours
+            self._fail(CloseCode.PROTOCOL_ERROR, "protocol error")
+            return
+        super()._abort()
+
     def _handle_message(self, opcode: int, data: bytes) -> Future[None] | None:
+        self._parser = None
         if self.client_terminated:
             return None
         # Tornado's "pong since the last ping" flag; here any frame counts (see Keepalive)
@@ -70,6 +93,10 @@ class _Protocol(WebSocketProtocol13):
                 self.client_terminated = True  # the peer is done: close the TCP connection right after ours
                 self._fail(CloseCode.PROTOCOL_ERROR, "invalid close frame")
                 return None
+        elif opcode not in (0x1, 0x2, 0x9, 0xA):  # a reserved opcode: Tornado would abort with no Close frame
+            self.client_terminated = True
+            self._fail(CloseCode.PROTOCOL_ERROR, "reserved opcode")
+            return None
         elif opcode in (0x1, 0x2) and self.server_terminated:
             return None  # our Close frame is out: no reply may follow it
         elif opcode == 0x1:
@@ -140,7 +167,11 @@ class WirehubSocket(WebSocketHandler):
         if allowed:
             return False
         host = self.request.headers.get("Host", "")
-        return urlsplit(origin).netloc.lower() == host.lower()
+        try:
+            netloc = urlsplit(origin).netloc
+        except ValueError:  # such as "http://[::1": no origin we could allow
+            return False
+        return netloc.lower() == host.lower()
 
     async def prepare(self) -> None:
         """The checks before the upgrade (a refusal finishes the request: :meth:`get` is not called)."""

@@ -11,7 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +78,8 @@ class ServerProcess:
 
     def __init__(self, config: Path | None, port: int, env: dict[str, str] | None = None, log: Path | None = None,
                  *, name: str | None = None, unset_env: Collection[str] = (), cwd: Path | None = ROOT,
-                 new_session: bool = False, installed: bool = False) -> None:
+                 new_session: bool = False, installed: bool = False,
+                 preexec_fn: Callable[[], object] | None = None) -> None:
         """Runs ``wirehub --config CONFIG serve``, or plain ``wirehub serve`` when config is None (then a
         ``log`` path is required; the default is CONFIG with the suffix ``.log``).
 
@@ -98,6 +99,7 @@ class ServerProcess:
         self.cwd = cwd
         self.new_session = new_session
         self.installed = installed
+        self.preexec_fn = preexec_fn
         #: True once :meth:`stop` or :meth:`kill` was called (until the next :meth:`start`)
         self.stopped = False
         self._proc: subprocess.Popen[bytes] | None = None
@@ -118,7 +120,8 @@ class ServerProcess:
         with self.log_path.open("ab" if self._proc is not None else "wb") as log:
             self._proc = subprocess.Popen(wirehub_cmd(*args, installed=self.installed), cwd=self.cwd,
                                           env={**env, **self.env}, stdin=subprocess.DEVNULL, stdout=log,
-                                          stderr=subprocess.STDOUT, start_new_session=self.new_session)
+                                          stderr=subprocess.STDOUT, start_new_session=self.new_session,
+                                          preexec_fn=self.preexec_fn)
         self.stopped = False
         return self
 

@@ -22,7 +22,7 @@ async def test_tornado_internals_the_transport_relies_on(wirehub_server: Start) 
     (session,) = list(server.app.sessions)
     stream = session.transport._stream  # type: ignore[attr-defined]
     assert session.transport._protocol.server_terminated is False  # type: ignore[attr-defined]
-    assert type(stream) is IOStream
+    assert isinstance(stream, IOStream) and session.transport._direct  # type: ignore[attr-defined]
     assert len(stream._write_buffer) == 0 and stream._connecting is False
     assert session.buffered == 0
 

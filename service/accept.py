@@ -1,0 +1,401 @@
+"""The network edge: our own accept path for the listening sockets, with a connection cap.
+
+Tornado's ``netutil.add_accept_handler`` re-raises EMFILE: with the file limit reached, every loop pass
+logged a traceback and spun the CPU while the pending connection stayed in the backlog. Here
+(everything else stays Tornado's HTTPServer):
+
+- at startup the soft RLIMIT_NOFILE is raised to the hard limit, and the connection cap is derived
+  from it (``server.max_connections``, 0 = the limit less ``server.fd_reserve`` for the broker,
+  files and the listening sockets);
+- at the cap, a new connection takes the place of the one that has waited longest for a request head
+  (an idle or slow pre-upgrade connection); when every connection is busy (WebSocket sessions,
+  requests in flight), it takes one of :data:`PROBE_SLOTS` slots past the cap, where only
+  :data:`PROBE_PATHS` are served and anything else is answered 503; with those busy too, it gets the
+  503 JSON answer at the accept and is closed;
+- EMFILE/ENFILE (or any other accept error) pauses accepting for :data:`ACCEPT_PAUSE` seconds, with
+  one log line per :data:`LOG_INTERVAL` that counts the pauses;
+- a connection's first request head is due within ``server.header_timeout``; later ones (keep-alive)
+  within ``server.idle_timeout``, Tornado's own head timeout;
+- a request head over ``server.max_header_size`` is answered 431 before the close.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import resource
+import socket
+import time
+from collections.abc import Awaitable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from tornado import httputil
+from tornado.concurrent import Future
+from tornado.httpserver import HTTPServer
+from tornado.ioloop import IOLoop
+from tornado.iostream import IOStream, UnsatisfiableReadError
+
+if TYPE_CHECKING:
+    import tornado.web
+
+    from service.config import ServerConfig
+    from service.metrics import Metrics
+
+log = logging.getLogger("wirehub.edge")
+
+#: seconds the listening sockets are left alone after an accept error such as EMFILE
+ACCEPT_PAUSE = 0.25
+#: at most one log line per this many seconds about accept errors (with a count)
+LOG_INTERVAL = 10.0
+#: a connection answered 431 is read (and its input dropped) for at most this long / this many bytes before
+#: the close, and at most this many at once
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 4 * 1048576
+LINGER_MAX = 64
+#: paths still served on the few connections accepted past the cap when every connection is busy, so that
+#: a full replica answers its liveness probe (and is not restarted for being full) and can be scraped
+PROBE_PATHS = frozenset(("/healthz", "/readyz", "/metrics"))
+PROBE_SLOTS = 16
+#: connections accepted per readiness event, as Tornado does, so that accepting cannot starve the loop
+ACCEPT_BATCH = 128
+
+
+def _response(status: int, reason: str, body: dict[str, str], extra: str = "") -> bytes:
+    data = json.dumps(body).encode()
+    head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nCache-Control: no-store\r\n"
+            f"Content-Length: {len(data)}\r\nConnection: close\r\n{extra}\r\n")
+    return head.encode() + data
+
+
+OVER_CAP_BODY = {"error": "unavailable", "reason": "too_many_connections"}
+OVER_CAP = _response(503, "Service Unavailable", OVER_CAP_BODY, "Retry-After: 1\r\n")
+BAD_REQUEST = _response(400, "Bad Request", {"error": "bad_request", "reason": "malformed HTTP request"})
+#: what Tornado's HTTP/1 server writes for a malformed request head before it closes
+TORNADO_BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\n\r\n"
+HEADERS_TOO_LARGE = _response(431, "Request Header Fields Too Large",
+                              {"error": "headers_too_large", "reason": "request head over the size limit"})
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; the soft limit in force (0 = unlimited)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the file limit from %d to %d: %s", soft, hard, exc)
+    return 0 if soft == resource.RLIM_INFINITY else soft
+
+
+def connection_cap(config: ServerConfig, fd_limit: int) -> int:
+    """``server.max_connections``, or the file limit less ``server.fd_reserve`` (0 = no cap)."""
+    if config.max_connections or not fd_limit:
+        return config.max_connections
+    return max(1, fd_limit - config.fd_reserve)
+
+
+class ConnectionTable:
+    """Open connections of one server in accept order, and those waiting for a request head."""
+
+    def __init__(self, cap: int, metrics: Metrics, header_timeout: float) -> None:
+        self.cap = cap
+        self.metrics = metrics
+        self.header_timeout = header_timeout
+        self.open: dict[EdgeStream, None] = {}
+        #: oldest first: the connection that has waited longest for a head is evicted first
+        self.waiting: dict[EdgeStream, None] = {}
+        #: connections past the cap that may only ask for PROBE_PATHS, and those of them waiting for a head
+        self.probes: dict[EdgeStream, None] = {}
+        self.probes_waiting: dict[EdgeStream, None] = {}
+        self.lingering: set[_Lingering] = set()
+        metrics.connections.set_function(lambda: len(self.open))
+        metrics.connections_max.set(cap)
+
+    def make_room(self) -> bool:
+        """Below the cap, or made so by closing the longest-waiting connection; False when all are busy."""
+        if not self.cap or len(self.open) - len(self.probes) < self.cap:
+            return True
+        return self._evict(self.waiting)
+
+    def make_probe_room(self) -> bool:
+        """A probe slot is free, or made so by closing the longest-waiting probe connection."""
+        return len(self.probes) < PROBE_SLOTS or self._evict(self.probes_waiting)
+
+    def _evict(self, waiting: dict[EdgeStream, None]) -> bool:
+        victim = next(iter(waiting), None)
+        if victim is None:
+            return False
+        victim.close()  # leaves every table at once (close_fd)
+        self.metrics.connections_evicted.inc()
+        return True
+
+    def linger(self, sock: socket.socket) -> None:
+        """Close ``sock`` after its answer without a reset: send FIN, then read and drop what the client still
+        sends (up to :data:`LINGER_BYTES`, for up to :data:`LINGER_SECONDS`). Closing with unread input would
+        send a RST, and the client could lose the answer. At most :data:`LINGER_MAX` at once; the rest get
+        the plain close."""
+        if len(self.lingering) >= LINGER_MAX:
+            return
+        sock.shutdown(socket.SHUT_WR)
+        self.lingering.add(_Lingering(sock.dup(), self.lingering))
+
+    def closed(self, stream: EdgeStream) -> None:
+        for table in (self.open, self.waiting, self.probes, self.probes_waiting):
+            table.pop(stream, None)
+
+
+class _Lingering:
+    """A duplicate of an answered socket that reads and drops the rest of the client's input, then closes."""
+
+    def __init__(self, sock: socket.socket, registry: set[_Lingering]) -> None:
+        self.sock, self.registry, self.left = sock, registry, LINGER_BYTES
+        self.loop = IOLoop.current()
+        sock.setblocking(False)
+        self.loop.add_handler(sock, self._on_readable, IOLoop.READ)
+        self.timer = self.loop.call_later(LINGER_SECONDS, self.close)
+
+    def _on_readable(self, fd: Any, events: int) -> None:
+        try:
+            data = self.sock.recv(min(self.left, 65536))
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        self.left -= len(data)
+        if not data or self.left <= 0:
+            self.close()
+
+    def close(self) -> None:
+        if self in self.registry:
+            self.registry.discard(self)
+            self.loop.remove_timeout(self.timer)
+            self.loop.remove_handler(self.sock)
+            self.sock.close()
+
+
+class EdgeStream(IOStream):
+    """An accepted connection that tells its table when it waits for a request head and when it closes."""
+
+    def __init__(self, sock: socket.socket, table: ConnectionTable, probe: bool = False, **kwargs: Any) -> None:
+        super().__init__(sock, **kwargs)
+        self._table = table
+        self.probe = probe
+        self._waiting = table.probes_waiting if probe else table.waiting
+        self._reading_head = False
+        table.open[self] = None
+        if probe:
+            table.probes[self] = None
+        self._waiting[self] = None  # it has sent no head yet (Tornado starts reading one in a moment)
+        # The first head is due within server.header_timeout; Tornado's own head timeout (server.idle_timeout)
+        # is longer, as it is also the keep-alive idle timeout, which must outlast a proxy's.
+        self._first_head: object | None = IOLoop.current().call_later(table.header_timeout, self._head_overdue)
+
+    def _head_overdue(self) -> None:
+        self._first_head = None
+        if not self.closed():
+            self._table.metrics.connections_refused.labels("header_timeout").inc()
+            self.close()
+
+    def read_until_regex(self, regex: bytes, max_bytes: int | None = None) -> Awaitable[bytes]:
+        # Tornado's HTTP/1 server reads a request head, and nothing else, with read_until_regex.
+        self._reading_head = True
+        if not self.closed():
+            self._waiting[self] = None
+        future = super().read_until_regex(regex, max_bytes)
+        if isinstance(future, Future):
+            future.add_done_callback(self._head_read)
+        return future
+
+    def _head_read(self, _: Future[bytes]) -> None:
+        self._reading_head = False
+        self._waiting.pop(self, None)
+        self._cancel_first_head()
+
+    def _cancel_first_head(self) -> None:
+        if self._first_head is not None:
+            self.io_loop.remove_timeout(self._first_head)
+            self._first_head = None
+
+    def write(self, data: bytes | memoryview) -> Future[None]:
+        if data == TORNADO_BAD_REQUEST:  # the same answer, with the JSON body every other error has
+            data = BAD_REQUEST
+        return super().write(data)
+
+    def close(self, exc_info: Any = False) -> None:
+        if (self._reading_head and isinstance(exc_info, UnsatisfiableReadError) and not self.closed()
+                and not self.writing()):
+            # Tornado closes at once on a head over max_header_size; answer it first (a best-effort send:
+            # the socket buffer of a connection that is owed no answer is empty), then close gently
+            self._table.metrics.connections_refused.labels("headers_too_large").inc()
+            with contextlib.suppress(OSError):
+                self.socket.send(HEADERS_TOO_LARGE)
+                self._table.linger(self.socket)
+        super().close(exc_info)
+
+    def close_fd(self) -> None:
+        try:
+            super().close_fd()
+        finally:
+            self._cancel_first_head()
+            self._table.closed(self)
+
+
+class _Acceptor:
+    """Accepts on one listening socket; on an accept error, pauses instead of spinning."""
+
+    def __init__(self, sock: socket.socket, server: EdgeServer) -> None:
+        self.sock = sock
+        self.server = server
+        self.loop = IOLoop.current()
+        self._timer: object | None = None
+        self._stopped = False
+        self.loop.add_handler(sock, self._on_readable, IOLoop.READ)
+
+    def stop(self) -> None:
+        self._stopped = True
+        if self._timer is not None:
+            self.loop.remove_timeout(self._timer)
+            self._timer = None
+        else:
+            self.loop.remove_handler(self.sock)
+
+    def _on_readable(self, fd: Any, events: int) -> None:
+        for _ in range(ACCEPT_BATCH):
+            if self._stopped:
+                return
+            try:
+                conn, address = self.sock.accept()
+            except BlockingIOError:
+                return
+            except (ConnectionAbortedError, InterruptedError):
+                continue
+            except OSError as exc:
+                self._pause(exc)
+                return
+            self.server.admit(conn, address)
+
+    def _pause(self, exc: OSError) -> None:
+        self.loop.remove_handler(self.sock)
+        self._timer = self.loop.call_later(ACCEPT_PAUSE, self._resume)
+        self.server.accept_failed(exc)
+
+    def _resume(self) -> None:
+        self._timer = None
+        if not self._stopped:
+            self.loop.add_handler(self.sock, self._on_readable, IOLoop.READ)
+
+
+class _ProbesOnly(httputil.HTTPMessageDelegate):
+    """A request on a connection past the cap: passed on for :data:`PROBE_PATHS`, else answered 503."""
+
+    def __init__(self, inner: httputil.HTTPMessageDelegate, conn: httputil.HTTPConnection, metrics: Metrics) -> None:
+        self.inner, self.conn, self.metrics = inner, conn, metrics
+        self.passed = False
+
+    def headers_received(self, start_line: httputil.RequestStartLine | httputil.ResponseStartLine,
+                         headers: httputil.HTTPHeaders) -> Awaitable[None] | None:
+        assert isinstance(start_line, httputil.RequestStartLine)
+        if start_line.path.partition("?")[0] in PROBE_PATHS:
+            self.passed = True
+            return self.inner.headers_received(start_line, headers)
+        self.metrics.connections_refused.labels("over_cap").inc()
+        body = json.dumps(OVER_CAP_BODY).encode()
+        self.conn.write_headers(
+            httputil.ResponseStartLine("HTTP/1.1", 503, "Service Unavailable"),
+            httputil.HTTPHeaders({"Content-Type": "application/json", "Cache-Control": "no-store",
+                                  "Content-Length": str(len(body)), "Retry-After": "1"}),
+            body,
+        )
+        self.conn.finish()
+        return None
+
+    def data_received(self, chunk: bytes) -> Awaitable[None] | None:
+        return self.inner.data_received(chunk) if self.passed else None
+
+    def finish(self) -> None:
+        if self.passed:
+            self.inner.finish()
+
+    def on_connection_close(self) -> None:
+        if self.passed:
+            self.inner.on_connection_close()
+
+
+class EdgeServer(HTTPServer):
+    """Tornado's HTTPServer with :class:`_Acceptor` in place of ``add_accept_handler``."""
+
+    def initialize(self, *args: Any, table: ConnectionTable | None = None, **kwargs: Any) -> None:
+        super().initialize(*args, **kwargs)
+        assert table is not None, "EdgeServer needs a ConnectionTable"
+        self.table = table
+        self._accept_errors = 0
+        self._last_log = -LOG_INTERVAL
+
+    def add_sockets(self, sockets: Iterable[socket.socket]) -> None:
+        # as TCPServer.add_sockets, so that its stop() removes our handlers and closes the sockets
+        for sock in sockets:
+            self._sockets[sock.fileno()] = sock
+            self._handlers[sock.fileno()] = _Acceptor(sock, self).stop
+
+    def stop(self) -> None:
+        super().stop()
+        for lingering in list(self.table.lingering):
+            lingering.close()
+
+    def admit(self, conn: socket.socket, address: Any) -> None:
+        probe = False
+        if not self.table.make_room():
+            probe = self.table.make_probe_room()
+            if not probe:
+                self.table.metrics.connections_refused.labels("over_cap").inc()
+                with contextlib.suppress(OSError):
+                    conn.setblocking(False)
+                    conn.send(OVER_CAP)
+                conn.close()
+                return
+        try:
+            stream = EdgeStream(conn, self.table, probe, max_buffer_size=self.max_buffer_size,
+                                read_chunk_size=self.read_chunk_size)
+            self.handle_stream(stream, address)  # HTTPServer's is synchronous
+        except Exception:
+            log.exception("could not serve a new connection from %s", address)
+            conn.close()
+
+    def start_request(self, server_conn: object, request_conn: httputil.HTTPConnection) -> httputil.HTTPMessageDelegate:
+        delegate = super().start_request(server_conn, request_conn)
+        stream = getattr(server_conn, "stream", None)
+        if isinstance(stream, EdgeStream) and stream.probe:
+            return _ProbesOnly(delegate, request_conn, self.table.metrics)
+        return delegate
+
+    def accept_failed(self, exc: OSError) -> None:
+        self.table.metrics.accept_paused.inc()
+        self._accept_errors += 1
+        now = time.monotonic()
+        if now - self._last_log < LOG_INTERVAL:
+            return
+        name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+        log.warning("accept failed (%s: %s): accepts paused for %.2fs (%d times since the last such line); "
+                    "%d connections open, cap %d", name, os.strerror(exc.errno or 0), ACCEPT_PAUSE,
+                    self._accept_errors, len(self.table.open), self.table.cap)
+        self._accept_errors = 0
+        self._last_log = now
+
+
+def make_server(application: tornado.web.Application, config: ServerConfig, metrics: Metrics) -> EdgeServer:
+    """Raise the file limit, derive the connection cap and build the server with the pre-upgrade timeouts."""
+    fd_limit = raise_fd_limit()
+    cap = connection_cap(config, fd_limit)
+    log.info("file limit %s; connection cap %s (server.max_connections %d, server.fd_reserve %d)",
+             fd_limit or "unlimited", cap or "none", config.max_connections, config.fd_reserve)
+    if fd_limit and config.max_connections > fd_limit - config.fd_reserve:
+        log.warning("server.max_connections %d is above the file limit %d less server.fd_reserve %d: "
+                    "expect accept pauses (EMFILE) before the cap", config.max_connections, fd_limit,
+                    config.fd_reserve)
+    return EdgeServer(application, xheaders=config.xheaders, idle_connection_timeout=config.idle_timeout,
+                      body_timeout=config.body_timeout, max_header_size=config.max_header_size,
+                      table=ConnectionTable(cap, metrics, config.header_timeout))
