@@ -23,6 +23,7 @@ from service import http
 from service.config import Config
 from service.handler import HandlerContext
 from service.hub import Hub
+from service.logs import LogLimiter
 from service.metrics import Metrics
 from service.plugins import PluginError, PluginHost, build_plugin_manager
 from service.protocol import CLOSE_REASONS, CloseCode, close_reason
@@ -74,6 +75,8 @@ class Wirehub:
         self.hooks = hooks
         self.node = config.node_id
         self.metrics = Metrics(ep.path for ep in config.endpoints)
+        #: client-triggerable errors are logged through it: once per interval, with a count
+        self.logs = LogLimiter(config.server.error_log_interval)
         self.draining = False
         self._drain_running = False
         self._drain_started = 0.0
@@ -105,6 +108,7 @@ class Wirehub:
                 authenticator=self.authenticator,
                 metrics=self.metrics,
                 node=self.node,
+                logs=self.logs,
             )
             self.handlers[ep.path] = factory(ep.options, f"endpoints[{i}].options", context)
         self.application = self._make_application()

@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from service.auth import AuthError
+from service.logs import LogLimiter
 from service.protocol import PROTOCOL_VERSION, ErrorCode, ProtocolError, parse_request
 
 if TYPE_CHECKING:
@@ -35,6 +36,8 @@ class HandlerContext:
     authenticator: Authenticator
     metrics: Metrics
     node: str
+    #: the app's rate-limited logger: every log line a client can trigger goes through it
+    logs: LogLimiter = field(default_factory=LogLimiter)
 
 
 @runtime_checkable
@@ -90,7 +93,7 @@ class OpHandler:
     async def on_message(self, session: Session, data: str | bytes) -> None:
         req_id: Any = None
         try:
-            request = parse_request(data)
+            request = parse_request(data, self.context.config.server.max_json_depth)
             req_id = request.get("id")
             op = self.ops.get(request["op"])
             if op is None:
@@ -101,7 +104,7 @@ class OpHandler:
         except ProtocolError as exc:
             session.send_error(exc.code, exc.message, exc.req_id if exc.req_id is not None else req_id, **exc.extra)
         except Exception:
-            log.exception("%s: op failed for %r", type(self).__name__, session)
+            self.context.logs.exception(log, "%s: op failed for %r", type(self).__name__, session)
             session.send_error(ErrorCode.INTERNAL, "internal error", req_id)
 
     async def on_close(self, session: Session) -> None:

@@ -9,11 +9,11 @@ chat handler uses (:func:`service.rooms.publish_message`), after ``wirehub_filte
 from __future__ import annotations
 
 import hmac
-import json
 from typing import TYPE_CHECKING, Any
 
 import tornado.web
 
+from service import inbound
 from service.bus import BusUnavailable
 from service.http import JsonHandler
 from service.protocol import ErrorCode, ProtocolError
@@ -75,9 +75,9 @@ class PublishHandler(JsonHandler):
             limit = app.config.api.max_body
             return self._fail(413, "too_large", f"the body is over api.max_body ({limit} bytes)")
         try:
-            body: Any = json.loads(self._body)
-        except ValueError:
-            return self._fail(400, "bad_request", "the body is not valid JSON")
+            body: Any = inbound.loads(self._body, app.config.server.max_json_depth)
+        except inbound.JsonRejected as exc:
+            return self._fail(400, "bad_request", exc.explain("the body"))
         if not isinstance(body, dict):
             return self._fail(400, "bad_request", "the body must be a JSON object {room, data}")
         if "data" not in body:

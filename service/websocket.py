@@ -291,7 +291,7 @@ class WirehubSocket(WebSocketHandler):
         try:
             await self.handler.on_message(session, message)
         except Exception:
-            log.exception("handler %s failed on a message from %r", self.endpoint.handler, session)
+            self.app.logs.exception(log, "handler %s failed on a message from %r", self.endpoint.handler, session)
             from service.protocol import ErrorCode
 
             session.send_error(ErrorCode.INTERNAL, "internal error")
