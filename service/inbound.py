@@ -20,11 +20,11 @@ DEFAULT_MAX_JSON_DEPTH = 32
 #: the reason of plain syntax errors (the others say what was refused)
 NOT_JSON = "the text is not valid JSON"
 
-#: bytes that are neither a bracket nor can start or end a JSON string: dropped first (by C code)
-_NOT_SYNTAX = bytes(c for c in range(256) if c not in b'[]{}"\\')
+#: bytes that are neither a bracket nor a quote: dropped first (by C code)
+_NOT_SYNTAX = bytes(c for c in range(256) if c not in b'[]{}"')
 _NOT_BRACKET = bytes(c for c in range(256) if c not in b"[]{}")
-#: a JSON string, escapes included, once the other bytes are gone (its brackets do not nest)
-_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+#: a JSON string once its escapes and the other bytes are gone (its brackets do not nest)
+_STRING = re.compile(rb'"[^"]*"')
 _DELTA = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
 #: a \uD800-\uDFFF escape: only then can the value hold a lone surrogate
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
@@ -52,6 +52,9 @@ _DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 
 def text_depth(text: str) -> int:
     """The deepest nesting of ``[``/``{`` in ``text``, outside JSON strings."""
+    if "\\" in text:
+        # Escapes pair from the left, as str.replace scans: first \\, then \" (no longer a quote).
+        text = text.replace("\\\\", "").replace('\\"', "")
     syntax = text.encode("utf-8", "surrogatepass").translate(None, _NOT_SYNTAX)
     brackets = _STRING.sub(b"", syntax).translate(None, _NOT_BRACKET)
     return max(itertools.accumulate(map(_DELTA.__getitem__, brackets)), default=0)
