@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from service import inbound
-from service.protocol import MAX_ID_INT, dumps, parse_request, valid_id, ProtocolError
+from service.protocol import MAX_ID_INT, ProtocolError, dumps, parse_request, valid_id
 from service.testing import LiveServer, WsClient
 
 ECHO, CHAT, GAME = "/ws/echo", "/ws/chat", "/ws/game"
@@ -58,10 +58,9 @@ patch_ops = st.fixed_dictionaries(
     optional={"value": json_values, "from": pointers},
 )
 
+_since = st.fixed_dictionaries({"offset": st.integers(), "epoch": st.text(max_size=8)})
 CHAT_REQUESTS = [
-    st.fixed_dictionaries({"op": st.just("join"), "room": rooms},
-                          optional={"since": st.fixed_dictionaries({"offset": st.integers(), "epoch": st.text(max_size=8)}),
-                                    "id": ids}),
+    st.fixed_dictionaries({"op": st.just("join"), "room": rooms}, optional={"since": _since, "id": ids}),
     st.fixed_dictionaries({"op": st.just("leave"), "room": rooms}, optional={"id": ids}),
     st.fixed_dictionaries({"op": st.just("publish"), "room": rooms, "data": json_values},
                           optional={"id": ids, "echo": st.booleans()}),
