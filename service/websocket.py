@@ -23,7 +23,7 @@ from tornado.iostream import StreamClosedError
 from tornado.websocket import WebSocketClosedError, WebSocketHandler, WebSocketProtocol, WebSocketProtocol13
 
 from service.auth import AuthError, Identity
-from service.protocol import SUBPROTOCOL, CloseCode, ErrorCode, close_reason
+from service.protocol import SUBPROTOCOL, CloseCode, close_reason
 from service.session import Session
 from service.transport import StreamTransport
 
@@ -167,9 +167,6 @@ class WirehubSocket(WebSocketHandler):
             if exc.status == 401:
                 self.set_header("WWW-Authenticate", f'Bearer realm="wirehub", error="{exc.error}"')
             return self._refuse(exc.status, exc.error, exc.reason)
-        except Exception as exc:  # a broken authenticator plugin: reported, and nothing was counted yet
-            self.app.hooks.failures.report(self.app.auth_plugin, "authenticate", exc)
-            return self._refuse(500, "internal", "internal error")
         if self._on_close_called:
             return  # the client went away during authentication: nothing to count, no session to open
         limit = self.app.connections.admit(identity.user, self.request.remote_ip or "")
@@ -266,16 +263,8 @@ class WirehubSocket(WebSocketHandler):
         return _Resumed(coro, first)
 
     async def _opened(self, session: Session) -> None:
-        """The open hooks; one that raises closes the session with 1011 (reported by the app), and
-        :meth:`on_close` then releases everything as for any other close."""
-        try:
-            await self.handler.on_open(session)
-        except Exception as exc:
-            self.app.handler_failed(session, "on_open", exc)
-            session.close(CloseCode.INTERNAL)
-            return
-        if not await self.app.hooks.session_opened(session) and not session.closed:
-            session.close(CloseCode.INTERNAL)
+        await self.handler.on_open(session)
+        await self.app.hooks.session_opened(session)
 
     def on_message(self, message: str | bytes) -> Any:
         session = self.session
@@ -301,8 +290,10 @@ class WirehubSocket(WebSocketHandler):
     async def _dispatch(self, session: Session, message: str | bytes) -> None:
         try:
             await self.handler.on_message(session, message)
-        except Exception as exc:
-            self.app.handler_failed(session, "on_message", exc)
+        except Exception:
+            log.exception("handler %s failed on a message from %r", self.endpoint.handler, session)
+            from service.protocol import ErrorCode
+
             session.send_error(ErrorCode.INTERNAL, "internal error")
 
     def _schedule_expiry(self) -> None:
