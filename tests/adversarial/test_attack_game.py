@@ -136,30 +136,32 @@ async def test_a_member_cannot_poison_a_room(game: LiveServer, clients: Any,
         caplog.text
 
 
-async def _write_raw(server: LiveServer, key: str, depth: int) -> None:
-    """Put a document whose state is ``depth`` levels deep in the store, bypassing compare_and_set's
+async def _write_raw(server: LiveServer, key: str, state_text: str, state: Any) -> None:
+    """Put a document with ``state`` (``state_text`` as JSON) in the store, bypassing compare_and_set's
     encoder (which cannot encode it): what an older release or another program could have left."""
     store: Any = server.app.backend.state
-    doc_text = '{"e":"old","c":"c0","s":' + "[" * depth + "]" * depth + "}"
+    doc_text = '{"e":"old","c":"c0","s":' + state_text + "}"
     kind = server.app.config.bus.plugin
     if kind == "memory":
-        store._docs[key] = (1, {"e": "old", "c": "c0", "s": nest(depth)})
+        store._docs[key] = (1, {"e": "old", "c": "c0", "s": state})
     elif kind == "redis":
         await store.bus.client.hset(store.bus.key("s", key), mapping={"v": "1", "d": doc_text})
     else:
         await store.bus.state_kv.put(encode_room(key), ('{"v":1,"d":' + doc_text + "}").encode())
 
 
-@pytest.mark.parametrize("depth", [40, 5000])
+@pytest.mark.parametrize("stored", ["too deep", "unreadable", "NaN"])
 async def test_a_state_too_deep_in_the_store_is_reset_not_internal_forever(
-        game: LiveServer, clients: Any, caplog: pytest.LogCaptureFixture, depth: int) -> None:
+        game: LiveServer, clients: Any, caplog: pytest.LogCaptureFixture, stored: str) -> None:
     caplog.set_level(logging.INFO)
     room = unique_room("stored")
     key = f"game/{room}"
-    if depth < 100:  # readable: written through the store's own compare-and-set
-        await game.app.backend.state.compare_and_set(key, 0, {"e": "old", "c": "c0", "s": nest(depth)})
+    if stored == "too deep":  # 40 levels: readable, written through the store's own compare-and-set
+        await game.app.backend.state.compare_and_set(key, 0, {"e": "old", "c": "c0", "s": nest(40)})
+    elif stored == "unreadable":  # 5,000 levels: too deep for the store's decoder (or the memory copy)
+        await _write_raw(game, key, "[" * 5000 + "]" * 5000, nest(5000))
     else:
-        await _write_raw(game, key, depth)
+        await _write_raw(game, key, '{"n":NaN}', {"n": float("nan")})
     a, b = await clients(), await clients()
     for c in (a, b):
         reply = await c.join(room)

@@ -34,7 +34,7 @@ from plugins.handlers.game.view import _Member, _View
 from service.bus import BusUnavailable, PresenceEntry, StateConflict
 from service.handler import HandlerContext, OpHandler, require_str
 from service.inbound import value_depth
-from service.protocol import ErrorCode, ProtocolError
+from service.protocol import ErrorCode, ProtocolError, dumps
 from service.session import OutFrame, Session
 
 log = logging.getLogger("wirehub.game")
@@ -107,8 +107,8 @@ class GameHandler(OpHandler):
         """The state store's document at ``key``; one this handler cannot use is replaced first.
 
         A document that cannot be read (nested too deep for the store's decoder or a copy), that
-        this handler did not write, or whose state is deeper than ``max_state_depth`` (an older
-        release, another writer, a lowered limit) would fail every later read and update. It is
+        this handler did not write, whose state is deeper than ``max_state_depth`` (an older
+        release, another writer, a lowered limit) or holds NaN would fail every later read and update. It is
         reset to ``initial_state`` with a new epoch, so members get a fresh ``state``: by a
         compare-and-set when its version can be read, else by deleting it. Logged once per interval.
         """
@@ -119,14 +119,18 @@ class GameHandler(OpHandler):
                 if found is None:
                     return None
                 state = self.unwrap(found)[3]
-                depth = value_depth(state, self.options.max_state_depth)
-                if depth <= self.options.max_state_depth:
-                    return found
-                reason = f"nested deeper than max_state_depth ({self.options.max_state_depth})"
             except (RecursionError, ValueError, TypeError, KeyError) as exc:
                 self.context.logs.error(log, "state %s is unreadable (%s); deleting it", key, type(exc).__name__)
                 await store.delete(key)
                 return None
+            if value_depth(state, self.options.max_state_depth) > self.options.max_state_depth:
+                reason = f"nested deeper than max_state_depth ({self.options.max_state_depth})"
+            else:
+                try:
+                    dumps(state)  # what members are sent must be strict JSON
+                    return found
+                except ValueError:
+                    reason = "not strict JSON (NaN or Infinity)"
             self.context.logs.error(log, "state %s is %s; resetting it to initial_state", key, reason)
             document = {"e": uuid.uuid4().hex[:12], "c": uuid.uuid4().hex[:12], "s": copy.deepcopy(self.initial_state)}
             try:
