@@ -19,11 +19,10 @@ import tornado.web
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
-from service import http
+from service import http, logs
 from service.config import Config
 from service.handler import HandlerContext
 from service.hub import Hub
-from service.logs import LogLimiter
 from service.metrics import Metrics
 from service.plugins import PluginError, PluginHost, build_plugin_manager
 from service.protocol import CLOSE_REASONS, CloseCode, close_reason
@@ -75,13 +74,13 @@ class Wirehub:
         self.hooks = hooks
         self.node = config.node_id
         self.metrics = Metrics(ep.path for ep in config.endpoints)
-        #: client-triggerable errors are logged through it: once per interval, with a count
-        self.logs = LogLimiter(config.server.error_log_interval)
         self.draining = False
         self._drain_running = False
         self._drain_started = 0.0
         self.started = False
         self.sessions: dict[Session, WirehubSocket] = {}
+        #: client-triggerable errors are logged through it: once per interval, with a count
+        self.logs = logs.LogLimiter(config.server.error_log_interval)
         #: WebSocket pings, one timer for all connections (None: server.ping_interval 0)
         self.keepalive = (Keepalive(self.sessions, config.server.ping_interval, config.server.ping_timeout)
                           if config.server.ping_interval else None)

@@ -13,9 +13,10 @@ from typing import TYPE_CHECKING, Any
 
 import tornado.web
 
-from service import inbound
 from service.bus import BusUnavailable
 from service.http import JsonHandler
+from service.inbound import JsonRejected
+from service.inbound import loads as decode_json
 from service.protocol import ErrorCode, ProtocolError
 from service.rooms import SERVER_SENDER, RoomRules, publish_message
 
@@ -75,8 +76,8 @@ class PublishHandler(JsonHandler):
             limit = app.config.api.max_body
             return self._fail(413, "too_large", f"the body is over api.max_body ({limit} bytes)")
         try:
-            body: Any = inbound.loads(self._body, app.config.server.max_json_depth)
-        except inbound.JsonRejected as exc:
+            body: Any = decode_json(self._body, app.config.server.max_json_depth)
+        except JsonRejected as exc:
             return self._fail(400, "bad_request", exc.explain("the body"))
         if not isinstance(body, dict):
             return self._fail(400, "bad_request", "the body must be a JSON object {room, data}")
