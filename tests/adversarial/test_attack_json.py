@@ -15,11 +15,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 
+from service.config import ConfigError
 from service.testing import LiveServer, WsClient, unique_room
 
 ECHO, CHAT, GAME = "/ws/echo", "/ws/chat", "/ws/game"
@@ -196,3 +198,31 @@ async def test_ids_within_the_rule_come_back(server: LiveServer, good_id: Any) -
     reply = strict(await chat.recv_raw())
     assert reply["op"] == "pong" and reply["id"] == good_id
     await asyncio.sleep(0)
+
+
+async def test_the_depth_limit_is_configurable(wirehub_server: ServerFactory) -> None:
+    server = await wirehub_server({"server": {"max_json_depth": 4},
+                                   "endpoints": [{"path": ECHO, "handler": "echo"}, {"path": CHAT, "handler": "chat"}]})
+    echo = await server.ws(ECHO)
+    await echo.send(nest(4))
+    assert strict(await echo.recv_raw()) == {"echo": [[[[1]]]]}
+    await echo.send(nest(5))
+    assert strict(await echo.recv_raw()) == {
+        "op": "error", "code": "bad_json", "message": "frame is not valid JSON: JSON nested deeper than 4 levels"}
+    chat = await server.ws(CHAT, welcome=True)
+    await chat.send(raw({"op": "ping", "id": 1, "x": "@"}, nest(4)))  # the envelope is one level
+    assert strict(await chat.recv_raw())["code"] == "bad_json"
+    assert (await chat.request({"op": "ping", "x": [[["ok"]]]}))["op"] == "pong"
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    ({"server": {"max_json_depth": 1000}}, "server.max_json_depth: must be at most 256, got 1000"),
+    ({"server": {"max_json_depth": 1}}, "server.max_json_depth: must be at least 2, got 1"),
+    ({"server": {"error_log_interval": -1}}, "server.error_log_interval: must be at least 0, got -1.0"),
+    ({"endpoints": [{"path": GAME, "handler": "game", "options": {"max_state_depth": 0}}]},
+     "endpoints[0].options.max_state_depth: must be at least 1, got 0"),
+])
+async def test_limit_config_errors_name_the_key(wirehub_server: ServerFactory, config: dict[str, Any],
+                                               message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        await wirehub_server(config)
