@@ -2,8 +2,8 @@
 
 ``json.loads`` recurses once per nesting level, so a frame of a few KB can raise
 ``RecursionError`` deep inside the parser. :func:`loads` measures the nesting of the raw text
-first (a linear scan done by C code: ``str.count``, one regex and ``itertools.accumulate``) and
-refuses anything deeper than the limit before parsing. It also refuses what strict JSON
+first (linear passes done by C code: ``str.count``, ``bytes.translate``, ``split`` and
+``replace``; see :func:`too_deep`) and refuses anything deeper than the limit before parsing. It also refuses what strict JSON
 (RFC 8259) does not allow but Python's parser does: ``NaN``, ``Infinity`` and ``-Infinity``, and
 lone UTF-16 surrogate escapes (``"\\ud800"``), which could not be encoded back as UTF-8.
 """
@@ -22,10 +22,9 @@ NOT_JSON = "the text is not valid JSON"
 
 #: bytes that are neither a bracket nor a quote: dropped first (by C code)
 _NOT_SYNTAX = bytes(c for c in range(256) if c not in b'[]{}"')
-_NOT_BRACKET = bytes(c for c in range(256) if c not in b"[]{}")
-#: a JSON string once its escapes and the other bytes are gone (its brackets do not nest)
-_STRING = re.compile(rb'"[^"]*"')
-_DELTA = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
+#: objects nest like arrays: one kind of bracket is enough to measure the depth
+_ONE_KIND = bytes.maketrans(b"{}", b"[]")
+_DELTA = {ord("["): 1, ord("]"): -1}
 #: a \uD800-\uDFFF escape: only then can the value hold a lone surrogate
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
@@ -50,14 +49,45 @@ def _reject_constant(name: str) -> NoReturn:
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 
 
-def text_depth(text: str) -> int:
-    """The deepest nesting of ``[``/``{`` in ``text``, outside JSON strings."""
+def _brackets(text: str) -> bytes:
+    """The brackets of ``text`` outside JSON strings, as ``[`` and ``]`` only (all C-level passes)."""
     if "\\" in text:
         # Escapes pair from the left, as str.replace scans: first \\, then \" (no longer a quote).
         text = text.replace("\\\\", "").replace('\\"', "")
     syntax = text.encode("utf-8", "surrogatepass").translate(None, _NOT_SYNTAX)
-    brackets = _STRING.sub(b"", syntax).translate(None, _NOT_BRACKET)
-    return max(itertools.accumulate(map(_DELTA.__getitem__, brackets)), default=0)
+    # with escapes gone, every other run between quotes is inside a string
+    return b"".join(syntax.split(b'"')[::2]).translate(_ONE_KIND)
+
+
+def text_depth(text: str) -> int:
+    """The deepest nesting of ``[``/``{`` in ``text``, outside JSON strings."""
+    return max(itertools.accumulate(map(_DELTA.__getitem__, _brackets(text))), default=0)
+
+
+def too_deep(text: str, max_depth: int) -> bool:
+    """Whether ``text`` nests deeper than ``max_depth`` (``text_depth(text) > max_depth``, faster).
+
+    Each ``bytes.replace`` pass removes the innermost level of every well-formed bracket
+    sequence, so a document within the limit is gone after ``max_depth`` passes at most (one
+    pass per level it has). What is left after them is deeper; anything malformed (not JSON
+    anyway) gets the exact count. A run of ``max_depth + 1`` opening brackets is too deep at once.
+    """
+    brackets = _brackets(text)
+    run = b"[" * (max_depth + 1)
+    for _ in range(max_depth):
+        if not brackets:
+            return False
+        if run in brackets:  # the common attack, plain nesting, is found at once
+            return True
+        shorter = brackets.replace(b"[]", b"")
+        if len(shorter) == len(brackets):
+            return text_depth(text) > max_depth  # malformed: no pair left to remove
+        brackets = shorter
+    if not brackets:
+        return False
+    if brackets.count(b"[") == brackets.count(b"]"):
+        return True
+    return text_depth(text) > max_depth
 
 
 def loads(data: str | bytes | bytearray, max_depth: int = DEFAULT_MAX_JSON_DEPTH) -> Any:
@@ -70,7 +100,7 @@ def loads(data: str | bytes | bytearray, max_depth: int = DEFAULT_MAX_JSON_DEPTH
     else:
         text = data
     # Fewer brackets than the limit cannot nest deeper than it: the common case costs two counts.
-    if text.count("[") + text.count("{") > max_depth and text_depth(text) > max_depth:
+    if text.count("[") + text.count("{") > max_depth and too_deep(text, max_depth):
         raise JsonRejected(f"JSON nested deeper than {max_depth} levels")
     try:
         value = _DECODER.decode(text)

@@ -131,12 +131,26 @@ def test_the_decoder_reads_strict_json_within_the_limit_and_refuses_deeper(value
     text = json.dumps(value, ensure_ascii=False)
     depth = inbound.value_depth(value, 10**6)
     assert inbound.text_depth(text) == depth
+    assert inbound.too_deep(text, limit) is (depth > limit)
     if depth <= limit:
         assert inbound.loads(text, limit) == value
         assert inbound.loads(text.encode(), limit) == value
     else:
         with pytest.raises(inbound.JsonRejected, match=f"deeper than {limit} levels"):
             inbound.loads(text, limit)
+
+
+@given(st.text(alphabet='[]{}"\\ax', max_size=120), st.integers(min_value=1, max_value=40))
+def test_the_fast_depth_check_agrees_with_the_exact_count_on_any_text(text: str, limit: int) -> None:
+    # malformed bracket soup included: it may only ever err towards "too deep"
+    exact = inbound.text_depth(text)
+    assert inbound.too_deep(text, limit) is (exact > limit) or (inbound.too_deep(text, limit) and not _balanced(text))
+
+
+def _balanced(text: str) -> bool:
+    b = inbound._brackets(text)
+    return b.count(b"[") == b.count(b"]") and inbound.text_depth(text) >= 0 and min(
+        itertools.accumulate(1 if c == ord("[") else -1 for c in b), default=0) >= 0
 
 
 @given(st.text(max_size=200) | st.binary(max_size=200) | st.builds(lambda d, t: "[" * d + t, st.integers(0, 5000),
