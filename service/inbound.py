@@ -3,9 +3,10 @@
 ``json.loads`` recurses once per nesting level, so a frame of a few KB can raise
 ``RecursionError`` deep inside the parser. :func:`loads` measures the nesting of the raw text
 first (linear passes done by C code: ``str.count``, ``bytes.translate``, ``split`` and
-``replace``; see :func:`too_deep`) and refuses anything deeper than the limit before parsing. It also refuses what strict JSON
-(RFC 8259) does not allow but Python's parser does: ``NaN``, ``Infinity`` and ``-Infinity``, and
-lone UTF-16 surrogate escapes (``"\\ud800"``), which could not be encoded back as UTF-8.
+``replace``; see :func:`too_deep`) and refuses anything deeper than the limit before parsing. It
+also refuses what strict JSON (RFC 8259) does not allow but Python's parser does: ``NaN``,
+``Infinity`` and ``-Infinity``, and lone UTF-16 surrogate escapes (``"\\ud800"``), which could
+not be encoded back as UTF-8.
 """
 
 from __future__ import annotations
