@@ -150,6 +150,26 @@ async def test_a_plugin_failing_on_every_frame_is_logged_once_per_interval(
     await bystander_served(a, b, room, "served")
 
 
+async def test_a_plugin_putting_nan_in_a_frame_gets_internal_and_nothing_invalid_is_sent(
+        server: LiveServer, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    attacker, member = await server.ws(GAME, welcome=True), await server.ws(GAME, welcome=True)
+    broken = unique_room("broken")  # the test rules plugin answers an update of /nan with a NaN value
+    for ws in (attacker, member):
+        assert (await ws.request({"op": "join", "room": broken}))["op"] == "state"
+    for _ in range(50):
+        await attacker.send({"op": "update", "id": "nan", "room": broken,
+                             "patch": [{"op": "add", "path": "/nan", "value": 1}]})
+        assert strict(await attacker.recv_raw()) == {"op": "error", "id": "nan", "code": "internal",
+                                                      "message": "internal error"}
+    assert caplog.text.count("a rules plugin returned an invalid patch") == 1
+    # the room, and the members' other updates, are not affected
+    await member.send({"op": "update", "id": "ok", "room": broken, "patch": [{"op": "add", "path": "/ok", "value": 1}]})
+    while (frame := strict(await member.recv_raw())).get("id") != "ok":
+        pass
+    assert frame["op"] == "ack"
+
+
 async def test_nan_and_infinity_are_refused_and_never_sent(server: LiveServer,
                                                           caplog: pytest.LogCaptureFixture) -> None:
     a, b, room = await bystander_pair(server)

@@ -129,8 +129,10 @@ class _Committer:
                     if patch is not u.patch:
                         try:
                             check_patch(patch)
+                            dumps(patch)  # members are sent it: strict JSON only (no NaN)
                         except ValueError as exc:
-                            log.error("room %s: a rules plugin returned an invalid patch: %s", self.room, exc)
+                            h.context.logs.error(log, "room %s: a rules plugin returned an invalid patch: %s",
+                                                 self.room, exc)
                             raise _Outcome(ErrorCode.INTERNAL, "internal error") from None
                     try:
                         work = apply_bounded(work, patch, h.options.max_state_depth, h.options.max_state_bytes)
