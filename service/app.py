@@ -19,7 +19,8 @@ import tornado.web
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
-from service import http, logs
+import service.logs
+from service import http
 from service.config import Config
 from service.handler import HandlerContext
 from service.hub import Hub
@@ -80,7 +81,7 @@ class Wirehub:
         self.started = False
         self.sessions: dict[Session, WirehubSocket] = {}
         #: client-triggerable errors are logged through it: once per interval, with a count
-        self.logs = logs.LogLimiter(config.server.error_log_interval)
+        self.logs = service.logs.LogLimiter(config.server.error_log_interval)
         #: WebSocket pings, one timer for all connections (None: server.ping_interval 0)
         self.keepalive = (Keepalive(self.sessions, config.server.ping_interval, config.server.ping_timeout)
                           if config.server.ping_interval else None)

@@ -5,11 +5,10 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from service.auth import AuthError
-from service.logs import LogLimiter
 from service.protocol import PROTOCOL_VERSION, ErrorCode, ProtocolError, parse_request
 
 if TYPE_CHECKING:
@@ -17,6 +16,7 @@ if TYPE_CHECKING:
     from service.bus import Backend
     from service.config import Config, EndpointConfig
     from service.hub import Hub
+    from service.logs import LogLimiter
     from service.metrics import Metrics
     from service.plugins import PluginHost
     from service.session import Session
@@ -37,7 +37,7 @@ class HandlerContext:
     metrics: Metrics
     node: str
     #: the app's rate-limited logger: every log line a client can trigger goes through it
-    logs: LogLimiter = field(default_factory=LogLimiter)
+    logs: LogLimiter
 
 
 @runtime_checkable
