@@ -19,6 +19,7 @@ import tornado.web
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
+import service.logs
 from service import http
 from service.accept import make_server
 from service.bus import HistoryUsage
@@ -83,6 +84,8 @@ class Wirehub:
         self._drain_started = 0.0
         self.started = False
         self.sessions: dict[Session, WirehubSocket] = {}
+        #: client-triggerable errors are logged through it: once per interval, with a count
+        self.logs = service.logs.LogLimiter(config.server.error_log_interval)
         #: WebSocket pings, one timer for all connections (None: server.ping_interval 0)
         self.keepalive = (Keepalive(self.sessions, config.server.ping_interval, config.server.ping_timeout)
                           if config.server.ping_interval else None)
@@ -120,6 +123,7 @@ class Wirehub:
                 authenticator=self.authenticator,
                 metrics=self.metrics,
                 node=self.node,
+                logs=self.logs,
             )
             self.handlers[ep.path] = factory(ep.options, f"endpoints[{i}].options", context)
         self.application = self._make_application()

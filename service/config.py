@@ -241,6 +241,11 @@ class ServerConfig:
     demo_page: bool = True
     #: serve GET /api/plugins (plugin names, sources and versions)
     plugin_listing: bool = True
+    #: nesting levels allowed in client JSON (frames, publish API bodies); deeper -> bad_json / 400.
+    #: At most 256: Python's parser and copies recurse once per level
+    max_json_depth: int = opt(32, min=2, max=256)
+    #: seconds between two log lines of the same error that clients can trigger (the rest are counted)
+    error_log_interval: float = opt(10.0, min=0)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from service.bus import Backend
     from service.config import Config, EndpointConfig
     from service.hub import Hub
+    from service.logs import LogLimiter
     from service.metrics import Metrics
     from service.plugins import PluginHost
     from service.session import Session
@@ -36,6 +37,8 @@ class HandlerContext:
     authenticator: Authenticator
     metrics: Metrics
     node: str
+    #: the app's rate-limited logger: every log line a client can trigger goes through it
+    logs: LogLimiter
 
 
 @runtime_checkable
@@ -104,7 +107,7 @@ class OpHandler:
         req_id: Any = None
         request: dict[str, Any] | None = None
         try:
-            request = parse_request(data)
+            request = parse_request(data, self.context.config.server.max_json_depth)
             req_id = request.get("id")
             if not self.own_rate_limit(request["op"]) and not self.admit(session, req_id):
                 return
@@ -119,7 +122,7 @@ class OpHandler:
                 return
             session.send_error(exc.code, exc.message, exc.req_id if exc.req_id is not None else req_id, **exc.extra)
         except Exception:
-            log.exception("%s: op failed for %r", type(self).__name__, session)
+            self.context.logs.exception(log, "%s: op failed for %r", type(self).__name__, session)
             session.send_error(ErrorCode.INTERNAL, "internal error", req_id)
 
     async def on_close(self, session: Session) -> None:

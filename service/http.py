@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import tornado.web
 
 if TYPE_CHECKING:
     from service.app import Wirehub
+
+_log = logging.getLogger("wirehub.http")
 
 
 class JsonHandler(tornado.web.RequestHandler):
@@ -25,6 +29,14 @@ class JsonHandler(tornado.web.RequestHandler):
     def write_json(self, status: int, body: dict[str, Any]) -> None:
         self.set_status(status)
         self.finish(json.dumps(body))
+
+    def log_exception(self, typ: type[BaseException] | None, value: BaseException | None,
+                      tb: TracebackType | None) -> None:
+        # A request that makes a handler fail can be repeated at will: one traceback per interval.
+        if self.app is None or isinstance(value, tornado.web.HTTPError):
+            return super().log_exception(typ, value, tb)
+        self.app.logs.log(_log, logging.ERROR, "uncaught exception in %s %s", self.request.method,
+                          self.request.path, exc_info=(typ, value, tb))
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         # Tracebacks go to the log, never into the response.

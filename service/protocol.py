@@ -10,6 +10,9 @@ import json
 from enum import IntEnum, StrEnum
 from typing import Any
 
+from service import inbound
+from service.inbound import DEFAULT_MAX_JSON_DEPTH
+
 PROTOCOL_VERSION = 1
 SUBPROTOCOL = "wirehub.v1"
 
@@ -81,8 +84,11 @@ class ProtocolError(Exception):
 
 
 def dumps(obj: Any) -> str:
-    """Compact JSON: no spaces, no raw newlines (the hub's bus envelope relies on that)."""
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    """Compact JSON: no spaces, no raw newlines (the hub's bus envelope relies on that).
+
+    Strict JSON only: NaN and Infinity raise ValueError (a client's parser would refuse them).
+    """
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 def encode(obj: Any) -> bytes:
@@ -97,23 +103,42 @@ def error_frame(code: ErrorCode, message: str, req_id: Any = None, **extra: Any)
     return dumps(frame)
 
 
-def parse_request(text: str | bytes) -> dict[str, Any]:
+#: longest string request id, in characters
+MAX_ID_LENGTH = 64
+#: largest magnitude of an integer request id: every JSON parser holds it exactly
+MAX_ID_INT = 2**53
+
+
+def valid_id(req_id: Any) -> bool:
+    """A request id the server echoes back: a string of at most 64 characters or an integer within +-2^53."""
+    if isinstance(req_id, str):
+        return len(req_id) <= MAX_ID_LENGTH
+    return type(req_id) is int and -MAX_ID_INT <= req_id <= MAX_ID_INT
+
+
+def parse_request(text: str | bytes, max_depth: int = DEFAULT_MAX_JSON_DEPTH) -> dict[str, Any]:
     """Parse a client frame into its envelope ``{"op": str, "id"?: ..., ...}``.
 
     Raises :class:`ProtocolError` with ``bad_request`` for binary frames, ``bad_json`` for text
-    that is not JSON, and ``bad_request`` for JSON that is not an object with a string ``op``.
+    that the inbound decoder refuses (not JSON, nested deeper than ``max_depth``, NaN or
+    Infinity), and ``bad_request`` for JSON that is not an object with a string ``op`` or whose
+    ``id`` is not a valid request id (:func:`valid_id`; ``null`` counts as no id).
     """
     if isinstance(text, bytes):
         raise ProtocolError(ErrorCode.BAD_REQUEST, "binary frames are not accepted; send JSON text")
     try:
-        msg = json.loads(text)
-    except ValueError:
-        raise ProtocolError(ErrorCode.BAD_JSON, "frame is not valid JSON") from None
+        msg = inbound.loads(text, max_depth)
+    except inbound.JsonRejected as exc:
+        raise ProtocolError(ErrorCode.BAD_JSON, exc.explain("frame")) from None
     if not isinstance(msg, dict):
         raise ProtocolError(ErrorCode.BAD_REQUEST, "frame must be a JSON object")
+    req_id = msg.get("id")
+    if req_id is not None and not valid_id(req_id):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"field 'id' must be a string of at most {MAX_ID_LENGTH} "
+                            "characters or an integer within +-2^53")
     op = msg.get("op")
     if not isinstance(op, str) or not op:
-        raise ProtocolError(ErrorCode.BAD_REQUEST, "field 'op' must be a non-empty string", req_id=msg.get("id"))
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "field 'op' must be a non-empty string", req_id=req_id)
     return msg
 
 

@@ -17,13 +17,14 @@ the bus.
 from __future__ import annotations
 
 import hmac
-import json
 from typing import TYPE_CHECKING, Any
 
 import tornado.web
 
 from service.bus import BusUnavailable, PublishOutcomeUnknown
 from service.http import JsonHandler
+from service.inbound import JsonRejected
+from service.inbound import loads as decode_json
 from service.protocol import ErrorCode, ProtocolError
 from service.rooms import SERVER_SENDER, RoomRules, parse_idempotency_key, publish_message
 
@@ -91,9 +92,9 @@ class PublishHandler(JsonHandler):
             limit = app.config.api.max_body
             return self._fail(413, "too_large", f"the body is over api.max_body ({limit} bytes)")
         try:
-            body: Any = json.loads(self._body)
-        except ValueError:
-            return self._fail(400, "bad_request", "the body is not valid JSON")
+            body: Any = decode_json(self._body, app.config.server.max_json_depth)
+        except JsonRejected as exc:
+            return self._fail(400, "bad_request", exc.explain("the body"))
         if not isinstance(body, dict):
             return self._fail(400, "bad_request", "the body must be a JSON object {room, data}")
         if "data" not in body:

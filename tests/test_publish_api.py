@@ -109,7 +109,9 @@ async def test_any_of_several_keys_and_lowercase_bearer(wirehub_server: ServerFa
     ({"data": 1}, "field 'room' must be a string"),
     ({"room": 7, "data": 1}, "field 'room' must be a string"),
     ({"room": "bad room", "data": 1}, "invalid room name: it must match ^[A-Za-z0-9_\\-.:@]{1,128}$"),
-    ('{"room": "r", "data": NaN}', "field 'data' must be JSON without NaN or Infinity"),
+    ('{"room": "r", "data": NaN}', "the body is not valid JSON: NaN is not valid JSON"),
+    ('{"room": "r", "data": ' + "[" * 33 + "]" * 33 + "}",
+     "the body is not valid JSON: JSON nested deeper than 32 levels"),
 ])
 async def test_bad_bodies_are_400(api: LiveServer, body: Any, reason: str) -> None:
     code, answer = await post(api, body)

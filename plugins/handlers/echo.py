@@ -1,18 +1,19 @@
 """The echo handler: every JSON text comes back as ``{"echo": <it>}``.
 
 Compatible with the classic echo test: ``{"hello":"server"}`` -> ``{"echo":{"hello":"server"}}``.
-Text that is not JSON gets ``error bad_json`` and a binary frame ``error bad_request``; the
+Text that the inbound decoder refuses (not JSON, nested deeper than ``server.max_json_depth``,
+NaN or Infinity) gets ``error bad_json`` and a binary frame ``error bad_request``; the
 connection stays open. With ``raw: true`` every frame, text or binary, is echoed verbatim (the
 Autobahn conformance suite and benchmarks use that).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from service import inbound
 from service.config import opt, parse_block
 from service.handler import HandlerContext
 from service.hookspecs import hookimpl
@@ -45,11 +46,12 @@ class EchoHandler:
             session.send_error(ErrorCode.BAD_REQUEST, "binary frames are not accepted; send JSON text")
             return
         try:
-            json.loads(data)
-        except ValueError:
-            session.send_error(ErrorCode.BAD_JSON, "frame is not valid JSON")
+            inbound.loads(data, self.context.config.server.max_json_depth)
+        except inbound.JsonRejected as exc:
+            session.send_error(ErrorCode.BAD_JSON, exc.explain("frame"))
             return
-        # The text is valid JSON, so splicing it in is valid JSON and spares a re-encode.
+        # The text is strict JSON (no NaN, no lone surrogate), so splicing it in is valid JSON and
+        # spares a re-encode.
         session.send_frame(OutFrame(b'{"echo":' + data.strip().encode() + b"}"))
 
     async def on_close(self, session: Session) -> None:

@@ -5,7 +5,7 @@
 - ``rules-*`` rooms: writing ``/locked`` is refused; a string written to ``/name`` is lower-cased.
 - ``readonly-*`` rooms: anyone may join, nobody may update.
 - ``broken-*`` rooms: an update of ``/raise`` makes the rule raise, one of ``/invalid`` makes it return
-  an invalid patch (both bugs of a rules plugin).
+  an invalid patch, one of ``/nan`` a patch with a NaN in it (all bugs of a rules plugin).
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ def wirehub_validate_update(room: str, state: Any, patch: list[Any], identity: I
             raise RuntimeError("a bug in a rules plugin")
         if patch[0].get("path") == "/invalid":
             return [{"op": "frobnicate", "path": "/x"}]
+        if patch[0].get("path") == "/nan":
+            return [{"op": "add", "path": "/nan", "value": float("nan")}]
         return None
     if room.startswith("rules-"):
         out = []

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import jsonpatch
 
-from plugins.handlers.game.options import _APPLY_ERRORS, _explain, check_patch
+from plugins.handlers.game.options import _APPLY_ERRORS, PatchTooLarge, _explain, apply_bounded, check_patch
 from service.bus import BusUnavailable, StateConflict
 from service.plugins import PluginFailed, UpdateRejected
 from service.protocol import ErrorCode, dumps
@@ -91,7 +91,7 @@ class _Committer:
                     await self._commit(batch)
                 except Exception as exc:
                     if not isinstance(exc, BusUnavailable):
-                        log.exception("room %s: commit failed", self.room)
+                        h.context.logs.exception(log, "room %s: commit failed", self.room)
                     outcome = (_Outcome(ErrorCode.UNAVAILABLE, "the state store is unavailable; retry")
                                if isinstance(exc, BusUnavailable) else _Outcome(ErrorCode.INTERNAL, "internal error"))
                     for u in batch:
@@ -119,7 +119,7 @@ class _Committer:
                 version, epoch, head, base = self.cache
                 self.cache = None
             else:
-                version, epoch, head, base = h.unwrap(await store.get(h.key(self.room)))
+                version, epoch, head, base = h.unwrap(await h.stored(h.key(self.room)))
             work = copy.deepcopy(base)
             accepted: list[tuple[_Update, list[Any]]] = []
             answered: list[tuple[_Update, _Outcome]] = []
@@ -129,11 +129,16 @@ class _Committer:
                     if patch is not u.patch:
                         try:
                             check_patch(patch)
+                            dumps(patch)  # members are sent it: strict JSON only (no NaN)
                         except ValueError as exc:
-                            log.error("room %s: a rules plugin returned an invalid patch: %s", self.room, exc)
+                            h.context.logs.error(log, "room %s: a rules plugin returned an invalid patch: %s",
+                                                 self.room, exc)
                             raise _Outcome(ErrorCode.INTERNAL, "internal error") from None
                     try:
-                        work = jsonpatch.apply_patch(work, copy.deepcopy(patch), in_place=True)
+                        work = apply_bounded(work, patch, h.options.max_state_depth, h.options.max_state_bytes)
+                    except PatchTooLarge as exc:
+                        work = self._rebuild(base, accepted)
+                        raise _Outcome(ErrorCode.TOO_LARGE, exc.message, **exc.extra) from None
                     except _APPLY_ERRORS:
                         work = self._rebuild(base, accepted)
                         raise _Outcome(ErrorCode.CONFLICT, f"the patch does not apply at version {version}: "
@@ -147,7 +152,7 @@ class _Committer:
                     work = self._rebuild(base, accepted)
                     answered.append((u, _Outcome(ErrorCode.INTERNAL, "internal error")))
                 except Exception:
-                    log.exception("room %s: a rules plugin failed on an update", self.room)
+                    h.context.logs.exception(log, "room %s: a rules plugin failed on an update", self.room)
                     work = self._rebuild(base, accepted)
                     answered.append((u, _Outcome(ErrorCode.INTERNAL, "internal error")))
             if accepted:

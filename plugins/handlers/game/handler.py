@@ -21,6 +21,7 @@ import json
 import logging
 import re
 import time
+import uuid
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -30,9 +31,10 @@ from prometheus_client import CollectorRegistry, Counter
 from plugins.handlers.game.commit import _Committer, _Outcome, _Update
 from plugins.handlers.game.options import GameOptions, check_patch
 from plugins.handlers.game.view import _Member, _View
-from service.bus import BusUnavailable, PresenceEntry
+from service.bus import BusUnavailable, PresenceEntry, StateConflict
 from service.handler import HandlerContext, OpHandler, require_str
-from service.protocol import ErrorCode, ProtocolError
+from service.inbound import value_depth
+from service.protocol import ErrorCode, ProtocolError, dumps
 from service.session import OutFrame, Session
 
 log = logging.getLogger("wirehub.game")
@@ -103,6 +105,43 @@ class GameHandler(OpHandler):
         if not isinstance(stored, dict) or "s" not in stored:
             raise ValueError(f"the state store holds a document the game handler did not write: {stored!r:.80}")
         return version, stored.get("e"), stored.get("c"), stored["s"]
+
+    async def stored(self, key: str) -> tuple[int, Any] | None:
+        """The state store's document at ``key``; one this handler cannot use is replaced first.
+
+        A document that cannot be read (nested too deep for the store's decoder or a copy), that
+        this handler did not write, whose state is deeper than ``max_state_depth`` (an older
+        release, another writer, a lowered limit) or holds NaN would fail every later read and update. It is
+        reset to ``initial_state`` with a new epoch, so members get a fresh ``state``: by a
+        compare-and-set when its version can be read, else by deleting it. Logged once per interval.
+        """
+        store = self.context.backend.state
+        for _ in range(self.options.max_retries):
+            try:
+                found = await store.get(key)
+                if found is None:
+                    return None
+                state = self.unwrap(found)[3]
+            except (RecursionError, ValueError, TypeError, KeyError) as exc:
+                self.context.logs.error(log, "state %s is unreadable (%s); deleting it", key, type(exc).__name__)
+                await store.delete(key)
+                return None
+            if value_depth(state, self.options.max_state_depth) > self.options.max_state_depth:
+                reason = f"nested deeper than max_state_depth ({self.options.max_state_depth})"
+            else:
+                try:
+                    dumps(state)  # what members are sent must be strict JSON
+                    return found
+                except ValueError:
+                    reason = "not strict JSON (NaN or Infinity)"
+            self.context.logs.error(log, "state %s is %s; resetting it to initial_state", key, reason)
+            document = {"e": uuid.uuid4().hex[:12], "c": uuid.uuid4().hex[:12], "s": copy.deepcopy(self.initial_state)}
+            try:
+                version = await store.compare_and_set(key, found[0], document)
+            except StateConflict:
+                continue  # written meanwhile: judge the new document
+            return version, document
+        raise BusUnavailable(f"state {key} changed on every attempt to reset it")
 
     def spawn(self, coro: Any) -> None:
         if self.closed:
@@ -231,7 +270,7 @@ class GameHandler(OpHandler):
         view = self._joined_view(session, room)
         self._rate_limit(session)
         try:
-            found = await self.context.backend.state.get(view.key)
+            found = await self.stored(view.key)
         except BusUnavailable:
             raise ProtocolError(ErrorCode.UNAVAILABLE, "the state store is unavailable; retry", room=room) from None
         if view.ready and not view.busy:
@@ -335,7 +374,7 @@ class GameHandler(OpHandler):
                 if await backend.presence.members(self.bus_room(room)):
                     del self.idle[room]  # someone is there; their replica takes over
                     continue
-                found = await backend.state.get(self.key(room))
+                found = await self.stored(self.key(room))
                 if found is None:
                     self.idle.pop(room, None)
                     continue

@@ -18,6 +18,7 @@ import jsonpatch
 import jsonpointer
 
 from service.config import opt
+from service.inbound import value_depth
 from service.protocol import dumps
 from service.rooms import DEFAULT_ROOM_PATTERN
 
@@ -38,6 +39,9 @@ class GameOptions:
     max_state_bytes: int = opt(65536, min=2)
     #: largest patch of one update, in bytes of compact JSON -> error too_large
     max_patch_bytes: int = opt(16384, min=2)
+    #: deepest nesting of the state ([] or {} is 1); an update making it deeper -> error too_large.
+    #: A stored state deeper than this is reset to initial_state when read (docs/protocol.md)
+    max_state_depth: int = opt(32, min=1, max=200)
     #: updates (and syncs) per second per session, with a burst of as many; 0 = unlimited
     updates_per_second: float = opt(30.0, min=0)
     #: seconds a room's state is kept with no members anywhere and no updates; 0 = forever
@@ -82,6 +86,56 @@ def check_patch(patch: Any) -> list[Any]:
         if name in _OPS_NEEDING_VALUE and "value" not in op:
             raise ValueError(f"op {i} ({name}): 'value' is missing")
     return patch
+
+
+_NOTHING = object()
+
+
+def _segments(pointer: str) -> int:
+    """Nesting levels a JSON Pointer goes down (``""`` is the root: 0)."""
+    return pointer.count("/")
+
+
+def apply_bounded(state: Any, patch: list[Any], max_depth: int, max_bytes: int) -> Any:
+    """Apply ``patch`` to ``state`` in place, op by op, refusing what would nest or grow it unboundedly.
+
+    Every op that puts a value somewhere (add, replace, move, copy) is checked before it runs:
+    the levels of its path plus the depth of the value must stay within ``max_depth``, so a state
+    within the limit stays within it without a walk of the whole state. ``copy`` is the only op
+    that can multiply the state's size (each can double it): the values one patch copies may add
+    up to ``max_bytes`` at most. Raises :class:`PatchTooLarge`, or what jsonpatch raises when an
+    op does not apply (``_APPLY_ERRORS``). A failed op may leave ``state`` partly patched.
+    """
+    copied = 0
+    for op in patch:
+        name = op["op"]
+        if name in ("add", "replace"):
+            value: Any = op["value"]
+        elif name in _OPS_NEEDING_FROM:
+            value = jsonpointer.resolve_pointer(state, op["from"])
+        else:
+            value = _NOTHING
+        if value is not _NOTHING:
+            depth = _segments(op["path"]) + value_depth(value, max_depth)
+            if depth > max_depth:
+                raise PatchTooLarge(f"the update would nest the state {depth} levels deep; the limit is {max_depth}",
+                                    max_depth=max_depth)
+            if name == "copy" and isinstance(value, dict | list):
+                copied += len(dumps(value))
+                if copied > max_bytes:
+                    raise PatchTooLarge(f"the update copies over {max_bytes} bytes; the state's limit",
+                                        max_bytes=max_bytes)
+        state = jsonpatch.apply_patch(state, [copy.deepcopy(op)], in_place=True)
+    return state
+
+
+class PatchTooLarge(Exception):
+    """An update refused by :func:`apply_bounded` (answered ``too_large``)."""
+
+    def __init__(self, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.extra = extra
 
 
 def _explain(state: Any, patch: list[Any]) -> str:

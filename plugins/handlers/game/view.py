@@ -161,7 +161,7 @@ class _View:
         try:
             await hub.join(self.handler.bus_room(self.room), self.tap)
             try:
-                found = await self.handler.context.backend.state.get(self.key)
+                found = await self.handler.stored(self.key)
             except BaseException:
                 await hub.leave(self.handler.bus_room(self.room), self.tap)
                 raise
@@ -286,7 +286,7 @@ class _View:
             return
         self.busy = True
         try:
-            found = await self.handler.context.backend.state.get(self.key)
+            found = await self.handler.stored(self.key)
         except BusUnavailable:
             self.busy = False
             self.next_verify = self.handler.loop_time() + min(1.0, self.handler.options.gap_timeout)
@@ -309,7 +309,7 @@ class _View:
             return
         self.checking = True
         try:
-            found = await self.handler.context.backend.state.get(self.key)
+            found = await self.handler.stored(self.key)
         except BusUnavailable:
             self.next_verify = self.handler.loop_time() + 1.0
             return
