@@ -147,6 +147,8 @@ class NatsPresence:
         self._nodes_sub: Any = None
         self._reaping: set[str] = set()
         self._reapers: set[asyncio.Task[None]] = set()
+        #: time.monotonic() of this replica's last heartbeat
+        self._last_beat = 0.0
         #: leaves the broker did not take (down, timeout): retried by upkeep
         self._unleft: dict[tuple[str, str], PresenceEntry] = {}
 
@@ -163,15 +165,20 @@ class NatsPresence:
         api = bus.nats.js.api
         pre = f"$KV.{self.nodes_bucket}."
 
+        snapshot_done = False
+
         async def on_node(msg: Any) -> None:
+            nonlocal snapshot_done
             node = _decode(msg.subject[len(pre):])
             if not _is_value(msg):
                 self._seen.pop(node, None)
                 return
             age = 0.0
             ts = getattr(msg.metadata, "timestamp", None)
-            if ts is not None and msg.metadata.num_pending > 0:  # the snapshot: as old as its last put
-                age = min(max(0.0, time.time() - ts.timestamp()), self.ttl)
+            if ts is not None and not snapshot_done:  # the snapshot: as old as its last put (capped:
+                age = min(max(0.0, time.time() - ts.timestamp()), self.ttl)  # the broker's clock may differ)
+            if msg.metadata.num_pending == 0:
+                snapshot_done = True
             self._seen[node] = time.monotonic() - age
 
         self._nodes_sub = await bus.js.subscribe(f"{pre}>", stream=f"KV_{self.nodes_bucket}", cb=on_node,
@@ -397,9 +404,10 @@ class NatsPresence:
     async def _beat(self) -> None:
         """One put per node of this replica (normally one). An update against the last revision
         fails when the key was lost (a broker that lost its store, or this node was declared dead
-        and purged): then the entries are written again."""
+        and purged); then, or after a silence longer than the TTL, the entries are written again."""
         kv, wrong = self.nodes_kv, self.bus.nats.js.errors.KeyWrongLastSequenceError
-        lost = False
+        # silent longer than the TTL (a stall, a long outage): the node may have been reaped
+        lost = bool(self._last_beat) and time.monotonic() - self._last_beat > self.ttl
         for node, rev in list(self._nodes.items()):
             key = encode_room(node)
 
@@ -413,6 +421,7 @@ class NatsPresence:
 
             self._nodes[node], gone = await self.bus.call("presence", beat)
             lost = lost or gone
+        self._last_beat = time.monotonic()
         if lost and self._local:
             await self._restore()
 

@@ -15,8 +15,10 @@ replica runs ONE script per interval that stamps its node(s) and returns the nod
 older than ``presence_ttl``: one round trip whatever the number of entries. For a dead node a live
 replica takes ``<p>:presence:claim:<node>`` (SET NX PX ttl): only one replica wins; it removes
 the node's entries in batches through the room leave script, drops the node, and reports the
-users who left to its ``on_departed`` listeners. A replica that finds its own stamp missing (a
-broker that lost its data, or it was declared dead after a long stall) writes its entries again.
+users who left to its ``on_departed`` listeners. A replica that finds its own stamp missing or
+expired (a broker that lost its data, or a stall longer than the TTL that may have had it reaped)
+writes its entries again (a reaping still under way may remove some of them once more: a replica
+stalled that long should be restarted anyway).
 """
 
 from __future__ import annotations
@@ -102,15 +104,19 @@ end
 return out
 """
 
-# KEYS: nodes zset; ARGV: ttl_ms, node... -> {{nodes of ARGV that had no stamp}, {dead nodes}}
+# KEYS: nodes zset; ARGV: ttl_ms, node...
+# -> {{nodes of ARGV without a live stamp (none, or older than the TTL: maybe reaped)}, {dead nodes}}
 _BEAT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[1]), 'LIMIT', 0, 16)
+local horizon = now - tonumber(ARGV[1])
 local missing = {}
 for i = 2, #ARGV do
-  if redis.call('ZADD', KEYS[1], now, ARGV[i]) == 1 then missing[#missing + 1] = ARGV[i] end
+  local stamp = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if not stamp or tonumber(stamp) <= horizon then missing[#missing + 1] = ARGV[i] end
+  redis.call('ZADD', KEYS[1], now, ARGV[i])
 end
+local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', horizon, 'LIMIT', 0, 16)
 return {missing, dead}
 """
 
