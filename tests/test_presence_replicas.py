@@ -13,8 +13,11 @@ from typing import Any
 
 import pytest
 
+from plugins.bus.nats import create_backend as nats_backend
+from plugins.bus.redis import create_backend as redis_backend
 from service.brokers import BrokerProcess
-from service.testing import WsClient, unique_room, ws_connect
+from service.bus import Backend, PresenceCount, PresenceEntry
+from service.testing import Recorder, WsClient, eventually, unique_room, ws_connect
 from tests.helpers import FAST_BUS, Cluster, bus_options
 
 CHAT = "/ws/chat"
@@ -90,3 +93,46 @@ async def test_a_sigkilled_replica_leaves_presence_within_ttl(cluster: Cluster) 
     assert await presence(observer_a, room) == {**survivors, "d1": 1}
     for ws in (*clients, late):
         ws.close()
+
+
+async def test_a_broker_that_lost_presence_gets_it_back(kind: str, broker: BrokerProcess) -> None:
+    """Entries are never refreshed, so a broker restart that lost them (Redis without persistence,
+    a NATS memory store) must not lose them for good: each replica notices its heartbeat key is gone
+    and writes its entries again."""
+    opts = bus_options(kind, broker, f"pl{uuid.uuid4().hex[:6]}", presence_interval=INTERVAL,
+                       **({"storage": "memory"} if kind == "nats" else {}))
+    make = redis_backend if kind == "redis" else nats_backend
+    a: Backend = make(opts, f"bus.{kind}")
+    b: Backend = make(opts, f"bus.{kind}")
+    for backend in (a, b):
+        await backend.bus.start(Recorder())
+    try:
+        room = unique_room()
+        await a.presence.join(room, PresenceEntry("alice", "sa", "node-a"))
+        await a.presence.join(room, PresenceEntry("alice", "sa2", "node-a"))
+        await b.presence.join(room, PresenceEntry("bob", "sb", "node-b"))
+
+        async def whole(p: Backend = a) -> bool:
+            return await p.presence.count(room) == PresenceCount(2, 3)
+
+        await eventually(whole)
+        broker.kill()
+        await eventually(lambda: _false_when(a.bus.healthy or b.bus.healthy))
+        broker.start()
+        await eventually(lambda: _false_when(not (a.bus.healthy and b.bus.healthy)), timeout=10)
+        # (this Redis keeps nothing on disk and this NATS stores in memory: the entries are gone)
+        await eventually(whole, timeout=TTL + INTERVAL + 2)
+        await eventually(lambda: whole(b), timeout=TTL + INTERVAL + 2)
+        assert await b.presence.leave(room, "sb") == "bob"
+        await eventually(lambda: _is(a, room, PresenceCount(1, 2)))
+    finally:
+        for backend in (a, b):
+            await backend.bus.close()
+
+
+async def _false_when(value: bool) -> bool:
+    return not value
+
+
+async def _is(backend: Backend, room: str, count: PresenceCount) -> bool:
+    return await backend.presence.count(room) == count

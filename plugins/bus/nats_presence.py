@@ -184,7 +184,8 @@ class NatsPresence:
         self._nodes_sub = await bus.js.subscribe(f"{pre}>", stream=f"KV_{self.nodes_bucket}", cb=on_node,
                                                  ordered_consumer=True,
                                                  deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT)
-        self._nodes = dict.fromkeys(self._nodes, 0)  # compare nothing with the old connection's revisions
+        # self._nodes keeps the revisions of the last heartbeats: a broker that lost its store
+        # (restart of a memory store) fails the next update against them, and the entries come back
 
     async def close(self) -> None:
         for task in list(self._reapers):
