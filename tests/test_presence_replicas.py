@@ -16,7 +16,7 @@ import pytest
 from plugins.bus.nats import create_backend as nats_backend
 from plugins.bus.redis import create_backend as redis_backend
 from service.brokers import BrokerProcess
-from service.bus import Backend, PresenceCount, PresenceEntry
+from service.bus import Backend, BusUnavailable, PresenceCount, PresenceEntry
 from service.testing import Recorder, WsClient, eventually, unique_room, ws_connect
 from tests.helpers import FAST_BUS, Cluster, bus_options
 
@@ -136,3 +136,33 @@ async def _false_when(value: bool) -> bool:
 
 async def _is(backend: Backend, room: str, count: PresenceCount) -> bool:
     return await backend.presence.count(room) == count
+
+
+async def test_a_leave_the_broker_did_not_take_is_retried(kind: str, broker: BrokerProcess) -> None:
+    """Entries are never refreshed, so a leave refused while the broker hung must not leave a ghost
+    member behind for as long as its replica lives: upkeep retries it."""
+    opts = bus_options(kind, broker, f"pu{uuid.uuid4().hex[:6]}", presence_interval=INTERVAL)
+    make = redis_backend if kind == "redis" else nats_backend
+    a: Backend = make(opts, f"bus.{kind}")
+    b: Backend = make(opts, f"bus.{kind}")
+    for backend in (a, b):
+        await backend.bus.start(Recorder())
+    try:
+        room = unique_room()
+        await a.presence.join(room, PresenceEntry("alice", "sa", "node-a"))
+        await b.presence.join(room, PresenceEntry("bob", "sb", "node-b"))
+        await eventually(lambda: _is(b, room, PresenceCount(2, 2)))
+        broker.pause()
+        try:
+            await eventually(lambda: _false_when(a.bus.healthy), timeout=5)
+            with pytest.raises(BusUnavailable):
+                await a.presence.leave(room, "sa")
+        finally:
+            broker.resume()
+        await eventually(lambda: _false_when(not (a.bus.healthy and b.bus.healthy)), timeout=10)
+        await eventually(lambda: _is(b, room, PresenceCount(1, 1)), timeout=TTL + INTERVAL + 2)
+        page = await b.presence.page(room, None, 10)
+        assert [m.user for m in page.members] == ["bob"]
+    finally:
+        for backend in (a, b):
+            await backend.bus.close()

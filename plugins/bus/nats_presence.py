@@ -340,6 +340,7 @@ class NatsPresence:
                 live.pending.pop(key, None)
                 live.roster.remove(entry.session)
             self._forget_local(room, entry.session)
+            self._unleft[(room, entry.session)] = entry  # a put that timed out may still have landed
             raise
         live.own_write(key, seq, entry)
         return first
@@ -436,8 +437,6 @@ class NatsPresence:
         """One heartbeat put; dead nodes come from the nodes watch (no round trip) and are reaped
         in the background by the replica that wins their claim."""
         await self._beat()
-        if self._unleft:
-            await self._retry_leaves()
         horizon = time.monotonic() - self.ttl
         for node, seen in list(self._seen.items()):
             if seen < horizon and node not in self._nodes and node not in self._reaping:
@@ -445,6 +444,8 @@ class NatsPresence:
                 task = asyncio.ensure_future(self._reap(node))
                 self._reapers.add(task)
                 task.add_done_callback(self._reapers.discard)
+        if self._unleft:  # rare: only after a leave the broker did not take
+            await self._retry_leaves()
 
     async def _retry_leaves(self) -> None:
         batch = list(self._unleft.items())[:REAP_BATCH]

@@ -225,6 +225,7 @@ class RedisPresence:
             ))
         except BaseException:
             self._local.pop((room, entry.session), None)
+            self._unleft[(room, entry.session)] = entry  # a join that timed out may still have run
             raise
         return bool(out[0])
 
@@ -300,16 +301,15 @@ class RedisPresence:
     async def upkeep(self) -> None:
         """One round trip: stamp this replica's node(s), learn the dead ones; reap those in the
         background (claimed, so one replica does it)."""
-        dead = await self._beat()
-        if self._unleft:
-            await self._retry_leaves()
-        for node in dead:
+        for node in await self._beat():
             if node in self._nodes or node in self._reaping:
                 continue
             self._reaping.add(node)
             task = asyncio.ensure_future(self._reap(node))
             self._reapers.add(task)
             task.add_done_callback(self._reapers.discard)
+        if self._unleft:  # rare: only after a leave the broker did not take
+            await self._retry_leaves()
 
     async def _retry_leaves(self) -> None:
         batch = list(self._unleft.items())[:REAP_BATCH]
