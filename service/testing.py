@@ -9,7 +9,8 @@ tests (pytest-asyncio, ``asyncio_mode = auto``).
 - Contract suites: subclass :class:`BusContract`, :class:`HistoryContract`,
   :class:`PresenceContract` or :class:`StateStoreContract` in a ``Test*`` class and provide an
   async ``backend`` fixture yielding a started :class:`service.bus.Backend` (or a pair of them
-  on one broker through ``backend_pair``, for the cross-replica cases).
+  on one broker through ``backend_pair``, for the cross-replica cases). Buses whose replicas can
+  die add :class:`PresenceExpiryContract` (fixtures ``presence_replica`` and ``broker_ops``).
 """
 
 from __future__ import annotations
