@@ -340,43 +340,47 @@ class RedisPresence:
             await self._pipeline(build)
 
     async def _reap(self, node: str) -> None:
+        departed: dict[str, list[str]] = defaultdict(list)
         try:
-            bus = self.bus
-            claim = self._claim_key(node)
-            won = (await self._pipeline(lambda pipe: pipe.set(claim, "1", nx=True, px=self.ttl_ms)))[0]
-            if not won:
-                return
-            log.warning("presence: node %s stopped heartbeating; removing its entries", node)
-            idx = self._node_index(node)
-            departed: dict[str, list[str]] = defaultdict(list)
-            while bus.healthy:
-                items = (await self._pipeline(lambda pipe: pipe.srandmember(idx, REAP_BATCH)))[0]
-                if not items:
-                    break
-                rooms: dict[str, list[str]] = defaultdict(list)
-                for item in items:
-                    room, session = json.loads(item)
-                    rooms[room].append(session)
-                order = list(rooms)
-
-                def build(pipe: Any, rooms: dict[str, list[str]] = rooms, items: list[Any] = items,
-                          order: list[str] = order) -> None:
-                    for room in order:
-                        self._script(pipe, "presence_leave", self._keys(room), rooms[room])
-                    pipe.srem(idx, *items)
-
-                out = await self._pipeline(build)
-                for room, removed in zip(order, out, strict=False):
-                    departed[room] += [u for u in (_text(x) for x in removed[1::2]) if u]
-            keys, args = [self._nodes_key, idx], [node, self.ttl_ms]
-            await self._pipeline(lambda pipe: (self._script(pipe, "presence_forget_node", keys, args),
-                                               pipe.delete(claim)))
-            for room, users in departed.items():
-                await self._departures.report(room, users)
+            await self._remove_node(node, departed)
         except Exception as exc:
-            log.info("presence: reaping node %s failed (another round will retry): %s", node, exc)
+            log.info("presence: reaping node %s failed (its claim expires, then a replica retries): %s", node, exc)
         finally:
             self._reaping.discard(node)
+        for room, users in departed.items():  # what was removed is reported, even after a failure
+            await self._departures.report(room, users)
+
+    async def _remove_node(self, node: str, departed: dict[str, list[str]]) -> None:
+        """Claim ``node``, remove its entries batch by batch (adding who left to ``departed``), drop it."""
+        bus = self.bus
+        claim = self._claim_key(node)
+        won = (await self._pipeline(lambda pipe: pipe.set(claim, "1", nx=True, px=self.ttl_ms)))[0]
+        if not won:
+            return
+        log.warning("presence: node %s stopped heartbeating; removing its entries", node)
+        idx = self._node_index(node)
+        while bus.healthy:
+            items = (await self._pipeline(lambda pipe: pipe.srandmember(idx, REAP_BATCH)))[0]
+            if not items:
+                break
+            rooms: dict[str, list[str]] = defaultdict(list)
+            for item in items:
+                room, session = json.loads(item)
+                rooms[room].append(session)
+            order = list(rooms)
+
+            def build(pipe: Any, rooms: dict[str, list[str]] = rooms, items: list[Any] = items,
+                      order: list[str] = order) -> None:
+                for room in order:
+                    self._script(pipe, "presence_leave", self._keys(room), rooms[room])
+                pipe.srem(idx, *items)
+
+            out = await self._pipeline(build)
+            for room, removed in zip(order, out, strict=False):
+                departed[room] += [u for u in (_text(x) for x in removed[1::2]) if u]
+        keys, args = [self._nodes_key, idx], [node, self.ttl_ms]
+        await self._pipeline(lambda pipe: (self._script(pipe, "presence_forget_node", keys, args),
+                                           pipe.delete(claim)))
 
     async def close(self) -> None:
         """Stop reaping (the bus is closing); entries stay until their node is declared dead."""
