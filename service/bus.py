@@ -9,7 +9,7 @@ Payloads are opaque bytes to a backend. The hub owns their format.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -153,7 +153,7 @@ class HistoryUsage(Protocol):
         ...
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PresenceEntry:
     """One connection in a room."""
 
@@ -163,24 +163,95 @@ class PresenceEntry:
     info: Mapping[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class PresenceMember:
+    """One user in a room: all their connections there."""
+
+    user: str
+    connections: int
+    #: the info of one of their connections (the first one that joined), e.g. ``{"name": ...}``
+    info: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceCount:
+    """A room's totals: distinct users, and their connections."""
+
+    users: int = 0
+    connections: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class PresencePage:
+    """What :meth:`Presence.page` returns."""
+
+    #: ordered by user id (codepoint order), each user once
+    members: Sequence[PresenceMember]
+    #: pass back as ``after`` to get the next page; None: this was the last page
+    cursor: str | None
+    #: the room's totals at the time of the read
+    count: PresenceCount
+
+
+#: a listener of :meth:`Presence.on_departed`: ``(room, users)``, sync or async
+DepartedListener = Callable[[str, Sequence[str]], Awaitable[None] | None]
+
+
 @runtime_checkable
 class Presence(Protocol):
     """Who is in a room, across replicas.
 
-    Entries are per connection; a user is present while any of their connections is. Entries of
-    a replica that stops refreshing them (crashed, SIGKILLed) expire after the backend's TTL.
+    Entries are per connection; a user is present while any of their connections is, and is
+    counted once (``users``) however many connections they have (``connections``).
+
+    Guarantees every implementation keeps:
+
+    - ``join``, ``leave`` and ``count`` are O(1) broker round trips and O(1) work in the room's
+      size (a sorted insert into an in-memory list is a memmove, not a scan); ``page`` is
+      O(limit + log n). ``members`` is O(n) and is kept for small rooms and tests.
+    - Read your writes: a ``count``/``page``/``members`` on the replica that joined or left sees
+      that change at once. Counts and pages are correct across replicas once their writes reach
+      the broker.
+    - Upkeep costs O(1) broker round trips per replica per interval, whatever the number of
+      sessions and rooms: entries are written once at join and deleted at leave (never
+      refreshed); each replica heartbeats ONE key for itself (its node, expiring after
+      ``presence_ttl``) and checks for dead nodes in the same round trip. Upkeep runs on its own
+      pooled connection or pipeline, so publishes never wait behind it.
+    - Expiry: when a replica stops heartbeating (crashed, SIGKILLed, partitioned) its entries are
+      removed within ``presence_ttl`` plus one upkeep interval by one live replica (an atomic
+      claim), in batches, and the users whose LAST connection went with them are reported to
+      :meth:`on_departed` listeners on that replica only.
+    - After the last connection of a room leaves, nothing of that room's presence is left in the
+      broker (no keys, no KV values).
     """
 
     async def join(self, room: str, entry: PresenceEntry) -> bool:
-        """Add a connection; True when its user was not present in ``room`` before."""
+        """Add a connection; True when its user was not present in ``room`` before. O(1)."""
         ...
 
     async def leave(self, room: str, session: str) -> str | None:
-        """Remove a connection; returns its user when that was the user's last connection."""
+        """Remove a connection; returns its user when that was the user's last connection. O(1).
+        Idempotent: an unknown session returns None."""
+        ...
+
+    async def count(self, room: str) -> PresenceCount:
+        """The room's users and connections. O(1)."""
+        ...
+
+    async def page(self, room: str, after: str | None, limit: int) -> PresencePage:
+        """Up to ``limit`` members with user id > ``after`` (None: from the start), ordered by user
+        id. O(limit + log n). A user present for the whole scan appears exactly once across the
+        pages of a scan; ``cursor`` is None on the last page."""
+        ...
+
+    def on_departed(self, callback: DepartedListener) -> None:
+        """Register a listener called, on exactly one live replica, with ``(room, users)`` for the
+        users whose last connection was removed because its replica died (stopped heartbeating).
+        A listener that raises is logged and does not stop the others."""
         ...
 
     async def members(self, room: str) -> list[PresenceEntry]:
-        """All live connections in ``room``, one entry per connection."""
+        """All live connections in ``room``, one entry per connection. O(n): small rooms, tests."""
         ...
 
 

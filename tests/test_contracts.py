@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -25,6 +26,7 @@ from service.testing import (
     Footprint,
     HistoryContract,
     PresenceContract,
+    PresenceExpiryContract,
     Recorder,
     StateStoreContract,
     unique_room,
@@ -110,16 +112,18 @@ async def _redis_footprint(backend: Backend) -> list[str]:
     bus = backend.bus
     assert isinstance(bus, RedisBus)
     keys = [k.decode() async for k in bus.client.scan_iter(match=f"{bus.prefix}:*", count=1000)]
-    return sorted(keys)
+    # the replicas' liveness set is one key per deployment, written by the first presence call: not room state
+    return sorted(k for k in keys if k != f"{bus.prefix}:presence:nodes")
 
 
 async def _nats_footprint(backend: Backend) -> list[str]:
-    """Subjects of the rooms stream, and the live keys of the presence and state buckets."""
+    """Subjects of the rooms stream, and the live keys of the presence members and state buckets."""
     bus = backend.bus
     assert isinstance(bus, NatsBus)
     info = await bus.js.stream_info(bus.stream, subjects_filter=">")
     out = [f"s:{subject}" for subject in (info.state.subjects or {})]
-    for kv in (bus.presence_kv, bus.state_kv):
+    assert bus.presence is not None
+    for kv in (bus.presence.members_kv, bus.state_kv):
         with contextlib.suppress(NoKeysError):
             out += [f"{kv._name}:{key}" for key in await kv.keys()]
     return sorted(out)
@@ -148,6 +152,76 @@ class TestPresence(PresenceContract):
 
 
 class TestStateStore(StateStoreContract):
+    pass
+
+
+@dataclasses.dataclass
+class _Shared:
+    """The broker and key prefix that the replicas of one test share."""
+
+    kind: str
+    server: Any
+    prefix: str = dataclasses.field(default_factory=lambda: f"t{uuid.uuid4().hex[:8]}")
+
+
+@pytest.fixture(params=["nats", "redis"])
+def shared_broker(request: pytest.FixtureRequest) -> _Shared:
+    kind = str(request.param)
+    return _Shared(kind, request.getfixturevalue(f"{kind}_server"))
+
+
+@pytest.fixture
+async def presence_replica(shared_broker: _Shared) -> AsyncIterator[Callable[..., Awaitable[Backend]]]:
+    """Each ``await presence_replica(**options)`` is a new started replica on the test's broker and prefix."""
+    made: list[Backend] = []
+    url = shared_broker.server.url
+
+    async def make(**options: Any) -> Backend:
+        if shared_broker.kind == "redis":
+            backend = redis_backend({"url": url, "key_prefix": shared_broker.prefix, **FAST, **options}, "bus.redis")
+        else:
+            backend = nats_backend({"servers": [url], "subject_prefix": shared_broker.prefix, "storage": "memory",
+                                    **FAST, **options}, "bus.nats")
+        await backend.bus.start(Recorder())
+        made.append(backend)
+        return backend
+
+    yield make
+    for backend in made:
+        await backend.bus.close()
+
+
+@pytest.fixture
+async def broker_ops(shared_broker: _Shared) -> AsyncIterator[Callable[[], Awaitable[int]]]:
+    """Operations the broker executed so far for this test: Redis commands (INFO commandstats,
+    without INFO itself); NATS messages stored in the test's KV buckets (puts, purges, creates)."""
+    if shared_broker.kind == "redis":
+        import redis.asyncio as aioredis
+
+        client = aioredis.Redis.from_url(shared_broker.server.url)
+
+        async def redis_ops() -> int:
+            stats = await client.info("commandstats")
+            return sum(int(v["calls"]) for k, v in stats.items() if k != "cmdstat_info")
+
+        yield redis_ops
+        await client.aclose()
+        return
+    import nats
+
+    nc = await nats.connect(shared_broker.server.url)
+    js = nc.jetstream()
+    ours = f"KV_{shared_broker.prefix}_"
+
+    async def nats_ops() -> int:
+        return sum(int(info.state.last_seq) for info in await js.streams_info()
+                   if info.config.name.startswith(ours))
+
+    yield nats_ops
+    await nc.close()
+
+
+class TestPresenceExpiry(PresenceExpiryContract):
     pass
 
 

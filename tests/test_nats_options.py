@@ -36,6 +36,7 @@ def test_the_example_config_reads_the_servers_from_the_environment(monkeypatch: 
     ({"storage": "disk"}, "bus.nats.storage", "not one of"),
     ({"user": "u"}, "bus.nats.password", "required"),
     ({"tls_key_file": "k.pem"}, "bus.nats.tls_cert_file", "required"),
+    ({"presence_ttl": 3, "presence_interval": 3}, "bus.nats.presence_interval", "less than presence_ttl"),
 ])
 def test_bad_options_name_their_key(options: dict[str, object], key: str, message: str) -> None:
     with pytest.raises(ConfigError) as err:

@@ -35,6 +35,7 @@ def test_the_example_config_reads_the_url_from_the_environment(monkeypatch: pyte
     ({"key_prefix": "a b"}, "bus.redis.key_prefix", "without spaces"),
     ({"history_size": -1}, "bus.redis.history_size", "at least 0"),
     ({"heartbeat_interval": 4, "heartbeat_timeout": 1}, "bus.redis.heartbeat_timeout", "half"),
+    ({"presence_ttl": 3, "presence_interval": 3}, "bus.redis.presence_interval", "less than presence_ttl"),
     ({"urls": "redis://x"}, "bus.redis.urls", "unknown key"),
 ])
 def test_bad_options_name_their_key(options: dict[str, object], key: str, message: str) -> None:

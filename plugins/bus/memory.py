@@ -18,7 +18,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.bus import Backend, BusHandler, HistoryPage, PresenceEntry, StateConflict
+from plugins.bus._roster import Departures, Roster
+from service.bus import (
+    Backend,
+    BusHandler,
+    DepartedListener,
+    HistoryPage,
+    PresenceCount,
+    PresenceEntry,
+    PresencePage,
+    StateConflict,
+)
 from service.config import opt, parse_block
 from service.hookspecs import hookimpl
 from service.plugins import BusFactory
@@ -235,26 +245,46 @@ class MemoryHistory:
 
 
 class MemoryPresence:
+    """One :class:`~plugins.bus._roster.Roster` per room; one process, so no replica can die and
+    ``on_departed`` listeners are never called. A room's roster goes with its last connection."""
+
     def __init__(self) -> None:
-        self._rooms: dict[str, dict[str, PresenceEntry]] = {}
+        self._rooms: dict[str, Roster] = {}
+        self._departures = Departures()
 
     async def join(self, room: str, entry: PresenceEntry) -> bool:
-        members = self._rooms.setdefault(room, {})
-        first = all(e.user != entry.user for e in members.values())
-        members[entry.session] = entry
-        return first
+        roster = self._rooms.get(room)
+        if roster is None:
+            roster = self._rooms[room] = Roster()
+        return roster.add(entry)
 
     async def leave(self, room: str, session: str) -> str | None:
-        members = self._rooms.get(room)
-        if not members or session not in members:
+        roster = self._rooms.get(room)
+        if roster is None:
             return None
-        entry = members.pop(session)
-        if not members:
+        user = roster.remove(session)
+        if not roster:
             del self._rooms[room]
-        return entry.user if all(e.user != entry.user for e in members.values()) else None
+        return user
+
+    async def count(self, room: str) -> PresenceCount:
+        roster = self._rooms.get(room)
+        return roster.count() if roster is not None else PresenceCount()
+
+    async def page(self, room: str, after: str | None, limit: int) -> PresencePage:
+        roster = self._rooms.get(room)
+        return roster.page(after, limit) if roster is not None else PresencePage([], None, PresenceCount())
+
+    def on_departed(self, callback: DepartedListener) -> None:
+        self._departures.add(callback)
 
     async def members(self, room: str) -> list[PresenceEntry]:
-        return list(self._rooms.get(room, {}).values())
+        roster = self._rooms.get(room)
+        return roster.entries() if roster is not None else []
+
+    async def stored_keys(self, room: str) -> list[str]:
+        """What this store holds for ``room`` (diagnostics, tests): the room itself, or nothing."""
+        return [room] if room in self._rooms else []
 
 
 class MemoryStateStore:

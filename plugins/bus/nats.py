@@ -29,9 +29,10 @@ Epoch: derived from the stream's creation time; it changes when the stream is de
 created again (a broker that lost its store, an operator's reset). A restart that keeps the
 JetStream store keeps the epoch and the history.
 
-Presence: KV bucket ``<P>_presence`` (``max_age = presence_ttl``), one key
-``<r>.<user>.<session>`` per connection, re-put by its replica every ``presence_ttl / 3``; a
-replica that died stops re-putting and its keys expire. State: KV bucket ``<P>_state``, one key
+Presence: see :mod:`plugins.bus.nats_presence` (buckets ``<P>_members``, ``<P>_nodes``,
+``<P>_claims``; entries put at join and purged at leave, one heartbeat put per replica per
+``presence_interval``, a dead replica's entries removed within ``presence_ttl`` +
+``presence_interval``). State: KV bucket ``<P>_state``, one key
 per room holding ``{"v": version, "d": document}``; compare-and-set is ``create`` (version 0) or
 ``update(last=revision)``, which JetStream applies only if nobody wrote in between.
 
@@ -57,13 +58,13 @@ import json
 import logging
 import re
 import ssl
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from plugins.bus._broker import Supervised, encode_room, safe_close
-from service.bus import Backend, BusUnavailable, HistoryPage, PresenceEntry, PublishOutcomeUnknown, StateConflict
+from plugins.bus.nats_presence import NatsPresence
+from service.bus import Backend, BusUnavailable, HistoryPage, PublishOutcomeUnknown, StateConflict
 from service.config import ConfigError, opt, parse_block
 from service.hookspecs import hookimpl
 from service.plugins import BusFactory
@@ -99,7 +100,10 @@ class NatsOptions:
     replicas: int = opt(1, min=1, max=5)
     history_size: int = opt(1000, min=0)
     history_ttl: float = opt(3600.0, min=1)
+    #: a dead replica's presence entries are removed within presence_ttl + presence_interval seconds
     presence_ttl: float = opt(15.0, min=0.5)
+    #: seconds between a replica's presence heartbeats (one KV put each); 0 = presence_ttl / 3
+    presence_interval: float = opt(0.0, min=0)
     heartbeat_interval: float = opt(2.0, min=0.05)
     heartbeat_timeout: float = opt(6.0, min=0.05)
     op_timeout: float = opt(5.0, min=0.05)
@@ -137,7 +141,8 @@ class NatsBus(Supervised):
     def __init__(self, opts: NatsOptions, key: str) -> None:
         super().__init__(heartbeat_interval=opts.heartbeat_interval, heartbeat_timeout=opts.heartbeat_timeout,
                          max_backoff=opts.max_backoff, op_timeout=opts.op_timeout,
-                         connect_timeout=opts.connect_timeout, refresh_interval=opts.presence_ttl / 3)
+                         connect_timeout=opts.connect_timeout,
+                         refresh_interval=opts.presence_interval or opts.presence_ttl / 3)
         self.opts = opts
         self.nats = _import_nats(key)
         nerr = self.nats.errors
@@ -152,7 +157,6 @@ class NatsBus(Supervised):
         self.epoch = ""
         self.nc: Any = None
         self.js: Any = None
-        self.presence_kv: Any = None
         self.state_kv: Any = None
         self.presence: NatsPresence | None = None
         #: room -> the token of its live consumer (messages of an older consumer are dropped)
@@ -229,7 +233,8 @@ class NatsBus(Supervised):
         created = getattr(info, "created", None) or (await js.stream_info(self.stream)).created
         self.epoch = hashlib.sha1(f"{self.stream}@{created}".encode()).hexdigest()[:12]
         self._last.clear()
-        self.presence_kv = await self._bucket(_name(self.prefix, "presence"), o.presence_ttl, storage)
+        if self.presence is not None:
+            await self.presence.open(storage)
         self.state_kv = await self._bucket(_name(self.prefix, "state"), None, storage)
         self._tokens, self._subs = {}, {}
         for room in sorted(self._rooms):
@@ -274,7 +279,7 @@ class NatsBus(Supervised):
 
     async def _teardown(self) -> None:
         nc, self.nc = self.nc, None
-        self.js = self.presence_kv = self.state_kv = None
+        self.js = self.state_kv = None
         self._tokens, self._subs = {}, {}
         if nc is not None:
             await safe_close(log, "nats connection")(nc.close())
@@ -287,7 +292,12 @@ class NatsBus(Supervised):
 
     async def _refresh(self) -> None:
         if self.presence is not None:
-            await self.presence.refresh()
+            await self.presence.upkeep()
+
+    async def close(self) -> None:
+        if self.presence is not None:
+            await self.presence.close()
+        await super().close()
 
     async def call(self, what: str, op: Any) -> Any:
         return await self._call(what, op, self.errors, soft=self.soft)
@@ -478,228 +488,6 @@ class NatsHistory:
             await sub.unsubscribe()
 
 
-def _key(*parts: str) -> str:
-    return ".".join(encode_room(p) for p in parts)
-
-
-def _is_value(msg: Any) -> bool:
-    hdr = msg.headers or {}
-    return bool(msg.data) and "KV-Operation" not in hdr and "Nats-Marker-Reason" not in hdr
-
-
-def _parse_entry(data: bytes) -> PresenceEntry:
-    d = json.loads(data)
-    return PresenceEntry(d["user"], d["session"], d["node"], d.get("info") or {})
-
-
-class _RoomWatch:
-    """A live copy of one room's presence keys, kept while this replica has members there.
-
-    Entries are stamped with the time of their last put; one older than ``presence_ttl`` is
-    ignored (JetStream expires it without telling watchers).
-    """
-
-    def __init__(self, conn: Any) -> None:
-        self.conn = conn  # the connection it belongs to: a new connection needs a new watch
-        self.entries: dict[str, tuple[PresenceEntry, float]] = {}
-        self.ready = asyncio.Event()
-        self.processed = 0
-        self.sub: Any = None
-
-    def live(self, ttl: float) -> list[tuple[str, PresenceEntry]]:
-        horizon = time.monotonic() - ttl
-        return [(k, e) for k, (e, stamp) in self.entries.items() if stamp > horizon]
-
-
-class NatsPresence:
-    def __init__(self, bus: NatsBus) -> None:
-        self.bus = bus
-        self.ttl = bus.opts.presence_ttl
-        self.bucket = _name(bus.prefix, "presence")
-        self.pre = f"$KV.{self.bucket}."
-        self._local: dict[str, dict[str, PresenceEntry]] = {}
-        self._watches: dict[str, asyncio.Future[_RoomWatch]] = {}
-
-    # -- reading -----------------------------------------------------------------------------------------
-
-    async def _scan(self, pattern: str) -> list[tuple[str, PresenceEntry]]:
-        """The newest value of every key matching ``pattern``, read once with an ordered consumer.
-        (nats-py's KV watch can announce "no more values" before values it already received.)"""
-        bus = self.bus
-
-        async def scan() -> list[tuple[str, PresenceEntry]]:
-            api = bus.nats.js.api
-            sub = await bus.js.subscribe(self.pre + pattern, stream=f"KV_{self.bucket}", ordered_consumer=True,
-                                         deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT)
-            out: list[tuple[str, PresenceEntry]] = []
-            try:
-                info = await sub.consumer_info()
-                if info.num_pending == 0 and not info.delivered.consumer_seq:
-                    return out
-                while True:
-                    msg = await sub.next_msg(timeout=bus.op_timeout)
-                    if _is_value(msg):
-                        out.append((msg.subject[len(self.pre):], _parse_entry(msg.data)))
-                    if msg.metadata.num_pending == 0:
-                        return out
-            finally:
-                await sub.unsubscribe()
-
-        bus._check()
-        return await bus.call("presence", scan)  # type: ignore[no-any-return]
-
-    async def _watch(self, room: str) -> _RoomWatch | None:
-        """The room's live watch when this replica has members there (started on first use)."""
-        if room not in self._local:
-            return None
-        bus = self.bus
-        fut = self._watches.get(room)
-        if fut is not None and fut.done() and (fut.exception() is not None or fut.result().conn is not bus.nc):
-            self._drop_watch(room)
-            fut = None
-        if fut is None:
-            fut = self._watches[room] = asyncio.get_running_loop().create_future()
-            try:
-                watch: _RoomWatch = await bus.call("presence", lambda: self._start_watch(room))
-            except BaseException as exc:
-                self._watches.pop(room, None)
-                if not fut.done():
-                    fut.set_exception(exc if isinstance(exc, Exception) else BusUnavailable("cancelled"))
-                    fut.exception()
-                raise
-            fut.set_result(watch)
-            if room not in self._local:  # everybody left meanwhile
-                self._drop_watch(room)
-            return watch
-        watch_ = await asyncio.shield(fut)
-        assert isinstance(watch_, _RoomWatch)
-        return watch_
-
-    async def _start_watch(self, room: str) -> _RoomWatch:
-        bus = self.bus
-        api = bus.nats.js.api
-        watch = _RoomWatch(bus.nc)
-        pre = self.pre
-
-        async def on_msg(msg: Any) -> None:
-            key = msg.subject[len(pre):]
-            if _is_value(msg):
-                age = 0.0
-                ts = getattr(msg.metadata, "timestamp", None)
-                if ts is not None and not watch.ready.is_set():
-                    # the snapshot's entries are as old as their last put (capped: the broker's
-                    # clock may differ from ours, and one refresh period more is harmless)
-                    age = min(max(0.0, time.time() - ts.timestamp()), self.ttl / 2)
-                try:
-                    watch.entries[key] = (_parse_entry(msg.data), time.monotonic() - age)
-                except (ValueError, KeyError):
-                    watch.entries.pop(key, None)
-            else:
-                watch.entries.pop(key, None)
-            watch.processed += 1
-            if msg.metadata.num_pending == 0:
-                watch.ready.set()
-
-        watch.sub = await bus.js.subscribe(f"{pre}{encode_room(room)}.>", stream=f"KV_{self.bucket}", cb=on_msg,
-                                           ordered_consumer=True, deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT)
-        info = await watch.sub.consumer_info()
-        if info.num_pending == 0 and watch.processed >= (info.delivered.consumer_seq or 0):
-            watch.ready.set()
-        await watch.ready.wait()
-        return watch
-
-    def _drop_watch(self, room: str) -> None:
-        fut = self._watches.pop(room, None)
-        if fut is None or not fut.done() or fut.exception() is not None:
-            return
-        watch = fut.result()
-        if watch.conn is self.bus.nc and watch.sub is not None:
-            task = asyncio.ensure_future(watch.sub.unsubscribe())
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())
-
-    async def _room_entries(self, room: str, prefix: str = "") -> list[tuple[str, PresenceEntry]]:
-        """Entries of ``room`` whose key starts with ``<room>.<prefix>``."""
-        watch = await self._watch(room)
-        if watch is None:
-            return await self._scan(f"{encode_room(room)}.{prefix}{'*' if prefix else '>'}")
-        full = f"{encode_room(room)}.{prefix}"
-        return [(k, e) for k, e in watch.live(self.ttl) if k.startswith(full)]
-
-    # -- Presence ------------------------------------------------------------------------------------------
-
-    async def _put(self, room: str, entry: PresenceEntry) -> None:
-        kv = self.bus.presence_kv
-        value = json.dumps({"user": entry.user, "session": entry.session, "node": entry.node,
-                            "info": dict(entry.info)}).encode()
-        await self.bus.call("presence", lambda: kv.put(_key(room, entry.user, entry.session), value))
-
-    def _seen(self, room: str, key: str, entry: PresenceEntry | None) -> None:
-        """Read your writes: put this replica's own change into the room's live copy at once, rather
-        than when the watch echoes it (a members() right after a join must list the joiner)."""
-        fut = self._watches.get(room)
-        if fut is None or not fut.done() or fut.exception() is not None:
-            return
-        entries = fut.result().entries
-        if entry is None:
-            entries.pop(key, None)
-        else:
-            entries[key] = (entry, time.monotonic())
-
-    async def join(self, room: str, entry: PresenceEntry) -> bool:
-        self.bus._check()
-        self._local.setdefault(room, {})[entry.session] = entry
-        try:
-            await self._put(room, entry)
-        except BaseException:
-            self._forget_local(room, entry.session)
-            raise
-        self._seen(room, _key(room, entry.user, entry.session), entry)
-        same_user = await self._room_entries(room, encode_room(entry.user) + ".")
-        return all(e.session == entry.session for _, e in same_user)
-
-    async def leave(self, room: str, session: str) -> str | None:
-        entry = self._forget_local(room, session)  # first: never refreshed again, whatever happens next
-        self.bus._check()
-        if entry is not None:
-            key = _key(room, entry.user, session)
-        else:
-            found = await self._scan(f"{encode_room(room)}.*.{encode_room(session)}")
-            if not found:
-                return None
-            key, entry = found[0]
-        kv = self.bus.presence_kv
-        not_found = self.bus.nats.js.errors.KeyNotFoundError
-
-        async def delete() -> bool:
-            try:
-                await kv.get(key)
-            except not_found:
-                return False
-            await kv.delete(key)
-            return True
-
-        if not await self.bus.call("presence", delete):
-            return None
-        self._seen(room, key, None)
-        rest = await self._room_entries(room, encode_room(entry.user) + ".")
-        return entry.user if all(k == key for k, _ in rest) else None
-
-    async def members(self, room: str) -> list[PresenceEntry]:
-        return [e for _, e in await self._room_entries(room)]
-
-    def _forget_local(self, room: str, session: str) -> PresenceEntry | None:
-        local = self._local.get(room)
-        entry = local.pop(session, None) if local is not None else None
-        if local is not None and not local:
-            del self._local[room]
-            self._drop_watch(room)
-        return entry
-
-    async def refresh(self) -> None:
-        for room, entries in list(self._local.items()):
-            await asyncio.gather(*(self._put(room, e) for e in list(entries.values())))
-
-
 class NatsStateStore:
     def __init__(self, bus: NatsBus) -> None:
         self.bus = bus
@@ -783,8 +571,11 @@ def create_backend(options: Mapping[str, Any], key: str) -> Backend:
         raise ConfigError(f"{key}.tls_cert_file", "is required with tls_key_file")
     if opts.heartbeat_timeout < opts.heartbeat_interval / 2:
         raise ConfigError(f"{key}.heartbeat_timeout", "must be at least half of heartbeat_interval")
+    if opts.presence_interval >= opts.presence_ttl:
+        raise ConfigError(f"{key}.presence_interval", f"must be less than presence_ttl ({opts.presence_ttl:g}), "
+                          f"got {opts.presence_interval:g}")
     bus = NatsBus(opts, key)
-    presence = NatsPresence(bus)
+    presence = NatsPresence(bus, opts.presence_ttl)
     bus.presence = presence
     return Backend(bus=bus, history=NatsHistory(bus), presence=presence, state=NatsStateStore(bus), name="nats",
                    extra={"options": opts})

@@ -20,10 +20,9 @@ and the stream is dropped with the old one. Trimming keeps at most
 ``history_size`` entries (exact MAXLEN) and drops entries older than ``history_ttl`` (checked by
 each publish and read against the Redis server clock).
 
-Presence: per room a hash (session -> entry JSON), a sorted set (session -> expiry, Redis server
-time) and a hash of connection counts per user, all changed by Lua scripts. Each replica
-re-stamps its own entries every ``presence_ttl / 3``; entries of a replica that stopped
-(SIGKILL) expire ``presence_ttl`` after its last refresh. State: a hash ``{v, d}`` per room,
+Presence: see :mod:`plugins.bus.redis_presence` (entries written at join, deleted at leave; one
+heartbeat round trip per replica per ``presence_interval``; a dead replica's entries removed by
+one live replica within ``presence_ttl`` + ``presence_interval``). State: a hash ``{v, d}`` per room,
 compare-and-set in one Lua script.
 
 Failures: see :mod:`plugins.bus._broker` (watchdog through the broker: a PUBLISH on this replica's
@@ -50,7 +49,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from plugins.bus._broker import Supervised, encode_room, safe_close
-from service.bus import Backend, BusUnavailable, HistoryPage, PresenceEntry, PublishOutcomeUnknown, StateConflict
+from plugins.bus.redis_presence import RedisPresence
+from service.bus import Backend, BusUnavailable, HistoryPage, PublishOutcomeUnknown, StateConflict
 from service.config import ConfigError, opt, parse_block
 from service.hookspecs import hookimpl
 from service.plugins import BusFactory
@@ -74,8 +74,10 @@ class RedisOptions:
     #: messages kept per room, and their maximum age in seconds
     history_size: int = opt(1000, min=0)
     history_ttl: float = opt(3600.0, min=1)
-    #: presence entries of a replica that stopped refreshing them vanish after this many seconds
+    #: a dead replica's presence entries are removed within presence_ttl + presence_interval seconds
     presence_ttl: float = opt(15.0, min=0.5)
+    #: seconds between a replica's presence heartbeats (one round trip each); 0 = presence_ttl / 3
+    presence_interval: float = opt(0.0, min=0)
     #: watchdog: a round trip through Redis every interval; down when one takes longer than timeout
     heartbeat_interval: float = opt(2.0, min=0.05)
     heartbeat_timeout: float = opt(6.0, min=0.05)
@@ -201,74 +203,6 @@ redis.call('PEXPIRE', KEYS[2], meta_ttl)
 return {tonumber(redis.call('HGET', KEYS[2], 'top')), redis.call('HGET', KEYS[2], 'epoch')}
 """
 
-_PRESENCE_COMMON = """
-local function now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-local function forget(session)
-  local raw = redis.call('HGET', KEYS[1], session)
-  redis.call('ZREM', KEYS[2], session)
-  if not raw then return nil end
-  redis.call('HDEL', KEYS[1], session)
-  local user = cjson.decode(raw)['user']
-  if redis.call('HINCRBY', KEYS[3], user, -1) <= 0 then
-    redis.call('HDEL', KEYS[3], user)
-    return user
-  end
-  return nil
-end
-local function purge(now)
-  local dead = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
-  for i = 1, #dead do forget(dead[i]) end
-end
-local function add(session, raw, user, expiry)
-  local fresh = 0
-  if redis.call('HEXISTS', KEYS[1], session) == 0 then
-    redis.call('HSET', KEYS[1], session, raw)
-    fresh = redis.call('HINCRBY', KEYS[3], user, 1)
-  end
-  redis.call('ZADD', KEYS[2], expiry, session)
-  return fresh
-end
-local function touch(ttl)
-  for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ttl) end
-end
-"""
-
-# KEYS: entries, expiries, user counts; ARGV: ttl_ms, session, entry json, user -> 1 if first of user
-_PRESENCE_JOIN = _PRESENCE_COMMON + """
-local now = now_ms()
-local ttl = tonumber(ARGV[1])
-purge(now)
-local fresh = add(ARGV[2], ARGV[3], ARGV[4], now + ttl)
-touch(ttl + 1000)
-if fresh == 1 then return 1 end
-return 0
-"""
-
-# ARGV: session -> user when it was the user's last connection, else false
-_PRESENCE_LEAVE = _PRESENCE_COMMON + """
-purge(now_ms())
-return forget(ARGV[1])
-"""
-
-# ARGV: (none) -> list of entry JSON
-_PRESENCE_MEMBERS = _PRESENCE_COMMON + """
-purge(now_ms())
-return redis.call('HVALS', KEYS[1])
-"""
-
-# ARGV: ttl_ms, then (session, entry json, user) triples: re-stamp (and restore) local entries
-_PRESENCE_REFRESH = _PRESENCE_COMMON + """
-local now = now_ms()
-local ttl = tonumber(ARGV[1])
-purge(now)
-for i = 2, #ARGV, 3 do add(ARGV[i], ARGV[i + 1], ARGV[i + 2], now + ttl) end
-touch(ttl + 1000)
-return 1
-"""
-
 # KEYS: state hash; ARGV: expected version, document json -> new version, or -1 - current
 _STATE_CAS = """
 local v = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
@@ -294,7 +228,8 @@ class RedisBus(Supervised):
     def __init__(self, opts: RedisOptions, key: str = "bus.redis") -> None:
         super().__init__(heartbeat_interval=opts.heartbeat_interval, heartbeat_timeout=opts.heartbeat_timeout,
                          max_backoff=opts.max_backoff, op_timeout=opts.op_timeout,
-                         connect_timeout=opts.connect_timeout, refresh_interval=opts.presence_ttl / 3)
+                         connect_timeout=opts.connect_timeout,
+                         refresh_interval=opts.presence_interval or opts.presence_ttl / 3)
         self.opts = opts
         self._redis = _import_redis(key)
         import redis.exceptions as rexc
@@ -427,7 +362,12 @@ class RedisBus(Supervised):
 
     async def _refresh(self) -> None:
         if self.presence is not None:
-            await self.presence.refresh()
+            await self.presence.upkeep()
+
+    async def close(self) -> None:
+        if self.presence is not None:
+            await self.presence.close()
+        await super().close()
 
     # -- Bus -------------------------------------------------------------------------------------------
 
@@ -503,65 +443,6 @@ class RedisHistory:
         return int(out[0]), out[1].decode()
 
 
-def _entry_json(entry: PresenceEntry) -> str:
-    return json.dumps({"user": entry.user, "session": entry.session, "node": entry.node, "info": dict(entry.info)},
-                      separators=(",", ":"))
-
-
-class RedisPresence:
-    def __init__(self, bus: RedisBus, ttl: float) -> None:
-        self.bus = bus
-        self.ttl_ms = int(ttl * 1000)
-        #: this replica's entries, re-stamped by refresh()
-        self._local: dict[str, dict[str, PresenceEntry]] = {}
-
-    def _keys(self, room: str) -> list[str]:
-        return [self.bus.key("p", room), self.bus.key("pe", room), self.bus.key("pu", room)]
-
-    async def _run(self, name: str, room: str, args: list[Any]) -> Any:
-        bus = self.bus
-        bus._check()
-        client, script, keys = bus.client, bus.scripts[name], self._keys(room)
-        return await bus._call("presence", lambda: script(keys=keys, args=args, client=client), bus.errors)
-
-    async def join(self, room: str, entry: PresenceEntry) -> bool:
-        self._local.setdefault(room, {})[entry.session] = entry
-        try:
-            first = await self._run("presence_join", room,
-                                    [self.ttl_ms, entry.session, _entry_json(entry), entry.user])
-        except BaseException:
-            self._forget_local(room, entry.session)
-            raise
-        return bool(first)
-
-    def _forget_local(self, room: str, session: str) -> None:
-        local = self._local.get(room)
-        if local is not None:
-            local.pop(session, None)
-            if not local:
-                del self._local[room]
-
-    async def leave(self, room: str, session: str) -> str | None:
-        self._forget_local(room, session)  # first: never refreshed again, whatever happens next
-        user = await self._run("presence_leave", room, [session])
-        return user.decode() if isinstance(user, bytes) else None
-
-    async def members(self, room: str) -> list[PresenceEntry]:
-        raw = await self._run("presence_members", room, [])
-        out = []
-        for item in raw:
-            d = json.loads(item)
-            out.append(PresenceEntry(d["user"], d["session"], d["node"], d.get("info") or {}))
-        return out
-
-    async def refresh(self) -> None:
-        for room, entries in list(self._local.items()):
-            args: list[Any] = [self.ttl_ms]
-            for e in list(entries.values()):
-                args += [e.session, _entry_json(e), e.user]
-            await self._run("presence_refresh", room, args)
-
-
 class RedisStateStore:
     def __init__(self, bus: RedisBus) -> None:
         self.bus = bus
@@ -598,10 +479,6 @@ _SCRIPTS = {
     "publish": _PUBLISH,
     "read": _READ,
     "position": _POSITION,
-    "presence_join": _PRESENCE_JOIN,
-    "presence_leave": _PRESENCE_LEAVE,
-    "presence_members": _PRESENCE_MEMBERS,
-    "presence_refresh": _PRESENCE_REFRESH,
     "state_cas": _STATE_CAS,
 }
 
@@ -616,6 +493,9 @@ def create_backend(options: Mapping[str, Any], key: str) -> Backend:
                           f"got {opts.key_prefix!r}")
     if opts.heartbeat_timeout < opts.heartbeat_interval / 2:
         raise ConfigError(f"{key}.heartbeat_timeout", "must be at least half of heartbeat_interval")
+    if opts.presence_interval >= opts.presence_ttl:
+        raise ConfigError(f"{key}.presence_interval", f"must be less than presence_ttl ({opts.presence_ttl:g}), "
+                          f"got {opts.presence_interval:g}")
     bus = RedisBus(opts, key)
     presence = RedisPresence(bus, opts.presence_ttl)
     bus.presence = presence

@@ -74,20 +74,23 @@ async def _redis_state(server: RedisServer, prefix: str) -> tuple[set[str], int]
     client = aioredis.Redis.from_url(server.url)
     try:
         keys = {k.decode() async for k in client.scan_iter(match=f"{prefix}:*", count=1000)}
-        return keys, int(await client.dbsize())
+        nodes = f"{prefix}:presence:nodes"  # the replicas' liveness set: one per deployment, not per room
+        size = int(await client.dbsize()) - (nodes in keys)
+        keys.discard(nodes)
+        return keys, size
     finally:
         await client.aclose()
 
 
 async def _nats_state(server: NatsServer, prefix: str) -> tuple[set[str], int]:
-    """The subjects of the rooms stream, and of the presence bucket (keys and delete markers)."""
+    """The subjects of the rooms stream, and of the presence members bucket (keys and delete markers)."""
     import nats
 
     nc = await nats.connect(server.url)
     try:
         js = nc.jetstream()
         rooms = await js.stream_info(f"{prefix}_rooms", subjects_filter=">")
-        presence = await js.stream_info(f"KV_{prefix}_presence", subjects_filter=">")
+        presence = await js.stream_info(f"KV_{prefix}_members", subjects_filter=">")
         return set(rooms.state.subjects or {}), len(presence.state.subjects or {})
     finally:
         await nc.close()

@@ -14,7 +14,16 @@ from collections.abc import Mapping
 from typing import Any
 
 from plugins.bus.memory import MemoryBus, MemoryHistory, MemoryPresence, create_backend
-from service.bus import Backend, BusHandler, BusUnavailable, HistoryPage, PresenceEntry
+from service.bus import (
+    Backend,
+    BusHandler,
+    BusUnavailable,
+    DepartedListener,
+    HistoryPage,
+    PresenceCount,
+    PresenceEntry,
+    PresencePage,
+)
 from service.hookspecs import hookimpl
 
 
@@ -93,6 +102,17 @@ class FlakyPresence:
     async def members(self, room: str) -> list[PresenceEntry]:
         self.bus.check()
         return await self.inner.members(room)
+
+    async def count(self, room: str) -> PresenceCount:
+        self.bus.check()
+        return await self.inner.count(room)
+
+    async def page(self, room: str, after: str | None, limit: int) -> PresencePage:
+        self.bus.check()
+        return await self.inner.page(room, after, limit)
+
+    def on_departed(self, callback: DepartedListener) -> None:
+        self.inner.on_departed(callback)
 
 
 def _factory(options: Mapping[str, Any], key: str) -> Backend:

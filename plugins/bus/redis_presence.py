@@ -1,0 +1,390 @@
+"""Presence on Redis: entries written once (join) and deleted once (leave), node liveness by heartbeat.
+
+Per room (one hash tag per room, ``{<room>}``, so a Redis Cluster port keeps a room in one slot):
+
+- ``<p>:pm:{r}``: ZSET of user ids, all with score 0, paged with ZRANGEBYLEX from the cursor;
+- ``<p>:pc:{r}``: HASH user -> ``"<connections>:<info json>"``;
+- ``<p>:ps:{r}``: HASH session -> entry JSON (user, session, node, info).
+
+They change together in one Lua script at join and leave; Redis deletes a hash or set when it
+empties, so a room without members leaves no key. Per node: ``<p>:pn:<node>``, a SET of
+``[room, session]`` JSON pairs, updated in the same pipeline (one round trip) as the room script.
+
+Liveness: ``<p>:presence:nodes``, a ZSET node -> last heartbeat (Redis server time, ms). Each
+replica runs ONE script per interval that stamps its node(s) and returns the nodes whose stamp is
+older than ``presence_ttl``: one round trip whatever the number of entries. For a dead node a live
+replica takes ``<p>:presence:claim:<node>`` (SET NX PX ttl): only one replica wins; it removes
+the node's entries in batches through the room leave script, drops the node, and reports the
+users who left to its ``on_departed`` listeners. A replica that finds its own stamp missing or
+expired (a broker that lost its data, or a stall longer than the TTL that may have had it reaped)
+writes its entries again (a reaping still under way may remove some of them once more: a replica
+stalled that long should be restarted anyway).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from plugins.bus._roster import Departures
+from service.bus import DepartedListener, PresenceCount, PresenceEntry, PresenceMember, PresencePage
+
+if TYPE_CHECKING:
+    from plugins.bus.redis import RedisBus
+
+log = logging.getLogger("wirehub.bus.redis")
+
+#: entries removed per reaping round trip
+REAP_BATCH = 500
+
+# KEYS: users zset, user hash, session hash; ARGV: session, user, entry json, info json -> 1 if first of user
+_JOIN = """
+if redis.call('HSETNX', KEYS[3], ARGV[1], ARGV[3]) == 0 then return 0 end
+local cur = redis.call('HGET', KEYS[2], ARGV[2])
+if cur then
+  local n, info = string.match(cur, '^(%d+):(.*)$')
+  redis.call('HSET', KEYS[2], ARGV[2], (tonumber(n) + 1) .. ':' .. info)
+  return 0
+end
+redis.call('HSET', KEYS[2], ARGV[2], '1:' .. ARGV[4])
+redis.call('ZADD', KEYS[1], 0, ARGV[2])
+return 1
+"""
+
+# KEYS: as _JOIN; ARGV: sessions -> {node, user or '' (still present), ...} per removed session
+_LEAVE = """
+local out = {}
+for i = 1, #ARGV do
+  local raw = redis.call('HGET', KEYS[3], ARGV[i])
+  if raw then
+    redis.call('HDEL', KEYS[3], ARGV[i])
+    local e = cjson.decode(raw)
+    local gone = ''
+    local cur = redis.call('HGET', KEYS[2], e['user'])
+    if cur then
+      local n, info = string.match(cur, '^(%d+):(.*)$')
+      n = tonumber(n) - 1
+      if n <= 0 then
+        redis.call('HDEL', KEYS[2], e['user'])
+        redis.call('ZREM', KEYS[1], e['user'])
+        gone = e['user']
+      else
+        redis.call('HSET', KEYS[2], e['user'], n .. ':' .. info)
+      end
+    end
+    out[#out + 1] = e['node']
+    out[#out + 1] = gone
+  end
+end
+return out
+"""
+
+# KEYS: as _JOIN; ARGV: after ('' = from the start), limit -> {users, connections, more, u1, v1, u2, v2, ...}
+_PAGE = """
+local lo = '-'
+if ARGV[1] ~= '' then lo = '(' .. ARGV[1] end
+local limit = tonumber(ARGV[2])
+local out = {redis.call('ZCARD', KEYS[1]), redis.call('HLEN', KEYS[3]), 0}
+if limit <= 0 then return out end
+local users = redis.call('ZRANGEBYLEX', KEYS[1], lo, '+', 'LIMIT', 0, limit + 1)
+if #users > limit then
+  out[3] = 1
+  users[#users] = nil
+end
+if #users == 0 then return out end
+local vals = redis.call('HMGET', KEYS[2], unpack(users))
+for i = 1, #users do
+  out[#out + 1] = users[i]
+  out[#out + 1] = vals[i] or '0:{}'
+end
+return out
+"""
+
+# KEYS: nodes zset; ARGV: ttl_ms, node...
+# -> {{nodes of ARGV without a live stamp (none, or older than the TTL: maybe reaped)}, {dead nodes}}
+_BEAT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local horizon = now - tonumber(ARGV[1])
+local missing = {}
+for i = 2, #ARGV do
+  local stamp = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if not stamp or tonumber(stamp) <= horizon then missing[#missing + 1] = ARGV[i] end
+  redis.call('ZADD', KEYS[1], now, ARGV[i])
+end
+local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', horizon, 'LIMIT', 0, 16)
+return {missing, dead}
+"""
+
+# KEYS: nodes zset, node index; ARGV: node, ttl_ms -> 1 when the node was dropped (still dead, index empty)
+_FORGET_NODE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local stamp = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if stamp and tonumber(stamp) > now - tonumber(ARGV[2]) then return 0 end
+if redis.call('SCARD', KEYS[2]) > 0 then return 0 end
+redis.call('ZREM', KEYS[1], ARGV[1])
+return 1
+"""
+
+SCRIPTS = {
+    "presence_join": _JOIN,
+    "presence_leave": _LEAVE,
+    "presence_page": _PAGE,
+    "presence_beat": _BEAT,
+    "presence_forget_node": _FORGET_NODE,
+}
+
+
+def _entry_json(entry: PresenceEntry) -> str:
+    return json.dumps({"user": entry.user, "session": entry.session, "node": entry.node, "info": dict(entry.info)},
+                      separators=(",", ":"))
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class RedisPresence:
+    """The :class:`service.bus.Presence` of the Redis backend (see the module docstring)."""
+
+    def __init__(self, bus: RedisBus, ttl: float) -> None:
+        self.bus = bus
+        self.ttl_ms = int(ttl * 1000)
+        self._departures = Departures()
+        #: this replica's entries: (room, session) -> entry; written again only if the broker lost them
+        self._local: dict[tuple[str, str], PresenceEntry] = {}
+        #: the node ids this replica's entries carry (normally one): the heartbeat stamps them
+        self._nodes: set[str] = set()
+        #: nodes stamped at least once (a node is stamped before its first entry is written)
+        self._stamped: set[str] = set()
+        #: dead nodes being reaped by this replica
+        self._reaping: set[str] = set()
+        self._reapers: set[asyncio.Task[None]] = set()
+        #: leaves the broker did not take (down, timeout): retried by upkeep (entries are never
+        #: refreshed, so a lost leave would otherwise stay until this replica dies)
+        self._unleft: dict[tuple[str, str], PresenceEntry] = {}
+
+    # -- naming ----------------------------------------------------------------------------------------
+
+    def _keys(self, room: str) -> list[str]:
+        return [self.bus.key("pm", room), self.bus.key("pc", room), self.bus.key("ps", room)]
+
+    def _node_index(self, node: str) -> str:
+        return f"{self.bus.prefix}:pn:{node}"
+
+    @property
+    def _nodes_key(self) -> str:
+        return f"{self.bus.prefix}:presence:nodes"
+
+    def _claim_key(self, node: str) -> str:
+        return f"{self.bus.prefix}:presence:claim:{node}"
+
+    @staticmethod
+    def _index_item(room: str, session: str) -> str:
+        return json.dumps([room, session], separators=(",", ":"))
+
+    # -- plumbing --------------------------------------------------------------------------------------
+
+    async def _pipeline(self, build: Any) -> list[Any]:
+        """One round trip: ``build(pipe)`` queues commands on a pipeline (no MULTI)."""
+        bus = self.bus
+        bus._check()
+        client = bus.client
+
+        async def run() -> list[Any]:
+            pipe = client.pipeline(transaction=False)
+            build(pipe)
+            return list(await pipe.execute())
+
+        return await bus._call("presence", run, bus.errors)
+
+    def _script(self, pipe: Any, name: str, keys: list[str], args: Iterable[Any]) -> Any:
+        # EVAL, not EVALSHA, inside a pipeline: a NOSCRIPT (a restarted Redis) cannot fail it, and
+        # redis-py's Script objects would add a SCRIPT EXISTS round trip to every pipeline
+        return pipe.eval(SCRIPTS[name], len(keys), *keys, *args)
+
+    # -- Presence ---------------------------------------------------------------------------------------
+
+    async def join(self, room: str, entry: PresenceEntry) -> bool:
+        if entry.node not in self._stamped:  # once per node: an entry's node must be known to be reapable
+            self._nodes.add(entry.node)
+            await self._beat()
+        self._local[(room, entry.session)] = entry
+        self._unleft.pop((room, entry.session), None)
+        keys, idx = self._keys(room), self._node_index(entry.node)
+        args = [entry.session, entry.user, _entry_json(entry), json.dumps(dict(entry.info), separators=(",", ":"))]
+        try:
+            out = await self._pipeline(lambda pipe: (
+                self._script(pipe, "presence_join", keys, args),
+                pipe.sadd(idx, self._index_item(room, entry.session)),
+            ))
+        except BaseException:
+            self._local.pop((room, entry.session), None)
+            self._unleft[(room, entry.session)] = entry  # a join that timed out may still have run
+            raise
+        return bool(out[0])
+
+    async def leave(self, room: str, session: str) -> str | None:
+        entry = self._local.pop((room, session), None)  # first: never written again, whatever happens next
+        keys, item = self._keys(room), self._index_item(room, session)
+        if entry is not None:
+            idx = self._node_index(entry.node)
+            try:
+                out = await self._pipeline(lambda pipe: (
+                    self._script(pipe, "presence_leave", keys, [session]), pipe.srem(idx, item)))
+            except BaseException:
+                self._unleft[(room, session)] = entry
+                raise
+            removed = out[0]
+        else:  # another replica's connection (or one this replica forgot): learn its node first
+            removed = (await self._pipeline(lambda pipe: self._script(pipe, "presence_leave", keys, [session])))[0]
+            if removed:
+                idx = self._node_index(_text(removed[0]))
+                await self._pipeline(lambda pipe: pipe.srem(idx, item))
+        if not removed:
+            return None
+        user = _text(removed[1])
+        return user or None
+
+    async def count(self, room: str) -> PresenceCount:
+        keys = self._keys(room)
+        users, connections = await self._pipeline(lambda pipe: (pipe.zcard(keys[0]), pipe.hlen(keys[2])))
+        return PresenceCount(int(users), int(connections))
+
+    async def page(self, room: str, after: str | None, limit: int) -> PresencePage:
+        keys = self._keys(room)
+        out = (await self._pipeline(
+            lambda pipe: self._script(pipe, "presence_page", keys, [after or "", max(0, limit)])))[0]
+        members = []
+        for i in range(3, len(out), 2):
+            n, _, info = _text(out[i + 1]).partition(":")
+            members.append(PresenceMember(_text(out[i]), int(n), json.loads(info or "{}")))
+        cursor = members[-1].user if int(out[2]) and members else None
+        return PresencePage(members, cursor, PresenceCount(int(out[0]), int(out[1])))
+
+    def on_departed(self, callback: DepartedListener) -> None:
+        self._departures.add(callback)
+
+    async def members(self, room: str) -> list[PresenceEntry]:
+        key = self._keys(room)[2]
+        raw = (await self._pipeline(lambda pipe: pipe.hvals(key)))[0]
+        out = []
+        for item in raw:
+            d = json.loads(item)
+            out.append(PresenceEntry(d["user"], d["session"], d["node"], d.get("info") or {}))
+        return out
+
+    async def stored_keys(self, room: str) -> list[str]:
+        """The broker keys holding ``room``'s presence (diagnostics, tests): empty once it is empty."""
+        keys = self._keys(room)
+        found = await self._pipeline(lambda pipe: [pipe.exists(k) for k in keys])
+        return [k for k, n in zip(keys, found, strict=True) if int(n)]
+
+    # -- upkeep -------------------------------------------------------------------------------------------
+
+    async def _beat(self) -> list[str]:
+        """Stamp this replica's node(s); the dead nodes. Restores our entries if a stamp was lost."""
+        nodes = sorted(self._nodes)
+        args = [self.ttl_ms, *nodes]
+        out = (await self._pipeline(lambda pipe: self._script(pipe, "presence_beat", [self._nodes_key], args)))[0]
+        lost = {_text(n) for n in out[0]} & self._stamped
+        self._stamped.update(nodes)
+        if lost and self._local:
+            await self._restore()
+        return [_text(n) for n in out[1]]
+
+    async def upkeep(self) -> None:
+        """One round trip: stamp this replica's node(s), learn the dead ones; reap those in the
+        background (claimed, so one replica does it)."""
+        for node in await self._beat():
+            if node in self._nodes or node in self._reaping:
+                continue
+            self._reaping.add(node)
+            task = asyncio.ensure_future(self._reap(node))
+            self._reapers.add(task)
+            task.add_done_callback(self._reapers.discard)
+        if self._unleft:  # rare: only after a leave the broker did not take
+            await self._retry_leaves()
+
+    async def _retry_leaves(self) -> None:
+        batch = list(self._unleft.items())[:REAP_BATCH]
+
+        def build(pipe: Any) -> None:
+            for (room, session), e in batch:
+                self._script(pipe, "presence_leave", self._keys(room), [session])
+                pipe.srem(self._node_index(e.node), self._index_item(room, session))
+
+        await self._pipeline(build)
+        for key, _ in batch:
+            self._unleft.pop(key, None)
+
+    async def _restore(self) -> None:
+        """The broker lost our entries (restart without persistence) or we were declared dead:
+        write them again, in batches (rare; O(entries))."""
+        entries = list(self._local.items())
+        log.warning("presence: re-writing %d entries the broker no longer had", len(entries))
+        for i in range(0, len(entries), REAP_BATCH):
+            batch = entries[i:i + REAP_BATCH]
+
+            def build(pipe: Any, batch: list[tuple[tuple[str, str], PresenceEntry]] = batch) -> None:
+                for (room, _), e in batch:
+                    self._script(pipe, "presence_join", self._keys(room),
+                                 [e.session, e.user, _entry_json(e), json.dumps(dict(e.info))])
+                    pipe.sadd(self._node_index(e.node), self._index_item(room, e.session))
+
+            await self._pipeline(build)
+
+    async def _reap(self, node: str) -> None:
+        departed: dict[str, list[str]] = defaultdict(list)
+        try:
+            await self._remove_node(node, departed)
+        except Exception as exc:
+            log.info("presence: reaping node %s failed (its claim expires, then a replica retries): %s", node, exc)
+        finally:
+            self._reaping.discard(node)
+        for room, users in departed.items():  # what was removed is reported, even after a failure
+            await self._departures.report(room, users)
+
+    async def _remove_node(self, node: str, departed: dict[str, list[str]]) -> None:
+        """Claim ``node``, remove its entries batch by batch (adding who left to ``departed``), drop it."""
+        bus = self.bus
+        claim = self._claim_key(node)
+        won = (await self._pipeline(lambda pipe: pipe.set(claim, "1", nx=True, px=self.ttl_ms)))[0]
+        if not won:
+            return
+        log.warning("presence: node %s stopped heartbeating; removing its entries", node)
+        idx = self._node_index(node)
+        while bus.healthy:
+            items = (await self._pipeline(lambda pipe: pipe.srandmember(idx, REAP_BATCH)))[0]
+            if not items:
+                break
+            rooms: dict[str, list[str]] = defaultdict(list)
+            for item in items:
+                room, session = json.loads(item)
+                rooms[room].append(session)
+            order = list(rooms)
+
+            def build(pipe: Any, rooms: dict[str, list[str]] = rooms, items: list[Any] = items,
+                      order: list[str] = order) -> None:
+                for room in order:
+                    self._script(pipe, "presence_leave", self._keys(room), rooms[room])
+                pipe.srem(idx, *items)
+
+            out = await self._pipeline(build)
+            for room, removed in zip(order, out, strict=False):
+                departed[room] += [u for u in (_text(x) for x in removed[1::2]) if u]
+        keys, args = [self._nodes_key, idx], [node, self.ttl_ms]
+        await self._pipeline(lambda pipe: (self._script(pipe, "presence_forget_node", keys, args),
+                                           pipe.delete(claim)))
+
+    async def close(self) -> None:
+        """Stop reaping (the bus is closing); entries stay until their node is declared dead."""
+        for task in list(self._reapers):
+            task.cancel()
+        if self._reapers:
+            await asyncio.wait(list(self._reapers))
