@@ -9,7 +9,7 @@ Payloads are opaque bytes to a backend. The hub owns their format.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -128,24 +128,82 @@ class PresenceEntry:
     info: Mapping[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class PresenceMember:
+    """One user in a room: all their connections there, and the info of one of them (``{"name": ...}``)."""
+
+    user: str
+    connections: int
+    info: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PresenceCount:
+    """A room's totals: distinct users, and connections (a user with two tabs counts 1 and 2)."""
+
+    users: int
+    connections: int
+
+
+@dataclass(frozen=True)
+class PresencePage:
+    """What :meth:`Presence.page` returns."""
+
+    #: ordered by user id (codepoint order)
+    members: Sequence[PresenceMember]
+    #: pass back as ``after`` for the next page; None: this was the last page
+    cursor: str | None
+    #: the room's totals at the time of the read
+    count: PresenceCount
+
+
+#: called with ``(room, users)``; may be a coroutine function
+DepartedCallback = Callable[[str, Sequence[str]], Awaitable[None] | None]
+
+
 @runtime_checkable
 class Presence(Protocol):
     """Who is in a room, across replicas.
 
-    Entries are per connection; a user is present while any of their connections is. Entries of
-    a replica that stops refreshing them (crashed, SIGKILLed) expire after the backend's TTL.
+    Entries are per connection; a user is present while any of their connections is. Guarantees:
+
+    - join, leave and count are O(1) round trips and O(1) work in the room's size; page is O(limit);
+    - upkeep costs O(1) round trips per replica per interval whatever the number of sessions and
+      rooms: a replica heartbeats one key for itself; entries carry their node and are written at
+      join and deleted at leave. The entries of a replica that stops heartbeating (crashed,
+      SIGKILLed) are removed by one live replica within the TTL plus one interval, and the users
+      who left that way are reported through :meth:`on_departed`;
+    - upkeep never blocks publishes;
+    - after the last leave nothing is left in the broker for that room;
+    - counts and pages are correct across replicas, and a replica reads its own writes.
     """
 
     async def join(self, room: str, entry: PresenceEntry) -> bool:
-        """Add a connection; True when its user was not present in ``room`` before."""
+        """Add a connection; True when its user was not present in ``room`` before. O(1)."""
         ...
 
     async def leave(self, room: str, session: str) -> str | None:
-        """Remove a connection; returns its user when that was the user's last connection."""
+        """Remove a connection; returns its user when that was the user's last connection. O(1)."""
+        ...
+
+    async def count(self, room: str) -> PresenceCount:
+        """The room's totals. O(1)."""
+        ...
+
+    async def page(self, room: str, after: str | None, limit: int) -> PresencePage:
+        """Members with user id > ``after`` (None: from the start), at most ``limit``, in user order.
+
+        O(limit + log n). A user present for the whole scan appears exactly once across the pages.
+        """
+        ...
+
+    def on_departed(self, callback: DepartedCallback) -> None:
+        """Register ``callback(room, users)``, called on exactly one live replica for the users whose
+        last connection in ``room`` was removed because its replica died. Used for leave events."""
         ...
 
     async def members(self, room: str) -> list[PresenceEntry]:
-        """All live connections in ``room``, one entry per connection."""
+        """All live connections in ``room``, one entry per connection. O(n): small rooms and tests."""
         ...
 
 

@@ -17,7 +17,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.bus import Backend, BusHandler, HistoryPage, PresenceEntry, StateConflict
+from service.bus import (
+    Backend,
+    BusHandler,
+    DepartedCallback,
+    HistoryPage,
+    PresenceCount,
+    PresenceEntry,
+    PresenceMember,
+    PresencePage,
+    StateConflict,
+)
 from service.config import opt, parse_block
 from service.hookspecs import hookimpl
 from service.plugins import BusFactory
@@ -131,8 +141,12 @@ class MemoryHistory:
 
 
 class MemoryPresence:
+    """One process is one replica: no replica of it can die alone, so ``on_departed`` never fires.
+    count and page scan the room (O(n)); fine for a single process and tests."""
+
     def __init__(self) -> None:
         self._rooms: dict[str, dict[str, PresenceEntry]] = {}
+        self._departed: list[DepartedCallback] = []
 
     async def join(self, room: str, entry: PresenceEntry) -> bool:
         members = self._rooms.setdefault(room, {})
@@ -148,6 +162,28 @@ class MemoryPresence:
         if not members:
             del self._rooms[room]
         return entry.user if all(e.user != entry.user for e in members.values()) else None
+
+    def _users(self, room: str) -> dict[str, PresenceMember]:
+        users: dict[str, PresenceMember] = {}
+        for e in self._rooms.get(room, {}).values():
+            known = users.get(e.user)
+            users[e.user] = PresenceMember(e.user, known.connections + 1 if known else 1,
+                                           known.info if known else e.info)
+        return users
+
+    async def count(self, room: str) -> PresenceCount:
+        return PresenceCount(len(self._users(room)), len(self._rooms.get(room, {})))
+
+    async def page(self, room: str, after: str | None, limit: int) -> PresencePage:
+        users = self._users(room)
+        ordered = sorted(u for u in users if after is None or u > after)
+        chosen = ordered[:limit]
+        cursor = chosen[-1] if chosen and len(ordered) > len(chosen) else None
+        count = PresenceCount(len(users), len(self._rooms.get(room, {})))
+        return PresencePage([users[u] for u in chosen], cursor, count)
+
+    def on_departed(self, callback: DepartedCallback) -> None:
+        self._departed.append(callback)
 
     async def members(self, room: str) -> list[PresenceEntry]:
         return list(self._rooms.get(room, {}).values())

@@ -14,7 +14,16 @@ from collections.abc import Mapping
 from typing import Any
 
 from plugins.bus.memory import MemoryBus, MemoryHistory, MemoryPresence, create_backend
-from service.bus import Backend, BusHandler, BusUnavailable, HistoryPage, PresenceEntry
+from service.bus import (
+    Backend,
+    BusHandler,
+    BusUnavailable,
+    DepartedCallback,
+    HistoryPage,
+    PresenceCount,
+    PresenceEntry,
+    PresencePage,
+)
 from service.hookspecs import hookimpl
 
 
@@ -89,6 +98,17 @@ class FlakyPresence:
     async def leave(self, room: str, session: str) -> str | None:
         self.bus.check()
         return await self.inner.leave(room, session)
+
+    async def count(self, room: str) -> PresenceCount:
+        self.bus.check()
+        return await self.inner.count(room)
+
+    async def page(self, room: str, after: str | None, limit: int) -> PresencePage:
+        self.bus.check()
+        return await self.inner.page(room, after, limit)
+
+    def on_departed(self, callback: DepartedCallback) -> None:
+        self.inner.on_departed(callback)
 
     async def members(self, room: str) -> list[PresenceEntry]:
         self.bus.check()

@@ -19,7 +19,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from plugins.bus.memory import MemoryHistory, MemoryPresence, MemoryStateStore
-from service.bus import Backend, BusHandler, BusUnavailable, HistoryPage, PresenceEntry
+from service.bus import (
+    Backend,
+    BusHandler,
+    BusUnavailable,
+    DepartedCallback,
+    HistoryPage,
+    PresenceCount,
+    PresenceEntry,
+    PresencePage,
+)
 from service.config import opt, parse_block
 from service.hookspecs import hookimpl
 from service.plugins import BusFactory
@@ -135,6 +144,17 @@ class SharedPresence:
     async def leave(self, room: str, session: str) -> str | None:
         self.broker.check()
         return await self.broker.presence.leave(room, session)
+
+    async def count(self, room: str) -> PresenceCount:
+        self.broker.check()
+        return await self.broker.presence.count(room)
+
+    async def page(self, room: str, after: str | None, limit: int) -> PresencePage:
+        self.broker.check()
+        return await self.broker.presence.page(room, after, limit)
+
+    def on_departed(self, callback: DepartedCallback) -> None:
+        self.broker.presence.on_departed(callback)
 
     async def members(self, room: str) -> list[PresenceEntry]:
         self.broker.check()
