@@ -15,6 +15,7 @@ import pytest
 
 from plugins.handlers.chat import ChatHandler
 from service.brokers import BrokerProcess
+from service.client import Client
 from service.testing import LiveServer, WsClient, unique_room, ws_connect
 from tests.helpers import Cluster, bus_block, run_cli, write_config
 
@@ -375,6 +376,55 @@ async def test_a_killed_replicas_users_leave_in_a_diff(cluster: Cluster) -> None
             ws.close()
     finally:
         cluster.stop()
+
+
+# -- the Python client --------------------------------------------------------------------------------------
+
+
+async def test_python_client_count_paging_and_diffs(wirehub_server: ServerFactory) -> None:
+    """Guests (anonymous auth) in a batched room listing 3 members in joined."""
+    rules = [{"pattern": "big-*", "events": "batched", "interval": INTERVAL, "presence_limit": 3}]
+    server = await wirehub_server({"endpoints": [{"path": CHAT, "handler": "chat",
+                                                  "options": {"presence_rules": rules}}]})
+    room = unique_room("big")
+    others: dict[str, WsClient] = {}
+    for _ in range(5):
+        ws = await server.ws(CHAT)
+        others[(await ws.recv())["user"]] = ws
+        assert (await ws.request({"op": "join", "room": room}))["op"] == "joined"
+    client = Client(server.ws_url(CHAT), ping_interval=0)
+    try:
+        events: list[dict[str, Any]] = []
+        sub = await client.join(room, lambda msg: None, on_presence=events.append)
+        assert sub.count == {"users": 6, "connections": 6} and sub.cursor is not None
+        assert len(sub.presence) == 3 and set(sub.members) == {m["user"] for m in sub.presence}
+
+        everyone = [m["user"] for m in sub.presence]
+        cursor: str | None = sub.cursor
+        while cursor is not None:
+            page = await client.presence_page(room, after=cursor, limit=2)
+            everyone += [m["user"] for m in page["members"]]
+            cursor = page.get("cursor")
+        assert everyone == sorted({*others, (client.welcome or {})["user"]})
+        assert await client.presence_count(room) == {"users": 6, "connections": 6}
+
+        deadline = asyncio.get_running_loop().time() + 5
+        while not events:  # the diff of the interval we joined in (it repeats joins we were shown)
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.02)
+        newcomer = await server.ws(CHAT)
+        newcomer_user = (await newcomer.recv())["user"]
+        await newcomer.request({"op": "join", "room": room})
+        gone = next(m["user"] for m in sub.presence if m["user"] in others)  # listed in joined
+        await others[gone].request({"op": "leave", "room": room})
+        while not (newcomer_user in sub.members and gone not in sub.members):
+            assert asyncio.get_running_loop().time() < deadline, (events, sub.members)
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(INTERVAL * 2)
+        assert sub.count == {"users": 6, "connections": 6}
+        assert {e["op"] for e in events} == {"presence.diff"}
+    finally:
+        await client.close()
 
 
 # -- config -----------------------------------------------------------------------------------------------
