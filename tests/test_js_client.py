@@ -34,6 +34,13 @@ from service.testing import config_for_tests, free_port
 JS_DIR = Path(__file__).parent / "js"
 SECRET = "j" * 40
 INSTALL = "apt-get install -y nodejs  (Node 20+; .ci/run installs it)"
+#: the default endpoints; big-* chat rooms list 3 members in joined and batch presence events (presence.test.mjs)
+ENDPOINTS = [
+    {"path": "/ws/echo", "handler": "echo"},
+    {"path": "/ws/chat", "handler": "chat", "options": {"presence_rules": [
+        {"pattern": "big-*", "events": "batched", "interval": 0.2, "presence_limit": 3}]}},
+    {"path": "/ws/game", "handler": "game"},
+]
 
 
 class Servers:
@@ -45,7 +52,8 @@ class Servers:
 
     def config(self, kind: str) -> Any:
         overrides: dict[str, Any] = {"server": {"port": self.ports[kind]},
-                                     "drain": {"grace": 2, "reconnect_jitter": 0.2}}
+                                     "drain": {"grace": 2, "reconnect_jitter": 0.2},
+                                     "endpoints": ENDPOINTS}
         if kind == "jwt":
             overrides["auth"] = {"plugin": "jwt", "jwt": {"algorithms": ["HS256"], "secret": SECRET,
                                                           "leeway": 0, "expiry_grace": 0}}
