@@ -338,6 +338,12 @@ async def test_departed_users_go_out_as_leaves(server: LiveServer) -> None:
     assert diff["leaves"] == ["ghost-3"] and diff["joins"] == []
     await handler.presence.departed(unique_room("ticker"), ["ghost-4"])  # presence off: nothing
     await a.expect_nothing(INTERVAL * 2)
+    # a dead replica's 1,200 users: one bounded diff (500 names), flagged as truncated, count exact
+    await handler.presence.departed(big, [f"gone-{i:04d}" for i in range(1200)])
+    diff = await a.recv_op("presence.diff")
+    assert diff["leaves"] == [f"gone-{i:04d}" for i in range(500)] and diff["truncated"] is True
+    assert diff["count"] == {"users": 1, "connections": 1}
+    await a.expect_nothing(INTERVAL * 2)
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
+import itertools
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +33,9 @@ log = logging.getLogger("wirehub.chat.presence")
 EVENTS = ("each", "batched", "off")
 #: longest ``after`` cursor accepted from a client (backends' cursors are user ids or shorter)
 MAX_CURSOR = 1024
+#: most joins and most leaves one presence.diff names: a reconnect storm of 20,000 users into a room
+#: must not become a megabyte frame to every member (it would close them all as slow consumers)
+MAX_DIFF_ITEMS = 500
 
 
 @dataclass(frozen=True)
@@ -227,9 +231,13 @@ class BatchedEvents(NoEvents):
             await asyncio.wait([previous])
         try:
             count = await self.presence.count(room)
-            joins = [{"user": u, "name": n} if n else {"user": u} for u, n in diff.joins.items()]
-            frame = {"op": "presence.diff", "room": room, "joins": joins, "leaves": list(diff.leaves),
-                     "count": count_item(count)}
+            joins = [{"user": u, "name": n} if n else {"user": u}
+                     for u, n in itertools.islice(diff.joins.items(), MAX_DIFF_ITEMS)]
+            frame: dict[str, Any] = {"op": "presence.diff", "room": room, "joins": joins,
+                                     "leaves": list(itertools.islice(diff.leaves, MAX_DIFF_ITEMS)),
+                                     "count": count_item(count)}
+            if len(diff.joins) > MAX_DIFF_ITEMS or len(diff.leaves) > MAX_DIFF_ITEMS:
+                frame["truncated"] = True
             await self.hub.publish(room, encode(frame))
         except BusUnavailable:
             log.warning("room %s: a presence.diff (%d joins, %d leaves) was lost, the bus is down",
