@@ -27,6 +27,7 @@ RULES = [
     {"pattern": "ticker-*", "presence": False},
     {"pattern": "quiet-*", "events": "off"},
     {"pattern": "big-*", "events": "batched", "interval": INTERVAL},
+    {"pattern": "drain-*", "events": "batched", "interval": 2.0},  # longer than a drain with grace 1
 ]
 
 
@@ -55,6 +56,12 @@ async def replicas(request: pytest.FixtureRequest, wirehub_server: ServerFactory
     if kind == "memory":
         one = await wirehub_server(chat_config())
         return [one, one, one]
+    return await start_replicas(request, wirehub_server, kind, 3)
+
+
+async def start_replicas(request: pytest.FixtureRequest, wirehub_server: ServerFactory, kind: str,
+                         n: int, **extra: Any) -> list[LiveServer]:
+    """``n`` in-process replicas on the session's Redis or NATS, under a prefix of their own."""
     prefix = f"pr{uuid.uuid4().hex[:8]}"
     if kind == "redis":
         broker: Any = request.getfixturevalue("redis_server")
@@ -63,7 +70,7 @@ async def replicas(request: pytest.FixtureRequest, wirehub_server: ServerFactory
         broker = request.getfixturevalue("nats_server")
         bus = {"plugin": "nats", "nats": {"servers": [broker.url], "subject_prefix": prefix, "storage": "memory",
                                           **FAST}}
-    return [await wirehub_server({**chat_config(bus), "server": {"node_id": f"r{i}"}}) for i in range(3)]
+    return [await wirehub_server({**chat_config(bus), "server": {"node_id": f"r{i}"}, **extra}) for i in range(n)]
 
 
 async def connect(server: LiveServer, user: str, name: str = "") -> WsClient:
@@ -344,6 +351,24 @@ async def test_departed_users_go_out_as_leaves(server: LiveServer) -> None:
     assert diff["leaves"] == [f"gone-{i:04d}" for i in range(500)] and diff["truncated"] is True
     assert diff["count"] == {"users": 1, "connections": 1}
     await a.expect_nothing(INTERVAL * 2)
+
+
+async def test_a_draining_replica_sends_its_pending_leaves(
+    request: pytest.FixtureRequest, kind: str, wirehub_server: ServerFactory,
+) -> None:
+    """SIGTERM's drain closes the sessions, then the shutdown sends the diff of their leaves at once: the
+    room's 2 s timer would only fire after the replica closed its bus."""
+    going, staying = await start_replicas(request, wirehub_server, kind, 2,
+                                          drain={"grace": 1, "reconnect_jitter": 0.1})
+    room = unique_room("drain")
+    watcher, joined = await member(staying, "watcher", room)
+    seen = {m["user"] for m in joined["presence"]}
+    goers = [(await member(going, user, room))[0] for user in ("d1", "d2", "d3")]
+    await settle(watcher, seen, {"watcher", "d1", "d2", "d3"})
+    codes = await asyncio.gather(going.app.drain(), *(ws.wait_closed() for ws in goers))
+    assert [code for code, _ in codes[1:]] == [1001, 1001, 1001]
+    diff = await watcher.recv_op("presence.diff", timeout=5)
+    assert sorted(diff["leaves"]) == ["d1", "d2", "d3"] and diff["count"] == {"users": 1, "connections": 1}
 
 
 @pytest.fixture
