@@ -3,7 +3,7 @@
 // list 3 members in joined and send one presence.diff per room per 0.2 s (tests/test_js_client.py).
 import { test, afterEach } from "node:test";
 import assert from "node:assert/strict";
-import { WirehubError } from "../../service/static/wirehub.js";
+import { Subscription, WirehubError, applyPresenceEvent, takePresenceSnapshot } from "../../service/static/wirehub.js";
 import { client, closeAll, eventually, uniqueRoom } from "./helpers.mjs";
 
 afterEach(() => closeAll());
@@ -56,4 +56,24 @@ test("presence.diff updates members and count", async () => {
   await eventually(() => !sub.members.has(b.welcome.user) && sub.count.users === 2, 5000, "b left");
   assert.deepEqual([...sub.members.keys()].sort(), [a.welcome.user, c.welcome.user].sort());
   assert.ok(events.every((ev) => ev.op === "presence.diff"));
+});
+
+test("applying events and diffs: idempotent joins, count from the server", () => {
+  const sub = new Subscription(/** @type {any} */ (null), "big-1", () => {}, {});
+  takePresenceSnapshot(sub, { presence: [{ user: "ann", connections: 2 }, { user: "bea", connections: 1 }],
+    count: { users: 40, connections: 45 }, cursor: "bea" });
+  assert.equal(sub.cursor, "bea");
+  applyPresenceEvent(sub, { op: "presence.diff", room: "big-1", joins: [{ user: "bea" }, { user: "cid", name: "Cid" }],
+    leaves: ["ann", "zed"], count: { users: 41, connections: 46 } });
+  assert.deepEqual([...sub.members.keys()].sort(), ["bea", "cid"]);
+  assert.deepEqual(sub.members.get("cid"), { user: "cid", name: "Cid", connections: 1 });
+  assert.deepEqual(sub.count, { users: 41, connections: 46 });
+  applyPresenceEvent(sub, { op: "presence.join", room: "big-1", user: "dan" });
+  assert.equal(sub.count.users, 42);
+  applyPresenceEvent(sub, { op: "presence.leave", room: "big-1", user: "dan" });
+  assert.equal(sub.count.users, 41);
+  assert.ok(!sub.members.has("dan"));
+  takePresenceSnapshot(sub, {});  // presence off for the room
+  assert.equal(sub.count, null);
+  assert.equal(sub.members.size, 0);
 });
