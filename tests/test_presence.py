@@ -383,19 +383,26 @@ def cluster(kind: str, broker: BrokerProcess, tmp_path: Path) -> Cluster:
 
 async def test_a_killed_replicas_users_leave_in_a_diff(cluster: Cluster) -> None:
     """SIGKILL a replica: its users leave the survivors' member list within the TTL, in a presence.diff."""
+    opened: list[WsClient] = []
+
+    async def connect_to(replica: int) -> WsClient:
+        ws = await ws_connect(cluster.replicas[replica].url(CHAT, "ws"))
+        opened.append(ws)
+        return ws
+
     try:
         await cluster.wait_ready()
         room = unique_room("big")
-        survivor, dead = cluster.replicas
-        watcher = await ws_connect(survivor.url(CHAT, "ws"), welcome=True)
+        watcher = await connect_to(0)
+        await watcher.recv()
         await watcher.request({"op": "join", "room": room})
-        doomed = [await ws_connect(dead.url(CHAT, "ws")) for _ in range(3)]
+        doomed = [await connect_to(1) for _ in range(3)]
         users = {(await ws.recv())["user"] for ws in doomed}
         for ws in doomed:
             assert (await ws.request({"op": "join", "room": room}))["op"] == "joined"
         members = {m["user"] for m in (await watcher.request({"op": "presence", "room": room}))["members"]}
         assert users <= members and len(members) == 4
-        dead.kill()
+        cluster.replicas[1].kill()
         left: set[str] = set()
         while not users <= left:  # FAST_BUS presence_ttl is 1.5 s; the read times out long after
             diff = await watcher.recv_op("presence.diff", timeout=10)
@@ -403,9 +410,11 @@ async def test_a_killed_replicas_users_leave_in_a_diff(cluster: Cluster) -> None
         assert diff["count"]["users"] == 1
         count = await watcher.request({"op": "presence", "room": room, "count_only": True})
         assert count["count"] == {"users": 1, "connections": 1}
-        for ws in (watcher, *doomed):
-            ws.close()
     finally:
+        for ws in opened:
+            ws.close()
+            if ws.conn.stream is not None:
+                ws.conn.stream.close()
         cluster.stop()
 
 

@@ -321,6 +321,8 @@ def _factory(options: Mapping[str, Any], key: str, context: HandlerContext) -> C
             f"{opts.presence_limit} is above presence_max_limit ({opts.presence_max_limit})",
         )
     check_rules(opts.presence_rules, opts.presence_max_limit, f"{key}.presence_rules")
+    if not opts.presence_events:
+        log.warning("%s.presence_events is deprecated: use presence_rules [{pattern: '*', events: off}]", key)
     default_events = "each" if opts.presence_events else "off"
     presence_rules = PresenceRules(opts.presence_rules, default_events, opts.presence_limit)
     return ChatHandler(opts, context, rules, presence_rules)
