@@ -93,6 +93,9 @@ async function joinRoom(/** @type {string} */ room) {
   render();
 }
 
+/** A big room's list is a sample: "N here" tells the size; the page draws at most this many names. */
+const SHOWN_MEMBERS = 100;
+
 /**
  * The member list and "N here" from the subscription, which the client keeps up to date from
  * presence.join / presence.leave / presence.diff: no request per event, however big the room.
@@ -102,7 +105,8 @@ function showPresence(/** @type {string} */ room) {
   const sub = chat.rooms.get(room);
   if (!sub) return;
   const st = roomState(room);
-  st.presence = [...sub.members.values()].sort((a, b) => (a.user < b.user ? -1 : a.user > b.user ? 1 : 0));
+  st.presence = [...sub.members.values()].sort((a, b) => (a.user < b.user ? -1 : a.user > b.user ? 1 : 0))
+    .slice(0, SHOWN_MEMBERS);
   st.count = sub.count ? sub.count.users : null;
   render();
 }
