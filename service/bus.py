@@ -134,7 +134,7 @@ class PresenceMember:
 
     user: str
     connections: int
-    info: Mapping[str, Any] = field(default_factory=dict)
+    info: Mapping[str, Any]
 
 
 @dataclass(frozen=True)

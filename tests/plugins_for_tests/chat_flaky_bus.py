@@ -10,7 +10,7 @@ for that many seconds, so that publishes interleave with a join (the gap-free re
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from plugins.bus.memory import MemoryBus, MemoryHistory, MemoryPresence, create_backend
@@ -18,7 +18,6 @@ from service.bus import (
     Backend,
     BusHandler,
     BusUnavailable,
-    DepartedCallback,
     HistoryPage,
     PresenceCount,
     PresenceEntry,
@@ -107,7 +106,7 @@ class FlakyPresence:
         self.bus.check()
         return await self.inner.page(room, after, limit)
 
-    def on_departed(self, callback: DepartedCallback) -> None:
+    def on_departed(self, callback: Callable[[str, Sequence[str]], Awaitable[None] | None]) -> None:
         self.inner.on_departed(callback)
 
     async def members(self, room: str) -> list[PresenceEntry]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import random
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +23,6 @@ from service.bus import (
     Backend,
     BusHandler,
     BusUnavailable,
-    DepartedCallback,
     HistoryPage,
     PresenceCount,
     PresenceEntry,
@@ -153,7 +152,7 @@ class SharedPresence:
         self.broker.check()
         return await self.broker.presence.page(room, after, limit)
 
-    def on_departed(self, callback: DepartedCallback) -> None:
+    def on_departed(self, callback: Callable[[str, Sequence[str]], Awaitable[None] | None]) -> None:
         self.broker.presence.on_departed(callback)
 
     async def members(self, room: str) -> list[PresenceEntry]:
