@@ -118,6 +118,12 @@ class Subscription:
     #: whether the last (re)join recovered every missed message (None before the first join)
     recovered: bool | None = None
     presence: list[dict[str, Any]] = field(default_factory=list)
+    #: presence of big rooms (docs/clients.md): the room's totals ``{users, connections}`` (None while
+    #: unknown or with presence off), the cursor of joined's list (None: it listed everyone), and the
+    #: members known here by user id, kept up to date by presence.join / presence.leave / presence.diff
+    count: dict[str, int] | None = None
+    cursor: str | None = None
+    members: dict[str, dict[str, Any]] = field(default_factory=dict)
     own: set[int] = field(default_factory=set)
 
     @property
@@ -139,6 +145,44 @@ class Subscription:
 
     async def publish(self, data: Any, timeout: float | None = None) -> int:
         return await self.client.publish(self.room, data, timeout=timeout)
+
+
+def take_presence_snapshot(sub: Subscription, joined: dict[str, Any]) -> None:
+    """The presence part of a ``joined`` reply: the first members, the count, the cursor."""
+    sub.members = {m["user"]: dict(m) for m in sub.presence if isinstance(m, dict) and "user" in m}
+    count = joined.get("count")
+    sub.count = dict(count) if isinstance(count, dict) else None
+    cursor = joined.get("cursor")
+    sub.cursor = cursor if isinstance(cursor, str) else None
+
+
+def apply_presence_event(sub: Subscription, frame: dict[str, Any]) -> None:
+    """A presence.join / presence.leave / presence.diff applied to the member map and the count.
+
+    A diff may repeat a join that ``joined`` already listed (same interval): applying is idempotent,
+    and its ``count`` is the server's (authoritative); single events adjust the count by one user.
+    """
+    op, count = frame.get("op"), sub.count
+    if op == "presence.diff":
+        for user in frame.get("leaves") or ():
+            sub.members.pop(user, None)
+        for item in frame.get("joins") or ():
+            sub.members[item["user"]] = {"connections": 1, **item}
+        if isinstance(frame.get("count"), dict):
+            sub.count = dict(frame["count"])
+        return
+    user = frame.get("user")
+    if not isinstance(user, str):
+        return
+    if op == "presence.join":
+        item = {"user": user, "connections": 1, **({"name": frame["name"]} if frame.get("name") else {})}
+        if user not in sub.members and count is not None:
+            count["users"] += 1
+        sub.members[user] = item
+    else:
+        if count is not None:
+            count["users"] = max(0, count["users"] - 1)
+        sub.members.pop(user, None)
 
 
 @dataclass(eq=False)
@@ -542,7 +586,9 @@ class Client:
         if op == "message":
             if sub is not None:
                 self._on_message(sub, frame)
-        elif op in ("presence.join", "presence.leave"):
+        elif op in ("presence.join", "presence.leave", "presence.diff"):
+            if sub is not None:
+                apply_presence_event(sub, frame)
             if sub is not None and sub.on_presence is not None:
                 self._call(sub.on_presence, frame)
             self._emit("presence", frame)
@@ -681,6 +727,7 @@ class Client:
         reply = await self.request(body, _internal=True, _on_reply=lambda r: self._joined(sub, r))
         sub.recovered = bool(reply.get("recovered"))
         sub.presence = list(reply.get("presence") or [])
+        take_presence_snapshot(sub, reply)
         info = {"room": sub.room, "offset": reply.get("offset"), "epoch": sub.epoch, "recovered": sub.recovered,
                 "rejoin": rejoin, "presence": sub.presence}
         self._emit("joined", info)
@@ -712,8 +759,33 @@ class Client:
         return int(offset) if isinstance(offset, int) else -1
 
     async def presence(self, room: str) -> list[dict[str, Any]]:
+        """The first page of members (``presence_limit`` of them); :meth:`presence_page` pages on."""
         reply = await self.request({"op": "presence", "room": room})
         return list(reply.get("members") or [])
+
+    async def presence_page(self, room: str, *, after: str | None = None,
+                            limit: int | None = None) -> dict[str, Any]:
+        """``{members, count, cursor?}``: the members after ``after`` (a ``cursor`` of an earlier page or
+        of ``Subscription.cursor``); no ``cursor`` in the reply means this was the last page."""
+        body: dict[str, Any] = {"op": "presence", "room": room}
+        if after is not None:
+            body["after"] = after
+        if limit is not None:
+            body["limit"] = limit
+        reply = await self.request(body)
+        sub = self.rooms.get(room)
+        if sub is not None and isinstance(reply.get("count"), dict):
+            sub.count = dict(reply["count"])
+        return reply
+
+    async def presence_count(self, room: str) -> dict[str, int]:
+        """``{users, connections}`` of the room, without the member list."""
+        reply = await self.request({"op": "presence", "room": room, "count_only": True})
+        count = {"users": int(reply["count"]["users"]), "connections": int(reply["count"]["connections"])}
+        sub = self.rooms.get(room)
+        if sub is not None:
+            sub.count = dict(count)
+        return count
 
     async def history(self, room: str, *, limit: int | None = None,
                       since: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -182,7 +182,8 @@ async def test_presence_events_and_two_tabs_of_one_user(wirehub_server: ServerFa
     await alice.ws.expect_nothing(0.2)
     listing = await alice.ws.request({"op": "presence", "room": room, "id": "p"})
     assert listing == {"op": "presence", "id": "p", "room": room, "members": [
-        {"user": "alice", "connections": 1}, {"user": "bob", "connections": 2}]}
+        {"user": "alice", "connections": 1}, {"user": "bob", "connections": 2}],
+        "count": {"users": 2, "connections": 3}}
 
     bob1.ws.close()  # one tab closes: bob is still here
     await alice.ws.expect_nothing(0.3)

@@ -34,10 +34,15 @@ from service.testing import config_for_tests, free_port
 JS_DIR = Path(__file__).parent / "js"
 SECRET = "j" * 40
 INSTALL = "apt-get install -y nodejs  (Node 20+; .ci/run installs it)"
-#: the default endpoints, plus a chat endpoint whose publish rate lets one test publish hundreds a second
-ENDPOINTS = [{"path": "/ws/echo", "handler": "echo"}, {"path": "/ws/chat", "handler": "chat"},
-             {"path": "/ws/game", "handler": "game"},
-             {"path": "/ws/fastchat", "handler": "chat", "options": {"publish_rate": 5000, "publish_burst": 5000}}]
+#: the default endpoints (big-* chat rooms list 3 members in joined and batch presence events: presence.test.mjs),
+#: plus a chat endpoint whose publish rate lets one test publish hundreds a second
+ENDPOINTS = [
+    {"path": "/ws/echo", "handler": "echo"},
+    {"path": "/ws/chat", "handler": "chat", "options": {"presence_rules": [
+        {"pattern": "big-*", "events": "batched", "interval": 0.2, "presence_limit": 3}]}},
+    {"path": "/ws/game", "handler": "game"},
+    {"path": "/ws/fastchat", "handler": "chat", "options": {"publish_rate": 5000, "publish_burst": 5000}},
+]
 
 
 class Servers:

@@ -1,9 +1,11 @@
 """The chat handler: rooms, broadcast to the other members, acks, presence, history and recovery.
 
 Ops (docs/protocol.md, "Chat endpoint"): ``join {room, since?}``, ``leave {room}``,
-``publish {room, data, echo?}``, ``presence {room}``, ``history {room, since?, limit?}``, plus
-``ping`` and ``refresh`` from :class:`service.handler.OpHandler`. Publishing goes through
-:func:`service.rooms.publish_message`, which the HTTP publish API shares.
+``publish {room, data, echo?}``, ``presence {room, after?, limit?, count_only?}``,
+``history {room, since?, limit?}``, plus ``ping`` and ``refresh`` from
+:class:`service.handler.OpHandler`. Publishing goes through :func:`service.rooms.publish_message`,
+which the HTTP publish API shares. Presence (rules per room pattern, bounded lists, events) is in
+:mod:`plugins.handlers.chat_presence`.
 """
 
 from __future__ import annotations
@@ -12,14 +14,15 @@ import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from service.bus import BusUnavailable, PresenceEntry, PublishOutcomeUnknown
+from plugins.handlers.chat_presence import ChatPresence, PresenceRule, PresenceRules, check_rules, parse_query
+from service.bus import BusUnavailable, PublishOutcomeUnknown
 from service.config import ConfigError, opt, parse_block
 from service.handler import HandlerContext, Op, OpHandler
 from service.hookspecs import hookimpl
 from service.plugins import HandlerFactory
-from service.protocol import CloseCode, ErrorCode, ProtocolError, encode
+from service.protocol import CloseCode, ErrorCode, ProtocolError
 from service.rooms import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_ROOM_PATTERN,
@@ -35,6 +38,9 @@ from service.rooms import (
     stored_frames,
 )
 from service.session import OutFrame, Session
+
+if TYPE_CHECKING:
+    from service.app import Wirehub
 
 log = logging.getLogger("wirehub.chat")
 
@@ -53,8 +59,13 @@ class ChatOptions:
     publish_burst: int = opt(40, min=1)
     #: rate-limited publishes in a row before the session is closed with 4029 (0 = never)
     rate_limit_close_after: int = opt(50, min=0)
-    #: send presence.join / presence.leave events to the members
+    #: deprecated: false = events "off" for the rooms no presence rule sets them for
     presence_events: bool = True
+    #: members listed in joined (then a cursor), and the largest page of the presence op
+    presence_limit: int = opt(100, min=0)
+    presence_max_limit: int = opt(1000, min=1, max=5000)
+    #: per-room-pattern presence: [{pattern, presence, events: each|batched|off, interval, presence_limit}]
+    presence_rules: tuple[PresenceRule, ...] = ()
     #: messages in a history reply when the client gives no limit, and the largest limit allowed
     history_limit: int = opt(50, min=1)
     history_max_limit: int = opt(500, min=1)
@@ -77,25 +88,15 @@ class _ChatState:
 _STATE = "chat"
 
 
-def _presence_list(entries: list[PresenceEntry]) -> list[dict[str, Any]]:
-    """One item per user (a user with two tabs is one member), with their connection count."""
-    users: dict[str, dict[str, Any]] = {}
-    for e in entries:
-        item = users.get(e.user)
-        if item is None:
-            item = users[e.user] = {"user": e.user, "connections": 0}
-            if e.info.get("name"):
-                item["name"] = e.info["name"]
-        item["connections"] += 1
-    return [users[u] for u in sorted(users)]
-
-
 class ChatHandler(OpHandler):
-    def __init__(self, options: ChatOptions, context: HandlerContext, rules: RoomRules) -> None:
+    def __init__(self, options: ChatOptions, context: HandlerContext, rules: RoomRules,
+                 presence_rules: PresenceRules) -> None:
         super().__init__(context)
         self.options = options
         #: read by the HTTP publish API too
         self.room_rules = rules
+        self.presence = ChatPresence(presence_rules, options.presence_max_limit, context.hub,
+                                     context.backend.presence)
         ops: dict[str, Op] = {
             "join": self.op_join,
             "leave": self.op_leave,
@@ -145,15 +146,7 @@ class ChatHandler(OpHandler):
         session.hold(room)
         try:
             await ctx.hub.join(room, session)
-            entry = PresenceEntry(
-                session.identity.user,
-                session.id,
-                session.node,
-                {"name": session.identity.name} if session.identity.name else {},
-            )
-            if await ctx.backend.presence.join(room, entry) and self.options.presence_events:
-                await self._presence_event(session, room, "presence.join")
-            members = await ctx.backend.presence.members(room)
+            presence = await self.presence.join(session, room)  # O(1) in the room's size
             recovery = await recover(ctx.backend.history, room, since, self.options.recovery_limit)
         except BaseException:
             session.drop_held(room)
@@ -171,7 +164,7 @@ class ChatHandler(OpHandler):
             offset=recovery.top,
             epoch=recovery.epoch,
             recovered=recovered,
-            presence=_presence_list(members),
+            **presence,
         )
         for frame in replay:
             session.send_frame(OutFrame(frame))
@@ -193,18 +186,9 @@ class ChatHandler(OpHandler):
         st.rooms.discard(room)
         await self.context.hub.leave(room, session)
         try:
-            user = await self.context.backend.presence.leave(room, session.id)
-            if user is not None and self.options.presence_events:
-                await self._presence_event(session, room, "presence.leave")
+            await self.presence.leave(session, room)
         except BusUnavailable:
             log.warning("room %s: presence of %r not removed, the bus is down (it expires)", room, session)
-
-    async def _presence_event(self, session: Session, room: str, op: str) -> None:
-        event: dict[str, Any] = {"op": op, "room": room, "user": session.identity.user}
-        if op == "presence.join" and session.identity.name:
-            event["name"] = session.identity.name
-        # Through the bus, so members on every replica get it; the joiner has the list in `joined`.
-        await self.context.hub.publish(room, encode(event), origin=session)
 
     async def after_refresh(self, session: Session) -> None:
         """A refreshed token may grant fewer rooms: leave the ones it no longer allows."""
@@ -270,9 +254,10 @@ class ChatHandler(OpHandler):
 
     async def op_presence(self, session: Session, request: dict[str, Any]) -> None:
         room = self.room_rules.room(request)
+        query = parse_query(request, self.presence.rules.for_room(room).limit, self.options.presence_max_limit)
+        self.presence.check_enabled(room)
         await self._may_read(session, "presence", room)
-        members = await self.context.backend.presence.members(room)
-        self.reply(session, request, "presence", room=room, members=_presence_list(members))
+        self.reply(session, request, "presence", room=room, **await self.presence.query(room, query))
 
     async def op_history(self, session: Session, request: dict[str, Any]) -> None:
         room = self.room_rules.room(request)
@@ -343,9 +328,27 @@ def _factory(options: Mapping[str, Any], key: str, context: HandlerContext) -> C
             f"{key}.history_limit",
             f"{opts.history_limit} is above history_max_limit ({opts.history_max_limit})",
         )
-    return ChatHandler(opts, context, rules)
+    if opts.presence_limit > opts.presence_max_limit:
+        raise ConfigError(
+            f"{key}.presence_limit",
+            f"{opts.presence_limit} is above presence_max_limit ({opts.presence_max_limit})",
+        )
+    check_rules(opts.presence_rules, opts.presence_max_limit, f"{key}.presence_rules")
+    if not opts.presence_events:
+        log.warning("%s.presence_events is deprecated: use presence_rules [{pattern: '*', events: off}]", key)
+    default_events = "each" if opts.presence_events else "off"
+    presence_rules = PresenceRules(opts.presence_rules, default_events, opts.presence_limit)
+    return ChatHandler(opts, context, rules, presence_rules)
 
 
 @hookimpl
 def wirehub_register_handlers() -> Mapping[str, HandlerFactory]:
     return {"chat": _factory}
+
+
+@hookimpl
+async def wirehub_shutdown(app: Wirehub) -> None:
+    """Send the presence diffs still pending (a draining replica's leaves)."""
+    for handler in app.handlers.values():
+        if isinstance(handler, ChatHandler):
+            await handler.presence.close()

@@ -28,13 +28,13 @@ function colour(/** @type {string} */ user) {
 const chat = new WirehubClient("/ws/chat", { token });
 window.wirehubChat = chat; // for the console and the browser tests
 
-/** @type {Map<string, {items: any[], keys: Set<string>, epochs: string[], unread: number, presence: any[]}>} */
+/** @type {Map<string, {items: any[], keys: Set<string>, epochs: string[], unread: number, presence: any[], count: number | null}>} */
 const rooms = new Map();
 let current = firstRoom;
 
 function roomState(/** @type {string} */ room) {
   let st = rooms.get(room);
-  if (!st) rooms.set(room, (st = { items: [], keys: new Set(), epochs: [], unread: 0, presence: [] }));
+  if (!st) rooms.set(room, (st = { items: [], keys: new Set(), epochs: [], unread: 0, presence: [], count: null }));
   return st;
 }
 
@@ -75,7 +75,7 @@ async function joinRoom(/** @type {string} */ room) {
   try {
     await chat.join(room, (msg) => addMessage(room, msg, /** @type {string} */ (chat.rooms.get(room)?.epoch)), {
       onJoined: (info) => {
-        roomState(room).presence = info.presence;
+        showPresence(room);
         if (!info.rejoin) return;
         if (info.recovered) notice(room, "reconnected: missed messages recovered");
         else {
@@ -83,7 +83,7 @@ async function joinRoom(/** @type {string} */ room) {
           loadHistory(room).catch(console.error);
         }
       },
-      onPresence: () => refreshPresence(room),
+      onPresence: () => showPresence(room),
       onGap: () => loadHistory(room).catch(console.error),
     });
     await loadHistory(room);
@@ -93,11 +93,22 @@ async function joinRoom(/** @type {string} */ room) {
   render();
 }
 
-async function refreshPresence(/** @type {string} */ room) {
-  try {
-    roomState(room).presence = await chat.presence(room);
-    render();
-  } catch (err) { console.warn(err); }
+/** A big room's list is a sample: "N here" tells the size; the page draws at most this many names. */
+const SHOWN_MEMBERS = 100;
+
+/**
+ * The member list and "N here" from the subscription, which the client keeps up to date from
+ * presence.join / presence.leave / presence.diff: no request per event, however big the room.
+ * In a big room the list holds the members joined listed (the first page) plus the newcomers.
+ */
+function showPresence(/** @type {string} */ room) {
+  const sub = chat.rooms.get(room);
+  if (!sub) return;
+  const st = roomState(room);
+  st.presence = [...sub.members.values()].sort((a, b) => (a.user < b.user ? -1 : a.user > b.user ? 1 : 0))
+    .slice(0, SHOWN_MEMBERS);
+  st.count = sub.count ? sub.count.users : null;
+  render();
 }
 
 function selectRoom(/** @type {string} */ room) {
@@ -140,6 +151,9 @@ function draw() {
     return li;
   }));
   if (atBottom) list.scrollTop = list.scrollHeight;
+  const here = st.count ?? st.presence.length;
+  $("#presence-count").textContent = st.count === null && !st.presence.length ? "" : `${here} here`;
+  $("#presence-count").dataset.count = String(here);
   $("#presence").replaceChildren(...st.presence.map((p) => {
     const li = el("li");
     const dot = el("span", "dot");

@@ -60,10 +60,22 @@
  * @typedef {object} JoinOptions
  * @property {{offset: number, epoch: string}} [since] resume from a stored position
  * @property {(info: JoinInfo) => void} [onJoined] after the first join and after every rejoin
- * @property {(event: {op: string, room: string, user: string, name?: string}) => void} [onPresence]
+ * @property {(event: PresenceEvent) => void} [onPresence] presence.join / presence.leave / presence.diff, after
+ *   the subscription's `members` and `count` were updated
  * @property {(event: {room: string, epoch?: string, offset?: number}) => void} [onGap] the server lost messages of this room; {epoch, offset} is the position the next messages continue
  * @property {(event: {room: string, reason?: string}) => void} [onLeft] the server left the room for this client
  *   (after a `refresh`, the new token no longer allows it); it is not rejoined
+ */
+
+/**
+ * @typedef {object} PresenceEvent
+ * @property {"presence.join" | "presence.leave" | "presence.diff"} op
+ * @property {string} room
+ * @property {string} [user] presence.join / presence.leave
+ * @property {string} [name]
+ * @property {Array<{user: string, name?: string}>} [joins] presence.diff
+ * @property {string[]} [leaves] presence.diff
+ * @property {{users: number, connections: number}} [count] presence.diff: the room's totals
  */
 
 /** Close codes of docs/protocol.md. */
@@ -258,6 +270,12 @@ export class Subscription {
     this.recovered = null;
     /** @type {JoinInfo["presence"]} */
     this.presence = [];
+    /** @type {{users: number, connections: number} | null} the room's totals (null: unknown, or presence off) */
+    this.count = null;
+    /** @type {string | null} where `presencePage` goes on from joined's list (null: it listed everyone) */
+    this.cursor = null;
+    /** @type {Map<string, {user: string, name?: string, connections: number}>} members known here, by user */
+    this.members = new Map();
     /** offsets of this client's own publishes, not given to onMessage when history replays them */
     /** @type {Set<number>} */
     this.own = new Set();
@@ -664,8 +682,10 @@ export class WirehubClient {
       case "message":
         return this._onMessage(frame);
       case "presence.join":
-      case "presence.leave": {
+      case "presence.leave":
+      case "presence.diff": {
         const sub = this.rooms.get(frame.room);
+        if (sub) applyPresenceEvent(sub, frame);
         sub?.options.onPresence?.(frame);
         this._emit("presence", frame);
         return;
@@ -913,6 +933,7 @@ export class WirehubClient {
     });
     sub.recovered = reply.recovered;
     sub.presence = reply.presence || [];
+    takePresenceSnapshot(sub, reply);
     /** @type {JoinInfo} */
     const info = { room: sub.room, offset: reply.offset, epoch: reply.epoch, recovered: reply.recovered, rejoin, presence: sub.presence };
     this._emit("joined", info);
@@ -953,13 +974,45 @@ export class WirehubClient {
   }
 
   /**
-   * Who is in a room: one entry per user.
+   * Who is in a room: one entry per user, in user order; the first page (the server's
+   * `presence_limit`) or the one after `after` (see presencePage for the cursor and count).
    * @param {string} room
+   * @param {{after?: string, limit?: number}} [options]
    * @returns {Promise<Array<{user: string, name?: string, connections: number}>>}
    */
-  async presence(room) {
-    const reply = await this.request({ op: "presence", room });
-    return reply.members;
+  async presence(room, options = {}) {
+    return (await this.presencePage(room, options)).members;
+  }
+
+  /**
+   * A page of a room's members: `{members, count, cursor}`; pass `cursor` back as `after` for the
+   * next page (`cursor` is null on the last one). Start from `subscription.cursor` to continue
+   * after the list `joined` gave.
+   * @param {string} room
+   * @param {{after?: string, limit?: number}} [options]
+   * @returns {Promise<{members: Array<{user: string, name?: string, connections: number}>, count: {users: number, connections: number}, cursor: string | null}>}
+   */
+  async presencePage(room, options = {}) {
+    /** @type {Record<string, any>} */
+    const body = { op: "presence", room };
+    if (options.after !== undefined) body.after = options.after;
+    if (options.limit !== undefined) body.limit = options.limit;
+    const reply = await this.request(body);
+    const sub = this.rooms.get(room);
+    if (sub && reply.count) sub.count = { ...reply.count };
+    return { members: reply.members, count: reply.count, cursor: reply.cursor ?? null };
+  }
+
+  /**
+   * How many are in a room, without the list: `{users, connections}`.
+   * @param {string} room
+   * @returns {Promise<{users: number, connections: number}>}
+   */
+  async presenceCount(room) {
+    const reply = await this.request({ op: "presence", room, count_only: true });
+    const sub = this.rooms.get(room);
+    if (sub) sub.count = { ...reply.count };
+    return reply.count;
   }
 
   /**
@@ -1020,3 +1073,37 @@ function resolveUrl(url) {
 }
 
 export default WirehubClient;
+
+/**
+ * The presence part of a `joined` reply: the first members, the count and the cursor.
+ * @param {Subscription} sub
+ * @param {Record<string, any>} joined
+ */
+export function takePresenceSnapshot(sub, joined) {
+  sub.members = new Map((joined.presence || []).map((/** @type {any} */ m) => [m.user, { ...m }]));
+  sub.count = joined.count ? { ...joined.count } : null;
+  sub.cursor = typeof joined.cursor === "string" ? joined.cursor : null;
+}
+
+/**
+ * Apply presence.join / presence.leave / presence.diff to `sub.members` and `sub.count`. A diff may
+ * repeat a join `joined` already listed: applying is idempotent, and its `count` is the server's.
+ * @param {Subscription} sub
+ * @param {PresenceEvent} ev
+ */
+export function applyPresenceEvent(sub, ev) {
+  if (ev.op === "presence.diff") {
+    for (const user of ev.leaves || []) sub.members.delete(user);
+    for (const j of ev.joins || []) sub.members.set(j.user, { connections: 1, ...j });
+    if (ev.count) sub.count = { ...ev.count };
+    return;
+  }
+  const user = /** @type {string} */ (ev.user);
+  if (ev.op === "presence.join") {
+    if (!sub.members.has(user) && sub.count) sub.count.users += 1;
+    sub.members.set(user, ev.name ? { user, name: ev.name, connections: 1 } : { user, connections: 1 });
+  } else {
+    if (sub.count) sub.count.users = Math.max(0, sub.count.users - 1);
+    sub.members.delete(user);
+  }
+}

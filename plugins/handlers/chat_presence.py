@@ -1,0 +1,334 @@
+"""Presence of the chat endpoint: per-room-pattern rules, bounded member lists, and join/leave events.
+
+The option ``presence_rules`` (first matching glob wins, like ``room_limits``) decides for each room:
+
+- whether presence is kept at all (``presence: false``: no entry is written, ``joined`` carries no
+  presence, the ``presence`` op answers ``forbidden`` with ``reason: "presence_off"``);
+- how many members ``joined`` lists (``presence_limit``), always with the room's count and a cursor;
+- how join/leave events go out: one of :data:`EVENT_MODES` (``each``, ``batched``, ``off``).
+
+A join costs O(1) in the room's size: one presence write and one bounded page (or a count).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import itertools
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from service.bus import BusUnavailable, Presence, PresenceCount, PresenceEntry, PresenceMember
+from service.config import ConfigError, opt
+from service.protocol import ErrorCode, ProtocolError, encode
+
+if TYPE_CHECKING:
+    from service.hub import Hub
+    from service.session import Session
+
+log = logging.getLogger("wirehub.chat.presence")
+
+EVENTS = ("each", "batched", "off")
+#: longest ``after`` cursor accepted from a client (backends' cursors are user ids or shorter)
+MAX_CURSOR = 1024
+#: most joins and most leaves one presence.diff names: a reconnect storm of 20,000 users into a room
+#: must not become a megabyte frame to every member (it would close them all as slow consumers)
+MAX_DIFF_ITEMS = 500
+
+
+@dataclass(frozen=True)
+class PresenceRule:
+    """One item of ``presence_rules``: what rooms matching ``pattern`` (a glob) get."""
+
+    pattern: str
+    #: keep presence entries for these rooms; false: none at all (a ticker has no member list)
+    presence: bool = True
+    #: each | batched | off; unset: the endpoint's default (each, or off with presence_events: false)
+    events: str | None = opt(None, choices=EVENTS)
+    #: seconds between two presence.diff events of one room from one replica (events: batched)
+    interval: float = opt(1.0, min=0.05, max=60)
+    #: members listed in joined (unset: the endpoint's presence_limit)
+    presence_limit: int | None = opt(None, min=0)
+
+
+@dataclass(frozen=True)
+class RoomPresence:
+    """What the rules decide for one room."""
+
+    enabled: bool
+    events: str
+    interval: float
+    limit: int
+
+
+class PresenceRules:
+    def __init__(self, rules: Sequence[PresenceRule], default_events: str, default_limit: int) -> None:
+        self.rules = tuple(rules)
+        self.default = RoomPresence(True, default_events, 1.0, default_limit)
+
+    def for_room(self, room: str) -> RoomPresence:
+        for rule in self.rules:
+            if fnmatch.fnmatchcase(room, rule.pattern):
+                events = rule.events or ("off" if not rule.presence else self.default.events)
+                limit = self.default.limit if rule.presence_limit is None else rule.presence_limit
+                return RoomPresence(rule.presence, events, rule.interval, limit)
+        return self.default
+
+
+def check_rules(rules: Sequence[PresenceRule], max_limit: int, key: str) -> None:
+    """Contradictions a single field cannot express; ``key`` is the option's dotted key."""
+    for i, rule in enumerate(rules):
+        if not rule.pattern:
+            raise ConfigError(f"{key}[{i}].pattern", "expected a glob pattern like 'ticker-*', got ''")
+        if not rule.presence and rule.events not in (None, "off"):
+            raise ConfigError(f"{key}[{i}].events", f"{rule.events!r} needs presence; with presence: false "
+                              "events are off (leave events out)")
+        if rule.presence_limit is not None and rule.presence_limit > max_limit:
+            raise ConfigError(f"{key}[{i}].presence_limit",
+                              f"{rule.presence_limit} is above presence_max_limit ({max_limit})")
+
+
+# -- frames ---------------------------------------------------------------------------------------------
+
+
+def member_item(member: PresenceMember) -> dict[str, Any]:
+    item: dict[str, Any] = {"user": member.user, "connections": member.connections}
+    if member.info.get("name"):
+        item["name"] = member.info["name"]
+    return item
+
+
+def count_item(count: PresenceCount) -> dict[str, int]:
+    return {"users": count.users, "connections": count.connections}
+
+
+@dataclass(frozen=True)
+class Query:
+    """A validated ``presence`` request: a page (``after``, ``limit``) or only the count."""
+
+    count_only: bool
+    after: str | None
+    limit: int
+
+
+def parse_query(request: Mapping[str, Any], default_limit: int, max_limit: int) -> Query:
+    count_only = request.get("count_only", False)
+    if not isinstance(count_only, bool):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "field 'count_only' must be true or false")
+    after, limit = request.get("after"), request.get("limit")
+    if count_only and (after is not None or limit is not None):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "field 'count_only' cannot be combined with 'after' or 'limit'")
+    if after is not None and (not isinstance(after, str) or not after or len(after) > MAX_CURSOR):
+        raise ProtocolError(ErrorCode.BAD_REQUEST,
+                            f"field 'after' must be the cursor of a presence reply (a string of 1 to {MAX_CURSOR} "
+                            "characters)")
+    if limit is None:
+        limit = max(1, min(default_limit, max_limit))
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= max_limit:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"field 'limit' must be an integer from 1 to {max_limit}")
+    return Query(count_only, after, limit)
+
+
+# -- event modes ----------------------------------------------------------------------------------------------
+
+
+class EventMode(Protocol):
+    """How a user's arrival (first connection) and departure (last connection) reach the members."""
+
+    async def joined(self, room: str, rule: RoomPresence, user: str, name: str, origin: Session | None) -> None: ...
+
+    async def left(self, room: str, rule: RoomPresence, user: str, origin: Session | None) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class NoEvents:
+    async def joined(self, room: str, rule: RoomPresence, user: str, name: str, origin: Session | None) -> None:
+        return None
+
+    async def left(self, room: str, rule: RoomPresence, user: str, origin: Session | None) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+class EachEvent(NoEvents):
+    """``presence.join`` / ``presence.leave`` per user, through the bus so members on every replica get
+    them; not to the session that caused them (the joiner has the list in ``joined``)."""
+
+    def __init__(self, hub: Hub, presence: Presence) -> None:
+        self.hub = hub
+
+    async def joined(self, room: str, rule: RoomPresence, user: str, name: str, origin: Session | None) -> None:
+        event: dict[str, Any] = {"op": "presence.join", "room": room, "user": user}
+        if name:
+            event["name"] = name
+        await self.hub.publish(room, encode(event), origin=origin)
+
+    async def left(self, room: str, rule: RoomPresence, user: str, origin: Session | None) -> None:
+        await self.hub.publish(room, encode({"op": "presence.leave", "room": room, "user": user}), origin=origin)
+
+
+@dataclass(eq=False)
+class _Diff:
+    joins: dict[str, str] = field(default_factory=dict)  # user -> name ("" for none), in arrival order
+    leaves: dict[str, None] = field(default_factory=dict)  # an ordered set
+
+
+class BatchedEvents(NoEvents):
+    """One ``presence.diff`` per room per ``interval`` from this replica, for its own joins and leaves.
+
+    The diff goes through the bus like any event, so every member on every replica gets the diffs of
+    all replicas in the room's bus order. A join and a leave of one user within one interval cancel
+    out. ``count`` is read when the diff is sent: the room's totals with the diff applied.
+    """
+
+    def __init__(self, hub: Hub, presence: Presence) -> None:
+        self.hub = hub
+        self.presence = presence
+        self._pending: dict[str, _Diff] = {}
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        #: the send in progress per room: the next one of the room waits for it (diffs stay in order)
+        self._sending: dict[str, asyncio.Task[None]] = {}
+
+    def _diff(self, room: str, rule: RoomPresence) -> _Diff:
+        diff = self._pending.get(room)
+        if diff is None:
+            diff = self._pending[room] = _Diff()
+            loop = asyncio.get_running_loop()
+            self._timers[room] = loop.call_later(rule.interval, self._due, room)
+        return diff
+
+    async def joined(self, room: str, rule: RoomPresence, user: str, name: str, origin: Session | None) -> None:
+        diff = self._diff(room, rule)
+        if user in diff.leaves:  # left and came back within the interval: no change
+            del diff.leaves[user]
+        else:
+            diff.joins[user] = name
+
+    async def left(self, room: str, rule: RoomPresence, user: str, origin: Session | None) -> None:
+        diff = self._diff(room, rule)
+        if user in diff.joins:  # came and went within the interval: no change
+            del diff.joins[user]
+        else:
+            diff.leaves[user] = None
+
+    def _due(self, room: str) -> None:
+        self._timers.pop(room, None)
+        diff = self._pending.pop(room, None)
+        if diff is None or not (diff.joins or diff.leaves):
+            return
+        previous = self._sending.get(room)
+        task = asyncio.ensure_future(self._send(room, diff, previous))
+        self._sending[room] = task
+        task.add_done_callback(lambda t: self._sending.pop(room, None) if self._sending.get(room) is t else None)
+
+    async def _send(self, room: str, diff: _Diff, previous: asyncio.Task[None] | None) -> None:
+        if previous is not None:
+            await asyncio.wait([previous])
+        try:
+            count = await self.presence.count(room)
+            joins = [{"user": u, "name": n} if n else {"user": u}
+                     for u, n in itertools.islice(diff.joins.items(), MAX_DIFF_ITEMS)]
+            frame: dict[str, Any] = {"op": "presence.diff", "room": room, "joins": joins,
+                                     "leaves": list(itertools.islice(diff.leaves, MAX_DIFF_ITEMS)),
+                                     "count": count_item(count)}
+            if len(diff.joins) > MAX_DIFF_ITEMS or len(diff.leaves) > MAX_DIFF_ITEMS:
+                frame["truncated"] = True
+            await self.hub.publish(room, encode(frame))
+        except BusUnavailable:
+            log.warning("room %s: a presence.diff (%d joins, %d leaves) was lost, the bus is down",
+                        room, len(diff.joins), len(diff.leaves))
+        except Exception:
+            log.exception("room %s: sending a presence.diff failed", room)
+
+    async def close(self) -> None:
+        """Send what is pending now (a draining replica's leaves), then wait for the sends."""
+        for timer in self._timers.values():
+            timer.cancel()
+        for room in list(self._pending):
+            self._due(room)
+        if self._sending:
+            await asyncio.wait(list(self._sending.values()), timeout=5)
+
+
+#: events mode name -> its implementation, built once per chat endpoint
+EVENT_MODES: dict[str, Callable[[Hub, Presence], EventMode]] = {
+    "each": EachEvent,
+    "batched": BatchedEvents,
+    "off": lambda hub, presence: NoEvents(),
+}
+
+
+# -- the chat endpoint's presence ------------------------------------------------------------------------------
+
+
+class ChatPresence:
+    """Presence entries, snapshots and events of one chat endpoint."""
+
+    def __init__(self, rules: PresenceRules, max_limit: int, hub: Hub, presence: Presence) -> None:
+        self.rules = rules
+        self.max_limit = max_limit
+        self.presence = presence
+        self.modes = {name: make(hub, presence) for name, make in EVENT_MODES.items()}
+        presence.on_departed(self.departed)
+
+    async def join(self, session: Session, room: str) -> dict[str, Any]:
+        """Record the session in ``room``'s presence, announce its user if new, and return the
+        ``joined`` fields: the first members, the count and a cursor (none when presence is off)."""
+        rule = self.rules.for_room(room)
+        if not rule.enabled:
+            return {}
+        name = session.identity.name
+        entry = PresenceEntry(session.identity.user, session.id, session.node, {"name": name} if name else {})
+        if await self.presence.join(room, entry):
+            await self.modes[rule.events].joined(room, rule, entry.user, name, session)
+        if rule.limit == 0:
+            return {"presence": [], "count": count_item(await self.presence.count(room))}
+        page = await self.presence.page(room, None, rule.limit)
+        fields: dict[str, Any] = {"presence": [member_item(m) for m in page.members], "count": count_item(page.count)}
+        if page.cursor is not None:
+            fields["cursor"] = page.cursor
+        return fields
+
+    async def leave(self, session: Session, room: str) -> None:
+        """Remove the session's entry; announce its user's departure after their last connection.
+        Raises BusUnavailable (the entry then expires with the replica's heartbeat)."""
+        rule = self.rules.for_room(room)
+        if not rule.enabled:
+            return
+        user = await self.presence.leave(room, session.id)
+        if user is not None:
+            await self.modes[rule.events].left(room, rule, user, session)
+
+    async def departed(self, room: str, users: Sequence[str]) -> None:
+        """The backend removed a dead replica's entries: their users' last connections left ``room``."""
+        rule = self.rules.for_room(room)
+        if not rule.enabled:
+            return
+        try:
+            for user in users:
+                await self.modes[rule.events].left(room, rule, user, None)
+        except BusUnavailable:
+            log.warning("room %s: leave events of %d departed users lost, the bus is down", room, len(users))
+
+    def check_enabled(self, room: str) -> None:
+        if not self.rules.for_room(room).enabled:
+            raise ProtocolError(ErrorCode.FORBIDDEN, f"presence is off for room {room!r}", reason="presence_off")
+
+    async def query(self, room: str, query: Query) -> dict[str, Any]:
+        """The fields of a ``presence`` reply."""
+        if query.count_only:
+            return {"count": count_item(await self.presence.count(room))}
+        page = await self.presence.page(room, query.after, query.limit)
+        fields: dict[str, Any] = {"members": [member_item(m) for m in page.members], "count": count_item(page.count)}
+        if page.cursor is not None:
+            fields["cursor"] = page.cursor
+        return fields
+
+    async def close(self) -> None:
+        for mode in self.modes.values():
+            await mode.close()

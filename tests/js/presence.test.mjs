@@ -1,0 +1,79 @@
+// Presence of big rooms in the JS client: joined's bounded list, count and cursor, paging, the count-only
+// form, and presence.diff applied to the subscription's members and count. The server's big-* rooms
+// list 3 members in joined and send one presence.diff per room per 0.2 s (tests/test_js_client.py).
+import { test, afterEach } from "node:test";
+import assert from "node:assert/strict";
+import { Subscription, WirehubError, applyPresenceEvent, takePresenceSnapshot } from "../../service/static/wirehub.js";
+import { client, closeAll, eventually, uniqueRoom } from "./helpers.mjs";
+
+afterEach(() => closeAll());
+
+test("bounded joined, paging with a cursor, count only", async () => {
+  const room = uniqueRoom("big");
+  const others = [];
+  for (let i = 0; i < 5; i++) {
+    const c = client();
+    await c.join(room, () => {});
+    others.push(c);
+  }
+  const me = client();
+  const sub = await me.join(room, () => {});
+  assert.deepEqual(sub.count, { users: 6, connections: 6 });
+  assert.equal(sub.presence.length, 3);
+  assert.equal(sub.members.size, 3);
+  assert.equal(typeof sub.cursor, "string");
+
+  const everyone = sub.presence.map((m) => m.user);
+  let cursor = sub.cursor;
+  while (cursor !== null) {
+    const page = await me.presencePage(room, { after: cursor, limit: 2 });
+    assert.deepEqual(page.count, { users: 6, connections: 6 });
+    everyone.push(...page.members.map((m) => m.user));
+    cursor = page.cursor;
+  }
+  const expected = [...others, me].map((c) => c.welcome.user).sort();
+  assert.deepEqual(everyone, expected, "every member once, in user order");
+  assert.deepEqual((await me.presence(room)).map((m) => m.user), expected.slice(0, 3));
+  assert.deepEqual(await me.presenceCount(room), { users: 6, connections: 6 });
+  await assert.rejects(me.presencePage(room, { limit: 0 }),
+    (err) => err instanceof WirehubError && err.code === "bad_request" && err.message === "field 'limit' must be an integer from 1 to 1000");
+});
+
+test("presence.diff updates members and count", async () => {
+  const room = uniqueRoom("big");
+  const a = client();
+  const events = [];
+  const sub = await a.join(room, () => {}, { onPresence: (ev) => events.push(ev) });
+  await eventually(() => events.length === 1, 5000, "the diff of our own join");
+  assert.deepEqual(events[0], { op: "presence.diff", room, joins: [{ user: a.welcome.user, name: a.welcome.user }],
+    leaves: [], count: { users: 1, connections: 1 } });
+
+  const b = client(), c = client();
+  await b.join(room, () => {});
+  await c.join(room, () => {});
+  await eventually(() => sub.members.size === 3 && sub.count.users === 3, 5000, "b and c joined");
+  await b.leave(room);
+  await eventually(() => !sub.members.has(b.welcome.user) && sub.count.users === 2, 5000, "b left");
+  assert.deepEqual([...sub.members.keys()].sort(), [a.welcome.user, c.welcome.user].sort());
+  assert.ok(events.every((ev) => ev.op === "presence.diff"));
+});
+
+test("applying events and diffs: idempotent joins, count from the server", () => {
+  const sub = new Subscription(/** @type {any} */ (null), "big-1", () => {}, {});
+  takePresenceSnapshot(sub, { presence: [{ user: "ann", connections: 2 }, { user: "bea", connections: 1 }],
+    count: { users: 40, connections: 45 }, cursor: "bea" });
+  assert.equal(sub.cursor, "bea");
+  applyPresenceEvent(sub, { op: "presence.diff", room: "big-1", joins: [{ user: "bea" }, { user: "cid", name: "Cid" }],
+    leaves: ["ann", "zed"], count: { users: 41, connections: 46 } });
+  assert.deepEqual([...sub.members.keys()].sort(), ["bea", "cid"]);
+  assert.deepEqual(sub.members.get("cid"), { user: "cid", name: "Cid", connections: 1 });
+  assert.deepEqual(sub.count, { users: 41, connections: 46 });
+  applyPresenceEvent(sub, { op: "presence.join", room: "big-1", user: "dan" });
+  assert.equal(sub.count.users, 42);
+  applyPresenceEvent(sub, { op: "presence.leave", room: "big-1", user: "dan" });
+  assert.equal(sub.count.users, 41);
+  assert.ok(!sub.members.has("dan"));
+  takePresenceSnapshot(sub, {});  // presence off for the room
+  assert.equal(sub.count, null);
+  assert.equal(sub.members.size, 0);
+});
