@@ -42,8 +42,9 @@ def start_replica(tmp_path: Path) -> ServerProcess:
         ],
         "plugins": {"load": [PLUGIN]},
     }
+    # run from the project root: the plugin module is tests.plugins_for_tests.raising_hooks
     return ServerProcess(write_config(tmp_path / "boom.yaml", config), port, name="boom",
-                         unset_env=("WIREHUB_CONFIG",), cwd=tmp_path)
+                         unset_env=("WIREHUB_CONFIG",))
 
 
 async def metric(replica: ServerProcess, name: str, **labels: str) -> float:
