@@ -176,7 +176,9 @@ class Hub:
         self.metrics.bus_messages.inc()
         if ts_ms:
             self.metrics.latency.observe(max(0.0, time.time() - ts_ms / 1000))
-        out = OutFrame(with_offset(frame, offset))
+        # Only JSON objects get the offset spliced in; other frames (the yjs handler's binary ones)
+        # go to members as they are, and a member reads the offset from deliver()'s argument.
+        out = OutFrame(with_offset(frame, offset) if frame[:1] == b"{" else frame)
         skip = r.members.get(origin) if origin else None
         n = 0
         for s in list(r.members.values()):
