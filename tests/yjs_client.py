@@ -11,7 +11,7 @@ from typing import Any
 import pycrdt
 
 from plugins.handlers.yjs import wire
-from service.testing import WsClient, ws_connect
+from service.testing import LiveServer, WsClient
 
 
 class YClient:
@@ -30,8 +30,9 @@ class YClient:
         self._applying = False
 
     @classmethod
-    async def connect(cls, url: str, **kwargs: Any) -> YClient:
-        client = cls(await ws_connect(url, **kwargs))
+    async def connect(cls, server: LiveServer, path: str, **kwargs: Any) -> YClient:
+        """Connect to ``path`` on ``server`` (which closes the connection after the test) and send sync step 1."""
+        client = cls(await server.ws(path, **kwargs))
         await client.conn.send(wire.sync_step1(client.doc.get_state()))
         return client
 
@@ -61,7 +62,7 @@ class YClient:
             r = wire.Reader(msg)
             kind = r.uint()
             if kind == wire.MESSAGE_SYNC:
-                step, body = r.uint(), r.bytes()
+                step, body = r.uint(), r.blob()
                 if step == wire.SYNC_STEP1:
                     await self.conn.send(wire.sync_step2(self.doc.get_update(body)))
                 else:
@@ -73,7 +74,7 @@ class YClient:
                     if step == wire.SYNC_STEP2:
                         self.synced.set()
             elif kind == wire.MESSAGE_AWARENESS:
-                for e in wire.decode_awareness(r.bytes()):
+                for e in wire.decode_awareness(r.blob()):
                     if e.state == "null":
                         self.awareness.pop(e.client, None)
                     else:
@@ -81,6 +82,11 @@ class YClient:
             elif kind == wire.MESSAGE_AUTH:
                 r.uint()
                 self.denied.append(r.string())
+
+    async def wait_closed(self, timeout: float = 5.0) -> tuple[int | None, str | None]:
+        """Until the server closed the connection: (close code, reason)."""
+        await asyncio.wait_for(asyncio.shield(self._reader), timeout)
+        return self.conn.close_code, self.conn.close_reason
 
     async def close(self) -> None:
         self._reader.cancel()

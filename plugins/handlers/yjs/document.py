@@ -211,11 +211,10 @@ class Document:
             changed = self.awareness.apply(wire.decode_awareness(bf.body), bf.node, bf.session)
             if changed and fan_out:
                 self.send_members(wire.awareness_message(wire.encode_awareness(changed)))
-        elif bf.kind == wire.BUS_QUERY:
-            if not mine and self.members:
-                mine_states = self.awareness.entries(h.instance)
-                if mine_states:
-                    h.spawn(self._publish_quietly(wire.BUS_AWARENESS, wire.encode_awareness(mine_states)))
+        elif bf.kind == wire.BUS_QUERY and not mine and self.members:
+            mine_states = self.awareness.entries(h.instance)
+            if mine_states:
+                h.spawn(self._publish_quietly(wire.BUS_AWARENESS, wire.encode_awareness(mine_states)))
 
     async def _publish_quietly(self, kind: bytes, body: bytes) -> None:
         try:

@@ -187,7 +187,7 @@ class YjsHandler:
         kind = r.uint()
         if kind == wire.MESSAGE_SYNC:
             step = r.uint()
-            body = r.bytes()
+            body = r.blob()
             if step == wire.SYNC_STEP1:
                 try:
                     document.sync_reply(member.session, body)
@@ -198,7 +198,7 @@ class YjsHandler:
             else:
                 raise WireError(f"unknown sync message {step}")
         elif kind == wire.MESSAGE_AWARENESS:
-            await document.client_awareness(member, r.bytes())
+            await document.client_awareness(member, r.blob())
         elif kind == wire.MESSAGE_QUERY_AWARENESS:
             document.send_awareness(member.session)
         elif kind == wire.MESSAGE_AUTH:

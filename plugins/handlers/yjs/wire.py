@@ -82,7 +82,7 @@ class Reader:
         self.pos = pos
         return n
 
-    def bytes(self) -> bytes:
+    def blob(self) -> bytes:
         n = self.uint()
         end = self.pos + n
         if end > len(self.data):
@@ -93,7 +93,7 @@ class Reader:
 
     def string(self) -> str:
         try:
-            return self.bytes().decode("utf-8")
+            return self.blob().decode("utf-8")
         except UnicodeDecodeError:
             raise WireError("invalid UTF-8") from None
 
