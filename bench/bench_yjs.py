@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import json
+import multiprocessing
 import os
 import random
 import subprocess
@@ -66,15 +68,15 @@ def rss_bytes(pid: int) -> int:
 class Editor:
     """One y-websocket client: types into its own pycrdt document and records what it reads."""
 
-    def __init__(self, index: int, replica: int, sent: dict[bytes, tuple[float, int]]) -> None:
+    def __init__(self, index: int, replica: int) -> None:
         self.index = index
         self.replica = replica
-        self.sent = sent  # update bytes -> (send time, sender's replica), shared by all editors
         self.doc: pycrdt.Doc[Any] = pycrdt.Doc()
         self.text = self.doc.get("text", type=pycrdt.Text)
         self.updates: list[bytes] = []
         self.doc.observe(lambda event: self.updates.append(event.update))
-        self.latencies: dict[str, list[float]] = {"local": [], "remote": []}
+        self.sent: list[tuple[bytes, float]] = []
+        self.received: list[tuple[bytes, float]] = []
         self.recording = False
         self.synced = asyncio.Event()
         self.conn: WebSocketClientConnection | None = None
@@ -93,6 +95,10 @@ class Editor:
                 return
             now = time.perf_counter()
             assert isinstance(msg, bytes)
+            if msg[:2] == bytes((wire.MESSAGE_SYNC, wire.SYNC_UPDATE)):
+                if self.recording:
+                    self.received.append((msg, now))
+                continue
             r = wire.Reader(msg)
             if r.uint() != wire.MESSAGE_SYNC:
                 continue
@@ -101,79 +107,107 @@ class Editor:
                 await self.conn.write_message(wire.sync_step2(self.doc.get_update(body)), binary=True)
             elif step == wire.SYNC_STEP2:
                 self.synced.set()
-            elif self.recording:
-                found = self.sent.get(body)
-                if found is not None:
-                    t, replica = found
-                    self.latencies["local" if replica == self.replica else "remote"].append(now - t)
 
     async def type_one(self, record: bool) -> int:
         self.text.insert(0, chr(97 + self.index % 26))
         update = self.updates.pop()
         self.updates.clear()
+        message = wire.sync_update(update)
         if record:
-            self.sent[update] = (time.perf_counter(), self.replica)
+            self.sent.append((message, time.perf_counter()))
         assert self.conn is not None
-        await self.conn.write_message(wire.sync_update(update), binary=True)
+        await self.conn.write_message(message, binary=True)
         return len(update)
 
 
+def editors_process(ports: list[int], indices: list[int], doc: str, rate: float, begin: float, record_from: float,
+                    record_to: float, stop_at: float) -> dict[str, Any]:
+    """One load-generating process: its editors type from ``begin`` to ``stop_at`` (perf_counter times,
+    which are CLOCK_MONOTONIC and so shared by the processes) and record what they send and read in the
+    window (reads until 5 s after it)."""
+    async def main() -> dict[str, Any]:
+        editors = [Editor(i, i % len(ports)) for i in indices]
+        for e in editors:
+            await e.connect(f"ws://127.0.0.1:{ports[e.replica]}/ws/yjs/{doc}")
+        await asyncio.wait_for(asyncio.gather(*(e.synced.wait() for e in editors)), 60)
+        totals = {"bytes": 0, "count": 0}
+
+        async def pace(e: Editor, phase: float) -> None:
+            interval = 1.0 / rate
+            nxt = begin + phase
+            while nxt < stop_at:
+                await asyncio.sleep(max(0.0, nxt - time.perf_counter()))
+                now = time.perf_counter()
+                totals["bytes"] += await e.type_one(record_from <= now <= record_to)
+                totals["count"] += 1
+                nxt += interval
+
+        async def window() -> float:
+            await asyncio.sleep(max(0.0, record_from - time.perf_counter()))
+            cpu0 = cpu_seconds(os.getpid())
+            for e in editors:
+                e.recording = True
+            await asyncio.sleep(max(0.0, record_to - time.perf_counter()))
+            cpu = cpu_seconds(os.getpid()) - cpu0
+            await asyncio.sleep(max(0.0, record_to + 5.0 - time.perf_counter()))
+            for e in editors:
+                e.recording = False
+            return cpu
+
+        rng = random.Random(indices[0] if indices else 0)
+        timer = asyncio.ensure_future(window())
+        await asyncio.gather(*(pace(e, rng.uniform(0, 1.0 / rate)) for e in editors))
+        cpu = await timer
+        for e in editors:
+            assert e.conn is not None
+            e.conn.close()
+        return {"sent": [(m, t, e.replica) for e in editors for m, t in e.sent],
+                "received": [(m, t, e.replica) for e in editors for m, t in e.received],
+                "bytes": totals["bytes"], "count": totals["count"], "cpu": cpu}
+
+    return asyncio.run(main())
+
+
 async def latency(ports: list[int], pids: list[int], doc: str, a: argparse.Namespace) -> dict[str, Any]:
-    sent: dict[bytes, tuple[float, int]] = {}
-    editors = [Editor(i, i % len(ports), sent) for i in range(a.editors)]
-    for e in editors:
-        await e.connect(f"ws://127.0.0.1:{ports[e.replica]}/ws/yjs/{doc}")
-    await asyncio.wait_for(asyncio.gather(*(e.synced.wait() for e in editors)), 30)
-    state = {"record": False, "run": True, "bytes": 0, "count": 0}
-
-    async def pace(e: Editor, phase: float) -> None:
-        await asyncio.sleep(phase)
-        interval = 1.0 / a.rate
-        nxt = time.perf_counter()
-        while state["run"]:
-            state["bytes"] += await e.type_one(bool(state["record"]))
-            state["count"] += 1
-            nxt += interval
-            await asyncio.sleep(max(0.0, nxt - time.perf_counter()))
-
-    rng = random.Random(1)
-    tasks = [asyncio.ensure_future(pace(e, rng.uniform(0, 1.0 / a.rate))) for e in editors]
-    await asyncio.sleep(a.warmup)
-    cpu0 = {pid: cpu_seconds(pid) for pid in pids}
-    me0 = cpu_seconds(os.getpid())
-    for e in editors:
-        e.recording = True
-    state["record"] = True
-    t0 = time.perf_counter()
-    await asyncio.sleep(a.duration)
-    state["record"] = False
-    wall = time.perf_counter() - t0
-    cpu = {pid: round(cpu_seconds(pid) - cpu0[pid], 2) for pid in pids}
-    loadgen_cpu = round(cpu_seconds(os.getpid()) - me0, 2)
-    state["run"] = False
-    await asyncio.sleep(5.0)  # late deliveries still count; "missing" are those not read 5 s after the window
-    await asyncio.gather(*tasks)
-    for e in editors:
-        e.recording = False
-    local = sorted(x for e in editors for x in e.latencies["local"])
-    remote = sorted(x for e in editors for x in e.latencies["remote"])
-    expected_remote = sum(1 for _, r in sent.values() for e in editors if e.replica != r)
-    for e in editors:
-        assert e.conn is not None
-        e.conn.close()
+    begin = time.perf_counter() + 4.0 + a.editors * 0.05
+    record_from = begin + a.warmup
+    record_to = record_from + a.duration
+    stop_at = record_to + 0.5
+    groups = [list(range(a.editors))[i::a.procs] for i in range(a.procs)]
+    loop = asyncio.get_running_loop()
+    with concurrent.futures.ProcessPoolExecutor(a.procs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [loop.run_in_executor(pool, editors_process, ports, g, doc, a.rate, begin, record_from, record_to,
+                                        stop_at) for g in groups if g]
+        await asyncio.sleep(max(0.0, record_from - time.perf_counter()))
+        cpu0 = {pid: cpu_seconds(pid) for pid in pids}
+        await asyncio.sleep(max(0.0, record_to - time.perf_counter()))
+        cpu = {pid: round(cpu_seconds(pid) - cpu0[pid], 2) for pid in pids}
+        results = await asyncio.gather(*futures)
+    sent = {m: (t, r) for res in results for m, t, r in res["sent"]}
+    local: list[float] = []
+    remote: list[float] = []
+    for res in results:
+        for m, t_recv, replica in res["received"]:
+            found = sent.get(m)
+            if found is not None:
+                (local if found[1] == replica else remote).append(t_recv - found[0])
+    local.sort()
+    remote.sort()
+    per_replica = [sum(1 for i in range(a.editors) if i % len(ports) == r) for r in range(len(ports))]
+    expected_remote = sum(a.editors - per_replica[r] for _, r in sent.values())
 
     def ms(values: list[float], q: float) -> float | None:
         v = percentile(values, q)
         return None if v is None else round(v * 1000, 1)
 
     return {
-        "editors": a.editors, "replicas": len(ports), "rate_per_editor": a.rate,
-        "updates_per_s": round(len(sent) / wall, 1), "updates_total": state["count"],
-        "update_bytes_total": state["bytes"],
+        "editors": a.editors, "replicas": len(ports), "rate_per_editor": a.rate, "loadgen_procs": a.procs,
+        "updates_per_s": round(len(sent) / a.duration, 1), "updates_total": sum(r["count"] for r in results),
+        "update_bytes_total": sum(r["bytes"] for r in results),
         "remote_p50_ms": ms(remote, 0.5), "remote_p99_ms": ms(remote, 0.99), "remote_max_ms": ms(remote, 1.0),
         "local_p50_ms": ms(local, 0.5), "local_p99_ms": ms(local, 0.99),
         "remote_deliveries": len(remote), "remote_missing": expected_remote - len(remote),
-        "cpu_s_by_pid": cpu, "loadgen_cpu_s": loadgen_cpu, "wall_s": round(wall, 2),
+        "cpu_s_by_pid": cpu, "loadgen_cpu_s": round(sum(r["cpu"] for r in results), 2), "wall_s": a.duration,
     }
 
 
@@ -297,6 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=10.0)
     p.add_argument("--documents", type=int, default=200, help="documents loaded for the memory figure")
     p.add_argument("--doc-chars", type=int, default=2000, help="characters typed into each of them")
+    p.add_argument("--procs", type=int, default=3, help="load-generating processes the editors are spread over")
     a = p.parse_args(argv)
     raise_nofile()
     with tempfile.TemporaryDirectory(prefix="wirehub-bench-yjs-") as tmp:
