@@ -230,3 +230,73 @@ async def test_two_replicas_compacting_at_once_lose_nothing(kind: str, request: 
     finally:
         for b in backends:
             await b.bus.close()
+
+
+async def test_an_update_while_the_bus_is_down_closes_with_1013_and_arrives_after_the_reconnect(
+        wirehub_server: Any, redis_server_factory: Any) -> None:
+    from tests.helpers import FAST_BUS
+
+    broker = redis_server_factory(appendonly=True)
+    server = await wirehub_server({**config(), "bus": {"plugin": "redis",
+                                                       "redis": {"url": broker.url, **FAST_BUS}}})
+    a = await YClient.connect(server, "/ws/yjs/outage")
+    await asyncio.wait_for(a.synced.wait(), 5)
+    await a.insert(0, "before ")
+    await eventually(lambda: server.app.handlers["/ws/yjs/*"].documents["outage"].offset >= 1)
+    broker.pause()
+    try:
+        await eventually(lambda: not server.app.hub.healthy, 10)  # the watchdog noticed
+        await a.insert(7, "during")
+        code, reason = await a.wait_closed(10)
+        assert code == 1013 and reason == "try again later; retry_ms=1000"
+        # the provider reconnects after retry_ms, and its sync step 2 carries the refused edit
+    finally:
+        broker.resume()
+    await eventually(lambda: server.app.hub.healthy, 10)
+    again = await YClient.connect(server, "/ws/yjs/outage")
+    again.doc.apply_update(a.doc.get_update())  # what the reconnecting provider holds
+    await asyncio.wait_for(again.synced.wait(), 5)
+    await again.conn.send(wire.sync_step2(again.doc.get_update()))
+    fresh = await YClient.connect(server, "/ws/yjs/outage")
+    await eventually(lambda: str(fresh.text) == "before during")
+    await assert_bystander_served(server)
+
+
+async def test_read_patterns_let_a_chat_member_read_but_not_publish(wirehub_server: Any) -> None:
+    server = await wirehub_server({"auth": jwt_config()["auth"]})
+    client = await server.ws("/ws/chat?token=" + token("viewer", ["read:news-*"]))
+    await client.recv_op("welcome")
+    assert (await client.request({"op": "join", "id": 1, "room": "news-1"}))["op"] == "joined"
+    refused = await client.request({"op": "publish", "id": 2, "room": "news-1", "data": "hi"})
+    assert refused["code"] == "forbidden"
+    assert (await client.request({"op": "join", "id": 3, "room": "other"}))["code"] == "forbidden"
+
+
+async def test_the_prefix_endpoint_needs_a_document_name(wirehub_server: Any) -> None:
+    server = await wirehub_server(config())
+    for path in ("/ws/yjs", "/ws/yjs/"):
+        resp = await server.http(path, headers={"Connection": "Upgrade", "Upgrade": "websocket"})
+        assert resp.code == 404, path
+    assert (await server.http("/ws/yjs/doc")).code == 426  # a plain GET of a document: upgrade required
+
+
+@pytest.mark.parametrize(("endpoint", "bus", "key", "message"), [
+    ({"path": "/ws/a*b", "handler": "echo"}, {}, "endpoints[0].path", "a prefix like /ws/yjs/*"),
+    ({"path": "/ws/yjs", "handler": "yjs"}, {}, "endpoints[0].path", "needs a prefix endpoint"),
+    ({"path": "/ws/yjs/*", "handler": "yjs", "options": {"compact_every": 600}},
+     {"plugin": "memory", "memory": {"history_size": 1000}}, "endpoints[0].options.compact_every",
+     "at most half of bus.memory.history_size"),
+    ({"path": "/ws/yjs/*", "handler": "yjs", "options": {"document_pattern": "("}}, {},
+     "endpoints[0].options.document_pattern", "not a regular expression"),
+])
+def test_config_errors_name_the_key(endpoint: dict[str, Any], bus: dict[str, Any], key: str, message: str) -> None:
+    from service.app import Wirehub
+    from service.config import ConfigError, config_from_dict
+    from service.testing import config_for_tests
+
+    overrides: dict[str, Any] = {"endpoints": [endpoint]}
+    if bus:
+        overrides["bus"] = bus
+    with pytest.raises(ConfigError) as info:
+        Wirehub.build(config_from_dict(config_for_tests(overrides)))
+    assert info.value.key == key and message in str(info.value)
