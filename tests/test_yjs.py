@@ -300,3 +300,32 @@ def test_config_errors_name_the_key(endpoint: dict[str, Any], bus: dict[str, Any
     with pytest.raises(ConfigError) as info:
         Wirehub.build(config_from_dict(config_for_tests(overrides)))
     assert info.value.key == key and message in str(info.value)
+
+
+def test_a_document_limit_that_does_not_fit_the_send_queue_is_a_config_error() -> None:
+    from service.app import Wirehub
+    from service.config import ConfigError, config_from_dict
+    from service.testing import config_for_tests
+
+    overrides = {"server": {"send_queue_bytes": 65536},
+                 "endpoints": [{"path": "/ws/yjs/*", "handler": "yjs", "options": {"max_document_bytes": 40000}}]}
+    with pytest.raises(ConfigError) as info:
+        Wirehub.build(config_from_dict(config_for_tests(overrides)))
+    assert info.value.key == "endpoints[0].options.max_document_bytes"
+
+
+async def test_a_failing_message_closes_with_1011_not_a_json_error(wirehub_server: Any,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from plugins.handlers.yjs.document import Document
+
+    server = await wirehub_server(config())
+    a = await YClient.connect(server, "/ws/yjs/bug")
+    await asyncio.wait_for(a.synced.wait(), 5)
+
+    def broken(self: Document, session: Any) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(Document, "send_awareness", broken)
+    await a.conn.send(wire.QUERY_AWARENESS)
+    assert await a.wait_closed() == (1011, "internal error")
+    await assert_bystander_served(server)

@@ -46,6 +46,10 @@ def _factory(options: Mapping[str, Any], key: str, context: HandlerContext) -> H
     if not path.endswith("/*"):
         raise ConfigError(key.removesuffix(".options") + ".path",
                           f"the yjs handler needs a prefix endpoint such as /ws/yjs/*, got {path!r}")
+    cap = context.config.server.send_queue_bytes
+    if opts.max_document_bytes * 2 > cap:
+        raise ConfigError(f"{key}.max_document_bytes", f"{opts.max_document_bytes} must be at most half of "
+                          f"server.send_queue_bytes ({cap}), so a new client's first sync fits in its send queue")
     history_size = context.config.bus.options.get("history_size")
     if isinstance(history_size, int) and history_size and opts.compact_every * 2 > history_size:
         raise ConfigError(f"{key}.compact_every", f"{opts.compact_every} must be at most half of "

@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("wirehub.yjs")
 
 _PAGE = 1000
+#: bus messages kept while a document loads; past it the load reads the log once more instead
+_MAX_BACKLOG = 10_000
 
 
 class _NullTransport:
@@ -95,6 +97,7 @@ class Document:
         self.ready = False
         #: bus messages that arrived while loading (applied after the log)
         self.backlog: list[tuple[bytes, int | None]] | None = []
+        self.backlog_overflow = False
         self.offset = 0  # newest log offset applied
         self.epoch: str | None = None
         self.snap_offset = 0  # offset the stored snapshot covers, as far as this replica knows
@@ -128,6 +131,9 @@ class Document:
         backlog, self.backlog = self.backlog or [], None
         for frame, offset in backlog:
             self._handle(frame, offset, fan_out=False)
+        if self.backlog_overflow:
+            top, _ = await h.context.backend.history.position(self.room)
+            await self._read_log(after, top)
         self.size = len(self.doc.get_update())
         self.ready = True
         h.sizes.observe(self.size)
@@ -182,7 +188,10 @@ class Document:
 
     def on_bus(self, frame: bytes, offset: int | None) -> None:
         if self.backlog is not None:
-            self.backlog.append((frame, offset))
+            if len(self.backlog) < _MAX_BACKLOG:
+                self.backlog.append((frame, offset))
+            else:
+                self.backlog_overflow = True  # the log has the updates: read it again after the load
             return
         self._handle(frame, offset, fan_out=True)
 
@@ -309,17 +318,16 @@ class Document:
         ttl = self.handler.options.awareness_ttl
         me = self.handler.instance
         for instance in self.awareness.instances():
-            if instance == me:
-                continue
-            seen = self.seen.get(instance)
-            if seen is None:
+            if instance != me and instance not in self.seen:
                 self.seen[instance] = now  # learnt from a load or a query answer: start its clock now
-            elif now - seen > ttl:
-                gone = self.awareness.remove(instance, by="instance")
-                self.seen.pop(instance, None)
-                if gone:
-                    self.handler.awareness_expired.inc(len(gone))
-                    self.send_members(wire.awareness_message(wire.encode_awareness(gone)))
+        for instance, seen in list(self.seen.items()):
+            if now - seen <= ttl:
+                continue
+            del self.seen[instance]
+            gone = self.awareness.remove(instance, by="instance")
+            if gone:
+                self.handler.awareness_expired.inc(len(gone))
+                self.send_members(wire.awareness_message(wire.encode_awareness(gone)))
 
     async def compact(self) -> None:
         """Write a snapshot holding this replica's document (merged with the stored one)."""

@@ -181,6 +181,10 @@ class YjsHandler:
         except BusUnavailable:
             self.refused.labels(self.endpoint, "unavailable").inc()
             session.close(CloseCode.TRY_AGAIN_LATER, retry_ms=1000)
+        except Exception:
+            # the core would answer with a JSON error frame, which a y-websocket client cannot read
+            log.exception("document %s: a message from %r failed", document.name, session)
+            session.close(CloseCode.INTERNAL)
 
     async def _dispatch(self, document: Document, member: Member, data: bytes) -> None:
         r = Reader(data)
