@@ -329,3 +329,18 @@ async def test_a_failing_message_closes_with_1011_not_a_json_error(wirehub_serve
     await a.conn.send(wire.QUERY_AWARENESS)
     assert await a.wait_closed() == (1011, "internal error")
     await assert_bystander_served(server)
+
+
+def test_every_option_is_documented() -> None:
+    import dataclasses
+    import re
+    from pathlib import Path
+
+    from plugins.handlers.yjs.options import YjsOptions
+
+    docs = Path(__file__).resolve().parent.parent / "docs"
+    for page in ("collaboration.md", "configuration.md"):
+        text = (docs / page).read_text()
+        missing = [f.name for f in dataclasses.fields(YjsOptions)
+                   if not re.search(rf"^\| `{f.name}` \|", text, re.MULTILINE)]
+        assert not missing, f"yjs options missing from docs/{page}: {missing}"
