@@ -175,8 +175,10 @@ async def test_awareness_of_a_connection_that_drops_is_removed_for_the_others(wi
     await eventually(lambda: 1234 not in b.awareness and 1234 not in c.awareness)
 
 
-async def test_the_document_survives_an_unload_and_memory_is_reported(wirehub_server: Any) -> None:
-    server = await wirehub_server(config())
+@pytest.mark.parametrize("idle_unload", [0, 0.3])
+async def test_the_document_survives_an_unload_and_memory_is_reported(wirehub_server: Any,
+                                                                       idle_unload: float) -> None:
+    server = await wirehub_server(config(idle_unload=idle_unload))
     a = await YClient.connect(server, "/ws/yjs/keep")
     await asyncio.wait_for(a.synced.wait(), 5)
     for i in range(30):
@@ -189,7 +191,7 @@ async def test_the_document_survives_an_unload_and_memory_is_reported(wirehub_se
     await eventually(lambda: handler.bytes_gauge._value.get() > 30)
     await a.close()
     await b.close()
-    await eventually(lambda: not handler.documents)  # idle_unload 0: unloaded when the last one left
+    await eventually(lambda: not handler.documents)  # unloaded idle_unload after the last one left
     stored = await handler.store.load("yjs/keep")
     assert stored.version >= 1 and stored.offset >= 30  # compacted on unload
     c = await YClient.connect(server, "/ws/yjs/keep")
