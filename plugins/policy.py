@@ -6,10 +6,11 @@ Registered first among the built-ins and marked ``trylast``, so any other plugin
 
 from __future__ import annotations
 
-from service.auth import Identity
+from service.auth import READ_ACTIONS, Identity
 from service.hookspecs import hookimpl
 
 
 @hookimpl(trylast=True)
 def wirehub_authorize(identity: Identity, action: str, room: str) -> bool:
-    return identity.may_access(room)
+    # ``read:`` patterns of the rooms claim grant the read actions only (docs/auth.md)
+    return identity.may_access(room, write=action not in READ_ACTIONS)

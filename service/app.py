@@ -144,7 +144,7 @@ class Wirehub:
         for ep in self.config.endpoints:
             max_size = int(ep.options.get("max_message_size", self.config.server.max_message_size))
             kwargs = {"app": self, "endpoint": ep, "handler": self.handlers[ep.path], "max_message_size": max_size}
-            routes.append((tornado.routing.PathMatches(_literal(ep.path)), WirehubSocket, kwargs))
+            routes.append((tornado.routing.PathMatches(endpoint_pattern(ep.path)), WirehubSocket, kwargs))
         taken = {ep.path for ep in self.config.endpoints}
         for plugin, (pattern, handler_cls, kwargs) in self.hooks.routes(self):
             if pattern in taken or pattern in ("/", "/()") or any(pattern.startswith(p) for p in CORE_PATHS):
@@ -355,8 +355,12 @@ class Wirehub:
                     self.hub.publishing.count, timeout)
 
 
-def _literal(path: str) -> str:
+def endpoint_pattern(path: str) -> str:
+    """The route regex of an endpoint path: exact, or a prefix for a path ending in ``/*``
+    (``/ws/yjs/*`` serves ``/ws/yjs/<anything>``; the handler reads the rest from ``session.path``)."""
     import re
 
+    if path.endswith("/*"):
+        return re.escape(path[:-1]) + ".+$"
     return re.escape(path) + "$"
 

@@ -26,6 +26,12 @@ class AuthError(Exception):
         self.error = error
 
 
+#: a ``rooms`` pattern with this prefix grants read access only (join, presence, history, subscribe)
+READ_ONLY_PREFIX = "read:"
+#: the ``wirehub_authorize`` actions that only read; any other action (publish, update) writes
+READ_ACTIONS = frozenset(("join", "presence", "history", "subscribe"))
+
+
 @dataclass(frozen=True)
 class Identity:
     """Who a session belongs to.
@@ -42,8 +48,16 @@ class Identity:
     expires_at: float | None = None
     anonymous: bool = False
 
-    def may_access(self, room: str) -> bool:
-        return any(fnmatch.fnmatchcase(room, pattern) for pattern in self.rooms)
+    def may_access(self, room: str, *, write: bool = True) -> bool:
+        """Does a pattern of :attr:`rooms` match ``room``? A pattern prefixed with ``read:``
+        (``read:handbook-*``) grants read access only: it matches when ``write`` is False."""
+        for pattern in self.rooms:
+            if pattern.startswith(READ_ONLY_PREFIX):
+                if not write and fnmatch.fnmatchcase(room, pattern[len(READ_ONLY_PREFIX):]):
+                    return True
+            elif fnmatch.fnmatchcase(room, pattern):
+                return True
+        return False
 
 
 @runtime_checkable

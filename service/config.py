@@ -372,8 +372,9 @@ def _parse_endpoints(data: Any) -> tuple[EndpointConfig, ...]:
     endpoints = tuple(parse_block(EndpointConfig, item, f"endpoints[{i}]") for i, item in enumerate(data))
     seen: set[str] = set()
     for i, ep in enumerate(endpoints):
-        if not ep.path.startswith("/") or "?" in ep.path or "(" in ep.path:
-            raise ConfigError(f"endpoints[{i}].path", f"expected a plain absolute path like /ws/chat, got {ep.path!r}")
+        if not ep.path.startswith("/") or "?" in ep.path or "(" in ep.path or "*" in ep.path.removesuffix("/*"):
+            raise ConfigError(f"endpoints[{i}].path", f"expected a plain absolute path like /ws/chat (or a prefix "
+                              f"like /ws/yjs/*), got {ep.path!r}")
         if ep.path in seen:
             raise ConfigError(f"endpoints[{i}].path", f"{ep.path!r} is used by two endpoints")
         seen.add(ep.path)

@@ -4,6 +4,8 @@ The hub owns the bus envelope: ``b"<origin> <ts_ms>\\n" + frame`` where ``frame`
 object every member receives, ``origin`` the id of a session that must not get its own message
 (empty for none) and ``ts_ms`` the publish time for the latency metric. A bus message is encoded
 into an :class:`OutFrame` once per process and the same bytes are written to every local member.
+A frame that is not a JSON object (it does not start with ``{``: the yjs handler's binary frames)
+reaches members as it is, without an offset spliced in; they get the offset as ``deliver``'s argument.
 
 When the bus comes back after an outage, the hub repairs each local room from history: it reads
 what was published after the last offset it delivered and replays it in order before live
@@ -188,7 +190,9 @@ class Hub:
         self.metrics.bus_messages.inc()
         if ts_ms:
             self.metrics.latency.observe(max(0.0, time.time() - ts_ms / 1000))
-        out = OutFrame(with_offset(frame, offset))
+        # Only JSON objects get the offset spliced in; other frames (the yjs handler's binary ones)
+        # go to members as they are, and a member reads the offset from deliver()'s argument.
+        out = OutFrame(with_offset(frame, offset) if frame[:1] == b"{" else frame)
         skip = r.members.get(origin) if origin else None
         n = 0
         for s in list(r.members.values()):

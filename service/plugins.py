@@ -52,6 +52,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "plugins.handlers.echo",
     "plugins.handlers.chat",
     "plugins.handlers.game",
+    "plugins.handlers.yjs",
 )
 
 BusFactory: TypeAlias = "Callable[[Mapping[str, Any], str], Backend]"

@@ -43,10 +43,14 @@ class CloseCode(IntEnum):
     POLICY = 1008
     TOO_BIG = 1009
     INTERNAL = 1011
+    TRY_AGAIN_LATER = 1013  # the backend is unavailable: reconnect after retry_ms (yjs endpoint)
     TOKEN_EXPIRED = 4001  # reconnect with a new token
     FORBIDDEN = 4003  # do not reconnect
     SLOW_CONSUMER = 4008  # reconnect after retry_ms
     RATE_LIMITED = 4029  # reconnect later, after retry_ms
+    BAD_DOCUMENT_MESSAGE = 4400  # yjs: a malformed message or document name; y-websocket stops (44xx)
+    DOCUMENT_FORBIDDEN = 4403  # yjs: no read access to the document; y-websocket stops (44xx)
+    DOCUMENT_TOO_LARGE = 4413  # yjs: the update would take the document over its size limit
 
 
 #: Default client-visible reason of each close code.
@@ -57,10 +61,14 @@ CLOSE_REASONS: dict[int, str] = {
     CloseCode.POLICY: "policy violation",
     CloseCode.TOO_BIG: "message too big",
     CloseCode.INTERNAL: "internal error",
+    CloseCode.TRY_AGAIN_LATER: "try again later",
     CloseCode.TOKEN_EXPIRED: "token expired",
     CloseCode.FORBIDDEN: "forbidden",
     CloseCode.SLOW_CONSUMER: "slow consumer",
     CloseCode.RATE_LIMITED: "rate limited",
+    CloseCode.BAD_DOCUMENT_MESSAGE: "bad message",
+    CloseCode.DOCUMENT_FORBIDDEN: "document forbidden",
+    CloseCode.DOCUMENT_TOO_LARGE: "document too large",
 }
 
 

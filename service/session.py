@@ -73,7 +73,7 @@ class Session:
     __slots__ = ("__weakref__", "_floor", "_held", "_held_bytes", "_rooms", "_state", "close_code", "endpoint",
                  "id", "id_bytes",
                  "identity", "max_queue_bytes", "metrics", "node", "on_identity_changed", "opened_at",
-                 "remote_ip", "transport")
+                 "path", "remote_ip", "transport")
 
     def __init__(
         self,
@@ -85,12 +85,15 @@ class Session:
         max_queue_bytes: int,
         remote_ip: str = "",
         metrics: Metrics | None = None,
+        path: str = "",
     ) -> None:
         self.id = uuid.uuid4().hex[:16]
         self.id_bytes = self.id.encode()
         self.transport = transport
         self.identity = identity
         self.endpoint = endpoint
+        #: the upgrade request's path: the endpoint's path, or below it on a prefix endpoint (``/ws/yjs/*``)
+        self.path = path or endpoint
         self.node = node
         self.remote_ip = remote_ip
         self.max_queue_bytes = max_queue_bytes

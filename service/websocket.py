@@ -284,6 +284,7 @@ class WirehubSocket(WebSocketHandler):
             max_queue_bytes=self.app.config.server.send_queue_bytes,
             remote_ip=self.request.remote_ip or "",
             metrics=self.app.metrics,
+            path=self.request.path,
         )
         self.session = session
         self.app.session_opened(session, self)
