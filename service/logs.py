@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 #: seconds between two lines of the same (logger, template) by default (``server.error_log_interval``)
@@ -26,22 +26,26 @@ class LogLimiter:
         self.interval = interval
         self._clock = clock
         #: key -> [time of the last line written, occurrences suppressed since]
-        self._seen: dict[tuple[str, str], list[float]] = {}
+        self._seen: dict[tuple[str, str, Hashable], list[float]] = {}
 
-    def log(self, logger: logging.Logger, level: int, template: str, *args: Any, exc_info: Any = None) -> bool:
-        """Log ``template % args`` unless the same key was written within the interval; True if written."""
+    def log(self, logger: logging.Logger, level: int, template: str, *args: Any, exc_info: Any = None,
+            key: Hashable = None) -> bool:
+        """Log ``template % args`` unless the same key was written within the interval; True if written.
+
+        The key is (logger, template), and ``key`` too when given: e.g. (plugin, hook) for one template
+        that names many plugins, each of which gets its own line per interval."""
         if not logger.isEnabledFor(level):
             return False
-        key = (logger.name, template)
+        seen_key = (logger.name, template, key)
         now = self._clock()
-        seen = self._seen.get(key)
+        seen = self._seen.get(seen_key)
         if seen is not None and now - seen[0] < self.interval:
             seen[1] += 1
             return False
         suppressed = int(seen[1]) if seen is not None else 0
         if seen is None and len(self._seen) >= _MAX_KEYS:
             self._seen.pop(next(iter(self._seen)))
-        self._seen[key] = [now, 0]
+        self._seen[seen_key] = [now, 0]
         if suppressed:
             template += " (%d more like this in the last %gs)"
             args = (*args, suppressed, self.interval)

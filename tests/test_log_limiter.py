@@ -44,3 +44,15 @@ def test_interval_zero_writes_everything_and_disabled_levels_cost_nothing(caplog
     assert all(limiter.error(log, "x %d", i) for i in range(5))
     assert not limiter.log(log, logging.DEBUG, "debug %d", 1)
     assert len(caplog.records) == 5
+
+
+def test_an_extra_key_gives_each_plugin_and_hook_its_own_line(caplog: pytest.LogCaptureFixture) -> None:
+    limiter = LogLimiter(60.0)
+    log = logging.getLogger("wirehub.test-limiter")
+    caplog.set_level(logging.INFO, logger=log.name)
+    template = "plugin %s: hook %s raised"
+    for _ in range(10):
+        for plugin, hook in (("a", "authorize"), ("a", "filter_message"), ("b", "authorize")):
+            limiter.error(log, template, plugin, hook, key=(plugin, hook))
+    assert [r.getMessage() for r in caplog.records] == [
+        "plugin a: hook authorize raised", "plugin a: hook filter_message raised", "plugin b: hook authorize raised"]
