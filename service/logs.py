@@ -56,8 +56,8 @@ class LogLimiter:
         """:meth:`log` at ERROR with the current exception's traceback (call from an ``except`` block)."""
         return self.log(logger, logging.ERROR, template, *args, exc_info=True)
 
-    def error(self, logger: logging.Logger, template: str, *args: Any) -> bool:
-        return self.log(logger, logging.ERROR, template, *args)
+    def error(self, logger: logging.Logger, template: str, *args: Any, key: Hashable = None) -> bool:
+        return self.log(logger, logging.ERROR, template, *args, key=key)
 
-    def warning(self, logger: logging.Logger, template: str, *args: Any) -> bool:
-        return self.log(logger, logging.WARNING, template, *args)
+    def warning(self, logger: logging.Logger, template: str, *args: Any, key: Hashable = None) -> bool:
+        return self.log(logger, logging.WARNING, template, *args, key=key)
