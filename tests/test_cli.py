@@ -282,3 +282,39 @@ async def test_listen_piped_into_head_stops_without_a_traceback(tmp_path: Path) 
     assert status == "1"  # listen exited as Python does on EPIPE
     errors = err_path.read_text()
     assert "Traceback" not in errors and "BrokenPipeError" not in errors and "Exception ignored" not in errors
+
+
+async def test_listen_keeps_retrying_once_it_was_connected(tmp_path: Path) -> None:
+    """Fail-fast is for the first connection only: a replica that restarts under a listener is waited for."""
+    import os
+
+    from tests.helpers import run_cli_async, wirehub_cmd
+
+    port = free_port()
+    url = f"ws://127.0.0.1:{port}/ws/chat"
+    config = write_config(tmp_path / "restart.yaml", {"server": {"port": port}, "drain": {"reconnect_jitter": 0.2}})
+    server = ServerProcess(config, port, unset_env=OVERRIDE_ENV)
+    await server.start_ready()
+    listen = await asyncio.create_subprocess_exec(
+        *wirehub_cmd("listen", "lobby", "--url", url, "--count", "1"), cwd=ROOT,
+        env={**os.environ, "WIREHUB_TOKEN": ""}, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    assert listen.stdout is not None and listen.stderr is not None
+    try:
+        assert b"joined lobby" in await asyncio.wait_for(listen.stderr.readline(), 15)
+        assert server.stop() == 0
+        assert b"disconnected (1001" in await asyncio.wait_for(listen.stderr.readline(), 5)
+        await asyncio.sleep(1.0)  # nothing listens now: its reconnects are refused, and it keeps trying
+        assert listen.returncode is None
+        await server.start_ready()
+        rejoined = b""
+        while b"rejoined lobby" not in rejoined:
+            rejoined = await asyncio.wait_for(listen.stderr.readline(), 20)
+        code, _, err = await run_cli_async("send", "lobby", '"back"', "--url", url)
+        assert code == 0, err
+        assert json.loads(await asyncio.wait_for(listen.stdout.readline(), 5))["data"] == "back"
+        assert await asyncio.wait_for(listen.wait(), 5) == 0
+    finally:
+        if listen.returncode is None:
+            listen.kill()
+            await listen.wait()
+        server.stop()
