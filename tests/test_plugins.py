@@ -175,3 +175,18 @@ def test_plugins_load_names_a_missing_attribute_and_a_bad_option_by_key(tmp_path
     result = run_cli("check-config", str(config))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "extensions.word_filter.words: expected a list of strings, got 'darn'" in result.stderr
+
+
+def test_an_entry_point_may_name_a_plugin_class(tmp_path: Path) -> None:
+    """``name = module:Class`` in group wirehub (real package metadata on sys.path): instantiated and listed;
+    the same class in plugins.load as well is not registered twice."""
+    dist = tmp_path / "site" / "wordfilter-0.1.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: wordfilter\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(f"[wirehub]\nwordfilter = {WORD_FILTER}\n")
+    config = write_config(tmp_path / "c.yaml", {"plugins": {"load": [WORD_FILTER]}})
+    result = run_cli("-c", str(config), "plugins", "--json", env=_env_with(tmp_path / "site"))
+    assert result.returncode == 0, result.stderr
+    listed = [p for p in json.loads(result.stdout) if p["module"] == "tests.plugins_for_tests.word_filter"]
+    assert [(p["name"], p["source"]) for p in listed] == [("wordfilter", "entry point wordfilter 0.1")]
+    assert listed[0]["hooks"] == ["wirehub_configure", "wirehub_filter_message"]
