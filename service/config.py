@@ -10,12 +10,20 @@ String values may be references, resolved at load:
 - ``$env?:NAME``  the same, but unset means "no value" (``null``; dropped from lists)
 - ``$file:PATH`` / ``$file?:PATH``  a file's content, trailing newline stripped (Kubernetes secrets)
 - ``$$...``       a literal string starting with ``$``
+
+A reference's string is coerced to the type of the key it fills: ``port: $env:PORT`` with
+``PORT=8081`` is the integer 8081; booleans take ``true/false/yes/no/1/0`` (any case); a list key
+takes a comma-separated string (items stripped, empty items dropped). A literal YAML value is not
+coerced (``port: "8081"`` stays an error). Command-line and environment overrides of ``serve``
+(:func:`load_config`'s ``overrides``) are coerced the same way.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -40,6 +48,45 @@ class ConfigError(Exception):
         self.message = message
 
 
+class Reference(str):
+    """A string that came from outside the YAML text (``$env:``/``$file:`` or a command-line or environment
+    override): coerced to the type of its key, and ``origin`` (``$env:PORT``, ``--port``) is named in errors."""
+
+    origin: str
+
+    def __new__(cls, value: str, origin: str) -> Reference:
+        self = super().__new__(cls, value)
+        self.origin = origin
+        return self
+
+
+_TRUE, _FALSE = frozenset({"true", "yes", "1"}), frozenset({"false", "no", "0"})
+_INT = re.compile(r"[+-]?[0-9]+")
+
+
+def _from_reference(tp: Any, value: Reference, key: str) -> Any:
+    """``value`` as ``tp`` (bool, int, float or a tuple of them); ConfigError naming ``key`` if it does not parse."""
+    text = value.strip()
+    if tp is bool:
+        if text.lower() in _TRUE | _FALSE:
+            return text.lower() in _TRUE
+        raise ConfigError(key, f"expected true or false (or yes/no, 1/0), got {str(value)!r}")
+    if tp is int:
+        if _INT.fullmatch(text):
+            return int(text)
+        raise ConfigError(key, f"expected an integer, got {str(value)!r}")
+    if tp is float:
+        try:
+            number = float(text)
+        except ValueError:
+            number = math.nan
+        if math.isfinite(number):
+            return number
+        raise ConfigError(key, f"expected a number, got {str(value)!r}")
+    # a list key: comma-separated items, each coerced as a reference of the item type
+    return [Reference(item.strip(), value.origin) for item in value.split(",") if item.strip()]
+
+
 def _join(key: str, name: str | int) -> str:
     if isinstance(name, int):
         return f"{key}[{name}]"
@@ -54,6 +101,8 @@ def resolve_references(value: Any, key: str = "") -> Any:
             resolved = resolve_references(v, _join(key, str(k)))
             out[k] = None if resolved is _MISSING_OPTIONAL else resolved
         return out
+    if isinstance(value, Reference):  # an override: already outside the YAML text, never resolved again
+        return value
     if isinstance(value, list):
         items = [resolve_references(v, _join(key, i)) for i, v in enumerate(value)]
         return [v for v in items if v is not _MISSING_OPTIONAL]
@@ -69,12 +118,12 @@ def resolve_references(value: Any, key: str = "") -> Any:
         raise ConfigError(key, f"reference {value!r} names nothing")
     if kind.startswith("env"):
         if ref in os.environ:
-            return os.environ[ref]
+            return Reference(os.environ[ref], value)
         if optional:
             return _MISSING_OPTIONAL
         raise ConfigError(key, f"environment variable {ref} is not set (referenced as {value!r})")
     try:
-        return Path(ref).read_text().rstrip("\n")
+        return Reference(Path(ref).read_text().rstrip("\n"), value)
     except OSError as exc:
         if optional:
             return _MISSING_OPTIONAL
@@ -95,7 +144,22 @@ def _type_name(tp: Any) -> str:
     return str(tp)
 
 
+def _with_origin(exc: ConfigError, value: Any, key: str) -> ConfigError:
+    """``exc`` naming where ``value`` came from, when it is a :class:`Reference` and the error is about it."""
+    if not isinstance(value, Reference) or exc.key != key:
+        return exc
+    suffix = f" (from {value.origin})"
+    return exc if exc.message.endswith(suffix) else ConfigError(key, exc.message + suffix)
+
+
 def _coerce(tp: Any, value: Any, key: str) -> Any:
+    try:
+        return _coerce_value(tp, value, key)
+    except ConfigError as exc:
+        raise _with_origin(exc, value, key) from None
+
+
+def _coerce_value(tp: Any, value: Any, key: str) -> Any:
     origin = get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in get_args(tp) if a is not type(None)]
@@ -111,6 +175,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         raise last
     if tp is Any:
         return value
+    if isinstance(value, Reference) and (tp in (bool, int, float) or origin is tuple):
+        value = _from_reference(tp, value, key)
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return parse_block(tp, value, key)
     if origin is tuple:
@@ -139,7 +205,7 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(key, f"expected a string, got {value!r}")
-        return value
+        return str(value)  # a plain str, also for a Reference
     raise TypeError(f"config type {tp!r} at {key} is not supported")
 
 
@@ -180,8 +246,12 @@ def parse_block(cls: type[T], data: Any, key: str) -> T:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise ConfigError(sub, "is required")
             continue
-        value = _coerce(hints[name], data[name], sub)
-        _check_constraints(f, value, sub)
+        raw = data[name]
+        value = _coerce(hints[name], raw, sub)
+        try:
+            _check_constraints(f, value, sub)
+        except ConfigError as exc:
+            raise _with_origin(exc, raw, sub) from None
         kwargs[name] = value
     return cls(**kwargs)
 
@@ -198,7 +268,9 @@ def opt(default: Any, **meta: Any) -> Any:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    host: str = "0.0.0.0"
+    #: loopback unless a config says otherwise: a laptop run is not reachable from the LAN;
+    #: the container and Kubernetes configs bind 0.0.0.0 explicitly
+    host: str = "127.0.0.1"
     port: int = opt(8080, min=0, max=65535)
     #: listen backlog; Tornado's default of 128 drops handshakes in a connection burst
     backlog: int = opt(1024, min=1)
@@ -288,7 +360,7 @@ class MetricsConfig:
 
 @dataclass(frozen=True)
 class PluginsConfig:
-    #: importable module paths registered as plugins, after the entry points
+    #: plugins registered after the entry points: module paths, or ``module:attr`` (an object or a class)
     load: tuple[str, ...] = ()
     #: plugin names (module path or entry-point name) never registered
     block: tuple[str, ...] = ()
@@ -361,7 +433,7 @@ def _parse_choice(section: str, data: Any) -> PluginChoice:
         if other != "plugin" and block is not None and not isinstance(block, dict):
             raise ConfigError(f"{section}.{other}", f"expected the options mapping of plugin {other!r}")
     options = data.get(name) or {}
-    return PluginChoice(plugin=name, options=types.MappingProxyType(dict(options)), key=f"{section}.{name}")
+    return PluginChoice(plugin=str(name), options=types.MappingProxyType(dict(options)), key=f"{section}.{name}")
 
 
 def _parse_endpoints(data: Any) -> tuple[EndpointConfig, ...]:
@@ -412,19 +484,32 @@ def config_from_dict(raw: Any, source: str = "<dict>") -> Config:
     )
 
 
-def default_config_path() -> Path:
-    """The embedded default config (config/wirehub.yaml), in a checkout or an installed package."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "default.yaml", here.parent / "config" / "wirehub.yaml"):
-        if candidate.is_file():
-            return candidate
-    raise ConfigError("", "the embedded default config is missing from this installation")
+#: ``source`` of a config built from the defaults alone (no file)
+BUILTIN_SOURCE = "<built-in defaults>"
 
 
-def load_config(path: str | os.PathLike[str] | None = None) -> Config:
-    """Load ``path``, else $WIREHUB_CONFIG, else the embedded default. Raises :class:`ConfigError`."""
+def _apply_overrides(raw: Any, overrides: Mapping[str, Reference]) -> Any:
+    """``raw`` with each dotted key of ``overrides`` (``server.port``) set; the values stay References."""
+    if raw is None:
+        raw = {}
+    if not overrides or not isinstance(raw, dict):
+        return raw
+    out = dict(raw)
+    for dotted, value in overrides.items():
+        section, _, name = dotted.partition(".")
+        block = out.get(section)
+        out[section] = {**(block if isinstance(block, dict) else {}), name: value}
+    return out
+
+
+def load_config(path: str | os.PathLike[str] | None = None, overrides: Mapping[str, Reference] | None = None) -> Config:
+    """Load ``path``, else $WIREHUB_CONFIG, else the built-in defaults (the dataclasses' defaults, which
+    config/wirehub.yaml lists); then set ``overrides`` (dotted key -> value, from ``serve``'s options and
+    environment), validated like the file's values. Raises :class:`ConfigError`."""
     if not path:
-        path = os.environ.get(ENV_CONFIG) or default_config_path()
+        path = os.environ.get(ENV_CONFIG) or None
+    if path is None:
+        return config_from_dict(_apply_overrides({}, overrides or {}), source=BUILTIN_SOURCE)
     p = Path(path)
     try:
         text = p.read_text()
@@ -439,4 +524,4 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
             where = f" at line {mark.line + 1}, column {mark.column + 1}"
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError("", f"{p}: malformed YAML{where}: {problem}") from None
-    return config_from_dict(raw, source=str(p))
+    return config_from_dict(_apply_overrides(raw, overrides or {}), source=str(p))

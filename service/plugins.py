@@ -8,6 +8,12 @@ Registration order (fixed; later registrations are called first, as in pluggy):
 
 skipping any name in ``plugins.block``; then ``check_pending()``, so a hookimpl with a misspelt
 hook name fails at startup rather than never being called.
+
+A plugin is a module of hook functions, an object whose methods are hookimpls, or a class of such
+methods: an entry point or a ``plugins.load`` item names a module (``pkg.mod``) or an attribute of
+one (``pkg.mod:MyPlugin``). A class is instantiated with no arguments once per plugin manager (so
+once per server), which is where a plugin keeps what ``wirehub_configure`` parsed: on ``self``,
+never in a module global shared by every server of the process.
 """
 
 from __future__ import annotations
@@ -113,6 +119,29 @@ def _load_module(path: str, what: str) -> ModuleType:
         raise PluginError(f"{what}: cannot import plugin module {path!r}: {type(exc).__name__}: {exc}") from exc
 
 
+def _load_object(spec: str, what: str) -> object:
+    """``pkg.mod`` (the module) or ``pkg.mod:attr.sub`` (an attribute of it), as entry points name objects."""
+    path, _, attr = spec.partition(":")
+    obj: object = _load_module(path, what)
+    for part in filter(None, attr.split(".")):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise PluginError(f"{what}: module {path!r} has no attribute {attr!r}") from None
+    return obj
+
+
+def _instantiate(plugin: object, name: str, source: str) -> object:
+    """A class becomes its instance (the plugin's state lives there); a module or an object stays as is."""
+    if not inspect.isclass(plugin):
+        return plugin
+    try:
+        return plugin()
+    except Exception as exc:
+        raise PluginError(f"plugin {name!r} ({source}): {plugin.__qualname__}() raised "
+                          f"{type(exc).__name__}: {exc}") from exc
+
+
 def build_plugin_manager(config: PluginsConfig | None = None) -> PluginHost:
     """Build the plugin manager and its host; see the module docstring for the order."""
     config = config or PluginsConfig()
@@ -120,16 +149,21 @@ def build_plugin_manager(config: PluginsConfig | None = None) -> PluginHost:
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
     sources: dict[str, str] = {}
+    classes: dict[type, str] = {}  # a class named twice (entry point and plugins.load) is instantiated once
 
     def register(plugin: object, name: str, source: str) -> None:
         if name in blocked:
             log.info("plugin %s (%s) is blocked by plugins.block", name, source)
             return
-        if pm.is_registered(plugin):
-            log.info("plugin %s (%s) is already registered as %s", name, source, pm.get_name(plugin))
+        if pm.is_registered(plugin) or (inspect.isclass(plugin) and plugin in classes):
+            first = classes.get(plugin) if inspect.isclass(plugin) else pm.get_name(plugin)  # type: ignore[call-overload]
+            log.info("plugin %s (%s) is already registered as %s", name, source, first)
             return
         if pm.has_plugin(name):
             raise PluginError(f"plugin {name!r} ({source}) is already registered ({sources[name]})")
+        if inspect.isclass(plugin):
+            classes[plugin] = name
+            plugin = _instantiate(plugin, name, source)
         try:
             pm.register(plugin, name=name)
         except pluggy.PluginValidationError as exc:
@@ -150,10 +184,10 @@ def build_plugin_manager(config: PluginsConfig | None = None) -> PluginHost:
         register(plugin, ep.name, f"entry point{dist}")
     for i, path in enumerate(config.load):
         try:
-            module = _load_module(path, f"plugins.load[{i}]")
+            plugin = _load_object(path, f"plugins.load[{i}]")
         except PluginError as exc:
             raise ConfigError(f"plugins.load[{i}]", str(exc).split(": ", 1)[1]) from exc
-        register(module, path, "config")
+        register(plugin, path, "config")
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:

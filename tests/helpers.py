@@ -78,14 +78,15 @@ class ServerProcess:
 
     def __init__(self, config: Path | None, port: int, env: dict[str, str] | None = None, log: Path | None = None,
                  *, name: str | None = None, unset_env: Collection[str] = (), cwd: Path | None = ROOT,
-                 new_session: bool = False, installed: bool = False,
+                 new_session: bool = False, installed: bool = False, serve_args: Collection[str] = (),
                  preexec_fn: Callable[[], object] | None = None) -> None:
         """Runs ``wirehub --config CONFIG serve``, or plain ``wirehub serve`` when config is None (then a
         ``log`` path is required; the default is CONFIG with the suffix ``.log``).
 
         The environment is this process's without the names in ``unset_env``, plus ``env``; ``cwd`` None
         inherits the working directory; ``new_session`` starts the process in a session (and process group)
-        of its own; ``installed`` runs the ``wirehub`` entry point when it is on PATH.
+        of its own; ``installed`` runs the ``wirehub`` entry point when it is on PATH; ``serve_args`` are
+        options after ``serve`` (``--port``, ``--node-id``).
         """
         if log is None:
             assert config is not None, "wirehub serve without --config needs a log path"
@@ -100,6 +101,7 @@ class ServerProcess:
         self.new_session = new_session
         self.installed = installed
         self.preexec_fn = preexec_fn
+        self.serve_args = tuple(serve_args)
         #: True once :meth:`stop` or :meth:`kill` was called (until the next :meth:`start`)
         self.stopped = False
         self._proc: subprocess.Popen[bytes] | None = None
@@ -115,6 +117,7 @@ class ServerProcess:
 
     def start(self) -> ServerProcess:
         args = ("--config", str(self.config), "serve") if self.config is not None else ("serve",)
+        args += self.serve_args
         env = {k: v for k, v in os.environ.items() if k not in self.unset_env}
         # a fresh log on the first start, appended to on a restart
         with self.log_path.open("ab" if self._proc is not None else "wb") as log:

@@ -158,3 +158,107 @@ def test_api_keys_default_to_wirehub_api_key_when_the_file_sets_none(monkeypatch
     assert config_from_dict({"api": {"keys": []}}).api.keys == ()  # an explicit empty list turns it off
     monkeypatch.delenv("WIREHUB_API_KEY")
     assert config_from_dict({}).api.keys == ()
+
+
+# -- one default: the dataclasses; config/wirehub.yaml lists them ---------------------------------------------
+
+
+@pytest.mark.parametrize("api_key", [None, "k" * 24])
+def test_the_default_file_is_exactly_the_built_in_defaults(monkeypatch: pytest.MonkeyPatch,
+                                                            api_key: str | None) -> None:
+    """No config means the defaults in the code; config/wirehub.yaml shows them and may not drift from them."""
+    from plugins.auth.anonymous import AnonymousOptions
+    from plugins.bus.memory import MemoryOptions
+    from service.config import BUILTIN_SOURCE, parse_block
+
+    monkeypatch.delenv("WIREHUB_CONFIG", raising=False)
+    if api_key is None:
+        monkeypatch.delenv("WIREHUB_API_KEY", raising=False)
+    else:
+        monkeypatch.setenv("WIREHUB_API_KEY", api_key)
+    built_in = load_config(None)
+    shown = load_config(Path(__file__).parent.parent / "config" / "wirehub.yaml")
+    assert built_in.source == BUILTIN_SOURCE
+    for section in ("server", "drain", "logging", "api", "metrics", "plugins", "endpoints", "extensions"):
+        assert getattr(shown, section) == getattr(built_in, section), section
+    for section, options in (("auth", AnonymousOptions), ("bus", MemoryOptions)):
+        a, b = getattr(shown, section), getattr(built_in, section)
+        assert a.plugin == b.plugin
+        assert parse_block(options, a.options, a.key) == parse_block(options, b.options, b.key), section
+    assert built_in.server.host == "127.0.0.1"  # a laptop run is not reachable from the LAN
+
+
+def test_no_yaml_file_in_the_package() -> None:
+    """The package has no copy of a config that could differ from config/wirehub.yaml."""
+    assert not list((Path(__file__).parent.parent / "service").glob("*.yaml"))
+
+
+# -- references are coerced to the key's type --------------------------------------------------------------------
+
+
+def test_env_references_are_coerced_to_the_type_of_their_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    env = {"WH_PORT": "8081", "WH_GRACE": " 2.5 ", "WH_XHEADERS": "Yes", "WH_METRICS": "0",
+           "WH_ORIGINS": "https://a.example, https://b.example,,", "WH_NODE": "0042", "WH_SIZE": "10"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    config = config_from_dict({
+        "server": {"port": "$env:WH_PORT", "xheaders": "$env:WH_XHEADERS", "allowed_origins": "$env:WH_ORIGINS",
+                   "node_id": "$env:WH_NODE"},
+        "drain": {"grace": "$env:WH_GRACE"},
+        "metrics": {"enabled": "$env:WH_METRICS"},
+        "bus": {"plugin": "memory", "memory": {"history_size": "$env:WH_SIZE"}},
+    })
+    assert config.server.port == 8081 and config.drain.grace == 2.5
+    assert config.server.xheaders is True and config.metrics.enabled is False
+    assert config.server.allowed_origins == ("https://a.example", "https://b.example")
+    assert config.server.node_id == "0042" and type(config.server.node_id) is str  # a str key stays text
+    from plugins.bus.memory import MemoryOptions
+    from service.config import parse_block
+
+    assert parse_block(MemoryOptions, config.bus.options, config.bus.key).history_size == 10  # plugin blocks too
+
+
+def test_file_references_are_coerced_too(tmp_path: Path) -> None:
+    secret = tmp_path / "port"
+    secret.write_text("9001\n")
+    assert config_from_dict({"server": {"port": f"$file:{secret}"}}).server.port == 9001
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "fragment"),
+    [
+        ("port", "80eighty", "server.port: expected an integer, got '80eighty' (from $env:WH_VALUE)"),
+        ("port", "8080.5", "server.port: expected an integer, got '8080.5' (from $env:WH_VALUE)"),
+        ("port", "70000", "server.port: must be at most 65535, got 70000 (from $env:WH_VALUE)"),
+        ("xheaders", "maybe",
+         "server.xheaders: expected true or false (or yes/no, 1/0), got 'maybe' (from $env:WH_VALUE)"),
+        ("ping_interval", "nan", "server.ping_interval: expected a number, got 'nan' (from $env:WH_VALUE)"),
+        ("max_message_size", "", "server.max_message_size: expected an integer, got '' (from $env:WH_VALUE)"),
+    ],
+)
+def test_a_reference_that_does_not_parse_names_the_key_the_value_and_the_reference(
+        monkeypatch: pytest.MonkeyPatch, key: str, value: str, fragment: str) -> None:
+    monkeypatch.setenv("WH_VALUE", value)
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"server": {key: "$env:WH_VALUE"}})
+    assert str(err.value) == fragment
+
+
+def test_a_literal_quoted_number_is_still_an_error() -> None:
+    """Only values from outside the YAML text are coerced; `port: "8080"` in the file is a mistake."""
+    with pytest.raises(ConfigError, match=r"server.port: expected an integer, got '8080'$"):
+        config_from_dict({"server": {"port": "8080"}})
+
+
+def test_overrides_are_validated_like_the_file_and_name_their_origin(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.config import Reference
+
+    monkeypatch.delenv("WIREHUB_CONFIG", raising=False)
+    path = tmp_path / "c.yaml"
+    path.write_text("server: {port: 9000, host: 127.0.0.1}\n")
+    config = load_config(path, {"server.port": Reference("9001", "--port"), "server.node_id": Reference("a", "x")})
+    assert (config.server.port, config.server.host, config.node_id) == (9001, "127.0.0.1", "a")
+    with pytest.raises(ConfigError, match=r"^server.port: expected an integer, got 'x' \(from \$WIREHUB_PORT\)$"):
+        load_config(path, {"server.port": Reference("x", "$WIREHUB_PORT")})
+    assert load_config(None, {"server.host": Reference("0.0.0.0", "--host")}).server.host == "0.0.0.0"

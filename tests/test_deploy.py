@@ -439,4 +439,15 @@ def test_docker_build_context_holds_what_the_build_copies(tmp_path: Path) -> Non
     import zipfile
 
     names = zipfile.ZipFile(wheels[0]).namelist()
-    assert "service/cli.py" in names and "plugins/handlers/echo.py" in names and "service/default.yaml" in names
+    assert "service/cli.py" in names and "plugins/handlers/echo.py" in names
+    # no config file in the package: the built-in defaults are in the code (config/wirehub.yaml lists them)
+    assert not [name for name in names if name.endswith(".yaml")]
+
+
+def test_the_deployed_service_listens_on_every_interface() -> None:
+    """The built-in default host is 127.0.0.1; the image and the overlays say 0.0.0.0 explicitly."""
+    final = "\n".join(_stages()[-1])
+    assert re.search(r"^ENV .*\bWIREHUB_HOST=0\.0\.0\.0\b", final, re.MULTILINE)
+    for overlay in OVERLAYS:
+        config = yaml.safe_load((K8S / "overlays" / overlay / "wirehub.yaml").read_text())
+        assert config["server"]["host"] == "0.0.0.0", overlay

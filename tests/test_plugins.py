@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from service.config import PluginsConfig
 from service.plugins import BUILTIN_PLUGINS, DROP, build_plugin_manager
 from service.testing import LiveServer, free_port
 from tests.helpers import ROOT, ServerProcess, run_cli, write_config
@@ -129,3 +130,63 @@ def test_a_plugin_route_may_not_shadow_a_core_path() -> None:
                                "endpoints": [{"path": "/ws/echo", "handler": "echo"}]})
     with pytest.raises(PluginError, match=r"route '/static/evil.js' collides with a core route"):
         Wirehub.build(config)
+
+
+# -- plugins registered as objects: state without globals -----------------------------------------------------
+
+WORD_FILTER = "tests.plugins_for_tests.word_filter:WordFilter"
+
+
+async def test_a_plugin_class_keeps_its_parsed_config_per_server(wirehub_server: Start) -> None:
+    """Two servers in one process, one plugin class, two configs: each filter uses its own server's config."""
+    servers = [await wirehub_server({
+        "plugins": {"load": [WORD_FILTER]},
+        "extensions": {"word_filter": {"words": [word], "mask": mask}},
+        "endpoints": [{"path": "/ws/chat", "handler": "chat"}],
+    }) for word, mask in (("darn", "****"), ("heck", "#"))]
+    received = []
+    for server in servers:
+        sender, receiver = [await server.ws("/ws/chat", welcome=True) for _ in range(2)]
+        for client in (sender, receiver):
+            assert (await client.request({"op": "join", "room": "lobby"}))["op"] == "joined"
+        ack = await sender.request({"op": "publish", "room": "lobby", "data": {"text": "darn, heck"}})
+        assert ack["op"] == "ack", ack
+        received.append((await receiver.recv_op("message"))["data"]["text"])
+    assert received == ["****, heck", "darn, #"]
+
+
+def test_a_plugin_class_named_twice_is_instantiated_once_and_listed_by_its_first_name() -> None:
+    host = build_plugin_manager(PluginsConfig(load=(WORD_FILTER, "tests.plugins_for_tests.word_filter:AGAIN")))
+    infos = {p.name: p for p in host.describe()}
+    assert WORD_FILTER in infos and "tests.plugins_for_tests.word_filter:AGAIN" not in infos
+    assert infos[WORD_FILTER].module == "tests.plugins_for_tests.word_filter"
+    assert infos[WORD_FILTER].hooks == ("wirehub_configure", "wirehub_filter_message")
+
+
+def test_plugins_load_names_a_missing_attribute_and_a_bad_option_by_key(tmp_path: Path) -> None:
+    from service.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        build_plugin_manager(PluginsConfig(load=("tests.plugins_for_tests.word_filter:Nope",)))
+    assert err.value.key == "plugins.load[0]"
+    assert "module 'tests.plugins_for_tests.word_filter' has no attribute 'Nope'" in err.value.message
+    config = write_config(tmp_path / "bad.yaml", {"plugins": {"load": [WORD_FILTER]},
+                                                  "extensions": {"word_filter": {"words": "darn"}}})
+    result = run_cli("check-config", str(config))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "extensions.word_filter.words: expected a list of strings, got 'darn'" in result.stderr
+
+
+def test_an_entry_point_may_name_a_plugin_class(tmp_path: Path) -> None:
+    """``name = module:Class`` in group wirehub (real package metadata on sys.path): instantiated and listed;
+    the same class in plugins.load as well is not registered twice."""
+    dist = tmp_path / "site" / "wordfilter-0.1.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: wordfilter\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(f"[wirehub]\nwordfilter = {WORD_FILTER}\n")
+    config = write_config(tmp_path / "c.yaml", {"plugins": {"load": [WORD_FILTER]}})
+    result = run_cli("-c", str(config), "plugins", "--json", env=_env_with(tmp_path / "site"))
+    assert result.returncode == 0, result.stderr
+    listed = [p for p in json.loads(result.stdout) if p["module"] == "tests.plugins_for_tests.word_filter"]
+    assert [(p["name"], p["source"]) for p in listed] == [("wordfilter", "entry point wordfilter 0.1")]
+    assert listed[0]["hooks"] == ["wirehub_configure", "wirehub_filter_message"]

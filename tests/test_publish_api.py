@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from service.config import default_config_path, load_config
+from service.config import load_config
 from service.testing import LiveServer, WsClient, unique_room
 
 CHAT = "/ws/chat"
@@ -165,10 +165,11 @@ async def test_get_is_405_json(api: LiveServer) -> None:
 
 def test_default_config_reads_the_key_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("WIREHUB_API_KEY", raising=False)
-    assert load_config(default_config_path()).api.keys == ()  # unset: the API is off
+    monkeypatch.delenv("WIREHUB_CONFIG", raising=False)  # load_config(None): the built-in defaults
+    assert load_config(None).api.keys == ()  # unset: the API is off
     monkeypatch.setenv("WIREHUB_API_KEY", KEY)
-    assert load_config(default_config_path()).api.keys == (KEY,)
-    chat = [ep for ep in load_config(default_config_path()).endpoints if ep.path == CHAT]
+    assert load_config(None).api.keys == (KEY,)
+    chat = [ep for ep in load_config(None).endpoints if ep.path == CHAT]
     assert [ep.handler for ep in chat] == ["chat"]
 
 
