@@ -300,8 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _defaults(args: argparse.Namespace) -> None:
     """Fill the attack's rates and sizes from the server's own defaults: exactly what the limits allow."""
-    from plugins.handlers.chat import ChatOptions
-    from service.config import ServerConfig
+    from wirehub.builtins.handlers.chat import ChatOptions
+    from wirehub.config import ServerConfig
 
     server, chat = ServerConfig(), ChatOptions()
     if args.op_rate is None:

@@ -9,7 +9,7 @@ messages' deliveries outstanding, as in ``bench.loadgen fanout``):
 
 The publisher is on the first replica. A delivery's latency is from the publish (a timestamp in the
 payload) to its read by a member, sampled on every ``--sample-every``-th member of both replicas.
-Brokers are started on free ports in temporary directories (:mod:`service.brokers`); replicas are
+Brokers are started on free ports in temporary directories (:mod:`wirehub.brokers`); replicas are
 real ``wirehub serve`` processes. CPU seconds of the replicas, the broker and this load generator are
 reported for the measurement window (on a small machine they compete for the same cores).
 
@@ -33,7 +33,7 @@ from typing import Any
 
 from bench.loadgen import ChatClient, Fan, Window, connect_many, measure, raise_nofile, summarize
 from bench.procs import start_replica, stop
-from service.brokers import BrokerProcess, NatsServer, RedisServer
+from wirehub.brokers import BrokerProcess, NatsServer, RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAT_OPTIONS: dict[str, Any] = {"publish_rate": 1e9, "publish_burst": 1_000_000_000, "presence_events": False}

@@ -35,7 +35,7 @@ from typing import Any
 
 from bench.loadgen import WsClient, connect_many, cpu_seconds, percentile, perf, raise_nofile
 from bench.procs import start_replica, stop
-from service.brokers import BrokerProcess, RedisServer
+from wirehub.brokers import BrokerProcess, RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 GAME_OPTIONS: dict[str, Any] = {"tick": 0.05, "updates_per_second": 40}

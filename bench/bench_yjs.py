@@ -46,12 +46,12 @@ from tornado.websocket import WebSocketClientConnection, websocket_connect
 
 from bench.loadgen import cpu_seconds, percentile, raise_nofile
 from bench.procs import start_replica, stop
-from plugins.bus.redis import create_backend as redis_backend
-from plugins.handlers.yjs import wire
-from plugins.handlers.yjs.store import DocumentStore
-from service.brokers import RedisServer
-from service.hub import envelope
-from service.testing import Recorder
+from wirehub.brokers import RedisServer
+from wirehub.builtins.bus.redis import create_backend as redis_backend
+from wirehub.builtins.handlers.yjs import wire
+from wirehub.builtins.handlers.yjs.store import DocumentStore
+from wirehub.hub import envelope
+from wirehub.testing import Recorder
 
 ENDPOINT: dict[str, Any] = {"path": "/ws/yjs/*", "handler": "yjs",
                             "options": {"messages_per_second": 0, "idle_unload": 600}}

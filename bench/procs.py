@@ -41,7 +41,7 @@ def spawn(cmd: list[str], port: int, log: Path, *, name: str, cwd: Path = ROOT,
 
 
 def wirehub_cmd(config: Path) -> list[str]:
-    return [sys.executable, "-m", "service.cli", "--config", str(config), "serve"]
+    return [sys.executable, "-m", "wirehub.cli", "--config", str(config), "serve"]
 
 
 def start_replica(workdir: Path, name: str, bus: dict[str, Any],

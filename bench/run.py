@@ -87,7 +87,7 @@ def chat_available(workdir: Path, root: Path = ROOT) -> tuple[bool, str]:
     """Whether ``wirehub check-config`` accepts ``handler: chat``."""
     path = workdir / "chat-check.yaml"
     path.write_text(wirehub_config(8080, 1024, True, {}))
-    proc = subprocess.run([sys.executable, "-m", "service.cli", "check-config", str(path)], cwd=root,
+    proc = subprocess.run([sys.executable, "-m", "wirehub.cli", "check-config", str(path)], cwd=root,
                           capture_output=True, text=True, timeout=60)
     return proc.returncode == 0, (proc.stdout + proc.stderr).strip()
 
@@ -111,7 +111,7 @@ def start_server(name: str, workdir: Path, core: int | None, backlog: int, chat:
     if name == "wirehub":
         cfg = workdir / f"wirehub-{port}.yaml"
         cfg.write_text(wirehub_config(port, backlog, chat, chat_options, ping_interval))
-        cmd = [sys.executable, "-m", "service.cli", "--config", str(cfg), "serve"]
+        cmd = [sys.executable, "-m", "wirehub.cli", "--config", str(cfg), "serve"]
     else:
         cmd = [sys.executable, str(ROOT / "bench" / "baseline_server.py"), "--port", str(port),
                "--backlog", str(backlog)]

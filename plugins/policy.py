@@ -6,8 +6,7 @@ Registered first among the built-ins and marked ``trylast``, so any other plugin
 
 from __future__ import annotations
 
-from service.auth import READ_ACTIONS, Identity
-from service.hookspecs import hookimpl
+from wirehub import READ_ACTIONS, Identity, hookimpl
 
 
 @hookimpl(trylast=True)

@@ -41,8 +41,8 @@ from tornado.iostream import IOStream, UnsatisfiableReadError
 if TYPE_CHECKING:
     import tornado.web
 
-    from service.config import ServerConfig
-    from service.metrics import Metrics
+    from wirehub.config import ServerConfig
+    from wirehub.metrics import Metrics
 
 log = logging.getLogger("wirehub.edge")
 

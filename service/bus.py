@@ -2,7 +2,7 @@
 
 A bus plugin registers a factory that returns a :class:`Backend`: one bus plus the history,
 presence and state stores of the same broker (memory, Redis, NATS). Every implementation passes
-the contract suites in :mod:`service.testing`.
+the contract suites in :mod:`wirehub.testing`.
 
 Payloads are opaque bytes to a backend. The hub owns their format.
 """

@@ -18,9 +18,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from service import __version__
-from service.config import Config, ConfigError, Reference, load_config
-from service.plugins import PluginError
+from wirehub import __version__
+from wirehub.config import Config, ConfigError, Reference, load_config
+from wirehub.plugins import PluginError
 
 log = logging.getLogger("wirehub")
 
@@ -132,7 +132,7 @@ def _load(args: argparse.Namespace, path: str | None) -> Config:
 
 
 async def _serve(config: Config) -> int:
-    from service.app import Wirehub
+    from wirehub.app import Wirehub
 
     setup_logging(config.logging.level, config.logging.format)
     app = Wirehub.build(config)
@@ -174,7 +174,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from service.app import Wirehub
+    from wirehub.app import Wirehub
 
     config = _load(args, args.file or args.config)  # with WIREHUB_HOST/PORT/NODE_ID, as serve would run
     app = Wirehub.build(config)
@@ -184,7 +184,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
-    from service.plugins import build_plugin_manager
+    from wirehub.plugins import build_plugin_manager
 
     config = load_config(args.config)
     host = build_plugin_manager(config.plugins)
@@ -205,7 +205,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_token(args: argparse.Namespace) -> int:
-    from plugins.auth.jwt import mint_token_from_config
+    from wirehub.builtins.auth.jwt import mint_token_from_config
 
     config = load_config(args.config)
     print(mint_token_from_config(config, sub=args.sub, rooms=args.rooms, ttl=args.ttl, name=args.name))
@@ -213,13 +213,13 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 
 def cmd_listen(args: argparse.Namespace) -> int:
-    from service.client import listen_main
+    from wirehub.client import listen_main
 
     return int(listen_main(args))
 
 
 def cmd_send(args: argparse.Namespace) -> int:
-    from service.client import send_main
+    from wirehub.client import send_main
 
     return int(send_main(args))
 

@@ -51,7 +51,7 @@ from urllib.parse import quote
 from tornado.httpclient import HTTPClientError, HTTPRequest
 from tornado.websocket import WebSocketClientConnection, WebSocketClosedError, websocket_connect
 
-from service.protocol import SUBPROTOCOL, CloseCode
+from wirehub.protocol import SUBPROTOCOL, CloseCode
 
 log = logging.getLogger("wirehub.client")
 

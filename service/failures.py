@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Protocol
 
-from service.logs import DEFAULT_INTERVAL, LogLimiter
+from wirehub.logs import DEFAULT_INTERVAL, LogLimiter
 
 
 class _Counter(Protocol):

@@ -8,19 +8,19 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from service.auth import AuthError
-from service.protocol import PROTOCOL_VERSION, CloseCode, ErrorCode, ProtocolError, parse_request
-from service.rooms import TokenBucket
+from wirehub.auth import AuthError
+from wirehub.protocol import PROTOCOL_VERSION, CloseCode, ErrorCode, ProtocolError, parse_request
+from wirehub.rooms import TokenBucket
 
 if TYPE_CHECKING:
-    from service.auth import Authenticator
-    from service.bus import Backend
-    from service.config import Config, EndpointConfig
-    from service.hub import Hub
-    from service.logs import LogLimiter
-    from service.metrics import Metrics
-    from service.plugins import PluginHost
-    from service.session import Session
+    from wirehub.auth import Authenticator
+    from wirehub.bus import Backend
+    from wirehub.config import Config, EndpointConfig
+    from wirehub.hub import Hub
+    from wirehub.logs import LogLimiter
+    from wirehub.metrics import Metrics
+    from wirehub.plugins import PluginHost
+    from wirehub.session import Session
 
 log = logging.getLogger("wirehub.handler")
 

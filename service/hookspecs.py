@@ -2,7 +2,7 @@
 
 Each spec's docstring is its contract: when it is called, what each argument is, what the return
 value (and ``None``) means, and whether it may raise. A hookimpl may be a plain function or an
-``async def``; :class:`service.plugins.Hooks` is the one place that calls hooks and awaits results.
+``async def``; :class:`wirehub.plugins.Hooks` is the one place that calls hooks and awaits results.
 Hookimpls may declare any subset of the arguments (pluggy passes only those they name).
 
 docs/plugins.md has one entry per hook here; a test keeps the two in step.
@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
-    from service.app import Wirehub
-    from service.auth import Identity
-    from service.config import Config
-    from service.plugins import AuthFactory, BusFactory, HandlerFactory, RouteSpec
-    from service.session import Session
+    from wirehub.app import Wirehub
+    from wirehub.auth import Identity
+    from wirehub.config import Config
+    from wirehub.plugins import AuthFactory, BusFactory, HandlerFactory, RouteSpec
+    from wirehub.session import Session
 
 PROJECT = "wirehub"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -36,8 +36,8 @@ def wirehub_register_buses() -> Mapping[str, BusFactory] | None:
 
     Return a mapping ``name -> factory``; ``factory(options, key)`` gets the plugin's own options
     block (a read-only mapping) and its dotted config key, validates the options (raising
-    :class:`service.config.ConfigError` naming ``key``), does no I/O, and returns a
-    :class:`service.bus.Backend`. Return ``None`` to offer nothing. Two plugins offering one name
+    :class:`wirehub.config.ConfigError` naming ``key``), does no I/O, and returns a
+    :class:`wirehub.bus.Backend`. Return ``None`` to offer nothing. Two plugins offering one name
     is a startup error. Must not raise otherwise.
     """
 
@@ -47,7 +47,7 @@ def wirehub_register_authenticators() -> Mapping[str, AuthFactory] | None:
     """Offer authenticators by name, for ``auth.plugin`` in the config.
 
     Return ``name -> factory``; ``factory(options, key)`` validates its options block like a
-    bus factory and returns a :class:`service.auth.Authenticator`. ``None`` offers nothing.
+    bus factory and returns a :class:`wirehub.auth.Authenticator`. ``None`` offers nothing.
     """
 
 
@@ -56,9 +56,9 @@ def wirehub_register_handlers() -> Mapping[str, HandlerFactory] | None:
     """Offer WebSocket message handlers by name, for ``endpoints[].handler`` in the config.
 
     Return ``name -> factory``; ``factory(options, key, context)`` gets the endpoint's
-    ``options`` block, its dotted key and a :class:`service.handler.HandlerContext` (hub, backend,
+    ``options`` block, its dotted key and a :class:`wirehub.handler.HandlerContext` (hub, backend,
     hooks, metrics, config), validates the options, does no I/O and returns a
-    :class:`service.handler.Handler`. One handler instance serves every session of its endpoint.
+    :class:`wirehub.handler.Handler`. One handler instance serves every session of its endpoint.
     ``None`` offers nothing.
     """
 
@@ -71,7 +71,7 @@ def wirehub_configure(config: Config) -> None:
     """Called once after the config is loaded and validated, before anything starts.
 
     ``config.extensions`` holds free-form blocks for third-party plugins, by plugin name: read
-    and validate yours here, raising :class:`service.config.ConfigError` with its dotted key
+    and validate yours here, raising :class:`wirehub.config.ConfigError` with its dotted key
     (``extensions.myplugin.limit``). The return value is ignored.
     """
 
@@ -146,7 +146,7 @@ def wirehub_filter_message(session: Session | None, room: str, data: Any) -> Any
 
     ``session`` is the publishing session, or ``None`` for the HTTP publish API. ``data`` is the
     message's JSON value. Return ``None`` to leave it unchanged, a new JSON value to replace it
-    (later filters see the replacement), or :data:`service.plugins.DROP` to refuse it: the
+    (later filters see the replacement), or :data:`wirehub.plugins.DROP` to refuse it: the
     publisher then gets ``error rejected``. May be async. An exception refuses the message with
     ``error internal`` (nothing is published) and is reported.
     """
@@ -158,7 +158,7 @@ def wirehub_validate_update(room: str, state: Any, patch: list[Any], identity: I
 
     Called for every update, and again after a compare-and-set conflict with the newer state.
     Return ``None`` to accept the patch as is, or a corrected patch (later rules see it). Raise
-    :class:`service.plugins.UpdateRejected` with a client-visible reason to refuse it: the client
+    :class:`wirehub.plugins.UpdateRejected` with a client-visible reason to refuse it: the client
     gets ``error rejected``. Must not mutate ``state``. May be async. Any other exception refuses
     the update with ``error internal`` and is reported.
     """

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import tornado.web
 
 if TYPE_CHECKING:
-    from service.app import Wirehub
+    from wirehub.app import Wirehub
 
 _log = logging.getLogger("wirehub.http")
 
@@ -123,8 +123,8 @@ class StaticHandler(tornado.web.StaticFileHandler):
 
 
 def core_routes(app: Wirehub) -> list[Any]:
-    from service.publish import PublishHandler  # it subclasses JsonHandler from here
-    from service.sse import SseHandler
+    from wirehub.publish import PublishHandler  # it subclasses JsonHandler from here
+    from wirehub.sse import SseHandler
 
     kwargs = {"app": app}
     server = app.config.server

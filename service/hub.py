@@ -21,11 +21,11 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from service.bus import Backend, BusUnavailable
-from service.inflight import InFlight
-from service.metrics import Metrics
-from service.protocol import dumps, with_offset
-from service.session import OutFrame, Session
+from wirehub.bus import Backend, BusUnavailable
+from wirehub.inflight import InFlight
+from wirehub.metrics import Metrics
+from wirehub.protocol import dumps, with_offset
+from wirehub.session import OutFrame, Session
 
 log = logging.getLogger("wirehub.hub")
 
@@ -66,7 +66,7 @@ def split_envelope(payload: bytes) -> tuple[bytes, int, bytes]:
 
 
 class Hub:
-    """Implements :class:`service.bus.BusHandler` for one process."""
+    """Implements :class:`wirehub.bus.BusHandler` for one process."""
 
     def __init__(self, backend: Backend, metrics: Metrics) -> None:
         self.backend = backend
@@ -159,7 +159,7 @@ class Hub:
 
         ``origin`` does not receive it. With ``history=True`` the message is stored and every
         member gets it with ``"offset"`` spliced in; its offset is returned. ``dedupe_key``: see
-        :meth:`service.bus.Bus.publish`. Raises BusUnavailable (PublishOutcomeUnknown: maybe
+        :meth:`wirehub.bus.Bus.publish`. Raises BusUnavailable (PublishOutcomeUnknown: maybe
         published). Counted in :attr:`publishing` until the bus answered: the drain waits for it.
         """
         payload = envelope(frame, origin)

@@ -29,36 +29,36 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import pluggy
 
-from service import hookspecs
-from service.config import ConfigError, PluginsConfig
-from service.failures import PluginFailures
-from service.protocol import ErrorCode, ProtocolError
+from wirehub import hookspecs
+from wirehub.config import ConfigError, PluginsConfig
+from wirehub.failures import PluginFailures
+from wirehub.protocol import ErrorCode, ProtocolError
 
 if TYPE_CHECKING:
     from tornado.web import RequestHandler
 
-    from service.app import Wirehub
-    from service.auth import Authenticator, Identity
-    from service.bus import Backend
-    from service.config import Config
-    from service.handler import Handler, HandlerContext
-    from service.session import Session
+    from wirehub.app import Wirehub
+    from wirehub.auth import Authenticator, Identity
+    from wirehub.bus import Backend
+    from wirehub.config import Config
+    from wirehub.handler import Handler, HandlerContext
+    from wirehub.session import Session
 
 log = logging.getLogger("wirehub.plugins")
 
 ENTRY_POINT_GROUP = "wirehub"
 
 BUILTIN_PLUGINS: tuple[str, ...] = (
-    "plugins.policy",
-    "plugins.auth.anonymous",
-    "plugins.auth.jwt",
-    "plugins.bus.memory",
-    "plugins.bus.redis",
-    "plugins.bus.nats",
-    "plugins.handlers.echo",
-    "plugins.handlers.chat",
-    "plugins.handlers.game",
-    "plugins.handlers.yjs",
+    "wirehub.builtins.policy",
+    "wirehub.builtins.auth.anonymous",
+    "wirehub.builtins.auth.jwt",
+    "wirehub.builtins.bus.memory",
+    "wirehub.builtins.bus.redis",
+    "wirehub.builtins.bus.nats",
+    "wirehub.builtins.handlers.echo",
+    "wirehub.builtins.handlers.chat",
+    "wirehub.builtins.handlers.game",
+    "wirehub.builtins.handlers.yjs",
 )
 
 BusFactory: TypeAlias = "Callable[[Mapping[str, Any], str], Backend]"

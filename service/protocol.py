@@ -10,8 +10,8 @@ import json
 from enum import IntEnum, StrEnum
 from typing import Any
 
-from service import inbound
-from service.inbound import DEFAULT_MAX_JSON_DEPTH
+from wirehub import inbound
+from wirehub.inbound import DEFAULT_MAX_JSON_DEPTH
 
 PROTOCOL_VERSION = 1
 SUBPROTOCOL = "wirehub.v1"

@@ -2,7 +2,7 @@
 
 ``Authorization: Bearer <key>`` with a key from ``api.keys``; without any configured key the API
 is off (503). Members get a ``message`` from ``"server"``, published by the very function the
-chat handler uses (:func:`service.rooms.publish_message`), after ``wirehub_filter_message`` with
+chat handler uses (:func:`wirehub.rooms.publish_message`), after ``wirehub_filter_message`` with
 ``session=None``. Every answer is JSON; errors are ``{error, reason}``.
 
 Outcomes (docs/protocol.md, "Publish API"): 200 published (also for a retry whose idempotency key
@@ -21,15 +21,15 @@ from typing import TYPE_CHECKING, Any
 
 import tornado.web
 
-from service.bus import BusUnavailable, PublishOutcomeUnknown
-from service.http import JsonHandler
-from service.inbound import JsonRejected
-from service.inbound import loads as decode_json
-from service.protocol import ErrorCode, ProtocolError
-from service.rooms import SERVER_SENDER, RoomRules, parse_idempotency_key, publish_message
+from wirehub.bus import BusUnavailable, PublishOutcomeUnknown
+from wirehub.http import JsonHandler
+from wirehub.inbound import JsonRejected
+from wirehub.inbound import loads as decode_json
+from wirehub.protocol import ErrorCode, ProtocolError
+from wirehub.rooms import SERVER_SENDER, RoomRules, parse_idempotency_key, publish_message
 
 if TYPE_CHECKING:
-    from service.app import Wirehub
+    from wirehub.app import Wirehub
 
 #: HTTP status of each ProtocolError code publish_message may raise
 _STATUS = {ErrorCode.BAD_REQUEST: 400, ErrorCode.TOO_LARGE: 413, ErrorCode.REJECTED: 422}

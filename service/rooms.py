@@ -17,15 +17,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from service.bus import History
-from service.hub import split_envelope
-from service.plugins import DROP
-from service.protocol import ErrorCode, ProtocolError, encode, with_offset
+from wirehub.bus import History
+from wirehub.hub import split_envelope
+from wirehub.plugins import DROP
+from wirehub.protocol import ErrorCode, ProtocolError, encode, with_offset
 
 if TYPE_CHECKING:
-    from service.hub import Hub
-    from service.plugins import PluginHost
-    from service.session import Session
+    from wirehub.hub import Hub
+    from wirehub.plugins import PluginHost
+    from wirehub.session import Session
 
 #: Safe for every bus: the Redis and NATS buses encode room names themselves.
 DEFAULT_ROOM_PATTERN = r"^[A-Za-z0-9_\-.:@]{1,128}$"

@@ -14,11 +14,11 @@ from collections.abc import Callable
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Protocol
 
-from service.auth import Identity
-from service.protocol import CloseCode, ErrorCode, close_reason, dumps, error_frame
+from wirehub.auth import Identity
+from wirehub.protocol import CloseCode, ErrorCode, close_reason, dumps, error_frame
 
 if TYPE_CHECKING:
-    from service.metrics import Metrics
+    from wirehub.metrics import Metrics
 
 
 class OutFrame:

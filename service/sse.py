@@ -36,16 +36,16 @@ from urllib.parse import parse_qsl, urlencode
 import tornado.web
 from tornado.iostream import StreamClosedError
 
-from service.auth import AuthError
-from service.bus import BusUnavailable
-from service.hub import split_envelope
-from service.plugins import PluginFailed
-from service.protocol import CloseCode, ProtocolError, dumps, with_offset
-from service.rooms import Since, recover
-from service.session import OutFrame, Session
+from wirehub.auth import AuthError
+from wirehub.bus import BusUnavailable
+from wirehub.hub import split_envelope
+from wirehub.plugins import PluginFailed
+from wirehub.protocol import CloseCode, ProtocolError, dumps, with_offset
+from wirehub.rooms import Since, recover
+from wirehub.session import OutFrame, Session
 
 if TYPE_CHECKING:
-    from service.app import Wirehub
+    from wirehub.app import Wirehub
 
 log = logging.getLogger("wirehub.sse")
 
@@ -122,7 +122,7 @@ def _op_of(payload: bytes) -> str:
 
 
 class SseTransport:
-    """:class:`service.session.Transport` writing SSE events to a RequestHandler's response."""
+    """:class:`wirehub.session.Transport` writing SSE events to a RequestHandler's response."""
 
     def __init__(self, handler: SseHandler) -> None:
         self.handler = handler
@@ -200,7 +200,7 @@ class SseHandler(tornado.web.RequestHandler):
         self.finish(json.dumps({"error": error, "reason": reason, **extra}))
 
     def _rooms(self) -> list[str] | None:
-        from service.publish import room_rules
+        from wirehub.publish import room_rules
 
         rules = room_rules(self.app)
         raw = [r.strip() for arg in self.get_arguments("rooms") for r in arg.split(",")]

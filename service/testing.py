@@ -1,6 +1,6 @@
 """pytest plugin for wirehub and its plugin authors: live servers, a WebSocket client, contract suites.
 
-Enable it in a ``conftest.py`` with ``pytest_plugins = ["service.testing"]``. Tests are asyncio
+Enable it in a ``conftest.py`` with ``pytest_plugins = ["wirehub.testing"]``. Tests are asyncio
 tests (pytest-asyncio, ``asyncio_mode = auto``).
 
 - ``wirehub_server``: a factory fixture; ``await wirehub_server({...config...})`` starts a real
@@ -8,7 +8,7 @@ tests (pytest-asyncio, ``asyncio_mode = auto``).
 - :func:`ws_connect`: a real WebSocket client with JSON helpers.
 - Contract suites: subclass :class:`BusContract`, :class:`HistoryContract`,
   :class:`PresenceContract` or :class:`StateStoreContract` in a ``Test*`` class and provide an
-  async ``backend`` fixture yielding a started :class:`service.bus.Backend` (or a pair of them
+  async ``backend`` fixture yielding a started :class:`wirehub.bus.Backend` (or a pair of them
   on one broker through ``backend_pair``, for the cross-replica cases). Buses whose replicas can
   die add :class:`PresenceExpiryContract` (fixtures ``presence_replica`` and ``broker_ops``).
 """
@@ -29,8 +29,8 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HT
 from tornado.netutil import bind_sockets
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
-from service.app import Wirehub
-from service.bus import (
+from wirehub.app import Wirehub
+from wirehub.bus import (
     Backend,
     BusHandler,
     BusUnavailable,
@@ -41,8 +41,8 @@ from service.bus import (
     PresencePage,
     StateConflict,
 )
-from service.config import config_from_dict
-from service.session import OutFrame
+from wirehub.config import config_from_dict
+from wirehub.session import OutFrame
 
 # -- helpers ------------------------------------------------------------------------------------------------
 
@@ -58,9 +58,9 @@ def unique_room(prefix: str = "room") -> str:
 
 
 class FakeTransport:
-    """A :class:`service.session.Transport` without a socket, to unit-test handlers, the hub and sessions.
+    """A :class:`wirehub.session.Transport` without a socket, to unit-test handlers, the hub and sessions.
 
-    Pass it to :class:`service.session.Session`. It keeps every frame it is given (``frames``; their
+    Pass it to :class:`wirehub.session.Session`. It keeps every frame it is given (``frames``; their
     payloads with :meth:`texts`) and never sends any: ``buffered()`` is the wire size of all of them, as
     for a client that reads nothing (the session's byte cap then applies). ``close()`` records the code and
     reason in ``closed_with``.
@@ -796,12 +796,12 @@ __all__ = [
 #
 # ``redis_server`` / ``nats_server``: one broker per test session, shared; never kill or pause it.
 # ``redis_server_factory`` / ``nats_server_factory``: ``factory(**kwargs)`` starts a broker of the
-# test's own (a :class:`service.brokers.RedisServer` / ``NatsServer``), closed after the test; use
+# test's own (a :class:`wirehub.brokers.RedisServer` / ``NatsServer``), closed after the test; use
 # these to kill, stop, restart, pause or resume a broker.
 
 from collections.abc import Iterator  # noqa: E402
 
-from service.brokers import BrokerProcess, NatsServer, RedisServer  # noqa: E402
+from wirehub.brokers import BrokerProcess, NatsServer, RedisServer  # noqa: E402
 
 BrokerFactory = Callable[..., BrokerProcess]
 

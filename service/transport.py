@@ -1,6 +1,6 @@
 """Writing pre-framed WebSocket messages to a Tornado IOStream, cheaply.
 
-Fan-out writes the same :class:`~service.session.OutFrame` to many sockets. Tornado's
+Fan-out writes the same :class:`~wirehub.session.OutFrame` to many sockets. Tornado's
 ``write_message`` frames the payload again for every recipient and allocates a Future per write;
 here a frame is built once and handed straight to the kernel with ``socket.send`` when the stream
 has nothing queued. Only what the kernel does not take goes through ``IOStream.write``, whose
@@ -26,7 +26,7 @@ import weakref
 from tornado.iostream import IOStream, SSLIOStream, StreamClosedError
 from tornado.websocket import WebSocketProtocol
 
-from service.session import OutFrame
+from wirehub.session import OutFrame
 
 log = logging.getLogger("wirehub.transport")
 
@@ -68,7 +68,7 @@ def _flusher() -> _Flusher:
 
 
 class StreamTransport:
-    """:class:`service.session.Transport` over a WebSocket connection's stream."""
+    """:class:`wirehub.session.Transport` over a WebSocket connection's stream."""
 
     __slots__ = ("_close", "_corked", "_corked_bytes", "_direct", "_flusher", "_protocol", "_stream")
 

@@ -3,7 +3,7 @@
 Before the 101 every refusal is an HTTP status with a JSON body ``{"error", "reason"}``:
 400/426 for a request that is not a WebSocket upgrade, 503 while draining, 403 for a foreign
 Origin, 401 from the authenticator, 429 over a connection limit. After the upgrade, problems are
-``error`` frames or close codes from :mod:`service.protocol`.
+``error`` frames or close codes from :mod:`wirehub.protocol`.
 """
 
 from __future__ import annotations
@@ -22,15 +22,15 @@ from tornado.concurrent import Future
 from tornado.iostream import StreamClosedError
 from tornado.websocket import WebSocketClosedError, WebSocketHandler, WebSocketProtocol, WebSocketProtocol13
 
-from service.auth import AuthError, Identity
-from service.protocol import SUBPROTOCOL, CloseCode, ErrorCode, close_reason
-from service.session import Session
-from service.transport import StreamTransport
+from wirehub.auth import AuthError, Identity
+from wirehub.protocol import SUBPROTOCOL, CloseCode, ErrorCode, close_reason
+from wirehub.session import Session
+from wirehub.transport import StreamTransport
 
 if TYPE_CHECKING:
-    from service.app import Wirehub
-    from service.config import EndpointConfig
-    from service.handler import Handler
+    from wirehub.app import Wirehub
+    from wirehub.config import EndpointConfig
+    from wirehub.handler import Handler
 
 log = logging.getLogger("wirehub.session")
 

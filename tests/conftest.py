@@ -8,9 +8,7 @@ from collections.abc import Callable
 
 import pytest
 
-from service.brokers import BrokerProcess
-
-pytest_plugins = ["service.testing"]
+from wirehub.brokers import BrokerProcess
 
 
 @pytest.fixture(params=["redis", "nats"])

@@ -18,8 +18,8 @@ from typing import Any
 import yaml
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
-from service.brokers import BrokerProcess
-from service.testing import WsClient, free_port
+from wirehub.brokers import BrokerProcess
+from wirehub.testing import WsClient, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,9 +32,9 @@ _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def wirehub_cmd(*args: str, installed: bool = False) -> list[str]:
-    """``python -m service.cli ARGS``; with ``installed``, the ``wirehub`` entry point on PATH if there is one."""
+    """``python -m wirehub.cli ARGS``; with ``installed``, the ``wirehub`` entry point on PATH if there is one."""
     exe = shutil.which("wirehub") if installed else None
-    return [exe, *args] if exe else [sys.executable, "-m", "service.cli", *args]
+    return [exe, *args] if exe else [sys.executable, "-m", "wirehub.cli", *args]
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from kosoku import FailureError, run_fuzzingclient
 
-from service.testing import LiveServer
+from wirehub.testing import LiveServer
 
 if TYPE_CHECKING:
     from kosoku._kosoku import CaseResult  # kosoku exports the results' class only in its stub

@@ -23,10 +23,10 @@ from typing import Any
 
 import pytest
 
-from service.brokers import RedisServer
-from service.client import Client
-from service.testing import LiveServer, free_port, unique_room
 from tests.helpers import ServerProcess
+from wirehub.brokers import RedisServer
+from wirehub.client import Client
+from wirehub.testing import LiveServer, free_port, unique_room
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -279,7 +279,7 @@ async def publish_all(url: str, room: str, texts: list[str]) -> None:
 async def test_event_source_recovers_with_last_event_id(wirehub_server: Callable[..., Any], browser: Any) -> None:
     """The browser's own EventSource: after the server ends the stream it reconnects by itself,
     sending Last-Event-ID, and gets the messages published meanwhile exactly once."""
-    from service.sse import close_streams, open_streams
+    from wirehub.sse import close_streams, open_streams
 
     server: LiveServer = await wirehub_server()
     a, b = unique_room("sse"), unique_room("sse")

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from service.testing import LiveServer, WsClient, unique_room
 from tests.test_browser import browser, eventually, open_page  # noqa: F401  (browser is a fixture)
+from wirehub.testing import LiveServer, WsClient, unique_room
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 

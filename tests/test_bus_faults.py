@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 
-from plugins.bus.nats import create_backend as nats_backend
-from plugins.bus.redis import create_backend as redis_backend
-from service.brokers import BrokerProcess
-from service.bus import Backend, BusUnavailable, PresenceEntry
-from service.testing import LiveServer, Recorder, unique_room
 from tests.helpers import bus_options
+from wirehub.brokers import BrokerProcess
+from wirehub.builtins.bus.nats import create_backend as nats_backend
+from wirehub.builtins.bus.redis import create_backend as redis_backend
+from wirehub.bus import Backend, BusUnavailable, PresenceEntry
+from wirehub.testing import LiveServer, Recorder, unique_room
 
 
 def options(kind: str, broker: BrokerProcess, **extra: Any) -> dict[str, Any]:

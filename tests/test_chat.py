@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from service.app import Wirehub
-from service.config import ConfigError, config_from_dict
-from service.testing import LiveServer, WsClient, config_for_tests, unique_room
 from tests.helpers import rejoin_collecting
+from wirehub.app import Wirehub
+from wirehub.config import ConfigError, config_from_dict
+from wirehub.testing import LiveServer, WsClient, config_for_tests, unique_room
 
 CHAT = "/ws/chat"
 ServerFactory = Callable[..., Awaitable[LiveServer]]

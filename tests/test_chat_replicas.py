@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from service.testing import LiveServer, WsClient, unique_room
 from tests.helpers import rejoin_collecting
+from wirehub.testing import LiveServer, WsClient, unique_room
 
 CHAT = "/ws/chat"
 KEY = "replica-test-key"

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from tornado.httpclient import AsyncHTTPClient
 
-from service.testing import free_port, ws_connect
 from tests.helpers import ROOT, ServerProcess, run_cli, write_config
+from wirehub.testing import free_port, ws_connect
 
 
 def test_check_config_accepts_the_embedded_default() -> None:
@@ -62,7 +62,7 @@ def test_missing_env_reference_fails_before_starting(tmp_path: Path) -> None:
 def test_plugins_lists_builtins_with_hooks_and_names() -> None:
     result = run_cli("plugins")
     assert result.returncode == 0, result.stderr
-    assert "plugins.bus.memory  [built-in]" in result.stdout
+    assert "wirehub.builtins.bus.memory  [built-in]" in result.stdout
     assert "registers buses: memory" in result.stdout
     assert "hooks: wirehub_register_buses" in result.stdout
 
@@ -123,7 +123,7 @@ OVERRIDE_ENV = ("WIREHUB_CONFIG", "WIREHUB_HOST", "WIREHUB_PORT", "WIREHUB_NODE_
 
 
 def test_version_is_the_package_version() -> None:
-    from service import __version__
+    from wirehub import __version__
 
     result = run_cli("--version")
     assert result.returncode == 0 and result.stdout == f"wirehub {__version__}\n"
@@ -132,7 +132,7 @@ def test_version_is_the_package_version() -> None:
 def test_every_subcommand_and_option_is_described_with_the_environment_it_reads() -> None:
     import argparse
 
-    from service.cli import build_parser
+    from wirehub.cli import build_parser
 
     parser = build_parser()
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
@@ -242,7 +242,7 @@ def test_output_into_a_closed_pipe_exits_quietly() -> None:
     read, write = os.pipe()
     os.close(read)
     try:
-        proc = subprocess.run([sys.executable, "-m", "service.cli", "plugins"], stdout=write, stderr=subprocess.PIPE,
+        proc = subprocess.run([sys.executable, "-m", "wirehub.cli", "plugins"], stdout=write, stderr=subprocess.PIPE,
                               text=True, cwd=ROOT, timeout=60, env={**os.environ, "WIREHUB_CONFIG": ""})
     finally:
         os.close(write)
@@ -262,7 +262,7 @@ async def test_listen_piped_into_head_stops_without_a_traceback(tmp_path: Path) 
         import shlex
         import sys
 
-        argv = (sys.executable, "-m", "service.cli", "listen", "lobby", "--url", url)
+        argv = (sys.executable, "-m", "wirehub.cli", "listen", "lobby", "--url", url)
         listen = " ".join(shlex.quote(a) for a in argv)
         shell = await asyncio.create_subprocess_exec(
             "bash", "-c", f"{listen} 2>{shlex.quote(str(err_path))} | head -1; echo \"${{PIPESTATUS[0]}}\"",

@@ -1,4 +1,4 @@
-"""The Python client (service.client) and the `wirehub listen | send` helpers, against real servers.
+"""The Python client (wirehub.client) and the `wirehub listen | send` helpers, against real servers.
 
 Reconnects are forced the ways they happen in production: the server closes a session with a
 close code (1001 + retry hint, 4001, 4003, 4008), and the server is drained and replaced by a new
@@ -19,13 +19,13 @@ import jwt
 import pytest
 from tornado.netutil import bind_sockets
 
-from service.app import Wirehub
-from service.client import Client, ClientError, Subscription, backoff_delay, close_policy, parse_retry_ms
-from service.config import config_from_dict
-from service.protocol import CloseCode, close_reason
-from service.session import Session
-from service.testing import LiveServer, config_for_tests, free_port, unique_room
 from tests.helpers import run_cli_async, wirehub_cmd
+from wirehub.app import Wirehub
+from wirehub.client import Client, ClientError, Subscription, backoff_delay, close_policy, parse_retry_ms
+from wirehub.config import config_from_dict
+from wirehub.protocol import CloseCode, close_reason
+from wirehub.session import Session
+from wirehub.testing import LiveServer, config_for_tests, free_port, unique_room
 
 Start = Callable[..., Awaitable[LiveServer]]
 SECRET = "k" * 40

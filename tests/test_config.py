@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from service.app import Wirehub
-from service.config import ConfigError, config_from_dict, load_config
-from service.plugins import PluginError
+from wirehub.app import Wirehub
+from wirehub.config import ConfigError, config_from_dict, load_config
+from wirehub.plugins import PluginError
 
 
 def load_text(tmp_path: Path, text: str) -> object:
@@ -145,7 +145,7 @@ def test_misspelt_hook_fails_at_startup() -> None:
 
 
 def test_blocked_plugin_is_not_registered() -> None:
-    config = config_from_dict({"plugins": {"block": ["plugins.handlers.echo"]},
+    config = config_from_dict({"plugins": {"block": ["wirehub.builtins.handlers.echo"]},
                                "endpoints": [{"path": "/e", "handler": "echo"}]})
     with pytest.raises(ConfigError, match="'echo' is not a registered handler"):
         Wirehub.build(config)
@@ -167,9 +167,9 @@ def test_api_keys_default_to_wirehub_api_key_when_the_file_sets_none(monkeypatch
 def test_the_default_file_is_exactly_the_built_in_defaults(monkeypatch: pytest.MonkeyPatch,
                                                             api_key: str | None) -> None:
     """No config means the defaults in the code; config/wirehub.yaml shows them and may not drift from them."""
-    from plugins.auth.anonymous import AnonymousOptions
-    from plugins.bus.memory import MemoryOptions
-    from service.config import BUILTIN_SOURCE, parse_block
+    from wirehub.builtins.auth.anonymous import AnonymousOptions
+    from wirehub.builtins.bus.memory import MemoryOptions
+    from wirehub.config import BUILTIN_SOURCE, parse_block
 
     monkeypatch.delenv("WIREHUB_CONFIG", raising=False)
     if api_key is None:
@@ -212,8 +212,8 @@ def test_env_references_are_coerced_to_the_type_of_their_key(monkeypatch: pytest
     assert config.server.xheaders is True and config.metrics.enabled is False
     assert config.server.allowed_origins == ("https://a.example", "https://b.example")
     assert config.server.node_id == "0042" and type(config.server.node_id) is str  # a str key stays text
-    from plugins.bus.memory import MemoryOptions
-    from service.config import parse_block
+    from wirehub.builtins.bus.memory import MemoryOptions
+    from wirehub.config import parse_block
 
     assert parse_block(MemoryOptions, config.bus.options, config.bus.key).history_size == 10  # plugin blocks too
 
@@ -252,7 +252,7 @@ def test_a_literal_quoted_number_is_still_an_error() -> None:
 
 def test_overrides_are_validated_like_the_file_and_name_their_origin(tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    from service.config import Reference
+    from wirehub.config import Reference
 
     monkeypatch.delenv("WIREHUB_CONFIG", raising=False)
     path = tmp_path / "c.yaml"

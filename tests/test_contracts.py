@@ -1,4 +1,4 @@
-"""The backend contract suites of service.testing, run against every backend (one parametrised suite)."""
+"""The backend contract suites of wirehub.testing, run against every backend (one parametrised suite)."""
 
 from __future__ import annotations
 
@@ -12,15 +12,15 @@ from typing import Any
 import pytest
 from nats.js.errors import NoKeysError
 
-from plugins.bus.memory import MemoryHistory, MemoryPresence
-from plugins.bus.memory import create_backend as memory_backend
-from plugins.bus.nats import NatsBus
-from plugins.bus.nats import create_backend as nats_backend
-from plugins.bus.redis import RedisBus
-from plugins.bus.redis import create_backend as redis_backend
-from service.brokers import NatsServer, RedisServer
-from service.bus import Backend
-from service.testing import (
+from wirehub.brokers import NatsServer, RedisServer
+from wirehub.builtins.bus.memory import MemoryHistory, MemoryPresence
+from wirehub.builtins.bus.memory import create_backend as memory_backend
+from wirehub.builtins.bus.nats import NatsBus
+from wirehub.builtins.bus.nats import create_backend as nats_backend
+from wirehub.builtins.bus.redis import RedisBus
+from wirehub.builtins.bus.redis import create_backend as redis_backend
+from wirehub.bus import Backend
+from wirehub.testing import (
     BackendPair,
     BusContract,
     Footprint,

@@ -346,7 +346,7 @@ def test_overlay_config_passes_check_config(overlay: str, tmp_path: Path) -> Non
            "WIREHUB_REDIS_URL": "redis://127.0.0.1:6379/0", "WIREHUB_NATS_URL": "nats://127.0.0.1:4222"}
     env.pop("WIREHUB_CONFIG", None)
     proc = subprocess.run(
-        [sys.executable, "-m", "service.cli", "check-config", str(K8S / "overlays" / overlay / "wirehub.yaml")],
+        [sys.executable, "-m", "wirehub.cli", "check-config", str(K8S / "overlays" / overlay / "wirehub.yaml")],
         capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
@@ -362,7 +362,7 @@ def test_a_verbatim_copy_of_the_example_secrets_cannot_start(overlay: str, tmp_p
     env = {**os.environ, "POD_NAME": "wirehub-0", **values}
     env.pop("WIREHUB_CONFIG", None)
     proc = subprocess.run(
-        [sys.executable, "-m", "service.cli", "check-config", str(K8S / "overlays" / overlay / "wirehub.yaml")],
+        [sys.executable, "-m", "wirehub.cli", "check-config", str(K8S / "overlays" / overlay / "wirehub.yaml")],
         capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path,
     )
     assert proc.returncode == 2

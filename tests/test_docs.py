@@ -7,8 +7,8 @@ import inspect
 import re
 from pathlib import Path
 
-from service import config, hookspecs
-from service.protocol import CloseCode, ErrorCode
+from wirehub import config, hookspecs
+from wirehub.protocol import CloseCode, ErrorCode
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 

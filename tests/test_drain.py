@@ -25,10 +25,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HTTPResponse
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
-from service.auth import Identity
-from service.session import Session
-from service.testing import FakeTransport, LiveServer, free_port
 from tests.helpers import ServerProcess, write_config
+from wirehub.auth import Identity
+from wirehub.session import Session
+from wirehub.testing import FakeTransport, LiveServer, free_port
 
 HINT = re.compile(r"^server going away; retry_ms=(\d+)$")
 CLIENTS = 200

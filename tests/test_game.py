@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from service.app import Wirehub
-from service.config import ConfigError, config_from_dict
-from service.testing import LiveServer, config_for_tests, unique_room
 from tests.plugins_for_tests.game_client import GameClient
+from wirehub.app import Wirehub
+from wirehub.config import ConfigError, config_from_dict
+from wirehub.testing import LiveServer, config_for_tests, unique_room
 
 GAME = "/ws/game"
 RULES = "tests.plugins_for_tests.game_rules"

@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from service.testing import LiveServer, unique_room
 from tests.plugins_for_tests import game_shared_bus
 from tests.plugins_for_tests.game_client import GameClient
+from wirehub.testing import LiveServer, unique_room
 
 GAME = "/ws/game"
 ServerFactory = Callable[..., Awaitable[LiveServer]]

@@ -10,8 +10,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from service.testing import LiveServer, unique_room
 from tests.plugins_for_tests.game_client import GameClient
+from wirehub.testing import LiveServer, unique_room
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "tictactoe"
 if str(EXAMPLE) not in sys.path:

@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 
-from service.brokers import BrokerProcess, NatsServer, RedisServer
-from service.testing import unique_room
 from tests.helpers import ROOT, Cluster, ServerProcess, bus_block
 from tests.plugins_for_tests.game_client import GameClient
+from wirehub.brokers import BrokerProcess, NatsServer, RedisServer
+from wirehub.testing import unique_room
 
 pytestmark = pytest.mark.slow
 

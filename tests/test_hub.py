@@ -7,13 +7,13 @@ from typing import Any
 
 import pytest
 
-from plugins.bus.memory import create_backend
-from service.auth import Identity
-from service.bus import Backend, BusUnavailable, HistoryPage
-from service.hub import Hub, envelope, split_envelope
-from service.metrics import Metrics
-from service.session import OutFrame, Session
-from service.testing import FakeTransport
+from wirehub.auth import Identity
+from wirehub.builtins.bus.memory import create_backend
+from wirehub.bus import Backend, BusUnavailable, HistoryPage
+from wirehub.hub import Hub, envelope, split_envelope
+from wirehub.metrics import Metrics
+from wirehub.session import OutFrame, Session
+from wirehub.testing import FakeTransport
 
 
 class CountingBus:

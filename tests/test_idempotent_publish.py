@@ -1,6 +1,6 @@
 """Idempotency keys and honest outcomes of a publish, over real HTTP and real WebSockets.
 
-The cross-replica dedupe itself is a bus contract (service.testing.BusContract, on memory, Redis
+The cross-replica dedupe itself is a bus contract (wirehub.testing.BusContract, on memory, Redis
 and NATS) and tests/adversarial/test_attack_drain.py runs it through a SIGTERM; here: the API's
 and chat's answers (400 for a bad key, 504 / ``error timeout`` when the bus's answer was lost, the
 original offset for a retry, 503 while stopping) and that a retried message is delivered once.
@@ -12,7 +12,7 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from service.testing import LiveServer, WsClient, unique_room
+from wirehub.testing import LiveServer, WsClient, unique_room
 
 CHAT = "/ws/chat"
 KEY = "idempotency-test-key"

@@ -26,10 +26,10 @@ import tornado.web
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
-from service.app import Wirehub
-from service.config import config_from_dict
-from service.protocol import close_reason
-from service.testing import config_for_tests, free_port
+from wirehub.app import Wirehub
+from wirehub.config import config_from_dict
+from wirehub.protocol import close_reason
+from wirehub.testing import config_for_tests, free_port
 
 JS_DIR = Path(__file__).parent / "js"
 SECRET = "j" * 40

@@ -16,7 +16,6 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from tornado.httpclient import HTTPClientError
 
-from service.testing import LiveServer, WsClient, ws_connect
 from tests.plugins_for_tests.jwt_probe import (
     PATH,
     SECRET,
@@ -27,6 +26,7 @@ from tests.plugins_for_tests.jwt_probe import (
     server_config,
     token,
 )
+from wirehub.testing import LiveServer, WsClient, ws_connect
 
 Start = Callable[..., Awaitable[LiveServer]]
 AUD, ISS = "wirehub", "https://issuer.test"

@@ -11,12 +11,12 @@ import jwt
 import pytest
 import yaml
 
-from plugins.auth.jwt import mint_token_from_config, parse_ttl
-from service.config import ConfigError, config_from_dict, load_config
-from service.plugins import build_plugin_manager
-from service.testing import LiveServer
 from tests.helpers import ROOT, run_cli_async
 from tests.plugins_for_tests.jwt_probe import PATH, SECRET, server_config
+from wirehub.builtins.auth.jwt import mint_token_from_config, parse_ttl
+from wirehub.config import ConfigError, config_from_dict, load_config
+from wirehub.plugins import build_plugin_manager
+from wirehub.testing import LiveServer
 
 Start = Callable[..., Awaitable[LiveServer]]
 

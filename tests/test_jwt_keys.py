@@ -24,12 +24,12 @@ from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
-from plugins.auth.jwt import JwtAuthenticator, parse_jwks
-from service.app import Wirehub
-from service.config import ConfigError, config_from_dict
-from service.plugins import build_plugin_manager
-from service.testing import LiveServer, free_port
 from tests.plugins_for_tests.jwt_probe import OLD_SECRET, PATH, SECRET, UPGRADE_HEADERS, server_config, token
+from wirehub.app import Wirehub
+from wirehub.builtins.auth.jwt import JwtAuthenticator, parse_jwks
+from wirehub.config import ConfigError, config_from_dict
+from wirehub.plugins import build_plugin_manager
+from wirehub.testing import LiveServer, free_port
 
 Start = Callable[..., Awaitable[LiveServer]]
 
@@ -236,7 +236,7 @@ def test_rotation_end_accepts_iso_and_unix_times(until: Any) -> None:
 
 
 def test_rotation_end_from_a_yaml_timestamp(tmp_path: Path) -> None:
-    from service.config import load_config
+    from wirehub.config import load_config
 
     path = tmp_path / "c.yaml"
     path.write_text(f"auth:\n  plugin: jwt\n  jwt:\n    algorithms: [HS256]\n    secret: {SECRET}\n"

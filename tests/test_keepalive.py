@@ -1,4 +1,4 @@
-"""WebSocket pings: one timer for the whole replica (service.websocket.Keepalive), on a real server.
+"""WebSocket pings: one timer for the whole replica (wirehub.websocket.Keepalive), on a real server.
 
 A connection gets a ping every ``server.ping_interval`` seconds; one that sent nothing within
 ``server.ping_timeout`` seconds of a ping is dropped; any frame counts as a sign of life.
@@ -15,8 +15,8 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from service.testing import LiveServer
-from service.websocket import Keepalive
+from wirehub.testing import LiveServer
+from wirehub.websocket import Keepalive
 
 Start = Callable[..., Awaitable[LiveServer]]
 ECHO = [{"path": "/ws/echo", "handler": "echo"}]

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from service.brokers import BrokerProcess
-from service.testing import free_port
 from tests.helpers import ROOT, ServerProcess, run_cli_async
+from wirehub.brokers import BrokerProcess
+from wirehub.testing import free_port
 
 DOC = ROOT / "docs" / "local-cluster.md"
 #: the environment a replica must not inherit from the developer's shell
@@ -38,10 +38,10 @@ def commands(section: str) -> list[list[str]]:
 
 def test_the_broker_commands_run_the_bundled_or_installed_brokers() -> None:
     lines = commands("The brokers")
-    assert [argv[:4] for argv in lines] == [["python", "-m", "service.brokers", name]
+    assert [argv[:4] for argv in lines] == [["python", "-m", "wirehub.brokers", name]
                                             for name in ("redis-server", "nats-server")]
     for argv in lines:  # the same module and binary, asked for its version instead of serving
-        proc = subprocess.run([sys.executable, "-m", "service.brokers", argv[3], "--version"], cwd=ROOT,
+        proc = subprocess.run([sys.executable, "-m", "wirehub.brokers", argv[3], "--version"], cwd=ROOT,
                               capture_output=True, text=True, timeout=30)
         assert proc.returncode == 0 and re.search(r"v=?\d+\.\d+", proc.stdout), proc.stderr
 

@@ -1,4 +1,4 @@
-"""service.logs.LogLimiter: one line per (logger, template) per interval, then the count of the rest."""
+"""wirehub.logs.LogLimiter: one line per (logger, template) per interval, then the count of the rest."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from service.logs import LogLimiter
+from wirehub.logs import LogLimiter
 
 
 def test_one_line_per_interval_then_the_count(caplog: pytest.LogCaptureFixture) -> None:

@@ -16,9 +16,9 @@ import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from tornado.websocket import websocket_connect
 
-from service.cli import JsonFormatter, TextFormatter, redact
-from service.testing import free_port
 from tests.helpers import ServerProcess, write_config
+from wirehub.cli import JsonFormatter, TextFormatter, redact
+from wirehub.testing import free_port
 
 TOKEN = "eyJhbGciOiJIUzI1NiJ9.SECRET-QUERY-TOKEN.sig"
 HEADER_TOKEN = "SECRET-HEADER-TOKEN"

@@ -11,10 +11,10 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.auth import Identity
-from service.metrics import Metrics
-from service.session import OutFrame, Session
-from service.testing import FakeTransport, LiveServer, unique_room
+from wirehub.auth import Identity
+from wirehub.metrics import Metrics
+from wirehub.session import OutFrame, Session
+from wirehub.testing import FakeTransport, LiveServer, unique_room
 
 ROOT = Path(__file__).resolve().parent.parent
 ECHO = [{"path": "/ws/echo", "handler": "echo"}]

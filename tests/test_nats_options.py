@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from plugins.bus.nats import create_backend
-from service.brokers import BrokerProcess
-from service.bus import BusUnavailable
-from service.config import ConfigError, load_config
-from service.testing import Recorder, free_port, unique_room
+from wirehub.brokers import BrokerProcess
+from wirehub.builtins.bus.nats import create_backend
+from wirehub.bus import BusUnavailable
+from wirehub.config import ConfigError, load_config
+from wirehub.testing import Recorder, free_port, unique_room
 
 ROOT = Path(__file__).resolve().parent.parent
 

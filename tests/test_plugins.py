@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from service.config import PluginsConfig
-from service.plugins import BUILTIN_PLUGINS, DROP, build_plugin_manager
-from service.testing import LiveServer, free_port
 from tests.helpers import ROOT, ServerProcess, run_cli, write_config
 from tests.plugins_for_tests import lifecycle
+from wirehub.config import PluginsConfig
+from wirehub.plugins import BUILTIN_PLUGINS, DROP, build_plugin_manager
+from wirehub.testing import LiveServer, free_port
 
 Start = Callable[..., Awaitable[LiveServer]]
 
@@ -60,7 +60,7 @@ async def test_lifecycle_hooks_and_plugin_routes(wirehub_server: Start) -> None:
 async def test_plugin_listing_over_http(wirehub_server: Start) -> None:
     server = await wirehub_server({"endpoints": [{"path": "/ws/echo", "handler": "echo"}]})
     body = json.loads((await server.http("/api/plugins")).body)
-    echo = next(p for p in body["plugins"] if p["name"] == "plugins.handlers.echo")
+    echo = next(p for p in body["plugins"] if p["name"] == "wirehub.builtins.handlers.echo")
     assert echo["source"] == "built-in" and echo["registers"] == {"handlers": ["echo"]}
     assert "wirehub_register_handlers" in echo["hooks"]
 
@@ -95,7 +95,7 @@ def test_entry_point_plugin_is_listed_with_its_source(installed_example: Path) -
 
 
 async def test_entry_point_plugin_serves_its_endpoint(installed_example: Path, tmp_path: Path) -> None:
-    from service.testing import ws_connect
+    from wirehub.testing import ws_connect
 
     port = free_port()
     config = write_config(tmp_path / "upper.yaml", {
@@ -122,9 +122,9 @@ def test_blocking_an_entry_point_by_name(installed_example: Path, tmp_path: Path
 
 
 def test_a_plugin_route_may_not_shadow_a_core_path() -> None:
-    from service.app import Wirehub
-    from service.config import config_from_dict
-    from service.plugins import PluginError
+    from wirehub.app import Wirehub
+    from wirehub.config import config_from_dict
+    from wirehub.plugins import PluginError
 
     config = config_from_dict({"plugins": {"load": ["tests.plugins_for_tests.route_collision"]},
                                "endpoints": [{"path": "/ws/echo", "handler": "echo"}]})
@@ -164,7 +164,7 @@ def test_a_plugin_class_named_twice_is_instantiated_once_and_listed_by_its_first
 
 
 def test_plugins_load_names_a_missing_attribute_and_a_bad_option_by_key(tmp_path: Path) -> None:
-    from service.config import ConfigError
+    from wirehub.config import ConfigError
 
     with pytest.raises(ConfigError) as err:
         build_plugin_manager(PluginsConfig(load=("tests.plugins_for_tests.word_filter:Nope",)))

@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 
-from plugins.handlers.chat import ChatHandler
-from service.brokers import BrokerProcess
-from service.client import Client
-from service.testing import LiveServer, WsClient, unique_room, ws_connect
 from tests.helpers import Cluster, bus_block, run_cli, write_config
+from wirehub.brokers import BrokerProcess
+from wirehub.builtins.handlers.chat import ChatHandler
+from wirehub.client import Client
+from wirehub.testing import LiveServer, WsClient, unique_room, ws_connect
 
 CHAT = "/ws/chat"
 ServerFactory = Callable[..., Awaitable[LiveServer]]

@@ -13,12 +13,12 @@ from typing import Any
 
 import pytest
 
-from plugins.bus.nats import create_backend as nats_backend
-from plugins.bus.redis import create_backend as redis_backend
-from service.brokers import BrokerProcess
-from service.bus import Backend, BusUnavailable, PresenceCount, PresenceEntry
-from service.testing import Recorder, WsClient, eventually, unique_room, ws_connect
 from tests.helpers import FAST_BUS, Cluster, bus_options
+from wirehub.brokers import BrokerProcess
+from wirehub.builtins.bus.nats import create_backend as nats_backend
+from wirehub.builtins.bus.redis import create_backend as redis_backend
+from wirehub.bus import Backend, BusUnavailable, PresenceCount, PresenceEntry
+from wirehub.testing import Recorder, WsClient, eventually, unique_room, ws_connect
 
 CHAT = "/ws/chat"
 TTL, INTERVAL = FAST_BUS["presence_ttl"], 0.25

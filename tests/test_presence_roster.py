@@ -9,8 +9,8 @@ import uuid
 
 import pytest
 
-from plugins.bus._roster import Roster, SortedIds
-from service.bus import PresenceCount, PresenceEntry
+from wirehub.builtins.bus._roster import Roster, SortedIds
+from wirehub.bus import PresenceCount, PresenceEntry
 
 
 @pytest.mark.parametrize("load", [1, 2, 3, 8, 512])

@@ -18,9 +18,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service import inbound
-from service.protocol import MAX_ID_INT, ProtocolError, dumps, parse_request, valid_id
-from service.testing import LiveServer, WsClient
+from wirehub import inbound
+from wirehub.protocol import MAX_ID_INT, ProtocolError, dumps, parse_request, valid_id
+from wirehub.testing import LiveServer, WsClient
 
 ECHO, CHAT, GAME = "/ws/echo", "/ws/chat", "/ws/game"
 ROOMS = ("lobby", "r1", "r-2")

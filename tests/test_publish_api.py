@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from service.config import load_config
-from service.testing import LiveServer, WsClient, unique_room
+from wirehub.config import load_config
+from wirehub.testing import LiveServer, WsClient, unique_room
 
 CHAT = "/ws/chat"
 KEY = "s3cret-key-for-tests"

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from plugins.bus.redis import create_backend
-from service.brokers import BrokerProcess
-from service.bus import BusUnavailable
-from service.config import ConfigError, load_config
-from service.testing import Recorder, unique_room
+from wirehub.brokers import BrokerProcess
+from wirehub.builtins.bus.redis import create_backend
+from wirehub.bus import BusUnavailable
+from wirehub.config import ConfigError, load_config
+from wirehub.testing import Recorder, unique_room
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,7 +71,7 @@ async def test_password_authentication(redis_server_factory: Callable[..., Broke
 
 
 async def test_an_unreachable_redis_fails_the_start() -> None:
-    from service.testing import free_port
+    from wirehub.testing import free_port
 
     backend = create_backend({"url": f"redis://127.0.0.1:{free_port()}/0", "connect_timeout": 0.5}, "bus.redis")
     with pytest.raises(BusUnavailable):

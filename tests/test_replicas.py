@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from service.brokers import BrokerProcess
-from service.testing import WsClient, unique_room, ws_connect
 from tests.helpers import Cluster, ServerProcess, bus_block
+from wirehub.brokers import BrokerProcess
+from wirehub.testing import WsClient, unique_room, ws_connect
 
 pytestmark = pytest.mark.slow
 

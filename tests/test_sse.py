@@ -18,10 +18,10 @@ from urllib.parse import quote
 import jwt
 import pytest
 
-from service import sse
-from service.rooms import message_frame
-from service.sse import close_streams, decode_position, encode_position, open_streams
-from service.testing import LiveServer, unique_room
+from wirehub import sse
+from wirehub.rooms import message_frame
+from wirehub.sse import close_streams, decode_position, encode_position, open_streams
+from wirehub.testing import LiveServer, unique_room
 
 Start = Callable[..., Awaitable[LiveServer]]
 SECRET = "s" * 40
@@ -517,7 +517,7 @@ class _Writer:
 
 
 def test_a_gap_event_carries_the_position_the_stream_continues_from() -> None:
-    from service.sse import RoomFrame, SseTransport, decode_position
+    from wirehub.sse import RoomFrame, SseTransport, decode_position
 
     writer = _Writer()
     transport = SseTransport(writer)  # type: ignore[arg-type]

@@ -8,8 +8,8 @@ from typing import Any
 
 from tornado.iostream import IOStream
 
-from service.session import OutFrame
-from service.testing import LiveServer
+from wirehub.session import OutFrame
+from wirehub.testing import LiveServer
 
 Start = Callable[..., Awaitable[LiveServer]]
 

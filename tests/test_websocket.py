@@ -14,7 +14,7 @@ import pytest
 from tornado.httpclient import HTTPClientError
 from tornado.websocket import WebSocketClosedError
 
-from service.testing import LiveServer, ws_connect
+from wirehub.testing import LiveServer, ws_connect
 
 Start = Callable[..., Awaitable[LiveServer]]
 ECHO = {"endpoints": [{"path": "/ws/echo", "handler": "echo"}]}

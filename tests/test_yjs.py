@@ -14,9 +14,9 @@ from typing import Any
 import pycrdt
 import pytest
 
-from plugins.handlers.yjs import wire
-from plugins.handlers.yjs.store import DocumentStore
 from tests.yjs_client import YClient, eventually
+from wirehub.builtins.handlers.yjs import wire
+from wirehub.builtins.handlers.yjs.store import DocumentStore
 
 YJS = {"path": "/ws/yjs/*", "handler": "yjs", "options": {"idle_unload": 0}}
 
@@ -203,9 +203,9 @@ async def test_two_replicas_compacting_at_once_lose_nothing(kind: str, request: 
     """Each replica holds edits the other never saw; they compact at the same moment, ten times."""
     import uuid
 
-    from plugins.bus.nats import create_backend as nats_backend
-    from plugins.bus.redis import create_backend as redis_backend
-    from service.testing import Recorder
+    from wirehub.builtins.bus.nats import create_backend as nats_backend
+    from wirehub.builtins.bus.redis import create_backend as redis_backend
+    from wirehub.testing import Recorder
 
     broker = request.getfixturevalue(f"{kind}_server")
     prefix = f"yc{uuid.uuid4().hex[:8]}"
@@ -292,9 +292,9 @@ async def test_the_prefix_endpoint_needs_a_document_name(wirehub_server: Any) ->
      "endpoints[0].options.document_pattern", "not a regular expression"),
 ])
 def test_config_errors_name_the_key(endpoint: dict[str, Any], bus: dict[str, Any], key: str, message: str) -> None:
-    from service.app import Wirehub
-    from service.config import ConfigError, config_from_dict
-    from service.testing import config_for_tests
+    from wirehub.app import Wirehub
+    from wirehub.config import ConfigError, config_from_dict
+    from wirehub.testing import config_for_tests
 
     overrides: dict[str, Any] = {"endpoints": [endpoint]}
     if bus:
@@ -305,9 +305,9 @@ def test_config_errors_name_the_key(endpoint: dict[str, Any], bus: dict[str, Any
 
 
 def test_a_document_limit_that_does_not_fit_the_send_queue_is_a_config_error() -> None:
-    from service.app import Wirehub
-    from service.config import ConfigError, config_from_dict
-    from service.testing import config_for_tests
+    from wirehub.app import Wirehub
+    from wirehub.config import ConfigError, config_from_dict
+    from wirehub.testing import config_for_tests
 
     overrides = {"server": {"send_queue_bytes": 65536},
                  "endpoints": [{"path": "/ws/yjs/*", "handler": "yjs", "options": {"max_document_bytes": 40000}}]}
@@ -318,7 +318,7 @@ def test_a_document_limit_that_does_not_fit_the_send_queue_is_a_config_error() -
 
 async def test_a_failing_message_closes_with_1011_not_a_json_error(wirehub_server: Any,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    from plugins.handlers.yjs.document import Document
+    from wirehub.builtins.handlers.yjs.document import Document
 
     server = await wirehub_server(config())
     a = await YClient.connect(server, "/ws/yjs/bug")
@@ -338,7 +338,7 @@ def test_every_option_is_documented() -> None:
     import re
     from pathlib import Path
 
-    from plugins.handlers.yjs.options import YjsOptions
+    from wirehub.builtins.handlers.yjs.options import YjsOptions
 
     docs = Path(__file__).resolve().parent.parent / "docs"
     for page in ("collaboration.md", "configuration.md"):

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from service.testing import LiveServer, unique_room
 from tests.test_browser import CHROMIUM_ARGS, _chromium
+from wirehub.testing import LiveServer, unique_room
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 

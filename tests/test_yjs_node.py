@@ -26,9 +26,9 @@ import tornado.web
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
-from service.brokers import BrokerProcess
-from service.testing import free_port
 from tests.helpers import ServerProcess, bus_block, write_config
+from wirehub.brokers import BrokerProcess
+from wirehub.testing import free_port
 
 JS_DIR = Path(__file__).parent / "js" / "yjs"
 SECRET = "y" * 40

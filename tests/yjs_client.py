@@ -10,8 +10,8 @@ from typing import Any
 
 import pycrdt
 
-from plugins.handlers.yjs import wire
-from service.testing import LiveServer, WsClient
+from wirehub.builtins.handlers.yjs import wire
+from wirehub.testing import LiveServer, WsClient
 
 
 class YClient:

@@ -9,10 +9,7 @@ from typing import Any
 
 from tornado.httputil import HTTPServerRequest
 
-from service.auth import AuthError, Identity
-from service.config import parse_block
-from service.hookspecs import hookimpl
-from service.plugins import AuthFactory
+from wirehub import AuthError, AuthFactory, Identity, hookimpl, parse_block
 
 
 @dataclass(frozen=True)

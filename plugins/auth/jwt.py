@@ -37,10 +37,7 @@ from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from tornado.httputil import HTTPServerRequest
 
-from service.auth import AuthError, Identity
-from service.config import Config, ConfigError, opt, parse_block
-from service.hookspecs import hookimpl
-from service.plugins import AuthFactory
+from wirehub import AuthError, AuthFactory, Config, ConfigError, Identity, hookimpl, opt, parse_block
 
 log = logging.getLogger("wirehub.auth.jwt")
 

@@ -28,7 +28,7 @@ import random
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from service.bus import BusHandler, BusUnavailable
+from wirehub import BusHandler, BusUnavailable
 
 T = TypeVar("T")
 

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from service.bus import DepartedListener, PresenceCount, PresenceEntry, PresenceMember, PresencePage
+from wirehub import DepartedListener, PresenceCount, PresenceEntry, PresenceMember, PresencePage
 
 log = logging.getLogger("wirehub.presence")
 

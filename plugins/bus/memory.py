@@ -18,9 +18,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from plugins.bus._roster import Departures, Roster
-from service.bus import (
+from wirehub import (
     Backend,
+    BusFactory,
     BusHandler,
     DepartedListener,
     HistoryPage,
@@ -28,10 +28,11 @@ from service.bus import (
     PresenceEntry,
     PresencePage,
     StateConflict,
+    hookimpl,
+    opt,
+    parse_block,
 )
-from service.config import opt, parse_block
-from service.hookspecs import hookimpl
-from service.plugins import BusFactory
+from wirehub.builtins.bus._roster import Departures, Roster
 
 
 @dataclass(frozen=True)
@@ -245,7 +246,7 @@ class MemoryHistory:
 
 
 class MemoryPresence:
-    """One :class:`~plugins.bus._roster.Roster` per room; one process, so no replica can die and
+    """One :class:`~wirehub.builtins.bus._roster.Roster` per room; one process, so no replica can die and
     ``on_departed`` listeners are never called. A room's roster goes with its last connection."""
 
     def __init__(self) -> None:

@@ -29,7 +29,7 @@ Epoch: derived from the stream's creation time; it changes when the stream is de
 created again (a broker that lost its store, an operator's reset). A restart that keeps the
 JetStream store keeps the epoch and the history.
 
-Presence: see :mod:`plugins.bus.nats_presence` (buckets ``<P>_members``, ``<P>_nodes``,
+Presence: see :mod:`wirehub.builtins.bus.nats_presence` (buckets ``<P>_members``, ``<P>_nodes``,
 ``<P>_claims``; entries put at join and purged at leave, one heartbeat put per replica per
 ``presence_interval``, a dead replica's entries removed within ``presence_ttl`` +
 ``presence_interval``). State: KV bucket ``<P>_state``, one key
@@ -37,7 +37,7 @@ per room holding ``{"v": version, "d": document}``; compare-and-set is ``create`
 ``update(last=revision)``, which JetStream applies only if nobody wrote in between.
 
 Failures: nats-py's own reconnect (and the publish buffer it fills while reconnecting) is
-disabled; :mod:`plugins.bus._broker` supervises the connection: a PING/PONG flush every
+disabled; :mod:`wirehub.builtins.bus._broker` supervises the connection: a PING/PONG flush every
 ``heartbeat_interval`` that must answer within ``heartbeat_timeout``, capped backoff, resubscribe.
 ``publish`` is a JetStream publish that waits for the stream's acknowledgement: it returns only
 when the message is stored, and raises BusUnavailable when the bus is down or JetStream refused
@@ -62,12 +62,20 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from plugins.bus._broker import Supervised, encode_room, safe_close
-from plugins.bus.nats_presence import NatsPresence
-from service.bus import Backend, BusUnavailable, HistoryPage, PublishOutcomeUnknown, StateConflict
-from service.config import ConfigError, opt, parse_block
-from service.hookspecs import hookimpl
-from service.plugins import BusFactory
+from wirehub import (
+    Backend,
+    BusFactory,
+    BusUnavailable,
+    ConfigError,
+    HistoryPage,
+    PublishOutcomeUnknown,
+    StateConflict,
+    hookimpl,
+    opt,
+    parse_block,
+)
+from wirehub.builtins.bus._broker import Supervised, encode_room, safe_close
+from wirehub.builtins.bus.nats_presence import NatsPresence
 
 log = logging.getLogger("wirehub.bus.nats")
 

@@ -2,7 +2,7 @@
 by heartbeat.
 
 Buckets (``<P>`` = the subject prefix with ``.`` as ``_``); keys are made of base64url tokens
-(:func:`plugins.bus._broker.encode_room`), so any room, node or session name is one valid token:
+(:func:`wirehub.builtins.bus._broker.encode_room`), so any room, node or session name is one valid token:
 
 - ``<P>_members`` (no TTL): key ``<room>.<node>.<session>`` -> entry JSON (user, session, node,
   info). A leave is a PURGE with a rollup (the value is gone at once) whose marker carries a
@@ -20,7 +20,7 @@ node's key and reports the users who left (no connection of theirs remains in th
 
 Reads: while this replica has members in a room it keeps a live copy of the room (an ordered
 consumer on ``<room>.>``, started once per room and replica) in a
-:class:`~plugins.bus._roster.Roster`: O(1) count, O(limit + log n) pages, and its own joins and
+:class:`~wirehub.builtins.bus._roster.Roster`: O(1) count, O(limit + log n) pages, and its own joins and
 leaves are applied at once (read your writes; the echo of an older write is ignored by stream
 sequence). A room where this replica has no member is read by one scan of its keys (O(n)).
 """
@@ -35,12 +35,12 @@ import time
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
-from plugins.bus._broker import encode_room
-from plugins.bus._roster import Departures, Roster
-from service.bus import DepartedListener, PresenceCount, PresenceEntry, PresencePage
+from wirehub import DepartedListener, PresenceCount, PresenceEntry, PresencePage
+from wirehub.builtins.bus._broker import encode_room
+from wirehub.builtins.bus._roster import Departures, Roster
 
 if TYPE_CHECKING:
-    from plugins.bus.nats import NatsBus
+    from wirehub.builtins.bus.nats import NatsBus
 
 log = logging.getLogger("wirehub.bus.nats")
 
@@ -68,7 +68,7 @@ def _parse_entry(data: bytes) -> PresenceEntry:
 
 
 def _bucket_name(prefix: str, what: str) -> str:
-    from plugins.bus.nats import _name
+    from wirehub.builtins.bus.nats import _name
 
     return _name(prefix, what)
 
@@ -123,7 +123,7 @@ class _LiveRoom:
 
 
 class NatsPresence:
-    """The :class:`service.bus.Presence` of the NATS backend (see the module docstring)."""
+    """The :class:`wirehub.bus.Presence` of the NATS backend (see the module docstring)."""
 
     def __init__(self, bus: NatsBus, ttl: float) -> None:
         self.bus = bus

@@ -20,12 +20,12 @@ and the stream is dropped with the old one. Trimming keeps at most
 ``history_size`` entries (exact MAXLEN) and drops entries older than ``history_ttl`` (checked by
 each publish and read against the Redis server clock).
 
-Presence: see :mod:`plugins.bus.redis_presence` (entries written at join, deleted at leave; one
+Presence: see :mod:`wirehub.builtins.bus.redis_presence` (entries written at join, deleted at leave; one
 heartbeat round trip per replica per ``presence_interval``; a dead replica's entries removed by
 one live replica within ``presence_ttl`` + ``presence_interval``). State: a hash ``{v, d}`` per room,
 compare-and-set in one Lua script.
 
-Failures: see :mod:`plugins.bus._broker` (watchdog through the broker: a PUBLISH on this replica's
+Failures: see :mod:`wirehub.builtins.bus._broker` (watchdog through the broker: a PUBLISH on this replica's
 heartbeat channel must come back through its own subscriber connection within
 ``heartbeat_timeout``). ``publish`` raises BusUnavailable while the bus is down and when Redis
 does not answer within ``op_timeout``; nothing is buffered. A publish that timed out may still
@@ -48,12 +48,20 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from plugins.bus._broker import Supervised, encode_room, safe_close
-from plugins.bus.redis_presence import RedisPresence
-from service.bus import Backend, BusUnavailable, HistoryPage, PublishOutcomeUnknown, StateConflict
-from service.config import ConfigError, opt, parse_block
-from service.hookspecs import hookimpl
-from service.plugins import BusFactory
+from wirehub import (
+    Backend,
+    BusFactory,
+    BusUnavailable,
+    ConfigError,
+    HistoryPage,
+    PublishOutcomeUnknown,
+    StateConflict,
+    hookimpl,
+    opt,
+    parse_block,
+)
+from wirehub.builtins.bus._broker import Supervised, encode_room, safe_close
+from wirehub.builtins.bus.redis_presence import RedisPresence
 
 log = logging.getLogger("wirehub.bus.redis")
 

@@ -30,11 +30,11 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from plugins.bus._roster import Departures
-from service.bus import DepartedListener, PresenceCount, PresenceEntry, PresenceMember, PresencePage
+from wirehub import DepartedListener, PresenceCount, PresenceEntry, PresenceMember, PresencePage
+from wirehub.builtins.bus._roster import Departures
 
 if TYPE_CHECKING:
-    from plugins.bus.redis import RedisBus
+    from wirehub.builtins.bus.redis import RedisBus
 
 log = logging.getLogger("wirehub.bus.redis")
 
@@ -150,7 +150,7 @@ def _text(value: Any) -> str:
 
 
 class RedisPresence:
-    """The :class:`service.bus.Presence` of the Redis backend (see the module docstring)."""
+    """The :class:`wirehub.bus.Presence` of the Redis backend (see the module docstring)."""
 
     def __init__(self, bus: RedisBus, ttl: float) -> None:
         self.bus = bus

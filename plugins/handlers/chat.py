@@ -3,9 +3,9 @@
 Ops (docs/protocol.md, "Chat endpoint"): ``join {room, since?}``, ``leave {room}``,
 ``publish {room, data, echo?}``, ``presence {room, after?, limit?, count_only?}``,
 ``history {room, since?, limit?}``, plus ``ping`` and ``refresh`` from
-:class:`service.handler.OpHandler`. Publishing goes through :func:`service.rooms.publish_message`,
+:class:`wirehub.handler.OpHandler`. Publishing goes through :func:`wirehub.rooms.publish_message`,
 which the HTTP publish API shares. Presence (rules per room pattern, bounded lists, events) is in
-:mod:`plugins.handlers.chat_presence`.
+:mod:`wirehub.builtins.handlers.chat_presence`.
 """
 
 from __future__ import annotations
@@ -16,31 +16,39 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from plugins.handlers.chat_presence import ChatPresence, PresenceRule, PresenceRules, check_rules, parse_query
-from service.bus import BusUnavailable, PublishOutcomeUnknown
-from service.config import ConfigError, opt, parse_block
-from service.handler import HandlerContext, Op, OpHandler
-from service.hookspecs import hookimpl
-from service.plugins import HandlerFactory
-from service.protocol import CloseCode, ErrorCode, ProtocolError
-from service.rooms import (
+from wirehub import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_ROOM_PATTERN,
+    BusUnavailable,
+    CloseCode,
+    ConfigError,
+    ErrorCode,
+    HandlerContext,
+    HandlerFactory,
+    Op,
+    OpHandler,
+    OutFrame,
+    ProtocolError,
+    PublishOutcomeUnknown,
     RoomLimit,
     RoomRules,
+    Session,
     TokenBucket,
     fit,
     history_frame,
+    hookimpl,
+    opt,
+    parse_block,
     parse_idempotency_key,
     parse_since,
     publish_message,
     recover,
     stored_frames,
 )
-from service.session import OutFrame, Session
+from wirehub.builtins.handlers.chat_presence import ChatPresence, PresenceRule, PresenceRules, check_rules, parse_query
 
 if TYPE_CHECKING:
-    from service.app import Wirehub
+    from wirehub import Wirehub
 
 log = logging.getLogger("wirehub.chat")
 

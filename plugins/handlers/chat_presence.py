@@ -20,13 +20,21 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from service.bus import BusUnavailable, Presence, PresenceCount, PresenceEntry, PresenceMember
-from service.config import ConfigError, opt
-from service.protocol import ErrorCode, ProtocolError, encode
+from wirehub import (
+    BusUnavailable,
+    ConfigError,
+    ErrorCode,
+    Presence,
+    PresenceCount,
+    PresenceEntry,
+    PresenceMember,
+    ProtocolError,
+    encode,
+    opt,
+)
 
 if TYPE_CHECKING:
-    from service.hub import Hub
-    from service.session import Session
+    from wirehub import Hub, Session
 
 log = logging.getLogger("wirehub.chat.presence")
 

@@ -13,13 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from service import inbound
-from service.config import opt, parse_block
-from service.handler import HandlerContext
-from service.hookspecs import hookimpl
-from service.plugins import HandlerFactory
-from service.protocol import ErrorCode
-from service.session import OutFrame, Session
+from wirehub import ErrorCode, HandlerContext, HandlerFactory, OutFrame, Session, hookimpl, inbound, opt, parse_block
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 // The demo page's shared text editor: the real yjs and y-websocket packages (bundled into
-// /static/vendor/yjs.js by tools/yjs-vendor/build.sh) on wirehub's yjs endpoint, with the other
+// /static/vendor/yjs.js by .ci/yjs-vendor/build.sh) on wirehub's yjs endpoint, with the other
 // editors' cursors and selections drawn over the text. URL parameters: ?doc=demo (the document)
 // &name=... (your name on the cursor) &token=... (JWT setups). Needs a yjs endpoint at /ws/yjs/*
 // (docs/collaboration.md); without one the section says so and connects nothing.

@@ -28,9 +28,9 @@ from typing import Any
 import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
-from service.brokers import BrokerProcess
-from service.testing import WsClient, unique_room, ws_connect
 from tests.helpers import Cluster, ServerProcess, bus_block
+from wirehub.brokers import BrokerProcess
+from wirehub.testing import WsClient, unique_room, ws_connect
 
 API_KEY = "drain-test-key"
 PUBLISHERS = 8

@@ -24,10 +24,10 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.accept import PROBE_SLOTS
-from service.config import ConfigError, config_from_dict
-from service.testing import LiveServer, WsClient, free_port, ws_connect
 from tests.helpers import ServerProcess, write_config
+from wirehub.accept import PROBE_SLOTS
+from wirehub.config import ConfigError, config_from_dict
+from wirehub.testing import LiveServer, WsClient, free_port, ws_connect
 
 Start = Callable[..., Awaitable[LiveServer]]
 ECHO = [{"path": "/ws/echo", "handler": "echo"}]

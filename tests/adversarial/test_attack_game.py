@@ -18,11 +18,11 @@ from typing import Any
 
 import pytest
 
-from plugins.bus._broker import encode_room
-from service.inbound import value_depth
-from service.testing import LiveServer, unique_room
 from tests.helpers import bus_options
 from tests.plugins_for_tests.game_client import GameClient
+from wirehub.builtins.bus._broker import encode_room
+from wirehub.inbound import value_depth
+from wirehub.testing import LiveServer, unique_room
 
 GAME = "/ws/game"
 INITIAL = {"n": 0}

@@ -18,10 +18,10 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from service.brokers import BrokerProcess
-from service.client import Client
-from service.testing import LiveServer, WsClient, unique_room
 from tests.helpers import bus_options
+from wirehub.brokers import BrokerProcess
+from wirehub.client import Client
+from wirehub.testing import LiveServer, WsClient, unique_room
 
 RESTARTS = 3
 #: seconds between two publishes of the publisher

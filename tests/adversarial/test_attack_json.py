@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from service.config import ConfigError
-from service.testing import LiveServer, WsClient, unique_room
+from wirehub.config import ConfigError
+from wirehub.testing import LiveServer, WsClient, unique_room
 
 ECHO, CHAT, GAME = "/ws/echo", "/ws/chat", "/ws/game"
 KEY = "attack-json-key"

@@ -20,8 +20,8 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
-from service.testing import LiveServer, WsClient, free_port, unique_room, ws_connect
 from tests.helpers import ServerProcess, write_config
+from wirehub.testing import LiveServer, WsClient, free_port, unique_room, ws_connect
 
 PLUGIN = "tests.plugins_for_tests.raising_hooks"
 GRACE = 20.0

@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
-from service.client import Client
-from service.protocol import CloseCode, close_reason
-from service.testing import LiveServer, unique_room
+from wirehub.client import Client
+from wirehub.protocol import CloseCode, close_reason
+from wirehub.testing import LiveServer, unique_room
 
 FAST = {"backoff_min": 0.01, "backoff_max": 0.05, "ack_timeout": 5.0, "ping_interval": 0}
 WORKERS = 6

@@ -25,10 +25,10 @@ from tornado.iostream import StreamClosedError
 from tornado.websocket import WebSocketClosedError
 
 from bench.loadgen import rss_bytes
-from plugins.bus._broker import encode_room
-from service.brokers import NatsServer, RedisServer
-from service.testing import LiveServer, WsClient, free_port, unique_room, ws_connect
 from tests.helpers import FAST_BUS, ServerProcess, write_config
+from wirehub.brokers import NatsServer, RedisServer
+from wirehub.builtins.bus._broker import encode_room
+from wirehub.testing import LiveServer, WsClient, free_port, unique_room, ws_connect
 
 CHAT = "/ws/chat"
 GAME = "/ws/game"

@@ -13,8 +13,7 @@ import asyncio
 from collections.abc import Mapping
 from typing import Any
 
-from plugins.bus.memory import MemoryBus, MemoryHistory, MemoryPresence, create_backend
-from service.bus import (
+from wirehub import (
     Backend,
     BusHandler,
     BusUnavailable,
@@ -23,8 +22,9 @@ from service.bus import (
     PresenceCount,
     PresenceEntry,
     PresencePage,
+    hookimpl,
 )
-from service.hookspecs import hookimpl
+from wirehub.builtins.bus.memory import MemoryBus, MemoryHistory, MemoryPresence, create_backend
 
 
 class FlakyBus:

@@ -11,10 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from service.auth import Identity
-from service.hookspecs import hookimpl
-from service.plugins import DROP
-from service.session import Session
+from wirehub import DROP, Identity, Session, hookimpl
 
 
 @hookimpl

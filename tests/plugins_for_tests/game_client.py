@@ -16,7 +16,7 @@ from typing import Any
 
 import jsonpatch
 
-from service.testing import WsClient, ws_connect
+from wirehub.testing import WsClient, ws_connect
 
 _ids = itertools.count(1)
 

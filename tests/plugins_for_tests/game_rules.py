@@ -12,9 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from service.auth import Identity
-from service.hookspecs import hookimpl
-from service.plugins import UpdateRejected
+from wirehub import Identity, UpdateRejected, hookimpl
 
 
 @hookimpl

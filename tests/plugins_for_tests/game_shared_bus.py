@@ -18,9 +18,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from plugins.bus.memory import MemoryHistory, MemoryPresence, MemoryStateStore
-from service.bus import (
+from wirehub import (
     Backend,
+    BusFactory,
     BusHandler,
     BusUnavailable,
     DepartedListener,
@@ -28,10 +28,11 @@ from service.bus import (
     PresenceCount,
     PresenceEntry,
     PresencePage,
+    hookimpl,
+    opt,
+    parse_block,
 )
-from service.config import opt, parse_block
-from service.hookspecs import hookimpl
-from service.plugins import BusFactory
+from wirehub.builtins.bus.memory import MemoryHistory, MemoryPresence, MemoryStateStore
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """A handler "probe" for the JWT tests, plus their shared helpers.
 
-The handler is an :class:`service.handler.OpHandler` (welcome, ``ping``, ``refresh``) with one more
+The handler is an :class:`wirehub.handler.OpHandler` (welcome, ``ping``, ``refresh``) with one more
 ops, ``whoami`` (the session's identity) and ``may`` (the room policy's answer for it), so the JWT tests do
 not depend on chat.
 """
@@ -17,9 +17,7 @@ from typing import Any
 
 import jwt
 
-from service.handler import HandlerContext, OpHandler, require_str
-from service.hookspecs import hookimpl
-from service.session import Session
+from wirehub import HandlerContext, OpHandler, Session, hookimpl, require_str
 
 MODULE = "tests.plugins_for_tests.jwt_probe"
 PATH = "/ws/probe"

@@ -6,7 +6,7 @@ from typing import Any
 
 import tornado.web
 
-from service.hookspecs import hookimpl
+from wirehub import hookimpl
 
 CALLS: list[tuple[str, Any]] = []
 

@@ -1,6 +1,6 @@
 """A plugin whose hookimpl name is misspelt: loading it must fail at startup."""
 
-from service.hookspecs import hookimpl
+from wirehub import hookimpl
 
 
 @hookimpl

@@ -16,10 +16,7 @@ from typing import Any
 
 from tornado.httputil import HTTPServerRequest
 
-from service.auth import AuthError, Identity
-from service.handler import HandlerContext
-from service.hookspecs import hookimpl
-from service.session import Session
+from wirehub import AuthError, HandlerContext, Identity, Session, hookimpl
 
 
 class RaisingOpen:

@@ -8,8 +8,7 @@ from typing import Any
 
 from tornado.httputil import HTTPServerRequest
 
-from service.auth import AuthError, Identity
-from service.hookspecs import hookimpl
+from wirehub import AuthError, Identity, hookimpl
 
 
 class SlowAuthenticator:

@@ -6,8 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from service.hookspecs import hookimpl
-from service.session import Session
+from wirehub import Session, hookimpl
 
 DELAY = 0.05
 

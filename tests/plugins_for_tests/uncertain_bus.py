@@ -8,9 +8,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from plugins.bus.memory import MemoryBus, create_backend
-from service.bus import Backend, PublishOutcomeUnknown
-from service.hookspecs import hookimpl
+from wirehub import Backend, PublishOutcomeUnknown, hookimpl
+from wirehub.builtins.bus.memory import MemoryBus, create_backend
 
 
 class UncertainBus(MemoryBus):

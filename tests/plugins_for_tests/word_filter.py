@@ -10,9 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from service.config import Config, parse_block
-from service.hookspecs import hookimpl
-from service.session import Session
+from wirehub import Config, Session, hookimpl, parse_block
 
 
 @dataclass(frozen=True)

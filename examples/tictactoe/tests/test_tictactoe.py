@@ -10,8 +10,8 @@ import jsonpatch
 import pytest
 from wirehub_tictactoe.plugin import judge, new_game, winner
 
-from service.plugins import UpdateRejected
-from service.testing import LiveServer, WsClient, unique_room
+from wirehub import UpdateRejected
+from wirehub.testing import LiveServer, WsClient, unique_room
 
 PLUGIN = "wirehub_tictactoe.plugin"
 ServerFactory = Callable[..., Awaitable[LiveServer]]

@@ -32,10 +32,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from service.auth import Identity
-from service.config import Config, ConfigError
-from service.hookspecs import hookimpl
-from service.plugins import UpdateRejected
+from wirehub import Config, ConfigError, Identity, UpdateRejected, hookimpl
 
 NEW_GAME: dict[str, Any] = {
     "board": [""] * 9,

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-from service.testing import LiveServer
+from wirehub.testing import LiveServer
 
 
 async def test_upper_cases_text(wirehub_server: Callable[..., Awaitable[LiveServer]]) -> None:

@@ -9,11 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from service.config import parse_block
-from service.handler import HandlerContext
-from service.hookspecs import hookimpl
-from service.protocol import ErrorCode
-from service.session import OutFrame, Session
+from wirehub import ErrorCode, HandlerContext, OutFrame, Session, hookimpl, parse_block
 
 
 @dataclass(frozen=True)

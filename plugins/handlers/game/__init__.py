@@ -29,16 +29,12 @@ import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from plugins.handlers.game.handler import GameHandler
-from plugins.handlers.game.options import GameOptions, check_patch
-from service.config import ConfigError, parse_block
-from service.handler import HandlerContext
-from service.hookspecs import hookimpl
-from service.plugins import HandlerFactory
-from service.protocol import dumps
+from wirehub import ConfigError, HandlerContext, HandlerFactory, dumps, hookimpl, parse_block
+from wirehub.builtins.handlers.game.handler import GameHandler
+from wirehub.builtins.handlers.game.options import GameOptions, check_patch
 
 if TYPE_CHECKING:
-    from service.app import Wirehub
+    from wirehub import Wirehub
 
 __all__ = ["GameHandler", "GameOptions", "check_patch", "wirehub_register_handlers", "wirehub_shutdown"]
 

@@ -28,14 +28,11 @@ from typing import TYPE_CHECKING, Any
 
 import jsonpatch
 
-from plugins.handlers.game.options import _APPLY_ERRORS, PatchTooLarge, _explain, apply_bounded, check_patch
-from service.bus import BusUnavailable, StateConflict
-from service.plugins import PluginFailed, UpdateRejected
-from service.protocol import ErrorCode, dumps
-from service.session import Session
+from wirehub import BusUnavailable, ErrorCode, PluginFailed, Session, StateConflict, UpdateRejected, dumps
+from wirehub.builtins.handlers.game.options import _APPLY_ERRORS, PatchTooLarge, _explain, apply_bounded, check_patch
 
 if TYPE_CHECKING:
-    from plugins.handlers.game.handler import GameHandler
+    from wirehub.builtins.handlers.game.handler import GameHandler
 
 log = logging.getLogger("wirehub.game")
 

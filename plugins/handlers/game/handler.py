@@ -3,9 +3,9 @@
 :class:`GameHandler` is the endpoint (one per game endpoint of the config). It answers the
 client frames (docs/protocol.md, "Game endpoint"): ``join {room}`` -> ``state``; ``leave
 {room}`` -> ``left``; ``update {room, patch}`` -> ``ack {id, version}`` or ``error``; ``sync
-{room}`` -> ``state``. It owns one :class:`~plugins.handlers.game.view._View` per room with
+{room}`` -> ``state``. It owns one :class:`~wirehub.builtins.handlers.game.view._View` per room with
 members on this replica (the read side: ``view.py``) and one
-:class:`~plugins.handlers.game.commit._Committer` per room with writes in flight (the write side:
+:class:`~wirehub.builtins.handlers.game.commit._Committer` per room with writes in flight (the write side:
 ``commit.py``), and gives both what they share: the store key and bus room of a room, the
 unwrapping of a stored document, background tasks, the options and the metrics. A maintenance
 task, running while there are views, committers or idle rooms, drives the views' gap and verify
@@ -28,14 +28,23 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
 
-from plugins.handlers.game.commit import _Committer, _Outcome, _Update
-from plugins.handlers.game.options import GameOptions, check_patch
-from plugins.handlers.game.view import _Member, _View
-from service.bus import BusUnavailable, PresenceEntry, StateConflict
-from service.handler import HandlerContext, OpHandler, require_str
-from service.inbound import value_depth
-from service.protocol import ErrorCode, ProtocolError, dumps
-from service.session import OutFrame, Session
+from wirehub import (
+    BusUnavailable,
+    ErrorCode,
+    HandlerContext,
+    OpHandler,
+    OutFrame,
+    PresenceEntry,
+    ProtocolError,
+    Session,
+    StateConflict,
+    dumps,
+    require_str,
+    value_depth,
+)
+from wirehub.builtins.handlers.game.commit import _Committer, _Outcome, _Update
+from wirehub.builtins.handlers.game.options import GameOptions, check_patch
+from wirehub.builtins.handlers.game.view import _Member, _View
 
 log = logging.getLogger("wirehub.game")
 

@@ -17,10 +17,7 @@ from typing import Any
 import jsonpatch
 import jsonpointer
 
-from service.config import opt
-from service.inbound import value_depth
-from service.protocol import dumps
-from service.rooms import DEFAULT_ROOM_PATTERN
+from wirehub import DEFAULT_ROOM_PATTERN, dumps, opt, value_depth
 
 _OPS_NEEDING_VALUE = frozenset(("add", "replace", "test"))
 _OPS_NEEDING_FROM = frozenset(("move", "copy"))

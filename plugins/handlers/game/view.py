@@ -27,14 +27,11 @@ from typing import TYPE_CHECKING, Any
 
 import jsonpatch
 
-from plugins.handlers.game.options import _APPLY_ERRORS
-from service.auth import Identity
-from service.bus import BusUnavailable
-from service.protocol import dumps
-from service.session import OutFrame, Session
+from wirehub import BusUnavailable, Identity, OutFrame, Session, dumps
+from wirehub.builtins.handlers.game.options import _APPLY_ERRORS
 
 if TYPE_CHECKING:
-    from plugins.handlers.game.handler import GameHandler
+    from wirehub.builtins.handlers.game.handler import GameHandler
 
 log = logging.getLogger("wirehub.game")
 

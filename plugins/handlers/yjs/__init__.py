@@ -21,19 +21,16 @@ import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from service.config import ConfigError, parse_block
-from service.handler import Handler, HandlerContext
-from service.hookspecs import hookimpl
-from service.plugins import HandlerFactory
+from wirehub import ConfigError, Handler, HandlerContext, HandlerFactory, hookimpl, parse_block
 
 if TYPE_CHECKING:
-    from service.app import Wirehub
+    from wirehub import Wirehub
 
 __all__ = ["wirehub_register_handlers", "wirehub_shutdown"]
 
 
 def _factory(options: Mapping[str, Any], key: str, context: HandlerContext) -> Handler:
-    from plugins.handlers.yjs.options import YjsOptions
+    from wirehub.builtins.handlers.yjs.options import YjsOptions
 
     opts = parse_block(YjsOptions, options, key)
     try:
@@ -60,7 +57,7 @@ def _factory(options: Mapping[str, Any], key: str, context: HandlerContext) -> H
     except ImportError:
         raise ConfigError(f"{key.removesuffix('.options')}.handler",
                           "the yjs handler needs pycrdt: pip install 'wirehub[yjs]'") from None
-    from plugins.handlers.yjs.handler import YjsHandler
+    from wirehub.builtins.handlers.yjs.handler import YjsHandler
 
     return YjsHandler(opts, context)
 
@@ -72,7 +69,7 @@ def wirehub_register_handlers() -> Mapping[str, HandlerFactory]:
 
 @hookimpl
 async def wirehub_shutdown(app: Wirehub) -> None:
-    from plugins.handlers.yjs.handler import YjsHandler
+    from wirehub.builtins.handlers.yjs.handler import YjsHandler
 
     for handler in app.handlers.values():
         if isinstance(handler, YjsHandler):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from plugins.handlers.yjs.wire import AwarenessEntry
+from wirehub.builtins.handlers.yjs.wire import AwarenessEntry
 
 NULL = "null"
 

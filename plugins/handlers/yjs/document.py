@@ -19,18 +19,22 @@ from typing import TYPE_CHECKING, Any
 
 import pycrdt
 
-from plugins.handlers.yjs import wire
-from plugins.handlers.yjs.awareness import AwarenessMap
-from plugins.handlers.yjs.wire import WireError
-from service.auth import Identity
-from service.bus import BusUnavailable, PublishOutcomeUnknown
-from service.hub import split_envelope
-from service.protocol import CloseCode
-from service.rooms import TokenBucket
-from service.session import OutFrame, Session
+from wirehub import (
+    BusUnavailable,
+    CloseCode,
+    Identity,
+    OutFrame,
+    PublishOutcomeUnknown,
+    Session,
+    TokenBucket,
+    split_envelope,
+)
+from wirehub.builtins.handlers.yjs import wire
+from wirehub.builtins.handlers.yjs.awareness import AwarenessMap
+from wirehub.builtins.handlers.yjs.wire import WireError
 
 if TYPE_CHECKING:
-    from plugins.handlers.yjs.handler import YjsHandler
+    from wirehub.builtins.handlers.yjs.handler import YjsHandler
 
 log = logging.getLogger("wirehub.yjs")
 
@@ -274,7 +278,7 @@ class Document:
         if self.size + len(update) > limit:
             self.size = len(self.doc.get_update())
             if self.size + len(update) > limit:
-                from plugins.handlers.yjs.store import merge
+                from wirehub.builtins.handlers.yjs.store import merge
 
                 if len(merge(self.doc.get_update(), update)) > limit:
                     h.refused.labels(h.endpoint, "too_large").inc()

@@ -25,16 +25,12 @@ from urllib.parse import unquote
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from plugins.handlers.yjs import wire
-from plugins.handlers.yjs.document import Document, Member, TooLarge
-from plugins.handlers.yjs.options import YjsOptions
-from plugins.handlers.yjs.store import DocumentStore
-from plugins.handlers.yjs.wire import Reader, WireError
-from service.bus import BusUnavailable
-from service.handler import HandlerContext
-from service.protocol import CloseCode
-from service.rooms import TokenBucket
-from service.session import Session
+from wirehub import BusUnavailable, CloseCode, HandlerContext, Session, TokenBucket
+from wirehub.builtins.handlers.yjs import wire
+from wirehub.builtins.handlers.yjs.document import Document, Member, TooLarge
+from wirehub.builtins.handlers.yjs.options import YjsOptions
+from wirehub.builtins.handlers.yjs.store import DocumentStore
+from wirehub.builtins.handlers.yjs.wire import Reader, WireError
 
 log = logging.getLogger("wirehub.yjs")
 

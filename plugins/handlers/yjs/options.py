@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from service.config import opt
+from wirehub import opt
 
 #: chat's room names plus "/" (``team/notes``)
 DEFAULT_DOCUMENT_PATTERN = r"^[A-Za-z0-9_\-.:@/]{1,128}$"

@@ -23,7 +23,7 @@ from typing import Any
 
 import pycrdt
 
-from service.bus import Backend, StateConflict
+from wirehub import Backend, StateConflict
 
 log = logging.getLogger("wirehub.yjs")
 

@@ -1,0 +1,78 @@
+"""The wheel: one import package, `wirehub`, with the built-ins, static files and entry points inside it."""
+
+from __future__ import annotations
+
+import configparser
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> zipfile.ZipFile:
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out),
+                    str(ROOT)], check=True, capture_output=True, timeout=300)
+    (path,) = out.glob("wirehub-*.whl")
+    return zipfile.ZipFile(path)
+
+
+def test_the_wheel_adds_one_top_level_name(wheel: zipfile.ZipFile) -> None:
+    top = {name.split("/")[0] for name in wheel.namelist()}
+    dist_info = {t for t in top if t.endswith(".dist-info")}
+    assert top - dist_info == {"wirehub"}, top
+    assert not any(name.startswith(("service/", "plugins/")) for name in wheel.namelist())
+
+
+def test_every_folder_of_service_and_plugins_is_in_the_wheel(wheel: zipfile.ZipFile) -> None:
+    names = set(wheel.namelist())
+    for folder, package in ((ROOT / "service", "wirehub"), (ROOT / "plugins", "wirehub/builtins")):
+        for module in folder.rglob("*.py"):
+            rel = module.relative_to(folder)
+            if rel.parts[0] == "builtins":  # the link to plugins/, checked as wirehub/builtins
+                continue
+            assert f"{package}/{rel.as_posix()}" in names, f"{module} is not in the wheel"
+    for static in (ROOT / "service" / "static").rglob("*"):
+        if static.is_file():
+            assert f"wirehub/static/{static.relative_to(ROOT / 'service' / 'static').as_posix()}" in names
+    assert "wirehub/py.typed" in names and "wirehub/builtins/py.typed" in names
+
+
+def test_entry_points_name_the_package(wheel: zipfile.ZipFile) -> None:
+    (ep_name,) = [n for n in wheel.namelist() if n.endswith(".dist-info/entry_points.txt")]
+    parser = configparser.ConfigParser()
+    parser.read_string(wheel.read(ep_name).decode())
+    assert parser["console_scripts"]["wirehub"] == "wirehub.cli:main"
+    assert parser["pytest11"]["wirehub"] == "wirehub.testing"
+
+
+def test_import_wirehub_is_the_public_surface() -> None:
+    import wirehub
+
+    for name in wirehub.__all__:
+        assert hasattr(wirehub, name), name
+    # what a plugin author needs, from one import
+    for name in ("hookimpl", "Session", "OutFrame", "Handler", "Bus", "History", "Presence", "StateStore",
+                 "Authenticator", "Identity", "ErrorCode", "CloseCode", "ProtocolError", "ConfigError", "opt",
+                 "parse_block"):
+        assert name in wirehub.__all__, name
+
+
+def test_built_ins_and_examples_use_only_the_public_surface() -> None:
+    """`from wirehub.<internal module> import ...` stays inside the core; plugins import `wirehub`."""
+    offenders = []
+    for base in ("plugins", "examples"):
+        for path in (ROOT / base).rglob("*.py"):
+            if "build" in path.parts:
+                continue
+            for n, line in enumerate(path.read_text().splitlines(), 1):
+                stripped = line.strip()
+                if stripped.startswith("from wirehub.") and not stripped.startswith(
+                        ("from wirehub.builtins", "from wirehub.testing")):
+                    offenders.append(f"{path.relative_to(ROOT)}:{n}: {stripped}")
+    assert not offenders, "\n".join(offenders)
