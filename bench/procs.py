@@ -44,9 +44,10 @@ def wirehub_cmd(config: Path) -> list[str]:
     return [sys.executable, "-m", "wirehub.cli", "--config", str(config), "serve"]
 
 
-def start_replica(workdir: Path, name: str, bus: dict[str, Any],
-                  endpoint: dict[str, Any]) -> tuple[subprocess.Popen[bytes], int, Path]:
-    """A `wirehub serve` replica on a free port with one endpoint and ``bus``; (process, port, log)."""
+def start_replica(workdir: Path, name: str, bus: dict[str, Any], endpoint: dict[str, Any], *,
+                  preexec_fn: Callable[[], None] | None = None) -> tuple[subprocess.Popen[bytes], int, Path]:
+    """A `wirehub serve` replica on a free port with one endpoint and ``bus``; (process, port, log).
+    ``preexec_fn`` runs in the child before it starts (pin it to a core, raise its open-file limit)."""
     port = free_port()
     cfg = {
         "server": {"host": "127.0.0.1", "port": port, "backlog": 2048, "node_id": name},
@@ -58,7 +59,7 @@ def start_replica(workdir: Path, name: str, bus: dict[str, Any],
     path = workdir / f"{name}.yaml"
     path.write_text(json.dumps(cfg))
     log = workdir / f"{name}.log"
-    return spawn(wirehub_cmd(path), port, log, name=name), port, log
+    return spawn(wirehub_cmd(path), port, log, name=name, preexec_fn=preexec_fn), port, log
 
 
 def stop(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:

@@ -1,0 +1,684 @@
+"""Big rooms (issue 11): join storm, cross-replica latency, fan-out by room size, reconnect storm.
+
+    python -m bench.bench_rooms join      [--sizes 1000,5000,18000] [--bus memory,redis,nats] [--events off,on]
+    python -m bench.bench_rooms latency   [--bus redis,nats] [--subscribers 1000] [--rate 20] [--duration 20]
+    python -m bench.bench_rooms fanout    [--sizes 1000,10000,18000] [--bus memory]
+    python -m bench.bench_rooms reconnect [--members 18000] [--stayers 1000] [--bus redis]
+    python -m bench.bench_rooms all --quick      # every scenario with tiny sizes (each under ~20 s: the smoke test)
+    python -m bench.bench_rooms render bench/results/before-*.json     # the README's tables from saved results
+
+Every figure is a ratio against a baseline measured in the same run (the machine is shared, absolute
+figures are noisy):
+
+- ``join``: per size N and bus, a fresh replica takes N connections that join nothing (the baseline),
+  another fresh replica N connections that each join one room. Figures: server CPU per joined member /
+  server CPU per idle connection (target <= 1.2x at 50,000: shown flat from 1,000 to 18,000), the
+  join's own CPU per join against the smallest size, joins per second, and RSS per member minus RSS per
+  idle connection (target <= 1 KiB). ``--events off`` is the storm baseline; ``on`` is the default.
+- ``latency``: publisher on replica A, ``--subscribers`` on replica B, ``--rate`` messages per second
+  (20 x 1,000 = 20,000 deliveries/s), p50/p99/p99.9 per bus, against the memory bus on one replica
+  in the same run (target p99 <= 1.5x). ``presence_ttl`` is ``--presence-ttl`` (3 s: a refresh every
+  second, so the window covers many).
+- ``fanout``: one replica, a room of each size, one member publishing with ``--window`` messages'
+  deliveries outstanding: deliveries per server CPU-second against the first size (target >= 1.0).
+- ``reconnect``: three replicas on one broker; ``--members`` members of one room on the first,
+  ``--stayers`` on the other two, a publisher on the second at ``--rate``. The first is SIGKILLed; its
+  members reconnect to the survivors and join with ``since``. Figures: seconds until all rejoined
+  (target < 20), ``recovered: true`` count (target all), messages lost / duplicated over every member
+  (target 0), and the stayers' p99 during the storm (target < 100 ms) against their p99 before it.
+
+Replicas run pinned to core 0, load-generator worker processes (:mod:`bench.rooms_load`) and this
+process (the publisher) to core 1; the brokers, started by this process, inherit core 1. The last line
+of stdout is a JSON object ``{scenario: [results...], meta: {...}}``; above it the same as Markdown
+tables; ``--json FILE`` writes the JSON to a file too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.bench_buses import bus_block
+from bench.loadgen import cpu_seconds, raise_nofile, rss_bytes
+from bench.procs import start_replica, stop, tail
+from bench.rooms_load import Stats, Worker, _open_publisher, latency_ms, pacing
+from wirehub.brokers import BrokerProcess, NatsServer, RedisServer
+
+SERVER_CORE, LOADGEN_CORE = 0, 1
+#: members one worker process holds (below the 20,000 open files of a process, with room to spare)
+PER_WORKER = 15_000
+#: the bench's chat options: no publish rate limit (the publisher is the load); events as the run says
+CHAT_BASE: dict[str, Any] = {"publish_rate": 1e9, "publish_burst": 1_000_000_000}
+perf = time.perf_counter
+
+
+def server_setup() -> None:
+    """preexec_fn of every replica: open-file limit up to the hard limit, pinned to the server core."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+    if want > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    if (os.cpu_count() or 1) > 1:
+        os.sched_setaffinity(0, {SERVER_CORE})
+
+
+class Env:
+    """Brokers (one per bus for the whole run), replicas, workers; everything stopped at the end."""
+
+    def __init__(self, workdir: Path, chat_options: dict[str, Any] | None = None) -> None:
+        self.workdir = workdir
+        self.chat_options = chat_options or {}
+        self.presence_ttl: float | None = None
+        self.brokers: dict[str, BrokerProcess] = {}
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self._n = 0
+
+    def bus(self, kind: str, presence_ttl: float | None = None) -> dict[str, Any]:
+        broker = None
+        if kind in ("redis", "nats"):
+            broker = self.brokers.get(kind)
+            if broker is None:
+                broker = self.brokers[kind] = RedisServer() if kind == "redis" else NatsServer()
+                broker.start()
+        block = bus_block(kind, broker, f"rooms{uuid.uuid4().hex[:6]}")
+        ttl = presence_ttl if presence_ttl is not None else self.presence_ttl
+        if ttl is not None and kind in block:
+            block[kind]["presence_ttl"] = ttl
+        return block
+
+    def broker_pids(self) -> list[int]:
+        return [b.pid for b in self.brokers.values() if b.pid]
+
+    def replica(self, bus: dict[str, Any], events: bool | None) -> tuple[subprocess.Popen[bytes], int]:
+        self._n += 1
+        options = {**CHAT_BASE, **self.chat_options}
+        if events is not None and "presence_events" not in self.chat_options:
+            options["presence_events"] = events
+        endpoint = {"path": "/ws/chat", "handler": "chat", "options": options}
+        name = f"{bus['plugin']}-{self._n}"
+        proc, port, _ = start_replica(self.workdir, name, bus, endpoint, preexec_fn=server_setup)
+        self.procs.append(proc)
+        return proc, port
+
+    def log_tail(self, proc: subprocess.Popen[bytes]) -> str:
+        i = self.procs.index(proc) + 1
+        logs = sorted(self.workdir.glob(f"*-{i}.log"))
+        return tail(logs[0]) if logs else ""
+
+    def stop(self, proc: subprocess.Popen[bytes]) -> None:
+        stop(proc)
+
+    def close(self) -> None:
+        for p in self.procs:
+            stop(p)
+        for b in self.brokers.values():
+            b.close()
+
+
+def workers_for(n: int) -> int:
+    return max(1, math.ceil(n / PER_WORKER))
+
+
+def set_per_worker(n: int) -> None:
+    global PER_WORKER
+    PER_WORKER = n
+
+
+def split(n: int, parts: int) -> list[int]:
+    return [n // parts + (1 if i < n % parts else 0) for i in range(parts)]
+
+
+async def start_workers(n: int) -> list[Worker]:
+    return [Worker(i, LOADGEN_CORE) for i in range(n)]
+
+
+async def stop_workers(workers: Sequence[Worker]) -> None:
+    await asyncio.gather(*(w.exit() for w in workers))
+
+
+async def on_all(workers: Sequence[Worker], name: str, **kw: Any) -> list[Any]:
+    return list(await asyncio.gather(*(w.call(name, **kw) for w in workers)))
+
+
+def total(results: Sequence[dict[str, Any]], key: str) -> Any:
+    return sum(r[key] for r in results)
+
+
+def ratio(a: float | None, b: float | None, digits: int = 2) -> float | None:
+    return round(a / b, digits) if a is not None and b else None
+
+
+# -- join storm ------------------------------------------------------------------------------------------------
+
+
+async def join_phase(env: Env, kind: str, n: int, *, join: bool, events: bool, burst: int,
+                     join_timeout: float, settle: float) -> dict[str, Any]:
+    """A fresh replica; ``n`` connections (then joins of one room when ``join``): its CPU and RSS growth."""
+    proc, port = env.replica(env.bus(kind), events)
+    pid = proc.pid
+    workers = await start_workers(workers_for(n))
+    try:
+        # warm-up: 50 connections that join and leave a room, in both phases (imports, first allocations)
+        warm = workers[0]
+        await warm.call("connect", targets=[(port, 50, 0)], room=f"warm-{uuid.uuid4().hex[:6]}", burst=50)
+        await warm.call("join", burst=50, timeout=join_timeout)
+        await warm.call("drop")
+        await asyncio.sleep(settle)
+        room = f"big-{uuid.uuid4().hex[:8]}"
+        rss0, c0 = rss_bytes(pid), cpu_seconds(pid)
+        conn = await asyncio.gather(*(w.call("connect", targets=[(port, k, 0)], room=room, burst=burst)
+                                      for w, k in zip(workers, split(n, len(workers)), strict=True)))
+        c1 = cpu_seconds(pid)
+        res: dict[str, Any] = {"bus": kind, "size": n, "join": join, "events": events,
+                               "connected": total(conn, "connected"), "connect_failed": total(conn, "failed"),
+                               "connect_cpu": round(c1 - c0, 3),
+                               "connect_wall": round(max(r["t1"] for r in conn) - min(r["t0"] for r in conn), 3)}
+        if join:
+            joins = await on_all(workers, "join", burst=max(1, burst // len(workers)), timeout=join_timeout)
+            c2 = cpu_seconds(pid)
+            wall = max(r["t1"] for r in joins) - min(r["t0"] for r in joins)
+            res.update(joined=total(joins, "joined"), join_failed=total(joins, "failed"),
+                       first_join_error=next((r["first_error"][0] for r in joins if r["first_error"]), None),
+                       join_cpu=round(c2 - c1, 3), join_wall=round(wall, 3),
+                       joins_per_s=round(total(joins, "joined") / wall, 1) if wall else None,
+                       joined_bytes_avg=round(total(joins, "joined_bytes") / max(1, total(joins, "joined"))),
+                       joined_bytes_max=max(r["joined_max"] for r in joins),
+                       events_received=total(joins, "events"))
+        await asyncio.sleep(settle)
+        res["rss_growth"] = rss_bytes(pid) - rss0
+        res["rss_per_conn"] = round(res["rss_growth"] / max(1, res["connected"]))
+        res["server_alive"] = proc.poll() is None
+        return res
+    finally:
+        await stop_workers(workers)
+        env.stop(proc)
+
+
+async def scenario_join(env: Env, a: argparse.Namespace) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for kind in a.bus:
+        for events in a.events:
+            first_per_join: float | None = None
+            for n in a.sizes:
+                kw = {"events": events, "burst": a.burst, "join_timeout": a.join_timeout, "settle": a.settle}
+                idle = await join_phase(env, kind, n, join=False, **kw)
+                full = await join_phase(env, kind, n, join=True, **kw)
+                cpu_idle = idle["connect_cpu"] / n
+                cpu_member = (full["connect_cpu"] + full.get("join_cpu", 0)) / n
+                per_join = full.get("join_cpu", 0) / n
+                if first_per_join is None:
+                    first_per_join = per_join
+                r = {"scenario": "join", "bus": kind, "size": n, "events": "on" if events else "off",
+                     "cpu_per_idle_conn_us": round(cpu_idle * 1e6, 1),
+                     "cpu_per_member_us": round(cpu_member * 1e6, 1),
+                     "member_vs_idle_cpu": ratio(cpu_member, cpu_idle),
+                     "join_cpu_per_join_us": round(per_join * 1e6, 1),
+                     "join_cpu_vs_smallest": ratio(per_join, first_per_join),
+                     "joins_per_s": full.get("joins_per_s"),
+                     "joins_per_server_cpu_s": round(n / full["join_cpu"], 1) if full.get("join_cpu") else None,
+                     "rss_per_idle_conn": idle["rss_per_conn"], "rss_per_member": full["rss_per_conn"],
+                     "rss_member_minus_idle_kib": round((full["rss_per_conn"] - idle["rss_per_conn"]) / 1024, 2),
+                     "idle": idle, "joined": full}
+                print(f"join {kind:6} events {r['events']:3} N={n:>6}: {r['joins_per_s']} joins/s, CPU/member "
+                      f"{r['member_vs_idle_cpu']}x idle, join CPU {r['join_cpu_per_join_us']} us "
+                      f"({r['join_cpu_vs_smallest']}x N={a.sizes[0]}), RSS +{r['rss_member_minus_idle_kib']} KiB "
+                      f"over idle, failed {full.get('join_failed')}", file=sys.stderr)
+                out.append(r)
+    return out
+
+
+# -- cross-replica latency ---------------------------------------------------------------------------------------
+
+
+async def latency_run(env: Env, kind: str, a: argparse.Namespace) -> dict[str, Any]:
+    bus = env.bus(kind, a.presence_ttl)
+    pub_proc, pub_port = env.replica(bus, False)
+    procs = [pub_proc]
+    sub_port = pub_port
+    if kind != "memory":
+        sub_proc, sub_port = env.replica(bus, False)
+        procs.append(sub_proc)
+    pids = [p.pid for p in procs] + (env.broker_pids() if kind != "memory" else [])
+    room = f"lat-{uuid.uuid4().hex[:8]}"
+    workers = await start_workers(workers_for(a.subscribers))
+    try:
+        await asyncio.gather(*(w.call("connect", targets=[(sub_port, k, a.sample_every)], room=room, burst=a.burst)
+                               for w, k in zip(workers, split(a.subscribers, len(workers)), strict=True)))
+        joins = await on_all(workers, "join", burst=a.burst, timeout=a.join_timeout)
+        pub = await _open_publisher(pub_port, room, Stats())
+        stop_pub = asyncio.Event()
+        task = pacing(a.rate, pub.publish, stop_pub)
+        await asyncio.sleep(a.warmup)
+        gen_pids = [os.getpid(), *(w.proc.pid for w in workers if w.proc.pid)]
+        s0 = {p: cpu_seconds(p) for p in pids}
+        g0 = sum(map(cpu_seconds, gen_pids))
+        seq0 = pub.seq
+        await on_all(workers, "measure", on=True)
+        t0 = perf()
+        await asyncio.sleep(a.duration)
+        got = await on_all(workers, "measure", on=False)
+        wall = perf() - t0
+        cpu = {p: round(cpu_seconds(p) - s0[p], 3) for p in pids}
+        gen = sum(map(cpu_seconds, gen_pids)) - g0
+        stop_pub.set()
+        await task
+        await asyncio.sleep(min(1.0, a.duration / 2))  # the last deliveries
+        reports = await on_all(workers, "report", top=pub.top)
+        lat = latency_ms([x for g in got for x in g["latencies"]])
+        pub.close()
+        return {"scenario": "latency", "bus": kind, "replicas": len(procs), "subscribers": a.subscribers,
+                "rate": a.rate, "duration": round(wall, 2),
+                "presence_ttl": a.presence_ttl if kind != "memory" else None,
+                "published": pub.seq - seq0, "deliveries": total(got, "count"),
+                "expected": round(a.rate * a.subscribers * wall), **lat,
+                "lost": total(reports, "lost"), "dup": total(reports, "dup"),
+                "not_joined": total(reports, "not_joined"), "errors": total(reports, "errors") + pub.refused,
+                "join_failed": total(joins, "failed"), "cpu_by_pid": cpu,
+                "servers_cpu_pct": round(100 * sum(cpu.values()) / wall, 1),
+                "loadgen_cpu_pct": round(100 * gen / wall, 1)}
+    finally:
+        await stop_workers(workers)
+        for p in procs:
+            env.stop(p)
+
+
+async def scenario_latency(env: Env, a: argparse.Namespace) -> list[dict[str, Any]]:
+    base = await latency_run(env, "memory", a)
+    base["p99_vs_memory"] = 1.0
+    out = [base]
+    for kind in a.bus:
+        if kind == "memory":
+            continue
+        r = await latency_run(env, kind, a)
+        r["p99_vs_memory"] = ratio(r["p99_ms"], base["p99_ms"])
+        out.append(r)
+    for r in out:
+        print(f"latency {r['bus']:6}: p50 {r['p50_ms']} p99 {r['p99_ms']} p99.9 {r['p999_ms']} ms "
+              f"({r['p99_vs_memory']}x memory p99), {r['deliveries']}/{r['expected']} deliveries, "
+              f"lost {r['lost']}", file=sys.stderr)
+    return out
+
+
+# -- fan-out by room size ----------------------------------------------------------------------------------------
+
+
+async def fanout_spread(env: Env, kind: str, n: int, a: argparse.Namespace) -> dict[str, Any]:
+    """A room of ``n`` members spread over ``a.replicas`` replicas (and as many load-generator processes as
+    needed); a publisher on the first replica paced to ``a.deliveries`` deliveries per second."""
+    bus = env.bus(kind)
+    started = [env.replica(bus, False) for _ in range(a.replicas)]
+    procs, ports = [p for p, _ in started], [port for _, port in started]
+    pids = [p.pid for p in procs] + env.broker_pids()
+    room = f"fan-{uuid.uuid4().hex[:8]}"
+    workers = await start_workers(workers_for(n))
+    try:
+        shares = split(n, len(workers))
+        await asyncio.gather(*(
+            w.call("connect", targets=[(port, k, a.sample_every) for port, k in zip(ports, split(share, len(ports)),
+                                                                                     strict=True)],
+                   room=room, burst=a.burst)
+            for w, share in zip(workers, shares, strict=True)))
+        joins = await on_all(workers, "join", burst=max(1, a.burst // len(workers)), timeout=a.join_timeout)
+        pub = await _open_publisher(ports[0], room, Stats())
+        rate = a.deliveries / n
+        stop_pub = asyncio.Event()
+        task = pacing(rate, pub.publish, stop_pub)
+        await asyncio.sleep(a.warmup)
+        gen_pids = [os.getpid(), *(w.proc.pid for w in workers if w.proc.pid)]
+        s0, g0 = sum(map(cpu_seconds, pids)), sum(map(cpu_seconds, gen_pids))
+        await on_all(workers, "measure", on=True)
+        t0 = perf()
+        await asyncio.sleep(a.duration)
+        got = await on_all(workers, "measure", on=False)
+        wall = perf() - t0
+        cpu, gen = sum(map(cpu_seconds, pids)) - s0, sum(map(cpu_seconds, gen_pids)) - g0
+        stop_pub.set()
+        await task
+        for _ in range(20):  # the last deliveries: up to 10 s
+            await asyncio.sleep(0.5)
+            reports = await on_all(workers, "report", top=pub.top)
+            if not total(reports, "lost_tail"):
+                break
+        pub.close()
+        deliveries = total(got, "count")
+        return {"deliveries": deliveries, "wall": round(wall, 3), "server_cpu": round(cpu, 3),
+                "loadgen_cpu": round(gen, 3), "receivers": n, "replicas": a.replicas, "rate": round(rate, 3),
+                "published": pub.seq, "missing_after_drain": total(reports, "lost"), "dup": total(reports, "dup"),
+                "not_joined": total(reports, "not_joined"),
+                "join_failed": total(joins, "failed"), "latencies": [x for g in got for x in g["latencies"]]}
+    finally:
+        await stop_workers(workers)
+        for p in procs:
+            env.stop(p)
+
+
+async def scenario_fanout(env: Env, a: argparse.Namespace) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for kind in a.bus:
+        first: float | None = None
+        for n in a.sizes:
+            if a.replicas > 1:
+                if kind == "memory":
+                    raise SystemExit("fanout --replicas > 1 needs --bus redis or nats")
+                f = await fanout_spread(env, kind, n, a)
+                per_cpu = f["deliveries"] / f["server_cpu"] if f["server_cpu"] > 0 else None
+                first = first if first is not None else per_cpu
+                lat = latency_ms(f.pop("latencies"))
+                r = {"scenario": "fanout", "bus": kind, "size": n,
+                     "per_server_cpu_s": round(per_cpu, 1) if per_cpu else None,
+                     "per_wall_s": round(f["deliveries"] / f["wall"], 1), "vs_smallest": ratio(per_cpu, first),
+                     "server_cpu_pct": round(100 * f["server_cpu"] / f["wall"], 1),
+                     "loadgen_cpu_pct": round(100 * f["loadgen_cpu"] / f["wall"], 1), **f, **lat}
+                print(f"fanout {kind:6} {a.replicas} replicas N={n:>6}: {r['per_server_cpu_s']} deliveries per "
+                      f"CPU-s of replicas+broker ({r['vs_smallest']}x N={a.sizes[0]}), p99 {r['p99_ms']} ms",
+                      file=sys.stderr)
+                out.append(r)
+                continue
+            if n > PER_WORKER + 4000:
+                raise SystemExit(f"fanout: {n} members do not fit one load-generator process")
+            proc, port = env.replica(env.bus(kind), False)
+            pids = [proc.pid] + (env.broker_pids() if kind != "memory" else [])
+            workers = await start_workers(1)
+            try:
+                room = f"fan-{uuid.uuid4().hex[:8]}"
+                w = workers[0]
+                await w.call("connect", targets=[(port, n, a.sample_every)], room=room, burst=a.burst)
+                joins = await w.call("join", burst=a.burst, timeout=a.join_timeout)
+                f = await w.call("fanout", window=a.window, warmup=a.warmup, duration=a.duration, pids=pids,
+                                 size=a.size)
+            finally:
+                await stop_workers(workers)
+                env.stop(proc)
+            per_cpu = f["deliveries"] / f["server_cpu"] if f["server_cpu"] > 0 else None
+            if first is None:
+                first = per_cpu
+            lat = latency_ms(f.pop("latencies"))
+            r = {"scenario": "fanout", "bus": kind, "size": n, "join_failed": joins["failed"],
+                 "per_server_cpu_s": round(per_cpu, 1) if per_cpu else None,
+                 "per_wall_s": round(f["deliveries"] / f["wall"], 1),
+                 "vs_smallest": ratio(per_cpu, first),
+                 "server_cpu_pct": round(100 * f["server_cpu"] / f["wall"], 1),
+                 "loadgen_cpu_pct": round(100 * f["loadgen_cpu"] / f["wall"], 1), **f, **lat}
+            print(f"fanout {kind:6} N={n:>6}: {r['per_server_cpu_s']} deliveries/server CPU-s "
+                  f"({r['vs_smallest']}x N={a.sizes[0]}), p99 {r['p99_ms']} ms, server {r['server_cpu_pct']} %, "
+                  f"loadgen {r['loadgen_cpu_pct']} %", file=sys.stderr)
+            out.append(r)
+    return out
+
+
+# -- reconnect storm ---------------------------------------------------------------------------------------------
+
+
+async def reconnect_run(env: Env, kind: str, a: argparse.Namespace) -> dict[str, Any]:
+    bus = env.bus(kind)
+    events = None if a.reconnect_events else False
+    victim, kport = env.replica(bus, events)
+    s1, port1 = env.replica(bus, events)
+    s2, port2 = env.replica(bus, events)
+    room = f"storm-{uuid.uuid4().hex[:8]}"
+    workers = await start_workers(workers_for(a.members + a.stayers))
+    n_w = len(workers)
+    try:
+        vict, stay = split(a.members, n_w), split(a.stayers, n_w)
+        await asyncio.gather(*(
+            w.call("connect", targets=[(kport, vict[i], 0), (port1, split(stay[i], 2)[0], a.sample_every),
+                                       (port2, split(stay[i], 2)[1], a.sample_every)], room=room, burst=a.burst)
+            for i, w in enumerate(workers)))
+        t_join = perf()
+        joins = await on_all(workers, "join", burst=max(1, a.burst // n_w), timeout=a.join_timeout)
+        join_wall = perf() - t_join
+        pub = await _open_publisher(port1, room, Stats())
+        stop_pub = asyncio.Event()
+        task = pacing(a.rate, pub.publish, stop_pub)
+        await asyncio.sleep(a.warmup)
+        await on_all(workers, "measure", on=True)
+        await asyncio.sleep(a.calm)
+        calm = await on_all(workers, "measure", on=False)
+        await on_all(workers, "measure", on=True)
+        storms = [asyncio.create_task(w.call("storm", dead_port=kport, ports=[port1, port2], burst=a.burst,
+                                             timeout=a.storm_timeout, jitter=a.jitter)) for w in workers]
+        await asyncio.sleep(0.2)
+        gen_pids = [w.proc.pid for w in workers if w.proc.pid]
+        srv_pids = [s1.pid, s2.pid, *env.broker_pids()]
+        g0, s0 = sum(map(cpu_seconds, gen_pids)), sum(map(cpu_seconds, srv_pids))
+        t_kill = perf()
+        victim.kill()
+        victim.wait(10)
+        results = await asyncio.gather(*storms)
+        storm_wall = perf() - t_kill
+        during = await on_all(workers, "measure", on=False)
+        gen_pct = round(100 * (sum(map(cpu_seconds, gen_pids)) - g0) / storm_wall, 1)
+        srv_pct = round(100 * (sum(map(cpu_seconds, srv_pids)) - s0) / storm_wall, 1)
+        await asyncio.sleep(a.after)
+        stop_pub.set()
+        await task
+        await asyncio.sleep(min(2.0, 4 * a.after))  # the last deliveries
+        reports = await on_all(workers, "report", top=pub.top)
+        times = sorted(t - t_kill for r in results for t in r["rejoined_at"])
+        drops = sorted(t - t_kill for r in results for t in r.get("dropped_at", []))
+        calm_lat = latency_ms([x for g in calm for x in g["latencies"]])
+        storm_lat = latency_ms([x for g in during for x in g["latencies"]])
+        pub.close()
+        return {"scenario": "reconnect", "bus": kind, "members": a.members, "stayers": a.stayers, "rate": a.rate,
+                "events": "on" if a.reconnect_events else "off", "join_wall": round(join_wall, 2),
+                "join_failed": total(joins, "failed"),
+                "rejoined": len(times), "victims": total(results, "victims"),
+                "all_rejoined_s": round(times[-1], 2) if times and len(times) == total(results, "victims") else None,
+                "rejoin_p50_s": round(times[len(times) // 2], 2) if times else None,
+                "rejoin_last_s": round(times[-1], 2) if times else None,
+                "dropped_p50_s": round(drops[len(drops) // 2], 2) if drops else None,
+                "dropped_last_s": round(drops[-1], 2) if drops else None, "storm_wall_s": round(storm_wall, 2),
+                "storm_survivors_cpu_pct": srv_pct, "storm_loadgen_cpu_pct": gen_pct,
+                "recovered_true": total(results, "recovered"), "recovered_false": total(results, "unrecovered"),
+                # members whose first join had failed: they rejoin without a position to recover from
+                "rejoined_without_since": len(times) - total(results, "recovered") - total(results, "unrecovered"),
+                "reconnect_attempts_failed": total(results, "attempts_failed"),
+                "first_failure": next((r["first_failure"][0] for r in results if r["first_failure"]), None),
+                "published": pub.seq, "acked_top": pub.top, "publish_errors": pub.refused,
+                "lost": total(reports, "lost"), "lost_tail": total(reports, "lost_tail"),
+                "dup": total(reports, "dup"), "members_behind": total(reports, "members_behind"),
+                "not_joined": total(reports, "not_joined"),
+                "calm": calm_lat, "storm": storm_lat,
+                "storm_p99_vs_calm": ratio(storm_lat["p99_ms"], calm_lat["p99_ms"]),
+                "errors": total(reports, "errors"), "first_error": next((r["first_error"] for r in reports
+                                                                        if r["first_error"]), None)}
+    finally:
+        await stop_workers(workers)
+        for p in (victim, s1, s2):
+            env.stop(p)
+
+
+async def scenario_reconnect(env: Env, a: argparse.Namespace) -> list[dict[str, Any]]:
+    out = []
+    for kind in a.bus:
+        if kind == "memory":
+            print("reconnect: the memory bus has one replica; skipped", file=sys.stderr)
+            continue
+        r = await reconnect_run(env, kind, a)
+        print(f"reconnect {kind:6} M={a.members}: all rejoined after {r['all_rejoined_s']} s "
+              f"({r['rejoined']}/{r['victims']}), recovered true {r['recovered_true']} false {r['recovered_false']}, "
+              f"lost {r['lost']} dup {r['dup']}, stayers p99 {r['storm']['p99_ms']} ms during the storm "
+              f"(calm {r['calm']['p99_ms']} ms)", file=sys.stderr)
+        out.append(r)
+    return out
+
+
+# -- tables ------------------------------------------------------------------------------------------------------
+
+
+def _row(cells: Sequence[Any]) -> str:
+    return "| " + " | ".join("-" if c is None else str(c) for c in cells) + " |"
+
+
+def render(results: dict[str, Any]) -> str:
+    """Markdown tables of a result object (what bench/README.md shows)."""
+    out: list[str] = []
+    heads = {
+        "join": ("bus", "events", "N", "joins/s", "joins/server CPU-s", "CPU/member vs idle conn",
+                 "join CPU us", "join CPU vs smallest N", "RSS/idle conn", "RSS/member", "member - idle KiB",
+                 "joined bytes avg", "failed"),
+        "latency": ("bus", "replicas", "subscribers", "deliveries/s", "p50 ms", "p99 ms", "p99.9 ms",
+                    "p99 vs memory", "lost", "dup", "servers CPU %", "loadgen CPU %"),
+        "fanout": ("bus", "N", "deliveries/server CPU-s", "vs smallest N", "deliveries/s", "p99 ms",
+                   "server CPU %", "loadgen CPU %", "missing"),
+        "reconnect": ("bus", "members killed", "stayers", "msg/s", "all rejoined s", "rejoin p50 s",
+                      "recovered true", "recovered false", "lost", "dup", "stayers p99 calm ms",
+                      "stayers p99 storm ms", "storm vs calm"),
+    }
+    for name, rows in results.items():
+        if name not in heads or not rows:
+            continue
+        out += [f"**{name}**", "", _row(heads[name]), _row(["---"] * len(heads[name]))]
+        for r in rows:
+            if name == "join":
+                j = r["joined"]
+                jps = r.get("joins_per_server_cpu_s") or (
+                    round(r["size"] / j["join_cpu"], 1) if j.get("join_cpu") else None)
+                cells: list[Any] = [r["bus"], r["events"], r["size"], r["joins_per_s"], jps, r["member_vs_idle_cpu"],
+                                    r["join_cpu_per_join_us"], r["join_cpu_vs_smallest"], r["rss_per_idle_conn"],
+                                    r["rss_per_member"], r["rss_member_minus_idle_kib"], j.get("joined_bytes_avg"),
+                                    j.get("join_failed")]
+            elif name == "latency":
+                cells = [r["bus"], r["replicas"], r["subscribers"], round(r["deliveries"] / r["duration"]),
+                         r["p50_ms"], r["p99_ms"], r["p999_ms"], r["p99_vs_memory"], r["lost"], r["dup"],
+                         r.get("servers_cpu_pct"), r.get("loadgen_cpu_pct")]
+            elif name == "fanout":
+                cells = [r["bus"], r["size"], r["per_server_cpu_s"], r["vs_smallest"], r["per_wall_s"], r["p99_ms"],
+                         r["server_cpu_pct"], r["loadgen_cpu_pct"], r["missing_after_drain"]]
+            else:
+                cells = [r["bus"], r["members"], r["stayers"], r["rate"], r["all_rejoined_s"], r["rejoin_p50_s"],
+                         r["recovered_true"], r["recovered_false"], r["lost"], r["dup"], r["calm"]["p99_ms"],
+                         r["storm"]["p99_ms"], r["storm_p99_vs_calm"]]
+            out.append(_row(cells))
+        out.append("")
+    return "\n".join(out)
+
+
+# -- command line ------------------------------------------------------------------------------------------------
+
+SCENARIOS: dict[str, Callable[[Env, argparse.Namespace], Any]] = {
+    "join": scenario_join, "latency": scenario_latency, "fanout": scenario_fanout, "reconnect": scenario_reconnect,
+}
+#: per scenario: the defaults of --sizes and --bus
+DEFAULTS: dict[str, tuple[str, str]] = {
+    "join": ("1000,5000,18000", "memory,redis,nats"),
+    "latency": ("", "redis,nats"),
+    "fanout": ("1000,10000,18000", "memory"),
+    "reconnect": ("", "redis"),
+}
+QUICK: dict[str, dict[str, Any]] = {
+    "join": {"sizes": [100, 200], "bus": ["memory"], "events": [False], "settle": 0.2},
+    "latency": {"bus": ["redis"], "subscribers": 100, "duration": 1.0, "warmup": 0.2},
+    "fanout": {"sizes": [100, 200], "bus": ["memory"], "duration": 0.5, "warmup": 0.2, "deliveries": 5000.0},
+    "reconnect": {"bus": ["redis"], "members": 100, "stayers": 20, "calm": 0.3, "after": 0.3, "warmup": 0.2},
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.bench_rooms", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("scenario", choices=(*SCENARIOS, "all"))
+    p.add_argument("--sizes", default=None, help="room sizes (join, fanout)")
+    p.add_argument("--bus", default=None, help="memory,redis,nats (default: per scenario)")
+    p.add_argument("--events", default="off", help="join: presence events off,on (on = the default config)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes and windows (a smoke run)")
+    p.add_argument("--json", default=None, help="also write the JSON result to this file")
+    p.add_argument("--burst", type=int, default=500, help="handshakes (and joins) in flight per process")
+    p.add_argument("--join-timeout", type=float, default=300.0, help="seconds one join may take")
+    p.add_argument("--settle", type=float, default=1.0, help="join: seconds before reading RSS")
+    p.add_argument("--subscribers", type=int, default=1000, help="latency: members on replica B")
+    p.add_argument("--rate", type=float, default=None, help="messages/s (latency: 20; reconnect: 5)")
+    p.add_argument("--presence-ttl", type=float, default=3.0, help="latency: the bus's presence_ttl")
+    p.add_argument("--sample-every", type=int, default=10, help="time the deliveries of every n-th member")
+    p.add_argument("--warmup", type=float, default=2.0)
+    p.add_argument("--duration", type=float, default=None, help="seconds measured (latency: 20; fanout: 5)")
+    p.add_argument("--window", type=int, default=8, help="fanout: messages whose deliveries may be outstanding")
+    p.add_argument("--size", type=int, default=100, help="fanout: approximate payload bytes")
+    p.add_argument("--replicas", type=int, default=1,
+                   help="fanout: spread the room over this many replicas (redis/nats; the publisher is paced)")
+    p.add_argument("--deliveries", type=float, default=100_000.0,
+                   help="fanout with --replicas > 1: deliveries per second the publisher is paced to")
+    p.add_argument("--members", type=int, default=18000, help="reconnect: members on the replica killed")
+    p.add_argument("--stayers", type=int, default=1000, help="reconnect: members on the survivors")
+    p.add_argument("--calm", type=float, default=3.0, help="reconnect: seconds measured before the kill")
+    p.add_argument("--after", type=float, default=2.0, help="reconnect: seconds of publishing after the storm")
+    p.add_argument("--storm-timeout", type=float, default=120.0, help="reconnect: give up after this many s")
+    p.add_argument("--jitter", type=float, default=0.0, help="reconnect: random delay before a reconnect, s")
+    p.add_argument("--chat-options", default=None,
+                   help='JSON merged into every replica\'s chat options, e.g. \'{"presence_limit": 100}\'')
+    p.add_argument("--per-worker", type=int, default=PER_WORKER,
+                   help="members per load-generator process (more members: more processes)")
+    p.add_argument("--reconnect-events", dest="reconnect_events", action="store_true",
+                   help="reconnect: presence events on (default off)")
+    return p
+
+
+def options_for(scenario: str, a: argparse.Namespace) -> argparse.Namespace:
+    o = argparse.Namespace(**vars(a))
+    sizes, buses = DEFAULTS[scenario]
+    o.sizes = [int(x) for x in (a.sizes or sizes).split(",") if x]
+    o.bus = [x.strip() for x in (a.bus or buses).split(",") if x.strip()]
+    modes = [x.strip() for x in a.events.split(",")]
+    if not modes or any(m not in ("off", "on") for m in modes):
+        raise SystemExit(f"--events: a list of off and on, not {a.events!r}")
+    o.events = [m == "on" for m in modes]
+    o.rate = a.rate if a.rate is not None else (20.0 if scenario == "latency" else 5.0)
+    o.duration = a.duration if a.duration is not None else (20.0 if scenario == "latency" else 5.0)
+    if a.quick:
+        for k, v in QUICK[scenario].items():
+            if k == "bus" and a.bus:
+                continue
+            setattr(o, k, v)
+    return o
+
+
+async def run(a: argparse.Namespace) -> dict[str, Any]:
+    names = list(SCENARIOS) if a.scenario == "all" else [a.scenario]
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="wirehub-bench-rooms-") as tmp:
+        env = Env(Path(tmp), json.loads(a.chat_options) if a.chat_options else None)
+        try:
+            for name in names:
+                results[name] = await SCENARIOS[name](env, options_for(name, a))
+        finally:
+            env.close()
+    results["meta"] = {"argv": sys.argv[1:], "loadavg": os.getloadavg(), "time": time.strftime("%Y-%m-%d %H:%M:%S UTC",
+                                                                                               time.gmtime()),
+                       "cores": {"replicas": SERVER_CORE, "loadgen_and_publisher": LOADGEN_CORE}}
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["render"]:  # python -m bench.bench_rooms render RESULT.json ...
+        for path in argv[1:]:
+            print(render(json.loads(Path(path).read_text())))
+        return 0
+    a = build_parser().parse_args(argv)
+    raise_nofile()
+    set_per_worker(a.per_worker)
+    if (os.cpu_count() or 1) > 1:
+        os.sched_setaffinity(0, {LOADGEN_CORE})
+    results = asyncio.run(run(a))
+    text = json.dumps(results)
+    print(render(results))
+    if a.json:
+        Path(a.json).write_text(text + "\n")
+    print(text, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
