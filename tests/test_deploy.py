@@ -439,7 +439,7 @@ def test_docker_build_context_holds_what_the_build_copies(tmp_path: Path) -> Non
     import zipfile
 
     names = zipfile.ZipFile(wheels[0]).namelist()
-    assert "service/cli.py" in names and "plugins/handlers/echo.py" in names
+    assert "wirehub/cli.py" in names and "wirehub/builtins/handlers/echo.py" in names
     # no config file in the package: the built-in defaults are in the code (config/wirehub.yaml lists them)
     assert not [name for name in names if name.endswith(".yaml")]
 
