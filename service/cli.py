@@ -298,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_token)
 
     p = add_parser("plugin", "start a plugin package", "Tools for plugin authors (docs/plugin-tutorial.md).")
-    plugin_sub = p.add_subparsers(dest="plugin_command", required=True, metavar="ACTION")
+    plugin_sub = p.add_subparsers(dest="plugin_command", required=True, metavar="ACTION",
+                                  help="new: scaffold a plugin package")
     p = plugin_sub.add_parser("new", help="scaffold a plugin package", description="Write a plugin package into "
                               "./NAME (or --dir): pyproject.toml with the 'wirehub' entry point, a handler skeleton, "
                               "and tests on wirehub.testing that pass as generated. Exits 2 for an invalid NAME or a "

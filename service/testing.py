@@ -1,7 +1,8 @@
 """pytest plugin for wirehub and its plugin authors: live servers, a WebSocket client, contract suites.
 
-Enable it in a ``conftest.py`` with ``pytest_plugins = ["wirehub.testing"]``. Tests are asyncio
-tests (pytest-asyncio, ``asyncio_mode = auto``).
+Installing wirehub registers it (the ``pytest11`` entry point): no conftest needed. Tests are
+asyncio tests (pytest-asyncio, ``asyncio_mode = auto``). docs/plugins.md lists every fixture and
+contract suite with its shape.
 
 - ``wirehub_server``: a factory fixture; ``await wirehub_server({...config...})`` starts a real
   Tornado server on a free port in this process and returns a :class:`LiveServer`.
