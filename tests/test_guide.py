@@ -67,7 +67,7 @@ def test_the_packages_own_tests_pass(package: Path) -> None:
     assert passed and int(passed.group(1)) >= 30, result.stdout
     assert "failed" not in result.stdout and "skipped" not in result.stdout
     lint = subprocess.run([sys.executable, "-m", "ruff", "check", "--isolated", "--line-length", "120", "--select",
-                           "E,F,UP", "."], cwd=package, capture_output=True, text=True, timeout=60)
+                           "E,F,I,UP", "."], cwd=package, capture_output=True, text=True, timeout=60)
     assert lint.returncode == 0, lint.stdout + lint.stderr
 
 
