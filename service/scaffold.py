@@ -47,7 +47,7 @@ def create(name: str, dest: Path) -> list[Path]:
     """Write the package for ``name`` into ``dest`` (created; it must not hold anything yet)."""
     files = render(name)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
-        raise ScaffoldError(f"{dest} already exists and is not empty: choose another name or --dir")
+        raise ScaffoldError(f"{dest} already exists and is not an empty folder: choose another name or --dir")
     written = []
     for rel, text in files.items():
         path = dest / rel

@@ -68,5 +68,15 @@ def test_a_non_empty_folder_is_refused(tmp_path: Path, monkeypatch: pytest.Monke
     (tmp_path / "shout").mkdir()
     (tmp_path / "shout" / "notes.txt").write_text("mine")
     assert run_cli("plugin", "new", "shout") == 2
-    assert capsys.readouterr().err == "wirehub: shout already exists and is not empty: choose another name or --dir\n"
+    assert capsys.readouterr().err == ("wirehub: shout already exists and is not an empty folder: "
+                                       "choose another name or --dir\n")
     assert [p.name for p in (tmp_path / "shout").iterdir()] == ["notes.txt"]
+
+
+def test_a_file_in_the_way_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "shout").write_text("a file")
+    assert run_cli("plugin", "new", "shout") == 2
+    assert "shout already exists and is not an empty folder" in capsys.readouterr().err
+    assert (tmp_path / "shout").read_text() == "a file"
