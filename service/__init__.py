@@ -11,6 +11,9 @@ The repository keeps its folders: ``service/`` is this package, ``plugins/`` is 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 __version__ = "0.1.0"
 
 # Submodules load in dependency order; none of them imports from this module, so this is the only
@@ -66,6 +69,15 @@ from wirehub.rooms import (
 )
 from wirehub.session import OutFrame, Session
 
+
+def memory_backend(options: Mapping[str, Any] | None = None, key: str = "bus.memory") -> Backend:
+    """The built-in in-process backend (``bus.plugin: memory``) from its options block, validated under
+    ``key``: for a bus plugin that wraps it (docs/plugin-tutorial.md) or a test that needs a backend."""
+    from wirehub.builtins.bus.memory import create_backend  # lazily: the built-ins import this module
+
+    return create_backend(options or {}, key)
+
+
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
     "DEFAULT_ROOM_PATTERN",
@@ -119,6 +131,7 @@ __all__ = [
     "history_frame",
     "hookimpl",
     "inbound",
+    "memory_backend",
     "opt",
     "parse_block",
     "parse_idempotency_key",

@@ -1,4 +1,4 @@
-"""``wirehub serve | check-config | plugins | token | listen | send``; the only place that exits.
+"""``wirehub serve | check-config | plugins | token | listen | send | plugin new``; the only place that exits.
 
 Exit codes: 0 success, 1 runtime failure, 2 bad config or plugin (the message names the dotted key).
 Output into a closed pipe (``wirehub plugins | head -1``) ends the command quietly with exit 1, as
@@ -16,11 +16,13 @@ import re
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from wirehub import __version__
 from wirehub.config import Config, ConfigError, Reference, load_config
 from wirehub.plugins import PluginError
+from wirehub.scaffold import ScaffoldError, create
 
 log = logging.getLogger("wirehub")
 
@@ -231,6 +233,18 @@ def _port(text: str) -> str:
     return text
 
 
+def cmd_plugin_new(args: argparse.Namespace) -> int:
+    dest = Path(args.dir if args.dir is not None else args.name)
+    try:
+        written = create(args.name, dest)
+    except ScaffoldError as exc:
+        return _fail(str(exc), EXIT_CONFIG)
+    for path in written:
+        print(f"created {path}")
+    print(f"next: cd {dest} && pip install -e '.[test]' && python -m pytest")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     config_help = ("YAML config file (default: $WIREHUB_CONFIG, else the built-in defaults that config/wirehub.yaml "
                    "lists: memory bus, anonymous auth, 127.0.0.1:8080)")
@@ -282,6 +296,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ttl", default="1h", help="lifetime: 30s, 15m, 1h, 7d (default: 1h)")
     p.add_argument("--name", default=None, help="display name")
     p.set_defaults(func=cmd_token)
+
+    p = add_parser("plugin", "start a plugin package", "Tools for plugin authors (docs/plugin-tutorial.md).")
+    plugin_sub = p.add_subparsers(dest="plugin_command", required=True, metavar="ACTION",
+                                  help="new: scaffold a plugin package")
+    p = plugin_sub.add_parser("new", help="scaffold a plugin package", description="Write a plugin package into "
+                              "./NAME (or --dir): pyproject.toml with the 'wirehub' entry point, a handler skeleton, "
+                              "and tests on wirehub.testing that pass as generated. Exits 2 for an invalid NAME or a "
+                              "folder that is not empty.")
+    p.add_argument("name", help="the distribution name: lower case, words joined by '-' or '_' (e.g. wirehub-shout)")
+    p.add_argument("--dir", default=None, help="the folder to create (default: ./NAME)")
+    p.set_defaults(func=cmd_plugin_new)
 
     url = os.environ.get("WIREHUB_URL") or "ws://localhost:8080/ws/chat"
     for name, helptext, description in (

@@ -1,7 +1,8 @@
 """pytest plugin for wirehub and its plugin authors: live servers, a WebSocket client, contract suites.
 
-Enable it in a ``conftest.py`` with ``pytest_plugins = ["wirehub.testing"]``. Tests are asyncio
-tests (pytest-asyncio, ``asyncio_mode = auto``).
+Installing wirehub registers it (the ``pytest11`` entry point): no conftest needed. Tests are
+asyncio tests (pytest-asyncio, ``asyncio_mode = auto``). docs/plugins.md lists every fixture and
+contract suite with its shape.
 
 - ``wirehub_server``: a factory fixture; ``await wirehub_server({...config...})`` starts a real
   Tornado server on a free port in this process and returns a :class:`LiveServer`.
@@ -766,7 +767,18 @@ class StateStoreContract:
         assert await backend.state.get(room) is None
 
 
+async def memory_footprint(backend: Backend) -> list[str]:
+    """The :data:`Footprint` of a backend whose history and presence are the built-in memory ones
+    (:func:`wirehub.memory_backend`, or a bus plugin wrapping it): the rooms with a log or a roster."""
+    from wirehub.builtins.bus.memory import MemoryHistory, MemoryPresence
+
+    history, presence = backend.history, backend.presence
+    assert isinstance(history, MemoryHistory) and isinstance(presence, MemoryPresence), backend
+    return sorted([f"h:{r}" for r in history._rooms] + [f"p:{r}" for r in presence._rooms])
+
+
 __all__ = [
+    "BackendPair",
     "BrokerFactory",
     "BusContract",
     "BusUnavailable",
@@ -783,6 +795,7 @@ __all__ = [
     "config_for_tests",
     "eventually",
     "free_port",
+    "memory_footprint",
     "nats_server",
     "nats_server_factory",
     "redis_server",

@@ -136,10 +136,12 @@ def test_every_subcommand_and_option_is_described_with_the_environment_it_reads(
 
     parser = build_parser()
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(subparsers.choices) == {"serve", "check-config", "plugins", "token", "listen", "send"}
+    assert set(subparsers.choices) == {"serve", "check-config", "plugins", "token", "listen", "send", "plugin"}
     described = {choice.dest for choice in subparsers._choices_actions if choice.help}
     assert described == set(subparsers.choices)
-    for name, sub in subparsers.choices.items():
+    nested = next(a for a in subparsers.choices["plugin"]._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(nested.choices) == {"new"} and all(choice.help for choice in nested._choices_actions)
+    for name, sub in [*subparsers.choices.items(), ("plugin new", nested.choices["new"])]:
         assert sub.description, name
         for action in sub._actions:
             assert action.help and action.help != argparse.SUPPRESS, (name, action.dest)
