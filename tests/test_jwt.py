@@ -84,7 +84,11 @@ def tampered(rsa_keys: dict[str, Any]) -> str:
     return f"{header}.{b64(json.dumps(good(sub='mallory', rooms=['*'])).encode())}.{signature}"
 
 
-now = int(time.time())
+def now() -> int:
+    """The time when a token is made: a module-level constant would go stale in a long suite run."""
+    return int(time.time())
+
+
 # name -> (token maker, expected reason); every one is tried against a real server
 ATTACKS: dict[str, tuple[Callable[[dict[str, Any]], str], str]] = {
     "alg none": (lambda k: raw_token({"alg": "none", "typ": "JWT"}, good()), "bad_signature"),
@@ -97,9 +101,9 @@ ATTACKS: dict[str, tuple[Callable[[dict[str, Any]], str], str]] = {
     "tampered payload": (tampered, "bad_signature"),
     "another HMAC secret": (lambda k: signed(good(), "x" * 40), "bad_signature"),
     "RS256 from another RSA key": (lambda k: signed(good(), k["other"], "RS256", {"kid": "rsa-1"}), "bad_signature"),
-    "expired": (lambda k: signed(good(exp=now - 60)), "expired"),
-    "nbf in the future": (lambda k: signed(good(nbf=now + 300)), "not_yet_valid"),
-    "iat in the future": (lambda k: signed(good(iat=now + 300)), "not_yet_valid"),
+    "expired": (lambda k: signed(good(exp=now() - 60)), "expired"),
+    "nbf in the future": (lambda k: signed(good(nbf=now() + 300)), "not_yet_valid"),
+    "iat in the future": (lambda k: signed(good(iat=now() + 300)), "not_yet_valid"),
     "wrong aud": (lambda k: signed(good(aud="someone-else")), "bad_audience"),
     "aud list without ours": (lambda k: signed(good(aud=["a", "b"])), "bad_audience"),
     "no aud": (lambda k: signed(claims(iss=ISS)), "bad_audience"),
@@ -107,7 +111,7 @@ ATTACKS: dict[str, tuple[Callable[[dict[str, Any]], str], str]] = {
     "no iss": (lambda k: signed(claims(aud=AUD)), "bad_issuer"),
     "no exp": (lambda k: signed(good(exp=None)), "malformed"),
     "exp not numeric": (lambda k: signed(good(exp="tomorrow")), "malformed"),
-    "exp a numeric string": (lambda k: signed(good(exp=str(now + 300))), "malformed"),
+    "exp a numeric string": (lambda k: signed(good(exp=str(now() + 300))), "malformed"),
     "exp true": (lambda k: signed(good(exp=True)), "malformed"),
     "exp Infinity": (lambda k: raw_token({"alg": "HS256"}, good(exp=float("inf")), SECRET.encode()), "malformed"),
     "exp beyond year 9999": (lambda k: signed(good(exp=10**20)), "malformed"),
