@@ -181,7 +181,11 @@ function draw() {
   }));
 }
 
-chat.on("status", (s) => { $("#status").textContent = s; $("#status").dataset.status = s; });
+chat.on("status", (s) => {
+  $("#status").textContent = s;
+  $("#status").dataset.status = s;
+  document.body.dataset.chat = s; // the presence list dims while it may be out of date
+});
 chat.on("welcome", (w) => { setIdentity(w); render(); });
 chat.on("error", (err) => console.warn("wirehub:", err));
 
