@@ -35,3 +35,13 @@ test("the package's exports resolve to the sources and the declarations", async 
   assert.equal(pkg.exports["."].types, pkg.types);
   for (const file of [pkg.main, pkg.types]) readFileSync(join(ROOT, file));
 });
+
+test("npm pack ships the sources, the declarations and package.json, not the tests", () => {
+  const npm = process.platform === "win32" ? "npm.cmd" : "npm";
+  const run = spawnSync(npm, ["pack", "--dry-run", "--json", "--ignore-scripts"], { cwd: ROOT, encoding: "utf8" });
+  assert.equal(run.status, 0, run.stderr);
+  const files = JSON.parse(run.stdout)[0].files.map((/** @type {{path: string}} */ f) => f.path).sort();
+  const sources = readdirSync(ROOT).filter((f) => f.endsWith(".js"));
+  const types = readdirSync(join(ROOT, "types")).map((f) => `types/${f}`);
+  assert.deepEqual(files, [...sources, ...types, "package.json", "README.md"].sort());
+});
