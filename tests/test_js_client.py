@@ -1,4 +1,8 @@
-"""Runs the JS client's tests (tests/js/*.test.mjs, Node's built-in runner) against real servers.
+"""Runs the JS client package's tests (``npm test`` in service/static/wirehub-client: ``tsc`` type-checks the
+JSDoc with ``strict`` on, then Node's built-in runner runs test/*.test.mjs) against real servers.
+
+The package's devDependencies (TypeScript) are pinned in its package-lock.json and installed there with
+``npm ci`` when node_modules is missing (the registry is reachable in CI).
 
 This test starts two real wirehub servers in this process (anonymous auth, and JWT auth) plus a
 small control endpoint the JS tests use to make the server do what it does in production: close a
@@ -15,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -26,12 +31,13 @@ import tornado.web
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
+import wirehub
 from wirehub.app import Wirehub
 from wirehub.config import config_from_dict
 from wirehub.protocol import close_reason
 from wirehub.testing import config_for_tests, free_port
 
-JS_DIR = Path(__file__).parent / "js"
+PACKAGE = Path(__file__).parent.parent / "service" / "static" / "wirehub-client"
 SECRET = "j" * 40
 INSTALL = "apt-get install -y nodejs  (Node 20+; .ci/run installs it)"
 #: the default endpoints (big-* chat rooms list 3 members in joined and batch presence events: presence.test.mjs),
@@ -124,13 +130,22 @@ def node_binary() -> str | None:
     return shutil.which("node")
 
 
+def npm_install(npm: str) -> None:
+    """``npm ci`` into the package when its node_modules is missing."""
+    if (PACKAGE / "node_modules" / "typescript" / "package.json").is_file():
+        return
+    subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=PACKAGE, check=True, timeout=300,
+                   capture_output=True)
+
+
 async def test_js_client(servers: tuple[Servers, int]) -> None:
-    node = node_binary()
-    if node is None:
-        pytest.skip(f"node is not installed: {INSTALL}")
+    node, npm = node_binary(), shutil.which("npm")
+    if node is None or npm is None:
+        pytest.skip(f"node and npm are not installed: {INSTALL}")
+    await asyncio.to_thread(npm_install, npm)
     srv, control_port = servers
-    files = sorted(str(p) for p in JS_DIR.glob("*.test.mjs"))
-    assert files, "no JS tests found"
+    files = sorted(p.name for p in (PACKAGE / "test").glob("*.test.mjs"))
+    assert len(files) >= 5, files
     env = {
         **os.environ,
         "WIREHUB_URL": f"http://127.0.0.1:{srv.ports['anon']}",
@@ -140,18 +155,29 @@ async def test_js_client(servers: tuple[Servers, int]) -> None:
         "NODE_NO_WARNINGS": "1",
     }
     proc = await asyncio.create_subprocess_exec(
-        node, "--experimental-websocket", "--test", "--test-concurrency=1", "--test-reporter=spec", *files,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env)
+        npm, "test", cwd=PACKAGE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env,
+        start_new_session=True)
     try:
-        out, _ = await asyncio.wait_for(proc.communicate(), 100)
+        out, _ = await asyncio.wait_for(proc.communicate(), 120)
     except TimeoutError:
-        proc.kill()
+        os.killpg(proc.pid, 9)  # npm, tsc and node: the whole group
         out, _ = await proc.communicate()
-        pytest.fail("node --test did not finish in 100 s:\n" + out.decode(errors="replace"))
+        pytest.fail("npm test did not finish in 120 s:\n" + out.decode(errors="replace"))
     text = out.decode(errors="replace")
     sys.stdout.write(text)
     assert proc.returncode == 0, text
     assert re.search(r"^\S* ?fail 0$", text, re.MULTILINE), text  # the spec reporter's summary line
+    # every test of every file ran (and tsc passed: `npm test` runs it first, with `&&`)
+    declared = sum(len(re.findall(r"^test\(", (PACKAGE / "test" / f).read_text(), re.MULTILINE)) for f in files)
+    assert re.search(rf"^\S* ?pass {declared}$", text, re.MULTILINE), text
+
+
+def test_the_package_is_versioned_with_wirehub() -> None:
+    meta = json.loads((PACKAGE / "package.json").read_text())
+    assert meta["name"] == "wirehub-client" and meta["version"] == wirehub.__version__
+    assert meta["scripts"]["test"].startswith("tsc -p tsconfig.json && node ")
+    lock = json.loads((PACKAGE / "package-lock.json").read_text())
+    assert lock["version"] == meta["version"], "run npm install in the package after a version change"
 
 
 async def test_the_client_and_the_demo_page_are_served(wirehub_server: Any) -> None:
@@ -160,6 +186,11 @@ async def test_the_client_and_the_demo_page_are_served(wirehub_server: Any) -> N
     assert js.code == 200
     assert js.headers["Content-Type"].startswith(("application/javascript", "text/javascript"))
     assert js.body == (Path(__file__).parent.parent / "service" / "static" / "wirehub.js").read_bytes()
+    # the entry re-exports the package's modules, served next to it
+    for module in ("index", "client", "connection", "rooms", "policy", "patch", "types"):
+        served = await server.http(f"/static/wirehub-client/{module}.js")
+        assert served.code == 200 and served.body == (PACKAGE / f"{module}.js").read_bytes()
+    assert (await server.http("/static/wirehub-client/types/index.d.ts")).code == 200
     page = await server.http("/")
     assert page.code == 200 and page.headers["Content-Type"].startswith("text/html")
     assert b'<script type="module" src="/static/demo.js">' in page.body

@@ -37,9 +37,14 @@ def test_every_folder_of_service_and_plugins_is_in_the_wheel(wheel: zipfile.ZipF
             if rel.parts[0] == "builtins":  # the link to plugins/, checked as wirehub/builtins
                 continue
             assert f"{package}/{rel.as_posix()}" in names, f"{module} is not in the wheel"
+    # the static files, with the JS client package's sources and types, but not its tests or node_modules
+    dev_only = ("wirehub-client/test/", "wirehub-client/node_modules/")
     for static in (ROOT / "service" / "static").rglob("*"):
-        if static.is_file():
-            assert f"wirehub/static/{static.relative_to(ROOT / 'service' / 'static').as_posix()}" in names
+        rel = static.relative_to(ROOT / "service" / "static").as_posix()
+        if static.is_file() and not rel.startswith(dev_only):
+            assert f"wirehub/static/{rel}" in names, rel
+    assert "wirehub/static/wirehub-client/types/index.d.ts" in names
+    assert not any(name.startswith(tuple(f"wirehub/static/{d}" for d in dev_only)) for name in names)
     assert "wirehub/py.typed" in names and "wirehub/builtins/py.typed" in names
 
 

@@ -46,6 +46,12 @@ async def open_editor(browser: Any, url: str) -> Any:
     return page
 
 
+async def identity(page: Any) -> str:
+    await page.wait_for_function("() => window.wirehubChat && window.wirehubChat.welcome", timeout=10_000)
+    user: str = await page.evaluate("() => window.wirehubChat.welcome.user")
+    return user
+
+
 async def text_of(page: Any) -> str:
     value: str = await page.eval_on_selector("#collab-text", "e => e.value")
     return value
@@ -55,8 +61,11 @@ async def test_two_pages_edit_together_see_cursors_and_a_reload_catches_up(
         wirehub_server: Callable[..., Any], chromium: Any) -> None:
     server: LiveServer = await wirehub_server({"endpoints": ENDPOINTS})
     doc = unique_room("doc")
-    ann = await open_editor(chromium, server.url(f"/?doc={doc}&name=ann"))
-    bob = await open_editor(chromium, server.url(f"/?doc={doc}&name=bob"))
+    ann = await open_editor(chromium, server.url(f"/?doc={doc}"))
+    bob = await open_editor(chromium, server.url(f"/?doc={doc}"))
+    # the editor names each cursor as the tab's one identity: the chat's user (a guest here)
+    ann_name, bob_name = await identity(ann), await identity(bob)
+    assert ann_name != bob_name
 
     await ann.click("#collab-text")
     await ann.keyboard.type("hello from ann.")
@@ -72,15 +81,21 @@ async def test_two_pages_edit_together_see_cursors_and_a_reload_catches_up(
         await page.wait_for_function(f"() => document.querySelector('#collab-text').value === {want!r}",
                                      timeout=5000)
     # each sees the other's cursor, named, where the other is typing
-    await ann.wait_for_selector("#collab-cursors .caret[data-user=bob]", timeout=5000)
-    await bob.wait_for_selector("#collab-cursors .caret[data-user=ann]", timeout=5000)
+    await ann.wait_for_selector(f"#collab-cursors .caret[data-user={bob_name}]", timeout=5000)
+    await bob.wait_for_selector(f"#collab-cursors .caret[data-user={ann_name}]", timeout=5000)
     before_bob = await ann.evaluate(
         "() => { const o = document.querySelector('#collab-cursors'); const c = o.querySelector('.caret');"
         " let n = 0; for (const node of o.childNodes) { if (node === c) break; n += node.textContent.length; }"
         " return n; }")
     assert before_bob == len(want)  # bob's caret is at the end, after his text
-    for page, other in ((ann, "bob"), (bob, "ann")):
+    for page, other in ((ann, bob_name), (bob, ann_name)):
         await page.wait_for_selector(f"#collab-users li[data-user={other}]", timeout=5000)
+    # and in the same colour as in the chat's presence
+    ann_dot = await ann.eval_on_selector(f"#presence li[data-user={ann_name}] .dot",
+                                         "e => getComputedStyle(e).backgroundColor")
+    ann_li = await bob.eval_on_selector(f"#collab-users li[data-user={ann_name}]",
+                                        "e => getComputedStyle(e).color")
+    assert ann_dot == ann_li, (ann_dot, ann_li)
 
     # bob reloads: the page loads the document from the server and goes on
     await bob.reload()
@@ -91,7 +106,8 @@ async def test_two_pages_edit_together_see_cursors_and_a_reload_catches_up(
     await bob.keyboard.type(" back!")
     await ann.wait_for_function(f"() => document.querySelector('#collab-text').value === {want + ' back!'!r}",
                                 timeout=5000)
-    await ann.wait_for_selector("#collab-cursors .caret[data-user=bob]", timeout=5000)
+    await ann.wait_for_selector(f"#collab-cursors .caret[data-user={bob_name}]", timeout=5000)
+    assert await identity(bob) == bob_name  # a reload keeps the tab's identity (its guest key)
     await ann.screenshot(path="/tmp/wirehub-yjs-demo.png")
     assert ann.errors == [] and bob.errors == []
 

@@ -1,7 +1,15 @@
-"""Anonymous authentication: everyone gets a guest identity. For development and public demos."""
+"""Anonymous authentication: everyone gets a guest identity. For development and public demos.
+
+A client may send a guest key (``?guest=<16-128 of [A-Za-z0-9_-]>``, a random secret it keeps): every
+connection with the same key is the same guest, so a page's chat and board connections are one person.
+The user is derived from the key by a one-way hash, so showing the user (presence, messages) does not
+reveal the key that claims it. Without a key each connection is a new guest.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,6 +28,16 @@ class AnonymousOptions:
     name_prefix: str = "guest"
 
 
+#: what a guest key may be: long enough to be unguessable when random, short enough for a URL
+GUEST_KEY = re.compile(r"[A-Za-z0-9_-]{16,128}")
+
+
+def guest_user(prefix: str, key: str | None) -> str:
+    """``<prefix>-<8 hex digits>``: from the key's SHA-256 (the same on every replica), or random."""
+    digits = hashlib.sha256(key.encode()).hexdigest()[:8] if key is not None else uuid.uuid4().hex[:8]
+    return f"{prefix}-{digits}"
+
+
 class AnonymousAuthenticator:
     expiry_grace = 0.0
 
@@ -27,7 +45,12 @@ class AnonymousAuthenticator:
         self.options = options
 
     async def authenticate(self, request: HTTPServerRequest) -> Identity:
-        user = f"{self.options.name_prefix}-{uuid.uuid4().hex[:8]}"
+        keys = request.query_arguments.get("guest")
+        key = keys[-1].decode("latin-1") if keys else None
+        if key is not None and not GUEST_KEY.fullmatch(key):
+            raise AuthError(400, "bad_guest_key", "the guest key must be 16-128 of [A-Za-z0-9_-]",
+                            error="bad_request")
+        user = guest_user(self.options.name_prefix, key)
         return Identity(user=user, name=user, rooms=self.options.rooms, anonymous=True)
 
     async def refresh(self, identity: Identity, token: str) -> Identity:

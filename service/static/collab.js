@@ -1,13 +1,14 @@
 // The demo page's shared text editor: the real yjs and y-websocket packages (bundled into
 // /static/vendor/yjs.js by .ci/yjs-vendor/build.sh) on wirehub's yjs endpoint, with the other
-// editors' cursors and selections drawn over the text. URL parameters: ?doc=demo (the document)
-// &name=... (your name on the cursor) &token=... (JWT setups). Needs a yjs endpoint at /ws/yjs/*
-// (docs/collaboration.md); without one the section says so and connects nothing.
+// editors' cursors and selections drawn over the text, named and coloured as the tab's one identity
+// (identity.js: the chat's user, name and colour). URL parameters: ?doc=demo (the document) &token=...
+// (JWT setups). Needs a yjs endpoint at /ws/yjs/* (docs/collaboration.md); without one the section says
+// so and connects nothing.
 import { Y, WebsocketProvider } from "/static/vendor/yjs.js";
+import { endpoint, token, whenIdentity } from "/static/identity.js";
 
 const ENDPOINT = "/ws/yjs";
 const params = new URLSearchParams(location.search);
-const token = params.get("token") || undefined;
 const docName = params.get("doc") || "demo";
 
 const $ = (/** @type {string} */ sel) => /** @type {HTMLElement} */ (document.querySelector(sel));
@@ -40,12 +41,12 @@ async function main() {
   const ydoc = new Y.Doc();
   const ytext = ydoc.getText("text");
   const scheme = location.protocol === "https:" ? "wss" : "ws";
+  // y-websocket adds the document to the path and `params` to the query: the tab's guest key or token
+  const guest = new URL(endpoint(ENDPOINT), location.href).searchParams.get("guest");
   const provider = new WebsocketProvider(`${scheme}://${location.host}${ENDPOINT}`, docName, ydoc,
-    { params: token ? { token } : {} });
+    { params: token ? { token } : guest ? { guest } : {} });
   const awareness = provider.awareness;
-  const hue = ydoc.clientID % 360;
-  const me = { name: params.get("name") || `guest-${ydoc.clientID % 10000}`, color: `hsl(${hue} 70% 45%)` };
-  awareness.setLocalStateField("user", me);
+  whenIdentity().then((id) => awareness.setLocalStateField("user", { name: id.name, id: id.user, color: id.colour }));
   window.wirehubYjs = { Y, ydoc, ytext, provider }; // for the console and the browser tests
 
   provider.on("status", (/** @type {{status: string}} */ e) => setStatus(e.status));
@@ -129,7 +130,7 @@ async function main() {
       if (m.kind === "start") {
         const span = document.createElement("span");
         span.className = "sel";
-        span.style.background = m.user.color.replace(")", " / 25%)");
+        span.style.background = translucent(m.user.color);
         overlay.append(span);
         into = span;
       } else if (m.kind === "end") {
@@ -153,6 +154,7 @@ async function main() {
       const li = document.createElement("li");
       li.textContent = u.me ? `${u.name} (you)` : u.name;
       li.style.color = u.color;
+      li.title = u.name;
       li.dataset.user = u.name;
       return li;
     }));
@@ -161,6 +163,11 @@ async function main() {
   area.addEventListener("scroll", () => { overlay.scrollTop = area.scrollTop; });
   area.addEventListener("input", render);
   render();
+}
+
+/** A user's colour at 25% for a selection: "#rrggbb" (identity.js) or an older client's "hsl(...)". */
+function translucent(/** @type {string} */ color) {
+  return /^#[0-9a-f]{6}$/i.test(color) ? `${color}40` : color.replace(")", " / 25%)");
 }
 
 main();

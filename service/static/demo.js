@@ -1,9 +1,10 @@
-// The demo page: a chat (rooms, presence, history) and a shared board, on /static/wirehub.js.
-// URL parameters: ?room=lobby (first room) &game=board (board room) &token=... (JWT setups).
+// The demo page: a chat (rooms, presence, history) and a shared board, on /static/wirehub.js, as one
+// identity per tab (identity.js). URL parameters: ?room=lobby (first room) &game=board (board room)
+// &token=... (JWT setups).
 import { WirehubClient } from "/static/wirehub.js";
+import { colour, endpoint, setIdentity, token, whenIdentity } from "/static/identity.js";
 
 const params = new URLSearchParams(location.search);
-const token = params.get("token") || undefined;
 const firstRoom = params.get("room") || "lobby";
 const gameRoom = params.get("game") || "board";
 const SIZE = 8;
@@ -16,16 +17,9 @@ const el = (/** @type {string} */ tag, /** @type {string} */ cls = "", /** @type
   return e;
 };
 
-/** a stable colour per user */
-function colour(/** @type {string} */ user) {
-  let h = 0;
-  for (const c of user) h = (h * 31 + c.charCodeAt(0)) >>> 0;
-  return `hsl(${h % 360} 70% 55%)`;
-}
-
 // -- chat -------------------------------------------------------------------------------------------------
 
-const chat = new WirehubClient("/ws/chat", { token });
+const chat = new WirehubClient(endpoint("/ws/chat"), { token });
 window.wirehubChat = chat; // for the console and the browser tests
 
 /** @type {Map<string, {items: any[], keys: Set<string>, epochs: string[], unread: number, presence: any[], count: number | null}>} */
@@ -124,9 +118,27 @@ function render() {
   requestAnimationFrame(() => { renderQueued = false; draw(); });
 }
 
+/** A user's display name: from the presence lists (users' names), else the user. */
+function nameOf(/** @type {string} */ user) {
+  if (chat.welcome && chat.welcome.user === user) return chat.welcome.name || user;
+  for (const sub of chat.rooms.values()) {
+    const m = sub.members.get(user);
+    if (m && m.name) return m.name;
+  }
+  return user;
+}
+
 function draw() {
   const me = chat.welcome ? chat.welcome.user : "";
-  $("#me").textContent = me ? `you are ${me}` : "";
+  const meEl = $("#me");
+  meEl.replaceChildren();
+  if (me) {
+    const dot = el("span", "dot");
+    dot.style.background = colour(me);
+    meEl.append(dot, el("span", "name", nameOf(me)));
+    meEl.title = `you are ${nameOf(me)} (${me})`;
+    meEl.dataset.user = me;
+  }
   const roomsEl = $("#rooms");
   roomsEl.replaceChildren(...[...rooms.keys()].map((room) => {
     const li = el("li", room === current ? "active" : "", `#${room}`);
@@ -144,8 +156,9 @@ function draw() {
     if (m.notice) return el("li", "notice", m.notice);
     const li = el("li", m.from === me ? "mine" : "");
     li.dataset.offset = String(m.offset);
-    const from = el("span", "from", m.from);
+    const from = el("span", "from", nameOf(m.from));
     from.style.color = colour(m.from);
+    from.title = m.from;
     const text = typeof m.data === "object" && m.data !== null && "text" in m.data ? String(m.data.text) : JSON.stringify(m.data);
     li.append(from, el("span", "text", text), el("span", "time", new Date(m.ts * 1000).toLocaleTimeString()));
     return li;
@@ -155,17 +168,25 @@ function draw() {
   $("#presence-count").textContent = st.count === null && !st.presence.length ? "" : `${here} here`;
   $("#presence-count").dataset.count = String(here);
   $("#presence").replaceChildren(...st.presence.map((p) => {
-    const li = el("li");
+    const li = el("li", p.user === me ? "me" : "");
     const dot = el("span", "dot");
     dot.style.background = colour(p.user);
-    li.append(dot, document.createTextNode(p.name || p.user), el("small", "", p.connections > 1 ? ` ×${p.connections}` : ""));
+    const name = el("span", "name", p.name || p.user);
+    li.title = p.name && p.name !== p.user ? `${p.name} (${p.user})` : p.user;
+    li.append(dot, name);
+    if (p.user === me) li.append(el("span", "you", "(you)"));
+    if (p.connections > 1) li.append(el("small", "", `×${p.connections}`));
     li.dataset.user = p.user;
     return li;
   }));
 }
 
-chat.on("status", (s) => { $("#status").textContent = s; $("#status").dataset.status = s; });
-chat.on("welcome", () => render());
+chat.on("status", (s) => {
+  $("#status").textContent = s;
+  $("#status").dataset.status = s;
+  document.body.dataset.chat = s; // the presence list dims while it may be out of date
+});
+chat.on("welcome", (w) => { setIdentity(w); render(); });
 chat.on("error", (err) => console.warn("wirehub:", err));
 
 $("#send-form").addEventListener("submit", async (ev) => {
@@ -195,7 +216,7 @@ $("#join-form").addEventListener("submit", (ev) => {
 
 // -- the shared board --------------------------------------------------------------------------------------
 
-const game = new WirehubClient("/ws/game", { token });
+const game = new WirehubClient(endpoint("/ws/game"), { token });
 window.wirehubGame = game;
 /** @type {import("./wirehub.js").GameRoom | null} */
 let board = null;
@@ -211,21 +232,27 @@ for (let y = 0; y < SIZE; y++) {
 }
 $("#game-room").textContent = `#${gameRoom}`;
 
+/** While the board's connection is down its state is stale: the board shows nothing until the rejoin. */
+let stale = false;
+
 function drawBoard() {
   // the board's state is {"<x>-<y>": "<user>"}: one member per painted cell
-  const cells = (board && board.state && typeof board.state === "object" && board.state) || {};
+  const cells = (!stale && board && board.state && typeof board.state === "object" && board.state) || {};
   for (const cell of /** @type {NodeListOf<HTMLElement>} */ (boardEl.querySelectorAll(".cell"))) {
     const owner = cells[/** @type {string} */ (cell.dataset.key)];
     cell.style.background = owner ? colour(owner) : "";
     cell.dataset.owner = owner || "";
-    cell.title = owner || "";
+    cell.title = owner ? nameOf(owner) : "";
   }
-  $("#game-version").textContent = String(board ? board.version : 0);
+  $("#game-version").textContent = stale ? "…" : String(board ? board.version : 0);
   if (game.welcome) $("#my-colour").style.background = colour(game.welcome.user);
+  if (stale) boardEl.dataset.stale = "1";
+  else delete boardEl.dataset.stale;
+  /** @type {HTMLButtonElement} */ ($("#clear-board")).disabled = stale || !board;
 }
 
 async function paint(/** @type {string} */ key) {
-  if (!board || !game.welcome) return;
+  if (!board || !game.welcome || stale) return;
   const me = game.welcome.user;
   const cells = board.state || {};
   const patch = cells[key] === me
@@ -240,16 +267,26 @@ async function paint(/** @type {string} */ key) {
 }
 
 $("#clear-board").addEventListener("click", async () => {
-  if (!board || !game.welcome || !board.state) return;
+  if (!board || !game.welcome || !board.state || stale) return;
   const me = game.welcome.user;
   const mine = Object.keys(board.state).filter((k) => board?.state[k] === me);
   if (mine.length) await board.update(mine.map((k) => ({ op: "remove", path: `/${k}` }))).catch(() => board?.sync());
 });
 
-game.on("status", (s) => { $("#game-status").textContent = s; });
+game.on("status", (s) => {
+  $("#game-status").textContent = s === "reconnecting" ? "reconnecting…" : s;
+  $("#game-status").dataset.status = s;
+  // Down: the state is stale (others go on painting); the rejoin brings a fresh one before "open".
+  const wasStale = stale;
+  stale = s !== "open";
+  if (stale !== wasStale) drawBoard();
+});
 
 // -- start ------------------------------------------------------------------------------------------------
 
 joinRoom(firstRoom);
-game.joinGame(gameRoom, () => drawBoard()).then((room) => { board = room; boardEl.dataset.ready = "1"; drawBoard(); })
+// the board after the chat's welcome: the tab's own colour is taken first (identity.js)
+whenIdentity()
+  .then(() => game.joinGame(gameRoom, () => drawBoard()))
+  .then((room) => { board = room; boardEl.dataset.ready = "1"; drawBoard(); })
   .catch((err) => { $("#game-status").textContent = `could not join: ${err.message}`; });

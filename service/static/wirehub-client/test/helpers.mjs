@@ -1,7 +1,7 @@
-// Shared helpers of the JS client tests. tests/test_js_client.py starts the servers and sets:
+// Shared helpers of the package's tests. tests/test_js_client.py starts the servers, runs `npm test` here and sets:
 // WIREHUB_URL (anonymous auth), WIREHUB_JWT_URL + WIREHUB_JWT_SECRET (JWT auth) and WIREHUB_CONTROL.
 import { createHmac, randomBytes } from "node:crypto";
-import { WirehubClient } from "../../service/static/wirehub.js";
+import { WirehubClient } from "wirehub-client";
 
 export const BASE = process.env.WIREHUB_URL;
 export const JWT_BASE = process.env.WIREHUB_JWT_URL;

@@ -1,7 +1,7 @@
 // The JS client against real wirehub servers (started by tests/test_js_client.py).
 import { test, afterEach } from "node:test";
 import assert from "node:assert/strict";
-import { WirehubError } from "../../service/static/wirehub.js";
+import { WirehubError } from "wirehub-client";
 import { JWT_BASE, client, closeAll, control, eventually, mint, sleep, uniqueRoom } from "./helpers.mjs";
 
 afterEach(() => closeAll());

@@ -1,7 +1,7 @@
 // The client's pure parts: backoff, close-code policy, retry hints, JSON Patch.
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { applyPatch, backoffDelay, closePolicy, parseRetryMs, CloseCode } from "../../service/static/wirehub.js";
+import { applyPatch, backoffDelay, closePolicy, parseRetryMs, CloseCode } from "wirehub-client";
 
 const o = { backoffMin: 500, backoffMax: 30000 };
 

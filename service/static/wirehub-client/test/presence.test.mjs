@@ -3,7 +3,7 @@
 // list 3 members in joined and send one presence.diff per room per 0.2 s (tests/test_js_client.py).
 import { test, afterEach } from "node:test";
 import assert from "node:assert/strict";
-import { Subscription, WirehubError, applyPresenceEvent, takePresenceSnapshot } from "../../service/static/wirehub.js";
+import { Subscription, WirehubError, applyPresenceEvent, takePresenceSnapshot } from "wirehub-client";
 import { client, closeAll, eventually, uniqueRoom } from "./helpers.mjs";
 
 afterEach(() => closeAll());

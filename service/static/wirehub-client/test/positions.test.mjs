@@ -4,7 +4,7 @@
 // those messages were handed to onMessage would make the rejoin deliver them again.
 import { test, afterEach } from "node:test";
 import assert from "node:assert/strict";
-import { Subscription } from "../../service/static/wirehub.js";
+import { Subscription } from "wirehub-client";
 import { client, closeAll, eventually, sleep, uniqueRoom } from "./helpers.mjs";
 
 afterEach(() => closeAll());
