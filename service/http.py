@@ -104,6 +104,10 @@ class PluginsHandler(JsonHandler):
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 
 
+#: path parts under static/ that the wheel leaves out (setup.cfg package_data), so never served
+_UNSHIPPED = frozenset({"node_modules", "test"})
+
+
 class StaticHandler(tornado.web.StaticFileHandler):
     """``/static/*`` and the demo page at ``/``; revalidated on every load (the client is small)."""
 
@@ -114,9 +118,15 @@ class StaticHandler(tornado.web.StaticFileHandler):
     def validate_absolute_path(self, root: str, absolute_path: str) -> str | None:
         # A path no file can have (a NUL byte: os.path.realpath raises ValueError) is not found, not a 500.
         try:
-            return super().validate_absolute_path(root, absolute_path)
+            valid = super().validate_absolute_path(root, absolute_path)
         except ValueError:
             raise tornado.web.HTTPError(404) from None
+        # A source checkout serves what the wheel ships and no more: the JS package's tests, its
+        # node_modules and dotfiles stay private (404, as in an installed wheel).
+        parts = os.path.relpath(valid, root).split(os.sep) if valid is not None else []
+        if any(part in _UNSHIPPED or part.startswith(".") for part in parts):
+            raise tornado.web.HTTPError(404)
+        return valid
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         write_json_error(self, status_code)

@@ -9,11 +9,14 @@ import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
 from tornado.httpclient import HTTPClientError
 from tornado.websocket import WebSocketClosedError
 
+import wirehub
 from wirehub.testing import LiveServer, ws_connect
 
 Start = Callable[..., Awaitable[LiveServer]]
@@ -214,6 +217,20 @@ async def test_demo_page_and_plugin_listing_can_be_turned_off(wirehub_server: St
     off = await wirehub_server({**ECHO, "server": {"demo_page": False, "plugin_listing": False}})
     assert (await off.http("/")).code == 404 and (await off.http("/api/plugins")).code == 404
     assert (await off.http("/static/wirehub.js")).code == 200
+
+
+async def test_static_serves_what_the_wheel_ships_and_not_the_js_package_tests(
+        wirehub_server: Start, tmp_path: Any) -> None:
+    server = await wirehub_server(ECHO)
+    for shipped in ("/static/wirehub-client/index.js", "/static/wirehub-client/package.json",
+                    "/static/wirehub-client/types/index.d.ts"):
+        assert (await server.http(shipped)).code == 200, shipped
+    package = Path(wirehub.__file__).parent / "static" / "wirehub-client"
+    assert (package / "test" / "helpers.mjs").is_file()  # in a source checkout, yet never served
+    for private in ("/static/wirehub-client/test/helpers.mjs", "/static/wirehub-client/node_modules/x.js",
+                    "/static/wirehub-client/.npmrc"):
+        response = await server.http(private)
+        assert response.code == 404 and json.loads(response.body)["error"] == "not_found", private
 
 
 async def test_a_client_gone_during_authentication_leaves_no_session_and_no_count(wirehub_server: Start) -> None:
