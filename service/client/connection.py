@@ -61,6 +61,7 @@ class Connection:
         #: idle | connecting | open | reconnecting | closed | stopped
         self.status = "idle"
         self.welcome: dict[str, Any] | None = None
+        #: what the Client joined (kept here, so that the constructor is one): rejoined after each welcome
         self.rooms: dict[str, Subscription] = {}
         self.games: dict[str, GameRoom] = {}
         #: connections opened so far
