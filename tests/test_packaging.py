@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import configparser
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -16,8 +17,13 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> zipfile.ZipFile:
     out = tmp_path_factory.mktemp("wheel")
+    # Built from a clean copy: setuptools packs everything in build/lib, so a checkout's build/ left from an
+    # earlier layout (a module since turned into a package) would put stale modules into the wheel.
+    src = tmp_path_factory.mktemp("src") / "wirehub"
+    shutil.copytree(ROOT, src, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", "build", "dist", "*.egg-info", "node_modules", "__pycache__", ".*_cache", ".benchmarks"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out),
-                    str(ROOT)], check=True, capture_output=True, timeout=300)
+                    str(src)], check=True, capture_output=True, timeout=300)
     (path,) = out.glob("wirehub-*.whl")
     return zipfile.ZipFile(path)
 
@@ -46,6 +52,15 @@ def test_every_folder_of_service_and_plugins_is_in_the_wheel(wheel: zipfile.ZipF
     assert "wirehub/static/wirehub-client/types/index.d.ts" in names
     assert not any(name.startswith(tuple(f"wirehub/static/{d}" for d in dev_only)) for name in names)
     assert "wirehub/py.typed" in names and "wirehub/builtins/py.typed" in names
+
+
+def test_the_wheel_holds_no_module_without_a_source_file(wheel: zipfile.ZipFile) -> None:
+    """No stale module (a file since moved into a package) shadows or doubles a current one."""
+    sources = {f"{package}/{m.relative_to(folder).as_posix()}"
+               for folder, package in ((ROOT / "service", "wirehub"), (ROOT / "plugins", "wirehub/builtins"))
+               for m in folder.rglob("*.py")}
+    extra = sorted(n for n in wheel.namelist() if n.endswith(".py") and n not in sources)
+    assert not extra, extra
 
 
 def test_entry_points_name_the_package(wheel: zipfile.ZipFile) -> None:

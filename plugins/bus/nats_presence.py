@@ -38,9 +38,10 @@ from typing import TYPE_CHECKING, Any
 from wirehub import DepartedListener, PresenceCount, PresenceEntry, PresencePage
 from wirehub.builtins.bus._broker import encode_room
 from wirehub.builtins.bus._roster import Departures, Roster
+from wirehub.builtins.bus.nats_bus import _name
 
 if TYPE_CHECKING:
-    from wirehub.builtins.bus.nats import NatsBus
+    from wirehub.builtins.bus.nats_bus import NatsBus
 
 log = logging.getLogger("wirehub.bus.nats")
 
@@ -65,12 +66,6 @@ def _is_value(msg: Any) -> bool:
 def _parse_entry(data: bytes) -> PresenceEntry:
     d = json.loads(data)
     return PresenceEntry(d["user"], d["session"], d["node"], d.get("info") or {})
-
-
-def _bucket_name(prefix: str, what: str) -> str:
-    from wirehub.builtins.bus.nats import _name
-
-    return _name(prefix, what)
 
 
 class _LiveRoom:
@@ -129,9 +124,9 @@ class NatsPresence:
         self.bus = bus
         self.ttl = ttl
         self.marker_ttl = max(1.0, ttl)
-        self.members_bucket = _bucket_name(bus.prefix, "members")
-        self.nodes_bucket = _bucket_name(bus.prefix, "nodes")
-        self.claims_bucket = _bucket_name(bus.prefix, "claims")
+        self.members_bucket = _name(bus.prefix, "members")
+        self.nodes_bucket = _name(bus.prefix, "nodes")
+        self.claims_bucket = _name(bus.prefix, "claims")
         self.pre = f"$KV.{self.members_bucket}."
         self.members_kv: Any = None
         self.nodes_kv: Any = None

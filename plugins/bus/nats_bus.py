@@ -1,0 +1,387 @@
+"""The NATS bus (:mod:`wirehub.builtins.bus.nats`): the connection that history, presence and state share,
+room consumers, and history publishes that give each room consecutive offsets.
+
+One order per room: each replica reads a room through an *ordered push consumer* on
+``<p>.r.<r>.*`` (``DeliverPolicy.NEW``, created by ``subscribe`` before it returns). JetStream
+delivers a consumer's messages in stream-sequence order and the ordered consumer detects any gap
+and restarts from the last sequence it saw, so every replica gets the room in stream order, without
+loss or duplicate while connected. Core NATS subscriptions are not used for rooms (their order
+relative to the stream is not defined).
+
+Offsets: a per-room counter carried in the ``Wh-Off`` header. A history publish sends the next
+offset with ``Nats-Expected-Last-Subject-Sequence`` set to the stream sequence of the room's last
+history message; JetStream refuses it if another replica got there first, and the publisher
+re-reads the room's last message and tries again. So offsets are consecutive in stream order.
+When a room has no retained message (new, or everything expired), its next offset starts a new
+*run* at ``last stream sequence + 1`` (larger than every earlier offset of the room, since an
+offset never exceeds its message's stream sequence) and is marked ``Wh-Start``; a reader that
+was at 0 (joined an empty room) recovers from a run start, anyone else gets ``complete=False``.
+
+Epoch: derived from the stream's creation time; it changes when the stream is deleted and
+created again (a broker that lost its store, an operator's reset). A restart that keeps the
+JetStream store keeps the epoch and the history.
+
+Failures: nats-py's own reconnect (and the publish buffer it fills while reconnecting) is
+disabled; :mod:`wirehub.builtins.bus._broker` supervises the connection: a PING/PONG flush every
+``heartbeat_interval`` that must answer within ``heartbeat_timeout``, capped backoff, resubscribe.
+``publish`` is a JetStream publish that waits for the stream's acknowledgement: it returns only
+when the message is stored, and raises BusUnavailable when the bus is down or JetStream refused
+it, PublishOutcomeUnknown when no ack came within ``op_timeout`` (it may still have been stored).
+Idempotent publishes carry ``Nats-Msg-Id: <r>.<key>``: JetStream stores one message per id within
+the stream's ``duplicate_window`` (set to the publisher's window, at most ``history_ttl``) and
+acks a duplicate with ``duplicate=True`` and the first one's sequence, whose ``Wh-Off`` is returned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import hashlib
+import logging
+import re
+import ssl
+from typing import TYPE_CHECKING, Any
+
+from wirehub import BusUnavailable, ConfigError, PublishOutcomeUnknown
+from wirehub.builtins.bus._broker import Supervised, encode_room, safe_close
+
+if TYPE_CHECKING:
+    from wirehub.builtins.bus.nats import NatsOptions
+    from wirehub.builtins.bus.nats_presence import NatsPresence
+
+log = logging.getLogger("wirehub.bus.nats")
+
+INSTALL_HINT = "pip install 'wirehub[nats]'"
+HDR_OFFSET = "Wh-Off"
+HDR_START = "Wh-Start"
+EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
+MSG_ID = "Nats-Msg-Id"
+WRONG_LAST_SEQUENCE = (10071, 10164)
+
+
+def _import_nats(key: str) -> Any:
+    try:
+        import nats
+        import nats.js.api
+        import nats.js.errors
+    except ImportError as exc:  # pragma: no cover - exercised without the extra
+        raise ConfigError(key, f"the nats bus needs nats-py: {INSTALL_HINT} ({exc})") from None
+    return nats
+
+
+def _name(prefix: str, what: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", prefix) + "_" + what
+
+
+class _Wrong(Exception):
+    """Nats-Expected-Last-Subject-Sequence did not match: another writer was first."""
+
+
+class _Refused(Exception):
+    """JetStream answered the publish with an error: the message was not stored."""
+
+
+class NatsBus(Supervised):
+    """The bus; also holds the connection that history, presence and state use."""
+
+    log = log
+
+    def __init__(self, opts: NatsOptions, key: str) -> None:
+        super().__init__(heartbeat_interval=opts.heartbeat_interval, heartbeat_timeout=opts.heartbeat_timeout,
+                         max_backoff=opts.max_backoff, op_timeout=opts.op_timeout,
+                         connect_timeout=opts.connect_timeout,
+                         refresh_interval=opts.presence_interval or opts.presence_ttl / 3)
+        self.opts = opts
+        self.nats = _import_nats(key)
+        nerr = self.nats.errors
+        jerr = self.nats.js.errors
+        self.errors: tuple[type[BaseException], ...] = (
+            nerr.ConnectionClosedError, nerr.StaleConnectionError, nerr.OutboundBufferLimitError,
+            nerr.ConnectionReconnectingError, nerr.ConnectionDrainingError, nerr.NoServersError, OSError,
+        )
+        self.soft: tuple[type[BaseException], ...] = (nerr.Error, jerr.Error)
+        self.prefix = opts.subject_prefix
+        self.stream = _name(opts.subject_prefix, "rooms")
+        self.epoch = ""
+        self.nc: Any = None
+        self.js: Any = None
+        self.state_kv: Any = None
+        self.presence: NatsPresence | None = None
+        #: room -> the token of its live consumer (messages of an older consumer are dropped)
+        self._tokens: dict[str, object] = {}
+        self._subs: dict[str, Any] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        #: room -> (stream seq, offset) of its newest history message, as far as this replica knows
+        self._last: collections.OrderedDict[str, tuple[int, int]] = collections.OrderedDict()
+        #: the stream's duplicate_window in seconds as this replica set it (0: the server's default, 2 min)
+        self._dedupe_window = 0.0
+        self._stream_config: Any = None
+
+    def subject(self, room: str, kind: str = "h") -> str:
+        return f"{self.prefix}.r.{encode_room(room)}.{kind}"
+
+    # -- connection ----------------------------------------------------------------------------------
+
+    def _tls(self) -> ssl.SSLContext | None:
+        o = self.opts
+        if not (o.tls_ca_file or o.tls_cert_file or any(s.startswith("tls://") for s in o.servers)):
+            return None
+        ctx = ssl.create_default_context(cafile=o.tls_ca_file)
+        if o.tls_cert_file:
+            ctx.load_cert_chain(o.tls_cert_file, o.tls_key_file)
+        return ctx
+
+    async def _open(self) -> None:
+        o, api = self.opts, self.nats.js.api
+        conn: dict[str, Any] = {}
+
+        async def on_error(exc: Exception) -> None:
+            log.debug("nats: %s", exc)
+
+        async def on_lost() -> None:
+            if self.nc is not None and conn.get("nc") is self.nc:
+                self._fail("disconnected from NATS")
+
+        kwargs: dict[str, Any] = {
+            "servers": list(o.servers),
+            "allow_reconnect": False,  # we reconnect (and resubscribe) ourselves; nothing is buffered meanwhile
+            "connect_timeout": o.connect_timeout,
+            "max_reconnect_attempts": 1,  # the first connect tries each server once (0 would retry forever)
+            "reconnect_time_wait": 0.05,
+            "error_cb": on_error,
+            "disconnected_cb": on_lost,
+            "closed_cb": on_lost,
+            "name": "wirehub",
+            "ping_interval": 600,  # the watchdog pings; nats-py's own ping would notice in minutes
+        }
+        if o.token:
+            kwargs["token"] = o.token
+        if o.user:
+            kwargs["user"], kwargs["password"] = o.user, o.password
+        if o.credentials:
+            kwargs["user_credentials"] = o.credentials
+        tls = self._tls()
+        if tls is not None:
+            kwargs["tls"] = tls
+        nc = self.nats.NATS()
+        conn["nc"] = self.nc = nc  # so that _teardown closes it even when connect fails half-way
+        await nc.connect(**kwargs)
+        js = self.js = nc.jetstream(timeout=o.op_timeout)
+        storage = api.StorageType.MEMORY if o.storage == "memory" else api.StorageType.FILE
+        config = api.StreamConfig(
+            name=self.stream, subjects=[f"{self.prefix}.r.*.*"], max_msgs_per_subject=max(1, o.history_size),
+            max_age=o.history_ttl, storage=storage, num_replicas=o.replicas, discard=api.DiscardPolicy.OLD,
+            allow_direct=True, duplicate_window=self._dedupe_window,
+        )
+        self._stream_config = config
+        try:
+            info = await js.add_stream(config)
+        except self.nats.js.errors.BadRequestError:
+            info = await js.update_stream(config)
+        created = getattr(info, "created", None) or (await js.stream_info(self.stream)).created
+        self.epoch = hashlib.sha1(f"{self.stream}@{created}".encode()).hexdigest()[:12]
+        self._last.clear()
+        if self.presence is not None:
+            await self.presence.open(storage)
+        self.state_kv = await self._bucket(_name(self.prefix, "state"), None, storage)
+        self._tokens, self._subs = {}, {}
+        for room in sorted(self._rooms):
+            await self._consume(room)
+
+    async def _bucket(self, name: str, ttl: float | None, storage: Any) -> Any:
+        js = self.js
+        try:
+            return await js.create_key_value(bucket=name, history=1, ttl=ttl, storage=storage,
+                                             replicas=self.opts.replicas)
+        except self.nats.js.errors.BadRequestError:
+            return await js.key_value(name)  # exists with another config (e.g. a changed TTL)
+
+    async def _consume(self, room: str) -> None:
+        api = self.nats.js.api
+        token = object()
+
+        async def on_msg(msg: Any) -> None:
+            if self._tokens.get(room) is not token:
+                return
+            offset = None
+            if msg.subject.endswith(".h"):
+                hdr = msg.headers or {}
+                offset = int(hdr.get(HDR_OFFSET, 0)) or None
+                if offset is not None:
+                    self._remember(room, msg.metadata.sequence.stream, offset)
+            self._deliver(room, msg.data, offset)
+
+        self._tokens[room] = token
+        self._subs[room] = await self.js.subscribe(
+            f"{self.prefix}.r.{encode_room(room)}.*", stream=self.stream, cb=on_msg, ordered_consumer=True,
+            deliver_policy=api.DeliverPolicy.NEW, pending_msgs_limit=100_000,
+        )
+
+    def _remember(self, room: str, seq: int, offset: int) -> None:
+        cur = self._last.get(room)
+        if cur is None or seq > cur[0]:
+            self._last[room] = (seq, offset)
+            self._last.move_to_end(room)
+            while len(self._last) > 10_000:
+                self._last.popitem(last=False)
+
+    async def _teardown(self) -> None:
+        nc, self.nc = self.nc, None
+        self.js = self.state_kv = None
+        self._tokens, self._subs = {}, {}
+        if nc is not None:
+            await safe_close(log, "nats connection")(nc.close())
+
+    async def _roundtrip(self) -> None:
+        nc = self.nc
+        if nc is None:
+            raise ConnectionError("not connected")
+        await nc.flush(timeout=self.heartbeat_timeout)
+
+    async def _refresh(self) -> None:
+        if self.presence is not None:
+            await self.presence.upkeep()
+
+    async def close(self) -> None:
+        if self.presence is not None:
+            await self.presence.close()
+        await super().close()
+
+    async def call(self, what: str, op: Any) -> Any:
+        return await self._call(what, op, self.errors, soft=self.soft)
+
+    # -- Bus -------------------------------------------------------------------------------------------
+
+    async def last(self, room: str) -> tuple[int, int, bool]:
+        """(stream seq, offset, is run start) of the room's newest history message; (0, 0, False)."""
+        js, stream, subject = self.js, self.stream, self.subject(room)
+        not_found = self.nats.js.errors.NotFoundError
+
+        async def get() -> tuple[int, int, bool]:
+            try:
+                msg = await js.get_last_msg(stream, subject, direct=True)
+            except not_found:
+                return 0, 0, False
+            hdr = msg.headers or {}
+            return int(msg.seq), int(hdr.get(HDR_OFFSET, 0)), HDR_START in hdr
+
+        return await self.call("history", get)  # type: ignore[no-any-return]
+
+    async def publish(self, room: str, payload: bytes, *, history: bool = False, dedupe_key: str | None = None,
+                      dedupe_window: float = 0.0) -> int | None:
+        self._check()
+        js, stream = self.js, self.stream
+        if not history:
+            subject = self.subject(room, "e")
+            try:
+                await self.call("publish", lambda: js.publish(subject, payload, stream=stream))
+            except BusUnavailable as exc:
+                raise PublishOutcomeUnknown(str(exc)) from exc
+            return None
+        msg_id = None
+        if dedupe_key is not None and dedupe_window > 0:
+            await self._ensure_dedupe_window(dedupe_window)
+            msg_id = f"{encode_room(room)}.{dedupe_key}"  # keys are per room; the stream's are not
+        lock = self._locks.get(room)
+        if lock is None:
+            lock = self._locks[room] = asyncio.Lock()
+        try:
+            async with lock:
+                return await self._publish_history(room, payload, msg_id)
+        finally:
+            if not lock.locked() and self._locks.get(room) is lock:
+                del self._locks[room]
+
+    async def _ensure_dedupe_window(self, window: float) -> None:
+        """JetStream dedupes ``Nats-Msg-Id`` within the stream's ``duplicate_window`` (at most its
+        ``max_age``): set it to ``window`` once, when it differs."""
+        window = min(window, self.opts.history_ttl)
+        if window == self._dedupe_window:
+            return
+        config = dataclasses.replace(self._stream_config, duplicate_window=window)
+        js = self.js
+        await self.call("publish", lambda: js.update_stream(config))
+        self._stream_config, self._dedupe_window = config, window
+
+    async def _publish_history(self, room: str, payload: bytes, msg_id: str | None = None) -> int:
+        js, stream, subject = self.js, self.stream, self.subject(room)
+        api_error = self.nats.js.errors.APIError
+
+        async def send(headers: dict[str, str]) -> Any:
+            try:
+                return await js.publish(subject, payload, stream=stream, headers=headers)
+            except api_error as exc:
+                if exc.err_code in WRONG_LAST_SEQUENCE:
+                    raise _Wrong() from None
+                raise _Refused(f"{type(exc).__name__}: {exc}") from exc
+
+        for attempt in range(100):
+            known = self._last.get(room)
+            if known is None:
+                seq, top, _ = await self.last(room)
+            else:
+                seq, top = known
+            headers = {EXPECTED_LAST_SUBJECT_SEQ: str(seq)}
+            if seq == 0:
+                info = await self.call("publish", lambda: js.stream_info(stream))
+                offset = int(info.state.last_seq) + 1
+                headers[HDR_START] = "1"
+            else:
+                offset = top + 1
+            headers[HDR_OFFSET] = str(offset)
+            if msg_id is not None:
+                headers[MSG_ID] = msg_id
+            try:
+                ack = await self.call("publish", lambda h=headers: send(h))  # type: ignore[misc]
+            except _Wrong:
+                self._last.pop(room, None)
+                await asyncio.sleep(0.001 * min(attempt, 20))
+                continue
+            except _Refused as exc:
+                raise BusUnavailable(f"publish to {room!r} refused: {exc}") from exc
+            except BusUnavailable as exc:  # sent, and no answer: it may have been stored
+                raise PublishOutcomeUnknown(str(exc)) from exc
+            if ack.duplicate:  # JetStream kept the first one: ack.seq is its sequence
+                return await self._offset_of(int(ack.seq))
+            self._remember(room, int(ack.seq), offset)
+            return offset
+        raise BusUnavailable(f"publish to {room!r}: too many concurrent writers")
+
+    async def _offset_of(self, seq: int) -> int:
+        """The offset of the message at stream sequence ``seq``; 0 when it is gone (trimmed)."""
+        js, stream = self.js, self.stream
+        not_found = self.nats.js.errors.NotFoundError
+
+        async def get() -> int:
+            try:
+                msg = await js.get_msg(stream, seq, direct=True)
+            except not_found:
+                return 0
+            return int((msg.headers or {}).get(HDR_OFFSET, 0))
+
+        try:
+            return await self.call("publish", get)  # type: ignore[no-any-return]
+        except BusUnavailable as exc:  # the duplicate was answered: published once, offset unknown
+            raise PublishOutcomeUnknown(str(exc)) from exc
+
+    async def subscribe(self, room: str) -> None:
+        self._check()
+        self._rooms.add(room)
+        try:
+            await self.call("subscribe", lambda: self._consume(room))
+        except BaseException:
+            self._rooms.discard(room)
+            self._tokens.pop(room, None)
+            raise
+
+    async def unsubscribe(self, room: str) -> None:
+        if room not in self._rooms:
+            return
+        self._rooms.discard(room)
+        self._tokens.pop(room, None)
+        sub = self._subs.pop(room, None)
+        if sub is not None and self._healthy:
+            with contextlib.suppress(BusUnavailable):
+                await self.call("unsubscribe", sub.unsubscribe)

@@ -1,0 +1,62 @@
+"""History on NATS: a room's retained history messages, read back from the bus's stream by offset."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from wirehub import HistoryPage
+from wirehub.builtins.bus.nats_bus import HDR_OFFSET, HDR_START
+
+if TYPE_CHECKING:
+    from wirehub.builtins.bus.nats_bus import NatsBus
+
+
+class NatsHistory:
+    def __init__(self, bus: NatsBus) -> None:
+        self.bus = bus
+
+    async def position(self, room: str) -> tuple[int, str]:
+        self.bus._check()
+        _, top, _ = await self.bus.last(room)
+        return top, self.bus.epoch
+
+    async def read(self, room: str, after: int | None, limit: int) -> HistoryPage:
+        bus = self.bus
+        bus._check()
+        epoch = bus.epoch
+        seq, top, _ = await bus.last(room)
+        if seq == 0:
+            return HistoryPage(epoch, 0, [], after is None or after == 0)
+        if after is not None and after > top:
+            return HistoryPage(epoch, top, [], False)
+        if (after is not None and after == top) or bus.opts.history_size == 0:
+            return HistoryPage(epoch, top, [], after is None or after == top)
+        if after is None and limit <= 0:
+            return HistoryPage(epoch, top, [], True)
+        floor = top - limit if after is None else after
+        # an offset never exceeds its stream sequence: floor + 1 is a safe place to start reading
+        found = await bus.call("history", lambda: self._scan(room, floor, top))
+        if after is None:
+            return HistoryPage(epoch, top, [(o, p) for o, p, _ in found][-limit:], True)
+        complete = bool(found) and (found[0][0] == after + 1 or (after == 0 and found[0][2]))
+        return HistoryPage(epoch, top, [(o, p) for o, p, _ in found[:limit]] if complete else [], complete)
+
+    async def _scan(self, room: str, floor: int, top: int) -> list[tuple[int, bytes, bool]]:
+        """Retained history messages of ``room`` with offset > floor, up to ``top``, in order."""
+        bus = self.bus
+        api = bus.nats.js.api
+        config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+                                    opt_start_seq=max(1, floor + 1))
+        sub = await bus.js.subscribe(bus.subject(room), stream=bus.stream, ordered_consumer=True, config=config)
+        out: list[tuple[int, bytes, bool]] = []
+        try:
+            while True:
+                msg = await sub.next_msg(timeout=bus.op_timeout)
+                hdr = msg.headers or {}
+                offset = int(hdr.get(HDR_OFFSET, 0))
+                if offset > floor:
+                    out.append((offset, msg.data, HDR_START in hdr))
+                if offset >= top or msg.metadata.num_pending == 0:
+                    return out
+        finally:
+            await sub.unsubscribe()
