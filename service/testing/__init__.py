@@ -20,6 +20,7 @@ this module.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
@@ -100,18 +101,7 @@ async def wirehub_server() -> AsyncIterator[Callable[..., Awaitable[LiveServer]]
 
     yield start
     for server in started:
-        for client in server.clients:
-            client.close()
-        # Finish the close handshakes while the loop runs: a socket left to the garbage collector
-        # is a ResourceWarning, an error under filterwarnings=error in whichever test comes next.
-        for client in server.clients:
-            try:
-                if client.close_code is None:  # else its end was read already
-                    await client.wait_closed(timeout=2.0)
-            except (TimeoutError, OSError):
-                pass
-            if client.conn.stream is not None:
-                client.conn.stream.close()
+        await asyncio.gather(*(client.aclose() for client in server.clients))
         await server.app.stop()
 
 

@@ -59,8 +59,7 @@ async def publish_round_trip(url: str) -> str:
         message = await listener.recv_op("message")
         assert message["data"] == {"still": "served"} and message["offset"] == ack["offset"]
     finally:
-        sender.close()
-        listener.close()
+        await asyncio.gather(sender.aclose(), listener.aclose())
     return room
 
 
@@ -189,8 +188,7 @@ async def test_history_of_unique_rooms_creates_no_state(
             if kind == "redis":  # nothing anywhere in Redis but the bystanders' rooms (other tests' keys may expire)
                 assert state_after[1] - state_before[1] <= len(expected)
     finally:
-        for a in attackers:
-            a.close()
+        await asyncio.gather(*(a.aclose() for a in attackers))
 
 
 # -- the per-session op rate -------------------------------------------------------------------------------
