@@ -3,8 +3,9 @@ turned into failures on CI."""
 
 from __future__ import annotations
 
+import gc
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -22,6 +23,14 @@ def broker(kind: str, redis_server_factory: Callable[..., BrokerProcess],
            nats_server_factory: Callable[..., BrokerProcess]) -> BrokerProcess:
     """A broker of ``kind`` of this test's own (it may be killed, paused or restarted)."""
     return redis_server_factory() if kind == "redis" else nats_server_factory()
+
+
+@pytest.fixture(autouse=True)
+def _leaks_fail_their_own_test() -> Iterator[None]:
+    """Collect garbage at each test's teardown: a socket or file a test leaves unclosed is then a
+    ResourceWarning (an error here) in that test, not in whichever later test the collector ran in."""
+    yield
+    gc.collect()
 
 
 @pytest.hookimpl(wrapper=True)
