@@ -118,7 +118,12 @@ class RedisNode(RedisServer):
             raise BrokerError(f"no redis-server >= 7 found: {REDIS7_HINT}")
         super().__init__(**kwargs)
 
+    #: a sentinel's config file (sentinels rewrite theirs): runs ``redis-server FILE --sentinel``
+    config_file: str | None = None
+
     def command(self) -> list[str]:
+        if self.config_file is not None:
+            return [self.binary, self.config_file, "--sentinel"]
         cmd = super().command()
         if self.tls is not None:
             cmd[cmd.index("--port") + 1] = "0"
@@ -145,7 +150,7 @@ class RedisNode(RedisServer):
             kwargs.update(ssl=True, ssl_ca_certs=self.tls.ca, ssl_certfile=self.tls.cert, ssl_keyfile=self.tls.key)
         client = redis.Redis(**kwargs)
         try:
-            return client.execute_command(*args)
+            return client.execute_command(*args)  # type: ignore[no-untyped-call]
         except redis.RedisError as exc:
             raise BrokerError(f"{' '.join(map(str, args))} on port {self.port}: {exc}") from exc
         finally:
@@ -300,8 +305,7 @@ class RedisSentinel:
                 lines.append(f"sentinel auth-pass {self.master_name} {self.password}")
             conf = s.directory / "sentinel.conf"
             conf.write_text("\n".join(lines) + "\n")
-            s.extra = ["--sentinel"]
-            s.command = lambda conf=conf, s=s: [s.binary, str(conf), "--sentinel"]  # type: ignore[method-assign]
+            s.config_file = str(conf)
             s.start()
         n = len(self.servers) - 1
         _wait("sentinels see the replicas and each other", lambda: all(

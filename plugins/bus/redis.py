@@ -270,7 +270,9 @@ class RedisBus(Supervised):
         client, ch = self.client, self.channel(room)
         try:
             if not history:
-                await self._call("publish", lambda: client.publish(ch, b"- " + payload), self.errors)
+                command = self.publish_command
+                await self._call("publish", lambda: client.execute_command(command, ch, b"- " + payload),
+                                 self.errors)
                 return None
             meta = self.key("m", room)
             window_ms = int(dedupe_window * 1000) if dedupe_key is not None else 0

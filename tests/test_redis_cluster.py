@@ -1,0 +1,250 @@
+"""The redis bus on a real Redis Cluster (3 primaries + 3 replicas) and behind real Sentinels: the
+backend contract suites, sharded pub/sub, and one room order across 3 replicas.
+
+One cluster and one sentinel setup per module (started once; never killed here: the failover tests
+in test_redis_failover.py have their own)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+import pytest
+
+from wirehub.broker_clusters import REDIS7_HINT, RedisCluster, RedisSentinel, find_redis7
+from wirehub.builtins.bus.redis import RedisBus
+from wirehub.builtins.bus.redis import create_backend as redis_backend
+from wirehub.builtins.bus.redis_cluster import RedisClusterBus
+from wirehub.bus import Backend
+from wirehub.testing import (
+    BackendPair,
+    BusContract,
+    Footprint,
+    HistoryContract,
+    PresenceContract,
+    PresenceExpiryContract,
+    Recorder,
+    StateStoreContract,
+    unique_room,
+)
+
+pytestmark = pytest.mark.skipif(find_redis7() is None, reason=REDIS7_HINT)
+
+FAST = {"heartbeat_interval": 0.5, "heartbeat_timeout": 2.0, "op_timeout": 3.0, "presence_ttl": 3.0}
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[RedisCluster]:
+    c = RedisCluster()
+    c.start()
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def sentinel() -> Iterator[RedisSentinel]:
+    s = RedisSentinel()
+    s.start()
+    yield s
+    s.close()
+
+
+def cluster_options(cluster: RedisCluster, prefix: str, **options: Any) -> dict[str, Any]:
+    return {"mode": "cluster", "cluster": {"nodes": cluster.startup_nodes[:2]}, "key_prefix": prefix,
+            **FAST, **options}
+
+
+def sentinel_options(sentinel: RedisSentinel, prefix: str, **options: Any) -> dict[str, Any]:
+    return {"mode": "sentinel", "sentinel": {"nodes": sentinel.sentinel_nodes, "master_name": sentinel.master_name},
+            "key_prefix": prefix, **FAST, **options}
+
+
+@pytest.fixture(params=["cluster", "sentinel"])
+def make_options(request: pytest.FixtureRequest) -> Callable[..., dict[str, Any]]:
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    if request.param == "cluster":
+        c = request.getfixturevalue("cluster")
+        return lambda **o: cluster_options(c, prefix, **o)
+    s = request.getfixturevalue("sentinel")
+    return lambda **o: sentinel_options(s, prefix, **o)
+
+
+async def _started(options: dict[str, Any]) -> tuple[Backend, Recorder]:
+    backend = redis_backend(options, "bus.redis")
+    recorder = Recorder()
+    await backend.bus.start(recorder)
+    return backend, recorder
+
+
+@pytest.fixture
+async def backend_pair(make_options: Callable[..., dict[str, Any]]) -> AsyncIterator[BackendPair]:
+    first = await _started(make_options())
+    second = await _started(make_options())
+    yield first, second
+    await first[0].bus.close()
+    await second[0].bus.close()
+
+
+@pytest.fixture
+async def backend(backend_pair: BackendPair) -> Backend:
+    return backend_pair[0][0]
+
+
+@pytest.fixture
+async def small_history_backend(make_options: Callable[..., dict[str, Any]]) -> AsyncIterator[Backend]:
+    backend, _ = await _started(make_options(history_size=3))
+    yield backend
+    await backend.bus.close()
+
+
+async def _keys(bus: RedisBus) -> list[str]:
+    """Every key of the bus's prefix (on every primary of a cluster)."""
+    client = bus.client
+    if isinstance(bus, RedisClusterBus):
+        import redis.asyncio as aioredis
+
+        out: list[str] = []
+        for node in client.get_primaries():
+            direct = aioredis.Redis(host=node.host, port=node.port)
+            try:
+                out += [k.decode() async for k in direct.scan_iter(match=f"{bus.prefix}:*", count=1000)]
+            finally:
+                await direct.aclose()
+        return out
+    return [k.decode() async for k in client.scan_iter(match=f"{bus.prefix}:*", count=1000)]
+
+
+@pytest.fixture
+def footprint(backend: Backend) -> Footprint:
+    bus = backend.bus
+    assert isinstance(bus, RedisBus)
+
+    async def keys() -> list[str]:
+        # the liveness set and the epoch bases: one key per deployment (per slot in a cluster), not room state
+        return sorted(k for k in await _keys(bus) if k != f"{bus.prefix}:presence:nodes"
+                      and not k.startswith(f"{bus.prefix}:epoch"))
+
+    return keys
+
+
+class TestBus(BusContract):
+    pass
+
+
+class TestHistory(HistoryContract):
+    pass
+
+
+class TestPresence(PresenceContract):
+    pass
+
+
+class TestStateStore(StateStoreContract):
+    pass
+
+
+@pytest.fixture
+async def presence_replica(
+        make_options: Callable[..., dict[str, Any]]) -> AsyncIterator[Callable[..., Awaitable[Backend]]]:
+    made: list[Backend] = []
+
+    async def make(**options: Any) -> Backend:
+        backend, _ = await _started(make_options(**options))
+        made.append(backend)
+        return backend
+
+    yield make
+    for backend in made:
+        await backend.bus.close()
+
+
+@pytest.fixture
+async def broker_ops(request: pytest.FixtureRequest, make_options: Callable[..., dict[str, Any]]
+                     ) -> AsyncIterator[Callable[[], Awaitable[int]]]:
+    """Commands every data node executed so far (INFO commandstats, without INFO itself)."""
+    import redis.asyncio as aioredis
+
+    opts = make_options()
+    if opts["mode"] == "cluster":
+        ports = [n.port for n in request.getfixturevalue("cluster").nodes]
+    else:
+        ports = [n.port for n in request.getfixturevalue("sentinel").servers]
+    clients = [aioredis.Redis(port=p) for p in ports]
+
+    async def ops() -> int:
+        total = 0
+        for c in clients:
+            stats = await c.info("commandstats")
+            total += sum(int(v["calls"]) for k, v in stats.items() if k != "cmdstat_info")
+        return total
+
+    yield ops
+    for c in clients:
+        await c.aclose()
+
+
+class TestPresenceExpiry(PresenceExpiryContract):
+    pass
+
+
+async def test_rooms_spread_over_every_shard_and_publish_only_on_their_own(cluster: RedisCluster) -> None:
+    """SPUBLISH, never PUBLISH: each room's messages are counted on one primary, and with enough rooms
+    on all three."""
+    import redis.asyncio as aioredis
+
+    backend, recorder = await _started(cluster_options(cluster, f"t{uuid.uuid4().hex[:8]}"))
+    clients = [aioredis.Redis(port=n.port) for n in cluster.nodes]
+    try:
+        async def counts(name: str) -> list[int]:
+            out = []
+            for c in clients:
+                stats = await c.info("commandstats")
+                out.append(int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)))
+            return out
+
+        before_pub = sum(await counts("publish"))
+        rooms = [unique_room() for _ in range(12)]
+        for room in rooms:
+            await backend.bus.subscribe(room)
+        for room in rooms:
+            await backend.bus.publish(room, b"h", history=True)
+            await backend.bus.publish(room, b"p")
+        for room in rooms:
+            assert await recorder.wait_for(room, 2) == [b"h", b"p"]
+        bus = backend.bus
+        assert isinstance(bus, RedisClusterBus)
+        assert len(bus._subs) == 3  # one sharded subscriber connection per primary
+        assert sum(await counts("publish")) == before_pub  # the cluster-wide PUBLISH is never used
+        assert sum(await counts("spublish")) >= len(rooms)
+    finally:
+        await backend.bus.close()
+        for c in clients:
+            await c.aclose()
+
+
+async def test_three_replicas_deliver_one_order(cluster: RedisCluster) -> None:
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    replicas = [await _started(cluster_options(cluster, prefix)) for _ in range(3)]
+    try:
+        rooms = [unique_room() for _ in range(4)]
+        for backend, _ in replicas:
+            for room in rooms:
+                await backend.bus.subscribe(room)
+
+        async def publisher(i: int) -> None:
+            backend = replicas[i][0]
+            for n in range(40):
+                for room in rooms:
+                    await backend.bus.publish(room, f"{i}:{n}".encode(), history=n % 2 == 0)
+
+        await asyncio.gather(*(publisher(i) for i in range(3)))
+        for room in rooms:
+            seen = [await r.wait_for(room, 120) for _, r in replicas]
+            assert seen[0] == seen[1] == seen[2]
+            offsets = [o for rr, _, o in replicas[0][1].messages if rr == room and o is not None]
+            assert offsets == sorted(offsets) and len(offsets) == 60
+    finally:
+        for backend, _ in replicas:
+            await backend.bus.close()
