@@ -189,15 +189,17 @@ class RedisClusterBus(RedisBus):
         if client is None:
             raise ConnectionError("not connected")
         loop = asyncio.get_running_loop()
-        by_node: dict[str, tuple[Any, list[bytes]]] = {}
+        # one SSUBSCRIBE per slot (Redis refuses channels of several slots in one)
+        by_slot: dict[int, tuple[Any, list[bytes]]] = {}
         for room in rooms:
             ch = self.channel(room)
-            node = client.get_node_from_key(ch)
+            slot = client.keyslot(ch)
+            node = client.nodes_manager.get_node_from_slot(slot)
             if node is None:
                 raise ConnectionError(f"no primary serves the slot of room {room!r}")
-            by_node.setdefault(node.name, (node, []))[1].append(ch)
+            by_slot.setdefault(slot, (node, []))[1].append(ch)
         waiters: list[asyncio.Future[None]] = []
-        for node, chs in by_node.values():
+        for node, chs in by_slot.values():
             sub = self._sub_for(node)
             for ch in chs:
                 fut: asyncio.Future[None] = loop.create_future()
