@@ -131,8 +131,17 @@ class RedisNode(RedisServer):
                     "--tls-ca-cert-file", self.tls.ca, "--tls-auth-clients", "optional",
                     "--tls-replication", "yes", "--tls-cluster", "yes"]
         if self.username and self.password:
-            cmd += ["--user", f"{self.username} on >{self.password} ~* &* +@all"]
+            cmd += ["--user", self.username, "on", f">{self.password}", "~*", "&*", "+@all"]
         return cmd + self.extra
+
+    def start(self) -> None:
+        """Start (see BrokerProcess.start); a failed start removes the directory too."""
+        try:
+            super().start()
+        except BaseException:
+            if not self._started_once:
+                self.close()
+            raise
 
     def connect(self) -> socket.socket:
         sock = socket.create_connection(("127.0.0.1", self.port), timeout=2.0)

@@ -181,6 +181,9 @@ def startup_error(exc: BaseException, opts: RedisOptions, key: str) -> str | Non
     if "no master found" in low:
         return (f"{key}.sentinel.master_name: no sentinel named a master for {opts.sentinel.master_name!r} "
                 f"({_short(exc)})")
+    if not opts.tls_on and ("connection reset by peer" in low or "connection closed by server" in low):
+        return (f"{key}.tls: the server hung up on the first command; if it serves TLS on this port, use "
+                f"rediss:// (standalone) or tls: true ({_short(exc)})")
     if "wrong version number" in low or "record layer failure" in low or ("unexpected eof" in low and opts.tls_on):
         return f"{key}.tls: the server does not speak TLS on this port, or it does and tls is off ({_short(exc)})"
     return None
