@@ -248,3 +248,16 @@ async def test_three_replicas_deliver_one_order(cluster: RedisCluster) -> None:
     finally:
         for backend, _ in replicas:
             await backend.bus.close()
+
+
+async def test_a_burst_beyond_the_pool_waits_instead_of_failing(make_options: Callable[..., dict[str, Any]]) -> None:
+    """More concurrent commands than max_connections queue for a connection (op_timeout applies): none
+    fails and the bus stays up (a pool that refused them would look like a broken broker)."""
+    backend, _ = await _started(make_options(max_connections=2))
+    try:
+        rooms = [unique_room() for _ in range(120)]
+        offsets = await asyncio.gather(*(backend.bus.publish(r, b"x", history=True) for r in rooms))
+        assert offsets == [1] * len(rooms)
+        assert backend.bus.healthy
+    finally:
+        await backend.bus.close()

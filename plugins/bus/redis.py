@@ -142,7 +142,12 @@ class RedisBus(Supervised):
         kwargs = self.client_kwargs()
         opts = self.opts
         if opts.mode == "sentinel":
-            from redis.asyncio.sentinel import Sentinel
+            from redis.asyncio import BlockingConnectionPool
+            from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+
+            class BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
+                """A busy pool makes callers wait (op_timeout applies), as in standalone mode; the default
+                sentinel pool fails at max_connections with an error that would mark the bus down."""
 
             sentinel_kwargs = {k: v for k, v in kwargs.items() if k not in ("username", "password", "client_name")}
             if opts.sentinel.username is not None:
@@ -153,7 +158,8 @@ class RedisBus(Supervised):
             # the pool asks the sentinels for the master on every new connection: after a failover the
             # reconnect (see _broker) lands on the promoted replica
             self._sentinel = Sentinel(nodes, sentinel_kwargs=sentinel_kwargs, **kwargs)
-            return self._sentinel.master_for(opts.sentinel.master_name, max_connections=opts.max_connections)
+            return self._sentinel.master_for(opts.sentinel.master_name, connection_pool_class=BlockingSentinelPool,
+                                             max_connections=opts.max_connections, timeout=opts.op_timeout + 1)
         # a busy pool makes callers wait (op_timeout applies), instead of failing like a broken connection
         pool = self._redis.BlockingConnectionPool.from_url(opts.url, max_connections=opts.max_connections,
                                                            timeout=opts.op_timeout + 1, **kwargs)

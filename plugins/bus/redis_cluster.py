@@ -93,6 +93,8 @@ class RedisClusterBus(RedisBus):
         self._refreshing: asyncio.Task[None] | None = None
         #: rooms moved to another primary since start (a failover, a slot migration)
         self.moves = 0
+        #: commands in flight at most (so at most that many connections to one node)
+        self._pool_slots = asyncio.Semaphore(opts.max_connections)
 
     # -- naming: one hash tag per room ------------------------------------------------------------------
 
@@ -113,13 +115,19 @@ class RedisClusterBus(RedisBus):
         from redis.asyncio.cluster import ClusterNode, RedisCluster
 
         nodes = [ClusterNode(host, int(port)) for host, _, port in (n.rpartition(":") for n in self.opts.cluster.nodes)]
-        return RedisCluster(startup_nodes=nodes, max_connections=self.opts.max_connections,
+        # redis-py fails a command when a node's pool is full: _call queues commands at max_connections
+        # instead, and the few extra connections are for the watchdog's PINGs
+        return RedisCluster(startup_nodes=nodes, max_connections=self.opts.max_connections + 4,
                             require_full_coverage=False, **self.client_kwargs())
 
     async def _call(self, what: str, op: Any, errors: tuple[type[BaseException], ...], *,
                     fail_on_error: bool = True, soft: tuple[type[BaseException], ...] = ()) -> Any:
+        async def queued() -> Any:
+            async with self._pool_slots:  # the wait counts against op_timeout
+                return await op()
+
         try:
-            return await super()._call(what, op, (), soft=(*errors, *soft))
+            return await super()._call(what, queued, (), soft=(*errors, *soft))
         except BusUnavailable:
             self._refresh_topology()  # the slot may have a new primary by the next attempt
             raise
