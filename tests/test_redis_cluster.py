@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.helpers import Cluster
 from wirehub.broker_clusters import REDIS7_HINT, RedisCluster, RedisSentinel, find_redis7
 from wirehub.builtins.bus.redis import RedisBus
 from wirehub.builtins.bus.redis import create_backend as redis_backend
@@ -27,7 +29,9 @@ from wirehub.testing import (
     PresenceExpiryContract,
     Recorder,
     StateStoreContract,
+    WsClient,
     unique_room,
+    ws_connect,
 )
 
 pytestmark = pytest.mark.skipif(find_redis7() is None, reason=REDIS7_HINT)
@@ -261,3 +265,98 @@ async def test_a_burst_beyond_the_pool_waits_instead_of_failing(make_options: Ca
         assert backend.bus.healthy
     finally:
         await backend.bus.close()
+
+
+async def test_three_wirehub_processes_deliver_one_order_on_the_cluster(cluster: RedisCluster, tmp_path: Path) -> None:
+    """Three real ``wirehub serve`` processes on the cluster; members on each, publishers on two: every
+    member gets every message once, in one order with increasing offsets."""
+    bus = {"plugin": "redis", "redis": cluster_options(cluster, f"e{uuid.uuid4().hex[:6]}")}
+    replicas = Cluster.configure(tmp_path, [f"replica-{n}" for n in "abc"], {
+        "bus": bus, "endpoints": [{"path": "/ws/chat", "handler": "chat",
+                                   "options": {"publish_rate": 1000, "publish_burst": 1000}}]})
+    replicas.start()
+    clients: list[WsClient] = []
+    try:
+        await replicas.wait_ready()
+
+        async def client(i: int) -> WsClient:
+            c = await ws_connect(replicas.replicas[i].url("/ws/chat", "ws"), welcome=True)
+            clients.append(c)
+            return c
+
+        room = unique_room()
+        members = [await client(i % 3) for i in range(6)]
+        pubs = [await client(0), await client(2)]
+        for c in members + pubs:
+            assert (await c.request({"op": "join", "room": room}))["op"] == "joined"
+
+        async def publish(c: WsClient, tag: str) -> None:
+            for i in range(20):
+                reply = await c.request({"op": "publish", "room": room, "data": f"{tag}{i}"})
+                assert reply["op"] == "ack", reply
+
+        await asyncio.gather(publish(pubs[0], "a"), publish(pubs[1], "c"))
+
+        async def collect(c: WsClient) -> list[tuple[str, int]]:
+            out = []
+            while len(out) < 40:
+                msg = await c.recv_op("message", 10)
+                out.append((msg["data"], msg["offset"]))
+            return out
+
+        streams = await asyncio.gather(*(collect(m) for m in members))
+        assert all(got == streams[0] for got in streams)
+        offsets = [o for _, o in streams[0]]
+        assert offsets == sorted(offsets) and len(set(offsets)) == 40
+        for m in members:
+            await m.expect_nothing(0.2)
+    finally:
+        for c in clients:
+            c.close()
+        replicas.stop()
+
+
+async def test_a_migrated_slot_moves_the_room_and_commands_follow(cluster: RedisCluster) -> None:
+    """Resharding one room's slot to another primary (SETSLOT IMPORTING/MIGRATING, MIGRATE, SETSLOT
+    NODE): Redis ends the old subscription, the replica subscribes on the new owner, and publishes
+    follow MOVED. The room's history lives on in its slot; its epoch changes (the new primary's
+    lineage), so a member at the old position is told of a gap, never left with a silent loss."""
+    from redis.crc import key_slot
+
+    from wirehub.builtins.bus._broker import encode_room
+
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    (a, ra), (b, _) = await _started(cluster_options(cluster, prefix)), await _started(cluster_options(cluster, prefix))
+    try:
+        room = unique_room()
+        await a.bus.subscribe(room)
+        await b.bus.publish(room, b"before", history=True)
+        await ra.wait_for(room, 1)
+        _, epoch = await a.history.position(room)
+        slot = key_slot(encode_room(room).encode())
+        source = cluster.primary_of(slot)
+        primaries = [n for n in cluster.nodes if n.running and n.call("ROLE")[0] == "master"]
+        target = next(n for n in primaries if n is not source)
+        source_id, target_id = source.call("CLUSTER", "MYID"), target.call("CLUSTER", "MYID")
+        target.call("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+        source.call("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+        keys = source.call("CLUSTER", "GETKEYSINSLOT", slot, 1000)
+        assert keys  # the room's stream, meta hash and the slot's epoch base
+        source.call("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys)
+        for n in primaries:
+            n.call("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+        bus = a.bus
+        assert isinstance(bus, RedisClusterBus)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while bus.moves < 1 or bus._moving:
+            assert loop.time() < deadline, "the subscription did not move"
+            await asyncio.sleep(0.05)
+        assert bus._ch_sub[bus.channel(room)].name == target.host_port
+        await b.bus.publish(room, b"after", history=True)  # routed by MOVED to the new owner
+        assert await ra.wait_for(room, 2) == [b"before", b"after"]
+        assert (await a.history.position(room))[1] != epoch
+        assert a.bus.healthy and b.bus.healthy
+    finally:
+        await a.bus.close()
+        await b.bus.close()
