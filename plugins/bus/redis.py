@@ -3,6 +3,12 @@
 ``bus: {plugin: redis, redis: {url: redis://... | rediss://..., key_prefix: wirehub, ...}}``;
 needs ``pip install 'wirehub[redis]'`` (redis-py, imported only when the backend is built).
 
+Modes (:mod:`wirehub.builtins.bus.redis_options`): ``standalone`` (one primary at ``url``),
+``sentinel`` (this module: the connection pool asks Sentinel for the master, so a reconnect after a
+failover lands on the promoted replica) and ``cluster`` (:mod:`wirehub.builtins.bus.redis_cluster`).
+The Lua scripts are in :mod:`wirehub.builtins.bus.redis_scripts`; in the failover modes they give a
+room a new epoch when its primary's replication id changed (a promoted replica may lack the last writes).
+
 Order and history: a history publish is ONE Lua script that increments the room's counter,
 XADDs the message to the room's stream with the counter as its entry id (``<offset>-0``) and
 PUBLISHes ``b"<offset> " + payload`` on the room's channel. Redis runs scripts one at a time, so
