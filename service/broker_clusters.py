@@ -189,7 +189,7 @@ def _free_port(other: int) -> int:
             return port
 
 
-def _wait(what: str, check: Callable[[], bool], timeout: float = 30.0) -> None:
+def _wait(what: str, check: Callable[[], bool], timeout: float = 30.0, poll: float = 0.1) -> None:
     deadline = time.monotonic() + timeout
     last: Exception | None = None
     while time.monotonic() < deadline:
@@ -198,7 +198,7 @@ def _wait(what: str, check: Callable[[], bool], timeout: float = 30.0) -> None:
                 return
         except BrokerError as exc:
             last = exc
-        time.sleep(0.1)
+        time.sleep(poll)
     raise BrokerError(f"{what} did not happen within {timeout:g}s{f': {last}' if last else ''}")
 
 
@@ -238,10 +238,16 @@ class RedisCluster:
         for i, node in enumerate(primaries):
             last = 16383 if i == self.primaries - 1 else (i + 1) * per - 1
             node.call("CLUSTER", "ADDSLOTSRANGE", i * per, last)
-        for node in self.nodes[1:]:
-            node.call("CLUSTER", "MEET", "127.0.0.1", self.nodes[0].port, self.bus_ports[0])
-        _wait("cluster meet", lambda: all(len(n.call("CLUSTER", "NODES").splitlines()) == len(self.nodes)
-                                          for n in self.nodes))
+        def met() -> bool:
+            # MEET again whoever does not know every node yet: a handshake lost under load is not retried
+            lonely = [n for n in self.nodes if len(n.call("CLUSTER", "NODES").splitlines()) < len(self.nodes)]
+            for node in lonely:
+                for other, bus_port in zip(self.nodes, self.bus_ports, strict=True):
+                    if other is not node:
+                        node.call("CLUSTER", "MEET", "127.0.0.1", other.port, bus_port)
+            return not lonely
+
+        _wait("cluster meet", met, poll=1.0)
         ids = [n.call("CLUSTER", "MYID") for n in primaries]
         for j, node in enumerate(self.nodes[self.primaries:]):
             target = ids[j % self.primaries]
