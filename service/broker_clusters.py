@@ -256,10 +256,14 @@ class RedisCluster:
         self.wait_ok()
 
     def wait_ok(self, timeout: float = 30.0) -> None:
-        """Every live node reports ``cluster_state:ok`` and each slot range has a synced replica."""
+        """Every live node reports ``cluster_state:ok``, names only live nodes as the slots' primaries
+        (after a kill: the failover is done everywhere), and every live replica is synced."""
         def ok() -> bool:
             live = [n for n in self.nodes if n.running]
+            ports = {n.port for n in live}
             if not all("cluster_state:ok" in n.call("CLUSTER", "INFO") for n in live):
+                return False
+            if not all(int(master[1]) in ports for n in live for _, _, master, *_ in n.call("CLUSTER", "SLOTS")):
                 return False
             synced = [n for n in live if "role:slave" in (info := n.call("INFO", "replication"))
                       and "master_link_status:up" in info]

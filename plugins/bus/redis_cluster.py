@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import inspect
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -115,10 +116,16 @@ class RedisClusterBus(RedisBus):
         from redis.asyncio.cluster import ClusterNode, RedisCluster
 
         nodes = [ClusterNode(host, int(port)) for host, _, port in (n.rpartition(":") for n in self.opts.cluster.nodes)]
+        kwargs = self.client_kwargs()
+        if "topology_refresh_min_interval" in inspect.signature(RedisCluster).parameters:
+            # redis-py would run a refresh asked for by one shard's errors inside the next command, of
+            # whatever shard, which then waits for it: refreshes run in the background instead
+            # (_refresh_topology, _resubscribe); MOVED still patches the slot map at once
+            kwargs["topology_refresh_min_interval"] = 1e9
         # redis-py fails a command when a node's pool is full: _call queues commands at max_connections
         # instead, and the few extra connections are for the watchdog's PINGs
         return RedisCluster(startup_nodes=nodes, max_connections=self.opts.max_connections + 4,
-                            require_full_coverage=False, **self.client_kwargs())
+                            require_full_coverage=False, **kwargs)
 
     async def _call(self, what: str, op: Any, errors: tuple[type[BaseException], ...], *,
                     fail_on_error: bool = True, soft: tuple[type[BaseException], ...] = ()) -> Any:
