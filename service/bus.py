@@ -44,6 +44,11 @@ class BusHandler(Protocol):
 
         After a reconnect, ``on_bus_state(True)`` comes after every room is resubscribed and
         before any message received on the new connection is pushed.
+
+        A handler may also have ``on_bus_rooms_resumed(rooms: list[str])``: a bus whose rooms are
+        spread over several brokers (the redis bus on a Redis Cluster) calls it when only these
+        rooms' subscriptions were interrupted and are back, before it pushes anything newer for them;
+        the handler then repairs them from history as after an outage.
         """
 
 

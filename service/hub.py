@@ -219,11 +219,23 @@ class Hub:
             self._bus_was_down = False
             self.metrics.bus_reconnects.inc()
             for r in list(self._rooms.values()):
-                if r.members and r.last_offset is not None and r.backlog is None:
-                    r.backlog = []  # now, before the bus pushes anything newer
-                    task = asyncio.ensure_future(self._repair(r))
-                    self._repairs.add(task)
-                    task.add_done_callback(self._repairs.discard)
+                self._start_repair(r)
+
+    def on_bus_rooms_resumed(self, rooms: list[str]) -> None:
+        """Only these rooms' subscriptions were interrupted, and are back (a Redis Cluster shard
+        failed over, a slot moved) while the bus stayed up: repair them as after an outage. The bus
+        calls it before it pushes anything of the new subscriptions."""
+        for name in rooms:
+            r = self._rooms.get(name)
+            if r is not None:
+                self._start_repair(r)
+
+    def _start_repair(self, r: _Room) -> None:
+        if r.members and r.last_offset is not None and r.backlog is None:
+            r.backlog = []  # now, before the bus pushes anything newer
+            task = asyncio.ensure_future(self._repair(r))
+            self._repairs.add(task)
+            task.add_done_callback(self._repairs.discard)
 
     async def _repair(self, r: _Room) -> None:
         """Replay what the room's members missed during the outage, then release the live backlog.

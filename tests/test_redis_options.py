@@ -37,6 +37,18 @@ def test_the_example_config_reads_the_url_from_the_environment(monkeypatch: pyte
     ({"heartbeat_interval": 4, "heartbeat_timeout": 1}, "bus.redis.heartbeat_timeout", "half"),
     ({"presence_ttl": 3, "presence_interval": 3}, "bus.redis.presence_interval", "less than presence_ttl"),
     ({"urls": "redis://x"}, "bus.redis.urls", "unknown key"),
+    ({"mode": "shards"}, "bus.redis.mode", "not one of: standalone, cluster, sentinel"),
+    ({"mode": "cluster"}, "bus.redis.cluster.nodes", "at least one seed node"),
+    ({"mode": "cluster", "cluster": {"nodes": ["10.0.0.1"]}}, "bus.redis.cluster.nodes.0", "host:port"),
+    ({"mode": "cluster", "cluster": {"nodes": ["a:1", "b:99999"]}}, "bus.redis.cluster.nodes.1", "host:port"),
+    ({"mode": "cluster", "cluster": {"seeds": []}}, "bus.redis.cluster.seeds", "unknown key"),
+    ({"mode": "sentinel", "sentinel": {"master_name": "m"}}, "bus.redis.sentinel.nodes", "at least one sentinel"),
+    ({"mode": "sentinel", "sentinel": {"nodes": ["s:26379"]}}, "bus.redis.sentinel.master_name", "master's name"),
+    ({"tls_ca_file": "/nonexistent/ca.pem"}, "bus.redis.tls_ca_file", "no such file"),
+    ({"tls_cert_file": __file__}, "bus.redis.tls_key_file", "go together"),
+    ({"url": "rediss://x:1/0", "tls_ca_file": __file__}, "bus.redis.tls_ca_file", "cannot be loaded"),
+    ({"url": "redis://x:1/0", "tls": True}, "bus.redis.url", "use rediss://"),
+    ({"tls": "yes"}, "bus.redis.tls", "true or false"),
 ])
 def test_bad_options_name_their_key(options: dict[str, object], key: str, message: str) -> None:
     with pytest.raises(ConfigError) as err:

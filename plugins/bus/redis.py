@@ -3,6 +3,12 @@
 ``bus: {plugin: redis, redis: {url: redis://... | rediss://..., key_prefix: wirehub, ...}}``;
 needs ``pip install 'wirehub[redis]'`` (redis-py, imported only when the backend is built).
 
+Modes (:mod:`wirehub.builtins.bus.redis_options`): ``standalone`` (one primary at ``url``),
+``sentinel`` (this module: the connection pool asks Sentinel for the master, so a reconnect after a
+failover lands on the promoted replica) and ``cluster`` (:mod:`wirehub.builtins.bus.redis_cluster`).
+The Lua scripts are in :mod:`wirehub.builtins.bus.redis_scripts`; in the failover modes they give a
+room a new epoch when its primary's replication id changed (a promoted replica may lack the last writes).
+
 Order and history: a history publish is ONE Lua script that increments the room's counter,
 XADDs the message to the room's stream with the counter as its entry id (``<offset>-0``) and
 PUBLISHes ``b"<offset> " + payload`` on the room's channel. Redis runs scripts one at a time, so
@@ -44,180 +50,27 @@ import json
 import logging
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 from wirehub import (
     Backend,
     BusFactory,
+    BusHandler,
     BusUnavailable,
     ConfigError,
     HistoryPage,
     PublishOutcomeUnknown,
     StateConflict,
     hookimpl,
-    opt,
-    parse_block,
 )
 from wirehub.builtins.bus._broker import Supervised, encode_room, safe_close
+from wirehub.builtins.bus.redis_options import RedisOptions, connection_kwargs, parse_options, startup_error
 from wirehub.builtins.bus.redis_presence import RedisPresence
+from wirehub.builtins.bus.redis_scripts import SCRIPTS
 
 log = logging.getLogger("wirehub.bus.redis")
 
 INSTALL_HINT = "pip install 'wirehub[redis]'"
-
-
-@dataclass(frozen=True)
-class RedisOptions:
-    #: redis://[user:password@]host:port/db or rediss:// (TLS); use $env: for secrets
-    url: str = "redis://127.0.0.1:6379/0"
-    #: overrides the URL's username/password when set (e.g. password: $env:REDIS_PASSWORD)
-    username: str | None = None
-    password: str | None = None
-    #: CA bundle for rediss:// (default: the system's)
-    tls_ca_file: str | None = None
-    #: every key and channel starts with "<key_prefix>:"; replicas sharing rooms use the same one
-    key_prefix: str = "wirehub"
-    #: messages kept per room, and their maximum age in seconds
-    history_size: int = opt(1000, min=0)
-    history_ttl: float = opt(3600.0, min=1)
-    #: a dead replica's presence entries are removed within presence_ttl + presence_interval seconds
-    presence_ttl: float = opt(15.0, min=0.5)
-    #: seconds between a replica's presence heartbeats (one round trip each); 0 = presence_ttl / 3
-    presence_interval: float = opt(0.0, min=0)
-    #: watchdog: a round trip through Redis every interval; down when one takes longer than timeout
-    heartbeat_interval: float = opt(2.0, min=0.05)
-    heartbeat_timeout: float = opt(6.0, min=0.05)
-    #: longest wait for one command (publish, read, presence, state) before BusUnavailable
-    op_timeout: float = opt(5.0, min=0.05)
-    connect_timeout: float = opt(5.0, min=0.05)
-    #: reconnect backoff doubles from 0.1 s up to this many seconds
-    max_backoff: float = opt(5.0, min=0.1)
-    #: connections in the command pool (the subscriber connection is extra)
-    max_connections: int = opt(64, min=2)
-
-
-_LUA_COMMON = """
-local function now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
--- The epoch a room's next meta hash gets, which a room without one reports: "<base>.<window>".
--- <base> is <key_prefix>:epoch (one key, made again after a flush or a restart without persistence;
--- derived from KEYS[2] = <key_prefix>:m:{room}); <window> numbers meta_ttl-long windows of server
--- time. A meta hash lives at least meta_ttl, so a room's next one is in a later window: a new epoch.
-local function next_epoch(candidate, meta_ttl)
-  local base_key = string.sub(KEYS[2], 1, string.find(KEYS[2], ':m:{', 1, true) - 1) .. ':epoch'
-  local base = redis.call('GET', base_key)
-  if not base then
-    redis.call('SET', base_key, candidate)
-    base = candidate
-  end
-  return base .. '.' .. string.format('%d', math.floor(now_ms() / meta_ttl))
-end
-local function ensure_meta(candidate, meta_ttl)
-  if redis.call('EXISTS', KEYS[2]) == 0 then
-    redis.call('DEL', KEYS[1])
-    redis.call('HSET', KEYS[2], 'epoch', next_epoch(candidate, meta_ttl), 'top', 0)
-  end
-  redis.call('PEXPIRE', KEYS[2], meta_ttl)
-end
-local function trim_age(horizon)
-  while true do
-    local batch = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 64)
-    if #batch == 0 then return end
-    for i = 1, #batch do
-      if tonumber(batch[i][2][2]) >= horizon then
-        if i > 1 then redis.call('XTRIM', KEYS[1], 'MINID', batch[i][1]) end
-        return
-      end
-    end
-    local last = tonumber(string.match(batch[#batch][1], '^(%d+)'))
-    redis.call('XTRIM', KEYS[1], 'MINID', string.format('%d-0', last + 1))
-  end
-end
-"""
-
-# KEYS: stream, meta, dedupe key (the meta key again when none);
-# ARGV: channel, payload, size, ttl_ms, epoch candidate, dedupe window ms (0 = none)
-# -> {offset, 1 for a duplicate (nothing stored or sent) else 0}
-_PUBLISH = _LUA_COMMON + """
-local dedupe = tonumber(ARGV[6])
-if dedupe > 0 then
-  local seen = redis.call('GET', KEYS[3])
-  if seen then return {tonumber(seen), 1} end
-end
-local ttl = tonumber(ARGV[4])
-local now = now_ms()
-ensure_meta(ARGV[5], 2 * ttl + 60000)
-local top = redis.call('HINCRBY', KEYS[2], 'top', 1)
-local size = tonumber(ARGV[3])
-if size > 0 then
-  redis.call('XADD', KEYS[1], 'MAXLEN', size, string.format('%d-0', top), 't', now, 'd', ARGV[2])
-  trim_age(now - ttl)
-  redis.call('PEXPIRE', KEYS[1], ttl + 1000)
-end
-redis.call('PUBLISH', ARGV[1], string.format('%d ', top) .. ARGV[2])
-if dedupe > 0 then redis.call('SET', KEYS[3], top, 'PX', dedupe) end
-return {top, 0}
-"""
-
-# KEYS: stream, meta; ARGV: after (-1 = newest), limit, ttl_ms, epoch base candidate
-# -> {epoch, top, complete, id1, data1, id2, data2, ...}. A room without a meta hash is read as
-# empty and creates nothing (a client must not be able to make keys by reading unique rooms).
-_READ = _LUA_COMMON + """
-local ttl = tonumber(ARGV[3])
-local after = tonumber(ARGV[1])
-if redis.call('EXISTS', KEYS[2]) == 0 then
-  local complete = 0
-  if after <= 0 then complete = 1 end
-  return {next_epoch(ARGV[4], 2 * ttl + 60000), 0, complete}
-end
-redis.call('PEXPIRE', KEYS[2], 2 * ttl + 60000)
-trim_age(now_ms() - ttl)
-local epoch = redis.call('HGET', KEYS[2], 'epoch')
-local top = tonumber(redis.call('HGET', KEYS[2], 'top'))
-local limit = tonumber(ARGV[2])
-local out = {epoch, top, 1}
-local entries = {}
-if after < 0 then
-  if limit > 0 then
-    local rev = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', limit)
-    for i = #rev, 1, -1 do entries[#entries + 1] = rev[i] end
-  end
-else
-  local oldest = top + 1
-  local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
-  if #first > 0 then oldest = tonumber(string.match(first[1][1], '^(%d+)')) end
-  if after > top or after < oldest - 1 then
-    out[3] = 0
-  elseif limit > 0 and after < top then
-    entries = redis.call('XRANGE', KEYS[1], string.format('%d-0', after + 1), '+', 'COUNT', limit)
-  end
-end
-for i = 1, #entries do
-  out[#out + 1] = entries[i][1]
-  out[#out + 1] = entries[i][2][4]
-end
-return out
-"""
-
-# KEYS: stream, meta; ARGV: ttl_ms, epoch base candidate -> {top, epoch}; creates nothing
-_POSITION = _LUA_COMMON + """
-local meta_ttl = 2 * tonumber(ARGV[1]) + 60000
-if redis.call('EXISTS', KEYS[2]) == 0 then return {0, next_epoch(ARGV[2], meta_ttl)} end
-redis.call('PEXPIRE', KEYS[2], meta_ttl)
-return {tonumber(redis.call('HGET', KEYS[2], 'top')), redis.call('HGET', KEYS[2], 'epoch')}
-"""
-
-# KEYS: state hash; ARGV: expected version, document json -> new version, or -1 - current
-_STATE_CAS = """
-local v = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
-if v ~= tonumber(ARGV[1]) then return -1 - v end
-redis.call('HSET', KEYS[1], 'v', v + 1, 'd', ARGV[2])
-return v + 1
-"""
 
 
 def _import_redis(key: str = "bus.redis") -> Any:
@@ -239,6 +92,7 @@ class RedisBus(Supervised):
                          connect_timeout=opts.connect_timeout,
                          refresh_interval=opts.presence_interval or opts.presence_ttl / 3)
         self.opts = opts
+        self.config_key = key
         self._redis = _import_redis(key)
         import redis.exceptions as rexc
 
@@ -253,6 +107,10 @@ class RedisBus(Supervised):
         self._channel_rooms: dict[bytes, str] = {}
         self.presence: RedisPresence | None = None
         self.scripts: dict[str, Any] = {}
+        #: what the publish script sends the room's channel with, and its failover flag (see redis_scripts)
+        self.publish_command = "PUBLISH"
+        self.failover_flag = "1" if opts.failover else "0"
+        self._sentinel: Any = None
 
     # -- naming --------------------------------------------------------------------------------------
 
@@ -262,35 +120,71 @@ class RedisBus(Supervised):
     def channel(self, room: str) -> bytes:
         return f"{self.prefix}:c:{encode_room(room)}".encode()
 
+    def epoch_key(self, room: str) -> str:
+        """The epoch base key the room's scripts use (one per deployment; per slot in a cluster)."""
+        return f"{self.prefix}:epoch"
+
+    def node_index_key(self, node: str) -> str:
+        """The set of a replica's presence entries (see redis_presence)."""
+        return f"{self.prefix}:pn:{node}"
+
     # -- connection ----------------------------------------------------------------------------------
 
-    def _make_client(self) -> Any:
+    def client_kwargs(self) -> dict[str, Any]:
+        """Connection keywords of every command and subscriber connection (TLS and credentials too)."""
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
 
-        kwargs: dict[str, Any] = {
+        return {
             "socket_timeout": self.opts.op_timeout + 1,
             "socket_connect_timeout": self.opts.connect_timeout,
             "retry": Retry(NoBackoff(), 0),  # a retried publish could run twice: never retry
-            "max_connections": self.opts.max_connections,
-            # a busy pool makes callers wait (op_timeout applies), instead of failing like a broken connection
-            "timeout": self.opts.op_timeout + 1,
             "health_check_interval": 0,
             "client_name": "wirehub",
+            **connection_kwargs(self.opts),
         }
-        if self.opts.username is not None:
-            kwargs["username"] = self.opts.username
-        if self.opts.password is not None:
-            kwargs["password"] = self.opts.password
-        if self.opts.tls_ca_file and self.opts.url.startswith("rediss:"):
-            kwargs["ssl_ca_certs"] = self.opts.tls_ca_file
-        pool = self._redis.BlockingConnectionPool.from_url(self.opts.url, **kwargs)
+
+    def _make_client(self) -> Any:
+        kwargs = self.client_kwargs()
+        opts = self.opts
+        if opts.mode == "sentinel":
+            from redis.asyncio import BlockingConnectionPool
+            from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+
+            class BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
+                """A busy pool makes callers wait (op_timeout applies), as in standalone mode; the default
+                sentinel pool fails at max_connections with an error that would mark the bus down."""
+
+            sentinel_kwargs = {k: v for k, v in kwargs.items() if k not in ("username", "password", "client_name")}
+            if opts.sentinel.username is not None:
+                sentinel_kwargs["username"] = opts.sentinel.username
+            if opts.sentinel.password is not None:
+                sentinel_kwargs["password"] = opts.sentinel.password
+            nodes = [(host, int(port)) for host, _, port in (n.rpartition(":") for n in opts.sentinel.nodes)]
+            # the pool asks the sentinels for the master on every new connection: after a failover the
+            # reconnect (see _broker) lands on the promoted replica
+            self._sentinel = Sentinel(nodes, sentinel_kwargs=sentinel_kwargs, **kwargs)
+            return self._sentinel.master_for(opts.sentinel.master_name, connection_pool_class=BlockingSentinelPool,
+                                             max_connections=opts.max_connections, timeout=opts.op_timeout + 1)
+        # a busy pool makes callers wait (op_timeout applies), instead of failing like a broken connection
+        pool = self._redis.BlockingConnectionPool.from_url(opts.url, max_connections=opts.max_connections,
+                                                           timeout=opts.op_timeout + 1, **kwargs)
         return self._redis.Redis.from_pool(pool)
+
+    async def start(self, handler: BusHandler) -> None:
+        try:
+            await super().start(handler)
+        except BusUnavailable as exc:
+            hint = startup_error(exc, self.opts, self.config_key)
+            if hint is None:
+                raise
+            self.log.error("cannot start the redis bus: %s", hint)
+            raise BusUnavailable(hint) from exc
 
     async def _open(self) -> None:
         loop = asyncio.get_running_loop()
         client = self.client = self._make_client()
-        self.scripts = {name: client.register_script(src) for name, src in _SCRIPTS.items()}
+        self.scripts = {name: client.register_script(src) for name, src in SCRIPTS.items()}
         await asyncio.wait_for(client.ping(), self.connect_timeout)
         # the epoch base (see next_epoch): made here so that no client request is the one to make it
         await asyncio.wait_for(client.set(f"{self.prefix}:epoch", uuid.uuid4().hex[:12], nx=True), self.op_timeout)
@@ -324,6 +218,9 @@ class RedisBus(Supervised):
             await safe_close(log, "redis subscriber")(pubsub.aclose())
         if client is not None:
             await safe_close(log, "redis client")(client.aclose())
+        sentinel, self._sentinel = self._sentinel, None
+        for s in sentinel.sentinels if sentinel is not None else ():
+            await safe_close(log, "redis sentinel client")(s.aclose())
 
     async def _read(self, pubsub: Any) -> None:
         try:
@@ -385,13 +282,16 @@ class RedisBus(Supervised):
         client, ch = self.client, self.channel(room)
         try:
             if not history:
-                await self._call("publish", lambda: client.publish(ch, b"- " + payload), self.errors)
+                command = self.publish_command
+                await self._call("publish", lambda: client.execute_command(command, ch, b"- " + payload),
+                                 self.errors)
                 return None
             meta = self.key("m", room)
             window_ms = int(dedupe_window * 1000) if dedupe_key is not None else 0
-            keys = [self.key("h", room), meta, f"{self.key('i', room)}:{dedupe_key}" if window_ms > 0 else meta]
+            keys = [self.key("h", room), meta, f"{self.key('i', room)}:{dedupe_key}" if window_ms > 0 else meta,
+                    self.epoch_key(room)]
             args = [ch, payload, self.opts.history_size, int(self.opts.history_ttl * 1000), uuid.uuid4().hex[:12],
-                    window_ms]
+                    window_ms, self.publish_command, self.failover_flag]
             script = self.scripts["publish"]
             result = await self._call("publish", lambda: script(keys=keys, args=args, client=client), self.errors)
         except BusUnavailable as exc:
@@ -433,9 +333,9 @@ class RedisHistory:
         bus = self.bus
         bus._check()
         client, script = bus.client, bus.scripts["read"]
-        keys = [bus.key("h", room), bus.key("m", room)]
+        keys = [bus.key("h", room), bus.key("m", room), bus.epoch_key(room)]
         args = [-1 if after is None else max(0, after), max(0, limit), int(bus.opts.history_ttl * 1000),
-                uuid.uuid4().hex[:12]]
+                uuid.uuid4().hex[:12], bus.failover_flag]
         out = await bus._call("history", lambda: script(keys=keys, args=args, client=client), bus.errors)
         epoch, top, complete = out[0].decode(), int(out[1]), bool(out[2])
         messages = [(int(out[i].split(b"-")[0]), bytes(out[i + 1])) for i in range(3, len(out), 2)]
@@ -445,8 +345,8 @@ class RedisHistory:
         bus = self.bus
         bus._check()
         client, script = bus.client, bus.scripts["position"]
-        keys = [bus.key("h", room), bus.key("m", room)]
-        args = [int(bus.opts.history_ttl * 1000), uuid.uuid4().hex[:12]]
+        keys = [bus.key("h", room), bus.key("m", room), bus.epoch_key(room)]
+        args = [int(bus.opts.history_ttl * 1000), uuid.uuid4().hex[:12], bus.failover_flag]
         out = await bus._call("history", lambda: script(keys=keys, args=args, client=client), bus.errors)
         return int(out[0]), out[1].decode()
 
@@ -483,28 +383,16 @@ class RedisStateStore:
         await bus._call("state", lambda: client.delete(key), bus.errors)
 
 
-_SCRIPTS = {
-    "publish": _PUBLISH,
-    "read": _READ,
-    "position": _POSITION,
-    "state_cas": _STATE_CAS,
-}
-
-
 def create_backend(options: Mapping[str, Any], key: str) -> Backend:
-    opts = parse_block(RedisOptions, options, key)
-    scheme = urlsplit(opts.url).scheme
-    if scheme not in ("redis", "rediss", "unix"):
-        raise ConfigError(f"{key}.url", f"expected a redis://, rediss:// or unix:// URL, got scheme {scheme!r}")
-    if not opts.key_prefix or any(c in opts.key_prefix for c in " {}"):
-        raise ConfigError(f"{key}.key_prefix", f"expected a non-empty prefix without spaces or braces, "
-                          f"got {opts.key_prefix!r}")
-    if opts.heartbeat_timeout < opts.heartbeat_interval / 2:
-        raise ConfigError(f"{key}.heartbeat_timeout", "must be at least half of heartbeat_interval")
-    if opts.presence_interval >= opts.presence_ttl:
-        raise ConfigError(f"{key}.presence_interval", f"must be less than presence_ttl ({opts.presence_ttl:g}), "
-                          f"got {opts.presence_interval:g}")
-    bus = RedisBus(opts, key)
+    opts = parse_options(options, key)
+    _import_redis(key)
+    bus: RedisBus
+    if opts.mode == "cluster":
+        from wirehub.builtins.bus.redis_cluster import RedisClusterBus
+
+        bus = RedisClusterBus(opts, key)
+    else:
+        bus = RedisBus(opts, key)
     presence = RedisPresence(bus, opts.presence_ttl)
     bus.presence = presence
     return Backend(bus=bus, history=RedisHistory(bus), presence=presence, state=RedisStateStore(bus), name="redis",

@@ -1,14 +1,15 @@
 """Presence on Redis: entries written once (join) and deleted once (leave), node liveness by heartbeat.
 
-Per room (one hash tag per room, ``{<room>}``, so a Redis Cluster port keeps a room in one slot):
+Per room (one hash tag per room, ``{<room>}``, so a Redis Cluster keeps a room in one slot):
 
 - ``<p>:pm:{r}``: ZSET of user ids, all with score 0, paged with ZRANGEBYLEX from the cursor;
 - ``<p>:pc:{r}``: HASH user -> ``"<connections>:<info json>"``;
 - ``<p>:ps:{r}``: HASH session -> entry JSON (user, session, node, info).
 
 They change together in one Lua script at join and leave; Redis deletes a hash or set when it
-empties, so a room without members leaves no key. Per node: ``<p>:pn:<node>``, a SET of
-``[room, session]`` JSON pairs, updated in the same pipeline (one round trip) as the room script.
+empties, so a room without members leaves no key. Per node: ``<p>:pn:<node>`` (cluster:
+``<p>:pn:{<node>}``), a SET of ``[room, session]`` JSON pairs, updated in the same pipeline (one round
+trip; on a cluster one per shard touched, in parallel) as the room script.
 
 Liveness: ``<p>:presence:nodes``, a ZSET node -> last heartbeat (Redis server time, ms). Each
 replica runs ONE script per interval that stamps its node(s) and returns the nodes whose stamp is
@@ -120,13 +121,14 @@ local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', horizon, 'LIMIT', 0, 1
 return {missing, dead}
 """
 
-# KEYS: nodes zset, node index; ARGV: node, ttl_ms -> 1 when the node was dropped (still dead, index empty)
+# KEYS: nodes zset; ARGV: node, ttl_ms -> 1 when the node was dropped (still dead). The caller saw its
+# index empty just before (a Redis Cluster keeps the two keys on different slots: one script cannot
+# see both); a node that wrote an entry in between is alive, finds its stamp gone and writes again.
 _FORGET_NODE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local stamp = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if stamp and tonumber(stamp) > now - tonumber(ARGV[2]) then return 0 end
-if redis.call('SCARD', KEYS[2]) > 0 then return 0 end
 redis.call('ZREM', KEYS[1], ARGV[1])
 return 1
 """
@@ -175,7 +177,7 @@ class RedisPresence:
         return [self.bus.key("pm", room), self.bus.key("pc", room), self.bus.key("ps", room)]
 
     def _node_index(self, node: str) -> str:
-        return f"{self.bus.prefix}:pn:{node}"
+        return self.bus.node_index_key(node)
 
     @property
     def _nodes_key(self) -> str:
@@ -378,9 +380,10 @@ class RedisPresence:
             out = await self._pipeline(build)
             for room, removed in zip(order, out, strict=False):
                 departed[room] += [u for u in (_text(x) for x in removed[1::2]) if u]
-        keys, args = [self._nodes_key, idx], [node, self.ttl_ms]
-        await self._pipeline(lambda pipe: (self._script(pipe, "presence_forget_node", keys, args),
-                                           pipe.delete(claim)))
+        if bus.healthy and not int((await self._pipeline(lambda pipe: pipe.scard(idx)))[0]):
+            keys, args = [self._nodes_key], [node, self.ttl_ms]
+            await self._pipeline(lambda pipe: self._script(pipe, "presence_forget_node", keys, args))
+        await self._pipeline(lambda pipe: pipe.delete(claim))
 
     async def close(self) -> None:
         """Stop reaping (the bus is closing); entries stay until their node is declared dead."""
