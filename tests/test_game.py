@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -445,11 +446,12 @@ async def test_a_slow_member_gets_a_fresh_state_instead_of_a_disconnect(wirehub_
     for i in range(50):  # more patches while it does not read: skipped, not queued
         await a.update(room, [{"op": "add", "path": f"/k{i}", "value": "y" * 200}])
     await a.wait_version(room, (await stored(server, room) or (0, None))[0])
-    # Skipped, not queued. (Loopback kernel buffers may still drain it meanwhile; the member then
-    # already got its fresh state, which is the behaviour under test too, so need_state is not asserted.)
-    assert session.buffered <= queued
     top = await stored(server, room)
     assert top is not None
+    # Skipped, not queued: the queue stays within the threshold plus one frame. (Loopback kernel buffers
+    # may drain it meanwhile; the member then gets one fresh state frame, which is the behaviour under
+    # test too, so neither need_state nor "nothing more queued" is asserted.)
+    assert session.buffered <= max(queued, 16384) + len(json.dumps(top[1])) + 512
     slow.resume()
     final = await slow.wait_version(room, top[0])
     assert final == top and slow.closed is None
