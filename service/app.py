@@ -27,10 +27,11 @@ from wirehub.config import Config
 from wirehub.handler import HandlerContext
 from wirehub.hub import Hub
 from wirehub.inflight import InFlight
+from wirehub.keepalive import Keepalive
 from wirehub.metrics import Metrics
 from wirehub.plugins import PluginError, PluginHost, build_plugin_manager
 from wirehub.protocol import CLOSE_REASONS, CloseCode, close_reason
-from wirehub.websocket import Keepalive, WirehubSocket
+from wirehub.websocket import WirehubSocket
 
 if TYPE_CHECKING:
     from wirehub.auth import Authenticator
@@ -87,7 +88,7 @@ class Wirehub:
         #: client-triggerable errors are logged through it: once per interval, with a count
         self.logs = wirehub.logs.LogLimiter(config.server.error_log_interval)
         #: WebSocket pings, one timer for all connections (None: server.ping_interval 0)
-        self.keepalive = (Keepalive(self.sessions, config.server.ping_interval, config.server.ping_timeout)
+        self.keepalive = (Keepalive(config.server.ping_interval, config.server.ping_timeout)
                           if config.server.ping_interval else None)
         self._closing_tasks: set[asyncio.Task[None]] = set()
         self._all_closed = asyncio.Event()
