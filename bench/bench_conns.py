@@ -46,7 +46,7 @@ from bench import loadgen  # noqa: E402
 from bench.run import _child_setup, start_server  # noqa: E402
 
 SCENARIOS = ("handshake", "idle", "keepalive", "echo", "fanout")
-SERVERS = ("wirehub", "node", "baseline")
+SERVERS = ("wirehub", "node", "baseline")  # and "before" with --before TREE
 #: the issue 13 targets, as wirehub / Node: (scenario, figure, target, direction)
 TARGETS = (
     ("handshake", "cpu_per_1k", 1.0, "<="),
@@ -256,8 +256,21 @@ def _run_client(cmd: list[str], core: int | None, timeout: float) -> dict[str, A
 
 def run_one(scenario: str, name: str, a: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     ping = a.ka_interval if scenario == "keepalive" else None  # None: the server's default keepalive
-    server = start_server(name, workdir, a.server_core, a.backlog, True, CHAT_OPTIONS, ping,
-                          Path(a.wirehub_root).resolve())
+    env = os.environ.get("PYTHONPATH")
+    if name == "before":  # wirehub from another tree: its `service` folder imported as `wirehub`
+        link = workdir / "before-path"
+        link.mkdir(exist_ok=True)
+        if not (link / "wirehub").exists():
+            (link / "wirehub").symlink_to(Path(a.before).resolve() / "service")
+        os.environ["PYTHONPATH"] = f"{link}{os.pathsep}{env}" if env else str(link)
+    try:
+        server = start_server("wirehub" if name == "before" else name, workdir, a.server_core, a.backlog, True,
+                              CHAT_OPTIONS, ping, Path(a.wirehub_root).resolve())
+    finally:
+        if env is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = env
     pid = server.proc.pid
     try:
         if scenario in ("echo", "fanout"):
@@ -326,9 +339,10 @@ def render(results: dict[str, dict[str, dict[str, Any]]]) -> str:
         met = ratio <= target if direction == "<=" else ratio >= target
         out.append(f"  {scenario:<10} {key:<17} {ratio:6.2f}x   target {direction} {target:g}x: "
                    f"{'met' if met else 'MISSED'}")
-        b = results.get(scenario, {}).get("baseline")
-        if b and b.get(key):
-            out[-1] += f"   (wirehub / naive Tornado {w[key] / b[key]:.2f}x)"
+        for other, label in (("before", "before"), ("baseline", "naive Tornado")):
+            b = results.get(scenario, {}).get(other)
+            if b and b.get(key):
+                out[-1] += f"   (wirehub / {label} {w[key] / b[key]:.2f}x)"
     ka = results.get("keepalive", {}).get("wirehub")
     if ka and ka.get("projected_100k_pct") is not None:
         out.append(f"  keepalive  100k projected    {ka['projected_100k_pct']:.1f} % of a core   target < 10 %: "
@@ -349,7 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--idle-steps", default="5000,10000,19000")
     p.add_argument("--settle", type=float, default=2.0)
     p.add_argument("--ka-conns", type=int, default=19000)
-    p.add_argument("--ka-interval", type=float, default=2.0, help="keepalive: ping interval in the measurement")
+    p.add_argument("--ka-interval", type=float, default=5.0, help="keepalive: ping interval in the measurement")
     p.add_argument("--members", type=int, default=1000)
     p.add_argument("--duration", type=float, default=10.0)
     p.add_argument("--warmup", type=float, default=2.0)
@@ -358,6 +372,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--server-core", type=int, default=0)
     p.add_argument("--loadgen-core", type=int, default=1)
     p.add_argument("--wirehub-root", default=str(ROOT))
+    p.add_argument("--before", default=None, help="another wirehub tree, measured as server 'before'")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     if a.quick:
@@ -369,6 +384,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="wirehub-conns-") as tmp:
         for scenario in a.scenarios.split(","):
             for name in a.servers.split(","):
+                if name == "before" and not a.before:
+                    raise SystemExit("server 'before' needs --before TREE")
                 if scenario == "keepalive" and name == "baseline":
                     continue  # the naive baseline has no keepalive
                 print(f"{scenario} against {name} ...", file=sys.stderr, flush=True)

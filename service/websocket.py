@@ -33,7 +33,143 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("wirehub.session")
 
-class WirehubSocket(WebSocketHandler):
+class SessionSide:
+    """What a WebSocket connection does once upgraded, whichever path upgraded it: Tornado's
+    :class:`WirehubSocket`, or the lean path (:class:`wirehub.upgrade.LeanSocket`)."""
+
+    __slots__ = ("_eager_run", "_expiry", "_protocol", "app", "endpoint", "handler", "identity", "session")
+
+    def _setup(self, app: Wirehub, endpoint: EndpointConfig, handler: Handler) -> None:
+        self.app = app
+        self.endpoint = endpoint
+        self.handler = handler
+        #: set once admitted: counted in ``app.connections`` (its user and the remote IP) until released
+        self.identity: Identity | None = None
+        self.session: Session | None = None
+        self._expiry: asyncio.TimerHandle | None = None
+        self._eager_run = 0
+        self._protocol: Protocol | None = None
+
+    if TYPE_CHECKING:  # provided by the subclass (a stub here would shadow Tornado's close in the MRO)
+        def close(self, code: int | None = None, reason: str | None = None) -> None: ...
+
+        def _remote_ip(self) -> str: ...
+
+    def _release(self) -> None:
+        if self.identity is not None:
+            self.app.connections.release(self.identity.user, self._remote_ip())
+            self.identity = None
+
+    def _start_session(self, protocol: Protocol, remote_ip: str, path: str) -> Awaitable[None] | None:
+        """Open the session on ``protocol`` and run the open hooks eagerly: what is left of them when
+        they suspend is returned, to be awaited before the first frame is read."""
+        assert self.identity is not None
+        protocol.set_nodelay(True)
+        self._protocol = protocol
+        session = Session(
+            StreamTransport(protocol, self.close),
+            self.identity,
+            endpoint=self.endpoint.path,
+            node=self.app.node,
+            max_queue_bytes=self.app.config.server.send_queue_bytes,
+            remote_ip=remote_ip,
+            metrics=self.app.metrics,
+            path=path,
+        )
+        self.session = session
+        self.app.session_opened(session, self)
+        if self.app.keepalive is not None:
+            self.app.keepalive.add(protocol)
+        session.on_identity_changed = self._schedule_expiry
+        self._schedule_expiry()
+        coro = self._opened(session)
+        try:
+            first = coro.send(None)
+        except StopIteration:
+            return None
+        return _Resumed(coro, first)
+
+    async def _opened(self, session: Session) -> None:
+        """The open hooks; one that raises closes the session with 1011 (reported by the app), and
+        :meth:`on_close` then releases everything as for any other close."""
+        try:
+            await self.handler.on_open(session)
+        except Exception as exc:
+            self.app.handler_failed(session, "on_open", exc)
+            session.close(CloseCode.INTERNAL)
+            return
+        if not await self.app.hooks.session_opened(session) and not session.closed:
+            session.close(CloseCode.INTERNAL)
+
+    def on_message(self, message: str | bytes) -> Any:
+        session = self.session
+        if session is None or session.closed:
+            return None
+        self.app.metrics.messages_in.labels(self.endpoint.path).inc()
+        # Run the handler eagerly: most messages complete without suspending, and then need no
+        # Task, and the next buffered frame is read in the same loop iteration (so the replies and
+        # broadcasts of several frames leave in one send). Every _EAGER_TURN frames in a row the
+        # connection yields to the loop once, so one busy client cannot starve the others.
+        coro = self._dispatch(session, message)
+        try:
+            first = coro.send(None)
+        except StopIteration:
+            self._eager_run += 1
+            if self._eager_run < _EAGER_TURN:
+                return None
+            self._eager_run = 0
+            return asyncio.sleep(0)
+        self._eager_run = 0
+        return _Resumed(coro, first)
+
+    async def _dispatch(self, session: Session, message: str | bytes) -> None:
+        try:
+            await self.handler.on_message(session, message)
+        except Exception as exc:
+            self.app.handler_failed(session, "on_message", exc)
+            session.send_error(ErrorCode.INTERNAL, "internal error")
+
+    def _schedule_expiry(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        session = self.session
+        if session is None or session.identity.expires_at is None:
+            return
+        grace = float(getattr(self.app.authenticator, "expiry_grace", 0.0))
+        delay = max(0.0, session.identity.expires_at + grace - time.time())
+        self._expiry = asyncio.get_running_loop().call_later(delay, self._check_expiry)
+
+    def _check_expiry(self) -> None:
+        session = self.session
+        self._expiry = None
+        if session is None or session.closed:
+            return
+        grace = float(getattr(self.app.authenticator, "expiry_grace", 0.0))
+        expires_at = session.identity.expires_at
+        if expires_at is not None and expires_at + grace <= time.time():
+            session.close(CloseCode.TOKEN_EXPIRED)
+        else:
+            self._schedule_expiry()  # refreshed meanwhile
+
+    def _end_session(self, code: int | None, reason: str | None) -> None:
+        """The connection is closed: release its counts and timers, and close the session."""
+        if self._protocol is not None and self.app.keepalive is not None:
+            self.app.keepalive.discard(self._protocol)
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        self._release()
+        session = self.session
+        if session is None:
+            return
+        if session.close_code is not None:
+            code = session.close_code
+            reason = reason or close_reason(code)
+        self.app.session_closing(session, self, code, reason)
+
+
+class WirehubSocket(SessionSide, WebSocketHandler):  # type: ignore[misc]
     """One endpoint path. Collaborators arrive through :meth:`initialize`.
 
     wirehub's own attributes are slots: Tornado's handler and its WebSocket detach already set 27
@@ -41,19 +177,12 @@ class WirehubSocket(WebSocketHandler):
     and costs about 1 kB more per connection.
     """
 
-    __slots__ = ("_eager_run", "_expiry", "_max_message_size", "app", "endpoint", "handler", "identity", "session")
+    __slots__ = ("_max_message_size",)
 
     def initialize(self, app: Wirehub, endpoint: EndpointConfig, handler: Handler,
                    max_message_size: int) -> None:
-        self.app = app
-        self.endpoint = endpoint
-        self.handler = handler
+        self._setup(app, endpoint, handler)
         self._max_message_size = max_message_size
-        #: set once admitted: counted in ``app.connections`` (its user and the remote IP) until released
-        self.identity: Identity | None = None
-        self.session: Session | None = None
-        self._expiry: asyncio.TimerHandle | None = None
-        self._eager_run = 0
 
     # -- before the upgrade -------------------------------------------------------------------------
 
@@ -132,10 +261,8 @@ class WirehubSocket(WebSocketHandler):
         self.set_header("Sec-WebSocket-Version", "7, 8, 13")
         await self.finish()
 
-    def _release(self) -> None:
-        if self.identity is not None:
-            self.app.connections.release(self.identity.user, self.request.remote_ip or "")
-            self.identity = None
+    def _remote_ip(self) -> str:
+        return self.request.remote_ip or ""
 
     def on_finish(self) -> None:
         # The HTTP response is complete: the 101, or Tornado's own refusal of an upgrade that passed
@@ -175,116 +302,18 @@ class WirehubSocket(WebSocketHandler):
     def open(self, *args: str, **kwargs: str) -> Awaitable[None] | None:
         # Not a coroutine: Tornado keeps what open() returns for the connection's life (a local of
         # its accept coroutine), and the open hooks usually complete without suspending.
-        assert self.identity is not None and self.ws_connection is not None
+        assert self.identity is not None and isinstance(self.ws_connection, Protocol)
         if self._on_close_called:  # gone before the 101 was out: on_close already ran, once
             self._release()
             return None
-        self.set_nodelay(True)
-        session = Session(
-            StreamTransport(self.ws_connection, self.close),
-            self.identity,
-            endpoint=self.endpoint.path,
-            node=self.app.node,
-            max_queue_bytes=self.app.config.server.send_queue_bytes,
-            remote_ip=self.request.remote_ip or "",
-            metrics=self.app.metrics,
-            path=self.request.path,
-        )
-        self.session = session
-        self.app.session_opened(session, self)
-        if self.app.keepalive is not None:
-            self.app.keepalive.add(self.ws_connection)  # type: ignore[arg-type]
-        session.on_identity_changed = self._schedule_expiry
-        self._schedule_expiry()
-        coro = self._opened(session)
-        try:
-            first = coro.send(None)
-        except StopIteration:
-            return None
-        return _Resumed(coro, first)
-
-    async def _opened(self, session: Session) -> None:
-        """The open hooks; one that raises closes the session with 1011 (reported by the app), and
-        :meth:`on_close` then releases everything as for any other close."""
-        try:
-            await self.handler.on_open(session)
-        except Exception as exc:
-            self.app.handler_failed(session, "on_open", exc)
-            session.close(CloseCode.INTERNAL)
-            return
-        if not await self.app.hooks.session_opened(session) and not session.closed:
-            session.close(CloseCode.INTERNAL)
-
-    def on_message(self, message: str | bytes) -> Any:
-        session = self.session
-        if session is None or session.closed:
-            return None
-        self.app.metrics.messages_in.labels(self.endpoint.path).inc()
-        # Run the handler eagerly: most messages complete without suspending, and then need no
-        # Task, and the next buffered frame is read in the same loop iteration (so the replies and
-        # broadcasts of several frames leave in one send). Every _EAGER_TURN frames in a row the
-        # connection yields to the loop once, so one busy client cannot starve the others.
-        coro = self._dispatch(session, message)
-        try:
-            first = coro.send(None)
-        except StopIteration:
-            self._eager_run += 1
-            if self._eager_run < _EAGER_TURN:
-                return None
-            self._eager_run = 0
-            return asyncio.sleep(0)
-        self._eager_run = 0
-        return _Resumed(coro, first)
-
-    async def _dispatch(self, session: Session, message: str | bytes) -> None:
-        try:
-            await self.handler.on_message(session, message)
-        except Exception as exc:
-            self.app.handler_failed(session, "on_message", exc)
-            session.send_error(ErrorCode.INTERNAL, "internal error")
-
-    def _schedule_expiry(self) -> None:
-        if self._expiry is not None:
-            self._expiry.cancel()
-            self._expiry = None
-        session = self.session
-        if session is None or session.identity.expires_at is None:
-            return
-        grace = float(getattr(self.app.authenticator, "expiry_grace", 0.0))
-        delay = max(0.0, session.identity.expires_at + grace - time.time())
-        self._expiry = asyncio.get_running_loop().call_later(delay, self._check_expiry)
-
-    def _check_expiry(self) -> None:
-        session = self.session
-        self._expiry = None
-        if session is None or session.closed:
-            return
-        grace = float(getattr(self.app.authenticator, "expiry_grace", 0.0))
-        expires_at = session.identity.expires_at
-        if expires_at is not None and expires_at + grace <= time.time():
-            session.close(CloseCode.TOKEN_EXPIRED)
-        else:
-            self._schedule_expiry()  # refreshed meanwhile
+        return self._start_session(self.ws_connection, self.request.remote_ip or "", self.request.path)
 
     def close(self, code: int | None = None, reason: str | None = None) -> None:
         with contextlib.suppress(WebSocketClosedError):
             super().close(code, reason)
 
     def on_close(self) -> None:
-        if self.app.keepalive is not None and isinstance(self.ws_connection, Protocol):
-            self.app.keepalive.discard(self.ws_connection)
-        if self._expiry is not None:
-            self._expiry.cancel()
-            self._expiry = None
-        self._release()
-        session = self.session
-        if session is None:
-            return
-        code, reason = self.close_code, self.close_reason
-        if session.close_code is not None:
-            code = session.close_code
-            reason = reason or close_reason(code)
-        self.app.session_closing(session, self, code, reason)
+        self._end_session(self.close_code, self.close_reason)
 
 
 _EAGER_TURN = 16
