@@ -39,8 +39,6 @@ from tornado.ioloop import IOLoop
 from tornado.iostream import IOStream, UnsatisfiableReadError
 
 if TYPE_CHECKING:
-    import tornado.web
-
     from wirehub.config import ServerConfig
     from wirehub.metrics import Metrics
 
@@ -386,7 +384,8 @@ class EdgeServer(HTTPServer):
         self._last_log = now
 
 
-def make_server(application: tornado.web.Application, config: ServerConfig, metrics: Metrics) -> EdgeServer:
+def make_server(application: httputil.HTTPServerConnectionDelegate, config: ServerConfig,
+                metrics: Metrics) -> EdgeServer:
     """Raise the file limit, derive the connection cap and build the server with the pre-upgrade timeouts."""
     fd_limit = raise_fd_limit()
     cap = connection_cap(config, fd_limit)

@@ -31,6 +31,7 @@ from wirehub.keepalive import Keepalive
 from wirehub.metrics import Metrics
 from wirehub.plugins import PluginError, PluginHost, build_plugin_manager
 from wirehub.protocol import CLOSE_REASONS, CloseCode, close_reason
+from wirehub.upgrade import LeanRouter
 from wirehub.websocket import SessionSide, WirehubSocket
 
 if TYPE_CHECKING:
@@ -186,7 +187,7 @@ class Wirehub:
         if sockets is None:
             cfg = self.config.server
             sockets = bind_sockets(cfg.port, cfg.host or None, backlog=cfg.backlog)
-        self.server = make_server(self.application, self.config.server, self.metrics)
+        self.server = make_server(LeanRouter(self.application, self), self.config.server, self.metrics)
         self.server.add_sockets(sockets)
         self.port = sockets[0].getsockname()[1]
         if self.keepalive is not None:
