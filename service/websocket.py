@@ -37,7 +37,8 @@ class SessionSide:
     """What a WebSocket connection does once upgraded, whichever path upgraded it: Tornado's
     :class:`WirehubSocket`, or the lean path (:class:`wirehub.upgrade.LeanSocket`)."""
 
-    __slots__ = ("_eager_run", "_expiry", "_protocol", "app", "endpoint", "handler", "identity", "session")
+    __slots__ = ("_eager_run", "_expiry", "_messages_in", "_protocol", "app", "endpoint", "handler", "identity",
+                 "session")
 
     def _setup(self, app: Wirehub, endpoint: EndpointConfig, handler: Handler) -> None:
         self.app = app
@@ -49,6 +50,8 @@ class SessionSide:
         self._expiry: asyncio.TimerHandle | None = None
         self._eager_run = 0
         self._protocol: Protocol | None = None
+        # looked up once, and counted without a lock (folded in at scrape time)
+        self._messages_in = app.metrics.tally(app.metrics.messages_in.labels(endpoint.path))
 
     if TYPE_CHECKING:  # provided by the subclass (a stub here would shadow Tornado's close in the MRO)
         def close(self, code: int | None = None, reason: str | None = None) -> None: ...
@@ -105,7 +108,7 @@ class SessionSide:
         session = self.session
         if session is None or session.closed:
             return None
-        self.app.metrics.messages_in.labels(self.endpoint.path).inc()
+        self._messages_in.n += 1
         # Run the handler eagerly: most messages complete without suspending, and then need no
         # Task, and the next buffered frame is read in the same loop iteration (so the replies and
         # broadcasts of several frames leave in one send). Every _EAGER_TURN frames in a row the
