@@ -21,6 +21,7 @@ of life.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
 from tornado.concurrent import Future
@@ -56,94 +57,96 @@ class Protocol(WebSocketProtocol13):
     def _session(self) -> Session | None:
         return getattr(self.handler, "session", None)
 
-    async def _receive_frame_loop(self) -> None:
+    async def _receive_frame_loop(self, opened: Awaitable[None] | None = None) -> None:
+        """Read and handle frames until the connection ends (first awaiting ``opened``, the rest of the
+        open hooks). One coroutine, no helper awaited per frame: each suspended coroutine frame costs
+        memory for the connection's whole life."""
         try:
-            await self._read_frames()
+            if opened is not None:
+                await opened
+            stream = self.stream
+            max_size = self.params.max_message_size
+            mask_fn = _websocket_mask
+            buf = b""
+            frag: bytearray | None = None
+            frag_opcode = 0
+            work = 0
+            while not self.client_terminated:
+                chunk = await stream.read_bytes(_READ_CHUNK, partial=True)
+                buf = buf + chunk if buf else chunk
+                n = len(buf)
+                pos = 0
+                while n - pos >= 2 and not self.client_terminated:
+                    b0 = buf[pos]
+                    b1 = buf[pos + 1]
+                    opcode = b0 & 0x0F
+                    length = b1 & 0x7F
+                    if b0 & 0x70 or (opcode & 0x8 and length >= 126):  # reserved bits; a long control frame
+                        self._protocol_error()
+                        return
+                    head = pos + 2
+                    if length == 126:
+                        if n - pos < 4:
+                            break
+                        length = int.from_bytes(buf[head:head + 2], "big")
+                        head += 2
+                    elif length == 127:
+                        if n - pos < 10:
+                            break
+                        length = int.from_bytes(buf[head:head + 8], "big")
+                        head += 8
+                    if length + (len(frag) if frag is not None else 0) > max_size:
+                        self.close(CloseCode.TOO_BIG, "message too big")
+                        self._abort()
+                        return
+                    masked = b1 & 0x80
+                    start = head + 4 if masked else head
+                    end = start + length
+                    if end > n:  # a frame bigger than what arrived: read exactly the rest of it
+                        if start > n:
+                            break
+                        buf = buf[pos:] + await stream.read_bytes(end - n)
+                        start, head, end, pos = start - pos, head - pos, end - pos, 0
+                        n = len(buf)
+                    data = mask_fn(buf[head:start], buf[start:end]) if masked else buf[start:end]
+                    pos = end
+                    if opcode & 0x8:
+                        if not b0 & 0x80:  # a fragmented control frame
+                            self._protocol_error()
+                            return
+                    elif opcode == 0:
+                        if frag is None:  # a continuation with nothing to continue
+                            self._protocol_error()
+                            return
+                        frag.extend(data)
+                        if not b0 & 0x80:
+                            work += _FRAME_COST
+                            continue
+                        opcode, data, frag = frag_opcode, bytes(frag), None
+                    elif frag is not None:  # a new message before the fragmented one is complete
+                        self._protocol_error()
+                        return
+                    elif not b0 & 0x80:
+                        frag, frag_opcode = bytearray(data), opcode
+                        work += _FRAME_COST
+                        continue
+                    handled = self._handle_message(opcode, data)
+                    work += _FRAME_COST + length
+                    if handled is not None:
+                        work = 0
+                        self.busy = True
+                        try:
+                            await handled
+                        finally:
+                            self.busy = False
+                    elif work >= _YIELD_THRESHOLD:  # one busy client must not starve the others
+                        work = 0
+                        await asyncio.sleep(0)
+                buf = buf[pos:] if pos < n else b""
         except StreamClosedError:
             self._abort()
         finally:
             self.handler.on_ws_connection_close(self.close_code, self.close_reason)
-
-    async def _read_frames(self) -> None:
-        stream = self.stream
-        max_size = self.params.max_message_size
-        mask_fn = _websocket_mask
-        buf = b""
-        frag: bytearray | None = None
-        frag_opcode = 0
-        work = 0
-        while not self.client_terminated:
-            chunk = await stream.read_bytes(_READ_CHUNK, partial=True)
-            buf = buf + chunk if buf else chunk
-            n = len(buf)
-            pos = 0
-            while n - pos >= 2 and not self.client_terminated:
-                b0 = buf[pos]
-                b1 = buf[pos + 1]
-                opcode = b0 & 0x0F
-                length = b1 & 0x7F
-                if b0 & 0x70 or (opcode & 0x8 and length >= 126):  # reserved bits; a long control frame
-                    self._protocol_error()
-                    return
-                head = pos + 2
-                if length == 126:
-                    if n - pos < 4:
-                        break
-                    length = int.from_bytes(buf[head:head + 2], "big")
-                    head += 2
-                elif length == 127:
-                    if n - pos < 10:
-                        break
-                    length = int.from_bytes(buf[head:head + 8], "big")
-                    head += 8
-                if length + (len(frag) if frag is not None else 0) > max_size:
-                    self.close(CloseCode.TOO_BIG, "message too big")
-                    self._abort()
-                    return
-                masked = b1 & 0x80
-                start = head + 4 if masked else head
-                end = start + length
-                if end > n:  # a frame bigger than what arrived: read exactly the rest of it
-                    if start > n:
-                        break
-                    buf = buf[pos:] + await stream.read_bytes(end - n)
-                    start, head, end, pos = start - pos, head - pos, end - pos, 0
-                    n = len(buf)
-                data = mask_fn(buf[head:start], buf[start:end]) if masked else buf[start:end]
-                pos = end
-                if opcode & 0x8:
-                    if not b0 & 0x80:  # a fragmented control frame
-                        self._protocol_error()
-                        return
-                elif opcode == 0:
-                    if frag is None:  # a continuation with nothing to continue
-                        self._protocol_error()
-                        return
-                    frag.extend(data)
-                    if not b0 & 0x80:
-                        work += _FRAME_COST
-                        continue
-                    opcode, data, frag = frag_opcode, bytes(frag), None
-                elif frag is not None:  # a new message before the fragmented one is complete
-                    self._protocol_error()
-                    return
-                elif not b0 & 0x80:
-                    frag, frag_opcode = bytearray(data), opcode
-                    work += _FRAME_COST
-                    continue
-                handled = self._handle_message(opcode, data)
-                work += _FRAME_COST + length
-                if handled is not None:
-                    work = 0
-                    self.busy = True
-                    try:
-                        await handled
-                    finally:
-                        self.busy = False
-                elif work >= _YIELD_THRESHOLD:  # one busy client must not starve the others
-                    work = 0
-                    await asyncio.sleep(0)
-            buf = buf[pos:] if pos < n else b""
 
     def _protocol_error(self) -> None:
         """RFC 6455 wants a 1002 Close frame before the TCP close (Tornado only aborts); once our Close

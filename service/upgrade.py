@@ -180,7 +180,7 @@ class UpgradeDelegate(httputil.HTTPMessageDelegate):
         if app.config.logging.access_log:
             access_log.info("%d %s %s %s %.1fms", 101, "GET", path, remote_ip, 1000 * (time.monotonic() - started))
         opened = socket_side._start_session(protocol, remote_ip, path)
-        task = asyncio.ensure_future(_serve(protocol, opened))
+        task = asyncio.ensure_future(protocol._receive_frame_loop(opened))
         socket_side.task = task
 
     def _refuse(self, status: int, error: str, reason: str, extra: dict[str, str], path: str, remote_ip: str,
@@ -221,13 +221,6 @@ def _origin_allowed(app: Wirehub, origin: str, host: str) -> bool:
     except ValueError:  # such as "http://[::1": no origin we could allow
         return False
     return netloc.lower() == host.lower()
-
-
-async def _serve(protocol: Protocol, opened: Awaitable[None] | None) -> None:
-    """The connection's life after the 101: the rest of the open hooks, then the frames."""
-    if opened is not None:
-        await opened
-    await protocol._receive_frame_loop()
 
 
 class LeanSocket(SessionSide):
