@@ -45,13 +45,15 @@ if str(ROOT) not in sys.path:  # run as `python bench/bench_conns.py`
 from bench import loadgen  # noqa: E402
 from bench.run import _child_setup, start_server  # noqa: E402
 
+NODE_WS = ROOT / "bench" / "node_ws"
 SCENARIOS = ("handshake", "idle", "keepalive", "echo", "fanout")
 SERVERS = ("wirehub", "node", "baseline")  # and "before" with --before TREE
 #: the issue 13 targets, as wirehub / Node: (scenario, figure, target, direction)
 TARGETS = (
     ("handshake", "cpu_per_1k", 1.0, "<="),
     ("idle", "rss_per_conn", 1.0, "<="),
-    ("echo", "per_wall_s", 0.8, ">="),
+    ("echo", "per_server_cpu_s", 0.8, ">="),  # round trips per second of a saturated core
+    ("echo", "per_wall_s", 0.8, ">="),  # the same only when both servers saturate their core
     ("fanout", "per_server_cpu_s", 2.0, ">="),
 )
 CHAT_OPTIONS: dict[str, Any] = {"publish_rate": 1e9, "publish_burst": 1_000_000_000, "presence_events": False}
@@ -374,12 +376,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--wirehub-root", default=str(ROOT))
     p.add_argument("--before", default=None, help="another wirehub tree, measured as server 'before'")
     p.add_argument("--json", default=None)
+    p.add_argument("--render", default=None, help="print the report of an earlier --json file again")
     a = p.parse_args(argv)
+    if a.render:
+        print(render(json.loads(Path(a.render).read_text())["results"]))
+        return 0
     if a.quick:
         a.conns, a.idle_steps, a.ka_conns, a.members, a.duration, a.warmup = 300, "200,400", 300, 50, 2.0, 0.5
         a.settle = 0.5
     if (os.cpu_count() or 1) < 2:
         a.server_core = a.loadgen_core = None
+    if "node" in a.servers.split(",") and not (NODE_WS / "node_modules" / "ws").is_dir():
+        subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=NODE_WS, check=True, timeout=300)
     results: dict[str, dict[str, dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory(prefix="wirehub-conns-") as tmp:
         for scenario in a.scenarios.split(","):
