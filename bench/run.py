@@ -112,6 +112,9 @@ def start_server(name: str, workdir: Path, core: int | None, backlog: int, chat:
         cfg = workdir / f"wirehub-{port}.yaml"
         cfg.write_text(wirehub_config(port, backlog, chat, chat_options, ping_interval))
         cmd = [sys.executable, "-m", "wirehub.cli", "--config", str(cfg), "serve"]
+    elif name == "node":
+        cmd = ["node", str(ROOT / "bench" / "node_ws" / "server.js"), "--port", str(port), "--backlog", str(backlog),
+               "--ping-interval", str(20.0 if ping_interval is None else ping_interval)]
     else:
         cmd = [sys.executable, str(ROOT / "bench" / "baseline_server.py"), "--port", str(port),
                "--backlog", str(backlog)]

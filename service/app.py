@@ -27,10 +27,12 @@ from wirehub.config import Config
 from wirehub.handler import HandlerContext
 from wirehub.hub import Hub
 from wirehub.inflight import InFlight
+from wirehub.keepalive import Keepalive
 from wirehub.metrics import Metrics
 from wirehub.plugins import PluginError, PluginHost, build_plugin_manager
 from wirehub.protocol import CLOSE_REASONS, CloseCode, close_reason
-from wirehub.websocket import Keepalive, WirehubSocket
+from wirehub.upgrade import LeanRouter
+from wirehub.websocket import SessionSide, WirehubSocket
 
 if TYPE_CHECKING:
     from wirehub.auth import Authenticator
@@ -83,11 +85,11 @@ class Wirehub:
         self._drain_running = False
         self._drain_started = 0.0
         self.started = False
-        self.sessions: dict[Session, WirehubSocket] = {}
+        self.sessions: dict[Session, SessionSide] = {}
         #: client-triggerable errors are logged through it: once per interval, with a count
         self.logs = wirehub.logs.LogLimiter(config.server.error_log_interval)
         #: WebSocket pings, one timer for all connections (None: server.ping_interval 0)
-        self.keepalive = (Keepalive(self.sessions, config.server.ping_interval, config.server.ping_timeout)
+        self.keepalive = (Keepalive(config.server.ping_interval, config.server.ping_timeout)
                           if config.server.ping_interval else None)
         self._closing_tasks: set[asyncio.Task[None]] = set()
         self._all_closed = asyncio.Event()
@@ -185,7 +187,7 @@ class Wirehub:
         if sockets is None:
             cfg = self.config.server
             sockets = bind_sockets(cfg.port, cfg.host or None, backlog=cfg.backlog)
-        self.server = make_server(self.application, self.config.server, self.metrics)
+        self.server = make_server(LeanRouter(self.application, self), self.config.server, self.metrics)
         self.server.add_sockets(sockets)
         self.port = sockets[0].getsockname()[1]
         if self.keepalive is not None:
@@ -197,7 +199,7 @@ class Wirehub:
         if not self.config.api.keys:
             log.info("publish API off: no api.keys (set WIREHUB_API_KEY or api.keys to turn it on)")
 
-    def session_opened(self, session: Session, socket_handler: WirehubSocket) -> None:
+    def session_opened(self, session: Session, socket_handler: SessionSide) -> None:
         self.sessions[session] = socket_handler
         self._all_closed.clear()
         self.metrics.sessions.labels(session.endpoint).inc()
@@ -209,7 +211,7 @@ class Wirehub:
                                            "user": session.identity.user, "endpoint": session.endpoint,
                                            "ip": session.remote_ip})
 
-    def session_closing(self, session: Session, socket_handler: WirehubSocket, code: int | None,
+    def session_closing(self, session: Session, socket_handler: SessionSide, code: int | None,
                         reason: str | None) -> None:
         task = asyncio.ensure_future(self._finish_session(session, code, reason))
         self._closing_tasks.add(task)
@@ -309,8 +311,8 @@ class Wirehub:
             except TimeoutError:
                 log.warning("drain grace over with %d sessions open; aborting them", len(self.sessions))
                 for handler in list(self.sessions.values()):
-                    if handler.ws_connection is not None:
-                        handler.ws_connection._abort()  # type: ignore[attr-defined]
+                    if handler._protocol is not None:
+                        handler._protocol._abort()
         # Each stream's handler finishes its response right after the hint; a bounded poll, as the SSE
         # module exposes no completion event.
         while open_streams(self) and time.monotonic() < deadline - reserve:  # noqa: ASYNC110

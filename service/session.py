@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
-from functools import cached_property
 from typing import TYPE_CHECKING, Any, Protocol
 
 from wirehub.auth import Identity
@@ -24,15 +23,22 @@ if TYPE_CHECKING:
 class OutFrame:
     """An encoded message, framed for the wire at most once however many sessions get it."""
 
-    __slots__ = ("__dict__", "binary", "payload")
+    __slots__ = ("__dict__", "_wire", "binary", "payload")
 
     def __init__(self, payload: bytes, binary: bool = False) -> None:
         self.payload = payload
         self.binary = binary
+        self._wire: bytes | None = None
 
-    @cached_property
+    @property
     def wire(self) -> bytes:
-        """The unmasked server-to-client WebSocket frame (RFC 6455 section 5.2)."""
+        """The unmasked server-to-client WebSocket frame (RFC 6455 section 5.2), built on first use."""
+        wire = self._wire
+        if wire is None:
+            wire = self._wire = self._frame()
+        return wire
+
+    def _frame(self) -> bytes:
         n = len(self.payload)
         first = 0x82 if self.binary else 0x81
         if n < 126:
@@ -162,7 +168,7 @@ class Session:
             return False
         self.transport.send_frame(frame)
         if self.metrics is not None:
-            self.metrics.messages_out.inc()
+            self.metrics.sent.n += 1
         return True
 
     def _overflow(self) -> None:

@@ -18,11 +18,10 @@ from collections.abc import Awaitable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from tornado.concurrent import Future
-from tornado.iostream import StreamClosedError
-from tornado.websocket import WebSocketClosedError, WebSocketHandler, WebSocketProtocol, WebSocketProtocol13
+from tornado.websocket import WebSocketClosedError, WebSocketHandler, WebSocketProtocol
 
 from wirehub.auth import AuthError, Identity
+from wirehub.frames import Protocol
 from wirehub.protocol import SUBPROTOCOL, CloseCode, ErrorCode, close_reason
 from wirehub.session import Session
 from wirehub.transport import StreamTransport
@@ -34,103 +33,146 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("wirehub.session")
 
-#: close codes a peer may send (RFC 6455 section 7.4); anything else fails the connection with 1002
-_VALID_CLOSE = frozenset((1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014))
+class SessionSide:
+    """What a WebSocket connection does once upgraded, whichever path upgraded it: Tornado's
+    :class:`WirehubSocket`, or the lean path (:class:`wirehub.upgrade.LeanSocket`)."""
 
+    __slots__ = ("_eager_run", "_expiry", "_messages_in", "_protocol", "app", "endpoint", "handler", "identity",
+                 "session")
 
-def _valid_close_code(code: int) -> bool:
-    return code in _VALID_CLOSE or 3000 <= code <= 4999
+    def _setup(self, app: Wirehub, endpoint: EndpointConfig, handler: Handler) -> None:
+        self.app = app
+        self.endpoint = endpoint
+        self.handler = handler
+        #: set once admitted: counted in ``app.connections`` (its user and the remote IP) until released
+        self.identity: Identity | None = None
+        self.session: Session | None = None
+        self._expiry: asyncio.TimerHandle | None = None
+        self._eager_run = 0
+        self._protocol: Protocol | None = None
+        # looked up once, and counted without a lock (folded in at scrape time)
+        self._messages_in = app.metrics.tally(app.metrics.messages_in.labels(endpoint.path))
 
+    if TYPE_CHECKING:  # provided by the subclass (a stub here would shadow Tornado's close in the MRO)
+        def close(self, code: int | None = None, reason: str | None = None) -> None: ...
 
-class _Protocol(WebSocketProtocol13):
-    """Tornado's protocol, failing the connection on invalid close frames and invalid UTF-8, and with a
-    1002 Close frame (not a bare TCP close) on frames Tornado rejects: oversized or fragmented control
-    frames, reserved bits or opcodes.
+        def _remote_ip(self) -> str: ...
 
-    Tornado echoes any close code back, and drops the TCP connection without a close frame on
-    invalid UTF-8; RFC 6455 wants 1002 and 1007 (Autobahn cases 7.9.x, 7.3.2, 7.5.1 and 6.x).
-    Once the server has sent its Close frame, data frames are dropped unread: the echo and the
-    fan-out write through :class:`StreamTransport`, which Tornado's closing state does not stop,
-    and nothing may follow a Close frame (section 5.5.1). tests/test_autobahn.py checks all this.
-    Every frame read sets ``_received_pong``: :class:`Keepalive` takes any frame as a sign of life.
-    """
+    def _release(self) -> None:
+        if self.identity is not None:
+            self.app.connections.release(self.identity.user, self._remote_ip())
+            self.identity = None
 
-    #: the task parsing a frame header, while it does (see :meth:`_abort`)
-    _parser: asyncio.Task[Any] | None = None
+    def _start_session(self, protocol: Protocol, remote_ip: str, path: str) -> Awaitable[None] | None:
+        """Open the session on ``protocol`` and run the open hooks eagerly: what is left of them when
+        they suspend is returned, to be awaited before the first frame is read."""
+        assert self.identity is not None
+        protocol.set_nodelay(True)
+        self._protocol = protocol
+        session = Session(
+            StreamTransport(protocol, self.close),
+            self.identity,
+            endpoint=self.endpoint.path,
+            node=self.app.node,
+            max_queue_bytes=self.app.config.server.send_queue_bytes,
+            remote_ip=remote_ip,
+            metrics=self.app.metrics,
+            path=path,
+        )
+        self.session = session
+        self.app.session_opened(session, self)
+        if self.app.keepalive is not None:
+            self.app.keepalive.add(protocol)
+        session.on_identity_changed = self._schedule_expiry
+        self._schedule_expiry()
+        coro = self._opened(session)
+        try:
+            first = coro.send(None)
+        except StopIteration:
+            return None
+        return _Resumed(coro, first)
 
-    async def _receive_frame(self) -> None:
-        self._parser = asyncio.current_task()
-        await super()._receive_frame()
-
-    def _abort(self) -> None:
-        # Tornado's frame parser aborts without a Close frame on a protocol violation: a control frame
-        # over 125 bytes or fragmented, reserved bits, a continuation with nothing to continue. RFC 6455
-        # wants 1002 first. Only aborts from the parser itself qualify (its task, before the frame is
-        # handled, nothing sent yet): a keepalive or drain abort, a closed stream, 1009, stay plain aborts.
-        if (self._parser is not None and self._parser is asyncio.current_task() and not self.server_terminated
-                and self.stream is not None and not self.stream.closed()):
-            self._parser = None
-            self.client_terminated = True  # read nothing more: close the TCP connection right after ours
-            self._fail(CloseCode.PROTOCOL_ERROR, "protocol error")
+    async def _opened(self, session: Session) -> None:
+        """The open hooks; one that raises closes the session with 1011 (reported by the app), and
+        :meth:`on_close` then releases everything as for any other close."""
+        try:
+            await self.handler.on_open(session)
+        except Exception as exc:
+            self.app.handler_failed(session, "on_open", exc)
+            session.close(CloseCode.INTERNAL)
             return
-        super()._abort()
+        if not await self.app.hooks.session_opened(session) and not session.closed:
+            session.close(CloseCode.INTERNAL)
 
-    def _handle_message(self, opcode: int, data: bytes) -> Future[None] | None:
-        self._parser = None
-        if self.client_terminated:
+    def on_message(self, message: str | bytes) -> Any:
+        session = self.session
+        if session is None or session.closed:
             return None
-        # Tornado's "pong since the last ping" flag; here any frame counts (see Keepalive)
-        self._received_pong = True
-        if opcode == 0x8:
-            problem = len(data) == 1
-            if len(data) >= 2:
-                problem = not _valid_close_code(int.from_bytes(data[:2], "big"))
-                try:
-                    data[2:].decode("utf-8")
-                except UnicodeDecodeError:
-                    problem = True
-            if problem:
-                self.client_terminated = True  # the peer is done: close the TCP connection right after ours
-                self._fail(CloseCode.PROTOCOL_ERROR, "invalid close frame")
+        self._messages_in.n += 1
+        # Run the handler eagerly: most messages complete without suspending, and then need no
+        # Task, and the next buffered frame is read in the same loop iteration (so the replies and
+        # broadcasts of several frames leave in one send). Every _EAGER_TURN frames in a row the
+        # connection yields to the loop once, so one busy client cannot starve the others.
+        coro = self._dispatch(session, message)
+        try:
+            first = coro.send(None)
+        except StopIteration:
+            self._eager_run += 1
+            if self._eager_run < _EAGER_TURN:
                 return None
-        elif opcode not in (0x1, 0x2, 0x9, 0xA):  # a reserved opcode: Tornado would abort with no Close frame
-            self.client_terminated = True
-            self._fail(CloseCode.PROTOCOL_ERROR, "reserved opcode")
-            return None
-        elif opcode in (0x1, 0x2) and self.server_terminated:
-            return None  # our Close frame is out: no reply may follow it
-        elif opcode == 0x1:
-            try:
-                text = data.decode("utf-8")
-            except UnicodeDecodeError:
-                self._fail(1007, "invalid UTF-8")
-                return None
-            self._message_bytes_in += len(data)
-            return self._run_callback(self.handler.on_message, text)
-        return super()._handle_message(opcode, data)
+            self._eager_run = 0
+            return asyncio.sleep(0)
+        self._eager_run = 0
+        return _Resumed(coro, first)
 
-    def close(self, code: int | None = None, reason: str | None = None) -> None:
-        # Every Close frame, Tornado's own too (the reply to the client's, 1009, a keepalive drop),
-        # goes after what the session corked in this loop iteration (transport.py's promise).
-        session = self.handler.session if isinstance(self.handler, WirehubSocket) else None
-        if session is not None and not self.server_terminated:
-            flush = getattr(session.transport, "flush", None)
-            if flush is not None:
-                flush()
-        super().close(code, reason)
+    async def _dispatch(self, session: Session, message: str | bytes) -> None:
+        try:
+            await self.handler.on_message(session, message)
+        except Exception as exc:
+            self.app.handler_failed(session, "on_message", exc)
+            session.send_error(ErrorCode.INTERNAL, "internal error")
 
-    def _fail(self, code: int, reason: str) -> None:
-        """Send a Close frame with ``code`` through the session, when there is one, so the session
-        counts as closed at once: no room fan-out is written after the Close frame, and
-        ``wirehub_session_closed`` reports ``code``."""
-        session = self.handler.session if isinstance(self.handler, WirehubSocket) else None
-        if session is not None and not session.closed:
-            session.close(code, reason)
+    def _schedule_expiry(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        session = self.session
+        if session is None or session.identity.expires_at is None:
+            return
+        grace = float(getattr(self.app.authenticator, "expiry_grace", 0.0))
+        delay = max(0.0, session.identity.expires_at + grace - time.time())
+        self._expiry = asyncio.get_running_loop().call_later(delay, self._check_expiry)
+
+    def _check_expiry(self) -> None:
+        session = self.session
+        self._expiry = None
+        if session is None or session.closed:
+            return
+        grace = float(getattr(self.app.authenticator, "expiry_grace", 0.0))
+        expires_at = session.identity.expires_at
+        if expires_at is not None and expires_at + grace <= time.time():
+            session.close(CloseCode.TOKEN_EXPIRED)
         else:
-            self.close(code, reason)
+            self._schedule_expiry()  # refreshed meanwhile
+
+    def _end_session(self, code: int | None, reason: str | None) -> None:
+        """The connection is closed: release its counts and timers, and close the session."""
+        if self._protocol is not None and self.app.keepalive is not None:
+            self.app.keepalive.discard(self._protocol)
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        self._release()
+        session = self.session
+        if session is None:
+            return
+        if session.close_code is not None:
+            code = session.close_code
+            reason = reason or close_reason(code)
+        self.app.session_closing(session, self, code, reason)
 
 
-class WirehubSocket(WebSocketHandler):
+class WirehubSocket(SessionSide, WebSocketHandler):  # type: ignore[misc]
     """One endpoint path. Collaborators arrive through :meth:`initialize`.
 
     wirehub's own attributes are slots: Tornado's handler and its WebSocket detach already set 27
@@ -138,19 +180,12 @@ class WirehubSocket(WebSocketHandler):
     and costs about 1 kB more per connection.
     """
 
-    __slots__ = ("_eager_run", "_expiry", "_max_message_size", "app", "endpoint", "handler", "identity", "session")
+    __slots__ = ("_max_message_size",)
 
     def initialize(self, app: Wirehub, endpoint: EndpointConfig, handler: Handler,
                    max_message_size: int) -> None:
-        self.app = app
-        self.endpoint = endpoint
-        self.handler = handler
+        self._setup(app, endpoint, handler)
         self._max_message_size = max_message_size
-        #: set once admitted: counted in ``app.connections`` (its user and the remote IP) until released
-        self.identity: Identity | None = None
-        self.session: Session | None = None
-        self._expiry: asyncio.TimerHandle | None = None
-        self._eager_run = 0
 
     # -- before the upgrade -------------------------------------------------------------------------
 
@@ -229,10 +264,8 @@ class WirehubSocket(WebSocketHandler):
         self.set_header("Sec-WebSocket-Version", "7, 8, 13")
         await self.finish()
 
-    def _release(self) -> None:
-        if self.identity is not None:
-            self.app.connections.release(self.identity.user, self.request.remote_ip or "")
-            self.identity = None
+    def _remote_ip(self) -> str:
+        return self.request.remote_ip or ""
 
     def on_finish(self) -> None:
         # The HTTP response is complete: the 101, or Tornado's own refusal of an upgrade that passed
@@ -251,7 +284,7 @@ class WirehubSocket(WebSocketHandler):
     def get_websocket_protocol(self) -> WebSocketProtocol | None:
         if self.request.headers.get("Sec-WebSocket-Version") not in ("7", "8", "13"):
             return None
-        return _Protocol(self, False, _websocket_params(self.max_message_size))
+        return Protocol(self, False, _websocket_params(self.max_message_size))
 
     @property
     def max_message_size(self) -> int:
@@ -259,7 +292,8 @@ class WirehubSocket(WebSocketHandler):
 
     @property
     def ping_interval(self) -> float | None:
-        """None: Tornado's task per connection stays off; :class:`Keepalive` pings for the whole app."""
+        """None: Tornado's task per connection stays off; :class:`~wirehub.keepalive.Keepalive` pings
+        for the whole app."""
         return None
 
     @property
@@ -271,112 +305,18 @@ class WirehubSocket(WebSocketHandler):
     def open(self, *args: str, **kwargs: str) -> Awaitable[None] | None:
         # Not a coroutine: Tornado keeps what open() returns for the connection's life (a local of
         # its accept coroutine), and the open hooks usually complete without suspending.
-        assert self.identity is not None and self.ws_connection is not None
+        assert self.identity is not None and isinstance(self.ws_connection, Protocol)
         if self._on_close_called:  # gone before the 101 was out: on_close already ran, once
             self._release()
             return None
-        self.set_nodelay(True)
-        session = Session(
-            StreamTransport(self.ws_connection, self.close),
-            self.identity,
-            endpoint=self.endpoint.path,
-            node=self.app.node,
-            max_queue_bytes=self.app.config.server.send_queue_bytes,
-            remote_ip=self.request.remote_ip or "",
-            metrics=self.app.metrics,
-            path=self.request.path,
-        )
-        self.session = session
-        self.app.session_opened(session, self)
-        session.on_identity_changed = self._schedule_expiry
-        self._schedule_expiry()
-        coro = self._opened(session)
-        try:
-            first = coro.send(None)
-        except StopIteration:
-            return None
-        return _Resumed(coro, first)
-
-    async def _opened(self, session: Session) -> None:
-        """The open hooks; one that raises closes the session with 1011 (reported by the app), and
-        :meth:`on_close` then releases everything as for any other close."""
-        try:
-            await self.handler.on_open(session)
-        except Exception as exc:
-            self.app.handler_failed(session, "on_open", exc)
-            session.close(CloseCode.INTERNAL)
-            return
-        if not await self.app.hooks.session_opened(session) and not session.closed:
-            session.close(CloseCode.INTERNAL)
-
-    def on_message(self, message: str | bytes) -> Any:
-        session = self.session
-        if session is None or session.closed:
-            return None
-        self.app.metrics.messages_in.labels(self.endpoint.path).inc()
-        # Run the handler eagerly: most messages complete without suspending, and then need no
-        # Task, and the next buffered frame is read in the same loop iteration (so the replies and
-        # broadcasts of several frames leave in one send). Every _EAGER_TURN frames in a row the
-        # connection yields to the loop once, so one busy client cannot starve the others.
-        coro = self._dispatch(session, message)
-        try:
-            first = coro.send(None)
-        except StopIteration:
-            self._eager_run += 1
-            if self._eager_run < _EAGER_TURN:
-                return None
-            self._eager_run = 0
-            return asyncio.sleep(0)
-        self._eager_run = 0
-        return _Resumed(coro, first)
-
-    async def _dispatch(self, session: Session, message: str | bytes) -> None:
-        try:
-            await self.handler.on_message(session, message)
-        except Exception as exc:
-            self.app.handler_failed(session, "on_message", exc)
-            session.send_error(ErrorCode.INTERNAL, "internal error")
-
-    def _schedule_expiry(self) -> None:
-        if self._expiry is not None:
-            self._expiry.cancel()
-            self._expiry = None
-        session = self.session
-        if session is None or session.identity.expires_at is None:
-            return
-        grace = float(getattr(self.app.authenticator, "expiry_grace", 0.0))
-        delay = max(0.0, session.identity.expires_at + grace - time.time())
-        self._expiry = asyncio.get_running_loop().call_later(delay, self._check_expiry)
-
-    def _check_expiry(self) -> None:
-        session = self.session
-        self._expiry = None
-        if session is None or session.closed:
-            return
-        grace = float(getattr(self.app.authenticator, "expiry_grace", 0.0))
-        expires_at = session.identity.expires_at
-        if expires_at is not None and expires_at + grace <= time.time():
-            session.close(CloseCode.TOKEN_EXPIRED)
-        else:
-            self._schedule_expiry()  # refreshed meanwhile
+        return self._start_session(self.ws_connection, self.request.remote_ip or "", self.request.path)
 
     def close(self, code: int | None = None, reason: str | None = None) -> None:
         with contextlib.suppress(WebSocketClosedError):
             super().close(code, reason)
 
     def on_close(self) -> None:
-        if self._expiry is not None:
-            self._expiry.cancel()
-            self._expiry = None
-        self._release()
-        session = self.session
-        if session is None:
-            return
-        code, reason = self.close_code, self.close_reason
-        if session.close_code is not None:
-            code = session.close_code
-            reason = reason or close_reason(code)
-        self.app.session_closing(session, self, code, reason)
+        self._end_session(self.close_code, self.close_reason)
 
 
 _EAGER_TURN = 16
@@ -406,96 +346,6 @@ class _Resumed:
                     value = coro.send(sent)
                 except StopIteration as stop:
                     return stop.value
-
-
-class Keepalive:
-    """WebSocket pings for every connection of a replica, from one timer instead of a task each.
-
-    Each connection gets a ping every ``interval`` seconds; one that sent nothing (no pong, and no
-    other frame either) within ``timeout`` seconds of a ping is dropped: a Close frame 1000 "ping
-    timed out", and the TCP connection closed at once. ``timeout`` 0 means ``interval``, as with
-    Tornado's own pings, which this replaces (``server.ping_interval`` / ``server.ping_timeout``).
-
-    The connections are split into :attr:`SLICES` groups by session id, and one group is pinged
-    every ``interval / SLICES`` seconds, so 10,000 connections are not pinged in one loop
-    iteration; a new connection gets its first ping within ``interval`` of opening.
-    """
-
-    SLICES = 16
-
-    def __init__(self, sessions: Mapping[Session, WirehubSocket], interval: float, timeout: float) -> None:
-        self._sessions = sessions
-        self.interval = interval
-        self.timeout = timeout or interval
-        self._step = interval / self.SLICES
-        self._slice = 0
-        self._next = 0.0
-        self._timer: asyncio.TimerHandle | None = None
-        #: per slice: the timer of the check of its last ping, and the connections pinged
-        self._checks: list[tuple[asyncio.TimerHandle, list[_Protocol]] | None] = [None] * self.SLICES
-
-    def start(self) -> None:
-        if self._timer is None:
-            loop = asyncio.get_running_loop()
-            self._next = loop.time() + self._step
-            self._timer = loop.call_at(self._next, self._tick)
-
-    def stop(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        for i, pending in enumerate(self._checks):
-            if pending is not None:
-                pending[0].cancel()
-                self._checks[i] = None
-
-    def _tick(self) -> None:
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        self._next += self._step
-        if self._next <= now:  # the loop was held up: go on from now rather than catch up in a burst
-            self._next = now + self._step
-        self._timer = loop.call_at(self._next, self._tick)
-        n, self._slice = self._slice, (self._slice + 1) % self.SLICES
-        self.ping_slice(n)
-
-    def ping_slice(self, n: int) -> int:
-        """Ping the open connections of slice ``n`` (what the timer does every ``interval / SLICES``
-        seconds, for ``n`` in turn); returns how many were pinged."""
-        pending = self._checks[n]
-        if pending is not None:  # timeout == interval: the check of the slice's last ping is due too
-            pending[0].cancel()
-            self._check(n)
-        slices = self.SLICES
-        pinged: list[_Protocol] = []
-        for session, socket_handler in self._sessions.items():
-            if hash(session.id) % slices != n:
-                continue
-            ws = socket_handler.ws_connection
-            if not isinstance(ws, _Protocol) or ws.is_closing():
-                continue
-            ws._received_pong = False
-            try:
-                ws.write_ping(b"")
-            except StreamClosedError:
-                continue
-            pinged.append(ws)
-        if pinged:
-            self._checks[n] = (asyncio.get_running_loop().call_later(self.timeout, self._check, n), pinged)
-        return len(pinged)
-
-    def _check(self, n: int) -> None:
-        pending, self._checks[n] = self._checks[n], None
-        if pending is None:
-            return
-        for ws in pending[1]:
-            if not ws._received_pong and not ws.is_closing():
-                session = ws.handler.session if isinstance(ws.handler, WirehubSocket) else None
-                log.info("no pong within %gs from %r: dropping the connection", self.timeout, session)
-                if session is not None and session.close_code is None:
-                    session.close_code = CloseCode.NORMAL  # recorded for the metric and the close hook
-                ws.close(CloseCode.NORMAL, "ping timed out")
-                ws._abort()
 
 
 @functools.cache

@@ -37,7 +37,7 @@ GROUPS = ("1", "2", "3", "4", "5", "6", "7", "9", "10")
 #: Cases kosoku 0.1.0 has per group. The exact counts make a run that silently selects fewer
 #: cases (a renamed case, a changed glob, an upgraded kosoku) fail instead of pass.
 CASE_COUNTS = {"1": 16, "2": 11, "3": 7, "4": 10, "5": 20, "6": 145, "7": 37, "9": 54, "10": 1}
-#: case id or glob -> why it is not run. Empty: _Protocol in service/websocket.py answers invalid
+#: case id or glob -> why it is not run. Empty: Protocol in service/frames.py answers invalid
 #: close codes (7.9.x) with 1002 and invalid UTF-8 (6.x) with 1007 instead of Tornado's defaults.
 EXCLUDED: dict[str, str] = {}
 

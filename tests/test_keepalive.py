@@ -1,4 +1,4 @@
-"""WebSocket pings: one timer for the whole replica (wirehub.websocket.Keepalive), on a real server.
+"""WebSocket pings: one timer for the whole replica (wirehub.keepalive.Keepalive), on a real server.
 
 A connection gets a ping every ``server.ping_interval`` seconds; one that sent nothing within
 ``server.ping_timeout`` seconds of a ping is dropped; any frame counts as a sign of life.
@@ -15,8 +15,8 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
+from wirehub.keepalive import Keepalive
 from wirehub.testing import LiveServer
-from wirehub.websocket import Keepalive
 
 Start = Callable[..., Awaitable[LiveServer]]
 ECHO = [{"path": "/ws/echo", "handler": "echo"}]
@@ -163,4 +163,39 @@ async def test_ping_timeout_zero_means_the_interval_and_interval_zero_means_no_p
     with pytest.raises(TimeoutError):  # nothing is sent to an idle client
         await client.frame(timeout=0.5)
     assert len(off.app.sessions) == 1
+    client.close()
+
+
+@pytest.mark.timeout(60)
+async def test_a_connection_whose_handler_is_suspended_for_20s_is_kept(wirehub_server: Start) -> None:
+    """Issue 11's bug: while an op is pending the next frame, the pong too, is not read; the keepalive
+    took that for a dead client and dropped it after interval + timeout. A busy connection is alive."""
+    from tests.plugins_for_tests.slow_op import MODULE
+
+    interval, timeout, wait = 0.5, 0.5, 20.0
+    server = await wirehub_server({"endpoints": [{"path": "/ws/slow", "handler": "slow"}],
+                                   "plugins": {"load": [MODULE]},
+                                   "server": {"ping_interval": interval, "ping_timeout": timeout}})
+    client = await RawClient.connect(server, "/ws/slow")
+    assert (await client.frame())[0] == 0x1  # welcome
+    client.send(0x1, json.dumps({"op": "wait", "seconds": wait, "id": 1}).encode())
+    started = time.monotonic()
+    pings = 0
+    while True:  # answer every ping, as a live client does; the server reads the pongs only after the op
+        opcode, payload = await client.frame(timeout=wait + SLACK)
+        if opcode == 0x9:
+            pings += 1
+            client.send(0xA, payload)
+            continue
+        break
+    assert opcode == 0x1, (opcode, payload)
+    assert json.loads(payload) == {"op": "waited", "id": 1}
+    assert time.monotonic() - started >= wait - 0.1
+    assert pings >= wait / interval / 2, f"only {pings} pings while the op was pending"
+    assert len(server.app.sessions) == 1
+    # and it stays alive afterwards: the pongs that waited are read now
+    client.send(0x1, b'{"op":"ping","id":2}')
+    while (frame := await client.frame())[0] == 0x9:
+        client.send(0xA, frame[1])
+    assert json.loads(frame[1])["op"] == "pong"
     client.close()
