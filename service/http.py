@@ -123,7 +123,7 @@ class StaticHandler(tornado.web.StaticFileHandler):
             raise tornado.web.HTTPError(404) from None
         # A source checkout serves what the wheel ships and no more: the JS package's tests, its
         # node_modules and dotfiles stay private (404, as in an installed wheel).
-        parts = os.path.relpath(valid, root).split(os.sep) if valid is not None else []
+        parts = self.path.replace(os.sep, "/").split("/")  # as requested, not resolved: links don't matter
         if any(part in _UNSHIPPED or part.startswith(".") for part in parts):
             raise tornado.web.HTTPError(404)
         return valid
