@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from nats.js.errors import NoKeysError
 
+from wirehub import PresenceEntry
 from wirehub.brokers import NatsServer, RedisServer
 from wirehub.builtins.bus.memory import MemoryHistory, MemoryPresence
 from wirehub.builtins.bus.memory import create_backend as memory_backend
@@ -247,3 +248,23 @@ async def test_history_expires_by_age(backend_kind: str, request: pytest.Fixture
             assert recent.complete and recent.epoch == epoch and recent.messages == [(last, b"new")]
     finally:
         await backend.bus.close()
+
+
+async def test_of_two_leaves_of_one_user_on_two_replicas_exactly_one_reports_them(backend_pair: BackendPair) -> None:
+    """A user with a connection on each replica leaves from both, one after the other and at once:
+    the replica whose leave comes second (or, at once, exactly one of them) reports the user, even
+    when its copy of the room has not yet seen the other replica's leave (NATS: its live copy lags)."""
+    (a, _), (b, _) = backend_pair
+    for i in range(40):
+        room = unique_room()
+        await a.presence.join(room, PresenceEntry("alice", f"s1-{i}", "na"))
+        await b.presence.join(room, PresenceEntry("alice", f"s2-{i}", "nb"))
+        await b.presence.join(room, PresenceEntry("bob", f"s3-{i}", "nb"))
+        if i % 2:
+            reported = await asyncio.gather(a.presence.leave(room, f"s1-{i}"), b.presence.leave(room, f"s2-{i}"))
+            assert [r for r in reported if r is not None] == ["alice"], (i, reported)
+        else:
+            assert await a.presence.leave(room, f"s1-{i}") is None, i
+            assert await b.presence.leave(room, f"s2-{i}") == "alice", i
+        assert await b.presence.leave(room, f"s3-{i}") == "bob"
+        assert (await b.presence.count(room)).users == 0
