@@ -268,3 +268,34 @@ async def test_of_two_leaves_of_one_user_on_two_replicas_exactly_one_reports_the
             assert await b.presence.leave(room, f"s2-{i}") == "alice", i
         assert await b.presence.leave(room, f"s3-{i}") == "bob"
         assert (await b.presence.count(room)).users == 0
+
+
+async def test_the_first_page_follows_changes_made_on_another_replica(backend_pair: BackendPair) -> None:
+    """Replicas may keep a room's first page between reads (it is read by every join): a change on
+    another replica to a user on that page (arrival, departure, connection count), and a room emptied
+    and filled again, show in the next read; a change beyond the page does not alter it."""
+    (a, _), (b, _) = backend_pair
+    room = unique_room()
+
+    async def first(limit: int = 2) -> list[tuple[str, int]]:
+        return [(m.user, m.connections) for m in (await a.presence.page(room, None, limit)).members]
+
+    for u in ("m", "n", "o"):
+        await a.presence.join(room, PresenceEntry(u, f"s-{u}", "na"))
+    assert await first() == [("m", 1), ("n", 1)]
+    await b.presence.join(room, PresenceEntry("z", "s-z", "nb"))  # beyond the page
+    page = await a.presence.page(room, None, 2)
+    assert [m.user for m in page.members] == ["m", "n"] and page.cursor == "n" and page.count.users == 4
+    await b.presence.join(room, PresenceEntry("b", "s-b", "nb"))
+    assert await first() == [("b", 1), ("m", 1)]
+    await b.presence.join(room, PresenceEntry("m", "s-m2", "nb"))
+    assert await first() == [("b", 1), ("m", 2)]
+    await b.presence.leave(room, "s-b")
+    assert await first() == [("m", 2), ("n", 1)]
+    for s in ("s-m", "s-n", "s-o"):
+        await a.presence.leave(room, s)
+    for s in ("s-m2", "s-z"):
+        await b.presence.leave(room, s)
+    assert await first() == []
+    await b.presence.join(room, PresenceEntry("q", "s-q", "nb"))
+    assert await first() == [("q", 1)]
