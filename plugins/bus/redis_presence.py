@@ -5,8 +5,8 @@ Per room (one hash tag per room, ``{<room>}``, so a Redis Cluster port keeps a r
 - ``<p>:pm:{r}``: ZSET of user ids, all with score 0, paged with ZRANGEBYLEX from the cursor;
 - ``<p>:pc:{r}``: HASH user -> ``"<connections>:<info json>"``;
 - ``<p>:ps:{r}``: HASH session -> entry JSON (user, session, node, info);
-- ``<p>:ph:{r}``: the head version, bumped by a change among the first ``HEAD_DEPTH`` users: a
-  replica re-reads its cached first page only when it changed.
+- ``<p>:ph:{r}``: HASH, the version of the room's first page (bumped by a change to a user on the
+  largest first page read): a replica re-reads its cached first page only when it changed.
 
 They change together in one Lua script at join and leave; Redis deletes a hash or set when it
 empties (and the leave script the head version), so a room without members leaves no key. Per
@@ -46,21 +46,23 @@ log = logging.getLogger("wirehub.bus.redis")
 REAP_BATCH = 500
 #: rooms whose first page a replica keeps
 HEAD_CACHE_ROOMS = 1024
-#: users a page can show (presence_max_limit's top): a change at a lower rank bumps the room's head
-#: version, and a replica's cached first page holds while the version does
-HEAD_DEPTH = 5000
-
-# bump(user): the head version KEYS[4], bumped when a user within HEAD_DEPTH arrives, leaves or changes
-# their count; created from the server's clock (microseconds), so a room emptied and filled again never
-# repeats a version
-_BUMP = """
+# The head of a room, KEYS[4], a HASH: ``d``, the largest first page a replica caches (set by the page
+# script), and ``v``, its version, bumped when a user at a lower rank than ``d`` arrives, leaves or
+# changes their count. ``v`` starts from the server's clock (microseconds): a room emptied and filled
+# again never repeats a version.
+_NEW_VERSION = """
+local function new_version()
+  local t = redis.call('TIME')
+  redis.call('HSET', KEYS[4], 'v', t[1] .. string.sub('00000' .. t[2], -6))
+end
+"""
+_BUMP = _NEW_VERSION + """
 local function bump(user)
+  local d = tonumber(redis.call('HGET', KEYS[4], 'd') or '0')
+  if d == 0 then return end
   local r = redis.call('ZRANK', KEYS[1], user)
-  if r and r < """ + str(HEAD_DEPTH) + """ then
-    if redis.call('INCR', KEYS[4]) == 1 then
-      local t = redis.call('TIME')
-      redis.call('SET', KEYS[4], t[1] .. string.sub('00000' .. t[2], -6))
-    end
+  if r and r < d then
+    if redis.call('HINCRBY', KEYS[4], 'v', 1) == 1 then new_version() end
   end
 end
 """
@@ -115,16 +117,21 @@ return out
 
 # KEYS: as _JOIN; ARGV: after ('' = from the start), limit, the head version the caller holds ('' = none)
 # -> {users, connections, more, version, u1, v1, u2, v2, ...}: no members when the caller's version holds
-_PAGE = """
+_PAGE = _NEW_VERSION + """
 local lo = '-'
 if ARGV[1] ~= '' then lo = '(' .. ARGV[1] end
 local limit = tonumber(ARGV[2])
 local users = redis.call('ZCARD', KEYS[1])
-local out = {users, redis.call('HLEN', KEYS[3]), 0, redis.call('GET', KEYS[4]) or ''}
+local out = {users, redis.call('HLEN', KEYS[3]), 0, ''}
 if limit <= 0 then return out end
-if ARGV[1] == '' and ARGV[3] ~= '' and ARGV[3] == out[4] then
-  if users > limit then out[3] = 1 end
-  return out
+if ARGV[1] == '' and users > 0 then
+  if limit > tonumber(redis.call('HGET', KEYS[4], 'd') or '0') then redis.call('HSET', KEYS[4], 'd', limit) end
+  if redis.call('HEXISTS', KEYS[4], 'v') == 0 then new_version() end
+  out[4] = redis.call('HGET', KEYS[4], 'v')
+  if ARGV[3] == out[4] then
+    if users > limit then out[3] = 1 end
+    return out
+  end
 end
 local page = redis.call('ZRANGEBYLEX', KEYS[1], lo, '+', 'LIMIT', 0, limit + 1)
 if #page > limit then
