@@ -133,7 +133,9 @@ class _LiveRoom:
             return self.roster.add(entry)
         return self.apply(key, None)
 
-    def echo(self, key: str, seq: int, entry: PresenceEntry | None) -> None:
+    def echo(self, key: str, seq: int, msg: Any) -> None:
+        """A message of the room's consumer: a put or a removal of ``key`` (parsed only when it
+        is not the echo of this replica's own write, already applied)."""
         self.last_seq = max(self.last_seq, seq)
         mine = self.pending.get(key)
         if mine is not None:
@@ -142,6 +144,12 @@ class _LiveRoom:
             del self.pending[key]
             if seq == mine:
                 return
+        entry: PresenceEntry | None = None
+        if _is_value(msg):
+            try:
+                entry = _parse_entry(msg.data)
+            except (ValueError, KeyError):
+                entry = None
         user = self.apply(key, entry)
         if entry is None:
             leave = self.leaving.get(key)
@@ -280,14 +288,7 @@ class NatsPresence:
         pre = self.pre
 
         async def on_msg(msg: Any) -> None:
-            key = msg.subject[len(pre):]
-            entry: PresenceEntry | None = None
-            if _is_value(msg):
-                try:
-                    entry = _parse_entry(msg.data)
-                except (ValueError, KeyError):
-                    entry = None
-            live.echo(key, msg.metadata.sequence.stream, entry)
+            live.echo(msg.subject[len(pre):], msg.metadata.sequence.stream, msg)
             live.processed += 1
             if msg.metadata.num_pending == 0:
                 live.ready.set()
