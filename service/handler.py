@@ -66,7 +66,7 @@ Op = Callable[["Session", dict[str, Any]], Awaitable[None]]
 _OP_BUDGET = "ops"
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _OpBudget:
     """A session's op token bucket (in ``session.state``) and its refusals in a row."""
 

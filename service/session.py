@@ -246,6 +246,8 @@ class Session:
     def drop_held(self, room: str) -> list[tuple[int | None, OutFrame]]:
         """Stop holding ``room`` and return what was kept back (discarded by a join that failed)."""
         held = self._held.pop(room, []) if self._held else []
+        if not self._held:
+            self._held = None  # an emptied dict keeps its table: 184 bytes per member of a big room
         self._held_bytes -= sum(len(frame.payload) for _, frame in held)
         return held
 

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from nats.js.errors import NoKeysError
 
+from wirehub import PresenceEntry
 from wirehub.brokers import NatsServer, RedisServer
 from wirehub.builtins.bus.memory import MemoryHistory, MemoryPresence
 from wirehub.builtins.bus.memory import create_backend as memory_backend
@@ -247,3 +248,54 @@ async def test_history_expires_by_age(backend_kind: str, request: pytest.Fixture
             assert recent.complete and recent.epoch == epoch and recent.messages == [(last, b"new")]
     finally:
         await backend.bus.close()
+
+
+async def test_of_two_leaves_of_one_user_on_two_replicas_exactly_one_reports_them(backend_pair: BackendPair) -> None:
+    """A user with a connection on each replica leaves from both, one after the other and at once:
+    the replica whose leave comes second (or, at once, exactly one of them) reports the user, even
+    when its copy of the room has not yet seen the other replica's leave (NATS: its live copy lags)."""
+    (a, _), (b, _) = backend_pair
+    for i in range(40):
+        room = unique_room()
+        await a.presence.join(room, PresenceEntry("alice", f"s1-{i}", "na"))
+        await b.presence.join(room, PresenceEntry("alice", f"s2-{i}", "nb"))
+        await b.presence.join(room, PresenceEntry("bob", f"s3-{i}", "nb"))
+        if i % 2:
+            reported = await asyncio.gather(a.presence.leave(room, f"s1-{i}"), b.presence.leave(room, f"s2-{i}"))
+            assert [r for r in reported if r is not None] == ["alice"], (i, reported)
+        else:
+            assert await a.presence.leave(room, f"s1-{i}") is None, i
+            assert await b.presence.leave(room, f"s2-{i}") == "alice", i
+        assert await b.presence.leave(room, f"s3-{i}") == "bob"
+        assert (await b.presence.count(room)).users == 0
+
+
+async def test_the_first_page_follows_changes_made_on_another_replica(backend_pair: BackendPair) -> None:
+    """Replicas may keep a room's first page between reads (it is read by every join): a change on
+    another replica to a user on that page (arrival, departure, connection count), and a room emptied
+    and filled again, show in the next read; a change beyond the page does not alter it."""
+    (a, _), (b, _) = backend_pair
+    room = unique_room()
+
+    async def first(limit: int = 2) -> list[tuple[str, int]]:
+        return [(m.user, m.connections) for m in (await a.presence.page(room, None, limit)).members]
+
+    for u in ("m", "n", "o"):
+        await a.presence.join(room, PresenceEntry(u, f"s-{u}", "na"))
+    assert await first() == [("m", 1), ("n", 1)]
+    await b.presence.join(room, PresenceEntry("z", "s-z", "nb"))  # beyond the page
+    page = await a.presence.page(room, None, 2)
+    assert [m.user for m in page.members] == ["m", "n"] and page.cursor == "n" and page.count.users == 4
+    await b.presence.join(room, PresenceEntry("b", "s-b", "nb"))
+    assert await first() == [("b", 1), ("m", 1)]
+    await b.presence.join(room, PresenceEntry("m", "s-m2", "nb"))
+    assert await first() == [("b", 1), ("m", 2)]
+    await b.presence.leave(room, "s-b")
+    assert await first() == [("m", 2), ("n", 1)]
+    for s in ("s-m", "s-n", "s-o"):
+        await a.presence.leave(room, s)
+    for s in ("s-m2", "s-z"):
+        await b.presence.leave(room, s)
+    assert await first() == []
+    await b.presence.join(room, PresenceEntry("q", "s-q", "nb"))
+    assert await first() == [("q", 1)]

@@ -91,13 +91,22 @@ class SortedIds:
 class Roster:
     """Connections of one room, grouped per user, users kept sorted for paging."""
 
-    __slots__ = ("_order", "_sessions", "_users")
+    __slots__ = ("_head", "_order", "_sessions", "_users")
 
     def __init__(self) -> None:
         self._sessions: dict[str, PresenceEntry] = {}
         #: user -> (connections, the info of their first connection: it represents the user)
         self._users: dict[str, tuple[int, Mapping[str, Any]]] = {}
         self._order = SortedIds()
+        #: the first page last read, (limit, members): every join reads it, and in a big room a join
+        #: rarely changes it; dropped by a change to a user on it (or when it was not full)
+        self._head: tuple[int, list[PresenceMember]] | None = None
+
+    def _touch(self, user: str) -> None:
+        """``user`` arrived, left or changed their connection count: drop the head if it shows it."""
+        head = self._head
+        if head is not None and (len(head[1]) < head[0] or user <= head[1][-1].user):
+            self._head = None
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -115,6 +124,7 @@ class Roster:
             self.remove(entry.session)
         self._sessions[entry.session] = entry
         found = self._users.get(entry.user)
+        self._touch(entry.user)
         if found is not None:
             self._users[entry.user] = (found[0] + 1, found[1])
             return False
@@ -128,6 +138,7 @@ class Roster:
         if entry is None:
             return None
         n, info = self._users[entry.user]
+        self._touch(entry.user)
         if n > 1:
             self._users[entry.user] = (n - 1, info)
             return None
@@ -142,6 +153,16 @@ class Roster:
         return PresenceCount(len(self._users), len(self._sessions))
 
     def page(self, after: str | None, limit: int) -> PresencePage:
+        """Members after ``after``. The first page (``after`` None) is the same list while it holds
+        (callers must not change it)."""
+        if after is None and limit > 0:
+            head = self._head
+            if head is None or head[0] != limit:
+                first, _ = self._order.after(None, limit)
+                head = self._head = (limit, [PresenceMember(u, *self._users[u]) for u in first])
+            members = head[1]
+            more = len(self._users) > len(members)
+            return PresencePage(members, members[-1].user if more and members else None, self.count())
         users, more = self._order.after(after, limit)
         members = [PresenceMember(u, *self._users[u]) for u in users]
         return PresencePage(members, users[-1] if more and users else None, self.count())

@@ -20,9 +20,11 @@ node's key and reports the users who left (no connection of theirs remains in th
 
 Reads: while this replica has members in a room it keeps a live copy of the room (an ordered
 consumer on ``<room>.>``, started once per room and replica) in a
-:class:`~wirehub.builtins.bus._roster.Roster`: O(1) count, O(limit + log n) pages, and its own joins and
-leaves are applied at once (read your writes; the echo of an older write is ignored by stream
-sequence). A room where this replica has no member is read by one scan of its keys (O(n)).
+:class:`~wirehub.builtins.bus._roster.Roster`: O(1) count, O(limit + log n) pages. Its own joins are applied at once
+(read your writes; the echo of an older write is ignored by stream sequence); a leave waits for the
+echo of its purge and decides there whether it was its user's last connection: the copy then holds
+every earlier write of every replica and none later, so of two leaves of one user exactly one
+reports it. A room where this replica has no member is read by one scan of its keys (O(n)).
 """
 
 from __future__ import annotations
@@ -68,6 +70,30 @@ def _parse_entry(data: bytes) -> PresenceEntry:
     return PresenceEntry(d["user"], d["session"], d["node"], d.get("info") or {})
 
 
+class _Leave:
+    """A leave of this replica waiting for the echo of its purge: the copy as it is at that echo
+    (every earlier write of every replica applied, no later one) says whether it was its user's
+    last connection, so of two leaves of one user (on any replicas) exactly one reports it."""
+
+    __slots__ = ("done", "results", "seq")
+
+    def __init__(self) -> None:
+        self.done: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        #: stream sequence of a purge echo of the key -> the user when it removed their last connection
+        self.results: dict[int, str | None] = {}
+        self.seq = 0
+
+    def echoed(self, seq: int, user: str | None) -> None:
+        self.results[seq] = user
+        if seq == self.seq and not self.done.done():
+            self.done.set_result(user)
+
+    def acked(self, seq: int) -> None:
+        self.seq = seq
+        if seq in self.results and not self.done.done():
+            self.done.set_result(self.results[seq])
+
+
 class _LiveRoom:
     """A replica's live copy of one room (see the module docstring)."""
 
@@ -79,6 +105,8 @@ class _LiveRoom:
         self.last_seq = 0
         #: key -> stream sequence of this replica's own write, applied before its echo came
         self.pending: dict[str, int] = {}
+        #: key -> a leave of this replica waiting for the echo of its purge
+        self.leaving: dict[str, _Leave] = {}
         self.sub: Any = None
 
     def apply(self, key: str, entry: PresenceEntry | None) -> str | None:
@@ -105,7 +133,9 @@ class _LiveRoom:
             return self.roster.add(entry)
         return self.apply(key, None)
 
-    def echo(self, key: str, seq: int, entry: PresenceEntry | None) -> None:
+    def echo(self, key: str, seq: int, msg: Any) -> None:
+        """A message of the room's consumer: a put or a removal of ``key`` (parsed only when it
+        is not the echo of this replica's own write, already applied)."""
         self.last_seq = max(self.last_seq, seq)
         mine = self.pending.get(key)
         if mine is not None:
@@ -114,7 +144,17 @@ class _LiveRoom:
             del self.pending[key]
             if seq == mine:
                 return
-        self.apply(key, entry)
+        entry: PresenceEntry | None = None
+        if _is_value(msg):
+            try:
+                entry = _parse_entry(msg.data)
+            except (ValueError, KeyError):
+                entry = None
+        user = self.apply(key, entry)
+        if entry is None:
+            leave = self.leaving.get(key)
+            if leave is not None:
+                leave.echoed(seq, user)
 
 
 class NatsPresence:
@@ -248,14 +288,7 @@ class NatsPresence:
         pre = self.pre
 
         async def on_msg(msg: Any) -> None:
-            key = msg.subject[len(pre):]
-            entry: PresenceEntry | None = None
-            if _is_value(msg):
-                try:
-                    entry = _parse_entry(msg.data)
-                except (ValueError, KeyError):
-                    entry = None
-            live.echo(key, msg.metadata.sequence.stream, entry)
+            live.echo(msg.subject[len(pre):], msg.metadata.sequence.stream, msg)
             live.processed += 1
             if msg.metadata.num_pending == 0:
                 live.ready.set()
@@ -355,12 +388,29 @@ class NatsPresence:
                 await self._purge_or_retry(room, entry)
                 roster = await self._roster(room)
                 return None if roster.has_user(entry.user) else entry.user
-            user = live.own_write_started(key, None)
-            live.own_write(key, await self._purge_or_retry(room, entry), None)
-            return user if isinstance(user, str) else None
+            return await self._leave_live(live, room, key, entry)
         finally:
             if room not in self._local:
                 self._drop_live(room)
+
+    async def _leave_live(self, live: _LiveRoom, room: str, key: str, entry: PresenceEntry) -> str | None:
+        """Purge, then decide at the echo of the purge (not before: the copy may not have seen
+        another replica's earlier leave or join of the same user yet)."""
+        leave = live.leaving[key] = _Leave()
+        try:
+            try:
+                seq = await self._purge_or_retry(room, entry)
+            except BaseException:
+                live.own_write_started(key, None)  # gone here at once; upkeep's retry settles the key
+                raise
+            leave.acked(seq)
+            try:
+                return await asyncio.wait_for(asyncio.shield(leave.done), self.bus.op_timeout)
+            except TimeoutError:  # no echo (the copy's consumer is being reset): the copy as it is
+                live.apply(key, None)
+                return None if live.roster.has_user(entry.user) else entry.user
+        finally:
+            live.leaving.pop(key, None)
 
     async def _purge_or_retry(self, room: str, entry: PresenceEntry) -> int:
         """Purge ``entry``'s key; when the broker cannot take it now, upkeep retries (entries are

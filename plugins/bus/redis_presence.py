@@ -4,12 +4,15 @@ Per room (one hash tag per room, ``{<room>}``, so a Redis Cluster keeps a room i
 
 - ``<p>:pm:{r}``: ZSET of user ids, all with score 0, paged with ZRANGEBYLEX from the cursor;
 - ``<p>:pc:{r}``: HASH user -> ``"<connections>:<info json>"``;
-- ``<p>:ps:{r}``: HASH session -> entry JSON (user, session, node, info).
+- ``<p>:ps:{r}``: HASH session -> entry JSON (user, session, node, info);
+- ``<p>:ph:{r}``: HASH, the version of the room's first page (bumped by a change to a user on the
+  largest first page read): a replica re-reads its cached first page only when it changed.
 
 They change together in one Lua script at join and leave; Redis deletes a hash or set when it
-empties, so a room without members leaves no key. Per node: ``<p>:pn:<node>`` (cluster:
-``<p>:pn:{<node>}``), a SET of ``[room, session]`` JSON pairs, updated in the same pipeline (one round
-trip; on a cluster one per shard touched, in parallel) as the room script.
+empties (and the leave script the head version), so a room without members leaves no key. Per
+node: ``<p>:pn:<node>`` (cluster: ``<p>:pn:{<node>}``), a SET of ``[room, session]`` JSON pairs,
+updated in the same pipeline (one round trip; on a cluster one per shard touched, in parallel) as the
+room script. The pipelines asked for in one loop iteration (a join storm's writes and reads) go out as one.
 
 Liveness: ``<p>:presence:nodes``, a ZSET node -> last heartbeat (Redis server time, ms). Each
 replica runs ONE script per interval that stamps its node(s) and returns the nodes whose stamp is
@@ -41,23 +44,49 @@ log = logging.getLogger("wirehub.bus.redis")
 
 #: entries removed per reaping round trip
 REAP_BATCH = 500
+#: rooms whose first page a replica keeps
+HEAD_CACHE_ROOMS = 1024
+# The head of a room, KEYS[4], a HASH: ``d``, the largest first page a replica caches (set by the page
+# script), and ``v``, its version, bumped when a user at a lower rank than ``d`` arrives, leaves or
+# changes their count. ``v`` starts from the server's clock (microseconds): a room emptied and filled
+# again never repeats a version.
+_NEW_VERSION = """
+local function new_version()
+  local t = redis.call('TIME')
+  redis.call('HSET', KEYS[4], 'v', t[1] .. string.sub('00000' .. t[2], -6))
+end
+"""
+_BUMP = _NEW_VERSION + """
+local function bump(user)
+  local d = tonumber(redis.call('HGET', KEYS[4], 'd') or '0')
+  if d == 0 then return end
+  local r = redis.call('ZRANK', KEYS[1], user)
+  if r and r < d then
+    if redis.call('HINCRBY', KEYS[4], 'v', 1) == 1 then new_version() end
+  end
+end
+"""
 
-# KEYS: users zset, user hash, session hash; ARGV: session, user, entry json, info json -> 1 if first of user
-_JOIN = """
+# KEYS: users zset, user hash, session hash, head version; ARGV: session, user, entry json, info json
+# -> 1 if first of user
+_JOIN = _BUMP + """
 if redis.call('HSETNX', KEYS[3], ARGV[1], ARGV[3]) == 0 then return 0 end
 local cur = redis.call('HGET', KEYS[2], ARGV[2])
 if cur then
   local n, info = string.match(cur, '^(%d+):(.*)$')
   redis.call('HSET', KEYS[2], ARGV[2], (tonumber(n) + 1) .. ':' .. info)
+  bump(ARGV[2])
   return 0
 end
 redis.call('HSET', KEYS[2], ARGV[2], '1:' .. ARGV[4])
 redis.call('ZADD', KEYS[1], 0, ARGV[2])
+bump(ARGV[2])
 return 1
 """
 
-# KEYS: as _JOIN; ARGV: sessions -> {node, user or '' (still present), ...} per removed session
-_LEAVE = """
+# KEYS: as _JOIN; ARGV: sessions -> {node, user or '' (still present), ...} per removed session.
+# The head version goes with the room's last member.
+_LEAVE = _BUMP + """
 local out = {}
 for i = 1, #ARGV do
   local raw = redis.call('HGET', KEYS[3], ARGV[i])
@@ -69,6 +98,7 @@ for i = 1, #ARGV do
     if cur then
       local n, info = string.match(cur, '^(%d+):(.*)$')
       n = tonumber(n) - 1
+      bump(e['user'])
       if n <= 0 then
         redis.call('HDEL', KEYS[2], e['user'])
         redis.call('ZREM', KEYS[1], e['user'])
@@ -81,25 +111,37 @@ for i = 1, #ARGV do
     out[#out + 1] = gone
   end
 end
+if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('DEL', KEYS[4]) end
 return out
 """
 
-# KEYS: as _JOIN; ARGV: after ('' = from the start), limit -> {users, connections, more, u1, v1, u2, v2, ...}
-_PAGE = """
+# KEYS: as _JOIN; ARGV: after ('' = from the start), limit, the head version the caller holds ('' = none)
+# -> {users, connections, more, version, u1, v1, u2, v2, ...}: no members when the caller's version holds
+_PAGE = _NEW_VERSION + """
 local lo = '-'
 if ARGV[1] ~= '' then lo = '(' .. ARGV[1] end
 local limit = tonumber(ARGV[2])
-local out = {redis.call('ZCARD', KEYS[1]), redis.call('HLEN', KEYS[3]), 0}
+local users = redis.call('ZCARD', KEYS[1])
+local out = {users, redis.call('HLEN', KEYS[3]), 0, ''}
 if limit <= 0 then return out end
-local users = redis.call('ZRANGEBYLEX', KEYS[1], lo, '+', 'LIMIT', 0, limit + 1)
-if #users > limit then
-  out[3] = 1
-  users[#users] = nil
+if ARGV[1] == '' and users > 0 then
+  if limit > tonumber(redis.call('HGET', KEYS[4], 'd') or '0') then redis.call('HSET', KEYS[4], 'd', limit) end
+  if redis.call('HEXISTS', KEYS[4], 'v') == 0 then new_version() end
+  out[4] = redis.call('HGET', KEYS[4], 'v')
+  if ARGV[3] == out[4] then
+    if users > limit then out[3] = 1 end
+    return out
+  end
 end
-if #users == 0 then return out end
-local vals = redis.call('HMGET', KEYS[2], unpack(users))
-for i = 1, #users do
-  out[#out + 1] = users[i]
+local page = redis.call('ZRANGEBYLEX', KEYS[1], lo, '+', 'LIMIT', 0, limit + 1)
+if #page > limit then
+  out[3] = 1
+  page[#page] = nil
+end
+if #page == 0 then return out end
+local vals = redis.call('HMGET', KEYS[2], unpack(page))
+for i = 1, #page do
+  out[#out + 1] = page[i]
   out[#out + 1] = vals[i] or '0:{}'
 end
 return out
@@ -170,11 +212,17 @@ class RedisPresence:
         #: leaves the broker did not take (down, timeout): retried by upkeep (entries are never
         #: refreshed, so a lost leave would otherwise stay until this replica dies)
         self._unleft: dict[tuple[str, str], PresenceEntry] = {}
+        #: pipelines asked for in this loop iteration (see :meth:`_pipeline`), and the batches running
+        self._queued: list[tuple[Any, asyncio.Future[list[Any]]]] = []
+        self._flushes: set[asyncio.Task[None]] = set()
+        #: room -> (head version, limit, members) of the first page last read (callers must not change it)
+        self._heads: dict[str, tuple[str, int, list[PresenceMember]]] = {}
 
     # -- naming ----------------------------------------------------------------------------------------
 
     def _keys(self, room: str) -> list[str]:
-        return [self.bus.key("pm", room), self.bus.key("pc", room), self.bus.key("ps", room)]
+        bus = self.bus
+        return [bus.key("pm", room), bus.key("pc", room), bus.key("ps", room), bus.key("ph", room)]
 
     def _node_index(self, node: str) -> str:
         return self.bus.node_index_key(node)
@@ -193,17 +241,53 @@ class RedisPresence:
     # -- plumbing --------------------------------------------------------------------------------------
 
     async def _pipeline(self, build: Any) -> list[Any]:
-        """One round trip: ``build(pipe)`` queues commands on a pipeline (no MULTI)."""
+        """``build(pipe)`` queues commands on a pipeline (no MULTI); their results. The pipelines
+        asked for in one loop iteration go out as ONE pipeline (one write, one round trip, one
+        timeout): a storm of 500 joins in flight costs a few round trips per tick, not 500."""
+        self.bus._check()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[list[Any]] = loop.create_future()
+        self._queued.append((build, fut))
+        if len(self._queued) == 1:
+            loop.call_soon(self._flush)
+        return await fut
+
+    def _flush(self) -> None:
+        batch, self._queued = self._queued, []
+        task = asyncio.ensure_future(self._run(batch))
+        self._flushes.add(task)
+        task.add_done_callback(self._flushes.discard)
+
+    async def _run(self, batch: list[tuple[Any, asyncio.Future[list[Any]]]]) -> None:
         bus = self.bus
-        bus._check()
-        client = bus.client
+        spans: list[tuple[int, int]] = []
 
         async def run() -> list[Any]:
-            pipe = client.pipeline(transaction=False)
-            build(pipe)
-            return list(await pipe.execute())
+            pipe = bus.client.pipeline(transaction=False)
+            for build, _ in batch:
+                start = len(pipe.command_stack)
+                build(pipe)
+                spans.append((start, len(pipe.command_stack)))
+            return list(await pipe.execute(raise_on_error=False))
 
-        return await bus._call("presence", run, bus.errors)
+        try:
+            results = await bus._call("presence", run, bus.errors)
+        except BaseException as exc:
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(exc if isinstance(exc, Exception) else asyncio.CancelledError())
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (_, fut), (a, b) in zip(batch, spans, strict=True):
+            if fut.done():  # its caller gave up
+                continue
+            out = results[a:b]
+            error = next((r for r in out if isinstance(r, Exception)), None)
+            if error is not None:  # a command failed: its caller's pipeline fails, not the others'
+                fut.set_exception(error)
+            else:
+                fut.set_result(out)
 
     def _script(self, pipe: Any, name: str, keys: list[str], args: Iterable[Any]) -> Any:
         # EVAL, not EVALSHA, inside a pipeline: a NOSCRIPT (a restarted Redis) cannot fail it, and
@@ -259,13 +343,26 @@ class RedisPresence:
         return PresenceCount(int(users), int(connections))
 
     async def page(self, room: str, after: str | None, limit: int) -> PresencePage:
+        """A page. The first one is read only when the room's head version changed since this
+        replica last read it: in a big room a join rarely changes it, so there is no page to read
+        or parse (the same list is returned while it holds)."""
         keys = self._keys(room)
+        head = self._heads.get(room) if after is None else None
+        known = head[0] if head is not None and head[1] == limit else ""
         out = (await self._pipeline(
-            lambda pipe: self._script(pipe, "presence_page", keys, [after or "", max(0, limit)])))[0]
-        members = []
-        for i in range(3, len(out), 2):
-            n, _, info = _text(out[i + 1]).partition(":")
-            members.append(PresenceMember(_text(out[i]), int(n), json.loads(info or "{}")))
+            lambda pipe: self._script(pipe, "presence_page", keys, [after or "", max(0, limit), known])))[0]
+        version = _text(out[3])
+        if head is not None and known and version == known:
+            members = head[2]
+        else:
+            members = []
+            for i in range(4, len(out), 2):
+                n, _, info = _text(out[i + 1]).partition(":")
+                members.append(PresenceMember(_text(out[i]), int(n), json.loads(info or "{}")))
+            if after is None and version and limit > 0:
+                if len(self._heads) >= HEAD_CACHE_ROOMS:
+                    self._heads.clear()
+                self._heads[room] = (version, limit, members)
         cursor = members[-1].user if int(out[2]) and members else None
         return PresencePage(members, cursor, PresenceCount(int(out[0]), int(out[1])))
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from wirehub import (
@@ -45,7 +46,14 @@ from wirehub import (
     recover,
     stored_frames,
 )
-from wirehub.builtins.handlers.chat_presence import ChatPresence, PresenceRule, PresenceRules, check_rules, parse_query
+from wirehub.builtins.handlers.chat_presence import (
+    ChatPresence,
+    PresenceRule,
+    PresenceRules,
+    check_rules,
+    parse_query,
+    splice,
+)
 
 if TYPE_CHECKING:
     from wirehub import Wirehub
@@ -83,14 +91,25 @@ class ChatOptions:
     max_message_size: int | None = opt(None, min=125)
 
 
-@dataclass(eq=False)
 class _ChatState:
     """Per-session chat state, in ``session.state`` (the core empties ``session.rooms`` before
-    ``on_close``, so the rooms to leave presence in are recorded here)."""
+    ``on_close``, so the rooms to leave presence in are recorded here). One per member of a big
+    room, so it is small: slots, the rooms as a tuple (at most ``max_rooms``, usually one: a set
+    costs 216 bytes), and the publish bucket made by the first publish."""
 
-    bucket: TokenBucket
-    rooms: set[str] = field(default_factory=set)
-    strikes: int = 0
+    __slots__ = ("bucket", "rooms", "strikes")
+
+    def __init__(self) -> None:
+        self.bucket: TokenBucket | None = None
+        self.rooms: tuple[str, ...] = ()
+        self.strikes = 0
+
+    def add(self, room: str) -> None:
+        self.rooms += (room,)
+
+    def discard(self, room: str) -> None:
+        if room in self.rooms:
+            self.rooms = tuple(r for r in self.rooms if r != room)
 
 
 _STATE = "chat"
@@ -120,9 +139,7 @@ class ChatHandler(OpHandler):
     def _state(self, session: Session) -> _ChatState:
         st = session.state.get(_STATE)
         if st is None:
-            st = session.state[_STATE] = _ChatState(
-                TokenBucket(self.options.publish_rate, self.options.publish_burst)
-            )
+            st = session.state[_STATE] = _ChatState()
         assert isinstance(st, _ChatState)
         return st
 
@@ -135,7 +152,8 @@ class ChatHandler(OpHandler):
     # -- join / leave ---------------------------------------------------------------------------------
 
     async def op_join(self, session: Session, request: dict[str, Any]) -> None:
-        room = self.room_rules.room(request)
+        # one string for the room's name in every member's state, not one per join request
+        room = sys.intern(self.room_rules.room(request))
         since = parse_since(request.get("since"))
         st = self._state(session)
         if room in st.rooms:
@@ -148,13 +166,13 @@ class ChatHandler(OpHandler):
             )
         await self._authorize(session, "join", room)
         ctx = self.context
-        st.rooms.add(room)
+        st.add(room)
         # Gap-free and duplicate-free: live messages are held from the moment the session is a
         # member; history after `since` is replayed; then the held ones newer than the replay go out.
         session.hold(room)
         try:
             await ctx.hub.join(room, session)
-            presence = await self.presence.join(session, room)  # O(1) in the room's size
+            presence, members = await self.presence.join(session, room)  # O(1) in the room's size
             recovery = await recover(ctx.backend.history, room, since, self.options.recovery_limit)
         except BaseException:
             session.drop_held(room)
@@ -164,16 +182,11 @@ class ChatHandler(OpHandler):
         recovered = recovery.recovered
         if sum(map(len, replay)) > _budget(session):  # it would close the session with 4008
             replay, recovered = [], False
-        self.reply(
-            session,
-            request,
-            "joined",
-            room=room,
-            offset=recovery.top,
-            epoch=recovery.epoch,
-            recovered=recovered,
-            **presence,
-        )
+        head: dict[str, Any] = {"op": "joined"}
+        if request.get("id") is not None:
+            head["id"] = request["id"]
+        head.update(room=room, offset=recovery.top, epoch=recovery.epoch, recovered=recovered, **presence)
+        session.send_frame(OutFrame(splice(head, "presence", members)))  # the members' list encoded once per change
         for frame in replay:
             session.send_frame(OutFrame(frame))
         session.release(room, recovery.messages[-1][0] if replay else recovery.top)
@@ -191,7 +204,7 @@ class ChatHandler(OpHandler):
     async def _leave(self, session: Session, st: _ChatState, room: str) -> None:
         """Leave the hub room and presence. Leaving always succeeds locally: with the bus down, the
         presence entry stays until the backend's TTL expires it."""
-        st.rooms.discard(room)
+        st.discard(room)
         await self.context.hub.leave(room, session)
         try:
             await self.presence.leave(session, room)
@@ -217,6 +230,8 @@ class ChatHandler(OpHandler):
 
     async def op_publish(self, session: Session, request: dict[str, Any]) -> None:
         st = self._state(session)
+        if st.bucket is None:
+            st.bucket = TokenBucket(self.options.publish_rate, self.options.publish_burst)
         if not st.bucket.take():
             st.strikes += 1
             retry_ms = st.bucket.wait_ms()
