@@ -48,7 +48,8 @@ class CertFiles:
             return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
         ca_key = ec.generate_private_key(ec.SECP256R1())
-        ca = (x509.CertificateBuilder().subject_name(name("wirehub nats test CA")).issuer_name(name("wirehub nats test CA"))
+        ca_name = name("wirehub nats test CA")
+        ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
               .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
               .not_valid_before(valid[0]).not_valid_after(valid[1])
               .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)

@@ -37,6 +37,9 @@ def test_the_example_config_reads_the_servers_from_the_environment(monkeypatch: 
     ({"user": "u"}, "bus.nats.password", "required"),
     ({"tls_key_file": "k.pem"}, "bus.nats.tls_cert_file", "required"),
     ({"presence_ttl": 3, "presence_interval": 3}, "bus.nats.presence_interval", "less than presence_ttl"),
+    ({"replicas": 2}, "bus.nats.replicas", "1, 3 or 5"),
+    ({"replicas": 7}, "bus.nats.replicas", "at most"),
+    ({"quorum_timeout": 0}, "bus.nats.quorum_timeout", "at least"),
 ])
 def test_bad_options_name_their_key(options: dict[str, object], key: str, message: str) -> None:
     with pytest.raises(ConfigError) as err:

@@ -21,6 +21,13 @@ Epoch: derived from the stream's creation time; it changes when the stream is de
 created again (a broker that lost its store, an operator's reset). A restart that keeps the
 JetStream store keeps the epoch and the history.
 
+Cluster (``replicas`` > 1, ``servers`` naming several nodes): a core PING/PONG only proves the one server
+this replica is connected to; a JetStream write needs a quorum of the stream's replicas. So each
+heartbeat also publishes one probe to the stream ``<P>_quorum`` (subjects ``<p>.q.*``, one message kept
+per subject, same replicas) and the bus is down once no write, probe or publish, was acknowledged for
+``quorum_timeout`` seconds: a lost majority turns the replica unready, while the few seconds of a
+leader election after one node's death do not.
+
 Failures: nats-py's own reconnect (and the publish buffer it fills while reconnecting) is
 disabled; :mod:`wirehub.builtins.bus._broker` supervises the connection: a PING/PONG flush every
 ``heartbeat_interval`` that must answer within ``heartbeat_timeout``, capped backoff, resubscribe.
@@ -42,9 +49,11 @@ import hashlib
 import logging
 import re
 import ssl
+import time
+import uuid
 from typing import TYPE_CHECKING, Any
 
-from wirehub import BusUnavailable, ConfigError, PublishOutcomeUnknown
+from wirehub import BusHandler, BusUnavailable, ConfigError, PublishOutcomeUnknown
 from wirehub.builtins.bus._broker import Supervised, encode_room, safe_close
 
 if TYPE_CHECKING:
@@ -75,6 +84,28 @@ def _name(prefix: str, what: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", prefix) + "_" + what
 
 
+def startup_error(exc: BaseException, opts: NatsOptions, key: str) -> str | None:
+    """A connection failure that a config key explains, as ``"<key>: what to fix (cause)"``; else None."""
+    text, seen = "", exc
+    chain: BaseException | None = exc
+    while chain is not None:
+        text += f" / {type(chain).__name__}: {chain}"
+        seen, chain = chain, chain.__cause__ or chain.__context__
+    low, cause = text.lower(), f"{type(seen).__name__}: {str(seen)[:200]}"
+    if "certificate verify failed" in low:
+        return f"{key}.tls_ca_file: the server's TLS certificate was refused ({cause})"
+    if "authorization violation" in low or "authentication" in low:
+        who = "token" if opts.token else "credentials" if opts.credentials else "password" if opts.user else "user"
+        return f"{key}.{who}: the NATS server refused the credentials ({cause})"
+    if isinstance(seen, OSError) and seen.filename is not None:
+        for name in ("tls_ca_file", "tls_cert_file", "tls_key_file", "credentials"):
+            if getattr(opts, name) and str(seen.filename) == getattr(opts, name):
+                return f"{key}.{name}: cannot read {seen.filename!r} ({cause})"
+    if "wrong version number" in low or "record layer failure" in low:
+        return f"{key}.servers: the server does not speak TLS there, or it does and the URL is nats:// ({cause})"
+    return None
+
+
 class _Wrong(Exception):
     """Nats-Expected-Last-Subject-Sequence did not match: another writer was first."""
 
@@ -94,6 +125,7 @@ class NatsBus(Supervised):
                          connect_timeout=opts.connect_timeout,
                          refresh_interval=opts.presence_interval or opts.presence_ttl / 3)
         self.opts = opts
+        self.config_key = key
         self.nats = _import_nats(key)
         nerr = self.nats.errors
         jerr = self.nats.js.errors
@@ -118,6 +150,19 @@ class NatsBus(Supervised):
         #: the stream's duplicate_window in seconds as this replica set it (0: the server's default, 2 min)
         self._dedupe_window = 0.0
         self._stream_config: Any = None
+        #: replicas > 1: time.monotonic() of the last JetStream write a quorum acknowledged
+        self._quorum_at = 0.0
+        self._probe_subject = f"{self.prefix}.q.{uuid.uuid4().hex[:12]}"
+
+    async def start(self, handler: BusHandler) -> None:
+        try:
+            await super().start(handler)
+        except BusUnavailable as exc:
+            hint = startup_error(exc, self.opts, self.config_key)
+            if hint is None:
+                raise
+            log.error("cannot start the nats bus: %s", hint)
+            raise BusUnavailable(hint) from exc
 
     def subject(self, room: str, kind: str = "h") -> str:
         return f"{self.prefix}.r.{encode_room(room)}.{kind}"
@@ -128,6 +173,9 @@ class NatsBus(Supervised):
         o = self.opts
         if not (o.tls_ca_file or o.tls_cert_file or any(s.startswith("tls://") for s in o.servers)):
             return None
+        for path in (o.tls_ca_file, o.tls_cert_file, o.tls_key_file):
+            if path:
+                open(path, "rb").close()  # an OSError naming the file (ssl's own errors do not)
         ctx = ssl.create_default_context(cafile=o.tls_ca_file)
         if o.tls_cert_file:
             ctx.load_cert_chain(o.tls_cert_file, o.tls_key_file)
@@ -182,6 +230,15 @@ class NatsBus(Supervised):
             info = await js.update_stream(config)
         created = getattr(info, "created", None) or (await js.stream_info(self.stream)).created
         self.epoch = hashlib.sha1(f"{self.stream}@{created}".encode()).hexdigest()[:12]
+        if o.replicas > 1:
+            probes = api.StreamConfig(name=_name(self.prefix, "quorum"), subjects=[f"{self.prefix}.q.*"],
+                                      max_msgs_per_subject=1, max_age=60.0, storage=api.StorageType.MEMORY,
+                                      num_replicas=o.replicas, discard=api.DiscardPolicy.OLD)
+            try:
+                await js.add_stream(probes)
+            except self.nats.js.errors.BadRequestError:
+                await js.update_stream(probes)
+            self._quorum_at = time.monotonic()
         self._last.clear()
         if self.presence is not None:
             await self.presence.open(storage)
@@ -239,6 +296,21 @@ class NatsBus(Supervised):
         if nc is None:
             raise ConnectionError("not connected")
         await nc.flush(timeout=self.heartbeat_timeout)
+        if self.opts.replicas > 1:
+            await self._probe_quorum()
+
+    async def _probe_quorum(self) -> None:
+        """One probe write; raise once no write reached a quorum for ``quorum_timeout`` seconds."""
+        js, o = self.js, self.opts
+        if js is None:
+            raise ConnectionError("not connected")
+        try:
+            await js.publish(self._probe_subject, b"", timeout=min(o.op_timeout, self.heartbeat_timeout / 2))
+            self._quorum_at = time.monotonic()
+        except (TimeoutError, self.nats.errors.Error, self.nats.js.errors.Error) as exc:
+            silent = time.monotonic() - self._quorum_at
+            if silent > o.quorum_timeout:
+                raise ConnectionError(f"no JetStream quorum for {silent:.1f}s ({type(exc).__name__})") from exc
 
     async def _refresh(self) -> None:
         if self.presence is not None:
