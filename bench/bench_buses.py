@@ -5,15 +5,23 @@ messages' deliveries outstanding, as in ``bench.loadgen fanout``):
 
 - ``memory``: one ``wirehub serve`` replica with the memory bus, every member on it;
 - ``redis``:  two replicas on one ``redis-server``, members split evenly between them;
-- ``nats``:   two replicas on one ``nats-server -js``, members split evenly between them.
+- ``nats``:   two replicas on one ``nats-server -js``, members split evenly between them;
+- ``nats-cluster``: two replicas on a 3-node NATS cluster, stream and buckets replicated (R3), each
+  replica given every node's URL.
 
 The publisher is on the first replica. A delivery's latency is from the publish (a timestamp in the
 payload) to its read by a member, sampled on every ``--sample-every``-th member of both replicas.
 Brokers are started on free ports in temporary directories (:mod:`wirehub.brokers`); replicas are
 real ``wirehub serve`` processes. CPU seconds of the replicas, the broker and this load generator are
-reported for the measurement window (on a small machine they compete for the same cores).
+reported for the measurement window (on a small machine they compete for the same cores); the
+broker's are every node's. Beside deliveries per CPU-second: joins per second (the members' joins,
+``--burst`` at a time) and broker operations per publish and per join: on Redis the commands INFO
+commandstats counts (also each one a Lua script runs), on NATS the messages in + out of every node
+(``/varz`` ``in_msgs`` + ``out_msgs`` through the monitoring port: client and route traffic, so R3's
+replication between nodes counts).
 
     python -m bench.bench_buses [--members 1000] [--duration 5] [--scenarios memory,redis,nats]
+    python -m bench.bench_buses --scenarios nats,nats-cluster
 
 The last line of stdout is a JSON list with one result object per scenario.
 """
@@ -26,21 +34,28 @@ import json
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from bench.loadgen import ChatClient, Fan, Window, connect_many, measure, raise_nofile, summarize
 from bench.procs import start_replica, stop
 from wirehub.brokers import BrokerProcess, NatsServer, RedisServer
+from wirehub.nats_cluster import NatsCluster, NatsNode
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAT_OPTIONS: dict[str, Any] = {"publish_rate": 1e9, "publish_burst": 1_000_000_000, "presence_events": False}
 CHAT_ENDPOINT: dict[str, Any] = {"path": "/ws/chat", "handler": "chat", "options": CHAT_OPTIONS}
 
 
-def bus_block(kind: str, broker: BrokerProcess | None, prefix: str) -> dict[str, Any]:
+Broker = BrokerProcess | NatsCluster
+
+
+def bus_block(kind: str, broker: Broker | None, prefix: str) -> dict[str, Any]:
+    if isinstance(broker, NatsCluster):
+        return {"plugin": "nats", "nats": {"servers": broker.urls, "subject_prefix": prefix, "replicas": 3}}
     if kind == "redis":
         assert broker is not None
         return {"plugin": "redis", "redis": {"url": broker.url, "key_prefix": prefix}}
@@ -50,8 +65,47 @@ def bus_block(kind: str, broker: BrokerProcess | None, prefix: str) -> dict[str,
     return {"plugin": "memory"}
 
 
+def data_nodes(broker: Broker | None) -> list[BrokerProcess]:
+    if isinstance(broker, NatsCluster):
+        return list(broker.nodes)
+    return [broker] if broker is not None else []
+
+
+def redis_ops(nodes: list[BrokerProcess]) -> Callable[[], int]:
+    """Commands the Redis primaries executed so far (without INFO itself). Each command a Lua script
+    runs counts as one, as INFO commandstats counts them; what replicas apply is not counted."""
+    import redis
+
+    def ops() -> int:
+        total = 0
+        for node in nodes:
+            with redis.Redis(port=node.port) as client:
+                if client.info("replication")["role"] != "master":
+                    continue
+                stats = client.info("commandstats")
+            total += sum(int(v["calls"]) for k, v in stats.items() if k != "cmdstat_info")
+        return total
+    return ops
+
+
+def nats_ops(nodes: list[BrokerProcess]) -> Callable[[], int]:
+    """Messages in + out of every NATS node so far (/varz): clients' and routes' (R3 replication) alike."""
+    import urllib.request
+
+    def ops() -> int:
+        total = 0
+        for node in nodes:
+            port = node.monitor_port if isinstance(node, NatsServer | NatsNode) else 0
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/varz", timeout=2) as resp:
+                varz = json.loads(resp.read())
+            total += int(varz["in_msgs"]) + int(varz["out_msgs"])
+        return total
+    return ops
+
+
 async def fanout(ports: list[int], pids: list[int], *, members: int, window_msgs: int, size: int,
-                 sample_every: int, warmup: float, duration: float, burst: int) -> dict[str, Any]:
+                 sample_every: int, warmup: float, duration: float, burst: int,
+                 broker_ops: Callable[[], int] | None = None) -> dict[str, Any]:
     window = Window()
     fan = Fan(members - 1, window_msgs)
     room = f"bench-{uuid.uuid4().hex[:8]}"
@@ -73,7 +127,11 @@ async def fanout(ports: list[int], pids: list[int], *, members: int, window_msgs
         async with sem:
             await asyncio.wait_for(c.join(), 60)
 
+    ops0 = broker_ops() if broker_ops else 0
+    t0 = time.perf_counter()
     joins = await asyncio.gather(*(join(c) for c in clients), return_exceptions=True)
+    join_wall = time.perf_counter() - t0
+    ops_joins = (broker_ops() - ops0) if broker_ops else None
     failed = [j for j in joins if isinstance(j, BaseException)]
     if failed:
         for c in clients:
@@ -85,14 +143,20 @@ async def fanout(ports: list[int], pids: list[int], *, members: int, window_msgs
     await asyncio.sleep(0.5)
     fan.running = True
     fan.pump()
+    ops1, published0 = (broker_ops() if broker_ops else 0), fan.published
     times = await measure(window, pids, warmup, duration)
     cpu = times.pop("cpu_by_pid")
     fan.running = False
+    publishes = fan.published - published0
+    ops_publishes = (broker_ops() - ops1) if broker_ops else None
     closed = sum(1 for c in clients if not c.is_open)
     for c in clients:
         c.close()
     return summarize("fanout", window, times, members=members, replicas=len(ports), published=fan.published,
-                     closed=closed, cpu_by_pid=cpu)
+                     closed=closed, cpu_by_pid=cpu, joins_per_s=round(members / join_wall, 1),
+                     ops_per_join=round(ops_joins / members, 2) if ops_joins is not None else None,
+                     # the window includes the warm-up's publishes as well: ops over every publish in it
+                     ops_per_publish=round(ops_publishes / publishes, 2) if ops_publishes and publishes else None)
 
 
 def show_logs(workdir: Path, kind: str) -> None:
@@ -101,11 +165,13 @@ def show_logs(workdir: Path, kind: str) -> None:
 
 
 async def run_scenario(kind: str, a: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    broker: BrokerProcess | None = None
+    broker: Broker | None = None
     procs: list[subprocess.Popen[bytes]] = []
     try:
         if kind == "redis":
             broker = RedisServer()
+        elif kind == "nats-cluster":
+            broker = NatsCluster()
         elif kind == "nats":
             broker = NatsServer()
         if broker is not None:
@@ -116,11 +182,13 @@ async def run_scenario(kind: str, a: argparse.Namespace, workdir: Path) -> dict[
             proc, port, _ = start_replica(workdir, f"{kind}-{i}", bus, CHAT_ENDPOINT)
             procs.append(proc)
             ports.append(port)
-        pids = [p.pid for p in procs] + ([broker.pid] if broker is not None and broker.pid else [])
+        nodes = data_nodes(broker)
+        pids = [p.pid for p in procs] + [n.pid for n in nodes if n.pid]
+        ops = redis_ops(nodes) if kind.startswith("redis") else nats_ops(nodes) if kind.startswith("nats") else None
         try:
             result = await fanout(ports, pids, members=a.members, window_msgs=a.window, size=a.size,
                                   sample_every=a.sample_every, warmup=a.warmup, duration=a.duration,
-                                  burst=a.burst)
+                                  burst=a.burst, broker_ops=ops)
         except Exception:
             show_logs(workdir, kind)
             raise
@@ -134,11 +202,17 @@ async def run_scenario(kind: str, a: argparse.Namespace, workdir: Path) -> dict[
 
 
 def render(results: list[dict[str, Any]]) -> str:
-    lines = ["| bus | replicas | members | deliveries/s | p50 ms | p99 ms | CPU s (replicas+broker) | loadgen CPU s |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| bus | replicas | members | deliveries/s | p50 ms | p99 ms | CPU s (replicas+broker) | loadgen CPU s "
+             "| deliveries/CPU-s | joins/s | broker ops/publish | broker ops/join |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def num(v: Any) -> str:
+        return "-" if v is None else f"{v:,.0f}" if v >= 100 else f"{v:g}"
+
     for r in results:
         lines.append(f"| {r['bus']} | {r['replicas']} | {r['members']} | {r['per_wall_s']:,.0f} | {r['p50_ms']} | "
-                     f"{r['p99_ms']} | {r['server_cpu']} | {r['loadgen_cpu']} |")
+                     f"{r['p99_ms']} | {r['server_cpu']} | {r['loadgen_cpu']} | {num(r['per_server_cpu_s'])} | "
+                     f"{num(r['joins_per_s'])} | {num(r['ops_per_publish'])} | {num(r['ops_per_join'])} |")
     return "\n".join(lines)
 
 
