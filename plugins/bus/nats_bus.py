@@ -24,9 +24,9 @@ JetStream store keeps the epoch and the history.
 Cluster (``replicas`` > 1, ``servers`` naming several nodes): a core PING/PONG only proves the one server
 this replica is connected to; a JetStream write needs a quorum of the stream's replicas. So each
 heartbeat also publishes one probe to the stream ``<P>_quorum`` (subjects ``<p>.q.*``, one message kept
-per subject, same replicas) and the bus is down once no write, probe or publish, was acknowledged for
-``quorum_timeout`` seconds: a lost majority turns the replica unready, while the few seconds of a
-leader election after one node's death do not.
+per subject, same replicas; the probe runs beside the PING/PONG, never delaying it) and the bus is down
+once no probe was acknowledged for ``quorum_timeout`` seconds: a lost majority turns the replica
+unready, while the few seconds of a leader election after one node's death do not.
 
 Failures: nats-py's own reconnect (and the publish buffer it fills while reconnecting) is
 disabled; :mod:`wirehub.builtins.bus._broker` supervises the connection: a PING/PONG flush every
@@ -152,6 +152,8 @@ class NatsBus(Supervised):
         self._stream_config: Any = None
         #: replicas > 1: time.monotonic() of the last JetStream write a quorum acknowledged
         self._quorum_at = 0.0
+        self._probe: asyncio.Future[None] | None = None
+        self._probe_error = "no answer"
         self._probe_subject = f"{self.prefix}.q.{uuid.uuid4().hex[:12]}"
 
     async def start(self, handler: BusHandler) -> None:
@@ -285,6 +287,9 @@ class NatsBus(Supervised):
                 self._last.popitem(last=False)
 
     async def _teardown(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+            self._probe = None
         nc, self.nc = self.nc, None
         self.js = self.state_kv = None
         self._tokens, self._subs = {}, {}
@@ -297,20 +302,28 @@ class NatsBus(Supervised):
             raise ConnectionError("not connected")
         await nc.flush(timeout=self.heartbeat_timeout)
         if self.opts.replicas > 1:
-            await self._probe_quorum()
+            self._check_quorum()
+
+    def _check_quorum(self) -> None:
+        """Start one probe write (unless one is under way) and raise once no write reached a quorum for
+        ``quorum_timeout`` seconds. The probe runs beside the heartbeat, so a slow quorum (an election,
+        a busy cluster) never makes the PING/PONG late."""
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.ensure_future(self._probe_quorum())
+        silent = time.monotonic() - self._quorum_at
+        if silent > self.opts.quorum_timeout:
+            raise ConnectionError(f"no JetStream quorum for {silent:.1f}s ({self._probe_error})")
 
     async def _probe_quorum(self) -> None:
-        """One probe write; raise once no write reached a quorum for ``quorum_timeout`` seconds."""
-        js, o = self.js, self.opts
+        js = self.js
         if js is None:
-            raise ConnectionError("not connected")
+            return
         try:
-            await js.publish(self._probe_subject, b"", timeout=min(o.op_timeout, self.heartbeat_timeout / 2))
-            self._quorum_at = time.monotonic()
+            await js.publish(self._probe_subject, b"", timeout=self.opts.op_timeout)
         except (TimeoutError, self.nats.errors.Error, self.nats.js.errors.Error) as exc:
-            silent = time.monotonic() - self._quorum_at
-            if silent > o.quorum_timeout:
-                raise ConnectionError(f"no JetStream quorum for {silent:.1f}s ({type(exc).__name__})") from exc
+            self._probe_error = f"{type(exc).__name__}: {exc}"[:200]
+            return
+        self._quorum_at = time.monotonic()
 
     async def _refresh(self) -> None:
         if self.presence is not None:
