@@ -175,7 +175,7 @@ async def run(kind: str, a: argparse.Namespace, groups: int, workdir: Path) -> d
         async def arrive(i: int) -> Member:
             """Connect and join both rooms; a refused or timed-out attempt is counted and retried."""
             async with sem:
-                for _ in range(5):
+                for _ in range(10):
                     m = None
                     try:
                         m = await connect(factory(i), "127.0.0.1", ports[i % len(ports)], timeout=30)
@@ -189,7 +189,14 @@ async def run(kind: str, a: argparse.Namespace, groups: int, workdir: Path) -> d
                 raise RuntimeError(f"member {i} could not join: {failures[-1]}")
 
         ops0, t0 = layout.ops(), perf()
-        members = list(await asyncio.gather(*(arrive(i) for i in range(conns))))
+        arrived = await asyncio.gather(*(arrive(i) for i in range(conns)), return_exceptions=True)
+        failed = [m for m in arrived if isinstance(m, BaseException)]
+        members = [m for m in arrived if isinstance(m, Member)]
+        if failed:
+            for log in sorted(workdir.glob(f"{kind}-{groups}-*.log")):
+                lines = [ln for ln in log.read_text().splitlines() if "presence of" not in ln]
+                print(f"--- {log.name}:\n" + "\n".join(lines[-15:]), file=sys.stderr)
+            raise RuntimeError(f"{len(failed)} of {conns} members could not join; first: {failed[0]}")
         join_wall, ops_join = perf() - t0, layout.ops() - ops0
         await asyncio.sleep(1.0)
         rss_per_conn = (sum(rss_bytes(p) for p in wpids) - rss0) / conns

@@ -68,6 +68,9 @@ class NatsOptions:
     #: replicas > 1: the bus is down when no write reached a JetStream quorum for this many seconds (longer
     #: than a leader election after a node's death, ~5 s, so one dead node of three does not count)
     quorum_timeout: float = opt(15.0, min=0.5)
+    #: consumers allowed on the stream and on each bucket: one per room with members, per replica (rooms)
+    #: and per room with local members (presence). nats-server 2.15+ limits a stream to 1000 by default
+    max_consumers: int = opt(1_000_000, min=1000)
     op_timeout: float = opt(5.0, min=0.05)
     connect_timeout: float = opt(5.0, min=0.05)
     max_backoff: float = opt(5.0, min=0.1)

@@ -223,7 +223,7 @@ class NatsBus(Supervised):
         config = api.StreamConfig(
             name=self.stream, subjects=[f"{self.prefix}.r.*.*"], max_msgs_per_subject=max(1, o.history_size),
             max_age=o.history_ttl, storage=storage, num_replicas=o.replicas, discard=api.DiscardPolicy.OLD,
-            allow_direct=True, duplicate_window=self._dedupe_window,
+            allow_direct=True, duplicate_window=self._dedupe_window, max_consumers=o.max_consumers,
         )
         self._stream_config = config
         try:
@@ -252,10 +252,15 @@ class NatsBus(Supervised):
     async def _bucket(self, name: str, ttl: float | None, storage: Any) -> Any:
         js = self.js
         try:
-            return await js.create_key_value(bucket=name, history=1, ttl=ttl, storage=storage,
-                                             replicas=self.opts.replicas)
+            kv = await js.create_key_value(bucket=name, history=1, ttl=ttl, storage=storage,
+                                           replicas=self.opts.replicas)
         except self.nats.js.errors.BadRequestError:
-            return await js.key_value(name)  # exists with another config (e.g. a changed TTL)
+            kv = await js.key_value(name)  # exists with another config (e.g. a changed TTL)
+        # KV configs have no consumer limit: set it on the bucket's stream (nats-server 2.15+ defaults to 1000)
+        config = (await js.stream_info(f"KV_{name}")).config
+        if config.max_consumers != self.opts.max_consumers:
+            await js.update_stream(dataclasses.replace(config, max_consumers=self.opts.max_consumers))
+        return kv
 
     async def _consume(self, room: str) -> None:
         api = self.nats.js.api
