@@ -149,6 +149,12 @@ class Layout:
             self.single.close()
 
 
+def show_logs(workdir: Path, prefix: str) -> None:
+    for log in sorted(workdir.glob(f"{prefix}*.log")):
+        lines = [ln for ln in log.read_text().splitlines() if "presence of" not in ln]
+        print(f"--- {log.name}:\n" + "\n".join(lines[-15:]), file=sys.stderr)
+
+
 async def run(kind: str, a: argparse.Namespace, groups: int, workdir: Path) -> dict[str, Any]:
     layout = Layout(kind)
     procs = []
@@ -193,9 +199,7 @@ async def run(kind: str, a: argparse.Namespace, groups: int, workdir: Path) -> d
         failed = [m for m in arrived if isinstance(m, BaseException)]
         members = [m for m in arrived if isinstance(m, Member)]
         if failed:
-            for log in sorted(workdir.glob(f"{kind}-{groups}-*.log")):
-                lines = [ln for ln in log.read_text().splitlines() if "presence of" not in ln]
-                print(f"--- {log.name}:\n" + "\n".join(lines[-15:]), file=sys.stderr)
+            show_logs(workdir, f"{kind}-{groups}-")
             raise RuntimeError(f"{len(failed)} of {conns} members could not join; first: {failed[0]}")
         join_wall, ops_join = perf() - t0, layout.ops() - ops0
         await asyncio.sleep(1.0)
