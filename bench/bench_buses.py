@@ -8,6 +8,8 @@ messages' deliveries outstanding, as in ``bench.loadgen fanout``):
 - ``nats``:   two replicas on one ``nats-server -js``, members split evenly between them;
 - ``redis-cluster``: two replicas on a Redis Cluster of 3 primaries + 3 replicas (sharded pub/sub);
 - ``redis-sentinel``: two replicas on a Sentinel-managed master with 2 replicas and 3 sentinels.
+- ``nats-cluster``: two replicas on a 3-node NATS cluster, stream and buckets replicated (R3), each
+  replica given every node's URL.
 
 The publisher is on the first replica. A delivery's latency is from the publish (a timestamp in the
 payload) to its read by a member, sampled on every ``--sample-every``-th member of both replicas.
@@ -15,12 +17,14 @@ Brokers are started on free ports in temporary directories (:mod:`wirehub.broker
 real ``wirehub serve`` processes. CPU seconds of the replicas, the broker and this load generator are
 reported for the measurement window (on a small machine they compete for the same cores); the
 broker's are every data node's (primaries and replicas; sentinels are idle). Beside deliveries per
-CPU-second: joins per second (the members' joins, ``--burst`` at a time) and, on the Redis buses,
-broker operations (INFO commandstats of the primaries: every command, also each one a Lua script
-runs) per publish and per join.
+CPU-second: joins per second (the members' joins, ``--burst`` at a time) and broker operations per
+publish and per join: on Redis the commands INFO commandstats of the primaries counts (also each one a
+Lua script runs), on NATS the messages in + out of every node (``/varz`` ``in_msgs`` + ``out_msgs``
+through the monitoring port: client and route traffic, so R3's replication between nodes counts).
 
     python -m bench.bench_buses [--members 1000] [--duration 5] [--scenarios memory,redis,nats]
     python -m bench.bench_buses --scenarios redis,redis-cluster,redis-sentinel
+    python -m bench.bench_buses --scenarios nats,nats-cluster
 
 The last line of stdout is a JSON list with one result object per scenario.
 """
@@ -43,13 +47,14 @@ from bench.loadgen import ChatClient, Fan, Window, connect_many, measure, raise_
 from bench.procs import start_replica, stop
 from wirehub.broker_clusters import RedisCluster, RedisSentinel
 from wirehub.brokers import BrokerProcess, NatsServer, RedisServer
+from wirehub.nats_cluster import NatsCluster, NatsNode
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAT_OPTIONS: dict[str, Any] = {"publish_rate": 1e9, "publish_burst": 1_000_000_000, "presence_events": False}
 CHAT_ENDPOINT: dict[str, Any] = {"path": "/ws/chat", "handler": "chat", "options": CHAT_OPTIONS}
 
 
-Broker = BrokerProcess | RedisCluster | RedisSentinel
+Broker = BrokerProcess | RedisCluster | RedisSentinel | NatsCluster
 
 
 def bus_block(kind: str, broker: Broker | None, prefix: str) -> dict[str, Any]:
@@ -59,6 +64,8 @@ def bus_block(kind: str, broker: Broker | None, prefix: str) -> dict[str, Any]:
     if isinstance(broker, RedisSentinel):
         return {"plugin": "redis", "redis": {"mode": "sentinel", "key_prefix": prefix, "sentinel": {
             "nodes": broker.sentinel_nodes, "master_name": broker.master_name}}}
+    if isinstance(broker, NatsCluster):
+        return {"plugin": "nats", "nats": {"servers": broker.urls, "subject_prefix": prefix, "replicas": 3}}
     if kind == "redis":
         assert broker is not None
         return {"plugin": "redis", "redis": {"url": broker.url, "key_prefix": prefix}}
@@ -69,7 +76,7 @@ def bus_block(kind: str, broker: Broker | None, prefix: str) -> dict[str, Any]:
 
 
 def data_nodes(broker: Broker | None) -> list[BrokerProcess]:
-    if isinstance(broker, RedisCluster):
+    if isinstance(broker, RedisCluster | NatsCluster):
         return list(broker.nodes)
     if isinstance(broker, RedisSentinel):
         return list(broker.servers)
@@ -89,6 +96,21 @@ def redis_ops(nodes: list[BrokerProcess]) -> Callable[[], int]:
                     continue
                 stats = client.info("commandstats")
             total += sum(int(v["calls"]) for k, v in stats.items() if k != "cmdstat_info")
+        return total
+    return ops
+
+
+def nats_ops(nodes: list[BrokerProcess]) -> Callable[[], int]:
+    """Messages in + out of every NATS node so far (/varz): clients' and routes' (R3 replication) alike."""
+    import urllib.request
+
+    def ops() -> int:
+        total = 0
+        for node in nodes:
+            port = node.monitor_port if isinstance(node, NatsServer | NatsNode) else 0
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/varz", timeout=2) as resp:
+                varz = json.loads(resp.read())
+            total += int(varz["in_msgs"]) + int(varz["out_msgs"])
         return total
     return ops
 
@@ -164,6 +186,8 @@ async def run_scenario(kind: str, a: argparse.Namespace, workdir: Path) -> dict[
             broker = RedisCluster()
         elif kind == "redis-sentinel":
             broker = RedisSentinel()
+        elif kind == "nats-cluster":
+            broker = NatsCluster()
         elif kind == "nats":
             broker = NatsServer()
         if broker is not None:
@@ -176,7 +200,7 @@ async def run_scenario(kind: str, a: argparse.Namespace, workdir: Path) -> dict[
             ports.append(port)
         nodes = data_nodes(broker)
         pids = [p.pid for p in procs] + [n.pid for n in nodes if n.pid]
-        ops = redis_ops(nodes) if kind.startswith("redis") else None
+        ops = redis_ops(nodes) if kind.startswith("redis") else nats_ops(nodes) if kind.startswith("nats") else None
         try:
             result = await fanout(ports, pids, members=a.members, window_msgs=a.window, size=a.size,
                                   sample_every=a.sample_every, warmup=a.warmup, duration=a.duration,

@@ -1,5 +1,6 @@
 """deploy/: the Dockerfile and the Kubernetes install (kustomize base + overlays: redis and nats with an
-in-cluster broker; redis-cluster and redis-sentinel pointing at an external one, configuration only).
+in-cluster broker; redis-cluster, redis-sentinel and nats-cluster pointing at an external one, configuration
+only).
 
 Every manifest that ``kubectl kustomize`` renders for each overlay passes ``kubernetes-validate --strict``
 and ``checkov --framework kubernetes`` (skips only those listed with a reason in
@@ -26,18 +27,20 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "kubernetes"
-OVERLAYS = ("redis", "nats", "redis-cluster", "redis-sentinel")
+OVERLAYS = ("redis", "nats", "redis-cluster", "redis-sentinel", "nats-cluster")
 EXAMPLE_INGRESS = K8S / "examples" / "ingress-nginx.yaml"
 CHECKOV_CONFIG = K8S / "checkov.yaml"
 APP_LABELS = {"app.kubernetes.io/name": "wirehub", "app.kubernetes.io/component": "server"}
 #: overlays with an in-cluster broker: its StatefulSet/Service name and port
 BROKER = {"redis": ("redis", 6379), "nats": ("nats", 4222)}
 #: overlays pointing at an external broker: the ports wirehub pods may reach it on
-EXTERNAL = {"redis-cluster": {6379}, "redis-sentinel": {6379, 26379}}
+EXTERNAL = {"redis-cluster": {6379}, "redis-sentinel": {6379, 26379}, "nats-cluster": {4222}}
 #: what check-config needs from the environment (the Secret) for each overlay
 CHECK_ENV = {"WIREHUB_REDIS_URL": "redis://127.0.0.1:6379/0", "WIREHUB_NATS_URL": "nats://127.0.0.1:4222",
              "WIREHUB_REDIS_NODE_1": "10.0.0.1:6379", "WIREHUB_REDIS_SENTINEL_1": "10.0.0.2:26379",
-             "WIREHUB_REDIS_PASSWORD": "p" * 16}
+             "WIREHUB_REDIS_PASSWORD": "p" * 16,
+             "WIREHUB_NATS_URL_1": "tls://10.0.0.1:4222", "WIREHUB_NATS_USER": "wirehub",
+             "WIREHUB_NATS_PASSWORD": "p" * 16}
 #: what kubectl 1.20's embedded kustomize (v2.0.3) understands and we use
 KUSTOMIZE_V2_KEYS = {"apiVersion", "kind", "namespace", "bases", "resources", "configMapGenerator",
                      "secretGenerator", "images", "generatorOptions", "commonLabels", "commonAnnotations",

@@ -37,6 +37,9 @@ def test_the_example_config_reads_the_servers_from_the_environment(monkeypatch: 
     ({"user": "u"}, "bus.nats.password", "required"),
     ({"tls_key_file": "k.pem"}, "bus.nats.tls_cert_file", "required"),
     ({"presence_ttl": 3, "presence_interval": 3}, "bus.nats.presence_interval", "less than presence_ttl"),
+    ({"replicas": 2}, "bus.nats.replicas", "1, 3 or 5"),
+    ({"replicas": 7}, "bus.nats.replicas", "at most"),
+    ({"quorum_timeout": 0}, "bus.nats.quorum_timeout", "at least"),
 ])
 def test_bad_options_name_their_key(options: dict[str, object], key: str, message: str) -> None:
     with pytest.raises(ConfigError) as err:
@@ -78,3 +81,22 @@ async def test_an_unreachable_nats_fails_the_start() -> None:
     with pytest.raises(BusUnavailable):
         await backend.bus.publish("room", b"x")
     await backend.bus.close()
+
+
+async def test_more_rooms_than_the_servers_default_consumer_limit(
+        nats_server_factory: Callable[..., BrokerProcess]) -> None:
+    """nats-server 2.15+ allows 1000 consumers per stream unless the stream says otherwise; wirehub needs one
+    per room with members (and one per room's presence copy): the stream and buckets carry max_consumers."""
+    server = nats_server_factory()
+    backend = create_backend({"servers": [server.url], "storage": "memory", "max_consumers": 5000}, "bus.nats")
+    recorder = Recorder()
+    await backend.bus.start(recorder)
+    try:
+        rooms = [unique_room() for _ in range(1050)]
+        for room in rooms:
+            await backend.bus.subscribe(room)
+        await backend.bus.publish(rooms[-1], b"last", history=True)
+        assert await recorder.wait_for(rooms[-1], 1) == [b"last"]
+        assert backend.extra["options"].max_consumers == 5000
+    finally:
+        await backend.bus.close()

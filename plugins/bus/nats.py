@@ -65,6 +65,12 @@ class NatsOptions:
     presence_interval: float = opt(0.0, min=0)
     heartbeat_interval: float = opt(2.0, min=0.05)
     heartbeat_timeout: float = opt(6.0, min=0.05)
+    #: replicas > 1: the bus is down when no write reached a JetStream quorum for this many seconds (longer
+    #: than a leader election after a node's death, ~5 s, so one dead node of three does not count)
+    quorum_timeout: float = opt(15.0, min=0.5)
+    #: consumers allowed on the stream and on each bucket: one per room with members, per replica (rooms)
+    #: and per room with local members (presence). nats-server 2.15+ limits a stream to 1000 by default
+    max_consumers: int = opt(1_000_000, min=1000)
     op_timeout: float = opt(5.0, min=0.05)
     connect_timeout: float = opt(5.0, min=0.05)
     max_backoff: float = opt(5.0, min=0.1)
@@ -86,6 +92,9 @@ def create_backend(options: Mapping[str, Any], key: str) -> Backend:
         raise ConfigError(f"{key}.tls_cert_file", "is required with tls_key_file")
     if opts.heartbeat_timeout < opts.heartbeat_interval / 2:
         raise ConfigError(f"{key}.heartbeat_timeout", "must be at least half of heartbeat_interval")
+    if opts.replicas not in (1, 3, 5):
+        raise ConfigError(f"{key}.replicas", f"expected 1, 3 or 5 (a JetStream quorum needs an odd count), "
+                          f"got {opts.replicas}")
     if opts.presence_interval >= opts.presence_ttl:
         raise ConfigError(f"{key}.presence_interval", f"must be less than presence_ttl ({opts.presence_ttl:g}), "
                           f"got {opts.presence_interval:g}")

@@ -21,6 +21,13 @@ Epoch: derived from the stream's creation time; it changes when the stream is de
 created again (a broker that lost its store, an operator's reset). A restart that keeps the
 JetStream store keeps the epoch and the history.
 
+Cluster (``replicas`` > 1, ``servers`` naming several nodes): a core PING/PONG only proves the one server
+this replica is connected to; a JetStream write needs a quorum of the stream's replicas. So each
+heartbeat also publishes one probe to the stream ``<P>_quorum`` (subjects ``<p>.q.*``, one message kept
+per subject, same replicas; the probe runs beside the PING/PONG, never delaying it) and the bus is down
+once no probe was acknowledged for ``quorum_timeout`` seconds: a lost majority turns the replica
+unready, while the few seconds of a leader election after one node's death do not.
+
 Failures: nats-py's own reconnect (and the publish buffer it fills while reconnecting) is
 disabled; :mod:`wirehub.builtins.bus._broker` supervises the connection: a PING/PONG flush every
 ``heartbeat_interval`` that must answer within ``heartbeat_timeout``, capped backoff, resubscribe.
@@ -42,9 +49,11 @@ import hashlib
 import logging
 import re
 import ssl
+import time
+import uuid
 from typing import TYPE_CHECKING, Any
 
-from wirehub import BusUnavailable, ConfigError, PublishOutcomeUnknown
+from wirehub import BusHandler, BusUnavailable, ConfigError, PublishOutcomeUnknown
 from wirehub.builtins.bus._broker import Supervised, encode_room, safe_close
 
 if TYPE_CHECKING:
@@ -75,6 +84,28 @@ def _name(prefix: str, what: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", prefix) + "_" + what
 
 
+def startup_error(exc: BaseException, opts: NatsOptions, key: str) -> str | None:
+    """A connection failure that a config key explains, as ``"<key>: what to fix (cause)"``; else None."""
+    text, seen = "", exc
+    chain: BaseException | None = exc
+    while chain is not None:
+        text += f" / {type(chain).__name__}: {chain}"
+        seen, chain = chain, chain.__cause__ or chain.__context__
+    low, cause = text.lower(), f"{type(seen).__name__}: {str(seen)[:200]}"
+    if "certificate verify failed" in low:
+        return f"{key}.tls_ca_file: the server's TLS certificate was refused ({cause})"
+    if "authorization violation" in low or "authentication" in low:
+        who = "token" if opts.token else "credentials" if opts.credentials else "password" if opts.user else "user"
+        return f"{key}.{who}: the NATS server refused the credentials ({cause})"
+    if isinstance(seen, OSError) and seen.filename is not None:
+        for name in ("tls_ca_file", "tls_cert_file", "tls_key_file", "credentials"):
+            if getattr(opts, name) and str(seen.filename) == getattr(opts, name):
+                return f"{key}.{name}: cannot read {seen.filename!r} ({cause})"
+    if "wrong version number" in low or "record layer failure" in low:
+        return f"{key}.servers: the server does not speak TLS there, or it does and the URL is nats:// ({cause})"
+    return None
+
+
 class _Wrong(Exception):
     """Nats-Expected-Last-Subject-Sequence did not match: another writer was first."""
 
@@ -94,6 +125,7 @@ class NatsBus(Supervised):
                          connect_timeout=opts.connect_timeout,
                          refresh_interval=opts.presence_interval or opts.presence_ttl / 3)
         self.opts = opts
+        self.config_key = key
         self.nats = _import_nats(key)
         nerr = self.nats.errors
         jerr = self.nats.js.errors
@@ -118,6 +150,21 @@ class NatsBus(Supervised):
         #: the stream's duplicate_window in seconds as this replica set it (0: the server's default, 2 min)
         self._dedupe_window = 0.0
         self._stream_config: Any = None
+        #: replicas > 1: time.monotonic() of the last JetStream write a quorum acknowledged
+        self._quorum_at = 0.0
+        self._probe: asyncio.Future[None] | None = None
+        self._probe_error = "no answer"
+        self._probe_subject = f"{self.prefix}.q.{uuid.uuid4().hex[:12]}"
+
+    async def start(self, handler: BusHandler) -> None:
+        try:
+            await super().start(handler)
+        except BusUnavailable as exc:
+            hint = startup_error(exc, self.opts, self.config_key)
+            if hint is None:
+                raise
+            log.error("cannot start the nats bus: %s", hint)
+            raise BusUnavailable(hint) from exc
 
     def subject(self, room: str, kind: str = "h") -> str:
         return f"{self.prefix}.r.{encode_room(room)}.{kind}"
@@ -128,6 +175,9 @@ class NatsBus(Supervised):
         o = self.opts
         if not (o.tls_ca_file or o.tls_cert_file or any(s.startswith("tls://") for s in o.servers)):
             return None
+        for path in (o.tls_ca_file, o.tls_cert_file, o.tls_key_file):
+            if path:
+                open(path, "rb").close()  # an OSError naming the file (ssl's own errors do not)
         ctx = ssl.create_default_context(cafile=o.tls_ca_file)
         if o.tls_cert_file:
             ctx.load_cert_chain(o.tls_cert_file, o.tls_key_file)
@@ -173,7 +223,7 @@ class NatsBus(Supervised):
         config = api.StreamConfig(
             name=self.stream, subjects=[f"{self.prefix}.r.*.*"], max_msgs_per_subject=max(1, o.history_size),
             max_age=o.history_ttl, storage=storage, num_replicas=o.replicas, discard=api.DiscardPolicy.OLD,
-            allow_direct=True, duplicate_window=self._dedupe_window,
+            allow_direct=True, duplicate_window=self._dedupe_window, max_consumers=o.max_consumers,
         )
         self._stream_config = config
         try:
@@ -182,6 +232,15 @@ class NatsBus(Supervised):
             info = await js.update_stream(config)
         created = getattr(info, "created", None) or (await js.stream_info(self.stream)).created
         self.epoch = hashlib.sha1(f"{self.stream}@{created}".encode()).hexdigest()[:12]
+        if o.replicas > 1:
+            probes = api.StreamConfig(name=_name(self.prefix, "quorum"), subjects=[f"{self.prefix}.q.*"],
+                                      max_msgs_per_subject=1, max_age=60.0, storage=api.StorageType.MEMORY,
+                                      num_replicas=o.replicas, discard=api.DiscardPolicy.OLD)
+            try:
+                await js.add_stream(probes)
+            except self.nats.js.errors.BadRequestError:
+                await js.update_stream(probes)
+            self._quorum_at = time.monotonic()
         self._last.clear()
         if self.presence is not None:
             await self.presence.open(storage)
@@ -193,10 +252,15 @@ class NatsBus(Supervised):
     async def _bucket(self, name: str, ttl: float | None, storage: Any) -> Any:
         js = self.js
         try:
-            return await js.create_key_value(bucket=name, history=1, ttl=ttl, storage=storage,
-                                             replicas=self.opts.replicas)
+            kv = await js.create_key_value(bucket=name, history=1, ttl=ttl, storage=storage,
+                                           replicas=self.opts.replicas)
         except self.nats.js.errors.BadRequestError:
-            return await js.key_value(name)  # exists with another config (e.g. a changed TTL)
+            kv = await js.key_value(name)  # exists with another config (e.g. a changed TTL)
+        # KV configs have no consumer limit: set it on the bucket's stream (nats-server 2.15+ defaults to 1000)
+        config = (await js.stream_info(f"KV_{name}")).config
+        if config.max_consumers != self.opts.max_consumers:
+            await js.update_stream(dataclasses.replace(config, max_consumers=self.opts.max_consumers))
+        return kv
 
     async def _consume(self, room: str) -> None:
         api = self.nats.js.api
@@ -228,6 +292,9 @@ class NatsBus(Supervised):
                 self._last.popitem(last=False)
 
     async def _teardown(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+            self._probe = None
         nc, self.nc = self.nc, None
         self.js = self.state_kv = None
         self._tokens, self._subs = {}, {}
@@ -239,6 +306,29 @@ class NatsBus(Supervised):
         if nc is None:
             raise ConnectionError("not connected")
         await nc.flush(timeout=self.heartbeat_timeout)
+        if self.opts.replicas > 1:
+            self._check_quorum()
+
+    def _check_quorum(self) -> None:
+        """Start one probe write (unless one is under way) and raise once no write reached a quorum for
+        ``quorum_timeout`` seconds. The probe runs beside the heartbeat, so a slow quorum (an election,
+        a busy cluster) never makes the PING/PONG late."""
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.ensure_future(self._probe_quorum())
+        silent = time.monotonic() - self._quorum_at
+        if silent > self.opts.quorum_timeout:
+            raise ConnectionError(f"no JetStream quorum for {silent:.1f}s ({self._probe_error})")
+
+    async def _probe_quorum(self) -> None:
+        js = self.js
+        if js is None:
+            return
+        try:
+            await js.publish(self._probe_subject, b"", timeout=self.opts.op_timeout)
+        except (TimeoutError, self.nats.errors.Error, self.nats.js.errors.Error) as exc:
+            self._probe_error = f"{type(exc).__name__}: {exc}"[:200]
+            return
+        self._quorum_at = time.monotonic()
 
     async def _refresh(self) -> None:
         if self.presence is not None:

@@ -1,0 +1,306 @@
+"""The capacity plan's workload scaled down (docs/scaling.md): several ``wirehub serve`` replicas on one
+broker layout, every connection in a personal room and a 10-member group room, group messages at a paced
+rate, connects/disconnects at a paced churn.
+
+Per run (one ``--bus`` at one ``--groups`` size) it reports, over the measurement window:
+
+- deliveries per second and p50/p99 publish-to-delivery latency (every 10th member timed);
+- wirehub CPU per delivery and broker CPU per delivery (microseconds; ``/proc/<pid>/stat``);
+- broker operations per publish: NATS messages in + out of every node (``/varz`` ``in_msgs`` +
+  ``out_msgs`` deltas through the monitoring port), Redis commands (INFO commandstats deltas, without INFO);
+- joins per second of the initial joins and broker operations per join (both rooms of a member: 2 joins);
+- RSS per connection of the replicas (after connect + join, over their RSS before).
+
+Run it at two sizes with the rate proportional to the connections: if CPU per delivery, operations per
+publish and RSS per connection stay flat, the per-unit figures extrapolate linearly (docs/scaling.md).
+
+    python -m bench.bench_capacity --bus nats-cluster,nats,redis --groups 300,900 --rate-per-conn 1
+
+The last line of stdout is a JSON list with one result object per (bus, size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.loadgen import WsClient, connect, cpu_seconds, percentile, raise_nofile, rss_bytes
+from bench.procs import start_replica, stop
+from wirehub.brokers import BrokerProcess, NatsServer, RedisServer
+from wirehub.nats_cluster import NatsCluster
+
+perf = time.perf_counter
+GROUP = 10
+CHAT: dict[str, Any] = {"path": "/ws/chat", "handler": "chat",
+                        "options": {"publish_rate": 1e9, "publish_burst": 1_000_000_000, "presence_events": False}}
+
+
+class Stats:
+    def __init__(self) -> None:
+        self.measuring = False
+        self.deliveries = 0
+        self.latencies: list[float] = []
+        self.errors = 0
+
+
+class Member(WsClient):
+    """Joins its personal room and its group room; counts (and sometimes times) the group's messages."""
+
+    def __init__(self, port: int, index: int, stats: Stats) -> None:
+        super().__init__("127.0.0.1", port, "/ws/chat")
+        self.index, self.stats, self.sampled = index, stats, index % 10 == 0
+        self.group = f"g-{index // GROUP}"
+        self.pending = 0
+        self.joined: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def join(self, run: str) -> asyncio.Future[None]:
+        self.pending = 2
+        for room in (f"{run}-u-{self.index}", f"{run}-{self.group}"):
+            self.send(json.dumps({"op": "join", "room": room, "id": "j"}).encode())
+        return self.joined
+
+    def publish(self, run: str) -> None:
+        self.send(b'{"op":"publish","room":"%s-%s","data":{"t":%.6f}}' % (run.encode(), self.group.encode(), perf()))
+
+    def on_message(self, data: bytes, start: int, end: int) -> None:
+        frame = bytes(data[start:end])
+        if frame.startswith(b'{"op":"message"'):
+            s = self.stats
+            if s.measuring:
+                s.deliveries += 1
+                if self.sampled:
+                    i = frame.find(b'"t":') + 4
+                    j = i
+                    while frame[j] not in (44, 125):
+                        j += 1
+                    s.latencies.append(perf() - float(frame[i:j]))
+        elif frame.startswith(b'{"op":"joined"'):
+            self.pending -= 1
+            if self.pending == 0 and not self.joined.done():
+                self.joined.set_result(None)
+        elif frame.startswith(b'{"op":"error"'):
+            self.stats.errors += 1
+            if not self.joined.done():
+                self.joined.set_exception(ConnectionError(frame.decode(errors="replace")[:200]))
+
+
+class Layout:
+    """The broker(s) of one run: pids, a bus block and an operation counter."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.cluster: NatsCluster | None = None
+        self.single: BrokerProcess | None = None
+        if kind == "nats-cluster":
+            self.cluster = NatsCluster()
+            self.cluster.start()
+        elif kind == "nats":
+            self.single = NatsServer()
+            self.single.start()
+        elif kind == "redis":
+            self.single = RedisServer()
+            self.single.start()
+        else:
+            raise SystemExit(f"unknown bus {kind!r}: nats-cluster, nats or redis")
+
+    @property
+    def pids(self) -> list[int]:
+        procs = self.cluster.nodes if self.cluster else [self.single] if self.single else []
+        return [p.pid for p in procs if p is not None and p.pid]
+
+    def bus(self, prefix: str) -> dict[str, Any]:
+        if self.cluster is not None:
+            return {"plugin": "nats", "nats": {"servers": self.cluster.urls, "subject_prefix": prefix, "replicas": 3}}
+        assert self.single is not None
+        if self.kind == "nats":
+            return {"plugin": "nats", "nats": {"servers": [self.single.url], "subject_prefix": prefix}}
+        return {"plugin": "redis", "redis": {"url": self.single.url, "key_prefix": prefix}}
+
+    def ops(self) -> int:
+        """NATS: in_msgs + out_msgs of every node (/varz); Redis: commands executed (INFO commandstats)."""
+        if self.cluster is not None:
+            return sum(int(v["in_msgs"]) + int(v["out_msgs"]) for v in self.cluster.varz())
+        if isinstance(self.single, NatsServer):
+            import urllib.request
+
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.single.monitor_port}/varz", timeout=2) as r:
+                v = json.loads(r.read())
+            return int(v["in_msgs"]) + int(v["out_msgs"])
+        import redis
+
+        assert self.single is not None
+        with redis.Redis(port=self.single.port) as client:
+            stats = client.info("commandstats")
+        return sum(int(v["calls"]) for k, v in stats.items() if k != "cmdstat_info")
+
+    def close(self) -> None:
+        if self.cluster is not None:
+            self.cluster.close()
+        if self.single is not None:
+            self.single.close()
+
+
+def show_logs(workdir: Path, prefix: str) -> None:
+    for log in sorted(workdir.glob(f"{prefix}*.log")):
+        lines = [ln for ln in log.read_text().splitlines() if "presence of" not in ln]
+        print(f"--- {log.name}:\n" + "\n".join(lines[-15:]), file=sys.stderr)
+
+
+async def run(kind: str, a: argparse.Namespace, groups: int, workdir: Path) -> dict[str, Any]:
+    layout = Layout(kind)
+    procs = []
+    members: list[Member] = []
+    try:
+        prefix, runid = f"cap{uuid.uuid4().hex[:6]}", uuid.uuid4().hex[:6]
+        ports = []
+        for i in range(a.replicas):
+            proc, port, _ = start_replica(workdir, f"{kind}-{groups}-{i}", layout.bus(prefix), CHAT)
+            procs.append(proc)
+            ports.append(port)
+        wpids = [p.pid for p in procs]
+        await asyncio.sleep(1.0)
+        rss0 = sum(rss_bytes(p) for p in wpids)
+        stats = Stats()
+        conns = groups * GROUP
+        sem = asyncio.Semaphore(a.burst)
+
+        def factory(i: int) -> Callable[[], Member]:
+            return lambda: Member(ports[i % len(ports)], i, stats)
+
+        failures: list[str] = []
+
+        async def arrive(i: int) -> Member:
+            """Connect and join both rooms; a refused or timed-out attempt is counted and retried."""
+            async with sem:
+                for _ in range(10):
+                    m = None
+                    try:
+                        m = await connect(factory(i), "127.0.0.1", ports[i % len(ports)], timeout=30)
+                        await asyncio.wait_for(m.join(runid), 60)
+                        return m
+                    except (OSError, TimeoutError) as exc:
+                        failures.append(f"{type(exc).__name__}: {exc}"[:200])
+                        if m is not None:
+                            m.close()
+                        await asyncio.sleep(0.5)
+                raise RuntimeError(f"member {i} could not join: {failures[-1]}")
+
+        ops0, t0 = layout.ops(), perf()
+        arrived = await asyncio.gather(*(arrive(i) for i in range(conns)), return_exceptions=True)
+        failed = [m for m in arrived if isinstance(m, BaseException)]
+        members = [m for m in arrived if isinstance(m, Member)]
+        if failed:
+            show_logs(workdir, f"{kind}-{groups}-")
+            raise RuntimeError(f"{len(failed)} of {conns} members could not join; first: {failed[0]}")
+        join_wall, ops_join = perf() - t0, layout.ops() - ops0
+        await asyncio.sleep(1.0)
+        rss_per_conn = (sum(rss_bytes(p) for p in wpids) - rss0) / conns
+        # pace: group publishes (9 deliveries each) and churn (leave + arrive again), every 20 ms
+        rate = a.rate_per_conn * conns
+        publishes_per_tick = rate / (GROUP - 1) * 0.02
+        churn_per_tick = a.churn_per_min_per_conn * conns / 60 * 0.02
+        published = 0
+        churned = 0
+        carry = [0.0, 0.0]
+        stop_at = perf() + a.warmup + a.duration
+        measure_at = perf() + a.warmup
+        cpu0: dict[int, float] = {}
+        ops1 = pub1 = 0
+        t1 = perf()
+        churns: set[asyncio.Task[None]] = set()
+
+        async def churn(i: int) -> None:
+            members[i].close()
+            members[i] = await arrive(members[i].index)
+        while perf() < stop_at:
+            if not stats.measuring and perf() >= measure_at:
+                cpu0 = {p: cpu_seconds(p) for p in wpids + layout.pids}
+                ops1, pub1, t1 = layout.ops(), published, perf()
+                stats.measuring = True
+            carry[0] += publishes_per_tick
+            carry[1] += churn_per_tick
+            while carry[0] >= 1:
+                carry[0] -= 1
+                random.choice(members).publish(runid)
+                published += 1
+            while carry[1] >= 1:
+                carry[1] -= 1
+                task = asyncio.ensure_future(churn(random.randrange(len(members))))
+                churns.add(task)
+                task.add_done_callback(churns.discard)
+                churned += 1
+            await asyncio.sleep(0.02)
+        stats.measuring = False
+        wall = perf() - t1
+        await asyncio.gather(*churns)
+        cpu = {p: cpu_seconds(p) - cpu0[p] for p in cpu0}
+        ops_pub, pubs = layout.ops() - ops1, published - pub1
+        wcpu = sum(cpu[p] for p in wpids)
+        bcpu = sum(cpu[p] for p in layout.pids)
+        lat = sorted(stats.latencies)
+        d = max(1, stats.deliveries)
+        return {
+            "bus": kind, "replicas": a.replicas, "connections": conns, "target_deliveries_s": rate,
+            "deliveries_s": round(stats.deliveries / wall, 1),
+            "p50_ms": round((percentile(lat, 0.5) or 0) * 1000, 1),
+            "p99_ms": round((percentile(lat, 0.99) or 0) * 1000, 1),
+            "wirehub_cpu_us_per_delivery": round(wcpu / d * 1e6, 2),
+            "broker_cpu_us_per_delivery": round(bcpu / d * 1e6, 2),
+            "broker_ops_per_publish": round(ops_pub / max(1, pubs), 2),
+            "joins_s": round(2 * conns / join_wall, 1), "broker_ops_per_join": round(ops_join / (2 * conns), 2),
+            "rss_kib_per_conn": round(rss_per_conn / 1024, 2), "churned": churned, "errors": stats.errors,
+            "join_retries": len(failures), "first_failure": failures[0] if failures else None,
+            "wirehub_cpu_pct": round(100 * wcpu / wall, 1), "broker_cpu_pct": round(100 * bcpu / wall, 1),
+        }
+    finally:
+        for m in members:
+            m.close()
+        for proc in procs:
+            stop(proc)
+        layout.close()
+
+
+def render(results: list[dict[str, Any]]) -> str:
+    cols = ["bus", "connections", "target_deliveries_s", "deliveries_s", "p50_ms", "p99_ms",
+            "wirehub_cpu_us_per_delivery", "broker_cpu_us_per_delivery", "broker_ops_per_publish", "joins_s",
+            "broker_ops_per_join", "rss_kib_per_conn", "churned", "errors"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in results]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--bus", default="nats-cluster,nats,redis")
+    p.add_argument("--groups", default="300,900", help="10-member groups per run (connections = 10 x groups)")
+    p.add_argument("--replicas", type=int, default=3)
+    p.add_argument("--rate-per-conn", type=float, default=0.5, help="group deliveries/s per connection (plan: 0.5)")
+    p.add_argument("--churn-per-min-per-conn", type=float, default=0.2, help="plan: 200,000/min of 1M = 0.2")
+    p.add_argument("--warmup", type=float, default=2.0)
+    p.add_argument("--duration", type=float, default=8.0)
+    p.add_argument("--burst", type=int, default=100)
+    a = p.parse_args(argv)
+    raise_nofile()
+    results = []
+    with tempfile.TemporaryDirectory(prefix="wirehub-bench-capacity-") as tmp:
+        for kind in a.bus.split(","):
+            for groups in (int(g) for g in a.groups.split(",")):
+                result = asyncio.run(run(kind.strip(), a, groups, Path(tmp)))
+                print(json.dumps(result), file=sys.stderr)
+                results.append(result)
+    print(render(results))
+    print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
