@@ -129,9 +129,13 @@ class ServerProcess:
         return self
 
     async def start_ready(self, timeout: float = 20.0) -> ServerProcess:
-        """:meth:`start`, then :meth:`wait_ready`."""
+        """:meth:`start`, then :meth:`wait_ready`; a process that never got ready is stopped, not orphaned."""
         self.start()
-        await self.wait_ready(timeout)
+        try:
+            await self.wait_ready(timeout)
+        except BaseException:
+            self.kill()
+            raise
         return self
 
     def url(self, path: str, scheme: str = "http") -> str:
