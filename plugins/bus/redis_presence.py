@@ -265,9 +265,9 @@ class RedisPresence:
         async def run() -> list[Any]:
             pipe = bus.client.pipeline(transaction=False)
             for build, _ in batch:
-                start = len(pipe.command_stack)
+                start = len(pipe)
                 build(pipe)
-                spans.append((start, len(pipe.command_stack)))
+                spans.append((start, len(pipe)))
             return list(await pipe.execute(raise_on_error=False))
 
         try:
