@@ -238,6 +238,22 @@ class Supervised(abc.ABC):
             return
 
 
+async def cancel_and_wait(log: logging.Logger, tasks: list[asyncio.Task[Any]] | list[asyncio.Future[Any]],
+                          timeout: float = 2.0) -> None:
+    """Cancel ``tasks`` and wait for them, bounded: a close never hangs. Cancelling again while
+    waiting covers a task that swallowed one cancellation (Python 3.11's ``wait_for`` can, when the
+    awaited operation finishes at the same moment) and went on looping."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    pending = {t for t in tasks if not t.done()}
+    while pending and loop.time() < deadline:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=min(0.1, max(0.0, deadline - loop.time())))
+    if pending:
+        log.warning("%d background task(s) did not stop within %.0fs of a close", len(pending), timeout)
+
+
 def safe_close(log: logging.Logger, what: str) -> Callable[[Awaitable[Any]], Awaitable[None]]:
     """``await safe_close(log, "x")(coro)``: run a close coroutine, bounded and silent."""
 

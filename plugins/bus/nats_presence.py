@@ -38,7 +38,7 @@ from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
 from wirehub import DepartedListener, PresenceCount, PresenceEntry, PresencePage
-from wirehub.builtins.bus._broker import encode_room
+from wirehub.builtins.bus._broker import cancel_and_wait, encode_room
 from wirehub.builtins.bus._roster import Departures, Roster
 from wirehub.builtins.bus.nats_bus import _name
 
@@ -223,10 +223,7 @@ class NatsPresence:
         # (restart of a memory store) fails the next update against them, and the entries come back
 
     async def close(self) -> None:
-        for task in list(self._reapers):
-            task.cancel()
-        if self._reapers:
-            await asyncio.wait(list(self._reapers))
+        await cancel_and_wait(log, list(self._reapers))
 
     # -- reading ---------------------------------------------------------------------------------------
 

@@ -63,7 +63,7 @@ from wirehub import (
     StateConflict,
     hookimpl,
 )
-from wirehub.builtins.bus._broker import Supervised, encode_room, safe_close
+from wirehub.builtins.bus._broker import Supervised, cancel_and_wait, encode_room, safe_close
 from wirehub.builtins.bus.redis_options import RedisOptions, connection_kwargs, parse_options, startup_error
 from wirehub.builtins.bus.redis_presence import RedisPresence
 from wirehub.builtins.bus.redis_scripts import SCRIPTS
@@ -203,8 +203,7 @@ class RedisBus(Supervised):
     async def _teardown(self) -> None:
         reader, self._reader = self._reader, None
         if reader is not None:
-            reader.cancel()
-            await asyncio.wait([reader])
+            await cancel_and_wait(log, [reader])
         for waiters in [*self._sub_waiters.values(), [*self._hb_waiters.values()]]:
             for fut in waiters:
                 if not fut.done():

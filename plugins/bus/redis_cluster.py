@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from wirehub import BusUnavailable
-from wirehub.builtins.bus._broker import MAX_HELD, encode_room, safe_close
+from wirehub.builtins.bus._broker import MAX_HELD, cancel_and_wait, encode_room, safe_close
 from wirehub.builtins.bus.redis import RedisBus, log
 from wirehub.builtins.bus.redis_options import RedisOptions
 from wirehub.builtins.bus.redis_scripts import SCRIPTS
@@ -159,10 +159,7 @@ class RedisClusterBus(RedisBus):
 
     async def _teardown(self) -> None:
         tasks = [t for t in (*self._tasks, self._refreshing) if t is not None]
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks)
+        await cancel_and_wait(log, tasks)
         self._tasks.clear()
         self._refreshing = None
         self._moving.clear()
@@ -183,8 +180,7 @@ class RedisClusterBus(RedisBus):
 
     async def _close_sub(self, sub: _NodeSub) -> None:
         if sub.reader is not None and sub.reader is not asyncio.current_task():
-            sub.reader.cancel()
-            await asyncio.wait([sub.reader])
+            await cancel_and_wait(log, [sub.reader])
         for fut in sub.pongs:
             fut.cancel()
         await safe_close(log, "redis subscriber")(sub.pubsub.aclose())

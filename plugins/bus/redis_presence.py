@@ -35,6 +35,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from wirehub import DepartedListener, PresenceCount, PresenceEntry, PresenceMember, PresencePage
+from wirehub.builtins.bus._broker import cancel_and_wait
 from wirehub.builtins.bus._roster import Departures
 
 if TYPE_CHECKING:
@@ -484,7 +485,4 @@ class RedisPresence:
 
     async def close(self) -> None:
         """Stop reaping (the bus is closing); entries stay until their node is declared dead."""
-        for task in list(self._reapers):
-            task.cancel()
-        if self._reapers:
-            await asyncio.wait(list(self._reapers))
+        await cancel_and_wait(log, list(self._reapers))
