@@ -224,7 +224,10 @@ class RedisBus(Supervised):
     async def _read(self, pubsub: Any) -> None:
         try:
             while True:
-                msg = await pubsub.get_message(timeout=1.0)
+                # Block (timeout None) rather than poll: a timeout arms and cancels a timer for every
+                # message, a third of its read cost with hiredis. A hung connection is still found by
+                # the supervisor's heartbeat (a publish on the heartbeat channel), which cancels us.
+                msg = await pubsub.get_message(timeout=None)
                 if msg is not None:
                     self._on_pubsub(msg)
         except asyncio.CancelledError:
