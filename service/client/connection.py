@@ -164,6 +164,8 @@ class Connection:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._runner
             self._runner = None
+        if conn is not None:
+            await _released(conn)
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -212,9 +214,14 @@ class Connection:
             try:
                 token = await self._get_token()
                 request, protocols = self._request_for(token)
-                conn = await websocket_connect(request, subprotocols=protocols,
-                                               ping_interval=self.ping_interval or None,
-                                               ping_timeout=(self.ping_interval or 0) * 0.75 or None)
+                connecting: asyncio.Future[WebSocketClientConnection] = websocket_connect(  # type: ignore[assignment]
+                    request, subprotocols=protocols, ping_interval=self.ping_interval or None,
+                    ping_timeout=(self.ping_interval or 0) * 0.75 or None)  # a Future, typed as Awaitable
+                try:  # shielded: cancelling the future would leave the socket it opens to the GC
+                    conn = await asyncio.shield(connecting)
+                except asyncio.CancelledError:
+                    connecting.add_done_callback(_close_if_opened)
+                    raise
             except HTTPClientError as exc:
                 code, reason = http_close(exc.code)
                 log.info("upgrade refused: HTTP %s", exc.code)
@@ -390,3 +397,23 @@ class Connection:
             if not fut.done():
                 fut.set_exception(ClientError(code, message))
                 fut.exception()  # retrieved here: the waiter may be gone
+
+
+def _close_if_opened(connecting: asyncio.Future[WebSocketClientConnection]) -> None:
+    """A connect that nobody waits for any more (the client was closed): close what it opened."""
+    if not connecting.cancelled() and connecting.exception() is None:
+        conn = connecting.result()
+        conn.close(1000)
+        if conn.stream is not None:
+            conn.stream.close()
+
+
+async def _released(conn: WebSocketClientConnection, grace: float = 1.0) -> None:
+    """After ``close()``: give the close handshake ``grace`` seconds, then release the socket, so a
+    closed client never leaves one to the garbage collector."""
+    with contextlib.suppress(TimeoutError, OSError, WebSocketClosedError):
+        async with asyncio.timeout(grace):
+            while await conn.read_message() is not None:  # the end of the handshake reads as None
+                pass
+    if conn.stream is not None and not conn.stream.closed():
+        conn.stream.close()
