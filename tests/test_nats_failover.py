@@ -173,7 +173,7 @@ async def test_two_nodes_killed_turn_every_replica_unready_until_they_return(
     room = unique_room()
     t0 = time.monotonic()
     while (reply := await ws.request({"op": "join", "room": room}, timeout=10))["op"] != "joined":
-        assert reply["op"] == "error" and reply["code"] == "unavailable", reply
+        assert reply["op"] == "error" and reply["code"] in ("unavailable", "timeout"), reply  # timeout: in an election
         assert time.monotonic() - t0 < 15, f"joins still fail after the nodes returned: {reply}"
         await asyncio.sleep(0.2)
     assert (await ws.request({"op": "publish", "room": room, "data": "back"}, timeout=10))["op"] == "ack"
