@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import shutil
 import signal
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
 from wirehub.brokers import BrokerProcess
 from wirehub.testing import WsClient, free_port
@@ -153,24 +153,12 @@ class ServerProcess:
             return 0, ""
 
     async def status(self, path: str, timeout: float = 2.0) -> int:
-        """The status of a GET of ``path`` (on the event loop); 0 when nothing answers in time.
-
-        A bare HTTP/1.0 request whose socket is closed in every case: polling a server that is still
-        starting under load (connected, no answer yet) through Tornado's client left sockets to the
-        garbage collector, ResourceWarnings in the test that started the server."""
-        writer: asyncio.StreamWriter | None = None
+        """The status of a GET of ``path`` (on the event loop); 0 when nothing answers in time."""
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", self.port), timeout)
-            writer.write(f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{self.port}\r\n\r\n".encode())
-            status_line = await asyncio.wait_for(reader.readline(), timeout)
-            return int(status_line.split()[1])
-        except (OSError, TimeoutError, ValueError, IndexError):
+            resp = await AsyncHTTPClient().fetch(self.url(path), raise_error=False, request_timeout=timeout)
+            return int(resp.code)
+        except (OSError, HTTPClientError):
             return 0
-        finally:
-            if writer is not None:
-                writer.close()  # the socket closes on the next loop turn: wait for it, or it is the GC's
-                with contextlib.suppress(OSError):
-                    await writer.wait_closed()
 
     def _poll_again(self, code: int, want: int, deadline: float, timeout: float) -> bool:
         """False once ``/readyz`` answered ``want``; AssertionError, with the log, when the process

@@ -87,6 +87,9 @@ def _describe(result: CaseResult) -> str:
             f"{result.remote_close_code} {result.remote_close_reason!r}); expected: {expected}")
 
 
+# A socket an earlier test leaves unclosed can be garbage-collected during this long test and be
+# reported here; its own sockets are checked by its cases. Leaks are named with WIREHUB_GC_EACH_TEST=1.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 async def test_autobahn_cases_pass(wirehub_server: Start, capsys: pytest.CaptureFixture[str]) -> None:
     """Every case of groups 1-7, 9 and 10 is OK, NON-STRICT or INFORMATIONAL; the summary is printed."""
     server = await wirehub_server(_config(max_message_size=MAX_MESSAGE))
