@@ -29,12 +29,12 @@ import os
 import resource
 import socket
 import time
-from collections.abc import Awaitable, Iterable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from tornado import httputil
 from tornado.concurrent import Future
-from tornado.httpserver import HTTPServer
+from tornado.httpserver import HTTPServer, _HTTPRequestContext
 from tornado.ioloop import IOLoop
 from tornado.iostream import IOStream, UnsatisfiableReadError
 
@@ -73,6 +73,8 @@ OVER_CAP = _response(503, "Service Unavailable", OVER_CAP_BODY, "Retry-After: 1\
 BAD_REQUEST = _response(400, "Bad Request", {"error": "bad_request", "reason": "malformed HTTP request"})
 #: what Tornado's HTTP/1 server writes for a malformed request head before it closes
 TORNADO_BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\n\r\n"
+#: the end of a request head, as Tornado's HTTP/1 connection finds it
+HEAD_END = b"\r?\n\r?\n"
 HEADERS_TOO_LARGE = _response(431, "Request Header Fields Too Large",
                               {"error": "headers_too_large", "reason": "request head over the size limit"})
 
@@ -193,7 +195,7 @@ class EdgeStream(IOStream):
     the size at which it shares its keys with the other instances, about 1.5 KiB per connection.
     """
 
-    __slots__ = ("_first_head", "_reading_head", "_table", "_waiting", "probe")
+    __slots__ = ("_first_head", "_reading_head", "_table", "_waiting", "handover", "probe")
 
     def __init__(self, sock: socket.socket, table: ConnectionTable, probe: bool = False, **kwargs: Any) -> None:
         super().__init__(sock, **kwargs)
@@ -203,6 +205,8 @@ class EdgeStream(IOStream):
         self.probe = probe
         self._waiting = table.probes_waiting if probe else table.waiting
         self._reading_head = False
+        #: what the lean path learned of the first request before handing it to Tornado (service/upgrade.py)
+        self.handover: object | None = None
         table.open[self] = None
         if probe:
             table.probes[self] = None
@@ -226,6 +230,18 @@ class EdgeStream(IOStream):
         if isinstance(future, Future):
             future.add_done_callback(self._head_read)
         return future
+
+    def read_head(self, max_bytes: int, then: Callable[[EdgeStream, Future[bytes]], None]) -> None:
+        """Read the first request head (as Tornado's HTTP/1 server would), then call ``then`` with it."""
+        self._reading_head = True
+        future = super().read_until_regex(HEAD_END, max_bytes)
+        assert isinstance(future, Future)
+
+        def done(future: Future[bytes]) -> None:  # one callback for both: each is a pass of the loop
+            self._head_read(future)
+            then(self, future)
+
+        future.add_done_callback(done)
 
     def _head_read(self, _: Future[bytes]) -> None:
         self._reading_head = False
@@ -342,6 +358,21 @@ class _ProbesOnly(httputil.HTTPMessageDelegate):
             self.inner.on_connection_close()
 
 
+@runtime_checkable
+class HeadTaker(Protocol):
+    """Takes the first request head of a new connection, or declines it (then Tornado serves it)."""
+
+    def take_head(self, server: EdgeServer, stream: EdgeStream, address: Any, head: bytes) -> bool: ...
+
+
+class _HeadConnection(httputil.HTTPConnection):
+    """The ``connection`` of a request whose head was read by the accept path: its stream and context
+    (what an authenticator may look at); nothing is written through it."""
+
+    def __init__(self, stream: EdgeStream, context: _HTTPRequestContext) -> None:
+        self.stream, self.context = stream, context
+
+
 class EdgeServer(HTTPServer):
     """Tornado's HTTPServer with :class:`_Acceptor` in place of ``add_accept_handler``."""
 
@@ -349,6 +380,9 @@ class EdgeServer(HTTPServer):
         super().initialize(*args, **kwargs)
         assert table is not None, "EdgeServer needs a ConnectionTable"
         self.table = table
+        #: the application's reader of first request heads, if it has one (service/upgrade.py's LeanRouter)
+        self.head_taker: HeadTaker | None = (self.request_callback if isinstance(self.request_callback, HeadTaker)
+                                             else None)
         self._accept_errors = 0
         self._last_log = -LOG_INTERVAL
 
@@ -377,10 +411,46 @@ class EdgeServer(HTTPServer):
         try:
             stream = EdgeStream(conn, self.table, probe, max_buffer_size=self.max_buffer_size,
                                 read_chunk_size=self.read_chunk_size)
-            self.handle_stream(stream, address)  # HTTPServer's is synchronous
+            if self.head_taker is None or probe:
+                self.handle_stream(stream, address)  # HTTPServer's is synchronous
+            else:
+                # The first head is read here and shown to the head taker; what it does not take is
+                # replayed into Tornado's HTTP/1 connection, which then serves the connection as ever.
+                stream.read_head(self.conn_params.max_header_size or 65536,
+                                 lambda stream, future: self._head_arrived(stream, address, future))
         except Exception:
             log.exception("could not serve a new connection from %s", address)
             conn.close()
+
+    def _head_arrived(self, stream: EdgeStream, address: Any, future: Future[bytes]) -> None:
+        if future.cancelled() or future.exception() is not None:
+            return  # closed: by the client, the header timeout, an eviction or the 431 of an oversized head
+        head = future.result()
+        assert self.head_taker is not None
+        try:
+            taken = self.head_taker.take_head(self, stream, address, head)
+        except Exception:
+            log.exception("could not read a request head from %s", address)
+            taken = False
+        if not taken:
+            self.replay(stream, address, head)
+
+    def replay(self, stream: EdgeStream, address: Any, head: bytes) -> None:
+        """Serve ``stream`` with Tornado's HTTP/1 connection, the ``head`` already read put back in front of
+        what is buffered (pipelined requests, a body), as if it had never been read."""
+        if stream.closed():
+            return
+        stream._read_buffer[:0] = head
+        stream._read_buffer_size += len(head)
+        self.handle_stream(stream, address)
+
+    def head_connection(self, stream: EdgeStream, address: Any, headers: httputil.HTTPHeaders) -> _HeadConnection:
+        """What an ``HTTPServerRequest`` built from a head read here takes as its connection: the remote
+        address and protocol as Tornado's connection gives them (X-Real-Ip & co. with ``xheaders``)."""
+        context = _HTTPRequestContext(stream, address, self.protocol, self.trusted_downstream)
+        if self.xheaders:
+            context._apply_xheaders(headers)
+        return _HeadConnection(stream, context)
 
     def start_request(self, server_conn: object, request_conn: httputil.HTTPConnection) -> httputil.HTTPMessageDelegate:
         delegate = super().start_request(server_conn, request_conn)

@@ -24,7 +24,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Coroutine, Generator
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -33,8 +33,10 @@ from tornado import httputil
 from tornado.http1connection import HTTP1Connection
 from tornado.iostream import IOStream
 
+from wirehub.accept import EdgeServer, EdgeStream
 from wirehub.auth import AuthError
 from wirehub.frames import Protocol
+from wirehub.head import parse_head
 from wirehub.protocol import SUBPROTOCOL
 from wirehub.websocket import SessionSide, _websocket_params
 
@@ -68,6 +70,8 @@ class LeanRouter(httputil.HTTPServerConnectionDelegate):
         self.application = application
         self.app = app
         self.exact: dict[str, _Target] = {}
+        #: handshakes whose authentication suspended (most never do), held until they are done
+        self.handshakes: set[asyncio.Future[None]] = set()
         self.prefixes: list[tuple[re.Pattern[str], _Target]] = []
         from wirehub.app import endpoint_pattern
 
@@ -89,6 +93,54 @@ class LeanRouter(httputil.HTTPServerConnectionDelegate):
 
     def start_request(self, server_conn: object, request_conn: httputil.HTTPConnection) -> httputil.HTTPMessageDelegate:
         return UpgradeDelegate(self, server_conn, request_conn)
+
+    def take_head(self, server: EdgeServer, stream: EdgeStream, address: Any, head: bytes) -> bool:
+        """The accept path's first request head on a new connection: True when it is a version-13 upgrade
+        served here; False for anything else, which the caller then hands to Tornado as it arrived."""
+        started = time.monotonic()
+        parsed = parse_head(head)
+        if parsed is None:
+            return False
+        start_line, headers = parsed
+        app = self.app
+        path = start_line.path.partition("?")[0]
+        target = self.find(path)
+        if target is None or app.draining or not _is_upgrade(start_line, headers):
+            return False
+        origin = headers.get("Origin") or headers.get("Sec-Websocket-Origin")
+        if origin is not None and not _origin_allowed(app, origin, headers.get("Host", "")):
+            return False
+        try:
+            request = httputil.HTTPServerRequest(connection=server.head_connection(stream, address, headers),
+                                                 start_line=start_line, headers=headers)
+        except httputil.HTTPInputError:
+            return False  # such as a Host header Tornado refuses: its answer is the documented one
+        _run_eagerly(self._handshake(server, stream, address, head, target, request, path, started),
+                     self.handshakes)
+        return True
+
+    async def _handshake(self, server: EdgeServer, stream: EdgeStream, address: Any, head: bytes,
+                         target: _Target, request: httputil.HTTPServerRequest, path: str, started: float) -> None:
+        app = self.app
+        remote_ip = request.remote_ip or ""
+        try:
+            identity, refusal = await _authenticate(app, request)
+            if stream.closed():  # the client went away during authentication: no session to open
+                if refusal is not None:
+                    _refusal(app, refusal, path, remote_ip)  # counted and logged as on Tornado's path
+                return
+            if refusal is None:
+                limit = app.connections.admit(identity.user, remote_ip)
+                if limit is None:
+                    _open(app, target, identity, remote_ip, stream, request.headers, path, started)
+                    return
+            # A refusal is answered by Tornado's path (UpgradeDelegate), which then serves the connection's
+            # next requests as keep-alive; it takes the outcome instead of authenticating again.
+            stream.handover = _Handover(identity, refusal)
+            server.replay(stream, address, head)
+        except Exception:
+            log.exception("upgrade on %s from %s failed", path, remote_ip)
+            stream.close()
 
     def on_close(self, server_conn: object) -> None:
         self.application.on_close(server_conn)
@@ -123,65 +175,45 @@ class UpgradeDelegate(httputil.HTTPMessageDelegate):
                          headers: httputil.HTTPHeaders) -> Awaitable[None] | None:
         assert isinstance(start_line, httputil.RequestStartLine)
         app = self.router.app
+        conn = self.request_conn
+        handed = None
+        if isinstance(conn, HTTP1Connection) and isinstance(conn.stream, EdgeStream):
+            # only the request the accept path handed on, the first on its connection, carries one
+            handed, conn.stream.handover = conn.stream.handover, None
         path = start_line.path.partition("?")[0]
         target = self.router.find(path)
-        if (target is None or app.draining or not isinstance(self.request_conn, HTTP1Connection)
+        if (target is None or app.draining or not isinstance(conn, HTTP1Connection)
                 or not _is_upgrade(start_line, headers)):
             return self._pass(start_line, headers)
         origin = headers.get("Origin") or headers.get("Sec-Websocket-Origin")
         if origin is not None and not _origin_allowed(app, origin, headers.get("Host", "")):
             return self._pass(start_line, headers)  # Tornado's path refuses it (403) and counts it
-        return self._upgrade(target, start_line, headers, path)
+        return self._upgrade(target, start_line, headers, path, handed if isinstance(handed, _Handover) else None)
 
     async def _upgrade(self, target: _Target, start_line: httputil.RequestStartLine,
-                       headers: httputil.HTTPHeaders, path: str) -> None:
+                       headers: httputil.HTTPHeaders, path: str, handed: _Handover | None) -> None:
         app = self.router.app
         conn = self.request_conn
         assert isinstance(conn, HTTP1Connection)
         started = time.monotonic()
         request = httputil.HTTPServerRequest(connection=conn, start_line=start_line, headers=headers)
         remote_ip = request.remote_ip or ""
-        try:
-            identity = await app.authenticator.authenticate(request)
-        except AuthError as exc:
-            app.metrics.auth_failures.labels(exc.reason).inc()
-            log.info("refused upgrade on %s from %s: %s", path, remote_ip, exc)
-            extra = {"WWW-Authenticate": f'Bearer realm="wirehub", error="{exc.error}"'} if exc.status == 401 else {}
-            return self._refuse(exc.status, exc.error, exc.reason, extra, path, remote_ip, started)
-        except Exception as exc:  # a broken authenticator plugin: reported, and nothing was counted yet
-            app.hooks.failures.report(app.auth_plugin, "authenticate", exc)
-            return self._refuse(500, "internal", "internal error", {}, path, remote_ip, started)
+        if handed is not None:  # the accept path authenticated this request and handed it on to refuse it here
+            identity, refusal = handed.identity, handed.refusal
+        else:
+            identity, refusal = await _authenticate(app, request)
+        if refusal is not None:
+            status, error, reason, extra = _refusal(app, refusal, path, remote_ip)
+            return self._refuse(status, error, reason, extra, path, remote_ip, started)
         if self.gone or conn.stream is None or conn.stream.closed():
             return  # the client went away during authentication: nothing to count, no session to open
         limit = app.connections.admit(identity.user, remote_ip)
         if limit is not None:
             app.metrics.auth_failures.labels(limit).inc()
             return self._refuse(429, "too_many_connections", limit, {"Retry-After": "5"}, path, remote_ip, started)
-        key = headers["Sec-Websocket-Key"].encode()
-        accept = base64.b64encode(hashlib.sha1(key + _MAGIC).digest())
-        head = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                b"Sec-WebSocket-Accept: " + accept + b"\r\n")
-        offered = headers.get("Sec-Websocket-Protocol")
-        if offered and SUBPROTOCOL in (s.strip() for s in offered.split(",")):
-            # Browsers may carry a token as "bearer.<token>" beside it; that one is never echoed.
-            head += b"Sec-WebSocket-Protocol: " + SUBPROTOCOL.encode() + b"\r\n"
         stream = conn.detach()
         assert isinstance(stream, IOStream)
-        socket_side = LeanSocket(app, target, identity, remote_ip)
-        protocol = Protocol(socket_side, False, target.params)
-        protocol.stream = stream
-        socket_side.ws_connection = protocol
-        try:
-            stream.write(head + b"\r\n")
-        except Exception:
-            socket_side._release()
-            stream.close()
-            return
-        if app.config.logging.access_log:
-            access_log.info("%d %s %s %s %.1fms", 101, "GET", path, remote_ip, 1000 * (time.monotonic() - started))
-        opened = socket_side._start_session(protocol, remote_ip, path)
-        task = asyncio.ensure_future(protocol._receive_frame_loop(opened))
-        socket_side.task = task
+        _open(app, target, identity, remote_ip, stream, headers, path, started)
 
     def _refuse(self, status: int, error: str, reason: str, extra: dict[str, str], path: str, remote_ip: str,
                 started: float) -> None:
@@ -208,6 +240,106 @@ class UpgradeDelegate(httputil.HTTPMessageDelegate):
             self.inner.on_connection_close()
         else:
             self.gone = True
+
+
+class _Handover:
+    """What the accept path learned of a request it hands to Tornado's path to be refused there."""
+
+    __slots__ = ("identity", "refusal")
+
+    def __init__(self, identity: Any, refusal: Exception | None) -> None:
+        self.identity, self.refusal = identity, refusal
+
+
+async def _authenticate(app: Wirehub, request: httputil.HTTPServerRequest) -> tuple[Any, Exception | None]:
+    """The identity, or what the authenticator raised (an :class:`AuthError`, or a plugin's bug)."""
+    try:
+        return await app.authenticator.authenticate(request), None
+    except Exception as exc:
+        return None, exc
+
+
+def _refusal(app: Wirehub, exc: Exception, path: str, remote_ip: str) -> tuple[int, str, str, dict[str, str]]:
+    """Count and log a failed authentication; the answer's status, error, reason and extra headers."""
+    if isinstance(exc, AuthError):
+        app.metrics.auth_failures.labels(exc.reason).inc()
+        log.info("refused upgrade on %s from %s: %s", path, remote_ip, exc)
+        extra = {"WWW-Authenticate": f'Bearer realm="wirehub", error="{exc.error}"'} if exc.status == 401 else {}
+        return exc.status, exc.error, exc.reason, extra
+    # a broken authenticator plugin: reported, and nothing was counted yet
+    app.hooks.failures.report(app.auth_plugin, "authenticate", exc)
+    return 500, "internal", "internal error", {}
+
+
+def _open(app: Wirehub, target: _Target, identity: Any, remote_ip: str, stream: IOStream,
+          headers: httputil.HTTPHeaders, path: str, started: float) -> None:
+    """Write the 101 on a detached stream, open the session and start reading frames."""
+    key = headers["Sec-Websocket-Key"].encode()
+    accept = base64.b64encode(hashlib.sha1(key + _MAGIC).digest())
+    head = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: " + accept + b"\r\n")
+    offered = headers.get("Sec-Websocket-Protocol")
+    if offered and SUBPROTOCOL in (s.strip() for s in offered.split(",")):
+        # Browsers may carry a token as "bearer.<token>" beside it; that one is never echoed.
+        head += b"Sec-WebSocket-Protocol: " + SUBPROTOCOL.encode() + b"\r\n"
+    socket_side = LeanSocket(app, target, identity, remote_ip)
+    protocol = Protocol(socket_side, False, target.params)
+    protocol.stream = stream
+    socket_side.ws_connection = protocol
+    try:
+        stream.write(head + b"\r\n")
+    except Exception:
+        socket_side._release()
+        stream.close()
+        return
+    if app.config.logging.access_log:
+        access_log.info("%d %s %s %s %.1fms", 101, "GET", path, remote_ip, 1000 * (time.monotonic() - started))
+    opened = socket_side._start_session(protocol, remote_ip, path)
+    socket_side.task = asyncio.ensure_future(protocol._receive_frame_loop(opened))
+
+
+def _run_eagerly(coro: Coroutine[Any, Any, None], tasks: set[asyncio.Future[None]]) -> None:
+    """Run ``coro`` now, in this callback, and as a task only from its first real suspension on: most
+    handshakes (the anonymous authenticator, a JWT checked against a known key) never suspend, and a
+    task per handshake was a visible share of one. Such tasks are held in ``tasks`` until done."""
+    try:
+        yielded = coro.send(None)
+    except StopIteration:
+        return
+    task = asyncio.ensure_future(_Resumed(coro, yielded).run())
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
+
+
+class _Resumed:
+    """A coroutine that already ran up to a suspension, resumed by a task (``await`` delegates the same way)."""
+
+    __slots__ = ("coro", "yielded")
+
+    def __init__(self, coro: Coroutine[Any, Any, None], yielded: Any) -> None:
+        self.coro, self.yielded = coro, yielded
+
+    async def run(self) -> None:
+        await self
+
+    def __await__(self) -> Generator[Any, Any, None]:
+        coro, yielded = self.coro, self.yielded
+        while True:
+            try:
+                sent = yield yielded
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as exc:  # a cancellation or an error thrown into the awaited future
+                try:
+                    yielded = coro.throw(exc)
+                except StopIteration:
+                    return
+            else:
+                try:
+                    yielded = coro.send(sent)
+                except StopIteration:
+                    return
 
 
 def _origin_allowed(app: Wirehub, origin: str, host: str) -> bool:

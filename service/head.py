@@ -1,0 +1,63 @@
+"""A strict reader of one HTTP/1.1 request head, for the lean upgrade path (service/upgrade.py).
+
+Tornado's HTTP/1 server parses every header line with several regular expressions and normalises each
+name three times; on a connection storm that was a tenth of a handshake. This reader accepts only
+the plainest well-formed head (``GET <target> HTTP/1.1``, CRLF line ends, token names, no body
+headers) and answers ``None`` for anything else, which then goes to Tornado exactly as it arrived:
+every head accepted here is one Tornado accepts with the same start line and headers, so malformed
+or unusual requests get Tornado's answers, unchanged.
+"""
+
+from __future__ import annotations
+
+import re
+
+from tornado.httputil import HTTPHeaders, RequestStartLine
+
+#: a request line the lean path may serve: the target is what Tornado allows (no controls, no spaces)
+_REQUEST_LINE = re.compile(r"GET ([!-~\x80-\xff]+) HTTP/1\.1")
+#: every header line at once: a token, a colon, a value of visible characters, spaces and tabs
+_HEADER_BLOCK = re.compile(r"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t !-~\x80-\xff]*\r\n)*")
+#: headers that give a request a body; Tornado reads (and checks) bodies, so such a head is passed on
+_BODY_HEADERS = ("Content-Length", "Transfer-Encoding")
+#: a name as sent -> Http-Header-Case, as tornado.httputil normalises it (bounded: see _normal)
+_NAMES: dict[str, str] = {}
+_NAMES_MAX = 256
+
+
+def _normal(name: str) -> str:
+    norm = _NAMES.get(name)
+    if norm is None:
+        norm = "-".join([w.capitalize() for w in name.split("-")])
+        if len(_NAMES) < _NAMES_MAX:  # clients send a few spellings; a flood of odd ones is not cached
+            _NAMES[name] = norm
+    return norm
+
+
+def parse_head(data: bytes) -> tuple[RequestStartLine, HTTPHeaders] | None:
+    """The start line and headers of ``data`` (a head up to and including its empty line), or None when
+    it is not the plain shape this reader takes (Tornado then reads it)."""
+    if not data.endswith(b"\r\n\r\n"):
+        return None  # bare LF line ends, or (impossible here) no head end
+    text = data.decode("latin1")
+    eol = text.find("\r\n")
+    line = _REQUEST_LINE.fullmatch(text, 0, eol)
+    if line is None:
+        return None
+    block_start = eol + 2
+    block_end = len(text) - 2  # the block keeps each line's CRLF, not the empty line's
+    if _HEADER_BLOCK.fullmatch(text, block_start, block_end) is None:
+        return None
+    headers = HTTPHeaders()
+    for raw in text[block_start:block_end - 2].split("\r\n") if block_end > block_start else ():
+        name, _, value = raw.partition(":")
+        name = _normal(name)
+        value = value.strip(" \t")
+        if name in headers:
+            headers.add(name, value)
+        else:
+            headers[name] = value
+    for name in _BODY_HEADERS:
+        if name in headers:
+            return None
+    return RequestStartLine("GET", line.group(1), "HTTP/1.1"), headers

@@ -1,0 +1,286 @@
+"""The accept path's own reading of a first request head (service/accept.py, service/head.py): a plain
+version-13 upgrade is served without Tornado's HTTP/1 connection; anything else (malformed, unusual,
+plain HTTP, refused after authentication) is replayed into Tornado byte for byte, with its answers and
+keep-alive, and whatever the client sent after the head (a first frame, pipelined requests) is kept."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from tornado.http1connection import HTTP1ServerConnection
+from tornado.httputil import HTTPHeaders
+
+from wirehub.head import parse_head
+from wirehub.testing import LiveServer
+from wirehub.upgrade import LeanSocket
+
+Start = Callable[..., Awaitable[LiveServer]]
+ECHO = [{"path": "/ws/echo", "handler": "echo"}]
+KEY = base64.b64encode(b"0123456789abcdef").decode()
+
+
+def upgrade_head(path: str = "/ws/echo", *extra: str, eol: str = "\r\n") -> bytes:
+    lines = [f"GET {path} HTTP/1.1", "Host: 127.0.0.1", "Upgrade: websocket", "Connection: Upgrade",
+             f"Sec-WebSocket-Key: {KEY}", "Sec-WebSocket-Version: 13", *extra]
+    return (eol.join(lines) + eol + eol).encode("latin-1")
+
+
+def text_frame(payload: bytes) -> bytes:
+    mask = os.urandom(4)
+    return bytes((0x81, 0x80 | len(payload))) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+async def read_answer(reader: asyncio.StreamReader) -> tuple[int, bytes, bytes]:
+    """One HTTP answer: status, head, body (by Content-Length; none for a 101)."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    status = int(head[9:12])
+    length = re.search(rb"\r\nContent-Length: (\d+)", head)
+    body = await asyncio.wait_for(reader.readexactly(int(length.group(1))), 5) if length else b""
+    return status, head, body
+
+
+async def read_frame(reader: asyncio.StreamReader) -> bytes:
+    head = await asyncio.wait_for(reader.readexactly(2), 5)
+    return await asyncio.wait_for(reader.readexactly(head[1] & 0x7F), 5)
+
+
+async def exchange(server: LiveServer, data: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(data)
+    await writer.drain()
+    return reader, writer
+
+
+async def closed(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    await writer.wait_closed()
+
+
+@pytest.fixture
+def http1_connections(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """Every Tornado HTTP/1 server connection started from now on (in this process)."""
+    started: list[object] = []
+    original = HTTP1ServerConnection.start_serving
+
+    def counting(self: HTTP1ServerConnection, delegate: Any) -> None:
+        started.append(self)
+        original(self, delegate)
+
+    monkeypatch.setattr(HTTP1ServerConnection, "start_serving", counting)
+    return started
+
+
+# -- on a real server ------------------------------------------------------------------------------------------
+
+
+async def test_a_plain_upgrade_skips_tornados_http1_connection_and_plain_http_does_not(
+        wirehub_server: Start, http1_connections: list[object]) -> None:
+    server = await wirehub_server({"endpoints": ECHO})
+    reader, writer = await exchange(server, upgrade_head())
+    status, head, _ = await read_answer(reader)
+    assert status == 101, head
+    assert isinstance(next(iter(server.app.sessions.values())), LeanSocket)
+    assert http1_connections == []
+    reader2, writer2 = await exchange(server, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    status, _, body = await read_answer(reader2)
+    assert (status, json.loads(body)["status"]) == (200, "ok")
+    assert len(http1_connections) == 1
+    await closed(writer)
+    await closed(writer2)
+
+
+async def test_a_frame_sent_with_the_upgrade_head_is_read(wirehub_server: Start) -> None:
+    server = await wirehub_server({"endpoints": ECHO})
+    reader, writer = await exchange(server, upgrade_head() + text_frame(b'{"n":1}') + text_frame(b'{"n":2}'))
+    status, head, _ = await read_answer(reader)
+    assert status == 101, head
+    assert await read_frame(reader) == b'{"echo":{"n":1}}'
+    assert await read_frame(reader) == b'{"echo":{"n":2}}'
+    await closed(writer)
+
+
+async def test_pipelined_requests_after_a_plain_head_are_all_answered_in_order(
+        wirehub_server: Start, http1_connections: list[object]) -> None:
+    server = await wirehub_server({"endpoints": ECHO})
+    pipelined = (b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+                 b"GET /nowhere HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+                 b"GET /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+    reader, writer = await exchange(server, pipelined)
+    answers = [await read_answer(reader) for _ in range(3)]
+    assert [a[0] for a in answers] == [200, 404, 200]
+    assert json.loads(answers[1][2]) == {"error": "not_found", "reason": "no route for /nowhere"}
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # closed after the third, as asked
+    assert len(http1_connections) == 1
+    await closed(writer)
+
+
+async def test_an_upgrade_after_a_plain_request_on_one_connection_is_served_by_tornados_path(
+        wirehub_server: Start) -> None:
+    server = await wirehub_server({"endpoints": ECHO})
+    reader, writer = await exchange(server, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" + upgrade_head())
+    assert (await read_answer(reader))[0] == 200
+    status, head, _ = await read_answer(reader)
+    assert status == 101, head
+    writer.write(text_frame(b'{"n":3}'))
+    assert await read_frame(reader) == b'{"echo":{"n":3}}'
+    await closed(writer)
+
+
+@pytest.mark.parametrize(("data", "status", "error"), [
+    (b"GET  /ws/echo HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 400, "bad_request"),
+    (b"GET /ws/echo HTTP/1.1 x\r\nHost: 127.0.0.1\r\n\r\n", 400, "bad_request"),
+    (b"GET /ws/echo\r\nHost: 127.0.0.1\r\n\r\n", 400, "bad_request"),
+    (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n", 400, "bad_request"),
+    (upgrade_head("/ws/echo", "X-No-Colon"), 400, "bad_request"),
+    (upgrade_head("/ws/echo", " X-Folded: yes"), 400, "bad_request"),
+    (upgrade_head("/ws/echo", "X-Nul: a\x00b"), 400, "bad_request"),
+    (upgrade_head("/ws/echo").replace(b"Host: 127.0.0.1", b"Host: \xff[::1"), 400, "bad_request"),
+    (upgrade_head("/ws/echo").replace(b"Host: 127.0.0.1\r\n", b""), 400, "bad_request"),
+    (upgrade_head("/ws/nowhere"), 404, "not_found"),
+    (upgrade_head("/ws/echo", "Origin: http://evil.example"), 403, "forbidden_origin"),
+], ids=["double-space", "extra-part", "no-version", "tls-hello", "no-colon", "folded", "nul", "bad-host", "no-host",
+        "no-endpoint", "foreign-origin"])
+async def test_malformed_or_refused_heads_get_tornados_json_answer(
+        wirehub_server: Start, caplog: pytest.LogCaptureFixture, data: bytes, status: int, error: str) -> None:
+    server = await wirehub_server({"endpoints": ECHO})
+    reader, writer = await exchange(server, data)
+    got, head, body = await read_answer(reader)
+    assert got == status, head
+    assert b"Content-Type: application/json" in head
+    assert json.loads(body)["error"] == error
+    assert not [r for r in caplog.records if r.exc_info]
+    assert not server.app.sessions
+    await closed(writer)
+
+
+@pytest.mark.parametrize("data", [
+    upgrade_head(eol="\n"),  # bare LF line ends: Tornado still reads them
+    upgrade_head("/ws/echo", "Content-Length: 0"),  # a body header: Tornado reads (and checks) bodies
+    b"\r\n" + upgrade_head(),  # an empty line before the request, which Tornado skips
+    upgrade_head("/ws/echo", "X-Dup: a", "x-dup: b", "X-Odd:\t tabbed \t"),  # a duplicate header, tabs
+], ids=["bare-lf", "content-length", "leading-crlf", "duplicate-header"])
+async def test_unusual_but_valid_upgrades_are_still_upgraded(wirehub_server: Start, data: bytes) -> None:
+    server = await wirehub_server({"endpoints": ECHO})
+    reader, writer = await exchange(server, data)
+    status, head, _ = await read_answer(reader)
+    assert status == 101, head
+    writer.write(text_frame(b'{"n":4}'))
+    assert await read_frame(reader) == b'{"echo":{"n":4}}'
+    await closed(writer)
+
+
+@pytest.mark.parametrize("size", [70_000, 1_000_000])
+async def test_an_upgrade_head_over_the_limit_gets_431(wirehub_server: Start, size: int) -> None:
+    server = await wirehub_server({"endpoints": ECHO})
+    reader, writer = await exchange(server, upgrade_head("/ws/echo", "X-Big: " + "a" * size))
+    status, head, body = await read_answer(reader)
+    assert (status, json.loads(body)) == (431, {"error": "headers_too_large",
+                                                "reason": "request head over the size limit"})
+    assert b"Connection: close" in head
+    assert not server.app.sessions
+    await closed(writer)
+
+
+async def test_a_head_sent_in_pieces_is_upgraded(wirehub_server: Start) -> None:
+    server = await wirehub_server({"endpoints": ECHO})
+    data = upgrade_head()
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    for i in range(0, len(data), 7):
+        writer.write(data[i:i + 7])
+        await writer.drain()
+        await asyncio.sleep(0.005)
+    status, head, _ = await read_answer(reader)
+    assert status == 101, head
+    await closed(writer)
+
+
+async def test_a_refusal_after_authentication_is_tornados_answer_after_one_authentication(
+        wirehub_server: Start) -> None:
+    server = await wirehub_server({"endpoints": ECHO})
+    app = server.app
+    calls: list[str] = []
+    authenticate = app.authenticator.authenticate
+
+    async def counted(request: Any) -> Any:
+        calls.append(request.path)
+        return await authenticate(request)
+
+    app.authenticator.authenticate = counted  # type: ignore[method-assign]
+    reader, writer = await exchange(server, upgrade_head("/ws/echo?guest=bad"))
+    status, head, body = await read_answer(reader)
+    assert status == 400, head
+    assert b"Cache-Control: no-store" in head
+    assert json.loads(body) == {"error": "bad_request", "reason": "bad_guest_key"}
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # closed after the answer, as Tornado's path does
+    assert calls == ["/ws/echo"]
+    text = app.metrics.render().decode()
+    assert 'wirehub_auth_failures_total{reason="bad_guest_key"} 1.0' in text
+    await closed(writer)
+    reader, writer = await exchange(server, upgrade_head("/ws/echo?guest=" + "g" * 16))
+    assert (await read_answer(reader))[0] == 101
+    assert calls == ["/ws/echo", "/ws/echo"]
+    await closed(writer)
+
+
+async def test_an_authenticator_that_suspends_still_upgrades(wirehub_server: Start) -> None:
+    server = await wirehub_server({"endpoints": ECHO})
+    app = server.app
+    authenticate = app.authenticator.authenticate
+
+    async def slow(request: Any) -> Any:
+        await asyncio.sleep(0.05)
+        return await authenticate(request)
+
+    app.authenticator.authenticate = slow  # type: ignore[method-assign]
+    reader, writer = await exchange(server, upgrade_head() + text_frame(b'{"n":5}'))
+    assert (await read_answer(reader))[0] == 101
+    assert await read_frame(reader) == b'{"echo":{"n":5}}'
+    await closed(writer)
+
+
+# -- the reader itself ---------------------------------------------------------------------------------------
+
+
+def tornado_parse(data: bytes) -> tuple[str, HTTPHeaders]:
+    text = data.decode("latin1")
+    eol = text.find("\n")
+    return text[:eol].rstrip("\r"), HTTPHeaders.parse(text[eol:])
+
+
+@pytest.mark.parametrize("data", [
+    upgrade_head(),
+    upgrade_head("/ws/echo?guest=abc&x=%20", "Cookie: a=1", "cookie: b=2", "X-Latin: caf\xe9", "X-Empty:",
+                 "X-Spaces:   v  w   "),
+    b"GET / HTTP/1.1\r\n\r\n",
+])
+def test_what_the_reader_takes_it_reads_as_tornado_does(data: bytes) -> None:
+    parsed = parse_head(data)
+    assert parsed is not None
+    start_line, headers = parsed
+    line, expected = tornado_parse(data)
+    assert " ".join(start_line) == line
+    assert sorted(headers.get_all()) == sorted(expected.get_all())
+
+
+@pytest.mark.parametrize("data", [
+    upgrade_head(eol="\n"),
+    b"\r\n" + upgrade_head(),
+    b"POST /ws/echo HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /ws/echo HTTP/1.0\r\nHost: x\r\n\r\n",
+    b"GET /ws/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n",
+    b"GET /ws/echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+    b"GET /ws/echo HTTP/1.1\r\nHost: x\r\n folded\r\n\r\n",
+    b"GET /ws/echo HTTP/1.1\r\nBad Name: x\r\n\r\n",
+    b"GET /ws/echo HTTP/1.1\r\nX: a\x7fb\r\n\r\n",
+    b"GET /ws/\x01echo HTTP/1.1\r\nHost: x\r\n\r\n",
+], ids=["bare-lf", "leading-crlf", "post", "http10", "content-length", "chunked", "folded", "space-in-name",
+        "del-in-value", "control-in-target"])
+def test_what_the_reader_does_not_take_is_left_to_tornado(data: bytes) -> None:
+    assert parse_head(data) is None
