@@ -26,6 +26,7 @@ import errno
 import json
 import logging
 import os
+import re
 import resource
 import socket
 import time
@@ -75,6 +76,7 @@ BAD_REQUEST = _response(400, "Bad Request", {"error": "bad_request", "reason": "
 TORNADO_BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\n\r\n"
 #: the end of a request head, as Tornado's HTTP/1 connection finds it
 HEAD_END = b"\r?\n\r?\n"
+_HEAD_END = re.compile(HEAD_END)
 HEADERS_TOO_LARGE = _response(431, "Request Header Fields Too Large",
                               {"error": "headers_too_large", "reason": "request head over the size limit"})
 
@@ -112,6 +114,10 @@ class ConnectionTable:
         self.probes: dict[EdgeStream, None] = {}
         self.probes_waiting: dict[EdgeStream, None] = {}
         self.lingering: set[_Lingering] = set()
+        #: connections still owed their first head -> its deadline; in accept order, so in deadline order
+        #: too, which lets one timer for the oldest stand in for a timer per connection
+        self.first_heads: dict[EdgeStream, float] = {}
+        self._sweep: object | None = None
         metrics.connections.set_function(lambda: len(self.open))
         metrics.connections_max.set(cap)
 
@@ -143,8 +149,31 @@ class ConnectionTable:
         sock.shutdown(socket.SHUT_WR)
         self.lingering.add(_Lingering(sock.dup(), self.lingering))
 
+    def expect_head(self, stream: EdgeStream) -> None:
+        """``stream`` was just accepted: its first head is due within ``header_timeout``."""
+        loop = stream.io_loop
+        deadline = loop.time() + self.header_timeout
+        self.first_heads[stream] = deadline
+        if self._sweep is None:
+            self._sweep = loop.call_at(deadline, self._heads_overdue)
+
+    def _heads_overdue(self) -> None:
+        """Close the connections whose first head is overdue (oldest first), then wait for the next one."""
+        self._sweep = None
+        loop = IOLoop.current()
+        now = loop.time()
+        while self.first_heads:
+            stream, deadline = next(iter(self.first_heads.items()))
+            if deadline > now:
+                self._sweep = loop.call_at(deadline, self._heads_overdue)
+                return
+            del self.first_heads[stream]
+            if not stream.closed():
+                self.metrics.connections_refused.labels("header_timeout").inc()
+                stream.close()
+
     def closed(self, stream: EdgeStream) -> None:
-        for table in (self.open, self.waiting, self.probes, self.probes_waiting):
+        for table in (self.open, self.waiting, self.probes, self.probes_waiting, self.first_heads):
             table.pop(stream, None)
 
 
@@ -195,7 +224,7 @@ class EdgeStream(IOStream):
     the size at which it shares its keys with the other instances, about 1.5 KiB per connection.
     """
 
-    __slots__ = ("_first_head", "_reading_head", "_table", "_waiting", "handover", "probe")
+    __slots__ = ("_reading_head", "_table", "_waiting", "handover", "probe")
 
     def __init__(self, sock: socket.socket, table: ConnectionTable, probe: bool = False, **kwargs: Any) -> None:
         super().__init__(sock, **kwargs)
@@ -213,13 +242,7 @@ class EdgeStream(IOStream):
         self._waiting[self] = None  # it has sent no head yet (Tornado starts reading one in a moment)
         # The first head is due within server.header_timeout; Tornado's own head timeout (server.idle_timeout)
         # is longer, as it is also the keep-alive idle timeout, which must outlast a proxy's.
-        self._first_head: object | None = IOLoop.current().call_later(table.header_timeout, self._head_overdue)
-
-    def _head_overdue(self) -> None:
-        self._first_head = None
-        if not self.closed():
-            self._table.metrics.connections_refused.labels("header_timeout").inc()
-            self.close()
+        table.expect_head(self)
 
     def read_until_regex(self, regex: bytes, max_bytes: int | None = None) -> Awaitable[bytes]:
         # Tornado's HTTP/1 server reads a request head, and nothing else, with read_until_regex.
@@ -231,27 +254,48 @@ class EdgeStream(IOStream):
             future.add_done_callback(self._head_read)
         return future
 
-    def read_head(self, max_bytes: int, then: Callable[[EdgeStream, Future[bytes]], None]) -> None:
-        """Read the first request head (as Tornado's HTTP/1 server would), then call ``then`` with it."""
+    def read_head(self, max_bytes: int, then: Callable[[bytes], None]) -> None:
+        """Read the first request head, up to where Tornado's HTTP/1 server would find its end, then call
+        ``then`` with it; not at all when the connection closes first (the 431 of an oversized head too)."""
         self._reading_head = True
+        try:
+            chunk: bytes | None = self.socket.recv(self.read_chunk_size)
+        except OSError:  # nothing yet (EAGAIN), or an error that Tornado's read below meets again
+            chunk = None
+        if chunk == b"":
+            self.close()  # closed before a request
+            return
+        if chunk:
+            match = _HEAD_END.search(chunk)
+            if match is not None and match.end() <= max_bytes:
+                # The usual case in a reconnect storm: the head was in the socket at the accept. Read here
+                # without a Future and a pass of the loop; what followed it stays buffered for the reader.
+                end = match.end()
+                if end < len(chunk):
+                    self.unread(chunk[end:])
+                self._head_read()
+                then(chunk[:end])
+                return
+            self.unread(chunk)  # a part of it, or over the limit: Tornado's read goes on (and answers 431)
         future = super().read_until_regex(HEAD_END, max_bytes)
         assert isinstance(future, Future)
 
         def done(future: Future[bytes]) -> None:  # one callback for both: each is a pass of the loop
-            self._head_read(future)
-            then(self, future)
+            self._head_read()
+            if not future.cancelled() and future.exception() is None:
+                then(future.result())
 
         future.add_done_callback(done)
 
-    def _head_read(self, _: Future[bytes]) -> None:
+    def unread(self, data: bytes) -> None:
+        """Put ``data`` in front of what is buffered, to be read again (IOStream's buffer: Tornado 6.5/6.6)."""
+        self._read_buffer[:0] = data
+        self._read_buffer_size += len(data)
+
+    def _head_read(self, _: object = None) -> None:
         self._reading_head = False
         self._waiting.pop(self, None)
-        self._cancel_first_head()
-
-    def _cancel_first_head(self) -> None:
-        if self._first_head is not None:
-            self.io_loop.remove_timeout(self._first_head)
-            self._first_head = None
+        self._table.first_heads.pop(self, None)
 
     def write(self, data: bytes | memoryview) -> Future[None]:
         if data == TORNADO_BAD_REQUEST:  # the same answer, with the JSON body every other error has
@@ -273,7 +317,6 @@ class EdgeStream(IOStream):
         try:
             super().close_fd()
         finally:
-            self._cancel_first_head()
             self._table.closed(self)
 
 
@@ -365,11 +408,20 @@ class HeadTaker(Protocol):
     def take_head(self, server: EdgeServer, stream: EdgeStream, address: Any, head: bytes) -> bool: ...
 
 
+class _PeerContext:
+    """The remote address and protocol of a connection, as ``HTTPServerRequest`` reads them."""
+
+    __slots__ = ("protocol", "remote_ip")
+
+    def __init__(self, remote_ip: str, protocol: str) -> None:
+        self.remote_ip, self.protocol = remote_ip, protocol
+
+
 class _HeadConnection(httputil.HTTPConnection):
     """The ``connection`` of a request whose head was read by the accept path: its stream and context
     (what an authenticator may look at); nothing is written through it."""
 
-    def __init__(self, stream: EdgeStream, context: _HTTPRequestContext) -> None:
+    def __init__(self, stream: EdgeStream, context: _HTTPRequestContext | _PeerContext) -> None:
         self.stream, self.context = stream, context
 
 
@@ -417,15 +469,12 @@ class EdgeServer(HTTPServer):
                 # The first head is read here and shown to the head taker; what it does not take is
                 # replayed into Tornado's HTTP/1 connection, which then serves the connection as ever.
                 stream.read_head(self.conn_params.max_header_size or 65536,
-                                 lambda stream, future: self._head_arrived(stream, address, future))
+                                 lambda head: self._head_arrived(stream, address, head))
         except Exception:
             log.exception("could not serve a new connection from %s", address)
             conn.close()
 
-    def _head_arrived(self, stream: EdgeStream, address: Any, future: Future[bytes]) -> None:
-        if future.cancelled() or future.exception() is not None:
-            return  # closed: by the client, the header timeout, an eviction or the 431 of an oversized head
-        head = future.result()
+    def _head_arrived(self, stream: EdgeStream, address: Any, head: bytes) -> None:
         assert self.head_taker is not None
         try:
             taken = self.head_taker.take_head(self, stream, address, head)
@@ -440,16 +489,19 @@ class EdgeServer(HTTPServer):
         what is buffered (pipelined requests, a body), as if it had never been read."""
         if stream.closed():
             return
-        stream._read_buffer[:0] = head
-        stream._read_buffer_size += len(head)
+        stream.unread(head)
         self.handle_stream(stream, address)
 
     def head_connection(self, stream: EdgeStream, address: Any, headers: httputil.HTTPHeaders) -> _HeadConnection:
         """What an ``HTTPServerRequest`` built from a head read here takes as its connection: the remote
         address and protocol as Tornado's connection gives them (X-Real-Ip & co. with ``xheaders``)."""
-        context = _HTTPRequestContext(stream, address, self.protocol, self.trusted_downstream)
+        context: _HTTPRequestContext | _PeerContext
         if self.xheaders:
-            context._apply_xheaders(headers)
+            proxied = _HTTPRequestContext(stream, address, self.protocol, self.trusted_downstream)
+            proxied._apply_xheaders(headers)
+            context = proxied
+        else:  # what _HTTPRequestContext gives without xheaders, without asking the socket its family
+            context = _PeerContext(address[0] if isinstance(address, tuple) else "0.0.0.0", self.protocol or "http")
         return _HeadConnection(stream, context)
 
     def start_request(self, server_conn: object, request_conn: httputil.HTTPConnection) -> httputil.HTTPMessageDelegate:

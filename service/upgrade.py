@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import json
 import logging
@@ -286,8 +287,16 @@ def _open(app: Wirehub, target: _Target, identity: Any, remote_ip: str, stream: 
     protocol = Protocol(socket_side, False, target.params)
     protocol.stream = stream
     socket_side.ws_connection = protocol
+    head += b"\r\n"
     try:
-        stream.write(head + b"\r\n")
+        sent = 0
+        if not stream._write_buffer and stream.socket is not None:
+            # straight to the kernel, as StreamTransport does with frames: an empty socket buffer takes
+            # these 130 bytes, without IOStream.write's Future and buffer bookkeeping
+            with contextlib.suppress(BlockingIOError, InterruptedError):
+                sent = stream.socket.send(head)
+        if sent < len(head):
+            stream.write(head[sent:])
     except Exception:
         socket_side._release()
         stream.close()

@@ -284,3 +284,32 @@ def test_what_the_reader_takes_it_reads_as_tornado_does(data: bytes) -> None:
         "del-in-value", "control-in-target"])
 def test_what_the_reader_does_not_take_is_left_to_tornado(data: bytes) -> None:
     assert parse_head(data) is None
+
+
+async def test_a_head_over_a_small_limit_in_one_packet_gets_431(wirehub_server: Start) -> None:
+    server = await wirehub_server({"endpoints": ECHO, "server": {"max_header_size": 1024}})
+    reader, writer = await exchange(server, upgrade_head("/ws/echo", "X-Big: " + "a" * 1500))
+    status, head, body = await read_answer(reader)
+    assert (status, json.loads(body)["error"]) == (431, "headers_too_large")
+    await closed(writer)
+    reader, writer = await exchange(server, upgrade_head("/ws/echo", "X-Fits: " + "a" * 700))
+    assert (await read_answer(reader))[0] == 101
+    await closed(writer)
+
+
+async def test_connections_closed_before_or_during_their_head_leave_nothing_behind(
+        wirehub_server: Start, caplog: pytest.LogCaptureFixture) -> None:
+    server = await wirehub_server({"endpoints": ECHO})
+    for data in (b"", upgrade_head()[:30]):
+        _, writer = await exchange(server, data)
+        await closed(writer)
+    table = server.app.server.table
+    for _ in range(100):
+        if not table.open:
+            break
+        await asyncio.sleep(0.02)
+    assert not table.open and not table.waiting and not table.first_heads
+    assert not [r for r in caplog.records if r.exc_info]
+    reader, writer = await exchange(server, upgrade_head())
+    assert (await read_answer(reader))[0] == 101
+    await closed(writer)
