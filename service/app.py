@@ -86,6 +86,9 @@ class Wirehub:
         self._drain_started = 0.0
         self.started = False
         self.sessions: dict[Session, SessionSide] = {}
+        #: per endpoint, its open-sessions gauge and opened counter (``labels()`` takes a lock and
+        #: checks its arguments: a visible share of a handshake)
+        self._session_series: dict[str, tuple[Any, Any]] = {}
         #: client-triggerable errors are logged through it: once per interval, with a count
         self.logs = wirehub.logs.LogLimiter(config.server.error_log_interval)
         #: WebSocket pings, one timer for all connections (None: server.ping_interval 0)
@@ -202,14 +205,19 @@ class Wirehub:
     def session_opened(self, session: Session, socket_handler: SessionSide) -> None:
         self.sessions[session] = socket_handler
         self._all_closed.clear()
-        self.metrics.sessions.labels(session.endpoint).inc()
-        self.metrics.sessions_opened.labels(session.endpoint).inc()
+        series = self._session_series.get(session.endpoint)
+        if series is None:
+            series = self._session_series[session.endpoint] = (self.metrics.sessions.labels(session.endpoint),
+                                                               self.metrics.sessions_opened.labels(session.endpoint))
+        series[0].inc()
+        series[1].inc()
         if self.draining:  # its upgrade passed the draining check just before the drain began
             self._close_going_away(session)
-        log.info("session open %s user=%s endpoint=%s ip=%s", session.id, session.identity.user, session.endpoint,
-                 session.remote_ip, extra={"event": "session_open", "session": session.id,
-                                           "user": session.identity.user, "endpoint": session.endpoint,
-                                           "ip": session.remote_ip})
+        if log.isEnabledFor(logging.INFO):  # the extra dict is built for nothing at level warning
+            log.info("session open %s user=%s endpoint=%s ip=%s", session.id, session.identity.user,
+                     session.endpoint, session.remote_ip,
+                     extra={"event": "session_open", "session": session.id, "user": session.identity.user,
+                            "endpoint": session.endpoint, "ip": session.remote_ip})
 
     def session_closing(self, session: Session, socket_handler: SessionSide, code: int | None,
                         reason: str | None) -> None:
@@ -233,7 +241,8 @@ class Wirehub:
             log.exception("closing %r failed", session)
         finally:
             self.sessions.pop(session, None)
-            self.metrics.sessions.labels(session.endpoint).dec()
+            series = self._session_series.get(session.endpoint)
+            (series[0] if series is not None else self.metrics.sessions.labels(session.endpoint)).dec()
             # clients choose codes 3000-4999 freely: label those outside our table "other" (bounded series)
             label = str(code) if code is None or code < 3000 or code in CLOSE_REASONS else "other"
             self.metrics.sessions_closed.labels(session.endpoint, label).inc()
