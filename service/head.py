@@ -34,9 +34,11 @@ def _normal(name: str) -> str:
     return norm
 
 
-def parse_head(data: bytes) -> tuple[RequestStartLine, HTTPHeaders] | None:
-    """The start line and headers of ``data`` (a head up to and including its empty line), or None when
-    it is not the plain shape this reader takes (Tornado then reads it)."""
+def parse_head(data: bytes) -> tuple[RequestStartLine, HTTPHeaders, dict[str, str]] | None:
+    """The start line and headers of ``data`` (a head up to and including its empty line), the headers
+    also as a plain dict by Http-Header-Case name (repeated ones joined by commas, as ``HTTPHeaders``
+    gives them; a lookup without normalising the name), or None when it is not the plain shape this
+    reader takes (Tornado then reads it)."""
     if not data.endswith(b"\r\n\r\n"):
         return None  # bare LF line ends, or (impossible here) no head end
     text = data.decode("latin1")
@@ -49,6 +51,7 @@ def parse_head(data: bytes) -> tuple[RequestStartLine, HTTPHeaders] | None:
     if _HEADER_BLOCK.fullmatch(text, block_start, block_end) is None:
         return None
     fields: dict[str, list[str]] = {}
+    repeated = False
     for raw in text[block_start:block_end - 2].split("\r\n") if block_end > block_start else ():
         name, _, value = raw.partition(":")
         name = _normal(name)
@@ -57,22 +60,24 @@ def parse_head(data: bytes) -> tuple[RequestStartLine, HTTPHeaders] | None:
             fields[name] = [value.strip(" \t")]
         else:
             values.append(value.strip(" \t"))
+            repeated = True
     for name in _BODY_HEADERS:
         if name in fields:
             return None
-    return RequestStartLine("GET", line.group(1), "HTTP/1.1"), _headers(fields)
+    combined = {k: ",".join(v) for k, v in fields.items()} if repeated else {k: v[0] for k, v in fields.items()}
+    return RequestStartLine("GET", line.group(1), "HTTP/1.1"), _headers(fields, combined), combined
 
 
-def _fill(fields: dict[str, list[str]]) -> HTTPHeaders:
+def _fill(fields: dict[str, list[str]], combined: dict[str, str]) -> HTTPHeaders:
     """``HTTPHeaders`` from names already checked and normalised, without normalising each name again on
     every insertion (three times per header through the public methods): Tornado 6.6's two dicts."""
     headers = HTTPHeaders.__new__(HTTPHeaders)  # its __init__ (MutableMapping.update) would set the same two
     headers._as_list = fields  # type: ignore[attr-defined]
-    headers._combined_cache = {k: v[0] if len(v) == 1 else ",".join(v) for k, v in fields.items()}  # type: ignore[attr-defined]
+    headers._combined_cache = dict(combined)  # type: ignore[attr-defined]
     return headers
 
 
-def _add(fields: dict[str, list[str]]) -> HTTPHeaders:
+def _add(fields: dict[str, list[str]], combined: dict[str, str]) -> HTTPHeaders:
     """``HTTPHeaders`` through its public methods (any Tornado)."""
     headers = HTTPHeaders()
     for name, values in fields.items():

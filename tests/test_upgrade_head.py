@@ -263,10 +263,12 @@ def tornado_parse(data: bytes) -> tuple[str, HTTPHeaders]:
 def test_what_the_reader_takes_it_reads_as_tornado_does(data: bytes) -> None:
     parsed = parse_head(data)
     assert parsed is not None
-    start_line, headers = parsed
+    start_line, headers, fields = parsed
     line, expected = tornado_parse(data)
     assert " ".join(start_line) == line
     assert sorted(headers.get_all()) == sorted(expected.get_all())
+    assert fields == {name: expected[name] for name in expected}
+    assert all(headers[name] == expected[name] for name in expected)
 
 
 @pytest.mark.parametrize("data", [
@@ -289,7 +291,7 @@ def test_what_the_reader_does_not_take_is_left_to_tornado(data: bytes) -> None:
 async def test_a_head_over_a_small_limit_in_one_packet_gets_431(wirehub_server: Start) -> None:
     server = await wirehub_server({"endpoints": ECHO, "server": {"max_header_size": 1024}})
     reader, writer = await exchange(server, upgrade_head("/ws/echo", "X-Big: " + "a" * 1500))
-    status, head, body = await read_answer(reader)
+    status, _, body = await read_answer(reader)
     assert (status, json.loads(body)["error"]) == (431, "headers_too_large")
     await closed(writer)
     reader, writer = await exchange(server, upgrade_head("/ws/echo", "X-Fits: " + "a" * 700))
@@ -313,3 +315,35 @@ async def test_connections_closed_before_or_during_their_head_leave_nothing_behi
     reader, writer = await exchange(server, upgrade_head())
     assert (await read_answer(reader))[0] == 101
     await closed(writer)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:8080", "example.com", "[::1]:443", "a-b.example.com:1"])
+def test_the_plain_request_is_what_tornado_makes_of_the_same_head(host: str) -> None:
+    from tornado.httputil import HTTPServerRequest
+
+    from wirehub.accept import _HeadConnection, _PeerContext
+    from wirehub.upgrade import _PLAIN_HOST, _PlainRequest
+
+    assert _PLAIN_HOST.fullmatch(host)
+    parsed = parse_head(upgrade_head().replace(b"127.0.0.1", host.encode()))
+    assert parsed is not None
+    start_line, headers, _ = parsed
+    connection = _HeadConnection(None, _PeerContext("10.0.0.1", "http"))  # type: ignore[arg-type]
+    ours = vars(_PlainRequest(connection, start_line, headers, host))
+    tornados = vars(HTTPServerRequest(connection=connection, start_line=start_line, headers=headers))
+    assert ours.keys() == tornados.keys()
+    assert {k: v for k, v in ours.items() if k != "_start_time"} == {
+        k: v for k, v in tornados.items() if k != "_start_time"}
+
+
+async def test_a_query_string_is_parsed_for_the_authenticator(wirehub_server: Start) -> None:
+    server = await wirehub_server({"endpoints": ECHO})
+    reader, writer = await exchange(server, upgrade_head("/ws/echo?guest=" + "k" * 16 + "&x=1"))
+    assert (await read_answer(reader))[0] == 101
+    (session_side,) = server.app.sessions.values()
+    reader2, writer2 = await exchange(server, upgrade_head("/ws/echo?guest=" + "k" * 16))
+    assert (await read_answer(reader2))[0] == 101
+    users = {s.identity.user for s in server.app.sessions.values()}  # the same guest key: the same user
+    assert len(users) == 1 and session_side.identity is not None
+    await closed(writer)
+    await closed(writer2)
