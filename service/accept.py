@@ -14,9 +14,14 @@ logged a traceback and spun the CPU while the pending connection stayed in the b
   503 JSON answer at the accept and is closed;
 - EMFILE/ENFILE (or any other accept error) pauses accepting for :data:`ACCEPT_PAUSE` seconds, with
   one log line per :data:`LOG_INTERVAL` that counts the pauses;
-- a connection's first request head is due within ``server.header_timeout``; later ones (keep-alive)
-  within ``server.idle_timeout``, Tornado's own head timeout;
-- a request head over ``server.max_header_size`` is answered 431 before the close.
+- a connection's first request head is due within ``server.header_timeout`` (one timer for the oldest
+  deadline, not one per connection); later ones (keep-alive) within ``server.idle_timeout``, Tornado's
+  own head timeout;
+- a request head over ``server.max_header_size`` is answered 431 before the close;
+- the first head is read here (straight from the socket when it is there at the accept) and shown to the
+  application's :class:`HeadTaker` (service/upgrade.py), which serves a plain version-13 upgrade without
+  Tornado's HTTP/1 connection; a head it does not take is put back in front of whatever followed it and
+  the connection goes to Tornado's ``HTTP1ServerConnection`` as if nothing had been read.
 """
 
 from __future__ import annotations

@@ -2,9 +2,11 @@
 
 Tornado serves an upgrade through a full ``RequestHandler`` (response headers with a Date, the
 ``_execute`` task awaiting the connection for its whole life, the request kept alive in it) and
-that was most of what a connection cost. Here, the request head of every new request is looked at
-first (:class:`UpgradeDelegate`): a well-formed RFC 6455 version 13 upgrade for an endpoint, whose
-Origin is allowed and while the replica is not draining, is upgraded right here. The same checks
+that was most of what a connection cost, and its HTTP/1 connection (a task per connection, header
+parsing) most of the rest. Here, the first head of a new connection, read by the accept path, is looked
+at first (:meth:`LeanRouter.take_head`, with service/head.py's strict reader), and the head of every
+request Tornado reads next (:class:`UpgradeDelegate`): a well-formed RFC 6455 version 13 upgrade for an
+endpoint, whose Origin is allowed and while the replica is not draining, is upgraded right here. The same checks
 as :class:`~wirehub.websocket.WirehubSocket` run, in the same order, with the same answers (the
 authenticator's refusal, 500 for a broken authenticator, 429 over a connection limit), then the 101
 is written, the HTTP connection is detached and the frames are read by
@@ -12,7 +14,8 @@ is written, the HTTP connection is detached and the frames are read by
 
 Everything else, plain HTTP and every refusal before authentication (not an upgrade, a foreign
 Origin, draining, an old WebSocket version), goes to Tornado's application unchanged: its answers
-are the documented ones.
+are the documented ones. A first head refused after authentication is replayed into Tornado's path
+with the outcome (:class:`_Handover`), which answers it as before without authenticating again.
 """
 
 from __future__ import annotations
