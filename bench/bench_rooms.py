@@ -105,6 +105,17 @@ class Env:
             block[kind]["presence_ttl"] = ttl
         return block
 
+    def broker_commands(self, kind: str) -> dict[str, int]:
+        """Redis: the commands the broker has run so far, by name (INFO commandstats); else empty."""
+        broker = self.brokers.get(kind)
+        if kind != "redis" or broker is None:
+            return {}
+        import redis
+
+        with redis.Redis.from_url(broker.url) as client:
+            stats = client.info("commandstats")
+        return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()}
+
     def broker_pids(self) -> list[int]:
         return [b.pid for b in self.brokers.values() if b.pid]
 
@@ -501,6 +512,7 @@ async def reconnect_run(env: Env, kind: str, a: argparse.Namespace) -> dict[str,
         gen_pids = [w.proc.pid for w in workers if w.proc.pid]
         srv_pids = [s1.pid, s2.pid, *env.broker_pids()]
         g0, s0 = sum(map(cpu_seconds, gen_pids)), sum(map(cpu_seconds, srv_pids))
+        r0 = env.broker_commands(kind)
         t_kill = perf()
         victim.kill()
         victim.wait(10)
@@ -508,7 +520,9 @@ async def reconnect_run(env: Env, kind: str, a: argparse.Namespace) -> dict[str,
         storm_wall = perf() - t_kill
         during = await on_all(workers, "measure", on=False)
         gen_pct = round(100 * (sum(map(cpu_seconds, gen_pids)) - g0) / storm_wall, 1)
-        srv_pct = round(100 * (sum(map(cpu_seconds, srv_pids)) - s0) / storm_wall, 1)
+        srv_cpu = sum(map(cpu_seconds, srv_pids)) - s0
+        srv_pct = round(100 * srv_cpu / storm_wall, 1)
+        r1 = env.broker_commands(kind)
         await asyncio.sleep(a.after)
         stop_pub.set()
         await task
@@ -529,6 +543,11 @@ async def reconnect_run(env: Env, kind: str, a: argparse.Namespace) -> dict[str,
                 "dropped_p50_s": round(drops[len(drops) // 2], 2) if drops else None,
                 "dropped_last_s": round(drops[-1], 2) if drops else None, "storm_wall_s": round(storm_wall, 2),
                 "storm_survivors_cpu_pct": srv_pct, "storm_loadgen_cpu_pct": gen_pct,
+                # CPU of the survivors and the broker per rejoin (a ratio that holds on a shared machine)
+                "survivors_cpu_ms_per_rejoin": round(1000 * srv_cpu / len(times), 3) if times else None,
+                # Redis: commands it ran during the storm per rejoin, by name (INFO commandstats)
+                "broker_commands_per_rejoin": {k: round((r1[k] - r0.get(k, 0)) / len(times), 2) for k in r1
+                                               if r1[k] != r0.get(k, 0)} if times and r1 else None,
                 "recovered_true": total(results, "recovered"), "recovered_false": total(results, "unrecovered"),
                 # members whose first join had failed: they rejoin without a position to recover from
                 "rejoined_without_since": len(times) - total(results, "recovered") - total(results, "unrecovered"),
@@ -563,13 +582,15 @@ async def scenario_reconnect(env: Env, a: argparse.Namespace) -> list[dict[str, 
                 env.code = None
             r["code"] = code if a.before else None
             r["storm_p99_ms"] = r["storm"]["p99_ms"]
+            print(f"reconnect {kind:6} {code}: survivors+broker CPU {r['survivors_cpu_ms_per_rejoin']} ms per rejoin, "
+                  f"broker commands per rejoin {r['broker_commands_per_rejoin']}", file=sys.stderr)
             print(f"reconnect {kind:6} M={a.members}{' ' + code if a.before else ''}: all rejoined after "
                   f"{r['all_rejoined_s']} s ({r['rejoined']}/{r['victims']}, last {r['rejoin_last_s']} s), recovered "
                   f"true {r['recovered_true']} false {r['recovered_false']}, lost {r['lost']} dup {r['dup']}, stayers "
                   f"p99 {r['storm']['p99_ms']} ms during the storm (calm {r['calm']['p99_ms']} ms), survivors "
                   f"{r['storm_survivors_cpu_pct']} % CPU", file=sys.stderr)
             pair.append(r)
-        compare(pair, ("rejoin_last_s", "rejoin_p50_s", "storm_p99_ms"))
+        compare(pair, ("rejoin_last_s", "rejoin_p50_s", "storm_p99_ms", "survivors_cpu_ms_per_rejoin"))
         out += pair
     return out
 
