@@ -2,11 +2,11 @@
 
 Callers queue raw commands (tuples of arguments, as for ``EXECUTE_COMMAND``); what is queued in one
 loop iteration goes out as ONE pipeline (no MULTI) on one pooled connection: one write, one round
-trip, one ``op_timeout``. At most ``MAX_IN_FLIGHT`` pipelines are in flight; what is asked for while
-they are goes out as the next one when one comes back. A join storm of 500 joins in flight then
-costs a few large pipelines, not three round trips per join, on at most two connections of the pool,
-not 500 turns at it (the publisher's publishes share that pool). A command waits for at most one
-batch ahead of it, then ``op_timeout`` for its own.
+trip, one ``op_timeout``. At most ``MAX_IN_FLIGHT`` pipelines of at most ``MAX_BATCH`` requests are
+in flight; what is asked for meanwhile goes out as the next one when one comes back. A join storm of
+500 joins in flight then costs a few large pipelines, not three round trips per join, on at most two
+connections of the pool, not 500 turns at it (the publisher's publishes share that pool). A command
+waits for the pipelines ahead of it, then ``op_timeout`` for its own.
 
 Requests with the same ``share`` key in one batch (the history position of a room, the same range of
 its history, the first presence page of a room) are sent ONCE and every caller gets the one parsed
@@ -45,6 +45,9 @@ Command = tuple[Any, ...]
 #: pipelines in flight at once; what is asked for meanwhile waits and goes out as the next one, so a
 #: storm's commands travel in a few large pipelines on a few connections, not one per loop iteration
 MAX_IN_FLIGHT = 2
+#: requests in one pipeline at most: a reply wakes at most this many callers in one loop iteration, so
+#: a storm's continuations do not hold back the deliveries to the other members for long
+MAX_BATCH = 256
 Parse = Callable[[list[Any]], Any]
 
 
@@ -57,6 +60,7 @@ class _Request:
     commands: Sequence[Command]
     parse: Parse
     future: asyncio.Future[Any]
+    share: Hashable | None = None
 
 
 @dataclass(eq=False)
@@ -107,7 +111,7 @@ class Batcher:
                 self.stats.shared += 1
                 return await asyncio.shield(same.future)  # one caller giving up must not cancel the others
         loop = asyncio.get_running_loop()
-        req = _Request(commands() if callable(commands) else commands, parse, loop.create_future())
+        req = _Request(commands() if callable(commands) else commands, parse, loop.create_future(), share)
         self._queued.append(req)
         self._schedule()
         if share is None:
@@ -124,11 +128,17 @@ class Batcher:
         self._scheduled = False
         if not self._queued or len(self._running) >= MAX_IN_FLIGHT:
             return  # sent when a batch in flight comes back
-        batch, self._queued = self._queued, []
-        self._by_share = {}
+        batch, self._queued = self._queued[:MAX_BATCH], self._queued[MAX_BATCH:]
+        if self._queued:
+            for req in batch:  # sent now: a later request must not share its reply
+                if req.share is not None and self._by_share.get(req.share) is req:
+                    del self._by_share[req.share]
+        else:
+            self._by_share = {}
         task = asyncio.ensure_future(self._run(batch))
         self._running.add(task)
         task.add_done_callback(self._done)
+        self._schedule()  # the rest, when another pipeline may go
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
