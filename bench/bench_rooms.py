@@ -195,8 +195,11 @@ def ratio(a: float | None, b: float | None, digits: int = 2) -> float | None:
 
 
 async def join_phase(env: Env, kind: str, n: int, *, join: bool, events: bool, burst: int,
-                     join_timeout: float, settle: float) -> dict[str, Any]:
-    """A fresh replica; ``n`` connections (then joins of one room when ``join``): its CPU and RSS growth."""
+                     join_timeout: float, settle: float, idle_window: float = 0.0) -> dict[str, Any]:
+    """A fresh replica; ``n`` connections (then joins of one room when ``join``): its CPU and RSS growth.
+    Without ``join``, also the CPU per second of the ``n`` idle connections over ``idle_window``
+    seconds (keepalive pings, timers): a join phase that takes longer on a loaded machine pays more of
+    it, which the ``net`` join figures take out."""
     proc, port = env.replica(env.bus(kind), events)
     pid = proc.pid
     workers = await start_workers(workers_for(n))
@@ -227,6 +230,9 @@ async def join_phase(env: Env, kind: str, n: int, *, join: bool, events: bool, b
                        joined_bytes_avg=round(total(joins, "joined_bytes") / max(1, total(joins, "joined"))),
                        joined_bytes_max=max(r["joined_max"] for r in joins),
                        events_received=total(joins, "events"))
+        elif idle_window > 0:
+            await asyncio.sleep(idle_window)
+            res["idle_cpu_per_s"] = round((cpu_seconds(pid) - c1) / idle_window, 4)
         await asyncio.sleep(settle)
         res["rss_growth"] = rss_bytes(pid) - rss0
         res["rss_per_conn"] = round(res["rss_growth"] / max(1, res["connected"]))
@@ -263,12 +269,15 @@ async def scenario_join(env: Env, a: argparse.Namespace) -> list[dict[str, Any]]
                 for code, tree in codes(env, a):
                     env.code = tree
                     kw = {"events": events, "burst": a.burst, "join_timeout": a.join_timeout, "settle": a.settle}
-                    idle = await join_phase(env, kind, n, join=False, **kw)
+                    idle = await join_phase(env, kind, n, join=False, idle_window=a.idle_window, **kw)
                     full = await join_phase(env, kind, n, join=True, **kw)
                     env.code = None
                     cpu_idle = idle["connect_cpu"] / n
                     cpu_member = (full["connect_cpu"] + full.get("join_cpu", 0)) / n
                     per_join = full.get("join_cpu", 0) / n
+                    # the join phase's CPU less what the idle connections cost over as long (keepalive)
+                    net = (max(0.0, full.get("join_cpu", 0) - idle.get("idle_cpu_per_s", 0) * full.get("join_wall", 0))
+                           / n)
                     first_per_join.setdefault(code, per_join)
                     r = {"scenario": "join", "bus": kind, "size": n, "events": "on" if events else "off",
                          "code": code if a.before else None,
@@ -277,6 +286,8 @@ async def scenario_join(env: Env, a: argparse.Namespace) -> list[dict[str, Any]]
                          "member_vs_idle_cpu": ratio(cpu_member, cpu_idle),
                          "join_cpu_per_join_us": round(per_join * 1e6, 1),
                          "join_cpu_vs_smallest": ratio(per_join, first_per_join[code]),
+                         "join_cpu_net_per_join_us": round(net * 1e6, 1),
+                         "member_vs_idle_cpu_net": ratio(full["connect_cpu"] / n + net, cpu_idle),
                          "joins_per_s": full.get("joins_per_s"),
                          "joins_per_server_cpu_s": round(n / full["join_cpu"], 1) if full.get("join_cpu") else None,
                          "rss_per_idle_conn": idle["rss_per_conn"], "rss_per_member": full["rss_per_conn"],
@@ -284,13 +295,15 @@ async def scenario_join(env: Env, a: argparse.Namespace) -> list[dict[str, Any]]
                                                             2),
                          "idle": idle, "joined": full}
                     pair.append(r)
-                compare(pair, ("join_cpu_per_join_us", "member_vs_idle_cpu", "joins_per_s"))
+                compare(pair, ("join_cpu_per_join_us", "member_vs_idle_cpu", "joins_per_s", "join_cpu_net_per_join_us"))
                 for r in pair:
                     vs = (f", join CPU {r['join_cpu_per_join_us_vs_before']}x before"
                           if r.get("join_cpu_per_join_us_vs_before") is not None else "")
                     print(f"join {kind:6} events {r['events']:3} N={n:>6}{' ' + r['code'] if r['code'] else ''}: "
                           f"{r['joins_per_s']} joins/s, CPU/member {r['member_vs_idle_cpu']}x idle, join CPU "
-                          f"{r['join_cpu_per_join_us']} us ({r['join_cpu_vs_smallest']}x N={a.sizes[0]}){vs}, "
+                          f"{r['join_cpu_per_join_us']} us ({r['join_cpu_vs_smallest']}x N={a.sizes[0]}){vs}, net of "
+                          f"keepalive {r['join_cpu_net_per_join_us']} us, CPU/member net "
+                          f"{r['member_vs_idle_cpu_net']}x idle, "
                           f"RSS +{r['rss_member_minus_idle_kib']} KiB over idle, "
                           f"failed {r['joined'].get('join_failed')}",
                           file=sys.stderr)
@@ -607,7 +620,8 @@ def render(results: dict[str, Any]) -> str:
     out: list[str] = []
     heads = {
         "join": ("bus", "events", "N", "code", "joins/s", "joins/server CPU-s", "CPU/member vs idle conn",
-                 "join CPU us", "join CPU vs before", "join CPU vs smallest N", "RSS/idle conn", "RSS/member",
+                 "join CPU us", "join CPU vs before", "join CPU net us", "net vs before", "CPU/member net vs idle",
+                 "join CPU vs smallest N", "RSS/idle conn", "RSS/member",
                  "member - idle KiB", "joined bytes avg", "failed"),
         "latency": ("bus", "replicas", "subscribers", "deliveries/s", "p50 ms", "p99 ms", "p99.9 ms",
                     "p99 vs memory", "lost", "dup", "servers CPU %", "loadgen CPU %"),
@@ -628,7 +642,9 @@ def render(results: dict[str, Any]) -> str:
                     round(r["size"] / j["join_cpu"], 1) if j.get("join_cpu") else None)
                 cells: list[Any] = [r["bus"], r["events"], r["size"], r.get("code"), r["joins_per_s"], jps,
                                     r["member_vs_idle_cpu"], r["join_cpu_per_join_us"],
-                                    r.get("join_cpu_per_join_us_vs_before"), r["join_cpu_vs_smallest"],
+                                    r.get("join_cpu_per_join_us_vs_before"), r.get("join_cpu_net_per_join_us"),
+                                    r.get("join_cpu_net_per_join_us_vs_before"), r.get("member_vs_idle_cpu_net"),
+                                    r["join_cpu_vs_smallest"],
                                     r["rss_per_idle_conn"], r["rss_per_member"], r["rss_member_minus_idle_kib"],
                                     j.get("joined_bytes_avg"), j.get("join_failed")]
             elif name == "latency":
@@ -660,7 +676,7 @@ DEFAULTS: dict[str, tuple[str, str]] = {
     "reconnect": ("", "redis"),
 }
 QUICK: dict[str, dict[str, Any]] = {
-    "join": {"sizes": [100, 200], "bus": ["memory"], "events": [False], "settle": 0.2},
+    "join": {"sizes": [100, 200], "bus": ["memory"], "events": [False], "settle": 0.2, "idle_window": 0.5},
     "latency": {"bus": ["redis"], "subscribers": 100, "duration": 1.0, "warmup": 0.2},
     "fanout": {"sizes": [100, 200], "bus": ["memory"], "duration": 0.5, "warmup": 0.2, "deliveries": 5000.0},
     "reconnect": {"bus": ["redis"], "members": 100, "stayers": 20, "calm": 0.3, "after": 0.3, "warmup": 0.2},
@@ -679,6 +695,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--burst", type=int, default=500, help="handshakes (and joins) in flight per process")
     p.add_argument("--join-timeout", type=float, default=300.0, help="seconds one join may take")
     p.add_argument("--settle", type=float, default=1.0, help="join: seconds before reading RSS")
+    p.add_argument("--idle-window", type=float, default=20.0,
+                   help="join: seconds the idle connections' CPU is measured (the keepalive's ping_interval)")
     p.add_argument("--subscribers", type=int, default=1000, help="latency: members on replica B")
     p.add_argument("--rate", type=float, default=None, help="messages/s (latency: 20; reconnect: 5)")
     p.add_argument("--presence-ttl", type=float, default=3.0, help="latency: the bus's presence_ttl")
