@@ -206,3 +206,17 @@ async def test_a_redis_that_lost_its_scripts_gets_them_again(
     assert [m.user for m in page.members] == ["a", "b"]
     assert top == 0 and epoch
     assert (await backend.history.read(room, 0, 10)).complete
+
+
+async def test_a_first_page_that_moved_parses_only_the_members_it_did_not_hold(replicas: list[Backend]) -> None:
+    a, b = replicas[0], replicas[1]
+    room = unique_room("memo")
+    for i in range(30):
+        await a.presence.join(room, entry(f"m{i:02d}", "n0"))
+    first = await a.presence.page(room, None, 10)
+    await b.presence.join(room, entry("a-new", "n1"))  # ranks first: the page moved by one
+    moved = await a.presence.page(room, None, 10)
+    assert [m.user for m in moved.members] == ["a-new", *(m.user for m in first.members[:9])]
+    assert all(x is y for x, y in zip(moved.members[1:], first.members[:9], strict=True))
+    assert moved.members[0].info == {"name": "a-new"}
+    assert moved.count.users == 31

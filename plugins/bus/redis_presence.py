@@ -225,6 +225,8 @@ class RedisPresence:
         self._unleft: dict[tuple[str, str], PresenceEntry] = {}
         #: room -> (head version, limit, members) of the first page last read (callers must not change it)
         self._heads: dict[str, tuple[str, int, list[PresenceMember]]] = {}
+        #: room -> the members of that first page by their raw reply (user, "<n>:<info>")
+        self._memo: dict[str, dict[tuple[bytes, bytes], PresenceMember]] = {}
 
     # -- naming ----------------------------------------------------------------------------------------
 
@@ -307,10 +309,10 @@ class RedisPresence:
         keys = self._keys(room)
         head = self._heads.get(room) if after is None else None
         known = head[0] if head is not None and head[1] == limit else ""
-        command = self._script("presence_page", keys, [after or "", max(0, limit), known])
         # the page reads of one room in one batch (a join storm) are one script run, parsed once
-        page: PresencePage = await self._pipeline(
-            command, share=("page", room, after, limit, known),
+        page: PresencePage = await self.bus.batch.run(
+            lambda: [self._script("presence_page", keys, [after or "", max(0, limit), known])],
+            share=("page", room, after, limit, known),
             parse=lambda replies: self._parse_page(room, after, limit, head if known else None, replies[0]))
         return page
 
@@ -320,14 +322,25 @@ class RedisPresence:
         if held is not None and version == held[0]:
             members = held[2]
         else:
+            # a first page that moved mostly holds the members it held: those are not parsed again
+            first = after is None and bool(version) and limit > 0
+            memo = self._memo.get(room, {}) if first else {}
+            seen: dict[tuple[bytes, bytes], PresenceMember] = {}
             members = []
             for i in range(4, len(out), 2):
-                n, _, info = _text(out[i + 1]).partition(":")
-                members.append(PresenceMember(_text(out[i]), int(n), json.loads(info or "{}")))
-            if after is None and version and limit > 0:
+                raw = (out[i], out[i + 1])
+                member = memo.get(raw)
+                if member is None:
+                    n, _, info = _text(raw[1]).partition(":")
+                    member = PresenceMember(_text(raw[0]), int(n), json.loads(info or "{}"))
+                seen[raw] = member
+                members.append(member)
+            if first:
                 if len(self._heads) >= HEAD_CACHE_ROOMS:
                     self._heads.clear()
+                    self._memo.clear()
                 self._heads[room] = (version, limit, members)
+                self._memo[room] = seen
         cursor = members[-1].user if int(out[2]) and members else None
         return PresencePage(members, cursor, PresenceCount(int(out[0]), int(out[1])))
 
