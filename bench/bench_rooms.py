@@ -6,6 +6,7 @@
     python -m bench.bench_rooms reconnect [--members 18000] [--stayers 1000] [--bus redis]
     python -m bench.bench_rooms all --quick      # every scenario with tiny sizes (each under ~20 s: the smoke test)
     python -m bench.bench_rooms render bench/results/before-*.json     # the README's tables from saved results
+    python -m bench.bench_rooms join --bus redis --sizes 18000 --before /work/main   # before/after in one run
 
 Every figure is a ratio against a baseline measured in the same run (the machine is shared, absolute
 figures are noisy):
@@ -26,6 +27,10 @@ figures are noisy):
   members reconnect to the survivors and join with ``since``. Figures: seconds until all rejoined
   (target < 20), ``recovered: true`` count (target all), messages lost / duplicated over every member
   (target 0), and the stayers' p99 during the storm (target < 100 ms) against their p99 before it.
+
+``--before TREE`` (join, reconnect) runs every measurement twice in the same run, interleaved: on the
+code of another wirehub tree (``before``: its ``service`` folder imported as ``wirehub``) and on this
+one (``after``); rows carry ``code`` and the after rows the ratio to their before row.
 
 Replicas run pinned to core 0, load-generator worker processes (:mod:`bench.rooms_load`) and this
 process (the publisher) to core 1; the brokers, started by this process, inherit core 1. The last line
@@ -84,6 +89,8 @@ class Env:
         self.brokers: dict[str, BrokerProcess] = {}
         self.procs: list[subprocess.Popen[bytes]] = []
         self._n = 0
+        #: another wirehub tree whose code the next replicas run (--before), None for this one
+        self.code: Path | None = None
 
     def bus(self, kind: str, presence_ttl: float | None = None) -> dict[str, Any]:
         broker = None
@@ -98,6 +105,17 @@ class Env:
             block[kind]["presence_ttl"] = ttl
         return block
 
+    def broker_commands(self, kind: str) -> dict[str, int]:
+        """Redis: the commands the broker has run so far, by name (INFO commandstats); else empty."""
+        broker = self.brokers.get(kind)
+        if kind != "redis" or broker is None:
+            return {}
+        import redis
+
+        with redis.Redis.from_url(broker.url) as client:
+            stats = client.info("commandstats")
+        return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()}
+
     def broker_pids(self) -> list[int]:
         return [b.pid for b in self.brokers.values() if b.pid]
 
@@ -108,7 +126,20 @@ class Env:
             options["presence_events"] = events
         endpoint = {"path": "/ws/chat", "handler": "chat", "options": options}
         name = f"{bus['plugin']}-{self._n}"
-        proc, port, _ = start_replica(self.workdir, name, bus, endpoint, preexec_fn=server_setup)
+        saved = os.environ.get("PYTHONPATH")
+        if self.code is not None:  # the other tree's `service` folder imported as `wirehub`
+            link = self.workdir / "before-path"
+            link.mkdir(exist_ok=True)
+            if not (link / "wirehub").exists():
+                (link / "wirehub").symlink_to(self.code.resolve() / "service")
+            os.environ["PYTHONPATH"] = os.pathsep.join(x for x in (str(link), saved) if x)
+        try:
+            proc, port, _ = start_replica(self.workdir, name, bus, endpoint, preexec_fn=server_setup)
+        finally:
+            if saved is None:
+                os.environ.pop("PYTHONPATH", None)
+            else:
+                os.environ["PYTHONPATH"] = saved
         self.procs.append(proc)
         return proc, port
 
@@ -164,8 +195,11 @@ def ratio(a: float | None, b: float | None, digits: int = 2) -> float | None:
 
 
 async def join_phase(env: Env, kind: str, n: int, *, join: bool, events: bool, burst: int,
-                     join_timeout: float, settle: float) -> dict[str, Any]:
-    """A fresh replica; ``n`` connections (then joins of one room when ``join``): its CPU and RSS growth."""
+                     join_timeout: float, settle: float, idle_window: float = 0.0) -> dict[str, Any]:
+    """A fresh replica; ``n`` connections (then joins of one room when ``join``): its CPU and RSS growth.
+    Without ``join``, also the CPU per second of the ``n`` idle connections over ``idle_window``
+    seconds (keepalive pings, timers): a join phase that takes longer on a loaded machine pays more of
+    it, which the ``net`` join figures take out."""
     proc, port = env.replica(env.bus(kind), events)
     pid = proc.pid
     workers = await start_workers(workers_for(n))
@@ -196,6 +230,9 @@ async def join_phase(env: Env, kind: str, n: int, *, join: bool, events: bool, b
                        joined_bytes_avg=round(total(joins, "joined_bytes") / max(1, total(joins, "joined"))),
                        joined_bytes_max=max(r["joined_max"] for r in joins),
                        events_received=total(joins, "events"))
+        elif idle_window > 0:
+            await asyncio.sleep(idle_window)
+            res["idle_cpu_per_s"] = round((cpu_seconds(pid) - c1) / idle_window, 4)
         await asyncio.sleep(settle)
         res["rss_growth"] = rss_bytes(pid) - rss0
         res["rss_per_conn"] = round(res["rss_growth"] / max(1, res["connected"]))
@@ -206,36 +243,71 @@ async def join_phase(env: Env, kind: str, n: int, *, join: bool, events: bool, b
         env.stop(proc)
 
 
+def codes(env: Env, a: argparse.Namespace) -> list[tuple[str, Path | None]]:
+    """The code each measurement runs: ``after`` (this tree), and first ``before`` with --before."""
+    return ([("before", Path(a.before))] if a.before else []) + [("after", None)]
+
+
+def compare(rows: list[dict[str, Any]], keys: Sequence[str]) -> None:
+    """With --before: each after row gets ``<key>_vs_before`` = after / before for ``keys``."""
+    before = next((r for r in rows if r.get("code") == "before"), None)
+    after = next((r for r in rows if r.get("code") == "after"), None)
+    if before is None or after is None:
+        return
+    for key in keys:
+        b, x = before.get(key), after.get(key)
+        after[f"{key}_vs_before"] = ratio(x, b) if isinstance(b, int | float) and isinstance(x, int | float) else None
+
+
 async def scenario_join(env: Env, a: argparse.Namespace) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for kind in a.bus:
         for events in a.events:
-            first_per_join: float | None = None
+            first_per_join: dict[str, float] = {}
             for n in a.sizes:
-                kw = {"events": events, "burst": a.burst, "join_timeout": a.join_timeout, "settle": a.settle}
-                idle = await join_phase(env, kind, n, join=False, **kw)
-                full = await join_phase(env, kind, n, join=True, **kw)
-                cpu_idle = idle["connect_cpu"] / n
-                cpu_member = (full["connect_cpu"] + full.get("join_cpu", 0)) / n
-                per_join = full.get("join_cpu", 0) / n
-                if first_per_join is None:
-                    first_per_join = per_join
-                r = {"scenario": "join", "bus": kind, "size": n, "events": "on" if events else "off",
-                     "cpu_per_idle_conn_us": round(cpu_idle * 1e6, 1),
-                     "cpu_per_member_us": round(cpu_member * 1e6, 1),
-                     "member_vs_idle_cpu": ratio(cpu_member, cpu_idle),
-                     "join_cpu_per_join_us": round(per_join * 1e6, 1),
-                     "join_cpu_vs_smallest": ratio(per_join, first_per_join),
-                     "joins_per_s": full.get("joins_per_s"),
-                     "joins_per_server_cpu_s": round(n / full["join_cpu"], 1) if full.get("join_cpu") else None,
-                     "rss_per_idle_conn": idle["rss_per_conn"], "rss_per_member": full["rss_per_conn"],
-                     "rss_member_minus_idle_kib": round((full["rss_per_conn"] - idle["rss_per_conn"]) / 1024, 2),
-                     "idle": idle, "joined": full}
-                print(f"join {kind:6} events {r['events']:3} N={n:>6}: {r['joins_per_s']} joins/s, CPU/member "
-                      f"{r['member_vs_idle_cpu']}x idle, join CPU {r['join_cpu_per_join_us']} us "
-                      f"({r['join_cpu_vs_smallest']}x N={a.sizes[0]}), RSS +{r['rss_member_minus_idle_kib']} KiB "
-                      f"over idle, failed {full.get('join_failed')}", file=sys.stderr)
-                out.append(r)
+                pair: list[dict[str, Any]] = []
+                for code, tree in codes(env, a):
+                    env.code = tree
+                    kw = {"events": events, "burst": a.burst, "join_timeout": a.join_timeout, "settle": a.settle}
+                    idle = await join_phase(env, kind, n, join=False, idle_window=a.idle_window, **kw)
+                    full = await join_phase(env, kind, n, join=True, **kw)
+                    env.code = None
+                    cpu_idle = idle["connect_cpu"] / n
+                    cpu_member = (full["connect_cpu"] + full.get("join_cpu", 0)) / n
+                    per_join = full.get("join_cpu", 0) / n
+                    # the join phase's CPU less what the idle connections cost over as long (keepalive)
+                    net = (max(0.0, full.get("join_cpu", 0) - idle.get("idle_cpu_per_s", 0) * full.get("join_wall", 0))
+                           / n)
+                    first_per_join.setdefault(code, per_join)
+                    r = {"scenario": "join", "bus": kind, "size": n, "events": "on" if events else "off",
+                         "code": code if a.before else None,
+                         "cpu_per_idle_conn_us": round(cpu_idle * 1e6, 1),
+                         "cpu_per_member_us": round(cpu_member * 1e6, 1),
+                         "member_vs_idle_cpu": ratio(cpu_member, cpu_idle),
+                         "join_cpu_per_join_us": round(per_join * 1e6, 1),
+                         "join_cpu_vs_smallest": ratio(per_join, first_per_join[code]),
+                         "join_cpu_net_per_join_us": round(net * 1e6, 1),
+                         "member_vs_idle_cpu_net": ratio(full["connect_cpu"] / n + net, cpu_idle),
+                         "joins_per_s": full.get("joins_per_s"),
+                         "joins_per_server_cpu_s": round(n / full["join_cpu"], 1) if full.get("join_cpu") else None,
+                         "rss_per_idle_conn": idle["rss_per_conn"], "rss_per_member": full["rss_per_conn"],
+                         "rss_member_minus_idle_kib": round((full["rss_per_conn"] - idle["rss_per_conn"]) / 1024,
+                                                            2),
+                         "idle": idle, "joined": full}
+                    pair.append(r)
+                compare(pair, ("join_cpu_per_join_us", "member_vs_idle_cpu", "joins_per_s", "join_cpu_net_per_join_us"))
+                for r in pair:
+                    vs = (f", join CPU {r['join_cpu_per_join_us_vs_before']}x before"
+                          if r.get("join_cpu_per_join_us_vs_before") is not None else "")
+                    print(f"join {kind:6} events {r['events']:3} N={n:>6}{' ' + r['code'] if r['code'] else ''}: "
+                          f"{r['joins_per_s']} joins/s, CPU/member {r['member_vs_idle_cpu']}x idle, join CPU "
+                          f"{r['join_cpu_per_join_us']} us ({r['join_cpu_vs_smallest']}x N={a.sizes[0]}){vs}, net of "
+                          f"keepalive {r['join_cpu_net_per_join_us']} us, CPU/member net "
+                          f"{r['member_vs_idle_cpu_net']}x idle, "
+                          f"RSS +{r['rss_member_minus_idle_kib']} KiB over idle, "
+                          f"failed {r['joined'].get('join_failed')}",
+                          file=sys.stderr)
+                out += pair
     return out
 
 
@@ -453,6 +525,7 @@ async def reconnect_run(env: Env, kind: str, a: argparse.Namespace) -> dict[str,
         gen_pids = [w.proc.pid for w in workers if w.proc.pid]
         srv_pids = [s1.pid, s2.pid, *env.broker_pids()]
         g0, s0 = sum(map(cpu_seconds, gen_pids)), sum(map(cpu_seconds, srv_pids))
+        r0 = env.broker_commands(kind)
         t_kill = perf()
         victim.kill()
         victim.wait(10)
@@ -460,7 +533,9 @@ async def reconnect_run(env: Env, kind: str, a: argparse.Namespace) -> dict[str,
         storm_wall = perf() - t_kill
         during = await on_all(workers, "measure", on=False)
         gen_pct = round(100 * (sum(map(cpu_seconds, gen_pids)) - g0) / storm_wall, 1)
-        srv_pct = round(100 * (sum(map(cpu_seconds, srv_pids)) - s0) / storm_wall, 1)
+        srv_cpu = sum(map(cpu_seconds, srv_pids)) - s0
+        srv_pct = round(100 * srv_cpu / storm_wall, 1)
+        r1 = env.broker_commands(kind)
         await asyncio.sleep(a.after)
         stop_pub.set()
         await task
@@ -481,6 +556,11 @@ async def reconnect_run(env: Env, kind: str, a: argparse.Namespace) -> dict[str,
                 "dropped_p50_s": round(drops[len(drops) // 2], 2) if drops else None,
                 "dropped_last_s": round(drops[-1], 2) if drops else None, "storm_wall_s": round(storm_wall, 2),
                 "storm_survivors_cpu_pct": srv_pct, "storm_loadgen_cpu_pct": gen_pct,
+                # CPU of the survivors and the broker per rejoin (a ratio that holds on a shared machine)
+                "survivors_cpu_ms_per_rejoin": round(1000 * srv_cpu / len(times), 3) if times else None,
+                # Redis: commands it ran during the storm per rejoin, by name (INFO commandstats)
+                "broker_commands_per_rejoin": {k: round((r1[k] - r0.get(k, 0)) / len(times), 2) for k in r1
+                                               if r1[k] != r0.get(k, 0)} if times and r1 else None,
                 "recovered_true": total(results, "recovered"), "recovered_false": total(results, "unrecovered"),
                 # members whose first join had failed: they rejoin without a position to recover from
                 "rejoined_without_since": len(times) - total(results, "recovered") - total(results, "unrecovered"),
@@ -506,12 +586,25 @@ async def scenario_reconnect(env: Env, a: argparse.Namespace) -> list[dict[str, 
         if kind == "memory":
             print("reconnect: the memory bus has one replica; skipped", file=sys.stderr)
             continue
-        r = await reconnect_run(env, kind, a)
-        print(f"reconnect {kind:6} M={a.members}: all rejoined after {r['all_rejoined_s']} s "
-              f"({r['rejoined']}/{r['victims']}), recovered true {r['recovered_true']} false {r['recovered_false']}, "
-              f"lost {r['lost']} dup {r['dup']}, stayers p99 {r['storm']['p99_ms']} ms during the storm "
-              f"(calm {r['calm']['p99_ms']} ms)", file=sys.stderr)
-        out.append(r)
+        pair = []
+        for code, tree in codes(env, a):
+            env.code = tree
+            try:
+                r = await reconnect_run(env, kind, a)
+            finally:
+                env.code = None
+            r["code"] = code if a.before else None
+            r["storm_p99_ms"] = r["storm"]["p99_ms"]
+            print(f"reconnect {kind:6} {code}: survivors+broker CPU {r['survivors_cpu_ms_per_rejoin']} ms per rejoin, "
+                  f"broker commands per rejoin {r['broker_commands_per_rejoin']}", file=sys.stderr)
+            print(f"reconnect {kind:6} M={a.members}{' ' + code if a.before else ''}: all rejoined after "
+                  f"{r['all_rejoined_s']} s ({r['rejoined']}/{r['victims']}, last {r['rejoin_last_s']} s), recovered "
+                  f"true {r['recovered_true']} false {r['recovered_false']}, lost {r['lost']} dup {r['dup']}, stayers "
+                  f"p99 {r['storm']['p99_ms']} ms during the storm (calm {r['calm']['p99_ms']} ms), survivors "
+                  f"{r['storm_survivors_cpu_pct']} % CPU", file=sys.stderr)
+            pair.append(r)
+        compare(pair, ("rejoin_last_s", "rejoin_p50_s", "storm_p99_ms", "survivors_cpu_ms_per_rejoin"))
+        out += pair
     return out
 
 
@@ -526,14 +619,15 @@ def render(results: dict[str, Any]) -> str:
     """Markdown tables of a result object (what bench/README.md shows)."""
     out: list[str] = []
     heads = {
-        "join": ("bus", "events", "N", "joins/s", "joins/server CPU-s", "CPU/member vs idle conn",
-                 "join CPU us", "join CPU vs smallest N", "RSS/idle conn", "RSS/member", "member - idle KiB",
-                 "joined bytes avg", "failed"),
+        "join": ("bus", "events", "N", "code", "joins/s", "joins/server CPU-s", "CPU/member vs idle conn",
+                 "join CPU us", "join CPU vs before", "join CPU net us", "net vs before", "CPU/member net vs idle",
+                 "join CPU vs smallest N", "RSS/idle conn", "RSS/member",
+                 "member - idle KiB", "joined bytes avg", "failed"),
         "latency": ("bus", "replicas", "subscribers", "deliveries/s", "p50 ms", "p99 ms", "p99.9 ms",
                     "p99 vs memory", "lost", "dup", "servers CPU %", "loadgen CPU %"),
         "fanout": ("bus", "N", "deliveries/server CPU-s", "vs smallest N", "deliveries/s", "p99 ms",
                    "server CPU %", "loadgen CPU %", "missing"),
-        "reconnect": ("bus", "members killed", "stayers", "msg/s", "all rejoined s", "rejoin p50 s",
+        "reconnect": ("bus", "code", "members killed", "stayers", "msg/s", "all rejoined s", "rejoin p50 s",
                       "recovered true", "recovered false", "lost", "dup", "stayers p99 calm ms",
                       "stayers p99 storm ms", "storm vs calm"),
     }
@@ -546,10 +640,13 @@ def render(results: dict[str, Any]) -> str:
                 j = r["joined"]
                 jps = r.get("joins_per_server_cpu_s") or (
                     round(r["size"] / j["join_cpu"], 1) if j.get("join_cpu") else None)
-                cells: list[Any] = [r["bus"], r["events"], r["size"], r["joins_per_s"], jps, r["member_vs_idle_cpu"],
-                                    r["join_cpu_per_join_us"], r["join_cpu_vs_smallest"], r["rss_per_idle_conn"],
-                                    r["rss_per_member"], r["rss_member_minus_idle_kib"], j.get("joined_bytes_avg"),
-                                    j.get("join_failed")]
+                cells: list[Any] = [r["bus"], r["events"], r["size"], r.get("code"), r["joins_per_s"], jps,
+                                    r["member_vs_idle_cpu"], r["join_cpu_per_join_us"],
+                                    r.get("join_cpu_per_join_us_vs_before"), r.get("join_cpu_net_per_join_us"),
+                                    r.get("join_cpu_net_per_join_us_vs_before"), r.get("member_vs_idle_cpu_net"),
+                                    r["join_cpu_vs_smallest"],
+                                    r["rss_per_idle_conn"], r["rss_per_member"], r["rss_member_minus_idle_kib"],
+                                    j.get("joined_bytes_avg"), j.get("join_failed")]
             elif name == "latency":
                 cells = [r["bus"], r["replicas"], r["subscribers"], round(r["deliveries"] / r["duration"]),
                          r["p50_ms"], r["p99_ms"], r["p999_ms"], r["p99_vs_memory"], r["lost"], r["dup"],
@@ -558,9 +655,9 @@ def render(results: dict[str, Any]) -> str:
                 cells = [r["bus"], r["size"], r["per_server_cpu_s"], r["vs_smallest"], r["per_wall_s"], r["p99_ms"],
                          r["server_cpu_pct"], r["loadgen_cpu_pct"], r["missing_after_drain"]]
             else:
-                cells = [r["bus"], r["members"], r["stayers"], r["rate"], r["all_rejoined_s"], r["rejoin_p50_s"],
-                         r["recovered_true"], r["recovered_false"], r["lost"], r["dup"], r["calm"]["p99_ms"],
-                         r["storm"]["p99_ms"], r["storm_p99_vs_calm"]]
+                cells = [r["bus"], r.get("code"), r["members"], r["stayers"], r["rate"], r["all_rejoined_s"],
+                         r["rejoin_p50_s"], r["recovered_true"], r["recovered_false"], r["lost"], r["dup"],
+                         r["calm"]["p99_ms"], r["storm"]["p99_ms"], r["storm_p99_vs_calm"]]
             out.append(_row(cells))
         out.append("")
     return "\n".join(out)
@@ -579,7 +676,7 @@ DEFAULTS: dict[str, tuple[str, str]] = {
     "reconnect": ("", "redis"),
 }
 QUICK: dict[str, dict[str, Any]] = {
-    "join": {"sizes": [100, 200], "bus": ["memory"], "events": [False], "settle": 0.2},
+    "join": {"sizes": [100, 200], "bus": ["memory"], "events": [False], "settle": 0.2, "idle_window": 0.5},
     "latency": {"bus": ["redis"], "subscribers": 100, "duration": 1.0, "warmup": 0.2},
     "fanout": {"sizes": [100, 200], "bus": ["memory"], "duration": 0.5, "warmup": 0.2, "deliveries": 5000.0},
     "reconnect": {"bus": ["redis"], "members": 100, "stayers": 20, "calm": 0.3, "after": 0.3, "warmup": 0.2},
@@ -598,6 +695,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--burst", type=int, default=500, help="handshakes (and joins) in flight per process")
     p.add_argument("--join-timeout", type=float, default=300.0, help="seconds one join may take")
     p.add_argument("--settle", type=float, default=1.0, help="join: seconds before reading RSS")
+    p.add_argument("--idle-window", type=float, default=20.0,
+                   help="join: seconds the idle connections' CPU is measured (the keepalive's ping_interval)")
     p.add_argument("--subscribers", type=int, default=1000, help="latency: members on replica B")
     p.add_argument("--rate", type=float, default=None, help="messages/s (latency: 20; reconnect: 5)")
     p.add_argument("--presence-ttl", type=float, default=3.0, help="latency: the bus's presence_ttl")
@@ -620,6 +719,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help='JSON merged into every replica\'s chat options, e.g. \'{"presence_limit": 100}\'')
     p.add_argument("--per-worker", type=int, default=PER_WORKER,
                    help="members per load-generator process (more members: more processes)")
+    p.add_argument("--before", default=None,
+                   help="join, reconnect: also measure the code of this wirehub tree (e.g. /work/main), interleaved")
     p.add_argument("--reconnect-events", dest="reconnect_events", action="store_true",
                    help="reconnect: presence events on (default off)")
     return p

@@ -23,6 +23,7 @@ import abc
 import asyncio
 import base64
 import contextlib
+import functools
 import logging
 import random
 from collections.abc import Awaitable, Callable
@@ -36,6 +37,7 @@ T = TypeVar("T")
 MAX_HELD = 100_000
 
 
+@functools.lru_cache(maxsize=4096)  # a join storm names one room thousands of times
 def encode_room(room: str) -> str:
     """A room name as a token safe in NATS subjects, KV keys and Redis hash tags (base64url)."""
     return base64.urlsafe_b64encode(room.encode()).decode().rstrip("=") or "_"

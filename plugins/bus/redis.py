@@ -48,6 +48,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -64,9 +65,10 @@ from wirehub import (
     hookimpl,
 )
 from wirehub.builtins.bus._broker import Supervised, cancel_and_wait, encode_room, safe_close
+from wirehub.builtins.bus.redis_batch import Batcher, Command, send_on_pool
 from wirehub.builtins.bus.redis_options import RedisOptions, connection_kwargs, parse_options, startup_error
 from wirehub.builtins.bus.redis_presence import RedisPresence
-from wirehub.builtins.bus.redis_scripts import SCRIPTS
+from wirehub.builtins.bus.redis_scripts import POSITION, READ, SCRIPTS
 
 log = logging.getLogger("wirehub.bus.redis")
 
@@ -107,6 +109,8 @@ class RedisBus(Supervised):
         self._channel_rooms: dict[bytes, str] = {}
         self.presence: RedisPresence | None = None
         self.scripts: dict[str, Any] = {}
+        #: presence and history reads of one loop iteration, as one pipeline (see redis_batch)
+        self.batch = Batcher(self)
         #: what the publish script sends the room's channel with, and its failover flag (see redis_scripts)
         self.publish_command = "PUBLISH"
         self.failover_flag = "1" if opts.failover else "0"
@@ -267,6 +271,10 @@ class RedisBus(Supervised):
         finally:
             self._hb_waiters.pop(token, None)
 
+    async def send_batch(self, commands: list[Command]) -> list[Any]:
+        """One pipeline of raw commands (see redis_batch); raw replies, a failed command's as its error."""
+        return await send_on_pool(self.client.connection_pool, commands)
+
     async def _refresh(self) -> None:
         if self.presence is not None:
             await self.presence.upkeep()
@@ -275,6 +283,7 @@ class RedisBus(Supervised):
         if self.presence is not None:
             await self.presence.close()
         await super().close()
+        await self.batch.close()
 
     # -- Bus -------------------------------------------------------------------------------------------
 
@@ -328,29 +337,50 @@ class RedisBus(Supervised):
 
 
 class RedisHistory:
+    """History reads go through the bus's per-iteration pipeline (:mod:`wirehub.builtins.bus.redis_batch`):
+    the reads of one room and range asked for in one loop iteration (a reconnect storm's replays, a join
+    storm's positions) are ONE script run, parsed once, whose result every caller shares (callers must
+    not change it)."""
+
     def __init__(self, bus: RedisBus) -> None:
         self.bus = bus
 
     async def read(self, room: str, after: int | None, limit: int) -> HistoryPage:
         bus = self.bus
-        bus._check()
-        client, script = bus.client, bus.scripts["read"]
         keys = [bus.key("h", room), bus.key("m", room), bus.epoch_key(room)]
-        args = [-1 if after is None else max(0, after), max(0, limit), int(bus.opts.history_ttl * 1000),
-                uuid.uuid4().hex[:12], bus.failover_flag]
-        out = await bus._call("history", lambda: script(keys=keys, args=args, client=client), bus.errors)
-        epoch, top, complete = out[0].decode(), int(out[1]), bool(out[2])
-        messages = [(int(out[i].split(b"-")[0]), bytes(out[i + 1])) for i in range(3, len(out), 2)]
-        return HistoryPage(epoch, top, messages, complete)
+        after_arg, limit_arg = -1 if after is None else max(0, after), max(0, limit)
+        args = [after_arg, limit_arg, int(bus.opts.history_ttl * 1000), epoch_candidate(), bus.failover_flag]
+        page: HistoryPage = await bus.batch.run(lambda: [bus.batch.script(READ, keys, args)],
+                                                share=("read", room, after_arg, limit_arg), parse=_history_page)
+        return page
 
     async def position(self, room: str) -> tuple[int, str]:
         bus = self.bus
-        bus._check()
-        client, script = bus.client, bus.scripts["position"]
-        keys = [bus.key("h", room), bus.key("m", room), bus.epoch_key(room)]
-        args = [int(bus.opts.history_ttl * 1000), uuid.uuid4().hex[:12], bus.failover_flag]
-        out = await bus._call("history", lambda: script(keys=keys, args=args, client=client), bus.errors)
-        return int(out[0]), out[1].decode()
+
+        def command() -> list[Command]:  # built only by the first caller of the batch
+            keys = [bus.key("h", room), bus.key("m", room), bus.epoch_key(room)]
+            args = [int(bus.opts.history_ttl * 1000), epoch_candidate(), bus.failover_flag]
+            return [bus.batch.script(POSITION, keys, args)]
+
+        top_epoch: tuple[int, str] = await bus.batch.run(command, share=("position", room), parse=_position)
+        return top_epoch
+
+
+def epoch_candidate() -> str:
+    """A random epoch base, used by a script only when Redis lost the base (so it differs from the lost one)."""
+    return os.urandom(6).hex()
+
+
+def _history_page(replies: list[Any]) -> HistoryPage:
+    out = replies[0]
+    epoch, top, complete = out[0].decode(), int(out[1]), bool(out[2])
+    messages = [(int(out[i].split(b"-")[0]), bytes(out[i + 1])) for i in range(3, len(out), 2)]
+    return HistoryPage(epoch, top, messages, complete)
+
+
+def _position(replies: list[Any]) -> tuple[int, str]:
+    out = replies[0]
+    return int(out[0]), out[1].decode()
 
 
 class RedisStateStore:

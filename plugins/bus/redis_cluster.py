@@ -139,6 +139,14 @@ class RedisClusterBus(RedisBus):
             self._refresh_topology()  # the slot may have a new primary by the next attempt
             raise
 
+    async def send_batch(self, commands: list[Any]) -> list[Any]:
+        """The per-iteration pipeline (see redis_batch) through redis-py's cluster pipeline: each
+        command goes to its slot's node (one round trip per node, in parallel)."""
+        pipe = self.client.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        return list(await pipe.execute(raise_on_error=False))
+
     def _refresh_topology(self) -> None:
         if self.client is None or (self._refreshing is not None and not self._refreshing.done()):
             return

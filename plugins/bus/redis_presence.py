@@ -12,7 +12,9 @@ They change together in one Lua script at join and leave; Redis deletes a hash o
 empties (and the leave script the head version), so a room without members leaves no key. Per
 node: ``<p>:pn:<node>`` (cluster: ``<p>:pn:{<node>}``), a SET of ``[room, session]`` JSON pairs,
 updated in the same pipeline (one round trip; on a cluster one per shard touched, in parallel) as the
-room script. The pipelines asked for in one loop iteration (a join storm's writes and reads) go out as one.
+room script. The commands asked for in one loop iteration (a join storm's writes and reads, with the
+history positions) go out as one pipeline (:mod:`wirehub.builtins.bus.redis_batch`), and the first-page
+reads of one room in it are one script run.
 
 Liveness: ``<p>:presence:nodes``, a ZSET node -> last heartbeat (Redis server time, ms). Each
 replica runs ONE script per interval that stamps its node(s) and returns the nodes whose stamp is
@@ -31,12 +33,13 @@ import asyncio
 import json
 import logging
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Hashable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from wirehub import DepartedListener, PresenceCount, PresenceEntry, PresenceMember, PresencePage
 from wirehub.builtins.bus._broker import cancel_and_wait
 from wirehub.builtins.bus._roster import Departures
+from wirehub.builtins.bus.redis_batch import Command, Parse
 
 if TYPE_CHECKING:
     from wirehub.builtins.bus.redis import RedisBus
@@ -185,13 +188,20 @@ SCRIPTS = {
 }
 
 
+#: one encoder (json.dumps with options builds a new one per call)
+_encode = json.JSONEncoder(separators=(",", ":")).encode
+
+
 def _entry_json(entry: PresenceEntry) -> str:
-    return json.dumps({"user": entry.user, "session": entry.session, "node": entry.node, "info": dict(entry.info)},
-                      separators=(",", ":"))
+    return _encode({"user": entry.user, "session": entry.session, "node": entry.node, "info": dict(entry.info)})
 
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _replies(replies: list[Any]) -> list[Any]:
+    return replies
 
 
 class RedisPresence:
@@ -213,11 +223,10 @@ class RedisPresence:
         #: leaves the broker did not take (down, timeout): retried by upkeep (entries are never
         #: refreshed, so a lost leave would otherwise stay until this replica dies)
         self._unleft: dict[tuple[str, str], PresenceEntry] = {}
-        #: pipelines asked for in this loop iteration (see :meth:`_pipeline`), and the batches running
-        self._queued: list[tuple[Any, asyncio.Future[list[Any]]]] = []
-        self._flushes: set[asyncio.Task[None]] = set()
         #: room -> (head version, limit, members) of the first page last read (callers must not change it)
         self._heads: dict[str, tuple[str, int, list[PresenceMember]]] = {}
+        #: room -> the members of that first page by their raw reply (user, "<n>:<info>")
+        self._memo: dict[str, dict[tuple[bytes, bytes], PresenceMember]] = {}
 
     # -- naming ----------------------------------------------------------------------------------------
 
@@ -237,63 +246,17 @@ class RedisPresence:
 
     @staticmethod
     def _index_item(room: str, session: str) -> str:
-        return json.dumps([room, session], separators=(",", ":"))
+        return _encode([room, session])
 
     # -- plumbing --------------------------------------------------------------------------------------
 
-    async def _pipeline(self, build: Any) -> list[Any]:
-        """``build(pipe)`` queues commands on a pipeline (no MULTI); their results. The pipelines
-        asked for in one loop iteration go out as ONE pipeline (one write, one round trip, one
-        timeout): a storm of 500 joins in flight costs a few round trips per tick, not 500."""
-        self.bus._check()
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[list[Any]] = loop.create_future()
-        self._queued.append((build, fut))
-        if len(self._queued) == 1:
-            loop.call_soon(self._flush)
-        return await fut
+    async def _pipeline(self, *commands: Command, share: Hashable | None = None, parse: Parse | None = None) -> Any:
+        """The replies of ``commands`` (or ``parse`` of them), sent with the bus's other commands of this
+        loop iteration in one pipeline (:mod:`wirehub.builtins.bus.redis_batch`)."""
+        return await self.bus.batch.run(commands, share=share, parse=parse or _replies)
 
-    def _flush(self) -> None:
-        batch, self._queued = self._queued, []
-        task = asyncio.ensure_future(self._run(batch))
-        self._flushes.add(task)
-        task.add_done_callback(self._flushes.discard)
-
-    async def _run(self, batch: list[tuple[Any, asyncio.Future[list[Any]]]]) -> None:
-        bus = self.bus
-        spans: list[tuple[int, int]] = []
-
-        async def run() -> list[Any]:
-            pipe = bus.client.pipeline(transaction=False)
-            for build, _ in batch:
-                start = len(pipe)
-                build(pipe)
-                spans.append((start, len(pipe)))
-            return list(await pipe.execute(raise_on_error=False))
-
-        try:
-            results = await bus._call("presence", run, bus.errors)
-        except BaseException as exc:
-            for _, fut in batch:
-                if not fut.done():
-                    fut.set_exception(exc if isinstance(exc, Exception) else asyncio.CancelledError())
-            if not isinstance(exc, Exception):
-                raise
-            return
-        for (_, fut), (a, b) in zip(batch, spans, strict=True):
-            if fut.done():  # its caller gave up
-                continue
-            out = results[a:b]
-            error = next((r for r in out if isinstance(r, Exception)), None)
-            if error is not None:  # a command failed: its caller's pipeline fails, not the others'
-                fut.set_exception(error)
-            else:
-                fut.set_result(out)
-
-    def _script(self, pipe: Any, name: str, keys: list[str], args: Iterable[Any]) -> Any:
-        # EVAL, not EVALSHA, inside a pipeline: a NOSCRIPT (a restarted Redis) cannot fail it, and
-        # redis-py's Script objects would add a SCRIPT EXISTS round trip to every pipeline
-        return pipe.eval(SCRIPTS[name], len(keys), *keys, *args)
+    def _script(self, name: str, keys: list[str], args: Sequence[Any]) -> Command:
+        return self.bus.batch.script(SCRIPTS[name], keys, args)
 
     # -- Presence ---------------------------------------------------------------------------------------
 
@@ -304,12 +267,10 @@ class RedisPresence:
         self._local[(room, entry.session)] = entry
         self._unleft.pop((room, entry.session), None)
         keys, idx = self._keys(room), self._node_index(entry.node)
-        args = [entry.session, entry.user, _entry_json(entry), json.dumps(dict(entry.info), separators=(",", ":"))]
+        args = [entry.session, entry.user, _entry_json(entry), _encode(dict(entry.info))]
         try:
-            out = await self._pipeline(lambda pipe: (
-                self._script(pipe, "presence_join", keys, args),
-                pipe.sadd(idx, self._index_item(room, entry.session)),
-            ))
+            out = await self._pipeline(self._script("presence_join", keys, args),
+                                       ("SADD", idx, self._index_item(room, entry.session)))
         except BaseException:
             self._local.pop((room, entry.session), None)
             self._unleft[(room, entry.session)] = entry  # a join that timed out may still have run
@@ -322,17 +283,15 @@ class RedisPresence:
         if entry is not None:
             idx = self._node_index(entry.node)
             try:
-                out = await self._pipeline(lambda pipe: (
-                    self._script(pipe, "presence_leave", keys, [session]), pipe.srem(idx, item)))
+                out = await self._pipeline(self._script("presence_leave", keys, [session]), ("SREM", idx, item))
             except BaseException:
                 self._unleft[(room, session)] = entry
                 raise
             removed = out[0]
         else:  # another replica's connection (or one this replica forgot): learn its node first
-            removed = (await self._pipeline(lambda pipe: self._script(pipe, "presence_leave", keys, [session])))[0]
+            removed = (await self._pipeline(self._script("presence_leave", keys, [session])))[0]
             if removed:
-                idx = self._node_index(_text(removed[0]))
-                await self._pipeline(lambda pipe: pipe.srem(idx, item))
+                await self._pipeline(("SREM", self._node_index(_text(removed[0])), item))
         if not removed:
             return None
         user = _text(removed[1])
@@ -340,7 +299,7 @@ class RedisPresence:
 
     async def count(self, room: str) -> PresenceCount:
         keys = self._keys(room)
-        users, connections = await self._pipeline(lambda pipe: (pipe.zcard(keys[0]), pipe.hlen(keys[2])))
+        users, connections = await self._pipeline(("ZCARD", keys[0]), ("HLEN", keys[2]))
         return PresenceCount(int(users), int(connections))
 
     async def page(self, room: str, after: str | None, limit: int) -> PresencePage:
@@ -350,20 +309,38 @@ class RedisPresence:
         keys = self._keys(room)
         head = self._heads.get(room) if after is None else None
         known = head[0] if head is not None and head[1] == limit else ""
-        out = (await self._pipeline(
-            lambda pipe: self._script(pipe, "presence_page", keys, [after or "", max(0, limit), known])))[0]
+        # the page reads of one room in one batch (a join storm) are one script run, parsed once
+        page: PresencePage = await self.bus.batch.run(
+            lambda: [self._script("presence_page", keys, [after or "", max(0, limit), known])],
+            share=("page", room, after, limit, known),
+            parse=lambda replies: self._parse_page(room, after, limit, head if known else None, replies[0]))
+        return page
+
+    def _parse_page(self, room: str, after: str | None, limit: int,
+                    held: tuple[str, int, list[PresenceMember]] | None, out: list[Any]) -> PresencePage:
         version = _text(out[3])
-        if head is not None and known and version == known:
-            members = head[2]
+        if held is not None and version == held[0]:
+            members = held[2]
         else:
+            # a first page that moved mostly holds the members it held: those are not parsed again
+            first = after is None and bool(version) and limit > 0
+            memo = self._memo.get(room, {}) if first else {}
+            seen: dict[tuple[bytes, bytes], PresenceMember] = {}
             members = []
             for i in range(4, len(out), 2):
-                n, _, info = _text(out[i + 1]).partition(":")
-                members.append(PresenceMember(_text(out[i]), int(n), json.loads(info or "{}")))
-            if after is None and version and limit > 0:
+                raw = (out[i], out[i + 1])
+                member = memo.get(raw)
+                if member is None:
+                    n, _, info = _text(raw[1]).partition(":")
+                    member = PresenceMember(_text(raw[0]), int(n), json.loads(info or "{}"))
+                seen[raw] = member
+                members.append(member)
+            if first:
                 if len(self._heads) >= HEAD_CACHE_ROOMS:
                     self._heads.clear()
+                    self._memo.clear()
                 self._heads[room] = (version, limit, members)
+                self._memo[room] = seen
         cursor = members[-1].user if int(out[2]) and members else None
         return PresencePage(members, cursor, PresenceCount(int(out[0]), int(out[1])))
 
@@ -372,7 +349,7 @@ class RedisPresence:
 
     async def members(self, room: str) -> list[PresenceEntry]:
         key = self._keys(room)[2]
-        raw = (await self._pipeline(lambda pipe: pipe.hvals(key)))[0]
+        raw = (await self._pipeline(("HVALS", key)))[0]
         out = []
         for item in raw:
             d = json.loads(item)
@@ -382,7 +359,7 @@ class RedisPresence:
     async def stored_keys(self, room: str) -> list[str]:
         """The broker keys holding ``room``'s presence (diagnostics, tests): empty once it is empty."""
         keys = self._keys(room)
-        found = await self._pipeline(lambda pipe: [pipe.exists(k) for k in keys])
+        found = await self._pipeline(*(("EXISTS", k) for k in keys))
         return [k for k, n in zip(keys, found, strict=True) if int(n)]
 
     # -- upkeep -------------------------------------------------------------------------------------------
@@ -391,7 +368,7 @@ class RedisPresence:
         """Stamp this replica's node(s); the dead nodes. Restores our entries if a stamp was lost."""
         nodes = sorted(self._nodes)
         args = [self.ttl_ms, *nodes]
-        out = (await self._pipeline(lambda pipe: self._script(pipe, "presence_beat", [self._nodes_key], args)))[0]
+        out = (await self._pipeline(self._script("presence_beat", [self._nodes_key], args)))[0]
         lost = {_text(n) for n in out[0]} & self._stamped
         self._stamped.update(nodes)
         if lost and self._local:
@@ -413,13 +390,11 @@ class RedisPresence:
 
     async def _retry_leaves(self) -> None:
         batch = list(self._unleft.items())[:REAP_BATCH]
-
-        def build(pipe: Any) -> None:
-            for (room, session), e in batch:
-                self._script(pipe, "presence_leave", self._keys(room), [session])
-                pipe.srem(self._node_index(e.node), self._index_item(room, session))
-
-        await self._pipeline(build)
+        commands: list[Command] = []
+        for (room, session), e in batch:
+            commands.append(self._script("presence_leave", self._keys(room), [session]))
+            commands.append(("SREM", self._node_index(e.node), self._index_item(room, session)))
+        await self._pipeline(*commands)
         for key, _ in batch:
             self._unleft.pop(key, None)
 
@@ -429,15 +404,12 @@ class RedisPresence:
         entries = list(self._local.items())
         log.warning("presence: re-writing %d entries the broker no longer had", len(entries))
         for i in range(0, len(entries), REAP_BATCH):
-            batch = entries[i:i + REAP_BATCH]
-
-            def build(pipe: Any, batch: list[tuple[tuple[str, str], PresenceEntry]] = batch) -> None:
-                for (room, _), e in batch:
-                    self._script(pipe, "presence_join", self._keys(room),
-                                 [e.session, e.user, _entry_json(e), json.dumps(dict(e.info))])
-                    pipe.sadd(self._node_index(e.node), self._index_item(room, e.session))
-
-            await self._pipeline(build)
+            commands: list[Command] = []
+            for (room, _), e in entries[i:i + REAP_BATCH]:
+                commands.append(self._script("presence_join", self._keys(room),
+                                             [e.session, e.user, _entry_json(e), json.dumps(dict(e.info))]))
+                commands.append(("SADD", self._node_index(e.node), self._index_item(room, e.session)))
+            await self._pipeline(*commands)
 
     async def _reap(self, node: str) -> None:
         departed: dict[str, list[str]] = defaultdict(list)
@@ -454,13 +426,13 @@ class RedisPresence:
         """Claim ``node``, remove its entries batch by batch (adding who left to ``departed``), drop it."""
         bus = self.bus
         claim = self._claim_key(node)
-        won = (await self._pipeline(lambda pipe: pipe.set(claim, "1", nx=True, px=self.ttl_ms)))[0]
+        won = (await self._pipeline(("SET", claim, "1", "NX", "PX", self.ttl_ms)))[0]
         if not won:
             return
         log.warning("presence: node %s stopped heartbeating; removing its entries", node)
         idx = self._node_index(node)
         while bus.healthy:
-            items = (await self._pipeline(lambda pipe: pipe.srandmember(idx, REAP_BATCH)))[0]
+            items = (await self._pipeline(("SRANDMEMBER", idx, REAP_BATCH)))[0]
             if not items:
                 break
             rooms: dict[str, list[str]] = defaultdict(list)
@@ -468,20 +440,13 @@ class RedisPresence:
                 room, session = json.loads(item)
                 rooms[room].append(session)
             order = list(rooms)
-
-            def build(pipe: Any, rooms: dict[str, list[str]] = rooms, items: list[Any] = items,
-                      order: list[str] = order) -> None:
-                for room in order:
-                    self._script(pipe, "presence_leave", self._keys(room), rooms[room])
-                pipe.srem(idx, *items)
-
-            out = await self._pipeline(build)
+            commands = [self._script("presence_leave", self._keys(room), rooms[room]) for room in order]
+            out = await self._pipeline(*commands, ("SREM", idx, *items))
             for room, removed in zip(order, out, strict=False):
                 departed[room] += [u for u in (_text(x) for x in removed[1::2]) if u]
-        if bus.healthy and not int((await self._pipeline(lambda pipe: pipe.scard(idx)))[0]):
-            keys, args = [self._nodes_key], [node, self.ttl_ms]
-            await self._pipeline(lambda pipe: self._script(pipe, "presence_forget_node", keys, args))
-        await self._pipeline(lambda pipe: pipe.delete(claim))
+        if bus.healthy and not int((await self._pipeline(("SCARD", idx)))[0]):
+            await self._pipeline(self._script("presence_forget_node", [self._nodes_key], [node, self.ttl_ms]))
+        await self._pipeline(("DEL", claim))
 
     async def close(self) -> None:
         """Stop reaping (the bus is closing); entries stay until their node is declared dead."""

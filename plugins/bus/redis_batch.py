@@ -1,0 +1,237 @@
+"""One round trip per loop iteration for the redis bus's small commands (presence, history position and reads).
+
+Callers queue raw commands (tuples of arguments, as for ``EXECUTE_COMMAND``); what is queued in one
+loop iteration goes out as ONE pipeline (no MULTI) on one pooled connection: one write, one round
+trip, one ``op_timeout``. At most ``MAX_IN_FLIGHT`` pipelines of at most ``MAX_BATCH`` requests are
+in flight; what is asked for meanwhile goes out as the next one when one comes back. A join storm of
+500 joins in flight then costs a few large pipelines, not three round trips per join, on at most two
+connections of the pool, not 500 turns at it (the publisher's publishes share that pool). A command
+waits for the pipelines ahead of it, then ``op_timeout`` for its own.
+
+Requests with the same ``share`` key in one batch (the history position of a room, the same range of
+its history, the first presence page of a room) are sent ONCE and every caller gets the one parsed
+reply. That is correct because the batch is sent after every request in it was made: what the
+command reads is at least as new as what each caller asked for (a join's position or replay is read
+after the member was added to the room). A request made after the batch was taken goes into the next
+one: a reply is never shared with a caller who asked after the command was sent.
+
+Standalone and sentinel send on a pooled connection with redis-py's packer and hiredis parser and no
+per-command layers (no response callbacks, no per-reply timer): replies are raw (``b"OK"``, ints,
+bytes, lists). The cluster subclass (:mod:`wirehub.builtins.bus.redis_cluster`) sends through
+redis-py's cluster pipeline, which routes each command to its slot's node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from wirehub.builtins.bus.redis import RedisBus
+
+from wirehub import BusUnavailable
+
+_pack_command: Callable[[Command], bytes] | None
+try:
+    from hiredis import pack_command as _pack_command
+except ImportError:  # pragma: no cover - hiredis (2.1+) is in the redis extra
+    _pack_command = None
+
+Command = tuple[Any, ...]
+#: pipelines in flight at once; what is asked for meanwhile waits and goes out as the next one, so a
+#: storm's commands travel in a few large pipelines on a few connections, not one per loop iteration
+MAX_IN_FLIGHT = 2
+#: requests in one pipeline at most: a reply wakes at most this many callers in one loop iteration, so
+#: a storm's continuations do not hold back the deliveries to the other members for long
+MAX_BATCH = 256
+Parse = Callable[[list[Any]], Any]
+
+
+def _raw(replies: list[Any]) -> Any:
+    return replies
+
+
+@dataclass(eq=False)
+class _Request:
+    commands: Sequence[Command]
+    parse: Parse
+    future: asyncio.Future[Any]
+    share: Hashable | None = None
+
+
+@dataclass(eq=False)
+class BatchStats:
+    """Counters for tests and diagnostics."""
+
+    #: pipelines sent (round trips), commands in them, requests answered by a reply sent for another
+    round_trips: int = 0
+    commands: int = 0
+    shared: int = 0
+    #: the largest batch sent, in commands
+    largest: int = 0
+
+
+class Batcher:
+    """The per-iteration pipeline of one :class:`RedisBus` (see the module docstring)."""
+
+    def __init__(self, bus: RedisBus) -> None:
+        self.bus = bus
+        self._queued: list[_Request] = []
+        self._by_share: dict[Hashable, _Request] = {}
+        self._running: set[asyncio.Task[None]] = set()
+        self._scheduled = False
+        #: sha1 -> Lua source of the scripts sent with :meth:`script`, for a Redis that lost them
+        self._sources: dict[str, str] = {}
+        self._shas: dict[str, str] = {}
+        self.stats = BatchStats()
+
+    def script(self, source: str, keys: Sequence[Any], args: Sequence[Any]) -> Command:
+        """A Lua script as a command: EVALSHA (a few bytes instead of the source in every command of
+        a join storm); a Redis that does not know it (NOSCRIPT: restarted, flushed) gets it once more
+        as EVAL (a command refused with NOSCRIPT did not run, so running it later changes nothing)."""
+        sha = self._shas.get(source)
+        if sha is None:
+            sha = self._shas[source] = hashlib.sha1(source.encode()).hexdigest()
+            self._sources[sha] = source
+        return ("EVALSHA", sha, len(keys), *keys, *args)
+
+    async def run(self, commands: Sequence[Command] | Callable[[], Sequence[Command]], *,
+                  share: Hashable | None = None, parse: Parse = _raw) -> Any:
+        """``parse`` of the replies of ``commands`` (a failed command raises its error). With ``share``,
+        a request with the same key already queued in this iteration answers this one too (then
+        ``commands``, when a callable, is not even built)."""
+        self.bus._check()
+        if share is not None:
+            same = self._by_share.get(share)
+            if same is not None:
+                self.stats.shared += 1
+                return await asyncio.shield(same.future)  # one caller giving up must not cancel the others
+        loop = asyncio.get_running_loop()
+        req = _Request(commands() if callable(commands) else commands, parse, loop.create_future(), share)
+        self._queued.append(req)
+        self._schedule()
+        if share is None:
+            return await req.future
+        self._by_share[share] = req
+        return await asyncio.shield(req.future)
+
+    def _schedule(self) -> None:
+        if not self._scheduled and self._queued and len(self._running) < MAX_IN_FLIGHT:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        if not self._queued or len(self._running) >= MAX_IN_FLIGHT:
+            return  # sent when a batch in flight comes back
+        batch, self._queued = self._queued[:MAX_BATCH], self._queued[MAX_BATCH:]
+        if self._queued:
+            for req in batch:  # sent now: a later request must not share its reply
+                if req.share is not None and self._by_share.get(req.share) is req:
+                    del self._by_share[req.share]
+        else:
+            self._by_share = {}
+        task = asyncio.ensure_future(self._run(batch))
+        self._running.add(task)
+        task.add_done_callback(self._done)
+        self._schedule()  # the rest, when another pipeline may go
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        self._schedule()
+
+    async def _run(self, batch: list[_Request]) -> None:
+        commands = [c for req in batch for c in req.commands]
+        stats = self.stats
+        stats.round_trips += 1
+        stats.commands += len(commands)
+        stats.largest = max(stats.largest, len(commands))
+        bus = self.bus
+        try:
+            replies = await bus._call("redis batch", lambda: self._send(commands), bus.errors)
+        except BaseException as exc:
+            error = exc if isinstance(exc, Exception) else asyncio.CancelledError()
+            for req in batch:
+                _settle(req.future, error=error)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        i = 0
+        for req in batch:
+            out, i = replies[i:i + len(req.commands)], i + len(req.commands)
+            failed = next((r for r in out if isinstance(r, Exception)), None)
+            if failed is not None:  # a command failed: its caller's request fails, not the others'
+                _settle(req.future, error=failed)
+                continue
+            try:
+                _settle(req.future, result=req.parse(out))
+            except Exception as exc:  # a reply the parser did not expect
+                _settle(req.future, error=exc)
+
+    async def _send(self, commands: list[Command]) -> list[Any]:
+        from redis.exceptions import NoScriptError
+
+        replies = await self.bus.send_batch(commands)
+        again = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+        if again:
+            self.stats.round_trips += 1
+            resent = await self.bus.send_batch([("EVAL", self._sources[commands[i][1]], *commands[i][2:])
+                                                for i in again])
+            for i, reply in zip(again, resent, strict=True):
+                replies[i] = reply
+        return replies
+
+    async def close(self) -> None:
+        queued, self._queued = self._queued, []
+        self._by_share = {}
+        for req in queued:
+            _settle(req.future, error=BusUnavailable("the bus was closed"))
+        for task in list(self._running):
+            task.cancel()
+
+
+def _settle(fut: asyncio.Future[Any], *, result: Any = None, error: BaseException | None = None) -> None:
+    if fut.done():
+        return
+    if error is not None:
+        fut.set_exception(error)
+        fut.exception()  # retrieved here: the callers may all have given up
+    else:
+        fut.set_result(result)
+
+
+async def send_on_pool(pool: Any, commands: list[Command]) -> list[Any]:
+    """``commands`` as one pipeline on a connection of redis-py's asyncio ``pool``; raw replies, a
+    failed command's as its ResponseError. The caller bounds the wait (``op_timeout``)."""
+    from redis.exceptions import ResponseError
+
+    conn = await pool.get_connection()
+    try:
+        await conn.send_packed_command(pack(conn, commands), check_health=False)
+        out: list[Any] = []
+        for _ in commands:
+            try:
+                # math.inf: no per-reply timer (the caller's timeout covers the batch)
+                out.append(await conn.read_response(timeout=math.inf))
+            except ResponseError as exc:
+                out.append(exc)
+        return out
+    except BaseException:
+        # cancelled or broken halfway: the rest of the replies may still come; never reuse it
+        await conn.disconnect(nowait=True)
+        raise
+    finally:
+        await pool.release(conn)
+
+
+def pack(conn: Any, commands: list[Command]) -> bytes | list[bytes]:
+    """RESP of ``commands``: hiredis's C packer when installed (redis-py's per-argument layers cost
+    more than the rest of a join storm's Redis work), else redis-py's. Arguments are str, bytes, int."""
+    if _pack_command is None:  # pragma: no cover - hiredis is in the redis extra
+        packed: list[bytes] = conn.pack_commands(commands)
+        return packed
+    return b"".join(map(_pack_command, commands))

@@ -1,0 +1,222 @@
+"""The redis bus's per-iteration pipeline (``plugins/bus/redis_batch.py``), on a real redis-server: a join
+storm's presence writes, first-page reads and history positions travel in a bounded number of round trips;
+counts and pages stay exact across 3 replicas; replays of one range asked for at once are one script run,
+shared, and never shared with a caller who asked after it was sent; a Redis that lost its scripts is
+answered with EVAL."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from wirehub import PresenceEntry
+from wirehub.brokers import RedisServer
+from wirehub.builtins.bus.redis import RedisBus
+from wirehub.builtins.bus.redis import create_backend as redis_backend
+from wirehub.builtins.bus.redis_batch import MAX_BATCH
+from wirehub.builtins.bus.redis_presence import SCRIPTS
+from wirehub.builtins.bus.redis_scripts import POSITION, READ
+from wirehub.bus import Backend
+from wirehub.testing import Recorder, unique_room
+
+pytestmark = pytest.mark.timeout(60)
+
+FAST = {"heartbeat_interval": 0.5, "heartbeat_timeout": 2.0, "op_timeout": 3.0, "presence_ttl": 3.0}
+
+
+@pytest.fixture
+async def replicas(redis_server: RedisServer) -> AsyncIterator[list[Backend]]:
+    """Three backends ("replicas") on the session's Redis, one key prefix for this test."""
+    opts = {"url": redis_server.url, "key_prefix": f"t{uuid.uuid4().hex[:8]}", **FAST}
+    made = [redis_backend(opts, "bus.redis") for _ in range(3)]
+    for backend in made:
+        await backend.bus.start(Recorder())
+    yield made
+    for backend in made:
+        await backend.bus.close()
+
+
+@pytest.fixture
+async def redis_calls(redis_server: RedisServer) -> AsyncIterator[Callable[[], Awaitable[dict[str, int]]]]:
+    """Commands the session's Redis has executed so far, by name (INFO commandstats)."""
+    client = aioredis.Redis.from_url(redis_server.url)
+
+    async def calls() -> dict[str, int]:
+        stats = await client.info("commandstats")
+        return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()}
+
+    yield calls
+    await client.aclose()
+
+
+class Sent(list[list[Any]]):
+    """The pipelines sent, one list of commands each; ``event`` is set at each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.event = asyncio.Event()
+
+
+def round_trips(backend: Backend) -> Sent:
+    """Records the pipelines ``backend`` sends to Redis (a client-side wrapper)."""
+    bus = backend.bus
+    assert isinstance(bus, RedisBus)
+    sent = Sent()
+    send = bus.send_batch
+
+    async def counted(commands: list[Any]) -> list[Any]:
+        sent.append(list(commands))
+        sent.event.set()
+        return await send(commands)
+
+    bus.send_batch = counted  # type: ignore[method-assign]
+    return sent
+
+
+def script_runs(sent: list[list[Any]], source: str) -> int:
+    sha = hashlib.sha1(source.encode()).hexdigest()
+    return sum(1 for batch in sent for c in batch if c[:2] == ("EVALSHA", sha))
+
+
+def entry(user: str, node: str) -> PresenceEntry:
+    return PresenceEntry(user, f"s-{user}-{uuid.uuid4().hex[:6]}", node, {"name": user})
+
+
+async def join_like_chat(backend: Backend, room: str, e: PresenceEntry, limit: int) -> Any:
+    """What the chat endpoint asks of the backend for one join (no ``since``)."""
+    await backend.presence.join(room, e)
+    page = await backend.presence.page(room, None, limit)
+    position = await backend.history.position(room)
+    return page, position
+
+
+async def test_a_join_storm_costs_a_few_round_trips_not_three_per_join(
+        replicas: list[Backend], redis_calls: Callable[[], Awaitable[dict[str, int]]]) -> None:
+    one = replicas[0]
+    room = unique_room("storm")
+    # the node's first heartbeat, and Redis learning the scripts (NOSCRIPT, then EVAL), outside the count
+    await join_like_chat(one, room, entry("warm", "n0"), 20)
+    sent = round_trips(one)
+    before = await redis_calls()
+    n = 300
+    results = await asyncio.gather(*(join_like_chat(one, room, entry(f"u{i:04d}", "n0"), 20) for i in range(n)))
+    after = await redis_calls()
+    # one pipeline per step of the joins (presence write, first page, position) and MAX_BATCH joins, not
+    # one per join (and maybe a presence heartbeat)
+    sizes = [len(batch) for batch in sent]
+    assert 1 <= len(sizes) <= 3 * math.ceil(n / MAX_BATCH) + 1, sizes
+    assert sum(sizes) <= 2 * n + 10, sizes  # 2 commands per join write; the page and position read once per batch
+    assert script_runs(sent, POSITION) <= 3 and script_runs(sent, SCRIPTS["presence_page"]) <= 3
+    scripts = sum(after.get(c, 0) - before.get(c, 0) for c in ("evalsha", "eval"))
+    assert scripts < n + 20, (before, after)  # the join scripts, plus a few shared reads
+    stats = one.bus.batch.stats  # type: ignore[attr-defined]
+    assert stats.shared >= 2 * (n - 10)
+    counts = [page.count.connections for page, _ in results]
+    assert max(counts) == n + 1
+    for page, position in results:
+        assert position == results[0][1]
+        assert [m.user for m in page.members] == sorted(m.user for m in page.members)
+
+
+async def test_counts_and_pages_are_exact_across_three_replicas_after_concurrent_joins(
+        replicas: list[Backend]) -> None:
+    room = unique_room("three")
+    users = [f"user-{i:04d}" for i in range(240)]
+    done = 0
+
+    async def one(i: int, user: str) -> None:
+        nonlocal done
+        backend = replicas[i % 3]
+        await backend.presence.join(room, entry(user, f"node{i % 3}"))
+        joined_before = done + 1  # joins completed before this page was asked for, this one included
+        page = await backend.presence.page(room, None, 50)
+        assert page.count.users >= joined_before  # a replica reads its own (and earlier) writes
+        done += 1
+
+    await asyncio.gather(*(one(i, u) for i, u in enumerate(users)))
+    for backend in replicas:
+        page = await backend.presence.page(room, None, 50)
+        assert [m.user for m in page.members] == sorted(users)[:50]
+        assert (page.count.users, page.count.connections) == (240, 240)
+        assert page.cursor == sorted(users)[49]
+        rest = await backend.presence.page(room, page.cursor, 500)
+        assert [m.user for m in rest.members] == sorted(users)[50:]
+    # the cached first page is dropped when a user on it leaves, on every replica
+    first = sorted(users)[0]
+    session = next(e.session for e in await replicas[0].presence.members(room) if e.user == first)
+    assert await replicas[1].presence.leave(room, session) == first
+    for backend in replicas:
+        page = await backend.presence.page(room, None, 50)
+        assert [m.user for m in page.members] == sorted(users)[1:51]
+        assert page.count.users == 239
+
+
+async def test_replays_of_one_range_asked_at_once_are_one_script_run_shared_by_all(replicas: list[Backend]) -> None:
+    backend = replicas[0]
+    room = unique_room("replay")
+    for i in range(30):
+        await backend.bus.publish(room, b"m%d" % i, history=True)
+    sent = round_trips(backend)
+    pages = await asyncio.gather(*(backend.history.read(room, 10, 100) for _ in range(200)))
+    assert script_runs(sent, READ) == 1  # one command, one round trip, for 200 readers
+    assert backend.bus.batch.stats.shared == 199  # type: ignore[attr-defined]
+    assert all(p is pages[0] for p in pages)
+    assert [off for off, _ in pages[0].messages] == list(range(11, 31))
+    assert pages[0].messages[-1][1] == b"m29"
+    # a different range, or another room, is its own read
+    other = await asyncio.gather(backend.history.read(room, 10, 100), backend.history.read(room, 20, 100))
+    assert [o for o, _ in other[1].messages] == list(range(21, 31))
+
+
+async def test_a_read_asked_after_the_shared_one_was_sent_sees_what_was_published_in_between(
+        replicas: list[Backend]) -> None:
+    backend = replicas[0]
+    room = unique_room("late")
+    await backend.bus.publish(room, b"a", history=True)
+    sent = round_trips(backend)
+    early = asyncio.ensure_future(backend.history.read(room, 0, 100))
+    await sent.event.wait()  # the early read's pipeline has been sent
+    assert script_runs(sent, READ) == 1
+    await backend.bus.publish(room, b"b", history=True)
+    late = await backend.history.read(room, 0, 100)
+    assert [p for _, p in late.messages] == [b"a", b"b"]
+    assert (await early).messages[0] == (1, b"a")
+    top, _ = await backend.history.position(room)
+    assert top == 2
+
+
+async def test_a_redis_that_lost_its_scripts_gets_them_again(
+        replicas: list[Backend], redis_server: RedisServer) -> None:
+    backend = replicas[0]
+    room = unique_room("noscript")
+    await backend.presence.join(room, entry("a", "n0"))
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        await client.script_flush()
+    finally:
+        await client.aclose()
+    page, (top, epoch) = await join_like_chat(backend, room, entry("b", "n0"), 10)
+    assert [m.user for m in page.members] == ["a", "b"]
+    assert top == 0 and epoch
+    assert (await backend.history.read(room, 0, 10)).complete
+
+
+async def test_a_first_page_that_moved_parses_only_the_members_it_did_not_hold(replicas: list[Backend]) -> None:
+    a, b = replicas[0], replicas[1]
+    room = unique_room("memo")
+    for i in range(30):
+        await a.presence.join(room, entry(f"m{i:02d}", "n0"))
+    first = await a.presence.page(room, None, 10)
+    await b.presence.join(room, entry("a-new", "n1"))  # ranks first: the page moved by one
+    moved = await a.presence.page(room, None, 10)
+    assert [m.user for m in moved.members] == ["a-new", *(m.user for m in first.members[:9])]
+    assert all(x is y for x, y in zip(moved.members[1:], first.members[:9], strict=True))
+    assert moved.members[0].info == {"name": "a-new"}
+    assert moved.count.users == 31
