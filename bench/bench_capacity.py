@@ -306,7 +306,8 @@ def ratios(results: list[dict[str, Any]]) -> str:
         after = sum(float(r[cpu]) for r in by["after"]) / len(by["after"])
         each = {label: {key: ", ".join(str(r[key]) for r in by[label]) for key in (cpu, "p99_ms")}
                 for label in ("before", "after")}
-        lines.append(f"| {bus} | {conns} | {each['before'][cpu]} | {each['after'][cpu]} | **{after / before:.2f}x** | "
+        ratio = f"**{after / before:.2f}x**" if before else "-"  # a run too short for a CPU tick: no ratio
+        lines.append(f"| {bus} | {conns} | {each['before'][cpu]} | {each['after'][cpu]} | {ratio} | "
                      f"{each['before']['p99_ms']} | {each['after']['p99_ms']} |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
