@@ -15,6 +15,9 @@ Order is unchanged: the commands of a batch reach Redis in the order they were s
 still decides each room's one order (docs/buses.md). Failure answers are those of a single publish:
 ``BusUnavailable`` when nothing was sent, ``PublishOutcomeUnknown`` when the connection broke or
 timed out after the batch was sent, and a command's own Redis error to its publisher only.
+A script's first use on a connection is loaded in the batch's own pipeline, ahead of it. Only if Redis
+loses its script cache under a live connection (``SCRIPT FLUSH``) does an EVALSHA answer NOSCRIPT (not
+run); it is then run again alone, after the rest of its batch, as redis-py's retry of a single call did.
 """
 
 from __future__ import annotations
