@@ -64,7 +64,7 @@ from wirehub import (
     hookimpl,
 )
 from wirehub.builtins.bus._broker import Supervised, cancel_and_wait, encode_room, safe_close
-from wirehub.builtins.bus.redis_batch import PublishBatcher, read_pubsub
+from wirehub.builtins.bus.redis_pubsub import PublishBatcher, read_pubsub
 from wirehub.builtins.bus.redis_options import RedisOptions, connection_kwargs, parse_options, startup_error
 from wirehub.builtins.bus.redis_presence import RedisPresence
 from wirehub.builtins.bus.redis_scripts import SCRIPTS
@@ -112,7 +112,7 @@ class RedisBus(Supervised):
         self.publish_command = "PUBLISH"
         self.failover_flag = "1" if opts.failover else "0"
         self._sentinel: Any = None
-        # a cluster pipeline would span slots: there each publish stays one call (see redis_batch)
+        # a cluster pipeline would span slots: there each publish stays one call (see redis_pubsub)
         self._batcher = PublishBatcher(self) if opts.mode != "cluster" else None
 
     # -- naming --------------------------------------------------------------------------------------
@@ -226,7 +226,7 @@ class RedisBus(Supervised):
 
     async def _read(self, pubsub: Any) -> None:
         try:
-            # Blocks (no timeout) and drains every reply that arrived per wakeup (redis_batch). A hung
+            # Blocks (no timeout) and drains every reply that arrived per wakeup (redis_pubsub). A hung
             # connection is still found by the supervisor's heartbeat (a publish on the heartbeat
             # channel), which cancels us.
             await read_pubsub(pubsub, self._on_channel_message, self._on_pubsub)

@@ -1,4 +1,4 @@
-"""The Redis bus's batched publishes and draining pub/sub reader (plugins/bus/redis_batch.py), against a
+"""The Redis bus's batched publishes and draining pub/sub reader (plugins/bus/redis_pubsub.py), against a
 real redis-server: publishes of one event-loop turn go as one pipeline, keep their order on every
 replica, each publisher gets its own result or error, and a broker lost mid-batch answers every
 publisher with an error, never a silent loss."""
@@ -17,7 +17,7 @@ import redis.exceptions as rexc
 from tests.helpers import bus_options
 from wirehub.brokers import BrokerProcess
 from wirehub.builtins.bus.redis import RedisBus, create_backend
-from wirehub.builtins.bus.redis_batch import read_pubsub
+from wirehub.builtins.bus.redis_pubsub import read_pubsub
 from wirehub.bus import Backend, BusUnavailable, PublishOutcomeUnknown
 from wirehub.testing import Recorder, unique_room
 
