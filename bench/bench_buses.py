@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.loadgen import ChatClient, Fan, Window, connect_many, measure, raise_nofile, summarize
-from bench.procs import start_replica, stop
+from bench.procs import start_replicas, stop
 from wirehub.broker_clusters import RedisCluster, RedisSentinel
 from wirehub.brokers import BrokerProcess, NatsServer, RedisServer
 from wirehub.nats_cluster import NatsCluster, NatsNode
@@ -193,11 +193,8 @@ async def run_scenario(kind: str, a: argparse.Namespace, workdir: Path) -> dict[
         if broker is not None:
             broker.start()
         bus = bus_block(kind, broker, f"bench{uuid.uuid4().hex[:6]}")
-        ports = []
-        for i in range(1 if kind == "memory" else 2):
-            proc, port, _ = start_replica(workdir, f"{kind}-{i}", bus, CHAT_ENDPOINT)
-            procs.append(proc)
-            ports.append(port)
+        procs, ports = start_replicas(workdir, [f"{kind}-{i}" for i in range(1 if kind == "memory" else 2)], bus,
+                                      CHAT_ENDPOINT)
         nodes = data_nodes(broker)
         pids = [p.pid for p in procs] + [n.pid for n in nodes if n.pid]
         ops = redis_ops(nodes) if kind.startswith("redis") else nats_ops(nodes) if kind.startswith("nats") else None

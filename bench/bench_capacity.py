@@ -13,8 +13,15 @@ Per run (one ``--bus`` at one ``--groups`` size) it reports, over the measuremen
 
 Run it at two sizes with the rate proportional to the connections: if CPU per delivery, operations per
 publish and RSS per connection stay flat, the per-unit figures extrapolate linearly (docs/scaling.md).
+Fewer ``--replicas`` at the same connections load each replica more (the plan assumes 70 % of a core).
 
     python -m bench.bench_capacity --bus nats-cluster,nats,redis --groups 300,900 --rate-per-conn 1
+
+``--before TREE`` runs every (bus, size) twice, alternately, ``--rounds`` times: replicas of another
+wirehub tree (its ``service`` folder imported as ``wirehub``, e.g. ``/work/main``) and of this one; it
+then prints the after / before ratios of the wirehub CPU per delivery.
+
+    python -m bench.bench_capacity --bus redis --groups 150,600 --before /work/main --rounds 2
 
 The last line of stdout is a JSON list with one result object per (bus, size).
 """
@@ -24,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import sys
 import tempfile
@@ -34,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.loadgen import WsClient, connect, cpu_seconds, percentile, raise_nofile, rss_bytes
-from bench.procs import start_replica, stop
+from bench.procs import start_replicas, stop, tree_path
 from wirehub.brokers import BrokerProcess, NatsServer, RedisServer
 from wirehub.nats_cluster import NatsCluster
 
@@ -155,17 +163,17 @@ def show_logs(workdir: Path, prefix: str) -> None:
         print(f"--- {log.name}:\n" + "\n".join(lines[-15:]), file=sys.stderr)
 
 
-async def run(kind: str, a: argparse.Namespace, groups: int, workdir: Path) -> dict[str, Any]:
+async def run(kind: str, a: argparse.Namespace, groups: int, workdir: Path, *, label: str = "after",
+              tree: Path | None = None) -> dict[str, Any]:
+    """One measurement; ``tree``: the replicas run another tree's wirehub (labelled ``label``)."""
     layout = Layout(kind)
     procs = []
     members: list[Member] = []
     try:
         prefix, runid = f"cap{uuid.uuid4().hex[:6]}", uuid.uuid4().hex[:6]
-        ports = []
-        for i in range(a.replicas):
-            proc, port, _ = start_replica(workdir, f"{kind}-{groups}-{i}", layout.bus(prefix), CHAT)
-            procs.append(proc)
-            ports.append(port)
+        names = [f"{kind}-{groups}-{label}-{i}" for i in range(a.replicas)]
+        procs, ports = start_replicas(workdir, names, layout.bus(prefix), CHAT,
+                                      wirehub_path=tree_path(workdir, tree) if tree is not None else None)
         wpids = [p.pid for p in procs]
         await asyncio.sleep(1.0)
         rss0 = sum(rss_bytes(p) for p in wpids)
@@ -223,7 +231,7 @@ async def run(kind: str, a: argparse.Namespace, groups: int, workdir: Path) -> d
             members[i] = await arrive(members[i].index)
         while perf() < stop_at:
             if not stats.measuring and perf() >= measure_at:
-                cpu0 = {p: cpu_seconds(p) for p in wpids + layout.pids}
+                cpu0 = {p: cpu_seconds(p) for p in [*wpids, *layout.pids, os.getpid()]}
                 ops1, pub1, t1 = layout.ops(), published, perf()
                 stats.measuring = True
             carry[0] += publishes_per_tick
@@ -246,10 +254,11 @@ async def run(kind: str, a: argparse.Namespace, groups: int, workdir: Path) -> d
         ops_pub, pubs = layout.ops() - ops1, published - pub1
         wcpu = sum(cpu[p] for p in wpids)
         bcpu = sum(cpu[p] for p in layout.pids)
+        lcpu = cpu[os.getpid()]
         lat = sorted(stats.latencies)
         d = max(1, stats.deliveries)
         return {
-            "bus": kind, "replicas": a.replicas, "connections": conns, "target_deliveries_s": rate,
+            "bus": kind, "wirehub": label, "replicas": a.replicas, "connections": conns, "target_deliveries_s": rate,
             "deliveries_s": round(stats.deliveries / wall, 1),
             "p50_ms": round((percentile(lat, 0.5) or 0) * 1000, 1),
             "p99_ms": round((percentile(lat, 0.99) or 0) * 1000, 1),
@@ -260,6 +269,9 @@ async def run(kind: str, a: argparse.Namespace, groups: int, workdir: Path) -> d
             "rss_kib_per_conn": round(rss_per_conn / 1024, 2), "churned": churned, "errors": stats.errors,
             "join_retries": len(failures), "first_failure": failures[0] if failures else None,
             "wirehub_cpu_pct": round(100 * wcpu / wall, 1), "broker_cpu_pct": round(100 * bcpu / wall, 1),
+            "replica_cpu_pct_each": round(100 * wcpu / wall / len(wpids), 1),
+            "wirehub_cpu_us_per_conn_s": round(wcpu / wall / conns * 1e6, 1),
+            "loadgen_cpu_pct": round(100 * lcpu / wall, 1),
         }
     finally:
         for m in members:
@@ -270,12 +282,34 @@ async def run(kind: str, a: argparse.Namespace, groups: int, workdir: Path) -> d
 
 
 def render(results: list[dict[str, Any]]) -> str:
-    cols = ["bus", "connections", "target_deliveries_s", "deliveries_s", "p50_ms", "p99_ms",
-            "wirehub_cpu_us_per_delivery", "broker_cpu_us_per_delivery", "broker_ops_per_publish", "joins_s",
-            "broker_ops_per_join", "rss_kib_per_conn", "churned", "errors"]
+    cols = ["bus", "wirehub", "replicas", "connections", "target_deliveries_s", "deliveries_s", "p50_ms", "p99_ms",
+            "wirehub_cpu_us_per_delivery", "wirehub_cpu_us_per_conn_s", "replica_cpu_pct_each",
+            "broker_cpu_us_per_delivery", "broker_ops_per_publish", "joins_s", "broker_ops_per_join",
+            "rss_kib_per_conn", "loadgen_cpu_pct", "churned", "errors"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in results]
     return "\n".join(lines)
+
+
+def ratios(results: list[dict[str, Any]]) -> str:
+    """After / before per (bus, connections): the mean of the rounds' wirehub CPU per delivery and p99."""
+    groups: dict[tuple[str, int], dict[str, list[dict[str, Any]]]] = {}
+    for r in results:
+        groups.setdefault((r["bus"], r["connections"]), {}).setdefault(r["wirehub"], []).append(r)
+    lines = ["| bus | connections | wirehub CPU us/delivery, before | after | after / before | p99 ms before | after |",
+             "|---|---|---|---|---|---|---|"]
+    cpu = "wirehub_cpu_us_per_delivery"
+    for (bus, conns), by in groups.items():
+        if "before" not in by or "after" not in by:
+            continue
+        before = sum(float(r[cpu]) for r in by["before"]) / len(by["before"])
+        after = sum(float(r[cpu]) for r in by["after"]) / len(by["after"])
+        each = {label: {key: ", ".join(str(r[key]) for r in by[label]) for key in (cpu, "p99_ms")}
+                for label in ("before", "after")}
+        ratio = f"**{after / before:.2f}x**" if before else "-"  # a run too short for a CPU tick: no ratio
+        lines.append(f"| {bus} | {conns} | {each['before'][cpu]} | {each['after'][cpu]} | {ratio} | "
+                     f"{each['before']['p99_ms']} | {each['after']['p99_ms']} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -288,16 +322,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=2.0)
     p.add_argument("--duration", type=float, default=8.0)
     p.add_argument("--burst", type=int, default=100)
+    p.add_argument("--before", default=None, type=Path,
+                   help="another wirehub tree (e.g. /work/main): each run is made with it and with this tree")
+    p.add_argument("--rounds", type=int, default=1, help="with --before: before/after pairs per run")
     a = p.parse_args(argv)
+    if a.before is not None and not (a.before / "service" / "__init__.py").is_file():
+        p.error(f"--before {a.before}: no wirehub tree there (no service/__init__.py)")
     raise_nofile()
     results = []
     with tempfile.TemporaryDirectory(prefix="wirehub-bench-capacity-") as tmp:
         for kind in a.bus.split(","):
             for groups in (int(g) for g in a.groups.split(",")):
-                result = asyncio.run(run(kind.strip(), a, groups, Path(tmp)))
-                print(json.dumps(result), file=sys.stderr)
-                results.append(result)
+                plan: list[tuple[str, Path | None]] = [("after", None)]
+                if a.before is not None:  # alternately, so that the machine's load drifts over both
+                    plan = [("before", a.before), ("after", None)] * max(1, a.rounds)
+                for label, tree in plan:
+                    result = asyncio.run(run(kind.strip(), a, groups, Path(tmp), label=label, tree=tree))
+                    print(json.dumps(result), file=sys.stderr)
+                    results.append(result)
     print(render(results))
+    if a.before is not None:
+        print()
+        print(ratios(results))
     print(json.dumps(results))
     return 0
 

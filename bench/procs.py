@@ -62,6 +62,43 @@ def start_replica(workdir: Path, name: str, bus: dict[str, Any], endpoint: dict[
     return spawn(wirehub_cmd(path), port, log, name=name, preexec_fn=preexec_fn), port, log
 
 
+def start_replicas(workdir: Path, names: list[str], bus: dict[str, Any], endpoint: dict[str, Any], *,
+                   wirehub_path: Path | None = None) -> tuple[list[subprocess.Popen[bytes]], list[int]]:
+    """One `wirehub serve` replica per name on one bus (see :func:`start_replica`); (processes, ports).
+    ``wirehub_path``: a folder holding a ``wirehub`` package (another tree's ``service``) that the
+    replicas import instead of this one, for before/after runs. If one fails to start, the ones
+    already started are stopped and the error is raised."""
+    procs: list[subprocess.Popen[bytes]] = []
+    ports: list[int] = []
+    env = os.environ.get("PYTHONPATH")
+    if wirehub_path is not None:
+        os.environ["PYTHONPATH"] = f"{wirehub_path}{os.pathsep}{env}" if env else str(wirehub_path)
+    try:
+        for name in names:
+            proc, port, _ = start_replica(workdir, name, bus, endpoint)
+            procs.append(proc)
+            ports.append(port)
+    except BaseException:
+        for proc in procs:
+            stop(proc)
+        raise
+    finally:
+        if env is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = env
+    return procs, ports
+
+
+def tree_path(workdir: Path, tree: Path) -> Path:
+    """A folder in ``workdir`` whose ``wirehub`` is ``tree``'s ``service`` folder (for ``wirehub_path``)."""
+    link = workdir / f"path-{tree.resolve().name}"
+    link.mkdir(exist_ok=True)
+    if not (link / "wirehub").exists():
+        (link / "wirehub").symlink_to(tree.resolve() / "service")
+    return link
+
+
 def stop(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
     """SIGTERM (wirehub drains), then SIGKILL after ``timeout`` seconds."""
     if proc.poll() is None:

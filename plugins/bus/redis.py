@@ -66,6 +66,7 @@ from wirehub import (
 )
 from wirehub.builtins.bus._broker import Supervised, cancel_and_wait, encode_room, safe_close
 from wirehub.builtins.bus.redis_batch import Batcher, Command, send_on_pool
+from wirehub.builtins.bus.redis_pubsub import PublishBatcher, read_pubsub
 from wirehub.builtins.bus.redis_options import RedisOptions, connection_kwargs, parse_options, startup_error
 from wirehub.builtins.bus.redis_presence import RedisPresence
 from wirehub.builtins.bus.redis_scripts import POSITION, READ, SCRIPTS
@@ -115,6 +116,8 @@ class RedisBus(Supervised):
         self.publish_command = "PUBLISH"
         self.failover_flag = "1" if opts.failover else "0"
         self._sentinel: Any = None
+        # a cluster pipeline would span slots: there each publish stays one call (see redis_pubsub)
+        self._publish_batch = PublishBatcher(self) if opts.mode != "cluster" else None
 
     # -- naming --------------------------------------------------------------------------------------
 
@@ -227,32 +230,31 @@ class RedisBus(Supervised):
 
     async def _read(self, pubsub: Any) -> None:
         try:
-            while True:
-                # Block (timeout None) rather than poll: a timeout arms and cancels a timer for every
-                # message, a third of its read cost with hiredis. A hung connection is still found by
-                # the supervisor's heartbeat (a publish on the heartbeat channel), which cancels us.
-                msg = await pubsub.get_message(timeout=None)
-                if msg is not None:
-                    self._on_pubsub(msg)
+            # Blocks (no timeout) and drains every reply that arrived per wakeup (redis_pubsub). A hung
+            # connection is still found by the supervisor's heartbeat (a publish on the heartbeat
+            # channel), which cancels us.
+            await read_pubsub(pubsub, self._on_channel_message, self._on_pubsub)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             self._fail(f"subscriber connection: {type(exc).__name__}: {exc}")
 
+    def _on_channel_message(self, ch: bytes, data: bytes) -> None:
+        if ch == self._hb_channel:
+            fut = self._hb_waiters.pop(data, None)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+            return
+        room = self._channel_rooms.get(ch)
+        if room is None:
+            return
+        head, _, payload = data.partition(b" ")
+        self._deliver(room, payload, None if head == b"-" else int(head))
+
     def _on_pubsub(self, msg: Mapping[str, Any]) -> None:
         kind, ch = msg.get("type"), msg.get("channel")
         if kind == "message":
-            data: bytes = msg["data"]
-            if ch == self._hb_channel:
-                fut = self._hb_waiters.pop(data, None)
-                if fut is not None and not fut.done():
-                    fut.set_result(None)
-                return
-            room = self._channel_rooms.get(ch)  # type: ignore[arg-type]
-            if room is None:
-                return
-            head, _, payload = data.partition(b" ")
-            self._deliver(room, payload, None if head == b"-" else int(head))
+            self._on_channel_message(ch, msg["data"])  # type: ignore[arg-type]
         elif kind == "subscribe":
             for fut in self._sub_waiters.pop(ch, []):  # type: ignore[arg-type]
                 if not fut.done():
@@ -284,19 +286,19 @@ class RedisBus(Supervised):
             await self.presence.close()
         await super().close()
         await self.batch.close()
+        if self._publish_batch is not None:
+            await self._publish_batch.close()
 
     # -- Bus -------------------------------------------------------------------------------------------
 
     async def publish(self, room: str, payload: bytes, *, history: bool = False, dedupe_key: str | None = None,
                       dedupe_window: float = 0.0) -> int | None:
         self._check()  # down: nothing was sent (BusUnavailable); from here on a failure is "maybe"
-        client, ch = self.client, self.channel(room)
-        try:
-            if not history:
-                command = self.publish_command
-                await self._call("publish", lambda: client.execute_command(command, ch, b"- " + payload),
-                                 self.errors)
-                return None
+        ch = self.channel(room)
+        script: Any = None
+        if not history:
+            command: tuple[Any, ...] = (self.publish_command, ch, b"- " + payload)
+        else:
             meta = self.key("m", room)
             window_ms = int(dedupe_window * 1000) if dedupe_key is not None else 0
             keys = [self.key("h", room), meta, f"{self.key('i', room)}:{dedupe_key}" if window_ms > 0 else meta,
@@ -304,10 +306,20 @@ class RedisBus(Supervised):
             args = [ch, payload, self.opts.history_size, int(self.opts.history_ttl * 1000), uuid.uuid4().hex[:12],
                     window_ms, self.publish_command, self.failover_flag]
             script = self.scripts["publish"]
-            result = await self._call("publish", lambda: script(keys=keys, args=args, client=client), self.errors)
-        except BusUnavailable as exc:
-            raise PublishOutcomeUnknown(str(exc)) from exc
-        return int(result[0])
+            command = ("EVALSHA", script.sha, len(keys), *keys, *args)
+        if self._publish_batch is not None:  # the batcher answers BusUnavailable / PublishOutcomeUnknown itself
+            result = await self._publish_batch.submit(command, script)
+        else:
+            client = self.client
+            try:
+                if script is None:
+                    result = await self._call("publish", lambda: client.execute_command(*command), self.errors)
+                else:
+                    result = await self._call("publish", lambda: script(keys=keys, args=args, client=client),
+                                              self.errors)
+            except BusUnavailable as exc:
+                raise PublishOutcomeUnknown(str(exc)) from exc
+        return None if script is None else int(result[0])
 
     async def subscribe(self, room: str) -> None:
         self._check()
