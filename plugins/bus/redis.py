@@ -66,9 +66,9 @@ from wirehub import (
 )
 from wirehub.builtins.bus._broker import Supervised, cancel_and_wait, encode_room, safe_close
 from wirehub.builtins.bus.redis_batch import Batcher, Command, send_on_pool
-from wirehub.builtins.bus.redis_pubsub import PublishBatcher, read_pubsub
 from wirehub.builtins.bus.redis_options import RedisOptions, connection_kwargs, parse_options, startup_error
 from wirehub.builtins.bus.redis_presence import RedisPresence
+from wirehub.builtins.bus.redis_pubsub import PublishBatcher, read_pubsub
 from wirehub.builtins.bus.redis_scripts import POSITION, READ, SCRIPTS
 
 log = logging.getLogger("wirehub.bus.redis")
