@@ -130,14 +130,17 @@ class Protocol(WebSocketProtocol13):
     def _on_readable(self) -> None:
         """The read callback of a :class:`~wirehub.stream.SocketStream`: one ``recv``, every whole frame in
         it handled."""
-        stream = self.stream
-        assert isinstance(stream, SocketStream)
+        stream: SocketStream = self.stream  # type: ignore[assignment]  # set with this callback
         try:
             data = stream.socket.recv(_READ_CHUNK)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
             stream.close(exc)
+            return
+        if len(data) == 6 and data[0] == 0x8A and data[1] == 0x80 and self._rest is None:
+            # the keepalive's answer, alone (an empty masked Pong): most of what an idle connection reads
+            self._received_pong = True
             return
         if not data:  # the peer closed the TCP connection
             stream.close()
