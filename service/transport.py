@@ -7,10 +7,11 @@ has nothing queued (:func:`wirehub.stream.send_now`). Only what the kernel does 
 in the stream's buffer: that is the session's send queue (its size is what the 4008 cap is checked
 against).
 
-Writes are corked for the rest of the current event-loop iteration: the frames a connection gets
-in one iteration (several bus messages of one read, a reply and a broadcast, a history replay)
-leave in one ``send`` system call, which is most of a delivery's cost. Frames are never delayed
-past the end of the iteration, and a Close frame is preceded by everything queued before it.
+Writes are corked until the I/O callbacks of the next event-loop iteration have run: the frames a
+connection gets meanwhile (several bus messages, the next publish's fan-out when it had already
+arrived, a reply and a broadcast, a history replay) leave in one ``send`` system call, which is most
+of a delivery's cost. Frames are never delayed past that (one more ``select`` that does not wait, as
+the loop has work ready), and a Close frame is preceded by everything queued before it.
 
 Before the frame reader takes the socket over this reads ``IOStream._write_buffer``; setup.cfg pins
 Tornado below 7 for that reason and tests/test_transport.py fails if the attribute changes.
@@ -32,7 +33,9 @@ log = logging.getLogger("wirehub.transport")
 
 
 class _Flusher:
-    """Sends what the transports of one event loop corked, once per loop iteration."""
+    """Sends what the transports of one event loop corked, once per loop iteration, after one more pass
+    of the loop's I/O callbacks: input that had already arrived (the next publish, the next bus messages,
+    the other frames of a client's burst) adds its frames to the same ``send`` of each connection."""
 
     __slots__ = ("__weakref__", "_dirty", "_loop", "_scheduled")
 
@@ -45,7 +48,12 @@ class _Flusher:
         self._dirty.append(transport)
         if not self._scheduled:
             self._scheduled = True
-            self._loop.call_soon(self._run)
+            self._loop.call_soon(self._hop)
+
+    def _hop(self) -> None:
+        # Callbacks scheduled now run after the I/O callbacks of the next select (a plain call_soon from
+        # the frame's own iteration runs before them).
+        self._loop.call_soon(self._run)
 
     def _run(self) -> None:
         self._scheduled = False
