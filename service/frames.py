@@ -1,12 +1,16 @@
 """The WebSocket protocol of a connection: Tornado's, with a frame reader of our own and RFC 6455's
 close codes where Tornado drops the TCP connection.
 
-Tornado's reader awaits a Future per frame part (header, length, mask, payload: four per frame).
-:meth:`Protocol._receive_frame_loop` reads what the socket has (one ``read_bytes(partial=True)``)
-and parses every whole frame in it in a plain loop; a frame bigger than what arrived is completed
-with one exact read. The order and the backpressure stay Tornado's: a frame is handled only after
-the handler's work for the previous one completed (``busy`` is set meanwhile, see
-:class:`wirehub.keepalive.Keepalive`).
+Tornado's reader awaits a Future per frame part (header, length, mask, payload: four per frame) in a
+coroutine that lives as long as the connection. Here :meth:`Protocol._receive_frame_loop` takes the
+socket over from Tornado's stream once the connection is open (:class:`wirehub.stream.SocketStream`)
+and returns: from then on the loop calls :meth:`Protocol._on_readable` when input arrives, which reads
+it with one ``recv`` and parses every whole frame in it in a plain loop (a frame bigger than what
+arrived waits, unparsed, until it is whole). An idle connection has no coroutine, Task or Future.
+The order and the backpressure stay Tornado's: a frame is handled only after the handler's work for
+the previous one completed; meanwhile reading is off and further input stays in the kernel (``busy``
+is set, see :class:`wirehub.keepalive.Keepalive`). After 256 KiB of work in one callback the parse
+stops for a loop iteration, so one busy client cannot starve the others.
 
 RFC 6455 wants a Close frame where Tornado aborts or echoes: 1002 for a protocol violation
 (a control frame over 125 bytes or fragmented, reserved bits or opcodes, a continuation with
@@ -80,14 +84,16 @@ class Protocol(WebSocketProtocol13):
         """Take the socket over from Tornado's stream (:class:`~wirehub.stream.SocketStream`), run what is
         left of the open hooks (``opened``), then read frames from a read callback until the connection
         ends. Returns once reading started: no coroutine, Task or Future waits per connection while it is
-        idle. A stream that cannot be taken over (TLS) is read in this coroutine instead."""
+        idle."""
         stream = self.stream
         own: SocketStream | None = None
         try:
             while _plain(stream) and stream._write_buffer and not stream.closed():
                 await stream.write(b"")  # the 101 is still queued: the takeover sends nothing of Tornado's
-            if not can_take_over(stream):
-                await self._read_tornado_stream(opened)
+            if not can_take_over(stream):  # closed meanwhile (a TLS stream never gets here: no TLS is served)
+                if not stream.closed():
+                    log.error("cannot read frames from %r: not a plain socket stream", stream)
+                self._on_stream_closed()
                 return
             own = SocketStream(stream, self._on_readable, self._on_stream_closed)
             early = own.take_input()
@@ -105,22 +111,6 @@ class Protocol(WebSocketProtocol13):
                 self.handler.on_ws_connection_close(self.close_code, self.close_reason)
             raise
         self._resume()
-
-    async def _read_tornado_stream(self, opened: Awaitable[None] | None) -> None:
-        """The same parser fed by Tornado's stream, in this coroutine (a TLS stream)."""
-        try:
-            if opened is not None:
-                await opened
-            stream = self.stream
-            while not self.client_terminated:
-                paused = self._feed(await stream.read_bytes(_READ_CHUNK, partial=True))
-                while paused is not None:
-                    await paused
-                    paused = self._continue()
-        except StreamClosedError:
-            self._abort()
-        finally:
-            self.handler.on_ws_connection_close(self.close_code, self.close_reason)
 
     def _on_stream_closed(self) -> None:
         """The socket is closed (by the peer, an error or us): end the connection, once."""
