@@ -4,7 +4,7 @@ close codes where Tornado drops the TCP connection.
 Tornado's reader awaits a Future per frame part (header, length, mask, payload: four per frame) in a
 coroutine that lives as long as the connection. Here :meth:`Protocol._receive_frame_loop` takes the
 socket over from Tornado's stream once the connection is open (:class:`wirehub.stream.SocketStream`)
-and returns: from then on the loop calls :meth:`Protocol._on_readable` when input arrives, which reads
+and returns: from then on the loop calls :meth:`Protocol.on_readable` when input arrives, which reads
 it with one ``recv`` and parses every whole frame in it in a plain loop (a frame bigger than what
 arrived waits, unparsed, until it is whole). An idle connection has no coroutine, Task or Future.
 The order and the backpressure stay Tornado's: a frame is handled only after the handler's work for
@@ -35,7 +35,7 @@ from tornado.util import _websocket_mask
 from tornado.websocket import WebSocketProtocol13
 
 from wirehub.protocol import CloseCode
-from wirehub.stream import SocketStream, can_take_over
+from wirehub.stream import SocketStream, can_take_over, done_future
 
 if TYPE_CHECKING:
     from wirehub.session import Session
@@ -80,44 +80,56 @@ class Protocol(WebSocketProtocol13):
     def _session(self) -> Session | None:
         return getattr(self.handler, "session", None)
 
-    async def _receive_frame_loop(self, opened: Awaitable[None] | None = None) -> None:
+    def _receive_frame_loop(self, opened: Awaitable[None] | None = None) -> Awaitable[None]:  # type: ignore[override]
         """Take the socket over from Tornado's stream (:class:`~wirehub.stream.SocketStream`), run what is
         left of the open hooks (``opened``), then read frames from a read callback until the connection
-        ends. Returns once reading started: no coroutine, Task or Future waits per connection while it is
-        idle."""
+        ends. What it returns is done once reading started; in the usual case (the open hooks completed,
+        the 101 is out) that is at once, and no coroutine, Task or Future stays behind per connection."""
         stream = self.stream
-        own: SocketStream | None = None
+        if opened is None and can_take_over(stream):
+            self._take_over(stream)
+            self._resume()
+            return done_future()
+        return self._open_then_read(opened)
+
+    async def _open_then_read(self, opened: Awaitable[None] | None) -> None:
+        stream = self.stream
+        taken = False
         try:
             while _plain(stream) and stream._write_buffer and not stream.closed():
                 await stream.write(b"")  # the 101 is still queued: the takeover sends nothing of Tornado's
             if not can_take_over(stream):  # closed meanwhile (a TLS stream never gets here: no TLS is served)
                 if not stream.closed():
                     log.error("cannot read frames from %r: not a plain socket stream", stream)
-                self._on_stream_closed()
+                self.on_stream_closed()
                 return
-            own = SocketStream(stream, self._on_readable, self._on_stream_closed)
-            early = own.take_input()
-            self.stream = own  # type: ignore[assignment]  # what Tornado's protocol uses of a stream
-            if early:
-                self._rest = bytearray(early)
+            self._take_over(stream)
+            taken = True
             if opened is not None:
                 await opened
         except StreamClosedError:  # gone before the takeover
-            self._on_stream_closed()
+            self.on_stream_closed()
             return
         except BaseException:  # cancelled: close the connection (a taken-over stream's close callback ends it)
             self._abort()
-            if own is None:
+            if not taken:
                 self.handler.on_ws_connection_close(self.close_code, self.close_reason)
             raise
         self._resume()
 
-    def _on_stream_closed(self) -> None:
+    def _take_over(self, stream: IOStream) -> None:
+        own = SocketStream(stream, self)
+        early = own.take_input()
+        self.stream = own  # type: ignore[assignment]  # what Tornado's protocol uses of a stream
+        if early:  # frames the client sent right behind its request head
+            self._rest = bytearray(early)
+
+    def on_stream_closed(self) -> None:
         """The socket is closed (by the peer, an error or us): end the connection, once."""
         self._abort()
         self.handler.on_ws_connection_close(self.close_code, self.close_reason)
 
-    def _on_readable(self) -> None:
+    def on_readable(self) -> None:
         """The read callback of a :class:`~wirehub.stream.SocketStream`: one ``recv``, every whole frame in
         it handled."""
         stream: SocketStream = self.stream  # type: ignore[assignment]  # set with this callback

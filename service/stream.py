@@ -5,7 +5,7 @@ then gets a frame. Through ``IOStream`` each of those costs a read Future, a tas
 read-buffer machinery. :class:`SocketStream` takes the socket over from the stream once the upgrade is
 done (as Tornado's own ``start_tls`` does): it registers the file descriptor with the asyncio loop itself,
 and its read callback hands what ``socket.recv`` returned straight to the frame parser
-(:meth:`wirehub.frames.Protocol._on_readable`). Writes go to the kernel with ``socket.send``; only what
+(:meth:`wirehub.frames.Protocol.on_readable`). Writes go to the kernel with ``socket.send``; only what
 the kernel does not take is queued (a ``bytearray``, the session's send queue that the 4008 cap is
 checked against) and sent when the socket is writable again, in order.
 
@@ -20,13 +20,37 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
-from typing import Any
+import weakref
+from typing import Any, Protocol
 
 from tornado.ioloop import IOLoop
 from tornado.iostream import IOStream, SSLIOStream, StreamClosedError
 
 log = logging.getLogger("wirehub.transport")
+
+
+class Reader(Protocol):
+    """Who reads a :class:`SocketStream` (:class:`wirehub.frames.Protocol`)."""
+
+    def on_readable(self) -> None:
+        """The socket has input (called while reading is on)."""
+
+    def on_stream_closed(self) -> None:
+        """The stream closed; called once, in a later loop iteration than the close."""
+
+
+_done: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Future[None]] = weakref.WeakKeyDictionary()
+
+
+def done_future() -> asyncio.Future[None]:
+    """A completed Future of the running loop, shared: for an API that wants an awaitable where there is
+    nothing to wait for (``asyncio.ensure_future`` passes a Future through; a coroutine would get a Task)."""
+    loop = asyncio.get_running_loop()
+    future = _done.get(loop)
+    if future is None:
+        future = _done[loop] = loop.create_future()
+        future.set_result(None)
+    return future
 
 
 def can_take_over(stream: Any) -> bool:
@@ -38,12 +62,10 @@ def can_take_over(stream: Any) -> bool:
 class SocketStream:
     """An established connection's socket, read and written without IOStream (module docstring)."""
 
-    __slots__ = ("_closed", "_edge", "_fd", "_loop", "_on_close", "_on_readable", "_out", "_reading",
-                 "_waiters", "error", "socket")
+    __slots__ = ("_closed", "_edge", "_fd", "_loop", "_out", "_owner", "_reading", "_waiters", "error", "socket")
 
-    def __init__(self, edge: IOStream, on_readable: Callable[[], None], on_close: Callable[[], None]) -> None:
-        """Take ``edge``'s socket over (see :func:`can_take_over`); ``on_readable`` is called when the socket
-        has input while reading is on, ``on_close`` once, in a later loop iteration, when the stream closed."""
+    def __init__(self, edge: IOStream, owner: Reader) -> None:
+        """Take ``edge``'s socket over (see :func:`can_take_over`) for ``owner``."""
         assert can_take_over(edge)
         self._edge = edge
         self.socket = edge.socket
@@ -53,8 +75,7 @@ class SocketStream:
             edge.io_loop.remove_handler(self._fd)
             edge._state = None
         edge._close_callback = None
-        self._on_readable = on_readable
-        self._on_close: Callable[[], None] | None = on_close
+        self._owner: Reader | None = owner
         #: what the kernel did not take yet (None: nothing)
         self._out: bytearray | None = None
         #: Futures of write() calls waiting for the queue to drain
@@ -116,9 +137,9 @@ class SocketStream:
             if not future.done():
                 future.set_exception(StreamClosedError(real_error=self.error))
                 future.exception()  # retrieved: nobody need await a write's Future
-        on_close, self._on_close = self._on_close, None
-        if on_close is not None:  # as IOStream: not from inside whatever closed the stream
-            self._loop.call_soon(on_close)
+        owner, self._owner = self._owner, None
+        if owner is not None:  # as IOStream: not from inside whatever closed the stream
+            self._loop.call_soon(owner.on_stream_closed)
 
     # -- the fast paths ---------------------------------------------------------------------------------
 
@@ -147,13 +168,14 @@ class SocketStream:
             self._loop.add_writer(self._fd, self._on_writable)
 
     def reading(self, on: bool) -> None:
-        """Call ``on_readable`` when input arrives (on), or leave the input in the kernel (off:
+        """Call the owner's ``on_readable`` when input arrives (on), or leave the input in the kernel (off:
         backpressure while the handler works on a frame)."""
-        if on == self._reading or (on and self._closed):
+        if on == self._reading or (on and self._owner is None):
             return
         self._reading = on
         if on:
-            self._loop.add_reader(self._fd, self._on_readable)
+            assert self._owner is not None
+            self._loop.add_reader(self._fd, self._owner.on_readable)
         else:
             self._loop.remove_reader(self._fd)
 
