@@ -1,12 +1,16 @@
 """The WebSocket protocol of a connection: Tornado's, with a frame reader of our own and RFC 6455's
 close codes where Tornado drops the TCP connection.
 
-Tornado's reader awaits a Future per frame part (header, length, mask, payload: four per frame).
-:meth:`Protocol._receive_frame_loop` reads what the socket has (one ``read_bytes(partial=True)``)
-and parses every whole frame in it in a plain loop; a frame bigger than what arrived is completed
-with one exact read. The order and the backpressure stay Tornado's: a frame is handled only after
-the handler's work for the previous one completed (``busy`` is set meanwhile, see
-:class:`wirehub.keepalive.Keepalive`).
+Tornado's reader awaits a Future per frame part (header, length, mask, payload: four per frame) in a
+coroutine that lives as long as the connection. Here :meth:`Protocol._receive_frame_loop` takes the
+socket over from Tornado's stream once the connection is open (:class:`wirehub.stream.SocketStream`)
+and returns: from then on the loop calls :meth:`Protocol.on_readable` when input arrives, which reads
+it with one ``recv`` and parses every whole frame in it in a plain loop (a frame bigger than what
+arrived waits, unparsed, until it is whole). An idle connection has no coroutine, Task or Future.
+The order and the backpressure stay Tornado's: a frame is handled only after the handler's work for
+the previous one completed; meanwhile reading is off and further input stays in the kernel (``busy``
+is set, see :class:`wirehub.keepalive.Keepalive`). After 256 KiB of work in one callback the parse
+stops for a loop iteration, so one busy client cannot starve the others.
 
 RFC 6455 wants a Close frame where Tornado aborts or echoes: 1002 for a protocol violation
 (a control frame over 125 bytes or fragmented, reserved bits or opcodes, a continuation with
@@ -21,15 +25,17 @@ of life.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeGuard
 
 from tornado.concurrent import Future
-from tornado.iostream import StreamClosedError
+from tornado.iostream import IOStream, SSLIOStream, StreamClosedError
 from tornado.util import _websocket_mask
 from tornado.websocket import WebSocketProtocol13
 
 from wirehub.protocol import CloseCode
+from wirehub.stream import SocketStream, can_take_over, done_future
 
 if TYPE_CHECKING:
     from wirehub.session import Session
@@ -40,6 +46,17 @@ _VALID_CLOSE = frozenset((1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 
 _YIELD_THRESHOLD = 256 * 1024
 _FRAME_COST = 1024
 _READ_CHUNK = 65536
+
+log = logging.getLogger("wirehub.session")
+
+
+def _plain(stream: object) -> TypeGuard[IOStream]:
+    return isinstance(stream, IOStream) and not isinstance(stream, SSLIOStream)
+
+
+def _set_done(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _valid_close_code(code: int) -> bool:
@@ -53,100 +70,207 @@ class Protocol(WebSocketProtocol13):
     busy = False
     #: the keepalive slice this connection is pinged in (-1: none)
     keepalive_slice = -1
+    #: input not parsed yet (None: none); the bytes it needs before a parse can make progress (0: parse now)
+    _rest: bytearray | None = None
+    _need = 0
+    #: a fragmented message being collected, and its opcode
+    _frag: bytearray | None = None
+    _frag_opcode = 0
 
     def _session(self) -> Session | None:
         return getattr(self.handler, "session", None)
 
-    async def _receive_frame_loop(self, opened: Awaitable[None] | None = None) -> None:
-        """Read and handle frames until the connection ends (first awaiting ``opened``, the rest of the
-        open hooks). One coroutine, no helper awaited per frame: each suspended coroutine frame costs
-        memory for the connection's whole life."""
+    def _receive_frame_loop(self, opened: Awaitable[None] | None = None) -> Awaitable[None]:  # type: ignore[override]
+        """Take the socket over from Tornado's stream (:class:`~wirehub.stream.SocketStream`), run what is
+        left of the open hooks (``opened``), then read frames from a read callback until the connection
+        ends. What it returns is done once reading started; in the usual case (the open hooks completed,
+        the 101 is out) that is at once, and no coroutine, Task or Future stays behind per connection."""
+        stream = self.stream
+        if opened is None and can_take_over(stream):
+            self._take_over(stream)
+            self._resume()
+            return done_future()
+        return self._open_then_read(opened)
+
+    async def _open_then_read(self, opened: Awaitable[None] | None) -> None:
+        stream = self.stream
+        taken = False
         try:
+            while _plain(stream) and stream._write_buffer and not stream.closed():
+                await stream.write(b"")  # the 101 is still queued: the takeover sends nothing of Tornado's
+            if not can_take_over(stream):  # closed meanwhile (a TLS stream never gets here: no TLS is served)
+                if not stream.closed():
+                    log.error("cannot read frames from %r: not a plain socket stream", stream)
+                self.on_stream_closed()
+                return
+            self._take_over(stream)
+            taken = True
             if opened is not None:
                 await opened
-            stream = self.stream
-            max_size = self.params.max_message_size
-            mask_fn = _websocket_mask
-            buf = b""
-            frag: bytearray | None = None
-            frag_opcode = 0
-            work = 0
-            while not self.client_terminated:
-                chunk = await stream.read_bytes(_READ_CHUNK, partial=True)
-                buf = buf + chunk if buf else chunk
-                n = len(buf)
-                pos = 0
-                while n - pos >= 2 and not self.client_terminated:
-                    b0 = buf[pos]
-                    b1 = buf[pos + 1]
-                    opcode = b0 & 0x0F
-                    length = b1 & 0x7F
-                    if b0 & 0x70 or (opcode & 0x8 and length >= 126):  # reserved bits; a long control frame
-                        self._protocol_error()
-                        return
-                    head = pos + 2
-                    if length == 126:
-                        if n - pos < 4:
-                            break
-                        length = int.from_bytes(buf[head:head + 2], "big")
-                        head += 2
-                    elif length == 127:
-                        if n - pos < 10:
-                            break
-                        length = int.from_bytes(buf[head:head + 8], "big")
-                        head += 8
-                    if length + (len(frag) if frag is not None else 0) > max_size:
-                        self.close(CloseCode.TOO_BIG, "message too big")
-                        self._abort()
-                        return
-                    masked = b1 & 0x80
-                    start = head + 4 if masked else head
-                    end = start + length
-                    if end > n:  # a frame bigger than what arrived: read exactly the rest of it
-                        if start > n:
-                            break
-                        buf = buf[pos:] + await stream.read_bytes(end - n)
-                        start, head, end, pos = start - pos, head - pos, end - pos, 0
-                        n = len(buf)
-                    data = mask_fn(buf[head:start], buf[start:end]) if masked else buf[start:end]
-                    pos = end
-                    if opcode & 0x8:
-                        if not b0 & 0x80:  # a fragmented control frame
-                            self._protocol_error()
-                            return
-                    elif opcode == 0:
-                        if frag is None:  # a continuation with nothing to continue
-                            self._protocol_error()
-                            return
-                        frag.extend(data)
-                        if not b0 & 0x80:
-                            work += _FRAME_COST
-                            continue
-                        opcode, data, frag = frag_opcode, bytes(frag), None
-                    elif frag is not None:  # a new message before the fragmented one is complete
-                        self._protocol_error()
-                        return
-                    elif not b0 & 0x80:
-                        frag, frag_opcode = bytearray(data), opcode
-                        work += _FRAME_COST
-                        continue
-                    handled = self._handle_message(opcode, data)
-                    work += _FRAME_COST + length
-                    if handled is not None:
-                        work = 0
-                        self.busy = True
-                        try:
-                            await handled
-                        finally:
-                            self.busy = False
-                    elif work >= _YIELD_THRESHOLD:  # one busy client must not starve the others
-                        work = 0
-                        await asyncio.sleep(0)
-                buf = buf[pos:] if pos < n else b""
-        except StreamClosedError:
+        except StreamClosedError:  # gone before the takeover
+            self.on_stream_closed()
+            return
+        except BaseException:  # cancelled: close the connection (a taken-over stream's close callback ends it)
             self._abort()
-        finally:
-            self.handler.on_ws_connection_close(self.close_code, self.close_reason)
+            if not taken:
+                self.handler.on_ws_connection_close(self.close_code, self.close_reason)
+            raise
+        self._resume()
+
+    def _take_over(self, stream: IOStream) -> None:
+        own = SocketStream(stream, self)
+        early = own.take_input()
+        self.stream = own  # type: ignore[assignment]  # what Tornado's protocol uses of a stream
+        if early:  # frames the client sent right behind its request head
+            self._rest = bytearray(early)
+
+    def on_stream_closed(self) -> None:
+        """The socket is closed (by the peer, an error or us): end the connection, once."""
+        self._abort()
+        self.handler.on_ws_connection_close(self.close_code, self.close_reason)
+
+    def on_readable(self) -> None:
+        """The read callback of a :class:`~wirehub.stream.SocketStream`: one ``recv``, every whole frame in
+        it handled."""
+        stream: SocketStream = self.stream  # type: ignore[assignment]  # set with this callback
+        try:
+            data = stream.socket.recv(_READ_CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            stream.close(exc)
+            return
+        if len(data) == 6 and data[0] == 0x8A and data[1] == 0x80 and self._rest is None:
+            # the keepalive's answer, alone (an empty masked Pong): most of what an idle connection reads
+            self._received_pong = True
+            return
+        if not data:  # the peer closed the TCP connection
+            stream.close()
+            return
+        try:
+            paused = self._feed(data)
+        except Exception:
+            log.exception("reading frames failed: closing the connection")
+            self._abort()
+            return
+        if paused is not None:  # leave further input in the kernel until the handler is done
+            stream.reading(False)
+            paused.add_done_callback(self._resume)
+
+    def _resume(self, _: object = None) -> None:
+        """Handle what arrived while reading was paused, then read again."""
+        try:
+            paused = self._continue()
+        except Exception:
+            log.exception("reading frames failed: closing the connection")
+            self._abort()
+            return
+        if paused is not None:
+            paused.add_done_callback(self._resume)
+            return
+        stream = self.stream
+        if isinstance(stream, SocketStream) and not stream.closed() and not self.client_terminated:
+            stream.reading(True)
+
+    def _continue(self) -> asyncio.Future[None] | None:
+        """The handler is done with its frame: parse the whole frames that are waiting (see :meth:`_parse`)."""
+        self.busy = False
+        rest = self._rest
+        if rest is None or self._need or self.client_terminated or self.stream.closed():
+            return None
+        self._rest = None
+        return self._parse(bytes(rest))
+
+    def _feed(self, data: bytes) -> asyncio.Future[None] | None:
+        """Input from the socket: parsed once the frame it completes is whole (see :meth:`_parse`)."""
+        rest = self._rest
+        if rest is not None:
+            rest += data
+            if len(rest) < self._need:  # a big frame still arriving: no parse per chunk
+                return None
+            data = bytes(rest)
+            self._rest = None
+        return self._parse(data)
+
+    def _parse(self, buf: bytes) -> asyncio.Future[None] | None:
+        """Handle every whole frame in ``buf``; keep the rest in ``_rest``. Returns a Future when the
+        parse stopped before the end (a handler still working on a frame, or a turn for the other
+        connections): nothing more is read until it is done."""
+        max_size = self.params.max_message_size
+        mask_fn = _websocket_mask
+        frag = self._frag
+        n = len(buf)
+        pos = 0
+        need = 0
+        work = 0
+        paused: asyncio.Future[None] | None = None
+        while n - pos >= 2 and not self.client_terminated:
+            b0 = buf[pos]
+            b1 = buf[pos + 1]
+            opcode = b0 & 0x0F
+            length = b1 & 0x7F
+            if b0 & 0x70 or (opcode & 0x8 and length >= 126):  # reserved bits; a long control frame
+                self._protocol_error()
+                return None
+            head = pos + 2
+            if length == 126:
+                if n - pos < 4:
+                    break
+                length = int.from_bytes(buf[head:head + 2], "big")
+                head += 2
+            elif length == 127:
+                if n - pos < 10:
+                    break
+                length = int.from_bytes(buf[head:head + 8], "big")
+                head += 8
+            if length + (len(frag) if frag is not None else 0) > max_size:
+                self.close(CloseCode.TOO_BIG, "message too big")
+                self._abort()
+                return None
+            masked = b1 & 0x80
+            start = head + 4 if masked else head
+            end = start + length
+            if end > n:  # not all of it arrived: parse again once it has
+                need = end - pos
+                break
+            data = mask_fn(buf[head:start], buf[start:end]) if masked else buf[start:end]
+            pos = end
+            if opcode & 0x8:
+                if not b0 & 0x80:  # a fragmented control frame
+                    self._protocol_error()
+                    return None
+            elif opcode == 0:
+                if frag is None:  # a continuation with nothing to continue
+                    self._protocol_error()
+                    return None
+                frag.extend(data)
+                if not b0 & 0x80:
+                    work += _FRAME_COST
+                    continue
+                opcode, data, frag = self._frag_opcode, bytes(frag), None
+                self._frag = None
+            elif frag is not None:  # a new message before the fragmented one is complete
+                self._protocol_error()
+                return None
+            elif not b0 & 0x80:
+                frag = self._frag = bytearray(data)
+                self._frag_opcode = opcode
+                work += _FRAME_COST
+                continue
+            handled = self._handle_message(opcode, data)
+            work += _FRAME_COST + length
+            if handled is not None:
+                self.busy = True
+                paused = handled
+                break
+            if work >= _YIELD_THRESHOLD and pos < n:  # one busy client must not starve the others
+                paused = asyncio.get_running_loop().create_future()
+                asyncio.get_running_loop().call_soon(_set_done, paused)
+                break
+        if pos < n and not self.client_terminated:
+            self._rest = bytearray(memoryview(buf)[pos:])
+            self._need = need if paused is None else 0
+        return paused
 
     def _protocol_error(self) -> None:
         """RFC 6455 wants a 1002 Close frame before the TCP close (Tornado only aborts); once our Close

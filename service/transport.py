@@ -3,38 +3,39 @@
 Fan-out writes the same :class:`~wirehub.session.OutFrame` to many sockets. Tornado's
 ``write_message`` frames the payload again for every recipient and allocates a Future per write;
 here a frame is built once and handed straight to the kernel with ``socket.send`` when the stream
-has nothing queued. Only what the kernel does not take goes through ``IOStream.write``, whose
-buffer is the session's send queue (its size is what the 4008 cap is checked against).
+has nothing queued (:func:`wirehub.stream.send_now`). Only what the kernel does not take is queued,
+in the stream's buffer: that is the session's send queue (its size is what the 4008 cap is checked
+against).
 
-Writes are corked for the rest of the current event-loop iteration: the frames a connection gets
-in one iteration (several bus messages of one read, a reply and a broadcast, a history replay)
-leave in one ``send`` system call, which is most of a delivery's cost. Frames are never delayed
-past the end of the iteration, and a Close frame is preceded by everything queued before it.
+Writes are corked until the I/O callbacks of the next event-loop iteration have run: the frames a
+connection gets meanwhile (several bus messages, the next publish's fan-out when it had already
+arrived, a reply and a broadcast, a history replay) leave in one ``send`` system call, which is most
+of a delivery's cost. Frames are never delayed past that (one more ``select`` that does not wait, as
+the loop has work ready), and a Close frame is preceded by everything queued before it.
 
-This reads ``IOStream._write_buffer``; setup.cfg pins Tornado below 7 for that reason and
-tests/test_transport.py fails if the attribute changes.
+Before the frame reader takes the socket over this reads ``IOStream._write_buffer``; setup.cfg pins
+Tornado below 7 for that reason and tests/test_transport.py fails if the attribute changes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import errno
 import logging
 import weakref
+from typing import Any
 
-from tornado.iostream import IOStream, SSLIOStream, StreamClosedError
 from tornado.websocket import WebSocketProtocol
 
 from wirehub.session import OutFrame
+from wirehub.stream import buffered, send_now
 
 log = logging.getLogger("wirehub.transport")
 
-_RETRY = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR)
-
 
 class _Flusher:
-    """Sends what the transports of one event loop corked, once per loop iteration."""
+    """Sends what the transports of one event loop corked, once per loop iteration, after one more pass
+    of the loop's I/O callbacks: input that had already arrived (the next publish, the next bus messages,
+    the other frames of a client's burst) adds its frames to the same ``send`` of each connection."""
 
     __slots__ = ("__weakref__", "_dirty", "_loop", "_scheduled")
 
@@ -47,7 +48,12 @@ class _Flusher:
         self._dirty.append(transport)
         if not self._scheduled:
             self._scheduled = True
-            self._loop.call_soon(self._run)
+            self._loop.call_soon(self._hop)
+
+    def _hop(self) -> None:
+        # Callbacks scheduled now run after the I/O callbacks of the next select (a plain call_soon from
+        # the frame's own iteration runs before them).
+        self._loop.call_soon(self._run)
 
     def _run(self) -> None:
         self._scheduled = False
@@ -68,33 +74,37 @@ def _flusher() -> _Flusher:
 
 
 class StreamTransport:
-    """:class:`wirehub.session.Transport` over a WebSocket connection's stream."""
+    """:class:`wirehub.session.Transport` over a WebSocket connection's stream (Tornado's until the frame
+    reader takes the socket over, then a :class:`~wirehub.stream.SocketStream`)."""
 
-    __slots__ = ("_close", "_corked", "_corked_bytes", "_direct", "_flusher", "_protocol", "_stream")
+    __slots__ = ("_close", "_corked", "_corked_bytes", "_flusher", "_protocol")
 
     def __init__(self, protocol: WebSocketProtocol, close: object) -> None:
         self._protocol = protocol
-        self._stream: IOStream = protocol.stream  # type: ignore[attr-defined,assignment]
         self._close = close
-        # SSL streams must go through their own write path (plain ones may be a subclass: service/accept.py).
-        self._direct = isinstance(self._stream, IOStream) and not isinstance(self._stream, SSLIOStream)
         #: wire frames queued in this loop iteration, sent by flush() (None: nothing queued)
         self._corked: list[bytes] | None = None
         self._corked_bytes = 0
         self._flusher: _Flusher | None = None
 
     @property
+    def _stream(self) -> Any:
+        return self._protocol.stream
+
+    @property
     def closed(self) -> bool:
         # Once our Close frame is out (whoever sent it: us, Tornado on 1009 or a ping timeout),
         # no data frame may follow it (RFC 6455 section 5.5.1).
-        return self._protocol.server_terminated or self._stream.closed()
+        stream: Any = self._protocol.stream
+        return self._protocol.server_terminated or bool(stream.closed())
 
     def buffered(self) -> int:
-        buf = self._stream._write_buffer
-        return (len(buf) if buf is not None else 0) + self._corked_bytes
+        return buffered(self._protocol.stream) + self._corked_bytes
 
     def send_frame(self, frame: OutFrame) -> None:
-        if self._protocol.server_terminated or self._stream.closed():
+        protocol = self._protocol
+        stream: Any = protocol.stream
+        if protocol.server_terminated or stream.closed():
             return
         wire = frame.wire
         corked = self._corked
@@ -109,29 +119,16 @@ class StreamTransport:
         self._corked_bytes += len(wire)
 
     def flush(self) -> None:
-        """Hand the corked frames to the kernel (or the stream's buffer for what it does not take)."""
+        """Hand the corked frames to the kernel (the stream queues what it does not take)."""
         corked = self._corked
         if corked is None:
             return
         self._corked = None
         self._corked_bytes = 0
-        stream = self._stream
-        if self._protocol.server_terminated or stream.closed():
+        protocol = self._protocol
+        if protocol.server_terminated:
             return
-        data: bytes | memoryview = corked[0] if len(corked) == 1 else b"".join(corked)
-        if self._direct and not stream._write_buffer and not stream._connecting:
-            try:
-                sent = stream.socket.send(data)
-            except OSError as exc:
-                if exc.errno not in _RETRY:
-                    stream.close(exc_info=True)
-                    return
-                sent = 0
-            if sent == len(data):
-                return
-            data = memoryview(data)[sent:]
-        with contextlib.suppress(StreamClosedError):
-            stream.write(data)
+        send_now(protocol.stream, corked[0] if len(corked) == 1 else b"".join(corked))
 
     def close(self, code: int, reason: str) -> None:
         self.flush()

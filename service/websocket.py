@@ -37,7 +37,7 @@ class SessionSide:
     """What a WebSocket connection does once upgraded, whichever path upgraded it: Tornado's
     :class:`WirehubSocket`, or the lean path (:class:`wirehub.upgrade.LeanSocket`)."""
 
-    __slots__ = ("_eager_run", "_expiry", "_messages_in", "_protocol", "app", "endpoint", "handler", "identity",
+    __slots__ = ("_expiry", "_messages_in", "_protocol", "app", "endpoint", "handler", "identity",
                  "session")
 
     def _setup(self, app: Wirehub, endpoint: EndpointConfig, handler: Handler) -> None:
@@ -48,7 +48,6 @@ class SessionSide:
         self.identity: Identity | None = None
         self.session: Session | None = None
         self._expiry: asyncio.TimerHandle | None = None
-        self._eager_run = 0
         self._protocol: Protocol | None = None
         # looked up once, and counted without a lock (folded in at scrape time)
         self._messages_in = app.metrics.tally(app.metrics.messages_in.labels(endpoint.path))
@@ -110,19 +109,14 @@ class SessionSide:
             return None
         self._messages_in.n += 1
         # Run the handler eagerly: most messages complete without suspending, and then need no
-        # Task, and the next buffered frame is read in the same loop iteration (so the replies and
-        # broadcasts of several frames leave in one send). Every _EAGER_TURN frames in a row the
-        # connection yields to the loop once, so one busy client cannot starve the others.
+        # Task, and the next buffered frame is parsed in the same read callback (so the replies and
+        # broadcasts of several frames leave in one send). Fairness between connections is the
+        # frame reader's: one recv per callback, and a turn for the others after 256 KiB of work.
         coro = self._dispatch(session, message)
         try:
             first = coro.send(None)
         except StopIteration:
-            self._eager_run += 1
-            if self._eager_run < _EAGER_TURN:
-                return None
-            self._eager_run = 0
-            return asyncio.sleep(0)
-        self._eager_run = 0
+            return None
         return _Resumed(coro, first)
 
     async def _dispatch(self, session: Session, message: str | bytes) -> None:
@@ -319,7 +313,6 @@ class WirehubSocket(SessionSide, WebSocketHandler):  # type: ignore[misc]
         self._end_session(self.close_code, self.close_reason)
 
 
-_EAGER_TURN = 16
 _NO_KWARGS: Mapping[str, Any] = types.MappingProxyType({})
 
 

@@ -1,29 +1,38 @@
-"""The transport reads Tornado internals (IOStream._write_buffer, _connecting): fail loudly if they change."""
+"""The transport and the socket takeover (wirehub.stream) read Tornado internals: fail loudly if they change;
+and the takeover's own write path (partial sends, a peer that stops reading)."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from tornado.iostream import IOStream
 
 from wirehub.session import OutFrame
+from wirehub.stream import SocketStream
 from wirehub.testing import LiveServer
 
 Start = Callable[..., Awaitable[LiveServer]]
 
 
-async def test_tornado_internals_the_transport_relies_on(wirehub_server: Start) -> None:
+async def test_tornado_internals_the_takeover_relies_on(wirehub_server: Start) -> None:
     server = await wirehub_server({"endpoints": [{"path": "/ws/echo", "handler": "echo"}]})
+    fresh = IOStream(socket.socket())
+    try:  # what wirehub.stream reads of a Tornado stream before it takes the socket over
+        assert len(fresh._write_buffer) == 0 and fresh._connecting is False and fresh._read_future is None
+        assert fresh._state is None and fresh._close_callback is None
+        assert fresh._read_buffer == bytearray() and fresh._read_buffer_size == 0
+    finally:
+        fresh.close()
     client = await server.ws("/ws/echo")
     await client.send({"x": 1})
     await client.recv()
     (session,) = list(server.app.sessions)
     stream = session.transport._stream  # type: ignore[attr-defined]
     assert session.transport._protocol.server_terminated is False  # type: ignore[attr-defined]
-    assert isinstance(stream, IOStream) and session.transport._direct  # type: ignore[attr-defined]
-    assert len(stream._write_buffer) == 0 and stream._connecting is False
+    assert isinstance(stream, SocketStream) and not stream.closed()
     assert session.buffered == 0
 
 
