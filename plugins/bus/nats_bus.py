@@ -402,7 +402,8 @@ class NatsBus(Supervised):
         fut = self._asking.get(room)
         if fut is None:
             fut = self._asking[room] = asyncio.ensure_future(self._last_msg(room))
-            fut.add_done_callback(lambda f, sub=self._subs.get(room): self._asked(room, sub, f))
+            sub = self._subs.get(room)  # the consumer the answer is newer than
+            fut.add_done_callback(lambda f: self._asked(room, sub, f))
         return (await asyncio.shield(fut))[1]
 
     def _asked(self, room: str, sub: Any, fut: asyncio.Future[tuple[int, int, bool, float]]) -> None:

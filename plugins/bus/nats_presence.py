@@ -417,6 +417,7 @@ class NatsPresence:
         try:
             live = await self._live(room)
             assert live is not None
+            await self._sync(live, room)  # "first of its user" against every join acknowledged before
             first = bool(live.own_write_started(key, entry))
             seq = await self._put(room, entry)
         except BaseException:
@@ -447,7 +448,11 @@ class NatsPresence:
             return await self._leave_live(live, room, key, entry)
         finally:
             if room not in self._local:
-                self._drop_live(room)
+                # the last local members leave together: the copy goes with the last of them (the
+                # others still wait for the echoes of their purges in it)
+                live = self._current_live(room)
+                if live is None or not live.leaving:
+                    self._drop_live(room)
 
     async def _leave_live(self, live: _LiveRoom, room: str, key: str, entry: PresenceEntry) -> str | None:
         """Purge, then decide at the echo of the purge (not before: the copy may not have seen
