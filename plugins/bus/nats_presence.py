@@ -25,6 +25,10 @@ consumer on ``<room>.>``, started once per room and replica) in a
 echo of its purge and decides there whether it was its user's last connection: the copy then holds
 every earlier write of every replica and none later, so of two leaves of one user exactly one
 reports it. A room where this replica has no member is read by one scan of its keys (O(n)).
+The copy's consumer may run on a stream replica that applies writes a little after the leader
+acknowledged them, so a read (and a join's "first of its user") first waits until the copy reached
+the leader's newest sequence of the room's keys: one request per room and loop iteration
+(:meth:`NatsPresence._sync`). Puts and purges go through :mod:`~wirehub.builtins.bus.nats_acks`.
 """
 
 from __future__ import annotations
