@@ -55,6 +55,7 @@ from typing import TYPE_CHECKING, Any
 
 from wirehub import BusHandler, BusUnavailable, ConfigError, PublishOutcomeUnknown
 from wirehub.builtins.bus._broker import Supervised, encode_room, safe_close
+from wirehub.builtins.bus.nats_acks import AckRefused, Acks
 
 if TYPE_CHECKING:
     from wirehub.builtins.bus.nats import NatsOptions
@@ -155,6 +156,15 @@ class NatsBus(Supervised):
         self._probe: asyncio.Future[None] | None = None
         self._probe_error = "no answer"
         self._probe_subject = f"{self.prefix}.q.{uuid.uuid4().hex[:12]}"
+        #: JetStream writes of presence (their acks on one inbox; see nats_acks)
+        self.acks: Acks | None = None
+        #: followed room -> (stream seq, offset, broker time in epoch seconds) of its newest history
+        #: message seen by its live consumer, a publish ack, or a position read after the consumer started
+        self._heads: dict[str, tuple[int, int, float]] = {}
+        #: followed rooms whose position is known without asking (``_heads``; absent there: empty)
+        self._known: set[str] = set()
+        #: room -> the position read under way (the joins of one loop iteration share it)
+        self._asking: dict[str, asyncio.Future[tuple[int, int, bool, float]]] = {}
 
     async def start(self, handler: BusHandler) -> None:
         try:
@@ -219,6 +229,9 @@ class NatsBus(Supervised):
         conn["nc"] = self.nc = nc  # so that _teardown closes it even when connect fails half-way
         await nc.connect(**kwargs)
         js = self.js = nc.jetstream(timeout=o.op_timeout)
+        acks = Acks(nc, o.op_timeout)
+        await acks.start()
+        self.acks = acks
         storage = api.StorageType.MEMORY if o.storage == "memory" else api.StorageType.FILE
         config = api.StreamConfig(
             name=self.stream, subjects=[f"{self.prefix}.r.*.*"], max_msgs_per_subject=max(1, o.history_size),
@@ -242,6 +255,7 @@ class NatsBus(Supervised):
                 await js.update_stream(probes)
             self._quorum_at = time.monotonic()
         self._last.clear()
+        self._heads, self._known = {}, set()
         if self.presence is not None:
             await self.presence.open(storage)
         self.state_kv = await self._bucket(_name(self.prefix, "state"), None, storage)
@@ -274,7 +288,9 @@ class NatsBus(Supervised):
                 hdr = msg.headers or {}
                 offset = int(hdr.get(HDR_OFFSET, 0)) or None
                 if offset is not None:
-                    self._remember(room, msg.metadata.sequence.stream, offset)
+                    meta = msg.metadata
+                    self._remember(room, meta.sequence.stream, offset)
+                    self._head(room, meta.sequence.stream, offset, meta.timestamp.timestamp())
             self._deliver(room, msg.data, offset)
 
         self._tokens[room] = token
@@ -298,6 +314,10 @@ class NatsBus(Supervised):
         nc, self.nc = self.nc, None
         self.js = self.state_kv = None
         self._tokens, self._subs = {}, {}
+        self._heads, self._known = {}, set()
+        if self.acks is not None:
+            self.acks.fail_all(ConnectionError("disconnected from NATS"))
+            self.acks = None
         if nc is not None:
             await safe_close(log, "nats connection")(nc.close())
 
@@ -346,18 +366,96 @@ class NatsBus(Supervised):
 
     async def last(self, room: str) -> tuple[int, int, bool]:
         """(stream seq, offset, is run start) of the room's newest history message; (0, 0, False)."""
+        seq, offset, start, _ = await self._last_msg(room)
+        return seq, offset, start
+
+    async def _last_msg(self, room: str) -> tuple[int, int, bool, float]:
+        """:meth:`last` and the message's broker time (epoch seconds; ``inf`` when there is none)."""
         js, stream, subject = self.js, self.stream, self.subject(room)
         not_found = self.nats.js.errors.NotFoundError
 
-        async def get() -> tuple[int, int, bool]:
+        async def get() -> tuple[int, int, bool, float]:
             try:
                 msg = await js.get_last_msg(stream, subject, direct=True)
             except not_found:
-                return 0, 0, False
+                return 0, 0, False, float("inf")
             hdr = msg.headers or {}
-            return int(msg.seq), int(hdr.get(HDR_OFFSET, 0)), HDR_START in hdr
+            at = msg.time.timestamp() if msg.time is not None else 0.0
+            return int(msg.seq), int(hdr.get(HDR_OFFSET, 0)), HDR_START in hdr, at
 
         return await self.call("history", get)  # type: ignore[no-any-return]
+
+    async def position(self, room: str) -> int:
+        """The offset of the room's newest history message. While this replica follows the room
+        (its consumer runs), it is the newest one the consumer delivered or a publish acknowledged,
+        no round trip: every later message reaches the room's members through the consumer anyway.
+        Otherwise one read, shared by every caller of the same moment."""
+        self._check()
+        if room in self._known:
+            head = self._heads.get(room)
+            if head is None:
+                return 0  # empty when the consumer started, and no message since
+            # trusted while the message is far from its max_age (an expired room restarts its offsets)
+            if time.time() - head[2] < self.opts.history_ttl / 2:
+                return head[1]
+            self._known.discard(room)
+        fut = self._asking.get(room)
+        if fut is None:
+            fut = self._asking[room] = asyncio.ensure_future(self._last_msg(room))
+            sub = self._subs.get(room)  # the consumer the answer is newer than
+            fut.add_done_callback(lambda f: self._asked(room, sub, f))
+        return (await asyncio.shield(fut))[1]
+
+    def _asked(self, room: str, sub: Any, fut: asyncio.Future[tuple[int, int, bool, float]]) -> None:
+        if self._asking.get(room) is fut:
+            del self._asking[room]
+        if fut.cancelled() or fut.exception() is not None:
+            return
+        # asked after the room's consumer started: the consumer delivers everything newer
+        if sub is not None and self._subs.get(room) is sub:
+            seq, offset, _, at = fut.result()
+            if seq:
+                self._head(room, seq, offset, at)
+            self._known.add(room)
+
+    def _head(self, room: str, seq: int, offset: int, at: float) -> None:
+        cur = self._heads.get(room)
+        if cur is None or seq > cur[0]:
+            self._heads[room] = (seq, offset, at)
+
+    async def write(self, what: str, subject: str, payload: bytes, headers: dict[str, str] | None = None) -> int:
+        """A JetStream write (a KV put or purge) acknowledged by the stream: its sequence."""
+        answer = await self.request(what, subject, payload, headers)
+        try:
+            return int(answer["seq"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BusUnavailable(f"{what}: unreadable acknowledgement {answer!r:.100}") from exc
+
+    async def request(self, what: str, subject: str, payload: bytes, headers: dict[str, str] | None = None, *,
+                      absent: int = 0) -> dict[str, Any]:
+        """A JetStream write or API request through :attr:`acks`: the JSON answer, ``{}`` for the
+        error code ``absent``. Errors as :meth:`call`'s (BusUnavailable; a broken connection also
+        fails the bus)."""
+        self._check()
+        acks = self.acks
+        if acks is None:
+            raise BusUnavailable("the broker is unreachable")
+        try:
+            return await acks.request(subject, payload, headers)
+        except TimeoutError:
+            log.info("%s: no answer from the broker within %gs", what, self.op_timeout)
+            raise BusUnavailable(f"{what}: no answer from the broker within {self.op_timeout:g}s") from None
+        except AckRefused as exc:
+            if absent and exc.code == absent:
+                return {}
+            log.info("%s failed: %s", what, exc)
+            raise BusUnavailable(f"{what}: {exc}") from exc
+        except self.errors as exc:
+            self._fail(f"{what}: {type(exc).__name__}: {exc}")
+            raise BusUnavailable(f"{what}: {type(exc).__name__}: {exc}") from exc
+        except self.soft as exc:
+            log.info("%s failed: %s: %s", what, type(exc).__name__, exc)
+            raise BusUnavailable(f"{what}: {type(exc).__name__}: {exc}") from exc
 
     async def publish(self, room: str, payload: bytes, *, history: bool = False, dedupe_key: str | None = None,
                       dedupe_window: float = 0.0) -> int | None:
@@ -436,6 +534,8 @@ class NatsBus(Supervised):
             if ack.duplicate:  # JetStream kept the first one: ack.seq is its sequence
                 return await self._offset_of(int(ack.seq))
             self._remember(room, int(ack.seq), offset)
+            if room in self._subs:
+                self._head(room, int(ack.seq), offset, time.time())
             return offset
         raise BusUnavailable(f"publish to {room!r}: too many concurrent writers")
 
@@ -464,6 +564,7 @@ class NatsBus(Supervised):
         except BaseException:
             self._rooms.discard(room)
             self._tokens.pop(room, None)
+            self._heads.pop(room, None)
             raise
 
     async def unsubscribe(self, room: str) -> None:
@@ -471,6 +572,8 @@ class NatsBus(Supervised):
             return
         self._rooms.discard(room)
         self._tokens.pop(room, None)
+        self._heads.pop(room, None)
+        self._known.discard(room)
         sub = self._subs.pop(room, None)
         if sub is not None and self._healthy:
             with contextlib.suppress(BusUnavailable):

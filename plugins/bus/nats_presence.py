@@ -25,6 +25,10 @@ consumer on ``<room>.>``, started once per room and replica) in a
 echo of its purge and decides there whether it was its user's last connection: the copy then holds
 every earlier write of every replica and none later, so of two leaves of one user exactly one
 reports it. A room where this replica has no member is read by one scan of its keys (O(n)).
+The copy's consumer may run on a stream replica that applies writes a little after the leader
+acknowledged them, so a read (and a join's "first of its user") first waits until the copy reached
+the leader's newest sequence of the room's keys: one request per room and loop iteration
+(:meth:`NatsPresence._sync`). Puts and purges go through :mod:`~wirehub.builtins.bus.nats_acks`.
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ log = logging.getLogger("wirehub.bus.nats")
 #: purges sent concurrently while removing a dead node's entries
 REAP_BATCH = 256
 PURGE_HEADERS = {"KV-Operation": "PURGE", "Nats-Rollup": "sub"}
+#: JetStream API error code of a message get that found nothing
+NO_MESSAGE = 10037
 #: stream sequence of an own write not acknowledged yet: every echo is older
 UNACKED = 1 << 62
 
@@ -108,6 +114,21 @@ class _LiveRoom:
         #: key -> a leave of this replica waiting for the echo of its purge
         self.leaving: dict[str, _Leave] = {}
         self.sub: Any = None
+        #: the leader's newest sequence of the room's keys, asked once for the reads of one loop iteration
+        self.next_sync: asyncio.Future[int] | None = None
+        #: reads waiting until the copy reached a sequence
+        self.waiters: list[tuple[int, asyncio.Future[None]]] = []
+
+    def reached(self) -> None:
+        """Release the reads waiting for a sequence the copy has reached."""
+        waiting = []
+        for seq, fut in self.waiters:
+            if seq <= self.last_seq:
+                if not fut.done():
+                    fut.set_result(None)
+            elif not fut.done():
+                waiting.append((seq, fut))
+        self.waiters = waiting
 
     def apply(self, key: str, entry: PresenceEntry | None) -> str | None:
         """Apply a put (``entry``) or a removal of ``key``; the user when it was their last connection."""
@@ -136,7 +157,10 @@ class _LiveRoom:
     def echo(self, key: str, seq: int, msg: Any) -> None:
         """A message of the room's consumer: a put or a removal of ``key`` (parsed only when it
         is not the echo of this replica's own write, already applied)."""
-        self.last_seq = max(self.last_seq, seq)
+        if seq > self.last_seq:
+            self.last_seq = seq
+            if self.waiters:
+                self.reached()
         mine = self.pending.get(key)
         if mine is not None:
             if seq < mine:
@@ -168,6 +192,8 @@ class NatsPresence:
         self.nodes_bucket = _name(bus.prefix, "nodes")
         self.claims_bucket = _name(bus.prefix, "claims")
         self.pre = f"$KV.{self.members_bucket}."
+        #: a purge: the value goes at once, its marker after marker_ttl (as js.publish(msg_ttl=) sends it)
+        self.purge_headers = {**PURGE_HEADERS, "Nats-TTL": str(int(self.marker_ttl))}
         self.members_kv: Any = None
         self.nodes_kv: Any = None
         self.claims_kv: Any = None
@@ -316,14 +342,56 @@ class NatsPresence:
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     async def _roster(self, room: str) -> Roster:
-        """The room's members: the live copy, or one scan of its keys."""
+        """The room's members: the live copy (once it holds every write acknowledged before this
+        read), or one scan of its keys."""
         live = await self._live(room)
         if live is not None:
+            await self._sync(live, room)
             return live.roster
         roster = Roster()
         for _, entry in await self._scan(f"{encode_room(room)}.>"):
             roster.add(entry)
         return roster
+
+    async def _sync(self, live: _LiveRoom, room: str) -> None:
+        """Wait until the copy holds every write the broker acknowledged before this read began.
+        The copy's consumer may run on a stream replica that applies writes milliseconds after the
+        leader acknowledged them (JetStream places an ephemeral consumer on any of the stream's
+        replicas): without this, a replica could miss a leave that another replica already reported
+        done. One request (the leader's newest sequence of the room's keys) serves every read of one
+        loop iteration; when the broker does not answer, the copy is read as it is."""
+        loop = asyncio.get_running_loop()
+        fut = live.next_sync
+        if fut is None:
+            fut = live.next_sync = loop.create_future()
+            loop.call_soon(self._ask_sync, live, room, fut)  # after every read of this iteration began
+        target = await asyncio.shield(fut)
+        if live.last_seq >= target:
+            return
+        waiter = loop.create_future()
+        live.waiters.append((target, waiter))
+        try:
+            await asyncio.wait_for(waiter, self.bus.op_timeout)
+        except TimeoutError:
+            log.info("presence: the copy of %r did not reach sequence %d; read as it is", room, target)
+
+    def _ask_sync(self, live: _LiveRoom, room: str, fut: asyncio.Future[int]) -> None:
+        if live.next_sync is fut:
+            live.next_sync = None
+        task = asyncio.ensure_future(self._leader_seq(room))
+
+        def done(t: asyncio.Task[int]) -> None:
+            if not fut.done():
+                fut.set_result(0 if t.cancelled() or t.exception() is not None else t.result())
+
+        task.add_done_callback(done)
+
+    async def _leader_seq(self, room: str) -> int:
+        """The stream leader's newest sequence of ``room``'s keys (0: none)."""
+        req = json.dumps({"last_by_subj": f"{self.pre}{encode_room(room)}.>"}).encode()
+        answer = await self.bus.request("presence", f"$JS.API.STREAM.MSG.GET.KV_{self.members_bucket}", req,
+                                        absent=NO_MESSAGE)
+        return int(answer.get("message", {}).get("seq", 0))
 
     # -- writing ---------------------------------------------------------------------------------------
 
@@ -332,17 +400,12 @@ class NatsPresence:
 
     async def _purge(self, key: str) -> int:
         """Remove a members key (the value at once; the marker after ``marker_ttl``); its stream seq."""
-        js, subject = self.bus.js, self.pre + key
-        ack = await self.bus.call("presence", lambda: js.publish(subject, b"", headers=dict(PURGE_HEADERS),
-                                                                 msg_ttl=self.marker_ttl))
-        return int(ack.seq)
+        return await self.bus.write("presence", self.pre + key, b"", self.purge_headers)
 
     async def _put(self, room: str, entry: PresenceEntry) -> int:
-        kv = self.members_kv
         value = json.dumps({"user": entry.user, "session": entry.session, "node": entry.node,
                             "info": dict(entry.info)}, separators=(",", ":")).encode()
-        key = self._key(room, entry)
-        return int(await self.bus.call("presence", lambda: kv.put(key, value)))
+        return await self.bus.write("presence", self.pre + self._key(room, entry), value)
 
     # -- Presence --------------------------------------------------------------------------------------
 
@@ -358,6 +421,7 @@ class NatsPresence:
         try:
             live = await self._live(room)
             assert live is not None
+            await self._sync(live, room)  # "first of its user" against every join acknowledged before
             first = bool(live.own_write_started(key, entry))
             seq = await self._put(room, entry)
         except BaseException:
@@ -388,7 +452,11 @@ class NatsPresence:
             return await self._leave_live(live, room, key, entry)
         finally:
             if room not in self._local:
-                self._drop_live(room)
+                # the last local members leave together: the copy goes with the last of them (the
+                # others still wait for the echoes of their purges in it)
+                live = self._current_live(room)
+                if live is None or not live.leaving:
+                    self._drop_live(room)
 
     async def _leave_live(self, live: _LiveRoom, room: str, key: str, entry: PresenceEntry) -> str | None:
         """Purge, then decide at the echo of the purge (not before: the copy may not have seen
