@@ -97,7 +97,7 @@ class Hub:
         When it returns, every message published to ``room`` afterwards reaches the session.
         Raises BusUnavailable (the session is then not a member).
         """
-        session.rooms.add(room)
+        session.add_room(room)
         try:
             while True:
                 r = self._rooms.get(room)
@@ -122,6 +122,16 @@ class Hub:
         except BaseException:
             await self.leave(room, session)
             raise
+
+    def behind(self, room: str, epoch: str, offset: int) -> bool:
+        """May a live message of ``room`` at or below ``offset`` (in ``epoch``) still be fanned out
+        here? False once this replica has fanned out up to ``offset`` (or had read its position past
+        it when it subscribed), since the bus delivers a room's messages in order: a join that recovered
+        up to ``offset`` then needs no duplicate floor (:meth:`Session.release`). True when unsure
+        (another epoch, a repair running)."""
+        r = self._rooms.get(room)
+        return (r is None or r.epoch != epoch or r.last_offset is None or r.last_offset < offset
+                or r.backlog is not None)
 
     async def leave(self, room: str, session: Session) -> None:
         """Remove ``session`` from ``room``; unsubscribes the bus after the last local member."""

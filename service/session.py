@@ -71,9 +71,11 @@ class Transport(Protocol):
 class Session:
     """One WebSocket connection: identity, rooms, handler state and the send queue.
 
-    There is one per connection, so its attributes are slots (a subclass without ``__slots__`` may
-    add others), and :attr:`rooms` and :attr:`state` are created on first use: an echo session
-    never needs them.
+    There is one per connection (and one per member of a big room), so it keeps little: its
+    attributes are slots (a subclass without ``__slots__`` may add others), :attr:`state` is created
+    on first use (an echo session never needs it), one room is kept as its name (a set only for two
+    or more), and the per-room containers of a join (held messages, the duplicate floor) go when
+    they are no longer needed.
     """
 
     __slots__ = ("__weakref__", "_floor", "_held", "_held_bytes", "_rooms", "_state", "close_code", "endpoint",
@@ -105,7 +107,9 @@ class Session:
         self.max_queue_bytes = max_queue_bytes
         self.metrics = metrics
         self.opened_at = time.time()
-        self._rooms: set[str] | None = None
+        #: the rooms this session is in: None (none), the name itself (one: the usual case, and a set
+        #: costs 216 bytes per member of a big room), or a set (two or more)
+        self._rooms: str | set[str] | None = None
         self._state: dict[str, Any] | None = None
         self.close_code: int | None = None
         #: called after :meth:`set_identity` (the WebSocket layer reschedules the 4001 expiry)
@@ -117,16 +121,24 @@ class Session:
         self._floor: dict[str, int] | None = None
 
     @property
-    def rooms(self) -> set[str]:
-        """The rooms this session is a member of on this replica (the hub keeps it)."""
+    def rooms(self) -> frozenset[str]:
+        """The rooms this session is a member of on this replica (the hub keeps them: :meth:`add_room`,
+        :meth:`left`); a snapshot."""
         rooms = self._rooms
         if rooms is None:
-            rooms = self._rooms = set()
-        return rooms
+            return frozenset()
+        return frozenset((rooms,)) if isinstance(rooms, str) else frozenset(rooms)
 
-    @rooms.setter
-    def rooms(self, rooms: set[str]) -> None:
-        self._rooms = rooms
+    def add_room(self, room: str) -> None:
+        """The session is now in ``room`` (the hub calls it)."""
+        rooms = self._rooms
+        if rooms is None:
+            self._rooms = room
+        elif isinstance(rooms, str):
+            if rooms != room:
+                self._rooms = {rooms, room}
+        else:
+            rooms.add(room)
 
     @property
     def state(self) -> dict[str, Any]:
@@ -211,8 +223,11 @@ class Session:
                 return
         if self._floor and offset is not None:
             floor = self._floor.get(room)
-            if floor is not None and offset <= floor:
-                return
+            if floor is not None:
+                if offset <= floor:
+                    return
+                # a room's messages come in order: none at or below the floor follows a newer one
+                self._drop_floor(room)
         self.send_frame(frame)
 
     def hold(self, room: str) -> None:
@@ -221,13 +236,16 @@ class Session:
             self._held = {}
         self._held.setdefault(room, [])
 
-    def release(self, room: str, after: int | None) -> int:
+    def release(self, room: str, after: int | None, *, floor: bool = True) -> int:
         """Send the held messages with offset > ``after`` (and all without an offset); stop holding.
 
-        Returns how many were sent. Messages at or below ``after`` were already replayed.
+        Returns how many were sent. Messages at or below ``after`` were already replayed; with
+        ``floor``, live copies of them that come later are dropped too (until a newer message
+        passes the floor). ``floor=False`` when none can come (:meth:`wirehub.hub.Hub.behind`):
+        a floor per member of a big room would cost a dict each.
         """
         held = self.drop_held(room)
-        if after is not None:
+        if after is not None and floor:
             if self._floor is None:
                 self._floor = {}
             self._floor[room] = after
@@ -240,8 +258,13 @@ class Session:
 
     def rebase(self, room: str) -> None:
         """``room``'s offsets start over (the hub announced a gap): forget the join's duplicate floor."""
+        self._drop_floor(room)
+
+    def _drop_floor(self, room: str) -> None:
         if self._floor:
             self._floor.pop(room, None)
+            if not self._floor:
+                self._floor = None  # like _held: an emptied dict keeps its table
 
     def drop_held(self, room: str) -> list[tuple[int | None, OutFrame]]:
         """Stop holding ``room`` and return what was kept back (discarded by a join that failed)."""
@@ -253,11 +276,17 @@ class Session:
 
     def left(self, room: str) -> None:
         """The session is no longer in ``room`` (the hub calls it): forget its room state."""
-        if self._rooms is not None:
-            self._rooms.discard(room)
+        rooms = self._rooms
+        if rooms == room:
+            self._rooms = None
+        elif isinstance(rooms, set):
+            rooms.discard(room)
+            if len(rooms) == 1:
+                self._rooms = next(iter(rooms))
+            elif not rooms:
+                self._rooms = None
         self.drop_held(room)
-        if self._floor:
-            self._floor.pop(room, None)
+        self._drop_floor(room)
 
     def describe(self) -> dict[str, Any]:
         return {"session": self.id, "user": self.identity.user, "endpoint": self.endpoint, "rooms": sorted(self.rooms)}

@@ -55,3 +55,36 @@ def test_a_member_of_a_50000_member_room_costs_less_than_half_a_kib() -> None:
     page = roster.page(None, 37)
     assert [m.user for m in page.members] == sorted(e.user for e in entries)[:37]
     assert page.cursor == page.members[-1].user
+
+
+def test_a_one_connection_user_costs_the_roster_only_its_dict_items() -> None:
+    """Most users of a big room have one connection: the roster points at their entry (kept anyway)
+    instead of a (connections, info) tuple of their own (56 bytes more each)."""
+    entries = [PresenceEntry(f"user-{i:06d}", f"s{i:06d}", "node-1") for i in range(20_000)]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        roster = Roster()
+        for e in entries:
+            roster.add(e)
+        per_member = (tracemalloc.get_traced_memory()[0] - before) / len(entries)
+    finally:
+        tracemalloc.stop()
+    assert per_member < 80, per_member  # two dict items and a pointer in SortedIds (a tuple each: about 107)
+
+
+def test_a_user_is_counted_through_their_connections_with_the_first_ones_info() -> None:
+    roster = Roster()
+    first, second, third = (PresenceEntry("ann", f"s{i}", "n", {"name": f"Ann {i}"}) for i in (1, 2, 3))
+    assert roster.add(first) is True
+    assert roster.add(second) is False and roster.add(third) is False
+    assert roster.add(second) is False  # idempotent
+    for gone, left in ((first, 2), (third, 1)):
+        assert roster.remove(gone.session) is None
+        member = roster.page(None, 10).members[0]
+        assert (member.user, member.connections, member.info) == ("ann", left, {"name": "Ann 1"})
+    assert roster.count() == PresenceCount(1, 1)
+    assert roster.remove(second.session) == "ann"
+    assert roster.page(None, 10).members == [] and roster.count() == PresenceCount(0, 0)
+    assert roster.add(third) is True
+    assert roster.page(None, 10).members[0].info == {"name": "Ann 3"}

@@ -1,10 +1,11 @@
 """One room's presence in memory, with O(1) join/leave/count and O(limit + log n) pages.
 
 Used by the memory backend (the room itself) and by the NATS backend (a replica's live copy of a
-room). Per member it keeps a session -> entry dict item, a user -> (connections, info) dict item
-and one pointer in a blocked sorted list of user ids (:class:`SortedIds`: an insert or removal
-bisects the blocks, then moves at most one block of pointers, so it costs the same in a room of
-5 as in one of 50,000). Also the listeners of ``on_departed``.
+room). Per member it keeps a session -> entry dict item, a user -> entry dict item (a
+(connections, info) tuple for a user with several connections) and one pointer in a blocked
+sorted list of user ids (:class:`SortedIds`: an insert or removal bisects the blocks, then moves
+at most one block of pointers, so it costs the same in a room of 5 as in one of 50,000). Also the
+listeners of ``on_departed``.
 """
 
 from __future__ import annotations
@@ -88,6 +89,11 @@ class SortedIds:
         return out, False
 
 
+def _connections(user: PresenceEntry | tuple[int, Mapping[str, Any]]) -> tuple[int, Mapping[str, Any]]:
+    """A :attr:`Roster._users` value as (connections, info)."""
+    return (1, user.info) if isinstance(user, PresenceEntry) else user
+
+
 class Roster:
     """Connections of one room, grouped per user, users kept sorted for paging."""
 
@@ -95,8 +101,10 @@ class Roster:
 
     def __init__(self) -> None:
         self._sessions: dict[str, PresenceEntry] = {}
-        #: user -> (connections, the info of their first connection: it represents the user)
-        self._users: dict[str, tuple[int, Mapping[str, Any]]] = {}
+        #: user -> their one connection's entry, or (connections, the info of their first connection:
+        #: it represents the user) for two or more; most users of a big room have one, and the entry
+        #: is kept anyway, so they cost no tuple
+        self._users: dict[str, PresenceEntry | tuple[int, Mapping[str, Any]]] = {}
         self._order = SortedIds()
         #: the first page last read, (limit, members): every join reads it, and in a big room a join
         #: rarely changes it; dropped by a change to a user on it (or when it was not full)
@@ -126,9 +134,10 @@ class Roster:
         found = self._users.get(entry.user)
         self._touch(entry.user)
         if found is not None:
-            self._users[entry.user] = (found[0] + 1, found[1])
+            n, info = _connections(found)
+            self._users[entry.user] = (n + 1, info)
             return False
-        self._users[entry.user] = (1, entry.info)
+        self._users[entry.user] = entry
         self._order.add(entry.user)
         return True
 
@@ -137,10 +146,10 @@ class Roster:
         entry = self._sessions.pop(session, None)
         if entry is None:
             return None
-        n, info = self._users[entry.user]
+        n, info = _connections(self._users[entry.user])
         self._touch(entry.user)
         if n > 1:
-            self._users[entry.user] = (n - 1, info)
+            self._users[entry.user] = (n - 1, info)  # (1, info) too: which entry is left is not known here
             return None
         del self._users[entry.user]
         self._order.remove(entry.user)
@@ -159,12 +168,12 @@ class Roster:
             head = self._head
             if head is None or head[0] != limit:
                 first, _ = self._order.after(None, limit)
-                head = self._head = (limit, [PresenceMember(u, *self._users[u]) for u in first])
+                head = self._head = (limit, [PresenceMember(u, *_connections(self._users[u])) for u in first])
             members = head[1]
             more = len(self._users) > len(members)
             return PresencePage(members, members[-1].user if more and members else None, self.count())
         users, more = self._order.after(after, limit)
-        members = [PresenceMember(u, *self._users[u]) for u in users]
+        members = [PresenceMember(u, *_connections(self._users[u])) for u in users]
         return PresencePage(members, users[-1] if more and users else None, self.count())
 
     def entries(self) -> list[PresenceEntry]:

@@ -94,22 +94,34 @@ class ChatOptions:
 class _ChatState:
     """Per-session chat state, in ``session.state`` (the core empties ``session.rooms`` before
     ``on_close``, so the rooms to leave presence in are recorded here). One per member of a big
-    room, so it is small: slots, the rooms as a tuple (at most ``max_rooms``, usually one: a set
-    costs 216 bytes), and the publish bucket made by the first publish."""
+    room, so it is small: slots, one room kept as its name (a tuple for two or more, at most
+    ``max_rooms``: a 1-tuple costs 48 bytes, a set 216), and the publish bucket made by the first
+    publish."""
 
-    __slots__ = ("bucket", "rooms", "strikes")
+    __slots__ = ("_rooms", "bucket", "strikes")
 
     def __init__(self) -> None:
         self.bucket: TokenBucket | None = None
-        self.rooms: tuple[str, ...] = ()
+        self._rooms: str | tuple[str, ...] = ()
         self.strikes = 0
 
+    @property
+    def rooms(self) -> tuple[str, ...]:
+        rooms = self._rooms
+        return (rooms,) if isinstance(rooms, str) else rooms
+
+    def has(self, room: str) -> bool:
+        rooms = self._rooms
+        return rooms == room if isinstance(rooms, str) else room in rooms
+
     def add(self, room: str) -> None:
-        self.rooms += (room,)
+        rooms = self._rooms
+        self._rooms = room if rooms == () else (*self.rooms, room)
 
     def discard(self, room: str) -> None:
-        if room in self.rooms:
-            self.rooms = tuple(r for r in self.rooms if r != room)
+        if self.has(room):
+            left = tuple(r for r in self.rooms if r != room)
+            self._rooms = left[0] if len(left) == 1 else left
 
 
 _STATE = "chat"
@@ -156,7 +168,7 @@ class ChatHandler(OpHandler):
         room = sys.intern(self.room_rules.room(request))
         since = parse_since(request.get("since"))
         st = self._state(session)
-        if room in st.rooms:
+        if st.has(room):
             raise ProtocolError(ErrorCode.BAD_REQUEST, f"already joined room {room!r}")
         if len(st.rooms) >= self.options.max_rooms:
             raise ProtocolError(
@@ -189,14 +201,15 @@ class ChatHandler(OpHandler):
         session.send_frame(OutFrame(splice(head, "presence", members)))  # the members' list encoded once per change
         for frame in replay:
             session.send_frame(OutFrame(frame))
-        session.release(room, recovery.messages[-1][0] if replay else recovery.top)
+        after = recovery.messages[-1][0] if replay else recovery.top
+        session.release(room, after, floor=ctx.hub.behind(room, recovery.epoch, after))
         if session.closed:  # closed meanwhile; if on_close already ran, it did not see this room joined
             await self._leave(session, st, room)
 
     async def op_leave(self, session: Session, request: dict[str, Any]) -> None:
         room = self.room_rules.room(request)
         st = self._state(session)
-        if room not in st.rooms:
+        if not st.has(room):
             raise ProtocolError(ErrorCode.NOT_JOINED, f"not a member of room {room!r}")
         await self._leave(session, st, room)
         self.reply(session, request, "left", room=room)
@@ -251,7 +264,7 @@ class ChatHandler(OpHandler):
         if not isinstance(echo, bool):
             raise ProtocolError(ErrorCode.BAD_REQUEST, "field 'echo' must be true or false")
         idempotency_key = parse_idempotency_key(request.get("idempotency_key"))
-        if room not in st.rooms:
+        if not st.has(room):
             raise ProtocolError(ErrorCode.NOT_JOINED, f"join room {room!r} before publishing to it")
         await self._authorize(session, "publish", room)
         offset = await publish_message(
@@ -272,7 +285,7 @@ class ChatHandler(OpHandler):
 
     async def _may_read(self, session: Session, action: str, room: str) -> None:
         """Members may read their rooms; others need ``wirehub_authorize(action)``."""
-        if room not in self._state(session).rooms:
+        if not self._state(session).has(room):
             await self._authorize(session, action, room)
 
     async def op_presence(self, session: Session, request: dict[str, Any]) -> None:
