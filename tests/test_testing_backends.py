@@ -53,3 +53,11 @@ async def test_broker_replicas_are_separate_backends_on_one_prefix(redis_server:
     finally:
         await replicas.close()
     assert replicas.made == []
+
+
+async def test_a_bus_of_ones_own_may_be_declared_in_process(bus_registry: BusRegistry) -> None:
+    """A bus not named in IN_PROCESS_BUSES gives two backends, unless one_process says otherwise (the
+    ``bus_in_process`` fixture)."""
+    async with BackendFactory({"plugin": "memory"}, registry=bus_registry, one_process=False) as replicas:
+        (a, _), (b, _) = await replicas.pair()
+        assert a is not b

@@ -184,9 +184,17 @@ def bus_registry() -> BusRegistry:
 
 
 @pytest.fixture
-async def bus_backends(bus_config: BusConfig, bus_registry: BusRegistry) -> AsyncIterator[BackendFactory]:
+def bus_in_process() -> bool | None:
+    """Whether the replicas of ``bus_config`` are one backend (its state lives in the process): None
+    decides by the plugin's name (:data:`IN_PROCESS_BUSES`); override it for a bus of your own."""
+    return None
+
+
+@pytest.fixture
+async def bus_backends(bus_config: BusConfig, bus_registry: BusRegistry,
+                       bus_in_process: bool | None) -> AsyncIterator[BackendFactory]:
     """Started replicas of ``bus_config`` (see :class:`BackendFactory`), all closed after the test."""
-    factory = BackendFactory(bus_config, registry=bus_registry)
+    factory = BackendFactory(bus_config, registry=bus_registry, one_process=bus_in_process)
     yield factory
     await factory.close()
 
