@@ -26,9 +26,10 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 
-from wirehub.brokers import BrokerError, RedisServer
+from wirehub.brokers import BrokerError, RedisServer, start_all
 
 __all__ = ["REDIS7_HINT", "RedisCluster", "RedisNode", "RedisSentinel", "TlsFiles", "find_redis7"]
 
@@ -231,23 +232,28 @@ class RedisCluster:
             raise
 
     def _start(self) -> None:
-        for node in self.nodes:
-            node.start()
+        start_all(self.nodes)
         primaries = self.nodes[:self.primaries]
         per = 16384 // self.primaries
         for i, node in enumerate(primaries):
             last = 16383 if i == self.primaries - 1 else (i + 1) * per - 1
             node.call("CLUSTER", "ADDSLOTSRANGE", i * per, last)
+        last_meet = -1.0
+
         def met() -> bool:
-            # MEET again whoever does not know every node yet: a handshake lost under load is not retried
+            # MEET again, at most once a second, whoever does not know every node yet: a handshake lost
+            # under load is not retried; checked every poll, so a cluster that met is seen at once
+            nonlocal last_meet
             lonely = [n for n in self.nodes if len(n.call("CLUSTER", "NODES").splitlines()) < len(self.nodes)]
-            for node in lonely:
-                for other, bus_port in zip(self.nodes, self.bus_ports, strict=True):
-                    if other is not node:
-                        node.call("CLUSTER", "MEET", "127.0.0.1", other.port, bus_port)
+            if lonely and time.monotonic() - last_meet >= 1.0:
+                last_meet = time.monotonic()
+                for node in lonely:
+                    for other, bus_port in zip(self.nodes, self.bus_ports, strict=True):
+                        if other is not node:
+                            node.call("CLUSTER", "MEET", "127.0.0.1", other.port, bus_port)
             return not lonely
 
-        _wait("cluster meet", met, poll=1.0)
+        _wait("cluster meet", met)
         ids = [n.call("CLUSTER", "MYID") for n in primaries]
         for j, node in enumerate(self.nodes[self.primaries:]):
             target = ids[j % self.primaries]
@@ -270,6 +276,14 @@ class RedisCluster:
             return len(synced) >= sum(1 for n in live if "role:slave" in n.call("INFO", "replication"))
         _wait("cluster_state ok", ok, timeout)
 
+    def restore(self, timeout: float = 30.0) -> None:
+        """Start every node that was killed or stopped (a killed primary rejoins as a replica of the one
+        promoted in its place) and :meth:`wait_ok`: the cluster is whole again for the next test."""
+        for node in self.nodes:
+            if not node.running:
+                node.start()
+        self.wait_ok(timeout)
+
     def primary_of(self, slot: int) -> RedisNode:
         """The node that serves ``slot`` now (asked of any live node)."""
         for n in self.nodes:
@@ -283,6 +297,14 @@ class RedisCluster:
     def close(self) -> None:
         for node in self.nodes:
             node.close()
+
+    def __enter__(self) -> Self:
+        self.start()  # a failed start closes what it started
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
 
 
 class RedisSentinel:
@@ -313,7 +335,7 @@ class RedisSentinel:
         master.start()
         for replica in self.servers[1:]:
             replica.extra += ["--replicaof", "127.0.0.1", str(master.port)]
-            replica.start()
+        start_all(self.servers[1:])
         for s in self.sentinels:
             lines = [f"port {s.port}", "bind 127.0.0.1", f"dir {s.directory}",
                      f"sentinel monitor {self.master_name} 127.0.0.1 {master.port} 2",
@@ -325,7 +347,7 @@ class RedisSentinel:
             conf = s.directory / "sentinel.conf"
             conf.write_text("\n".join(lines) + "\n")
             s.config_file = str(conf)
-            s.start()
+        start_all(self.sentinels)
         n = len(self.servers) - 1
         _wait("sentinels see the replicas and each other", lambda: all(
             len(s.call("SENTINEL", "REPLICAS", self.master_name)) == n
@@ -340,4 +362,12 @@ class RedisSentinel:
     def close(self) -> None:
         for node in [*self.sentinels, *self.servers]:
             node.close()
+
+    def __enter__(self) -> Self:
+        self.start()  # a failed start closes what it started
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
 

@@ -26,10 +26,11 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
 
-__all__ = ["BrokerError", "BrokerProcess", "NatsServer", "RedisServer", "find_binary"]
+__all__ = ["BrokerError", "BrokerProcess", "NatsServer", "RedisServer", "find_binary", "start_all"]
 
 
 class BrokerError(RuntimeError):
@@ -160,11 +161,15 @@ class BrokerProcess(abc.ABC):
     def _start(self) -> None:
         if self.running:
             return
+        self._launch()
+        self.wait_ready()
+
+    def _launch(self) -> None:
+        """Run the broker's command, not waiting for it to serve."""
         log_path = self.directory / f"{self.binary_name}.out"
         with open(log_path, "ab") as log:
             self.proc = subprocess.Popen(self.command(), cwd=self.directory, stdin=subprocess.DEVNULL,
                                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.wait_ready()
 
     def wait_ready(self, timeout: float | None = None) -> None:
         deadline = time.monotonic() + (timeout or self.startup_timeout)
@@ -238,6 +243,23 @@ class BrokerProcess(abc.ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.url} pid={self.pid}>"
+
+
+def start_all(brokers: Iterable[BrokerProcess]) -> None:
+    """Start every broker that is not running, all at once: each is launched, then each is waited for
+    (a broker takes a fraction of a second to serve; one after the other, a topology waits for the sum).
+    One that did not come up is started again on its own (:meth:`BrokerProcess.start`, which retries a
+    port taken in between, or raises BrokerError)."""
+    pending = [b for b in brokers if not b.running]
+    for broker in pending:
+        broker._launch()
+    for broker in pending:
+        try:
+            broker.wait_ready()
+            broker._started_once = True
+        except BrokerError:
+            broker.kill()
+            broker.start()
 
 
 def _send_recv(port: int, data: bytes, timeout: float = 1.0) -> bytes:

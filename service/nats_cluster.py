@@ -166,9 +166,14 @@ class NatsCluster:
         return [n.url for n in self.nodes]
 
     def start(self) -> None:
-        for node in self.nodes:  # a node is "ready" (JetStream on) before its peers are up
-            node.start()
-        self.wait_healthy()
+        """Start every node and wait until all are healthy; a failed start closes what it started."""
+        try:
+            for node in self.nodes:  # a node is "ready" (JetStream on) before its peers are up
+                node.start()
+            self.wait_healthy()
+        except BaseException:
+            self.close()
+            raise
 
     def wait_healthy(self, nodes: list[NatsNode] | None = None) -> None:
         """Until every running node (or each of ``nodes``) says JetStream is current."""
@@ -178,6 +183,14 @@ class NatsCluster:
                 if time.monotonic() > deadline:
                     raise BrokerError(f"{node.name} not healthy: {node.output()[-2000:]}")
                 time.sleep(0.1)
+
+    def restore(self) -> None:
+        """Start every node that was killed or stopped (same ports and store) and wait until all are
+        healthy: the cluster is whole again for the next test."""
+        for node in self.nodes:
+            if not node.running:
+                node.start()
+        self.wait_healthy()
 
     def varz(self) -> list[dict[str, Any]]:
         out = []

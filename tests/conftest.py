@@ -1,5 +1,5 @@
-"""Shared test setup: wirehub's pytest plugin, the broker fixtures of the fault and replica tests, and skips
-turned into failures on CI."""
+"""Shared test setup: wirehub's pytest plugin, the broker fixtures of the fault and replica tests, the
+broker clusters of the cluster and failover tests, and skips turned into failures on CI."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from wirehub.broker_clusters import RedisCluster, RedisSentinel
 from wirehub.brokers import BrokerProcess
+from wirehub.nats_cluster import NatsCluster
 
 
 @pytest.fixture(params=["redis", "nats"])
@@ -23,6 +25,38 @@ def broker(kind: str, redis_server_factory: Callable[..., BrokerProcess],
            nats_server_factory: Callable[..., BrokerProcess]) -> BrokerProcess:
     """A broker of ``kind`` of this test's own (it may be killed, paused or restarted)."""
     return redis_server_factory() if kind == "redis" else nats_server_factory()
+
+
+# -- broker clusters, shared by the cluster and failover modules --------------------------------------------------
+#
+# A Redis topology takes seconds to start, so one of each serves the whole session. A test may kill or stop
+# cluster nodes only if it restores them after (``restore()``, in test_redis_failover's fixture): the next
+# test finds the cluster whole, if not with the same node as primary. A killed sentinel-managed master takes
+# longer to come back than a fresh setup takes to start: the sentinel failover test has its own. A NATS
+# cluster starts in under a second but keeps every R3 stream and bucket that tests create (hundreds after
+# the contract suites), and a killed node's share of them is re-elected and caught up during the failover
+# tests: one per module instead.
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisCluster]:
+    """A Redis Cluster (3 primaries + 3 replicas), shared by the session."""
+    with RedisCluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel() -> Iterator[RedisSentinel]:
+    """A Redis master with 2 replicas and 3 sentinels, shared by the session."""
+    with RedisSentinel() as sentinel:
+        yield sentinel
+
+
+@pytest.fixture(scope="module")
+def nats_cluster() -> Iterator[NatsCluster]:
+    """A 3-node NATS cluster with JetStream, shared by the module."""
+    with NatsCluster() as cluster:
+        yield cluster
 
 
 @pytest.fixture(autouse=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -15,92 +14,56 @@ from nats.js.errors import NoKeysError
 from wirehub import PresenceEntry
 from wirehub.brokers import NatsServer, RedisServer
 from wirehub.builtins.bus.memory import MemoryHistory, MemoryPresence
-from wirehub.builtins.bus.memory import create_backend as memory_backend
 from wirehub.builtins.bus.nats import NatsBus
-from wirehub.builtins.bus.nats import create_backend as nats_backend
 from wirehub.builtins.bus.redis import RedisBus
-from wirehub.builtins.bus.redis import create_backend as redis_backend
 from wirehub.bus import Backend
 from wirehub.testing import (
+    BackendFactory,
     BackendPair,
     BusContract,
     Footprint,
     HistoryContract,
     PresenceContract,
     PresenceExpiryContract,
-    Recorder,
     StateStoreContract,
     unique_room,
 )
 
-# name -> async maker(request, options) -> (backend factory over one broker)
-Maker = Callable[[pytest.FixtureRequest, dict[str, Any]], Awaitable[Callable[[], Backend]]]
-
-
-async def _memory(request: pytest.FixtureRequest, options: dict[str, Any]) -> Callable[[], Backend]:
-    # One process, one memory backend: both "replicas" share it.
-    backend = memory_backend(options, "bus.memory")
-    return lambda: backend
-
-
-# Broker backends: every backend the factory makes is a separate "replica" (its own connections)
-# on the session's broker; a fresh key/subject prefix per test keeps tests apart.
+# Broker buses: every replica of a test is a separate backend (its own connections) on the session's
+# broker; a fresh key/subject prefix per test keeps tests apart.
 FAST = {"heartbeat_interval": 0.5, "heartbeat_timeout": 2.0, "op_timeout": 3.0, "presence_ttl": 3.0}
 
 
-async def _redis(request: pytest.FixtureRequest, options: dict[str, Any]) -> Callable[[], Backend]:
+def _memory(request: pytest.FixtureRequest, prefix: str) -> dict[str, Any]:
+    return {"plugin": "memory"}  # one process, one memory backend: both "replicas" share it
+
+
+def _redis(request: pytest.FixtureRequest, prefix: str) -> dict[str, Any]:
     server: RedisServer = request.getfixturevalue("redis_server")
-    opts = {"url": server.url, "key_prefix": f"t{uuid.uuid4().hex[:8]}", **FAST, **options}
-    return lambda: redis_backend(opts, "bus.redis")
+    return {"plugin": "redis", "redis": {"url": server.url, "key_prefix": prefix, **FAST}}
 
 
-async def _nats(request: pytest.FixtureRequest, options: dict[str, Any]) -> Callable[[], Backend]:
+def _nats(request: pytest.FixtureRequest, prefix: str) -> dict[str, Any]:
     server: NatsServer = request.getfixturevalue("nats_server")
-    opts = {"servers": [server.url], "subject_prefix": f"t{uuid.uuid4().hex[:8]}", "storage": "memory", **FAST,
-            **options}
-    return lambda: nats_backend(opts, "bus.nats")
+    return {"plugin": "nats", "nats": {"servers": [server.url], "subject_prefix": prefix, "storage": "memory",
+                                       **FAST}}
 
 
-MAKERS: dict[str, Maker] = {"memory": _memory, "redis": _redis, "nats": _nats}
-SMALL_HISTORY: dict[str, dict[str, Any]] = {"memory": {"history_size": 3}}
+# name -> the bus block of a test, given its fresh prefix
+BUS_BLOCKS: dict[str, Callable[[pytest.FixtureRequest, str], dict[str, Any]]] = {
+    "memory": _memory, "redis": _redis, "nats": _nats,
+}
 
 
-@pytest.fixture(params=sorted(MAKERS))
+@pytest.fixture(params=sorted(BUS_BLOCKS))
 def backend_kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-async def _start_all(backends: list[Backend]) -> list[tuple[Backend, Recorder]]:
-    """Start each distinct backend once with its own Recorder (a shared one keeps its recorder)."""
-    recorders: dict[int, Recorder] = {}
-    for b in backends:
-        if id(b) not in recorders:
-            recorders[id(b)] = Recorder()
-            await b.bus.start(recorders[id(b)])
-    return [(b, recorders[id(b)]) for b in backends]
-
-
 @pytest.fixture
-async def backend_pair(backend_kind: str, request: pytest.FixtureRequest) -> AsyncIterator[BackendPair]:
-    make = await MAKERS[backend_kind](request, {})
-    first, second = await _start_all([make(), make()])
-    yield first, second
-    for b in {id(b): b for b in (first[0], second[0])}.values():
-        await b.bus.close()
-
-
-@pytest.fixture
-async def backend(backend_pair: BackendPair) -> Backend:
-    return backend_pair[0][0]
-
-
-@pytest.fixture
-async def small_history_backend(backend_kind: str, request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
-    make = await MAKERS[backend_kind](request, {"history_size": 3, **SMALL_HISTORY.get(backend_kind, {})})
-    backend = make()
-    await backend.bus.start(Recorder())
-    yield backend
-    await backend.bus.close()
+def bus_config(backend_kind: str, request: pytest.FixtureRequest) -> dict[str, Any]:
+    """The bus block of this test (wirehub.testing's backend_pair, backend, ... start replicas of it)."""
+    return BUS_BLOCKS[backend_kind](request, f"t{uuid.uuid4().hex[:8]}")
 
 
 async def _memory_footprint(backend: Backend) -> list[str]:
@@ -156,50 +119,15 @@ class TestStateStore(StateStoreContract):
     pass
 
 
-@dataclasses.dataclass
-class _Shared:
-    """The broker and key prefix that the replicas of one test share."""
-
-    kind: str
-    server: Any
-    prefix: str = dataclasses.field(default_factory=lambda: f"t{uuid.uuid4().hex[:8]}")
-
-
-@pytest.fixture(params=["nats", "redis"])
-def shared_broker(request: pytest.FixtureRequest) -> _Shared:
-    kind = str(request.param)
-    return _Shared(kind, request.getfixturevalue(f"{kind}_server"))
-
-
 @pytest.fixture
-async def presence_replica(shared_broker: _Shared) -> AsyncIterator[Callable[..., Awaitable[Backend]]]:
-    """Each ``await presence_replica(**options)`` is a new started replica on the test's broker and prefix."""
-    made: list[Backend] = []
-    url = shared_broker.server.url
-
-    async def make(**options: Any) -> Backend:
-        if shared_broker.kind == "redis":
-            backend = redis_backend({"url": url, "key_prefix": shared_broker.prefix, **FAST, **options}, "bus.redis")
-        else:
-            backend = nats_backend({"servers": [url], "subject_prefix": shared_broker.prefix, "storage": "memory",
-                                    **FAST, **options}, "bus.nats")
-        await backend.bus.start(Recorder())
-        made.append(backend)
-        return backend
-
-    yield make
-    for backend in made:
-        await backend.bus.close()
-
-
-@pytest.fixture
-async def broker_ops(shared_broker: _Shared) -> AsyncIterator[Callable[[], Awaitable[int]]]:
+async def broker_ops(backend_kind: str, bus_config: dict[str, Any]) -> AsyncIterator[Callable[[], Awaitable[int]]]:
     """Operations the broker executed so far for this test: Redis commands (INFO commandstats,
     without INFO itself); NATS messages stored in the test's KV buckets (puts, purges, creates)."""
-    if shared_broker.kind == "redis":
+    options = bus_config[backend_kind]
+    if backend_kind == "redis":
         import redis.asyncio as aioredis
 
-        client = aioredis.Redis.from_url(shared_broker.server.url)
+        client = aioredis.Redis.from_url(options["url"])
 
         async def redis_ops() -> int:
             stats = await client.info("commandstats")
@@ -210,9 +138,9 @@ async def broker_ops(shared_broker: _Shared) -> AsyncIterator[Callable[[], Await
         return
     import nats
 
-    nc = await nats.connect(shared_broker.server.url)
+    nc = await nats.connect(options["servers"])
     js = nc.jetstream()
-    ours = f"KV_{shared_broker.prefix}_"
+    ours = f"KV_{options['subject_prefix']}_"
 
     async def nats_ops() -> int:
         return sum(int(info.state.last_seq) for info in await js.streams_info()
@@ -222,32 +150,29 @@ async def broker_ops(shared_broker: _Shared) -> AsyncIterator[Callable[[], Await
     await nc.close()
 
 
+# replicas of one process cannot die apart: the brokers only
+@pytest.mark.parametrize("backend_kind", ["nats", "redis"])
 class TestPresenceExpiry(PresenceExpiryContract):
     pass
 
 
-async def test_history_expires_by_age(backend_kind: str, request: pytest.FixtureRequest) -> None:
+async def test_history_expires_by_age(bus_backends: BackendFactory, backend_kind: str) -> None:
     """Messages older than history_ttl are gone: an offset before them is not recoverable."""
-    make = await MAKERS[backend_kind](request, {"history_ttl": 1})
-    backend = make()
-    await backend.bus.start(Recorder())
-    try:
-        room = unique_room()
-        first = await backend.bus.publish(room, b"old1", history=True)
-        second = await backend.bus.publish(room, b"old2", history=True)
-        assert first is not None and second is not None
-        _, epoch = await backend.history.position(room)
-        await asyncio.sleep(1.3)
-        last = await backend.bus.publish(room, b"new", history=True)
-        page = await backend.history.read(room, first, 10)
-        assert page.complete is False or page.epoch != epoch  # old2 expired: a reader at old1 missed it
-        recent = await backend.history.read(room, second, 10)
-        if backend_kind == "memory":  # it forgets an expired room, epoch and all
-            assert (recent.complete and recent.messages == [(last, b"new")]) or recent.epoch != epoch
-        else:
-            assert recent.complete and recent.epoch == epoch and recent.messages == [(last, b"new")]
-    finally:
-        await backend.bus.close()
+    backend, _ = await bus_backends.replica(history_ttl=1)
+    room = unique_room()
+    first = await backend.bus.publish(room, b"old1", history=True)
+    second = await backend.bus.publish(room, b"old2", history=True)
+    assert first is not None and second is not None
+    _, epoch = await backend.history.position(room)
+    await asyncio.sleep(1.3)
+    last = await backend.bus.publish(room, b"new", history=True)
+    page = await backend.history.read(room, first, 10)
+    assert page.complete is False or page.epoch != epoch  # old2 expired: a reader at old1 missed it
+    recent = await backend.history.read(room, second, 10)
+    if backend_kind == "memory":  # it forgets an expired room, epoch and all
+        assert (recent.complete and recent.messages == [(last, b"new")]) or recent.epoch != epoch
+    else:
+        assert recent.complete and recent.epoch == epoch and recent.messages == [(last, b"new")]
 
 
 async def test_of_two_leaves_of_one_user_on_two_replicas_exactly_one_reports_them(backend_pair: BackendPair) -> None:

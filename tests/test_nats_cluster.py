@@ -1,14 +1,14 @@
 """The nats bus on a real 3-node NATS cluster with replicated JetStream (R3 stream and KV buckets): the
 backend contract suites, and the stream and buckets placed on all three nodes.
 
-One cluster per module (started once, never killed here: test_nats_failover.py has its own)."""
+The module's cluster (tests/conftest.py's nats_cluster); never killed here."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -21,7 +21,6 @@ from wirehub.builtins.bus.nats import create_backend as nats_backend
 from wirehub.bus import Backend, PresenceCount, PresenceEntry
 from wirehub.nats_cluster import NatsCluster
 from wirehub.testing import (
-    BackendPair,
     BusContract,
     Footprint,
     HistoryContract,
@@ -36,14 +35,9 @@ from wirehub.testing import (
 FAST = {"heartbeat_interval": 0.5, "heartbeat_timeout": 2.0, "op_timeout": 3.0, "presence_ttl": 3.0}
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[NatsCluster]:
-    c = NatsCluster()
-    try:
-        c.start()
-        yield c
-    finally:
-        c.close()
+@pytest.fixture
+def cluster(nats_cluster: NatsCluster) -> NatsCluster:
+    return nats_cluster
 
 
 @pytest.fixture
@@ -53,32 +47,17 @@ def make_options(cluster: NatsCluster) -> Callable[..., dict[str, Any]]:
                         **FAST, **o}
 
 
+@pytest.fixture
+def bus_config(make_options: Callable[..., dict[str, Any]]) -> dict[str, Any]:
+    """The bus block of this test (wirehub.testing's backend_pair, backend, ... start replicas of it)."""
+    return {"plugin": "nats", "nats": make_options()}
+
+
 async def _started(options: dict[str, Any]) -> tuple[Backend, Recorder]:
     backend = nats_backend(options, "bus.nats")
     recorder = Recorder()
     await backend.bus.start(recorder)
     return backend, recorder
-
-
-@pytest.fixture
-async def backend_pair(make_options: Callable[..., dict[str, Any]]) -> AsyncIterator[BackendPair]:
-    first = await _started(make_options())
-    second = await _started(make_options())
-    yield first, second
-    await first[0].bus.close()
-    await second[0].bus.close()
-
-
-@pytest.fixture
-async def backend(backend_pair: BackendPair) -> Backend:
-    return backend_pair[0][0]
-
-
-@pytest.fixture
-async def small_history_backend(make_options: Callable[..., dict[str, Any]]) -> AsyncIterator[Backend]:
-    backend, _ = await _started(make_options(history_size=3))
-    yield backend
-    await backend.bus.close()
 
 
 @pytest.fixture
@@ -113,29 +92,14 @@ class TestStateStore(StateStoreContract):
 
 
 @pytest.fixture
-async def presence_replica(
-        make_options: Callable[..., dict[str, Any]]) -> AsyncIterator[Callable[..., Awaitable[Backend]]]:
-    made: list[Backend] = []
-
-    async def make(**options: Any) -> Backend:
-        backend, _ = await _started(make_options(**options))
-        made.append(backend)
-        return backend
-
-    yield make
-    for backend in made:
-        await backend.bus.close()
-
-
-@pytest.fixture
-async def broker_ops(cluster: NatsCluster, make_options: Callable[..., dict[str, Any]]
+async def broker_ops(cluster: NatsCluster, bus_config: dict[str, Any]
                      ) -> AsyncIterator[Callable[[], Awaitable[int]]]:
     """Messages stored in this test's KV buckets (puts, purges, creates), as in test_contracts."""
     import nats
 
     nc = await nats.connect(cluster.urls)
     js = nc.jetstream()
-    ours = f"KV_{make_options()['subject_prefix']}_"
+    ours = f"KV_{bus_config['nats']['subject_prefix']}_"
 
     async def ops() -> int:
         return sum(int(info.state.last_seq) for info in await js.streams_info() if info.config.name.startswith(ours))

@@ -7,7 +7,7 @@ replicas, a member of every room on each, publishers on each.
 - two nodes killed: every replica reports unready (503 on /readyz) and is ready again once the nodes
   are back.
 
-One cluster for the module; each test restarts whatever it killed."""
+The module's cluster (tests/conftest.py's nats_cluster); each test restarts whatever it killed."""
 
 from __future__ import annotations
 
@@ -29,23 +29,17 @@ from wirehub.nats_cluster import NatsCluster, NatsNode
 from wirehub.testing import LiveServer, WsClient, unique_room
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[NatsCluster]:
-    c = NatsCluster()
-    try:
-        c.start()
-        yield c
-    finally:
-        c.close()
+@pytest.fixture
+def cluster(nats_cluster: NatsCluster) -> NatsCluster:
+    """The module's cluster (tests/conftest.py)."""
+    return nats_cluster
 
 
 @pytest.fixture
 def restart_killed(cluster: NatsCluster) -> Iterator[None]:
+    """Whatever the test killed is restarted after it: the cluster is whole for the next test."""
     yield
-    for node in cluster.nodes:
-        if not node.running:
-            node.start()
-    cluster.wait_healthy()
+    cluster.restore()
 
 
 def config(servers: list[str], prefix: str) -> dict[str, Any]:

@@ -99,8 +99,7 @@ async def test_a_sigkilled_replica_leaves_presence_within_ttl(cluster: Cluster) 
     await asyncio.sleep(INTERVAL * 2)
     late = await join(cluster, 1, "d1", room)
     await presence_becomes(observer_a, room, {**survivors, "d1": 1})
-    for ws in (*clients, late):
-        ws.close()
+    await asyncio.gather(*(ws.aclose() for ws in (*clients, late)))  # before the replicas stop: see test_replicas
 
 
 async def test_a_broker_that_lost_presence_gets_it_back(kind: str, broker: BrokerProcess) -> None:

@@ -1,14 +1,14 @@
 """The redis bus on a real Redis Cluster (3 primaries + 3 replicas) and behind real Sentinels: the
 backend contract suites, sharded pub/sub, and one room order across 3 replicas.
 
-One cluster and one sentinel setup per module (started once; never killed here: the failover tests
-in test_redis_failover.py have their own)."""
+The session's cluster and sentinel setup (tests/conftest.py); the cluster is shared with
+test_redis_failover.py, which restores what it kills; never killed here."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,6 @@ from wirehub.builtins.bus.redis import create_backend as redis_backend
 from wirehub.builtins.bus.redis_cluster import RedisClusterBus
 from wirehub.bus import Backend
 from wirehub.testing import (
-    BackendPair,
     BusContract,
     Footprint,
     HistoryContract,
@@ -39,20 +38,14 @@ pytestmark = pytest.mark.skipif(find_redis7() is None, reason=REDIS7_HINT)
 FAST = {"heartbeat_interval": 0.5, "heartbeat_timeout": 2.0, "op_timeout": 3.0, "presence_ttl": 3.0}
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[RedisCluster]:
-    c = RedisCluster()
-    c.start()
-    yield c
-    c.close()
+@pytest.fixture
+def cluster(redis_cluster: RedisCluster) -> RedisCluster:
+    return redis_cluster
 
 
-@pytest.fixture(scope="module")
-def sentinel() -> Iterator[RedisSentinel]:
-    s = RedisSentinel()
-    s.start()
-    yield s
-    s.close()
+@pytest.fixture
+def sentinel(redis_sentinel: RedisSentinel) -> RedisSentinel:
+    return redis_sentinel
 
 
 def cluster_options(cluster: RedisCluster, prefix: str, **options: Any) -> dict[str, Any]:
@@ -75,32 +68,17 @@ def make_options(request: pytest.FixtureRequest) -> Callable[..., dict[str, Any]
     return lambda **o: sentinel_options(s, prefix, **o)
 
 
+@pytest.fixture
+def bus_config(make_options: Callable[..., dict[str, Any]]) -> dict[str, Any]:
+    """The bus block of this test (wirehub.testing's backend_pair, backend, ... start replicas of it)."""
+    return {"plugin": "redis", "redis": make_options()}
+
+
 async def _started(options: dict[str, Any]) -> tuple[Backend, Recorder]:
     backend = redis_backend(options, "bus.redis")
     recorder = Recorder()
     await backend.bus.start(recorder)
     return backend, recorder
-
-
-@pytest.fixture
-async def backend_pair(make_options: Callable[..., dict[str, Any]]) -> AsyncIterator[BackendPair]:
-    first = await _started(make_options())
-    second = await _started(make_options())
-    yield first, second
-    await first[0].bus.close()
-    await second[0].bus.close()
-
-
-@pytest.fixture
-async def backend(backend_pair: BackendPair) -> Backend:
-    return backend_pair[0][0]
-
-
-@pytest.fixture
-async def small_history_backend(make_options: Callable[..., dict[str, Any]]) -> AsyncIterator[Backend]:
-    backend, _ = await _started(make_options(history_size=3))
-    yield backend
-    await backend.bus.close()
 
 
 async def _keys(bus: RedisBus) -> list[str]:
@@ -150,28 +128,12 @@ class TestStateStore(StateStoreContract):
 
 
 @pytest.fixture
-async def presence_replica(
-        make_options: Callable[..., dict[str, Any]]) -> AsyncIterator[Callable[..., Awaitable[Backend]]]:
-    made: list[Backend] = []
-
-    async def make(**options: Any) -> Backend:
-        backend, _ = await _started(make_options(**options))
-        made.append(backend)
-        return backend
-
-    yield make
-    for backend in made:
-        await backend.bus.close()
-
-
-@pytest.fixture
-async def broker_ops(request: pytest.FixtureRequest, make_options: Callable[..., dict[str, Any]]
+async def broker_ops(request: pytest.FixtureRequest, bus_config: dict[str, Any]
                      ) -> AsyncIterator[Callable[[], Awaitable[int]]]:
     """Commands every data node executed so far (INFO commandstats, without INFO itself)."""
     import redis.asyncio as aioredis
 
-    opts = make_options()
-    if opts["mode"] == "cluster":
+    if bus_config["redis"]["mode"] == "cluster":
         ports = [n.port for n in request.getfixturevalue("cluster").nodes]
     else:
         ports = [n.port for n in request.getfixturevalue("sentinel").servers]
@@ -311,8 +273,7 @@ async def test_three_wirehub_processes_deliver_one_order_on_the_cluster(cluster:
         for m in members:
             await m.expect_nothing(0.2)
     finally:
-        for c in clients:
-            c.close()
+        await asyncio.gather(*(c.aclose() for c in clients))  # before the replicas stop: see test_replicas
         replicas.stop()
 
 

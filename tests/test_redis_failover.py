@@ -25,20 +25,20 @@ from wirehub.testing import LiveServer, WsClient, unique_room
 pytestmark = pytest.mark.skipif(find_redis7() is None, reason=REDIS7_HINT)
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[RedisCluster]:
-    c = RedisCluster()
-    c.start()
-    yield c
-    c.close()
+@pytest.fixture
+def cluster(redis_cluster: RedisCluster) -> Iterator[RedisCluster]:
+    """The session's cluster (tests/conftest.py), shared with test_redis_cluster.py: the node a test kills
+    is restarted after it (as a replica of the one promoted), so the next test finds it whole."""
+    yield redis_cluster
+    redis_cluster.restore()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def sentinel() -> Iterator[RedisSentinel]:
-    s = RedisSentinel()
-    s.start()
-    yield s
-    s.close()
+    """A setup of the test's own: a killed master comes back as a replica only once the sentinels'
+    next rounds notice it and it has synced (about 5 s), which is longer than a fresh setup takes."""
+    with RedisSentinel() as s:
+        yield s
 
 
 def config(bus: dict[str, Any]) -> dict[str, Any]:
@@ -80,6 +80,16 @@ class Load:
             if raw is None:
                 return
             self.frames.append(json.loads(raw))
+
+    async def more_acks(self, rooms: list[str], count: int = 5, timeout: float = 15.0) -> None:
+        """Until each of ``rooms`` has ``count`` more acknowledged publishes than now (the load ran, and
+        ran on whatever serves the room now): a wait on that, not a sleep that hopes for it."""
+        start = {room: len(self.acked.get(room, [])) for room in rooms}
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while any(len(self.acked.get(room, [])) < start[room] + count for room in rooms):
+            assert loop.time() < deadline, f"fewer than {count} publishes acknowledged in {timeout}s"
+            await asyncio.sleep(0.02)
 
     def received(self, room: str) -> list[str]:
         return [f["data"] for f in self.frames if f.get("op") == "message" and f.get("room") == room]
@@ -143,7 +153,7 @@ async def test_a_killed_primary_fails_over_and_only_its_rooms_notice(
     other_rooms = [r for port, rs in by_primary.items() if port != victim_port for r in rs]
     load, tasks = await run_load(a, b, shard_rooms + other_rooms)
     try:
-        await asyncio.sleep(0.5)
+        await load.more_acks(load.rooms)
         victim.kill()  # SIGKILL: its replica is promoted after cluster-node-timeout (1 s)
         await asyncio.to_thread(cluster.wait_ok, 20)
         bus = a.app.backend.bus
@@ -153,7 +163,7 @@ async def test_a_killed_primary_fails_over_and_only_its_rooms_notice(
         while bus.moves < len(shard_rooms) or bus._moving:  # A subscribed them on the promoted replica
             assert loop.time() < deadline, "the shard's rooms did not move to the promoted replica"
             await asyncio.sleep(0.05)
-        await asyncio.sleep(1.5)  # publishing on the promoted replica
+        await load.more_acks(shard_rooms)  # publishing on the promoted replica
         await finish(load, tasks)
     finally:
         load.stop.set()
@@ -188,7 +198,7 @@ async def test_a_sentinel_failover_under_load_loses_nothing_silently(
     old = sentinel.master()
     load, tasks = await run_load(a, b, rooms)
     try:
-        await asyncio.sleep(0.5)
+        await load.more_acks(rooms)
         old.kill()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 30
@@ -198,7 +208,7 @@ async def test_a_sentinel_failover_under_load_loses_nothing_silently(
         while not (a.app.ready and b.app.ready):
             assert loop.time() < deadline, "the replicas did not reconnect to the new master"
             await asyncio.sleep(0.1)
-        await asyncio.sleep(1.5)
+        await load.more_acks(rooms)  # publishing on the new master
         await finish(load, tasks)
     finally:
         load.stop.set()

@@ -9,13 +9,12 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.helpers import Cluster, ServerProcess, bus_block
-from wirehub.brokers import BrokerProcess
+from wirehub.brokers import BrokerProcess, NatsServer, RedisServer
 from wirehub.testing import WsClient, unique_room, ws_connect
 
 pytestmark = pytest.mark.slow
@@ -36,13 +35,29 @@ class ChatCluster(Cluster):
         return c
 
 
-# ``kind`` (redis, nats) and ``broker`` (of the test's own: it gets killed and restarted) are in conftest.py.
+# One broker and three replicas per kind for the module (starting them is most of a test's time): a test
+# may kill a replica or the broker; the next test's ``cluster`` starts again whatever is down (the broker on
+# its port, a replica on its own) and waits until every replica is ready.
 
 
-@pytest.fixture
-def replicas(kind: str, broker: BrokerProcess, tmp_path: Path) -> Iterator[list[ServerProcess]]:
+@pytest.fixture(scope="module", params=["redis", "nats"])
+def kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture(scope="module")
+def broker(kind: str) -> Iterator[BrokerProcess]:
+    """A broker of the module's own (a test kills it and starts it again)."""
+    with (RedisServer() if kind == "redis" else NatsServer()) as b:
+        yield b
+
+
+@pytest.fixture(scope="module")
+def replicas(kind: str, broker: BrokerProcess, tmp_path_factory: pytest.TempPathFactory
+             ) -> Iterator[list[ServerProcess]]:
     """Three replicas (the installed ``wirehub`` entry point, each in a session of its own) on ``broker``."""
-    cluster = Cluster.configure(tmp_path, [f"replica-{name}" for name in ("a", "b", "c")], {
+    cluster = Cluster.configure(tmp_path_factory.mktemp(f"replicas-{kind}"),
+                                [f"replica-{name}" for name in ("a", "b", "c")], {
         "bus": bus_block(kind, broker, f"e{uuid.uuid4().hex[:6]}"),
         "endpoints": [{"path": "/ws/chat", "handler": "chat",
                        "options": {"publish_rate": 1000, "publish_burst": 1000}}],
@@ -54,11 +69,17 @@ def replicas(kind: str, broker: BrokerProcess, tmp_path: Path) -> Iterator[list[
 
 @pytest.fixture
 async def cluster(kind: str, broker: BrokerProcess, replicas: list[ServerProcess]) -> AsyncIterator[ChatCluster]:
+    if not broker.running:
+        broker.start()
+    for r in replicas:
+        if not r.running:
+            r.start()
     c = ChatCluster(kind, broker, replicas)
     await c.wait_ready()
     yield c
-    for client in c.clients:
-        client.close()
+    # while the loop runs and before the replicas stop: a close handshake left unfinished leaves its socket
+    # to the garbage collector (a ResourceWarning in a later test)
+    await asyncio.gather(*(client.aclose() for client in c.clients))
 
 
 async def collect(client: WsClient, room: str, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:

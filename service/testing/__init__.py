@@ -12,10 +12,14 @@ contract suite with its shape.
   async ``backend`` fixture yielding a started :class:`wirehub.bus.Backend` (or a pair of them
   on one broker through ``backend_pair``, for the cross-replica cases). Buses whose replicas can
   die add :class:`PresenceExpiryContract` (fixtures ``presence_replica`` and ``broker_ops``).
+  Or provide only ``bus_config`` (a config's ``bus:`` block; parametrize it to run the suites on
+  several buses): the default ``backend_pair``, ``backend``, ``small_history_backend`` and
+  ``presence_replica`` here start replicas of it through ``bus_backends``
+  (a :class:`~wirehub.testing.backends.BackendFactory`).
 
 The fixtures are defined here; the rest lives in :mod:`~wirehub.testing.helpers`,
-:mod:`~wirehub.testing.contracts` and :mod:`~wirehub.testing.presence_contracts` and is imported from
-this module.
+:mod:`~wirehub.testing.contracts`, :mod:`~wirehub.testing.presence_contracts` and
+:mod:`~wirehub.testing.backends` and is imported from this module.
 """
 
 from __future__ import annotations
@@ -29,8 +33,9 @@ from tornado.netutil import bind_sockets
 
 from wirehub.app import Wirehub
 from wirehub.brokers import BrokerProcess, NatsServer, RedisServer
-from wirehub.bus import BusUnavailable
+from wirehub.bus import Backend, BusUnavailable
 from wirehub.config import config_from_dict
+from wirehub.testing.backends import IN_PROCESS_BUSES, BackendFactory, BusConfig, BusRegistry, find_buses
 from wirehub.testing.contracts import (
     BackendPair,
     BusContract,
@@ -54,9 +59,13 @@ from wirehub.testing.presence_contracts import InspectablePresence as Inspectabl
 from wirehub.testing.presence_contracts import PresenceContract, PresenceExpiryContract, ReplicaFactory
 
 __all__ = [
+    "IN_PROCESS_BUSES",
+    "BackendFactory",
     "BackendPair",
     "BrokerFactory",
+    "BusConfig",
     "BusContract",
+    "BusRegistry",
     "BusUnavailable",
     "FakeTransport",
     "Footprint",
@@ -70,6 +79,7 @@ __all__ = [
     "WsClient",
     "config_for_tests",
     "eventually",
+    "find_buses",
     "free_port",
     "memory_footprint",
     "nats_server",
@@ -157,3 +167,61 @@ def redis_server_factory() -> Iterator[Callable[..., BrokerProcess]]:
 def nats_server_factory() -> Iterator[Callable[..., BrokerProcess]]:
     """``nats_server_factory()``: a NATS (JetStream) of this test's own, closed after it."""
     yield from _factory(NatsServer)
+
+
+# -- contract-suite backends from a bus config block ------------------------------------------------------------
+#
+# A test module provides ``bus_config`` (a ``bus:`` block; parametrize it to run on several buses, with a
+# fresh key prefix per test); these defaults give the suites their backends. A module's own ``backend_pair``
+# (or ``backend``, ...) takes precedence over these, as before they existed.
+
+
+@pytest.fixture(scope="session")
+def bus_registry() -> BusRegistry:
+    """The bus factories of the built-in plugins and installed entry points, found once per session
+    (override it to add ``plugins.load`` modules: ``return find_buses({"load": [...]})``)."""
+    return find_buses()
+
+
+@pytest.fixture
+def bus_in_process() -> bool | None:
+    """Whether the replicas of ``bus_config`` are one backend (its state lives in the process): None
+    decides by the plugin's name (:data:`IN_PROCESS_BUSES`); override it for a bus of your own."""
+    return None
+
+
+@pytest.fixture
+async def bus_backends(bus_config: BusConfig, bus_registry: BusRegistry,
+                       bus_in_process: bool | None) -> AsyncIterator[BackendFactory]:
+    """Started replicas of ``bus_config`` (see :class:`BackendFactory`), all closed after the test."""
+    factory = BackendFactory(bus_config, registry=bus_registry, one_process=bus_in_process)
+    yield factory
+    await factory.close()
+
+
+@pytest.fixture
+async def backend_pair(bus_backends: BackendFactory) -> BackendPair:
+    """Two started replicas of ``bus_config`` (one backend twice for an in-process bus)."""
+    return await bus_backends.pair()
+
+
+@pytest.fixture
+def backend(backend_pair: BackendPair) -> Backend:
+    """The first backend of ``backend_pair``."""
+    return backend_pair[0][0]
+
+
+@pytest.fixture
+async def small_history_backend(bus_backends: BackendFactory) -> Backend:
+    """A started replica of ``bus_config`` keeping at most 3 messages per room."""
+    return (await bus_backends.replica(history_size=3))[0]
+
+
+@pytest.fixture
+def presence_replica(bus_backends: BackendFactory) -> ReplicaFactory:
+    """``await presence_replica(**options)``: a new started replica of ``bus_config`` (same prefix)."""
+
+    async def make(**options: Any) -> Backend:
+        return (await bus_backends.replica(**options))[0]
+
+    return make
