@@ -271,9 +271,9 @@ class RedisCluster:
                 return False
             if not all(int(master[1]) in ports for n in live for _, _, master, *_ in n.call("CLUSTER", "SLOTS")):
                 return False
-            synced = [n for n in live if "role:slave" in (info := n.call("INFO", "replication"))
-                      and "master_link_status:up" in info]
-            return len(synced) >= sum(1 for n in live if "role:slave" in n.call("INFO", "replication"))
+            # redis-py parses INFO into a dict
+            replicas = [info for n in live if (info := n.call("INFO", "replication")).get("role") == "slave"]
+            return all(info.get("master_link_status") == "up" for info in replicas)
         _wait("cluster_state ok", ok, timeout)
 
     def restore(self, timeout: float = 30.0) -> None:
