@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from wirehub.bus import Backend, BusUnavailable
@@ -49,6 +50,26 @@ class _Room:
     epoch: str | None = None
     #: while repairing: live messages kept back until the history replay is done
     backlog: list[tuple[bytes, int | None]] | None = None
+    #: the members and what the fan-out calls for each (:meth:`Session.receiver`), in join order; built on
+    #: the first message after a membership change, so a message costs no copy of ``members``
+    _receivers: tuple[tuple[Session, Callable[[str, OutFrame, int | None], None]], ...] | None = None
+
+    def add(self, session: Session) -> None:
+        self.members[session.id_bytes] = session
+        self._receivers = None
+
+    def discard(self, session: Session) -> bool:
+        """Remove ``session``; False when it was not a member."""
+        if self.members.pop(session.id_bytes, None) is None:
+            return False
+        self._receivers = None
+        return True
+
+    def receivers(self) -> tuple[tuple[Session, Callable[[str, OutFrame, int | None], None]], ...]:
+        receivers = self._receivers
+        if receivers is None:
+            receivers = self._receivers = tuple((s, s.receiver()) for s in self.members.values())
+        return receivers
 
 
 def envelope(frame: bytes, origin: Session | None = None, ts: float | None = None) -> bytes:
@@ -104,11 +125,11 @@ class Hub:
                 if r is None:
                     r = self._rooms[room] = _Room(room)
                     self.metrics.rooms.set(len(self._rooms))
-                r.members[session.id_bytes] = session
+                r.add(session)
                 async with r.lock:
                     if self._rooms.get(room) is not r:
                         # the last member's leave retired this room while we waited: use the new one
-                        r.members.pop(session.id_bytes, None)
+                        r.discard(session)
                         continue
                     if not r.subscribed:
                         # position first: when it fails, nothing is half done (subscribed, no epoch)
@@ -137,7 +158,7 @@ class Hub:
         """Remove ``session`` from ``room``; unsubscribes the bus after the last local member."""
         session.left(room)
         r = self._rooms.get(room)
-        if r is None or r.members.pop(session.id_bytes, None) is None or r.members:
+        if r is None or not r.discard(session) or r.members:
             return
         async with r.lock:
             if not r.members and r.subscribed:
@@ -204,12 +225,14 @@ class Hub:
         # go to members as they are, and a member reads the offset from deliver()'s argument.
         out = OutFrame(with_offset(frame, offset) if frame[:1] == b"{" else frame)
         skip = r.members.get(origin) if origin else None
-        n = 0
-        for s in list(r.members.values()):
+        # A snapshot: a member that joins or leaves while this runs (a close from inside a delivery) does
+        # not change who gets this message, as with a copy of ``members``.
+        receivers = r.receivers()
+        name = r.name
+        for s, receive in receivers:
             if s is not skip:
-                s.deliver(r.name, out, offset)
-                n += 1
-        self.metrics.deliveries.inc(n)
+                receive(name, out, offset)
+        self.metrics.deliveries.inc(len(receivers) - (skip is not None))
 
     # -- bus health and repair ---------------------------------------------------------------------
 

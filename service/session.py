@@ -68,6 +68,15 @@ class Transport(Protocol):
     def closed(self) -> bool: ...
 
 
+class OfferingTransport(Transport, Protocol):
+    """A transport with the fan-out's one-call path (:meth:`Session.receiver` uses it when there)."""
+
+    def offer(self, frame: OutFrame, cap: int) -> int:
+        """Queue ``frame`` (1), unless the queue would pass ``cap`` bytes (-1: nothing queued); a closed
+        transport drops it (0)."""
+        ...
+
+
 class Session:
     """One WebSocket connection: identity, rooms, handler state and the send queue.
 
@@ -207,6 +216,29 @@ class Session:
         self.transport.close(code, reason if reason is not None else close_reason(code, retry_ms))
 
     # -- fan-out entry, with the join gate used for gap-free recovery ---------------------------
+
+    def receiver(self) -> Callable[[str, OutFrame, int | None], None]:
+        """What the hub's fan-out calls for each room message to this session (the hub keeps it until the
+        room's membership changes): :meth:`deliver`, or, when a subclass does not override it and the
+        transport has ``offer``, the same in one call to the transport per message."""
+        if type(self).deliver is Session.deliver and hasattr(self.transport, "offer"):
+            return self._deliver_offer
+        return self.deliver
+
+    def _deliver_offer(self, room: str, frame: OutFrame, offset: int | None) -> None:
+        """:meth:`deliver` through :meth:`OfferingTransport.offer`: the checks of :meth:`send_frame`
+        (closed, the byte cap) are the transport's, in the same call that queues the frame."""
+        if self._held or self._floor:
+            self.deliver(room, frame, offset)
+        elif self.close_code is None:
+            transport: Any = self.transport
+            queued = transport.offer(frame, self.max_queue_bytes)
+            if queued > 0:
+                metrics = self.metrics
+                if metrics is not None:
+                    metrics.sent.n += 1
+            elif queued < 0:
+                self._overflow()
 
     def deliver(self, room: str, frame: OutFrame, offset: int | None) -> None:
         """A room message from the hub. While ``room`` is held it is kept back, not sent; one at or

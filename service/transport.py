@@ -27,7 +27,7 @@ from typing import Any
 from tornado.websocket import WebSocketProtocol
 
 from wirehub.session import OutFrame
-from wirehub.stream import buffered, send_now
+from wirehub.stream import SocketStream, buffered, send_now
 
 log = logging.getLogger("wirehub.transport")
 
@@ -118,6 +118,37 @@ class StreamTransport:
             corked.append(wire)
         self._corked_bytes += len(wire)
 
+    def offer(self, frame: OutFrame, cap: int) -> int:
+        """The fan-out's :meth:`send_frame` with the session's byte-cap check in the same call (see
+        :class:`wirehub.session.OfferingTransport`): 1 queued, 0 dropped (closed), -1 over ``cap``."""
+        protocol = self._protocol
+        if protocol.server_terminated:
+            return 0
+        stream: Any = protocol.stream
+        if type(stream) is SocketStream:  # after the takeover: the usual case
+            if stream.closed():
+                return 0
+            queued = stream.buffered()
+        else:
+            if stream.closed():
+                return 0
+            queued = buffered(stream)
+        corked_bytes = self._corked_bytes
+        if queued + corked_bytes + len(frame.payload) > cap:
+            return -1
+        wire = frame.wire
+        corked = self._corked
+        if corked is None:
+            self._corked = [wire]
+            flusher = self._flusher
+            if flusher is None:
+                flusher = self._flusher = _flusher()
+            flusher.add(self)
+        else:
+            corked.append(wire)
+        self._corked_bytes = corked_bytes + len(wire)
+        return 1
+
     def flush(self) -> None:
         """Hand the corked frames to the kernel (the stream queues what it does not take)."""
         corked = self._corked
@@ -128,7 +159,12 @@ class StreamTransport:
         protocol = self._protocol
         if protocol.server_terminated:
             return
-        send_now(protocol.stream, corked[0] if len(corked) == 1 else b"".join(corked))
+        stream: Any = protocol.stream
+        data = corked[0] if len(corked) == 1 else b"".join(corked)
+        if type(stream) is SocketStream:
+            stream.send(data)
+        else:
+            send_now(stream, data)
 
     def close(self, code: int, reason: str) -> None:
         self.flush()
