@@ -26,6 +26,7 @@ logged a traceback and spun the CPU while the pending connection stayed in the b
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import json
@@ -229,7 +230,7 @@ class EdgeStream(IOStream):
     the size at which it shares its keys with the other instances, about 1.5 KiB per connection.
     """
 
-    __slots__ = ("_reading_head", "_table", "_waiting", "handover", "probe")
+    __slots__ = ("_head_wait", "_reading_head", "_table", "_waiting", "handover", "probe")
 
     def __init__(self, sock: socket.socket, table: ConnectionTable, probe: bool = False, **kwargs: Any) -> None:
         super().__init__(sock, **kwargs)
@@ -239,6 +240,8 @@ class EdgeStream(IOStream):
         self.probe = probe
         self._waiting = table.probes_waiting if probe else table.waiting
         self._reading_head = False
+        #: (max_bytes, then) of a read_head waiting for its first byte with a plain reader on the loop
+        self._head_wait: tuple[int, Callable[[bytes], None]] | None = None
         #: what the lean path learned of the first request before handing it to Tornado (service/upgrade.py)
         self.handover: object | None = None
         table.open[self] = None
@@ -263,12 +266,22 @@ class EdgeStream(IOStream):
         """Read the first request head, up to where Tornado's HTTP/1 server would find its end, then call
         ``then`` with it; not at all when the connection closes first (the 431 of an oversized head too)."""
         self._reading_head = True
+        empty = False
         try:
             chunk: bytes | None = self.socket.recv(self.read_chunk_size)
-        except OSError:  # nothing yet (EAGAIN), or an error that Tornado's read below meets again
+        except (BlockingIOError, InterruptedError):  # nothing yet
+            chunk, empty = None, True
+        except OSError:  # an error that Tornado's read below meets again
             chunk = None
         if chunk == b"":
             self.close()  # closed before a request
+            return
+        if empty and not self._read_buffer_size and not self.closed():
+            # Nothing yet: wait for it with a plain reader on the loop, then try again here. Tornado's read
+            # (a Future, its buffer and regex machinery, and a loop pass for the Future's callback) was a
+            # twelfth of a handshake when, as in a connection burst, the head came a moment after the accept.
+            self._head_wait = (max_bytes, then)
+            asyncio.get_running_loop().add_reader(self.socket.fileno(), self._head_ready)
             return
         if chunk:
             match = _HEAD_END.search(chunk)
@@ -291,6 +304,17 @@ class EdgeStream(IOStream):
                 then(future.result())
 
         future.add_done_callback(done)
+
+    def _head_ready(self) -> None:
+        wait = self._head_wait
+        self._stop_head_wait()
+        if wait is not None and not self.closed():
+            self.read_head(*wait)
+
+    def _stop_head_wait(self) -> None:
+        if self._head_wait is not None:
+            self._head_wait = None
+            asyncio.get_running_loop().remove_reader(self.socket.fileno())
 
     def unread(self, data: bytes) -> None:
         """Put ``data`` in front of what is buffered, to be read again (IOStream's buffer: Tornado 6.5/6.6)."""
@@ -320,6 +344,7 @@ class EdgeStream(IOStream):
 
     def close_fd(self) -> None:
         try:
+            self._stop_head_wait()  # before the file goes: the loop must not keep a closed descriptor
             super().close_fd()
         finally:
             self._table.closed(self)

@@ -245,7 +245,7 @@ class Wirehub:
             (series[0] if series is not None else self.metrics.sessions.labels(session.endpoint)).dec()
             # clients choose codes 3000-4999 freely: label those outside our table "other" (bounded series)
             label = str(code) if code is None or code < 3000 or code in CLOSE_REASONS else "other"
-            self.metrics.sessions_closed.labels(session.endpoint, label).inc()
+            self.metrics.session_closed(session.endpoint, label).inc()
             if self.draining:
                 self.metrics.drain_remaining.set(len(self.sessions))
             if not self.sessions:

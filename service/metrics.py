@@ -51,6 +51,10 @@ class Metrics:
         self.messages_in = Counter("wirehub_messages_in", "Frames received from clients", ["endpoint"], registry=r)
         self.messages_out = Counter("wirehub_messages_out", "Frames sent to clients", registry=r)
         self._tallies: dict[int, Tally] = {}
+        #: per endpoint, the tally of its frames in (``labels()`` takes a lock and checks its arguments)
+        self._messages_in: dict[str, Tally] = {}
+        #: per (endpoint, close code label), its sessions-closed child, for the same reason
+        self._closed: dict[tuple[str, str], Counter] = {}
         #: frames sent, counted without a lock (see Tally)
         self.sent = self.tally(self.messages_out)
         self.deliveries = Counter("wirehub_deliveries", "Bus messages written to local members", registry=r)
@@ -109,6 +113,20 @@ class Metrics:
         if tally is None:
             tally = self._tallies[id(counter)] = Tally(counter)
         return tally
+
+    def messages_in_tally(self, endpoint: str) -> Tally:
+        """The :class:`Tally` of ``wirehub_messages_in_total{endpoint}``, looked up once per endpoint."""
+        tally = self._messages_in.get(endpoint)
+        if tally is None:
+            tally = self._messages_in[endpoint] = self.tally(self.messages_in.labels(endpoint))
+        return tally
+
+    def session_closed(self, endpoint: str, code: str) -> Counter:
+        """``wirehub_sessions_closed_total{endpoint, code}``, its child looked up once per pair."""
+        child = self._closed.get((endpoint, code))
+        if child is None:
+            child = self._closed[endpoint, code] = self.sessions_closed.labels(endpoint, code)
+        return child
 
     def render(self) -> bytes:
         for tally in self._tallies.values():

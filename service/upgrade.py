@@ -74,7 +74,8 @@ class LeanRouter(httputil.HTTPServerConnectionDelegate):
         self.application = application
         self.app = app
         self.exact: dict[str, _Target] = {}
-        #: handshakes whose authentication suspended (most never do), held until they are done
+        #: handshakes whose authentication suspended and frame readers whose open hooks suspended (most
+        #: never do), held until they are done
         self.handshakes: set[asyncio.Future[None]] = set()
         self.prefixes: list[tuple[re.Pattern[str], _Target]] = []
         from wirehub.app import endpoint_pattern
@@ -140,7 +141,8 @@ class LeanRouter(httputil.HTTPServerConnectionDelegate):
             if refusal is None:
                 limit = app.connections.admit(identity.user, remote_ip)
                 if limit is None:
-                    _open(app, target, identity, remote_ip, stream, request.headers, path, started)
+                    _open(app, target, identity, remote_ip, stream, request.headers, path, started,
+                          self.handshakes)
                     return
             # A refusal is answered by Tornado's path (UpgradeDelegate), which then serves the connection's
             # next requests as keep-alive; it takes the outcome instead of authenticating again.
@@ -222,7 +224,7 @@ class UpgradeDelegate(httputil.HTTPMessageDelegate):
             return self._refuse(429, "too_many_connections", limit, {"Retry-After": "5"}, path, remote_ip, started)
         stream = conn.detach()
         assert isinstance(stream, IOStream)
-        _open(app, target, identity, remote_ip, stream, headers, path, started)
+        _open(app, target, identity, remote_ip, stream, headers, path, started, self.router.handshakes)
 
     def _refuse(self, status: int, error: str, reason: str, extra: dict[str, str], path: str, remote_ip: str,
                 started: float) -> None:
@@ -311,8 +313,9 @@ def _refusal(app: Wirehub, exc: Exception, path: str, remote_ip: str) -> tuple[i
 
 
 def _open(app: Wirehub, target: _Target, identity: Any, remote_ip: str, stream: IOStream,
-          headers: httputil.HTTPHeaders, path: str, started: float) -> None:
-    """Write the 101 on a detached stream, open the session and start reading frames."""
+          headers: httputil.HTTPHeaders, path: str, started: float, pending: set[asyncio.Future[None]]) -> None:
+    """Write the 101 on a detached stream, open the session and start reading frames. A frame reader that
+    still waits (open hooks that suspended) runs as a task held in ``pending`` until it is done."""
     key = headers["Sec-Websocket-Key"].encode()
     accept = base64.b64encode(hashlib.sha1(key + _MAGIC).digest())
     head = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -342,7 +345,11 @@ def _open(app: Wirehub, target: _Target, identity: Any, remote_ip: str, stream: 
     if app.config.logging.access_log:
         access_log.info("%d %s %s %s %.1fms", 101, "GET", path, remote_ip, 1000 * (time.monotonic() - started))
     opened = socket_side._start_session(protocol, remote_ip, path)
-    socket_side.task = asyncio.ensure_future(protocol._receive_frame_loop(opened))
+    reading = protocol._receive_frame_loop(opened)
+    if not isinstance(reading, asyncio.Future):  # a coroutine: the usual case returns a done Future
+        task = asyncio.ensure_future(reading)
+        pending.add(task)
+        task.add_done_callback(pending.discard)
 
 
 def _run_eagerly(coro: Coroutine[Any, Any, None], tasks: set[asyncio.Future[None]]) -> None:
@@ -405,7 +412,7 @@ def _origin_allowed(app: Wirehub, origin: str, host: str) -> bool:
 class LeanSocket(SessionSide):
     """What :class:`~wirehub.frames.Protocol` and the app need of an upgraded connection; slots only."""
 
-    __slots__ = ("_closed", "close_code", "close_reason", "remote_ip", "task", "ws_connection")
+    __slots__ = ("_closed", "close_code", "close_reason", "remote_ip", "ws_connection")
 
     def __init__(self, app: Wirehub, target: _Target, identity: Any, remote_ip: str) -> None:
         self._setup(app, target.endpoint, target.handler)
@@ -414,7 +421,6 @@ class LeanSocket(SessionSide):
         self.ws_connection: Protocol | None = None
         self.close_code: int | None = None
         self.close_reason: str | None = None
-        self.task: asyncio.Future[None] | None = None
         self._closed = False
 
     def _remote_ip(self) -> str:
@@ -432,7 +438,6 @@ class LeanSocket(SessionSide):
         self._closed = True
         self.close_code, self.close_reason = close_code, close_reason
         self.ws_connection = None
-        self.task = None
         self._end_session(close_code, close_reason)
 
     def on_ping(self, data: bytes) -> None:

@@ -50,7 +50,7 @@ class SessionSide:
         self._expiry: asyncio.TimerHandle | None = None
         self._protocol: Protocol | None = None
         # looked up once, and counted without a lock (folded in at scrape time)
-        self._messages_in = app.metrics.tally(app.metrics.messages_in.labels(endpoint.path))
+        self._messages_in = app.metrics.messages_in_tally(endpoint.path)
 
     if TYPE_CHECKING:  # provided by the subclass (a stub here would shadow Tornado's close in the MRO)
         def close(self, code: int | None = None, reason: str | None = None) -> None: ...

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from tornado.http1connection import HTTP1ServerConnection
 from tornado.httputil import HTTPHeaders
+from tornado.iostream import IOStream
 
 from wirehub.head import parse_head
 from wirehub.testing import LiveServer
@@ -199,6 +200,42 @@ async def test_a_head_sent_in_pieces_is_upgraded(wirehub_server: Start) -> None:
     status, head, _ = await read_answer(reader)
     assert status == 101, head
     await closed(writer)
+
+
+async def test_a_head_sent_a_moment_after_the_accept_is_read_without_tornados_read(
+        wirehub_server: Start, monkeypatch: pytest.MonkeyPatch) -> None:
+    reads: list[object] = []
+    original = IOStream.read_until_regex
+
+    def counting(self: IOStream, regex: bytes, max_bytes: int | None = None) -> Any:
+        reads.append(self)
+        return original(self, regex, max_bytes)
+
+    monkeypatch.setattr(IOStream, "read_until_regex", counting)
+    server = await wirehub_server({"endpoints": ECHO})
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    await asyncio.sleep(0.1)  # accepted, and nothing to read yet
+    writer.write(upgrade_head())
+    status, head, _ = await read_answer(reader)
+    assert status == 101, head
+    assert reads == []  # a plain reader on the loop waited for the head, not Tornado's buffered read
+    await closed(writer)
+
+
+async def test_a_connection_cut_at_the_header_timeout_leaves_no_reader_on_the_loop(wirehub_server: Start) -> None:
+    server = await wirehub_server({"endpoints": ECHO, "server": {"header_timeout": 0.3}})
+    selector = asyncio.get_running_loop()._selector  # type: ignore[attr-defined]
+    before = len(selector.get_map())
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the server, after no head came
+    table = server.app.server.table
+    for _ in range(100):
+        if not table.open:
+            break
+        await asyncio.sleep(0.02)
+    assert not table.open and not table.waiting
+    await closed(writer)
+    assert len(selector.get_map()) == before  # the server's wait for the head was taken off the loop
 
 
 async def test_a_refusal_after_authentication_is_tornados_answer_after_one_authentication(

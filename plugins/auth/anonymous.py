@@ -9,8 +9,8 @@ reveal the key that claims it. Without a key each connection is a new guest.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -33,8 +33,9 @@ GUEST_KEY = re.compile(r"[A-Za-z0-9_-]{16,128}")
 
 
 def guest_user(prefix: str, key: str | None) -> str:
-    """``<prefix>-<8 hex digits>``: from the key's SHA-256 (the same on every replica), or random."""
-    digits = hashlib.sha256(key.encode()).hexdigest()[:8] if key is not None else uuid.uuid4().hex[:8]
+    """``<prefix>-<8 hex digits>``: from the key's SHA-256 (the same on every replica), or 32 random bits
+    from the OS's CSPRNG (what ``uuid4`` drew them from, without building a UUID: 7% of a handshake)."""
+    digits = hashlib.sha256(key.encode()).hexdigest()[:8] if key is not None else os.urandom(4).hex()
     return f"{prefix}-{digits}"
 
 
