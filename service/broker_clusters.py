@@ -203,7 +203,25 @@ def _wait(what: str, check: Callable[[], bool], timeout: float = 30.0, poll: flo
     raise BrokerError(f"{what} did not happen within {timeout:g}s{f': {last}' if last else ''}")
 
 
-class RedisCluster:
+class _Topology:
+    """A set of broker processes used as a context manager: ``start()`` on enter, ``close()`` on exit."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.start()  # a failed start closes what it started
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+class RedisCluster(_Topology):
     """A Redis Cluster of ``primaries`` primaries with ``replicas`` replicas each (default 3 + 3)."""
 
     def __init__(self, *, primaries: int = 3, replicas: int = 1, node_timeout_ms: int = 1000,
@@ -298,16 +316,8 @@ class RedisCluster:
         for node in self.nodes:
             node.close()
 
-    def __enter__(self) -> Self:
-        self.start()  # a failed start closes what it started
-        return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
-
-
-class RedisSentinel:
+class RedisSentinel(_Topology):
     """One master, ``replicas`` replicas and ``sentinels`` sentinels (quorum 2) monitoring ``master_name``."""
 
     def __init__(self, *, replicas: int = 2, sentinels: int = 3, master_name: str = "wirehub",
@@ -362,12 +372,4 @@ class RedisSentinel:
     def close(self) -> None:
         for node in [*self.sentinels, *self.servers]:
             node.close()
-
-    def __enter__(self) -> Self:
-        self.start()  # a failed start closes what it started
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
 
