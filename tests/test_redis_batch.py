@@ -220,3 +220,18 @@ async def test_a_first_page_that_moved_parses_only_the_members_it_did_not_hold(r
     assert all(x is y for x, y in zip(moved.members[1:], first.members[:9], strict=True))
     assert moved.members[0].info == {"name": "a-new"}
     assert moved.count.users == 31
+
+
+async def test_without_hiredis_the_batches_are_packed_by_redis_py(
+        replicas: list[Backend], monkeypatch: pytest.MonkeyPatch) -> None:
+    # hiredis is in the redis extra, but redis-py alone must still serve a join storm
+    from wirehub.builtins.bus import redis_batch
+
+    monkeypatch.setattr(redis_batch, "_pack_command", None)
+    room = unique_room("nohiredis")
+    users = [f"u{i:03d}" for i in range(30)]
+    await asyncio.gather(*(replicas[i % 3].presence.join(room, entry(u, f"node{i % 3}"))
+                           for i, u in enumerate(users)))
+    page = await replicas[0].presence.page(room, None, 10)
+    assert [m.user for m in page.members] == users[:10]
+    assert page.count.users == 30

@@ -252,3 +252,19 @@ async def test_the_reader_reports_a_closed_connection(redis_server_factory: Call
         with pytest.raises((ConnectionError, rexc.ConnectionError)):
             await asyncio.wait_for(task, 5)
         await pubsub.aclose()
+
+
+async def test_without_hiredis_the_subscriber_reads_with_redis_py(
+        started: tuple[BrokerProcess, Started], monkeypatch: pytest.MonkeyPatch) -> None:
+    # redis-py parsing in Python (no hiredis reader found): the reader falls back to get_message
+    from wirehub.builtins.bus import redis_pubsub
+
+    monkeypatch.setattr(redis_pubsub, "_hiredis_reader", lambda pubsub: None)
+    _, start = started
+    (a, ra), (b, _) = await start(), await start()
+    room = unique_room()
+    await a.bus.subscribe(room)
+    for i in range(5):
+        await b.bus.publish(room, f"m{i}".encode(), history=True)
+    await ra.wait_for(room, 5)
+    assert ra.of(room) == [f"m{i}".encode() for i in range(5)]

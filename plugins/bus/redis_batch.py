@@ -231,7 +231,7 @@ async def send_on_pool(pool: Any, commands: list[Command]) -> list[Any]:
 def pack(conn: Any, commands: list[Command]) -> bytes | list[bytes]:
     """RESP of ``commands``: hiredis's C packer when installed (redis-py's per-argument layers cost
     more than the rest of a join storm's Redis work), else redis-py's. Arguments are str, bytes, int."""
-    if _pack_command is None:  # pragma: no cover - hiredis is in the redis extra
+    if _pack_command is None:  # hiredis is in the redis extra; redis-py packs without it
         packed: list[bytes] = conn.pack_commands(commands)
         return packed
     return b"".join(map(_pack_command, commands))
