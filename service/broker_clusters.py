@@ -15,6 +15,7 @@ finds one or says what to install. Other layouts (a NATS cluster) belong here to
 
 from __future__ import annotations
 
+import abc
 import datetime
 import ipaddress
 import os
@@ -203,14 +204,14 @@ def _wait(what: str, check: Callable[[], bool], timeout: float = 30.0, poll: flo
     raise BrokerError(f"{what} did not happen within {timeout:g}s{f': {last}' if last else ''}")
 
 
-class _Topology:
+class _Topology(abc.ABC):
     """A set of broker processes used as a context manager: ``start()`` on enter, ``close()`` on exit."""
 
-    def start(self) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def start(self) -> None: ...
 
-    def close(self) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def close(self) -> None: ...
 
     def __enter__(self) -> Self:
         self.start()  # a failed start closes what it started
