@@ -280,7 +280,8 @@ class ServerConfig:
     allowed_origins: tuple[str, ...] = ()
     #: largest accepted client frame in bytes; larger -> close 1009
     max_message_size: int = opt(65536, min=125)
-    ping_interval: float = opt(20.0, min=0)
+    #: seconds between server pings (0 = off); 25 s as Socket.IO's pingInterval and Centrifugo
+    ping_interval: float = opt(25.0, min=0)
     #: seconds after a ping with no frame back (a pong or any other) before the drop; at most ping_interval
     ping_timeout: float = opt(15.0, min=0)
     #: bytes queued to one client before it is closed with 4008 (slow consumer)

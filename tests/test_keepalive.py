@@ -199,3 +199,23 @@ async def test_a_connection_whose_handler_is_suspended_for_20s_is_kept(wirehub_s
         client.send(0xA, frame[1])
     assert json.loads(frame[1])["op"] == "pong"
     client.close()
+
+
+def test_the_default_interval_is_25_s_in_the_code_the_shipped_config_and_the_overlays() -> None:
+    """25 s between pings (Socket.IO's pingInterval, Centrifugo), 15 s to answer: the dataclass default,
+    config/wirehub.yaml and every Kubernetes overlay say the same."""
+    from pathlib import Path
+
+    import yaml
+
+    from wirehub.config import ServerConfig, load_config
+
+    root = Path(__file__).resolve().parent.parent
+    assert (ServerConfig().ping_interval, ServerConfig().ping_timeout) == (25.0, 15.0)
+    shipped = load_config(root / "config" / "wirehub.yaml").server
+    assert (shipped.ping_interval, shipped.ping_timeout) == (25.0, 15.0)
+    overlays = sorted((root / "deploy" / "kubernetes" / "overlays").glob("*/wirehub.yaml"))
+    assert overlays
+    for path in overlays:
+        server = yaml.safe_load(path.read_text())["server"]
+        assert (server["ping_interval"], server["ping_timeout"]) == (25, 15), path
