@@ -92,6 +92,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--coalesce", default="0,5", help="server.write_coalesce_ms of the wirehub servers")
     p.add_argument("--before", default=None, help="another wirehub tree, run with its defaults as 'before'")
+    p.add_argument("--before-runs", type=int, default=1, help="run the before tree this many times")
     p.add_argument("--no-node", action="store_true")
     p.add_argument("--window", type=int, default=2)
     p.add_argument("--rate", type=float, default=0.0, help="publishes per second (0: closed loop)")
@@ -102,10 +103,14 @@ def main() -> int:
     p.add_argument("--loadgen-core", type=int, default=1)
     p.add_argument("--json", default=None)
     a = p.parse_args()
-    servers: list[tuple[str, Path | None, float | None]] = [
-        (f"wirehub-c{float(c):g}", ROOT, float(c)) for c in a.coalesce.split(",")]
-    if a.before:
-        servers.append(("before", Path(a.before).resolve(), None))
+    servers: list[tuple[str, Path | None, float | None]] = []
+    for c in a.coalesce.split(","):  # a value given twice is run twice (wirehub-c5, wirehub-c5-2)
+        name = base = f"wirehub-c{float(c):g}"
+        while any(name == s[0] for s in servers):
+            name = f"{base}-{sum(s[0].startswith(base) for s in servers) + 1}"
+        servers.append((name, ROOT, float(c)))
+    for i in range(a.before_runs if a.before else 0):
+        servers.append(("before" if i == 0 else f"before-{i + 1}", Path(a.before).resolve(), None))
     if not a.no_node:
         servers.append(("node", None, None))
     results: dict[str, dict[str, Any]] = {}

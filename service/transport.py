@@ -14,9 +14,9 @@ of a delivery's cost. A Close frame is preceded by everything queued before it.
 
 Under write saturation the cork is held a little longer (``server.write_coalesce_ms``, the cap), as
 Linux's TCP autocorking holds small writes while earlier ones are still queued: a connection whose
-frames left in the last flush round, when that round ended less than its own duration ago (the loop
-spends more than half its time in ``send``), gets its next frames at the round's end plus the round's
-duration, at most the cap. Input that arrives meanwhile (the next publishes) joins the same ``send``.
+frames left in the last flush round, when that round ended less than its own CPU time ago (the loop
+spends more than half its time in ``send``), gets its next frames at the round's end plus that time, at
+most the cap. Input that arrives meanwhile (the next publishes) joins the same ``send``.
 A connection that was not in the last round (a lone message after a quiet spell), and every connection
 while flush rounds are short next to the time between them, is flushed after one pass as above: no
 delay is added to a replica that keeps up.
@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import weakref
+from time import thread_time
 from typing import Any
 
 from tornado.websocket import WebSocketProtocol
@@ -44,7 +45,7 @@ DEFAULT_COALESCE_MS = 5.0
 
 
 class _Round:
-    """One flush round: when it ended (loop time; 0 while it runs) and how long its sends took (seconds)."""
+    """One flush round: when it ended (loop time; 0 while it runs) and the CPU time of its sends (seconds)."""
 
     __slots__ = ("cost", "end")
 
@@ -108,14 +109,15 @@ class _Flusher:
         self._flush(held)
 
     def _flush(self, transports: list[StreamTransport]) -> None:
-        time = self._loop.time
-        start = time()
+        # The round's cost is the CPU time of its sends, so that a replica that is only preempted by other
+        # work on its host (its round's wall time long, its CPU time not) is not taken for saturated.
+        start = thread_time()
         r = _Round()
         for transport in transports:
             transport._last = r
             transport.flush()
-        r.end = end = time()
-        r.cost = end - start
+        r.cost = thread_time() - start
+        r.end = self._loop.time()
 
 
 _flushers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Flusher] = weakref.WeakKeyDictionary()

@@ -3,8 +3,8 @@ left in a flush round that ended less than its own duration ago is held until th
 duration, at most the cap; every other write leaves after one loop pass as before. Order, the send-queue cap
 (4008) and Close after queued data hold for held frames too.
 
-A slow round is made with a socket whose ``send`` takes long (the real socket underneath, so the bytes are
-real): that is what a saturated replica looks like to the flusher, a flush round that takes milliseconds."""
+A slow round is made with a socket whose ``send`` spins for a while (the real socket underneath, so the bytes
+are real): that is what a saturated replica looks like to the flusher, a flush round of milliseconds of CPU."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ Start = Callable[..., Awaitable[LiveServer]]
 
 
 class SlowSocket:
-    """A socket whose ``send`` takes ``delay`` seconds (the loop busy in ``send``) and records when each
+    """A socket whose ``send`` takes ``delay`` CPU seconds (the loop busy in ``send``) and records when each
     send happened and what it carried."""
 
     def __init__(self, sock: Any, delay: float = 0.0) -> None:
@@ -37,8 +37,10 @@ class SlowSocket:
         self.sends: list[tuple[float, bytes]] = []
 
     def send(self, data: Any, *args: Any) -> int:
-        if self.delay:
-            time.sleep(self.delay)
+        if self.delay:  # CPU work, as the kernel's part of a send is (the flusher measures CPU time)
+            until = time.perf_counter() + self.delay
+            while time.perf_counter() < until:
+                pass
         self.sends.append((asyncio.get_running_loop().time(), bytes(data)))
         return int(self.sock.send(data, *args))
 
