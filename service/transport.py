@@ -28,6 +28,7 @@ Tornado below 7 for that reason and tests/test_transport.py fails if the attribu
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import weakref
 from time import thread_time
@@ -42,6 +43,12 @@ log = logging.getLogger("wirehub.transport")
 
 #: ``server.write_coalesce_ms``'s default
 DEFAULT_COALESCE_MS = 5.0
+
+
+@functools.lru_cache(maxsize=8)
+def _seconds(ms: float) -> float:
+    """``ms`` in seconds, one float object per value (a connection holds a reference, not a float)."""
+    return ms / 1000
 
 
 class _Round:
@@ -75,8 +82,8 @@ class _Flusher:
         cap = transport._coalesce
         last = transport._last
         if cap and last is not None:
-            # Its last frames left in a round that ended less than its own duration ago (writes take more
-            # than half the loop's time): hold these until that round's end plus its duration, at most cap.
+            # Its last frames left in a round that ended less than its own CPU time ago (writes take more
+            # than half the loop's time): hold these until that round's end plus that time, at most cap.
             cost = last.cost
             due = last.end + (cap if cap < cost else cost)
             if self._loop.time() < due:
@@ -141,7 +148,7 @@ class StreamTransport:
         self._protocol = protocol
         self._close = close
         #: the most a flush may be held under saturation, seconds (0: never held)
-        self._coalesce = coalesce_ms / 1000
+        self._coalesce = _seconds(coalesce_ms)
         #: the flush round that last sent this transport's frames
         self._last: _Round | None = None
         #: wire frames queued in this loop iteration, sent by flush() (None: nothing queued)
