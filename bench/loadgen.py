@@ -423,9 +423,13 @@ _T = b'"t":'
 class Fan:
     """Flow control of the publisher: at most ``window`` messages' deliveries outstanding."""
 
-    def __init__(self, receivers: int, window: int) -> None:
+    def __init__(self, receivers: int, window: int, rate: float = 0.0) -> None:
         self.receivers = receivers
         self.window = window
+        #: publishes per second (0: as fast as the window allows); a paced publisher, below saturation
+        self.rate = rate
+        self._next = 0.0
+        self._timer: asyncio.TimerHandle | None = None
         self.published = 0
         self.delivered = 0
         self.running = False
@@ -441,9 +445,29 @@ class Fan:
                 self.drained.set()
             return
         per, limit = self.receivers, self.window * self.receivers
+        if self.rate:
+            self._paced(pub, per, limit)
+            return
         while self.published * per - self.delivered < limit:
             self.published += 1
             pub.publish(self.published)
+
+    def _paced(self, pub: ChatClient, per: int, limit: int) -> None:
+        """One publish every 1/rate seconds (when the window allows), on a timer of its own."""
+        if self._timer is not None:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if now >= self._next and self.published * per - self.delivered < limit:
+            self.published += 1
+            pub.publish(self.published)
+            self._next = max(self._next + 1 / self.rate, now)
+
+        def tick() -> None:
+            self._timer = None
+            self.pump()
+
+        self._timer = loop.call_at(max(self._next, now + 0.0005), tick)
 
 
 class ChatClient(WsClient):
@@ -505,13 +529,36 @@ class ChatClient(WsClient):
         self.fan.pump()
 
 
+SEND_CALLS = ("sendto", "sendmsg", "write", "writev")
+
+
+async def count_sends(pid: int, delay: float, duration: float) -> tuple[int, float] | None:
+    """The write system calls (``SEND_CALLS``) ``pid`` makes in ``duration`` seconds after ``delay``, and
+    the seconds counted, with ``perf stat`` (None without perf or its tracepoints)."""
+    await asyncio.sleep(delay)
+    events = ",".join(f"syscalls:sys_enter_{name}" for name in SEND_CALLS)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            "perf", "stat", "-x", ",", "-e", events, "-p", str(pid), "--", "sleep", str(duration),
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    except OSError:
+        return None
+    t0 = perf()
+    _, err = await proc.communicate()
+    wall = perf() - t0
+    counts = [line.split(",") for line in err.decode(errors="replace").splitlines() if "sys_enter_" in line]
+    if proc.returncode != 0 or len(counts) != len(SEND_CALLS) or not all(c[0].isdigit() for c in counts):
+        return None
+    return sum(int(c[0]) for c in counts), wall
+
+
 async def run_fanout(host: str, port: int, path: str, *, members: int, window_msgs: int, size: int,
                      sample_every: int, warmup: float, duration: float, burst: int,
-                     server_pid: int | None) -> dict[str, Any]:
+                     server_pid: int | None, rate: float = 0.0, count_syscalls: bool = True) -> dict[str, Any]:
     if members < 2:
         raise ValueError("fan-out needs at least 2 members")
     window = Window()
-    fan = Fan(members - 1, window_msgs)
+    fan = Fan(members - 1, window_msgs, rate)
     room = f"bench-{uuid.uuid4().hex[:8]}"
     pad = b"x" * max(0, size - 40)
     index = iter(range(members))
@@ -535,7 +582,10 @@ async def run_fanout(host: str, port: int, path: str, *, members: int, window_ms
     await asyncio.sleep(0.2)  # let join events settle before counting
     fan.running = True
     fan.pump()
+    sends = (asyncio.ensure_future(count_sends(server_pid, warmup, duration))
+             if server_pid and count_syscalls else None)
     times = await measure(window, server_pid, warmup, duration)
+    counted = await sends if sends is not None else None
     fan.running, fan.stopped = False, True
     # Integrity: once the last deliveries are in, every receiver got every message, exactly once.
     fan.pump()
@@ -553,7 +603,11 @@ async def run_fanout(host: str, port: int, path: str, *, members: int, window_ms
         c.close()
     return summarize("fanout", window, times, conns=members, receivers=members - 1, window_msgs=window_msgs,
                      published=fan.published, acks=publisher.acks, lost=lost, closed=closed,
-                     size=len(pad) + 40)
+                     size=len(pad) + 40, rate=rate or None,
+                     # the server's write system calls per second against deliveries per second (perf stat)
+                     server_sends=counted[0] if counted else None,
+                     frames_per_send=round(window.count / times["wall"] / (counted[0] / counted[1]), 3)
+                     if counted and counted[0] else None)
 
 
 # -- idle connections ---------------------------------------------------------------------------------------------
@@ -635,6 +689,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--members", type=int, default=1000, help="fanout: connections in the room")
     p.add_argument("--window", type=int, default=8, help="fanout: messages whose deliveries may be outstanding")
     p.add_argument("--sample-every", type=int, default=10, help="fanout: time the deliveries of every n-th member")
+    p.add_argument("--rate", type=float, default=0.0,
+                   help="fanout: publishes per second (0: closed loop, as fast as --window allows)")
+    p.add_argument("--no-perf", action="store_true", help="fanout: do not count the server's sends with perf stat")
     p.add_argument("--burst", type=int, default=1000, help="handshakes at a time")
     p.add_argument("--settle", type=float, default=1.0, help="idle: seconds before reading RSS")
     p.add_argument("--no-uvloop", action="store_true", help="use the stock asyncio loop")
@@ -650,7 +707,8 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
     if args.scenario == "fanout":
         return await run_fanout(host, port, path, members=args.members, window_msgs=args.window, size=args.size,
                                 sample_every=args.sample_every, warmup=args.warmup, duration=args.duration,
-                                burst=args.burst, server_pid=args.server_pid)
+                                burst=args.burst, server_pid=args.server_pid, rate=args.rate,
+                                count_syscalls=not args.no_perf)
     return await run_idle(host, port, path, conns=args.conns, burst=args.burst, settle=args.settle,
                           server_pid=args.server_pid)
 
