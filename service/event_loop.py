@@ -17,8 +17,8 @@ from wirehub.config import ConfigError, ServerConfig
 #: the values of ``server.event_loop``
 EVENT_LOOPS: tuple[str, ...] = next(f for f in dataclasses.fields(ServerConfig)
                                     if f.name == "event_loop").metadata["choices"]
-#: how to get uvloop (it is a dependency of wirehub on CPython outside Windows)
-UVLOOP_HINT = "pip install uvloop (a dependency of wirehub on CPython outside Windows)"
+#: how to get uvloop (a dependency of wirehub on CPython outside Windows, so normally there)
+UVLOOP_HINT = "pip install uvloop"
 
 LoopFactory = Callable[[], asyncio.AbstractEventLoop]
 
@@ -43,8 +43,8 @@ def pick_loop(choice: str, key: str = "server.event_loop") -> tuple[str, LoopFac
     if factory is not None:
         return "uvloop", factory
     if choice == "uvloop":
-        raise ConfigError(key, f"uvloop cannot be imported; install it ({UVLOOP_HINT}) or set {key}: auto "
-                          "or asyncio")
+        raise ConfigError(key, f"uvloop cannot be imported (it runs on CPython on Linux and macOS): {UVLOOP_HINT}, "
+                          f"or set {key}: auto or asyncio")
     return "asyncio", asyncio.new_event_loop
 
 

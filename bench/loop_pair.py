@@ -1,0 +1,111 @@
+"""Keepalive CPU per ping of wirehub on uvloop and on asyncio, both servers running at once on one core.
+
+    python bench/loop_pair.py --json bench/results/loop-pair-keepalive.json
+
+bench/bench_conns.py measures one server after the other, so a change in the machine's load between
+them (other work on a shared machine) shows in their ratio. Here both servers (``server.event_loop:
+uvloop`` and ``asyncio``, the same tree) are pinned to the same core and hold ``--conns`` idle
+connections each, pinged every ``--interval`` s, and each window measures both over the same seconds:
+whatever else runs on the machine weighs on both alike. The clients run in this process on another core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as `python bench/loop_pair.py`
+    sys.path.insert(0, str(ROOT))
+
+from bench import loadgen  # noqa: E402
+from bench.bench_conns import Pool, _start_wirehub  # noqa: E402
+
+LOOPS = ("uvloop", "asyncio")
+
+
+async def measure(ports: dict[str, int], pids: dict[str, int], a: argparse.Namespace) -> dict[str, Any]:
+    pools = {loop: Pool("127.0.0.1", port, "/ws/echo", a.sources) for loop, port in ports.items()}
+    for loop, pool in pools.items():
+        _, failures = await pool.open(a.conns, 256)
+        assert not failures, (loop, failures[:3])
+    await asyncio.sleep(a.interval * 1.5)  # every connection pinged before the first window
+    windows: list[dict[str, float]] = []
+    total_cpu = dict.fromkeys(LOOPS, 0.0)
+    total_pings = dict.fromkeys(LOOPS, 0)
+    for _ in range(a.windows):
+        cpu0 = {loop: loadgen.cpu_seconds(pid) for loop, pid in pids.items()}
+        pings0 = {loop: sum(c.pings for c in pool.clients) for loop, pool in pools.items()}
+        await asyncio.sleep(a.interval)
+        row: dict[str, float] = {}
+        for loop, pool in pools.items():
+            pings = sum(c.pings for c in pool.clients) - pings0[loop]
+            cpu = loadgen.cpu_seconds(pids[loop]) - cpu0[loop]
+            total_cpu[loop] += cpu
+            total_pings[loop] += pings
+            row[loop] = 1e6 * cpu / pings if pings else float("nan")
+        windows.append(row)
+        print("  ".join(f"{loop} {row[loop]:.1f} us" for loop in LOOPS), f"{row['uvloop'] / row['asyncio']:.2f}x",
+              file=sys.stderr, flush=True)
+    lost = {loop: pool.lost() for loop, pool in pools.items()}
+    for pool in pools.values():
+        await pool.close_all()
+    ratios = [w["uvloop"] / w["asyncio"] for w in windows]
+    total = {loop: round(1e6 * total_cpu[loop] / total_pings[loop], 2) for loop in LOOPS}
+    return {"windows": windows, "lost": lost, "total_us_per_ping": total,
+            "total_ratio": round(total["uvloop"] / total["asyncio"], 3),
+            "median_us_per_ping": {loop: round(statistics.median(w[loop] for w in windows), 2) for loop in LOOPS},
+            "median_ratio": round(statistics.median(ratios), 3), "min_ratio": round(min(ratios), 3),
+            "max_ratio": round(max(ratios), 3), "lower_in": sum(r < 1 for r in ratios)}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python bench/loop_pair.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--conns", type=int, default=9000, help="idle connections per server")
+    p.add_argument("--interval", type=float, default=5.0, help="ping interval, and the length of a window")
+    p.add_argument("--windows", type=int, default=12)
+    p.add_argument("--sources", type=int, default=4)
+    p.add_argument("--server-core", type=int, default=0)
+    p.add_argument("--client-core", type=int, default=1)
+    p.add_argument("--json", default=None)
+    a = p.parse_args(argv)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    with tempfile.TemporaryDirectory(prefix="wirehub-pair-") as tmp:
+        servers = {loop: _start_wirehub(loop, f"wirehub-{loop}", Path(tmp), a.server_core, 4096, a.interval, ROOT)
+                   for loop in LOOPS}
+        try:
+            os.sched_setaffinity(0, {a.client_core})
+            with asyncio.Runner(loop_factory=loadgen.new_event_loop) as runner:
+                result = runner.run(measure({k: s.port for k, s in servers.items()},
+                                            {k: s.proc.pid for k, s in servers.items()}, a))
+        finally:
+            for server in servers.values():
+                server.stop()
+    load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    tot, med = result["total_us_per_ping"], result["median_us_per_ping"]
+    report = (f"keepalive, {a.conns:,} idle connections per server, pinged every {a.interval:g} s, "
+              f"{a.windows} windows: us per ping + pong over all windows uvloop {tot['uvloop']} / "
+              f"asyncio {tot['asyncio']} = {result['total_ratio']:.2f}x; per window, median uvloop "
+              f"{med['uvloop']} / asyncio {med['asyncio']}; "
+              f"uvloop / asyncio median {result['median_ratio']:.2f}x ({result['min_ratio']:.2f}-"
+              f"{result['max_ratio']:.2f}x, lower in {result['lower_in']} of {a.windows}); closed {result['lost']}; "
+              f"load average {load}; {time.strftime('%Y-%m-%d %H:%M')}")
+    print(report)
+    if a.json:
+        Path(a.json).write_text(json.dumps({"result": result, "report": report, "args": vars(a)}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
