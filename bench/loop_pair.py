@@ -1,12 +1,16 @@
-"""Keepalive CPU per ping of wirehub on uvloop and on asyncio, both servers running at once on one core.
+"""wirehub on uvloop and on asyncio, both servers running at once on one core: keepalive, echo, fan-out.
 
     python bench/loop_pair.py --json bench/results/loop-pair-keepalive.json
+    python bench/loop_pair.py --scenario echo --windows 6     # handshake, echo, fanout: CPU per unit
 
 bench/bench_conns.py measures one server after the other, so a change in the machine's load between
 them (other work on a shared machine) shows in their ratio. Here both servers (``server.event_loop:
 uvloop`` and ``asyncio``, the same tree) are pinned to the same core and hold ``--conns`` idle
 connections each, pinged every ``--interval`` s, and each window measures both over the same seconds:
 whatever else runs on the machine weighs on both alike. The clients run in this process on another core.
+``echo`` and ``fanout`` run one ``bench.loadgen`` per server at the same time (both on the client core),
+``handshake`` one bench_conns handshake client per server (5,000 connections), ``--windows`` times, and
+compare server CPU per round trip, delivery or handshake.
 """
 
 from __future__ import annotations
@@ -69,9 +73,46 @@ async def measure(ports: dict[str, int], pids: dict[str, int], a: argparse.Names
             "max_ratio": round(max(ratios), 3), "lower_in": sum(r < 1 for r in ratios)}
 
 
+async def measure_load(scenario: str, ports: dict[str, int], pids: dict[str, int],
+                       a: argparse.Namespace) -> dict[str, Any]:
+    path = "/ws/echo" if scenario == "echo" else "/ws/chat"
+    extra = (["--conns", "64", "--inflight", "8"] if scenario == "echo"
+             else ["--members", "1000", "--window", "2", "--sample-every", "10"])
+
+    def cmd(loop: str) -> list[str]:
+        if scenario == "handshake":  # bench_conns' handshake client: 5,000 connections, 256 at a time
+            kw = {"conns": 5000, "inflight": 256, "sources": a.sources}
+            return [sys.executable, "-m", "bench.bench_conns", "client", "handshake", "--port", str(ports[loop]),
+                    "--pid", str(pids[loop]), "--args", json.dumps(kw)]
+        return [sys.executable, "-m", "bench.loadgen", scenario, "--url", f"ws://127.0.0.1:{ports[loop]}{path}",
+                "--server-pid", str(pids[loop]), "--warmup", "2", "--duration", str(a.duration), *extra]
+
+    def us(result: dict[str, Any]) -> float:
+        if scenario == "handshake":
+            return 1000 * float(result["cpu_per_1k"])
+        return 1e6 / float(result["per_server_cpu_s"])
+
+    windows: list[dict[str, float]] = []
+    for _ in range(a.windows):
+        procs = {loop: await asyncio.create_subprocess_exec(*cmd(loop), cwd=ROOT, stdout=asyncio.subprocess.PIPE)
+                 for loop in LOOPS}
+        outs = {loop: (await proc.communicate())[0] for loop, proc in procs.items()}
+        row = {loop: us(json.loads(out.decode().strip().splitlines()[-1])) for loop, out in outs.items()}
+        windows.append(row)
+        print("  ".join(f"{loop} {row[loop]:.2f} us" for loop in LOOPS), f"{row['uvloop'] / row['asyncio']:.2f}x",
+              file=sys.stderr, flush=True)
+    ratios = [w["uvloop"] / w["asyncio"] for w in windows]
+    med = {loop: round(statistics.median(w[loop] for w in windows), 2) for loop in LOOPS}
+    return {"windows": windows, "median_us": med, "median_ratio": round(statistics.median(ratios), 3),
+            "min_ratio": round(min(ratios), 3), "max_ratio": round(max(ratios), 3),
+            "lower_in": sum(r < 1 for r in ratios)}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python bench/loop_pair.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--conns", type=int, default=9000, help="idle connections per server")
+    p.add_argument("--scenario", default="keepalive", choices=("keepalive", "handshake", "echo", "fanout"))
+    p.add_argument("--conns", type=int, default=9000, help="keepalive: idle connections per server")
+    p.add_argument("--duration", type=float, default=8.0, help="echo, fanout: seconds per window")
     p.add_argument("--interval", type=float, default=5.0, help="ping interval, and the length of a window")
     p.add_argument("--windows", type=int, default=12)
     p.add_argument("--sources", type=int, default=4)
@@ -82,16 +123,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     with tempfile.TemporaryDirectory(prefix="wirehub-pair-") as tmp:
-        servers = {loop: _start_wirehub(loop, f"wirehub-{loop}", Path(tmp), a.server_core, 4096, a.interval, ROOT)
+        ping = a.interval if a.scenario == "keepalive" else None
+        servers = {loop: _start_wirehub(loop, f"wirehub-{loop}", Path(tmp), a.server_core, 4096, ping, ROOT)
                    for loop in LOOPS}
         try:
             os.sched_setaffinity(0, {a.client_core})
+            ports, pids = {k: s.port for k, s in servers.items()}, {k: s.proc.pid for k, s in servers.items()}
             with asyncio.Runner(loop_factory=loadgen.new_event_loop) as runner:
-                result = runner.run(measure({k: s.port for k, s in servers.items()},
-                                            {k: s.proc.pid for k, s in servers.items()}, a))
+                if a.scenario == "keepalive":
+                    result = runner.run(measure(ports, pids, a))
+                else:
+                    result = runner.run(measure_load(a.scenario, ports, pids, a))
         finally:
             for server in servers.values():
                 server.stop()
+    if a.scenario != "keepalive":
+        unit = {"handshake": "handshake", "echo": "round trip", "fanout": "delivery"}[a.scenario]
+        report = (f"{a.scenario}, {a.windows} runs of both at once: server CPU us per {unit}, median uvloop "
+                  f"{result['median_us']['uvloop']} / asyncio {result['median_us']['asyncio']}; uvloop / asyncio "
+                  f"median {result['median_ratio']:.2f}x ({result['min_ratio']:.2f}-{result['max_ratio']:.2f}x, "
+                  f"lower in {result['lower_in']} of {a.windows}); {time.strftime('%Y-%m-%d %H:%M')}")
+        print(report)
+        if a.json:
+            Path(a.json).write_text(json.dumps({"result": result, "report": report, "args": vars(a)}, indent=2))
+        return 0
     load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     tot, med = result["total_us_per_ping"], result["median_us_per_ping"]
     report = (f"keepalive, {a.conns:,} idle connections per server, pinged every {a.interval:g} s, "
