@@ -38,6 +38,11 @@ from bench.bench_conns import Pool, _start_wirehub  # noqa: E402
 LOOPS = ("uvloop", "asyncio")
 
 
+def _ratio(row: dict[str, float]) -> float:
+    """uvloop / asyncio of one window; NaN when asyncio's CPU time did not reach a clock tick (10 ms)."""
+    return row["uvloop"] / row["asyncio"] if row["asyncio"] else float("nan")
+
+
 async def measure(ports: dict[str, int], pids: dict[str, int], a: argparse.Namespace) -> dict[str, Any]:
     pools = {loop: Pool("127.0.0.1", port, "/ws/echo", a.sources) for loop, port in ports.items()}
     for loop, pool in pools.items():
@@ -59,12 +64,12 @@ async def measure(ports: dict[str, int], pids: dict[str, int], a: argparse.Names
             total_pings[loop] += pings
             row[loop] = 1e6 * cpu / pings if pings else float("nan")
         windows.append(row)
-        print("  ".join(f"{loop} {row[loop]:.1f} us" for loop in LOOPS), f"{row['uvloop'] / row['asyncio']:.2f}x",
+        print("  ".join(f"{loop} {row[loop]:.1f} us" for loop in LOOPS), f"{_ratio(row):.2f}x",
               file=sys.stderr, flush=True)
     lost = {loop: pool.lost() for loop, pool in pools.items()}
     for pool in pools.values():
         await pool.close_all()
-    ratios = [w["uvloop"] / w["asyncio"] for w in windows]
+    ratios = [_ratio(w) for w in windows]
     total = {loop: round(1e6 * total_cpu[loop] / total_pings[loop], 2) for loop in LOOPS}
     return {"windows": windows, "lost": lost, "total_us_per_ping": total,
             "total_ratio": round(total["uvloop"] / total["asyncio"], 3),
@@ -99,9 +104,9 @@ async def measure_load(scenario: str, ports: dict[str, int], pids: dict[str, int
         outs = {loop: (await proc.communicate())[0] for loop, proc in procs.items()}
         row = {loop: us(json.loads(out.decode().strip().splitlines()[-1])) for loop, out in outs.items()}
         windows.append(row)
-        print("  ".join(f"{loop} {row[loop]:.2f} us" for loop in LOOPS), f"{row['uvloop'] / row['asyncio']:.2f}x",
+        print("  ".join(f"{loop} {row[loop]:.2f} us" for loop in LOOPS), f"{_ratio(row):.2f}x",
               file=sys.stderr, flush=True)
-    ratios = [w["uvloop"] / w["asyncio"] for w in windows]
+    ratios = [_ratio(w) for w in windows]
     med = {loop: round(statistics.median(w[loop] for w in windows), 2) for loop in LOOPS}
     return {"windows": windows, "median_us": med, "median_ratio": round(statistics.median(ratios), 3),
             "min_ratio": round(min(ratios), 3), "max_ratio": round(max(ratios), 3),
@@ -117,9 +122,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--windows", type=int, default=12)
     p.add_argument("--sources", type=int, default=4)
     p.add_argument("--server-core", type=int, default=0)
-    p.add_argument("--client-core", type=int, default=1)
+    p.add_argument("--client-core", type=int, default=1)  # both ignored on a machine with one core
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
+    if (os.cpu_count() or 1) < 2:
+        a.server_core = a.client_core = None
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     with tempfile.TemporaryDirectory(prefix="wirehub-pair-") as tmp:
@@ -127,7 +134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         servers = {loop: _start_wirehub(loop, f"wirehub-{loop}", Path(tmp), a.server_core, 4096, ping, ROOT)
                    for loop in LOOPS}
         try:
-            os.sched_setaffinity(0, {a.client_core})
+            if a.client_core is not None:
+                os.sched_setaffinity(0, {a.client_core})
             ports, pids = {k: s.port for k, s in servers.items()}, {k: s.proc.pid for k, s in servers.items()}
             with asyncio.Runner(loop_factory=loadgen.new_event_loop) as runner:
                 if a.scenario == "keepalive":

@@ -8,8 +8,11 @@ Servers started with the CLI run on the loop of their config; an in-process serv
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from tornado.httpclient import AsyncHTTPClient
 
-from tests.helpers import ServerProcess, run_cli, run_cli_async, write_config
+from tests.helpers import ROOT, ServerProcess, run_cli, run_cli_async, write_config
 from wirehub.config import ConfigError
 from wirehub.event_loop import loop_name, pick_loop
 from wirehub.testing import LiveServer, free_port, ws_connect
@@ -126,3 +129,15 @@ async def test_an_in_process_server_reports_the_loop_of_its_test(request: pytest
     client = await server.ws("/ws/echo")
     await client.send({"n": 2})
     assert await client.recv() == {"echo": {"n": 2}}
+
+
+@pytest.mark.timeout(180)
+def test_the_loop_pair_bench_runs(tmp_path: Path) -> None:
+    """bench/loop_pair.py (both loops at once on one core) keeps working: one short echo run."""
+    out = tmp_path / "pair.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "loop_pair.py"), "--scenario", "echo", "--windows",
+                           "1", "--duration", "1", "--json", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=170)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())["result"]
+    assert set(result["median_us"]) == {"uvloop", "asyncio"} and all(v > 0 for v in result["median_us"].values())
