@@ -4,6 +4,7 @@
     python bench/bench_conns.py --quick               # a smoke run
     python bench/bench_conns.py --scenarios handshake,idle --json bench/results/x.json
     python bench/bench_conns.py --wirehub-root ../other-tree   # wirehub from another tree (before/after)
+    python bench/bench_conns.py --servers wirehub,wirehub-asyncio,node   # uvloop (the default) vs asyncio
 
 Scenarios (each server gets a fresh process pinned to ``--server-core``, the client side runs in a process
 pinned to ``--loadgen-core``; both servers speak the same JSON, see bench/node_ws/server.js):
@@ -22,6 +23,10 @@ pinned to ``--loadgen-core``; both servers speak the same JSON, see bench/node_w
 
 Connections are spread over loopback source addresses 127.0.0.2.. (``--sources``): one address runs out
 of ephemeral ports near 28,000. Ratios are wirehub / Node from the same run.
+
+Servers: ``wirehub`` (its default ``server.event_loop: auto``, uvloop when installed), ``wirehub-asyncio`` and
+``wirehub-uvloop`` (the same tree with ``server.event_loop`` set), ``before`` (``--before TREE``), ``node``,
+``baseline`` (naive Tornado).
 """
 
 from __future__ import annotations
@@ -43,11 +48,14 @@ if str(ROOT) not in sys.path:  # run as `python bench/bench_conns.py`
     sys.path.insert(0, str(ROOT))
 
 from bench import loadgen  # noqa: E402
-from bench.run import _child_setup, start_server  # noqa: E402
+from bench.procs import free_port, spawn  # noqa: E402
+from bench.run import Server, _child_setup, start_server, wirehub_config  # noqa: E402
 
 NODE_WS = ROOT / "bench" / "node_ws"
 SCENARIOS = ("handshake", "idle", "keepalive", "echo", "fanout")
-SERVERS = ("wirehub", "node", "baseline")  # and "before" with --before TREE
+SERVERS = ("wirehub", "node", "baseline")  # and "before" with --before TREE, "wirehub-asyncio", "wirehub-uvloop"
+#: servers that are wirehub with ``server.event_loop`` set, by name
+LOOP_SERVERS = {"wirehub-asyncio": "asyncio", "wirehub-uvloop": "uvloop"}
 #: the issue 13 targets, as wirehub / Node: (scenario, figure, target, direction)
 TARGETS = (
     ("handshake", "cpu_per_1k", 1.0, "<="),
@@ -256,6 +264,20 @@ def _run_client(cmd: list[str], core: int | None, timeout: float) -> dict[str, A
     return result
 
 
+def _start_wirehub(loop: str, name: str, workdir: Path, core: int | None, backlog: int, ping: float | None,
+                   root: Path) -> Server:
+    """bench.run's wirehub server with ``server.event_loop: loop``."""
+    port = free_port()
+    cfg = json.loads(wirehub_config(port, backlog, True, CHAT_OPTIONS, ping))
+    cfg.setdefault("server", {})["event_loop"] = loop
+    path = workdir / f"{name}-{port}.yaml"
+    path.write_text(json.dumps(cfg))
+    log = workdir / f"{name}-{port}.log"
+    proc = spawn([sys.executable, "-m", "wirehub.cli", "--config", str(path), "serve"], port, log, name=name,
+                 cwd=root, preexec_fn=_child_setup(core))
+    return Server(name, proc, port, log)
+
+
 def run_one(scenario: str, name: str, a: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     ping = a.ka_interval if scenario == "keepalive" else None  # None: the server's default keepalive
     env = os.environ.get("PYTHONPATH")
@@ -266,8 +288,12 @@ def run_one(scenario: str, name: str, a: argparse.Namespace, workdir: Path) -> d
             (link / "wirehub").symlink_to(Path(a.before).resolve() / "service")
         os.environ["PYTHONPATH"] = f"{link}{os.pathsep}{env}" if env else str(link)
     try:
-        server = start_server("wirehub" if name == "before" else name, workdir, a.server_core, a.backlog, True,
-                              CHAT_OPTIONS, ping, Path(a.wirehub_root).resolve())
+        if name in LOOP_SERVERS:
+            server = _start_wirehub(LOOP_SERVERS[name], name, workdir, a.server_core, a.backlog, ping,
+                                    Path(a.wirehub_root).resolve())
+        else:
+            server = start_server("wirehub" if name == "before" else name, workdir, a.server_core, a.backlog,
+                                  True, CHAT_OPTIONS, ping, Path(a.wirehub_root).resolve())
     finally:
         if env is None:
             os.environ.pop("PYTHONPATH", None)
@@ -325,13 +351,13 @@ def render(results: dict[str, dict[str, dict[str, Any]]]) -> str:
     out: list[str] = []
     for scenario, by_server in results.items():
         cols = FIGURES[scenario]
-        out.append(f"{scenario:<10} {'server':<9} " + " ".join(f"{c[0]:>12}" for c in cols))
+        out.append(f"{scenario:<10} {'server':<15} " + " ".join(f"{c[0]:>12}" for c in cols))
         for name, r in by_server.items():
-            out.append(f"{'':<10} {name:<9} " + " ".join(f"{_fmt(r.get(k), d):>12}" for _, k, d in cols))
+            out.append(f"{'':<10} {name:<15} " + " ".join(f"{_fmt(r.get(k), d):>12}" for _, k, d in cols))
             if scenario == "idle":
                 steps = ", ".join(f"{s['conns']:,}: {s['rss_per_conn'] / 1024:.2f} KiB" for s in r["steps"]
                                   if s["rss_per_conn"] is not None)
-                out.append(f"{'':<21}per step: {steps}")
+                out.append(f"{'':<27}per step: {steps}")
     out += ["", "wirehub / node (targets of issue 13)"]
     for scenario, key, target, direction in TARGETS:
         w, n = results.get(scenario, {}).get("wirehub"), results.get(scenario, {}).get("node")
@@ -341,14 +367,17 @@ def render(results: dict[str, dict[str, dict[str, Any]]]) -> str:
         met = ratio <= target if direction == "<=" else ratio >= target
         out.append(f"  {scenario:<10} {key:<17} {ratio:6.2f}x   target {direction} {target:g}x: "
                    f"{'met' if met else 'MISSED'}")
-        for other, label in (("before", "before"), ("baseline", "naive Tornado")):
+        for other, label in (("before", "before"), ("baseline", "naive Tornado"),
+                             ("wirehub-asyncio", "wirehub-asyncio"), ("wirehub-uvloop", "wirehub-uvloop")):
             b = results.get(scenario, {}).get(other)
             if b and b.get(key):
                 out[-1] += f"   (wirehub / {label} {w[key] / b[key]:.2f}x)"
-    ka = results.get("keepalive", {}).get("wirehub")
-    if ka and ka.get("projected_100k_pct") is not None:
-        out.append(f"  keepalive  100k projected    {ka['projected_100k_pct']:.1f} % of a core   target < 10 %: "
-                   f"{'met' if ka['projected_100k_pct'] < 10 else 'MISSED'}; closed {ka['closed']}")
+    for name in ("wirehub", *LOOP_SERVERS):
+        ka = results.get("keepalive", {}).get(name)
+        if ka and ka.get("projected_100k_pct") is not None:
+            out.append(f"  keepalive  100k projected    {ka['projected_100k_pct']:.1f} % of a core   target < 10 %: "
+                       f"{'met' if ka['projected_100k_pct'] < 10 else 'MISSED'}; closed {ka['closed']}"
+                       + ("" if name == "wirehub" else f" ({name})"))
     return "\n".join(out)
 
 

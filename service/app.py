@@ -20,10 +20,11 @@ from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
 import wirehub.logs
-from wirehub import http
+from wirehub import __version__, http
 from wirehub.accept import make_server
 from wirehub.bus import HistoryUsage
 from wirehub.config import Config
+from wirehub.event_loop import loop_name
 from wirehub.handler import HandlerContext
 from wirehub.hub import Hub
 from wirehub.inflight import InFlight
@@ -196,8 +197,10 @@ class Wirehub:
         if self.keepalive is not None:
             self.keepalive.start()
         self.started = True
-        log.info("wirehub node %s listening on port %d; %s; bus %s; endpoints: %s", self.node, self.port,
-                 self.authenticator.describe(), self.config.bus.plugin,
+        loop = loop_name(asyncio.get_running_loop())
+        self.metrics.build.info({"version": __version__, "event_loop": loop})
+        log.info("wirehub node %s listening on port %d; %s; bus %s; event loop %s; endpoints: %s", self.node,
+                 self.port, self.authenticator.describe(), self.config.bus.plugin, loop,
                  ", ".join(f"{ep.path} ({ep.handler})" for ep in self.config.endpoints))
         if not self.config.api.keys:
             log.info("publish API off: no api.keys (set WIREHUB_API_KEY or api.keys to turn it on)")

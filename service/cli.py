@@ -169,7 +169,13 @@ async def _serve(config: Config) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    return asyncio.run(_serve(_load(args, args.config)))
+    from wirehub.event_loop import pick_loop
+
+    config = _load(args, args.config)
+    _, factory = pick_loop(config.server.event_loop)
+    # asyncio.run on the configured loop (Python 3.11's asyncio.run takes no loop factory)
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(_serve(config))
 
 
 # -- check-config and plugins ----------------------------------------------------------------------------------
@@ -177,11 +183,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     from wirehub.app import Wirehub
+    from wirehub.event_loop import pick_loop
 
     config = _load(args, args.file or args.config)  # with WIREHUB_HOST/PORT/NODE_ID, as serve would run
     app = Wirehub.build(config)
+    loop, _ = pick_loop(config.server.event_loop)  # serve fails the same way on a loop that is not installed
     print(f"{config.source}: OK (auth {config.auth.plugin}, bus {config.bus.plugin}, "
-          f"endpoints {', '.join(ep.path for ep in config.endpoints)}, {len(app.hooks.describe())} plugins)")
+          f"endpoints {', '.join(ep.path for ep in config.endpoints)}, {len(app.hooks.describe())} plugins, "
+          f"event loop {loop})")
     return EXIT_OK
 
 

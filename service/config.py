@@ -322,6 +322,9 @@ class ServerConfig:
     max_json_depth: int = opt(32, min=2, max=256)
     #: seconds between two log lines of the same error that clients can trigger (the rest are counted)
     error_log_interval: float = opt(10.0, min=0)
+    #: the event loop: uvloop (libuv, less CPU per connection and message), asyncio (the standard
+    #: library's), or auto = uvloop when it is installed, else asyncio
+    event_loop: str = opt("auto", choices=("auto", "asyncio", "uvloop"))
 
 
 @dataclass(frozen=True)

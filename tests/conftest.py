@@ -1,17 +1,54 @@
 """Shared test setup: wirehub's pytest plugin, the broker fixtures of the fault and replica tests, the
-broker clusters of the cluster and failover tests, and skips turned into failures on CI."""
+broker clusters of the cluster and failover tests, the event loop of in-process tests, and skips turned
+into failures on CI."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 import pytest
+import uvloop
 
 from wirehub.broker_clusters import RedisCluster, RedisSentinel
 from wirehub.brokers import BrokerProcess
 from wirehub.nats_cluster import NatsCluster
+
+# -- the event loop of in-process tests ----------------------------------------------------------------------------
+#
+# Servers started with the CLI run on the configured loop (``server.event_loop: auto``, uvloop); in-process
+# servers run on the test's loop, which pytest-asyncio makes with the factory named here. Every async test
+# runs on $WIREHUB_TEST_LOOP (asyncio by default; ``WIREHUB_TEST_LOOP=uvloop python -m pytest ...`` runs
+# them all on uvloop); the modules of BOTH_LOOPS, where a loop's own behaviour shows (the socket takeover
+# with add_reader/add_writer, timers, frame I/O), run on both loops in every run, and so does a test marked
+# ``@pytest.mark.asyncio(loop_factories=["asyncio", "uvloop"])`` (pytest-asyncio >= 1.4).
+
+LOOP_FACTORIES: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+    "asyncio": asyncio.new_event_loop,
+    "uvloop": uvloop.new_event_loop,
+}
+#: modules whose async tests run once per loop of LOOP_FACTORIES
+BOTH_LOOPS = frozenset({"test_socket_stream.py", "test_keepalive_pong.py", "test_upgrade_head.py"})
+
+
+def chosen_loop() -> str:
+    """The loop of $WIREHUB_TEST_LOOP (default asyncio)."""
+    name = os.environ.get("WIREHUB_TEST_LOOP") or "asyncio"
+    if name not in LOOP_FACTORIES:
+        raise pytest.UsageError(f"WIREHUB_TEST_LOOP={name!r}: expected one of {', '.join(LOOP_FACTORIES)}")
+    return name
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_asyncio_loop_factories(config: pytest.Config,
+                                  item: pytest.Item) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
+    marker = item.get_closest_marker("asyncio")
+    if item.path.name in BOTH_LOOPS or (marker is not None and "loop_factories" in marker.kwargs):
+        return LOOP_FACTORIES
+    name = chosen_loop()
+    return {name: LOOP_FACTORIES[name]}
 
 
 @pytest.fixture(params=["redis", "nats"])
