@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -156,10 +156,9 @@ class ChatHandler(OpHandler):
         return st
 
     async def _authorize(self, session: Session, action: str, room: str) -> None:
-        if not await self.context.hooks.authorize(session.identity, action, room):
-            raise ProtocolError(
-                ErrorCode.FORBIDDEN, f"not allowed to {action} room {room!r}", reason="not_allowed"
-            )
+        allowed = self.context.hooks.authorize_now(session.identity, action, room)
+        if allowed is not True:
+            await _refuse_unless(allowed, action, room)
 
     # -- join / leave ---------------------------------------------------------------------------------
 
@@ -176,8 +175,11 @@ class ChatHandler(OpHandler):
                 f"at most {self.options.max_rooms} rooms per connection",
                 reason="room_limit",
             )
-        await self._authorize(session, "join", room)
         ctx = self.context
+        # no coroutine per join while every wirehub_authorize answers synchronously (the built-in policy)
+        allowed = ctx.hooks.authorize_now(session.identity, "join", room)
+        if allowed is not True:
+            await _refuse_unless(allowed, "join", room)
         st.add(room)
         # Gap-free and duplicate-free: live messages are held from the moment the session is a
         # member; history after `since` is replayed; then the held ones newer than the replay go out.
@@ -266,7 +268,9 @@ class ChatHandler(OpHandler):
         idempotency_key = parse_idempotency_key(request.get("idempotency_key"))
         if not st.has(room):
             raise ProtocolError(ErrorCode.NOT_JOINED, f"join room {room!r} before publishing to it")
-        await self._authorize(session, "publish", room)
+        allowed = self.context.hooks.authorize_now(session.identity, "publish", room)
+        if allowed is not True:
+            await _refuse_unless(allowed, "publish", room)
         offset = await publish_message(
             self.context.hub,
             self.context.hooks,
@@ -326,6 +330,12 @@ class ChatHandler(OpHandler):
         # Capped to fit the send queue; the client pages on with `since` (its last offset < `offset`).
         frames = fit(stored_frames(messages), _budget(session), newest=since is None)
         session.send_frame(OutFrame(history_frame(head, frames)))
+
+
+async def _refuse_unless(allowed: bool | Awaitable[bool], action: str, room: str) -> None:
+    """``error forbidden`` unless ``allowed`` (an answer of ``authorize_now``, awaited when pending)."""
+    if not (allowed if isinstance(allowed, bool) else await allowed):
+        raise ProtocolError(ErrorCode.FORBIDDEN, f"not allowed to {action} room {room!r}", reason="not_allowed")
 
 
 def _budget(session: Session) -> int:

@@ -121,19 +121,35 @@ class HeadCache:
     """The encoded member list of each room's first page: a join into a big room re-sends the page
     the previous join sent (it changes only when a user on it comes or goes) without building and
     encoding ``limit`` items again. The memory and NATS backends return the same list object while the
-    page holds (an identity check); the Redis backend returns an equal one (an equality check)."""
+    page holds (an identity check); the Redis backend returns an equal one (an equality check). When
+    the page changed, the items of the members still on it are reused (a join into a big room moves
+    one member onto the page): only the newcomers are encoded."""
 
     def __init__(self) -> None:
-        self._rooms: dict[str, tuple[Sequence[PresenceMember], bytes]] = {}
+        #: room -> (the page's members, its encoded list, (user, connections) -> (info, encoded item))
+        self._rooms: dict[str, tuple[Sequence[PresenceMember], bytes,
+                                     dict[tuple[str, int], tuple[Mapping[str, Any], bytes]]]] = {}
 
     def encoded(self, room: str, members: Sequence[PresenceMember]) -> bytes:
         cached = self._rooms.get(room)
         if cached is not None and (cached[0] is members or cached[0] == members):
             return cached[1]
-        data = encode([member_item(m) for m in members])
+        old = cached[2] if cached is not None else {}
+        items: dict[tuple[str, int], tuple[Mapping[str, Any], bytes]] = {}
+        for m in members:
+            key = (m.user, m.connections)
+            item = old.get(key)
+            if item is None or not (item[0] is m.info or item[0] == m.info):
+                item = (m.info, encode(member_item(m)))
+            items[key] = item
+        # what encode() of the list of items gives: compact JSON, items joined by commas
+        if len(items) == len(members):  # what encode() of the items gives: compact JSON, joined by commas
+            data = b"[%s]" % b",".join([item[1] for item in items.values()])
+        else:  # a user twice on one page (no backend lists one so): encoded as listed
+            data = encode([member_item(m) for m in members])
         if len(self._rooms) >= HEAD_CACHE_ROOMS:
             self._rooms.clear()
-        self._rooms[room] = (members, data)
+        self._rooms[room] = (members, data, items)
         return data
 
 
