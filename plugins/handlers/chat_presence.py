@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import itertools
+import json
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +39,9 @@ if TYPE_CHECKING:
     from wirehub import Hub, Session
 
 log = logging.getLogger("wirehub.chat.presence")
+
+#: how ``dumps`` (``ensure_ascii`` off) writes a string, quotes included
+json_string: Callable[[str], str] = json.encoder.encode_basestring  # type: ignore[attr-defined]
 
 EVENTS = ("each", "batched", "off")
 #: longest ``after`` cursor accepted from a client (backends' cursors are user ids or shorter)
@@ -153,10 +157,13 @@ class HeadCache:
         return data
 
 
-def splice(head: dict[str, Any], key: str, raw: bytes | None) -> bytes:
-    """``head`` encoded, with ``"key": raw`` (already encoded JSON) appended when ``raw`` is given."""
-    data = encode(head)
-    return data if raw is None else b'%s,"%s":%s}' % (data[:-1], key.encode(), raw)
+def joined_fields(count: PresenceCount, cursor: str | None, members: bytes) -> bytes:
+    """The presence fields of ``joined`` as ``dumps`` writes them (``ensure_ascii`` off, compact), after a
+    comma: ``count``, ``cursor`` when there is one, then ``presence`` (``members``, encoded)."""
+    data = b',"count":{"users":%d,"connections":%d}' % (count.users, count.connections)
+    if cursor is not None:
+        data += b',"cursor":' + json_string(cursor).encode()
+    return data + b',"presence":' + members
 
 
 @dataclass(frozen=True)
@@ -363,24 +370,22 @@ class ChatPresence:
         self.heads = HeadCache()
         presence.on_departed(self.departed)
 
-    async def join(self, session: Session, room: str) -> tuple[dict[str, Any], bytes | None]:
+    async def join(self, session: Session, room: str) -> bytes:
         """Record the session in ``room``'s presence, announce its user if new, and return the
-        ``joined`` fields: the count and a cursor, and the first members as encoded JSON (none when
-        presence is off)."""
+        ``joined`` fields, encoded (``,"count":{...},"cursor":...,"presence":[...]``, what
+        :func:`joined_fields` gives): the count and a cursor, and the first members (none of them
+        when presence is off)."""
         rule = self.rules.for_room(room)
         if not rule.enabled:
-            return {}, None
+            return b""
         name = session.identity.name
         entry = PresenceEntry(session.identity.user, session.id, session.node, _info(name))
         if await self.presence.join(room, entry):
             await self.modes[rule.events].joined(room, rule, entry.user, name, session)
         if rule.limit == 0:
-            return {"count": count_item(await self.presence.count(room))}, b"[]"
+            return joined_fields(await self.presence.count(room), None, b"[]")
         page = await self.presence.page(room, None, rule.limit)
-        fields: dict[str, Any] = {"count": count_item(page.count)}
-        if page.cursor is not None:
-            fields["cursor"] = page.cursor
-        return fields, self.heads.encoded(room, page.members)
+        return joined_fields(page.count, page.cursor, self.heads.encoded(room, page.members))
 
     async def leave(self, session: Session, room: str) -> None:
         """Remove the session's entry; announce its user's departure after their last connection.
