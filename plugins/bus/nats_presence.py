@@ -46,6 +46,9 @@ from wirehub.builtins.bus._broker import cancel_and_wait, encode_room
 from wirehub.builtins.bus._roster import Departures, Roster
 from wirehub.builtins.bus.nats_bus import _name
 
+#: compact JSON of an entry's value (one encoder, not one per put)
+_encode = json.JSONEncoder(separators=(",", ":")).encode
+
 if TYPE_CHECKING:
     from wirehub.builtins.bus.nats_bus import NatsBus
 
@@ -403,8 +406,8 @@ class NatsPresence:
         return await self.bus.write("presence", self.pre + key, b"", self.purge_headers)
 
     async def _put(self, room: str, entry: PresenceEntry) -> int:
-        value = json.dumps({"user": entry.user, "session": entry.session, "node": entry.node,
-                            "info": dict(entry.info)}, separators=(",", ":")).encode()
+        value = _encode({"user": entry.user, "session": entry.session, "node": entry.node,
+                         "info": dict(entry.info)}).encode()
         return await self.bus.write("presence", self.pre + self._key(room, entry), value)
 
     # -- Presence --------------------------------------------------------------------------------------
@@ -491,6 +494,17 @@ class NatsPresence:
 
     async def page(self, room: str, after: str | None, limit: int) -> PresencePage:
         return (await self._roster(room)).page(after, limit)
+
+    async def joined_page(self, room: str, limit: int) -> PresencePage:
+        """The first page right after this replica's :meth:`join` into ``room`` (the chat's ``joined``):
+        the join synced the copy before its put, so the copy holds every write acknowledged before the
+        join began, and the join's own; a write acknowledged meanwhile is concurrent with the join, so
+        the copy is read without a second sync (a leader request and, in a join storm, a wait for the
+        echoes of the other joins' puts)."""
+        live = self._current_live(room)
+        if live is None:
+            return await self.page(room, None, limit)
+        return live.roster.page(None, limit)
 
     def on_departed(self, callback: DepartedListener) -> None:
         self._departures.add(callback)

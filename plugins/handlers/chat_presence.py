@@ -17,7 +17,7 @@ import fnmatch
 import itertools
 import json
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Protocol
@@ -30,6 +30,7 @@ from wirehub import (
     PresenceCount,
     PresenceEntry,
     PresenceMember,
+    PresencePage,
     ProtocolError,
     encode,
     opt,
@@ -368,6 +369,10 @@ class ChatPresence:
         self.presence = presence
         self.modes = {name: make(hub, presence) for name, make in EVENT_MODES.items()}
         self.heads = HeadCache()
+        #: a backend's read of the first page right after its own join, when it has a cheaper one than
+        #: ``page`` (NATS: no second sync of its live copy)
+        self._joined_page: Callable[[str, int], Awaitable[PresencePage]] | None = getattr(
+            presence, "joined_page", None)
         presence.on_departed(self.departed)
 
     async def join(self, session: Session, room: str) -> bytes:
@@ -384,7 +389,9 @@ class ChatPresence:
             await self.modes[rule.events].joined(room, rule, entry.user, name, session)
         if rule.limit == 0:
             return joined_fields(await self.presence.count(room), None, b"[]")
-        page = await self.presence.page(room, None, rule.limit)
+        joined_page = self._joined_page
+        page = await (joined_page(room, rule.limit) if joined_page is not None else
+                      self.presence.page(room, None, rule.limit))
         return joined_fields(page.count, page.cursor, self.heads.encoded(room, page.members))
 
     async def leave(self, session: Session, room: str) -> None:
