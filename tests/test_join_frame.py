@@ -78,7 +78,8 @@ def test_an_equal_page_from_another_read_reuses_the_items() -> None:
     assert heads.encoded("r", first) == encode([member_item(m) for m in first])
     moved = [PresenceMember("a", 1, {"name": "A"}), PresenceMember("b", 3, {}), PresenceMember("c", 1, {"name": "C"})]
     assert heads.encoded("r", moved) == encode([member_item(m) for m in moved])
-    renamed = [PresenceMember("a", 1, {"name": "A2"})]
+    renamed = [PresenceMember("a", 1, {"name": "A2"}), PresenceMember("d", 1, {"name": 5}),
+               PresenceMember(ODD, 1, {"name": ["x", ODD]})]  # another replica's info may hold any JSON
     assert heads.encoded("r", renamed) == encode([member_item(m) for m in renamed])
 
 
