@@ -167,3 +167,12 @@ async def test_a_raising_implementation_is_reported_as_plugin_failed() -> None:
         host.authorize_now(Identity(user="a", rooms=("*",)), "join", "r")
     with pytest.raises(PluginFailed):
         await host.authorize(Identity(user="a", rooms=("*",)), "join", "r")
+
+
+@pytest.mark.parametrize("entry", [PresenceEntry(ODD, "s1", ODD, NameInfo(ODD)), PresenceEntry("a", "b", "c")])
+def test_the_redis_entry_json_is_the_json_of_the_entry(entry: PresenceEntry) -> None:
+    from wirehub.builtins.bus.redis_presence import _encode, _entry_json
+
+    whole = _encode({"user": entry.user, "session": entry.session, "node": entry.node, "info": dict(entry.info)})
+    assert _entry_json(entry) == whole
+    assert _entry_json(entry, _encode(dict(entry.info))) == whole
