@@ -46,6 +46,7 @@ import json
 import math
 import os
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -195,7 +196,8 @@ def ratio(a: float | None, b: float | None, digits: int = 2) -> float | None:
 
 
 async def join_phase(env: Env, kind: str, n: int, *, join: bool, events: bool, burst: int,
-                     join_timeout: float, settle: float, idle_window: float = 0.0) -> dict[str, Any]:
+                     join_timeout: float, settle: float, idle_window: float = 0.0,
+                     profile: Path | None = None, blocking_profile: bool = False) -> dict[str, Any]:
     """A fresh replica; ``n`` connections (then joins of one room when ``join``): its CPU and RSS growth.
     Without ``join``, also the CPU per second of the ``n`` idle connections over ``idle_window``
     seconds (keepalive pings, timers): a join phase that takes longer on a loaded machine pays more of
@@ -220,7 +222,13 @@ async def join_phase(env: Env, kind: str, n: int, *, join: bool, events: bool, b
                                "connect_cpu": round(c1 - c0, 3),
                                "connect_wall": round(max(r["t1"] for r in conn) - min(r["t0"] for r in conn), 3)}
         if join:
-            joins = await on_all(workers, "join", burst=max(1, burst // len(workers)), timeout=join_timeout)
+            spy = py_spy(pid, profile, blocking_profile) if profile is not None else None
+            try:
+                joins = await on_all(workers, "join", burst=max(1, burst // len(workers)), timeout=join_timeout)
+            finally:
+                if spy is not None:
+                    spy.send_signal(signal.SIGINT)  # py-spy writes its profile on SIGINT
+                    spy.wait(30)
             c2 = cpu_seconds(pid)
             wall = max(r["t1"] for r in joins) - min(r["t0"] for r in joins)
             res.update(joined=total(joins, "joined"), join_failed=total(joins, "failed"),
@@ -241,6 +249,16 @@ async def join_phase(env: Env, kind: str, n: int, *, join: bool, events: bool, b
     finally:
         await stop_workers(workers)
         env.stop(proc)
+
+
+def py_spy(pid: int, path: Path, blocking: bool) -> subprocess.Popen[bytes]:
+    """``py-spy record`` of the replica ``pid`` (the join phase) at 1 kHz, collapsed stacks written to
+    ``path``. Non-blocking by default (the replica is not paused per sample, so its CPU figures hold, but
+    line numbers are approximate); ``blocking``: exact stacks, the run's CPU figures inflated."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mode = [] if blocking else ["--nonblocking"]
+    return subprocess.Popen(["py-spy", "record", "-p", str(pid), *mode, "--format", "raw", "-r", "1000",
+                             "-o", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def codes(env: Env, a: argparse.Namespace) -> list[tuple[str, Path | None]]:
@@ -270,7 +288,9 @@ async def scenario_join(env: Env, a: argparse.Namespace) -> list[dict[str, Any]]
                     env.code = tree
                     kw = {"events": events, "burst": a.burst, "join_timeout": a.join_timeout, "settle": a.settle}
                     idle = await join_phase(env, kind, n, join=False, idle_window=a.idle_window, **kw)
-                    full = await join_phase(env, kind, n, join=True, **kw)
+                    spy = (Path(a.profile) / f"join-{kind}-{n}-{code}.txt") if a.profile else None
+                    full = await join_phase(env, kind, n, join=True, profile=spy,
+                                            blocking_profile=a.profile_blocking, **kw)
                     env.code = None
                     cpu_idle = idle["connect_cpu"] / n
                     cpu_member = (full["connect_cpu"] + full.get("join_cpu", 0)) / n
@@ -721,6 +741,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="members per load-generator process (more members: more processes)")
     p.add_argument("--before", default=None,
                    help="join, reconnect: also measure the code of this wirehub tree (e.g. /work/main), interleaved")
+    p.add_argument("--profile", default=None,
+                   help="join: py-spy record (collapsed stacks) of each joining replica's join phase into this folder")
+    p.add_argument("--profile-blocking", action="store_true",
+                   help="join --profile: py-spy pauses the replica per sample (exact stacks, inflated CPU figures)")
     p.add_argument("--reconnect-events", dest="reconnect_events", action="store_true",
                    help="reconnect: presence events on (default off)")
     return p

@@ -22,7 +22,7 @@ import importlib
 import importlib.metadata
 import inspect
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -353,8 +353,39 @@ class PluginHost:
     async def authorize(self, identity: Identity, action: str, room: str) -> bool:
         """The first non-None answer of ``wirehub_authorize``; False when nobody answers.
         Raises PluginFailed (as every per-request hook here) when an implementation raised."""
+        answer = self.authorize_now(identity, action, room)
+        return answer if answer is True or answer is False else await answer
+
+    def authorize_now(self, identity: Identity, action: str, room: str) -> bool | Awaitable[bool]:
+        """:meth:`authorize` without a coroutine while the implementations answer synchronously (the
+        built-in policy does): the answer, or an awaitable of it from the first implementation that
+        returned an awaitable on. Called per join and publish, so it skips the per-call wrappers."""
         kwargs = {"identity": identity, "action": action, "room": room}
-        for impl in self._impls("wirehub_authorize"):
+        impls = self._impls("wirehub_authorize")
+        for i, impl in enumerate(impls):
+            try:
+                answer = _call(impl, kwargs)
+            except Exception as exc:
+                raise self._failed(impl, "wirehub_authorize", exc) from exc
+            if answer is None:
+                continue
+            if answer is True or answer is False:
+                return answer
+            if inspect.isawaitable(answer):
+                return self._authorize_rest(impl, answer, impls[i + 1:], kwargs)
+            return bool(answer)
+        return False
+
+    async def _authorize_rest(self, impl: pluggy.HookImpl, pending: Awaitable[Any], rest: list[pluggy.HookImpl],
+                              kwargs: Mapping[str, Any]) -> bool:
+        """:meth:`authorize_now` from an implementation that answered with an awaitable on."""
+        try:
+            answer = await pending
+        except Exception as exc:
+            raise self._failed(impl, "wirehub_authorize", exc) from exc
+        if answer is not None:
+            return bool(answer)
+        for impl in rest:
             answer = await self._await(impl, "wirehub_authorize", kwargs)
             if answer is not None:
                 return bool(answer)

@@ -117,7 +117,9 @@ class SessionSide:
             first = coro.send(None)
         except StopIteration:
             return None
-        return _Resumed(coro, first)
+        # a Task of its own: Tornado waits for it as is (an awaitable would get a wrapper coroutine and a
+        # Task through gen.convert_yielded and asyncio.ensure_future: a third of a suspended join's dispatch)
+        return asyncio.get_running_loop().create_task(_Continued(coro, first))
 
     async def _dispatch(self, session: Session, message: str | bytes) -> None:
         try:
@@ -339,6 +341,38 @@ class _Resumed:
                     value = coro.send(sent)
                 except StopIteration as stop:
                     return stop.value
+
+
+class _Continued(Coroutine[Any, Any, Any]):
+    """A coroutine that was started eagerly and suspended on ``first``, as a coroutine a Task drives
+    itself: the Task's first step gets ``first``, every later one goes to the coroutine."""
+
+    __slots__ = ("coro", "first", "started")
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], first: Any) -> None:
+        self.coro, self.first, self.started = coro, first, False
+
+    def send(self, value: Any) -> Any:
+        if self.started:
+            return self.coro.send(value)
+        self.started = True
+        first, self.first = self.first, None
+        return first
+
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+        self.started, self.first = True, None  # cancelled before its first step: into the coroutine
+        if val is None and tb is None:
+            return self.coro.throw(typ)
+        return self.coro.throw(typ, val, tb)
+
+    def close(self) -> None:
+        self.coro.close()
+
+    def __await__(self) -> Any:  # the Coroutine ABC's; a Task uses send and throw
+        if self.started:
+            raise RuntimeError("the coroutine is already running")
+        self.started = True
+        return _Resumed(self.coro, self.first).__await__()
 
 
 @functools.cache

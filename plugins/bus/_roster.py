@@ -97,7 +97,7 @@ def _connections(user: PresenceEntry | tuple[int, Mapping[str, Any]]) -> tuple[i
 class Roster:
     """Connections of one room, grouped per user, users kept sorted for paging."""
 
-    __slots__ = ("_head", "_order", "_sessions", "_users")
+    __slots__ = ("_head", "_last", "_order", "_sessions", "_users")
 
     def __init__(self) -> None:
         self._sessions: dict[str, PresenceEntry] = {}
@@ -109,6 +109,8 @@ class Roster:
         #: the first page last read, (limit, members): every join reads it, and in a big room a join
         #: rarely changes it; dropped by a change to a user on it (or when it was not full)
         self._head: tuple[int, list[PresenceMember]] | None = None
+        #: the members of the last first page built, by user (reused by the next one)
+        self._last: dict[str, PresenceMember] | None = None
 
     def _touch(self, user: str) -> None:
         """``user`` arrived, left or changed their connection count: drop the head if it shows it."""
@@ -168,13 +170,28 @@ class Roster:
             head = self._head
             if head is None or head[0] != limit:
                 first, _ = self._order.after(None, limit)
-                head = self._head = (limit, [PresenceMember(u, *_connections(self._users[u])) for u in first])
+                head = self._head = (limit, self._members(first))
             members = head[1]
             more = len(self._users) > len(members)
             return PresencePage(members, members[-1].user if more and members else None, self.count())
         users, more = self._order.after(after, limit)
         members = [PresenceMember(u, *_connections(self._users[u])) for u in users]
         return PresencePage(members, users[-1] if more and users else None, self.count())
+
+    def _members(self, users: list[str]) -> list[PresenceMember]:
+        """The first page's members; those of the last first page that did not change are reused (a join
+        into a big room moves one user onto it), so a new page costs about one new member."""
+        old = self._last
+        members = []
+        for u in users:
+            n, info = _connections(self._users[u])
+            m = old.get(u) if old else None
+            if m is None or m.connections != n or m.info is not info:
+                m = PresenceMember(u, n, info)
+            members.append(m)
+        # kept for a page worth it: a small room's page is cheap to rebuild, and small rooms are many
+        self._last = {m.user: m for m in members} if len(members) >= 16 else None
+        return members
 
     def entries(self) -> list[PresenceEntry]:
         return list(self._sessions.values())

@@ -46,6 +46,9 @@ from wirehub.builtins.bus._broker import cancel_and_wait, encode_room
 from wirehub.builtins.bus._roster import Departures, Roster
 from wirehub.builtins.bus.nats_bus import _name
 
+#: compact JSON of an entry's value (one encoder, not one per put)
+_encode = json.JSONEncoder(separators=(",", ":")).encode
+
 if TYPE_CHECKING:
     from wirehub.builtins.bus.nats_bus import NatsBus
 
@@ -100,6 +103,12 @@ class _Leave:
             self.done.set_result(self.results[seq])
 
 
+def _expire(waiter: asyncio.Future[bool | None]) -> None:
+    """A read's wait for the copy timed out: it reads the copy as it is."""
+    if not waiter.done():
+        waiter.set_result(True)
+
+
 class _LiveRoom:
     """A replica's live copy of one room (see the module docstring)."""
 
@@ -115,9 +124,10 @@ class _LiveRoom:
         self.leaving: dict[str, _Leave] = {}
         self.sub: Any = None
         #: the leader's newest sequence of the room's keys, asked once for the reads of one loop iteration
-        self.next_sync: asyncio.Future[int] | None = None
+        #: (one future per read: a reader that gives up cancels only its own)
+        self.next_sync: list[asyncio.Future[int]] | None = None
         #: reads waiting until the copy reached a sequence
-        self.waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self.waiters: list[tuple[int, asyncio.Future[bool | None]]] = []
 
     def reached(self) -> None:
         """Release the reads waiting for a sequence the copy has reached."""
@@ -361,28 +371,35 @@ class NatsPresence:
         done. One request (the leader's newest sequence of the room's keys) serves every read of one
         loop iteration; when the broker does not answer, the copy is read as it is."""
         loop = asyncio.get_running_loop()
-        fut = live.next_sync
-        if fut is None:
-            fut = live.next_sync = loop.create_future()
-            loop.call_soon(self._ask_sync, live, room, fut)  # after every read of this iteration began
-        target = await asyncio.shield(fut)
+        readers = live.next_sync
+        if readers is None:
+            readers = live.next_sync = []
+            loop.call_soon(self._ask_sync, live, room, readers)  # after every read of this iteration began
+        mine = loop.create_future()
+        readers.append(mine)
+        target = await mine
         if live.last_seq >= target:
             return
-        waiter = loop.create_future()
-        live.waiters.append((target, waiter))
+        waiter: asyncio.Future[bool | None] = loop.create_future()
+        live.waiters.append((target, waiter))  # set to None when the copy reached it (_LiveRoom.reached)
+        timer = loop.call_later(self.bus.op_timeout, _expire, waiter)  # a timer, not a wait_for's machinery
         try:
-            await asyncio.wait_for(waiter, self.bus.op_timeout)
-        except TimeoutError:
+            expired = await waiter
+        finally:
+            timer.cancel()
+        if expired:
             log.info("presence: the copy of %r did not reach sequence %d; read as it is", room, target)
 
-    def _ask_sync(self, live: _LiveRoom, room: str, fut: asyncio.Future[int]) -> None:
-        if live.next_sync is fut:
+    def _ask_sync(self, live: _LiveRoom, room: str, readers: list[asyncio.Future[int]]) -> None:
+        if live.next_sync is readers:
             live.next_sync = None
         task = asyncio.ensure_future(self._leader_seq(room))
 
         def done(t: asyncio.Task[int]) -> None:
-            if not fut.done():
-                fut.set_result(0 if t.cancelled() or t.exception() is not None else t.result())
+            seq = 0 if t.cancelled() or t.exception() is not None else t.result()
+            for fut in readers:
+                if not fut.done():
+                    fut.set_result(seq)
 
         task.add_done_callback(done)
 
@@ -403,8 +420,8 @@ class NatsPresence:
         return await self.bus.write("presence", self.pre + key, b"", self.purge_headers)
 
     async def _put(self, room: str, entry: PresenceEntry) -> int:
-        value = json.dumps({"user": entry.user, "session": entry.session, "node": entry.node,
-                            "info": dict(entry.info)}, separators=(",", ":")).encode()
+        value = _encode({"user": entry.user, "session": entry.session, "node": entry.node,
+                         "info": dict(entry.info)}).encode()
         return await self.bus.write("presence", self.pre + self._key(room, entry), value)
 
     # -- Presence --------------------------------------------------------------------------------------
@@ -491,6 +508,17 @@ class NatsPresence:
 
     async def page(self, room: str, after: str | None, limit: int) -> PresencePage:
         return (await self._roster(room)).page(after, limit)
+
+    async def joined_page(self, room: str, limit: int) -> PresencePage:
+        """The first page right after this replica's :meth:`join` into ``room`` (the chat's ``joined``):
+        the join synced the copy before its put, so the copy holds every write acknowledged before the
+        join began, and the join's own; a write acknowledged meanwhile is concurrent with the join, so
+        the copy is read without a second sync (a leader request and, in a join storm, a wait for the
+        echoes of the other joins' puts)."""
+        live = self._current_live(room)
+        if live is None:
+            return await self.page(room, None, limit)
+        return live.roster.page(None, limit)
 
     def on_departed(self, callback: DepartedListener) -> None:
         self._departures.add(callback)

@@ -61,6 +61,9 @@ class _Request:
     parse: Parse
     future: asyncio.Future[Any]
     share: Hashable | None = None
+    #: with ``share``: a future per caller, each settled with ``future`` (a caller that gives up
+    #: cancels only its own; cheaper than a shield per caller, which adds a loop callback to each wake-up)
+    sharers: list[asyncio.Future[Any]] | None = None
 
 
 @dataclass(eq=False)
@@ -105,19 +108,23 @@ class Batcher:
         a request with the same key already queued in this iteration answers this one too (then
         ``commands``, when a callable, is not even built)."""
         self.bus._check()
+        loop = asyncio.get_running_loop()
         if share is not None:
             same = self._by_share.get(share)
-            if same is not None:
+            if same is not None and same.sharers is not None:
                 self.stats.shared += 1
-                return await asyncio.shield(same.future)  # one caller giving up must not cancel the others
-        loop = asyncio.get_running_loop()
+                mine = loop.create_future()  # one caller giving up must not cancel the others
+                same.sharers.append(mine)
+                return await mine
         req = _Request(commands() if callable(commands) else commands, parse, loop.create_future(), share)
         self._queued.append(req)
         self._schedule()
         if share is None:
             return await req.future
+        mine = loop.create_future()
+        req.sharers = [mine]
         self._by_share[share] = req
-        return await asyncio.shield(req.future)
+        return await mine
 
     def _schedule(self) -> None:
         if not self._scheduled and self._queued and len(self._running) < MAX_IN_FLIGHT:
@@ -156,7 +163,7 @@ class Batcher:
         except BaseException as exc:
             error = exc if isinstance(exc, Exception) else asyncio.CancelledError()
             for req in batch:
-                _settle(req.future, error=error)
+                _finish(req, error=error)
             if not isinstance(exc, Exception):
                 raise
             return
@@ -165,12 +172,14 @@ class Batcher:
             out, i = replies[i:i + len(req.commands)], i + len(req.commands)
             failed = next((r for r in out if isinstance(r, Exception)), None)
             if failed is not None:  # a command failed: its caller's request fails, not the others'
-                _settle(req.future, error=failed)
+                _finish(req, error=failed)
                 continue
             try:
-                _settle(req.future, result=req.parse(out))
+                result = req.parse(out)
             except Exception as exc:  # a reply the parser did not expect
-                _settle(req.future, error=exc)
+                _finish(req, error=exc)
+            else:
+                _finish(req, result=result)
 
     async def _send(self, commands: list[Command]) -> list[Any]:
         from redis.exceptions import NoScriptError
@@ -189,9 +198,16 @@ class Batcher:
         queued, self._queued = self._queued, []
         self._by_share = {}
         for req in queued:
-            _settle(req.future, error=BusUnavailable("the bus was closed"))
+            _finish(req, error=BusUnavailable("the bus was closed"))
         for task in list(self._running):
             task.cancel()
+
+
+def _finish(req: _Request, *, result: Any = None, error: BaseException | None = None) -> None:
+    """Settle ``req``'s future and those of its sharers."""
+    _settle(req.future, result=result, error=error)
+    for fut in req.sharers or ():
+        _settle(fut, result=result, error=error)
 
 
 def _settle(fut: asyncio.Future[Any], *, result: Any = None, error: BaseException | None = None) -> None:

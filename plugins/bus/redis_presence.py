@@ -192,8 +192,17 @@ SCRIPTS = {
 _encode = json.JSONEncoder(separators=(",", ":")).encode
 
 
-def _entry_json(entry: PresenceEntry) -> str:
-    return _encode({"user": entry.user, "session": entry.session, "node": entry.node, "info": dict(entry.info)})
+#: how ``_encode`` writes a string (``ensure_ascii`` on), quotes included
+_string = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
+
+
+def _entry_json(entry: PresenceEntry, info: str | None = None) -> str:
+    """``_encode`` of the entry as a dict (user, session, node, info), spliced; ``info``: ``_encode`` of
+    its info when the caller has it already (a join sends it as an argument too)."""
+    if info is None:
+        info = _encode(dict(entry.info))
+    return f'{{"user":{_string(entry.user)},"session":{_string(entry.session)},"node":{_string(entry.node)},' \
+        f'"info":{info}}}'
 
 
 def _text(value: Any) -> str:
@@ -267,7 +276,8 @@ class RedisPresence:
         self._local[(room, entry.session)] = entry
         self._unleft.pop((room, entry.session), None)
         keys, idx = self._keys(room), self._node_index(entry.node)
-        args = [entry.session, entry.user, _entry_json(entry), _encode(dict(entry.info))]
+        info = _encode(dict(entry.info))
+        args = [entry.session, entry.user, _entry_json(entry, info), info]
         try:
             out = await self._pipeline(self._script("presence_join", keys, args),
                                        ("SADD", idx, self._index_item(room, entry.session)))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +35,7 @@ from wirehub import (
     RoomRules,
     Session,
     TokenBucket,
+    encode,
     fit,
     history_frame,
     hookimpl,
@@ -51,8 +52,8 @@ from wirehub.builtins.handlers.chat_presence import (
     PresenceRule,
     PresenceRules,
     check_rules,
+    json_string,
     parse_query,
-    splice,
 )
 
 if TYPE_CHECKING:
@@ -156,10 +157,9 @@ class ChatHandler(OpHandler):
         return st
 
     async def _authorize(self, session: Session, action: str, room: str) -> None:
-        if not await self.context.hooks.authorize(session.identity, action, room):
-            raise ProtocolError(
-                ErrorCode.FORBIDDEN, f"not allowed to {action} room {room!r}", reason="not_allowed"
-            )
+        allowed = self.context.hooks.authorize_now(session.identity, action, room)
+        if allowed is not True:
+            await _refuse_unless(allowed, action, room)
 
     # -- join / leave ---------------------------------------------------------------------------------
 
@@ -176,15 +176,18 @@ class ChatHandler(OpHandler):
                 f"at most {self.options.max_rooms} rooms per connection",
                 reason="room_limit",
             )
-        await self._authorize(session, "join", room)
         ctx = self.context
+        # no coroutine per join while every wirehub_authorize answers synchronously (the built-in policy)
+        allowed = ctx.hooks.authorize_now(session.identity, "join", room)
+        if allowed is not True:
+            await _refuse_unless(allowed, "join", room)
         st.add(room)
         # Gap-free and duplicate-free: live messages are held from the moment the session is a
         # member; history after `since` is replayed; then the held ones newer than the replay go out.
         session.hold(room)
         try:
             await ctx.hub.join(room, session)
-            presence, members = await self.presence.join(session, room)  # O(1) in the room's size
+            presence = await self.presence.join(session, room)  # O(1) in the room's size, encoded
             recovery = await recover(ctx.backend.history, room, since, self.options.recovery_limit)
         except BaseException:
             session.drop_held(room)
@@ -194,11 +197,8 @@ class ChatHandler(OpHandler):
         recovered = recovery.recovered
         if sum(map(len, replay)) > _budget(session):  # it would close the session with 4008
             replay, recovered = [], False
-        head: dict[str, Any] = {"op": "joined"}
-        if request.get("id") is not None:
-            head["id"] = request["id"]
-        head.update(room=room, offset=recovery.top, epoch=recovery.epoch, recovered=recovered, **presence)
-        session.send_frame(OutFrame(splice(head, "presence", members)))  # the members' list encoded once per change
+        session.send_frame(OutFrame(_joined(request.get("id"), room, recovery.top, recovery.epoch, recovered,
+                                            presence)))
         for frame in replay:
             session.send_frame(OutFrame(frame))
         after = recovery.messages[-1][0] if replay else recovery.top
@@ -266,7 +266,9 @@ class ChatHandler(OpHandler):
         idempotency_key = parse_idempotency_key(request.get("idempotency_key"))
         if not st.has(room):
             raise ProtocolError(ErrorCode.NOT_JOINED, f"join room {room!r} before publishing to it")
-        await self._authorize(session, "publish", room)
+        allowed = self.context.hooks.authorize_now(session.identity, "publish", room)
+        if allowed is not True:
+            await _refuse_unless(allowed, "publish", room)
         offset = await publish_message(
             self.context.hub,
             self.context.hooks,
@@ -326,6 +328,27 @@ class ChatHandler(OpHandler):
         # Capped to fit the send queue; the client pages on with `since` (its last offset < `offset`).
         frames = fit(stored_frames(messages), _budget(session), newest=since is None)
         session.send_frame(OutFrame(history_frame(head, frames)))
+
+
+async def _refuse_unless(allowed: bool | Awaitable[bool], action: str, room: str) -> None:
+    """``error forbidden`` unless ``allowed`` (an answer of ``authorize_now``, awaited when pending)."""
+    if not (allowed if isinstance(allowed, bool) else await allowed):
+        raise ProtocolError(ErrorCode.FORBIDDEN, f"not allowed to {action} room {room!r}", reason="not_allowed")
+
+
+def _joined(req_id: Any, room: str, offset: int, epoch: str, recovered: bool, presence: bytes) -> bytes:
+    """The ``joined`` frame from pre-encoded parts: the bytes ``dumps`` gives for ``{"op": "joined", "id"?,
+    "room", "offset", "epoch", "recovered", "count"?, "cursor"?, "presence"?}`` (tests/test_join_frame.py),
+    without a dict and a JSON encoder per join. ``presence``: :meth:`ChatPresence.join`'s fields."""
+    if req_id is None:
+        data = b'{"op":"joined","room":'
+    elif type(req_id) is str:
+        data = b'{"op":"joined","id":%s,"room":' % json_string(req_id).encode()
+    else:
+        data = b'{"op":"joined","id":%s,"room":' % encode(req_id)
+    return b'%s%s,"offset":%d,"epoch":%s,"recovered":%s%s}' % (
+        data, json_string(room).encode(), offset, json_string(epoch).encode(), b"true" if recovered else b"false",
+        presence)
 
 
 def _budget(session: Session) -> int:

@@ -15,8 +15,9 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import itertools
+import json
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Protocol
@@ -29,6 +30,7 @@ from wirehub import (
     PresenceCount,
     PresenceEntry,
     PresenceMember,
+    PresencePage,
     ProtocolError,
     encode,
     opt,
@@ -38,6 +40,9 @@ if TYPE_CHECKING:
     from wirehub import Hub, Session
 
 log = logging.getLogger("wirehub.chat.presence")
+
+#: how ``dumps`` (``ensure_ascii`` off) writes a string, quotes included
+json_string: Callable[[str], str] = json.encoder.encode_basestring  # type: ignore[attr-defined]
 
 EVENTS = ("each", "batched", "off")
 #: longest ``after`` cursor accepted from a client (backends' cursors are user ids or shorter)
@@ -109,6 +114,15 @@ def member_item(member: PresenceMember) -> dict[str, Any]:
     return item
 
 
+def _member_json(member: PresenceMember) -> bytes:
+    """``encode(member_item(member))``, spliced (no dict and no JSON encoder per member)."""
+    data = b'{"user":%s,"connections":%d' % (json_string(member.user).encode(), member.connections)
+    name = member.info.get("name")
+    if name:
+        data += b',"name":' + (json_string(name).encode() if type(name) is str else encode(name))
+    return data + b"}"
+
+
 def count_item(count: PresenceCount) -> dict[str, int]:
     return {"users": count.users, "connections": count.connections}
 
@@ -121,26 +135,45 @@ class HeadCache:
     """The encoded member list of each room's first page: a join into a big room re-sends the page
     the previous join sent (it changes only when a user on it comes or goes) without building and
     encoding ``limit`` items again. The memory and NATS backends return the same list object while the
-    page holds (an identity check); the Redis backend returns an equal one (an equality check)."""
+    page holds (an identity check); the Redis backend returns an equal one (an equality check). When
+    the page changed, the items of the members still on it are reused (a join into a big room moves
+    one member onto the page): only the newcomers are encoded."""
 
     def __init__(self) -> None:
-        self._rooms: dict[str, tuple[Sequence[PresenceMember], bytes]] = {}
+        #: room -> (the page's members, its encoded list, (user, connections) -> (info, encoded item))
+        self._rooms: dict[str, tuple[Sequence[PresenceMember], bytes,
+                                     dict[tuple[str, int], tuple[Mapping[str, Any], bytes]]]] = {}
 
     def encoded(self, room: str, members: Sequence[PresenceMember]) -> bytes:
         cached = self._rooms.get(room)
         if cached is not None and (cached[0] is members or cached[0] == members):
             return cached[1]
-        data = encode([member_item(m) for m in members])
+        old = cached[2] if cached is not None else {}
+        items: dict[tuple[str, int], tuple[Mapping[str, Any], bytes]] = {}
+        for m in members:
+            key = (m.user, m.connections)
+            item = old.get(key)
+            if item is None or not (item[0] is m.info or item[0] == m.info):
+                item = (m.info, _member_json(m))
+            items[key] = item
+        # what encode() of the list of items gives: compact JSON, items joined by commas
+        if len(items) == len(members):  # what encode() of the items gives: compact JSON, joined by commas
+            data = b"[%s]" % b",".join([item[1] for item in items.values()])
+        else:  # a user twice on one page (no backend lists one so): encoded as listed
+            data = encode([member_item(m) for m in members])
         if len(self._rooms) >= HEAD_CACHE_ROOMS:
             self._rooms.clear()
-        self._rooms[room] = (members, data)
+        self._rooms[room] = (members, data, items)
         return data
 
 
-def splice(head: dict[str, Any], key: str, raw: bytes | None) -> bytes:
-    """``head`` encoded, with ``"key": raw`` (already encoded JSON) appended when ``raw`` is given."""
-    data = encode(head)
-    return data if raw is None else b'%s,"%s":%s}' % (data[:-1], key.encode(), raw)
+def joined_fields(count: PresenceCount, cursor: str | None, members: bytes) -> bytes:
+    """The presence fields of ``joined`` as ``dumps`` writes them (``ensure_ascii`` off, compact), after a
+    comma: ``count``, ``cursor`` when there is one, then ``presence`` (``members``, encoded)."""
+    data = b',"count":{"users":%d,"connections":%d}' % (count.users, count.connections)
+    if cursor is not None:
+        data += b',"cursor":' + json_string(cursor).encode()
+    return data + b',"presence":' + members
 
 
 @dataclass(frozen=True)
@@ -345,26 +378,30 @@ class ChatPresence:
         self.presence = presence
         self.modes = {name: make(hub, presence) for name, make in EVENT_MODES.items()}
         self.heads = HeadCache()
+        #: a backend's read of the first page right after its own join, when it has a cheaper one than
+        #: ``page`` (NATS: no second sync of its live copy)
+        self._joined_page: Callable[[str, int], Awaitable[PresencePage]] | None = getattr(
+            presence, "joined_page", None)
         presence.on_departed(self.departed)
 
-    async def join(self, session: Session, room: str) -> tuple[dict[str, Any], bytes | None]:
+    async def join(self, session: Session, room: str) -> bytes:
         """Record the session in ``room``'s presence, announce its user if new, and return the
-        ``joined`` fields: the count and a cursor, and the first members as encoded JSON (none when
-        presence is off)."""
+        ``joined`` fields, encoded (``,"count":{...},"cursor":...,"presence":[...]``, what
+        :func:`joined_fields` gives): the count and a cursor, and the first members (none of them
+        when presence is off)."""
         rule = self.rules.for_room(room)
         if not rule.enabled:
-            return {}, None
+            return b""
         name = session.identity.name
         entry = PresenceEntry(session.identity.user, session.id, session.node, _info(name))
         if await self.presence.join(room, entry):
             await self.modes[rule.events].joined(room, rule, entry.user, name, session)
         if rule.limit == 0:
-            return {"count": count_item(await self.presence.count(room))}, b"[]"
-        page = await self.presence.page(room, None, rule.limit)
-        fields: dict[str, Any] = {"count": count_item(page.count)}
-        if page.cursor is not None:
-            fields["cursor"] = page.cursor
-        return fields, self.heads.encoded(room, page.members)
+            return joined_fields(await self.presence.count(room), None, b"[]")
+        joined_page = self._joined_page
+        page = await (joined_page(room, rule.limit) if joined_page is not None else
+                      self.presence.page(room, None, rule.limit))
+        return joined_fields(page.count, page.cursor, self.heads.encoded(room, page.members))
 
     async def leave(self, session: Session, room: str) -> None:
         """Remove the session's entry; announce its user's departure after their last connection.
