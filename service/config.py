@@ -286,9 +286,6 @@ class ServerConfig:
     ping_timeout: float = opt(15.0, min=0)
     #: bytes queued to one client before it is closed with 4008 (slow consumer)
     send_queue_bytes: int = opt(1048576, min=1024)
-    #: most milliseconds a connection's frames are held to leave in fewer sends while the replica is
-    #: saturated with writes (docs/connection-cost.md, "Writes"); 0 = never held
-    write_coalesce_ms: float = opt(5.0, min=0, max=1000)
     #: trust X-Forwarded-For / X-Real-Ip (behind a proxy or ingress)
     xheaders: bool = False
     #: open connections allowed per user and per client IP on one replica (0 = unlimited); over -> 429

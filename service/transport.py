@@ -10,16 +10,8 @@ against).
 Writes are corked until the I/O callbacks of the next event-loop iteration have run: the frames a
 connection gets meanwhile (several bus messages, the next publish's fan-out when it had already
 arrived, a reply and a broadcast, a history replay) leave in one ``send`` system call, which is most
-of a delivery's cost. A Close frame is preceded by everything queued before it.
-
-Under write saturation the cork is held a little longer (``server.write_coalesce_ms``, the cap), as
-Linux's TCP autocorking holds small writes while earlier ones are still queued: a connection whose
-frames left in the last flush round, when that round ended less than its own CPU time ago (the loop
-spends more than half its time in ``send``), gets its next frames at the round's end plus that time, at
-most the cap. Input that arrives meanwhile (the next publishes) joins the same ``send``.
-A connection that was not in the last round (a lone message after a quiet spell), and every connection
-while flush rounds are short next to the time between them, is flushed after one pass as above: no
-delay is added to a replica that keeps up.
+of a delivery's cost. Frames are never delayed past that (one more ``select`` that does not wait, as
+the loop has work ready), and a Close frame is preceded by everything queued before it.
 
 Before the frame reader takes the socket over this reads ``IOStream._write_buffer``; setup.cfg pins
 Tornado below 7 for that reason and tests/test_transport.py fails if the attribute changes.
@@ -28,10 +20,8 @@ Tornado below 7 for that reason and tests/test_transport.py fails if the attribu
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import weakref
-from time import thread_time
 from typing import Any
 
 from tornado.websocket import WebSocketProtocol
@@ -41,60 +31,20 @@ from wirehub.stream import SocketStream, buffered, send_now
 
 log = logging.getLogger("wirehub.transport")
 
-#: ``server.write_coalesce_ms``'s default
-DEFAULT_COALESCE_MS = 5.0
-
-
-@functools.lru_cache(maxsize=8)
-def _seconds(ms: float) -> float:
-    """``ms`` in seconds, one float object per value (a connection holds a reference, not a float)."""
-    return ms / 1000
-
-
-class _Round:
-    """One flush round: when it ended (loop time; 0 while it runs) and the CPU time of its sends (seconds)."""
-
-    __slots__ = ("cost", "end")
-
-    def __init__(self) -> None:
-        self.end = 0.0
-        self.cost = 0.0
-
 
 class _Flusher:
     """Sends what the transports of one event loop corked, once per loop iteration, after one more pass
     of the loop's I/O callbacks: input that had already arrived (the next publish, the next bus messages,
-    the other frames of a client's burst) adds its frames to the same ``send`` of each connection.
-    Transports held under saturation (the module docstring) are sent by a timer instead."""
+    the other frames of a client's burst) adds its frames to the same ``send`` of each connection."""
 
-    __slots__ = ("__weakref__", "_dirty", "_held", "_held_due", "_loop", "_scheduled", "_timer")
+    __slots__ = ("__weakref__", "_dirty", "_loop", "_scheduled")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._dirty: list[StreamTransport] = []
         self._scheduled = False
-        #: transports held for a later round, that round's loop time and its timer
-        self._held: list[StreamTransport] = []
-        self._held_due = 0.0
-        self._timer: asyncio.TimerHandle | None = None
 
     def add(self, transport: StreamTransport) -> None:
-        cap = transport._coalesce
-        last = transport._last
-        if cap and last is not None:
-            # Its last frames left in a round that ended less than its own CPU time ago (writes take more
-            # than half the loop's time): hold these until that round's end plus that time, at most cap.
-            cost = last.cost
-            due = last.end + (cap if cap < cost else cost)
-            if self._loop.time() < due:
-                self._held.append(transport)
-                timer = self._timer
-                if timer is None or due < self._held_due:
-                    if timer is not None:
-                        timer.cancel()
-                    self._held_due = due
-                    self._timer = self._loop.call_at(due, self._run_held)
-                return
         self._dirty.append(transport)
         if not self._scheduled:
             self._scheduled = True
@@ -108,23 +58,8 @@ class _Flusher:
     def _run(self) -> None:
         self._scheduled = False
         dirty, self._dirty = self._dirty, []
-        self._flush(dirty)
-
-    def _run_held(self) -> None:
-        self._timer = None
-        held, self._held = self._held, []
-        self._flush(held)
-
-    def _flush(self, transports: list[StreamTransport]) -> None:
-        # The round's cost is the CPU time of its sends, so that a replica that is only preempted by other
-        # work on its host (its round's wall time long, its CPU time not) is not taken for saturated.
-        start = thread_time()
-        r = _Round()
-        for transport in transports:
-            transport._last = r
+        for transport in dirty:
             transport.flush()
-        r.cost = thread_time() - start
-        r.end = self._loop.time()
 
 
 _flushers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Flusher] = weakref.WeakKeyDictionary()
@@ -142,15 +77,11 @@ class StreamTransport:
     """:class:`wirehub.session.Transport` over a WebSocket connection's stream (Tornado's until the frame
     reader takes the socket over, then a :class:`~wirehub.stream.SocketStream`)."""
 
-    __slots__ = ("_close", "_coalesce", "_corked", "_corked_bytes", "_flusher", "_last", "_protocol")
+    __slots__ = ("_close", "_corked", "_corked_bytes", "_flusher", "_protocol")
 
-    def __init__(self, protocol: WebSocketProtocol, close: object, coalesce_ms: float = DEFAULT_COALESCE_MS) -> None:
+    def __init__(self, protocol: WebSocketProtocol, close: object) -> None:
         self._protocol = protocol
         self._close = close
-        #: the most a flush may be held under saturation, seconds (0: never held)
-        self._coalesce = _seconds(coalesce_ms)
-        #: the flush round that last sent this transport's frames
-        self._last: _Round | None = None
         #: wire frames queued in this loop iteration, sent by flush() (None: nothing queued)
         self._corked: list[bytes] | None = None
         self._corked_bytes = 0

@@ -69,7 +69,7 @@ class SessionSide:
         protocol.set_nodelay(True)
         self._protocol = protocol
         session = Session(
-            StreamTransport(protocol, self.close, self.app.config.server.write_coalesce_ms),
+            StreamTransport(protocol, self.close),
             self.identity,
             endpoint=self.endpoint.path,
             node=self.app.node,
