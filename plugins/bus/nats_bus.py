@@ -69,6 +69,9 @@ HDR_START = "Wh-Start"
 EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
 MSG_ID = "Nats-Msg-Id"
 WRONG_LAST_SEQUENCE = (10071, 10164)
+#: "duplicate message id is in process": a publish with the same Nats-Msg-Id is being stored (in a
+#: cluster, replicated) right now; once it is, the retry is answered as a duplicate with its sequence
+DUPLICATE_IN_PROCESS = 10158
 
 
 def _import_nats(key: str) -> Any:
@@ -108,7 +111,8 @@ def startup_error(exc: BaseException, opts: NatsOptions, key: str) -> str | None
 
 
 class _Wrong(Exception):
-    """Nats-Expected-Last-Subject-Sequence did not match: another writer was first."""
+    """Another writer was first: Nats-Expected-Last-Subject-Sequence did not match, or a publish with the
+    same Nats-Msg-Id is still being stored (DUPLICATE_IN_PROCESS)."""
 
 
 class _Refused(Exception):
@@ -501,8 +505,8 @@ class NatsBus(Supervised):
             try:
                 return await js.publish(subject, payload, stream=stream, headers=headers)
             except api_error as exc:
-                if exc.err_code in WRONG_LAST_SEQUENCE:
-                    raise _Wrong() from None
+                if exc.err_code in WRONG_LAST_SEQUENCE or exc.err_code == DUPLICATE_IN_PROCESS:
+                    raise _Wrong() from None  # retried after a short wait
                 raise _Refused(f"{type(exc).__name__}: {exc}") from exc
 
         for attempt in range(100):
