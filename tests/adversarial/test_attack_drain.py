@@ -29,6 +29,7 @@ import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
 from tests.helpers import Cluster, ServerProcess, bus_block
+from tests.plugins_for_tests import slow_filter
 from wirehub.brokers import BrokerProcess
 from wirehub.testing import WsClient, unique_room, ws_connect
 
@@ -152,6 +153,10 @@ async def test_sigterm_mid_stream_answers_no_delivered_publish_with_failure(pair
         status_b, offset_b = await pub.post(b, twice, "twice-1")
         assert (status_a, status_b) == (200, 200) and offset_a == offset_b
         await until(answered, lambda: sum(1 for s, _ in answers.values() if s == 200) >= 40, 10)
+        # Every publisher has just sent its next request on a new connection: SIGTERM now would find most of
+        # them still in the accept queue (reset, never accepted); half the filter's delay later they are
+        # inside the replica, in the slow filter, which is what this test is about.
+        await asyncio.sleep(slow_filter.DELAY / 2)
         sigterm_at.append(time.monotonic())
         exit_code = await asyncio.to_thread(a.stop, GRACE + 5)
         stopped_in = time.monotonic() - sigterm_at[0]
