@@ -120,3 +120,19 @@ async def test_a_close_follows_the_corked_frames_and_nothing_follows_it(
     await asyncio.sleep(0.01)
     assert _drain(peer) == b"".join(f.wire for f in frames) + b"CLOSE"
     stream.close()
+
+
+async def test_corked_frames_of_send_frame_and_offer_small_and_big_leave_whole_and_in_order(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    a, peer = pair
+    stream = SocketStream(IOStream(a), _Owner())
+    protocol: Any = SimpleNamespace(stream=stream, server_terminated=False)
+    transport = StreamTransport(protocol, lambda code, reason: None)
+    frames = [OutFrame(b"s1"), OutFrame(b"s2"), OutFrame(b"L" * 3000), OutFrame(b"M" * 2000), OutFrame(b"s3")]
+    for i, f in enumerate(frames):
+        (transport.send_frame if i % 2 else lambda f: transport.offer(f, 1 << 20))(f)
+    assert transport.buffered() == sum(len(f.wire) for f in frames)
+    await asyncio.sleep(0.01)
+    assert _drain(peer) == b"".join(f.wire for f in frames) and transport.buffered() == 0
+    stream.close()
