@@ -150,11 +150,11 @@ class SocketStream:
 
     def send(self, data: bytes | memoryview) -> None:
         """Hand ``data`` to the kernel now; queue what it does not take (sent in order when writable)."""
-        if self._closed:
-            return
         out = self._out
-        if out is not None:
+        if out is not None:  # never set on a closed stream
             out += data
+            return
+        if self._closed:
             return
         try:
             sent = self.socket.send(data)

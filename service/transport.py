@@ -77,7 +77,7 @@ class StreamTransport:
     """:class:`wirehub.session.Transport` over a WebSocket connection's stream (Tornado's until the frame
     reader takes the socket over, then a :class:`~wirehub.stream.SocketStream`)."""
 
-    __slots__ = ("_close", "_corked", "_corked_bytes", "_flusher", "_protocol")
+    __slots__ = ("_close", "_corked", "_corked_bytes", "_flusher", "_protocol", "_taken")
 
     def __init__(self, protocol: WebSocketProtocol, close: object) -> None:
         self._protocol = protocol
@@ -86,6 +86,8 @@ class StreamTransport:
         self._corked: list[bytes] | None = None
         self._corked_bytes = 0
         self._flusher: _Flusher | None = None
+        #: the connection's SocketStream once :meth:`offer` saw the takeover (it is final: kept for the fast path)
+        self._taken: SocketStream | None = None
 
     @property
     def _stream(self) -> Any:
@@ -121,22 +123,20 @@ class StreamTransport:
     def offer(self, frame: OutFrame, cap: int) -> int:
         """The fan-out's :meth:`send_frame` with the session's byte-cap check in the same call (see
         :class:`wirehub.session.OfferingTransport`): 1 queued, 0 dropped (closed), -1 over ``cap``."""
-        protocol = self._protocol
-        if protocol.server_terminated:
+        # Once per delivery: the taken-over socket is kept here and its fields read directly (no property,
+        # no method call), as a call and each object hopped through cost more than the check itself.
+        if self._protocol.server_terminated:
             return 0
-        stream: Any = protocol.stream
-        if type(stream) is SocketStream:  # after the takeover: the usual case
-            if stream.closed():
-                return 0
-            queued = stream.buffered()
-        else:
-            if stream.closed():
-                return 0
-            queued = buffered(stream)
+        stream = self._taken
+        if stream is None:
+            return self._offer_edge(frame, cap)
+        if stream._closed:
+            return 0
+        out = stream._out
         corked_bytes = self._corked_bytes
-        if queued + corked_bytes + len(frame.payload) > cap:
+        if (len(out) if out is not None else 0) + corked_bytes + len(frame.payload) > cap:
             return -1
-        wire = frame.wire
+        wire = frame._wire or frame.wire  # built once per message, by the first member's offer
         corked = self._corked
         if corked is None:
             self._corked = [wire]
@@ -149,6 +149,19 @@ class StreamTransport:
         self._corked_bytes = corked_bytes + len(wire)
         return 1
 
+    def _offer_edge(self, frame: OutFrame, cap: int) -> int:
+        """:meth:`offer` until the transport has seen the socket taken over (Tornado's stream before)."""
+        stream: Any = self._protocol.stream
+        if type(stream) is SocketStream:
+            self._taken = stream
+            return self.offer(frame, cap)
+        if stream.closed():
+            return 0
+        if buffered(stream) + self._corked_bytes + len(frame.payload) > cap:
+            return -1
+        self.send_frame(frame)
+        return 1
+
     def flush(self) -> None:
         """Hand the corked frames to the kernel (the stream queues what it does not take)."""
         corked = self._corked
@@ -159,12 +172,12 @@ class StreamTransport:
         protocol = self._protocol
         if protocol.server_terminated:
             return
-        stream: Any = protocol.stream
         data = corked[0] if len(corked) == 1 else b"".join(corked)
-        if type(stream) is SocketStream:
+        stream = self._taken
+        if stream is not None:
             stream.send(data)
         else:
-            send_now(stream, data)
+            send_now(protocol.stream, data)
 
     def close(self, code: int, reason: str) -> None:
         self.flush()

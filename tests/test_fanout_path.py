@@ -1,0 +1,138 @@
+"""The fan-out's fast path in ``StreamTransport.offer``/``flush`` (the taken-over socket kept on the transport, its
+queue read directly): the cap counts what the kernel did not take plus what is corked, order holds across
+``offer``/``send_frame`` and the takeover, and a Close follows everything queued before it."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from tornado.iostream import IOStream
+
+from wirehub.session import OutFrame
+from wirehub.stream import SocketStream
+from wirehub.transport import StreamTransport
+
+
+class _Owner:
+    def on_readable(self) -> None: ...
+    def on_stream_closed(self) -> None: ...
+
+
+@pytest.fixture
+async def pair() -> AsyncIterator[tuple[socket.socket, socket.socket]]:
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.setblocking(False)
+    yield a, b
+    a.close()
+    b.close()
+
+
+def _drain(peer: socket.socket) -> bytes:
+    got = bytearray()
+    while True:
+        try:
+            chunk = peer.recv(1 << 16)
+        except BlockingIOError:
+            return bytes(got)
+        if not chunk:
+            return bytes(got)
+        got += chunk
+
+
+async def test_offer_before_and_after_the_takeover_keeps_order_and_the_cap(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    a, peer = pair
+    edge = IOStream(a)
+    closes: list[tuple[int, str]] = []
+    protocol: Any = SimpleNamespace(stream=edge, server_terminated=False)
+    transport = StreamTransport(protocol, lambda code, reason: closes.append((code, reason)))
+    f1, f2, f3 = OutFrame(b"1" * 10), OutFrame(b"2" * 10), OutFrame(b"3" * 10)
+    assert transport.offer(f1, 64) == 1  # Tornado's stream: the edge path
+    assert transport.offer(OutFrame(b"x" * 60), 64) == -1  # 12 corked + 60 > 64
+    await asyncio.sleep(0.01)
+    protocol.stream = SocketStream(edge, _Owner())  # the frame reader takes the socket over
+    transport.send_frame(f2)
+    assert transport.offer(f3, 64) == 1 and transport.buffered() == 24
+    await asyncio.sleep(0.01)
+    assert _drain(peer) == f1.wire + f2.wire + f3.wire
+    protocol.stream.close()
+
+
+async def test_what_the_kernel_did_not_take_counts_against_the_cap_with_what_is_corked(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    a, peer = pair
+    stream = SocketStream(IOStream(a), _Owner())
+    protocol: Any = SimpleNamespace(stream=stream, server_terminated=False)
+    transport = StreamTransport(protocol, lambda code, reason: None)
+    big = OutFrame(b"z" * 60000)
+    sent = [big]
+    while stream.buffered() == 0:  # the peer does not read: fill the kernel until the stream queues
+        assert transport.offer(big, 1 << 30) == 1
+        transport.flush()
+        sent.append(big)
+    sent.pop()
+    queued = stream.buffered()
+    cap = queued + 12 + 10  # room for one 10-byte payload corked (a 12-byte wire frame) and one more payload
+    assert transport.offer(OutFrame(b"a" * 10), cap) == 1 and transport.buffered() == queued + 12
+    assert transport.offer(OutFrame(b"b" * 10), cap) == 1  # queued + 12 + 10 is not over the cap
+    assert transport.offer(OutFrame(b"c"), cap) == -1  # one byte more is, and nothing was queued
+    assert transport.buffered() == queued + 24
+    transport.flush()  # behind a queue: appended to it, in order
+    assert stream.buffered() == queued + 24
+    got = bytearray()
+    expected = b"".join(f.wire for f in sent) + OutFrame(b"a" * 10).wire + OutFrame(b"b" * 10).wire
+    for _ in range(500):
+        got += _drain(peer)
+        if len(got) >= len(expected):
+            break
+        await asyncio.sleep(0.005)
+    assert bytes(got) == expected and stream.buffered() == 0
+    stream.close()
+    assert transport.offer(big, 1 << 30) == 0
+
+
+async def test_a_close_follows_the_corked_frames_and_nothing_follows_it(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    a, peer = pair
+    stream = SocketStream(IOStream(a), _Owner())
+    protocol: Any = SimpleNamespace(stream=stream, server_terminated=False)
+
+    def close(code: int, reason: str) -> None:
+        stream.send(b"CLOSE")
+        protocol.server_terminated = True
+
+    transport = StreamTransport(protocol, close)
+    frames = [OutFrame(b"m%d" % i) for i in range(3)]
+    for f in frames:
+        assert transport.offer(f, 1 << 20) == 1
+    transport.close(1000, "")
+    assert transport.offer(frames[0], 1 << 20) == 0
+    transport.send_frame(frames[1])
+    await asyncio.sleep(0.01)
+    assert _drain(peer) == b"".join(f.wire for f in frames) + b"CLOSE"
+    stream.close()
+
+
+async def test_corked_frames_of_send_frame_and_offer_small_and_big_leave_whole_and_in_order(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    a, peer = pair
+    stream = SocketStream(IOStream(a), _Owner())
+    protocol: Any = SimpleNamespace(stream=stream, server_terminated=False)
+    transport = StreamTransport(protocol, lambda code, reason: None)
+    frames = [OutFrame(b"s1"), OutFrame(b"s2"), OutFrame(b"L" * 3000), OutFrame(b"M" * 2000), OutFrame(b"s3")]
+    for i, f in enumerate(frames):
+        (transport.send_frame if i % 2 else lambda f: transport.offer(f, 1 << 20))(f)
+    assert transport.buffered() == sum(len(f.wire) for f in frames)
+    await asyncio.sleep(0.01)
+    assert _drain(peer) == b"".join(f.wire for f in frames) and transport.buffered() == 0
+    stream.close()
