@@ -27,8 +27,8 @@ from wirehub.testing import config_for_tests
 
 #: bytes per member a chat join may leave behind (Python 3.11, 2,000 joins after 200: Redis 557, NATS 692;
 #: 625 and 850 before branch rss2: a (room, session) tuple per Redis presence entry, and the NATS presence's
-#: session ids filling the room-name cache). About 110 B of it is a bounded cost that 2,000 members share
-#: (blocks the storm's futures leave allocated, not per-member state), so it reads less at 18,000.
+#: session ids filling the room-name cache). About 110 B of it are blocks allocated under the bus's
+#: ``loop.create_future()`` calls that no object the garbage collector knows holds (see bench/README.md, rss2).
 MAX_BYTES_PER_MEMBER = {"redis": 600, "nats": 740}
 #: joins in flight at once (the bench's storm has 500 per replica)
 IN_FLIGHT = 200
