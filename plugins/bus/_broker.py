@@ -37,10 +37,14 @@ T = TypeVar("T")
 MAX_HELD = 100_000
 
 
-@functools.lru_cache(maxsize=4096)  # a join storm names one room thousands of times
-def encode_room(room: str) -> str:
-    """A room name as a token safe in NATS subjects, KV keys and Redis hash tags (base64url)."""
-    return base64.urlsafe_b64encode(room.encode()).decode().rstrip("=") or "_"
+def encode_name(name: str) -> str:
+    """A name as a token safe in NATS subjects, KV keys and Redis hash tags (base64url)."""
+    return base64.urlsafe_b64encode(name.encode()).decode().rstrip("=") or "_"
+
+
+#: cached: a join storm names one room thousands of times (a session id is named once: encode_name,
+#: or a storm's sessions would fill the cache, ~150 B each, and evict the rooms)
+encode_room = functools.lru_cache(maxsize=4096)(encode_name)
 
 
 class Supervised(abc.ABC):

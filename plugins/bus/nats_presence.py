@@ -42,7 +42,7 @@ from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
 from wirehub import DepartedListener, PresenceCount, PresenceEntry, PresencePage
-from wirehub.builtins.bus._broker import cancel_and_wait, encode_room
+from wirehub.builtins.bus._broker import cancel_and_wait, encode_name, encode_room
 from wirehub.builtins.bus._roster import Departures, Roster
 from wirehub.builtins.bus.nats_bus import _name
 
@@ -413,7 +413,7 @@ class NatsPresence:
     # -- writing ---------------------------------------------------------------------------------------
 
     def _key(self, room: str, entry: PresenceEntry) -> str:
-        return f"{encode_room(room)}.{encode_room(entry.node)}.{encode_room(entry.session)}"
+        return f"{encode_room(room)}.{encode_room(entry.node)}.{encode_name(entry.session)}"
 
     async def _purge(self, key: str) -> int:
         """Remove a members key (the value at once; the marker after ``marker_ttl``); its stream seq."""
@@ -456,7 +456,7 @@ class NatsPresence:
         try:
             if entry is None:
                 self.bus._check()
-                found = await self._scan(f"{encode_room(room)}.*.{encode_room(session)}")
+                found = await self._scan(f"{encode_room(room)}.*.{encode_name(session)}")
                 if not found:
                     return None
                 entry = found[0][1]
