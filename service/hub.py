@@ -119,6 +119,13 @@ class Hub:
         Raises BusUnavailable (the session is then not a member).
         """
         session.add_room(room)
+        r = self._rooms.get(room)
+        if r is not None and r.subscribed and r.backlog is None and not r.lock.locked():
+            # The room is subscribed and nobody holds its lock (no first join subscribing, no last leave
+            # unsubscribing): being a member is all that is left, and no await may come between the
+            # check and the add. A leave that waits for the lock sees this member and keeps the room.
+            r.add(session)
+            return
         try:
             while True:
                 r = self._rooms.get(room)
@@ -143,6 +150,16 @@ class Hub:
         except BaseException:
             await self.leave(room, session)
             raise
+
+    def position(self, room: str) -> tuple[int, str] | None:
+        """``(offset, epoch)`` of the newest message fanned out here, or None when unknown (not subscribed,
+        no offset yet, a repair running). For a member whose live messages are held
+        (:meth:`Session.hold`): every message fanned out after this call has a greater offset (the bus
+        delivers a room's messages in order), so a join may start from it without a history read."""
+        r = self._rooms.get(room)
+        if r is None or not r.subscribed or r.backlog is not None or r.last_offset is None or r.epoch is None:
+            return None
+        return r.last_offset, r.epoch
 
     def behind(self, room: str, epoch: str, offset: int) -> bool:
         """May a live message of ``room`` at or below ``offset`` (in ``epoch``) still be fanned out

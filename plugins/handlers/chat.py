@@ -55,6 +55,7 @@ from wirehub.builtins.handlers.chat_presence import (
     json_string,
     parse_query,
 )
+from wirehub.rooms import Recovery
 
 if TYPE_CHECKING:
     from wirehub import Wirehub
@@ -187,8 +188,15 @@ class ChatHandler(OpHandler):
         session.hold(room)
         try:
             await ctx.hub.join(room, session)
+            # Without `since` the join starts from the hub's live position when it knows one: no history
+            # read. Gap-free: the session is held and a member already, so whatever is fanned out after
+            # this has a greater offset and is released below.
+            live = ctx.hub.position(room) if since is None else None
             presence = await self.presence.join(session, room)  # O(1) in the room's size, encoded
-            recovery = await recover(ctx.backend.history, room, since, self.options.recovery_limit)
+            if live is not None:
+                recovery = Recovery(live[0], live[1], [], False)
+            else:
+                recovery = await recover(ctx.backend.history, room, since, self.options.recovery_limit)
         except BaseException:
             session.drop_held(room)
             await self._leave(session, st, room)
