@@ -56,6 +56,7 @@ from wirehub.protocol import CloseCode, ErrorCode, ProtocolError, dumps, encode
 from wirehub.rooms import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_ROOM_PATTERN,
+    Recovery,
     RoomLimit,
     RoomRules,
     TokenBucket,
@@ -116,6 +117,7 @@ __all__ = [
     "PresencePage",
     "ProtocolError",
     "PublishOutcomeUnknown",
+    "Recovery",
     "RoomLimit",
     "RoomRules",
     "Session",

@@ -31,6 +31,7 @@ from wirehub import (
     OutFrame,
     ProtocolError,
     PublishOutcomeUnknown,
+    Recovery,
     RoomLimit,
     RoomRules,
     Session,
@@ -55,7 +56,6 @@ from wirehub.builtins.handlers.chat_presence import (
     json_string,
     parse_query,
 )
-from wirehub.rooms import Recovery
 
 if TYPE_CHECKING:
     from wirehub import Wirehub
