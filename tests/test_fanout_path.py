@@ -45,6 +45,13 @@ def _drain(peer: socket.socket) -> bytes:
         got += chunk
 
 
+def _taken_over(sock: socket.socket, close: Any = None) -> tuple[SocketStream, Any, StreamTransport]:
+    """A taken-over stream on ``sock``, the protocol stand-in the transport sees, and the transport."""
+    stream = SocketStream(IOStream(sock), _Owner())
+    protocol: Any = SimpleNamespace(stream=stream, server_terminated=False)
+    return stream, protocol, StreamTransport(protocol, close or (lambda code, reason: None))
+
+
 async def test_offer_before_and_after_the_takeover_keeps_order_and_the_cap(
     pair: tuple[socket.socket, socket.socket],
 ) -> None:
@@ -69,9 +76,7 @@ async def test_what_the_kernel_did_not_take_counts_against_the_cap_with_what_is_
     pair: tuple[socket.socket, socket.socket],
 ) -> None:
     a, peer = pair
-    stream = SocketStream(IOStream(a), _Owner())
-    protocol: Any = SimpleNamespace(stream=stream, server_terminated=False)
-    transport = StreamTransport(protocol, lambda code, reason: None)
+    stream, _, transport = _taken_over(a)
     big = OutFrame(b"z" * 60000)
     sent = [big]
     while stream.buffered() == 0:  # the peer does not read: fill the kernel until the stream queues
@@ -103,14 +108,11 @@ async def test_a_close_follows_the_corked_frames_and_nothing_follows_it(
     pair: tuple[socket.socket, socket.socket],
 ) -> None:
     a, peer = pair
-    stream = SocketStream(IOStream(a), _Owner())
-    protocol: Any = SimpleNamespace(stream=stream, server_terminated=False)
-
     def close(code: int, reason: str) -> None:
         stream.send(b"CLOSE")
         protocol.server_terminated = True
 
-    transport = StreamTransport(protocol, close)
+    stream, protocol, transport = _taken_over(a, close)
     frames = [OutFrame(b"m%d" % i) for i in range(3)]
     for f in frames:
         assert transport.offer(f, 1 << 20) == 1
@@ -126,9 +128,7 @@ async def test_corked_frames_of_send_frame_and_offer_small_and_big_leave_whole_a
     pair: tuple[socket.socket, socket.socket],
 ) -> None:
     a, peer = pair
-    stream = SocketStream(IOStream(a), _Owner())
-    protocol: Any = SimpleNamespace(stream=stream, server_terminated=False)
-    transport = StreamTransport(protocol, lambda code, reason: None)
+    stream, _, transport = _taken_over(a)
     frames = [OutFrame(b"s1"), OutFrame(b"s2"), OutFrame(b"L" * 3000), OutFrame(b"M" * 2000), OutFrame(b"s3")]
     for i, f in enumerate(frames):
         (transport.send_frame if i % 2 else lambda f: transport.offer(f, 1 << 20))(f)
