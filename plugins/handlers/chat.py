@@ -157,10 +157,11 @@ class ChatHandler(OpHandler):
         assert isinstance(st, _ChatState)
         return st
 
-    async def _authorize(self, session: Session, action: str, room: str) -> None:
+    def _authorize(self, session: Session, action: str, room: str) -> Awaitable[None] | None:
+        """None when ``wirehub_authorize`` allowed at once (no coroutine: the built-in policy, every join),
+        else what to await: it raises ``error forbidden`` unless the answer is yes."""
         allowed = self.context.hooks.authorize_now(session.identity, action, room)
-        if allowed is not True:
-            await _refuse_unless(allowed, action, room)
+        return None if allowed is True else _refuse_unless(allowed, action, room)
 
     # -- join / leave ---------------------------------------------------------------------------------
 
@@ -178,10 +179,8 @@ class ChatHandler(OpHandler):
                 reason="room_limit",
             )
         ctx = self.context
-        # no coroutine per join while every wirehub_authorize answers synchronously (the built-in policy)
-        allowed = ctx.hooks.authorize_now(session.identity, "join", room)
-        if allowed is not True:
-            await _refuse_unless(allowed, "join", room)
+        if (refusal := self._authorize(session, "join", room)) is not None:
+            await refusal
         st.add(room)
         # Gap-free and duplicate-free: live messages are held from the moment the session is a
         # member; history after `since` is replayed; then the held ones newer than the replay go out.
@@ -274,9 +273,8 @@ class ChatHandler(OpHandler):
         idempotency_key = parse_idempotency_key(request.get("idempotency_key"))
         if not st.has(room):
             raise ProtocolError(ErrorCode.NOT_JOINED, f"join room {room!r} before publishing to it")
-        allowed = self.context.hooks.authorize_now(session.identity, "publish", room)
-        if allowed is not True:
-            await _refuse_unless(allowed, "publish", room)
+        if (refusal := self._authorize(session, "publish", room)) is not None:
+            await refusal
         offset = await publish_message(
             self.context.hub,
             self.context.hooks,
@@ -295,8 +293,8 @@ class ChatHandler(OpHandler):
 
     async def _may_read(self, session: Session, action: str, room: str) -> None:
         """Members may read their rooms; others need ``wirehub_authorize(action)``."""
-        if not self._state(session).has(room):
-            await self._authorize(session, action, room)
+        if not self._state(session).has(room) and (refusal := self._authorize(session, action, room)) is not None:
+            await refusal
 
     async def op_presence(self, session: Session, request: dict[str, Any]) -> None:
         room = self.room_rules.room(request)
