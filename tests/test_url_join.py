@@ -1,0 +1,212 @@
+"""Joins carried by the upgrade URL (docs/protocol.md, "Joining in the upgrade URL"), on a real server with
+real clients: each is handled as a ``join`` frame sent first would be (reply, replay, errors, op budget, order),
+and a malformed ``join`` parameter is refused with 400 before the upgrade, on the lean path and Tornado's."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.parse
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from tests.test_upgrade_head import closed, exchange, read_answer, text_frame, upgrade_head
+from wirehub.testing import LiveServer, WsClient, unique_room
+
+Start = Callable[..., Awaitable[LiveServer]]
+CHAT = "/ws/chat"
+POLICY = "tests.plugins_for_tests.chat_policy"
+
+
+def chat(options: dict[str, Any] | None = None, **overrides: Any) -> dict[str, Any]:
+    return {"endpoints": [{"path": CHAT, "handler": "chat", "options": options or {}},
+                          {"path": "/ws/echo", "handler": "echo"}], **overrides}
+
+
+def url(*joins: str | dict[str, Any], path: str = CHAT, **params: str) -> str:
+    """``path`` with one ``join`` parameter per item (a room name, or an object as JSON) and ``params``."""
+    pairs = [("join", j if isinstance(j, str) else json.dumps(j)) for j in joins] + list(params.items())
+    return path + "?" + urllib.parse.urlencode(pairs)
+
+
+async def open_ws(server: LiveServer, path: str) -> WsClient:
+    ws = await server.ws(path)
+    assert (await ws.recv())["op"] == "welcome"
+    return ws
+
+
+async def test_plain_and_object_joins_answer_joined_in_order(wirehub_server: Start) -> None:
+    server = await wirehub_server(chat())
+    a, b = unique_room(), unique_room()
+    ws = await open_ws(server, url(a, {"room": b, "id": "j-b"}))
+    first, second = await ws.recv(), await ws.recv()
+    assert first["op"] == "joined" and first["room"] == a and "id" not in first
+    assert second["op"] == "joined" and second["room"] == b and second["id"] == "j-b"
+    other = await open_ws(server, CHAT)
+    await other.request({"op": "join", "room": b})
+    await other.request({"op": "publish", "room": b, "data": "hi"})
+    assert (await ws.recv_op("message"))["data"] == "hi"  # a member, as after a join frame
+
+
+async def test_a_rejoin_with_since_replays_what_was_missed_while_others_publish(wirehub_server: Start) -> None:
+    server = await wirehub_server(chat({"publish_rate": 10000, "publish_burst": 10000}))
+    room = unique_room()
+    publisher = await open_ws(server, CHAT)
+    joined = await publisher.request({"op": "join", "room": room})
+    since = {"offset": joined["offset"], "epoch": joined["epoch"]}
+    for n in range(5):
+        assert (await publisher.request({"op": "publish", "room": room, "data": n}))["op"] == "ack"
+    stop = asyncio.Event()
+
+    async def keep_publishing() -> int:
+        n = 5
+        while not stop.is_set():
+            assert (await publisher.request({"op": "publish", "room": room, "data": n}))["op"] == "ack"
+            n += 1
+        return n
+
+    task = asyncio.create_task(keep_publishing())
+    ws = await open_ws(server, url({"room": room, "since": since, "id": 1}))
+    reply = await ws.recv()
+    assert reply["op"] == "joined" and reply["id"] == 1 and reply["recovered"] is True
+    await asyncio.sleep(0.2)  # live messages keep coming after the replay
+    stop.set()
+    published = await task
+    got: list[int] = []
+    while len(got) < published:
+        frame = await ws.recv_op("message")
+        got.append(frame["data"])
+    assert got == list(range(published))  # nothing lost, nothing twice, in order
+    await ws.expect_nothing(0.1)
+
+
+async def test_refused_joins_are_error_frames_with_their_id_and_the_session_stays(wirehub_server: Start) -> None:
+    server = await wirehub_server(chat(plugins={"load": [POLICY]}))
+    ok = unique_room()
+    ws = await open_ws(server, url({"room": "vip-x", "id": "v"}, {"room": "bad room!", "id": 7}, ok, ok))
+    forbidden, bad, joined, twice = [await ws.recv() for _ in range(4)]
+    assert (forbidden["op"], forbidden["code"], forbidden["id"]) == ("error", "forbidden", "v")
+    assert (bad["op"], bad["code"], bad["id"]) == ("error", "bad_request", 7)
+    assert joined["op"] == "joined" and joined["room"] == ok
+    assert twice["op"] == "error" and twice["code"] == "bad_request" and "already joined" in twice["message"]
+    assert (await ws.request({"op": "ping"}))["op"] == "pong"
+
+
+async def test_frames_sent_with_the_upgrade_are_handled_after_the_url_joins(wirehub_server: Start) -> None:
+    server = await wirehub_server(chat())
+    a, b = unique_room(), unique_room()
+    ping = text_frame(b'{"op":"ping","id":"p"}')
+    leave = text_frame(json.dumps({"op": "leave", "room": a, "id": "l"}).encode())
+    reader, writer = await exchange(server, upgrade_head(url(a, b)) + ping + leave)  # one packet
+    status, _, _ = await read_answer(reader)
+    assert status == 101
+    frames = [json.loads(await _read_frame(reader)) for _ in range(5)]
+    assert [(f["op"], f.get("room"), f.get("id")) for f in frames] == [
+        ("welcome", None, None), ("joined", a, None), ("joined", b, None), ("pong", None, "p"), ("left", a, "l")]
+    await closed(writer)
+
+
+async def _read_frame(reader: asyncio.StreamReader) -> bytes:
+    head = await asyncio.wait_for(reader.readexactly(2), 5)
+    size = head[1] & 0x7F
+    if size == 126:
+        size = int.from_bytes(await reader.readexactly(2), "big")
+    return await asyncio.wait_for(reader.readexactly(size), 5)
+
+
+async def test_url_joins_are_counted_in_the_op_budget(wirehub_server: Start) -> None:
+    server = await wirehub_server(chat(server={"op_rate": 0.01, "op_burst": 2, "op_rate_close_after": 0}))
+    rooms = [unique_room() for _ in range(3)]
+    ws = await open_ws(server, url(*({"room": r, "id": i} for i, r in enumerate(rooms))))
+    replies = [await ws.recv() for _ in range(3)]
+    assert [r["op"] for r in replies] == ["joined", "joined", "error"]
+    assert replies[2]["code"] == "rate_limited" and replies[2]["id"] == 2
+    refused = await ws.request({"op": "ping"})  # the budget is spent: the next frame is refused too
+    assert refused["code"] == "rate_limited"
+
+
+async def test_max_rooms_joins_are_served_and_one_more_is_refused_before_the_upgrade(wirehub_server: Start) -> None:
+    server = await wirehub_server(chat({"max_rooms": 2}))
+    ws = await open_ws(server, url(unique_room(), unique_room()))
+    assert [(await ws.recv())["op"] for _ in range(2)] == ["joined", "joined"]
+    reader, writer = await exchange(server, upgrade_head(url(*(unique_room() for _ in range(3)))))
+    status, _, body = await read_answer(reader)
+    assert status == 400 and json.loads(body) == {"error": "bad_request", "reason": "at most 2 join parameters"}
+    await closed(writer)
+
+
+async def test_a_token_in_the_query_still_authenticates_beside_joins(wirehub_server: Start) -> None:
+    server = await wirehub_server(chat())
+    key = "k" * 16
+    room = unique_room()
+    one = await server.ws(url(room, guest=key))
+    two = await server.ws(url(guest=key, path=CHAT))
+    welcomes = [await one.recv(), await two.recv()]
+    assert welcomes[0]["user"] == welcomes[1]["user"]  # the same guest: the query's key was read
+    assert (await one.recv())["op"] == "joined"
+
+
+MALFORMED = [
+    ("{", "join is not valid JSON"),
+    ('{"room": 5}', "join: field 'room' must be a non-empty string"),
+    ('{"room": "a", "x": 1}', "join: a JSON object takes only the fields room, since and id"),
+    ('{"room": "a", "since": 4}', None),
+    ('{"room": "a", "since": {"offset": -1, "epoch": "e"}}', None),
+    ('{"room": "a", "id": [1]}', "join: field 'id' must be a string of at most 64 characters or an integer"),
+    ("", None),
+    ("r" * 1025, None),
+]
+
+
+def bad_head(value: str) -> bytes:
+    return upgrade_head(CHAT + "?join=" + urllib.parse.quote(value, safe=""))
+
+
+@pytest.mark.parametrize(("value", "reason"), MALFORMED)
+async def test_a_malformed_join_is_a_400_before_the_upgrade_on_the_lean_path(
+        wirehub_server: Start, value: str, reason: str | None) -> None:
+    server = await wirehub_server(chat())
+    reader, writer = await exchange(server, bad_head(value))  # a first head: the accept path reads it
+    status, head, body = await read_answer(reader)
+    answer = json.loads(body)
+    assert status == 400 and answer["error"] == "bad_request" and b"application/json" in head
+    assert reason is None or answer["reason"] == reason
+    assert not server.app.sessions
+    await closed(writer)
+
+
+@pytest.mark.parametrize(("value", "reason"), MALFORMED[:3])
+async def test_a_malformed_join_is_a_400_before_the_upgrade_on_tornados_path(
+        wirehub_server: Start, value: str, reason: str) -> None:
+    server = await wirehub_server(chat())
+    # after a plain request, the same connection's upgrade goes through Tornado's HTTP/1 connection
+    reader, writer = await exchange(server, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" + bad_head(value))
+    assert (await read_answer(reader))[0] == 200
+    status, _, body = await read_answer(reader)
+    assert status == 400 and json.loads(body) == {"error": "bad_request", "reason": reason}
+    await closed(writer)
+
+
+async def test_a_non_utf8_join_is_a_400(wirehub_server: Start) -> None:
+    server = await wirehub_server(chat())
+    reader, writer = await exchange(server, upgrade_head(CHAT + "?join=%ff"))
+    status, _, body = await read_answer(reader)
+    assert status == 400 and json.loads(body)["reason"] == "join: not UTF-8"
+    await closed(writer)
+
+
+async def test_an_endpoint_without_a_join_op_leaves_the_parameter_alone(wirehub_server: Start) -> None:
+    server = await wirehub_server(chat())
+    reader, writer = await exchange(server, upgrade_head("/ws/echo?join=%7B"))
+    assert (await read_answer(reader))[0] == 101
+    await closed(writer)
+
+
+async def test_the_game_endpoint_joins_from_the_url_too(wirehub_server: Start) -> None:
+    server = await wirehub_server({"endpoints": [{"path": "/ws/game", "handler": "game"}]})
+    room = unique_room()
+    ws = await open_ws(server, url({"room": room, "id": "g"}, path="/ws/game"))
+    reply = await ws.recv()
+    assert reply["op"] == "state" and reply["id"] == "g" and reply["room"] == room
