@@ -175,8 +175,8 @@ class OpHandler:
         return frame
 
     async def on_open(self, session: Session) -> None:
-        self._welcome(session)
         joins = _pending_joins.pop(session, None) if _pending_joins else None
+        self._welcome(session, len(joins) if joins else 0)
         if joins:
             # Handled as join frames sent first would be, in order; frames that arrive meanwhile wait, as
             # the first frame is read only once on_open returned.
@@ -185,10 +185,15 @@ class OpHandler:
                     break
                 await self.handle(session, request)
 
-    def _welcome(self, session: Session) -> None:
+    def _welcome(self, session: Session, joins: int) -> None:
+        """The welcome; ``joins``: how many joins of the upgrade URL it announces (their replies follow it;
+        a client that sees no ``joins`` talks to a server that ignored them, and joins with frames)."""
         identity = session.identity
         if type(self).welcome is not OpHandler.welcome or identity.expires_at is not None:
-            session.send(self.welcome(session))
+            frame = self.welcome(session)
+            if joins:
+                frame["joins"] = joins
+            session.send(frame)
             return
         # The usual welcome (no expiry, this class's fields) spliced from pre-encoded parts: the same bytes
         # as dumps(self.welcome(session)) (tests/test_welcome.py), without a dict and a JSON encoder
@@ -198,6 +203,8 @@ class OpHandler:
             _json_string(session.node).encode()
         if identity.name:
             payload += b',"name":' + (user if identity.name == identity.user else _json_string(identity.name).encode())
+        if joins:
+            payload += b',"joins":%d' % joins
         session.send_frame(OutFrame(payload + b"}"))
 
     async def on_message(self, session: Session, data: str | bytes) -> None:

@@ -13,6 +13,10 @@ from typing import Any
 import pytest
 
 from tests.test_upgrade_head import closed, exchange, read_answer, text_frame, upgrade_head
+from wirehub.client import Client
+from wirehub.handler import OpHandler
+from wirehub.protocol import CloseCode, close_reason
+from wirehub.session import Session
 from wirehub.testing import LiveServer, WsClient, unique_room
 
 Start = Callable[..., Awaitable[LiveServer]]
@@ -40,7 +44,10 @@ async def open_ws(server: LiveServer, path: str) -> WsClient:
 async def test_plain_and_object_joins_answer_joined_in_order(wirehub_server: Start) -> None:
     server = await wirehub_server(chat())
     a, b = unique_room(), unique_room()
-    ws = await open_ws(server, url(a, {"room": b, "id": "j-b"}))
+    ws = await server.ws(url(a, {"room": b, "id": "j-b"}))
+    welcome = await ws.recv()
+    assert welcome["op"] == "welcome" and welcome["joins"] == 2  # announced: a server that ignores them says none
+    assert "joins" not in await (await server.ws(CHAT)).recv()
     first, second = await ws.recv(), await ws.recv()
     assert first["op"] == "joined" and first["room"] == a and "id" not in first
     assert second["op"] == "joined" and second["room"] == b and second["id"] == "j-b"
@@ -210,3 +217,92 @@ async def test_the_game_endpoint_joins_from_the_url_too(wirehub_server: Start) -
     ws = await open_ws(server, url({"room": room, "id": "g"}, path="/ws/game"))
     reply = await ws.recv()
     assert reply["op"] == "state" and reply["id"] == "g" and reply["room"] == room
+
+
+# -- the Python client ------------------------------------------------------------------------------------------
+
+FAST = {"backoff_min": 0.05, "backoff_max": 0.2, "ack_timeout": 5.0, "ping_interval": 0}
+
+
+@pytest.fixture
+def join_frames(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The rooms of the join frames the server reads (the URL's joins are not frames)."""
+    seen: list[str] = []
+    original = OpHandler.on_message
+
+    async def counting(self: OpHandler, session: Session, data: str | bytes) -> None:
+        frame = json.loads(data)
+        if frame.get("op") == "join":
+            seen.append(frame["room"])
+        await original(self, session, data)
+
+    monkeypatch.setattr(OpHandler, "on_message", counting)
+    return seen
+
+
+async def _eventually(cond: Callable[[], bool], what: str) -> None:
+    for _ in range(250):
+        if cond():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{what}: not within 5 s")
+
+
+async def test_the_client_joins_and_rejoins_with_since_in_the_url(wirehub_server: Start,
+                                                                  join_frames: list[str]) -> None:
+    server = await wirehub_server(chat())
+    room, late = unique_room(), unique_room()
+    listener, other = Client(server.ws_url(CHAT), **FAST), Client(server.ws_url(CHAT), **FAST)
+    try:
+        got: list[Any] = []
+        joins: list[dict[str, Any]] = []
+        sub = await listener.join(room, lambda m: got.append(m["data"]), on_joined=joins.append)  # connects
+        await other.join(room, lambda m: None)
+        assert join_frames == []  # both joined in their URL
+        await listener.join(late, lambda m: None)  # a room added while connected: a frame
+        assert join_frames == [late]
+        await other.publish(room, "before")
+        await _eventually(lambda: got == ["before"], "the first message")
+        (session,) = [s for s in server.app.sessions if s.identity.user == (listener.welcome or {})["user"]]
+        session.close(CloseCode.GOING_AWAY, close_reason(CloseCode.GOING_AWAY, 50))
+        await _eventually(lambda: listener.status == "reconnecting", "the drop")
+        await other.publish(room, "while away")
+        await _eventually(lambda: len(joins) == 2 and listener.status == "open", "the rejoin")
+        assert joins[1]["rejoin"] is True and joins[1]["recovered"] is True and sub.recovered is True
+        assert join_frames == [late]  # both rooms rejoined in the URL, the first with since
+        await other.publish(room, "after")
+        await _eventually(lambda: len(got) == 3, "the live message")
+        assert got == ["before", "while away", "after"]
+        assert set(listener.rooms) == {room, late}
+    finally:
+        await listener.close()
+        await other.close()
+
+
+async def test_the_client_falls_back_to_frames_when_the_server_refuses_url_joins(
+        wirehub_server: Start, join_frames: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(OpHandler, "url_join_limit", lambda self: 0)  # every URL join is a 400
+    server = await wirehub_server(chat())
+    room = unique_room()
+    client = Client(server.ws_url(CHAT), **FAST)
+    try:
+        sub = await client.join(room, lambda m: None)
+        assert sub.recovered is False and client.url_joins is False and join_frames == [room]
+        assert client.last_close == (None, "HTTP 400")
+    finally:
+        await client.close()
+
+
+async def test_the_client_falls_back_to_frames_when_the_server_ignores_url_joins(
+        wirehub_server: Start, join_frames: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import wirehub.websocket
+
+    monkeypatch.setattr(wirehub.websocket, "give_url_joins", lambda session, joins: None)  # as an older server
+    server = await wirehub_server(chat())
+    room = unique_room()
+    client = Client(server.ws_url(CHAT), **FAST)
+    try:
+        await client.join(room, lambda m: None)
+        assert client.url_joins is False and join_frames == [room] and client.connections == 1
+    finally:
+        await client.close()
