@@ -306,3 +306,26 @@ async def test_the_client_falls_back_to_frames_when_the_server_ignores_url_joins
         assert client.url_joins is False and join_frames == [room] and client.connections == 1
     finally:
         await client.close()
+
+
+@pytest.mark.parametrize("query", ["join=lobby", "join=a&join=b&token=x.y.z", "a=1&a=2&b=&c",
+                                   "join=%7B%22room%22%3A1%7D", "x=%ff%fe", "=v&k"])
+def test_the_plain_request_with_a_query_is_what_tornado_makes_of_it(query: str) -> None:
+    """The lean path's request for a head with a query string (a JWT, joins) equals Tornado's, attribute by
+    attribute, query arguments included."""
+    from tornado.httputil import HTTPServerRequest
+
+    from wirehub.accept import _HeadConnection, _PeerContext
+    from wirehub.head import parse_head
+    from wirehub.upgrade import _PlainRequest
+
+    parsed = parse_head(upgrade_head(CHAT + "?" + query))
+    assert parsed is not None
+    start_line, headers, _ = parsed
+    connection = _HeadConnection(None, _PeerContext("10.0.0.1", "http"))  # type: ignore[arg-type]
+    ours = vars(_PlainRequest(connection, start_line, headers, "127.0.0.1"))
+    tornados = vars(HTTPServerRequest(connection=connection, start_line=start_line, headers=headers))
+    assert ours.keys() == tornados.keys()
+    assert {k: v for k, v in ours.items() if k != "_start_time"} == {
+        k: v for k, v in tornados.items() if k != "_start_time"}
+    assert ours["query_arguments"] is not ours["arguments"]
