@@ -222,7 +222,7 @@ async def join_phase(env: Env, kind: str, n: int, *, join: bool, events: bool, b
         room = f"big-{uuid.uuid4().hex[:8]}"
         rss0, c0 = rss_bytes(pid), cpu_seconds(pid)
         conn = await asyncio.gather(*(w.call("connect", targets=[(port, k, 0)], room=room, burst=burst,
-                                             url_join=url_join and join)
+                                             url_join=url_join and join, join_timeout=join_timeout)
                                       for w, k in zip(workers, split(n, len(workers)), strict=True)))
         c1 = cpu_seconds(pid)
         res: dict[str, Any] = {"bus": kind, "size": n, "join": join, "events": events, "url_join": url_join,

@@ -119,6 +119,11 @@ class Member(WsClient):
         self.opened.add_done_callback(_consume)
         self.joined.add_done_callback(_consume)
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if not self.joined.done():  # a join in flight (or in the URL) never gets its reply now
+            self.joined.set_exception(ConnectionError(f"closed before joined (close code {self.close_code})"))
+
     def join(self, since: bool = False) -> asyncio.Future[bool]:
         self.send(json.dumps({"op": "join", **join_request(self.room, self.state, since)}).encode())
         return self.joined
@@ -273,7 +278,7 @@ class _WorkerLoop:
         self.delivered += 1
 
     async def connect(self, targets: list[tuple[int, int, int]], room: str, burst: int,
-                      url_join: bool = False) -> dict[str, Any]:
+                      url_join: bool = False, join_timeout: float = 300.0) -> dict[str, Any]:
         """``targets``: (port, how many, sample every n-th of them; 0 = none) for each server. With ``url_join``
         every member joins ``room`` in its upgrade URL (then and on reconnects): :meth:`join` only waits."""
         self.room = room
@@ -291,8 +296,12 @@ class _WorkerLoop:
         async def one(st: MemberState) -> None:
             async with sem:
                 try:
-                    self.members.append(await open_member(st.port, room, st, self.stats, on_delivery=self._delivery,
-                                                          url_join=url_join))
+                    m = await open_member(st.port, room, st, self.stats, on_delivery=self._delivery,
+                                          url_join=url_join)
+                    self.members.append(m)
+                    if url_join:  # as many joins in flight as with join frames (``burst``): the 101 may come first
+                        with contextlib.suppress(ConnectionError, TimeoutError):  # counted by join()
+                            await asyncio.wait_for(asyncio.shield(m.joined), join_timeout)
                 except (OSError, TimeoutError) as exc:
                     failures.append(f"{type(exc).__name__}: {exc}")
 

@@ -86,6 +86,8 @@ _pending_joins: weakref.WeakKeyDictionary[Session, tuple[dict[str, Any], ...]] =
 def give_url_joins(session: Session, joins: tuple[dict[str, Any], ...]) -> None:
     """Called by the core before ``on_open``: the joins :meth:`OpHandler.on_open` handles after its welcome."""
     _pending_joins[session] = joins
+
+
 #: longest ``join`` query value, in characters (a room of 256 and a ``since`` fit easily)
 MAX_URL_JOIN_LENGTH = 1024
 #: how many ``join`` values an upgrade URL may carry when the handler has no ``options.max_rooms``

@@ -1,9 +1,9 @@
 """The WebSocket endpoint: checks before the upgrade, then decode and dispatch to the handler plugin.
 
 Before the 101 every refusal is an HTTP status with a JSON body ``{"error", "reason"}``:
-400/426 for a request that is not a WebSocket upgrade, 503 while draining, 403 for a foreign
-Origin, 401 from the authenticator, 429 over a connection limit. After the upgrade, problems are
-``error`` frames or close codes from :mod:`wirehub.protocol`.
+400/426 for a request that is not a WebSocket upgrade (400 too for a malformed ``join`` parameter),
+503 while draining, 403 for a foreign Origin, 401 from the authenticator, 429 over a connection limit.
+After the upgrade, problems are ``error`` frames or close codes from :mod:`wirehub.protocol`.
 """
 
 from __future__ import annotations
