@@ -103,19 +103,29 @@ class SessionSide:
             first = _DONE
         if head is not None:
             transport.flush()
-        return None if first is _DONE else _Resumed(coro, first)
+        if first is _DONE:
+            return None
+        # No frame is read until the open hooks are done (URL joins waiting for the bus, in a reconnect storm
+        # maybe for long): the keepalive must not take the unread pong for a dead client meanwhile, as it does
+        # not while a frame's handler works. _opened clears it.
+        protocol.busy = True
+        return _Resumed(coro, first)
 
     async def _opened(self, session: Session) -> None:
         """The open hooks; one that raises closes the session with 1011 (reported by the app), and
         :meth:`on_close` then releases everything as for any other close."""
         try:
-            await self.handler.on_open(session)
-        except Exception as exc:
-            self.app.handler_failed(session, "on_open", exc)
-            session.close(CloseCode.INTERNAL)
-            return
-        if not await self.app.hooks.session_opened(session) and not session.closed:
-            session.close(CloseCode.INTERNAL)
+            try:
+                await self.handler.on_open(session)
+            except Exception as exc:
+                self.app.handler_failed(session, "on_open", exc)
+                session.close(CloseCode.INTERNAL)
+                return
+            if not await self.app.hooks.session_opened(session) and not session.closed:
+                session.close(CloseCode.INTERNAL)
+        finally:
+            if self._protocol is not None:
+                self._protocol.busy = False  # set while they were pending (_start_session)
 
     def on_message(self, message: str | bytes) -> Any:
         session = self.session

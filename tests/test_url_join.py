@@ -329,3 +329,16 @@ def test_the_plain_request_with_a_query_is_what_tornado_makes_of_it(query: str) 
     assert {k: v for k, v in ours.items() if k != "_start_time"} == {
         k: v for k, v in tornados.items() if k != "_start_time"}
     assert ours["query_arguments"] is not ours["arguments"]
+
+
+async def test_a_url_join_that_waits_keeps_its_connection_through_the_keepalive(wirehub_server: Start) -> None:
+    """No frame (the pong neither) is read while the open hooks wait: the keepalive counts the connection
+    as busy then, as while a frame's handler works, instead of dropping it after ping_timeout."""
+    server = await wirehub_server(chat(plugins={"load": ["tests.plugins_for_tests.slow_authorize"]},
+                                       server={"ping_interval": 0.2, "ping_timeout": 0.1}))
+    ws = await open_ws(server, url({"room": "slow-" + unique_room(), "id": "s"}))
+    reply = await ws.recv()
+    assert reply["op"] == "joined" and reply["id"] == "s"
+    assert (await ws.request({"op": "ping"}))["op"] == "pong"
+    await asyncio.sleep(0.5)  # pings answered (by the client's library) and read again
+    assert (await ws.request({"op": "ping"}))["op"] == "pong"
