@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import urllib.parse
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -342,3 +346,19 @@ async def test_a_url_join_that_waits_keeps_its_connection_through_the_keepalive(
     assert (await ws.request({"op": "ping"}))["op"] == "pong"
     await asyncio.sleep(0.5)  # pings answered (by the client's library) and read again
     assert (await ws.request({"op": "ping"}))["op"] == "pong"
+
+
+def test_bench_rooms_join_pairs_url_joins_with_frame_joins(tmp_path: Path) -> None:
+    """``bench_rooms join --url-join off,on`` (quick): a frame-join row and a URL-join row per size, the latter
+    with its ratios to the former; every URL-join member joined (no figure is asserted)."""
+    root = Path(__file__).parent.parent
+    out = tmp_path / "rooms.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(root)) if p)}
+    proc = subprocess.run([sys.executable, "-m", "bench.bench_rooms", "join", "--quick", "--url-join", "off,on",
+                           "--json", str(out)], cwd=root, capture_output=True, text=True, timeout=110, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["join"]
+    assert sorted((r["size"], r["url_join"]) for r in rows) == [(100, "off"), (100, "on"), (200, "off"), (200, "on")]
+    for r in rows:
+        assert r["joined"]["join_failed"] == 0 and r["joined"]["joined"] == r["size"], r
+        assert ("member_vs_idle_cpu_vs_frame_join" in r) == (r["url_join"] == "on")
