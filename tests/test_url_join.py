@@ -159,6 +159,22 @@ async def test_a_token_in_the_query_still_authenticates_beside_joins(wirehub_ser
     assert (await one.recv())["op"] == "joined"
 
 
+async def test_a_jwt_in_the_query_authenticates_beside_joins(wirehub_server: Start) -> None:
+    import time
+
+    import jwt
+
+    secret = "s" * 40
+    server = await wirehub_server(chat(auth={"plugin": "jwt", "jwt": {"algorithms": ["HS256"], "secret": secret}}))
+    token = jwt.encode({"sub": "ann", "rooms": ["*"], "exp": int(time.time()) + 600}, secret, algorithm="HS256")
+    room = unique_room()
+    ws = await server.ws(url({"room": room, "id": 1}, token=token))
+    welcome = await ws.recv()
+    assert welcome["user"] == "ann" and welcome["joins"] == 1
+    reply = await ws.recv()
+    assert reply["op"] == "joined" and reply["id"] == 1 and reply["room"] == room
+
+
 MALFORMED = [
     ("{", "join is not valid JSON"),
     ('{"room": 5}', "join: field 'room' must be a non-empty string"),
