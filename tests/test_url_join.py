@@ -22,6 +22,8 @@ from wirehub.handler import OpHandler
 from wirehub.protocol import CloseCode, close_reason
 from wirehub.session import Session
 from wirehub.testing import LiveServer, WsClient, unique_room
+from wirehub.upgrade import LeanSocket
+from wirehub.websocket import WirehubSocket
 
 Start = Callable[..., Awaitable[LiveServer]]
 CHAT = "/ws/chat"
@@ -116,6 +118,29 @@ async def test_frames_sent_with_the_upgrade_are_handled_after_the_url_joins(wire
     frames = [json.loads(await _read_frame(reader)) for _ in range(5)]
     assert [(f["op"], f.get("room"), f.get("id")) for f in frames] == [
         ("welcome", None, None), ("joined", a, None), ("joined", b, None), ("pong", None, "p"), ("left", a, "l")]
+    await closed(writer)
+
+
+@pytest.mark.parametrize(("after_plain", "version", "kind"), [
+    (True, b"13", LeanSocket), (False, b"8", WirehubSocket), (True, b"8", WirehubSocket)])
+async def test_url_joins_on_every_upgrade_path(wirehub_server: Start, after_plain: bool, version: bytes,
+                                               kind: type) -> None:
+    """After a plain request (Tornado's HTTP/1 connection, then the lean upgrade), and on Tornado's own
+    WebSocket handler (version 8, first head or not): the same welcome, joined, then the frame that followed."""
+    server = await wirehub_server(chat())
+    room = unique_room()
+    ping = text_frame(b'{"op":"ping","id":"p"}')
+    head = upgrade_head(url({"room": room, "id": 3})).replace(b"Version: 13", b"Version: " + version)
+    plain = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" if after_plain else b""
+    reader, writer = await exchange(server, plain + head)
+    if after_plain:
+        assert (await read_answer(reader))[0] == 200
+    assert (await read_answer(reader))[0] == 101
+    writer.write(ping)
+    frames = [json.loads(await _read_frame(reader)) for _ in range(3)]
+    assert [(f["op"], f.get("id")) for f in frames] == [("welcome", None), ("joined", 3), ("pong", "p")]
+    (socket_side,) = server.app.sessions.values()
+    assert isinstance(socket_side, kind)
     await closed(writer)
 
 
