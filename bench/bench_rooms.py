@@ -16,6 +16,10 @@ figures are noisy):
   server CPU per idle connection (target <= 1.2x at 50,000: shown flat from 1,000 to 18,000), the
   join's own CPU per join against the smallest size, joins per second, and RSS per member minus RSS per
   idle connection (target <= 1 KiB). ``--events off`` is the storm baseline; ``on`` is the default.
+  ``--url-join on`` (or ``off,on``: both, after the same idle baseline) has each member join in its
+  upgrade URL (docs/protocol.md, "Joining in the upgrade URL"): the member's CPU is then the connect
+  phase's (plus the few joins still finishing after it); the ``on`` rows carry ``*_vs_frame_join``, the
+  ratio to the same code's ``off`` row. A ``--before`` tree is measured with join frames only.
 - ``latency``: publisher on replica A, ``--subscribers`` on replica B, ``--rate`` messages per second
   (20 x 1,000 = 20,000 deliveries/s), p50/p99/p99.9 per bus, against the memory bus on one replica
   in the same run (target p99 <= 1.5x). ``presence_ttl`` is ``--presence-ttl`` (3 s: a refresh every
@@ -27,6 +31,7 @@ figures are noisy):
   members reconnect to the survivors and join with ``since``. Figures: seconds until all rejoined
   (target < 20), ``recovered: true`` count (target all), messages lost / duplicated over every member
   (target 0), and the stayers' p99 during the storm (target < 100 ms) against their p99 before it.
+  ``--url-join on`` (or ``off,on``): members join, and rejoin with ``since``, in their upgrade URL.
 
 ``--before TREE`` (join, reconnect) runs every measurement twice in the same run, interleaved: on the
 code of another wirehub tree (``before``: its ``service`` folder imported as ``wirehub``) and on this
@@ -197,8 +202,10 @@ def ratio(a: float | None, b: float | None, digits: int = 2) -> float | None:
 
 async def join_phase(env: Env, kind: str, n: int, *, join: bool, events: bool, burst: int,
                      join_timeout: float, settle: float, idle_window: float = 0.0,
-                     profile: Path | None = None, blocking_profile: bool = False) -> dict[str, Any]:
-    """A fresh replica; ``n`` connections (then joins of one room when ``join``): its CPU and RSS growth.
+                     profile: Path | None = None, blocking_profile: bool = False,
+                     url_join: bool = False) -> dict[str, Any]:
+    """A fresh replica; ``n`` connections (then joins of one room when ``join``, or with ``url_join`` joins in
+    their upgrade URLs, waited for after the connect phase): its CPU and RSS growth.
     Without ``join``, also the CPU per second of the ``n`` idle connections over ``idle_window``
     seconds (keepalive pings, timers): a join phase that takes longer on a loaded machine pays more of
     it, which the ``net`` join figures take out."""
@@ -214,10 +221,11 @@ async def join_phase(env: Env, kind: str, n: int, *, join: bool, events: bool, b
         await asyncio.sleep(settle)
         room = f"big-{uuid.uuid4().hex[:8]}"
         rss0, c0 = rss_bytes(pid), cpu_seconds(pid)
-        conn = await asyncio.gather(*(w.call("connect", targets=[(port, k, 0)], room=room, burst=burst)
+        conn = await asyncio.gather(*(w.call("connect", targets=[(port, k, 0)], room=room, burst=burst,
+                                             url_join=url_join and join, join_timeout=join_timeout)
                                       for w, k in zip(workers, split(n, len(workers)), strict=True)))
         c1 = cpu_seconds(pid)
-        res: dict[str, Any] = {"bus": kind, "size": n, "join": join, "events": events,
+        res: dict[str, Any] = {"bus": kind, "size": n, "join": join, "events": events, "url_join": url_join,
                                "connected": total(conn, "connected"), "connect_failed": total(conn, "failed"),
                                "connect_cpu": round(c1 - c0, 3),
                                "connect_wall": round(max(r["t1"] for r in conn) - min(r["t0"] for r in conn), 3)}
@@ -281,31 +289,26 @@ async def scenario_join(env: Env, a: argparse.Namespace) -> list[dict[str, Any]]
     out: list[dict[str, Any]] = []
     for kind in a.bus:
         for events in a.events:
-            first_per_join: dict[str, float] = {}
+            first_per_join: dict[tuple[str, bool], float] = {}
             for n in a.sizes:
                 pair: list[dict[str, Any]] = []
-                for code, tree in codes(env, a):
-                    env.code = tree
-                    kw = {"events": events, "burst": a.burst, "join_timeout": a.join_timeout, "settle": a.settle}
-                    idle = await join_phase(env, kind, n, join=False, idle_window=a.idle_window, **kw)
-                    spy = (Path(a.profile) / f"join-{kind}-{n}-{code}.txt") if a.profile else None
-                    full = await join_phase(env, kind, n, join=True, profile=spy,
-                                            blocking_profile=a.profile_blocking, **kw)
-                    env.code = None
+                url_rows: list[dict[str, Any]] = []
+                for code, url_join, idle in await _join_phases(env, kind, n, events, a):
+                    full = idle.pop("_full")
                     cpu_idle = idle["connect_cpu"] / n
                     cpu_member = (full["connect_cpu"] + full.get("join_cpu", 0)) / n
                     per_join = full.get("join_cpu", 0) / n
                     # the join phase's CPU less what the idle connections cost over as long (keepalive)
                     net = (max(0.0, full.get("join_cpu", 0) - idle.get("idle_cpu_per_s", 0) * full.get("join_wall", 0))
                            / n)
-                    first_per_join.setdefault(code, per_join)
+                    first_per_join.setdefault((code, url_join), per_join)
                     r = {"scenario": "join", "bus": kind, "size": n, "events": "on" if events else "off",
-                         "code": code if a.before else None,
+                         "code": code if a.before else None, "url_join": "on" if url_join else "off",
                          "cpu_per_idle_conn_us": round(cpu_idle * 1e6, 1),
                          "cpu_per_member_us": round(cpu_member * 1e6, 1),
                          "member_vs_idle_cpu": ratio(cpu_member, cpu_idle),
                          "join_cpu_per_join_us": round(per_join * 1e6, 1),
-                         "join_cpu_vs_smallest": ratio(per_join, first_per_join[code]),
+                         "join_cpu_vs_smallest": ratio(per_join, first_per_join[(code, url_join)]),
                          "join_cpu_net_per_join_us": round(net * 1e6, 1),
                          "member_vs_idle_cpu_net": ratio(full["connect_cpu"] / n + net, cpu_idle),
                          "joins_per_s": full.get("joins_per_s"),
@@ -314,12 +317,18 @@ async def scenario_join(env: Env, a: argparse.Namespace) -> list[dict[str, Any]]
                          "rss_member_minus_idle_kib": round((full["rss_per_conn"] - idle["rss_per_conn"]) / 1024,
                                                             2),
                          "idle": idle, "joined": full}
-                    pair.append(r)
+                    (url_rows if url_join else pair).append(r)
                 compare(pair, ("join_cpu_per_join_us", "member_vs_idle_cpu", "joins_per_s", "join_cpu_net_per_join_us"))
+                for r in url_rows:  # against the same code's join frames, after the same idle baseline
+                    frames = next((f for f in pair if f["code"] == r["code"]), None)
+                    for key in ("cpu_per_member_us", "member_vs_idle_cpu", "member_vs_idle_cpu_net"):
+                        r[f"{key}_vs_frame_join"] = ratio(r[key], frames[key]) if frames else None
+                pair += url_rows
                 for r in pair:
                     vs = (f", join CPU {r['join_cpu_per_join_us_vs_before']}x before"
                           if r.get("join_cpu_per_join_us_vs_before") is not None else "")
-                    print(f"join {kind:6} events {r['events']:3} N={n:>6}{' ' + r['code'] if r['code'] else ''}: "
+                    print(f"join {kind:6} events {r['events']:3} N={n:>6}{' ' + r['code'] if r['code'] else ''}"
+                          f"{' url-join' if r['url_join'] == 'on' else ''}: "
                           f"{r['joins_per_s']} joins/s, CPU/member {r['member_vs_idle_cpu']}x idle, join CPU "
                           f"{r['join_cpu_per_join_us']} us ({r['join_cpu_vs_smallest']}x N={a.sizes[0]}){vs}, net of "
                           f"keepalive {r['join_cpu_net_per_join_us']} us, CPU/member net "
@@ -328,6 +337,29 @@ async def scenario_join(env: Env, a: argparse.Namespace) -> list[dict[str, Any]]
                           f"failed {r['joined'].get('join_failed')}",
                           file=sys.stderr)
                 out += pair
+    return out
+
+
+async def _join_phases(env: Env, kind: str, n: int, events: bool,
+                       a: argparse.Namespace) -> list[tuple[str, bool, dict[str, Any]]]:
+    """Per code: the idle phase, then one joining phase per ``--url-join`` mode (the idle result of each
+    carries its joining phase as ``_full``). A ``before`` tree joins with frames only (it may not know URL joins)."""
+    out = []
+    for code, tree in codes(env, a):
+        env.code = tree
+        try:
+            kw = {"events": events, "burst": a.burst, "join_timeout": a.join_timeout, "settle": a.settle}
+            idle = await join_phase(env, kind, n, join=False, idle_window=a.idle_window, **kw)
+            for url_join in a.url_join:
+                if url_join and code == "before":
+                    continue
+                tag = "-url" if url_join else ""
+                spy = (Path(a.profile) / f"join-{kind}-{n}-{code}{tag}.txt") if a.profile else None
+                full = await join_phase(env, kind, n, join=True, profile=spy, blocking_profile=a.profile_blocking,
+                                        url_join=url_join, **kw)
+                out.append((code, url_join, {**idle, "_full": full}))
+        finally:
+            env.code = None
     return out
 
 
@@ -513,7 +545,7 @@ async def scenario_fanout(env: Env, a: argparse.Namespace) -> list[dict[str, Any
 # -- reconnect storm ---------------------------------------------------------------------------------------------
 
 
-async def reconnect_run(env: Env, kind: str, a: argparse.Namespace) -> dict[str, Any]:
+async def reconnect_run(env: Env, kind: str, a: argparse.Namespace, url_join: bool = False) -> dict[str, Any]:
     bus = env.bus(kind)
     events = None if a.reconnect_events else False
     victim, kport = env.replica(bus, events)
@@ -526,7 +558,8 @@ async def reconnect_run(env: Env, kind: str, a: argparse.Namespace) -> dict[str,
         vict, stay = split(a.members, n_w), split(a.stayers, n_w)
         await asyncio.gather(*(
             w.call("connect", targets=[(kport, vict[i], 0), (port1, split(stay[i], 2)[0], a.sample_every),
-                                       (port2, split(stay[i], 2)[1], a.sample_every)], room=room, burst=a.burst)
+                                       (port2, split(stay[i], 2)[1], a.sample_every)], room=room, burst=a.burst,
+                   url_join=url_join)
             for i, w in enumerate(workers)))
         t_join = perf()
         joins = await on_all(workers, "join", burst=max(1, a.burst // n_w), timeout=a.join_timeout)
@@ -567,6 +600,7 @@ async def reconnect_run(env: Env, kind: str, a: argparse.Namespace) -> dict[str,
         storm_lat = latency_ms([x for g in during for x in g["latencies"]])
         pub.close()
         return {"scenario": "reconnect", "bus": kind, "members": a.members, "stayers": a.stayers, "rate": a.rate,
+                "url_join": "on" if url_join else "off",
                 "events": "on" if a.reconnect_events else "off", "join_wall": round(join_wall, 2),
                 "join_failed": total(joins, "failed"),
                 "rejoined": len(times), "victims": total(results, "victims"),
@@ -606,15 +640,17 @@ async def scenario_reconnect(env: Env, a: argparse.Namespace) -> list[dict[str, 
         if kind == "memory":
             print("reconnect: the memory bus has one replica; skipped", file=sys.stderr)
             continue
-        pair = []
-        for code, tree in codes(env, a):
+        pair, url_rows = [], []
+        for code, tree, url_join in ((c, t, u) for c, t in codes(env, a) for u in a.url_join
+                                     if not (u and c == "before")):
             env.code = tree
             try:
-                r = await reconnect_run(env, kind, a)
+                r = await reconnect_run(env, kind, a, url_join)
             finally:
                 env.code = None
             r["code"] = code if a.before else None
             r["storm_p99_ms"] = r["storm"]["p99_ms"]
+            code = code + (" url-join" if url_join else "")
             print(f"reconnect {kind:6} {code}: survivors+broker CPU {r['survivors_cpu_ms_per_rejoin']} ms per rejoin, "
                   f"broker commands per rejoin {r['broker_commands_per_rejoin']}", file=sys.stderr)
             print(f"reconnect {kind:6} M={a.members}{' ' + code if a.before else ''}: all rejoined after "
@@ -622,9 +658,14 @@ async def scenario_reconnect(env: Env, a: argparse.Namespace) -> list[dict[str, 
                   f"true {r['recovered_true']} false {r['recovered_false']}, lost {r['lost']} dup {r['dup']}, stayers "
                   f"p99 {r['storm']['p99_ms']} ms during the storm (calm {r['calm']['p99_ms']} ms), survivors "
                   f"{r['storm_survivors_cpu_pct']} % CPU", file=sys.stderr)
-            pair.append(r)
-        compare(pair, ("rejoin_last_s", "rejoin_p50_s", "storm_p99_ms", "survivors_cpu_ms_per_rejoin"))
-        out += pair
+            (url_rows if url_join else pair).append(r)
+        keys = ("rejoin_last_s", "rejoin_p50_s", "storm_p99_ms", "survivors_cpu_ms_per_rejoin")
+        compare(pair, keys)
+        for r in url_rows:  # against the same code's rejoins with a join frame
+            frames = next((f for f in pair if f["code"] == r["code"]), None)
+            for key in keys:
+                r[f"{key}_vs_frame_join"] = ratio(r[key], frames[key]) if frames else None
+        out += pair + url_rows
     return out
 
 
@@ -639,7 +680,7 @@ def render(results: dict[str, Any]) -> str:
     """Markdown tables of a result object (what bench/README.md shows)."""
     out: list[str] = []
     heads = {
-        "join": ("bus", "events", "N", "code", "joins/s", "joins/server CPU-s", "CPU/member vs idle conn",
+        "join": ("bus", "events", "N", "code", "URL join", "joins/s", "joins/server CPU-s", "CPU/member vs idle conn",
                  "join CPU us", "join CPU vs before", "join CPU net us", "net vs before", "CPU/member net vs idle",
                  "join CPU vs smallest N", "RSS/idle conn", "RSS/member",
                  "member - idle KiB", "joined bytes avg", "failed"),
@@ -647,7 +688,7 @@ def render(results: dict[str, Any]) -> str:
                     "p99 vs memory", "lost", "dup", "servers CPU %", "loadgen CPU %"),
         "fanout": ("bus", "N", "deliveries/server CPU-s", "vs smallest N", "deliveries/s", "p99 ms",
                    "server CPU %", "loadgen CPU %", "missing"),
-        "reconnect": ("bus", "code", "members killed", "stayers", "msg/s", "all rejoined s", "rejoin p50 s",
+        "reconnect": ("bus", "code", "URL join", "members killed", "stayers", "msg/s", "all rejoined s", "rejoin p50 s",
                       "recovered true", "recovered false", "lost", "dup", "stayers p99 calm ms",
                       "stayers p99 storm ms", "storm vs calm"),
     }
@@ -660,7 +701,8 @@ def render(results: dict[str, Any]) -> str:
                 j = r["joined"]
                 jps = r.get("joins_per_server_cpu_s") or (
                     round(r["size"] / j["join_cpu"], 1) if j.get("join_cpu") else None)
-                cells: list[Any] = [r["bus"], r["events"], r["size"], r.get("code"), r["joins_per_s"], jps,
+                cells: list[Any] = [r["bus"], r["events"], r["size"], r.get("code"), r.get("url_join"),
+                                    r["joins_per_s"], jps,
                                     r["member_vs_idle_cpu"], r["join_cpu_per_join_us"],
                                     r.get("join_cpu_per_join_us_vs_before"), r.get("join_cpu_net_per_join_us"),
                                     r.get("join_cpu_net_per_join_us_vs_before"), r.get("member_vs_idle_cpu_net"),
@@ -675,8 +717,9 @@ def render(results: dict[str, Any]) -> str:
                 cells = [r["bus"], r["size"], r["per_server_cpu_s"], r["vs_smallest"], r["per_wall_s"], r["p99_ms"],
                          r["server_cpu_pct"], r["loadgen_cpu_pct"], r["missing_after_drain"]]
             else:
-                cells = [r["bus"], r.get("code"), r["members"], r["stayers"], r["rate"], r["all_rejoined_s"],
-                         r["rejoin_p50_s"], r["recovered_true"], r["recovered_false"], r["lost"], r["dup"],
+                cells = [r["bus"], r.get("code"), r.get("url_join"), r["members"], r["stayers"], r["rate"],
+                         r["all_rejoined_s"], r["rejoin_p50_s"], r["recovered_true"], r["recovered_false"],
+                         r["lost"], r["dup"],
                          r["calm"]["p99_ms"], r["storm"]["p99_ms"], r["storm_p99_vs_calm"]]
             out.append(_row(cells))
         out.append("")
@@ -745,6 +788,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="join: py-spy record (collapsed stacks) of each joining replica's join phase into this folder")
     p.add_argument("--profile-blocking", action="store_true",
                    help="join --profile: py-spy pauses the replica per sample (exact stacks, inflated CPU figures)")
+    p.add_argument("--url-join", default="off",
+                   help="join, reconnect: members join in their upgrade URL: off, on, or off,on (both, paired)")
     p.add_argument("--reconnect-events", dest="reconnect_events", action="store_true",
                    help="reconnect: presence events on (default off)")
     return p
@@ -759,6 +804,10 @@ def options_for(scenario: str, a: argparse.Namespace) -> argparse.Namespace:
     if not modes or any(m not in ("off", "on") for m in modes):
         raise SystemExit(f"--events: a list of off and on, not {a.events!r}")
     o.events = [m == "on" for m in modes]
+    url_modes = [x.strip() for x in a.url_join.split(",")]
+    if not url_modes or any(m not in ("off", "on") for m in url_modes):
+        raise SystemExit(f"--url-join: a list of off and on, not {a.url_join!r}")
+    o.url_join = [m == "on" for m in url_modes]
     o.rate = a.rate if a.rate is not None else (20.0 if scenario == "latency" else 5.0)
     o.duration = a.duration if a.duration is not None else (20.0 if scenario == "latency" else 5.0)
     if a.quick:

@@ -27,6 +27,7 @@ import os
 import random
 import re
 import time
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -90,12 +91,25 @@ def _consume(f: asyncio.Future[Any]) -> None:
         f.exception()
 
 
+def join_request(room: str, state: MemberState, since: bool) -> dict[str, Any]:
+    """A member's join (``id`` "j"), with ``since`` the position of the last message it read when it has one."""
+    req: dict[str, Any] = {"room": room, "id": "j"}
+    if since and state.last is not None and state.epoch is not None:
+        req["since"] = {"offset": state.last, "epoch": state.epoch}
+    return req
+
+
 class Member(WsClient):
-    """One connection of a member of ``room``."""
+    """One connection of a member of ``room``. With ``url_join`` its join (with ``since`` when it has a position)
+    rides in the upgrade URL (docs/protocol.md, "Joining in the upgrade URL"): ``joined`` then completes
+    without a join frame."""
 
     def __init__(self, host: str, port: int, room: str, state: MemberState, stats: Stats,
-                 on_delivery: Callable[[], None] | None = None) -> None:
-        super().__init__(host, port, "/ws/chat")
+                 on_delivery: Callable[[], None] | None = None, url_join: bool = False) -> None:
+        path = "/ws/chat"
+        if url_join:
+            path += "?join=" + urllib.parse.quote(json.dumps(join_request(room, state, True)), safe="")
+        super().__init__(host, port, path)
         self.room = room
         self.state = state
         self.stats = stats
@@ -105,12 +119,13 @@ class Member(WsClient):
         self.opened.add_done_callback(_consume)
         self.joined.add_done_callback(_consume)
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if not self.joined.done():  # a join in flight (or in the URL) never gets its reply now
+            self.joined.set_exception(ConnectionError(f"closed before joined (close code {self.close_code})"))
+
     def join(self, since: bool = False) -> asyncio.Future[bool]:
-        req: dict[str, Any] = {"op": "join", "room": self.room, "id": "j"}
-        st = self.state
-        if since and st.last is not None and st.epoch is not None:
-            req["since"] = {"offset": st.last, "epoch": st.epoch}
-        self.send(json.dumps(req).encode())
+        self.send(json.dumps({"op": "join", **join_request(self.room, self.state, since)}).encode())
         return self.joined
 
     def on_message(self, data: bytes, start: int, end: int) -> None:
@@ -201,11 +216,11 @@ class Publisher(Member):
 
 
 async def open_member(port: int, room: str, state: MemberState, stats: Stats, timeout: float = 20.0,
-                      on_delivery: Callable[[], None] | None = None) -> Member:
+                      on_delivery: Callable[[], None] | None = None, url_join: bool = False) -> Member:
     """Connect from ``state.source`` (bound before connect) and wait for the 101."""
     loop = asyncio.get_running_loop()
     _, proto = await asyncio.wait_for(
-        loop.create_connection(lambda: Member("127.0.0.1", port, room, state, stats, on_delivery),
+        loop.create_connection(lambda: Member("127.0.0.1", port, room, state, stats, on_delivery, url_join),
                                "127.0.0.1", port, local_addr=(state.source, 0)), timeout)
     try:
         await asyncio.wait_for(asyncio.shield(proto.opened), timeout)
@@ -256,13 +271,18 @@ class _WorkerLoop:
         self.members: list[Member] = []
         self.room = ""
         self.delivered = 0
+        #: members join in their upgrade URL (connect, storm) instead of with a join frame
+        self.url_join = False
 
     def _delivery(self) -> None:
         self.delivered += 1
 
-    async def connect(self, targets: list[tuple[int, int, int]], room: str, burst: int) -> dict[str, Any]:
-        """``targets``: (port, how many, sample every n-th of them; 0 = none) for each server."""
+    async def connect(self, targets: list[tuple[int, int, int]], room: str, burst: int,
+                      url_join: bool = False, join_timeout: float = 300.0) -> dict[str, Any]:
+        """``targets``: (port, how many, sample every n-th of them; 0 = none) for each server. With ``url_join``
+        every member joins ``room`` in its upgrade URL (then and on reconnects): :meth:`join` only waits."""
         self.room = room
+        self.url_join = url_join
         sem = asyncio.Semaphore(burst)
         failures: list[str] = []
         n = 0
@@ -276,7 +296,12 @@ class _WorkerLoop:
         async def one(st: MemberState) -> None:
             async with sem:
                 try:
-                    self.members.append(await open_member(st.port, room, st, self.stats, on_delivery=self._delivery))
+                    m = await open_member(st.port, room, st, self.stats, on_delivery=self._delivery,
+                                          url_join=url_join)
+                    self.members.append(m)
+                    if url_join:  # as many joins in flight as with join frames (``burst``): the 101 may come first
+                        with contextlib.suppress(ConnectionError, TimeoutError):  # counted by join()
+                            await asyncio.wait_for(asyncio.shield(m.joined), join_timeout)
                 except (OSError, TimeoutError) as exc:
                     failures.append(f"{type(exc).__name__}: {exc}")
 
@@ -286,16 +311,24 @@ class _WorkerLoop:
                 "t0": t0, "t1": perf()}
 
     async def join(self, burst: int, timeout: float) -> dict[str, Any]:
-        """Every connected member joins (without ``since``), ``burst`` joins in flight at a time."""
+        """Every connected member joins (without ``since``), ``burst`` joins in flight at a time; with URL joins,
+        the joins still under way are waited for (the ones done already are counted too)."""
         sem = asyncio.Semaphore(burst)
         errors: list[str] = []
         done = 0
+        if self.url_join:
+            for m in self.members:
+                if m.joined.done():
+                    if m.joined.cancelled() or m.joined.exception() is not None:
+                        errors.append(f"join refused: {m.joined.exception()}"[:300])
+                    else:
+                        done += 1
 
         async def one(m: Member) -> None:
             nonlocal done
             async with sem:
                 try:
-                    await asyncio.wait_for(m.join(), timeout)
+                    await asyncio.wait_for(asyncio.shield(m.joined) if self.url_join else m.join(), timeout)
                     done += 1
                 except (ConnectionError, TimeoutError) as exc:
                     errors.append(f"{type(exc).__name__}: {exc}"[:300])
@@ -335,8 +368,9 @@ class _WorkerLoop:
             while True:
                 async with sem:
                     try:
-                        m = await open_member(st.port, self.room, st, self.stats, on_delivery=self._delivery)
-                        await asyncio.wait_for(m.join(since=True), 30)
+                        m = await open_member(st.port, self.room, st, self.stats, on_delivery=self._delivery,
+                                              url_join=self.url_join)
+                        await asyncio.wait_for(asyncio.shield(m.joined) if self.url_join else m.join(since=True), 30)
                         st.rejoined_at = perf()
                         return m
                     except (OSError, TimeoutError, ConnectionError) as exc:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json.encoder
 import logging
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from wirehub import inbound
 from wirehub.auth import AuthError
-from wirehub.protocol import PROTOCOL_VERSION, CloseCode, ErrorCode, ProtocolError, parse_request
+from wirehub.protocol import PROTOCOL_VERSION, CloseCode, ErrorCode, ProtocolError, parse_request, valid_id
 from wirehub.rooms import TokenBucket
 from wirehub.session import OutFrame
 
@@ -76,6 +78,73 @@ class _OpBudget:
     strikes: int = 0
 
 
+#: the joins of a session's upgrade URL (:func:`url_joins`), from the core to :meth:`OpHandler.on_open` (not
+#: ``session.state``: that dict would be made for every session just to be looked in)
+_pending_joins: weakref.WeakKeyDictionary[Session, tuple[dict[str, Any], ...]] = weakref.WeakKeyDictionary()
+
+
+def give_url_joins(session: Session, joins: tuple[dict[str, Any], ...]) -> None:
+    """Called by the core before ``on_open``: the joins :meth:`OpHandler.on_open` handles after its welcome."""
+    _pending_joins[session] = joins
+
+
+#: longest ``join`` query value, in characters (a room of 256 and a ``since`` fit easily)
+MAX_URL_JOIN_LENGTH = 1024
+#: how many ``join`` values an upgrade URL may carry when the handler has no ``options.max_rooms``
+DEFAULT_URL_JOINS = 100
+_URL_JOIN_KEYS = frozenset(("room", "since", "id"))
+
+
+class BadUrlJoin(ValueError):
+    """A malformed ``join`` query parameter: the upgrade is refused with 400 and this reason."""
+
+
+def url_joins(handler: object, arguments: dict[str, list[bytes]]) -> tuple[dict[str, Any], ...]:
+    """The ``join`` requests an upgrade URL carries (docs/protocol.md, "Joining in the upgrade URL"), each
+    as the ``join`` frame it stands for; empty when there are none or ``handler`` has no ``join`` op (the
+    parameter is then left to the application). Raises :class:`BadUrlJoin` for a malformed one: the whole
+    upgrade is refused, before authentication, as a client bug that retrying cannot fix."""
+    values = arguments.get("join")
+    if not values or not isinstance(handler, OpHandler) or "join" not in handler.ops:
+        return ()
+    limit = handler.url_join_limit()
+    if len(values) > limit:
+        raise BadUrlJoin(f"at most {limit} join parameters")
+    return tuple(_url_join(value) for value in values)
+
+
+def _url_join(raw: bytes) -> dict[str, Any]:
+    try:
+        value = raw.decode()
+    except UnicodeDecodeError:
+        raise BadUrlJoin("join: not UTF-8") from None
+    if not value or len(value) > MAX_URL_JOIN_LENGTH:
+        raise BadUrlJoin(f"join: a room name or a JSON object of 1 to {MAX_URL_JOIN_LENGTH} characters")
+    if not value.startswith("{"):
+        return {"op": "join", "room": value}  # a plain room name; its syntax is the join's to check
+    try:
+        obj = inbound.loads(value, 3)
+    except inbound.JsonRejected as exc:
+        raise BadUrlJoin(exc.explain("join")) from None
+    if not isinstance(obj, dict) or not obj.keys() <= _URL_JOIN_KEYS:
+        raise BadUrlJoin("join: a JSON object takes only the fields room, since and id")
+    room, since, req_id = obj.get("room"), obj.get("since"), obj.get("id")
+    if not isinstance(room, str) or not room:
+        raise BadUrlJoin("join: field 'room' must be a non-empty string")
+    if since is not None and not _is_position(since):
+        raise BadUrlJoin("join: field 'since' must be {\"offset\": integer >= 0, \"epoch\": string}")
+    if not valid_id(req_id) and req_id is not None:
+        raise BadUrlJoin("join: field 'id' must be a string of at most 64 characters or an integer")
+    return {"op": "join", **obj}
+
+
+def _is_position(since: Any) -> bool:
+    if not isinstance(since, dict) or since.keys() != {"offset", "epoch"}:
+        return False
+    offset = since["offset"]
+    return type(offset) is int and offset >= 0 and isinstance(since["epoch"], str)
+
+
 #: how ``dumps`` (ensure_ascii off) writes a string, quotes included
 _json_string = json.encoder.encode_basestring
 _WELCOME_HEAD = b'{"op":"welcome","v":%d,"session":"' % PROTOCOL_VERSION
@@ -108,9 +177,25 @@ class OpHandler:
         return frame
 
     async def on_open(self, session: Session) -> None:
+        joins = _pending_joins.pop(session, None) if _pending_joins else None
+        self._welcome(session, len(joins) if joins else 0)
+        if joins:
+            # Handled as join frames sent first would be, in order; frames that arrive meanwhile wait, as
+            # the first frame is read only once on_open returned.
+            for request in joins:
+                if session.closed:
+                    break
+                await self.handle(session, request)
+
+    def _welcome(self, session: Session, joins: int) -> None:
+        """The welcome; ``joins``: how many joins of the upgrade URL it announces (their replies follow it;
+        a client that sees no ``joins`` talks to a server that ignored them, and joins with frames)."""
         identity = session.identity
         if type(self).welcome is not OpHandler.welcome or identity.expires_at is not None:
-            session.send(self.welcome(session))
+            frame = self.welcome(session)
+            if joins:
+                frame["joins"] = joins
+            session.send(frame)
             return
         # The usual welcome (no expiry, this class's fields) spliced from pre-encoded parts: the same bytes
         # as dumps(self.welcome(session)) (tests/test_welcome.py), without a dict and a JSON encoder
@@ -120,14 +205,23 @@ class OpHandler:
             _json_string(session.node).encode()
         if identity.name:
             payload += b',"name":' + (user if identity.name == identity.user else _json_string(identity.name).encode())
+        if joins:
+            payload += b',"joins":%d' % joins
         session.send_frame(OutFrame(payload + b"}"))
 
     async def on_message(self, session: Session, data: str | bytes) -> None:
-        req_id: Any = None
-        request: dict[str, Any] | None = None
         try:
             request = parse_request(data, self.context.config.server.max_json_depth)
-            req_id = request.get("id")
+        except ProtocolError as exc:
+            if self.admit(session, exc.req_id):  # invalid frames cost a request too
+                session.send_error(exc.code, exc.message, exc.req_id, **exc.extra)
+            return
+        await self.handle(session, request)
+
+    async def handle(self, session: Session, request: dict[str, Any]) -> None:
+        """One parsed request (a frame's, or a join of the upgrade URL): rate, dispatch, and the error reply."""
+        req_id = request.get("id")
+        try:
             if not self.own_rate_limit(request["op"]) and not self.admit(session, req_id):
                 return
             op = self.ops.get(request["op"])
@@ -137,8 +231,6 @@ class OpHandler:
                 )
             await op(session, request)
         except ProtocolError as exc:
-            if request is None and not self.admit(session, exc.req_id):  # invalid frames cost a request too
-                return
             session.send_error(exc.code, exc.message, exc.req_id if exc.req_id is not None else req_id, **exc.extra)
         except Exception:
             self.context.logs.exception(log, "%s: op failed for %r", type(self).__name__, session)
@@ -146,6 +238,12 @@ class OpHandler:
 
     async def on_close(self, session: Session) -> None:
         return None
+
+    def url_join_limit(self) -> int:
+        """Most ``join`` parameters one upgrade URL may carry: the handler's ``options.max_rooms`` when it
+        has one (chat), else :data:`DEFAULT_URL_JOINS`. More would be refused one by one after the upgrade."""
+        limit = getattr(getattr(self, "options", None), "max_rooms", None)
+        return limit if type(limit) is int and limit > 0 else DEFAULT_URL_JOINS
 
     def own_rate_limit(self, op: str) -> bool:
         """True for an op with a per-session rate limit of its own (chat ``publish``): it is charged to

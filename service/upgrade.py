@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import hashlib
 import json
 import logging
@@ -34,12 +33,14 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from tornado import httputil
+from tornado.escape import parse_qs_bytes
 from tornado.http1connection import HTTP1Connection
 from tornado.iostream import IOStream
 
 from wirehub.accept import EdgeServer, EdgeStream
 from wirehub.auth import AuthError
 from wirehub.frames import Protocol
+from wirehub.handler import BadUrlJoin, url_joins
 from wirehub.head import parse_head
 from wirehub.protocol import SUBPROTOCOL
 from wirehub.websocket import SessionSide, _websocket_params
@@ -117,19 +118,23 @@ class LeanRouter(httputil.HTTPServerConnectionDelegate):
             return False
         connection = server.head_connection(stream, address, headers)
         host = fields["Host"]  # _is_upgrade checked it is there
-        if "?" not in start_line.path and _PLAIN_HOST.fullmatch(host):
-            request: httputil.HTTPServerRequest = _PlainRequest(connection, start_line, headers, host)
-        else:
-            try:
+        try:
+            if _PLAIN_HOST.fullmatch(host):
+                request: httputil.HTTPServerRequest = _PlainRequest(connection, start_line, headers, host)
+            else:
                 request = httputil.HTTPServerRequest(connection=connection, start_line=start_line, headers=headers)
-            except httputil.HTTPInputError:
-                return False  # such as a Host header Tornado refuses: its answer is the documented one
-        _run_eagerly(self._handshake(server, stream, address, head, target, request, path, started),
+            joins = url_joins(target.handler, request.query_arguments)
+        except (httputil.HTTPInputError, BadUrlJoin):
+            # such as a Host header or a query Tornado refuses, or a malformed join: Tornado's path answers it
+            # (400 with a JSON body), as documented
+            return False
+        _run_eagerly(self._handshake(server, stream, address, head, target, request, path, started, joins),
                      self.handshakes)
         return True
 
     async def _handshake(self, server: EdgeServer, stream: EdgeStream, address: Any, head: bytes,
-                         target: _Target, request: httputil.HTTPServerRequest, path: str, started: float) -> None:
+                         target: _Target, request: httputil.HTTPServerRequest, path: str, started: float,
+                         joins: tuple[dict[str, Any], ...]) -> None:
         app = self.app
         remote_ip = request.remote_ip or ""
         try:
@@ -142,7 +147,7 @@ class LeanRouter(httputil.HTTPServerConnectionDelegate):
                 limit = app.connections.admit(identity.user, remote_ip)
                 if limit is None:
                     _open(app, target, identity, remote_ip, stream, request.headers, path, started,
-                          self.handshakes)
+                          self.handshakes, joins)
                     return
             # A refusal is answered by Tornado's path (UpgradeDelegate), which then serves the connection's
             # next requests as keep-alive; it takes the outcome instead of authenticating again.
@@ -199,15 +204,20 @@ class UpgradeDelegate(httputil.HTTPMessageDelegate):
         origin = headers.get("Origin") or headers.get("Sec-Websocket-Origin")
         if origin is not None and not _origin_allowed(app, origin, headers.get("Host", "")):
             return self._pass(start_line, headers)  # Tornado's path refuses it (403) and counts it
-        return self._upgrade(target, start_line, headers, path, handed if isinstance(handed, _Handover) else None)
+        try:
+            request = httputil.HTTPServerRequest(connection=conn, start_line=start_line, headers=headers)
+            joins = url_joins(target.handler, request.query_arguments)
+        except (httputil.HTTPInputError, BadUrlJoin):
+            return self._pass(start_line, headers)  # Tornado's path answers it (400)
+        return self._upgrade(target, request, path, handed if isinstance(handed, _Handover) else None, joins)
 
-    async def _upgrade(self, target: _Target, start_line: httputil.RequestStartLine,
-                       headers: httputil.HTTPHeaders, path: str, handed: _Handover | None) -> None:
+    async def _upgrade(self, target: _Target, request: httputil.HTTPServerRequest, path: str,
+                       handed: _Handover | None, joins: tuple[dict[str, Any], ...]) -> None:
         app = self.router.app
         conn = self.request_conn
         assert isinstance(conn, HTTP1Connection)
         started = time.monotonic()
-        request = httputil.HTTPServerRequest(connection=conn, start_line=start_line, headers=headers)
+        headers = request.headers
         remote_ip = request.remote_ip or ""
         if handed is not None:  # the accept path authenticated this request and handed it on to refuse it here
             identity, refusal = handed.identity, handed.refusal
@@ -224,7 +234,7 @@ class UpgradeDelegate(httputil.HTTPMessageDelegate):
             return self._refuse(429, "too_many_connections", limit, {"Retry-After": "5"}, path, remote_ip, started)
         stream = conn.detach()
         assert isinstance(stream, IOStream)
-        _open(app, target, identity, remote_ip, stream, headers, path, started, self.router.handshakes)
+        _open(app, target, identity, remote_ip, stream, headers, path, started, self.router.handshakes, joins)
 
     def _refuse(self, status: int, error: str, reason: str, extra: dict[str, str], path: str, remote_ip: str,
                 started: float) -> None:
@@ -258,9 +268,11 @@ _PLAIN_HOST = re.compile(r"(?:[A-Za-z0-9.\-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]+)?")
 
 
 class _PlainRequest(httputil.HTTPServerRequest):
-    """What ``HTTPServerRequest.__init__`` makes of a plain upgrade head (a GET without a query string or a
-    body, with a plain Host), set directly: its header lookups, Host checks, query parse and deep copy
-    were a tenth of the lean path. tests/test_upgrade_head.py compares the two attribute by attribute."""
+    """What ``HTTPServerRequest.__init__`` makes of a plain upgrade head (a GET without a body, with a plain
+    Host), set directly: its header lookups, Host checks and deep copy were a tenth of the lean path. A query
+    string (a token, joins) is parsed as Tornado parses it, with the same field limit; its arguments are
+    copied list by list (the values are bytes: a deep copy makes the same). tests/test_upgrade_head.py
+    compares the two attribute by attribute."""
 
     def __init__(self, connection: httputil.HTTPConnection, start_line: httputil.RequestStartLine,
                  headers: httputil.HTTPHeaders, host: str) -> None:
@@ -277,10 +289,23 @@ class _PlainRequest(httputil.HTTPServerRequest):
         self.server_connection = None
         self._start_time = time.time()
         self._finish_time = None
-        self.path, self.query = start_line.path, ""
-        self.arguments = {}
-        self.query_arguments = {}
+        self.path, _, self.query = start_line.path.partition("?")
+        if self.query:
+            try:
+                self.arguments = parse_qs_bytes(self.query, keep_blank_values=True, max_num_fields=_max_query_fields())
+            except Exception as exc:
+                raise httputil.HTTPInputError(f"Invalid query string: {exc}") from exc
+            self.query_arguments = {name: list(values) for name, values in self.arguments.items()}
+        else:
+            self.arguments = {}
+            self.query_arguments = {}
         self.body_arguments = {}
+
+
+def _max_query_fields() -> int | None:
+    """Tornado's limit on query fields (6.5 on; read each time: an app may change it)."""
+    config = getattr(httputil, "_DEFAULT_PARSE_BODY_CONFIG", None)
+    return getattr(getattr(config, "urlencoded", None), "max_arguments", None)
 
 
 class _Handover:
@@ -313,9 +338,12 @@ def _refusal(app: Wirehub, exc: Exception, path: str, remote_ip: str) -> tuple[i
 
 
 def _open(app: Wirehub, target: _Target, identity: Any, remote_ip: str, stream: IOStream,
-          headers: httputil.HTTPHeaders, path: str, started: float, pending: set[asyncio.Future[None]]) -> None:
-    """Write the 101 on a detached stream, open the session and start reading frames. A frame reader that
-    still waits (open hooks that suspended) runs as a task held in ``pending`` until it is done."""
+          headers: httputil.HTTPHeaders, path: str, started: float, pending: set[asyncio.Future[None]],
+          joins: tuple[dict[str, Any], ...] = ()) -> None:
+    """Open the session on a detached stream, write the 101 with what the open hooks sent (the welcome, and
+    the replies to the URL's ``joins`` when they did not suspend) in one ``send``, and start reading frames.
+    A frame reader that still waits (open hooks that suspended) runs as a task held in ``pending`` until it
+    is done."""
     key = headers["Sec-Websocket-Key"].encode()
     accept = base64.b64encode(hashlib.sha1(key + _MAGIC).digest())
     head = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -329,22 +357,12 @@ def _open(app: Wirehub, target: _Target, identity: Any, remote_ip: str, stream: 
     protocol.stream = stream
     socket_side.ws_connection = protocol
     head += b"\r\n"
-    try:
-        sent = 0
-        if not stream._write_buffer and stream.socket is not None:
-            # straight to the kernel, as StreamTransport does with frames: an empty socket buffer takes
-            # these 130 bytes, without IOStream.write's Future and buffer bookkeeping
-            with contextlib.suppress(BlockingIOError, InterruptedError):
-                sent = stream.socket.send(head)
-        if sent < len(head):
-            stream.write(head[sent:])
-    except Exception:
-        socket_side._release()
-        stream.close()
-        return
     if app.config.logging.access_log:
         access_log.info("%d %s %s %s %.1fms", 101, "GET", path, remote_ip, 1000 * (time.monotonic() - started))
-    opened = socket_side._start_session(protocol, remote_ip, path)
+    # The 101 goes out with the open hooks' first frames, straight to the kernel when the socket buffer is
+    # empty (StreamTransport's flush, as with every frame); a send that fails closes the stream, and the frame
+    # reader below then ends the session as for any connection lost.
+    opened = socket_side._start_session(protocol, remote_ip, path, joins, head)
     reading = protocol._receive_frame_loop(opened)
     if not isinstance(reading, asyncio.Future):  # a coroutine: the usual case returns a done Future
         task = asyncio.ensure_future(reading)

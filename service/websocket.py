@@ -1,9 +1,9 @@
 """The WebSocket endpoint: checks before the upgrade, then decode and dispatch to the handler plugin.
 
 Before the 101 every refusal is an HTTP status with a JSON body ``{"error", "reason"}``:
-400/426 for a request that is not a WebSocket upgrade, 503 while draining, 403 for a foreign
-Origin, 401 from the authenticator, 429 over a connection limit. After the upgrade, problems are
-``error`` frames or close codes from :mod:`wirehub.protocol`.
+400/426 for a request that is not a WebSocket upgrade (400 too for a malformed ``join`` parameter),
+503 while draining, 403 for a foreign Origin, 401 from the authenticator, 429 over a connection limit.
+After the upgrade, problems are ``error`` frames or close codes from :mod:`wirehub.protocol`.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from tornado.websocket import WebSocketClosedError, WebSocketHandler, WebSocketP
 
 from wirehub.auth import AuthError, Identity
 from wirehub.frames import Protocol
+from wirehub.handler import BadUrlJoin, give_url_joins, url_joins
 from wirehub.protocol import SUBPROTOCOL, CloseCode, ErrorCode, close_reason
 from wirehub.session import Session
 from wirehub.transport import StreamTransport
@@ -62,14 +63,23 @@ class SessionSide:
             self.app.connections.release(self.identity.user, self._remote_ip())
             self.identity = None
 
-    def _start_session(self, protocol: Protocol, remote_ip: str, path: str) -> Awaitable[None] | None:
+    def _start_session(self, protocol: Protocol, remote_ip: str, path: str,
+                       joins: tuple[dict[str, Any], ...] = (), head: bytes | None = None) -> Awaitable[None] | None:
         """Open the session on ``protocol`` and run the open hooks eagerly: what is left of them when
-        they suspend is returned, to be awaited before the first frame is read."""
+        they suspend is returned, to be awaited before the first frame is read. ``joins`` are the upgrade
+        URL's (:func:`wirehub.handler.url_joins`), handled by the handler's ``on_open``. ``head``, the 101
+        not yet written (the lean path), leaves in one ``send`` with what the open hooks sent before their
+        first suspension: the welcome and, on a bus that does not suspend, the URL joins' replies."""
         assert self.identity is not None
         protocol.set_nodelay(True)
         self._protocol = protocol
+        transport = StreamTransport(protocol, self.close)
+        if head is not None:
+            # First in the transport's cork, so that nothing (a frame, a flush by a close) can go before it.
+            # Not registered with the loop's flusher: flushed below, in this call.
+            transport._corked, transport._corked_bytes = [head], len(head)
         session = Session(
-            StreamTransport(protocol, self.close),
+            transport,
             self.identity,
             endpoint=self.endpoint.path,
             node=self.app.node,
@@ -84,24 +94,38 @@ class SessionSide:
             self.app.keepalive.add(protocol)
         session.on_identity_changed = self._schedule_expiry
         self._schedule_expiry()
+        if joins:
+            give_url_joins(session, joins)
         coro = self._opened(session)
         try:
             first = coro.send(None)
         except StopIteration:
+            first = _DONE
+        if head is not None:
+            transport.flush()
+        if first is _DONE:
             return None
+        # No frame is read until the open hooks are done (URL joins waiting for the bus, in a reconnect storm
+        # maybe for long): the keepalive must not take the unread pong for a dead client meanwhile, as it does
+        # not while a frame's handler works. _opened clears it.
+        protocol.busy = True
         return _Resumed(coro, first)
 
     async def _opened(self, session: Session) -> None:
         """The open hooks; one that raises closes the session with 1011 (reported by the app), and
         :meth:`on_close` then releases everything as for any other close."""
         try:
-            await self.handler.on_open(session)
-        except Exception as exc:
-            self.app.handler_failed(session, "on_open", exc)
-            session.close(CloseCode.INTERNAL)
-            return
-        if not await self.app.hooks.session_opened(session) and not session.closed:
-            session.close(CloseCode.INTERNAL)
+            try:
+                await self.handler.on_open(session)
+            except Exception as exc:
+                self.app.handler_failed(session, "on_open", exc)
+                session.close(CloseCode.INTERNAL)
+                return
+            if not await self.app.hooks.session_opened(session) and not session.closed:
+                session.close(CloseCode.INTERNAL)
+        finally:
+            if self._protocol is not None:
+                self._protocol.busy = False  # set while they were pending (_start_session)
 
     def on_message(self, message: str | bytes) -> Any:
         session = self.session
@@ -176,12 +200,13 @@ class WirehubSocket(SessionSide, WebSocketHandler):  # type: ignore[misc]
     and costs about 1 kB more per connection.
     """
 
-    __slots__ = ("_max_message_size",)
+    __slots__ = ("_max_message_size", "_url_joins")
 
     def initialize(self, app: Wirehub, endpoint: EndpointConfig, handler: Handler,
                    max_message_size: int) -> None:
         self._setup(app, endpoint, handler)
         self._max_message_size = max_message_size
+        self._url_joins: tuple[dict[str, Any], ...] = ()
 
     # -- before the upgrade -------------------------------------------------------------------------
 
@@ -221,6 +246,10 @@ class WirehubSocket(SessionSide, WebSocketHandler):  # type: ignore[misc]
         if origin is not None and not self._origin_allowed(origin):
             self.app.metrics.auth_failures.labels("origin").inc()
             return self._refuse(403, "forbidden_origin", "origin not allowed")
+        try:
+            self._url_joins = url_joins(self.handler, self.request.query_arguments)
+        except BadUrlJoin as exc:
+            return self._refuse(400, "bad_request", str(exc))
         try:
             identity = await self.app.authenticator.authenticate(self.request)
         except AuthError as exc:
@@ -305,7 +334,8 @@ class WirehubSocket(SessionSide, WebSocketHandler):  # type: ignore[misc]
         if self._on_close_called:  # gone before the 101 was out: on_close already ran, once
             self._release()
             return None
-        return self._start_session(self.ws_connection, self.request.remote_ip or "", self.request.path)
+        joins, self._url_joins = self._url_joins, ()
+        return self._start_session(self.ws_connection, self.request.remote_ip or "", self.request.path, joins)
 
     def close(self, code: int | None = None, reason: str | None = None) -> None:
         with contextlib.suppress(WebSocketClosedError):
@@ -316,6 +346,8 @@ class WirehubSocket(SessionSide, WebSocketHandler):  # type: ignore[misc]
 
 
 _NO_KWARGS: Mapping[str, Any] = types.MappingProxyType({})
+#: what _start_session's eager step yields when the open hooks completed without suspending
+_DONE = object()
 
 
 class _Resumed:

@@ -16,7 +16,8 @@ The same semantics as ``/static/wirehub.js`` (docs/clients.md)::
   close codes: 1001 and 4008 reconnect after the server's ``retry_ms`` hint, 4001 fetches a new
   token first, 4003 stops for good, 4029 backs off longer. A refused upgrade (HTTP 401) fetches a
   new token too; HTTP 403 stops.
-- Rejoins every room with its last ``{offset, epoch}``; :attr:`Subscription.recovered` (and the
+- Rejoins every room with its last ``{offset, epoch}``, in the upgrade URL (``url_joins``; join frames for
+  rooms joined while connected, and with a server that ignores or refuses them); :attr:`Subscription.recovered` (and the
   ``on_joined`` callback) says whether the server replayed everything missed meanwhile. Messages
   reach ``on_message`` once, in order, including replayed ones (this client's own publishes are
   not given back when a recovery replays them).

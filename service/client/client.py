@@ -5,11 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from typing import Any
 
 from wirehub.client.connection import Connection
 from wirehub.client.policy import Callback, ClientError
 from wirehub.client.rooms import GameRoom, Subscription, apply_presence_event, take_presence_snapshot
+
+#: most joins one upgrade URL carries (the rest are join frames), and its longest query of joins: well below
+#: every server's max_rooms default (100) and the head limits of proxies
+MAX_URL_JOINS = 20
+MAX_URL_JOIN_CHARS = 4000
 
 
 class Client(Connection):
@@ -26,7 +32,11 @@ class Client(Connection):
 
         async def one_game(game: GameRoom) -> None:
             try:
-                reply = await self.request({"op": "join", "room": game.room}, _internal=True)
+                joined = self._url_joined.pop(game.room, None)
+                if joined is not None:
+                    reply = await self._url_reply(joined)
+                else:
+                    reply = await self.request({"op": "join", "room": game.room}, _internal=True)
                 game._state(reply, resync=game.joined)
             except ClientError as exc:
                 if exc.code != "disconnected":
@@ -35,6 +45,26 @@ class Client(Connection):
 
         await asyncio.gather(*(one(sub) for sub in list(self.rooms.values())),
                              *(one_game(game) for game in list(self.games.values())))
+
+    def _url_join_items(self) -> list[dict[str, Any]]:
+        """The rooms to rejoin (chat rooms with their position) for the upgrade URL, each with a request id
+        whose reply is then awaited after the welcome instead of a join frame sent."""
+        items: list[dict[str, Any]] = []
+        chars = 0
+        rooms: list[Subscription | GameRoom] = [*self.rooms.values(), *self.games.values()]
+        for room in rooms[:MAX_URL_JOINS]:
+            self._next_id += 1
+            req_id = f"p{self._next_id}"
+            item: dict[str, Any] = {"room": room.room, "id": req_id}
+            if isinstance(room, Subscription) and room.position is not None:
+                item["since"] = room.position
+            chars += len(json.dumps(item)) + 6
+            if chars > MAX_URL_JOIN_CHARS:
+                break
+            hook = (lambda r, sub=room: self._joined(sub, r)) if isinstance(room, Subscription) else None
+            self._expect_reply(room.room, req_id, hook)
+            items.append(item)
+        return items
 
     def _dispatch(self, frame: dict[str, Any]) -> None:
         """A frame that is not a reply: a room's message, presence, gap, patch, state, left or error."""
@@ -134,10 +164,14 @@ class Client(Connection):
             off()
 
     async def _join(self, sub: Subscription, rejoin: bool) -> None:
-        body: dict[str, Any] = {"op": "join", "room": sub.room}
-        if sub.position is not None:
-            body["since"] = sub.position
-        reply = await self.request(body, _internal=True, _on_reply=lambda r: self._joined(sub, r))
+        joined = self._url_joined.pop(sub.room, None)
+        if joined is not None:  # joined by the upgrade URL: its reply follows the welcome
+            reply = await self._url_reply(joined)
+        else:
+            body: dict[str, Any] = {"op": "join", "room": sub.room}
+            if sub.position is not None:
+                body["since"] = sub.position
+            reply = await self.request(body, _internal=True, _on_reply=lambda r: self._joined(sub, r))
         sub.recovered = bool(reply.get("recovered"))
         sub.presence = list(reply.get("presence") or [])
         take_presence_snapshot(sub, reply)

@@ -46,6 +46,7 @@ class Connection:
         refresh_margin: float = 30.0,
         ping_interval: float = 20.0,
         reconnect: bool = True,
+        url_joins: bool = True,
     ) -> None:
         if token_transport not in ("header", "subprotocol", "query"):
             raise ValueError("token_transport must be 'header', 'subprotocol' or 'query'")
@@ -58,6 +59,9 @@ class Connection:
         self.refresh_margin = refresh_margin
         self.ping_interval = ping_interval
         self.auto_reconnect = reconnect
+        #: (re)join the rooms known at connect time in the upgrade URL (docs/protocol.md, "Joining in the
+        #: upgrade URL"): one round trip less. Turned off by itself when a server ignores or refuses them.
+        self.url_joins = url_joins
         #: idle | connecting | open | reconnecting | closed | stopped
         self.status = "idle"
         self.welcome: dict[str, Any] | None = None
@@ -77,6 +81,8 @@ class Connection:
         #: per request id, run when its (non-error) reply arrives, before any later frame is handled
         self._reply_hooks: dict[str, Callable[[dict[str, Any]], None]] = {}
         self._next_id = 0
+        #: the joins the current attempt's URL carries: room -> (request id, its reply), awaited after the welcome
+        self._url_joined: dict[str, tuple[str, asyncio.Future[dict[str, Any]]]] = {}
         self._attempt = 0
         self._token: str | None = token if isinstance(token, str) else None
         self._token_stale = callable(token)
@@ -200,6 +206,9 @@ class Connection:
                 protocols.append(f"bearer.{token}")
             else:
                 url += ("&" if "?" in url else "?") + "token=" + quote(token, safe="")
+        self._url_joined = {}
+        for item in self._url_join_items() if self.url_joins else ():
+            url += ("&" if "?" in url else "?") + "join=" + quote(json.dumps(item, separators=(",", ":")), safe="")
         request = HTTPRequest(url, headers=headers, connect_timeout=self.connect_timeout,
                               request_timeout=self.connect_timeout)
         return request, protocols
@@ -225,6 +234,10 @@ class Connection:
             except HTTPClientError as exc:
                 code, reason = http_close(exc.code)
                 log.info("upgrade refused: HTTP %s", exc.code)
+                if exc.code == 400 and self._url_joined:
+                    # such as more joins than the endpoint's max_rooms: the next attempts join with frames
+                    log.warning("the server refused the joins in the URL; joining with frames from now on")
+                    self.url_joins = False
             except (OSError, TimeoutError) as exc:
                 code, reason = None, f"connect failed: {exc}"
             except Exception as exc:  # token callback failed, bad URL, ...
@@ -285,6 +298,8 @@ class Connection:
                 if frame.get("op") == "welcome" and not welcomed:
                     welcomed = True
                     self.welcome = frame
+                    if self._url_joined and frame.get("joins") != len(self._url_joined):
+                        self._url_joins_ignored()
                     self.connections += 1
                     self._emit("welcome", frame)
                     refresh = self._schedule_refresh(conn, frame.get("expires_at"))
@@ -322,6 +337,39 @@ class Connection:
                 return
             left = expires_at - time.time()
             await asyncio.sleep(max(1.0, min(left - self.refresh_margin, left * 0.8)))
+
+    def _url_join_items(self) -> list[dict[str, Any]]:
+        """The joins to put in the next upgrade URL, each with its request id (see the Client's)."""
+        return []
+
+    def _expect_reply(self, room: str, req_id: str, on_reply: Callable[[dict[str, Any]], None] | None = None) -> None:
+        """A reply to a request this side did not send (a join of the upgrade URL) is matched like one."""
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[req_id] = fut
+        if on_reply is not None:
+            self._reply_hooks[req_id] = on_reply
+        self._url_joined[room] = (req_id, fut)
+
+    def _url_joins_ignored(self) -> None:
+        """A server that does not take joins in the URL (its welcome announces none): join with frames."""
+        log.warning("the server ignored the joins in the URL; joining with frames from now on")
+        self.url_joins = False
+        for req_id, _ in self._url_joined.values():
+            self._pending.pop(req_id, None)
+            self._reply_hooks.pop(req_id, None)
+        self._url_joined = {}
+
+    async def _url_reply(self, joined: tuple[str, asyncio.Future[dict[str, Any]]]) -> dict[str, Any]:
+        """The reply to a join of the upgrade URL (as :meth:`request` returns one); it may have arrived already."""
+        req_id, fut = joined
+        try:
+            async with asyncio.timeout(self.ack_timeout):
+                return await fut
+        except TimeoutError:
+            raise ClientError("timeout", f"no reply to join within {self.ack_timeout} s") from None
+        finally:
+            self._pending.pop(req_id, None)
+            self._reply_hooks.pop(req_id, None)
 
     async def _rejoin(self, conn: WebSocketClientConnection) -> None:
         await self._join_all()

@@ -10,6 +10,11 @@ import { GameRoom, Subscription, applyPresenceEvent, takePresenceSnapshot } from
 /** @typedef {import("./types.js").JoinOptions} JoinOptions */
 /** @typedef {import("./types.js").Member} Member */
 
+// Most joins one upgrade URL carries (the rest are join frames) and its longest query of joins: well below
+// a server's max_rooms default (100) and the head limits of proxies.
+const MAX_URL_JOINS = 20;
+const MAX_URL_JOIN_CHARS = 4000;
+
 /**
  * One connection to one wirehub endpoint (`/ws/chat` or `/ws/game`), kept alive.
  *
@@ -93,6 +98,25 @@ export class WirehubClient extends Connection {
     try { sub.onMessage(frame); } catch (err) { console.error("wirehub: onMessage failed", err); }
   }
 
+  /** @returns {Array<Record<string, any>>} */
+  _urlJoinItems() {
+    /** @type {Array<Record<string, any>>} */
+    const items = [];
+    let chars = 0;
+    for (const room of [...this.rooms.values(), ...this.games.values()].slice(0, MAX_URL_JOINS)) {
+      const id = "c" + this._nextId++;
+      /** @type {Record<string, any>} */
+      const item = { room: room.room, id };
+      const sub = room instanceof Subscription ? room : null;
+      if (sub?.position) item.since = sub.position;
+      chars += JSON.stringify(item).length + 6;
+      if (chars > MAX_URL_JOIN_CHARS) break;
+      this._expectReply(room.room, id, sub ? (r) => onJoinedRead(sub, r) : undefined);
+      items.push(item);
+    }
+    return items;
+  }
+
   async _rejoin() {
     await Promise.all([
       ...[...this.rooms.values()].map((sub) => this._join(sub, sub.recovered !== null).catch((err) => {
@@ -171,10 +195,8 @@ export class WirehubClient extends Connection {
     /** @type {Record<string, any>} */
     const body = { op: "join", room: sub.room };
     if (sub.position) body.since = sub.position;
-    const reply = await this.request(body, undefined, (r) => {
-      // the position after `joined`, as it is read: the replayed and live messages come right after it
-      if (!(r.recovered && sub.offset !== null && sub.epoch === r.epoch)) sub._move(r.offset, r.epoch);
-    });
+    // joined in the upgrade URL: its reply follows the welcome
+    const reply = await (this._takeUrlJoin(sub.room) ?? this.request(body, undefined, (r) => onJoinedRead(sub, r)));
     sub.recovered = reply.recovered;
     sub.presence = reply.presence || [];
     takePresenceSnapshot(sub, reply);
@@ -302,9 +324,17 @@ export class WirehubClient extends Connection {
 
   /** @param {GameRoom} game */
   async _joinGame(game) {
-    const reply = await this.request({ op: "join", room: game.room });
+    const reply = await (this._takeUrlJoin(game.room) ?? this.request({ op: "join", room: game.room }));
     game._state(reply, false);
   }
+}
+
+/**
+ * The position after `joined`, as it is read: the replayed and live messages come right after it.
+ * @param {Subscription} sub @param {any} r
+ */
+function onJoinedRead(sub, r) {
+  if (!(r.recovered && sub.offset !== null && sub.epoch === r.epoch)) sub._move(r.offset, r.epoch);
 }
 
 export default WirehubClient;

@@ -64,6 +64,14 @@ export class Connection {
     this._opened = null;
     this._stopped = false;
     this._opening = false;
+    // Joins in the upgrade URL (docs/protocol.md, "Joining in the upgrade URL"): the rooms known at connect
+    // time are (re)joined without a join frame each. Off for good once a server ignores them (its welcome
+    // announces none); one attempt goes without them after an attempt with them failed before opening (a
+    // browser cannot tell a 400 for them from a network error).
+    this._urlJoins = this.options.urlJoins !== false;
+    this._skipUrlJoins = false;
+    /** @type {Map<string, {id: string, reply: Promise<any>}>} the current attempt's URL joins, by room */
+    this._urlJoined = new Map();
   }
 
   // -- events ---------------------------------------------------------------------------------------
@@ -189,6 +197,13 @@ export class Connection {
         protocols.push("bearer." + token);
       }
     }
+    this._urlJoined = new Map();
+    if (this._urlJoins && !this._skipUrlJoins) {
+      for (const item of this._urlJoinItems()) {
+        url += (url.includes("?") ? "&" : "?") + "join=" + encodeURIComponent(JSON.stringify(item));
+      }
+    }
+    const withJoins = this._urlJoined.size > 0;
     let ws;
     try {
       ws = new this.WebSocket(url, protocols);
@@ -220,12 +235,13 @@ export class Connection {
       if (this._ws === ws) this._onClose(ws, ev.code, ev.reason || "", welcomed);
     };
     let opened = false;
-    ws.onopen = () => { opened = true; };
+    ws.onopen = () => { opened = true; this._skipUrlJoins = false; };
     ws.onerror = () => {
       // Browsers follow an error with a close event; Node 20's WebSocket does not after a refused
       // handshake (HTTP 401, 503, ...), so a failure before the open is handled here.
       if (this._ws !== ws) return;
       if (!opened) {
+        if (withJoins) this._skipUrlJoins = true; // maybe a 400 for them: the next attempt joins with frames
         this._onClose(ws, 1006, "connection failed", false);
         try { ws.close(); } catch { /* ignore */ }
       } else {
@@ -303,9 +319,52 @@ export class Connection {
   /** Rejoin what was joined, after a (re)connect and before anything queued goes out. */
   async _rejoin() {}
 
+  /**
+   * The joins to put in the next upgrade URL (WirehubClient's rooms), each registered with _expectReply.
+   * @returns {Array<Record<string, any>>}
+   */
+  _urlJoinItems() { return []; }
+
+  /**
+   * A reply to a request this side did not send (a join of the upgrade URL), awaited like one.
+   * @param {string} room @param {string} id @param {(reply: any) => void} [onReply]
+   */
+  _expectReply(room, id, onReply) {
+    const reply = new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this._pending.delete(id);
+        reject(new WirehubError("timeout", `no reply to join within ${this.options.ackTimeout} ms`));
+      }, this.options.connectTimeout + this.options.ackTimeout);
+      this._pending.set(id, { resolve, reject, timer, sent: true, frame: null, onReply });
+    });
+    reply.catch(() => {}); // awaited only if a welcome comes
+    this._urlJoined.set(room, { id, reply });
+  }
+
+  /**
+   * The reply to the URL join of `room` on this connection, or undefined when the URL did not carry it.
+   * @param {string} room
+   * @returns {Promise<any> | undefined}
+   */
+  _takeUrlJoin(room) {
+    const joined = this._urlJoined.get(room);
+    this._urlJoined.delete(room);
+    return joined?.reply;
+  }
+
   /** @param {any} frame */
   async _onWelcome(frame) {
     this.welcome = frame;
+    if (this._urlJoined.size && frame.joins !== this._urlJoined.size) {
+      // a server that does not take joins in the URL: join with frames, now and after every reconnect
+      this._debug("the server ignored the joins in the URL");
+      this._urlJoins = false;
+      for (const { id } of this._urlJoined.values()) {
+        const p = this._pending.get(id);
+        if (p) { clearTimeout(p.timer); this._pending.delete(id); }
+      }
+      this._urlJoined.clear();
+    }
     this.connections += 1;
     this._emit("welcome", frame);
     this._scheduleRefresh(frame.expires_at);

@@ -20,6 +20,8 @@
  * @property {number} [refreshMargin] refresh the token this many ms before it expires (default 30000)
  * @property {number} [pingInterval] ms between application pings that detect dead connections (default 25000; 0 = off)
  * @property {boolean} [reconnect] reconnect after a drop (default true)
+ * @property {boolean} [urlJoins] (re)join the rooms known at connect time in the upgrade URL, one round trip
+ *   less (default true; turned off by itself for a server that ignores them)
  * @property {(msg: string, data?: any) => void} [debug] a logger for the client's decisions
  */
 

@@ -270,3 +270,58 @@ test("a server restart: the client comes back by itself and reports recovered fa
   await eventually(() => got.length === 2);
   assert.deepEqual(got, ["one", "two"]);
 });
+
+/** A WebSocket class that records the URLs it opens and the join frames it sends. */
+function recordingSocket() {
+  const urls = [], joinFrames = [];
+  class Recording extends globalThis.WebSocket {
+    constructor(url, protocols) {
+      super(url, protocols);
+      urls.push(url);
+    }
+    send(data) {
+      const frame = JSON.parse(data);
+      if (frame.op === "join") joinFrames.push(frame.room);
+      super.send(data);
+    }
+  }
+  return { Recording, urls, joinFrames };
+}
+
+const joinsOf = (url) => new URL(url).searchParams.getAll("join").map((j) => JSON.parse(j));
+
+test("rooms are joined, and rejoined with since, in the upgrade URL; rooms added while connected with frames", async () => {
+  const room = uniqueRoom(), late = uniqueRoom();
+  const rec = recordingSocket();
+  const listener = client("/ws/chat", { WebSocket: rec.Recording }), other = client();
+  const got = [], joins = [];
+  const sub = await listener.join(room, (m) => got.push(m.data), { onJoined: (info) => joins.push(info) });
+  assert.deepEqual(joinsOf(rec.urls[0]).map((j) => j.room), [room]);
+  assert.equal(listener.welcome.joins, 1);
+  await listener.join(late, () => {});
+  await other.join(room, () => {});
+  assert.deepEqual(rec.joinFrames, [late]);
+  await other.publish(room, "before");
+  await eventually(() => got.length === 1);
+  await control("close", { user: listener.welcome.user, code: 1001, retry_ms: 50 });
+  await eventually(() => listener.status === "reconnecting");
+  await other.publish(room, "while away");
+  await eventually(() => joins.length === 2 && listener.status === "open", 5000, "the rejoin");
+  const again = joinsOf(rec.urls[1]);
+  assert.deepEqual(again.map((j) => j.room), [room, late]);
+  assert.deepEqual(again[0].since, { offset: 1, epoch: sub.epoch });
+  assert.deepEqual(rec.joinFrames, [late], "no join frame after the reconnect");
+  assert.equal(joins[1].recovered, true);
+  await other.publish(room, "after");
+  await eventually(() => got.length === 3);
+  assert.deepEqual(got, ["before", "while away", "after"]);
+});
+
+test("urlJoins: false joins with frames only", async () => {
+  const room = uniqueRoom();
+  const rec = recordingSocket();
+  const c = client("/ws/chat", { WebSocket: rec.Recording, urlJoins: false });
+  await c.join(room, () => {});
+  assert.deepEqual(joinsOf(rec.urls[0]), []);
+  assert.deepEqual(rec.joinFrames, [room]);
+});

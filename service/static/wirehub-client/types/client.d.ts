@@ -1,8 +1,3 @@
-/** @typedef {import("./types.js").ClientOptions} ClientOptions */
-/** @typedef {import("./types.js").MessageFrame} MessageFrame */
-/** @typedef {import("./types.js").JoinInfo} JoinInfo */
-/** @typedef {import("./types.js").JoinOptions} JoinOptions */
-/** @typedef {import("./types.js").Member} Member */
 /**
  * One connection to one wirehub endpoint (`/ws/chat` or `/ws/game`), kept alive.
  *

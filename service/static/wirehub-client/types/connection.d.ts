@@ -61,6 +61,11 @@ export class Connection {
          */
         reconnect: boolean;
         /**
+         * (re)join the rooms known at connect time in the upgrade URL, one round trip
+         * less (default true; turned off by itself for a server that ignores them)
+         */
+        urlJoins?: boolean | undefined;
+        /**
          * a logger for the client's decisions
          */
         debug?: ((msg: string, data?: any) => void) | undefined;
@@ -103,6 +108,13 @@ export class Connection {
     } | null;
     _stopped: boolean;
     _opening: boolean;
+    _urlJoins: boolean;
+    _skipUrlJoins: boolean;
+    /** @type {Map<string, {id: string, reply: Promise<any>}>} the current attempt's URL joins, by room */
+    _urlJoined: Map<string, {
+        id: string;
+        reply: Promise<any>;
+    }>;
     /**
      * @param {string} name
      * @param {(arg: any) => void} fn
@@ -140,6 +152,22 @@ export class Connection {
     _dispatch(_frame: any): void;
     /** Rejoin what was joined, after a (re)connect and before anything queued goes out. */
     _rejoin(): Promise<void>;
+    /**
+     * The joins to put in the next upgrade URL (WirehubClient's rooms), each registered with _expectReply.
+     * @returns {Array<Record<string, any>>}
+     */
+    _urlJoinItems(): Array<Record<string, any>>;
+    /**
+     * A reply to a request this side did not send (a join of the upgrade URL), awaited like one.
+     * @param {string} room @param {string} id @param {(reply: any) => void} [onReply]
+     */
+    _expectReply(room: string, id: string, onReply?: (reply: any) => void): void;
+    /**
+     * The reply to the URL join of `room` on this connection, or undefined when the URL did not carry it.
+     * @param {string} room
+     * @returns {Promise<any> | undefined}
+     */
+    _takeUrlJoin(room: string): Promise<any> | undefined;
     /** @param {any} frame */
     _onWelcome(frame: any): Promise<void>;
     /** @param {number | undefined} expiresAt UNIX seconds */

@@ -47,6 +47,11 @@ export type ClientOptions = {
      */
     reconnect?: boolean | undefined;
     /**
+     * (re)join the rooms known at connect time in the upgrade URL, one round trip
+     * less (default true; turned off by itself for a server that ignores them)
+     */
+    urlJoins?: boolean | undefined;
+    /**
      * a logger for the client's decisions
      */
     debug?: ((msg: string, data?: any) => void) | undefined;
