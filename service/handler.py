@@ -78,16 +78,6 @@ class _OpBudget:
     strikes: int = 0
 
 
-#: the joins of a session's upgrade URL (:func:`url_joins`), from the core to :meth:`OpHandler.on_open` (not
-#: ``session.state``: that dict would be made for every session just to be looked in)
-_pending_joins: weakref.WeakKeyDictionary[Session, tuple[dict[str, Any], ...]] = weakref.WeakKeyDictionary()
-
-
-def give_url_joins(session: Session, joins: tuple[dict[str, Any], ...]) -> None:
-    """Called by the core before ``on_open``: the joins :meth:`OpHandler.on_open` handles after its welcome."""
-    _pending_joins[session] = joins
-
-
 #: longest ``join`` query value, in characters (a room of 256 and a ``since`` fit easily)
 MAX_URL_JOIN_LENGTH = 1024
 #: how many ``join`` values an upgrade URL may carry when the handler has no ``options.max_rooms``
@@ -161,6 +151,9 @@ class OpHandler:
     def __init__(self, context: HandlerContext) -> None:
         self.context = context
         self.ops: dict[str, Op] = {"ping": self.op_ping, "refresh": self.op_refresh}
+        #: the joins of a session's upgrade URL (:func:`url_joins`), given by the core before ``on_open``, which
+        #: takes them (not in ``session.state``: that dict would be made for every session just to be looked in)
+        self._url_joins: weakref.WeakKeyDictionary[Session, tuple[dict[str, Any], ...]] = weakref.WeakKeyDictionary()
 
     def welcome(self, session: Session) -> dict[str, Any]:
         frame: dict[str, Any] = {
@@ -177,7 +170,7 @@ class OpHandler:
         return frame
 
     async def on_open(self, session: Session) -> None:
-        joins = _pending_joins.pop(session, None) if _pending_joins else None
+        joins = self._url_joins.pop(session, None) if self._url_joins else None
         self._welcome(session, len(joins) if joins else 0)
         if joins:
             # Handled as join frames sent first would be, in order; frames that arrive meanwhile wait, as
@@ -186,6 +179,10 @@ class OpHandler:
                 if session.closed:
                     break
                 await self.handle(session, request)
+
+    def give_url_joins(self, session: Session, joins: tuple[dict[str, Any], ...]) -> None:
+        """Called by the core before :meth:`on_open`: the joins it handles after the welcome."""
+        self._url_joins[session] = joins
 
     def _welcome(self, session: Session, joins: int) -> None:
         """The welcome; ``joins``: how many joins of the upgrade URL it announces (their replies follow it;

@@ -162,6 +162,12 @@ class StreamTransport:
         self.send_frame(frame)
         return 1
 
+    def lead_with(self, head: bytes) -> None:
+        """Put ``head`` (the 101 of the lean path) first in a new transport's cork, so that nothing (a frame, a
+        flush by a close) goes before it. Not registered with the loop's flusher: the caller flushes."""
+        assert self._corked is None
+        self._corked, self._corked_bytes = [head], len(head)
+
     def flush(self) -> None:
         """Hand the corked frames to the kernel (the stream queues what it does not take)."""
         corked = self._corked

@@ -22,7 +22,7 @@ from tornado.websocket import WebSocketClosedError, WebSocketHandler, WebSocketP
 
 from wirehub.auth import AuthError, Identity
 from wirehub.frames import Protocol
-from wirehub.handler import BadUrlJoin, give_url_joins, url_joins
+from wirehub.handler import BadUrlJoin, OpHandler, url_joins
 from wirehub.protocol import SUBPROTOCOL, CloseCode, ErrorCode, close_reason
 from wirehub.session import Session
 from wirehub.transport import StreamTransport
@@ -75,9 +75,7 @@ class SessionSide:
         self._protocol = protocol
         transport = StreamTransport(protocol, self.close)
         if head is not None:
-            # First in the transport's cork, so that nothing (a frame, a flush by a close) can go before it.
-            # Not registered with the loop's flusher: flushed below, in this call.
-            transport._corked, transport._corked_bytes = [head], len(head)
+            transport.lead_with(head)  # flushed below, in this call
         session = Session(
             transport,
             self.identity,
@@ -94,8 +92,8 @@ class SessionSide:
             self.app.keepalive.add(protocol)
         session.on_identity_changed = self._schedule_expiry
         self._schedule_expiry()
-        if joins:
-            give_url_joins(session, joins)
+        if joins and isinstance(self.handler, OpHandler):
+            self.handler.give_url_joins(session, joins)
         coro = self._opened(session)
         try:
             first = coro.send(None)

@@ -340,9 +340,9 @@ async def test_the_client_falls_back_to_frames_when_the_server_refuses_url_joins
 
 async def test_the_client_falls_back_to_frames_when_the_server_ignores_url_joins(
         wirehub_server: Start, join_frames: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    import wirehub.websocket
+    from wirehub.handler import OpHandler
 
-    monkeypatch.setattr(wirehub.websocket, "give_url_joins", lambda session, joins: None)  # as an older server
+    monkeypatch.setattr(OpHandler, "give_url_joins", lambda self, session, joins: None)  # as an older server
     server = await wirehub_server(chat())
     room = unique_room()
     client = Client(server.ws_url(CHAT), **FAST)
