@@ -27,7 +27,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Awaitable, Coroutine, Generator, Mapping
+from collections.abc import Awaitable, Coroutine, Mapping
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -43,7 +43,7 @@ from wirehub.frames import Protocol
 from wirehub.handler import BadUrlJoin, url_joins
 from wirehub.head import parse_head
 from wirehub.protocol import SUBPROTOCOL
-from wirehub.websocket import SessionSide, _websocket_params
+from wirehub.websocket import SessionSide, _Continued, _websocket_params
 
 if TYPE_CHECKING:
     import tornado.web
@@ -378,40 +378,9 @@ def _run_eagerly(coro: Coroutine[Any, Any, None], tasks: set[asyncio.Future[None
         yielded = coro.send(None)
     except StopIteration:
         return
-    task = asyncio.ensure_future(_Resumed(coro, yielded).run())
+    task = asyncio.get_running_loop().create_task(_Continued(coro, yielded))
     tasks.add(task)
     task.add_done_callback(tasks.discard)
-
-
-class _Resumed:
-    """A coroutine that already ran up to a suspension, resumed by a task (``await`` delegates the same way)."""
-
-    __slots__ = ("coro", "yielded")
-
-    def __init__(self, coro: Coroutine[Any, Any, None], yielded: Any) -> None:
-        self.coro, self.yielded = coro, yielded
-
-    async def run(self) -> None:
-        await self
-
-    def __await__(self) -> Generator[Any, Any, None]:
-        coro, yielded = self.coro, self.yielded
-        while True:
-            try:
-                sent = yield yielded
-            except GeneratorExit:
-                coro.close()
-                raise
-            except BaseException as exc:  # a cancellation or an error thrown into the awaited future
-                try:
-                    yielded = coro.throw(exc)
-                except StopIteration:
-                    return
-            else:
-                try:
-                    yielded = coro.send(sent)
-                except StopIteration:
-                    return
 
 
 def _origin_allowed(app: Wirehub, origin: str, host: str) -> bool:
