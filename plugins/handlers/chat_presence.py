@@ -77,12 +77,25 @@ class RoomPresence:
     limit: int
 
 
+#: rooms whose rule is kept (every join and leave asks; a big room asks for the same one again and again)
+RULE_CACHE_ROOMS = 4096
+
+
 class PresenceRules:
     def __init__(self, rules: Sequence[PresenceRule], default_events: str, default_limit: int) -> None:
         self.rules = tuple(rules)
         self.default = RoomPresence(True, default_events, 1.0, default_limit)
+        self._known: dict[str, RoomPresence] = {}
 
     def for_room(self, room: str) -> RoomPresence:
+        found = self._known.get(room)
+        if found is None:
+            if len(self._known) >= RULE_CACHE_ROOMS:
+                self._known.clear()
+            found = self._known[room] = self._match(room)
+        return found
+
+    def _match(self, room: str) -> RoomPresence:
         for rule in self.rules:
             if fnmatch.fnmatchcase(room, rule.pattern):
                 events = rule.events or ("off" if not rule.presence else self.default.events)
@@ -170,10 +183,15 @@ class HeadCache:
 def joined_fields(count: PresenceCount, cursor: str | None, members: bytes) -> bytes:
     """The presence fields of ``joined`` as ``dumps`` writes them (``ensure_ascii`` off, compact), after a
     comma: ``count``, ``cursor`` when there is one, then ``presence`` (``members``, encoded)."""
-    data = b',"count":{"users":%d,"connections":%d}' % (count.users, count.connections)
-    if cursor is not None:
-        data += b',"cursor":' + json_string(cursor).encode()
-    return data + b',"presence":' + members
+    return _fields(count.users, count.connections, cursor, members)
+
+
+def _fields(users: int, connections: int, cursor: str | None, members: bytes) -> bytes:
+    """:func:`joined_fields` from the count's two numbers, in one copy of ``members``."""
+    if cursor is None:
+        return b',"count":{"users":%d,"connections":%d},"presence":%s' % (users, connections, members)
+    return b',"count":{"users":%d,"connections":%d},"cursor":%s,"presence":%s' % (
+        users, connections, json_string(cursor).encode(), members)
 
 
 @dataclass(frozen=True)
@@ -369,6 +387,15 @@ EVENT_MODES: dict[str, Callable[[Hub, Presence], EventMode]] = {
 # -- the chat endpoint's presence ------------------------------------------------------------------------------
 
 
+class _AtOnce(Protocol):
+    """A presence backend whose join and first page never wait (the memory one): ``join_now`` is its
+    ``join``, ``head_now`` its ``page(room, None, limit)`` as ``(members, cursor, users, connections)``."""
+
+    def join_now(self, room: str, entry: PresenceEntry) -> bool: ...
+
+    def head_now(self, room: str, limit: int) -> tuple[Sequence[PresenceMember], str | None, int, int]: ...
+
+
 class ChatPresence:
     """Presence entries, snapshots and events of one chat endpoint."""
 
@@ -382,6 +409,9 @@ class ChatPresence:
         #: ``page`` (NATS: no second sync of its live copy)
         self._joined_page: Callable[[str, int], Awaitable[PresencePage]] | None = getattr(
             presence, "joined_page", None)
+        #: a backend whose join and first page never wait (memory) answers them without a coroutine
+        self._now: _AtOnce | None = presence if callable(getattr(presence, "join_now", None)) and callable(
+            getattr(presence, "head_now", None)) else None  # type: ignore[assignment]
         presence.on_departed(self.departed)
 
     async def join(self, session: Session, room: str) -> bytes:
@@ -394,7 +424,14 @@ class ChatPresence:
             return b""
         name = session.identity.name
         entry = PresenceEntry(session.identity.user, session.id, session.node, _info(name))
-        if await self.presence.join(room, entry):
+        now = self._now
+        if now is not None:
+            if now.join_now(room, entry) and rule.events != "off":
+                await self.modes[rule.events].joined(room, rule, entry.user, name, session)
+            if rule.limit:
+                members, cursor, users, connections = now.head_now(room, rule.limit)
+                return _fields(users, connections, cursor, self.heads.encoded(room, members))
+        elif await self.presence.join(room, entry) and rule.events != "off":
             await self.modes[rule.events].joined(room, rule, entry.user, name, session)
         if rule.limit == 0:
             return joined_fields(await self.presence.count(room), None, b"[]")
