@@ -2,7 +2,8 @@
 
     python -m bench.join_inprocess [--members 18000] [--repeat 3] [--before TREE] [--json FILE]
 
-No sockets and no load generator: each session's ``joined`` frame is framed for the wire and dropped,
+No sockets and no load generator: each session's ``joined`` frame is framed for the wire and dropped, with
+the collector set as ``wirehub serve`` sets it (``gc.freeze``, the generation-0 threshold),
 so the figure is the handler's own path (op parse and dispatch, authorize, hub and presence join, the
 first page, the position, the ``joined`` frame), measured with ``time.process_time()`` around the joins
 only, in a fresh process per measurement pinned to core 0. With ``--before`` the measurements alternate
@@ -49,6 +50,7 @@ class _Dropping:
 
 async def measure(n: int) -> float:
     """CPU seconds per join of ``n`` sessions joining one room (guest-like random user ids and names)."""
+    from wirehub import cli
     from wirehub.app import Wirehub
     from wirehub.auth import Identity
     from wirehub.config import config_from_dict
@@ -68,6 +70,9 @@ async def measure(n: int) -> float:
         await handler.on_open(s)
         sessions.append(s)
     requests = [json.dumps({"op": "join", "room": "big", "id": i}) for i in range(n)]
+    tune_gc = getattr(cli, "_tune_gc", None)
+    if tune_gc is not None:  # as `wirehub serve` does once it has started
+        tune_gc()
     t0 = time.process_time()
     for s, request in zip(sessions, requests, strict=True):
         await handler.on_message(s, request)

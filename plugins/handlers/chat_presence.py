@@ -20,7 +20,7 @@ import logging
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from wirehub import (
     BusUnavailable,
@@ -149,34 +149,37 @@ class HeadCache:
     the previous join sent (it changes only when a user on it comes or goes) without building and
     encoding ``limit`` items again. The memory and NATS backends return the same list object while the
     page holds (an identity check); the Redis backend returns an equal one (an equality check). When
-    the page changed, the items of the members still on it are reused (a join into a big room moves
-    one member onto the page): only the newcomers are encoded."""
+    the page changed, the items of the members still on it are reused: the memory and NATS backends
+    keep those member objects (a join into a big room moves one member onto the page), found by
+    identity; a page of new, equal objects (Redis) is matched by user, connections and info."""
 
     def __init__(self) -> None:
-        #: room -> (the page's members, its encoded list, (user, connections) -> (info, encoded item))
-        self._rooms: dict[str, tuple[Sequence[PresenceMember], bytes,
-                                     dict[tuple[str, int], tuple[Mapping[str, Any], bytes]]]] = {}
+        #: room -> (the page's members, its encoded list, their encoded items in order, and by the member's
+        #: id). The cached page keeps its members alive, so no id in it is another object's while it is cached.
+        self._rooms: dict[str, tuple[Sequence[PresenceMember], bytes, list[bytes], dict[int, bytes]]] = {}
 
     def encoded(self, room: str, members: Sequence[PresenceMember]) -> bytes:
         cached = self._rooms.get(room)
         if cached is not None and (cached[0] is members or cached[0] == members):
             return cached[1]
-        old = cached[2] if cached is not None else {}
-        items: dict[tuple[str, int], tuple[Mapping[str, Any], bytes]] = {}
-        for m in members:
-            key = (m.user, m.connections)
-            item = old.get(key)
-            if item is None or not (item[0] is m.info or item[0] == m.info):
-                item = (m.info, _member_json(m))
-            items[key] = item
-        # what encode() of the list of items gives: compact JSON, items joined by commas
-        if len(items) == len(members):  # what encode() of the items gives: compact JSON, joined by commas
-            data = b"[%s]" % b",".join([item[1] for item in items.values()])
-        else:  # a user twice on one page (no backend lists one so): encoded as listed
-            data = encode([member_item(m) for m in members])
+        ids = [*map(id, members)]
+        items: list[bytes | None] = [*map(cached[3].get, ids)] if cached is not None else [None] * len(ids)
+        missing = [i for i, item in enumerate(items) if item is None] if None in items else []
+        if len(missing) > 1 and cached is not None:  # new objects (Redis, a page rebuilt): reuse equal ones
+            old = {(m.user, m.connections): (m.info, item) for m, item in zip(cached[0], cached[2], strict=True)}
+            for i in missing:
+                m = members[i]
+                found = old.get((m.user, m.connections))
+                items[i] = found[1] if found is not None and (found[0] is m.info or found[0] == m.info) else None
+        for i in missing:
+            if items[i] is None:
+                items[i] = _member_json(members[i])
+        done = cast("list[bytes]", items)
+        # what encode() of the items gives: compact JSON, joined by commas
+        data = b"[%s]" % b",".join(done)
         if len(self._rooms) >= HEAD_CACHE_ROOMS:
             self._rooms.clear()
-        self._rooms[room] = (members, data, items)
+        self._rooms[room] = (members, data, done, dict(zip(ids, done, strict=True)))
         return data
 
 
