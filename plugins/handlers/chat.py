@@ -194,7 +194,7 @@ class ChatHandler(OpHandler):
             # read. Gap-free: the session is held and a member already, so whatever is fanned out after
             # this has a greater offset and is released below.
             live = ctx.hub.position(room) if since is None else None
-            presence = await self.presence.join(session, room)  # O(1) in the room's size, encoded
+            presence, members = await self.presence.join(session, room)  # O(1) in the room's size, encoded
             recovery = None if live is not None else await recover(ctx.backend.history, room, since,
                                                                     self.options.recovery_limit)
         except BaseException:
@@ -204,7 +204,7 @@ class ChatHandler(OpHandler):
         if recovery is None:  # the live position (the usual join): nothing to replay
             assert live is not None
             after, epoch = live
-            session.send_frame(OutFrame(_joined(request.get("id"), room, after, epoch, False, presence)))
+            session.send_frame(OutFrame(_joined(request.get("id"), room, after, epoch, False, presence, members)))
         else:
             replay = stored_frames(recovery.messages)
             recovered = recovery.recovered
@@ -212,7 +212,7 @@ class ChatHandler(OpHandler):
                 replay, recovered = [], False
             epoch = recovery.epoch
             session.send_frame(OutFrame(_joined(request.get("id"), room, recovery.top, epoch, recovered,
-                                                presence)))
+                                                presence, members)))
             for frame in replay:
                 session.send_frame(OutFrame(frame))
             after = recovery.messages[-1][0] if replay else recovery.top
@@ -349,10 +349,12 @@ async def _refuse_unless(allowed: bool | Awaitable[bool], action: str, room: str
         raise ProtocolError(ErrorCode.FORBIDDEN, f"not allowed to {action} room {room!r}", reason="not_allowed")
 
 
-def _joined(req_id: Any, room: str, offset: int, epoch: str, recovered: bool, presence: bytes) -> bytes:
+def _joined(req_id: Any, room: str, offset: int, epoch: str, recovered: bool, presence: bytes,
+            members: bytes = b"") -> bytes:
     """The ``joined`` frame from pre-encoded parts: the bytes ``dumps`` gives for ``{"op": "joined", "id"?,
     "room", "offset", "epoch", "recovered", "count"?, "cursor"?, "presence"?}`` (tests/test_join_frame.py),
-    without a dict and a JSON encoder per join. ``presence``: :meth:`ChatPresence.join`'s fields."""
+    without a dict and a JSON encoder per join. ``presence`` then ``members``: :meth:`ChatPresence.join`'s
+    fields (what :func:`joined_fields` gives, in two parts: the big list is copied once, here)."""
     if req_id is None:
         data = b'{"op":"joined","room":'
     elif type(req_id) is int:  # what dumps writes for an int (not a bool: True is an int too)
@@ -361,9 +363,9 @@ def _joined(req_id: Any, room: str, offset: int, epoch: str, recovered: bool, pr
         data = b'{"op":"joined","id":%s,"room":' % json_string(req_id).encode()
     else:
         data = b'{"op":"joined","id":%s,"room":' % encode(req_id)
-    return b'%s%s,"offset":%d,"epoch":%s,"recovered":%s%s}' % (
+    return b'%s%s,"offset":%d,"epoch":%s,"recovered":%s%s%s}' % (
         data, json_string(room).encode(), offset, json_string(epoch).encode(), b"true" if recovered else b"false",
-        presence)
+        presence, members)
 
 
 def _budget(session: Session) -> int:

@@ -186,15 +186,16 @@ class HeadCache:
 def joined_fields(count: PresenceCount, cursor: str | None, members: bytes) -> bytes:
     """The presence fields of ``joined`` as ``dumps`` writes them (``ensure_ascii`` off, compact), after a
     comma: ``count``, ``cursor`` when there is one, then ``presence`` (``members``, encoded)."""
-    return _fields(count.users, count.connections, cursor, members)
+    return _fields(count.users, count.connections, cursor) + members
 
 
-def _fields(users: int, connections: int, cursor: str | None, members: bytes) -> bytes:
-    """:func:`joined_fields` from the count's two numbers, in one copy of ``members``."""
+def _fields(users: int, connections: int, cursor: str | None) -> bytes:
+    """:func:`joined_fields` without the members: the count's two numbers and the cursor, up to
+    ``"presence":``. The members' list follows it in ``joined`` (one copy of a big list, not two)."""
     if cursor is None:
-        return b',"count":{"users":%d,"connections":%d},"presence":%s' % (users, connections, members)
-    return b',"count":{"users":%d,"connections":%d},"cursor":%s,"presence":%s' % (
-        users, connections, json_string(cursor).encode(), members)
+        return b',"count":{"users":%d,"connections":%d},"presence":' % (users, connections)
+    return b',"count":{"users":%d,"connections":%d},"cursor":%s,"presence":' % (
+        users, connections, json_string(cursor).encode())
 
 
 @dataclass(frozen=True)
@@ -417,14 +418,14 @@ class ChatPresence:
             getattr(presence, "head_now", None)) else None  # type: ignore[assignment]
         presence.on_departed(self.departed)
 
-    async def join(self, session: Session, room: str) -> bytes:
+    async def join(self, session: Session, room: str) -> tuple[bytes, bytes]:
         """Record the session in ``room``'s presence, announce its user if new, and return the
-        ``joined`` fields, encoded (``,"count":{...},"cursor":...,"presence":[...]``, what
-        :func:`joined_fields` gives): the count and a cursor, and the first members (none of them
-        when presence is off)."""
+        ``joined`` fields, encoded, in two parts that follow each other (together what
+        :func:`joined_fields` gives): ``,"count":{...},"cursor":...,"presence":`` and the list of the
+        first members. Both empty when presence is off."""
         rule = self.rules.for_room(room)
         if not rule.enabled:
-            return b""
+            return b"", b""
         name = session.identity.name
         entry = PresenceEntry(session.identity.user, session.id, session.node, _info(name))
         now = self._now
@@ -433,15 +434,16 @@ class ChatPresence:
                 await self.modes[rule.events].joined(room, rule, entry.user, name, session)
             if rule.limit:
                 members, cursor, users, connections = now.head_now(room, rule.limit)
-                return _fields(users, connections, cursor, self.heads.encoded(room, members))
+                return _fields(users, connections, cursor), self.heads.encoded(room, members)
         elif await self.presence.join(room, entry) and rule.events != "off":
             await self.modes[rule.events].joined(room, rule, entry.user, name, session)
         if rule.limit == 0:
-            return joined_fields(await self.presence.count(room), None, b"[]")
+            count = await self.presence.count(room)
+            return _fields(count.users, count.connections, None), b"[]"
         joined_page = self._joined_page
         page = await (joined_page(room, rule.limit) if joined_page is not None else
                       self.presence.page(room, None, rule.limit))
-        return joined_fields(page.count, page.cursor, self.heads.encoded(room, page.members))
+        return _fields(page.count.users, page.count.connections, page.cursor), self.heads.encoded(room, page.members)
 
     async def leave(self, session: Session, room: str) -> None:
         """Remove the session's entry; announce its user's departure after their last connection.
