@@ -148,7 +148,10 @@ class Roster:
             return False
         self._users[user] = entry
         self._order.add(user)
-        if self._head is not None:
+        # onto the first page when it sorts before its last user or the page is not full (a join into a big
+        # room mostly is neither: no call)
+        users = self._head_users
+        if self._head is not None and (len(users) < self._head_limit or user < users[-1]):
             self._head_arrived(user, entry.info)
         return True
 
@@ -173,11 +176,9 @@ class Roster:
     # -- the first page, kept up to date --------------------------------------------------------------
 
     def _head_arrived(self, user: str, info: Mapping[str, Any]) -> None:
-        """A new user: on the first page when it sorts before its last user (or the page is not full)."""
+        """A new user who sorts before the first page's last user, or a page that is not full: onto it."""
         users = self._head_users
         full = len(users) == self._head_limit
-        if full and user > users[-1]:
-            return
         i = bisect.bisect_left(users, user)
         head = self._head
         assert head is not None
