@@ -1,14 +1,17 @@
 """A chat join's CPU in process, on the memory bus: N joins of one room through the chat handler.
 
-    python -m bench.join_inprocess [--members 18000] [--repeat 3] [--before TREE] [--json FILE]
+    python -m bench.join_inprocess [--members 18000] [--repeat 3] [--before TREE] [--json FILE] [--callgrind]
 
-No sockets and no load generator: each session's ``joined`` frame is framed for the wire and dropped,
+No sockets and no load generator: each session's ``joined`` frame is framed for the wire and dropped, with
+the collector set as ``wirehub serve`` sets it (``gc.freeze``, the generation-0 threshold),
 so the figure is the handler's own path (op parse and dispatch, authorize, hub and presence join, the
 first page, the position, the ``joined`` frame), measured with ``time.process_time()`` around the joins
 only, in a fresh process per measurement pinned to core 0. With ``--before`` the measurements alternate
 between another wirehub tree (its ``service`` folder imported as ``wirehub``) and this one. The socket
 benchmark (``bench_rooms join``) measures the whole replica but swings by 2x on a shared machine; this
-one repeats within a few percent.
+one repeats within a few percent. With ``--callgrind`` each measurement is the user-space instructions per
+join instead (valgrind's callgrind, instrumentation on around the joins only; about 50x slower, so use
+``--members 3000 --repeat 1``): the same on a loaded machine and from run to run (the user ids are seeded).
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import argparse
 import asyncio
 import json
 import os
+import random
+import re
 import subprocess
 import sys
 import tempfile
@@ -47,8 +52,15 @@ class _Dropping:
         return self.code is not None
 
 
-async def measure(n: int) -> float:
-    """CPU seconds per join of ``n`` sessions joining one room (guest-like random user ids and names)."""
+def _callgrind(*args: str) -> None:
+    """``callgrind_control`` on this process (run under valgrind by :func:`run_in`)."""
+    subprocess.run(["callgrind_control", *args, str(os.getpid())], check=True, capture_output=True, timeout=120)
+
+
+async def measure(n: int, callgrind: bool = False) -> float:
+    """CPU seconds per join of ``n`` sessions joining one room (guest-like random user ids and names); with
+    ``callgrind`` the joins run with callgrind's instrumentation on (the caller reads the count)."""
+    from wirehub import cli
     from wirehub.app import Wirehub
     from wirehub.auth import Identity
     from wirehub.config import config_from_dict
@@ -61,22 +73,33 @@ async def measure(n: int) -> float:
     app.hub.on_bus_state(True)
     handler = app.handlers["/ws/chat"]
     sessions = []
+    rng = random.Random(n)
     for _ in range(n):
-        user = "guest-" + os.urandom(6).hex()
+        user = f"guest-{rng.getrandbits(48):012x}"
         s = Session(_Dropping(), Identity(user=user, name=user, rooms=("*",)), endpoint="/ws/chat", node=app.node,
                     max_queue_bytes=1 << 20, metrics=app.metrics)
         await handler.on_open(s)
         sessions.append(s)
     requests = [json.dumps({"op": "join", "room": "big", "id": i}) for i in range(n)]
+    tune_gc = getattr(cli, "_tune_gc", None)
+    if tune_gc is not None:  # as `wirehub serve` does once it has started
+        tune_gc()
+    if callgrind:
+        _callgrind("-i", "on")
+        _callgrind("-z")
     t0 = time.process_time()
     for s, request in zip(sessions, requests, strict=True):
         await handler.on_message(s, request)
     spent = time.process_time() - t0
+    if callgrind:
+        _callgrind("-d")
+        _callgrind("-i", "off")
     await app.backend.bus.close()
     return spent / n
 
 
-def run_in(tree: Path | None, n: int, link_dir: Path) -> float:
+def run_in(tree: Path | None, n: int, link_dir: Path, callgrind: bool = False) -> float:
+    """Seconds per join (or instructions per join, ``callgrind``) of one measurement in a fresh process."""
     env = dict(os.environ)
     if tree is not None:  # the other tree's `service` folder imported as `wirehub`
         link = link_dir / "wirehub"
@@ -84,6 +107,15 @@ def run_in(tree: Path | None, n: int, link_dir: Path) -> float:
             link.symlink_to(tree.resolve() / "service")
         env["PYTHONPATH"] = os.pathsep.join(x for x in (str(link_dir), str(tree), env.get("PYTHONPATH")) if x)
     pin = ["taskset", "-c", "0"] if (os.cpu_count() or 1) > 1 else []
+    if callgrind:
+        with tempfile.TemporaryDirectory(prefix="wirehub-join-callgrind-") as out_dir:
+            grind = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out_dir}/cg.%p"]
+            subprocess.run([*grind, sys.executable, "-m", "bench.join_inprocess", "--one", str(n), "--callgrind"],
+                           env=env, check=True, capture_output=True, text=True)
+            dump = next(Path(out_dir).glob("cg.*.1"))  # the dump of the joins (the final one is at exit)
+            found = re.search(r"^totals: (\d+)", dump.read_text(errors="replace"), re.M)
+            assert found, f"no totals in {dump}"
+            return int(found.group(1)) / n
     out = subprocess.run([*pin, sys.executable, "-m", "bench.join_inprocess", "--one", str(n)], env=env,
                          check=True, capture_output=True, text=True).stdout
     return float(out.strip().splitlines()[-1])
@@ -96,25 +128,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--before", default=None, help="another wirehub tree, measured alternately with this one")
     p.add_argument("--json", default=None)
+    p.add_argument("--callgrind", action="store_true", help="instructions per join (valgrind) instead of CPU time")
     p.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # a single measurement (a child)
     a = p.parse_args(argv)
     if a.one is not None:
-        print(asyncio.run(measure(a.one)))
+        print(asyncio.run(measure(a.one, a.callgrind)))
         return 0
+    unit = "instructions" if a.callgrind else "us"
     codes: list[tuple[str, Path | None]] = ([("before", Path(a.before))] if a.before else []) + [("after", None)]
     results: dict[str, list[float]] = {code: [] for code, _ in codes}
     with tempfile.TemporaryDirectory(prefix="wirehub-join-inprocess-") as tmp:
         for _ in range(a.repeat):
             for code, tree in codes:
-                us = round(run_in(tree, a.members, Path(tmp)) * 1e6, 2)
-                results[code].append(us)
-                print(f"{code}: {us} us per join", file=sys.stderr)
-    out: dict[str, Any] = {"members": a.members, "us_per_join": results,
-                           "median_us": {k: sorted(v)[len(v) // 2] for k, v in results.items()},
+                one = run_in(tree, a.members, Path(tmp), a.callgrind)
+                value = round(one) if a.callgrind else round(one * 1e6, 2)
+                results[code].append(value)
+                print(f"{code}: {value} {unit} per join", file=sys.stderr)
+    out: dict[str, Any] = {"members": a.members, f"{unit}_per_join": results,
+                           f"median_{unit}": {k: sorted(v)[len(v) // 2] for k, v in results.items()},
                            "meta": {"argv": sys.argv[1:], "loadavg": os.getloadavg(),
                                     "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}}
     if a.before:
-        out["after_vs_before"] = round(out["median_us"]["after"] / out["median_us"]["before"], 2)
+        out["after_vs_before"] = round(out[f"median_{unit}"]["after"] / out[f"median_{unit}"]["before"], 3)
     text = json.dumps(out)
     if a.json:
         Path(a.json).write_text(text + "\n")

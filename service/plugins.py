@@ -204,6 +204,10 @@ def _hook_name(hook: str) -> str:
     return hook.removeprefix("wirehub_")
 
 
+#: the arguments of ``wirehub_authorize``, in the hookspec's order
+_AUTHORIZE_ARGS = ("identity", "action", "room")
+
+
 def _call(impl: pluggy.HookImpl, kwargs: Mapping[str, Any]) -> Any:
     return impl.function(*[kwargs[name] for name in impl.argnames])
 
@@ -220,6 +224,9 @@ class PluginHost:
         self.sources = dict(sources)
         #: every exception out of a hook is reported here (log line + metric), see service/failures.py
         self.failures = PluginFailures(log)
+        #: :meth:`_authorizers`: the implementations it was worked out for, and what it worked out
+        self._authorize_impls: list[pluggy.HookImpl] | None = None
+        self._authorize_plan: list[tuple[pluggy.HookImpl, Callable[..., Any], bool]] = []
 
     def _failed(self, impl: pluggy.HookImpl, hook: str, exc: BaseException) -> PluginFailed:
         name = _hook_name(hook)
@@ -360,11 +367,11 @@ class PluginHost:
         """:meth:`authorize` without a coroutine while the implementations answer synchronously (the
         built-in policy does): the answer, or an awaitable of it from the first implementation that
         returned an awaitable on. Called per join and publish, so it skips the per-call wrappers."""
-        kwargs = {"identity": identity, "action": action, "room": room}
-        impls = self._impls("wirehub_authorize")
-        for i, impl in enumerate(impls):
+        plan = self._authorizers()
+        for i, (impl, function, in_order) in enumerate(plan):
             try:
-                answer = _call(impl, kwargs)
+                answer = function(identity, action, room) if in_order else _call(
+                    impl, {"identity": identity, "action": action, "room": room})
             except Exception as exc:
                 raise self._failed(impl, "wirehub_authorize", exc) from exc
             if answer is None:
@@ -372,9 +379,21 @@ class PluginHost:
             if answer is True or answer is False:
                 return answer
             if inspect.isawaitable(answer):
-                return self._authorize_rest(impl, answer, impls[i + 1:], kwargs)
+                return self._authorize_rest(impl, answer, [p[0] for p in plan[i + 1:]],
+                                            {"identity": identity, "action": action, "room": room})
             return bool(answer)
         return False
+
+    def _authorizers(self) -> list[tuple[pluggy.HookImpl, Callable[..., Any], bool]]:
+        """The ``wirehub_authorize`` implementations in call order, each with its function and whether it
+        takes ``(identity, action, room)`` in that order (then it is called without a kwargs dict);
+        worked out again only when the registered implementations change (a plugin (un)registered)."""
+        impls = self.pm.hook.wirehub_authorize.get_hookimpls()
+        if impls != self._authorize_impls:
+            self._authorize_impls = impls
+            self._authorize_plan = [(impl, impl.function, tuple(impl.argnames) == _AUTHORIZE_ARGS)
+                                    for impl in reversed(impls)]
+        return self._authorize_plan
 
     async def _authorize_rest(self, impl: pluggy.HookImpl, pending: Awaitable[Any], rest: list[pluggy.HookImpl],
                               kwargs: Mapping[str, Any]) -> bool:

@@ -282,10 +282,11 @@ class Session:
                 self._floor = {}
             self._floor[room] = after
         sent = 0
-        for offset, frame in held:
-            if offset is None or after is None or offset > after:
-                self.send_frame(frame)
-                sent += 1
+        if held:  # usually nothing came while the join ran
+            for offset, frame in held:
+                if offset is None or after is None or offset > after:
+                    self.send_frame(frame)
+                    sent += 1
         return sent
 
     def rebase(self, room: str) -> None:
@@ -303,7 +304,8 @@ class Session:
         held = self._held.pop(room, []) if self._held else []
         if not self._held:
             self._held = None  # an emptied dict keeps its table: 184 bytes per member of a big room
-        self._held_bytes -= sum(len(frame.payload) for _, frame in held)
+        if held:
+            self._held_bytes -= sum(len(frame.payload) for _, frame in held)
         return held
 
     def left(self, room: str) -> None:

@@ -14,7 +14,7 @@ import time
 import uuid
 import zlib
 from collections import OrderedDict, deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +26,7 @@ from wirehub import (
     HistoryPage,
     PresenceCount,
     PresenceEntry,
+    PresenceMember,
     PresencePage,
     StateConflict,
     hookimpl,
@@ -254,10 +255,24 @@ class MemoryPresence:
         self._departures = Departures()
 
     async def join(self, room: str, entry: PresenceEntry) -> bool:
+        return self.join_now(room, entry)
+
+    def join_now(self, room: str, entry: PresenceEntry) -> bool:
+        """:meth:`join` without a coroutine: nothing here waits."""
         roster = self._rooms.get(room)
         if roster is None:
             roster = self._rooms[room] = Roster()
         return roster.add(entry)
+
+    def head_now(self, room: str, limit: int) -> tuple[Sequence[PresenceMember], str | None, int, int]:
+        """The first page (``limit`` > 0) without a coroutine or a :class:`PresencePage`: ``(members, cursor,
+        users, connections)``, what :meth:`page` ``(room, None, limit)`` says; the members are the same
+        list while they hold (the chat endpoint then reuses its encoding)."""
+        roster = self._rooms.get(room)
+        if roster is None:
+            return [], None, 0, 0
+        members, cursor = roster.head(limit)
+        return members, cursor, roster.users(), len(roster)
 
     async def leave(self, room: str, session: str) -> str | None:
         roster = self._rooms.get(room)

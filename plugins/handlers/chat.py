@@ -31,7 +31,6 @@ from wirehub import (
     OutFrame,
     ProtocolError,
     PublishOutcomeUnknown,
-    Recovery,
     RoomLimit,
     RoomRules,
     Session,
@@ -112,6 +111,10 @@ class _ChatState:
         rooms = self._rooms
         return (rooms,) if isinstance(rooms, str) else rooms
 
+    def count(self) -> int:
+        rooms = self._rooms
+        return 1 if isinstance(rooms, str) else len(rooms)
+
     def has(self, room: str) -> bool:
         rooms = self._rooms
         return rooms == room if isinstance(rooms, str) else room in rooms
@@ -172,7 +175,7 @@ class ChatHandler(OpHandler):
         st = self._state(session)
         if st.has(room):
             raise ProtocolError(ErrorCode.BAD_REQUEST, f"already joined room {room!r}")
-        if len(st.rooms) >= self.options.max_rooms:
+        if st.count() >= self.options.max_rooms:
             raise ProtocolError(
                 ErrorCode.FORBIDDEN,
                 f"at most {self.options.max_rooms} rooms per connection",
@@ -191,25 +194,29 @@ class ChatHandler(OpHandler):
             # read. Gap-free: the session is held and a member already, so whatever is fanned out after
             # this has a greater offset and is released below.
             live = ctx.hub.position(room) if since is None else None
-            presence = await self.presence.join(session, room)  # O(1) in the room's size, encoded
-            if live is not None:
-                recovery = Recovery(live[0], live[1], [], False)
-            else:
-                recovery = await recover(ctx.backend.history, room, since, self.options.recovery_limit)
+            presence, members = await self.presence.join(session, room)  # O(1) in the room's size, encoded
+            recovery = None if live is not None else await recover(ctx.backend.history, room, since,
+                                                                    self.options.recovery_limit)
         except BaseException:
             session.drop_held(room)
             await self._leave(session, st, room)
             raise
-        replay = stored_frames(recovery.messages)
-        recovered = recovery.recovered
-        if sum(map(len, replay)) > _budget(session):  # it would close the session with 4008
-            replay, recovered = [], False
-        session.send_frame(OutFrame(_joined(request.get("id"), room, recovery.top, recovery.epoch, recovered,
-                                            presence)))
-        for frame in replay:
-            session.send_frame(OutFrame(frame))
-        after = recovery.messages[-1][0] if replay else recovery.top
-        session.release(room, after, floor=ctx.hub.behind(room, recovery.epoch, after))
+        if recovery is None:  # the live position (the usual join): nothing to replay
+            assert live is not None
+            after, epoch = live
+            session.send_frame(OutFrame(_joined(request.get("id"), room, after, epoch, False, presence, members)))
+        else:
+            replay = stored_frames(recovery.messages)
+            recovered = recovery.recovered
+            if sum(map(len, replay)) > _budget(session):  # it would close the session with 4008
+                replay, recovered = [], False
+            epoch = recovery.epoch
+            session.send_frame(OutFrame(_joined(request.get("id"), room, recovery.top, epoch, recovered,
+                                                presence, members)))
+            for frame in replay:
+                session.send_frame(OutFrame(frame))
+            after = recovery.messages[-1][0] if replay else recovery.top
+        session.release(room, after, floor=ctx.hub.behind(room, epoch, after))
         if session.closed:  # closed meanwhile; if on_close already ran, it did not see this room joined
             await self._leave(session, st, room)
 
@@ -342,19 +349,23 @@ async def _refuse_unless(allowed: bool | Awaitable[bool], action: str, room: str
         raise ProtocolError(ErrorCode.FORBIDDEN, f"not allowed to {action} room {room!r}", reason="not_allowed")
 
 
-def _joined(req_id: Any, room: str, offset: int, epoch: str, recovered: bool, presence: bytes) -> bytes:
+def _joined(req_id: Any, room: str, offset: int, epoch: str, recovered: bool, presence: bytes,
+            members: bytes = b"") -> bytes:
     """The ``joined`` frame from pre-encoded parts: the bytes ``dumps`` gives for ``{"op": "joined", "id"?,
     "room", "offset", "epoch", "recovered", "count"?, "cursor"?, "presence"?}`` (tests/test_join_frame.py),
-    without a dict and a JSON encoder per join. ``presence``: :meth:`ChatPresence.join`'s fields."""
+    without a dict and a JSON encoder per join. ``presence`` then ``members``: :meth:`ChatPresence.join`'s
+    fields (what :func:`joined_fields` gives, in two parts: the big list is copied once, here)."""
     if req_id is None:
         data = b'{"op":"joined","room":'
+    elif type(req_id) is int:  # what dumps writes for an int (not a bool: True is an int too)
+        data = b'{"op":"joined","id":%d,"room":' % req_id
     elif type(req_id) is str:
         data = b'{"op":"joined","id":%s,"room":' % json_string(req_id).encode()
     else:
         data = b'{"op":"joined","id":%s,"room":' % encode(req_id)
-    return b'%s%s,"offset":%d,"epoch":%s,"recovered":%s%s}' % (
+    return b'%s%s,"offset":%d,"epoch":%s,"recovered":%s%s%s}' % (
         data, json_string(room).encode(), offset, json_string(epoch).encode(), b"true" if recovered else b"false",
-        presence)
+        presence, members)
 
 
 def _budget(session: Session) -> int:

@@ -20,7 +20,7 @@ import logging
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from wirehub import (
     BusUnavailable,
@@ -77,12 +77,25 @@ class RoomPresence:
     limit: int
 
 
+#: rooms whose rule is kept (every join and leave asks; a big room asks for the same one again and again)
+RULE_CACHE_ROOMS = 4096
+
+
 class PresenceRules:
     def __init__(self, rules: Sequence[PresenceRule], default_events: str, default_limit: int) -> None:
         self.rules = tuple(rules)
         self.default = RoomPresence(True, default_events, 1.0, default_limit)
+        self._known: dict[str, RoomPresence] = {}
 
     def for_room(self, room: str) -> RoomPresence:
+        found = self._known.get(room)
+        if found is None:
+            if len(self._known) >= RULE_CACHE_ROOMS:
+                self._known.clear()
+            found = self._known[room] = self._match(room)
+        return found
+
+    def _match(self, room: str) -> RoomPresence:
         for rule in self.rules:
             if fnmatch.fnmatchcase(room, rule.pattern):
                 events = rule.events or ("off" if not rule.presence else self.default.events)
@@ -136,44 +149,53 @@ class HeadCache:
     the previous join sent (it changes only when a user on it comes or goes) without building and
     encoding ``limit`` items again. The memory and NATS backends return the same list object while the
     page holds (an identity check); the Redis backend returns an equal one (an equality check). When
-    the page changed, the items of the members still on it are reused (a join into a big room moves
-    one member onto the page): only the newcomers are encoded."""
+    the page changed, the items of the members still on it are reused: the memory and NATS backends
+    keep those member objects (a join into a big room moves one member onto the page), found by
+    identity; a page of new, equal objects (Redis) is matched by user, connections and info."""
 
     def __init__(self) -> None:
-        #: room -> (the page's members, its encoded list, (user, connections) -> (info, encoded item))
-        self._rooms: dict[str, tuple[Sequence[PresenceMember], bytes,
-                                     dict[tuple[str, int], tuple[Mapping[str, Any], bytes]]]] = {}
+        #: room -> (the page's members, its encoded list, their encoded items in order, and by the member's
+        #: id). The cached page keeps its members alive, so no id in it is another object's while it is cached.
+        self._rooms: dict[str, tuple[Sequence[PresenceMember], bytes, list[bytes], dict[int, bytes]]] = {}
 
     def encoded(self, room: str, members: Sequence[PresenceMember]) -> bytes:
         cached = self._rooms.get(room)
         if cached is not None and (cached[0] is members or cached[0] == members):
             return cached[1]
-        old = cached[2] if cached is not None else {}
-        items: dict[tuple[str, int], tuple[Mapping[str, Any], bytes]] = {}
-        for m in members:
-            key = (m.user, m.connections)
-            item = old.get(key)
-            if item is None or not (item[0] is m.info or item[0] == m.info):
-                item = (m.info, _member_json(m))
-            items[key] = item
-        # what encode() of the list of items gives: compact JSON, items joined by commas
-        if len(items) == len(members):  # what encode() of the items gives: compact JSON, joined by commas
-            data = b"[%s]" % b",".join([item[1] for item in items.values()])
-        else:  # a user twice on one page (no backend lists one so): encoded as listed
-            data = encode([member_item(m) for m in members])
+        ids = [*map(id, members)]
+        items: list[bytes | None] = [*map(cached[3].get, ids)] if cached is not None else [None] * len(ids)
+        missing = [i for i, item in enumerate(items) if item is None] if None in items else []
+        if len(missing) > 1 and cached is not None:  # new objects (Redis, a page rebuilt): reuse equal ones
+            old = {(m.user, m.connections): (m.info, item) for m, item in zip(cached[0], cached[2], strict=True)}
+            for i in missing:
+                m = members[i]
+                found = old.get((m.user, m.connections))
+                items[i] = found[1] if found is not None and (found[0] is m.info or found[0] == m.info) else None
+        for i in missing:
+            if items[i] is None:
+                items[i] = _member_json(members[i])
+        done = cast("list[bytes]", items)
+        # what encode() of the items gives: compact JSON, joined by commas
+        data = b"[%s]" % b",".join(done)
         if len(self._rooms) >= HEAD_CACHE_ROOMS:
             self._rooms.clear()
-        self._rooms[room] = (members, data, items)
+        self._rooms[room] = (members, data, done, dict(zip(ids, done, strict=True)))
         return data
 
 
 def joined_fields(count: PresenceCount, cursor: str | None, members: bytes) -> bytes:
     """The presence fields of ``joined`` as ``dumps`` writes them (``ensure_ascii`` off, compact), after a
     comma: ``count``, ``cursor`` when there is one, then ``presence`` (``members``, encoded)."""
-    data = b',"count":{"users":%d,"connections":%d}' % (count.users, count.connections)
-    if cursor is not None:
-        data += b',"cursor":' + json_string(cursor).encode()
-    return data + b',"presence":' + members
+    return _fields(count.users, count.connections, cursor) + members
+
+
+def _fields(users: int, connections: int, cursor: str | None) -> bytes:
+    """:func:`joined_fields` without the members: the count's two numbers and the cursor, up to
+    ``"presence":``. The members' list follows it in ``joined`` (one copy of a big list, not two)."""
+    if cursor is None:
+        return b',"count":{"users":%d,"connections":%d},"presence":' % (users, connections)
+    return b',"count":{"users":%d,"connections":%d},"cursor":%s,"presence":' % (
+        users, connections, json_string(cursor).encode())
 
 
 @dataclass(frozen=True)
@@ -369,6 +391,15 @@ EVENT_MODES: dict[str, Callable[[Hub, Presence], EventMode]] = {
 # -- the chat endpoint's presence ------------------------------------------------------------------------------
 
 
+class _AtOnce(Protocol):
+    """A presence backend whose join and first page never wait (the memory one): ``join_now`` is its
+    ``join``, ``head_now`` its ``page(room, None, limit)`` as ``(members, cursor, users, connections)``."""
+
+    def join_now(self, room: str, entry: PresenceEntry) -> bool: ...
+
+    def head_now(self, room: str, limit: int) -> tuple[Sequence[PresenceMember], str | None, int, int]: ...
+
+
 class ChatPresence:
     """Presence entries, snapshots and events of one chat endpoint."""
 
@@ -382,26 +413,37 @@ class ChatPresence:
         #: ``page`` (NATS: no second sync of its live copy)
         self._joined_page: Callable[[str, int], Awaitable[PresencePage]] | None = getattr(
             presence, "joined_page", None)
+        #: a backend whose join and first page never wait (memory) answers them without a coroutine
+        self._now: _AtOnce | None = presence if callable(getattr(presence, "join_now", None)) and callable(
+            getattr(presence, "head_now", None)) else None  # type: ignore[assignment]
         presence.on_departed(self.departed)
 
-    async def join(self, session: Session, room: str) -> bytes:
+    async def join(self, session: Session, room: str) -> tuple[bytes, bytes]:
         """Record the session in ``room``'s presence, announce its user if new, and return the
-        ``joined`` fields, encoded (``,"count":{...},"cursor":...,"presence":[...]``, what
-        :func:`joined_fields` gives): the count and a cursor, and the first members (none of them
-        when presence is off)."""
+        ``joined`` fields, encoded, in two parts that follow each other (together what
+        :func:`joined_fields` gives): ``,"count":{...},"cursor":...,"presence":`` and the list of the
+        first members. Both empty when presence is off."""
         rule = self.rules.for_room(room)
         if not rule.enabled:
-            return b""
+            return b"", b""
         name = session.identity.name
         entry = PresenceEntry(session.identity.user, session.id, session.node, _info(name))
-        if await self.presence.join(room, entry):
+        now = self._now
+        if now is not None:
+            if now.join_now(room, entry) and rule.events != "off":
+                await self.modes[rule.events].joined(room, rule, entry.user, name, session)
+            if rule.limit:
+                members, cursor, users, connections = now.head_now(room, rule.limit)
+                return _fields(users, connections, cursor), self.heads.encoded(room, members)
+        elif await self.presence.join(room, entry) and rule.events != "off":
             await self.modes[rule.events].joined(room, rule, entry.user, name, session)
         if rule.limit == 0:
-            return joined_fields(await self.presence.count(room), None, b"[]")
+            count = await self.presence.count(room)
+            return _fields(count.users, count.connections, None), b"[]"
         joined_page = self._joined_page
         page = await (joined_page(room, rule.limit) if joined_page is not None else
                       self.presence.page(room, None, rule.limit))
-        return joined_fields(page.count, page.cursor, self.heads.encoded(room, page.members))
+        return _fields(page.count.users, page.count.connections, page.cursor), self.heads.encoded(room, page.members)
 
     async def leave(self, session: Session, room: str) -> None:
         """Remove the session's entry; announce its user's departure after their last connection.
