@@ -671,6 +671,20 @@ async def test_rate_limit_recovers_after_waiting(wirehub_server: ServerFactory) 
     assert (await a.publish(room, 2))["op"] == "ack"
 
 
+@pytest.mark.parametrize("burst", [1, 3])
+async def test_the_op_rate_counts_the_first_request_without_a_bucket(wirehub_server: ServerFactory,
+                                                                      burst: int) -> None:
+    """A session's first request is admitted without a token bucket (its time is kept); the second makes the
+    bucket as it would stand had it been made then: ``op_burst`` requests pass, the next is refused."""
+    # 0.1/s: no token comes back during the test, however slow the machine
+    server = await wirehub_server(chat_config(server={"op_rate": 0.1, "op_burst": burst}))
+    a = await connect(server)
+    for i in range(burst):
+        assert (await a.ws.request({"op": "ping", "id": i}))["op"] == "pong"
+    err = await a.error({"op": "ping", "id": "over"})
+    assert err["code"] == "rate_limited" and err["id"] == "over" and 9000 < err["retry_ms"] <= 10001
+
+
 # -- the bus is down -------------------------------------------------------------------------------------------
 
 
