@@ -55,7 +55,7 @@ class Identity:
             if pattern.startswith(READ_ONLY_PREFIX):
                 if not write and fnmatch.fnmatchcase(room, pattern[len(READ_ONLY_PREFIX):]):
                     return True
-            elif fnmatch.fnmatchcase(room, pattern):
+            elif pattern == "*" or fnmatch.fnmatchcase(room, pattern):  # "*": a guest's, on every join
                 return True
         return False
 
