@@ -57,17 +57,30 @@ class Write:
         self.timer: asyncio.TimerHandle | None = None
 
 
+class Joined(asyncio.Future[None]):
+    """The one future the joins of a key wait for (no future per join). A joiner's cancellation must not
+    cancel it for the others: it takes effect when the key's write is answered (within ``op_timeout``)."""
+
+    def cancel(self, msg: Any = None) -> bool:
+        return False
+
+
 class Bucket:
     """A members key of this replica: the entries it should hold, and its writes under way."""
 
-    __slots__ = ("entries", "joins", "key", "next", "room", "unsettled", "writes")
+    __slots__ = ("entries", "firsts", "joined", "key", "next", "pending", "room", "unsettled", "writes")
 
     def __init__(self, room: str, key: str) -> None:
         self.room = room
         self.key = key
         self.entries: list[PresenceEntry] = []
-        #: joins not written yet (None once the key's first write went out): (entry, its future: first of its user)
-        self.joins: list[tuple[PresenceEntry, asyncio.Future[bool]]] | None = []
+        #: its entries are joins not written yet (the key of this loop iteration's joins)
+        self.pending = True
+        #: set when the key's first write was answered: its joins' outcome
+        self.joined = Joined()
+        #: the sessions of that write that are their user's first connection (read by the joins when
+        #: ``joined`` is set, then dropped)
+        self.firsts: set[str] | None = None
         #: write id -> a write sent and not echoed yet
         self.writes: dict[str, Write] = {}
         #: the write the next flush sends (leaves waiting for it); None: none scheduled
@@ -84,7 +97,7 @@ class Bucket:
 
     def idle(self) -> bool:
         """Nothing to keep it for: no entry, no write under way or scheduled, nothing to retry."""
-        return not self.entries and not self.writes and self.next is None and not self.unsettled and not self.joins
+        return not self.entries and not self.writes and self.next is None and not self.unsettled and not self.pending
 
 
 def fail(fut: asyncio.Future[Any], exc: Exception) -> None:

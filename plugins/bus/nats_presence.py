@@ -43,6 +43,7 @@ import logging
 import os
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from wirehub import DepartedListener, PresenceCount, PresenceEntry, PresencePage
@@ -83,8 +84,11 @@ def _expire(waiter: asyncio.Future[bool | None]) -> None:
 class _LiveRoom:
     """A replica's live copy of one room (see the module docstring)."""
 
-    def __init__(self, conn: Any) -> None:
+    def __init__(self, conn: Any, tag: str, own: Callable[[str, Any], None]) -> None:
         self.conn = conn  # the connection it belongs to: a new connection needs a new copy
+        #: this replica's keys end in ``<tag><n>``; ``own(key, msg)`` takes their echoes
+        self.tag = tag
+        self.own = own
         self.roster = Roster()
         self.ready = asyncio.Event()
         self.processed = 0
@@ -108,6 +112,17 @@ class _LiveRoom:
             elif not fut.done():
                 waiting.append((seq, fut))
         self.waiters = waiting
+
+    def echo(self, key: str, seq: int, msg: Any) -> None:
+        """A message of the room's consumer: a write (or purge) of ``key``."""
+        if seq > self.last_seq:
+            self.last_seq = seq
+            if self.waiters:
+                self.reached()
+        if key[key.rfind(".") + 1:].startswith(self.tag):
+            self.own(key, msg)
+        else:
+            self.foreign(key, msg)
 
     def foreign(self, key: str, msg: Any) -> None:
         """Another replica's write of ``key``: its new value (or none) replaces the last one."""
@@ -247,9 +262,6 @@ class NatsPresence:
         bus._check()
         return await bus.call("presence", scan)  # type: ignore[no-any-return]
 
-    def _mine(self, key: str) -> bool:
-        return key[key.rfind(".") + 1:].startswith(self._tag)
-
     async def _live(self, room: str) -> _LiveRoom | None:
         """The room's live copy when this replica has members there (started on first use)."""
         if room not in self._local:
@@ -278,26 +290,17 @@ class NatsPresence:
     async def _start_live(self, room: str) -> _LiveRoom:
         bus = self.bus
         api = bus.nats.js.api
-        live = _LiveRoom(bus.nc)
+        live = _LiveRoom(bus.nc, self._tag, lambda key, msg: self._echoed(room, live, key, msg))
         pre = self.pre
 
         for bucket in self._own.get(room, {}).values():  # this replica's own keys: its state, not their echoes
-            if bucket.joins is None:
+            if not bucket.pending:
                 for entry in bucket.entries:
                     live.roster.add(entry)
 
         async def on_msg(msg: Any) -> None:
             meta = msg.metadata
-            seq = meta.sequence.stream
-            if seq > live.last_seq:
-                live.last_seq = seq
-                if live.waiters:
-                    live.reached()
-            key = msg.subject[len(pre):]
-            if self._mine(key):
-                self._echoed(room, live, key, msg)
-            else:
-                live.foreign(key, msg)
+            live.echo(msg.subject[len(pre):], meta.sequence.stream, msg)
             live.processed += 1
             if meta.num_pending == 0:
                 live.ready.set()
@@ -430,44 +433,50 @@ class NatsPresence:
             await self._sync(live, room)
         except BaseException as exc:
             for bucket in buckets:
-                self._fail_joins(bucket, bucket.joins or [], exc)
-                bucket.joins = None
+                self._fail_joins(bucket, exc, written=False)
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return
         for bucket in buckets:
-            joins, bucket.joins = bucket.joins or [], None
-            firsts = [live.roster.add(entry) for entry, _ in joins]
-            if not bucket.entries:
+            bucket.pending = False
+            bucket.firsts = {e.session for e in bucket.entries if live.roster.add(e)}
+            if not bucket.entries:  # every join of it left before the write
+                self._joined(bucket)
                 self._forget_key(bucket)
                 continue
-            self._spawn(self._finish_joins(bucket, joins, firsts))
+            self._spawn(self._finish_joins(bucket))
 
-    async def _finish_joins(self, bucket: Bucket, joins: list[tuple[PresenceEntry, asyncio.Future[bool]]],
-                            firsts: list[bool]) -> None:
+    async def _finish_joins(self, bucket: Bucket) -> None:
         try:
             await self._send(bucket)
         except BaseException as exc:
-            self._fail_joins(bucket, joins, exc)
+            self._fail_joins(bucket, exc, written=True)
             return
-        for (_, fut), first in zip(joins, firsts, strict=True):
-            if not fut.done():
-                fut.set_result(first)
+        self._joined(bucket)
 
-    def _fail_joins(self, bucket: Bucket, joins: list[tuple[PresenceEntry, asyncio.Future[bool]]],
-                    exc: BaseException) -> None:
-        """The write of these joins failed (or timed out: it may have landed, so upkeep writes the key
+    def _joined(self, bucket: Bucket) -> None:
+        bucket.joined.set_result(None)
+        # the joins read their outcome when they wake up, in this loop iteration's callbacks before this one
+        asyncio.get_running_loop().call_soon(setattr, bucket, "firsts", None)
+
+    def _fail_joins(self, bucket: Bucket, exc: BaseException, *, written: bool) -> None:
+        """The write of a key's joins failed (or timed out: it may have landed, so upkeep writes the key
         again without them): they are not members."""
+        bucket.pending = False
         live = self._current_live(bucket.room)
         local = self._local.get(bucket.room)
-        for entry, fut in joins:
-            if bucket.take(entry.session) is not None:
-                if live is not None:
-                    live.roster.remove(entry.session)
-                if local is not None and local.get(entry.session) is bucket:
-                    del local[entry.session]
-            fail(fut, exc if isinstance(exc, Exception) else ConnectionError("join cancelled"))
-        bucket.unsettled = True
+        for entry in bucket.entries:
+            if live is not None:
+                live.roster.remove(entry.session)
+            if local is not None and local.get(entry.session) is bucket:
+                del local[entry.session]
+        bucket.entries.clear()
+        bucket.firsts = None
+        fail(bucket.joined, exc if isinstance(exc, Exception) else ConnectionError("presence write cancelled"))
+        if written:
+            bucket.unsettled = True
+        else:
+            self._forget_key(bucket)
         if local is not None and not local:
             del self._local[bucket.room]
 
@@ -565,7 +574,6 @@ class NatsPresence:
             if not self._local.get(room, True):
                 del self._local[room]
             raise
-        loop = asyncio.get_running_loop()
         slot = (room, entry.node)
         bucket = self._open.get(slot)
         if bucket is None or len(bucket.entries) >= BUCKET:
@@ -573,17 +581,16 @@ class NatsPresence:
                 self._full.append(bucket)
             bucket = self._open[slot] = self._new_key(room, entry.node)
             self._schedule()
-        fut: asyncio.Future[bool] = loop.create_future()
         bucket.entries.append(entry)
-        assert bucket.joins is not None
-        bucket.joins.append((entry, fut))
         self._local.setdefault(room, {})[entry.session] = bucket
         try:
-            return await fut
+            await bucket.joined
         except asyncio.CancelledError:
             if self._local.get(room, {}).get(entry.session) is bucket:  # gone with the joiner: settled by a write
                 await asyncio.shield(self._leave_quietly(room, entry.session))
             raise
+        firsts = bucket.firsts
+        return firsts is not None and entry.session in firsts
 
     async def _leave_quietly(self, room: str, session: str) -> None:
         try:
@@ -602,13 +609,7 @@ class NatsPresence:
             entry = bucket.take(session)
             if entry is None:
                 return None
-            if bucket.joins is not None:  # not written yet: it never was a member
-                for i, (e, joining) in enumerate(bucket.joins):
-                    if e.session == session:
-                        del bucket.joins[i]
-                        if not joining.done():
-                            joining.set_result(False)
-                        break
+            if bucket.pending:  # not written yet: it never was a member (its join returns False)
                 return None
             fut: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
             if bucket.next is None:
@@ -684,7 +685,7 @@ class NatsPresence:
             await self._restore()
 
     async def _restore(self) -> None:
-        buckets = [b for own in self._own.values() for b in own.values() if b.entries and b.joins is None]
+        buckets = [b for own in self._own.values() for b in own.values() if b.entries and not b.pending]
         log.warning("presence: re-writing %d keys (%d entries) the broker no longer had",
                     len(buckets), sum(len(b.entries) for b in buckets))
         await self._rewrite(buckets)
@@ -705,7 +706,7 @@ class NatsPresence:
                 self._reapers.add(task)
                 task.add_done_callback(self._reapers.discard)
         # rare: only after a write the broker did not take (down, timeout): its key's current state again
-        unsettled = [b for own in self._own.values() for b in own.values() if b.unsettled and b.joins is None]
+        unsettled = [b for own in self._own.values() for b in own.values() if b.unsettled and not b.pending]
         if unsettled:
             await self._rewrite(unsettled[:REAP_BATCH])
 
