@@ -16,10 +16,11 @@ import pytest
 from tests.helpers import FAST_BUS, bus_options
 from wirehub.brokers import BrokerProcess
 from wirehub.builtins.bus.nats import create_backend
-from wirehub.builtins.bus.nats_buckets import BUCKET, parse_entries
+from wirehub.builtins.bus.nats_buckets import BUCKET, Joined, parse_entries
 from wirehub.builtins.bus.nats_presence import NatsPresence
 from wirehub.bus import Backend, BusUnavailable, PresenceCount, PresenceEntry
 from wirehub.testing import Recorder, eventually, unique_room
+from wirehub.websocket import _Continued
 
 INTERVAL = 0.25
 Replica = Callable[[], Awaitable[Backend]]
@@ -172,3 +173,27 @@ def test_values_of_the_single_entry_format_are_read() -> None:
     for bad in (b"[]", b'{"n":"x"}', b'{"n":"x","e":[["a"]]}', b"nope"):
         with pytest.raises((ValueError, KeyError, TypeError)):
             parse_entries(bad)
+
+
+async def test_the_joins_future_takes_eagerly_started_awaiters_and_ignores_one_joiners_cancel() -> None:
+    """The server starts an op eagerly and gives the future it yielded to a Task later
+    (``service/websocket.py``): many joins yield the same future before any Task takes it."""
+    joined = Joined()
+
+    async def waiter() -> str:
+        await joined
+        return "woke"
+
+    coros = [waiter() for _ in range(3)]
+    firsts = [c.send(None) for c in coros]
+    assert all(f is joined for f in firsts)
+    loop = asyncio.get_running_loop()
+    tasks = [loop.create_task(_Continued(c, f)) for c, f in zip(coros, firsts, strict=True)]
+    await asyncio.sleep(0)
+    tasks[0].cancel()  # one joiner gives up: the others still get the outcome
+    await asyncio.sleep(0)
+    assert not joined.cancelled() and not any(t.done() for t in tasks)
+    joined.set_result(None)
+    with pytest.raises(asyncio.CancelledError):
+        await tasks[0]
+    assert await asyncio.gather(*tasks[1:]) == ["woke", "woke"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Generator
 from typing import Any
 
 from wirehub import PresenceEntry
@@ -63,6 +64,25 @@ class Joined(asyncio.Future[None]):
 
     def cancel(self, msg: Any = None) -> bool:
         return False
+
+    # Many joins await this one future, and the server starts each op eagerly (service/websocket.py: the
+    # coroutine runs until it first yields, and a Task takes the yielded future later). A Task resets
+    # ``_asyncio_future_blocking`` when it takes the future; asyncio's own future would then look, to the
+    # next joiner's Task, as if it had been yielded without ``await``. So the flag stays set.
+    @property  # type: ignore[override]
+    def _asyncio_future_blocking(self) -> bool:
+        return True
+
+    @_asyncio_future_blocking.setter
+    def _asyncio_future_blocking(self, value: bool) -> None:
+        pass
+
+    def __await__(self) -> Generator[Any, None, None]:
+        if not self.done():
+            yield self  # the Task waits until it is done
+        return self.result()
+
+    __iter__ = __await__
 
 
 class Bucket:

@@ -228,6 +228,15 @@ class NatsPresence:
 
     async def close(self) -> None:
         await cancel_and_wait(log, [*self._reapers, *self._tasks])
+        # writes that will not be sent now: their joins and leaves must not wait for ever
+        closed = ConnectionError("the presence is closed")
+        for own in self._own.values():
+            for bucket in own.values():
+                fail(bucket.joined, closed)
+                if bucket.next is not None:
+                    for _, fut in bucket.next.left:
+                        fail(fut, closed)
+                    fail(bucket.next.done, closed)
 
     # -- reading ---------------------------------------------------------------------------------------
 
