@@ -27,8 +27,10 @@ from wirehub.testing import config_for_tests
 
 #: bytes per member a chat join may leave behind (Python 3.11, 2,000 joins after 200: Redis 557, NATS 692;
 #: 625 and 850 before branch rss2: a (room, session) tuple per Redis presence entry, and the NATS presence's
-#: session ids filling the room-name cache). About 110 B of it are blocks allocated under the bus's
-#: ``loop.create_future()`` calls that no object the garbage collector knows holds (see bench/README.md, rss2).
+#: session ids filling the room-name cache). About 110 B of it are 120-byte blocks that no object the garbage
+#: collector knows holds; tracemalloc names them by whatever first allocated them (``loop.create_future()``
+#: in the bus until branch natspres removed the NATS join's future, ``service/plugins.py`` since): see
+#: bench/README.md, rss2 and natspres. NATS measured 639-665 B on branch natspres.
 MAX_BYTES_PER_MEMBER = {"redis": 600, "nats": 740}
 #: joins in flight at once (the bench's storm has 500 per replica)
 IN_FLIGHT = 200

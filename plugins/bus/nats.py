@@ -15,8 +15,10 @@ This module holds the options, their checks and the factory; the parts, one per 
   offsets, epoch, failures;
 - :mod:`~wirehub.builtins.bus.nats_history`: history read back from the stream;
 - :mod:`~wirehub.builtins.bus.nats_presence`: buckets ``<P>_members``, ``<P>_nodes``, ``<P>_claims``
-  (entries put at join and purged at leave, one heartbeat put per replica per ``presence_interval``, a
-  dead replica's entries removed within ``presence_ttl`` + ``presence_interval``);
+  (entries written at join in keys of up to 64 per room, node and loop iteration
+  (:mod:`~wirehub.builtins.bus.nats_buckets`), a key rewritten without a leaving one, one heartbeat put
+  per replica per ``presence_interval``, a dead replica's entries removed within ``presence_ttl`` +
+  ``presence_interval``);
 - :mod:`~wirehub.builtins.bus.nats_state`: KV bucket ``<P>_state`` with compare-and-set;
 - :mod:`~wirehub.builtins.bus.nats_acks`: presence writes and leader reads, their answers on one inbox
   subscription per connection (no task and timer per write).

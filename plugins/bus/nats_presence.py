@@ -1,12 +1,14 @@
-"""Presence on NATS JetStream KV: entries written once (join) and removed once (leave), node liveness
-by heartbeat.
+"""Presence on NATS JetStream KV: this replica's connections of a room written in batches (one message per
+room, node and loop iteration in a join storm), node liveness by heartbeat.
 
 Buckets (``<P>`` = the subject prefix with ``.`` as ``_``); keys are made of base64url tokens
 (:func:`wirehub.builtins.bus._broker.encode_room`), so any room, node or session name is one valid token:
 
-- ``<P>_members`` (no TTL): key ``<room>.<node>.<session>`` -> entry JSON (user, session, node,
-  info). A leave is a PURGE with a rollup (the value is gone at once) whose marker carries a
-  per-message TTL (``Nats-TTL``), so after the last leave of a room nothing of it is left;
+- ``<P>_members`` (no TTL): key ``<room>.<node>.<tag><n>`` -> up to ``BUCKET`` entries of that node
+  (:mod:`~wirehub.builtins.bus.nats_buckets`: the joins of one loop iteration share keys, a key is
+  rewritten only by its replica, with its whole remaining state). When its last entry leaves, the key
+  is PURGEd with a rollup (the value is gone at once) and the marker carries a per-message TTL
+  (``Nats-TTL``), so after the last leave of a room nothing of it is left;
 - ``<P>_nodes`` (no TTL): key ``<node>``, put once per ``presence_interval`` by the replica that
   owns the node: the ONE upkeep round trip of a replica, whatever the number of its entries;
 - ``<P>_claims`` (TTL ``presence_ttl``): key ``<node>``, created (an atomic "create if absent")
@@ -14,21 +16,22 @@ Buckets (``<P>`` = the subject prefix with ``.`` as ``_``); keys are made of bas
 
 Every replica watches ``<P>_nodes`` (a push consumer: no round trip) and notes when it last saw
 each node's heartbeat. A node not seen for ``presence_ttl`` is dead: the replica that wins its
-claim finds its entries by the key filter ``*.<node>.*``, purges them in batches, purges the
+claim finds its keys by the key filter ``*.<node>.*``, purges them in batches, purges the
 node's key and reports the users who left (no connection of theirs remains in the room) to its
 ``on_departed`` listeners. So a dead replica's entries go within ``presence_ttl`` plus one interval.
 
 Reads: while this replica has members in a room it keeps a live copy of the room (an ordered
 consumer on ``<room>.>``, started once per room and replica) in a
-:class:`~wirehub.builtins.bus._roster.Roster`: O(1) count, O(limit + log n) pages. Its own joins are applied at once
-(read your writes; the echo of an older write is ignored by stream sequence); a leave waits for the
-echo of its purge and decides there whether it was its user's last connection: the copy then holds
-every earlier write of every replica and none later, so of two leaves of one user exactly one
-reports it. A room where this replica has no member is read by one scan of its keys (O(n)).
-The copy's consumer may run on a stream replica that applies writes a little after the leader
-acknowledged them, so a read (and a join's "first of its user") first waits until the copy reached
-the leader's newest sequence of the room's keys: one request per room and loop iteration
-(:meth:`NatsPresence._sync`). Puts and purges go through :mod:`~wirehub.builtins.bus.nats_acks`.
+:class:`~wirehub.builtins.bus._roster.Roster`: O(1) count, O(limit + log n) pages. Its own joins are
+applied at once (read your writes) and the echoes of its own keys are not parsed (each write carries
+its id in a ``Wh-W`` header); another replica's rewrite of a key is applied as the difference to that
+key's last value. A leave is decided at the echo of the write that removed it (see
+:class:`~wirehub.builtins.bus.nats_buckets.Write`). A room where this replica has no member is read by
+one scan of its keys (O(n)). The copy's consumer may run on a stream replica that applies writes a
+little after the leader acknowledged them, so a read (and a batch of joins, for "first of its user")
+first waits until the copy reached the leader's newest sequence of the room's keys: one request per
+room and loop iteration (:meth:`NatsPresence._sync`). Writes go through
+:mod:`~wirehub.builtins.bus.nats_acks`.
 """
 
 from __future__ import annotations
@@ -37,17 +40,17 @@ import asyncio
 import base64
 import json
 import logging
+import os
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from wirehub import DepartedListener, PresenceCount, PresenceEntry, PresencePage
-from wirehub.builtins.bus._broker import cancel_and_wait, encode_name, encode_room
+from wirehub.builtins.bus._broker import cancel_and_wait, encode_room
 from wirehub.builtins.bus._roster import Departures, Roster
+from wirehub.builtins.bus.nats_buckets import BUCKET, HDR_WRITE, Bucket, Write, encode_entries, fail, parse_entries
 from wirehub.builtins.bus.nats_bus import _name
-
-#: compact JSON of an entry's value (one encoder, not one per put)
-_encode = json.JSONEncoder(separators=(",", ":")).encode
 
 if TYPE_CHECKING:
     from wirehub.builtins.bus.nats_bus import NatsBus
@@ -59,8 +62,6 @@ REAP_BATCH = 256
 PURGE_HEADERS = {"KV-Operation": "PURGE", "Nats-Rollup": "sub"}
 #: JetStream API error code of a message get that found nothing
 NO_MESSAGE = 10037
-#: stream sequence of an own write not acknowledged yet: every echo is older
-UNACKED = 1 << 62
 
 
 def _decode(token: str) -> str:
@@ -74,35 +75,6 @@ def _is_value(msg: Any) -> bool:
     return bool(msg.data) and "KV-Operation" not in hdr and "Nats-Marker-Reason" not in hdr
 
 
-def _parse_entry(data: bytes) -> PresenceEntry:
-    d = json.loads(data)
-    return PresenceEntry(d["user"], d["session"], d["node"], d.get("info") or {})
-
-
-class _Leave:
-    """A leave of this replica waiting for the echo of its purge: the copy as it is at that echo
-    (every earlier write of every replica applied, no later one) says whether it was its user's
-    last connection, so of two leaves of one user (on any replicas) exactly one reports it."""
-
-    __slots__ = ("done", "results", "seq")
-
-    def __init__(self) -> None:
-        self.done: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
-        #: stream sequence of a purge echo of the key -> the user when it removed their last connection
-        self.results: dict[int, str | None] = {}
-        self.seq = 0
-
-    def echoed(self, seq: int, user: str | None) -> None:
-        self.results[seq] = user
-        if seq == self.seq and not self.done.done():
-            self.done.set_result(user)
-
-    def acked(self, seq: int) -> None:
-        self.seq = seq
-        if seq in self.results and not self.done.done():
-            self.done.set_result(self.results[seq])
-
-
 def _expire(waiter: asyncio.Future[bool | None]) -> None:
     """A read's wait for the copy timed out: it reads the copy as it is."""
     if not waiter.done():
@@ -112,16 +84,17 @@ def _expire(waiter: asyncio.Future[bool | None]) -> None:
 class _LiveRoom:
     """A replica's live copy of one room (see the module docstring)."""
 
-    def __init__(self, conn: Any) -> None:
+    def __init__(self, conn: Any, tag: str, own: Callable[[str, Any], None]) -> None:
         self.conn = conn  # the connection it belongs to: a new connection needs a new copy
+        #: this replica's keys end in ``<tag><n>``; ``own(key, msg)`` takes their echoes
+        self.tag = tag
+        self.own = own
         self.roster = Roster()
         self.ready = asyncio.Event()
         self.processed = 0
         self.last_seq = 0
-        #: key -> stream sequence of this replica's own write, applied before its echo came
-        self.pending: dict[str, int] = {}
-        #: key -> a leave of this replica waiting for the echo of its purge
-        self.leaving: dict[str, _Leave] = {}
+        #: another replica's key -> the sessions of its last value (a rewrite applies the difference)
+        self.keys: dict[str, tuple[str, ...]] = {}
         self.sub: Any = None
         #: the leader's newest sequence of the room's keys, asked once for the reads of one loop iteration
         #: (one future per read: a reader that gives up cancels only its own)
@@ -140,55 +113,38 @@ class _LiveRoom:
                 waiting.append((seq, fut))
         self.waiters = waiting
 
-    def apply(self, key: str, entry: PresenceEntry | None) -> str | None:
-        """Apply a put (``entry``) or a removal of ``key``; the user when it was their last connection."""
-        if entry is not None:
-            self.roster.add(entry)
-            return None
-        return self.roster.remove(_decode(key.rsplit(".", 1)[-1]))
-
-    def own_write(self, key: str, seq: int, entry: PresenceEntry | None) -> str | None:
-        if seq > self.last_seq:
-            self.pending[key] = seq
-        else:
-            self.pending.pop(key, None)
-        return self.apply(key, entry)
-
-    def own_write_started(self, key: str, entry: PresenceEntry | None) -> bool | str | None:
-        """Apply a put (``entry``) or purge before the broker acknowledged it (its echo may come
-        first; and two joins of one user on this replica cannot both be first); echoes of the key
-        are held off until :meth:`own_write`. A put: True when first of its user; a purge: the user
-        when it was their last connection."""
-        self.pending[key] = UNACKED
-        if entry is not None:
-            return self.roster.add(entry)
-        return self.apply(key, None)
-
     def echo(self, key: str, seq: int, msg: Any) -> None:
-        """A message of the room's consumer: a put or a removal of ``key`` (parsed only when it
-        is not the echo of this replica's own write, already applied)."""
+        """A message of the room's consumer: a write (or purge) of ``key``."""
         if seq > self.last_seq:
             self.last_seq = seq
             if self.waiters:
                 self.reached()
-        mine = self.pending.get(key)
-        if mine is not None:
-            if seq < mine:
-                return  # older than a write of ours already applied
-            del self.pending[key]
-            if seq == mine:
-                return
-        entry: PresenceEntry | None = None
+        if key[key.rfind(".") + 1:].startswith(self.tag):
+            self.own(key, msg)
+        else:
+            self.foreign(key, msg)
+
+    def foreign(self, key: str, msg: Any) -> None:
+        """Another replica's write of ``key``: its new value (or none) replaces the last one."""
+        entries: list[PresenceEntry] = []
         if _is_value(msg):
             try:
-                entry = _parse_entry(msg.data)
-            except (ValueError, KeyError):
-                entry = None
-        user = self.apply(key, entry)
-        if entry is None:
-            leave = self.leaving.get(key)
-            if leave is not None:
-                leave.echoed(seq, user)
+                entries = parse_entries(msg.data)
+            except (ValueError, KeyError, TypeError):
+                log.warning("presence: unreadable value of %s ignored", key)
+        old = self.keys.pop(key, ())
+        roster = self.roster
+        if old:
+            keep = {e.session for e in entries}
+            for session in old:
+                if session not in keep:
+                    roster.remove(session)
+        was = set(old)
+        for e in entries:
+            if e.session not in was:
+                roster.add(e)
+        if entries:
+            self.keys[key] = tuple(e.session for e in entries)
 
 
 class NatsPresence:
@@ -208,8 +164,22 @@ class NatsPresence:
         self.nodes_kv: Any = None
         self.claims_kv: Any = None
         self._departures = Departures()
-        #: room -> session -> entry: this replica's connections
-        self._local: dict[str, dict[str, PresenceEntry]] = {}
+        #: room -> session -> the key (bucket) holding it: this replica's connections
+        self._local: dict[str, dict[str, Bucket]] = {}
+        #: room -> key -> this replica's keys of the room (with entries, or writes under way)
+        self._own: dict[str, dict[str, Bucket]] = {}
+        #: (room, node) -> the key this loop iteration's joins fill
+        self._open: dict[tuple[str, str], Bucket] = {}
+        #: keys this loop iteration's joins filled up
+        self._full: list[Bucket] = []
+        #: keys with a write scheduled for the end of this loop iteration
+        self._dirty: list[Bucket] = []
+        self._flushing = False
+        #: this replica's keys end in ``<tag><n>``: the tag is random per process, so no other replica
+        #: writes a key this one does (and the copy knows its own keys' echoes)
+        self._tag = os.urandom(4).hex()
+        self._keys = 0
+        self._writes = 0
         self._rooms: dict[str, asyncio.Future[_LiveRoom]] = {}
         #: node ids of this replica's entries (normally one) -> revision of its last heartbeat
         self._nodes: dict[str, int] = {}
@@ -218,11 +188,9 @@ class NatsPresence:
         self._nodes_sub: Any = None
         self._reaping: set[str] = set()
         self._reapers: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
         #: time.monotonic() of this replica's last heartbeat
         self._last_beat = 0.0
-        #: leaves the broker did not take (down, timeout): retried by upkeep
-        self._unleft: dict[tuple[str, str], PresenceEntry] = {}
-
     # -- connection -----------------------------------------------------------------------------------
 
     async def open(self, storage: Any) -> None:
@@ -259,13 +227,23 @@ class NatsPresence:
         # (restart of a memory store) fails the next update against them, and the entries come back
 
     async def close(self) -> None:
-        await cancel_and_wait(log, list(self._reapers))
+        await cancel_and_wait(log, [*self._reapers, *self._tasks])
+        # writes that will not be sent now: their joins and leaves must not wait for ever
+        closed = ConnectionError("the presence is closed")
+        for own in self._own.values():
+            for bucket in own.values():
+                fail(bucket.joined, closed)
+                if bucket.next is not None:
+                    for _, fut in bucket.next.left:
+                        fail(fut, closed)
+                    fail(bucket.next.done, closed)
 
     # -- reading ---------------------------------------------------------------------------------------
 
     async def _scan(self, pattern: str) -> list[tuple[str, PresenceEntry]]:
-        """The value of every members key matching ``pattern``, read once with an ordered consumer.
-        (nats-py's KV watch can announce "no more values" before values it already received.)"""
+        """(key, entry) of every entry of every members key matching ``pattern``, read once with an
+        ordered consumer. (nats-py's KV watch can announce "no more values" before values it already
+        received.)"""
         bus = self.bus
 
         async def scan() -> list[tuple[str, PresenceEntry]]:
@@ -280,7 +258,11 @@ class NatsPresence:
                 while True:
                     msg = await sub.next_msg(timeout=bus.op_timeout)
                     if _is_value(msg):
-                        out.append((msg.subject[len(self.pre):], _parse_entry(msg.data)))
+                        key = msg.subject[len(self.pre):]
+                        try:
+                            out += [(key, e) for e in parse_entries(msg.data)]
+                        except (ValueError, KeyError, TypeError):
+                            log.warning("presence: unreadable value of %s ignored", key)
                     if msg.metadata.num_pending == 0:
                         return out
             finally:
@@ -317,13 +299,19 @@ class NatsPresence:
     async def _start_live(self, room: str) -> _LiveRoom:
         bus = self.bus
         api = bus.nats.js.api
-        live = _LiveRoom(bus.nc)
+        live = _LiveRoom(bus.nc, self._tag, lambda key, msg: self._echoed(room, live, key, msg))
         pre = self.pre
 
+        for bucket in self._own.get(room, {}).values():  # this replica's own keys: its state, not their echoes
+            if not bucket.pending:
+                for entry in bucket.entries:
+                    live.roster.add(entry)
+
         async def on_msg(msg: Any) -> None:
-            live.echo(msg.subject[len(pre):], msg.metadata.sequence.stream, msg)
+            meta = msg.metadata
+            live.echo(msg.subject[len(pre):], meta.sequence.stream, msg)
             live.processed += 1
-            if msg.metadata.num_pending == 0:
+            if meta.num_pending == 0:
                 live.ready.set()
 
         live.sub = await bus.js.subscribe(f"{pre}{encode_room(room)}.>", stream=f"KV_{self.members_bucket}",
@@ -412,17 +400,172 @@ class NatsPresence:
 
     # -- writing ---------------------------------------------------------------------------------------
 
-    def _key(self, room: str, entry: PresenceEntry) -> str:
-        return f"{encode_room(room)}.{encode_room(entry.node)}.{encode_name(entry.session)}"
+    def _new_key(self, room: str, node: str) -> Bucket:
+        self._keys += 1
+        bucket = Bucket(room, f"{encode_room(room)}.{encode_room(node)}.{self._tag}{self._keys:x}")
+        self._own.setdefault(room, {})[bucket.key] = bucket
+        return bucket
+
+    def _schedule(self) -> None:
+        if not self._flushing:
+            self._flushing = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """End of a loop iteration: one write per key that changed (joins: per room after one sync)."""
+        self._flushing = False
+        opened, self._open = self._open, {}
+        full, self._full = self._full, []
+        dirty, self._dirty = self._dirty, []
+        rooms: dict[str, list[Bucket]] = defaultdict(list)
+        for bucket in (*full, *opened.values()):
+            rooms[bucket.room].append(bucket)
+        for room, buckets in rooms.items():
+            self._spawn(self._write_joins(room, buckets))
+        for bucket in dirty:
+            self._spawn(self._send(bucket))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        # a failed write is settled by upkeep, and its waiters got the error
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    async def _write_joins(self, room: str, buckets: list[Bucket]) -> None:
+        """One loop iteration's joins of ``room``: wait until the copy holds every write acknowledged
+        before (one leader request), decide "first of its user" against it, write each key once."""
+        try:
+            live = self._current_live(room) or await self._live(room)
+            if live is None:
+                raise ConnectionError("every connection left the room meanwhile")
+            await self._sync(live, room)
+        except BaseException as exc:
+            for bucket in buckets:
+                self._fail_joins(bucket, exc, written=False)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        for bucket in buckets:
+            bucket.pending = False
+            bucket.firsts = {e.session for e in bucket.entries if live.roster.add(e)}
+            if not bucket.entries:  # every join of it left before the write
+                self._joined(bucket)
+                self._forget_key(bucket)
+                continue
+            self._spawn(self._finish_joins(bucket))
+
+    async def _finish_joins(self, bucket: Bucket) -> None:
+        try:
+            await self._send(bucket)
+        except BaseException as exc:
+            self._fail_joins(bucket, exc, written=True)
+            return
+        self._joined(bucket)
+
+    def _joined(self, bucket: Bucket) -> None:
+        bucket.joined.set_result(None)
+        # the joins read their outcome when they wake up, in this loop iteration's callbacks before this one
+        asyncio.get_running_loop().call_soon(setattr, bucket, "firsts", None)
+
+    def _fail_joins(self, bucket: Bucket, exc: BaseException, *, written: bool) -> None:
+        """The write of a key's joins failed (or timed out: it may have landed, so upkeep writes the key
+        again without them): they are not members."""
+        bucket.pending = False
+        live = self._current_live(bucket.room)
+        local = self._local.get(bucket.room)
+        for entry in bucket.entries:
+            if live is not None:
+                live.roster.remove(entry.session)
+            if local is not None and local.get(entry.session) is bucket:
+                del local[entry.session]
+        bucket.entries.clear()
+        bucket.firsts = None
+        fail(bucket.joined, exc if isinstance(exc, Exception) else ConnectionError("presence write cancelled"))
+        if written:
+            bucket.unsettled = True
+        else:
+            self._forget_key(bucket)
+        if local is not None and not local:
+            del self._local[bucket.room]
+
+    async def _send(self, bucket: Bucket) -> int:
+        """Write ``bucket``'s current state (a purge when it is empty) with the leaves waiting for it."""
+        write = bucket.next or Write()
+        bucket.next = None
+        self._writes += 1
+        wid = str(self._writes)
+        bucket.writes[wid] = write
+        loop = asyncio.get_running_loop()
+        subject = self.pre + bucket.key
+        try:
+            if bucket.entries:
+                seq = await self.bus.write("presence", subject, encode_entries(bucket.entries[0].node, bucket.entries),
+                                           {HDR_WRITE: wid})
+            else:
+                seq = await self.bus.write("presence", subject, b"", {**self.purge_headers, HDR_WRITE: wid})
+        except BaseException as exc:
+            bucket.writes.pop(wid, None)
+            bucket.unsettled = True
+            live = self._current_live(bucket.room)
+            error = exc if isinstance(exc, Exception) else ConnectionError("presence write cancelled")
+            for session, fut in write.left:  # gone here at once; upkeep's rewrite settles the key
+                if live is not None:
+                    live.roster.remove(session)
+                fail(fut, error)
+            fail(write.done, error)
+            raise
+        bucket.unsettled = False
+        write.done.set_result(seq)
+        if wid in bucket.writes and write.left:  # not echoed yet: decide without the echo if it never comes
+            write.timer = loop.call_later(self.bus.op_timeout, self._no_echo, bucket, wid)
+        elif wid in bucket.writes:
+            del bucket.writes[wid]  # nothing waits for its echo
+        if bucket.idle():
+            self._forget_key(bucket)
+        return seq
+
+    def _echoed(self, room: str, live: _LiveRoom, key: str, msg: Any) -> None:
+        """The echo of one of this replica's writes: its leaves are decided against the copy as it is now."""
+        bucket = self._own.get(room, {}).get(key)
+        if bucket is None:
+            return
+        wid = (msg.headers or {}).get(HDR_WRITE)
+        write = bucket.writes.pop(wid, None) if wid is not None else None
+        if write is None:
+            return
+        if write.timer is not None:
+            write.timer.cancel()
+        for session, fut in write.left:
+            user = live.roster.remove(session)
+            if not fut.done():
+                fut.set_result(user)
+        if bucket.idle():
+            self._forget_key(bucket)
+
+    def _no_echo(self, bucket: Bucket, wid: str) -> None:
+        """No echo within op_timeout (the copy's consumer is being reset): the copy as it is."""
+        write = bucket.writes.pop(wid, None)
+        if write is None:
+            return
+        live = self._current_live(bucket.room)
+        for session, fut in write.left:
+            user = live.roster.remove(session) if live is not None else None
+            if not fut.done():
+                fut.set_result(user)
+        if bucket.idle():
+            self._forget_key(bucket)
 
     async def _purge(self, key: str) -> int:
         """Remove a members key (the value at once; the marker after ``marker_ttl``); its stream seq."""
         return await self.bus.write("presence", self.pre + key, b"", self.purge_headers)
 
-    async def _put(self, room: str, entry: PresenceEntry) -> int:
-        value = _encode({"user": entry.user, "session": entry.session, "node": entry.node,
-                         "info": dict(entry.info)}).encode()
-        return await self.bus.write("presence", self.pre + self._key(room, entry), value)
+    def _forget_key(self, bucket: Bucket) -> None:
+        own = self._own.get(bucket.room)
+        if own is not None and own.get(bucket.key) is bucket:
+            del own[bucket.key]
+            if not own:
+                del self._own[bucket.room]
 
     # -- Presence --------------------------------------------------------------------------------------
 
@@ -431,77 +574,71 @@ class NatsPresence:
         if entry.node not in self._nodes:  # once per node: an entry's node must be known to be reapable
             self._nodes[entry.node] = 0
             await self._beat()
-        self._local.setdefault(room, {})[entry.session] = entry
-        self._unleft.pop((room, entry.session), None)
-        key = self._key(room, entry)
-        live: _LiveRoom | None = None
+        if entry.session in self._local.get(room, ()):
+            await self.leave(room, entry.session)  # joined again: the new entry replaces the old one
+        self._local.setdefault(room, {})
         try:
-            live = await self._live(room)
-            assert live is not None
-            await self._sync(live, room)  # "first of its user" against every join acknowledged before
-            first = bool(live.own_write_started(key, entry))
-            seq = await self._put(room, entry)
+            await self._live(room)
         except BaseException:
-            if live is not None:
-                live.pending.pop(key, None)
-                live.roster.remove(entry.session)
-            self._forget_local(room, entry.session)
-            self._unleft[(room, entry.session)] = entry  # a put that timed out may still have landed
+            if not self._local.get(room, True):
+                del self._local[room]
             raise
-        live.own_write(key, seq, entry)
-        return first
+        slot = (room, entry.node)
+        bucket = self._open.get(slot)
+        if bucket is None or len(bucket.entries) >= BUCKET:
+            if bucket is not None:
+                self._full.append(bucket)
+            bucket = self._open[slot] = self._new_key(room, entry.node)
+            self._schedule()
+        bucket.entries.append(entry)
+        self._local.setdefault(room, {})[entry.session] = bucket
+        try:
+            await bucket.joined
+        except asyncio.CancelledError:
+            if self._local.get(room, {}).get(entry.session) is bucket:  # gone with the joiner: settled by a write
+                await asyncio.shield(self._leave_quietly(room, entry.session))
+            raise
+        firsts = bucket.firsts
+        return firsts is not None and entry.session in firsts
+
+    async def _leave_quietly(self, room: str, session: str) -> None:
+        try:
+            await self.leave(room, session)
+        except Exception as exc:  # upkeep rewrites the key
+            log.info("presence: the leave of a cancelled join failed: %s", exc)
 
     async def leave(self, room: str, session: str) -> str | None:
-        entry = self._forget_local(room, session, keep_live=True)  # never written again, whatever happens next
+        local = self._local.get(room)
+        bucket = local.pop(session, None) if local is not None else None
+        if bucket is not None and not local:
+            del self._local[room]
         try:
+            if bucket is None:
+                return None  # not a connection of this replica (never joined, or left already)
+            entry = bucket.take(session)
             if entry is None:
-                self.bus._check()
-                found = await self._scan(f"{encode_room(room)}.*.{encode_name(session)}")
-                if not found:
-                    return None
-                entry = found[0][1]
-            key = self._key(room, entry)
-            live = self._current_live(room)
-            if live is None:
-                await self._purge_or_retry(room, entry)
+                return None
+            if bucket.pending:  # not written yet: it never was a member (its join returns False)
+                return None
+            fut: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+            if bucket.next is None:
+                bucket.next = Write()
+                self._dirty.append(bucket)
+                self._schedule()
+            bucket.next.left.append((session, fut))
+            if self._current_live(room) is None:  # no copy to see the echo in: decide by a read after the write
+                write = bucket.next
+                fut.set_result(None)
+                await asyncio.shield(write.done)
                 roster = await self._roster(room)
                 return None if roster.has_user(entry.user) else entry.user
-            return await self._leave_live(live, room, key, entry)
+            return await asyncio.shield(fut)
         finally:
-            if room not in self._local:
-                # the last local members leave together: the copy goes with the last of them (the
-                # others still wait for the echoes of their purges in it)
-                live = self._current_live(room)
-                if live is None or not live.leaving:
-                    self._drop_live(room)
-
-    async def _leave_live(self, live: _LiveRoom, room: str, key: str, entry: PresenceEntry) -> str | None:
-        """Purge, then decide at the echo of the purge (not before: the copy may not have seen
-        another replica's earlier leave or join of the same user yet)."""
-        leave = live.leaving[key] = _Leave()
-        try:
-            try:
-                seq = await self._purge_or_retry(room, entry)
-            except BaseException:
-                live.own_write_started(key, None)  # gone here at once; upkeep's retry settles the key
-                raise
-            leave.acked(seq)
-            try:
-                return await asyncio.wait_for(asyncio.shield(leave.done), self.bus.op_timeout)
-            except TimeoutError:  # no echo (the copy's consumer is being reset): the copy as it is
-                live.apply(key, None)
-                return None if live.roster.has_user(entry.user) else entry.user
-        finally:
-            live.leaving.pop(key, None)
-
-    async def _purge_or_retry(self, room: str, entry: PresenceEntry) -> int:
-        """Purge ``entry``'s key; when the broker cannot take it now, upkeep retries (entries are
-        never refreshed, so a lost leave would otherwise stay until this replica dies)."""
-        try:
-            return await self._purge(self._key(room, entry))
-        except BaseException:
-            self._unleft[(room, entry.session)] = entry
-            raise
+            # the last local members leave together: the copy goes with the last of them (the
+            # others still wait for the echoes of their writes in it)
+            if room not in self._local and not any(b.writes or b.next is not None
+                                                   for b in self._own.get(room, {}).values()):
+                self._drop_live(room)
 
     async def count(self, room: str) -> PresenceCount:
         return (await self._roster(room)).count()
@@ -511,10 +648,10 @@ class NatsPresence:
 
     async def joined_page(self, room: str, limit: int) -> PresencePage:
         """The first page right after this replica's :meth:`join` into ``room`` (the chat's ``joined``):
-        the join synced the copy before its put, so the copy holds every write acknowledged before the
-        join began, and the join's own; a write acknowledged meanwhile is concurrent with the join, so
-        the copy is read without a second sync (a leader request and, in a join storm, a wait for the
-        echoes of the other joins' puts)."""
+        the join's batch synced the copy before its write, so the copy holds every write acknowledged
+        before the join began, and the join's own; a write acknowledged meanwhile is concurrent with the
+        join, so the copy is read without a second sync (a leader request and, in a join storm, a wait
+        for the echoes of the other joins' writes)."""
         live = self._current_live(room)
         if live is None:
             return await self.page(room, None, limit)
@@ -528,16 +665,7 @@ class NatsPresence:
 
     async def stored_keys(self, room: str) -> list[str]:
         """The members keys holding a value for ``room`` (diagnostics, tests): empty once it is empty."""
-        return [k for k, _ in await self._scan(f"{encode_room(room)}.>")]
-
-    def _forget_local(self, room: str, session: str, *, keep_live: bool = False) -> PresenceEntry | None:
-        local = self._local.get(room)
-        entry = local.pop(session, None) if local is not None else None
-        if local is not None and not local:
-            del self._local[room]
-            if not keep_live:
-                self._drop_live(room)
-        return entry
+        return sorted({k for k, _ in await self._scan(f"{encode_room(room)}.>")})
 
     # -- upkeep ----------------------------------------------------------------------------------------
 
@@ -566,10 +694,14 @@ class NatsPresence:
             await self._restore()
 
     async def _restore(self) -> None:
-        entries = [(room, e) for room, sessions in self._local.items() for e in sessions.values()]
-        log.warning("presence: re-writing %d entries the broker no longer had", len(entries))
-        for i in range(0, len(entries), REAP_BATCH):
-            await asyncio.gather(*(self._put(room, e) for room, e in entries[i:i + REAP_BATCH]))
+        buckets = [b for own in self._own.values() for b in own.values() if b.entries and not b.pending]
+        log.warning("presence: re-writing %d keys (%d entries) the broker no longer had",
+                    len(buckets), sum(len(b.entries) for b in buckets))
+        await self._rewrite(buckets)
+
+    async def _rewrite(self, buckets: list[Bucket]) -> None:
+        for i in range(0, len(buckets), REAP_BATCH):
+            await asyncio.gather(*(self._send(b) for b in buckets[i:i + REAP_BATCH]), return_exceptions=True)
 
     async def upkeep(self) -> None:
         """One heartbeat put; dead nodes come from the nodes watch (no round trip) and are reaped
@@ -582,19 +714,10 @@ class NatsPresence:
                 task = asyncio.ensure_future(self._reap(node))
                 self._reapers.add(task)
                 task.add_done_callback(self._reapers.discard)
-        if self._unleft:  # rare: only after a leave the broker did not take
-            await self._retry_leaves()
-
-    async def _retry_leaves(self) -> None:
-        batch = list(self._unleft.items())[:REAP_BATCH]
-        for (room, session), _ in batch:
-            del self._unleft[(room, session)]
-        results = await asyncio.gather(*(self._purge_or_retry(room, e) for (room, _), e in batch),
-                                       return_exceptions=True)
-        for ((room, _), e), result in zip(batch, results, strict=True):
-            live = self._current_live(room)
-            if live is not None and isinstance(result, int):
-                live.own_write(self._key(room, e), result, None)
+        # rare: only after a write the broker did not take (down, timeout): its key's current state again
+        unsettled = [b for own in self._own.values() for b in own.values() if b.unsettled and not b.pending]
+        if unsettled:
+            await self._rewrite(unsettled[:REAP_BATCH])
 
     async def _reap(self, node: str) -> None:
         bus = self.bus
@@ -616,8 +739,9 @@ class NatsPresence:
             rooms: dict[str, list[PresenceEntry]] = defaultdict(list)
             for key, entry in dead:
                 rooms[key.split(".", 1)[0]].append(entry)
-            for i in range(0, len(dead), REAP_BATCH):
-                await asyncio.gather(*(self._purge(key) for key, _ in dead[i:i + REAP_BATCH]))
+            keys = sorted({key for key, _ in dead})
+            for i in range(0, len(keys), REAP_BATCH):
+                await asyncio.gather(*(self._purge(key) for key in keys[i:i + REAP_BATCH]))
             js, subject = bus.js, f"$KV.{self.nodes_bucket}.{token}"
             await bus.call("presence", lambda: js.publish(subject, b"", headers=dict(PURGE_HEADERS),
                                                           msg_ttl=self.marker_ttl))
