@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING
 
 from wirehub import HistoryPage
@@ -11,9 +12,14 @@ if TYPE_CHECKING:
     from wirehub.builtins.bus.nats_bus import NatsBus
 
 
+_Scan = list[tuple[int, bytes, bool]]
+
+
 class NatsHistory:
     def __init__(self, bus: NatsBus) -> None:
         self.bus = bus
+        #: scans in flight by (room, floor, top): the reads of a reconnect storm share them
+        self._scans: dict[tuple[str, int, int], asyncio.Future[_Scan]] = {}
 
     async def position(self, room: str) -> tuple[int, str]:
         # no round trip while this replica follows the room (see NatsBus.position)
@@ -35,13 +41,32 @@ class NatsHistory:
             return HistoryPage(epoch, top, [], True)
         floor = top - limit if after is None else after
         # an offset never exceeds its stream sequence: floor + 1 is a safe place to start reading
-        found = await bus.call("history", lambda: self._scan(room, floor, top))
+        found = await self._shared_scan(room, floor, top)
         if after is None:
             return HistoryPage(epoch, top, [(o, p) for o, p, _ in found][-limit:], True)
         complete = bool(found) and (found[0][0] == after + 1 or (after == 0 and found[0][2]))
         return HistoryPage(epoch, top, [(o, p) for o, p, _ in found[:limit]] if complete else [], complete)
 
-    async def _scan(self, room: str, floor: int, top: int) -> list[tuple[int, bytes, bool]]:
+    async def _shared_scan(self, room: str, floor: int, top: int) -> _Scan:
+        """:meth:`_scan`, one per (room, floor, top) at a time. Each scan is an ephemeral consumer: a
+        reconnect storm's rejoins with the same ``since`` (every member of a killed replica saw the same last
+        message) made one each, and nats-server spent about 20 ms of CPU per rejoin on them. Sharing is
+        exact: the stream's messages up to ``top`` (which each caller read itself, after it joined) are
+        what any scan of that range returns."""
+        key = (room, floor, top)
+        scan = self._scans.get(key)
+        if scan is None:
+            scan = asyncio.ensure_future(self.bus.call("history", lambda: self._scan(room, floor, top)))
+            self._scans[key] = scan
+            scan.add_done_callback(lambda done: self._scan_done(key, done))
+        return await asyncio.shield(scan)  # a caller's cancellation leaves the scan to the others
+
+    def _scan_done(self, key: tuple[str, int, int], scan: asyncio.Future[_Scan]) -> None:
+        del self._scans[key]
+        if not scan.cancelled():
+            scan.exception()  # retrieved: every caller may have gone (each got its own CancelledError)
+
+    async def _scan(self, room: str, floor: int, top: int) -> _Scan:
         """Retained history messages of ``room`` with offset > floor, up to ``top``, in order."""
         bus = self.bus
         api = bus.nats.js.api
