@@ -264,9 +264,8 @@ class OpHandler:
             if budget is None:
                 state[_OP_BUDGET] = time.monotonic()
                 return True
-            bucket = TokenBucket(server.op_rate, server.op_burst)
-            if isinstance(budget, float):
-                bucket.stamp, bucket.tokens = budget, bucket.tokens - 1.0
+            first = budget if isinstance(budget, float) else None
+            bucket = TokenBucket(server.op_rate, server.op_burst, taken=0 if first is None else 1, since=first)
             budget = state[_OP_BUDGET] = _OpBudget(bucket)
         if budget.bucket.take():
             budget.strikes = 0

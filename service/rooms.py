@@ -251,11 +251,13 @@ class TokenBucket:
 
     __slots__ = ("burst", "rate", "stamp", "tokens")
 
-    def __init__(self, rate: float, burst: int) -> None:
+    def __init__(self, rate: float, burst: int, *, taken: int = 0, since: float | None = None) -> None:
+        """``taken`` tokens already taken at ``since`` (a ``time.monotonic()``; default now): the bucket as it
+        stands had it been made then."""
         self.rate = rate
         self.burst = float(burst)
-        self.tokens = float(burst)
-        self.stamp = time.monotonic()
+        self.tokens = float(burst - taken)
+        self.stamp = time.monotonic() if since is None else since
 
     def take(self) -> bool:
         now = time.monotonic()

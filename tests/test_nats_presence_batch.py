@@ -197,3 +197,16 @@ async def test_the_joins_future_takes_eagerly_started_awaiters_and_ignores_one_j
     with pytest.raises(asyncio.CancelledError):
         await tasks[0]
     assert await asyncio.gather(*tasks[1:]) == ["woke", "woke"]
+
+
+async def test_joins_waiting_at_close_fail_as_bus_unavailable(replica: Replica) -> None:
+    """A join whose batch was not written when the presence closed fails as the broker being gone
+    (``BusUnavailable``: the chat answers ``unavailable``), not with another error."""
+    a = await replica()
+    room = unique_room()
+    await a.presence.join(room, entries(1, "na")[0])
+    waiting = asyncio.ensure_future(a.presence.join(room, PresenceEntry("late", "s-late", "na")))
+    await asyncio.sleep(0)  # batched: its write goes at the end of the loop iteration
+    await presence(a).close()
+    with pytest.raises(BusUnavailable):
+        await waiting

@@ -18,8 +18,8 @@ _Scan = list[tuple[int, bytes, bool]]
 class NatsHistory:
     def __init__(self, bus: NatsBus) -> None:
         self.bus = bus
-        #: scans in flight by (room, floor, top): the reads of a reconnect storm share them
-        self._scans: dict[tuple[str, int, int], asyncio.Future[_Scan]] = {}
+        #: scans in flight by (room, floor, top, epoch): the reads of a reconnect storm share them
+        self._scans: dict[tuple[str, int, int, str], asyncio.Future[_Scan]] = {}
 
     async def position(self, room: str) -> tuple[int, str]:
         # no round trip while this replica follows the room (see NatsBus.position)
@@ -48,12 +48,12 @@ class NatsHistory:
         return HistoryPage(epoch, top, [(o, p) for o, p, _ in found[:limit]] if complete else [], complete)
 
     async def _shared_scan(self, room: str, floor: int, top: int) -> _Scan:
-        """:meth:`_scan`, one per (room, floor, top) at a time. Each scan is an ephemeral consumer: a
+        """:meth:`_scan`, one per (room, floor, top, epoch) at a time. Each scan is an ephemeral consumer: a
         reconnect storm's rejoins with the same ``since`` (every member of a killed replica saw the same last
         message) made one each, and nats-server spent about 20 ms of CPU per rejoin on them. Sharing is
         exact: the stream's messages up to ``top`` (which each caller read itself, after it joined) are
         what any scan of that range returns."""
-        key = (room, floor, top)
+        key = (room, floor, top, self.bus.epoch)  # a stream made again reuses offsets: never its scans
         scan = self._scans.get(key)
         if scan is None:
             scan = asyncio.ensure_future(self.bus.call("history", lambda: self._scan(room, floor, top)))
@@ -61,7 +61,7 @@ class NatsHistory:
             scan.add_done_callback(lambda done: self._scan_done(key, done))
         return await asyncio.shield(scan)  # a caller's cancellation leaves the scan to the others
 
-    def _scan_done(self, key: tuple[str, int, int], scan: asyncio.Future[_Scan]) -> None:
+    def _scan_done(self, key: tuple[str, int, int, str], scan: asyncio.Future[_Scan]) -> None:
         del self._scans[key]
         if not scan.cancelled():
             scan.exception()  # retrieved: every caller may have gone (each got its own CancelledError)

@@ -46,7 +46,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from wirehub import DepartedListener, PresenceCount, PresenceEntry, PresencePage
+from wirehub import BusUnavailable, DepartedListener, PresenceCount, PresenceEntry, PresencePage
 from wirehub.builtins.bus._broker import cancel_and_wait, encode_room
 from wirehub.builtins.bus._roster import Departures, Roster
 from wirehub.builtins.bus.nats_buckets import BUCKET, HDR_WRITE, Bucket, Write, encode_entries, fail, parse_entries
@@ -175,6 +175,8 @@ class NatsPresence:
         #: keys with a write scheduled for the end of this loop iteration
         self._dirty: list[Bucket] = []
         self._flushing = False
+        #: set by close(): a flush already scheduled then writes nothing
+        self._closed = False
         #: this replica's keys end in ``<tag><n>``: the tag is random per process, so no other replica
         #: writes a key this one does (and the copy knows its own keys' echoes)
         self._tag = os.urandom(4).hex()
@@ -227,9 +229,11 @@ class NatsPresence:
         # (restart of a memory store) fails the next update against them, and the entries come back
 
     async def close(self) -> None:
+        self._closed = True
+        self._open, self._full, self._dirty = {}, [], []
         await cancel_and_wait(log, [*self._reapers, *self._tasks])
         # writes that will not be sent now: their joins and leaves must not wait for ever
-        closed = ConnectionError("the presence is closed")
+        closed = BusUnavailable("the presence is closed")
         for own in self._own.values():
             for bucket in own.values():
                 fail(bucket.joined, closed)
@@ -414,6 +418,8 @@ class NatsPresence:
     def _flush(self) -> None:
         """End of a loop iteration: one write per key that changed (joins: per room after one sync)."""
         self._flushing = False
+        if self._closed:
+            return
         opened, self._open = self._open, {}
         full, self._full = self._full, []
         dirty, self._dirty = self._dirty, []
@@ -438,7 +444,7 @@ class NatsPresence:
         try:
             live = self._current_live(room) or await self._live(room)
             if live is None:
-                raise ConnectionError("every connection left the room meanwhile")
+                raise BusUnavailable("every connection left the room meanwhile")
             await self._sync(live, room)
         except BaseException as exc:
             for bucket in buckets:
@@ -481,7 +487,7 @@ class NatsPresence:
                 del local[entry.session]
         bucket.entries.clear()
         bucket.firsts = None
-        fail(bucket.joined, exc if isinstance(exc, Exception) else ConnectionError("presence write cancelled"))
+        fail(bucket.joined, exc if isinstance(exc, Exception) else BusUnavailable("presence write cancelled"))
         if written:
             bucket.unsettled = True
         else:
@@ -508,7 +514,7 @@ class NatsPresence:
             bucket.writes.pop(wid, None)
             bucket.unsettled = True
             live = self._current_live(bucket.room)
-            error = exc if isinstance(exc, Exception) else ConnectionError("presence write cancelled")
+            error = exc if isinstance(exc, Exception) else BusUnavailable("presence write cancelled")
             for session, fut in write.left:  # gone here at once; upkeep's rewrite settles the key
                 if live is not None:
                     live.roster.remove(session)
