@@ -324,6 +324,37 @@ async def test_the_client_joins_and_rejoins_with_since_in_the_url(wirehub_server
         await other.close()
 
 
+async def test_a_room_left_while_reconnecting_is_left_on_the_server(wirehub_server: Start,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """``leave`` after the upgrade URL was made with the room's join in it: the join still happens on the
+    server, so the client leaves it once the connection is open, and the server holds it in no room."""
+    server = await wirehub_server(chat())
+    keep, drop = unique_room(), unique_room()
+    client = Client(server.ws_url(CHAT), **FAST)
+    try:
+        await client.join(keep, lambda m: None)
+        await client.join(drop, lambda m: None)
+        user = (client.welcome or {})["user"]
+        made = client._request_for
+        leaving: list[asyncio.Future[None]] = []
+
+        def leave_after_the_url_is_made(token: str | None) -> Any:
+            request = made(token)
+            if client.connections == 1:  # the reconnect: the room is left before the welcome comes
+                leaving.append(asyncio.ensure_future(client.leave(drop)))
+            return request
+
+        monkeypatch.setattr(client, "_request_for", leave_after_the_url_is_made)
+        (session,) = [s for s in server.app.sessions if s.identity.user == user]
+        session.close(CloseCode.GOING_AWAY, close_reason(CloseCode.GOING_AWAY, 50))
+        await _eventually(lambda: client.connections == 2 and client.status == "open", "the reconnect")
+        assert set(client.rooms) == {keep} and leaving and leaving[0].done()
+        (session,) = [s for s in server.app.sessions if s.identity.user == (client.welcome or {})["user"]]
+        await _eventually(lambda: set(session.rooms) == {keep}, "the leave of the room left while reconnecting")
+    finally:
+        await client.close()
+
+
 async def test_the_client_falls_back_to_frames_when_the_server_refuses_url_joins(
         wirehub_server: Start, join_frames: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(OpHandler, "url_join_limit", lambda self: 0)  # every URL join is a 400

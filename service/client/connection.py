@@ -373,10 +373,20 @@ class Connection:
 
     async def _rejoin(self, conn: WebSocketClientConnection) -> None:
         await self._join_all()
+        await self._leave_url_joins_left()
         if self._conn is conn and not self._stopped:
             self._attempt = 0
             self._ready.set()
             self._set_status("open")
+
+    async def _leave_url_joins_left(self) -> None:
+        """Rooms left after this connection's URL was made: their URL joins went through, so leave them (else
+        the server keeps this connection a member that the client no longer reads)."""
+        left, self._url_joined = self._url_joined, {}
+        for room, joined in left.items():
+            with contextlib.suppress(ClientError):
+                if (await self._url_reply(joined)).get("op") == "joined":
+                    await self.request({"op": "leave", "room": room}, _internal=True)
 
     async def _join_all(self) -> None:
         """Join again, on a new connection, what this client had joined (the Client's rooms)."""

@@ -326,6 +326,18 @@ export class Connection {
   _urlJoinItems() { return []; }
 
   /**
+   * Rooms left after this connection's URL was made: their URL joins went through on the server, so leave
+   * them (else the server keeps this connection a member that the client no longer reads).
+   */
+  _leaveUrlJoinsLeft() {
+    const left = [...this._urlJoined.entries()];
+    this._urlJoined.clear();
+    for (const [room, { reply }] of left) {
+      reply.then((r) => (r?.op === "joined" ? this.request({ op: "leave", room }) : undefined)).catch(() => {});
+    }
+  }
+
+  /**
    * A reply to a request this side did not send (a join of the upgrade URL), awaited like one.
    * @param {string} room @param {string} id @param {(reply: any) => void} [onReply]
    */
@@ -384,6 +396,7 @@ export class Connection {
     const ws = this._ws;
     // Rejoin every room before anything queued goes out (a publish needs its room joined).
     await this._rejoin();
+    this._leaveUrlJoinsLeft();
     if (this._ws !== ws || !ws) return;
     this._ready = true;
     this._attempt = 0;

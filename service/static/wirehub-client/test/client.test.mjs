@@ -272,12 +272,13 @@ test("a server restart: the client comes back by itself and reports recovered fa
 });
 
 /** A WebSocket class that records the URLs it opens and the join frames it sends. */
-function recordingSocket() {
+function recordingSocket(onOpen = (url) => {}) {
   const urls = [], joinFrames = [];
   class Recording extends globalThis.WebSocket {
     constructor(url, protocols) {
       super(url, protocols);
       urls.push(url);
+      onOpen(url);
     }
     send(data) {
       const frame = JSON.parse(data);
@@ -324,4 +325,28 @@ test("urlJoins: false joins with frames only", async () => {
   await c.join(room, () => {});
   assert.deepEqual(joinsOf(rec.urls[0]), []);
   assert.deepEqual(rec.joinFrames, [room]);
+});
+
+test("a room left while reconnecting, after its join went into the URL, is left on the server", async () => {
+  const keep = uniqueRoom(), drop = uniqueRoom();
+  let listener = null;
+  const rec = recordingSocket(() => {
+    if (rec.urls.length === 2) listener.leave(drop); // the reconnect's URL carries the room's join
+  });
+  listener = client("/ws/chat", { WebSocket: rec.Recording });
+  const other = client();
+  await listener.join(keep, () => {});
+  await listener.join(drop, () => {});
+  await other.join(drop, () => {});
+  await control("close", { user: listener.welcome.user, code: 1001, retry_ms: 50 });
+  await eventually(() => listener.connections === 2 && listener.status === "open", 5000, "the reconnect");
+  assert.deepEqual(joinsOf(rec.urls[1]).map((j) => j.room), [keep, drop]);
+  assert.deepEqual([...listener.rooms.keys()], [keep]);
+  const user = listener.welcome.user;
+  let members = await other.presence(drop);
+  for (let i = 0; i < 100 && members.some((m) => m.user === user); i++) {
+    await sleep(50);
+    members = await other.presence(drop);
+  }
+  assert.deepEqual(members.map((m) => m.user), [other.welcome.user], "the listener left the room it dropped");
 });

@@ -158,6 +158,11 @@ export class Connection {
      */
     _urlJoinItems(): Array<Record<string, any>>;
     /**
+     * Rooms left after this connection's URL was made: their URL joins went through on the server, so leave
+     * them (else the server keeps this connection a member that the client no longer reads).
+     */
+    _leaveUrlJoinsLeft(): void;
+    /**
      * A reply to a request this side did not send (a join of the upgrade URL), awaited like one.
      * @param {string} room @param {string} id @param {(reply: any) => void} [onReply]
      */
