@@ -170,19 +170,22 @@ class OpHandler:
         return frame
 
     async def on_open(self, session: Session) -> None:
-        joins = self._url_joins.pop(session, None) if self._url_joins else None
+        joins = self._url_joins.get(session) if self._url_joins else None
         self._welcome(session, len(joins) if joins else 0)
-        if joins:
-            # Handled as join frames sent first would be, in order; frames that arrive meanwhile wait, as
-            # the first frame is read only once on_open returned.
-            for request in joins:
-                if session.closed:
-                    break
-                await self.handle(session, request)
 
     def give_url_joins(self, session: Session, joins: tuple[dict[str, Any], ...]) -> None:
-        """Called by the core before :meth:`on_open`: the joins it handles after the welcome."""
+        """Called by the core before :meth:`on_open`: the joins the welcome announces and
+        :meth:`run_url_joins` handles."""
         self._url_joins[session] = joins
+
+    async def run_url_joins(self, session: Session) -> None:
+        """Called by the core once the open hooks ran (``on_open``, then every ``wirehub_session_opened``):
+        the upgrade URL's joins, handled as join frames sent first would be, in order. Frames that arrive
+        meanwhile wait: the first frame is read once this returned."""
+        for request in (self._url_joins.pop(session, None) if self._url_joins else None) or ():
+            if session.closed:
+                break
+            await self.handle(session, request)
 
     def _welcome(self, session: Session, joins: int) -> None:
         """The welcome; ``joins``: how many joins of the upgrade URL it announces (their replies follow it;

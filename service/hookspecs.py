@@ -109,7 +109,8 @@ def wirehub_shutdown(app: Wirehub) -> None:
 
 @hookspec
 def wirehub_session_opened(session: Session) -> None:
-    """Called after a WebSocket session is accepted and its handler's ``on_open`` ran.
+    """Called after a WebSocket session is accepted and its handler's ``on_open`` ran, before the joins
+    of its upgrade URL and its first frame are handled.
 
     May be async. An exception is reported and closes the session with 1011. The return value is ignored.
     """

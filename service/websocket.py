@@ -121,6 +121,8 @@ class SessionSide:
                 return
             if not await self.app.hooks.session_opened(session) and not session.closed:
                 session.close(CloseCode.INTERNAL)
+            elif isinstance(self.handler, OpHandler) and not session.closed:
+                await self.handler.run_url_joins(session)
         finally:
             if self._protocol is not None:
                 self._protocol.busy = False  # set while they were pending (_start_session)

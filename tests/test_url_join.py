@@ -434,3 +434,17 @@ def test_bench_rooms_join_pairs_url_joins_with_frame_joins(tmp_path: Path) -> No
     for r in rows:
         assert r["joined"]["join_failed"] == 0 and r["joined"]["joined"] == r["size"], r
         assert ("member_vs_idle_cpu_vs_frame_join" in r) == (r["url_join"] == "on")
+
+
+async def test_the_url_joins_come_after_the_session_opened_hooks(wirehub_server: Start) -> None:
+    """``wirehub_session_opened`` runs before the URL's joins: a hook that raises closes the session with
+    1011, and the room it asked for never had it as a member."""
+    server = await wirehub_server(chat(auth={"plugin": "raising"},
+                                       plugins={"load": ["tests.plugins_for_tests.raising_hooks"]}))
+    room = unique_room()
+    ws = await server.ws(url(room), headers={"X-User": "boom-user"})
+    assert (await ws.recv())["op"] == "welcome"
+    with pytest.raises(ConnectionError, match="closed by the server: 1011"):
+        await ws.recv()  # no joined before the close: the join was never made
+    fine = await server.ws(url(room), headers={"X-User": "fine-user"})
+    assert (await fine.recv())["op"] == "welcome" and (await fine.recv())["op"] == "joined"
