@@ -14,7 +14,7 @@ import inspect
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Self
 from urllib.parse import quote
 
@@ -362,11 +362,18 @@ class Connection:
     async def _url_reply(self, joined: tuple[str, asyncio.Future[dict[str, Any]]]) -> dict[str, Any]:
         """The reply to a join of the upgrade URL (as :meth:`request` returns one); it may have arrived already."""
         req_id, fut = joined
+        async with self._awaiting(req_id, "join", self.ack_timeout):
+            return await fut
+
+    @contextlib.asynccontextmanager
+    async def _awaiting(self, req_id: str, op: Any, limit: float) -> AsyncIterator[None]:
+        """The wait for the reply to ``req_id``: ``ClientError("timeout")`` after ``limit`` seconds, and the
+        request's entries dropped however it ends."""
         try:
-            async with asyncio.timeout(self.ack_timeout):
-                return await fut
+            async with asyncio.timeout(limit):
+                yield
         except TimeoutError:
-            raise ClientError("timeout", f"no reply to join within {self.ack_timeout} s") from None
+            raise ClientError("timeout", f"no reply to {op} within {limit} s") from None
         finally:
             self._pending.pop(req_id, None)
             self._reply_hooks.pop(req_id, None)
@@ -426,27 +433,21 @@ class Connection:
         limit = self.ack_timeout if timeout is None else timeout
         self._next_id += 1
         req_id = f"p{self._next_id}"
-        try:
-            async with asyncio.timeout(limit):
-                if not _internal:
-                    await self._wait_ready()
-                conn = self._conn
-                if conn is None:
-                    raise ClientError("disconnected", "not connected")
-                fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-                self._pending[req_id] = fut
-                if _on_reply is not None:
-                    self._reply_hooks[req_id] = _on_reply
-                try:
-                    await conn.write_message(json.dumps({**body, "id": req_id}))
-                except WebSocketClosedError:
-                    raise ClientError("disconnected", "the connection closed") from None
-                return await fut
-        except TimeoutError:
-            raise ClientError("timeout", f"no reply to {body.get('op')} within {limit} s") from None
-        finally:
-            self._pending.pop(req_id, None)
-            self._reply_hooks.pop(req_id, None)
+        async with self._awaiting(req_id, body.get("op"), limit):
+            if not _internal:
+                await self._wait_ready()
+            conn = self._conn
+            if conn is None:
+                raise ClientError("disconnected", "not connected")
+            fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+            self._pending[req_id] = fut
+            if _on_reply is not None:
+                self._reply_hooks[req_id] = _on_reply
+            try:
+                await conn.write_message(json.dumps({**body, "id": req_id}))
+            except WebSocketClosedError:
+                raise ClientError("disconnected", "the connection closed") from None
+            return await fut
 
     def _fail_pending(self, code: str, message: str) -> None:
         pending, self._pending = self._pending, {}
