@@ -88,22 +88,31 @@ async def test_a_message_acknowledged_on_another_replica_before_the_read_is_in_i
         assert len(page.messages) == i + 1
 
 
-async def test_a_range_older_than_the_tail_is_scanned(make: Make, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_range_older_than_the_tail_is_scanned_once(make: Make, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A room this replica starts following in a storm: its consumer delivers only what comes after the
+    subscribe, so the first read of an older range is a scan; the scan seeds the tail, and the next reads of
+    it (and of anything newer) come from memory."""
     backend = await make(f"tl{uuid.uuid4().hex[:6]}")
     bus: Any = backend.bus
     room = unique_room()
     before = [await bus.publish(room, b"o%d" % i, history=True) for i in range(10)]
-    await bus.subscribe(room)  # the consumer delivers only what comes after this
+    await bus.subscribe(room)
     scans = count_calls(bus.js, "subscribe", monkeypatch)
     page = await backend.history.read(room, before[4], 100)  # nothing delivered yet: a scan
     assert page.complete and page.messages == [(before[i], b"o%d" % i) for i in range(5, 10)]
     assert len(scans) == 1
+    pages = await asyncio.gather(*(backend.history.read(room, before[i], 100) for i in (4, 6, 9)))
+    assert [p.messages for p in pages] == [[(before[i], b"o%d" % i) for i in range(j + 1, 10)] for j in (4, 6, 9)]
+    assert len(scans) == 1
     after = [await bus.publish(room, b"n%d" % i, history=True) for i in range(5)]
-    page = await backend.history.read(room, before[7], 100)  # starts before the tail: a scan
+    page = await backend.history.read(room, before[7], 100)
     assert page.complete and [o for o, _ in page.messages] == before[8:] + after
+    assert len(scans) == 1
+    page = await backend.history.read(room, before[2], 100)  # older than the seeded range: a scan
+    assert page.complete and [o for o, _ in page.messages] == before[3:] + after
     assert len(scans) == 2
-    page = await backend.history.read(room, after[0], 100)  # inside it: from memory
-    assert page.complete and [o for o, _ in page.messages] == after[1:]
+    page = await backend.history.read(room, before[3], 100)  # seeded by the last one
+    assert page.complete and [o for o, _ in page.messages] == before[4:] + after
     assert len(scans) == 2
 
 
@@ -135,3 +144,17 @@ async def test_after_unsubscribe_and_resubscribe_the_tail_starts_again(
     offsets += [await bus.publish(room, b"m%d" % i, history=True) for i in range(8, 10)]
     page = await backend.history.read(room, offsets[1], 100)  # the gap while unsubscribed: read by a scan
     assert page.complete and page.messages == [(offsets[i], b"m%d" % i) for i in range(2, 10)]
+
+
+async def test_messages_past_history_ttl_are_not_recovered_from_the_tail(make: Make) -> None:
+    backend = await make(f"tl{uuid.uuid4().hex[:6]}", history_ttl=1)
+    bus: Any = backend.bus
+    room = unique_room()
+    await bus.subscribe(room)
+    offsets = [await bus.publish(room, b"m%d" % i, history=True) for i in range(3)]
+    await asyncio.sleep(2.0)  # the stream dropped them (max_age): the tail must not hand them out
+    offsets.append(await bus.publish(room, b"m3", history=True))
+    page = await backend.history.read(room, offsets[0], 100)
+    assert not page.complete and page.messages == []
+    page = await backend.history.read(room, offsets[2], 100)
+    assert page.complete and page.messages == [(offsets[3], b"m3")]

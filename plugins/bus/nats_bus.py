@@ -307,11 +307,13 @@ class NatsBus(Supervised):
             self._deliver(room, msg.data, offset)
 
         self._tokens[room] = token
-        self.tails.start(room)
+        tail = self.tails.start(room)
         self._subs[room] = await self.js.subscribe(
             f"{self.prefix}.r.{encode_room(room)}.*", stream=self.stream, cb=on_msg, ordered_consumer=True,
             deliver_policy=api.DeliverPolicy.NEW, pending_msgs_limit=100_000,
         )
+        if tail is not None:
+            tail.ready = True
 
     def _remember(self, room: str, seq: int, offset: int) -> None:
         cur = self._last.get(room)

@@ -34,7 +34,7 @@ Entry = tuple[int, bytes, bool, float]  # offset, payload, is run start, broker 
 class Tail:
     """One room's tail, tied to one consumer of the room (a new consumer starts a new tail)."""
 
-    __slots__ = ("entries", "floor", "seq", "size", "waiters")
+    __slots__ = ("entries", "floor", "ready", "seq", "size", "waiters")
 
     def __init__(self) -> None:
         self.entries: collections.deque[Entry] = collections.deque()
@@ -42,17 +42,19 @@ class Tail:
         self.floor = -1
         #: stream sequence of the newest history message the consumer delivered (0: none yet)
         self.seq = 0
+        #: its consumer is subscribed: every history message stored from now on comes through it
+        self.ready = False
         self.size = 0
         #: reads waiting until the consumer delivered a stream sequence
         self.waiters: list[tuple[int, asyncio.Future[None]]] = []
 
-    def range(self, floor: int, top: int) -> list[tuple[int, bytes, bool]] | None:
+    def range(self, floor: int, top: int) -> list[Entry] | None:
         """The messages with offset in (``floor``, ``top``], or None when the tail does not hold all of them."""
         entries = self.entries
         if not entries or floor < self.floor or top > entries[-1][0]:
             return None
         first = entries[0][0]
-        return [(o, p, s) for o, p, s, _ in itertools.islice(entries, floor + 1 - first, top + 1 - first)]
+        return list(itertools.islice(entries, floor + 1 - first, top + 1 - first))
 
 
 class Tails:
@@ -64,11 +66,13 @@ class Tails:
         self._rooms: collections.OrderedDict[str, Tail] = collections.OrderedDict()
         self._size = 0
 
-    def start(self, room: str) -> None:
+    def start(self, room: str) -> Tail | None:
         """A new consumer of ``room``: an empty tail (the old one's messages may have a gap to the new)."""
         self.drop(room)
-        if self.max_messages:
-            self._rooms[room] = Tail()
+        if not self.max_messages:
+            return None
+        tail = self._rooms[room] = Tail()
+        return tail
 
     def drop(self, room: str) -> None:
         tail = self._rooms.pop(room, None)
@@ -99,6 +103,34 @@ class Tails:
         tail.seq = seq
         tail.size += len(payload)
         self._size += len(payload)
+        self._bound(room, tail)
+        if tail.waiters:
+            self._wake(tail, seq)
+
+    def seed(self, room: str, tail: Tail, floor: int, found: list[Entry], seq: int) -> None:
+        """A scan's messages with offset in (``floor``, top], up to stream sequence ``seq``, read after ``tail``
+        was :attr:`~Tail.ready` (so every later message comes through its consumer): the tail holds them too,
+        and the next reads of the range need no scan (a room this replica started following in a storm)."""
+        if self._rooms.get(room) is not tail or not tail.ready or not found or found[0][0] != floor + 1:
+            return
+        if any(b[0] != a[0] + 1 for a, b in itertools.pairwise(found)):
+            return  # a gap (a message trimmed meanwhile): leave it to the scans
+        entries, top = tail.entries, found[-1][0]
+        if not entries and tail.seq <= seq:
+            if tail.seq and tail.floor != top:
+                return  # emptied by expiry: its next message must follow the seeded ones
+            tail.floor, tail.seq = top, seq
+        if (not entries and tail.floor == top) or (entries and floor < tail.floor <= top):
+            for entry in reversed(found):
+                if entry[0] <= tail.floor:
+                    entries.appendleft(entry)
+                    tail.size += len(entry[1])
+                    self._size += len(entry[1])
+            tail.floor = floor
+            self._bound(room, tail)
+
+    def _bound(self, room: str, tail: Tail) -> None:
+        entries = tail.entries
         while len(entries) > self.max_messages or (tail.size > ROOM_BYTES and len(entries) > 1):
             self._pop(tail)
         self._rooms.move_to_end(room)
@@ -107,8 +139,6 @@ class Tails:
             self.drop(oldest)
             if oldest == room:
                 break
-        if tail.waiters:
-            self._wake(tail, seq)
 
     def expire(self, tail: Tail) -> None:
         """Drop the entries the stream no longer keeps (older than ``history_ttl``, by the broker's clock)."""
