@@ -13,7 +13,8 @@ This module holds the options, their checks and the factory; the parts, one per 
 
 - :mod:`~wirehub.builtins.bus.nats_bus`: the connection (shared by the others), one order per room,
   offsets, epoch, failures;
-- :mod:`~wirehub.builtins.bus.nats_history`: history read back from the stream;
+- :mod:`~wirehub.builtins.bus.nats_history`: history read back from the stream, or from the tail of a
+  followed room (:mod:`~wirehub.builtins.bus.nats_tail`: its consumer's newest history messages);
 - :mod:`~wirehub.builtins.bus.nats_presence`: buckets ``<P>_members``, ``<P>_nodes``, ``<P>_claims``
   (entries written at join in keys of up to 64 per room, node and loop iteration
   (:mod:`~wirehub.builtins.bus.nats_buckets`), a key rewritten without a leaving one, one heartbeat put

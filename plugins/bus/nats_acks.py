@@ -31,7 +31,9 @@ class Acks:
         self._nc = nc
         self._timeout = timeout
         self._prefix = f"{nc.new_inbox()}."
-        self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._waiting: dict[str, asyncio.Future[Any]] = {}
+        #: tokens of the requests answered with the reply message itself (direct gets), not JSON
+        self._raw: set[str] = set()
         self._n = 0
         #: tokens of the writes started in this loop iteration: they share one timeout timer
         self._batch: list[str] | None = None
@@ -47,11 +49,21 @@ class Acks:
         return int((await self.request(subject, payload, headers))["seq"])
 
     async def request(self, subject: str, payload: bytes, headers: dict[str, str] | None = None) -> dict[str, Any]:
+        return await self._send(subject, payload, headers, raw=False)  # type: ignore[no-any-return]
+
+    async def get(self, subject: str, payload: bytes) -> Any:
+        """A direct get (``$JS.API.DIRECT.GET.<stream>``): the message (its headers carry ``Nats-Sequence``),
+        None when there is none (status 404)."""
+        return await self._send(subject, payload, None, raw=True)
+
+    async def _send(self, subject: str, payload: bytes, headers: dict[str, str] | None, *, raw: bool) -> Any:
         loop = asyncio.get_running_loop()
         self._n += 1
         token = str(self._n)
-        fut: asyncio.Future[dict[str, Any]] = loop.create_future()
+        fut: asyncio.Future[Any] = loop.create_future()
         self._waiting[token] = fut
+        if raw:
+            self._raw.add(token)
         if self._batch is None:
             batch: list[str] = []
             self._batch = batch
@@ -63,6 +75,8 @@ class Acks:
             return await fut
         finally:
             self._waiting.pop(token, None)
+            if raw:
+                self._raw.discard(token)
 
     def fail_all(self, exc: BaseException) -> None:
         """The connection is gone: no write of it will be answered."""
@@ -70,6 +84,7 @@ class Acks:
             if not fut.done():
                 fut.set_exception(exc)
         self._waiting.clear()
+        self._raw.clear()
 
     def _end_batch(self) -> None:
         self._batch = None
@@ -81,8 +96,18 @@ class Acks:
                 fut.set_exception(TimeoutError())
 
     async def _on_ack(self, msg: Any) -> None:
-        fut = self._waiting.pop(msg.subject[len(self._prefix):], None)
+        token = msg.subject[len(self._prefix):]
+        fut = self._waiting.pop(token, None)
         if fut is None or fut.done():
+            return
+        if token in self._raw:
+            status = (msg.headers or {}).get("Status")
+            if status is None:
+                fut.set_result(msg)
+            elif status == "404":
+                fut.set_result(None)
+            else:
+                fut.set_exception(AckRefused(f"status {status} {(msg.headers or {}).get('Description', '')}"))
             return
         if not msg.data:  # a status message: 503 "no responders" (no stream takes the subject)
             fut.set_exception(AckRefused(f"status {(msg.headers or {}).get('Status', '?')}"))

@@ -51,17 +51,20 @@ import re
 import ssl
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from wirehub import BusHandler, BusUnavailable, ConfigError, PublishOutcomeUnknown
 from wirehub.builtins.bus._broker import Supervised, encode_room, safe_close
 from wirehub.builtins.bus.nats_acks import AckRefused, Acks
+from wirehub.builtins.bus.nats_tail import Tails
 
 if TYPE_CHECKING:
     from wirehub.builtins.bus.nats import NatsOptions
     from wirehub.builtins.bus.nats_presence import NatsPresence
 
 log = logging.getLogger("wirehub.bus.nats")
+T = TypeVar("T")
 
 INSTALL_HINT = "pip install 'wirehub[nats]'"
 HDR_OFFSET = "Wh-Off"
@@ -162,6 +165,10 @@ class NatsBus(Supervised):
         self._probe_subject = f"{self.prefix}.q.{uuid.uuid4().hex[:12]}"
         #: JetStream writes of presence (their acks on one inbox; see nats_acks)
         self.acks: Acks | None = None
+        #: followed room -> its newest history messages, from its consumer (see nats_tail)
+        self.tails = Tails(opts.history_size, opts.history_ttl)
+        #: room -> the reads of this loop iteration waiting for one direct get of its newest message
+        self._newest: dict[str, list[asyncio.Future[tuple[int, int, bool]]]] = {}
         #: followed room -> (stream seq, offset, broker time in epoch seconds) of its newest history
         #: message seen by its live consumer, a publish ack, or a position read after the consumer started
         self._heads: dict[str, tuple[int, int, float]] = {}
@@ -293,15 +300,20 @@ class NatsBus(Supervised):
                 offset = int(hdr.get(HDR_OFFSET, 0)) or None
                 if offset is not None:
                     meta = msg.metadata
-                    self._remember(room, meta.sequence.stream, offset)
-                    self._head(room, meta.sequence.stream, offset, meta.timestamp.timestamp())
+                    seq, at = meta.sequence.stream, meta.timestamp.timestamp()
+                    self._remember(room, seq, offset)
+                    self._head(room, seq, offset, at)
+                    self.tails.add(room, seq, offset, msg.data, HDR_START in hdr, at)
             self._deliver(room, msg.data, offset)
 
         self._tokens[room] = token
+        tail = self.tails.start(room)
         self._subs[room] = await self.js.subscribe(
             f"{self.prefix}.r.{encode_room(room)}.*", stream=self.stream, cb=on_msg, ordered_consumer=True,
             deliver_policy=api.DeliverPolicy.NEW, pending_msgs_limit=100_000,
         )
+        if tail is not None:
+            tail.ready = True
 
     def _remember(self, room: str, seq: int, offset: int) -> None:
         cur = self._last.get(room)
@@ -319,6 +331,7 @@ class NatsBus(Supervised):
         self.js = self.state_kv = None
         self._tokens, self._subs = {}, {}
         self._heads, self._known = {}, set()
+        self.tails.clear()
         if self.acks is not None:
             self.acks.fail_all(ConnectionError("disconnected from NATS"))
             self.acks = None
@@ -389,6 +402,49 @@ class NatsBus(Supervised):
 
         return await self.call("history", get)  # type: ignore[no-any-return]
 
+    async def newest(self, room: str) -> tuple[int, int, bool]:
+        """:meth:`last` for a history read: one direct get (through :attr:`acks`, no task or timer of its
+        own) for every read of ``room`` that began in this loop iteration. It is sent after all of them
+        began, so each gets an answer at least as new as its own start."""
+        self._check()
+        loop = asyncio.get_running_loop()
+        readers = self._newest.get(room)
+        if readers is None:
+            readers = self._newest[room] = []
+            loop.call_soon(self._ask_newest, room, readers)
+        fut: asyncio.Future[tuple[int, int, bool]] = loop.create_future()
+        readers.append(fut)
+        return await fut
+
+    def _ask_newest(self, room: str, readers: list[asyncio.Future[tuple[int, int, bool]]]) -> None:
+        if self._newest.get(room) is readers:
+            del self._newest[room]
+        task = asyncio.ensure_future(self._get_newest(room))
+
+        def done(t: asyncio.Task[tuple[int, int, bool]]) -> None:
+            exc = BusUnavailable("history: cancelled") if t.cancelled() else t.exception()
+            for fut in readers:
+                if fut.done():
+                    continue
+                if exc is not None:
+                    fut.set_exception(exc)
+                    fut.exception()  # retrieved: its reader may have gone
+                else:
+                    fut.set_result(t.result())
+
+        task.add_done_callback(done)
+
+    async def _get_newest(self, room: str) -> tuple[int, int, bool]:
+        subject, req = f"$JS.API.DIRECT.GET.{self.stream}", b'{"last_by_subj":"%s"}' % self.subject(room).encode()
+        msg = await self._via_acks("history", lambda acks: acks.get(subject, req))
+        if msg is None:
+            return 0, 0, False
+        hdr = msg.headers or {}
+        try:
+            return int(hdr["Nats-Sequence"]), int(hdr.get(HDR_OFFSET, 0)), HDR_START in hdr
+        except (KeyError, ValueError) as exc:
+            raise BusUnavailable(f"history: unreadable direct get answer {hdr!r:.100}") from exc
+
     async def position(self, room: str) -> int:
         """The offset of the room's newest history message. While this replica follows the room
         (its consumer runs), it is the newest one the consumer delivered or a publish acknowledged,
@@ -440,18 +496,23 @@ class NatsBus(Supervised):
         """A JetStream write or API request through :attr:`acks`: the JSON answer, ``{}`` for the
         error code ``absent``. Errors as :meth:`call`'s (BusUnavailable; a broken connection also
         fails the bus)."""
+        answer = await self._via_acks(what, lambda acks: acks.request(subject, payload, headers), absent)
+        return {} if answer is None else answer
+
+    async def _via_acks(self, what: str, op: Callable[[Acks], Awaitable[T]], absent: int = 0) -> T | None:
+        """``op(acks)``; None for the error code ``absent``; errors as :meth:`request`'s."""
         self._check()
         acks = self.acks
         if acks is None:
             raise BusUnavailable("the broker is unreachable")
         try:
-            return await acks.request(subject, payload, headers)
+            return await op(acks)
         except TimeoutError:
             log.info("%s: no answer from the broker within %gs", what, self.op_timeout)
             raise BusUnavailable(f"{what}: no answer from the broker within {self.op_timeout:g}s") from None
         except AckRefused as exc:
             if absent and exc.code == absent:
-                return {}
+                return None
             log.info("%s failed: %s", what, exc)
             raise BusUnavailable(f"{what}: {exc}") from exc
         except self.errors as exc:
@@ -569,6 +630,7 @@ class NatsBus(Supervised):
             self._rooms.discard(room)
             self._tokens.pop(room, None)
             self._heads.pop(room, None)
+            self.tails.drop(room)
             raise
 
     async def unsubscribe(self, room: str) -> None:
@@ -578,6 +640,7 @@ class NatsBus(Supervised):
         self._tokens.pop(room, None)
         self._heads.pop(room, None)
         self._known.discard(room)
+        self.tails.drop(room)
         sub = self._subs.pop(room, None)
         if sub is not None and self._healthy:
             with contextlib.suppress(BusUnavailable):

@@ -1,4 +1,5 @@
-"""History on NATS: a room's retained history messages, read back from the bus's stream by offset."""
+"""History on NATS: a room's retained history messages by offset, from the tail of a room the replica follows
+(:mod:`~wirehub.builtins.bus.nats_tail`) or read back from the bus's stream."""
 
 from __future__ import annotations
 
@@ -7,12 +8,13 @@ from typing import TYPE_CHECKING
 
 from wirehub import HistoryPage
 from wirehub.builtins.bus.nats_bus import HDR_OFFSET, HDR_START
+from wirehub.builtins.bus.nats_tail import Entry
 
 if TYPE_CHECKING:
     from wirehub.builtins.bus.nats_bus import NatsBus
 
 
-_Scan = list[tuple[int, bytes, bool]]
+_Scan = list[Entry]
 
 
 class NatsHistory:
@@ -30,7 +32,9 @@ class NatsHistory:
         bus = self.bus
         bus._check()
         epoch = bus.epoch
-        seq, top, _ = await bus.last(room)
+        tail = bus.tails.get(room)
+        ready = tail is not None and tail.ready  # before the newest message is asked for: see Tails.seed
+        seq, top, _ = await bus.newest(room)
         if seq == 0:
             return HistoryPage(epoch, 0, [], after is None or after == 0)
         if after is not None and after > top:
@@ -40,12 +44,29 @@ class NatsHistory:
         if after is None and limit <= 0:
             return HistoryPage(epoch, top, [], True)
         floor = top - limit if after is None else after
-        # an offset never exceeds its stream sequence: floor + 1 is a safe place to start reading
-        found = await self._shared_scan(room, floor, top)
+        found = await self._from_tail(room, seq, floor, top)
+        if found is None:
+            # an offset never exceeds its stream sequence: floor + 1 is a safe place to start reading
+            found = await self._shared_scan(room, floor, top)
+            if ready and tail is not None and epoch == bus.epoch:
+                bus.tails.seed(room, tail, floor, found, seq)
         if after is None:
-            return HistoryPage(epoch, top, [(o, p) for o, p, _ in found][-limit:], True)
+            return HistoryPage(epoch, top, [(o, p) for o, p, _, _ in found][-limit:], True)
         complete = bool(found) and (found[0][0] == after + 1 or (after == 0 and found[0][2]))
-        return HistoryPage(epoch, top, [(o, p) for o, p, _ in found[:limit]] if complete else [], complete)
+        return HistoryPage(epoch, top, [(o, p) for o, p, _, _ in found[:limit]] if complete else [], complete)
+
+    async def _from_tail(self, room: str, seq: int, floor: int, top: int) -> _Scan | None:
+        """The range from the room's tail (:mod:`~wirehub.builtins.bus.nats_tail`) once its consumer delivered
+        ``seq`` (the newest message this read saw); None when it does not hold the whole range. Waiting is
+        safe only once the tail has a sequence (a delivered message, or a seeded range, see
+        :meth:`~wirehub.builtins.bus.nats_tail.Tails.seed`): every later message then comes through the
+        consumer, while a consumer started after ``seq`` was stored never delivers it."""
+        tails = self.bus.tails
+        tail = tails.get(room)
+        if tail is None or not tail.seq or not await tails.reach(room, tail, seq, self.bus.op_timeout):
+            return None
+        tails.expire(tail)
+        return tail.range(floor, top)
 
     async def _shared_scan(self, room: str, floor: int, top: int) -> _Scan:
         """:meth:`_scan`, one per (room, floor, top, epoch) at a time. Each scan is an ephemeral consumer: a
@@ -73,14 +94,14 @@ class NatsHistory:
         config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
                                     opt_start_seq=max(1, floor + 1))
         sub = await bus.js.subscribe(bus.subject(room), stream=bus.stream, ordered_consumer=True, config=config)
-        out: list[tuple[int, bytes, bool]] = []
+        out: _Scan = []
         try:
             while True:
                 msg = await sub.next_msg(timeout=bus.op_timeout)
                 hdr = msg.headers or {}
                 offset = int(hdr.get(HDR_OFFSET, 0))
                 if offset > floor:
-                    out.append((offset, msg.data, HDR_START in hdr))
+                    out.append((offset, msg.data, HDR_START in hdr, msg.metadata.timestamp.timestamp()))
                 if offset >= top or msg.metadata.num_pending == 0:
                     return out
         finally:
