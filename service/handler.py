@@ -221,8 +221,8 @@ class OpHandler:
     async def handle(self, session: Session, request: dict[str, Any]) -> None:
         """One parsed request (a frame's, or a join of the upgrade URL): rate, dispatch, and the error reply."""
         req_id = request.get("id")
-        name = request["op"]
         try:
+            name = request["op"]
             if not self.own_rate_limit(name) and not self.admit(session, req_id):
                 return
             op = self.ops.get(name)
