@@ -1,6 +1,7 @@
 """A chat join's CPU in process, on the memory bus: N joins of one room through the chat handler.
 
     python -m bench.join_inprocess [--members 18000] [--repeat 3] [--before TREE] [--json FILE] [--callgrind]
+                                   [--close] [--bus memory|redis]
 
 No sockets and no load generator: each session's ``joined`` frame is framed for the wire and dropped, with
 the collector set as ``wirehub serve`` sets it (``gc.freeze``, the generation-0 threshold),
@@ -12,6 +13,13 @@ benchmark (``bench_rooms join``) measures the whole replica but swings by 2x on 
 one repeats within a few percent. With ``--callgrind`` each measurement is the user-space instructions per
 join instead (valgrind's callgrind, instrumentation on around the joins only; about 50x slower, so use
 ``--members 3000 --repeat 1``): the same on a loaded machine and from run to run (the user ids are seeded).
+With ``--close`` the figure is what a member's disconnect costs that an idle connection's does not: after
+the (untimed) joins, each session's leave of the hub room (``hub.leave_all``) and the chat handler's
+``on_close`` (its presence removal), as the core runs them when a connection ends (the socket benchmark
+stops measuring before its members disconnect, so this cost is not in its figures). With ``--bus redis`` the
+joins (or disconnects) run on the Redis bus against a redis-server started here, ``--in-flight`` at once (500,
+as the socket benchmark's storm), so that the bus's per-iteration pipeline batches them as in a replica; the
+figure is this process's CPU (or instructions), not the broker's.
 """
 
 from __future__ import annotations
@@ -57,9 +65,14 @@ def _callgrind(*args: str) -> None:
     subprocess.run(["callgrind_control", *args, str(os.getpid())], check=True, capture_output=True, timeout=120)
 
 
-async def measure(n: int, callgrind: bool = False) -> float:
+async def measure(n: int, callgrind: bool = False, close: bool = False, redis: str | None = None,
+                  in_flight: int = 500) -> float:
     """CPU seconds per join of ``n`` sessions joining one room (guest-like random user ids and names); with
-    ``callgrind`` the joins run with callgrind's instrumentation on (the caller reads the count)."""
+    ``callgrind`` the joins run with callgrind's instrumentation on (the caller reads the count); with
+    ``close``, per disconnect of a member instead (the joins untimed); with ``redis`` (a URL) on that
+    Redis, ``in_flight`` at once."""
+    import uuid
+
     from wirehub import cli
     from wirehub.app import Wirehub
     from wirehub.auth import Identity
@@ -68,7 +81,9 @@ async def measure(n: int, callgrind: bool = False) -> float:
     from wirehub.testing import config_for_tests
 
     chat = {"path": "/ws/chat", "handler": "chat", "options": {"presence_rules": [{"pattern": "*", "events": "off"}]}}
-    app = Wirehub.build(config_from_dict(config_for_tests({"endpoints": [chat]})))
+    prefix = f"ji{uuid.uuid4().hex[:6]}"
+    bus = {"bus": {"plugin": "redis", "redis": {"url": redis, "key_prefix": prefix}}} if redis else {}
+    app = Wirehub.build(config_from_dict(config_for_tests({"endpoints": [chat], **bus})))
     await app.backend.bus.start(app.hub)
     app.hub.on_bus_state(True)
     handler = app.handlers["/ws/chat"]
@@ -84,12 +99,40 @@ async def measure(n: int, callgrind: bool = False) -> float:
     tune_gc = getattr(cli, "_tune_gc", None)
     if tune_gc is not None:  # as `wirehub serve` does once it has started
         tune_gc()
+    async def join(s: Session, request: str) -> None:
+        await handler.on_message(s, request)
+
+    async def leave(s: Session, request: str) -> None:  # what the core's _finish_session runs for a member
+        await app.hub.leave_all(s)
+        await handler.on_close(s)
+
+    async def each(step: Any) -> None:
+        """``step`` for every session: in order (memory), or ``in_flight`` at once (a bus that waits)."""
+        pairs = list(zip(sessions, requests, strict=True))
+        if not redis:
+            for s, request in pairs:
+                await step(s, request)
+            return
+        width = max(1, len(pairs) // in_flight)
+
+        async def run(group: list[tuple[Session, str]]) -> None:
+            for s, request in group:
+                await step(s, request)
+
+        await asyncio.gather(*(run(pairs[i:i + width]) for i in range(0, len(pairs), width)))
+
+    if redis:  # the node's first heartbeat and the scripts loaded, outside the measurement
+        warm = Session(_Dropping(), Identity(user="warm", name="warm", rooms=("*",)), endpoint="/ws/chat",
+                       node=app.node, max_queue_bytes=1 << 20, metrics=app.metrics)
+        await handler.on_open(warm)
+        await handler.on_message(warm, json.dumps({"op": "join", "room": "big"}))
+    if close:
+        await each(join)
     if callgrind:
         _callgrind("-i", "on")
         _callgrind("-z")
     t0 = time.process_time()
-    for s, request in zip(sessions, requests, strict=True):
-        await handler.on_message(s, request)
+    await each(leave if close else join)
     spent = time.process_time() - t0
     if callgrind:
         _callgrind("-d")
@@ -98,9 +141,11 @@ async def measure(n: int, callgrind: bool = False) -> float:
     return spent / n
 
 
-def run_in(tree: Path | None, n: int, link_dir: Path, callgrind: bool = False) -> float:
+def run_in(tree: Path | None, n: int, link_dir: Path, callgrind: bool = False, close: bool = False,
+           redis: str | None = None) -> float:
     """Seconds per join (or instructions per join, ``callgrind``) of one measurement in a fresh process."""
     env = dict(os.environ)
+    more = [*(["--close"] if close else []), *(["--redis", redis] if redis else [])]
     if tree is not None:  # the other tree's `service` folder imported as `wirehub`
         link = link_dir / "wirehub"
         if not link.exists():
@@ -110,13 +155,13 @@ def run_in(tree: Path | None, n: int, link_dir: Path, callgrind: bool = False) -
     if callgrind:
         with tempfile.TemporaryDirectory(prefix="wirehub-join-callgrind-") as out_dir:
             grind = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out_dir}/cg.%p"]
-            subprocess.run([*grind, sys.executable, "-m", "bench.join_inprocess", "--one", str(n), "--callgrind"],
-                           env=env, check=True, capture_output=True, text=True)
+            subprocess.run([*grind, sys.executable, "-m", "bench.join_inprocess", "--one", str(n), "--callgrind",
+                            *more], env=env, check=True, capture_output=True, text=True)
             dump = next(Path(out_dir).glob("cg.*.1"))  # the dump of the joins (the final one is at exit)
             found = re.search(r"^totals: (\d+)", dump.read_text(errors="replace"), re.M)
             assert found, f"no totals in {dump}"
             return int(found.group(1)) / n
-    out = subprocess.run([*pin, sys.executable, "-m", "bench.join_inprocess", "--one", str(n)], env=env,
+    out = subprocess.run([*pin, sys.executable, "-m", "bench.join_inprocess", "--one", str(n), *more], env=env,
                          check=True, capture_output=True, text=True).stdout
     return float(out.strip().splitlines()[-1])
 
@@ -129,22 +174,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--before", default=None, help="another wirehub tree, measured alternately with this one")
     p.add_argument("--json", default=None)
     p.add_argument("--callgrind", action="store_true", help="instructions per join (valgrind) instead of CPU time")
+    p.add_argument("--close", action="store_true", help="per disconnect of a member instead of per join")
+    p.add_argument("--bus", choices=("memory", "redis"), default="memory")
+    p.add_argument("--redis", default=None, help=argparse.SUPPRESS)  # the child's Redis URL
     p.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # a single measurement (a child)
     a = p.parse_args(argv)
     if a.one is not None:
-        print(asyncio.run(measure(a.one, a.callgrind)))
+        print(asyncio.run(measure(a.one, a.callgrind, a.close, a.redis)))
         return 0
+    if a.bus == "redis":
+        from wirehub.brokers import RedisServer
+
+        with RedisServer() as broker:
+            return _compare(a, broker.url)
+    return _compare(a, None)
+
+
+def _compare(a: argparse.Namespace, redis: str | None) -> int:
+    """The measurements of ``a`` (this tree, and ``--before``'s alternately), printed and saved."""
     unit = "instructions" if a.callgrind else "us"
+    what = "close" if a.close else "join"
     codes: list[tuple[str, Path | None]] = ([("before", Path(a.before))] if a.before else []) + [("after", None)]
     results: dict[str, list[float]] = {code: [] for code, _ in codes}
     with tempfile.TemporaryDirectory(prefix="wirehub-join-inprocess-") as tmp:
         for _ in range(a.repeat):
             for code, tree in codes:
-                one = run_in(tree, a.members, Path(tmp), a.callgrind)
+                one = run_in(tree, a.members, Path(tmp), a.callgrind, a.close, redis)
                 value = round(one) if a.callgrind else round(one * 1e6, 2)
                 results[code].append(value)
-                print(f"{code}: {value} {unit} per join", file=sys.stderr)
-    out: dict[str, Any] = {"members": a.members, f"{unit}_per_join": results,
+                print(f"{code}: {value} {unit} per {what}", file=sys.stderr)
+    out: dict[str, Any] = {"members": a.members, "bus": a.bus, f"{unit}_per_{what}": results,
                            f"median_{unit}": {k: sorted(v)[len(v) // 2] for k, v in results.items()},
                            "meta": {"argv": sys.argv[1:], "loadavg": os.getloadavg(),
                                     "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}}

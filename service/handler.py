@@ -222,19 +222,29 @@ class OpHandler:
         """One parsed request (a frame's, or a join of the upgrade URL): rate, dispatch, and the error reply."""
         req_id = request.get("id")
         try:
-            if not self.own_rate_limit(request["op"]) and not self.admit(session, req_id):
+            name = request["op"]
+            if not self.own_rate_limit(name) and not self.admit(session, req_id):
                 return
-            op = self.ops.get(request["op"])
+            op = self.ops.get(name)
             if op is None:
-                raise ProtocolError(
-                    ErrorCode.UNKNOWN_OP, f"unknown op {request['op']!r}; valid: {', '.join(sorted(self.ops))}"
-                )
+                raise ProtocolError(ErrorCode.UNKNOWN_OP, f"unknown op {name!r}; valid: {', '.join(sorted(self.ops))}")
             await op(session, request)
         except ProtocolError as exc:
             session.send_error(exc.code, exc.message, exc.req_id if exc.req_id is not None else req_id, **exc.extra)
-        except Exception:
+        except Exception as exc:
+            # translated here, not by a wrapper coroutine around every op (one per request: a join's dispatch)
+            answer = self.op_error(exc)
+            if answer is not None:
+                session.send_error(answer.code, answer.message, req_id, **answer.extra)
+                return
             self.context.logs.exception(log, "%s: op failed for %r", type(self).__name__, session)
             session.send_error(ErrorCode.INTERNAL, "internal error", req_id)
+
+    def op_error(self, exc: Exception) -> ProtocolError | None:
+        """The ``error`` reply for an exception an op raised that is not a :class:`ProtocolError` (a
+        subclass maps its backend's failures, e.g. chat: the bus down is ``unavailable``); None: it is a
+        bug, reported and answered ``internal``."""
+        return None
 
     async def on_close(self, session: Session) -> None:
         return None

@@ -148,10 +148,22 @@ class ChatHandler(OpHandler):
             "presence": self.op_presence,
             "history": self.op_history,
         }
-        self.ops.update({name: _bus_errors(op) for name, op in ops.items()})
+        self.ops.update(ops)
 
     def own_rate_limit(self, op: str) -> bool:
         return op == "publish"  # publish_rate
+
+    def op_error(self, exc: Exception) -> ProtocolError | None:
+        """A broker outage is ``error unavailable``: the request did not happen (never "delivered")."""
+        if isinstance(exc, PublishOutcomeUnknown):
+            return ProtocolError(
+                ErrorCode.TIMEOUT,
+                "the bus did not confirm the publish in time; it may have been delivered: retry with the same "
+                "idempotency_key",
+            )
+        if isinstance(exc, BusUnavailable):
+            return ProtocolError(ErrorCode.UNAVAILABLE, "the message bus is unavailable; retry later")
+        return None
 
     def _state(self, session: Session) -> _ChatState:
         st = session.state.get(_STATE)
@@ -371,26 +383,6 @@ def _joined(req_id: Any, room: str, offset: int, epoch: str, recovered: bool, pr
 def _budget(session: Session) -> int:
     """Bytes a history reply or a recovery replay may take: half the session's send queue."""
     return session.max_queue_bytes // 2
-
-
-def _bus_errors(op: Op) -> Op:
-    """A broker outage is ``error unavailable``: the request did not happen (never "delivered")."""
-
-    async def guarded(session: Session, request: dict[str, Any]) -> None:
-        try:
-            await op(session, request)
-        except PublishOutcomeUnknown:
-            raise ProtocolError(
-                ErrorCode.TIMEOUT,
-                "the bus did not confirm the publish in time; it may have been delivered: retry with the same "
-                "idempotency_key",
-            ) from None
-        except BusUnavailable:
-            raise ProtocolError(
-                ErrorCode.UNAVAILABLE, "the message bus is unavailable; retry later"
-            ) from None
-
-    return guarded
 
 
 def _factory(options: Mapping[str, Any], key: str, context: HandlerContext) -> ChatHandler:
