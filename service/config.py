@@ -311,7 +311,7 @@ class ServerConfig:
     #: MIN_ADMISSION_LAG
     admission_lag: float = opt(0.025, min=0)
     #: seconds of each pass of the loop that new connections from that queue may take (at least one is served)
-    admission_slice: float = opt(0.005, min=0.0005, max=1.0)
+    admission_slice: float = opt(0.001, min=0.0005, max=1.0)
     #: seconds a keep-alive connection may wait for (and take to send) its next request head; keep it above
     #: the idle timeout of a proxy's upstream connections (ingress-nginx and AWS ALB: 60 s)
     idle_timeout: float = opt(75.0, min=0.1)
