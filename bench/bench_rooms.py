@@ -91,9 +91,12 @@ def server_setup() -> None:
 class Env:
     """Brokers (one per bus for the whole run), replicas, workers; everything stopped at the end."""
 
-    def __init__(self, workdir: Path, chat_options: dict[str, Any] | None = None) -> None:
+    def __init__(self, workdir: Path, chat_options: dict[str, Any] | None = None,
+                 server_options: dict[str, Any] | None = None) -> None:
         self.workdir = workdir
         self.chat_options = chat_options or {}
+        #: more server keys for this tree's replicas (a --before tree may not know them)
+        self.server_options = server_options or {}
         self.presence_ttl: float | None = None
         self.brokers: dict[str, BrokerProcess] = {}
         self.procs: list[subprocess.Popen[bytes]] = []
@@ -143,7 +146,8 @@ class Env:
                 (link / "wirehub").symlink_to(self.code.resolve() / "service")
             os.environ["PYTHONPATH"] = os.pathsep.join(x for x in (str(link), saved) if x)
         try:
-            proc, port, _ = start_replica(self.workdir, name, bus, endpoint, preexec_fn=server_setup)
+            proc, port, _ = start_replica(self.workdir, name, bus, endpoint, preexec_fn=server_setup,
+                                          server=self.server_options if self.code is None else None)
         finally:
             if saved is None:
                 os.environ.pop("PYTHONPATH", None)
@@ -901,6 +905,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stayers", type=int, default=1000, help="reconnect: members on the survivors")
     p.add_argument("--calm", type=float, default=3.0, help="reconnect: seconds measured before the kill")
     p.add_argument("--after", type=float, default=2.0, help="reconnect: seconds of publishing after the storm")
+    p.add_argument("--server-options", default=None,
+                   help='server keys (JSON) for this tree\'s replicas, not --before\'s: \'{"admission_lag": 0.025}\'')
     p.add_argument("--publishers", type=int, default=1,
                    help="reconnect: sessions publishing in turn (the --rate in total), on the first survivor")
     p.add_argument("--storm-timeout", type=float, default=120.0, help="reconnect: give up after this many s")
@@ -949,7 +955,8 @@ async def run(a: argparse.Namespace) -> dict[str, Any]:
     names = list(SCENARIOS) if a.scenario == "all" else [a.scenario]
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="wirehub-bench-rooms-") as tmp:
-        env = Env(Path(tmp), json.loads(a.chat_options) if a.chat_options else None)
+        env = Env(Path(tmp), json.loads(a.chat_options) if a.chat_options else None,
+                  json.loads(a.server_options) if a.server_options else None)
         try:
             for name in names:
                 results[name] = await SCENARIOS[name](env, options_for(name, a))

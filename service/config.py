@@ -307,9 +307,10 @@ class ServerConfig:
     #: seconds from the accept to a connection's first complete request head; then it is closed
     header_timeout: float = opt(10.0, min=0.1)
     #: event-loop lag (seconds, the mean over 0.2 s) above which new connections wait in a queue, served a slice
-    #: per pass of the loop, so that open sessions go first (service/overload.py); 0 = off. At least
+    #: per pass of the loop, so that open sessions go first (service/overload.py); 0 = off (the default: see
+    #: docs/operations.md for what it did and did not buy in the reconnect-storm benchmark). At least
     #: MIN_ADMISSION_LAG
-    admission_lag: float = opt(0.025, min=0)
+    admission_lag: float = opt(0.0, min=0)
     #: seconds of each pass of the loop that new connections from that queue may take (at least one is served)
     admission_slice: float = opt(0.001, min=0.0005, max=1.0)
     #: seconds a keep-alive connection may wait for (and take to send) its next request head; keep it above
