@@ -28,7 +28,8 @@ figures are noisy):
 - ``fanout``: one replica, a room of each size, one member publishing with ``--window`` messages'
   deliveries outstanding: deliveries per server CPU-second against the first size (target >= 1.0).
 - ``reconnect``: three replicas on one broker; ``--members`` members of one room on the first,
-  ``--stayers`` on the other two, a publisher on the second at ``--rate``. The first is SIGKILLed; its
+  ``--stayers`` on the other two (held by a load-generator worker of their own, so that the storm's client
+  side does not delay their reads), a publisher on the second at ``--rate``. The first is SIGKILLed; its
   members reconnect to the survivors and join with ``since``. Figures: seconds until all rejoined
   (target < 20), ``recovered: true`` count (target all), messages lost / duplicated over every member
   (target 0), and the stayers' p99 during the storm (target < 100 ms) against their p99 before it.
@@ -48,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import math
 import os
@@ -89,9 +91,12 @@ def server_setup() -> None:
 class Env:
     """Brokers (one per bus for the whole run), replicas, workers; everything stopped at the end."""
 
-    def __init__(self, workdir: Path, chat_options: dict[str, Any] | None = None) -> None:
+    def __init__(self, workdir: Path, chat_options: dict[str, Any] | None = None,
+                 server_options: dict[str, Any] | None = None) -> None:
         self.workdir = workdir
         self.chat_options = chat_options or {}
+        #: more server keys for this tree's replicas (a --before tree may not know them)
+        self.server_options = server_options or {}
         self.presence_ttl: float | None = None
         self.brokers: dict[str, BrokerProcess] = {}
         self.procs: list[subprocess.Popen[bytes]] = []
@@ -141,7 +146,8 @@ class Env:
                 (link / "wirehub").symlink_to(self.code.resolve() / "service")
             os.environ["PYTHONPATH"] = os.pathsep.join(x for x in (str(link), saved) if x)
         try:
-            proc, port, _ = start_replica(self.workdir, name, bus, endpoint, preexec_fn=server_setup)
+            proc, port, _ = start_replica(self.workdir, name, bus, endpoint, preexec_fn=server_setup,
+                                          server=self.server_options if self.code is None else None)
         finally:
             if saved is None:
                 os.environ.pop("PYTHONPATH", None)
@@ -569,6 +575,84 @@ async def scenario_fanout(env: Env, a: argparse.Namespace) -> list[dict[str, Any
 
 # -- reconnect storm ---------------------------------------------------------------------------------------------
 
+#: histograms of the survivors read before and after the storm: the server's own share of the stayers' latency
+SERVER_HISTOGRAMS = ("wirehub_publish_to_delivery_seconds", "wirehub_loop_lag_seconds")
+
+
+def scrape_buckets(port: int) -> dict[str, dict[float, float]]:
+    """The cumulative buckets (upper bound -> count) of :data:`SERVER_HISTOGRAMS` on a replica's /metrics."""
+    import urllib.request
+
+    with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
+            f"http://127.0.0.1:{port}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    out: dict[str, dict[float, float]] = {name: {} for name in SERVER_HISTOGRAMS}
+    for line in text.splitlines():
+        for name in SERVER_HISTOGRAMS:
+            if line.startswith(name + '_bucket{le="'):
+                le = line.split('le="', 1)[1].split('"', 1)[0]
+                out[name][math.inf if le == "+Inf" else float(le)] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+class ProbePoller:
+    """Asks ``/healthz`` of each port every ``every`` s from a thread of its own (as a kubelet would) and keeps
+    how long each answer took: the survivors' responsiveness during the storm, on any tree."""
+
+    def __init__(self, ports: Sequence[int], every: float = 0.1) -> None:
+        import threading
+
+        self.ports, self.every = ports, every
+        self.times: list[float] = []
+        self.failed = 0
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(port,), daemon=True) for port in ports]
+        for t in self._threads:
+            t.start()
+
+    def _run(self, port: int) -> None:
+        import socket
+
+        while not self._stop.is_set():
+            t0 = perf()
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+                    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+                    ok = sock.recv(64).startswith(b"HTTP/1.1 200")
+            except OSError:
+                ok = False
+            if ok:
+                self.times.append(perf() - t0)
+            else:
+                self.failed += 1
+            self._stop.wait(self.every)
+
+    def stop(self) -> dict[str, Any]:
+        self._stop.set()
+        for t in self._threads:
+            t.join(35)
+        return {**latency_ms(self.times), "failed": self.failed}
+
+
+def bucket_quantiles(before: list[dict[str, dict[float, float]]], after: list[dict[str, dict[float, float]]],
+                     name: str) -> dict[str, Any] | None:
+    """p50 / p99 (the upper bound of the bucket holding it, ms) of ``name`` between two scrapes, summed over
+    replicas; None when the replicas do not export it (an older tree)."""
+    delta: dict[float, float] = {}
+    for b, a in zip(before, after, strict=True):
+        for le, n in a.get(name, {}).items():
+            delta[le] = delta.get(le, 0.0) + n - b.get(name, {}).get(le, 0.0)
+    if not delta or not delta.get(math.inf):
+        return None
+    total_n = delta[math.inf]
+
+    def q(p: float) -> float | None:
+        le = next(le for le in sorted(delta) if delta[le] >= p * total_n)
+        return None if le == math.inf else round(le * 1000, 1)
+
+    return {"samples": int(total_n), "p50_le_ms": q(0.5), "p99_le_ms": q(0.99)}
+
+
 
 async def reconnect_run(env: Env, kind: str, a: argparse.Namespace, url_join: bool = False) -> dict[str, Any]:
     bus = env.bus(kind)
@@ -577,21 +661,25 @@ async def reconnect_run(env: Env, kind: str, a: argparse.Namespace, url_join: bo
     s1, port1 = env.replica(bus, events)
     s2, port2 = env.replica(bus, events)
     room = f"storm-{uuid.uuid4().hex[:8]}"
-    workers = await start_workers(workers_for(a.members + a.stayers))
+    # the stayers live in a worker of their own: the storm's client side (thousands of handshakes, joins and
+    # replays in the victims' workers) must not delay their reads, or the load generator is what is measured
+    workers = await start_workers(workers_for(a.members) + 1)
     n_w = len(workers)
     try:
-        vict, stay = split(a.members, n_w), split(a.stayers, n_w)
-        await asyncio.gather(*(
-            w.call("connect", targets=[(kport, vict[i], 0), (port1, split(stay[i], 2)[0], a.sample_every),
-                                       (port2, split(stay[i], 2)[1], a.sample_every)], room=room, burst=a.burst,
-                   url_join=url_join)
-            for i, w in enumerate(workers)))
+        vict, half = split(a.members, n_w - 1), split(a.stayers, 2)
+        stayers = [(port1, half[0], a.sample_every), (port2, half[1], a.sample_every)]
+        targets = [[(kport, v, 0)] for v in vict] + [stayers]
+        await asyncio.gather(*(w.call("connect", targets=targets[i], room=room, burst=a.burst, url_join=url_join)
+                               for i, w in enumerate(workers)))
         t_join = perf()
         joins = await on_all(workers, "join", burst=max(1, a.burst // n_w), timeout=a.join_timeout)
         join_wall = perf() - t_join
-        pub = await _open_publisher(port1, room, Stats())
+        # --publishers sessions publish in turn (the rate in total): one session's ops run one after the other,
+        # each waiting for its bus round trip, so a single publisher measures its own op queue when that is slow
+        pubs = [await _open_publisher(port1, room, Stats()) for _ in range(a.publishers)]
+        turn = itertools.count()
         stop_pub = asyncio.Event()
-        task = pacing(a.rate, pub.publish, stop_pub)
+        task = pacing(a.rate, lambda: pubs[next(turn) % len(pubs)].publish(), stop_pub)
         await asyncio.sleep(a.warmup)
         await on_all(workers, "measure", on=True)
         await asyncio.sleep(a.calm)
@@ -604,11 +692,15 @@ async def reconnect_run(env: Env, kind: str, a: argparse.Namespace, url_join: bo
         srv_pids = [s1.pid, s2.pid, *env.broker_pids()]
         g0, s0 = sum(map(cpu_seconds, gen_pids)), sum(map(cpu_seconds, srv_pids))
         r0 = env.broker_commands(kind)
+        h0 = [await asyncio.to_thread(scrape_buckets, p) for p in (port1, port2)]
+        probes = ProbePoller((port1, port2))
         t_kill = perf()
         victim.kill()
         victim.wait(10)
         results = await asyncio.gather(*storms)
         storm_wall = perf() - t_kill
+        healthz = probes.stop()
+        h1 = [await asyncio.to_thread(scrape_buckets, p) for p in (port1, port2)]
         during = await on_all(workers, "measure", on=False)
         gen_pct = round(100 * (sum(map(cpu_seconds, gen_pids)) - g0) / storm_wall, 1)
         srv_cpu = sum(map(cpu_seconds, srv_pids)) - s0
@@ -618,12 +710,14 @@ async def reconnect_run(env: Env, kind: str, a: argparse.Namespace, url_join: bo
         stop_pub.set()
         await task
         await asyncio.sleep(min(2.0, 4 * a.after))  # the last deliveries
-        reports = await on_all(workers, "report", top=pub.top)
+        top = max(p.top for p in pubs)
+        reports = await on_all(workers, "report", top=top)
         times = sorted(t - t_kill for r in results for t in r["rejoined_at"])
         drops = sorted(t - t_kill for r in results for t in r.get("dropped_at", []))
         calm_lat = latency_ms([x for g in calm for x in g["latencies"]])
         storm_lat = latency_ms([x for g in during for x in g["latencies"]])
-        pub.close()
+        for p in pubs:
+            p.close()
         return {"scenario": "reconnect", "bus": kind, "members": a.members, "stayers": a.stayers, "rate": a.rate,
                 "url_join": "on" if url_join else "off",
                 "events": "on" if a.reconnect_events else "off", "join_wall": round(join_wall, 2),
@@ -645,12 +739,17 @@ async def reconnect_run(env: Env, kind: str, a: argparse.Namespace, url_join: bo
                 "rejoined_without_since": len(times) - total(results, "recovered") - total(results, "unrecovered"),
                 "reconnect_attempts_failed": total(results, "attempts_failed"),
                 "first_failure": next((r["first_failure"][0] for r in results if r["first_failure"]), None),
-                "published": pub.seq, "acked_top": pub.top, "publish_errors": pub.refused,
+                "publishers": len(pubs), "published": sum(p.seq for p in pubs), "acked_top": top,
+                "publish_errors": sum(p.refused for p in pubs),
                 "lost": total(reports, "lost"), "lost_tail": total(reports, "lost_tail"),
                 "dup": total(reports, "dup"), "members_behind": total(reports, "members_behind"),
                 "not_joined": total(reports, "not_joined"),
                 "calm": calm_lat, "storm": storm_lat,
                 "storm_p99_vs_calm": ratio(storm_lat["p99_ms"], calm_lat["p99_ms"]),
+                # the survivors' own view during the storm (bucket bounds): publish to fan-out, and loop lag
+                "storm_server": {name: bucket_quantiles(h0, h1, name) for name in SERVER_HISTOGRAMS},
+                # /healthz asked of both survivors every 0.1 s during the storm: answer times (ms)
+                "storm_healthz": healthz,
                 "errors": total(reports, "errors"), "first_error": next((r["first_error"] for r in reports
                                                                         if r["first_error"]), None)}
     finally:
@@ -682,7 +781,8 @@ async def scenario_reconnect(env: Env, a: argparse.Namespace) -> list[dict[str, 
                   f"{r['all_rejoined_s']} s ({r['rejoined']}/{r['victims']}, last {r['rejoin_last_s']} s), recovered "
                   f"true {r['recovered_true']} false {r['recovered_false']}, lost {r['lost']} dup {r['dup']}, stayers "
                   f"p99 {r['storm']['p99_ms']} ms during the storm (calm {r['calm']['p99_ms']} ms), survivors "
-                  f"{r['storm_survivors_cpu_pct']} % CPU", file=sys.stderr)
+                  f"{r['storm_survivors_cpu_pct']} % CPU; /healthz p99 {r['storm_healthz']['p99_ms']} ms; published "
+                  f"{r['published']}, acked up to {r['acked_top']}", file=sys.stderr)
             (url_rows if url_join else pair).append(r)
         keys = ("rejoin_last_s", "rejoin_p50_s", "storm_p99_ms", "survivors_cpu_ms_per_rejoin")
         compare(pair, keys)
@@ -812,6 +912,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stayers", type=int, default=1000, help="reconnect: members on the survivors")
     p.add_argument("--calm", type=float, default=3.0, help="reconnect: seconds measured before the kill")
     p.add_argument("--after", type=float, default=2.0, help="reconnect: seconds of publishing after the storm")
+    p.add_argument("--server-options", default=None,
+                   help='server keys (JSON) for this tree\'s replicas, not --before\'s: \'{"admission_lag": 0.025}\'')
+    p.add_argument("--publishers", type=int, default=1,
+                   help="reconnect: sessions publishing in turn (the --rate in total), on the first survivor")
     p.add_argument("--storm-timeout", type=float, default=120.0, help="reconnect: give up after this many s")
     p.add_argument("--jitter", type=float, default=0.0, help="reconnect: random delay before a reconnect, s")
     p.add_argument("--chat-options", default=None,
@@ -858,7 +962,8 @@ async def run(a: argparse.Namespace) -> dict[str, Any]:
     names = list(SCENARIOS) if a.scenario == "all" else [a.scenario]
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="wirehub-bench-rooms-") as tmp:
-        env = Env(Path(tmp), json.loads(a.chat_options) if a.chat_options else None)
+        env = Env(Path(tmp), json.loads(a.chat_options) if a.chat_options else None,
+                  json.loads(a.server_options) if a.server_options else None)
         try:
             for name in names:
                 results[name] = await SCENARIOS[name](env, options_for(name, a))

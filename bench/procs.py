@@ -45,12 +45,14 @@ def wirehub_cmd(config: Path) -> list[str]:
 
 
 def start_replica(workdir: Path, name: str, bus: dict[str, Any], endpoint: dict[str, Any], *,
-                  preexec_fn: Callable[[], None] | None = None) -> tuple[subprocess.Popen[bytes], int, Path]:
+                  preexec_fn: Callable[[], None] | None = None,
+                  server: dict[str, Any] | None = None) -> tuple[subprocess.Popen[bytes], int, Path]:
     """A `wirehub serve` replica on a free port with one endpoint and ``bus``; (process, port, log).
-    ``preexec_fn`` runs in the child before it starts (pin it to a core, raise its open-file limit)."""
+    ``preexec_fn`` runs in the child before it starts (pin it to a core, raise its open-file limit);
+    ``server``: more ``server.`` keys."""
     port = free_port()
     cfg = {
-        "server": {"host": "127.0.0.1", "port": port, "backlog": 2048, "node_id": name},
+        "server": {"host": "127.0.0.1", "port": port, "backlog": 2048, "node_id": name, **(server or {})},
         "logging": {"level": os.environ.get("BENCH_LOG_LEVEL", "warning"), "access_log": False},
         "drain": {"grace": 2},
         "bus": bus,

@@ -21,7 +21,9 @@ logged a traceback and spun the CPU while the pending connection stayed in the b
 - the first head is read here (straight from the socket when it is there at the accept) and shown to the
   application's :class:`HeadTaker` (service/upgrade.py), which serves a plain version-13 upgrade without
   Tornado's HTTP/1 connection; a head it does not take is put back in front of whatever followed it and
-  the connection goes to Tornado's ``HTTP1ServerConnection`` as if nothing had been read.
+  the connection goes to Tornado's ``HTTP1ServerConnection`` as if nothing had been read;
+- while the event loop lags beyond ``server.admission_lag``, that first head waits in the
+  :class:`~wirehub.overload.Admission` queue (probes excepted), served a slice per pass of the loop.
 """
 
 from __future__ import annotations
@@ -43,7 +45,9 @@ from tornado import httputil
 from tornado.concurrent import Future
 from tornado.httpserver import HTTPServer, _HTTPRequestContext
 from tornado.ioloop import IOLoop
-from tornado.iostream import IOStream, UnsatisfiableReadError
+from tornado.iostream import IOStream, StreamClosedError, UnsatisfiableReadError
+
+from wirehub.overload import Admission
 
 if TYPE_CHECKING:
     from wirehub.config import ServerConfig
@@ -63,6 +67,7 @@ LINGER_MAX = 64
 #: paths still served on the few connections accepted past the cap when every connection is busy, so that
 #: a full replica answers its liveness probe (and is not restarted for being full) and can be scraped
 PROBE_PATHS = frozenset(("/healthz", "/readyz", "/metrics"))
+_PROBE_PATHS = frozenset(path.encode() for path in PROBE_PATHS)
 PROBE_SLOTS = 16
 #: connections accepted per readiness event, as Tornado does, so that accepting cannot starve the loop
 ACCEPT_BATCH = 128
@@ -83,6 +88,8 @@ TORNADO_BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\n\r\n"
 #: the end of a request head, as Tornado's HTTP/1 connection finds it
 HEAD_END = b"\r?\n\r?\n"
 _HEAD_END = re.compile(HEAD_END)
+OVERLOADED = _response(503, "Service Unavailable", {"error": "unavailable", "reason": "overloaded"},
+                       "Retry-After: 1\r\n")
 HEADERS_TOO_LARGE = _response(431, "Request Header Fields Too Large",
                               {"error": "headers_too_large", "reason": "request head over the size limit"})
 
@@ -458,10 +465,14 @@ class _HeadConnection(httputil.HTTPConnection):
 class EdgeServer(HTTPServer):
     """Tornado's HTTPServer with :class:`_Acceptor` in place of ``add_accept_handler``."""
 
-    def initialize(self, *args: Any, table: ConnectionTable | None = None, **kwargs: Any) -> None:
+    def initialize(self, *args: Any, table: ConnectionTable | None = None, admission_lag: float = 0.0,
+                   admission_slice: float = 0.005, **kwargs: Any) -> None:
         super().initialize(*args, **kwargs)
         assert table is not None, "EdgeServer needs a ConnectionTable"
         self.table = table
+        #: admission control of new connections while the loop lags (None: server.admission_lag 0)
+        self.admission = (Admission(admission_lag, admission_slice, table.header_timeout, table.metrics,
+                                    self._overloaded, _PROBE_PATHS) if admission_lag else None)
         #: the application's reader of first request heads, if it has one (service/upgrade.py's LeanRouter)
         self.head_taker: HeadTaker | None = (self.request_callback if isinstance(self.request_callback, HeadTaker)
                                              else None)
@@ -476,6 +487,8 @@ class EdgeServer(HTTPServer):
 
     def stop(self) -> None:
         super().stop()
+        if self.admission is not None:
+            self.admission.stop()
         for lingering in list(self.table.lingering):
             lingering.close()
 
@@ -505,6 +518,19 @@ class EdgeServer(HTTPServer):
             conn.close()
 
     def _head_arrived(self, stream: EdgeStream, address: Any, head: bytes) -> None:
+        admission = self.admission
+        if admission is None or admission.admit_now(head):
+            self._take_head(stream, address, head)
+        else:
+            admission.defer(stream, lambda: self._take_head(stream, address, head))
+
+    def _overloaded(self, stream: EdgeStream) -> None:
+        """A connection that waited too long in the admission queue: 503 ``overloaded``, then the close."""
+        self.table.metrics.connections_refused.labels("overloaded").inc()
+        with contextlib.suppress(StreamClosedError):
+            stream.write(OVERLOADED).add_done_callback(lambda _: stream.close())
+
+    def _take_head(self, stream: EdgeStream, address: Any, head: bytes) -> None:
         assert self.head_taker is not None
         try:
             taken = self.head_taker.take_head(self, stream, address, head)
@@ -568,4 +594,5 @@ def make_server(application: httputil.HTTPServerConnectionDelegate, config: Serv
                     config.fd_reserve)
     return EdgeServer(application, xheaders=config.xheaders, idle_connection_timeout=config.idle_timeout,
                       body_timeout=config.body_timeout, max_header_size=config.max_header_size,
-                      table=ConnectionTable(cap, metrics, config.header_timeout))
+                      table=ConnectionTable(cap, metrics, config.header_timeout),
+                      admission_lag=config.admission_lag, admission_slice=config.admission_slice)

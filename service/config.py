@@ -265,6 +265,9 @@ def opt(default: Any, **meta: Any) -> Any:
 
 # --------------------------------------------------------------------------------------- the core's blocks
 
+#: the smallest ``server.admission_lag`` other than 0: below it the loop's jitter alone would keep deferring
+MIN_ADMISSION_LAG = 0.005
+
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -303,6 +306,13 @@ class ServerConfig:
     fd_reserve: int = opt(128, min=0)
     #: seconds from the accept to a connection's first complete request head; then it is closed
     header_timeout: float = opt(10.0, min=0.1)
+    #: event-loop lag (seconds, the mean over 0.2 s) above which new connections wait in a queue, served a slice
+    #: per pass of the loop, so that open sessions go first (service/overload.py); 0 = off (the default: see
+    #: docs/operations.md for what it did and did not buy in the reconnect-storm benchmark). At least
+    #: MIN_ADMISSION_LAG
+    admission_lag: float = opt(0.0, min=0)
+    #: seconds of each pass of the loop that new connections from that queue may take (at least one is served)
+    admission_slice: float = opt(0.001, min=0.0005, max=1.0)
     #: seconds a keep-alive connection may wait for (and take to send) its next request head; keep it above
     #: the idle timeout of a proxy's upstream connections (ingress-nginx and AWS ALB: 60 s)
     idle_timeout: float = opt(75.0, min=0.1)
@@ -472,6 +482,9 @@ def config_from_dict(raw: Any, source: str = "<dict>") -> Config:
     data = resolve_references(raw)
     sections: dict[str, Any] = {name: parse_block(cls, data.get(name), name) for name, cls in _SECTIONS.items()}
     server: ServerConfig = sections["server"]
+    if 0 < server.admission_lag < MIN_ADMISSION_LAG:
+        raise ConfigError("server.admission_lag", f"{server.admission_lag:g} is below {MIN_ADMISSION_LAG:g} s, "
+                          f"the loop's own jitter; use 0 to turn admission control off")
     if server.ping_interval and server.ping_timeout > server.ping_interval:
         raise ConfigError("server.ping_timeout", f"{server.ping_timeout:g} is longer than server.ping_interval "
                           f"({server.ping_interval:g}); a ping must time out before the next one is sent")

@@ -15,6 +15,7 @@ from prometheus_client.registry import Collector
 from wirehub import __version__
 from wirehub.bus import HistoryUsage
 
+LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
@@ -96,7 +97,23 @@ class Metrics:
         self.accept_paused = Counter(
             "wirehub_accept_paused", "Pauses of accepting after an accept error such as EMFILE", registry=r
         )
-        for reason in ("over_cap", "headers_too_large", "header_timeout"):
+        # admission control (service/overload.py)
+        self.loop_lag = Histogram(
+            "wirehub_loop_lag_seconds", "Lateness of a timer due every 10 ms: how long a callback waits for the loop",
+            buckets=LAG_BUCKETS, registry=r,
+        )
+        self.connections_deferred = Counter(
+            "wirehub_connections_deferred", "New connections queued by admission control while the loop lagged",
+            registry=r,
+        )
+        self.connections_deferred_now = Gauge(
+            "wirehub_connections_deferred_queued", "New connections in the admission queue now", registry=r
+        )
+        self.admission_limiting = Gauge(
+            "wirehub_admission_limiting", "1 while new connections wait in the admission queue (the loop lags)",
+            registry=r,
+        )
+        for reason in ("over_cap", "headers_too_large", "header_timeout", "overloaded"):
             self.connections_refused.labels(reason)
         for endpoint in endpoints:  # every configured endpoint is exported from the start, at 0
             self.sessions.labels(endpoint)
