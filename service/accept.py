@@ -466,7 +466,7 @@ class EdgeServer(HTTPServer):
     """Tornado's HTTPServer with :class:`_Acceptor` in place of ``add_accept_handler``."""
 
     def initialize(self, *args: Any, table: ConnectionTable | None = None, admission_lag: float = 0.0,
-                   admission_slice: float = 0.005, **kwargs: Any) -> None:
+                   admission_slice: float = 0.001, **kwargs: Any) -> None:
         super().initialize(*args, **kwargs)
         assert table is not None, "EdgeServer needs a ConnectionTable"
         self.table = table
