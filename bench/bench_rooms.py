@@ -228,9 +228,16 @@ async def join_phase(env: Env, kind: str, n: int, *, join: bool, events: bool, b
         await asyncio.sleep(settle)
         room = f"big-{uuid.uuid4().hex[:8]}"
         rss0, c0 = rss_bytes(pid), cpu_seconds(pid)
-        conn = await asyncio.gather(*(w.call("connect", targets=[(port, k, 0)], room=room, burst=burst,
-                                             url_join=url_join and join, join_timeout=join_timeout)
-                                      for w, k in zip(workers, split(n, len(workers)), strict=True)))
+        # the connect phase's own profile (where the URL joins run), beside the join phase's
+        spy = py_spy(pid, profile.with_name("connect-" + profile.name), blocking_profile) if profile else None
+        try:
+            conn = await asyncio.gather(*(w.call("connect", targets=[(port, k, 0)], room=room, burst=burst,
+                                                 url_join=url_join and join, join_timeout=join_timeout)
+                                          for w, k in zip(workers, split(n, len(workers)), strict=True)))
+        finally:
+            if spy is not None:
+                spy.send_signal(signal.SIGINT)
+                spy.wait(30)
         c1 = cpu_seconds(pid)
         res: dict[str, Any] = {"bus": kind, "size": n, "join": join, "events": events, "url_join": url_join,
                                "connected": total(conn, "connected"), "connect_failed": total(conn, "failed"),
@@ -925,7 +932,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--before", default=None,
                    help="join, reconnect: also measure the code of this wirehub tree (e.g. /work/main), interleaved")
     p.add_argument("--profile", default=None,
-                   help="join: py-spy record (collapsed stacks) of each joining replica's join phase into this folder")
+                   help="join: py-spy record (collapsed stacks) of each joining replica's connect phase (connect-*: "
+                        "where URL joins run) and join phase (join-*) into this folder")
     p.add_argument("--profile-blocking", action="store_true",
                    help="join --profile: py-spy pauses the replica per sample (exact stacks, inflated CPU figures)")
     p.add_argument("--url-join", default="off",
