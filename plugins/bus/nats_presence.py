@@ -22,10 +22,10 @@ node's key and reports the users who left (no connection of theirs remains in th
 
 Reads: while this replica has members in a room it keeps a live copy of the room (an ordered
 consumer on ``<room>.>``, started once per room and replica) in a
-:class:`~wirehub.builtins.bus._roster.Roster`: O(1) count, O(limit + log n) pages. Its own joins are
-applied at once (read your writes) and the echoes of its own keys are not parsed (each write carries
-its id in a ``Wh-W`` header); another replica's rewrite of a key is applied as the difference to that
-key's last value. A leave is decided at the echo of the write that removed it (see
+:class:`~wirehub.builtins.bus._roster.Roster`: O(1) count, O(limit + log n) pages. Its own joins enter
+it at their write's echo, before the join returns (read your writes); its own keys' echoes are not
+parsed (each write carries its id in a ``Wh-W`` header); another replica's rewrite of a key is applied
+as the difference to that key's last value. A leave is decided at the echo of the write that removed it (see
 :class:`~wirehub.builtins.bus.nats_buckets.Write`). A room where this replica has no member is read by
 one scan of its keys (O(n)). The copy's consumer may run on a stream replica that applies writes a
 little after the leader acknowledged them, so a read first waits until the copy reached the leader's
