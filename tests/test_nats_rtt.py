@@ -15,7 +15,8 @@ import pytest
 from tests.helpers import bus_options
 from wirehub.brokers import BrokerProcess
 from wirehub.builtins.bus.nats import create_backend
-from wirehub.builtins.bus.nats_presence import NatsPresence
+from wirehub.builtins.bus.nats_buckets import Write
+from wirehub.builtins.bus.nats_presence import NatsPresence, _LiveRoom
 from wirehub.bus import Backend, PresenceCount, PresenceEntry
 from wirehub.testing import Recorder, eventually, unique_room
 
@@ -91,3 +92,23 @@ async def test_a_join_into_a_followed_room_asks_the_leader_nothing(replica: Repl
     assert [m.user for m in page.members] == ["ann", "bob", "cid"] and page.count == PresenceCount(3, 4)
     assert await a.presence.leave(room, "s-bob-a") is None  # bob is still connected on b
     assert await b.presence.leave(room, "s-bob") == "bob"
+
+
+async def test_the_echo_of_a_later_write_of_a_key_settles_its_join_first(replica: Replica) -> None:
+    """A consumer restarted with the key's last value only never echoes the join's write: the echo of the
+    leave's later write decides both, the join first (its user was first, the leave reports the user)."""
+    p = presence(await replica())
+    room = unique_room()
+    bucket = p._new_key(room, "node-a")
+    live = _LiveRoom(None, p._tag, lambda key, msg: None)
+    entry = PresenceEntry("ann", "s-ann", "node-a", {})
+    join = Write()
+    join.joins = [entry]
+    join.firsts = asyncio.get_running_loop().create_future()
+    leave = Write()
+    left: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+    leave.left.append((entry.session, left))
+    bucket.writes["1"], bucket.writes["2"] = join, leave
+    p._settle(bucket, "2", live)
+    assert join.firsts.result() == {"s-ann"} and left.result() == "ann"
+    assert live.roster.count() == PresenceCount(0, 0) and bucket.writes == {}
