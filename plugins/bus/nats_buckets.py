@@ -44,11 +44,11 @@ def parse_entries(data: bytes) -> list[PresenceEntry]:
 
 
 class Write:
-    """One write of a key's state by this replica. Its leaves are decided at its echo in the room's live
-    copy (every earlier write of every replica applied there, no later one): so of two leaves of one user,
-    on any replicas, exactly one reports the user."""
+    """One write of a key's state by this replica. Its joins and leaves are decided at its echo in the room's
+    live copy (every earlier write of every replica applied there, no later one): so of two leaves of one
+    user, on any replicas, exactly one reports the user, and of two first joins exactly one is first."""
 
-    __slots__ = ("done", "left", "timer")
+    __slots__ = ("done", "firsts", "joins", "left", "timer")
 
     def __init__(self) -> None:
         #: (session, the leave's future: the user when it was their last connection)
@@ -56,6 +56,10 @@ class Write:
         #: set with the stream sequence once the broker acknowledged the write
         self.done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.timer: asyncio.TimerHandle | None = None
+        #: a key's first write: the entries it wrote (added to the copy at its echo, not before) ...
+        self.joins: list[PresenceEntry] | None = None
+        #: ... and, set there, the sessions among them that are their user's first connection
+        self.firsts: asyncio.Future[set[str]] | None = None
 
 
 class Joined(asyncio.Future[None]):

@@ -22,16 +22,18 @@ node's key and reports the users who left (no connection of theirs remains in th
 
 Reads: while this replica has members in a room it keeps a live copy of the room (an ordered
 consumer on ``<room>.>``, started once per room and replica) in a
-:class:`~wirehub.builtins.bus._roster.Roster`: O(1) count, O(limit + log n) pages. Its own joins are
-applied at once (read your writes) and the echoes of its own keys are not parsed (each write carries
-its id in a ``Wh-W`` header); another replica's rewrite of a key is applied as the difference to that
-key's last value. A leave is decided at the echo of the write that removed it (see
+:class:`~wirehub.builtins.bus._roster.Roster`: O(1) count, O(limit + log n) pages. Its own joins enter
+it at their write's echo, before the join returns (read your writes); its own keys' echoes are not
+parsed (each write carries its id in a ``Wh-W`` header); another replica's rewrite of a key is applied
+as the difference to that key's last value. A leave is decided at the echo of the write that removed it (see
 :class:`~wirehub.builtins.bus.nats_buckets.Write`). A room where this replica has no member is read by
 one scan of its keys (O(n)). The copy's consumer may run on a stream replica that applies writes a
-little after the leader acknowledged them, so a read (and a batch of joins, for "first of its user")
-first waits until the copy reached the leader's newest sequence of the room's keys: one request per
-room and loop iteration (:meth:`NatsPresence._sync`). Writes go through
-:mod:`~wirehub.builtins.bus.nats_acks`.
+little after the leader acknowledged them, so a read first waits until the copy reached the leader's
+newest sequence of the room's keys: one request per room and loop iteration (:meth:`NatsPresence._sync`).
+A join asks nothing before its write: its entries enter the copy at the echo of their write, where the
+copy holds every earlier write of the room's keys and no later one, and "first of its user" is decided
+there (:meth:`NatsPresence._settle`): one round trip per join, and of two first connections of one user,
+on any replicas, exactly one is first. Writes go through :mod:`~wirehub.builtins.bus.nats_acks`.
 """
 
 from __future__ import annotations
@@ -237,6 +239,9 @@ class NatsPresence:
         for own in self._own.values():
             for bucket in own.values():
                 fail(bucket.joined, closed)
+                for write in bucket.writes.values():
+                    if write.firsts is not None:
+                        fail(write.firsts, closed)
                 if bucket.next is not None:
                     for _, fut in bucket.next.left:
                         fail(fut, closed)
@@ -307,7 +312,7 @@ class NatsPresence:
         pre = self.pre
 
         for bucket in self._own.get(room, {}).values():  # this replica's own keys: its state, not their echoes
-            if not bucket.pending:
+            if not bucket.pending and not any(w.joins is not None for w in bucket.writes.values()):
                 for entry in bucket.entries:
                     live.roster.add(entry)
 
@@ -439,13 +444,11 @@ class NatsPresence:
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     async def _write_joins(self, room: str, buckets: list[Bucket]) -> None:
-        """One loop iteration's joins of ``room``: wait until the copy holds every write acknowledged
-        before (one leader request), decide "first of its user" against it, write each key once."""
+        """One loop iteration's joins of ``room``: write each key once; "first of its user" is decided at
+        the write's echo in the copy (:meth:`_settle`), so no leader request comes before the write."""
         try:
-            live = self._current_live(room) or await self._live(room)
-            if live is None:
+            if self._current_live(room) is None and await self._live(room) is None:
                 raise BusUnavailable("every connection left the room meanwhile")
-            await self._sync(live, room)
         except BaseException as exc:
             for bucket in buckets:
                 self._fail_joins(bucket, exc, written=False)
@@ -454,16 +457,22 @@ class NatsPresence:
             return
         for bucket in buckets:
             bucket.pending = False
-            bucket.firsts = {e.session for e in bucket.entries if live.roster.add(e)}
             if not bucket.entries:  # every join of it left before the write
+                bucket.firsts = set()
                 self._joined(bucket)
                 self._forget_key(bucket)
                 continue
             self._spawn(self._finish_joins(bucket))
 
     async def _finish_joins(self, bucket: Bucket) -> None:
+        write = bucket.next or Write()
+        bucket.next = None
+        write.joins = list(bucket.entries)
+        firsts = write.firsts = asyncio.get_running_loop().create_future()
         try:
-            await self._send(bucket)
+            await self._send(bucket, write)
+            # the echo (or op_timeout after the acknowledgement: the copy as it is) decides "first"
+            bucket.firsts = await firsts
         except BaseException as exc:
             self._fail_joins(bucket, exc, written=True)
             return
@@ -495,10 +504,11 @@ class NatsPresence:
         if local is not None and not local:
             del self._local[bucket.room]
 
-    async def _send(self, bucket: Bucket) -> int:
+    async def _send(self, bucket: Bucket, write: Write | None = None) -> int:
         """Write ``bucket``'s current state (a purge when it is empty) with the leaves waiting for it."""
-        write = bucket.next or Write()
-        bucket.next = None
+        if write is None:
+            write = bucket.next or Write()
+            bucket.next = None
         self._writes += 1
         wid = str(self._writes)
         bucket.writes[wid] = write
@@ -520,10 +530,13 @@ class NatsPresence:
                     live.roster.remove(session)
                 fail(fut, error)
             fail(write.done, error)
+            if write.firsts is not None:
+                fail(write.firsts, error)
             raise
         bucket.unsettled = False
         write.done.set_result(seq)
-        if wid in bucket.writes and write.left:  # not echoed yet: decide without the echo if it never comes
+        if wid in bucket.writes and (write.left or write.joins is not None):
+            # not echoed yet: decide without the echo if it never comes
             write.timer = loop.call_later(self.bus.op_timeout, self._no_echo, bucket, wid)
         elif wid in bucket.writes:
             del bucket.writes[wid]  # nothing waits for its echo
@@ -532,33 +545,38 @@ class NatsPresence:
         return seq
 
     def _echoed(self, room: str, live: _LiveRoom, key: str, msg: Any) -> None:
-        """The echo of one of this replica's writes: its leaves are decided against the copy as it is now."""
+        """The echo of one of this replica's writes: its joins and leaves are decided against the copy as it
+        is now."""
         bucket = self._own.get(room, {}).get(key)
         if bucket is None:
             return
         wid = (msg.headers or {}).get(HDR_WRITE)
-        write = bucket.writes.pop(wid, None) if wid is not None else None
-        if write is None:
-            return
-        if write.timer is not None:
-            write.timer.cancel()
-        for session, fut in write.left:
-            user = live.roster.remove(session)
-            if not fut.done():
-                fut.set_result(user)
-        if bucket.idle():
-            self._forget_key(bucket)
+        if wid is not None and wid in bucket.writes:
+            self._settle(bucket, wid, live)
 
     def _no_echo(self, bucket: Bucket, wid: str) -> None:
         """No echo within op_timeout (the copy's consumer is being reset): the copy as it is."""
-        write = bucket.writes.pop(wid, None)
-        if write is None:
-            return
-        live = self._current_live(bucket.room)
-        for session, fut in write.left:
-            user = live.roster.remove(session) if live is not None else None
-            if not fut.done():
-                fut.set_result(user)
+        if wid in bucket.writes:
+            self._settle(bucket, wid, self._current_live(bucket.room))
+
+    def _settle(self, bucket: Bucket, wid: str, live: _LiveRoom | None) -> None:
+        """Decide the writes of ``bucket`` up to ``wid`` (sent in this order: the echo of a later one means
+        the copy holds the earlier ones too, e.g. a consumer restarted with the key's last value only).
+        A join is added to the copy here, so a leave of it, written later, is always decided after it."""
+        for key in list(bucket.writes):
+            write = bucket.writes.pop(key)
+            if write.timer is not None:
+                write.timer.cancel()
+            if write.joins is not None:
+                firsts = {e.session for e in write.joins if live.roster.add(e)} if live is not None else set()
+                if write.firsts is not None and not write.firsts.done():
+                    write.firsts.set_result(firsts)
+            for session, fut in write.left:
+                user = live.roster.remove(session) if live is not None else None
+                if not fut.done():
+                    fut.set_result(user)
+            if key == wid:
+                break
         if bucket.idle():
             self._forget_key(bucket)
 
@@ -654,10 +672,10 @@ class NatsPresence:
 
     async def joined_page(self, room: str, limit: int) -> PresencePage:
         """The first page right after this replica's :meth:`join` into ``room`` (the chat's ``joined``):
-        the join's batch synced the copy before its write, so the copy holds every write acknowledged
-        before the join began, and the join's own; a write acknowledged meanwhile is concurrent with the
-        join, so the copy is read without a second sync (a leader request and, in a join storm, a wait
-        for the echoes of the other joins' writes)."""
+        the join returned at its write's echo in the copy, so the copy holds every write the stream took
+        before the join's, hence every write acknowledged before the join began, and the join's own; a
+        write acknowledged meanwhile is concurrent with the join, so the copy is read without a sync (a
+        leader request and, in a join storm, a wait for the echoes of the other joins' writes)."""
         live = self._current_live(room)
         if live is None:
             return await self.page(room, None, limit)

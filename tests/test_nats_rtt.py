@@ -1,0 +1,114 @@
+"""A NATS join's round trips, against a real nats-server: the presence write is the join's only broker round
+trip (no leader request before it), and "first connection of its user" is decided at the write's echo in
+the room's live copy, so of two connections of one user joining at the same instant on two replicas exactly
+one is reported first (and, of their two leaves, exactly one reports the user)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from tests.helpers import bus_options
+from wirehub.brokers import BrokerProcess
+from wirehub.builtins.bus.nats import create_backend
+from wirehub.builtins.bus.nats_buckets import Write
+from wirehub.builtins.bus.nats_presence import NatsPresence, _LiveRoom
+from wirehub.bus import Backend, PresenceCount, PresenceEntry
+from wirehub.testing import Recorder, eventually, unique_room
+
+Replica = Callable[[], Awaitable[Backend]]
+
+
+@pytest.fixture
+async def replica(nats_server: BrokerProcess) -> AsyncIterator[Replica]:
+    """``await replica()``: a started NATS backend; all of them share one key prefix."""
+    opts = bus_options("nats", nats_server, f"rt{uuid.uuid4().hex[:6]}", presence_interval=0.25)
+    made: list[Backend] = []
+
+    async def make() -> Backend:
+        backend = create_backend(opts, "bus.nats")
+        await backend.bus.start(Recorder())
+        made.append(backend)
+        return backend
+
+    yield make
+    for backend in made:
+        await backend.bus.close()
+
+
+def presence(backend: Backend) -> NatsPresence:
+    assert isinstance(backend.presence, NatsPresence)
+    return backend.presence
+
+
+async def test_a_user_joining_on_two_replicas_at_once_is_first_exactly_once(replica: Replica) -> None:
+    a, b = await replica(), await replica()
+    room = unique_room()
+    # both replicas follow the room (live copies running) before the simultaneous joins
+    await asyncio.gather(a.presence.join(room, PresenceEntry("seed", "s-seed-a", "node-a", {})),
+                         b.presence.join(room, PresenceEntry("seed", "s-seed-b", "node-b", {})))
+    users = [f"u{i:03d}" for i in range(40)]
+    on_a = [PresenceEntry(u, f"s-{u}-a", "node-a", {}) for u in users]
+    on_b = [PresenceEntry(u, f"s-{u}-b", "node-b", {}) for u in users]
+    firsts = await asyncio.gather(*(a.presence.join(room, e) for e in on_a),
+                                  *(b.presence.join(room, e) for e in on_b))
+    assert [x + y for x, y in zip(firsts[:40], firsts[40:], strict=True)] == [1] * 40
+    # both copies hold both connections of every user, at once after the joins (read your writes) and across
+    assert await a.presence.count(room) == PresenceCount(41, 82)
+    assert await b.presence.count(room) == PresenceCount(41, 82)
+    # of the two leaves of each user, exactly one reports the user
+    left = await asyncio.gather(*(a.presence.leave(room, e.session) for e in on_a),
+                                *(b.presence.leave(room, e.session) for e in on_b))
+    assert sorted(u for u in left if u is not None) == users
+    await eventually(lambda: _count_is(a, room, PresenceCount(1, 2)))
+
+
+async def _count_is(backend: Backend, room: str, count: PresenceCount) -> bool:
+    return await backend.presence.count(room) == count
+
+
+async def test_a_join_into_a_followed_room_asks_the_leader_nothing(replica: Replica, monkeypatch: Any) -> None:
+    a, b = await replica(), await replica()
+    room = unique_room()
+    assert await b.presence.join(room, PresenceEntry("bob", "s-bob", "node-b", {}))
+    assert await a.presence.join(room, PresenceEntry("ann", "s-ann-1", "node-a", {}))
+    asked: list[str] = []
+    leader_seq = presence(a)._leader_seq
+
+    async def counted(r: str) -> int:
+        asked.append(r)
+        return await leader_seq(r)
+
+    monkeypatch.setattr(presence(a), "_leader_seq", counted)
+    # another replica's member joined before: the join's echo comes after it, so bob is not "first" here
+    assert not await a.presence.join(room, PresenceEntry("bob", "s-bob-a", "node-a", {}))
+    assert await a.presence.join(room, PresenceEntry("cid", "s-cid", "node-a", {}))
+    assert asked == []
+    page = await presence(a).joined_page(room, 10)
+    assert [m.user for m in page.members] == ["ann", "bob", "cid"] and page.count == PresenceCount(3, 4)
+    assert await a.presence.leave(room, "s-bob-a") is None  # bob is still connected on b
+    assert await b.presence.leave(room, "s-bob") == "bob"
+
+
+async def test_the_echo_of_a_later_write_of_a_key_settles_its_join_first(replica: Replica) -> None:
+    """A consumer restarted with the key's last value only never echoes the join's write: the echo of the
+    leave's later write decides both, the join first (its user was first, the leave reports the user)."""
+    p = presence(await replica())
+    room = unique_room()
+    bucket = p._new_key(room, "node-a")
+    live = _LiveRoom(None, p._tag, lambda key, msg: None)
+    entry = PresenceEntry("ann", "s-ann", "node-a", {})
+    join = Write()
+    join.joins = [entry]
+    join.firsts = asyncio.get_running_loop().create_future()
+    leave = Write()
+    left: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+    leave.left.append((entry.session, left))
+    bucket.writes["1"], bucket.writes["2"] = join, leave
+    p._settle(bucket, "2", live)
+    assert join.firsts.result() == {"s-ann"} and left.result() == "ann"
+    assert live.roster.count() == PresenceCount(0, 0) and bucket.writes == {}
