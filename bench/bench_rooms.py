@@ -65,7 +65,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.bench_buses import bus_block
-from bench.loadgen import cpu_seconds, raise_nofile, rss_bytes
+from bench.loadgen import cpu_seconds, cpu_split, raise_nofile, rss_bytes
 from bench.procs import start_replica, stop, tail
 from bench.rooms_load import Stats, Worker, _open_publisher, latency_ms, pacing
 from wirehub.brokers import BrokerProcess, NatsServer, RedisServer
@@ -486,12 +486,14 @@ async def fanout_spread(env: Env, kind: str, n: int, a: argparse.Namespace) -> d
         await asyncio.sleep(a.warmup)
         gen_pids = [os.getpid(), *(w.proc.pid for w in workers if w.proc.pid)]
         s0, g0 = sum(map(cpu_seconds, pids)), [cpu_seconds(p) for p in gen_pids]
+        u0 = sum(cpu_split(p)[0] for p in pids)
         await on_all(workers, "measure", on=True)
         t0 = perf()
         await asyncio.sleep(a.duration)
         got = await on_all(workers, "measure", on=False)
         wall = perf() - t0
         cpu = sum(map(cpu_seconds, pids)) - s0
+        user = sum(cpu_split(p)[0] for p in pids) - u0
         gens = [cpu_seconds(p) - g for p, g in zip(gen_pids, g0, strict=True)]  # each load generator's own core
         stop_pub.set()
         await task
@@ -503,7 +505,8 @@ async def fanout_spread(env: Env, kind: str, n: int, a: argparse.Namespace) -> d
         pub.close()
         deliveries = total(got, "count")
         return {"deliveries": deliveries, "wall": round(wall, 3), "server_cpu": round(cpu, 3),
-                "loadgen_cpu": round(sum(gens), 3), "loadgen_busiest_cpu": round(max(gens), 3),
+                "server_user_cpu": round(user, 3), "loadgen_cpu": round(sum(gens), 3),
+                "loadgen_busiest_cpu": round(max(gens), 3),
                 "receivers": n, "replicas": a.replicas, "rate": round(rate, 3),
                 "published": pub.seq, "missing_after_drain": total(reports, "lost"), "dup": total(reports, "dup"),
                 "not_joined": total(reports, "not_joined"),
@@ -526,23 +529,32 @@ async def scenario_fanout(env: Env, a: argparse.Namespace) -> list[dict[str, Any
     out: list[dict[str, Any]] = []
     for kind in a.bus:
         first: float | None = None
+        first_user: float | None = None
         for n in a.sizes:
             if a.replicas > 1 or a.paced:
                 if kind == "memory" and a.replicas > 1:
                     raise SystemExit("fanout --replicas > 1 needs --bus redis or nats")
                 f = await fanout_spread(env, kind, n, a)
                 per_cpu = f["deliveries"] / f["server_cpu"] if f["server_cpu"] > 0 else None
+                per_user = f["deliveries"] / f["server_user_cpu"] if f["server_user_cpu"] > 0 else None
                 first = first if first is not None else per_cpu
+                first_user = first_user if first_user is not None else per_user
                 lat = latency_ms(f.pop("latencies"))
                 r = {"scenario": "fanout", "bus": kind, "size": n,
                      "per_server_cpu_s": round(per_cpu, 1) if per_cpu else None,
                      "per_wall_s": round(f["deliveries"] / f["wall"], 1), "vs_smallest": ratio(per_cpu, first),
+                     # the user-space part alone (the Python): the system part grows with the sockets touched
+                     "per_server_user_cpu_s": round(per_user, 1) if per_user else None,
+                     "user_vs_smallest": ratio(per_user, first_user),
+                     "server_sys_share": (round(1 - f["server_user_cpu"] / f["server_cpu"], 3) if f["server_cpu"]
+                                          else None),
                      "server_cpu_pct": round(100 * f["server_cpu"] / f["wall"], 1),
                      "loadgen_cpu_pct": round(100 * f["loadgen_cpu"] / f["wall"], 1),
                      "loadgen_busiest_cpu_pct": round(100 * f["loadgen_busiest_cpu"] / f["wall"], 1), **f, **lat}
                 r["valid"] = r["loadgen_busiest_cpu_pct"] < LOADGEN_SATURATED
                 print(f"fanout {kind:6} {a.replicas} replicas N={n:>6}: {r['per_server_cpu_s']} deliveries per "
-                      f"CPU-s of replicas+broker ({r['vs_smallest']}x N={a.sizes[0]}), p99 {r['p99_ms']} ms, "
+                      f"CPU-s of replicas+broker ({r['vs_smallest']}x N={a.sizes[0]}; user space alone "
+                      f"{r['user_vs_smallest']}x, system share {r['server_sys_share']}), p99 {r['p99_ms']} ms, "
                       f"server {r['server_cpu_pct']} %, loadgen {r['loadgen_cpu_pct']} % (busiest process "
                       f"{r['loadgen_busiest_cpu_pct']} %){_validity(r)}", file=sys.stderr)
                 out.append(r)
@@ -822,8 +834,8 @@ def render(results: dict[str, Any]) -> str:
                  "member - idle KiB", "joined bytes avg", "failed"),
         "latency": ("bus", "replicas", "presence_ttl", "subscribers", "deliveries/s", "p50 ms", "p99 ms", "p99.9 ms",
                     "p99 vs memory", "p99 vs last TTL", "lost", "dup", "servers CPU %", "loadgen CPU %"),
-        "fanout": ("bus", "N", "deliveries/server CPU-s", "vs smallest N", "deliveries/s", "p99 ms",
-                   "server CPU %", "loadgen CPU %", "valid", "missing"),
+        "fanout": ("bus", "N", "deliveries/server CPU-s", "vs smallest N", "user space alone vs smallest N",
+                   "system share", "deliveries/s", "p99 ms", "server CPU %", "loadgen CPU %", "valid", "missing"),
         "reconnect": ("bus", "code", "URL join", "members killed", "stayers", "msg/s", "all rejoined s", "rejoin p50 s",
                       "recovered true", "recovered false", "lost", "dup", "stayers p99 calm ms",
                       "stayers p99 storm ms", "storm vs calm"),
@@ -851,8 +863,9 @@ def render(results: dict[str, Any]) -> str:
                          r["p99_vs_memory"], r.get("p99_vs_last_ttl"), r["lost"], r["dup"],
                          r.get("servers_cpu_pct"), r.get("loadgen_cpu_pct")]
             elif name == "fanout":
-                cells = [r["bus"], r["size"], r["per_server_cpu_s"], r["vs_smallest"], r["per_wall_s"], r["p99_ms"],
-                         r["server_cpu_pct"], r["loadgen_cpu_pct"],
+                cells = [r["bus"], r["size"], r["per_server_cpu_s"], r["vs_smallest"], r.get("user_vs_smallest"),
+                         r.get("server_sys_share"), r["per_wall_s"], r["p99_ms"], r["server_cpu_pct"],
+                         r["loadgen_cpu_pct"],
                          r.get("valid", r["loadgen_cpu_pct"] < LOADGEN_SATURATED), r["missing_after_drain"]]
             else:
                 cells = [r["bus"], r.get("code"), r.get("url_join"), r["members"], r["stayers"], r["rate"],

@@ -60,6 +60,15 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of proc(5)
 
 
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of process ``pid``: on loopback the system part also carries the receiving
+    side's TCP input and its epoll wakeups, which the kernel runs in the sender's context."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        data = f.read()
+    fields = data[data.rindex(b")") + 2 :].split()
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
 def rss_bytes(pid: int) -> int:
     """Resident set size of process ``pid``."""
     with open(f"/proc/{pid}/statm", "rb") as f:
