@@ -285,7 +285,7 @@ class ChatHandler(OpHandler):
             if message is not None:
                 self.reply(session, request, "ack", offset=await publish_prepared(self.context.hub, message))
             return
-        # Pipelined (docs/protocol.md, "Publishing"): the bus takes the message in this call, in the order the
+        # Pipelined (docs/protocol.md, publish, "Pipelining"): the bus takes the message in this call, in the order the
         # frames came (ordered_handoff), and the ack goes out when it answered, after those of the earlier ones.
         pending = st.pending
         try:
