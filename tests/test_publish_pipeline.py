@@ -282,3 +282,23 @@ async def test_a_refusal_waits_for_the_answers_of_the_publishes_before_it(
     await send_publishes(ws, room, range(2, 3))  # over the rate
     got = [(r["op"], r["id"], r.get("code")) for r in await replies(ws, 4)]
     assert got == [("ack", 0, None), ("ack", 1, None), ("error", "bad", "bad_request"), ("error", 2, "rate_limited")]
+
+
+async def test_publishes_in_flight_when_their_session_closes_are_still_delivered(
+        redis_paused: tuple[BrokerProcess, Callable[[int], Awaitable[None]]], wirehub_server: ServerFactory) -> None:
+    broker, pause = redis_paused
+    server = await wirehub_server(chat_config(redis_bus(broker)))
+    publishing = server.app.hub.publishing
+    room = unique_room()
+    sender, receiver = await member(server, room), await member(server, room)
+    await pause(500)
+    await send_publishes(sender, room, range(5))
+    for _ in range(200):
+        if publishing.count == 5:
+            break
+        await asyncio.sleep(0.01)
+    assert publishing.count == 5
+    await sender.aclose()  # the answers have nobody to go to; the messages were accepted
+    messages = [await receiver.recv_op("message") for _ in range(5)]
+    assert [m["data"] for m in messages] == list(range(5))
+    assert await publishing.wait(5)
