@@ -70,6 +70,17 @@ class Bus(Protocol):
       and returns the earlier message's offset (0 when the backend no longer knows it);
     - ``healthy`` is False while the broker is unreachable; the bus reconnects with capped
       backoff and resubscribes every room by itself, then reports ``on_bus_state(True)``.
+
+    Optional capability, declared by a class attribute ``ordered_handoff = True`` (absent or False: not
+    claimed; see :func:`ordered_handoff`; not a member of this Protocol, so buses without it still match):
+
+    - ordered hand-off: publishes to one room whose ``publish`` coroutines were *started* (stepped to
+      their first suspension, with ``coro.send(None)``, maybe outside any task) in some order get their
+      offsets and are delivered in that order, whenever each is answered. So the part of ``publish``
+      before its first suspension must fix the message's place (append it to one ordered write buffer
+      or queue) and must not depend on the current task (no ``asyncio.timeout`` there). The chat
+      handler pipelines a session's publishes (``publish_pipeline``) only on a bus that claims it;
+      with any other, it waits for each answer before it reads the next frame.
     """
 
     @property
@@ -102,6 +113,11 @@ class Bus(Protocol):
 
     async def unsubscribe(self, room: str) -> None:
         """Stop receiving ``room``; idempotent."""
+
+
+def ordered_handoff(bus: object) -> bool:
+    """Does ``bus`` claim the ordered hand-off of :class:`Bus` (a third-party bus without the attribute: no)?"""
+    return getattr(bus, "ordered_handoff", False) is True
 
 
 @dataclass(frozen=True)

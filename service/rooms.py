@@ -2,18 +2,21 @@
 
 One function, :func:`publish_message`, turns ``(room, data, sender)`` into the ``message`` frame
 members receive: size check, ``wirehub_filter_message``, encode once, ``hub.publish`` with history.
-Both the WebSocket ``publish`` op and ``POST /api/publish`` call it, so the two cannot drift.
+Both the WebSocket ``publish`` op and ``POST /api/publish`` use it, so the two cannot drift; the op in
+its two halves (:func:`prepare_message`, then :func:`start_publish` without waiting for the bus's answer)
+when it pipelines.
 Also here: recovery from history on join (:func:`recover`), history pages encoded without
 re-decoding stored frames, and the per-session token bucket.
 """
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
 import json
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -124,7 +127,43 @@ async def publish_message(
     made within ``idempotency_window`` seconds (on any replica) delivers nothing and returns the
     first one's offset. Raises ProtocolError (``too_large``, ``rejected``, ``bad_request``),
     BusUnavailable (the message was then not published) and PublishOutcomeUnknown (it may have been).
+
+    The two halves, :func:`prepare_message` and :func:`start_publish`, are for a caller that does not
+    wait for the bus's answer before its next publish (the chat op, on a bus with ``ordered_handoff``).
     """
+    message = await prepare_message(hooks, rules, room, data, sender=sender, session=session, echo=echo,
+                                    idempotency_key=idempotency_key, idempotency_window=idempotency_window)
+    return await publish_prepared(hub, message)
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """A message checked and filtered, ready for :func:`start_publish`."""
+
+    room: str
+    frame: bytes
+    #: the session that does not get it (None: everyone)
+    origin: Session | None
+    #: the metric's label: ``client`` (a session's publish) or ``api``
+    source: str
+    dedupe_key: str | None
+    dedupe_window: float
+
+
+async def prepare_message(
+    hooks: PluginHost,
+    rules: RoomRules,
+    room: str,
+    data: Any,
+    *,
+    sender: str,
+    session: Session | None,
+    echo: bool = False,
+    idempotency_key: str | None = None,
+    idempotency_window: float = 0.0,
+) -> Outgoing:
+    """The part of :func:`publish_message` that may suspend before the bus: the size check and
+    ``wirehub_filter_message`` (a hook may be async); raises its ProtocolErrors."""
     encoded = _checked(rules, room, data)
     filtered = await hooks.filter_message(session, room, data)
     if filtered is DROP:
@@ -132,13 +171,71 @@ async def publish_message(
     if filtered is not data:
         encoded = _checked(rules, room, filtered)  # a rewrite must obey the same limit
     frame = message_frame(room, sender, encoded, round(time.time(), 3))
-    origin = None if echo else session
-    offset = await hub.publish(room, frame, origin=origin, history=True, dedupe_key=idempotency_key,
-                               dedupe_window=idempotency_window)
+    return Outgoing(room, frame, None if echo else session, "client" if session is not None else "api",
+                    idempotency_key, idempotency_window)
+
+
+def start_publish(hub: Hub, message: Outgoing) -> asyncio.Future[int]:
+    """Hand ``message`` to the bus NOW, in this call, and return its answer to come (the offset, or the
+    exception :func:`publish_message` would raise).
+
+    ``Hub.publish`` runs in this call until its first real suspension (as the WebSocket core runs a frame's
+    handler): on a bus with ``ordered_handoff`` (:class:`wirehub.bus.Bus`) the message then has its place in
+    the room's order, before the caller's next publish is started. The rest runs in a task of its own; it is
+    counted in ``hub.publishing`` until the bus answered, as any publish.
+    """
+    loop = asyncio.get_running_loop()
+    coro = publish_prepared(hub, message)
+    try:
+        first = coro.send(None)
+    except StopIteration as stop:  # the bus answered at once (memory)
+        done: asyncio.Future[int] = loop.create_future()
+        done.set_result(stop.value)
+        return done
+    except Exception as exc:  # refused at once (the bus is down): the caller reads it from the future
+        failed: asyncio.Future[int] = loop.create_future()
+        failed.set_exception(exc)
+        return failed
+    return loop.create_task(_Continued(coro, first))
+
+
+async def publish_prepared(hub: Hub, message: Outgoing) -> int:
+    """Publish a prepared message and wait for the bus's answer: :func:`publish_message`'s second half."""
+    offset = await hub.publish(message.room, message.frame, origin=message.origin, history=True,
+                               dedupe_key=message.dedupe_key, dedupe_window=message.dedupe_window)
     if offset is None:  # a bus that ignores history=True breaks its contract
         raise RuntimeError(f"bus {type(hub.bus).__name__} returned no offset for a history publish")
-    hub.metrics.published.labels("client" if session is not None else "api").inc()
+    hub.metrics.published.labels(message.source).inc()
     return offset
+
+
+class _Continued(Coroutine[Any, Any, Any]):
+    """A coroutine started by hand and suspended on ``first``, for a Task to drive: the Task's first step
+    gets ``first``, every later one goes to the coroutine (as ``wirehub.websocket``'s for a frame's handler)."""
+
+    __slots__ = ("coro", "first", "started")
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], first: Any) -> None:
+        self.coro, self.first, self.started = coro, first, False
+
+    def send(self, value: Any) -> Any:
+        if self.started:
+            return self.coro.send(value)
+        self.started = True
+        first, self.first = self.first, None
+        return first
+
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+        self.started, self.first = True, None
+        if val is None and tb is None:
+            return self.coro.throw(typ)
+        return self.coro.throw(typ, val, tb)
+
+    def close(self) -> None:
+        self.coro.close()
+
+    def __await__(self) -> Any:  # the ABC's; a Task drives it with send and throw only
+        raise RuntimeError("driven by a Task, not awaited")
 
 
 #: an idempotency key: 1 to 128 printable ASCII characters (it becomes part of broker keys and headers)

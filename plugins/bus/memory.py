@@ -46,6 +46,9 @@ class MemoryOptions:
 
 
 class MemoryBus:
+    #: publish runs to its end in the caller's call: the order publishes are started in is theirs
+    ordered_handoff = True
+
     def __init__(self, history: MemoryHistory) -> None:
         self._history = history
         self._handler: BusHandler | None = None

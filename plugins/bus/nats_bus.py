@@ -125,6 +125,9 @@ class _Refused(Exception):
 class NatsBus(Supervised):
     """The bus; also holds the connection that history, presence and state use."""
 
+    #: history publishes of a room take its lock in the order they were started (see publish)
+    ordered_handoff = True
+
     log = log
 
     def __init__(self, opts: NatsOptions, key: str) -> None:
@@ -152,7 +155,8 @@ class NatsBus(Supervised):
         #: room -> the token of its live consumer (messages of an older consumer are dropped)
         self._tokens: dict[str, object] = {}
         self._subs: dict[str, Any] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        #: room -> its history publishes' lock and how many publishes hold or wait for it
+        self._locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
         #: room -> (stream seq, offset) of its newest history message, as far as this replica knows
         self._last: collections.OrderedDict[str, tuple[int, int]] = collections.OrderedDict()
         #: the stream's duplicate_window in seconds as this replica set it (0: the server's default, 2 min)
@@ -535,16 +539,24 @@ class NatsBus(Supervised):
             return None
         msg_id = None
         if dedupe_key is not None and dedupe_window > 0:
-            await self._ensure_dedupe_window(dedupe_window)
             msg_id = f"{encode_room(room)}.{dedupe_key}"  # keys are per room; the stream's are not
-        lock = self._locks.get(room)
-        if lock is None:
-            lock = self._locks[room] = asyncio.Lock()
+        # ordered_handoff: a room's history publishes queue for its lock (FIFO) in the order they were
+        # started, before anything here suspends; each is written once the one before was acknowledged
+        held = self._locks.get(room)
+        if held is None:
+            held = self._locks[room] = (asyncio.Lock(), [0])
+        lock, users = held
+        users[0] += 1
         try:
             async with lock:
+                if msg_id is not None:
+                    await self._ensure_dedupe_window(dedupe_window)
                 return await self._publish_history(room, payload, msg_id)
         finally:
-            if not lock.locked() and self._locks.get(room) is lock:
+            # dropped with its last user: "not locked" alone is also true while the next waiter is woken but
+            # not yet running, and a new lock then would let a later publish overtake it
+            users[0] -= 1
+            if not users[0] and self._locks.get(room) is held:
                 del self._locks[room]
 
     async def _ensure_dedupe_window(self, window: float) -> None:

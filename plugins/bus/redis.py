@@ -291,6 +291,13 @@ class RedisBus(Supervised):
 
     # -- Bus -------------------------------------------------------------------------------------------
 
+    @property
+    def ordered_handoff(self) -> bool:
+        """Through the publish batcher a room's publishes reach Redis in the order they were started
+        (:mod:`wirehub.builtins.bus.redis_pubsub`); without it (cluster mode) each is one call on a pooled
+        connection, and two of them may reach Redis in either order."""
+        return self._publish_batch is not None
+
     async def publish(self, room: str, payload: bytes, *, history: bool = False, dedupe_key: str | None = None,
                       dedupe_window: float = 0.0) -> int | None:
         self._check()  # down: nothing was sent (BusUnavailable); from here on a failure is "maybe"
@@ -308,7 +315,7 @@ class RedisBus(Supervised):
             script = self.scripts["publish"]
             command = ("EVALSHA", script.sha, len(keys), *keys, *args)
         if self._publish_batch is not None:  # the batcher answers BusUnavailable / PublishOutcomeUnknown itself
-            result = await self._publish_batch.submit(command, script)
+            result = await self._publish_batch.submit(command, script, ch)
         else:
             client = self.client
             try:

@@ -11,8 +11,11 @@ event-loop wakeup and per redis-py call, spread over few events. Both helpers he
   write, one read wakeup, one pooled connection) instead of one round trip each; every publisher
   gets its own command's result or error.
 
-Order is unchanged: the commands of a batch reach Redis in the order they were submitted, and Redis
-still decides each room's one order (docs/buses.md). Failure answers are those of a single publish:
+Order: the commands of a batch reach Redis in the order they were submitted, and a batch with a publish
+to a room is sent once the batches before it with one to that room were answered (batches go on pooled
+connections, which Redis reads in no set order). So a room's publishes reach Redis in the order they
+were submitted (the bus's ``ordered_handoff``), and Redis decides each room's one order (docs/buses.md).
+Failure answers are those of a single publish:
 ``BusUnavailable`` when nothing was sent, ``PublishOutcomeUnknown`` when the connection broke or
 timed out after the batch was sent, and a command's own Redis error to its publisher only.
 A script's first use on a connection is loaded in the batch's own pipeline, ahead of it. Only if Redis
@@ -92,12 +95,12 @@ async def read_pubsub(pubsub: Any, on_message: Callable[[bytes, bytes], None],
 
 
 class _Pending:
-    """One publish waiting for its batch: the command and the publisher's future."""
+    """One publish waiting for its batch: the command, the publisher's future and the room's channel."""
 
-    __slots__ = ("args", "future", "script")
+    __slots__ = ("args", "channel", "future", "script")
 
-    def __init__(self, args: Sequence[Any], future: asyncio.Future[Any], script: Any) -> None:
-        self.args, self.future, self.script = args, future, script
+    def __init__(self, args: Sequence[Any], future: asyncio.Future[Any], script: Any, channel: bytes | None) -> None:
+        self.args, self.future, self.script, self.channel = args, future, script, channel
 
 
 class PublishBatcher:
@@ -111,20 +114,26 @@ class PublishBatcher:
         # pipeline, ahead of its EVALSHAs (a NOSCRIPT retry would run it after the batch's later commands)
         self._client: Any = None
         self._loaded: set[str] = set()
+        #: channel -> the end (answered or failed) of the newest batch with a publish to it: a later batch
+        #: with one waits for it, as batches go on different pooled connections (their order is not Redis's)
+        self._tails: dict[bytes, asyncio.Future[None]] = {}
         #: batches sent and commands in them (tests and benchmarks read these)
         self.batches = 0
         self.commands = 0
 
-    def submit(self, args: Sequence[Any], script: Any = None) -> asyncio.Future[Any]:
+    def submit(self, args: Sequence[Any], script: Any = None, channel: bytes | None = None) -> asyncio.Future[Any]:
         """Queue one command (``EVALSHA sha n keys... args...`` or ``PUBLISH ch data``); its future
         resolves to the command's reply. ``script`` (the redis-py Script of an EVALSHA) lets a
-        command that Redis answered NOSCRIPT (not run: a flushed script cache) run again alone."""
+        command that Redis answered NOSCRIPT (not run: a flushed script cache) run again alone.
+
+        The commands with the same ``channel`` (a room's) reach Redis in the order they were submitted,
+        whatever batches they go in (the bus's ``ordered_handoff``): the call queues it before it returns."""
         self.owner._check()  # down: nothing is sent, the publisher gets BusUnavailable at once
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
         if not self._pending:
             loop.call_soon(self._start_flush)  # after the callbacks already due in this turn
-        self._pending.append(_Pending(args, fut, script))
+        self._pending.append(_Pending(args, fut, script, channel))
         return fut
 
     def _start_flush(self) -> None:
@@ -132,9 +141,30 @@ class PublishBatcher:
         batch = [p for p in batch if not p.future.done()]  # a cancelled publisher's command is not sent
         if not batch:
             return
-        task = asyncio.ensure_future(self._flush(batch))
+        # the batches this one must follow: the newest earlier one of each of its rooms still in flight
+        channels = {p.channel for p in batch if p.channel is not None}
+        tails = self._tails
+        after = {tails[c] for c in channels if c in tails}
+        end: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        for c in channels:
+            tails[c] = end
+        task = asyncio.ensure_future(self._flush_after(batch, after, end, channels))
         self._flushing.add(task)
         task.add_done_callback(self._flushing.discard)
+
+    async def _flush_after(self, batch: list[_Pending], after: set[asyncio.Future[None]], end: asyncio.Future[None],
+                           channels: set[bytes]) -> None:
+        try:
+            if after:
+                await asyncio.wait(after)
+            await self._flush(batch)
+        finally:
+            _fail_all(batch, PublishOutcomeUnknown, "publish: cancelled")  # only those not answered (a shutdown)
+            end.set_result(None)
+            tails = self._tails
+            for c in channels:
+                if tails.get(c) is end:
+                    del tails[c]
 
     async def _flush(self, batch: list[_Pending]) -> None:
         owner = self.owner

@@ -3,16 +3,19 @@
 Ops (docs/protocol.md, "Chat endpoint"): ``join {room, since?}``, ``leave {room}``,
 ``publish {room, data, echo?}``, ``presence {room, after?, limit?, count_only?}``,
 ``history {room, since?, limit?}``, plus ``ping`` and ``refresh`` from
-:class:`wirehub.handler.OpHandler`. Publishing goes through :func:`wirehub.rooms.publish_message`,
-which the HTTP publish API shares. Presence (rules per room pattern, bounded lists, events) is in
+:class:`wirehub.handler.OpHandler`. Publishing goes through :func:`wirehub.rooms.publish_message`'s halves,
+which the HTTP publish API shares; up to ``publish_pipeline`` publishes of a session are in flight at once
+(on a bus with ``ordered_handoff``), answered in order. Presence (rules per room pattern, bounded lists, events) is in
 :mod:`wirehub.builtins.handlers.chat_presence`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import sys
+from collections import deque
 from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -43,7 +46,6 @@ from wirehub import (
     parse_block,
     parse_idempotency_key,
     parse_since,
-    publish_message,
     recover,
     stored_frames,
 )
@@ -55,6 +57,8 @@ from wirehub.builtins.handlers.chat_presence import (
     json_string,
     parse_query,
 )
+from wirehub.bus import ordered_handoff
+from wirehub.rooms import Outgoing, prepare_message, publish_prepared, start_publish
 
 if TYPE_CHECKING:
     from wirehub import Wirehub
@@ -74,6 +78,9 @@ class ChatOptions:
     #: publishes per second per session (token bucket), and the burst saved up
     publish_rate: float = opt(20.0, min=0.01)
     publish_burst: int = opt(40, min=1)
+    #: publishes of one session handed to the bus and not answered yet, at most (1 = one at a time: the
+    #: next frame is read once the ack is out); pipelining needs a bus with ordered_handoff
+    publish_pipeline: int = opt(16, min=1, max=1024)
     #: rate-limited publishes in a row before the session is closed with 4029 (0 = never)
     rate_limit_close_after: int = opt(50, min=0)
     #: deprecated: false = events "off" for the rooms no presence rule sets them for
@@ -99,10 +106,12 @@ class _ChatState:
     ``max_rooms``: a 1-tuple costs 48 bytes, a set 216), and the publish bucket made by the first
     publish."""
 
-    __slots__ = ("_rooms", "bucket", "strikes")
+    __slots__ = ("_rooms", "bucket", "pending", "strikes")
 
     def __init__(self) -> None:
         self.bucket: TokenBucket | None = None
+        #: pipelined publishes not answered yet, oldest first: (request id, the bus's answer to come)
+        self.pending: deque[tuple[Any, asyncio.Future[int]]] | None = None
         self._rooms: str | tuple[str, ...] = ()
         self.strikes = 0
 
@@ -149,6 +158,8 @@ class ChatHandler(OpHandler):
             "history": self.op_history,
         }
         self.ops.update(ops)
+        #: publishes of a session in flight at most: pipelined only on a bus that keeps their order
+        self.pipeline = options.publish_pipeline if ordered_handoff(context.hub.bus) else 1
 
     def own_rate_limit(self, op: str) -> bool:
         return op == "publish"  # publish_rate
@@ -269,19 +280,82 @@ class ChatHandler(OpHandler):
 
     async def op_publish(self, session: Session, request: dict[str, Any]) -> None:
         st = self._state(session)
+        if self.pipeline <= 1:  # one at a time: the ack before the next frame is read
+            message = await self._prepare(session, st, request)
+            if message is not None:
+                self.reply(session, request, "ack", offset=await publish_prepared(self.context.hub, message))
+            return
+        # Pipelined (docs/protocol.md, publish, "Pipelining"): the bus takes the message in this call, in the order the
+        # frames came (ordered_handoff), and the ack goes out when it answered, after those of the earlier ones.
+        pending = st.pending
+        try:
+            message = await self._prepare(session, st, request)
+            if message is None:
+                return
+            while pending is not None and len(pending) >= self.pipeline:
+                await asyncio.wait((pending[0][1],))  # its answer is sent first (its callback came first)
+            answer = start_publish(self.context.hub, message)
+        except Exception as exc:
+            if not pending:  # nothing in flight: answered at once, by the caller
+                raise
+            answer = asyncio.get_running_loop().create_future()
+            answer.set_exception(exc)  # a refusal: in line behind the answers still to come
+        self._queue(session, st, request.get("id"), answer)
+
+    def _queue(self, session: Session, st: _ChatState, req_id: Any, answer: asyncio.Future[int]) -> None:
+        """``answer`` goes out once it came and after those queued before it."""
+        pending = st.pending
+        if pending is None:
+            pending = st.pending = deque()
+        pending.append((req_id, answer))
+        if answer.done():
+            self._answer(session, pending)
+        else:
+            answer.add_done_callback(lambda _: self._answer(session, pending))
+
+    def _answer(self, session: Session, pending: deque[tuple[Any, asyncio.Future[int]]]) -> None:
+        """Send the answers of the oldest publishes that have one, in the order they were made."""
+        while pending and pending[0][1].done():
+            req_id, answer = pending.popleft()
+            if answer.cancelled():
+                continue
+            exc = answer.exception()
+            if session.closed:
+                continue  # nobody to tell; the publish itself was handed over (or refused)
+            if exc is None:
+                frame: dict[str, Any] = {"op": "ack"} if req_id is None else {"op": "ack", "id": req_id}
+                frame["offset"] = answer.result()
+                session.send(frame)
+            elif isinstance(exc, ProtocolError):
+                session.send_error(exc.code, exc.message, exc.req_id if exc.req_id is not None else req_id,
+                                   **exc.extra)
+            elif isinstance(exc, Exception) and (translated := self.op_error(exc)) is not None:
+                session.send_error(translated.code, translated.message, req_id, **translated.extra)
+            else:  # a bug, as OpHandler.handle reports one
+                self.context.logs.log(log, logging.ERROR, "chat: publish failed for %r", session, exc_info=exc)
+                session.send_error(ErrorCode.INTERNAL, "internal error", req_id)
+
+    async def _prepare(self, session: Session, st: _ChatState, request: dict[str, Any]) -> Outgoing | None:
+        """The checks of a publish, up to the bus: None when it was refused for the rate (answered here)."""
         if st.bucket is None:
             st.bucket = TokenBucket(self.options.publish_rate, self.options.publish_burst)
         if not st.bucket.take():
             st.strikes += 1
             retry_ms = st.bucket.wait_ms()
-            session.send_error(
-                ErrorCode.RATE_LIMITED, "too many publishes; slow down", request.get("id"), retry_ms=retry_ms
-            )
+            if st.pending:  # in line behind the answers of the publishes in flight
+                refused: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+                refused.set_exception(ProtocolError(ErrorCode.RATE_LIMITED, "too many publishes; slow down",
+                                                    retry_ms=retry_ms))
+                self._queue(session, st, request.get("id"), refused)
+            else:
+                session.send_error(
+                    ErrorCode.RATE_LIMITED, "too many publishes; slow down", request.get("id"), retry_ms=retry_ms
+                )
             limit = self.options.rate_limit_close_after
             if limit and st.strikes >= limit:
                 refill_ms = int(self.options.publish_burst / self.options.publish_rate * 1000)
                 session.close(CloseCode.RATE_LIMITED, retry_ms=refill_ms)
-            return
+            return None
         st.strikes = 0
         room = self.room_rules.room(request)
         if "data" not in request:
@@ -294,8 +368,7 @@ class ChatHandler(OpHandler):
             raise ProtocolError(ErrorCode.NOT_JOINED, f"join room {room!r} before publishing to it")
         if (refusal := self._authorize(session, "publish", room)) is not None:
             await refusal
-        offset = await publish_message(
-            self.context.hub,
+        return await prepare_message(
             self.context.hooks,
             self.room_rules,
             room,
@@ -306,7 +379,6 @@ class ChatHandler(OpHandler):
             idempotency_key=idempotency_key,
             idempotency_window=self.context.config.api.idempotency_window,
         )
-        self.reply(session, request, "ack", offset=offset)
 
     # -- presence / history ---------------------------------------------------------------------------
 
