@@ -16,11 +16,12 @@ import fnmatch
 import json
 import re
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from wirehub.bus import History
+from wirehub.eager import Continued
 from wirehub.hub import split_envelope
 from wirehub.plugins import DROP
 from wirehub.protocol import ErrorCode, ProtocolError, encode, with_offset
@@ -196,7 +197,7 @@ def start_publish(hub: Hub, message: Outgoing) -> asyncio.Future[int]:
         failed: asyncio.Future[int] = loop.create_future()
         failed.set_exception(exc)
         return failed
-    return loop.create_task(_Continued(coro, first))
+    return loop.create_task(Continued(coro, first))
 
 
 async def publish_prepared(hub: Hub, message: Outgoing) -> int:
@@ -207,35 +208,6 @@ async def publish_prepared(hub: Hub, message: Outgoing) -> int:
         raise RuntimeError(f"bus {type(hub.bus).__name__} returned no offset for a history publish")
     hub.metrics.published.labels(message.source).inc()
     return offset
-
-
-class _Continued(Coroutine[Any, Any, Any]):
-    """A coroutine started by hand and suspended on ``first``, for a Task to drive: the Task's first step
-    gets ``first``, every later one goes to the coroutine (as ``wirehub.websocket``'s for a frame's handler)."""
-
-    __slots__ = ("coro", "first", "started")
-
-    def __init__(self, coro: Coroutine[Any, Any, Any], first: Any) -> None:
-        self.coro, self.first, self.started = coro, first, False
-
-    def send(self, value: Any) -> Any:
-        if self.started:
-            return self.coro.send(value)
-        self.started = True
-        first, self.first = self.first, None
-        return first
-
-    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
-        self.started, self.first = True, None
-        if val is None and tb is None:
-            return self.coro.throw(typ)
-        return self.coro.throw(typ, val, tb)
-
-    def close(self) -> None:
-        self.coro.close()
-
-    def __await__(self) -> Any:  # the ABC's; a Task drives it with send and throw only
-        raise RuntimeError("driven by a Task, not awaited")
 
 
 #: an idempotency key: 1 to 128 printable ASCII characters (it becomes part of broker keys and headers)

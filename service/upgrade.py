@@ -39,11 +39,12 @@ from tornado.iostream import IOStream
 
 from wirehub.accept import EdgeServer, EdgeStream
 from wirehub.auth import AuthError
+from wirehub.eager import Continued
 from wirehub.frames import Protocol
 from wirehub.handler import BadUrlJoin, url_joins
 from wirehub.head import parse_head
 from wirehub.protocol import SUBPROTOCOL
-from wirehub.websocket import SessionSide, _Continued, _websocket_params
+from wirehub.websocket import SessionSide, _websocket_params
 
 if TYPE_CHECKING:
     import tornado.web
@@ -378,7 +379,7 @@ def _run_eagerly(coro: Coroutine[Any, Any, None], tasks: set[asyncio.Future[None
         yielded = coro.send(None)
     except StopIteration:
         return
-    task = asyncio.get_running_loop().create_task(_Continued(coro, yielded))
+    task = asyncio.get_running_loop().create_task(Continued(coro, yielded))
     tasks.add(task)
     task.add_done_callback(tasks.discard)
 

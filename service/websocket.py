@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 from tornado.websocket import WebSocketClosedError, WebSocketHandler, WebSocketProtocol
 
 from wirehub.auth import AuthError, Identity
+from wirehub.eager import Continued, Resumed
 from wirehub.frames import Protocol
 from wirehub.handler import BadUrlJoin, OpHandler, url_joins
 from wirehub.protocol import SUBPROTOCOL, CloseCode, ErrorCode, close_reason
@@ -107,7 +108,7 @@ class SessionSide:
         # maybe for long): the keepalive must not take the unread pong for a dead client meanwhile, as it does
         # not while a frame's handler works. _opened clears it.
         protocol.busy = True
-        return _Resumed(coro, first)
+        return Resumed(coro, first)
 
     async def _opened(self, session: Session) -> None:
         """The open hooks; one that raises closes the session with 1011 (reported by the app), and
@@ -143,7 +144,7 @@ class SessionSide:
             return None
         # a Task of its own: Tornado waits for it as is (an awaitable would get a wrapper coroutine and a
         # Task through gen.convert_yielded and asyncio.ensure_future: a third of a suspended join's dispatch)
-        return asyncio.get_running_loop().create_task(_Continued(coro, first))
+        return asyncio.get_running_loop().create_task(Continued(coro, first))
 
     async def _dispatch(self, session: Session, message: str | bytes) -> None:
         try:
@@ -348,63 +349,6 @@ class WirehubSocket(SessionSide, WebSocketHandler):  # type: ignore[misc]
 _NO_KWARGS: Mapping[str, Any] = types.MappingProxyType({})
 #: what _start_session's eager step yields when the open hooks completed without suspending
 _DONE = object()
-
-
-class _Resumed:
-    """Awaits the rest of a coroutine that was started eagerly and suspended on ``first``."""
-
-    __slots__ = ("coro", "first")
-
-    def __init__(self, coro: Any, first: Any) -> None:
-        self.coro, self.first = coro, first
-
-    def __await__(self) -> Any:
-        coro, value = self.coro, self.first
-        while True:
-            try:
-                sent = yield value
-            except BaseException as exc:  # thrown into the awaiting task: pass it on
-                try:
-                    value = coro.throw(exc)
-                except StopIteration as stop:
-                    return stop.value
-            else:
-                try:
-                    value = coro.send(sent)
-                except StopIteration as stop:
-                    return stop.value
-
-
-class _Continued(Coroutine[Any, Any, Any]):
-    """A coroutine that was started eagerly and suspended on ``first``, as a coroutine a Task drives
-    itself: the Task's first step gets ``first``, every later one goes to the coroutine."""
-
-    __slots__ = ("coro", "first", "started")
-
-    def __init__(self, coro: Coroutine[Any, Any, Any], first: Any) -> None:
-        self.coro, self.first, self.started = coro, first, False
-
-    def send(self, value: Any) -> Any:
-        if self.started:
-            return self.coro.send(value)
-        self.started = True
-        first, self.first = self.first, None
-        return first
-
-    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
-        self.started, self.first = True, None  # cancelled before its first step: into the coroutine
-        if val is None and tb is None:
-            return self.coro.throw(typ)
-        return self.coro.throw(typ, val, tb)
-
-    def close(self) -> None:
-        self.coro.close()
-
-    def __await__(self) -> Any:  # the Coroutine ABC's; a Task uses send and throw
-        if self.started:
-            raise RuntimeError("the coroutine is already running")
-        self.started = True
-        return _Resumed(self.coro, self.first).__await__()
 
 
 @functools.cache

@@ -19,8 +19,8 @@ from wirehub.builtins.bus.nats import create_backend
 from wirehub.builtins.bus.nats_buckets import BUCKET, Joined, parse_entries
 from wirehub.builtins.bus.nats_presence import NatsPresence
 from wirehub.bus import Backend, BusUnavailable, PresenceCount, PresenceEntry
+from wirehub.eager import Continued
 from wirehub.testing import Recorder, eventually, unique_room
-from wirehub.websocket import _Continued
 
 INTERVAL = 0.25
 Replica = Callable[[], Awaitable[Backend]]
@@ -188,7 +188,7 @@ async def test_the_joins_future_takes_eagerly_started_awaiters_and_ignores_one_j
     firsts = [c.send(None) for c in coros]
     assert all(f is joined for f in firsts)
     loop = asyncio.get_running_loop()
-    tasks = [loop.create_task(_Continued(c, f)) for c, f in zip(coros, firsts, strict=True)]
+    tasks = [loop.create_task(Continued(c, f)) for c, f in zip(coros, firsts, strict=True)]
     await asyncio.sleep(0)
     tasks[0].cancel()  # one joiner gives up: the others still get the outcome
     await asyncio.sleep(0)

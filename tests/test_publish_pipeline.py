@@ -25,7 +25,7 @@ from wirehub.builtins.bus.redis import create_backend as redis_backend
 from wirehub.builtins.handlers.chat import ChatHandler
 from wirehub.bus import Backend, ordered_handoff
 from wirehub.config import ConfigError, config_from_dict
-from wirehub.rooms import _Continued
+from wirehub.eager import Continued
 from wirehub.testing import LiveServer, Recorder, WsClient, config_for_tests, unique_room
 
 pytestmark = pytest.mark.timeout(90)
@@ -45,7 +45,7 @@ def eager(coro: Coroutine[Any, Any, Any]) -> asyncio.Future[Any]:
         done: asyncio.Future[Any] = loop.create_future()
         done.set_result(stop.value)
         return done
-    return loop.create_task(_Continued(coro, first))
+    return loop.create_task(Continued(coro, first))
 
 
 async def started_backend(backend: Backend) -> tuple[Backend, Recorder]:
