@@ -37,6 +37,7 @@ from wirehub.bus import (
     PublishOutcomeUnknown,
     StateConflict,
     StateStore,
+    ordered_handoff,
 )
 from wirehub.config import Config, ConfigError, opt, parse_block
 from wirehub.handler import Handler, HandlerContext, Op, OpHandler, require_str
@@ -56,6 +57,7 @@ from wirehub.protocol import CloseCode, ErrorCode, ProtocolError, dumps, encode
 from wirehub.rooms import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_ROOM_PATTERN,
+    Outgoing,
     Recovery,
     RoomLimit,
     RoomRules,
@@ -64,8 +66,11 @@ from wirehub.rooms import (
     history_frame,
     parse_idempotency_key,
     parse_since,
+    prepare_message,
     publish_message,
+    publish_prepared,
     recover,
+    start_publish,
     stored_frames,
 )
 from wirehub.session import OutFrame, Session
@@ -108,6 +113,7 @@ __all__ = [
     "Op",
     "OpHandler",
     "OutFrame",
+    "Outgoing",
     "PluginError",
     "PluginFailed",
     "Presence",
@@ -135,13 +141,17 @@ __all__ = [
     "inbound",
     "memory_backend",
     "opt",
+    "ordered_handoff",
     "parse_block",
     "parse_idempotency_key",
     "parse_since",
+    "prepare_message",
     "publish_message",
+    "publish_prepared",
     "recover",
     "require_str",
     "split_envelope",
+    "start_publish",
     "stored_frames",
     "value_depth",
 ]

@@ -32,6 +32,7 @@ from wirehub import (
     Op,
     OpHandler,
     OutFrame,
+    Outgoing,
     ProtocolError,
     PublishOutcomeUnknown,
     RoomLimit,
@@ -43,10 +44,14 @@ from wirehub import (
     history_frame,
     hookimpl,
     opt,
+    ordered_handoff,
     parse_block,
     parse_idempotency_key,
     parse_since,
+    prepare_message,
+    publish_prepared,
     recover,
+    start_publish,
     stored_frames,
 )
 from wirehub.builtins.handlers.chat_presence import (
@@ -57,8 +62,6 @@ from wirehub.builtins.handlers.chat_presence import (
     json_string,
     parse_query,
 )
-from wirehub.bus import ordered_handoff
-from wirehub.rooms import Outgoing, prepare_message, publish_prepared, start_publish
 
 if TYPE_CHECKING:
     from wirehub import Wirehub
