@@ -32,6 +32,7 @@ of arrival, and lets a queued connection that was given up on be skipped.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import time
 from collections import deque
@@ -50,6 +51,7 @@ WINDOW = 0.2
 CALM_AFTER = 1.0
 
 perf = time.perf_counter
+log = logging.getLogger("wirehub.edge")
 
 
 def request_path(head: bytes) -> bytes:
@@ -145,7 +147,11 @@ class Admission:
             elif now - queued > self.max_wait:
                 self.refuse(stream)
             else:
-                serve()  # the accept path's: it logs and closes on a failure
+                try:
+                    serve()  # the accept path's: it logs and closes on its own failures
+                except Exception:  # one connection's bug must not strand the rest of the queue
+                    log.exception("admission: serving a queued connection failed")
+                    stream.close()
                 if perf() >= deadline:
                     break
         if queue:

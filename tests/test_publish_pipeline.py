@@ -23,7 +23,7 @@ from wirehub.builtins.bus.nats import create_backend as nats_backend
 from wirehub.builtins.bus.redis import RedisBus
 from wirehub.builtins.bus.redis import create_backend as redis_backend
 from wirehub.builtins.handlers.chat import ChatHandler
-from wirehub.bus import Backend, ordered_handoff
+from wirehub.bus import Backend, PublishOutcomeUnknown, ordered_handoff
 from wirehub.config import ConfigError, config_from_dict
 from wirehub.eager import Continued
 from wirehub.testing import LiveServer, Recorder, WsClient, config_for_tests, unique_room
@@ -93,6 +93,29 @@ async def test_broker_bus_keeps_the_order_publishes_were_started_in(kind: str, b
         await check_ordered_handoff(backend, recorder)
     finally:
         await backend.bus.close()
+
+
+async def test_a_redis_batch_cancelled_before_it_started_does_not_hold_its_room_back(
+        redis_server_factory: Callable[..., BrokerProcess]) -> None:
+    """A flush task cancelled before its first step (a shutdown) answers its publishers and lets the room's
+    next batch go: a ``finally`` in it would never run, and the next batch would wait for it forever."""
+    server = redis_server_factory()
+    backend, _ = await started_backend(redis_backend(bus_options("redis", server, "c"), "bus.redis"))
+    bus = backend.bus
+    assert isinstance(bus, RedisBus) and bus._publish_batch is not None
+    batcher = bus._publish_batch
+    try:
+        room = unique_room()
+        first = eager(bus.publish(room, b"m1", history=True))
+        await asyncio.sleep(0)  # the batch's flush task is made in this turn ...
+        for task in list(batcher._flushing):
+            task.cancel()  # ... and cancelled before its first step
+        with pytest.raises(PublishOutcomeUnknown):  # answered (maybe published), not left waiting
+            await asyncio.wait_for(first, 5)
+        assert await asyncio.wait_for(bus.publish(room, b"m2", history=True), 5) > 0
+        assert not batcher._tails
+    finally:
+        await bus.close()
 
 
 def test_redis_without_its_publish_batcher_and_cluster_mode_do_not_claim_it(

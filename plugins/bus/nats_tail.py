@@ -165,6 +165,8 @@ class Tails:
             await fut
         finally:
             timer.cancel()
+            if (seq, fut) in tail.waiters:  # timed out: not woken by a delivery, so not taken off by _wake
+                tail.waiters.remove((seq, fut))
         return tail.seq >= seq and self._rooms.get(room) is tail
 
     @staticmethod

@@ -148,23 +148,26 @@ class PublishBatcher:
         end: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         for c in channels:
             tails[c] = end
-        task = asyncio.ensure_future(self._flush_after(batch, after, end, channels))
+        task = asyncio.ensure_future(self._flush_after(batch, after))
         self._flushing.add(task)
         task.add_done_callback(self._flushing.discard)
+        # in a callback, not a finally: a task cancelled before its first step runs no finally, and its rooms'
+        # later batches would wait for ``end`` forever
+        task.add_done_callback(lambda _: self._ended(batch, end, channels))
 
-    async def _flush_after(self, batch: list[_Pending], after: set[asyncio.Future[None]], end: asyncio.Future[None],
-                           channels: set[bytes]) -> None:
-        try:
-            if after:
-                await asyncio.wait(after)
-            await self._flush(batch)
-        finally:
-            _fail_all(batch, PublishOutcomeUnknown, "publish: cancelled")  # only those not answered (a shutdown)
-            end.set_result(None)
-            tails = self._tails
-            for c in channels:
-                if tails.get(c) is end:
-                    del tails[c]
+    async def _flush_after(self, batch: list[_Pending], after: set[asyncio.Future[None]]) -> None:
+        if after:
+            await asyncio.wait(after)
+        await self._flush(batch)
+
+    def _ended(self, batch: list[_Pending], end: asyncio.Future[None], channels: set[bytes]) -> None:
+        """A batch's flush is over (answered, failed or cancelled): the next batches of its rooms may go."""
+        _fail_all(batch, PublishOutcomeUnknown, "publish: cancelled")  # only those not answered (a shutdown)
+        end.set_result(None)
+        tails = self._tails
+        for c in channels:
+            if tails.get(c) is end:
+                del tails[c]
 
     async def _flush(self, batch: list[_Pending]) -> None:
         owner = self.owner
