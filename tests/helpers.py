@@ -11,7 +11,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import yaml
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
 from wirehub.brokers import BrokerProcess
+from wirehub.bus import Backend
 from wirehub.testing import WsClient, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,6 +65,30 @@ def bus_options(kind: str, broker: BrokerProcess, prefix: str, **extra: Any) -> 
     if kind == "redis":
         return {"url": broker.url, "key_prefix": prefix, **FAST_BUS, **extra}
     return {"servers": [broker.url], "subject_prefix": prefix, **FAST_BUS, **extra}
+
+
+@asynccontextmanager
+async def nats_replicas(broker: BrokerProcess, prefix: str, **extra: Any
+                        ) -> AsyncIterator[Callable[[], Awaitable[Backend]]]:
+    """``await make()``: a started NATS backend on ``broker``; all of them share one key prefix and are closed
+    on exit (several "replicas" of one install, in process)."""
+    from wirehub.builtins.bus.nats import create_backend
+    from wirehub.testing import Recorder
+
+    opts = bus_options("nats", broker, prefix, **extra)
+    made: list[Backend] = []
+
+    async def make() -> Backend:
+        backend = create_backend(opts, "bus.nats")
+        await backend.bus.start(Recorder())
+        made.append(backend)
+        return backend
+
+    try:
+        yield make
+    finally:
+        for backend in made:
+            await backend.bus.close()
 
 
 def bus_block(kind: str, broker: BrokerProcess, prefix: str) -> dict[str, Any]:

@@ -13,14 +13,13 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import FAST_BUS, bus_options
+from tests.helpers import FAST_BUS, nats_replicas
 from wirehub.brokers import BrokerProcess
-from wirehub.builtins.bus.nats import create_backend
 from wirehub.builtins.bus.nats_buckets import BUCKET, Joined, parse_entries
 from wirehub.builtins.bus.nats_presence import NatsPresence
 from wirehub.bus import Backend, BusUnavailable, PresenceCount, PresenceEntry
 from wirehub.eager import Continued
-from wirehub.testing import Recorder, eventually, unique_room
+from wirehub.testing import eventually, unique_room
 
 INTERVAL = 0.25
 Replica = Callable[[], Awaitable[Backend]]
@@ -29,18 +28,8 @@ Replica = Callable[[], Awaitable[Backend]]
 @pytest.fixture
 async def replica(nats_server: BrokerProcess) -> AsyncIterator[Replica]:
     """``await replica()``: a started NATS backend; all of them share one key prefix."""
-    opts = bus_options("nats", nats_server, f"pb{uuid.uuid4().hex[:6]}", presence_interval=INTERVAL)
-    made: list[Backend] = []
-
-    async def make() -> Backend:
-        backend = create_backend(opts, "bus.nats")
-        await backend.bus.start(Recorder())
-        made.append(backend)
-        return backend
-
-    yield make
-    for backend in made:
-        await backend.bus.close()
+    async with nats_replicas(nats_server, f"pb{uuid.uuid4().hex[:6]}", presence_interval=INTERVAL) as make:
+        yield make
 
 
 def presence(backend: Backend) -> NatsPresence:

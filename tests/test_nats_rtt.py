@@ -12,13 +12,12 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import bus_options
+from tests.helpers import nats_replicas
 from wirehub.brokers import BrokerProcess
-from wirehub.builtins.bus.nats import create_backend
 from wirehub.builtins.bus.nats_buckets import Write
 from wirehub.builtins.bus.nats_presence import NatsPresence, _LiveRoom
 from wirehub.bus import Backend, PresenceCount, PresenceEntry
-from wirehub.testing import Recorder, eventually, unique_room
+from wirehub.testing import eventually, unique_room
 
 Replica = Callable[[], Awaitable[Backend]]
 
@@ -26,18 +25,8 @@ Replica = Callable[[], Awaitable[Backend]]
 @pytest.fixture
 async def replica(nats_server: BrokerProcess) -> AsyncIterator[Replica]:
     """``await replica()``: a started NATS backend; all of them share one key prefix."""
-    opts = bus_options("nats", nats_server, f"rt{uuid.uuid4().hex[:6]}", presence_interval=0.25)
-    made: list[Backend] = []
-
-    async def make() -> Backend:
-        backend = create_backend(opts, "bus.nats")
-        await backend.bus.start(Recorder())
-        made.append(backend)
-        return backend
-
-    yield make
-    for backend in made:
-        await backend.bus.close()
+    async with nats_replicas(nats_server, f"rt{uuid.uuid4().hex[:6]}", presence_interval=0.25) as make:
+        yield make
 
 
 def presence(backend: Backend) -> NatsPresence:
