@@ -12,6 +12,7 @@ import random
 import socket
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import tornado.routing
@@ -81,6 +82,8 @@ class Wirehub:
         self.hooks = hooks
         self.node = config.node_id
         self.metrics = Metrics(ep.path for ep in config.endpoints)
+        #: the body of GET /metrics (a worker of several answers for the whole pod: service/workers.py)
+        self.render_metrics: Callable[[], bytes] = self.metrics.render
         hooks.failures.bind(self.metrics.plugin_errors)
         self.draining = False
         self._drain_running = False

@@ -15,15 +15,20 @@ import logging
 import os
 import re
 import signal
+import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from wirehub import __version__
 from wirehub.config import Config, ConfigError, Reference, load_config
 from wirehub.plugins import PluginError
 from wirehub.scaffold import ScaffoldError, create
+
+if TYPE_CHECKING:
+    from wirehub.workers import MetricsShare
 
 log = logging.getLogger("wirehub")
 
@@ -49,8 +54,9 @@ def redact(text: str) -> str:
 class TextFormatter(logging.Formatter):
     """``TIME LEVEL LOGGER: message``, credentials redacted (defence in depth: nothing should log them)."""
 
-    def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    def __init__(self, worker: int | None = None) -> None:
+        where = "" if worker is None else f" [worker {worker}]"
+        super().__init__(f"%(asctime)s %(levelname)s %(name)s{where}: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
         return redact(super().format(record))
@@ -80,10 +86,25 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False, default=str)
 
 
-def setup_logging(level: str, fmt: str) -> None:
-    """Log to stderr as ``fmt`` (``text`` or ``json``) from ``level`` up, replacing any earlier handler."""
+class _WorkerField(logging.Filter):
+    """Puts the worker index on every record (``worker`` in JSON lines, ``[worker N]`` in text)."""
+
+    def __init__(self, worker: int) -> None:
+        super().__init__()
+        self.worker = worker
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = self.worker
+        return True
+
+
+def setup_logging(level: str, fmt: str, worker: int | None = None) -> None:
+    """Log to stderr as ``fmt`` (``text`` or ``json``) from ``level`` up, replacing any earlier handler;
+    ``worker``: the index of this worker process (``server.processes`` > 1), on every line."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter(worker))
+    if worker is not None:
+        handler.addFilter(_WorkerField(worker))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -134,10 +155,10 @@ def _load(args: argparse.Namespace, path: str | None) -> Config:
     return load_config(path, serve_overrides(args))
 
 
-async def _serve(config: Config) -> int:
+async def _serve(config: Config, worker: Worker | None = None) -> int:
     from wirehub.app import Wirehub
 
-    setup_logging(config.logging.level, config.logging.format)
+    setup_logging(config.logging.level, config.logging.format, worker.index if worker is not None else None)
     app = Wirehub.build(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -155,16 +176,28 @@ async def _serve(config: Config) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)  # wakes the loop (its wakeup fd) and runs on_signal there
         signal.signal(sig, mark_draining)  # replaces asyncio's no-op Python-level handler; the wakeup fd stays
+    # a worker is forked with them blocked, so that one forwarded during its start waits for these handlers
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGTERM, signal.SIGINT))
     try:
-        await app.start()
+        await app.start(worker.sockets if worker is not None else None)
     except Exception as exc:
         log.error("startup failed: %s", exc)
         await app.stop()
         return EXIT_FAILURE
+    snapshots = None
+    if worker is not None:
+        from wirehub.workers import snapshot_task
+
+        share, index, own = worker.share, worker.index, app.metrics.render
+        app.render_metrics = lambda: share.pod_exposition(index, own())
+        snapshots = snapshot_task(share, index, own)
+        worker.listening()
     _tune_gc()
     log.info("config %s; send SIGTERM to drain", config.source)
     await stop.wait()
     log.info("signal received: draining")
+    if snapshots is not None:
+        snapshots.cancel()
     await app.drain()
     log.info("stopped")
     return EXIT_OK
@@ -184,14 +217,46 @@ def _tune_gc() -> None:
     gc.set_threshold(GC_THRESHOLD0, gen1, gen2)
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+@dataclass(frozen=True)
+class Worker:
+    """What a worker process of ``server.processes`` > 1 serves with (service/workers.py)."""
+
+    index: int
+    #: the listening sockets it serves
+    sockets: list[socket.socket] | None
+    #: called once it listens (the supervisor tells a startup failure from a crash by it)
+    listening: Callable[[], None]
+    share: MetricsShare
+
+
+def _run(config: Config, worker: Worker | None = None) -> int:
     from wirehub.event_loop import pick_loop
 
-    config = _load(args, args.config)
     _, factory = pick_loop(config.server.event_loop)
     # asyncio.run on the configured loop (Python 3.11's asyncio.run takes no loop factory)
     with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(_serve(config))
+        return runner.run(_serve(config, worker))
+
+
+def _run_worker(config: Config, index: int, sockets: list[socket.socket] | None, listening: Callable[[], None],
+                share: MetricsShare) -> int:
+    return _run(config, Worker(index, sockets, listening, share))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from wirehub.app import Wirehub
+    from wirehub.event_loop import pick_loop
+    from wirehub.workers import Supervisor, worker_count
+
+    config = _load(args, args.config)
+    count = worker_count(config)
+    if count == 1:
+        return _run(config)
+    # every plugin and the event loop are checked once here, so that a bad config fails as exit 2 before a fork
+    Wirehub.build(config)
+    pick_loop(config.server.event_loop)
+    setup_logging(config.logging.level, config.logging.format)
+    return Supervisor(config, count, _run_worker).run()
 
 
 # -- check-config and plugins ----------------------------------------------------------------------------------

@@ -332,6 +332,12 @@ class ServerConfig:
     #: the event loop: uvloop (libuv, less CPU per connection and message), asyncio (the standard
     #: library's), or auto = uvloop when it is installed, else asyncio
     event_loop: str = opt("auto", choices=("auto", "asyncio", "uvloop"))
+    #: worker processes in this pod, each a full replica on the same port (service/workers.py); 0 = the CPUs
+    #: this process may use (affinity and cgroup quota). More than one needs a bus that spans processes
+    processes: int = opt(1, min=0, max=256)
+    #: how the workers share the port: ``reuseport`` (a listening socket per worker, SO_REUSEPORT: the
+    #: kernel spreads connections evenly) or ``shared`` (one socket bound before the fork, accepted by all)
+    process_listen: str = opt("reuseport", choices=("reuseport", "shared"))
 
 
 @dataclass(frozen=True)
@@ -428,6 +434,8 @@ _SECTIONS: dict[str, type] = {
 }
 _TOP_LEVEL = (*_SECTIONS, "auth", "bus", "endpoints", "extensions")
 _DEFAULT_CHOICE = {"auth": "anonymous", "bus": "memory"}
+#: buses whose rooms live in one process: refused with ``server.processes`` other than 1
+PROCESS_LOCAL_BUSES = frozenset({"memory"})
 DEFAULT_ENDPOINTS = (
     {"path": "/ws/echo", "handler": "echo"},
     {"path": "/ws/chat", "handler": "chat"},
@@ -488,12 +496,17 @@ def config_from_dict(raw: Any, source: str = "<dict>") -> Config:
     if server.ping_interval and server.ping_timeout > server.ping_interval:
         raise ConfigError("server.ping_timeout", f"{server.ping_timeout:g} is longer than server.ping_interval "
                           f"({server.ping_interval:g}); a ping must time out before the next one is sent")
+    bus = _parse_choice("bus", data.get("bus"))
+    if server.processes != 1 and bus.plugin in PROCESS_LOCAL_BUSES:
+        raise ConfigError("server.processes", f"{server.processes} worker processes cannot share the {bus.plugin} "
+                          f"bus (bus.plugin: {bus.plugin}), which lives inside one process; use bus.plugin redis or "
+                          f"nats, or server.processes: 1")
     extensions = data.get("extensions") or {}
     if not isinstance(extensions, dict):
         raise ConfigError("extensions", f"expected a mapping of plugin name -> options, got {extensions!r}")
     return Config(
         auth=_parse_choice("auth", data.get("auth")),
-        bus=_parse_choice("bus", data.get("bus")),
+        bus=bus,
         endpoints=_parse_endpoints(data.get("endpoints")),
         extensions=types.MappingProxyType(extensions),
         source=source,

@@ -85,7 +85,7 @@ class MetricsHandler(tornado.web.RequestHandler):
 
     def get(self) -> None:
         self.set_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-        self.finish(self.app.metrics.render())
+        self.finish(self.app.render_metrics())
 
 
 class PluginsHandler(JsonHandler):
