@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.loadgen import WsClient, connect, cpu_seconds, percentile, raise_nofile, rss_bytes
-from bench.procs import start_replicas, stop, tree_path
+from bench.procs import start_replicas, stop, tree_path, with_workers
 from wirehub.brokers import BrokerProcess, NatsServer, RedisServer
 from wirehub.nats_cluster import NatsCluster
 
@@ -173,9 +173,10 @@ async def run(kind: str, a: argparse.Namespace, groups: int, workdir: Path, *, l
         prefix, runid = f"cap{uuid.uuid4().hex[:6]}", uuid.uuid4().hex[:6]
         names = [f"{kind}-{groups}-{label}-{i}" for i in range(a.replicas)]
         procs, ports = start_replicas(workdir, names, layout.bus(prefix), CHAT,
-                                      wirehub_path=tree_path(workdir, tree) if tree is not None else None)
-        wpids = [p.pid for p in procs]
+                                      wirehub_path=tree_path(workdir, tree) if tree is not None else None,
+                                      server={"processes": a.processes} if a.processes != 1 else None)
         await asyncio.sleep(1.0)
+        wpids = with_workers([p.pid for p in procs])  # with server.processes > 1: the supervisors and workers
         rss0 = sum(rss_bytes(p) for p in wpids)
         stats = Stats()
         conns = groups * GROUP
@@ -258,7 +259,7 @@ async def run(kind: str, a: argparse.Namespace, groups: int, workdir: Path, *, l
         lat = sorted(stats.latencies)
         d = max(1, stats.deliveries)
         return {
-            "bus": kind, "wirehub": label, "replicas": a.replicas, "connections": conns, "target_deliveries_s": rate,
+            "bus": kind, "wirehub": label, "replicas": a.replicas, "processes": a.processes, "connections": conns, "target_deliveries_s": rate,
             "deliveries_s": round(stats.deliveries / wall, 1),
             "p50_ms": round((percentile(lat, 0.5) or 0) * 1000, 1),
             "p99_ms": round((percentile(lat, 0.99) or 0) * 1000, 1),
@@ -269,7 +270,7 @@ async def run(kind: str, a: argparse.Namespace, groups: int, workdir: Path, *, l
             "rss_kib_per_conn": round(rss_per_conn / 1024, 2), "churned": churned, "errors": stats.errors,
             "join_retries": len(failures), "first_failure": failures[0] if failures else None,
             "wirehub_cpu_pct": round(100 * wcpu / wall, 1), "broker_cpu_pct": round(100 * bcpu / wall, 1),
-            "replica_cpu_pct_each": round(100 * wcpu / wall / len(wpids), 1),
+            "replica_cpu_pct_each": round(100 * wcpu / wall / a.replicas, 1),  # a replica: all its processes
             "wirehub_cpu_us_per_conn_s": round(wcpu / wall / conns * 1e6, 1),
             "loadgen_cpu_pct": round(100 * lcpu / wall, 1),
         }
@@ -282,7 +283,7 @@ async def run(kind: str, a: argparse.Namespace, groups: int, workdir: Path, *, l
 
 
 def render(results: list[dict[str, Any]]) -> str:
-    cols = ["bus", "wirehub", "replicas", "connections", "target_deliveries_s", "deliveries_s", "p50_ms", "p99_ms",
+    cols = ["bus", "wirehub", "replicas", "processes", "connections", "target_deliveries_s", "deliveries_s", "p50_ms", "p99_ms",
             "wirehub_cpu_us_per_delivery", "wirehub_cpu_us_per_conn_s", "replica_cpu_pct_each",
             "broker_cpu_us_per_delivery", "broker_ops_per_publish", "joins_s", "broker_ops_per_join",
             "rss_kib_per_conn", "loadgen_cpu_pct", "churned", "errors"]
@@ -317,6 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--bus", default="nats-cluster,nats,redis")
     p.add_argument("--groups", default="300,900", help="10-member groups per run (connections = 10 x groups)")
     p.add_argument("--replicas", type=int, default=3)
+    p.add_argument("--processes", type=int, default=1, help="server.processes of each replica (worker processes)")
     p.add_argument("--rate-per-conn", type=float, default=0.5, help="group deliveries/s per connection (plan: 0.5)")
     p.add_argument("--churn-per-min-per-conn", type=float, default=0.2, help="plan: 200,000/min of 1M = 0.2")
     p.add_argument("--warmup", type=float, default=2.0)

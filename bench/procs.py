@@ -65,10 +65,12 @@ def start_replica(workdir: Path, name: str, bus: dict[str, Any], endpoint: dict[
 
 
 def start_replicas(workdir: Path, names: list[str], bus: dict[str, Any], endpoint: dict[str, Any], *,
-                   wirehub_path: Path | None = None) -> tuple[list[subprocess.Popen[bytes]], list[int]]:
+                   wirehub_path: Path | None = None, server: dict[str, Any] | None = None,
+                   ) -> tuple[list[subprocess.Popen[bytes]], list[int]]:
     """One `wirehub serve` replica per name on one bus (see :func:`start_replica`); (processes, ports).
     ``wirehub_path``: a folder holding a ``wirehub`` package (another tree's ``service``) that the
-    replicas import instead of this one, for before/after runs. If one fails to start, the ones
+    replicas import instead of this one, for before/after runs; ``server``: more ``server.`` keys (e.g.
+    ``processes``). If one fails to start, the ones
     already started are stopped and the error is raised."""
     procs: list[subprocess.Popen[bytes]] = []
     ports: list[int] = []
@@ -77,7 +79,7 @@ def start_replicas(workdir: Path, names: list[str], bus: dict[str, Any], endpoin
         os.environ["PYTHONPATH"] = f"{wirehub_path}{os.pathsep}{env}" if env else str(wirehub_path)
     try:
         for name in names:
-            proc, port, _ = start_replica(workdir, name, bus, endpoint)
+            proc, port, _ = start_replica(workdir, name, bus, endpoint, server=server)
             procs.append(proc)
             ports.append(port)
     except BaseException:
@@ -114,3 +116,16 @@ def stop(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
 
 def tail(log: Path, lines: int = 20) -> str:
     return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def with_workers(pids: list[int]) -> list[int]:
+    """``pids`` and their child processes (the workers of a replica with ``server.processes`` > 1), whose CPU
+    and memory the parent's /proc figures do not include."""
+    out: list[int] = []
+    for pid in pids:
+        out.append(pid)
+        try:
+            out += [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        except OSError:
+            pass
+    return out

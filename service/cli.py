@@ -125,6 +125,7 @@ SERVE_OVERRIDES = (
     ("--host", "host", "WIREHUB_HOST", "server.host"),
     ("--port", "port", "WIREHUB_PORT", "server.port"),
     ("--node-id", "node_id", "WIREHUB_NODE_ID", "server.node_id"),
+    ("--processes", "processes", "WIREHUB_PROCESSES", "server.processes"),
 )
 #: what Kubernetes puts in <SERVICE>_PORT for a Service named "wirehub" (and Docker links likewise)
 _SERVICE_LINK = re.compile(r"^(tcp|udp|sctp)://")
@@ -266,7 +267,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     from wirehub.app import Wirehub
     from wirehub.event_loop import pick_loop
 
-    config = _load(args, args.file or args.config)  # with WIREHUB_HOST/PORT/NODE_ID, as serve would run
+    config = _load(args, args.file or args.config)  # with WIREHUB_HOST/PORT/NODE_ID/PROCESSES, as serve would run
     app = Wirehub.build(config)
     loop, _ = pick_loop(config.server.event_loop)  # serve fails the same way on a loop that is not installed
     print(f"{config.source}: OK (auth {config.auth.plugin}, bus {config.bus.plugin}, "
@@ -363,10 +364,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "server.port (default: $WIREHUB_PORT, else the config's, else 8080)")
     p.add_argument("--node-id", default=None, help="replica name in welcome frames, presence and logs, overrides "
                    "server.node_id (default: $WIREHUB_NODE_ID, else the config's, else $POD_NAME, else the hostname)")
+    p.add_argument("--processes", default=None, help="worker processes on the port, overrides server.processes "
+                   "(default: $WIREHUB_PROCESSES, else the config's, else 1; 0 = the CPUs available; more than 1 "
+                   "needs the redis or nats bus)")
     p.set_defaults(func=cmd_serve)
 
     p = add_parser("check-config", "validate a config file and its plugins without starting",
-                   "Load the config (with $WIREHUB_HOST, $WIREHUB_PORT and $WIREHUB_NODE_ID applied, as serve "
+                   "Load the config (with $WIREHUB_HOST, $WIREHUB_PORT, $WIREHUB_NODE_ID and $WIREHUB_PROCESSES "
+                   "applied, as serve "
                    "would), build every plugin it names, print a summary; exit 2 naming the dotted key of the "
                    "first problem.")
     p.add_argument("file", nargs="?", default=None, help="the config file (default: --config, $WIREHUB_CONFIG, "

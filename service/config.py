@@ -498,9 +498,11 @@ def config_from_dict(raw: Any, source: str = "<dict>") -> Config:
                           f"({server.ping_interval:g}); a ping must time out before the next one is sent")
     bus = _parse_choice("bus", data.get("bus"))
     if server.processes != 1 and bus.plugin in PROCESS_LOCAL_BUSES:
-        raise ConfigError("server.processes", f"{server.processes} worker processes cannot share the {bus.plugin} "
-                          f"bus (bus.plugin: {bus.plugin}), which lives inside one process; use bus.plugin redis or "
-                          f"nats, or server.processes: 1")
+        raw_server = data.get("server")
+        raise _with_origin(ConfigError(
+            "server.processes", f"{server.processes} worker processes cannot share the {bus.plugin} bus (bus.plugin: "
+            f"{bus.plugin}), which lives inside one process; use bus.plugin redis or nats, or server.processes: 1"),
+            raw_server.get("processes") if isinstance(raw_server, dict) else None, "server.processes")
     extensions = data.get("extensions") or {}
     if not isinstance(extensions, dict):
         raise ConfigError("extensions", f"expected a mapping of plugin name -> options, got {extensions!r}")

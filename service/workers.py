@@ -419,7 +419,12 @@ class Supervisor:
     # -- the loop -----------------------------------------------------------------------------------------
 
     def run(self) -> int:
-        self._listen()
+        try:
+            self._listen()
+        except OSError as exc:  # as a single process's startup failure: logged, exit 1
+            log.error("startup failed: cannot listen on %s:%d: %s", self.config.server.host, self.config.server.port,
+                      exc.strerror or exc)
+            return 1
         self._wake_r, self._wake_w = os.pipe()
         for fd in (self._wake_r, self._wake_w):
             os.set_blocking(fd, False)

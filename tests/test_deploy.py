@@ -470,3 +470,35 @@ def test_the_deployed_service_listens_on_every_interface() -> None:
     for overlay in OVERLAYS:
         config = yaml.safe_load((K8S / "overlays" / overlay / "wirehub.yaml").read_text())
         assert config["server"]["host"] == "0.0.0.0", overlay
+
+
+def test_multi_process_example_patches_an_overlay_into_a_valid_two_worker_install(tmp_path: Path) -> None:
+    """examples/multi-process.yaml on the redis overlay: it renders, passes kubernetes-validate --strict, keeps
+    the Deployment's other environment, asks for 2 CPUs, and the overlay's config passes check-config with
+    the 2 workers it sets."""
+    kubectl = _kubectl()
+    tree = tmp_path / "kubernetes"
+    shutil.copytree(K8S, tree, ignore=shutil.ignore_patterns("secrets.env"))
+    folder = tree / "overlays" / "redis"
+    shutil.copy(folder / "secrets.env.example", folder / "secrets.env")
+    shutil.copy(K8S / "examples" / "multi-process.yaml", folder / "multi-process.yaml")
+    kustomization = yaml.safe_load((folder / "kustomization.yaml").read_text())
+    kustomization["patchesStrategicMerge"] = [*kustomization.get("patchesStrategicMerge", []), "multi-process.yaml"]
+    (folder / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    proc = subprocess.run([kubectl, "kustomize", str(folder)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    target = tmp_path / "multi.yaml"
+    target.write_text(proc.stdout)
+    valid = subprocess.run([sys.executable, "-m", "kubernetes_validate", "--strict", "--quiet", str(target)],
+                           capture_output=True, text=True, timeout=120)
+    assert valid.returncode == 0, f"{valid.stdout}\n{valid.stderr}"
+    container = _one(_docs(target), "Deployment", "wirehub")["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["WIREHUB_PROCESSES"] == "2" and {"WIREHUB_CONFIG", "POD_NAME"} <= set(env)
+    assert container["resources"]["requests"]["cpu"] == container["resources"]["limits"]["cpu"] == "2"
+    check_env = {**os.environ, "POD_NAME": "wirehub-0", "WIREHUB_JWT_SECRET": "x" * 32, "WIREHUB_API_KEY": "k" * 32,
+                 **CHECK_ENV, "WIREHUB_PROCESSES": "2"}
+    check_env.pop("WIREHUB_CONFIG", None)
+    check = subprocess.run([sys.executable, "-m", "wirehub.cli", "check-config", str(folder / "wirehub.yaml")],
+                           capture_output=True, text=True, timeout=60, env=check_env, cwd=tmp_path)
+    assert check.returncode == 0, check.stderr

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import signal
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -143,6 +144,13 @@ def test_memory_bus_with_several_processes_fails_check_config_and_serve(tmp_path
     path = write_config(tmp_path / "mode.yaml", {"server": {"process_listen": "fork"}})
     result = run_cli("check-config", str(path))
     assert result.returncode == 2 and "server.process_listen: 'fork' is not one of: reuseport, shared" in result.stderr
+    # from the environment and the option, named as such
+    result = run_cli("check-config", env={"WIREHUB_PROCESSES": "3"})
+    assert result.returncode == 2 and result.stderr.startswith("wirehub: server.processes: 3 worker processes")
+    assert "(from $WIREHUB_PROCESSES)" in result.stderr
+    result = run_cli("serve", "--processes", "many", env={"WIREHUB_PROCESSES": "1"})
+    assert result.returncode == 2
+    assert "server.processes: expected an integer, got 'many' (from --processes)" in result.stderr
     # one process on the memory bus stays as it was
     path = write_config(tmp_path / "one.yaml", {"server": {"processes": 1}})
     assert run_cli("check-config", str(path)).returncode == 0
@@ -285,6 +293,20 @@ async def test_a_worker_that_fails_at_startup_fails_the_serve(redis: RedisServer
     out = server.output()
     assert "failed at startup (exit code 1): stopping the pod's workers" in out
     assert out.count("worker 0 started") == 1 and out.count("worker 1 started") == 1, "a startup failure looped"
+
+
+@pytest.mark.parametrize("mode", ["reuseport", "shared"])
+async def test_a_port_in_use_fails_the_serve_before_any_worker(redis: RedisServer, tmp_path: Path, mode: str) -> None:
+    path, port = pod_config(tmp_path, redis, f"taken-{mode}", process_listen=mode)
+    with socket.socket() as other:  # a listener without SO_REUSEPORT: neither mode may share its port
+        other.bind(("127.0.0.1", port))
+        other.listen()
+        server = ServerProcess(path, port, name=f"taken-{mode}", new_session=True).start()
+        code = await asyncio.get_running_loop().run_in_executor(None, server.proc.wait, 30)
+    assert code == 1, server.output()
+    out = server.output()
+    assert f"startup failed: cannot listen on 127.0.0.1:{port}: Address already in use" in out
+    assert "worker 0 started" not in out
 
 
 async def test_shared_socket_mode_serves_and_drains(redis: RedisServer, tmp_path: Path, clients: Clients) -> None:
