@@ -259,7 +259,8 @@ async def run(kind: str, a: argparse.Namespace, groups: int, workdir: Path, *, l
         lat = sorted(stats.latencies)
         d = max(1, stats.deliveries)
         return {
-            "bus": kind, "wirehub": label, "replicas": a.replicas, "processes": a.processes, "connections": conns, "target_deliveries_s": rate,
+            "bus": kind, "wirehub": label, "replicas": a.replicas, "processes": a.processes, "connections": conns,
+            "target_deliveries_s": rate,
             "deliveries_s": round(stats.deliveries / wall, 1),
             "p50_ms": round((percentile(lat, 0.5) or 0) * 1000, 1),
             "p99_ms": round((percentile(lat, 0.99) or 0) * 1000, 1),
@@ -283,7 +284,8 @@ async def run(kind: str, a: argparse.Namespace, groups: int, workdir: Path, *, l
 
 
 def render(results: list[dict[str, Any]]) -> str:
-    cols = ["bus", "wirehub", "replicas", "processes", "connections", "target_deliveries_s", "deliveries_s", "p50_ms", "p99_ms",
+    cols = ["bus", "wirehub", "replicas", "processes", "connections", "target_deliveries_s", "deliveries_s",
+            "p50_ms", "p99_ms",
             "wirehub_cpu_us_per_delivery", "wirehub_cpu_us_per_conn_s", "replica_cpu_pct_each",
             "broker_cpu_us_per_delivery", "broker_ops_per_publish", "joins_s", "broker_ops_per_join",
             "rss_kib_per_conn", "loadgen_cpu_pct", "churned", "errors"]

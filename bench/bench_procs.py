@@ -26,10 +26,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.procs import spawn, stop
-from bench.procs import free_port as bench_free_port
 from tornado.websocket import WebSocketClosedError
 
+from bench.procs import free_port as bench_free_port
+from bench.procs import spawn, stop
 from wirehub.brokers import RedisServer
 from wirehub.testing import WsClient, ws_connect
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -124,8 +125,6 @@ def with_workers(pids: list[int]) -> list[int]:
     out: list[int] = []
     for pid in pids:
         out.append(pid)
-        try:
+        with contextlib.suppress(OSError):  # it has exited
             out += [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-        except OSError:
-            pass
     return out

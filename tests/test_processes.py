@@ -268,7 +268,7 @@ async def test_a_killed_worker_is_restarted_and_its_clients_come_back(pod: Serve
         assert time.monotonic() < deadline, pod.output()
         await asyncio.sleep(0.05)
     assert restarted[-1][0] == "1" and int(restarted[-1][1]) != pids[1]
-    assert "worker 1 (pid %d) died with signal SIGKILL" % pids[1] in pod.output()
+    assert f"worker 1 (pid {pids[1]}) died with signal SIGKILL" in pod.output()
     # the victims reconnect; some land on the new worker 1, which serves and reaches worker 0's members
     back = await clients.by_worker(pod, 20)
     assert set(back) == {"pod-w0", "pod-w1"}
@@ -334,6 +334,15 @@ async def test_workers_drain_when_the_supervisor_is_killed(pod: ServerProcess, c
         assert code == 1001, "an orphaned worker must drain, not linger"
     deadline = time.monotonic() + GRACE + 5
     for pid in pids.values():
-        while Path(f"/proc/{pid}").exists() and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z":
+        while running(pid):
             assert time.monotonic() < deadline, f"worker {pid} still runs"
             await asyncio.sleep(0.05)
+
+
+def running(pid: int) -> bool:
+    """``pid`` exists and is not a zombie (an orphan's exit is reaped by whoever adopted it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
