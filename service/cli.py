@@ -187,11 +187,12 @@ async def _serve(config: Config, worker: Worker | None = None) -> int:
         return EXIT_FAILURE
     snapshots = None
     if worker is not None:
-        from wirehub.workers import snapshot_task
+        if config.metrics.enabled:  # /metrics answers for the pod: this worker's series and its siblings'
+            from wirehub.workers import snapshot_task
 
-        share, index, own = worker.share, worker.index, app.metrics.render
-        app.render_metrics = lambda: share.pod_exposition(index, own())
-        snapshots = snapshot_task(share, index, own)
+            share, index, own = worker.share, worker.index, app.metrics.render
+            app.render_metrics = lambda: share.pod_exposition(index, own())
+            snapshots = snapshot_task(share, index, own)
         worker.listening()
     _tune_gc()
     log.info("config %s; send SIGTERM to drain", config.source)

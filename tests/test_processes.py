@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 import signal
@@ -23,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import ServerProcess, bus_block, run_cli, write_config
 from wirehub.brokers import RedisServer
+from wirehub.cli import TextFormatter
 from wirehub.testing import WsClient, free_port, unique_room, ws_connect
 from wirehub.workers import MetricsShare, merge_expositions
 
@@ -154,6 +156,12 @@ def test_memory_bus_with_several_processes_fails_check_config_and_serve(tmp_path
     # one process on the memory bus stays as it was
     path = write_config(tmp_path / "one.yaml", {"server": {"processes": 1}})
     assert run_cli("check-config", str(path)).returncode == 0
+
+
+def test_text_log_lines_name_their_worker() -> None:
+    record = logging.LogRecord("wirehub", logging.INFO, __file__, 1, "hello %s", ("there",), None)
+    assert TextFormatter(3).format(record).endswith(" INFO wirehub [worker 3]: hello there")
+    assert TextFormatter().format(record).endswith(" INFO wirehub: hello there")
 
 
 # -- the metrics merge ------------------------------------------------------------------------------------------
