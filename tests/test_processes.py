@@ -288,6 +288,14 @@ async def test_a_killed_worker_is_restarted_and_its_clients_come_back(pod: Serve
     assert all(c.close_code is None for c in survivors)
     samples = await scrape(pod)
     assert samples["wirehub_worker_restarts_total", (("worker", "1"),)] == 1.0
+    # a second crash in a row waits twice as long
+    os.kill(int(restarted[-1][1]), signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while len(LISTENING.findall(pod.output())) < 4:
+        assert time.monotonic() < deadline, pod.output()
+        await asyncio.sleep(0.05)
+    assert f"worker 1 (pid {restarted[-1][1]}) died with signal SIGKILL" in pod.output()
+    assert "restarting it in 1.0s" in pod.output()
 
 
 async def test_a_worker_that_fails_at_startup_fails_the_serve(redis: RedisServer, tmp_path: Path) -> None:
@@ -301,6 +309,34 @@ async def test_a_worker_that_fails_at_startup_fails_the_serve(redis: RedisServer
     out = server.output()
     assert "failed at startup (exit code 1): stopping the pod's workers" in out
     assert out.count("worker 0 started") == 1 and out.count("worker 1 started") == 1, "a startup failure looped"
+
+
+async def test_a_restart_that_fails_at_startup_fails_the_serve(tmp_path: Path) -> None:
+    """The broker is gone when a crashed worker restarts: its start fails as a first start would, so the pod
+    drains its other worker and exits 1 (Kubernetes restarts it with backoff) instead of looping inside."""
+    with RedisServer() as own:
+        path, port = pod_config(tmp_path, own, "lost")
+        server = await ServerProcess(path, port, name="lost", new_session=True).start_ready()
+        pids = await wait_listening(server, 2)
+    # the broker is stopped (the with block); worker 1 crashes
+    os.kill(pids[1], signal.SIGKILL)
+    code = await asyncio.get_running_loop().run_in_executor(None, server.proc.wait, GRACE + 20)
+    out = server.output()
+    assert code == 1, out
+    assert "worker 1 failed at startup (exit code 1): stopping the pod's workers" in out
+    assert out.count("worker 1 started") == 2, "restarted once, not in a loop"
+
+
+async def test_a_worker_that_ignores_the_drain_is_killed_after_the_grace(pod: ServerProcess) -> None:
+    pids = await wait_listening(pod, 2)
+    os.kill(pids[0], signal.SIGSTOP)  # hung: it will never handle SIGTERM
+    started = time.monotonic()
+    pod.proc.send_signal(signal.SIGTERM)
+    code = await asyncio.get_running_loop().run_in_executor(None, pod.proc.wait, GRACE + 20)
+    assert code == 1, pod.output()
+    assert GRACE + 4 < time.monotonic() - started < GRACE + 10
+    assert "workers [0] still running 5s after the drain grace: killing them" in pod.output()
+    assert "worker 1 stopped" in pod.output()
 
 
 @pytest.mark.parametrize("mode", ["reuseport", "shared"])
