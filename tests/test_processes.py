@@ -23,7 +23,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import ServerProcess, bus_block, run_cli, write_config
-from wirehub.brokers import RedisServer
+from wirehub.brokers import NatsServer, RedisServer
 from wirehub.cli import TextFormatter
 from wirehub.testing import WsClient, free_port, unique_room, ws_connect
 from wirehub.workers import MetricsShare, merge_expositions
@@ -220,6 +220,33 @@ async def test_connections_spread_over_both_workers_and_a_message_crosses_them_i
     # and back: a member on worker 0 hears worker 1
     await member.send({"op": "publish", "room": room, "data": "back"})
     assert (await sender.recv_op("message"))["data"] == "back"
+
+
+async def test_on_nats_too_a_message_and_presence_cross_workers(tmp_path: Path, clients: Clients) -> None:
+    with NatsServer() as nats:
+        port = free_port()
+        path = write_config(tmp_path / "nats.yaml", {
+            "server": {"host": "127.0.0.1", "port": port, "node_id": "np", "ping_interval": 0, "processes": 2},
+            "logging": {"level": "warning"}, "drain": {"grace": GRACE},
+            "bus": bus_block("nats", nats, f"p{uuid.uuid4().hex[:6]}")})
+        server = await ServerProcess(path, port, name="nats-pod", new_session=True).start_ready()
+        try:
+            workers = await clients.by_worker(server, 30)
+            assert set(workers) == {"np-w0", "np-w1"}
+            room = unique_room("procs")
+            sender, member = workers["np-w0"][0], workers["np-w1"][0]
+            for client in (sender, member):
+                assert (await client.request({"op": "join", "room": room}))["op"] == "joined"
+            for i in range(10):
+                await sender.send({"op": "publish", "room": room, "data": i})
+            assert [(await member.recv_op("message"))["data"] for _ in range(10)] == list(range(10))
+            presence = await member.request({"op": "presence", "room": room})
+            assert presence["count"] == {"users": 2, "connections": 2}
+            for client in clients.open:
+                await client.aclose()
+            clients.open.clear()
+        finally:
+            assert server.stop(GRACE + 10) == 0
 
 
 async def test_metrics_answer_for_the_pod_on_either_worker(pod: ServerProcess, clients: Clients) -> None:
