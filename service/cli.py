@@ -372,9 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add_parser("check-config", "validate a config file and its plugins without starting",
                    "Load the config (with $WIREHUB_HOST, $WIREHUB_PORT, $WIREHUB_NODE_ID and $WIREHUB_PROCESSES "
-                   "applied, as serve "
-                   "would), build every plugin it names, print a summary; exit 2 naming the dotted key of the "
-                   "first problem.")
+                   "applied, as serve would), build every plugin it names, print a summary; exit 2 naming the "
+                   "dotted key of the first problem.")
     p.add_argument("file", nargs="?", default=None, help="the config file (default: --config, $WIREHUB_CONFIG, "
                    "else the built-in defaults)")
     p.set_defaults(func=cmd_check_config)

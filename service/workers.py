@@ -109,10 +109,11 @@ class MetricsShare:
                 log.warning("metrics exposition of %d bytes is over the %d-byte slot; other workers keep the "
                             "previous snapshot", len(data), self.SLOT)
             return
-        seq = self._HEAD.unpack_from(self.buf, base)[0]
-        self._HEAD.pack_into(self.buf, base, seq + 1, 0.0, 0)
+        # odd while writing, even after; ``| 1`` also recovers a slot left odd by a writer killed mid-write
+        writing = (self._HEAD.unpack_from(self.buf, base)[0] + 1) | 1
+        self._HEAD.pack_into(self.buf, base, writing, 0.0, 0)
         self.buf[base + self._HEAD.size:base + self._HEAD.size + len(data)] = data
-        self._HEAD.pack_into(self.buf, base, seq + 2, time.time(), len(data))
+        self._HEAD.pack_into(self.buf, base, writing + 1, time.time(), len(data))
 
     def read(self, slot: int) -> tuple[float, bytes] | None:
         """``(written_at, text)`` of ``slot``, or None if it was never written (or kept changing)."""

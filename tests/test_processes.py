@@ -198,6 +198,12 @@ def test_share_slots_read_back_the_latest_write_and_refuse_an_oversized_one(capl
     got = share.read(1)
     assert got is not None and got[1] == b"second, longer"
     assert len([r for r in caplog.records if "over the" in r.getMessage()]) == 1
+    # a writer killed in the middle of a write leaves its slot odd: unreadable, until the next write
+    MetricsShare._HEAD.pack_into(share.buf, MetricsShare.SLOT, 7, 0.0, 0)
+    assert share.read(1) is None
+    share.write(1, b"after the restart")
+    got = share.read(1)
+    assert got is not None and got[1] == b"after the restart"
 
 
 # -- a pod of two workers on Redis --------------------------------------------------------------------------
