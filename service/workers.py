@@ -227,12 +227,16 @@ def _reserve_port(host: str, port: int) -> list[socket.socket]:
             addr = (addr[0], held[0].getsockname()[1], *addr[2:])
         try:
             sock.bind(addr)
-        except OSError:
+        except OSError as exc:
             sock.close()
+            if family == socket.AF_INET6 and exc.errno == errno.EADDRNOTAVAIL:
+                continue  # no IPv6 on this host ("localhost" -> ::1), as Tornado's bind_sockets skips it
             for other in held:
                 other.close()
             raise
         held.append(sock)
+    if not held:
+        raise OSError(errno.EADDRNOTAVAIL, f"no address to listen on for host {host!r}")
     return held
 
 
