@@ -126,6 +126,8 @@ class _LiveRoom:
         self.buffer: list[tuple[str, int, int, Any]] | None = []
         #: the re-read under way (one per copy at a time)
         self.resync: asyncio.Future[None] | None = None
+        #: read again after the re-read under way (messages were dropped while it ran)
+        self.again = False
         #: counters (diagnostics, tests): writes found missed, duplicates dropped, re-reads
         self.gaps = 0
         self.duplicates = 0
@@ -532,19 +534,26 @@ class NatsPresence:
             for item in buffered:
                 live.apply(*item)
 
-    def _resync(self, live: _LiveRoom, room: str, why: str) -> asyncio.Future[None]:
-        """Re-read the room into its copy (one at a time per copy); a failed re-read leaves the copy as it
-        was, and the next read that finds it behind the leader tries again."""
+    def _resync(self, live: _LiveRoom, room: str, why: str, *, again: bool = False) -> asyncio.Future[None]:
+        """Re-read the room into its copy (one at a time per copy; ``again``: once more after the one under
+        way, which may have read the broker before what it must cover). A failed re-read leaves the copy
+        as it was, and the next read that finds it behind the leader tries again."""
         if live.resync is not None and not live.resync.done():
+            live.again = live.again or again
             return live.resync
         log.info("presence: re-reading the copy of %r (%s)", room, why)
-        live.resyncs += 1
 
         async def run() -> None:
-            try:
-                await self._load(live, room)
-            except Exception as exc:
-                log.info("presence: re-reading the copy of %r failed: %s", room, exc)
+            while True:
+                live.again = False
+                live.resyncs += 1
+                try:
+                    await self._load(live, room)
+                except Exception as exc:
+                    log.info("presence: re-reading the copy of %r failed: %s", room, exc)
+                    return
+                if not live.again:
+                    return
 
         task = live.resync = asyncio.ensure_future(run())
         self._tasks.add(task)
@@ -556,7 +565,7 @@ class NatsPresence:
         room = self._sids.get(sid)
         live = self._current_live(room) if room is not None else None
         if live is not None and live.sub is not None and live.sub._id == sid:
-            self._resync(live, room, "its subscription dropped messages")  # type: ignore[arg-type]
+            self._resync(live, room, "its subscription dropped messages", again=True)  # type: ignore[arg-type]
 
     async def _on_leader(self, msg: Any) -> None:
         rooms = [room for room in self._rooms if self._current_live(room) is not None]
