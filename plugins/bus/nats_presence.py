@@ -274,8 +274,8 @@ class NatsPresence:
         self._keys = 0
         self._writes = 0
         self._rooms: dict[str, asyncio.Future[_LiveRoom]] = {}
-        #: subscription id of a copy's core subscription -> its room (a slow consumer's drops name the sid)
-        self._sids: dict[int, str] = {}
+        #: a copy's core subscription -> its room (a slow consumer's report names the subscription)
+        self._subs: dict[Any, str] = {}
         #: the reply subject prefix of this connection's batched direct gets, and the batches under way:
         #: token -> (messages so far, the batch's end: (pending after it, its last sequence))
         self._inbox = ""
@@ -302,7 +302,7 @@ class NatsPresence:
         self.nodes_kv = await bus._bucket(self.nodes_bucket, None, storage)
         self.claims_kv = await bus._bucket(self.claims_bucket, self.ttl, storage)
         await self._republish()
-        self._rooms, self._sids = {}, {}  # the old copies' subscriptions died with the old connection
+        self._rooms, self._subs = {}, {}  # the old copies' subscriptions died with the old connection
         self._seen = {}
         api = bus.nats.js.api
         nc = bus.nc
@@ -518,7 +518,7 @@ class NatsPresence:
             task = asyncio.ensure_future(live.sub.unsubscribe())
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
             raise
-        self._sids[live.sub._id] = room
+        self._subs[live.sub] = room
         return live
 
     async def _load(self, live: _LiveRoom, room: str) -> None:
@@ -560,11 +560,11 @@ class NatsPresence:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    def dropped(self, sid: int) -> None:
-        """nats-py dropped messages of subscription ``sid`` (a slow consumer): if it is a copy's, re-read it."""
-        room = self._sids.get(sid)
+    def dropped(self, sub: Any) -> None:
+        """nats-py dropped messages of subscription ``sub`` (a slow consumer): if it is a copy's, re-read it."""
+        room = self._subs.get(sub)
         live = self._current_live(room) if room is not None else None
-        if live is not None and live.sub is not None and live.sub._id == sid:
+        if live is not None and live.sub is sub:
             self._resync(live, room, "its subscription dropped messages", again=True)  # type: ignore[arg-type]
 
     async def _on_leader(self, msg: Any) -> None:
@@ -591,7 +591,7 @@ class NatsPresence:
         if live.resync is not None:
             live.resync.cancel()
         if live.conn is self.bus.nc and live.sub is not None:
-            self._sids.pop(live.sub._id, None)
+            self._subs.pop(live.sub, None)
             task = asyncio.ensure_future(live.sub.unsubscribe())
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
