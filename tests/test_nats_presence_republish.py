@@ -277,3 +277,42 @@ async def _is(value: Any, expected: Any) -> bool:
 
 async def _all(values: Any) -> bool:
     return all(values)
+
+
+async def test_a_room_of_more_keys_than_a_page_is_read_whole(replica: Replica) -> None:
+    """1,100 keys of other replicas (a slow join storm writes a key per join): a copy's start reads them in
+    pages of 1024 (batched direct gets), and so does a read of the room by a replica without members."""
+    a, b = await replica(), await replica()
+    room = unique_room()
+    js, nc, pre = presence(a).bus.js, presence(a).bus.nc, presence(a).pre
+    n = nats_presence.PAGE + 76
+    for i in range(n - 1):
+        node = f"node-{i}"
+        entry = PresenceEntry(f"u{i:04d}", f"s{i}", node)
+        await nc.publish(pre + foreign_key(room, node, i), encode_entries(node, [entry]))
+    last = f"node-{n - 1}"  # acknowledged: every write before it on this connection is stored too
+    await js.publish(pre + foreign_key(room, last, n - 1),
+                     encode_entries(last, [PresenceEntry(f"u{n - 1:04d}", f"s{n - 1}", last)]))
+    assert await a.presence.count(room) == PresenceCount(n, n)  # no member on a: one read of the room
+    assert await b.presence.join(room, PresenceEntry("bob", "sb", "node-b"))
+    assert live_of(b, room).roster.count() == PresenceCount(n + 1, n + 1)
+    assert await b.presence.count(room) == PresenceCount(n + 1, n + 1) and live_of(b, room).resyncs == 0
+
+
+async def test_messages_that_are_no_republished_write_are_ignored(replica: Replica) -> None:
+    """Something else publishes on the copy's subject: without a stream sequence (or with an unreadable one)
+    it is dropped with a warning, and the copy stays right."""
+    a = await replica()
+    room = unique_room()
+    await a.presence.join(room, PresenceEntry("alice", "sa", "node-a"))
+    p = presence(a)
+    live = live_of(a, room)
+    subject = p.dest + foreign_key(room, "node-x", 1)
+    value = encode_entries("node-x", [PresenceEntry("mallory", "sm", "node-x")])
+    await p.bus.nc.publish(subject, value)
+    await p.bus.nc.publish(subject, value, headers={"Nats-Sequence": "x"})
+    await p.bus.nc.publish(subject, b"not json", headers={"Nats-Sequence": "1"})  # unreadable value
+    await p.bus.nc.flush()
+    await asyncio.sleep(0.1)
+    assert live.roster.count() == PresenceCount(1, 1)
+    assert [m.user for m in (await a.presence.page(room, None, 10)).members] == ["alice"]
