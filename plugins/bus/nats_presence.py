@@ -203,6 +203,7 @@ class _LiveRoom:
         for key in list(self.keys):
             if key not in found and self.seqs.get(key, 0) <= top:
                 self.seqs.pop(key, None)
+                self.gone[key] = top  # a late duplicate of its writes must not bring it back
                 self.foreign(key, None)
         for key, (seq, msg) in sorted(found.items(), key=lambda item: item[1][0]):
             self.apply(key, seq, 0, msg)
