@@ -214,6 +214,8 @@ class NatsBus(Supervised):
 
         async def on_error(exc: Exception) -> None:
             log.debug("nats: %s", exc)
+            if self.presence is not None and isinstance(exc, self.nats.errors.SlowConsumerError):
+                self.presence.dropped(exc.sub)  # a presence copy that lost messages is read again
 
         async def on_lost() -> None:
             if self.nc is not None and conn.get("nc") is self.nc:

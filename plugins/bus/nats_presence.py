@@ -20,26 +20,38 @@ claim finds its keys by the key filter ``*.<node>.*``, purges them in batches, p
 node's key and reports the users who left (no connection of theirs remains in the room) to its
 ``on_departed`` listeners. So a dead replica's entries go within ``presence_ttl`` plus one interval.
 
-Reads: while this replica has members in a room it keeps a live copy of the room (an ordered
-consumer on ``<room>.>``, started once per room and replica) in a
-:class:`~wirehub.builtins.bus._roster.Roster`: O(1) count, O(limit + log n) pages. Its own joins enter
-it at their write's echo, before the join returns (read your writes); its own keys' echoes are not
-parsed (each write carries its id in a ``Wh-W`` header); another replica's rewrite of a key is applied
-as the difference to that key's last value. A leave is decided at the echo of the write that removed it (see
-:class:`~wirehub.builtins.bus.nats_buckets.Write`). A room where this replica has no member is read by
-one scan of its keys (O(n)). The copy's consumer may run on a stream replica that applies writes a
-little after the leader acknowledged them, so a read first waits until the copy reached the leader's
-newest sequence of the room's keys: one request per room and loop iteration (:meth:`NatsPresence._sync`).
-A join asks nothing before its write: its entries enter the copy at the echo of their write, where the
-copy holds every earlier write of the room's keys and no later one, and "first of its user" is decided
-there (:meth:`NatsPresence._settle`): one round trip per join, and of two first connections of one user,
-on any replicas, exactly one is first. Writes go through :mod:`~wirehub.builtins.bus.nats_acks`.
+Reads: while this replica has members in a room it keeps a live copy of the room in a
+:class:`~wirehub.builtins.bus._roster.Roster` (O(1) count, O(limit + log n) pages) without a JetStream
+consumer: the members stream republishes each write it stores (``RePublish`` to ``<prefix>.pm.>``, set
+in :meth:`NatsPresence.open`; headers ``Nats-Sequence`` and ``Nats-Last-Sequence``, the key's previous
+write), and the copy is one core subscription to ``<prefix>.pm.<room>.>`` per room and replica. It
+subscribes first, then reads the room's keys by batched direct gets (nats-server 2.11+; any stream
+replica answers, so the read is repeated until it reached the leader's newest sequence of the room),
+then applies the writes that arrived meanwhile. A write is applied unless the copy holds its key's
+write or a later one (duplicates are dropped); each write carries its key's whole state, so one that
+reveals a missed write of its key (``Nats-Last-Sequence`` newer than what the copy holds) repairs the
+key itself. A lost republish that no later write of its key follows is found by the next read:
+:meth:`NatsPresence._sync` asks the leader's newest sequence of the room's keys (one request per room
+and loop iteration) and waits until the copy got that far; a copy still behind after ``grace`` with
+nothing queued reads the room again. The copy is also read again when nats-py dropped messages of its
+subscription (a slow consumer) and when the members stream elected a new leader (it republishes what it
+applies as leader only); a broken connection starts new copies on the new one.
+Own joins enter the copy at their write's echo, before the join returns (read your writes); own keys'
+echoes are not parsed (each write carries its id in a ``Wh-W`` header); another replica's rewrite of
+a key is applied as the difference to that key's last value. A leave is decided at the echo of the
+write that removed it (see :class:`~wirehub.builtins.bus.nats_buckets.Write`). A join asks nothing
+before its write: its entries enter the copy at the echo of their write, where the copy holds every
+earlier write of the room's keys that reached it and no later one, and "first of its user" is decided
+there (:meth:`NatsPresence._settle`): one round trip per join, and of two first connections of one
+user, on any replicas, exactly one is first. A room where this replica has no member is read once the
+same way as a copy starts (O(n), no consumer). Writes go through :mod:`~wirehub.builtins.bus.nats_acks`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import logging
 import os
@@ -64,6 +76,13 @@ REAP_BATCH = 256
 PURGE_HEADERS = {"KV-Operation": "PURGE", "Nats-Rollup": "sub"}
 #: JetStream API error code of a message get that found nothing
 NO_MESSAGE = 10037
+#: messages per batched direct get of a snapshot (a page)
+PAGE = 1024
+#: purged keys a copy remembers (to drop late duplicates of their writes)
+GONE = 1024
+#: messages a copy's subscription may hold unprocessed (nats-py's default); past it nats-py drops them
+#: and reports a slow consumer, and the copy is read again (:meth:`NatsPresence.dropped`)
+SUB_PENDING = 512 * 1024
 
 
 def _decode(token: str) -> str:
@@ -92,12 +111,27 @@ class _LiveRoom:
         self.tag = tag
         self.own = own
         self.roster = Roster()
-        self.ready = asyncio.Event()
-        self.processed = 0
+        #: the newest stream sequence applied (of any key of the room)
         self.last_seq = 0
+        #: key -> stream sequence of its last write applied (own and other replicas' keys)
+        self.seqs: dict[str, int] = {}
+        #: keys whose last write was a purge -> its sequence (bounded: see GONE)
+        self.gone: dict[str, int] = {}
         #: another replica's key -> the sessions of its last value (a rewrite applies the difference)
         self.keys: dict[str, tuple[str, ...]] = {}
+        #: the core subscription to the room's republished writes
         self.sub: Any = None
+        #: (key, seq, last seq of the key, msg) received while a snapshot is read, applied after it;
+        #: None when no snapshot is under way
+        self.buffer: list[tuple[str, int, int, Any]] | None = []
+        #: the re-read under way (one per copy at a time)
+        self.resync: asyncio.Future[None] | None = None
+        #: read again after the re-read under way (messages were dropped while it ran)
+        self.again = False
+        #: counters (diagnostics, tests): writes found missed, duplicates dropped, re-reads
+        self.gaps = 0
+        self.duplicates = 0
+        self.resyncs = 0
         #: the leader's newest sequence of the room's keys, asked once for the reads of one loop iteration
         #: (one future per read: a reader that gives up cancels only its own)
         self.next_sync: list[asyncio.Future[int]] | None = None
@@ -116,7 +150,43 @@ class _LiveRoom:
         self.waiters = waiting
 
     def echo(self, key: str, seq: int, msg: Any) -> None:
-        """A message of the room's consumer: a write (or purge) of ``key``."""
+        """A republished write (or purge) of ``key``, stream sequence ``seq``."""
+        try:
+            last = int(msg.headers.get("Nats-Last-Sequence") or 0)  # the key's previous write (0: none)
+        except (AttributeError, TypeError, ValueError):
+            last = 0
+        if self.buffer is not None:
+            self.buffer.append((key, seq, last, msg))
+        else:
+            self.apply(key, seq, last, msg)
+
+    def newest(self) -> int:
+        """The newest sequence the copy holds or has buffered."""
+        top = self.last_seq
+        if self.buffer:
+            top = max(top, max(item[1] for item in self.buffer))
+        return top
+
+    def apply(self, key: str, seq: int, last: int, msg: Any) -> None:
+        """Apply a write of ``key`` unless the copy holds it or a later one. Each write carries the key's
+        whole state (nats_buckets), so a write that reveals a missed one (``last`` newer than what the
+        copy holds of the key) is itself the key's newest state: applying it repairs the key."""
+        applied = self.seqs.get(key) or self.gone.get(key, 0)
+        if seq <= applied:
+            self.duplicates += 1
+            return
+        if last > applied:
+            self.gaps += 1
+            log.info("presence: a write of %s (seq %d) was missed; the copy takes its newer state", key, last)
+        if _is_value(msg):
+            self.seqs[key] = seq
+            self.gone.pop(key, None)
+        else:
+            self.seqs.pop(key, None)
+            self.gone[key] = seq
+            if len(self.gone) > GONE:  # the oldest purges: their late duplicates are long past
+                for old in list(self.gone)[:GONE // 2]:
+                    del self.gone[old]
         if seq > self.last_seq:
             self.last_seq = seq
             if self.waiters:
@@ -126,10 +196,26 @@ class _LiveRoom:
         else:
             self.foreign(key, msg)
 
+    def reconcile(self, found: dict[str, tuple[int, Any]], top: int) -> None:
+        """Apply a snapshot of the room's keys (key -> (seq, last message)), complete up to ``top``: a key
+        of another replica that the copy holds and the broker no longer has is gone (purged, and its
+        marker expired)."""
+        for key in list(self.keys):
+            if key not in found and self.seqs.get(key, 0) <= top:
+                self.seqs.pop(key, None)
+                self.gone[key] = top  # a late duplicate of its writes must not bring it back
+                self.foreign(key, None)
+        for key, (seq, msg) in sorted(found.items(), key=lambda item: item[1][0]):
+            self.apply(key, seq, 0, msg)
+        if top > self.last_seq:
+            self.last_seq = top
+            if self.waiters:
+                self.reached()
+
     def foreign(self, key: str, msg: Any) -> None:
-        """Another replica's write of ``key``: its new value (or none) replaces the last one."""
+        """Another replica's write of ``key`` (None: gone): its new value (or none) replaces the last one."""
         entries: list[PresenceEntry] = []
-        if _is_value(msg):
+        if msg is not None and _is_value(msg):
             try:
                 entries = parse_entries(msg.data)
             except (ValueError, KeyError, TypeError):
@@ -160,6 +246,10 @@ class NatsPresence:
         self.nodes_bucket = _name(bus.prefix, "nodes")
         self.claims_bucket = _name(bus.prefix, "claims")
         self.pre = f"$KV.{self.members_bucket}."
+        #: the members stream republishes every write there (``<dest><room>.<node>.<tag><n>``), outside the
+        #: stream's subjects and the bus's (``<prefix>.r.*.*``, ``<prefix>.q.*``)
+        self.dest = f"{bus.prefix}.pm."
+        self.direct = f"$JS.API.DIRECT.GET.KV_{self.members_bucket}"
         #: a purge: the value goes at once, its marker after marker_ttl (as js.publish(msg_ttl=) sends it)
         self.purge_headers = {**PURGE_HEADERS, "Nats-TTL": str(int(self.marker_ttl))}
         self.members_kv: Any = None
@@ -185,6 +275,15 @@ class NatsPresence:
         self._keys = 0
         self._writes = 0
         self._rooms: dict[str, asyncio.Future[_LiveRoom]] = {}
+        #: a copy's core subscription -> its room (a slow consumer's report names the subscription)
+        self._subs: dict[Any, str] = {}
+        #: the reply subject prefix of this connection's batched direct gets, and the batches under way:
+        #: token -> (messages so far, the batch's end: (pending after it, its last sequence))
+        self._inbox = ""
+        self._pages: dict[str, tuple[list[Any], asyncio.Future[tuple[int, int]]]] = {}
+        self._page_n = 0
+        #: a read waits this long for the copy to reach the leader's sequence before it re-reads the room
+        self.grace = max(0.05, bus.op_timeout / 5)
         #: node ids of this replica's entries (normally one) -> revision of its last heartbeat
         self._nodes: dict[str, int] = {}
         #: node -> time.monotonic() of its last heartbeat seen through the nodes watch
@@ -203,9 +302,18 @@ class NatsPresence:
         self.members_kv = await bus._bucket(self.members_bucket, None, storage)
         self.nodes_kv = await bus._bucket(self.nodes_bucket, None, storage)
         self.claims_kv = await bus._bucket(self.claims_bucket, self.ttl, storage)
-        self._rooms = {}  # the old copies' consumers died with the old connection
+        await self._republish()
+        self._rooms, self._subs = {}, {}  # the old copies' subscriptions died with the old connection
         self._seen = {}
         api = bus.nats.js.api
+        nc = bus.nc
+        self._inbox = f"{nc.new_inbox()}."
+        self._pages = {}
+        await nc.subscribe(self._inbox + "*", cb=self._on_page)
+        # a new leader of the members stream may not have republished the last writes the old one
+        # took (it republishes what it applies as leader): every copy is re-read
+        await nc.subscribe(f"$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.KV_{self.members_bucket}",
+                           cb=self._on_leader)
         pre = f"$KV.{self.nodes_bucket}."
 
         snapshot_done = False
@@ -249,36 +357,111 @@ class NatsPresence:
 
     # -- reading ---------------------------------------------------------------------------------------
 
-    async def _scan(self, pattern: str) -> list[tuple[str, PresenceEntry]]:
-        """(key, entry) of every entry of every members key matching ``pattern``, read once with an
-        ordered consumer. (nats-py's KV watch can announce "no more values" before values it already
-        received.)"""
+    async def _republish(self) -> None:
+        """The members stream republishes each write (to :attr:`dest`, headers ``Nats-Sequence`` and
+        ``Nats-Last-Sequence``: the key's previous write) and answers batched direct gets."""
         bus = self.bus
+        js, api, stream = bus.js, bus.nats.js.api, f"KV_{self.members_bucket}"
+        src, dest = f"$KV.{self.members_bucket}.>", f"{self.dest}>"
+        config = (await js.stream_info(stream)).config
+        have = config.republish
+        if have is None or have.src != src or have.dest != dest or have.headers_only or not config.allow_direct:
+            await js.update_stream(dataclasses.replace(config, republish=api.RePublish(src=src, dest=dest),
+                                                       allow_direct=True))
 
-        async def scan() -> list[tuple[str, PresenceEntry]]:
-            api = bus.nats.js.api
-            sub = await bus.js.subscribe(self.pre + pattern, stream=f"KV_{self.members_bucket}",
-                                         ordered_consumer=True, deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT)
-            out: list[tuple[str, PresenceEntry]] = []
-            try:
-                info = await sub.consumer_info()
-                if info.num_pending == 0 and not info.delivered.consumer_seq:
-                    return out
+    async def _on_page(self, msg: Any) -> None:
+        """A reply of a batched direct get: a message, or the batch's end (status 204 EOB, 404: none)."""
+        batch = self._pages.get(msg.subject[len(self._inbox):])
+        if batch is None:
+            return
+        msgs, end = batch
+        if end.done():
+            return
+        hdr = msg.headers or {}
+        status = hdr.get("Status")
+        if status is None:
+            if "Nats-Num-Pending" not in hdr:  # a server before 2.11 answers a batch with one message
+                end.set_exception(BusUnavailable("presence needs nats-server 2.11 or newer (batched direct gets)"))
+                return
+            msgs.append(msg)
+        elif status == "204":
+            end.set_result((int(hdr.get("Nats-Num-Pending") or 0), int(hdr.get("Nats-Last-Sequence") or 0)))
+        elif status == "404":
+            end.set_result((0, 0))
+        else:
+            end.set_exception(BusUnavailable(f"presence read: status {status} {hdr.get('Description', '')}"))
+
+    async def _page(self, pattern: str, start: int) -> tuple[list[Any], int, int]:
+        """One batched direct get: the messages of keys matching ``pattern`` from sequence ``start`` on
+        (the bucket keeps one message per key, so these are the keys' last writes), how many follow, and
+        the sequence to go on after."""
+        self._page_n += 1
+        token = str(self._page_n)
+        msgs: list[Any] = []
+        end: asyncio.Future[tuple[int, int]] = asyncio.get_running_loop().create_future()
+        self._pages[token] = (msgs, end)
+        req = json.dumps({"seq": start, "next_by_subj": self.pre + pattern, "batch": PAGE}).encode()
+        try:
+            await self.bus.nc.publish(self.direct, req, reply=self._inbox + token)
+            pending, last = await end
+        finally:
+            self._pages.pop(token, None)
+        return msgs, pending, last
+
+    async def _read_keys(self, pattern: str, live: _LiveRoom | None = None) -> tuple[dict[str, tuple[int, Any]], int]:
+        """key -> (seq, last message) of every members key matching ``pattern`` (purge markers too), and the
+        sequence it is complete up to. Read without a consumer, by batched direct gets paged by sequence.
+        Any replica of the stream may answer one, and a follower may be a few writes behind the leader:
+        so the leader's newest sequence of the pattern is asked beside it, and the read is done again
+        until it (or ``live``'s buffered messages) reached that sequence."""
+        bus = self.bus
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + min(bus.op_timeout, 1.0)
+        leader = asyncio.ensure_future(self._leader_seq(pattern))
+        delay = 0.005
+        try:
+            while True:
+                found: dict[str, tuple[int, Any]] = {}
+                top, start = 0, 1
                 while True:
-                    msg = await sub.next_msg(timeout=bus.op_timeout)
-                    if _is_value(msg):
-                        key = msg.subject[len(self.pre):]
-                        try:
-                            out += [(key, e) for e in parse_entries(msg.data)]
-                        except (ValueError, KeyError, TypeError):
-                            log.warning("presence: unreadable value of %s ignored", key)
-                    if msg.metadata.num_pending == 0:
-                        return out
-            finally:
-                await sub.unsubscribe()
+                    msgs, pending, last = await bus.call("presence", lambda start=start: self._page(pattern, start))
+                    for msg in msgs:
+                        hdr = msg.headers
+                        key, seq = hdr["Nats-Subject"][len(self.pre):], int(hdr["Nats-Sequence"])
+                        if seq > found.get(key, (0, None))[0]:
+                            found[key] = (seq, msg)
+                        top = max(top, seq)
+                    if not pending or not last:
+                        break
+                    start = last + 1
+                target = await leader
+                if max(top, live.newest() if live is not None else 0) >= target:
+                    return found, max(top, target)
+                await asyncio.sleep(delay)  # the copy's subscription may hold the newer writes by now
+                delay = min(0.1, delay * 2)
+                if live is not None and live.newest() >= target:
+                    return found, top
+                if loop.time() > deadline:  # e.g. the leader's newest was a purge marker that expired since
+                    log.info("presence: a read of %s reached sequence %d, not the leader's %d", pattern, top, target)
+                    return found, top
+        finally:
+            if not leader.done():
+                leader.cancel()
+            elif not leader.cancelled():
+                leader.exception()
 
-        bus._check()
-        return await bus.call("presence", scan)  # type: ignore[no-any-return]
+    async def _scan(self, pattern: str) -> list[tuple[str, PresenceEntry]]:
+        """(key, entry) of every entry of every members key matching ``pattern``."""
+        self.bus._check()
+        found, _ = await self._read_keys(pattern)
+        out: list[tuple[str, PresenceEntry]] = []
+        for key, (_, msg) in sorted(found.items()):
+            if _is_value(msg):
+                try:
+                    out += [(key, e) for e in parse_entries(msg.data)]
+                except (ValueError, KeyError, TypeError):
+                    log.warning("presence: unreadable value of %s ignored", key)
+        return out
 
     async def _live(self, room: str) -> _LiveRoom | None:
         """The room's live copy when this replica has members there (started on first use)."""
@@ -306,10 +489,12 @@ class NatsPresence:
         return await asyncio.shield(fut)
 
     async def _start_live(self, room: str) -> _LiveRoom:
+        """Subscribe to the room's republished writes, then read its keys: the writes that arrive meanwhile
+        wait in the copy's buffer and are applied after the snapshot, each unless the copy holds its key's
+        write or a later one."""
         bus = self.bus
-        api = bus.nats.js.api
         live = _LiveRoom(bus.nc, self._tag, lambda key, msg: self._echoed(room, live, key, msg))
-        pre = self.pre
+        skip = len(self.dest)
 
         for bucket in self._own.get(room, {}).values():  # this replica's own keys: its state, not their echoes
             if not bucket.pending and not any(w.joins is not None for w in bucket.writes.values()):
@@ -317,20 +502,80 @@ class NatsPresence:
                     live.roster.add(entry)
 
         async def on_msg(msg: Any) -> None:
-            meta = msg.metadata
-            live.echo(msg.subject[len(pre):], meta.sequence.stream, msg)
-            live.processed += 1
-            if meta.num_pending == 0:
-                live.ready.set()
+            try:
+                seq = int(msg.headers["Nats-Sequence"])
+            except (KeyError, TypeError, ValueError):
+                log.warning("presence: a message on %s without its stream sequence ignored", msg.subject)
+                return
+            live.echo(msg.subject[skip:], seq, msg)
 
-        live.sub = await bus.js.subscribe(f"{pre}{encode_room(room)}.>", stream=f"KV_{self.members_bucket}",
-                                          cb=on_msg, ordered_consumer=True,
-                                          deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT)
-        info = await live.sub.consumer_info()
-        if info.num_pending == 0 and live.processed >= (info.delivered.consumer_seq or 0):
-            live.ready.set()
-        await live.ready.wait()
+        # the subscription goes out before the reads on the same connection: the server has it when it
+        # answers them, so every write it takes after the snapshot comes through it
+        live.sub = await bus.call("presence", lambda: bus.nc.subscribe(f"{self.dest}{encode_room(room)}.>",
+                                                                        cb=on_msg, pending_msgs_limit=SUB_PENDING))
+        try:
+            await self._load(live, room)
+        except BaseException:
+            task = asyncio.ensure_future(live.sub.unsubscribe())
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+            raise
+        self._subs[live.sub] = room
         return live
+
+    async def _load(self, live: _LiveRoom, room: str) -> None:
+        """Read the room's keys into the copy (its start, or a re-read of a copy that may have missed a
+        write), then apply what its subscription buffered meanwhile."""
+        if live.buffer is None:
+            live.buffer = []
+        try:
+            found, top = await self._read_keys(f"{encode_room(room)}.>", live)
+            live.reconcile(found, top)
+        finally:
+            buffered, live.buffer = live.buffer, None
+            for item in buffered:
+                live.apply(*item)
+
+    def _resync(self, live: _LiveRoom, room: str, why: str, *, again: bool = False) -> asyncio.Future[None]:
+        """Re-read the room into its copy (one at a time per copy; ``again``: once more after the one under
+        way, which may have read the broker before what it must cover). A failed re-read leaves the copy
+        as it was, and the next read that finds it behind the leader tries again."""
+        if live.resync is not None and not live.resync.done():
+            live.again = live.again or again
+            return live.resync
+        log.info("presence: re-reading the copy of %r (%s)", room, why)
+
+        async def run() -> None:
+            while True:
+                live.again = False
+                live.resyncs += 1
+                try:
+                    await self._load(live, room)
+                except Exception as exc:
+                    log.info("presence: re-reading the copy of %r failed: %s", room, exc)
+                    return
+                if not live.again:
+                    return
+
+        task = live.resync = asyncio.ensure_future(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def dropped(self, sub: Any) -> None:
+        """nats-py dropped messages of subscription ``sub`` (a slow consumer): if it is a copy's, re-read it."""
+        room = self._subs.get(sub)
+        live = self._current_live(room) if room is not None else None
+        if live is not None and live.sub is sub:
+            self._resync(live, room, "its subscription dropped messages", again=True)  # type: ignore[arg-type]
+
+    async def _on_leader(self, msg: Any) -> None:
+        rooms = [room for room in self._rooms if self._current_live(room) is not None]
+        if rooms:
+            log.warning("presence: new leader of the members stream; re-reading %d rooms", len(rooms))
+        for i in range(0, len(rooms), REAP_BATCH):
+            batch = [(live, room) for room in rooms[i:i + REAP_BATCH]
+                     if (live := self._current_live(room)) is not None]
+            await asyncio.gather(*(self._resync(live, room, "new stream leader") for live, room in batch))
 
     def _current_live(self, room: str) -> _LiveRoom | None:
         """The room's live copy if one is running on this connection (never starts one)."""
@@ -344,7 +589,10 @@ class NatsPresence:
         if fut is None or not fut.done() or fut.exception() is not None:
             return
         live = fut.result()
+        if live.resync is not None:
+            live.resync.cancel()
         if live.conn is self.bus.nc and live.sub is not None:
+            self._subs.pop(live.sub, None)
             task = asyncio.ensure_future(live.sub.unsubscribe())
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
@@ -361,12 +609,11 @@ class NatsPresence:
         return roster
 
     async def _sync(self, live: _LiveRoom, room: str) -> None:
-        """Wait until the copy holds every write the broker acknowledged before this read began.
-        The copy's consumer may run on a stream replica that applies writes milliseconds after the
-        leader acknowledged them (JetStream places an ephemeral consumer on any of the stream's
-        replicas): without this, a replica could miss a leave that another replica already reported
-        done. One request (the leader's newest sequence of the room's keys) serves every read of one
-        loop iteration; when the broker does not answer, the copy is read as it is."""
+        """Wait until the copy holds every write the broker acknowledged before this read began: without
+        this, a replica could miss a leave that another replica already reported done (its republish
+        still on the way). One request (the leader's newest sequence of the room's keys) serves every
+        read of one loop iteration; when the broker does not answer, the copy is read as it is. A copy
+        still behind after :attr:`grace` with nothing queued missed a write: the room is read again."""
         loop = asyncio.get_running_loop()
         readers = live.next_sync
         if readers is None:
@@ -377,20 +624,32 @@ class NatsPresence:
         target = await mine
         if live.last_seq >= target:
             return
+        if not await self._wait_for(live, target, self.grace):
+            return
+        if live.sub.pending_msgs and not await self._wait_for(live, target, self.bus.op_timeout):
+            return  # a busy loop: its subscription's queue held the writes
+        # still behind the leader with nothing queued: a republished write was lost (see the module
+        # docstring), so the room is read again
+        await asyncio.shield(self._resync(live, room, f"behind the leader's sequence {target}"))
+
+    @staticmethod
+    async def _wait_for(live: _LiveRoom, target: int, timeout: float) -> bool:
+        """Wait until the copy reached ``target``; True when ``timeout`` passed first."""
+        if live.last_seq >= target:
+            return False
+        loop = asyncio.get_running_loop()
         waiter: asyncio.Future[bool | None] = loop.create_future()
         live.waiters.append((target, waiter))  # set to None when the copy reached it (_LiveRoom.reached)
-        timer = loop.call_later(self.bus.op_timeout, _expire, waiter)  # a timer, not a wait_for's machinery
+        timer = loop.call_later(timeout, _expire, waiter)  # a timer, not a wait_for's machinery
         try:
-            expired = await waiter
+            return bool(await waiter)
         finally:
             timer.cancel()
-        if expired:
-            log.info("presence: the copy of %r did not reach sequence %d; read as it is", room, target)
 
     def _ask_sync(self, live: _LiveRoom, room: str, readers: list[asyncio.Future[int]]) -> None:
         if live.next_sync is readers:
             live.next_sync = None
-        task = asyncio.ensure_future(self._leader_seq(room))
+        task = asyncio.ensure_future(self._leader_seq(f"{encode_room(room)}.>"))
 
         def done(t: asyncio.Task[int]) -> None:
             seq = 0 if t.cancelled() or t.exception() is not None else t.result()
@@ -400,9 +659,9 @@ class NatsPresence:
 
         task.add_done_callback(done)
 
-    async def _leader_seq(self, room: str) -> int:
-        """The stream leader's newest sequence of ``room``'s keys (0: none)."""
-        req = json.dumps({"last_by_subj": f"{self.pre}{encode_room(room)}.>"}).encode()
+    async def _leader_seq(self, pattern: str) -> int:
+        """The stream leader's newest sequence of the keys matching ``pattern`` (0: none)."""
+        req = json.dumps({"last_by_subj": f"{self.pre}{pattern}"}).encode()
         answer = await self.bus.request("presence", f"$JS.API.STREAM.MSG.GET.KV_{self.members_bucket}", req,
                                         absent=NO_MESSAGE)
         return int(answer.get("message", {}).get("seq", 0))
