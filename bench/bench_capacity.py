@@ -13,7 +13,8 @@ Per run (one ``--bus`` at one ``--groups`` size) it reports, over the measuremen
 
 Run it at two sizes with the rate proportional to the connections: if CPU per delivery, operations per
 publish and RSS per connection stay flat, the per-unit figures extrapolate linearly (docs/scaling.md).
-Fewer ``--replicas`` at the same connections load each replica more (the plan assumes 70 % of a core).
+Fewer ``--replicas`` at the same connections load each replica more (the plan assumes 70 % of a core);
+``--place grouped`` puts each group's 10 members on one replica (what placing groups on few pods buys).
 
     python -m bench.bench_capacity --bus nats-cluster,nats,redis --groups 300,900 --rate-per-conn 1
 
@@ -181,8 +182,13 @@ async def run(kind: str, a: argparse.Namespace, groups: int, workdir: Path, *, l
         conns = groups * GROUP
         sem = asyncio.Semaphore(a.burst)
 
+        def port_of(i: int) -> int:
+            """spread: a group's 10 members on every replica in turn (a random balancer's layout, as far as 3
+            replicas go); grouped: all of them on one replica (placed by group, docs/scaling.md)"""
+            return ports[(i // GROUP if a.place == "grouped" else i) % len(ports)]
+
         def factory(i: int) -> Callable[[], Member]:
-            return lambda: Member(ports[i % len(ports)], i, stats)
+            return lambda: Member(port_of(i), i, stats)
 
         failures: list[str] = []
 
@@ -192,7 +198,7 @@ async def run(kind: str, a: argparse.Namespace, groups: int, workdir: Path, *, l
                 for _ in range(10):
                     m = None
                     try:
-                        m = await connect(factory(i), "127.0.0.1", ports[i % len(ports)], timeout=30)
+                        m = await connect(factory(i), "127.0.0.1", port_of(i), timeout=30)
                         await asyncio.wait_for(m.join(runid), 60)
                         return m
                     except (OSError, TimeoutError) as exc:
@@ -256,7 +262,8 @@ async def run(kind: str, a: argparse.Namespace, groups: int, workdir: Path, *, l
         lat = sorted(stats.latencies)
         d = max(1, stats.deliveries)
         return {
-            "bus": kind, "wirehub": label, "replicas": a.replicas, "connections": conns, "target_deliveries_s": rate,
+            "bus": kind, "wirehub": label, "replicas": a.replicas, "place": a.place, "connections": conns,
+            "target_deliveries_s": rate,
             "deliveries_s": round(stats.deliveries / wall, 1),
             # under 100 %: the replicas or the load generator fell behind (the target rate was not met)
             "delivered_pct": round(100 * stats.deliveries / wall / rate, 1),
@@ -282,8 +289,8 @@ async def run(kind: str, a: argparse.Namespace, groups: int, workdir: Path, *, l
 
 
 def render(results: list[dict[str, Any]]) -> str:
-    cols = ["bus", "wirehub", "replicas", "connections", "target_deliveries_s", "deliveries_s", "delivered_pct",
-            "p50_ms", "p99_ms",
+    cols = ["bus", "wirehub", "replicas", "place", "connections", "target_deliveries_s", "deliveries_s",
+            "delivered_pct", "p50_ms", "p99_ms",
             "wirehub_cpu_us_per_delivery", "wirehub_cpu_us_per_conn_s", "replica_cpu_pct_each",
             "broker_cpu_us_per_delivery", "broker_ops_per_publish", "joins_s", "broker_ops_per_join",
             "rss_kib_per_conn", "loadgen_cpu_pct", "churned", "errors"]
@@ -295,7 +302,7 @@ def render(results: list[dict[str, Any]]) -> str:
 def ratios(results: list[dict[str, Any]]) -> str:
     """After / before per (bus, connections): the mean of the rounds' wirehub CPU per delivery and p99."""
     groups: dict[tuple[str, int], dict[str, list[dict[str, Any]]]] = {}
-    for r in results:
+    for r in results:  # one (bus, connections) per run of this script: --replicas and --place are fixed
         groups.setdefault((r["bus"], r["connections"]), {}).setdefault(r["wirehub"], []).append(r)
     lines = ["| bus | connections | wirehub CPU us/delivery, before | after | after / before | p99 ms before | after |",
              "|---|---|---|---|---|---|---|"]
@@ -318,6 +325,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--bus", default="nats-cluster,nats,redis")
     p.add_argument("--groups", default="300,900", help="10-member groups per run (connections = 10 x groups)")
     p.add_argument("--replicas", type=int, default=3)
+    p.add_argument("--place", choices=("spread", "grouped"), default="spread",
+                   help="a group's members on every replica in turn (spread) or all on one (grouped)")
     p.add_argument("--rate-per-conn", type=float, default=0.5, help="group deliveries/s per connection (plan: 0.5)")
     p.add_argument("--churn-per-min-per-conn", type=float, default=0.2, help="plan: 200,000/min of 1M = 0.2")
     p.add_argument("--warmup", type=float, default=2.0)

@@ -246,9 +246,11 @@ async def send_on(conn: Any, commands: list[Command]) -> list[Any]:
     io = _lean_io(conn)
     if io is None:  # no hiredis, or another redis-py layout: redis-py's own calls
         return await _send_slow(conn, commands)
+    from redis.exceptions import ConnectionError as Broken  # what redis-py raises: the bus's errors include it
+
     writer, stream, reader, more = io
     if writer.transport.is_closing():
-        raise ConnectionError("the connection was closed before the write")
+        raise Broken("the connection was closed before the write")
     writer.write(_pack_joined(commands))
     await writer.drain()  # at once unless the socket's buffer is over its high-water mark
     out: list[Any] = []
@@ -258,10 +260,10 @@ async def send_on(conn: Any, commands: list[Command]) -> list[Any]:
         if reply is more:
             data = await stream.read(READ_SIZE)
             if not data:
-                raise ConnectionError("the connection was closed by the server")
+                raise Broken("the connection was closed by the server")
             reader.feed(data)
             continue
-        if isinstance(reply, ConnectionError):  # redis-py raises these (LOADING, ...): the connection is not usable
+        if isinstance(reply, Broken):  # redis-py raises these (LOADING, ...): the connection is not usable
             raise reply
         out.append(reply)  # a command's error reply stays its own (a ResponseError instance)
     return out
