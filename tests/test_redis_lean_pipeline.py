@@ -107,3 +107,22 @@ async def test_without_hiredis_the_pipeline_is_redis_py_s(pool: Any, monkeypatch
     replies = await send_on_pool(pool, [("SET", key, b"v"), ("INCR", key), ("GET", key)])
     assert replies[0] in (True, b"OK") and replies[2] == b"v"
     assert isinstance(replies[1], rexc.ResponseError)
+
+
+async def test_a_resp3_push_between_the_replies_is_no_command_s_reply(pool: Any, redis_server: RedisServer) -> None:
+    # client tracking (RESP3, redis-py's default): another client's write to a key the connection read sends
+    # it an invalidation push, here while its pipeline waits in BLPOP, so between two of the replies
+    key, queue = f"lean-{uuid.uuid4().hex[:8]}", f"lean-q-{uuid.uuid4().hex[:8]}"
+    await send_on_pool(pool, [("SET", key, b"v1")])
+    pipeline = asyncio.ensure_future(send_on_pool(pool, [
+        ("CLIENT", "TRACKING", "ON"), ("GET", key), ("BLPOP", queue, 10), ("ECHO", b"mine")]))
+    async with aioredis.Redis.from_url(redis_server.url) as other:
+        for _ in range(100):  # the pipeline is blocked in BLPOP
+            if any(c.get("cmd") == "blpop" for c in await other.client_list()):
+                break
+            await asyncio.sleep(0.02)
+        await other.set(key, b"v2")  # the push goes out now, ahead of BLPOP's reply
+        await other.rpush(queue, b"x")
+    replies = await asyncio.wait_for(pipeline, 10)
+    assert replies[:2] == [b"OK", b"v1"]
+    assert [bytes(v) for v in replies[2]] == [queue.encode(), b"x"] and replies[3] == b"mine"

@@ -36,10 +36,15 @@ if TYPE_CHECKING:
 from wirehub import BusUnavailable
 
 _pack_command: Callable[[Command], bytes] | None
+_PUSH: type | None  # a RESP3 push as hiredis parses it (3.2+)
 try:
     from hiredis import pack_command as _pack_command
 except ImportError:  # pragma: no cover - hiredis (2.1+) is in the redis extra
     _pack_command = None
+try:
+    from hiredis import PushNotification as _PUSH
+except ImportError:  # pragma: no cover - hiredis before 3.2 parses a push as a list: redis-py does not tell them apart
+    _PUSH = None
 
 Command = tuple[Any, ...]
 #: pipelines in flight at once; what is asked for meanwhile waits and goes out as the next one, so a
@@ -248,7 +253,7 @@ async def send_on(conn: Any, commands: list[Command]) -> list[Any]:
         return await _send_slow(conn, commands)
     from redis.exceptions import ConnectionError as Broken  # what redis-py raises: the bus's errors include it
 
-    writer, stream, reader, more = io
+    writer, stream, reader, more, parser = io
     if writer.transport.is_closing():
         raise Broken("the connection was closed before the write")
     writer.write(_pack_joined(commands))
@@ -265,6 +270,11 @@ async def send_on(conn: Any, commands: list[Command]) -> list[Any]:
             continue
         if isinstance(reply, Broken):  # redis-py raises these (LOADING, ...): the connection is not usable
             raise reply
+        if _PUSH is not None and isinstance(reply, _PUSH):
+            # RESP3 (redis-py's default) may interleave a push (client tracking, a server's maintenance
+            # notice) with the replies: it is no command's reply; redis-py's parser handles it as it would
+            await parser.handle_push_response(reply)
+            continue
         out.append(reply)  # a command's error reply stays its own (a ResponseError instance)
     return out
 
@@ -273,10 +283,11 @@ async def send_on(conn: Any, commands: list[Command]) -> list[Any]:
 READ_SIZE = 65536
 
 
-def _lean_io(conn: Any) -> tuple[Any, Any, Any, object] | None:
-    """(stream writer, stream reader, hiredis reader, its not-enough-data marker) of a connected redis-py
-    connection with the hiredis parser; else None. Every caller on a pooled connection reads all the replies
-    of what it sent (or the connection is disconnected), so the hiredis reader holds nothing of another's."""
+def _lean_io(conn: Any) -> tuple[Any, Any, Any, object, Any] | None:
+    """(stream writer, stream reader, hiredis reader, its not-enough-data marker, redis-py's parser) of a
+    connected redis-py connection with the hiredis parser; else None. Every caller on a pooled connection
+    reads all the replies of what it sent (or the connection is disconnected), so the hiredis reader holds
+    nothing of another's."""
     parser = getattr(conn, "_parser", None)
     reader, stream = getattr(parser, "_reader", None), getattr(conn, "_reader", None)
     writer = getattr(conn, "_writer", None)
@@ -286,9 +297,9 @@ def _lean_io(conn: Any) -> tuple[Any, Any, Any, object] | None:
         from redis._parsers.hiredis import NOT_ENOUGH_DATA
     except ImportError:  # pragma: no cover - another redis-py layout: the slow path still works
         return None
-    if getattr(parser, "_connected", True) is False:
+    if getattr(parser, "_connected", True) is False or not hasattr(parser, "handle_push_response"):
         return None
-    return writer, stream, reader, NOT_ENOUGH_DATA
+    return writer, stream, reader, NOT_ENOUGH_DATA, parser
 
 
 def _pack_joined(commands: list[Command]) -> bytes:
