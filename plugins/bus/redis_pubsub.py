@@ -26,11 +26,11 @@ run); it is then run again alone, after the rest of its batch, as redis-py's ret
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
 from wirehub import BusUnavailable, PublishOutcomeUnknown
-from wirehub.builtins.bus.redis_batch import send_on_pool
+from wirehub.builtins.bus.redis_batch import Command, send_on_pool
 
 #: bytes asked of the socket per read; hiredis parses whatever arrived, many replies at once
 READ_SIZE = 65536
@@ -100,7 +100,7 @@ class _Pending:
 
     __slots__ = ("args", "channel", "future", "script")
 
-    def __init__(self, args: Sequence[Any], future: asyncio.Future[Any], script: Any, channel: bytes | None) -> None:
+    def __init__(self, args: Command, future: asyncio.Future[Any], script: Any, channel: bytes | None) -> None:
         self.args, self.future, self.script, self.channel = args, future, script, channel
 
 
@@ -122,7 +122,7 @@ class PublishBatcher:
         self.batches = 0
         self.commands = 0
 
-    def submit(self, args: Sequence[Any], script: Any = None, channel: bytes | None = None) -> asyncio.Future[Any]:
+    def submit(self, args: Command, script: Any = None, channel: bytes | None = None) -> asyncio.Future[Any]:
         """Queue one command (``EVALSHA sha n keys... args...`` or ``PUBLISH ch data``); its future
         resolves to the command's reply. ``script`` (the redis-py Script of an EVALSHA) lets a
         command that Redis answered NOSCRIPT (not run: a flushed script cache) run again alone.
@@ -182,7 +182,7 @@ class PublishBatcher:
             self._client, self._loaded = client, set()
         loads = {p.script.sha: p.script for p in batch if p.script is not None and p.script.sha not in self._loaded}
 
-        commands = [("SCRIPT", "LOAD", script.script) for script in loads.values()]
+        commands: list[Command] = [("SCRIPT", "LOAD", script.script) for script in loads.values()]
         commands += [p.args for p in batch]
 
         def run() -> Awaitable[list[Any]]:
