@@ -13,7 +13,8 @@ Per run (one ``--bus`` at one ``--groups`` size) it reports, over the measuremen
 
 Run it at two sizes with the rate proportional to the connections: if CPU per delivery, operations per
 publish and RSS per connection stay flat, the per-unit figures extrapolate linearly (docs/scaling.md).
-Fewer ``--replicas`` at the same connections load each replica more (the plan assumes 70 % of a core).
+Fewer ``--replicas`` at the same connections load each replica more (the plan assumes 70 % of a core);
+``--place grouped`` puts each group's 10 members on one replica (what placing groups on few pods buys).
 
     python -m bench.bench_capacity --bus nats-cluster,nats,redis --groups 300,900 --rate-per-conn 1
 
@@ -182,8 +183,13 @@ async def run(kind: str, a: argparse.Namespace, groups: int, workdir: Path, *, l
         conns = groups * GROUP
         sem = asyncio.Semaphore(a.burst)
 
+        def port_of(i: int) -> int:
+            """spread: a group's 10 members on every replica in turn (a random balancer's layout, as far as 3
+            replicas go); grouped: all of them on one replica (placed by group, docs/scaling.md)"""
+            return ports[(i // GROUP if a.place == "grouped" else i) % len(ports)]
+
         def factory(i: int) -> Callable[[], Member]:
-            return lambda: Member(ports[i % len(ports)], i, stats)
+            return lambda: Member(port_of(i), i, stats)
 
         failures: list[str] = []
 
@@ -193,7 +199,7 @@ async def run(kind: str, a: argparse.Namespace, groups: int, workdir: Path, *, l
                 for _ in range(10):
                     m = None
                     try:
-                        m = await connect(factory(i), "127.0.0.1", ports[i % len(ports)], timeout=30)
+                        m = await connect(factory(i), "127.0.0.1", port_of(i), timeout=30)
                         await asyncio.wait_for(m.join(runid), 60)
                         return m
                     except (OSError, TimeoutError) as exc:
@@ -213,13 +219,14 @@ async def run(kind: str, a: argparse.Namespace, groups: int, workdir: Path, *, l
         join_wall, ops_join = perf() - t0, layout.ops() - ops0
         await asyncio.sleep(1.0)
         rss_per_conn = (sum(rss_bytes(p) for p in wpids) - rss0) / conns
-        # pace: group publishes (9 deliveries each) and churn (leave + arrive again), every 20 ms
+        # pace: group publishes (9 deliveries each) and churn (leave + arrive again), every 20 ms, by the
+        # time elapsed (a tick's sleep overruns its 20 ms; counting ticks fell 5-7 % short of the rate)
         rate = a.rate_per_conn * conns
-        publishes_per_tick = rate / (GROUP - 1) * 0.02
-        churn_per_tick = a.churn_per_min_per_conn * conns / 60 * 0.02
+        publishes_per_s = rate / (GROUP - 1)
+        churn_per_s = a.churn_per_min_per_conn * conns / 60
         published = 0
         churned = 0
-        carry = [0.0, 0.0]
+        paced_from = perf()
         stop_at = perf() + a.warmup + a.duration
         measure_at = perf() + a.warmup
         cpu0: dict[int, float] = {}
@@ -235,14 +242,11 @@ async def run(kind: str, a: argparse.Namespace, groups: int, workdir: Path, *, l
                 cpu0 = {p: cpu_seconds(p) for p in [*wpids, *layout.pids, os.getpid()]}
                 ops1, pub1, t1 = layout.ops(), published, perf()
                 stats.measuring = True
-            carry[0] += publishes_per_tick
-            carry[1] += churn_per_tick
-            while carry[0] >= 1:
-                carry[0] -= 1
+            elapsed = perf() - paced_from
+            while published < publishes_per_s * elapsed:
                 random.choice(members).publish(runid)
                 published += 1
-            while carry[1] >= 1:
-                carry[1] -= 1
+            while churned < churn_per_s * elapsed:
                 task = asyncio.ensure_future(churn(random.randrange(len(members))))
                 churns.add(task)
                 task.add_done_callback(churns.discard)
@@ -259,9 +263,12 @@ async def run(kind: str, a: argparse.Namespace, groups: int, workdir: Path, *, l
         lat = sorted(stats.latencies)
         d = max(1, stats.deliveries)
         return {
-            "bus": kind, "wirehub": label, "replicas": a.replicas, "processes": a.processes, "connections": conns,
+            "bus": kind, "wirehub": label, "replicas": a.replicas, "processes": a.processes, "place": a.place,
+            "connections": conns,
             "target_deliveries_s": rate,
             "deliveries_s": round(stats.deliveries / wall, 1),
+            # under 100 %: the replicas or the load generator fell behind (the target rate was not met)
+            "delivered_pct": round(100 * stats.deliveries / wall / rate, 1),
             "p50_ms": round((percentile(lat, 0.5) or 0) * 1000, 1),
             "p99_ms": round((percentile(lat, 0.99) or 0) * 1000, 1),
             "wirehub_cpu_us_per_delivery": round(wcpu / d * 1e6, 2),
@@ -284,8 +291,8 @@ async def run(kind: str, a: argparse.Namespace, groups: int, workdir: Path, *, l
 
 
 def render(results: list[dict[str, Any]]) -> str:
-    cols = ["bus", "wirehub", "replicas", "processes", "connections", "target_deliveries_s", "deliveries_s",
-            "p50_ms", "p99_ms",
+    cols = ["bus", "wirehub", "replicas", "processes", "place", "connections", "target_deliveries_s",
+            "deliveries_s", "delivered_pct", "p50_ms", "p99_ms",
             "wirehub_cpu_us_per_delivery", "wirehub_cpu_us_per_conn_s", "replica_cpu_pct_each",
             "broker_cpu_us_per_delivery", "broker_ops_per_publish", "joins_s", "broker_ops_per_join",
             "rss_kib_per_conn", "loadgen_cpu_pct", "churned", "errors"]
@@ -297,7 +304,7 @@ def render(results: list[dict[str, Any]]) -> str:
 def ratios(results: list[dict[str, Any]]) -> str:
     """After / before per (bus, connections): the mean of the rounds' wirehub CPU per delivery and p99."""
     groups: dict[tuple[str, int], dict[str, list[dict[str, Any]]]] = {}
-    for r in results:
+    for r in results:  # one (bus, connections) per run of this script: --replicas and --place are fixed
         groups.setdefault((r["bus"], r["connections"]), {}).setdefault(r["wirehub"], []).append(r)
     lines = ["| bus | connections | wirehub CPU us/delivery, before | after | after / before | p99 ms before | after |",
              "|---|---|---|---|---|---|---|"]
@@ -321,6 +328,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--groups", default="300,900", help="10-member groups per run (connections = 10 x groups)")
     p.add_argument("--replicas", type=int, default=3)
     p.add_argument("--processes", type=int, default=1, help="server.processes of each replica (worker processes)")
+    p.add_argument("--place", choices=("spread", "grouped"), default="spread",
+                   help="a group's members on every replica in turn (spread) or all on one (grouped)")
     p.add_argument("--rate-per-conn", type=float, default=0.5, help="group deliveries/s per connection (plan: 0.5)")
     p.add_argument("--churn-per-min-per-conn", type=float, default=0.2, help="plan: 200,000/min of 1M = 0.2")
     p.add_argument("--warmup", type=float, default=2.0)

@@ -36,10 +36,15 @@ if TYPE_CHECKING:
 from wirehub import BusUnavailable
 
 _pack_command: Callable[[Command], bytes] | None
+_PUSH: type | None  # a RESP3 push as hiredis parses it (3.2+)
 try:
     from hiredis import pack_command as _pack_command
 except ImportError:  # pragma: no cover - hiredis (2.1+) is in the redis extra
     _pack_command = None
+try:
+    from hiredis import PushNotification as _PUSH
+except ImportError:  # pragma: no cover - hiredis before 3.2 parses a push as a list: redis-py does not tell them apart
+    _PUSH = None
 
 Command = tuple[Any, ...]
 #: pipelines in flight at once; what is asked for meanwhile waits and goes out as the next one, so a
@@ -223,25 +228,97 @@ def _settle(fut: asyncio.Future[Any], *, result: Any = None, error: BaseExceptio
 async def send_on_pool(pool: Any, commands: list[Command]) -> list[Any]:
     """``commands`` as one pipeline on a connection of redis-py's asyncio ``pool``; raw replies, a
     failed command's as its ResponseError. The caller bounds the wait (``op_timeout``)."""
-    from redis.exceptions import ResponseError
-
     conn = await pool.get_connection()
     try:
-        await conn.send_packed_command(pack(conn, commands), check_health=False)
-        out: list[Any] = []
-        for _ in commands:
-            try:
-                # math.inf: no per-reply timer (the caller's timeout covers the batch)
-                out.append(await conn.read_response(timeout=math.inf))
-            except ResponseError as exc:
-                out.append(exc)
-        return out
+        return await send_on(conn, commands)
     except BaseException:
         # cancelled or broken halfway: the rest of the replies may still come; never reuse it
         await conn.disconnect(nowait=True)
         raise
     finally:
         await pool.release(conn)
+
+
+async def send_on(conn: Any, commands: list[Command]) -> list[Any]:
+    """One pipeline on one redis-py connection (see :func:`send_on_pool`; the caller disconnects it on an
+    error). With hiredis it writes the packed pipeline to the connection's stream itself and parses every
+    reply that arrived per socket read with the connection's hiredis reader: redis-py's
+    ``send_packed_command`` runs the write in a task of its own (``wait_for`` with ``socket_timeout``, one
+    more loop iteration) and ``read_response`` is a coroutine chain per reply, which at the capacity plan's
+    one or two publishes per pipeline cost more than the rest of the publish (docs/scaling.md)."""
+    if not conn.is_connected:
+        await conn.connect()
+    io = _lean_io(conn)
+    if io is None:  # no hiredis, or another redis-py layout: redis-py's own calls
+        return await _send_slow(conn, commands)
+    from redis.exceptions import ConnectionError as Broken  # what redis-py raises: the bus's errors include it
+
+    writer, stream, reader, more, parser = io
+    if writer.transport.is_closing():
+        raise Broken("the connection was closed before the write")
+    writer.write(_pack_joined(commands))
+    await writer.drain()  # at once unless the socket's buffer is over its high-water mark
+    out: list[Any] = []
+    want = len(commands)
+    while len(out) < want:
+        reply = reader.gets()
+        if reply is more:
+            data = await stream.read(READ_SIZE)
+            if not data:
+                raise Broken("the connection was closed by the server")
+            reader.feed(data)
+            continue
+        if isinstance(reply, Broken):  # redis-py raises these (LOADING, ...): the connection is not usable
+            raise reply
+        if _PUSH is not None and isinstance(reply, _PUSH):
+            # RESP3 (redis-py's default) may interleave a push (client tracking, a server's maintenance
+            # notice) with the replies: it is no command's reply; redis-py's parser handles it as it would
+            await parser.handle_push_response(reply)
+            continue
+        out.append(reply)  # a command's error reply stays its own (a ResponseError instance)
+    return out
+
+
+#: bytes asked of the socket per read; hiredis parses whatever arrived, many replies at once
+READ_SIZE = 65536
+
+
+def _lean_io(conn: Any) -> tuple[Any, Any, Any, object, Any] | None:
+    """(stream writer, stream reader, hiredis reader, its not-enough-data marker, redis-py's parser) of a
+    connected redis-py connection with the hiredis parser; else None. Every caller on a pooled connection
+    reads all the replies of what it sent (or the connection is disconnected), so the hiredis reader holds
+    nothing of another's."""
+    parser = getattr(conn, "_parser", None)
+    reader, stream = getattr(parser, "_reader", None), getattr(conn, "_reader", None)
+    writer = getattr(conn, "_writer", None)
+    if _pack_command is None or reader is None or stream is None or writer is None or not hasattr(reader, "gets"):
+        return None
+    try:
+        from redis._parsers.hiredis import NOT_ENOUGH_DATA
+    except ImportError:  # pragma: no cover - another redis-py layout: the slow path still works
+        return None
+    if getattr(parser, "_connected", True) is False or not hasattr(parser, "handle_push_response"):
+        return None
+    return writer, stream, reader, NOT_ENOUGH_DATA, parser
+
+
+def _pack_joined(commands: list[Command]) -> bytes:
+    assert _pack_command is not None
+    return b"".join(map(_pack_command, commands))
+
+
+async def _send_slow(conn: Any, commands: list[Command]) -> list[Any]:
+    from redis.exceptions import ResponseError
+
+    await conn.send_packed_command(pack(conn, commands), check_health=False)
+    out: list[Any] = []
+    for _ in commands:
+        try:
+            # math.inf: no per-reply timer (the caller's timeout covers the batch)
+            out.append(await conn.read_response(timeout=math.inf))
+        except ResponseError as exc:
+            out.append(exc)
+    return out
 
 
 def pack(conn: Any, commands: list[Command]) -> bytes | list[bytes]:

@@ -26,10 +26,11 @@ run); it is then run again alone, after the rest of its batch, as redis-py's ret
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
 from wirehub import BusUnavailable, PublishOutcomeUnknown
+from wirehub.builtins.bus.redis_batch import Command, send_on_pool
 
 #: bytes asked of the socket per read; hiredis parses whatever arrived, many replies at once
 READ_SIZE = 65536
@@ -99,7 +100,7 @@ class _Pending:
 
     __slots__ = ("args", "channel", "future", "script")
 
-    def __init__(self, args: Sequence[Any], future: asyncio.Future[Any], script: Any, channel: bytes | None) -> None:
+    def __init__(self, args: Command, future: asyncio.Future[Any], script: Any, channel: bytes | None) -> None:
         self.args, self.future, self.script, self.channel = args, future, script, channel
 
 
@@ -121,7 +122,7 @@ class PublishBatcher:
         self.batches = 0
         self.commands = 0
 
-    def submit(self, args: Sequence[Any], script: Any = None, channel: bytes | None = None) -> asyncio.Future[Any]:
+    def submit(self, args: Command, script: Any = None, channel: bytes | None = None) -> asyncio.Future[Any]:
         """Queue one command (``EVALSHA sha n keys... args...`` or ``PUBLISH ch data``); its future
         resolves to the command's reply. ``script`` (the redis-py Script of an EVALSHA) lets a
         command that Redis answered NOSCRIPT (not run: a flushed script cache) run again alone.
@@ -181,14 +182,12 @@ class PublishBatcher:
             self._client, self._loaded = client, set()
         loads = {p.script.sha: p.script for p in batch if p.script is not None and p.script.sha not in self._loaded}
 
-        async def run() -> list[Any]:
-            pipe = client.pipeline(transaction=False)
-            async with pipe:
-                for script in loads.values():
-                    pipe.execute_command("SCRIPT", "LOAD", script.script)
-                for p in batch:
-                    pipe.execute_command(*p.args)
-                return list(await pipe.execute(raise_on_error=False))
+        commands: list[Command] = [("SCRIPT", "LOAD", script.script) for script in loads.values()]
+        commands += [p.args for p in batch]
+
+        def run() -> Awaitable[list[Any]]:
+            # redis_batch's lean pipeline: raw replies, a command's error reply as its exception
+            return send_on_pool(client.connection_pool, commands)
 
         self.batches += 1
         self.commands += len(batch)
