@@ -136,6 +136,33 @@ async def test_a_full_subscription_drops_and_the_room_is_read_again(make: Make) 
     assert reader.gap_fills >= 1
 
 
+async def test_a_drop_nats_py_reports_is_filled_without_a_later_message(make: Make,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The newest messages dropped (nothing after them shows a gap): the drop report alone reads them."""
+    prefix = _prefix()
+    reader, recorder = await make(prefix)
+    writer, _ = await make(prefix)
+    room = unique_room()
+    await reader.subscribe(room)
+    await writer.publish(room, b"m0", history=True)
+    await recorder.wait_for(room, 1)
+    real = reader._receive
+    sid = reader._followed[room].sub._id
+
+    def full(room_: str, st: Any, msg: Any) -> None:
+        if msg.data in (b"m1", b"m2"):
+            reader._slow(sid)  # what nats-py's error callback reports instead of queueing it
+            return
+        real(room_, st, msg)
+
+    monkeypatch.setattr(reader, "_receive", full)
+    await writer.publish(room, b"m1", history=True)
+    await writer.publish(room, b"m2")
+    assert await recorder.wait_for(room, 3) == [b"m0", b"m1", b"m2"]
+    await asyncio.sleep(0.2)
+    assert recorder.of(room) == [b"m0", b"m1", b"m2"]
+
+
 async def _stored(bus: NatsBus, room: str, count: int) -> list[Any]:
     sub = await bus.js.subscribe(bus.subject(room, "e"), stream=bus.stream, ordered_consumer=True)
     try:
@@ -245,3 +272,21 @@ async def test_a_subscription_on_the_cluster_gets_every_message_after_it(
         writer = (b, c)[i % 2]
         await writer.publish(room, b"x", history=True)
         assert await rec_a.wait_for(room, 1) == [b"x"]
+
+
+async def test_a_subscription_on_the_cluster_restores_a_removed_republish(
+        cluster_replicas: list[tuple[NatsBus, Recorder]]) -> None:
+    """An older replica removed RePublish: the barrier's probe does not come back; the subscription puts the
+    setting back, probes again and succeeds, and the rooms followed before are read again."""
+    (a, rec_a), (b, _), _ = cluster_replicas
+    old_room = unique_room()
+    await a.subscribe(old_room)
+    await b.js.update_stream(dataclasses.replace(b._stream_config, republish=None))
+    missed = await b.publish(old_room, b"while-off", history=True)
+    room = unique_room()
+    await a.subscribe(room)  # within op_timeout: half of it waiting, then restored and probed again
+    assert (await a.js.stream_info(a.stream)).config.republish is not None
+    await b.publish(room, b"after", history=True)
+    assert await rec_a.wait_for(room, 1) == [b"after"]
+    assert await rec_a.wait_for(old_room, 1) == [b"while-off"]
+    assert _offsets(rec_a, old_room) == [missed]

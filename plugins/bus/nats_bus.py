@@ -1,12 +1,17 @@
 """The NATS bus (:mod:`wirehub.builtins.bus.nats`): the connection that history, presence and state share,
-room consumers, and history publishes that give each room consecutive offsets.
+live room delivery, and history publishes that give each room consecutive offsets.
 
-One order per room: each replica reads a room through an *ordered push consumer* on
-``<p>.r.<r>.*`` (``DeliverPolicy.NEW``, created by ``subscribe`` before it returns). JetStream
-delivers a consumer's messages in stream-sequence order and the ordered consumer detects any gap
-and restarts from the last sequence it saw, so every replica gets the room in stream order, without
-loss or duplicate while connected. Core NATS subscriptions are not used for rooms (their order
-relative to the stream is not defined).
+One order per room: the stream republishes every message it stores (``RePublish`` ``<p>.r.>`` to
+``<p>.rl.>``; one publisher, the stream's leader, in stream order, with ``Nats-Sequence`` and
+``Nats-Last-Sequence``, the previous stored sequence of the same subject) and each replica follows a room
+with one core subscription to ``<p>.rl.<r>.*``: no JetStream consumer per room. ``subscribe`` returns once
+its baseline is known (every message stored later reaches the subscription; see ``_consume`` and
+``_barrier``). A message whose ``Nats-Last-Sequence`` is newer than the last one of its subject delivered, a
+drop nats-py reports (a full subscription), or a RePublish found missing (an older replica updated the
+stream) makes the room's live messages wait while the missed ones are read from the stream's leader and
+delivered in order; copies already delivered are dropped. So every replica gets the room in stream order,
+without loss or duplicate while connected (the one exception, a message lost at a leader change and found
+only after a newer message of the room's other subject: docs/buses.md).
 
 Offsets: a per-room counter carried in the ``Wh-Off`` header. A history publish sends the next
 offset with ``Nats-Expected-Last-Subject-Sequence`` set to the stream sequence of the room's last
@@ -453,21 +458,30 @@ class NatsBus(Supervised):
 
     async def _probe_republish(self, acks: Acks) -> int:
         loop = asyncio.get_running_loop()
-        for attempt in range(2):
-            seq = await acks.publish(self._barrier_subject, b"")
-            if self._barrier_seen >= seq:
-                return seq
-            fut: asyncio.Future[None] = loop.create_future()
-            self._barrier_waiters.append((seq, fut))
-            try:
-                await asyncio.wait_for(fut, self.op_timeout)
-                return seq
-            except TimeoutError:
-                # stored and never republished: the stream lost its RePublish (an older replica set it)
-                if attempt or not await self._assert_republish():
-                    raise BusUnavailable(
-                        f"subscribe: the stream did not republish within {self.op_timeout:g}s") from None
-        raise AssertionError("unreachable")
+        deadline = loop.time() + self.op_timeout
+        seq = await acks.publish(self._barrier_subject, b"")
+        if await self._republished(seq, self.op_timeout / 4):
+            return seq
+        # slow, or stored while the stream had no RePublish (an older replica's update; then that probe never
+        # comes back, even once the upkeep put the setting back): check it, and probe again (the
+        # subscriptions were sent before either probe)
+        await self._assert_republish()
+        seq = await acks.publish(self._barrier_subject, b"")
+        if await self._republished(seq, deadline - loop.time()):
+            return seq
+        raise BusUnavailable(f"subscribe: the stream did not republish within {self.op_timeout:g}s")
+
+    async def _republished(self, seq: int, timeout: float) -> bool:
+        """Whether the barrier probe at stream sequence ``seq`` came back within ``timeout``."""
+        if self._barrier_seen >= seq:
+            return True
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._barrier_waiters.append((seq, fut))
+        try:
+            await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            return False
+        return True
 
     def _on_barrier(self, msg: Any) -> None:
         try:
@@ -685,10 +699,13 @@ class NatsBus(Supervised):
         self._quorum_at = time.monotonic()
 
     async def _refresh(self) -> None:
-        # an older replica's (re)start updates the stream without RePublish: put it back
-        await self.call("upkeep", self._assert_republish)
         if self.presence is not None:
-            await self.presence.upkeep()
+            await self.presence.upkeep()  # first: its heartbeat is due now
+        # an older replica's (re)start updates the stream without RePublish: put it back
+        try:
+            await self.call("upkeep", self._assert_republish)
+        except BusUnavailable as exc:
+            log.info("upkeep: the stream's RePublish was not checked: %s", exc)
 
     async def close(self) -> None:
         if self.presence is not None:
