@@ -95,7 +95,7 @@ BARRIER = "~"
 class _Live:
     """One followed room's live delivery on one connection."""
 
-    __slots__ = ("base", "filling", "held", "kinds", "lost", "seq", "sub")
+    __slots__ = ("base", "filling", "held", "kinds", "lost", "need", "received", "seq", "sub")
 
     def __init__(self) -> None:
         #: the room's last stream sequence when this replica began to follow it (nothing up to it is delivered)
@@ -109,6 +109,9 @@ class _Live:
         self.filling = False
         #: nats-py dropped a message of the subscription: read the room from the stream (again)
         self.lost = False
+        #: messages the subscription's callback got; past ``need``, one that came after the last drop
+        self.received = 0
+        self.need = 0
         self.sub: Any = None
 
 
@@ -124,6 +127,14 @@ def _stamp(text: str) -> float:
         return _second(text[:19]) + (float(frac) if frac else 0.0)
     except ValueError:
         return time.time()
+
+
+def _sequence(msg: Any) -> int | None:
+    """The stream sequence of a republished message; None when it has none readable."""
+    try:
+        return int((msg.headers or {})["Nats-Sequence"])
+    except (KeyError, ValueError):
+        return None
 
 
 def _headers(raw: bytes) -> dict[str, str]:
@@ -394,6 +405,7 @@ class NatsBus(Supervised):
 
         async def on_msg(msg: Any) -> None:
             if self._followed.get(room) is st:
+                st.received += 1
                 self._receive(room, st, msg)
 
         enc = encode_room(room)
@@ -568,19 +580,25 @@ class NatsBus(Supervised):
             await self._fetch(room, st, f"{self.prefix}.r.{enc}.{kind}", st.kinds.get(kind, st.base) + 1, st.seq)
         while True:
             st.lost = False
-            await self._fetch(room, st, f"{self.prefix}.r.{enc}.*", st.seq + 1, None)
+            # up to the newest message held meanwhile (the held ones follow it): a busy room's fill ends
+            await self._fetch(room, st, f"{self.prefix}.r.{enc}.*", st.seq + 1, None, upto_held=True)
             if not st.lost or self._followed.get(room) is not st:
                 break
         st.filling = False
         if self._followed.get(room) is st:
             self._release(room, st)
 
-    async def _fetch(self, room: str, st: _Live, subject: str, start: int, stop: int | None) -> None:
-        """Deliver the stored messages of ``subject`` from stream sequence ``start`` (up to ``stop``) that
-        this replica has not delivered, in order; leader reads (a direct get may answer from a lagging
-        replica)."""
+    async def _fetch(self, room: str, st: _Live, subject: str, start: int, stop: int | None, *,
+                     upto_held: bool = False) -> None:
+        """Deliver the stored messages of ``subject`` from stream sequence ``start`` (up to ``stop``, or with
+        ``upto_held`` up to the newest held message once there is one) that this replica has not delivered,
+        in order; leader reads (a direct get may answer from a lagging replica)."""
         api = f"$JS.API.STREAM.MSG.GET.{self.stream}"
         while self._followed.get(room) is st:
+            if upto_held and stop is None and st.held and st.received > st.need:
+                stop = _sequence(st.held[-1])  # newer than every dropped message
+            if stop is not None and start > stop:
+                return
             acks = self.acks
             if acks is None:
                 return
@@ -611,7 +629,10 @@ class NatsBus(Supervised):
         st = self._followed.get(room) if room is not None else None
         if room is None or st is None:
             return
-        log.warning("room %r: this replica fell behind its subscription; reading it again from the stream", room)
+        if not (st.filling or st.lost):  # once per fill, not per dropped message
+            log.warning("room %r: this replica fell behind its subscription; reading it from the stream", room)
+        # the queued messages came before the dropped one: a message received after them came after it
+        st.need = st.received + st.sub._pending_queue.qsize()
         if st.seq < 0:
             st.lost = True  # before the baseline: _consume fills once it is known
         else:
