@@ -641,18 +641,25 @@ class NatsBus(Supervised):
     async def _assert_republish(self) -> bool:
         """Put the stream's RePublish back when it is missing (a replica of an older version updated the
         stream without it); True when it was missing. Messages stored meanwhile were not republished:
-        each followed room is read again from its last delivered message."""
-        js = self.js
-        if js is None:
-            return False
-        info = await js.stream_info(self.stream)
-        want = self._republish()
-        rp = info.config.republish
-        if rp is not None and (rp.src, rp.dest) == (want.src, want.dest):
-            return False
-        log.warning("stream %s: RePublish was %r; restoring it and reading the followed rooms again",
-                    self.stream, rp)
-        await js.update_stream(self._stream_config)
+        each followed room is read again from its last delivered message.
+
+        Through :attr:`acks` (timers, no ``asyncio.wait_for``: Python 3.11's can swallow the cancellation
+        that closes the bus, and the upkeep would then run on)."""
+        acks = self.acks
+        if acks is None:
+            raise ConnectionError("not connected")
+        try:
+            info = await acks.request(f"$JS.API.STREAM.INFO.{self.stream}", b"")
+            want = self._republish()
+            rp = info.get("config", {}).get("republish") or {}
+            if (rp.get("src"), rp.get("dest")) == (want.src, want.dest):
+                return False
+            log.warning("stream %s: RePublish was %r; restoring it and reading the followed rooms again",
+                        self.stream, rp or None)
+            await acks.request(f"$JS.API.STREAM.UPDATE.{self.stream}",
+                               json.dumps(self._stream_config.as_dict()).encode())
+        except AckRefused as exc:
+            raise BusUnavailable(f"stream {self.stream}: {exc}") from exc
         self.republish_restored += 1
         for room, st in list(self._followed.items()):
             if st.seq >= 0:
@@ -724,9 +731,9 @@ class NatsBus(Supervised):
             await self.presence.upkeep()  # first: its heartbeat is due now
         # an older replica's (re)start updates the stream without RePublish: put it back
         try:
-            await self.call("upkeep", self._assert_republish)
-        except BusUnavailable as exc:
-            log.info("upkeep: the stream's RePublish was not checked: %s", exc)
+            await self._assert_republish()
+        except (BusUnavailable, TimeoutError, ConnectionError) as exc:
+            log.info("upkeep: the stream's RePublish was not checked: %s: %s", type(exc).__name__, exc)
 
     async def close(self) -> None:
         if self.presence is not None:
