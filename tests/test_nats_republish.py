@@ -95,6 +95,32 @@ async def test_a_message_the_subscription_missed_is_filled_in_order(make: Make, 
     assert tail is not None and tail.range(offsets[0], offsets[5]) is not None
 
 
+async def test_a_gap_found_after_the_other_subject_moved_on_is_delivered_late_not_lost(
+        make: Make, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The documented limit: a lost non-history message is only seen at the room's next non-history message;
+    a history message delivered in between stays before it. Nothing is lost, and it is logged."""
+    prefix = _prefix()
+    reader, recorder = await make(prefix)
+    writer, _ = await make(prefix)
+    room = unique_room()
+    await reader.subscribe(room)
+    real = reader._receive
+
+    def lossy(room_: str, st: Any, msg: Any) -> None:
+        if msg.data != b"e1":
+            real(room_, st, msg)
+
+    monkeypatch.setattr(reader, "_receive", lossy)
+    await writer.publish(room, b"e0")
+    await writer.publish(room, b"e1")  # never reaches the subscription
+    await writer.publish(room, b"h0", history=True)
+    await writer.publish(room, b"e2")
+    assert await recorder.wait_for(room, 4) == [b"e0", b"h0", b"e1", b"e2"]
+    await asyncio.sleep(0.2)
+    assert len(recorder.of(room)) == 4
+    assert "found late" in caplog.text
+
+
 async def test_messages_are_delivered_once_when_republished_again(make: Make, monkeypatch: pytest.MonkeyPatch
                                                                   ) -> None:
     """A republished copy that arrives twice (a leader change republishes again) is delivered once."""
