@@ -316,3 +316,44 @@ async def test_a_subscription_on_the_cluster_restores_a_removed_republish(
     assert await rec_a.wait_for(room, 1) == [b"after"]
     assert await rec_a.wait_for(old_room, 1) == [b"while-off"]
     assert _offsets(rec_a, old_room) == [missed]
+
+
+async def test_after_a_leader_change_each_room_is_read_before_its_next_message(
+        cluster_replicas: list[tuple[NatsBus, Recorder]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A message the old leader stored and never republished (here: dropped on arrival) is read from the stream
+    once the leader changed: before the room's next message, whatever its subject, and in a room that stays
+    quiet by the upkeep."""
+    (a, rec_a), (b, _), _ = cluster_replicas
+    busy, quiet = unique_room(), unique_room()
+    await a.subscribe(busy)
+    await a.subscribe(quiet)
+    real = a._receive
+    lost = {b"busy-e", b"quiet-e"}
+
+    def lossy(room_: str, st: Any, msg: Any) -> None:
+        if msg.data not in lost:
+            real(room_, st, msg)
+
+    monkeypatch.setattr(a, "_receive", lossy)
+    await b.publish(busy, b"busy-e")
+    await b.publish(quiet, b"quiet-e")
+    await asyncio.sleep(0.3)
+    assert rec_a.of(busy) == rec_a.of(quiet) == []
+    answer = await b.request("test", f"$JS.API.STREAM.LEADER.STEPDOWN.{b.stream}", b"")
+    assert answer.get("success"), answer
+
+    async def told() -> bool:
+        return busy in a._unverified or a._followed[busy].seq > 0
+
+    await eventually(told, timeout=10)
+    await eventually(lambda: _published(b, busy, b"busy-h"), timeout=10)  # the new leader takes writes
+    assert await rec_a.wait_for(busy, 2) == [b"busy-e", b"busy-h"]  # stream order, the lost one first
+    assert await rec_a.wait_for(quiet, 1, timeout=10) == [b"quiet-e"]  # the upkeep's sweep
+
+
+async def _published(bus: NatsBus, room: str, payload: bytes) -> bool:
+    try:
+        await bus.publish(room, payload, history=True)
+    except Exception:
+        return False
+    return True

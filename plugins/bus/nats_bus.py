@@ -88,6 +88,9 @@ DUPLICATE_IN_PROCESS = 10158
 NO_MESSAGE = 10037
 #: the stream republishes ``<p>.r.<r>.<kind>`` to ``<p>.<LIVE>.<r>.<kind>``
 LIVE = "rl"
+#: followed rooms read per upkeep after a leader change, while they stay quiet (the others are read at
+#: their next message)
+VERIFY_PER_UPKEEP = 500
 #: the room token of the subscription barriers' probes: "~" is never base64url, so never a room
 BARRIER = "~"
 
@@ -95,7 +98,7 @@ BARRIER = "~"
 class _Live:
     """One followed room's live delivery on one connection."""
 
-    __slots__ = ("base", "filling", "held", "kinds", "lost", "need", "received", "seq", "sub")
+    __slots__ = ("base", "filling", "held", "kinds", "lost", "need", "received", "seq", "sub", "verify")
 
     def __init__(self) -> None:
         #: the room's last stream sequence when this replica began to follow it (nothing up to it is delivered)
@@ -112,6 +115,8 @@ class _Live:
         #: messages the subscription's callback got; past ``need``, one that came after the last drop
         self.received = 0
         self.need = 0
+        #: the stream's leader changed since the last delivery: read the room before the next message
+        self.verify = False
         self.sub: Any = None
 
 
@@ -238,6 +243,8 @@ class NatsBus(Supervised):
         self._tasks: set[asyncio.Task[Any]] = set()
         #: per room subscription: messages nats-py queues before it drops one (then the room is read again)
         self.pending_msgs_limit = 100_000
+        #: followed rooms not read since the stream's leader changed (the upkeep reads them, paced)
+        self._unverified: set[str] = set()
         #: counters for tests and operators: gaps filled from the stream, RePublish put back
         self.gap_fills = 0
         self.republish_restored = 0
@@ -368,9 +375,11 @@ class NatsBus(Supervised):
         info = nc._server_info
         self._clustered = o.replicas > 1 or bool(info.get("cluster") or info.get("connect_urls"))
         self._barrier_seen, self._barrier_waiters = 0, []
+        self._unverified = set()
         if self._clustered:
             await nc.subscribe(f"{self.prefix}.{LIVE}.{BARRIER}.{self._barrier_subject.rpartition('.')[2]}",
                                cb=self._barrier_cb)
+            await nc.subscribe(f"$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.{self.stream}", cb=self._leader_cb)
         rooms = sorted(self._rooms)
         for i in range(0, len(rooms), 256):  # the subscriptions of a batch share one barrier
             await asyncio.gather(*(self._consume(room) for room in rooms[i:i + 256]))
@@ -525,6 +534,11 @@ class NatsBus(Supervised):
         done = st.kinds.get(kind, st.base)
         if seq <= done:
             return  # delivered already, or stored before this replica followed the room
+        if st.verify:  # a message the old leader stored and never republished comes first
+            st.verify = False
+            st.held = [msg]
+            self._start_fill(room, st, None)
+            return
         if last > done:  # the previous message of this subject never came: fetch it (and what followed)
             st.held = [msg]
             self._start_fill(room, st, kind)
@@ -620,6 +634,25 @@ class NatsBus(Supervised):
                 self._accept(room, st, seq, kind, hdr, base64.b64decode(msg.get("data") or ""),
                              _stamp(msg.get("time", "")))
             start = seq + 1
+
+    async def _leader_cb(self, msg: Any) -> None:
+        """The stream has a new leader: a message the old one stored but did not republish is missed by
+        every replica, and ``Nats-Last-Sequence`` shows it only at the next message of the same subject.
+        Each followed room is read from the stream before its next message is delivered (so in order),
+        and the upkeep reads the rooms that stay quiet (:data:`VERIFY_PER_UPKEEP` at a time)."""
+        log.info("stream %s has a new leader: the followed rooms are read again", self.stream)
+        for room, st in self._followed.items():
+            if st.seq >= 0:
+                st.verify = True
+                self._unverified.add(room)
+
+    def _verify_quiet(self) -> None:
+        for _ in range(min(VERIFY_PER_UPKEEP, len(self._unverified))):
+            room = self._unverified.pop()
+            st = self._followed.get(room)
+            if st is not None and st.verify and st.held is None:
+                st.verify = False
+                self._start_fill(room, st, None)
 
     def _slow(self, sid: int) -> None:
         """nats-py dropped a message of a full subscription (its pending limit): read the room again from
@@ -729,6 +762,7 @@ class NatsBus(Supervised):
     async def _refresh(self) -> None:
         if self.presence is not None:
             await self.presence.upkeep()  # first: its heartbeat is due now
+        self._verify_quiet()
         # an older replica's (re)start updates the stream without RePublish: put it back
         try:
             await self._assert_republish()
