@@ -9,9 +9,10 @@ its baseline is known (every message stored later reaches the subscription; see 
 ``_barrier``). A message whose ``Nats-Last-Sequence`` is newer than the last one of its subject delivered, a
 drop nats-py reports (a full subscription), or a RePublish found missing (an older replica updated the
 stream) makes the room's live messages wait while the missed ones are read from the stream's leader and
-delivered in order; copies already delivered are dropped. So every replica gets the room in stream order,
-without loss or duplicate while connected (the one exception, a message lost at a leader change and found
-only after a newer message of the room's other subject: docs/buses.md).
+delivered in order; copies already delivered are dropped; after a stream leader change (its advisory) each
+room is read again before its next message. So every replica gets the room in stream order, without loss or
+duplicate while connected (the exception, a loss none of these notices, found only after a newer message of
+the room's other subject and then delivered late: docs/buses.md).
 
 Offsets: a per-room counter carried in the ``Wh-Off`` header. A history publish sends the next
 offset with ``Nats-Expected-Last-Subject-Sequence`` set to the stream sequence of the room's last
