@@ -383,7 +383,10 @@ class NatsBus(Supervised):
             await nc.subscribe(f"$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.{self.stream}", cb=self._leader_cb)
         rooms = sorted(self._rooms)
         for i in range(0, len(rooms), 256):  # the subscriptions of a batch share one barrier
-            await asyncio.gather(*(self._consume(room) for room in rooms[i:i + 256]))
+            done = await asyncio.gather(*(self._consume(room) for room in rooms[i:i + 256]), return_exceptions=True)
+            failed = next((r for r in done if isinstance(r, BaseException)), None)
+            if failed is not None:
+                raise failed  # after all of the batch ended: none is left running on a torn-down connection
 
     async def _bucket(self, name: str, ttl: float | None, storage: Any) -> Any:
         js = self.js
