@@ -159,11 +159,13 @@ class Supervised(abc.ABC):
         self._healthy = False
         self._live = False
         self._held.clear()
-        for task in (self._supervisor, self._refresher):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+        # cancel_and_wait, not one cancel: Python 3.11's wait_for in an upkeep can swallow it, and the loop
+        # then ran on and close() never returned
+        tasks = [t for t in (self._supervisor, self._refresher) if t is not None]
+        await cancel_and_wait(self.log, tasks)
+        for task in tasks:
+            if task.done() and not task.cancelled():
+                task.exception()  # retrieved: a failed loop is not news at close
         self._supervisor = self._refresher = None
         await self._teardown()
 

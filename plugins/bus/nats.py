@@ -7,14 +7,15 @@ Layout (``<p>`` = ``subject_prefix``, ``<r>`` = the room name in base64url, so a
 one valid subject token): the stream ``<P>_rooms`` captures ``<p>.r.*.*``; a room's history
 messages go to ``<p>.r.<r>.h`` and its messages without history to ``<p>.r.<r>.e``. Both are
 stored (``max_msgs_per_subject = history_size``, ``max_age = history_ttl``), so both get a place in
-the stream's single sequence.
+the stream's single sequence, and republished by the stream to ``<p>.rl.<r>.h`` / ``.e``, which the
+replicas following the room subscribe to (``<p>.r.~.<id>``: a replica's subscription barriers, not a room).
 
 This module holds the options, their checks and the factory; the parts, one per contract:
 
 - :mod:`~wirehub.builtins.bus.nats_bus`: the connection (shared by the others), one order per room,
   offsets, epoch, failures;
 - :mod:`~wirehub.builtins.bus.nats_history`: history read back from the stream, or from the tail of a
-  followed room (:mod:`~wirehub.builtins.bus.nats_tail`: its consumer's newest history messages);
+  followed room (:mod:`~wirehub.builtins.bus.nats_tail`: its subscription's newest history messages);
 - :mod:`~wirehub.builtins.bus.nats_presence`: buckets ``<P>_members``, ``<P>_nodes``, ``<P>_claims``
   (entries written at join in keys of up to 64 per room, node and loop iteration
   (:mod:`~wirehub.builtins.bus.nats_buckets`), a key rewritten without a leaving one, one heartbeat put
@@ -73,7 +74,7 @@ class NatsOptions:
     #: replicas > 1: the bus is down when no write reached a JetStream quorum for this many seconds (longer
     #: than a leader election after a node's death, ~5 s, so one dead node of three does not count)
     quorum_timeout: float = opt(15.0, min=0.5)
-    #: consumers allowed on the stream and on each bucket: one per room with members, per replica (rooms)
+    #: consumers allowed on the stream and on each bucket: rooms need none (live delivery is republished),
     #: and per room with local members (presence). nats-server 2.15+ limits a stream to 1000 by default
     max_consumers: int = opt(1_000_000, min=1000)
     op_timeout: float = opt(5.0, min=0.05)

@@ -1,12 +1,18 @@
 """The NATS bus (:mod:`wirehub.builtins.bus.nats`): the connection that history, presence and state share,
-room consumers, and history publishes that give each room consecutive offsets.
+live room delivery, and history publishes that give each room consecutive offsets.
 
-One order per room: each replica reads a room through an *ordered push consumer* on
-``<p>.r.<r>.*`` (``DeliverPolicy.NEW``, created by ``subscribe`` before it returns). JetStream
-delivers a consumer's messages in stream-sequence order and the ordered consumer detects any gap
-and restarts from the last sequence it saw, so every replica gets the room in stream order, without
-loss or duplicate while connected. Core NATS subscriptions are not used for rooms (their order
-relative to the stream is not defined).
+One order per room: the stream republishes every message it stores (``RePublish`` ``<p>.r.>`` to
+``<p>.rl.>``; one publisher, the stream's leader, in stream order, with ``Nats-Sequence`` and
+``Nats-Last-Sequence``, the previous stored sequence of the same subject) and each replica follows a room
+with one core subscription to ``<p>.rl.<r>.*``: no JetStream consumer per room. ``subscribe`` returns once
+its baseline is known (every message stored later reaches the subscription; see ``_consume`` and
+``_barrier``). A message whose ``Nats-Last-Sequence`` is newer than the last one of its subject delivered, a
+drop nats-py reports (a full subscription), or a RePublish found missing (an older replica updated the
+stream) makes the room's live messages wait while the missed ones are read from the stream's leader and
+delivered in order; copies already delivered are dropped; after a stream leader change (its advisory) each
+room is read again before its next message. So every replica gets the room in stream order, without loss or
+duplicate while connected (the exception, a loss none of these notices, found only after a newer message of
+the room's other subject and then delivered late: docs/buses.md).
 
 Offsets: a per-room counter carried in the ``Wh-Off`` header. A history publish sends the next
 offset with ``Nats-Expected-Last-Subject-Sequence`` set to the stream sequence of the room's last
@@ -42,10 +48,14 @@ acks a duplicate with ``duplicate=True`` and the first one's sequence, whose ``W
 from __future__ import annotations
 
 import asyncio
+import base64
+import calendar
 import collections
 import contextlib
 import dataclasses
+import functools
 import hashlib
+import json
 import logging
 import re
 import ssl
@@ -75,6 +85,72 @@ WRONG_LAST_SEQUENCE = (10071, 10164)
 #: "duplicate message id is in process": a publish with the same Nats-Msg-Id is being stored (in a
 #: cluster, replicated) right now; once it is, the retry is answered as a duplicate with its sequence
 DUPLICATE_IN_PROCESS = 10158
+#: "no message found" (a leader get past the subject's last message)
+NO_MESSAGE = 10037
+#: the stream republishes ``<p>.r.<r>.<kind>`` to ``<p>.<LIVE>.<r>.<kind>``
+LIVE = "rl"
+#: followed rooms read per upkeep after a leader change, while they stay quiet (the others are read at
+#: their next message)
+VERIFY_PER_UPKEEP = 500
+#: the room token of the subscription barriers' probes: "~" is never base64url, so never a room
+BARRIER = "~"
+
+
+class _Live:
+    """One followed room's live delivery on one connection."""
+
+    __slots__ = ("base", "filling", "held", "kinds", "lost", "need", "received", "seq", "sub", "verify")
+
+    def __init__(self) -> None:
+        #: the room's last stream sequence when this replica began to follow it (nothing up to it is delivered)
+        self.base = 0
+        #: newest stream sequence delivered; -1 while the baseline is unknown
+        self.seq = -1
+        #: subject kind ("h", "e") -> newest stream sequence of it delivered
+        self.kinds: dict[str, int] = {}
+        #: messages received while the baseline is unknown or a gap is being filled; None: delivering
+        self.held: list[Any] | None = []
+        self.filling = False
+        #: nats-py dropped a message of the subscription: read the room from the stream (again)
+        self.lost = False
+        #: messages the subscription's callback got; past ``need``, one that came after the last drop
+        self.received = 0
+        self.need = 0
+        #: the stream's leader changed since the last delivery: read the room before the next message
+        self.verify = False
+        self.sub: Any = None
+
+
+@functools.lru_cache(maxsize=64)
+def _second(text: str) -> int:
+    return calendar.timegm(time.strptime(text, "%Y-%m-%dT%H:%M:%S"))
+
+
+def _stamp(text: str) -> float:
+    """An RFC 3339 UTC time as JetStream writes it (``2026-12-05T03:41:39.702316293Z``), in epoch seconds."""
+    try:
+        frac = text[19:].rstrip("Z")
+        return _second(text[:19]) + (float(frac) if frac else 0.0)
+    except ValueError:
+        return time.time()
+
+
+def _sequence(msg: Any) -> int | None:
+    """The stream sequence of a republished message; None when it has none readable."""
+    try:
+        return int((msg.headers or {})["Nats-Sequence"])
+    except (KeyError, ValueError):
+        return None
+
+
+def _headers(raw: bytes) -> dict[str, str]:
+    """The headers of a leader get's message (``NATS/1.0\r\nName: value\r\n...``)."""
+    out: dict[str, str] = {}
+    for line in raw.decode(errors="replace").split("\r\n")[1:]:
+        name, sep, value = line.partition(":")
+        if sep:
+            out[name.strip()] = value.strip()
+    return out
 
 
 def _import_nats(key: str) -> Any:
@@ -152,9 +228,27 @@ class NatsBus(Supervised):
         self.js: Any = None
         self.state_kv: Any = None
         self.presence: NatsPresence | None = None
-        #: room -> the token of its live consumer (messages of an older consumer are dropped)
-        self._tokens: dict[str, object] = {}
+        #: followed room -> its live delivery on this connection (messages of an older one are dropped)
+        self._followed: dict[str, _Live] = {}
+        #: followed room -> its subscription, once its baseline is known (see position)
         self._subs: dict[str, Any] = {}
+        #: subscription id -> room (nats-py names a full subscription by its sid)
+        self._by_sid: dict[int, str] = {}
+        #: connected to a cluster: a subscription's baseline is a probe through the stream (see _barrier)
+        self._clustered = False
+        self._barrier_subject = f"{self.prefix}.r.{BARRIER}.{uuid.uuid4().hex[:12]}"
+        self._barrier_next: asyncio.Future[int] | None = None
+        self._barrier_seen = 0
+        self._barrier_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        #: gap fills and barriers under way (cancelled with the connection)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        #: per room subscription: messages nats-py queues before it drops one (then the room is read again)
+        self.pending_msgs_limit = 100_000
+        #: followed rooms not read since the stream's leader changed (the upkeep reads them, paced)
+        self._unverified: set[str] = set()
+        #: counters for tests and operators: gaps filled from the stream, RePublish put back
+        self.gap_fills = 0
+        self.republish_restored = 0
         #: room -> its history publishes' lock and how many publishes hold or wait for it
         self._locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
         #: room -> (stream seq, offset) of its newest history message, as far as this replica knows
@@ -213,9 +307,13 @@ class NatsBus(Supervised):
         conn: dict[str, Any] = {}
 
         async def on_error(exc: Exception) -> None:
+            if isinstance(exc, self.nats.errors.SlowConsumerError) and conn.get("nc") is self.nc:
+                # a room's subscription or a presence copy lost messages: each reads itself again
+                self._slow(exc.sid)
+                if self.presence is not None:
+                    self.presence.dropped(exc.sub)
+                return
             log.debug("nats: %s", exc)
-            if self.presence is not None and isinstance(exc, self.nats.errors.SlowConsumerError):
-                self.presence.dropped(exc.sub)  # a presence copy that lost messages is read again
 
         async def on_lost() -> None:
             if self.nc is not None and conn.get("nc") is self.nc:
@@ -254,6 +352,7 @@ class NatsBus(Supervised):
             name=self.stream, subjects=[f"{self.prefix}.r.*.*"], max_msgs_per_subject=max(1, o.history_size),
             max_age=o.history_ttl, storage=storage, num_replicas=o.replicas, discard=api.DiscardPolicy.OLD,
             allow_direct=True, duplicate_window=self._dedupe_window, max_consumers=o.max_consumers,
+            republish=self._republish(),  # live room delivery (see the module's docstring)
         )
         self._stream_config = config
         try:
@@ -276,9 +375,21 @@ class NatsBus(Supervised):
         if self.presence is not None:
             await self.presence.open(storage)
         self.state_kv = await self._bucket(_name(self.prefix, "state"), None, storage)
-        self._tokens, self._subs = {}, {}
-        for room in sorted(self._rooms):
-            await self._consume(room)
+        self._followed, self._subs, self._by_sid = {}, {}, {}
+        info = nc._server_info
+        self._clustered = o.replicas > 1 or bool(info.get("cluster") or info.get("connect_urls"))
+        self._barrier_seen, self._barrier_waiters = 0, []
+        self._unverified = set()
+        if self._clustered:
+            await nc.subscribe(f"{self.prefix}.{LIVE}.{BARRIER}.{self._barrier_subject.rpartition('.')[2]}",
+                               cb=self._barrier_cb)
+            await nc.subscribe(f"$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.{self.stream}", cb=self._leader_cb)
+        rooms = sorted(self._rooms)
+        for i in range(0, len(rooms), 256):  # the subscriptions of a batch share one barrier
+            done = await asyncio.gather(*(self._consume(room) for room in rooms[i:i + 256]), return_exceptions=True)
+            failed = next((r for r in done if isinstance(r, BaseException)), None)
+            if failed is not None:
+                raise failed  # after all of the batch ended: none is left running on a torn-down connection
 
     async def _bucket(self, name: str, ttl: float | None, storage: Any) -> Any:
         js = self.js
@@ -293,33 +404,307 @@ class NatsBus(Supervised):
             await js.update_stream(dataclasses.replace(config, max_consumers=self.opts.max_consumers))
         return kv
 
+    # -- live room delivery (RePublish + core subscriptions) -------------------------------------------
+
+    def _republish(self) -> Any:
+        return self.nats.js.api.RePublish(src=f"{self.prefix}.r.>", dest=f"{self.prefix}.{LIVE}.>")
+
     async def _consume(self, room: str) -> None:
-        api = self.nats.js.api
-        token = object()
+        """Subscribe to the room's republished messages; return once every message stored from now on
+        reaches this replica (the baseline is known)."""
+        acks = self.acks
+        if acks is None:
+            raise ConnectionError("not connected")
+        st = _Live()
+        self._followed[room] = st
+        tail = self.tails.start(room)
 
         async def on_msg(msg: Any) -> None:
-            if self._tokens.get(room) is not token:
-                return
-            offset = None
-            if msg.subject.endswith(".h"):
-                hdr = msg.headers or {}
-                offset = int(hdr.get(HDR_OFFSET, 0)) or None
-                if offset is not None:
-                    meta = msg.metadata
-                    seq, at = meta.sequence.stream, meta.timestamp.timestamp()
-                    self._remember(room, seq, offset)
-                    self._head(room, seq, offset, at)
-                    self.tails.add(room, seq, offset, msg.data, HDR_START in hdr, at)
-            self._deliver(room, msg.data, offset)
+            if self._followed.get(room) is st:
+                st.received += 1
+                self._receive(room, st, msg)
 
-        self._tokens[room] = token
-        tail = self.tails.start(room)
-        self._subs[room] = await self.js.subscribe(
-            f"{self.prefix}.r.{encode_room(room)}.*", stream=self.stream, cb=on_msg, ordered_consumer=True,
-            deliver_policy=api.DeliverPolicy.NEW, pending_msgs_limit=100_000,
-        )
+        enc = encode_room(room)
+        st.sub = await self.nc.subscribe(f"{self.prefix}.{LIVE}.{enc}.*", cb=on_msg,
+                                         pending_msgs_limit=self.pending_msgs_limit)
+        self._by_sid[st.sub._id] = room
+        try:
+            if self._clustered:
+                base = await self._barrier(acks)
+            else:
+                # sent after the SUB on the same connection: every message stored after this answer is
+                # republished to a subscription the server already has
+                req = b'{"last_by_subj":"%s.r.%s.*"}' % (self.prefix.encode(), enc.encode())
+                got = await acks.get(f"$JS.API.DIRECT.GET.{self.stream}", req)
+                base = 0 if got is None else int((got.headers or {})["Nats-Sequence"])
+        except AckRefused as exc:
+            raise BusUnavailable(f"subscribe: {exc}") from exc
+        if self._followed.get(room) is not st:
+            return  # left (or the connection went) meanwhile
+        st.base = st.seq = base
+        self._subs[room] = st.sub
         if tail is not None:
             tail.ready = True
+        if st.lost:  # a message was dropped before the baseline was known: it may be newer
+            self._start_fill(room, st, None)
+        else:
+            self._release(room, st)
+
+    async def _barrier_cb(self, msg: Any) -> None:
+        self._on_barrier(msg)
+
+    async def _barrier(self, acks: Acks) -> int:
+        """In a cluster, the stream's leader may sit on another node, which learns of a new subscription a
+        little later. One probe per loop iteration, stored in the stream after the subscriptions were sent:
+        its republished copy comes back only once the leader's node knows them (the SUB and the probe went
+        the same route), and everything stored after it reaches them. Its sequence is the baseline."""
+        loop = asyncio.get_running_loop()
+        fut = self._barrier_next
+        if fut is None or fut.done():
+            fut = self._barrier_next = loop.create_future()
+            loop.call_soon(self._send_barrier, acks, fut)
+        return await asyncio.shield(fut)
+
+    def _send_barrier(self, acks: Acks, fut: asyncio.Future[int]) -> None:
+        if self._barrier_next is fut:
+            self._barrier_next = None
+        task = asyncio.ensure_future(self._probe_republish(acks))
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task[int]) -> None:
+            self._tasks.discard(t)
+            if fut.done():
+                return
+            exc = ConnectionError("disconnected from NATS") if t.cancelled() else t.exception()
+            if exc is None:
+                fut.set_result(t.result())
+            else:
+                fut.set_exception(exc)
+                fut.exception()  # retrieved: every subscriber may have gone
+
+        task.add_done_callback(done)
+
+    async def _probe_republish(self, acks: Acks) -> int:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.op_timeout
+        seq = await acks.publish(self._barrier_subject, b"")
+        if await self._republished(seq, self.op_timeout / 4):
+            return seq
+        # slow, or stored while the stream had no RePublish (an older replica's update; then that probe never
+        # comes back, even once the upkeep put the setting back): check it, and probe again (the
+        # subscriptions were sent before either probe)
+        await self._assert_republish()
+        seq = await acks.publish(self._barrier_subject, b"")
+        if await self._republished(seq, deadline - loop.time()):
+            return seq
+        raise BusUnavailable(f"subscribe: the stream did not republish within {self.op_timeout:g}s")
+
+    async def _republished(self, seq: int, timeout: float) -> bool:
+        """Whether the barrier probe at stream sequence ``seq`` came back within ``timeout``."""
+        if self._barrier_seen >= seq:
+            return True
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._barrier_waiters.append((seq, fut))
+        try:
+            await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def _on_barrier(self, msg: Any) -> None:
+        try:
+            seq = int((msg.headers or {})["Nats-Sequence"])
+        except (KeyError, ValueError):
+            return
+        self._barrier_seen = max(self._barrier_seen, seq)
+        waiting = []
+        for target, fut in self._barrier_waiters:
+            if target <= seq:
+                if not fut.done():
+                    fut.set_result(None)
+            elif not fut.done():
+                waiting.append((target, fut))
+        self._barrier_waiters = waiting
+
+    def _receive(self, room: str, st: _Live, msg: Any) -> None:
+        """One republished message of ``room``, in stream order (one publisher: the stream's leader)."""
+        if st.held is not None:
+            st.held.append(msg)
+            return
+        hdr = msg.headers or {}
+        try:
+            seq, last = int(hdr["Nats-Sequence"]), int(hdr.get("Nats-Last-Sequence", 0))
+        except (KeyError, ValueError):
+            log.warning("room %r: republished message without a readable sequence (%r)", room, hdr)
+            return
+        kind = msg.subject[msg.subject.rfind(".") + 1:]
+        done = st.kinds.get(kind, st.base)
+        if seq <= done:
+            return  # delivered already, or stored before this replica followed the room
+        if st.verify:  # a message the old leader stored and never republished comes first
+            st.verify = False
+            st.held = [msg]
+            self._start_fill(room, st, None)
+            return
+        if last > done:  # the previous message of this subject never came: fetch it (and what followed)
+            st.held = [msg]
+            self._start_fill(room, st, kind)
+            return
+        self._accept(room, st, seq, kind, hdr, msg.data, _stamp(hdr.get("Nats-Time-Stamp", "")))
+
+    def _accept(self, room: str, st: _Live, seq: int, kind: str, hdr: Any, data: bytes, at: float) -> None:
+        st.kinds[kind] = seq
+        if seq > st.seq:
+            st.seq = seq
+        offset = None
+        if kind == "h":
+            offset = int(hdr.get(HDR_OFFSET, 0)) or None
+            if offset is not None:
+                self._remember(room, seq, offset)
+                self._head(room, seq, offset, at)
+                self.tails.add(room, seq, offset, data, HDR_START in hdr, at)
+        elif kind != "e":
+            return
+        self._deliver(room, data, offset)
+
+    def _release(self, room: str, st: _Live) -> None:
+        held, st.held = st.held, None
+        for msg in held or ():
+            self._receive(room, st, msg)  # a new gap holds the rest again
+
+    def _start_fill(self, room: str, st: _Live, kind: str | None) -> None:
+        """Hold the room's live messages and read what this replica missed from the stream's leader."""
+        if st.held is None:
+            st.held = []
+        if st.filling:
+            st.lost = True  # the running fill reads on to the end once more
+            return
+        st.filling = True
+        task = asyncio.ensure_future(self._fill(room, st, kind))
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._tasks.discard(t)
+            if not t.cancelled() and t.exception() is not None and self._followed.get(room) is st:
+                # the gap cannot be filled: the reconnect path resubscribes and the members recover
+                self._fail(f"room {room!r}: missed messages could not be read: {t.exception()}")
+
+        task.add_done_callback(done)
+
+    async def _fill(self, room: str, st: _Live, kind: str | None) -> None:
+        self.gap_fills += 1
+        enc = encode_room(room)
+        if kind is not None and st.kinds.get(kind, st.base) < st.seq:
+            # a subject's gap found after a newer message of the room's other subject was delivered
+            log.warning("room %r: messages of %r missed before %d found late; delivered out of order",
+                        room, kind, st.seq)
+            await self._fetch(room, st, f"{self.prefix}.r.{enc}.{kind}", st.kinds.get(kind, st.base) + 1, st.seq)
+        while True:
+            st.lost = False
+            # up to the newest message held meanwhile (the held ones follow it): a busy room's fill ends
+            await self._fetch(room, st, f"{self.prefix}.r.{enc}.*", st.seq + 1, None, upto_held=True)
+            if not st.lost or self._followed.get(room) is not st:
+                break
+        st.filling = False
+        if self._followed.get(room) is st:
+            self._release(room, st)
+
+    async def _fetch(self, room: str, st: _Live, subject: str, start: int, stop: int | None, *,
+                     upto_held: bool = False) -> None:
+        """Deliver the stored messages of ``subject`` from stream sequence ``start`` (up to ``stop``, or with
+        ``upto_held`` up to the newest held message once there is one) that this replica has not delivered,
+        in order; leader reads (a direct get may answer from a lagging replica)."""
+        api = f"$JS.API.STREAM.MSG.GET.{self.stream}"
+        while self._followed.get(room) is st:
+            if upto_held and stop is None and st.held and st.received > st.need:
+                stop = _sequence(st.held[-1])  # newer than every dropped message
+            if stop is not None and start > stop:
+                return
+            acks = self.acks
+            if acks is None:
+                return
+            try:
+                answer = await acks.request(api, json.dumps({"seq": start, "next_by_subj": subject}).encode())
+            except AckRefused as exc:
+                if exc.code == NO_MESSAGE:
+                    return
+                raise
+            msg = answer["message"]
+            seq = int(msg["seq"])
+            if stop is not None and seq > stop:
+                return
+            if self._followed.get(room) is not st:
+                return
+            kind = msg["subject"].rpartition(".")[2]
+            if seq > st.kinds.get(kind, st.base):
+                hdr = _headers(base64.b64decode(msg.get("hdrs") or ""))
+                self._accept(room, st, seq, kind, hdr, base64.b64decode(msg.get("data") or ""),
+                             _stamp(msg.get("time", "")))
+            start = seq + 1
+
+    async def _leader_cb(self, msg: Any) -> None:
+        """The stream has a new leader: a message the old one stored but did not republish is missed by
+        every replica, and ``Nats-Last-Sequence`` shows it only at the next message of the same subject.
+        Each followed room is read from the stream before its next message is delivered (so in order),
+        and the upkeep reads the rooms that stay quiet (:data:`VERIFY_PER_UPKEEP` at a time)."""
+        log.info("stream %s has a new leader: the followed rooms are read again", self.stream)
+        for room, st in self._followed.items():
+            if st.seq >= 0:
+                st.verify = True
+                self._unverified.add(room)
+
+    def _verify_quiet(self) -> None:
+        for _ in range(min(VERIFY_PER_UPKEEP, len(self._unverified))):
+            room = self._unverified.pop()
+            st = self._followed.get(room)
+            if st is not None and st.verify and st.held is None:
+                st.verify = False
+                self._start_fill(room, st, None)
+
+    def _slow(self, sid: int) -> None:
+        """nats-py dropped a message of a full subscription (its pending limit): read the room again from
+        the stream. Called from the reader before it takes the next message, so nothing newer is
+        delivered before the fill holds the room."""
+        room = self._by_sid.get(sid)
+        st = self._followed.get(room) if room is not None else None
+        if room is None or st is None:
+            return
+        if not (st.filling or st.lost):  # once per fill, not per dropped message
+            log.warning("room %r: this replica fell behind its subscription; reading it from the stream", room)
+        # the queued messages came before the dropped one: a message received after them came after it
+        st.need = st.received + st.sub._pending_queue.qsize()
+        if st.seq < 0:
+            st.lost = True  # before the baseline: _consume fills once it is known
+        else:
+            self._start_fill(room, st, None)
+
+    async def _assert_republish(self) -> bool:
+        """Put the stream's RePublish back when it is missing (a replica of an older version updated the
+        stream without it); True when it was missing. Messages stored meanwhile were not republished:
+        each followed room is read again from its last delivered message.
+
+        Through :attr:`acks` (timers, no ``asyncio.wait_for``: Python 3.11's can swallow the cancellation
+        that closes the bus, and the upkeep would then run on)."""
+        acks = self.acks
+        if acks is None:
+            raise ConnectionError("not connected")
+        try:
+            info = await acks.request(f"$JS.API.STREAM.INFO.{self.stream}", b"")
+            want = self._republish()
+            rp = info.get("config", {}).get("republish") or {}
+            if (rp.get("src"), rp.get("dest")) == (want.src, want.dest):
+                return False
+            log.warning("stream %s: RePublish was %r; restoring it and reading the followed rooms again",
+                        self.stream, rp or None)
+            await acks.request(f"$JS.API.STREAM.UPDATE.{self.stream}",
+                               json.dumps(self._stream_config.as_dict()).encode())
+        except AckRefused as exc:
+            raise BusUnavailable(f"stream {self.stream}: {exc}") from exc
+        self.republish_restored += 1
+        for room, st in list(self._followed.items()):
+            if st.seq >= 0:
+                self._start_fill(room, st, None)
+        return True
 
     def _remember(self, room: str, seq: int, offset: int) -> None:
         cur = self._last.get(room)
@@ -335,7 +720,15 @@ class NatsBus(Supervised):
             self._probe = None
         nc, self.nc = self.nc, None
         self.js = self.state_kv = None
-        self._tokens, self._subs = {}, {}
+        self._followed, self._subs, self._by_sid = {}, {}, {}
+        self._barrier_next = None
+        for fut in (w for _, w in self._barrier_waiters):
+            if not fut.done():
+                fut.set_exception(ConnectionError("disconnected from NATS"))
+        self._barrier_waiters = []
+        tasks, self._tasks = list(self._tasks), set()
+        for task in tasks:
+            task.cancel()
         self._heads, self._known = {}, set()
         self.tails.clear()
         if self.acks is not None:
@@ -375,7 +768,13 @@ class NatsBus(Supervised):
 
     async def _refresh(self) -> None:
         if self.presence is not None:
-            await self.presence.upkeep()
+            await self.presence.upkeep()  # first: its heartbeat is due now
+        self._verify_quiet()
+        # an older replica's (re)start updates the stream without RePublish: put it back
+        try:
+            await self._assert_republish()
+        except (BusUnavailable, TimeoutError, ConnectionError) as exc:
+            log.info("upkeep: the stream's RePublish was not checked: %s: %s", type(exc).__name__, exc)
 
     async def close(self) -> None:
         if self.presence is not None:
@@ -642,7 +1041,11 @@ class NatsBus(Supervised):
             await self.call("subscribe", lambda: self._consume(room))
         except BaseException:
             self._rooms.discard(room)
-            self._tokens.pop(room, None)
+            sub = self._stop(room)
+            if sub is not None:
+                task = asyncio.ensure_future(_quietly(sub.unsubscribe()))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
             self._heads.pop(room, None)
             self.tails.drop(room)
             raise
@@ -651,11 +1054,25 @@ class NatsBus(Supervised):
         if room not in self._rooms:
             return
         self._rooms.discard(room)
-        self._tokens.pop(room, None)
         self._heads.pop(room, None)
         self._known.discard(room)
         self.tails.drop(room)
-        sub = self._subs.pop(room, None)
+        sub = self._stop(room)
         if sub is not None and self._healthy:
             with contextlib.suppress(BusUnavailable):
                 await self.call("unsubscribe", sub.unsubscribe)
+
+    def _stop(self, room: str) -> Any:
+        """Forget the room's live delivery; its subscription (None if it has none), to unsubscribe."""
+        self._subs.pop(room, None)
+        st = self._followed.pop(room, None)
+        if st is None or st.sub is None:
+            return None
+        self._by_sid.pop(st.sub._id, None)
+        return st.sub
+
+
+async def _quietly(op: Awaitable[Any]) -> None:
+    """An unsubscribe nobody waits for (a failed subscribe's): its failure changes nothing."""
+    with contextlib.suppress(Exception):
+        await op

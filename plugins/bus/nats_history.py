@@ -56,11 +56,11 @@ class NatsHistory:
         return HistoryPage(epoch, top, [(o, p) for o, p, _, _ in found[:limit]] if complete else [], complete)
 
     async def _from_tail(self, room: str, seq: int, floor: int, top: int) -> _Scan | None:
-        """The range from the room's tail (:mod:`~wirehub.builtins.bus.nats_tail`) once its consumer delivered
-        ``seq`` (the newest message this read saw); None when it does not hold the whole range. Waiting is
+        """The range from the room's tail (:mod:`~wirehub.builtins.bus.nats_tail`) once its subscription
+        delivered ``seq`` (the newest message this read saw); None when it does not hold the whole range. Waiting is
         safe only once the tail has a sequence (a delivered message, or a seeded range, see
         :meth:`~wirehub.builtins.bus.nats_tail.Tails.seed`): every later message then comes through the
-        consumer, while a consumer started after ``seq`` was stored never delivers it."""
+        subscription, while one whose baseline is after ``seq`` never delivers it."""
         tails = self.bus.tails
         tail = tails.get(room)
         if tail is None or not tail.seq or not await tails.reach(room, tail, seq, self.bus.op_timeout):

@@ -1,17 +1,17 @@
-"""The recent history of the rooms a NATS replica follows, kept from their consumers: a read with ``since``
+"""The recent history of the rooms a NATS replica follows, kept from their live subscriptions: a read with ``since``
 (the replay of a rejoin) answered from memory instead of an ephemeral JetStream consumer.
 
 A reconnect storm's rejoins all ask for the same few seconds of one room's history. A JetStream scan per
 (room, since, newest offset) cost ``nats-server`` a consumer create and delete each, and under a storm's
 load such a scan missed ``op_timeout`` and failed every rejoin that shared it (``error unavailable``). The
-room's consumer delivers every history message anyway: each followed room keeps its newest ones here.
+room's subscription delivers every history message anyway: each followed room keeps its newest ones here.
 
 A tail is exact: ``floor`` is an offset such that EVERY history message of the room with offset in
-(``floor``, newest entry] is in it (offsets are consecutive in stream order and the ordered consumer
-delivers in stream order, without gap). It never holds more than the stream keeps (at most
-``history_size`` entries; entries older than ``history_ttl`` are dropped before a read), so a read from
-it returns what a scan would. Bounded: :data:`ROOM_MESSAGES` and :data:`ROOM_BYTES` per room,
-:data:`TOTAL_BYTES` over all rooms (the least recently appended rooms' tails go first).
+(``floor``, newest entry] is in it (offsets are consecutive in stream order and the room's
+subscription delivers in stream order, its gaps filled before delivery: nats_bus). It never holds more
+than the stream keeps (at most ``history_size`` entries; entries older than ``history_ttl`` are dropped
+before a read), so a read from it returns what a scan would. Bounded: :data:`ROOM_MESSAGES` and
+:data:`ROOM_BYTES` per room, :data:`TOTAL_BYTES` over all rooms (the least recently appended rooms' tails go first).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ Entry = tuple[int, bytes, bool, float]  # offset, payload, is run start, broker 
 
 
 class Tail:
-    """One room's tail, tied to one consumer of the room (a new consumer starts a new tail)."""
+    """One room's tail, tied to one subscription of the room (a new subscription starts a new tail)."""
 
     __slots__ = ("entries", "floor", "ready", "seq", "size", "waiters")
 
@@ -40,12 +40,12 @@ class Tail:
         self.entries: collections.deque[Entry] = collections.deque()
         #: every history message with offset in (floor, newest entry] is in ``entries``; -1 while empty
         self.floor = -1
-        #: stream sequence of the newest history message the consumer delivered (0: none yet)
+        #: stream sequence of the newest history message the subscription delivered (0: none yet)
         self.seq = 0
-        #: its consumer is subscribed: every history message stored from now on comes through it
+        #: its subscription's baseline is known: every history message stored from now on comes through it
         self.ready = False
         self.size = 0
-        #: reads waiting until the consumer delivered a stream sequence
+        #: reads waiting until the subscription delivered a stream sequence
         self.waiters: list[tuple[int, asyncio.Future[None]]] = []
 
     def range(self, floor: int, top: int) -> list[Entry] | None:
@@ -67,7 +67,7 @@ class Tails:
         self._size = 0
 
     def start(self, room: str) -> Tail | None:
-        """A new consumer of ``room``: an empty tail (the old one's messages may have a gap to the new)."""
+        """A new subscription of ``room``: an empty tail (the old one's messages may have a gap to the new)."""
         self.drop(room)
         if not self.max_messages:
             return None
@@ -88,7 +88,7 @@ class Tails:
         return self._rooms.get(room)
 
     def add(self, room: str, seq: int, offset: int, payload: bytes, start: bool, at: float) -> None:
-        """A history message the room's consumer delivered (in stream order)."""
+        """A history message the room's subscription delivered (in stream order)."""
         tail = self._rooms.get(room)
         if tail is None or seq <= tail.seq:
             return
@@ -109,7 +109,7 @@ class Tails:
 
     def seed(self, room: str, tail: Tail, floor: int, found: list[Entry], seq: int) -> None:
         """A scan's messages with offset in (``floor``, top], up to stream sequence ``seq``, read after ``tail``
-        was :attr:`~Tail.ready` (so every later message comes through its consumer): the tail holds them too,
+        was :attr:`~Tail.ready` (so every later message comes through its subscription): the tail holds them too,
         and the next reads of the range need no scan (a room this replica started following in a storm)."""
         if self._rooms.get(room) is not tail or not tail.ready or not found or found[0][0] != floor + 1:
             return
@@ -153,7 +153,7 @@ class Tails:
         self._size -= len(payload)
 
     async def reach(self, room: str, tail: Tail, seq: int, timeout: float) -> bool:
-        """Wait until ``tail``'s consumer delivered stream sequence ``seq``: False when it did not within
+        """Wait until ``tail``'s subscription delivered stream sequence ``seq``: False when it did not within
         ``timeout`` or the tail was dropped meanwhile."""
         if tail.seq >= seq:
             return self._rooms.get(room) is tail
