@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -85,8 +86,9 @@ async def test_an_unreachable_nats_fails_the_start() -> None:
 
 async def test_more_rooms_than_the_servers_default_consumer_limit(
         nats_server_factory: Callable[..., BrokerProcess]) -> None:
-    """nats-server 2.15+ allows 1000 consumers per stream unless the stream says otherwise; wirehub needs one
-    per room with members (and one per room's presence copy): the stream and buckets carry max_consumers."""
+    """nats-server 2.15+ allows 1000 consumers per stream unless the stream says otherwise. Followed rooms and
+    presence copies take none any more (RePublish), but history scans and watches still do: the stream carries
+    max_consumers, and a replica follows more rooms than the server's default limit."""
     server = nats_server_factory()
     backend = create_backend({"servers": [server.url], "storage": "memory", "max_consumers": 5000}, "bus.nats")
     recorder = Recorder()
@@ -98,5 +100,34 @@ async def test_more_rooms_than_the_servers_default_consumer_limit(
         await backend.bus.publish(rooms[-1], b"last", history=True)
         assert await recorder.wait_for(rooms[-1], 1) == [b"last"]
         assert backend.extra["options"].max_consumers == 5000
+        bus = backend.bus
+        assert (await bus.js.stream_info(bus.stream)).config.max_consumers == 5000
     finally:
         await backend.bus.close()
+
+
+async def test_a_server_older_than_2_11_fails_the_start_naming_the_key() -> None:
+    """A server that introduces itself as 2.9 (the INFO line is all the client reads before the version check;
+    old servers are not installable from the test extras) is refused at connect, naming bus.nats.servers."""
+    import asyncio
+
+    async def old_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b'INFO {"server_id":"old","version":"2.9.10","go":"go1.19","host":"127.0.0.1","port":0,'
+                     b'"headers":true,"max_payload":1048576,"proto":1}\r\n')
+        with contextlib.suppress(ConnectionError):
+            while line := await reader.readline():
+                if line.startswith(b"PING"):
+                    writer.write(b"PONG\r\n")
+                    await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(old_server, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    backend = create_backend({"servers": [f"nats://127.0.0.1:{port}"], "connect_timeout": 2}, "bus.nats")
+    try:
+        with pytest.raises(BusUnavailable, match=r"bus\.nats\.servers: nats-server 2\.9\.10 is too old"):
+            await backend.bus.start(Recorder())
+    finally:
+        await backend.bus.close()
+        server.close()
+        await server.wait_closed()

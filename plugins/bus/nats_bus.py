@@ -85,6 +85,9 @@ WRONG_LAST_SEQUENCE = (10071, 10164)
 #: "duplicate message id is in process": a publish with the same Nats-Msg-Id is being stored (in a
 #: cluster, replicated) right now; once it is, the retry is answered as a duplicate with its sequence
 DUPLICATE_IN_PROCESS = 10158
+#: the oldest nats-server wirehub runs on: per-message TTLs (presence purge markers) and batched direct gets
+#: (presence copies) came in 2.11
+MIN_SERVER = (2, 11, 0)
 #: "no message found" (a leader get past the subject's last message)
 NO_MESSAGE = 10037
 #: the stream republishes ``<p>.r.<r>.<kind>`` to ``<p>.<LIVE>.<r>.<kind>``
@@ -167,6 +170,20 @@ def _name(prefix: str, what: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", prefix) + "_" + what
 
 
+class OldServer(ConnectionError):
+    """The NATS server is older than :data:`MIN_SERVER`."""
+
+
+def _check_version(version: Any) -> None:
+    """Refuse a server older than :data:`MIN_SERVER` at connect, before anything is created on it: an old
+    server fails later and obscurely (a stream update it refuses, a batched get it answers with one message)."""
+    found = (version.major, version.minor, version.patch)
+    if found < MIN_SERVER:
+        want = ".".join(map(str, MIN_SERVER[:2]))
+        raise OldServer(f"nats-server {'.'.join(map(str, found))} is too old: wirehub needs {want} or newer "
+                        "(per-message TTLs, batched direct gets, stream RePublish)")
+
+
 def startup_error(exc: BaseException, opts: NatsOptions, key: str) -> str | None:
     """A connection failure that a config key explains, as ``"<key>: what to fix (cause)"``; else None."""
     text, seen = "", exc
@@ -175,6 +192,8 @@ def startup_error(exc: BaseException, opts: NatsOptions, key: str) -> str | None
         text += f" / {type(chain).__name__}: {chain}"
         seen, chain = chain, chain.__cause__ or chain.__context__
     low, cause = text.lower(), f"{type(seen).__name__}: {str(seen)[:200]}"
+    if isinstance(seen, OldServer):
+        return f"{key}.servers: {seen}"
     if "certificate verify failed" in low:
         return f"{key}.tls_ca_file: the server's TLS certificate was refused ({cause})"
     if "authorization violation" in low or "authentication" in low:
@@ -343,6 +362,7 @@ class NatsBus(Supervised):
         nc = self.nats.NATS()
         conn["nc"] = self.nc = nc  # so that _teardown closes it even when connect fails half-way
         await nc.connect(**kwargs)
+        _check_version(nc.connected_server_version)
         js = self.js = nc.jetstream(timeout=o.op_timeout)
         acks = Acks(nc, o.op_timeout)
         await acks.start()
