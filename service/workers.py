@@ -61,13 +61,36 @@ def available_cpus() -> int:
         count = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         count = os.cpu_count() or 1
+    limit = _cgroup_cpus(Path("/sys/fs/cgroup"))
+    if limit is not None:
+        count = min(count, limit)
+    return max(1, count)
+
+
+def _cgroup_cpus(root: Path) -> int | None:
+    """The CPU limit of this cgroup, rounded up: cgroup v2's ``cpu.max``, else v1's CFS quota and period;
+    None when there is none (or no cgroup file system)."""
     try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            count = min(count, max(1, math.ceil(int(quota) / int(period))))
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else max(1, math.ceil(int(quota) / int(period)))
     except (OSError, ValueError):
         pass
-    return max(1, count)
+    for v1 in (root / "cpu", root / "cpu,cpuacct"):
+        try:
+            quota_us = int((v1 / "cpu.cfs_quota_us").read_text())
+            period_us = int((v1 / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):
+            continue
+        return None if quota_us <= 0 else max(1, math.ceil(quota_us / period_us))
+    return None
+
+
+def _signal_name(signum: int) -> str:
+    """SIGKILL, or the number of a signal Python has no name for (the real-time ones)."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return str(signum)
 
 
 def worker_count(config: Config) -> int:
@@ -394,7 +417,7 @@ class Supervisor:
             self._read_ready(worker)
             worker.pid = 0
             code = os.waitstatus_to_exitcode(status)
-            what = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+            what = f"signal {_signal_name(-code)}" if code < 0 else f"exit code {code}"
             if self.stopping:
                 if code != 0:
                     self.failed = True
@@ -481,7 +504,7 @@ class Supervisor:
         signals, self._signals = self._signals, []
         for signum in signals:
             if signum in (signal.SIGTERM, signal.SIGINT):
-                self._stop(f"{signal.Signals(signum).name} received")
+                self._stop(f"{_signal_name(signum)} received")
         self._reap()
         now = time.monotonic()
         for worker in self.workers:

@@ -423,3 +423,26 @@ def running(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+@pytest.mark.parametrize(("files", "cpus"), [
+    ({"cpu.max": "250000 100000\n"}, 3),  # cgroup v2, a limit of 2.5 CPUs
+    ({"cpu.max": "max 100000\n"}, None),
+    ({"cpu/cpu.cfs_quota_us": "150000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 2),  # cgroup v1
+    ({"cpu,cpuacct/cpu.cfs_quota_us": "-1\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"}, None),
+    ({}, None),
+])
+def test_the_cpu_limit_of_cgroup_v2_and_v1(tmp_path: Path, files: dict[str, str], cpus: int | None) -> None:
+    from wirehub.workers import _cgroup_cpus
+
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert _cgroup_cpus(tmp_path) == cpus
+
+
+def test_a_signal_without_a_name_is_logged_by_number() -> None:
+    from wirehub.workers import _signal_name
+
+    assert _signal_name(9) == "SIGKILL"
+    assert _signal_name(40) == "40"  # a real-time signal: signal.Signals(40) raises

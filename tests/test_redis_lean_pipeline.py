@@ -126,3 +126,23 @@ async def test_a_resp3_push_between_the_replies_is_no_command_s_reply(pool: Any,
     replies = await asyncio.wait_for(pipeline, 10)
     assert replies[:2] == [b"OK", b"v1"]
     assert [bytes(v) for v in replies[2]] == [queue.encode(), b"x"] and replies[3] == b"mine"
+
+
+async def test_a_connection_class_with_its_own_read_response_keeps_redis_py_s_path(redis_server: RedisServer) -> None:
+    # Sentinel's connection turns READONLY (a demoted master) into a disconnect in its read_response: the lean
+    # pipeline, which parses replies itself, must leave such connections to redis-py
+    seen: list[int] = []
+
+    class OwnRead(aioredis.Connection):
+        async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+            seen.append(1)
+            return await super().read_response(*args, **kwargs)
+
+    made = aioredis.BlockingConnectionPool.from_url(redis_server.url, max_connections=1, connection_class=OwnRead)
+    try:
+        await send_on_pool(made, [("PING",)])  # connected: the handshake's replies are read by redis-py anyway
+        seen.clear()
+        assert await send_on_pool(made, [("PING",), ("ECHO", b"own")]) == [b"PONG", b"own"]
+        assert len(seen) == 2  # both replies went through the class's own read_response
+    finally:
+        await made.aclose()

@@ -259,7 +259,7 @@ async def test_without_hiredis_the_subscriber_reads_with_redis_py(
     # redis-py parsing in Python (no hiredis reader found): the reader falls back to get_message
     from wirehub.builtins.bus import redis_pubsub
 
-    monkeypatch.setattr(redis_pubsub, "_hiredis_reader", lambda pubsub: None)
+    monkeypatch.setattr(redis_pubsub, "hiredis_io", lambda conn: None)
     _, start = started
     (a, ra), (b, _) = await start(), await start()
     room = unique_room()

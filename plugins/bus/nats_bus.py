@@ -668,18 +668,30 @@ class NatsBus(Supervised):
         Each followed room is read from the stream before its next message is delivered (so in order),
         and the upkeep reads the rooms that stay quiet (:data:`VERIFY_PER_UPKEEP` at a time)."""
         log.info("stream %s has a new leader: the followed rooms are read again", self.stream)
+        self._verify_all()
+
+    def _verify_all(self) -> None:
+        """Read every followed room from the stream before its next message, and the quiet ones from the
+        upkeep, :data:`VERIFY_PER_UPKEEP` at a time (not all at once: tens of thousands of reads would
+        time out together and fail the connection)."""
         for room, st in self._followed.items():
             if st.seq >= 0:
                 st.verify = True
                 self._unverified.add(room)
 
     def _verify_quiet(self) -> None:
+        busy = []
         for _ in range(min(VERIFY_PER_UPKEEP, len(self._unverified))):
             room = self._unverified.pop()
             st = self._followed.get(room)
-            if st is not None and st.verify and st.held is None:
-                st.verify = False
-                self._start_fill(room, st, None)
+            if st is None or not st.verify:
+                continue
+            if st.held is not None:
+                busy.append(room)  # a fill that began before the reason to verify: the next upkeep reads it
+                continue
+            st.verify = False
+            self._start_fill(room, st, None)
+        self._unverified.update(busy)
 
     def _slow(self, sid: int) -> None:
         """nats-py dropped a message of a full subscription (its pending limit): read the room again from
@@ -701,7 +713,7 @@ class NatsBus(Supervised):
     async def _assert_republish(self) -> bool:
         """Put the stream's RePublish back when it is missing (a replica of an older version updated the
         stream without it); True when it was missing. Messages stored meanwhile were not republished:
-        each followed room is read again from its last delivered message.
+        each followed room is read again from its last delivered message (:meth:`_verify_all`).
 
         Through :attr:`acks` (timers, no ``asyncio.wait_for``: Python 3.11's can swallow the cancellation
         that closes the bus, and the upkeep would then run on)."""
@@ -721,9 +733,7 @@ class NatsBus(Supervised):
         except AckRefused as exc:
             raise BusUnavailable(f"stream {self.stream}: {exc}") from exc
         self.republish_restored += 1
-        for room, st in list(self._followed.items()):
-            if st.seq >= 0:
-                self._start_fill(room, st, None)
+        self._verify_all()
         return True
 
     def _remember(self, room: str, seq: int, offset: int) -> None:

@@ -64,7 +64,7 @@ from wirehub import BusUnavailable, DepartedListener, PresenceCount, PresenceEnt
 from wirehub.builtins.bus._broker import cancel_and_wait, encode_room
 from wirehub.builtins.bus._roster import Departures, Roster
 from wirehub.builtins.bus.nats_buckets import BUCKET, HDR_WRITE, Bucket, Write, encode_entries, fail, parse_entries
-from wirehub.builtins.bus.nats_bus import _name
+from wirehub.builtins.bus.nats_bus import NO_MESSAGE, _name
 
 if TYPE_CHECKING:
     from wirehub.builtins.bus.nats_bus import NatsBus
@@ -74,8 +74,6 @@ log = logging.getLogger("wirehub.bus.nats")
 #: purges sent concurrently while removing a dead node's entries
 REAP_BATCH = 256
 PURGE_HEADERS = {"KV-Operation": "PURGE", "Nats-Rollup": "sub"}
-#: JetStream API error code of a message get that found nothing
-NO_MESSAGE = 10037
 #: messages per batched direct get of a snapshot (a page)
 PAGE = 1024
 #: purged keys a copy remembers (to drop late duplicates of their writes)
@@ -128,6 +126,9 @@ class _LiveRoom:
         self.resync: asyncio.Future[None] | None = None
         #: read again after the re-read under way (messages were dropped while it ran)
         self.again = False
+        #: the last read of the room's keys ran out of time before it reached the leader's newest sequence:
+        #: writes stored before the subscription may be missing, so the next read of the copy reads it again
+        self.incomplete = False
         #: counters (diagnostics, tests): writes found missed, duplicates dropped, re-reads
         self.gaps = 0
         self.duplicates = 0
@@ -276,7 +277,8 @@ class NatsPresence:
         self._writes = 0
         self._rooms: dict[str, asyncio.Future[_LiveRoom]] = {}
         #: a copy's core subscription -> its room (a slow consumer's report names the subscription)
-        self._subs: dict[Any, str] = {}
+        #: a copy's subscription -> (room, copy), from before the copy's first read
+        self._subs: dict[Any, tuple[str, _LiveRoom]] = {}
         #: the reply subject prefix of this connection's batched direct gets, and the batches under way:
         #: token -> (messages so far, the batch's end: (pending after it, its last sequence))
         self._inbox = ""
@@ -408,12 +410,14 @@ class NatsPresence:
             self._pages.pop(token, None)
         return msgs, pending, last
 
-    async def _read_keys(self, pattern: str, live: _LiveRoom | None = None) -> tuple[dict[str, tuple[int, Any]], int]:
-        """key -> (seq, last message) of every members key matching ``pattern`` (purge markers too), and the
-        sequence it is complete up to. Read without a consumer, by batched direct gets paged by sequence.
-        Any replica of the stream may answer one, and a follower may be a few writes behind the leader:
-        so the leader's newest sequence of the pattern is asked beside it, and the read is done again
-        until it (or ``live``'s buffered messages) reached that sequence."""
+    async def _read_keys(self, pattern: str) -> tuple[dict[str, tuple[int, Any]], int, bool]:
+        """key -> (seq, last message) of every members key matching ``pattern`` (purge markers too), the
+        sequence it is complete up to, and whether it reached the leader's newest sequence of the pattern.
+        Read without a consumer, by batched direct gets paged by sequence. Any replica of the stream may
+        answer one, and a follower may be a few writes behind the leader: so the leader's newest sequence
+        of the pattern is asked beside it, and the read is done again until the read itself reached it.
+        (A copy's subscription holding newer writes proves nothing about the writes stored before it
+        subscribed, which only the read has.)"""
         bus = self.bus
         loop = asyncio.get_running_loop()
         deadline = loop.time() + min(bus.op_timeout, 1.0)
@@ -435,15 +439,13 @@ class NatsPresence:
                         break
                     start = last + 1
                 target = await leader
-                if max(top, live.newest() if live is not None else 0) >= target:
-                    return found, max(top, target)
-                await asyncio.sleep(delay)  # the copy's subscription may hold the newer writes by now
-                delay = min(0.1, delay * 2)
-                if live is not None and live.newest() >= target:
-                    return found, top
+                if top >= target:
+                    return found, top, True
                 if loop.time() > deadline:  # e.g. the leader's newest was a purge marker that expired since
                     log.info("presence: a read of %s reached sequence %d, not the leader's %d", pattern, top, target)
-                    return found, top
+                    return found, top, False
+                await asyncio.sleep(delay)  # a follower answered: it catches up within milliseconds
+                delay = min(0.1, delay * 2)
         finally:
             if not leader.done():
                 leader.cancel()
@@ -453,7 +455,7 @@ class NatsPresence:
     async def _scan(self, pattern: str) -> list[tuple[str, PresenceEntry]]:
         """(key, entry) of every entry of every members key matching ``pattern``."""
         self.bus._check()
-        found, _ = await self._read_keys(pattern)
+        found, _, _ = await self._read_keys(pattern)
         out: list[tuple[str, PresenceEntry]] = []
         for key, (_, msg) in sorted(found.items()):
             if _is_value(msg):
@@ -513,13 +515,14 @@ class NatsPresence:
         # answers them, so every write it takes after the snapshot comes through it
         live.sub = await bus.call("presence", lambda: bus.nc.subscribe(f"{self.dest}{encode_room(room)}.>",
                                                                         cb=on_msg, pending_msgs_limit=SUB_PENDING))
+        self._subs[live.sub] = (room, live)  # before the read: drops while the copy starts count too
         try:
             await self._load(live, room)
         except BaseException:
+            self._subs.pop(live.sub, None)
             task = asyncio.ensure_future(live.sub.unsubscribe())
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
             raise
-        self._subs[live.sub] = room
         return live
 
     async def _load(self, live: _LiveRoom, room: str) -> None:
@@ -527,9 +530,15 @@ class NatsPresence:
         write), then apply what its subscription buffered meanwhile."""
         if live.buffer is None:
             live.buffer = []
+        live.incomplete = False  # set again by a read that falls short, or a drop while this one runs
         try:
-            found, top = await self._read_keys(f"{encode_room(room)}.>", live)
+            found, top, complete = await self._read_keys(f"{encode_room(room)}.>")
             live.reconcile(found, top)
+            if not complete:
+                live.incomplete = True
+        except BaseException:
+            live.incomplete = True  # not read: the next read of the copy tries again
+            raise
         finally:
             buffered, live.buffer = live.buffer, None
             for item in buffered:
@@ -563,10 +572,14 @@ class NatsPresence:
 
     def dropped(self, sub: Any) -> None:
         """nats-py dropped messages of subscription ``sub`` (a slow consumer): if it is a copy's, re-read it."""
-        room = self._subs.get(sub)
-        live = self._current_live(room) if room is not None else None
-        if live is not None and live.sub is sub:
-            self._resync(live, room, "its subscription dropped messages", again=True)  # type: ignore[arg-type]
+        held = self._subs.get(sub)
+        if held is None:
+            return
+        room, live = held
+        if live.buffer is not None and live.resync is None:
+            live.incomplete = True  # the copy is starting: its first read of the room is read again
+        else:
+            self._resync(live, room, "its subscription dropped messages", again=True)
 
     async def _on_leader(self, msg: Any) -> None:
         rooms = [room for room in self._rooms if self._current_live(room) is not None]
@@ -622,6 +635,9 @@ class NatsPresence:
         mine = loop.create_future()
         readers.append(mine)
         target = await mine
+        if live.incomplete:  # its last read ran out of time short of the leader: read it again
+            await asyncio.shield(self._resync(live, room, "its last read did not reach the leader's sequence"))
+            return
         if live.last_seq >= target:
             return
         if not await self._wait_for(live, target, self.grace):

@@ -256,7 +256,9 @@ async def send_on(conn: Any, commands: list[Command]) -> list[Any]:
     writer, stream, reader, more, parser = io
     if writer.transport.is_closing():
         raise Broken("the connection was closed before the write")
-    writer.write(_pack_joined(commands))
+    packed = pack(conn, commands)
+    assert isinstance(packed, bytes)  # hiredis's packer, as _lean_io required
+    writer.write(packed)
     await writer.drain()  # at once unless the socket's buffer is over its high-water mark
     out: list[Any] = []
     want = len(commands)
@@ -270,6 +272,8 @@ async def send_on(conn: Any, commands: list[Command]) -> list[Any]:
             continue
         if isinstance(reply, Broken):  # redis-py raises these (LOADING, ...): the connection is not usable
             raise reply
+        if isinstance(reply, list) and reply and isinstance(reply[0], Broken):  # as redis-py's reader does
+            raise reply[0]
         if _PUSH is not None and isinstance(reply, _PUSH):
             # RESP3 (redis-py's default) may interleave a push (client tracking, a server's maintenance
             # notice) with the replies: it is no command's reply; redis-py's parser handles it as it would
@@ -283,28 +287,39 @@ async def send_on(conn: Any, commands: list[Command]) -> list[Any]:
 READ_SIZE = 65536
 
 
-def _lean_io(conn: Any) -> tuple[Any, Any, Any, object, Any] | None:
-    """(stream writer, stream reader, hiredis reader, its not-enough-data marker, redis-py's parser) of a
-    connected redis-py connection with the hiredis parser; else None. Every caller on a pooled connection
-    reads all the replies of what it sent (or the connection is disconnected), so the hiredis reader holds
-    nothing of another's."""
+def hiredis_io(conn: Any) -> tuple[Any, Any, object] | None:
+    """(stream reader, hiredis reader, its not-enough-data marker) of a connected redis-py connection, or
+    None when redis-py parses in Python (no hiredis) or has another layout: then the caller uses redis-py's
+    own calls."""
     parser = getattr(conn, "_parser", None)
     reader, stream = getattr(parser, "_reader", None), getattr(conn, "_reader", None)
-    writer = getattr(conn, "_writer", None)
-    if _pack_command is None or reader is None or stream is None or writer is None or not hasattr(reader, "gets"):
+    if reader is None or stream is None or not hasattr(reader, "gets") or not hasattr(stream, "read"):
         return None
     try:
         from redis._parsers.hiredis import NOT_ENOUGH_DATA
     except ImportError:  # pragma: no cover - another redis-py layout: the slow path still works
         return None
+    return stream, reader, NOT_ENOUGH_DATA
+
+
+def _lean_io(conn: Any) -> tuple[Any, Any, Any, object, Any] | None:
+    """(stream writer, stream reader, hiredis reader, its not-enough-data marker, redis-py's parser) of a
+    connected redis-py connection with the hiredis parser; else None. Every caller on a pooled connection
+    reads all the replies of what it sent (or the connection is disconnected), so the hiredis reader holds
+    nothing of another's. None too for a connection class with a ``read_response`` of its own (Sentinel's
+    turns READONLY from a demoted master into a disconnect), which only redis-py's path honours."""
+    from redis.asyncio.connection import AbstractConnection
+
+    if _pack_command is None or type(conn).read_response is not AbstractConnection.read_response:
+        return None
+    found = hiredis_io(conn)
+    parser, writer = getattr(conn, "_parser", None), getattr(conn, "_writer", None)
+    if found is None or writer is None:
+        return None
     if getattr(parser, "_connected", True) is False or not hasattr(parser, "handle_push_response"):
         return None
-    return writer, stream, reader, NOT_ENOUGH_DATA, parser
-
-
-def _pack_joined(commands: list[Command]) -> bytes:
-    assert _pack_command is not None
-    return b"".join(map(_pack_command, commands))
+    stream, reader, more = found
+    return writer, stream, reader, more, parser
 
 
 async def _send_slow(conn: Any, commands: list[Command]) -> list[Any]:

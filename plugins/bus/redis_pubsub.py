@@ -30,10 +30,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
 from wirehub import BusUnavailable, PublishOutcomeUnknown
-from wirehub.builtins.bus.redis_batch import Command, send_on_pool
-
-#: bytes asked of the socket per read; hiredis parses whatever arrived, many replies at once
-READ_SIZE = 65536
+from wirehub.builtins.bus.redis_batch import READ_SIZE, Command, hiredis_io, send_on_pool
 
 
 class BatchOwner(Protocol):
@@ -47,27 +44,12 @@ class BatchOwner(Protocol):
     async def _call(self, what: str, op: Callable[[], Any], errors: tuple[type[BaseException], ...]) -> Any: ...
 
 
-def _hiredis_reader(pubsub: Any) -> tuple[Any, Any, object] | None:
-    """(stream, hiredis reader, its not-enough-data marker) of a subscribed connection, or None when
-    redis-py parses in Python (no hiredis): then the caller reads with ``get_message``."""
-    conn = getattr(pubsub, "connection", None)
-    parser = getattr(conn, "_parser", None)
-    reader, stream = getattr(parser, "_reader", None), getattr(conn, "_reader", None)
-    try:
-        from redis._parsers.hiredis import NOT_ENOUGH_DATA
-    except ImportError:  # pragma: no cover - another redis-py layout: the slow path still works
-        return None
-    if reader is None or stream is None or not hasattr(reader, "gets") or not hasattr(stream, "read"):
-        return None
-    return stream, reader, NOT_ENOUGH_DATA
-
-
 async def read_pubsub(pubsub: Any, on_message: Callable[[bytes, bytes], None],
                       on_other: Callable[[Mapping[str, Any]], None]) -> None:
     """Read ``pubsub``'s connection until it fails: ``on_message(channel, data)`` for each channel
     message, ``on_other(message)`` (redis-py's parsed form) for the rest. Raises on a closed or
     broken connection. Nothing else may read this connection meanwhile (the bus only writes to it)."""
-    found = _hiredis_reader(pubsub)
+    found = hiredis_io(getattr(pubsub, "connection", None))  # None: no hiredis, read with get_message
     if found is None:
         while True:
             msg = await pubsub.get_message(timeout=None)
