@@ -44,6 +44,7 @@ from typing import Any
 
 from bench.loadgen import WsClient, connect, cpu_seconds, percentile, raise_nofile, rss_bytes
 from bench.procs import start_replicas, stop, tree_path, with_workers
+from wirehub.broker_clusters import RedisCluster
 from wirehub.brokers import BrokerProcess, NatsServer, RedisServer
 from wirehub.nats_cluster import NatsCluster
 
@@ -109,6 +110,7 @@ class Layout:
         self.kind = kind
         self.cluster: NatsCluster | None = None
         self.single: BrokerProcess | None = None
+        self.redis_cluster: RedisCluster | None = None
         if kind == "nats-cluster":
             self.cluster = NatsCluster()
             self.cluster.start()
@@ -118,26 +120,38 @@ class Layout:
         elif kind == "redis":
             self.single = RedisServer()
             self.single.start()
+        elif kind == "redis-cluster":  # 3 primaries + 3 replicas, sharded pub/sub
+            self.redis_cluster = RedisCluster()
+            self.redis_cluster.start()
         else:
-            raise SystemExit(f"unknown bus {kind!r}: nats-cluster, nats or redis")
+            raise SystemExit(f"unknown bus {kind!r}: nats-cluster, nats, redis or redis-cluster")
 
     @property
     def pids(self) -> list[int]:
-        procs = self.cluster.nodes if self.cluster else [self.single] if self.single else []
+        procs: list[Any] = (self.cluster.nodes if self.cluster else self.redis_cluster.nodes if self.redis_cluster
+                            else [self.single] if self.single else [])
         return [p.pid for p in procs if p is not None and p.pid]
 
     def bus(self, prefix: str) -> dict[str, Any]:
         if self.cluster is not None:
             return {"plugin": "nats", "nats": {"servers": self.cluster.urls, "subject_prefix": prefix, "replicas": 3}}
+        if self.redis_cluster is not None:
+            return {"plugin": "redis", "redis": {"mode": "cluster", "key_prefix": prefix,
+                                                 "cluster": {"nodes": self.redis_cluster.startup_nodes}}}
         assert self.single is not None
         if self.kind == "nats":
             return {"plugin": "nats", "nats": {"servers": [self.single.url], "subject_prefix": prefix}}
         return {"plugin": "redis", "redis": {"url": self.single.url, "key_prefix": prefix}}
 
     def ops(self) -> int:
-        """NATS: in_msgs + out_msgs of every node (/varz); Redis: commands executed (INFO commandstats)."""
+        """NATS: in_msgs + out_msgs of every node (/varz); Redis: commands executed (INFO commandstats; in a
+        Redis Cluster, of every node: the replicas' count is the replication stream)."""
         if self.cluster is not None:
             return sum(int(v["in_msgs"]) + int(v["out_msgs"]) for v in self.cluster.varz())
+        if self.redis_cluster is not None:
+            skip = ("cmdstat_info", "cmdstat_cluster")
+            return sum(int(v["calls"]) for node in self.redis_cluster.nodes
+                       for k, v in node.call("INFO", "commandstats").items() if k not in skip)
         if isinstance(self.single, NatsServer):
             import urllib.request
 
@@ -154,6 +168,8 @@ class Layout:
     def close(self) -> None:
         if self.cluster is not None:
             self.cluster.close()
+        if self.redis_cluster is not None:
+            self.redis_cluster.close()
         if self.single is not None:
             self.single.close()
 

@@ -190,6 +190,22 @@ async def test_rooms_spread_over_every_shard_and_publish_only_on_their_own(clust
             await c.aclose()
 
 
+async def test_a_burst_of_first_subscribes_on_a_new_bus_all_confirm(cluster: RedisCluster) -> None:
+    """Many rooms subscribed at once on a bus that has no sharded subscriber connection yet (a join storm
+    after start): each shard's first SSUBSCRIBEs race to open its connection, and none may be sent on a
+    connection that is then dropped (its confirmation never read: the join answered unavailable)."""
+    backend, recorder = await _started(cluster_options(cluster, f"t{uuid.uuid4().hex[:8]}"))
+    try:
+        rooms = [unique_room() for _ in range(150)]
+        await asyncio.wait_for(asyncio.gather(*(backend.bus.subscribe(room) for room in rooms)), 2.5)
+        for room in rooms:
+            await backend.bus.publish(room, b"m")
+        for room in rooms:
+            assert await recorder.wait_for(room, 1) == [b"m"]
+    finally:
+        await backend.bus.close()
+
+
 async def test_three_replicas_deliver_one_order(cluster: RedisCluster) -> None:
     prefix = f"t{uuid.uuid4().hex[:8]}"
     replicas = [await _started(cluster_options(cluster, prefix)) for _ in range(3)]

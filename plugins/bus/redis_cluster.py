@@ -74,6 +74,9 @@ class _NodeSub:
     channels: set[bytes] = field(default_factory=set)
     reader: asyncio.Task[None] | None = None
     pongs: list[asyncio.Future[None]] = field(default_factory=list)
+    #: held while a command is written: redis-py's PubSub opens its connection on first use without a lock,
+    #: so two first commands at once would each open one and the first one's confirmation was never read
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 class RedisClusterBus(RedisBus):
@@ -229,7 +232,8 @@ class RedisClusterBus(RedisBus):
                     old.channels.discard(ch)
                 self._ch_sub[ch] = sub
                 sub.channels.add(ch)
-            await sub.pubsub.ssubscribe(*chs)
+            async with sub.lock:
+                await sub.pubsub.ssubscribe(*chs)
         if waiters:
             await asyncio.gather(*waiters)
 
@@ -355,7 +359,8 @@ class RedisClusterBus(RedisBus):
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         sub.pongs.append(fut)
         try:
-            await sub.pubsub.ping()
+            async with sub.lock:
+                await sub.pubsub.ping()
             await asyncio.wait_for(fut, self.heartbeat_timeout / 2)
         finally:
             sub.pongs.remove(fut)
@@ -376,6 +381,11 @@ class RedisClusterBus(RedisBus):
                 fut.cancel()
             raise
 
+    @staticmethod
+    async def _sunsubscribe(sub: _NodeSub, ch: bytes) -> None:
+        async with sub.lock:
+            await sub.pubsub.sunsubscribe(ch)
+
     async def unsubscribe(self, room: str) -> None:
         if room not in self._rooms:
             return
@@ -389,4 +399,4 @@ class RedisClusterBus(RedisBus):
         sub.channels.discard(ch)
         self._unsubscribing.add(ch)
         with contextlib.suppress(BusUnavailable):  # a new connection will not subscribe it
-            await self._call("unsubscribe", lambda: sub.pubsub.sunsubscribe(ch), self.errors)
+            await self._call("unsubscribe", lambda: self._sunsubscribe(sub, ch), self.errors)
