@@ -45,6 +45,16 @@ def _prefix() -> str:
     return f"rp{uuid.uuid4().hex[:8]}"
 
 
+async def _subscribed(make: Make) -> tuple[NatsBus, Recorder, NatsBus, str]:
+    """A reader following a new room and a writer, on one new prefix."""
+    prefix = _prefix()
+    reader, recorder = await make(prefix)
+    writer, _ = await make(prefix)
+    room = unique_room()
+    await reader.subscribe(room)
+    return reader, recorder, writer, room
+
+
 async def _consumers(bus: NatsBus) -> int:
     return int((await bus.js.stream_info(bus.stream)).state.consumer_count)
 
@@ -71,11 +81,7 @@ async def test_a_message_the_subscription_missed_is_filled_in_order(make: Make, 
                                                                     ) -> None:
     """A republished message that never reached the subscription (dropped here on arrival) is found by the
     next message's Nats-Last-Sequence, read from the stream and delivered before it."""
-    prefix = _prefix()
-    reader, recorder = await make(prefix)
-    writer, _ = await make(prefix)
-    room = unique_room()
-    await reader.subscribe(room)
+    reader, recorder, writer, room = await _subscribed(make)
     real = reader._receive
     dropped: list[bytes] = []
 
@@ -99,11 +105,7 @@ async def test_a_gap_found_after_the_other_subject_moved_on_is_delivered_late_no
         make: Make, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """The documented limit: a lost non-history message is only seen at the room's next non-history message;
     a history message delivered in between stays before it. Nothing is lost, and it is logged."""
-    prefix = _prefix()
-    reader, recorder = await make(prefix)
-    writer, _ = await make(prefix)
-    room = unique_room()
-    await reader.subscribe(room)
+    reader, recorder, writer, room = await _subscribed(make)
     real = reader._receive
 
     def lossy(room_: str, st: Any, msg: Any) -> None:
@@ -124,11 +126,7 @@ async def test_a_gap_found_after_the_other_subject_moved_on_is_delivered_late_no
 async def test_messages_are_delivered_once_when_republished_again(make: Make, monkeypatch: pytest.MonkeyPatch
                                                                   ) -> None:
     """A republished copy that arrives twice (a leader change republishes again) is delivered once."""
-    prefix = _prefix()
-    reader, recorder = await make(prefix)
-    writer, _ = await make(prefix)
-    room = unique_room()
-    await reader.subscribe(room)
+    reader, recorder, writer, room = await _subscribed(make)
     real = reader._receive
 
     def twice(room_: str, st: Any, msg: Any) -> None:
@@ -165,11 +163,7 @@ async def test_a_full_subscription_drops_and_the_room_is_read_again(make: Make) 
 async def test_a_drop_nats_py_reports_is_filled_without_a_later_message(make: Make,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """The newest messages dropped (nothing after them shows a gap): the drop report alone reads them."""
-    prefix = _prefix()
-    reader, recorder = await make(prefix)
-    writer, _ = await make(prefix)
-    room = unique_room()
-    await reader.subscribe(room)
+    reader, recorder, writer, room = await _subscribed(make)
     await writer.publish(room, b"m0", history=True)
     await recorder.wait_for(room, 1)
     real = reader._receive
@@ -200,11 +194,7 @@ async def _stored(bus: NatsBus, room: str, count: int) -> list[Any]:
 async def test_republish_removed_by_an_older_replica_is_restored_and_the_window_filled(make: Make) -> None:
     """An older replica's (re)start updates the stream without RePublish. The upkeep puts it back and reads
     the followed rooms again: what was stored meanwhile arrives late but in order, nothing is lost."""
-    prefix = _prefix()
-    reader, recorder = await make(prefix)
-    writer, _ = await make(prefix)
-    room = unique_room()
-    await reader.subscribe(room)
+    reader, recorder, writer, room = await _subscribed(make)
     first = await writer.publish(room, b"before", history=True)
     await recorder.wait_for(room, 1)
     old = dataclasses.replace(writer._stream_config, republish=None)
