@@ -36,15 +36,12 @@ if TYPE_CHECKING:
 from wirehub import BusUnavailable
 
 _pack_command: Callable[[Command], bytes] | None
-_PUSH: type | None  # a RESP3 push as hiredis parses it (3.2+)
-try:
-    from hiredis import pack_command as _pack_command
-except ImportError:  # pragma: no cover - hiredis (2.1+) is in the redis extra
-    _pack_command = None
+_PUSH: type | None  # a RESP3 push as hiredis parses it
 try:
     from hiredis import PushNotification as _PUSH
-except ImportError:  # pragma: no cover - hiredis before 3.2 parses a push as a list: redis-py does not tell them apart
-    _PUSH = None
+    from hiredis import pack_command as _pack_command
+except ImportError:  # pragma: no cover - hiredis (3.2+) is in the redis extra; without it redis-py's paths run
+    _pack_command = _PUSH = None
 
 Command = tuple[Any, ...]
 #: pipelines in flight at once; what is asked for meanwhile waits and goes out as the next one, so a
@@ -295,10 +292,8 @@ def hiredis_io(conn: Any) -> tuple[Any, Any, object] | None:
     reader, stream = getattr(parser, "_reader", None), getattr(conn, "_reader", None)
     if reader is None or stream is None or not hasattr(reader, "gets") or not hasattr(stream, "read"):
         return None
-    try:
-        from redis._parsers.hiredis import NOT_ENOUGH_DATA
-    except ImportError:  # pragma: no cover - another redis-py layout: the slow path still works
-        return None
+    from redis._parsers.hiredis import NOT_ENOUGH_DATA  # redis-py 5.0.8+ (the extra's floor)
+
     return stream, reader, NOT_ENOUGH_DATA
 
 
