@@ -15,6 +15,11 @@ Run it at two sizes with the rate proportional to the connections: if CPU per de
 publish and RSS per connection stay flat, the per-unit figures extrapolate linearly (docs/scaling.md).
 Fewer ``--replicas`` at the same connections load each replica more (the plan assumes 70 % of a core);
 ``--place grouped`` puts each group's 10 members on one replica (what placing groups on few pods buys).
+``--place alone`` is the spread layout of a fleet of 10 pods or more, where a group's other 9 members are on
+other pods: every connection is its group's only member here; it publishes its own share (a 10th of the
+group's messages, as a member does) and a publisher in this process sends the other 9 members' share through
+the bus, as their pods would, so each delivery is one bus message for one member (the replicas' figures
+are those of one pod of such a fleet; the bench process's publishing CPU is not counted as wirehub's).
 
     python -m bench.bench_capacity --bus nats-cluster,nats,redis --groups 300,900 --rate-per-conn 1
 
@@ -24,29 +29,49 @@ then prints the after / before ratios of the wirehub CPU per delivery.
 
     python -m bench.bench_capacity --bus redis --groups 150,600 --before /work/main --rounds 2
 
-The last line of stdout is a JSON list with one result object per (bus, size).
+``--room-streams 1,3`` (NATS) makes every (bus, size) at each ``bus.nats.room_streams``, alternately (the order
+swapped each round, ``--rounds``), and prints each count against the first: broker CPU per delivery, the busiest
+broker node's share of the broker CPU (``busiest_node_share_pct``; one stream's leader does the most), p99.
+
+    python -m bench.bench_capacity --bus nats-cluster --groups 150 --rate-per-conn 1 --room-streams 1,3 --rounds 2
+
+``--netns off,on`` makes every run both with the clients on loopback and with them in a network namespace
+behind a veth pair (:mod:`bench.netns`; root, two cores), alternately: on loopback a replica's send also runs its
+client's TCP receive, which on a real network runs on the client's machine. In the namespace the replicas listen on
+the veth's host address, the clients' sockets are made in a thread that entered the namespace, and the server
+end's receive thread (the replicas' own input) is counted as wirehub CPU. It prints each mode against loopback.
+
+    python -m bench.bench_capacity --bus redis --groups 300 --replicas 1 --place alone --netns off,on --rounds 2
+
+The last line of stdout is a JSON list with one result object per run.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
+import socket
 import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from bench.loadgen import WsClient, connect, cpu_seconds, percentile, raise_nofile, rss_bytes
+from bench.loadgen import WsClient, connect, cpu_seconds, percentile, raise_nofile, rss_bytes, upgraded
+from bench.netns import ClientNet, VethNamespace, enter
 from bench.procs import start_replicas, stop, tree_path, with_workers
 from wirehub.broker_clusters import RedisCluster
 from wirehub.brokers import BrokerProcess, NatsServer, RedisServer
+from wirehub.hub import envelope
 from wirehub.nats_cluster import NatsCluster
+from wirehub.rooms import message_frame
 
 perf = time.perf_counter
 GROUP = 10
@@ -65,10 +90,10 @@ class Stats:
 class Member(WsClient):
     """Joins its personal room and its group room; counts (and sometimes times) the group's messages."""
 
-    def __init__(self, port: int, index: int, stats: Stats) -> None:
+    def __init__(self, port: int, index: int, stats: Stats, group: str) -> None:
         super().__init__("127.0.0.1", port, "/ws/chat")
         self.index, self.stats, self.sampled = index, stats, index % 10 == 0
-        self.group = f"g-{index // GROUP}"
+        self.group = group
         self.pending = 0
         self.joined: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -103,6 +128,38 @@ class Member(WsClient):
                 self.joined.set_exception(ConnectionError(frame.decode(errors="replace")[:200]))
 
 
+class NamespaceSockets:
+    """Client sockets made in a network namespace: a thread that entered it makes them (a socket belongs to
+    the namespace of the thread that made it), the event loop uses them. Sources are used in turn, so the
+    connections spread over the namespace's addresses (ephemeral ports per address)."""
+
+    def __init__(self, net: ClientNet) -> None:
+        self.net = net
+        self.pool = ThreadPoolExecutor(max_workers=1, initializer=enter, initargs=(net.namespace,))
+        self.next = 0
+
+    def _make(self, source: str) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        sock.bind((source, 0))
+        return sock
+
+    async def connect(self, factory: Callable[[], Member], port: int, timeout: float) -> Member:
+        loop = asyncio.get_running_loop()
+        self.next += 1
+        sock = await loop.run_in_executor(self.pool, self._make, self.net.sources[self.next % len(self.net.sources)])
+        try:
+            await asyncio.wait_for(loop.sock_connect(sock, (self.net.server, port)), timeout)
+            _, proto = await loop.create_connection(factory, sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+        return await upgraded(proto, timeout)
+
+    def close(self) -> None:
+        self.pool.shutdown()
+
+
 class Layout:
     """The broker(s) of one run: pids, a bus block and an operation counter."""
 
@@ -132,15 +189,17 @@ class Layout:
                             else [self.single] if self.single else [])
         return [p.pid for p in procs if p is not None and p.pid]
 
-    def bus(self, prefix: str) -> dict[str, Any]:
+    def bus(self, prefix: str, room_streams: int = 1) -> dict[str, Any]:
         if self.cluster is not None:
-            return {"plugin": "nats", "nats": {"servers": self.cluster.urls, "subject_prefix": prefix, "replicas": 3}}
+            return {"plugin": "nats", "nats": {"servers": self.cluster.urls, "subject_prefix": prefix, "replicas": 3,
+                                               "room_streams": room_streams}}
         if self.redis_cluster is not None:
             return {"plugin": "redis", "redis": {"mode": "cluster", "key_prefix": prefix,
                                                  "cluster": {"nodes": self.redis_cluster.startup_nodes}}}
         assert self.single is not None
         if self.kind == "nats":
-            return {"plugin": "nats", "nats": {"servers": [self.single.url], "subject_prefix": prefix}}
+            return {"plugin": "nats", "nats": {"servers": [self.single.url], "subject_prefix": prefix,
+                                               "room_streams": room_streams}}
         return {"plugin": "redis", "redis": {"url": self.single.url, "key_prefix": prefix}}
 
     def ops(self) -> int:
@@ -181,17 +240,22 @@ def show_logs(workdir: Path, prefix: str) -> None:
 
 
 async def run(kind: str, a: argparse.Namespace, groups: int, workdir: Path, *, label: str = "after",
-              tree: Path | None = None) -> dict[str, Any]:
-    """One measurement; ``tree``: the replicas run another tree's wirehub (labelled ``label``)."""
+              tree: Path | None = None, room_streams: int = 1, net: ClientNet | None = None) -> dict[str, Any]:
+    """One measurement; ``tree``: the replicas run another tree's wirehub (labelled ``label``);
+    ``room_streams``: NATS's ``bus.nats.room_streams``; ``net``: the clients in that namespace."""
     layout = Layout(kind)
     procs = []
     members: list[Member] = []
+    sockets = NamespaceSockets(net) if net is not None else None
     try:
         prefix, runid = f"cap{uuid.uuid4().hex[:6]}", uuid.uuid4().hex[:6]
         names = [f"{kind}-{groups}-{label}-{i}" for i in range(a.replicas)]
-        procs, ports = start_replicas(workdir, names, layout.bus(prefix), CHAT,
+        server: dict[str, Any] = {"processes": a.processes} if a.processes != 1 else {}
+        if net is not None:
+            server["host"] = net.server  # the veth's host end: reachable from the namespace
+        procs, ports = start_replicas(workdir, names, layout.bus(prefix, room_streams), CHAT,
                                       wirehub_path=tree_path(workdir, tree) if tree is not None else None,
-                                      server={"processes": a.processes} if a.processes != 1 else None)
+                                      server=server or None)
         await asyncio.sleep(1.0)
         wpids = with_workers([p.pid for p in procs])  # with server.processes > 1: the supervisors and workers
         rss0 = sum(rss_bytes(p) for p in wpids)
@@ -205,7 +269,7 @@ async def run(kind: str, a: argparse.Namespace, groups: int, workdir: Path, *, l
             return ports[(i // GROUP if a.place == "grouped" else i) % len(ports)]
 
         def factory(i: int) -> Callable[[], Member]:
-            return lambda: Member(port_of(i), i, stats)
+            return lambda: Member(port_of(i), i, stats, f"g-{i}" if a.place == "alone" else f"g-{i // GROUP}")
 
         failures: list[str] = []
 
@@ -215,7 +279,8 @@ async def run(kind: str, a: argparse.Namespace, groups: int, workdir: Path, *, l
                 for _ in range(10):
                     m = None
                     try:
-                        m = await connect(factory(i), "127.0.0.1", port_of(i), timeout=30)
+                        m = await (sockets.connect(factory(i), port_of(i), 30) if sockets is not None
+                                   else connect(factory(i), "127.0.0.1", port_of(i), timeout=30))
                         await asyncio.wait_for(m.join(runid), 60)
                         return m
                     except (OSError, TimeoutError) as exc:
@@ -239,6 +304,11 @@ async def run(kind: str, a: argparse.Namespace, groups: int, workdir: Path, *, l
         # time elapsed (a tick's sleep overruns its 20 ms; counting ticks fell 5-7 % short of the rate)
         rate = a.rate_per_conn * conns
         publishes_per_s = rate / (GROUP - 1)
+        # alone: the group's other members' publishes, one bus message and one delivery each
+        remote_per_s = rate if a.place == "alone" else 0.0
+        remote = await remote_publisher(kind, layout, prefix) if remote_per_s else None
+        remote_sent = 0
+        remote_calls: set[asyncio.Future[Any]] = set()
         churn_per_s = a.churn_per_min_per_conn * conns / 60
         published = 0
         churned = 0
@@ -249,19 +319,28 @@ async def run(kind: str, a: argparse.Namespace, groups: int, workdir: Path, *, l
         ops1 = pub1 = 0
         t1 = perf()
         churns: set[asyncio.Task[None]] = set()
+        # the veth's host end receives in a thread of its own: the replicas' input (their clients' frames, ACKs)
+        rx_pids = [net.server_rx_pid] if net is not None and net.server_rx_pid else []
 
         async def churn(i: int) -> None:
             members[i].close()
             members[i] = await arrive(members[i].index)
         while perf() < stop_at:
             if not stats.measuring and perf() >= measure_at:
-                cpu0 = {p: cpu_seconds(p) for p in [*wpids, *layout.pids, os.getpid()]}
+                cpu0 = {p: cpu_seconds(p) for p in [*wpids, *layout.pids, os.getpid(), *rx_pids]}
                 ops1, pub1, t1 = layout.ops(), published, perf()
                 stats.measuring = True
             elapsed = perf() - paced_from
             while published < publishes_per_s * elapsed:
                 random.choice(members).publish(runid)
                 published += 1
+            while remote is not None and remote_sent < remote_per_s * elapsed:
+                room = f"{runid}-g-{random.randrange(conns)}"
+                frame = message_frame(room, "remote", b'{"t":%.6f}' % perf(), round(time.time(), 3))
+                call = asyncio.ensure_future(remote.publish(room, envelope(frame), history=True))
+                remote_calls.add(call)
+                call.add_done_callback(remote_calls.discard)
+                remote_sent += 1
             while churned < churn_per_s * elapsed:
                 task = asyncio.ensure_future(churn(random.randrange(len(members))))
                 churns.add(task)
@@ -271,15 +350,21 @@ async def run(kind: str, a: argparse.Namespace, groups: int, workdir: Path, *, l
         stats.measuring = False
         wall = perf() - t1
         await asyncio.gather(*churns)
+        await asyncio.gather(*remote_calls, return_exceptions=True)
+        if remote is not None:
+            await remote.close()
         cpu = {p: cpu_seconds(p) - cpu0[p] for p in cpu0}
         ops_pub, pubs = layout.ops() - ops1, published - pub1
-        wcpu = sum(cpu[p] for p in wpids)
+        wcpu = sum(cpu[p] for p in [*wpids, *rx_pids])
         bcpu = sum(cpu[p] for p in layout.pids)
+        busiest = max((cpu[p] for p in layout.pids), default=0.0)
         lcpu = cpu[os.getpid()]
         lat = sorted(stats.latencies)
         d = max(1, stats.deliveries)
         return {
-            "bus": kind, "wirehub": label, "replicas": a.replicas, "processes": a.processes, "place": a.place,
+            "bus": kind, "wirehub": label, "net": "netns" if net is not None else "loopback",
+            "room_streams": room_streams, "replicas": a.replicas,
+            "processes": a.processes, "place": a.place,
             "connections": conns,
             "target_deliveries_s": rate,
             "deliveries_s": round(stats.deliveries / wall, 1),
@@ -294,24 +379,46 @@ async def run(kind: str, a: argparse.Namespace, groups: int, workdir: Path, *, l
             "rss_kib_per_conn": round(rss_per_conn / 1024, 2), "churned": churned, "errors": stats.errors,
             "join_retries": len(failures), "first_failure": failures[0] if failures else None,
             "wirehub_cpu_pct": round(100 * wcpu / wall, 1), "broker_cpu_pct": round(100 * bcpu / wall, 1),
+            # the broker node that worked most: its share of all broker CPU, and its % of a core
+            "busiest_node_share_pct": round(100 * busiest / bcpu, 1) if bcpu else 0.0,
+            "busiest_node_cpu_pct": round(100 * busiest / wall, 1),
             "replica_cpu_pct_each": round(100 * wcpu / wall / a.replicas, 1),  # a replica: all its processes
             "wirehub_cpu_us_per_conn_s": round(wcpu / wall / conns * 1e6, 1),
             "loadgen_cpu_pct": round(100 * lcpu / wall, 1),
+            "server_rx_cpu_pct": round(100 * sum(cpu[p] for p in rx_pids) / wall, 1),
         }
     finally:
         for m in members:
             m.close()
+        if sockets is not None:
+            sockets.close()
         for proc in procs:
             stop(proc)
         layout.close()
 
 
+async def remote_publisher(kind: str, layout: Layout, prefix: str) -> Any:
+    """A started bus of this tree on the run's broker(s), publishing as the other pods of a fleet would."""
+    from wirehub.testing import Recorder
+
+    block = layout.bus(prefix)
+    plugin = block["plugin"]
+    if plugin == "redis":
+        from wirehub.builtins.bus.redis import create_backend
+    else:
+        from wirehub.builtins.bus.nats import create_backend
+    bus = create_backend(block[plugin], f"bus.{plugin}").bus
+    await bus.start(Recorder())
+    return bus
+
+
 def render(results: list[dict[str, Any]]) -> str:
-    cols = ["bus", "wirehub", "replicas", "processes", "place", "connections", "target_deliveries_s",
-            "deliveries_s", "delivered_pct", "p50_ms", "p99_ms",
+    cols = ["bus", "wirehub", "net", "room_streams", "replicas", "processes", "place", "connections",
+            "target_deliveries_s", "deliveries_s", "delivered_pct", "p50_ms", "p99_ms",
             "wirehub_cpu_us_per_delivery", "wirehub_cpu_us_per_conn_s", "replica_cpu_pct_each",
-            "broker_cpu_us_per_delivery", "broker_ops_per_publish", "joins_s", "broker_ops_per_join",
-            "rss_kib_per_conn", "loadgen_cpu_pct", "churned", "errors"]
+            "broker_cpu_us_per_delivery", "busiest_node_share_pct", "busiest_node_cpu_pct", "broker_ops_per_publish",
+            "joins_s", "broker_ops_per_join",
+            "rss_kib_per_conn", "loadgen_cpu_pct", "server_rx_cpu_pct", "churned", "errors"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in results]
     return "\n".join(lines)
@@ -338,14 +445,53 @@ def ratios(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
+def net_ratios(results: list[dict[str, Any]]) -> str:
+    """Per (bus, connections, code): the namespace's means against loopback's, over the rounds."""
+    groups: dict[tuple[str, int, str, int], dict[str, list[dict[str, Any]]]] = {}
+    for r in results:
+        key = (r["bus"], r["connections"], r["wirehub"], r["room_streams"])
+        groups.setdefault(key, {}).setdefault(r["net"], []).append(r)
+    keys = ("wirehub_cpu_us_per_conn_s", "wirehub_cpu_us_per_delivery", "p99_ms", "delivered_pct")
+    lines = ["| bus | connections | wirehub | rounds | " + " | ".join(f"{k}, loopback -> netns" for k in keys) + " |",
+             "|" + "---|" * (4 + len(keys))]
+    for (bus, conns, code, _), by in groups.items():
+        if "loopback" not in by or "netns" not in by:
+            continue
+        mean = {n: {k: sum(float(r[k]) for r in rs) / len(rs) for k in keys} for n, rs in by.items()}
+        lo, ns = mean["loopback"], mean["netns"]
+        cells = [f"{lo[k]:.1f} -> {ns[k]:.1f}" + (f" (**{ns[k] / lo[k]:.2f}x**)" if lo[k] else "") for k in keys]
+        lines.append(f"| {bus} | {conns} | {code} | {len(by['netns'])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def stream_ratios(results: list[dict[str, Any]]) -> str:
+    """Per (bus, connections): each ``room_streams`` against the first one given, means over the rounds."""
+    groups: dict[tuple[str, int], dict[int, list[dict[str, Any]]]] = {}
+    for r in results:
+        groups.setdefault((r["bus"], r["connections"]), {}).setdefault(r["room_streams"], []).append(r)
+    keys = ("broker_cpu_us_per_delivery", "busiest_node_share_pct", "busiest_node_cpu_pct", "p99_ms",
+            "wirehub_cpu_us_per_delivery", "delivered_pct")
+    lines = ["| bus | connections | room_streams | rounds | " + " | ".join(keys) + " |", "|" + "---|" * (4 + len(keys))]
+    for (bus, conns), by in groups.items():
+        base = next(iter(by.values()))
+        mean = {n: {k: sum(float(r[k]) for r in rs) / len(rs) for k in keys} for n, rs in by.items()}
+        first = mean[base[0]["room_streams"]]
+        for n, m in mean.items():
+            cells = [f"{m[k]:.1f}" + (f" ({m[k] / first[k]:.2f}x)" if first[k] and m is not first else "")
+                     for k in keys]
+            lines.append(f"| {bus} | {conns} | {n} | {len(by[n])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--bus", default="nats-cluster,nats,redis")
     p.add_argument("--groups", default="300,900", help="10-member groups per run (connections = 10 x groups)")
     p.add_argument("--replicas", type=int, default=3)
     p.add_argument("--processes", type=int, default=1, help="server.processes of each replica (worker processes)")
-    p.add_argument("--place", choices=("spread", "grouped"), default="spread",
-                   help="a group's members on every replica in turn (spread) or all on one (grouped)")
+    p.add_argument("--place", choices=("spread", "grouped", "alone"), default="spread",
+                   help="a group's members on every replica in turn (spread), all on one (grouped), or one member "
+                        "per group here and the other 9 on pods simulated by a publisher (alone)")
     p.add_argument("--rate-per-conn", type=float, default=0.5, help="group deliveries/s per connection (plan: 0.5)")
     p.add_argument("--churn-per-min-per-conn", type=float, default=0.2, help="plan: 200,000/min of 1M = 0.2")
     p.add_argument("--warmup", type=float, default=2.0)
@@ -353,26 +499,55 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--burst", type=int, default=100)
     p.add_argument("--before", default=None, type=Path,
                    help="another wirehub tree (e.g. /work/main): each run is made with it and with this tree")
-    p.add_argument("--rounds", type=int, default=1, help="with --before: before/after pairs per run")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="runs of each (bus, size): with --before a before/after pair each, with several "
+                        "--room-streams or --netns modes one of each, alternately")
+    p.add_argument("--netns", default="off", help="off, on or off,on: the clients on loopback or in a network "
+                   "namespace behind a veth pair (root, two cores); both: alternately, each against loopback")
+    p.add_argument("--room-streams", default="1",
+                   help="NATS bus.nats.room_streams; several (1,3): each run is made at each, alternately")
     a = p.parse_args(argv)
     if a.before is not None and not (a.before / "service" / "__init__.py").is_file():
         p.error(f"--before {a.before}: no wirehub tree there (no service/__init__.py)")
+    modes = [m.strip() for m in a.netns.split(",")]
+    if not modes or set(modes) - {"off", "on"}:
+        p.error(f"--netns: a list of off and on, not {a.netns!r}")
+    if "on" in modes and (os.cpu_count() or 1) < 2:
+        p.error("--netns on: needs two cores (the clients' receive work goes to the other)")
     raise_nofile()
     results = []
-    with tempfile.TemporaryDirectory(prefix="wirehub-bench-capacity-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="wirehub-bench-capacity-") as tmp, contextlib.ExitStack() as stack:
+        veth = (stack.enter_context(VethNamespace(f"whcap{os.getpid()}", server_cpu=0, client_cpu=1, subnet=204))
+                if "on" in modes else None)
+        nets = [veth.client_net if m == "on" and veth is not None else None for m in modes]
         for kind in a.bus.split(","):
             for groups in (int(g) for g in a.groups.split(",")):
-                plan: list[tuple[str, Path | None]] = [("after", None)]
+                counts = [int(n) for n in a.room_streams.split(",")]
+                plan: list[tuple[str, Path | None, int]] = [("after", None, n) for n in counts]
                 if a.before is not None:  # alternately, so that the machine's load drifts over both
-                    plan = [("before", a.before), ("after", None)] * max(1, a.rounds)
-                for label, tree in plan:
-                    result = asyncio.run(run(kind.strip(), a, groups, Path(tmp), label=label, tree=tree))
-                    print(json.dumps(result), file=sys.stderr)
-                    results.append(result)
+                    plan = [("before", a.before, counts[0]), ("after", None, counts[0])] * max(1, a.rounds)
+                elif len(counts) > 1:  # alternately, and each round in the other order
+                    plan = [("after", None, n) for r in range(max(1, a.rounds))
+                            for n in (counts if r % 2 == 0 else counts[::-1])]
+                else:  # the net modes (if several) alternate within each round
+                    plan = plan * max(1, a.rounds)
+                for i, (label, tree, n) in enumerate(plan):
+                    # each net mode in turn, the order swapped every other step (the machine's load drifts)
+                    for net in nets if i % 2 == 0 else nets[::-1]:
+                        result = asyncio.run(run(kind.strip(), a, groups, Path(tmp), label=label, tree=tree,
+                                                 room_streams=n, net=net))
+                        print(json.dumps(result), file=sys.stderr)
+                        results.append(result)
     print(render(results))
     if a.before is not None:
         print()
         print(ratios(results))
+    elif "," in a.room_streams:
+        print()
+        print(stream_ratios(results))
+    if len(nets) > 1:
+        print()
+        print(net_ratios(results))
     print(json.dumps(results))
     return 0
 

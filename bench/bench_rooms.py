@@ -27,6 +27,19 @@ figures are noisy):
   window and gives the p99 ratio of the two (the refresh's own effect; no spike: about 1.0x).
 - ``fanout``: one replica, a room of each size, one member publishing with ``--window`` messages'
   deliveries outstanding: deliveries per server CPU-second against the first size (target >= 1.0).
+  ``--paced`` paces the publisher to ``--deliveries`` per second instead, the members over load generators
+  of ``--per-worker`` each; the rows split the server's CPU into user and system. On loopback the system
+  part is not all the server's: a send runs the receiving client socket's TCP input and epoll wakeup in the
+  sender's context. ``--netns on`` (or ``off,on``: both, alternating) runs the load generators in a
+  network namespace of their own behind a veth pair (:mod:`bench.netns`; needs root) whose ends receive in
+  NAPI threads, the clients' on their core: the replica's CPU is then its own work (Python, its sends, the
+  veth's transmit) and nothing of its clients', and its own receive work (its clients' ACKs, which loopback
+  charges to the clients) is the server end's thread, given apart (``server_rx_thread_cpu``,
+  ``per_server_cpu_with_rx_s``). What it does not model: a NIC (a veth transmit is a ring and a wakeup, no
+  DMA or driver), and the clients share one core. ``--perf DIR`` records the replica with ``perf`` while
+  measured; the rows give the share of its samples with TCP input (``tcp_v4_rcv``) and the clients' receive
+  work (``tcp_data_queue``, ``sock_def_readable``) in their call chains: the check that netns moved it.
+  ``--before TREE`` measures each size on both codes.
 - ``reconnect``: three replicas on one broker; ``--members`` members of one room on the first,
   ``--stayers`` on the other two (held by a load-generator worker of their own, so that the storm's client
   side does not delay their reads), a publisher on the second at ``--rate``. The first is SIGKILLed; its
@@ -37,7 +50,12 @@ figures are noisy):
 
 ``--before TREE`` (join, reconnect) runs every measurement twice in the same run, interleaved: on the
 code of another wirehub tree (``before``: its ``service`` folder imported as ``wirehub``) and on this
-one (``after``); rows carry ``code`` and the after rows the ratio to their before row.
+one (``after``); rows carry ``code`` and the after rows the ratio to their before row. The order
+alternates from pair to pair (the first pair of a run ``before`` first, the second ``after`` first, ...;
+rows carry ``slot``, 1 or 2): the second slot runs on a broker the first one already used (a reconnect
+storm's streams and keys, a busier machine), which biased every pair the same way when ``before`` always
+went first. ``--rounds N`` (reconnect) measures N pairs per bus, so an even N puts each code first
+equally often.
 
 Replicas run pinned to core 0, load-generator worker processes (:mod:`bench.rooms_load`) and this
 process (the publisher) to core 1; the brokers, started by this process, inherit core 1. The last line
@@ -49,6 +67,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import math
@@ -66,6 +85,7 @@ from typing import Any
 
 from bench.bench_buses import bus_block
 from bench.loadgen import cpu_seconds, cpu_split, raise_nofile, rss_bytes
+from bench.netns import ClientNet, VethNamespace, net_rx, perf_record, perf_shares, softirq_seconds
 from bench.procs import start_replica, stop, tail
 from bench.rooms_load import Stats, Worker, _open_publisher, latency_ms, pacing
 from wirehub.brokers import BrokerProcess, NatsServer, RedisServer
@@ -103,6 +123,8 @@ class Env:
         self._n = 0
         #: another wirehub tree whose code the next replicas run (--before), None for this one
         self.code: Path | None = None
+        #: before/after pairs measured so far (their order alternates)
+        self.pairs = 0
 
     def bus(self, kind: str, presence_ttl: float | None = None) -> dict[str, Any]:
         broker = None
@@ -131,7 +153,9 @@ class Env:
     def broker_pids(self) -> list[int]:
         return [b.pid for b in self.brokers.values() if b.pid]
 
-    def replica(self, bus: dict[str, Any], events: bool | None) -> tuple[subprocess.Popen[bytes], int]:
+    def replica(self, bus: dict[str, Any], events: bool | None, host: str | None = None
+                ) -> tuple[subprocess.Popen[bytes], int]:
+        """A replica on ``bus``; ``host``: the address it listens on (a veth's for clients in a namespace)."""
         self._n += 1
         options = {**CHAT_BASE, **self.chat_options}
         if events is not None and "presence_events" not in self.chat_options:
@@ -146,8 +170,9 @@ class Env:
                 (link / "wirehub").symlink_to(self.code.resolve() / "service")
             os.environ["PYTHONPATH"] = os.pathsep.join(x for x in (str(link), saved) if x)
         try:
+            server = {**(self.server_options if self.code is None else {}), **({"host": host} if host else {})}
             proc, port, _ = start_replica(self.workdir, name, bus, endpoint, preexec_fn=server_setup,
-                                          server=self.server_options if self.code is None else None)
+                                          server=server or None)
         finally:
             if saved is None:
                 os.environ.pop("PYTHONPATH", None)
@@ -184,8 +209,9 @@ def split(n: int, parts: int) -> list[int]:
     return [n // parts + (1 if i < n % parts else 0) for i in range(parts)]
 
 
-async def start_workers(n: int) -> list[Worker]:
-    return [Worker(i, LOADGEN_CORE) for i in range(n)]
+async def start_workers(n: int, net: ClientNet | None = None) -> list[Worker]:
+    """``n`` load-generator processes on the load generator's core; with ``net`` in that client namespace."""
+    return [Worker(i, LOADGEN_CORE, net) for i in range(n)]
 
 
 async def stop_workers(workers: Sequence[Worker]) -> None:
@@ -284,8 +310,13 @@ def py_spy(pid: int, path: Path, blocking: bool) -> subprocess.Popen[bytes]:
 
 
 def codes(env: Env, a: argparse.Namespace) -> list[tuple[str, Path | None]]:
-    """The code each measurement runs: ``after`` (this tree), and first ``before`` with --before."""
-    return ([("before", Path(a.before))] if a.before else []) + [("after", None)]
+    """The code each measurement of the next pair runs: ``after`` (this tree), and with --before also
+    ``before``, first in every other pair of the run (the first pair included): see the module's docstring."""
+    if not a.before:
+        return [("after", None)]
+    env.pairs += 1
+    pair: list[tuple[str, Path | None]] = [("before", Path(a.before)), ("after", None)]
+    return pair if env.pairs % 2 else pair[::-1]
 
 
 def compare(rows: list[dict[str, Any]], keys: Sequence[str]) -> None:
@@ -462,15 +493,19 @@ async def scenario_latency(env: Env, a: argparse.Namespace) -> list[dict[str, An
 # -- fan-out by room size ----------------------------------------------------------------------------------------
 
 
-async def fanout_spread(env: Env, kind: str, n: int, a: argparse.Namespace) -> dict[str, Any]:
+async def fanout_spread(env: Env, kind: str, n: int, a: argparse.Namespace, net: ClientNet | None = None
+                        ) -> dict[str, Any]:
     """A room of ``n`` members spread over ``a.replicas`` replicas (and as many load-generator processes as
-    needed); a publisher on the first replica paced to ``a.deliveries`` deliveries per second."""
+    needed); a publisher on the first replica paced to ``a.deliveries`` deliveries per second. With ``net``
+    the load generators run in that client namespace (the publisher stays on the host's loopback)."""
     bus = env.bus(kind)
-    started = [env.replica(bus, False) for _ in range(a.replicas)]
+    # with clients in a namespace the replicas listen on the veth's host address (the publisher reaches it too)
+    host = net.server if net else None
+    started = [env.replica(bus, False, host) for _ in range(a.replicas)]
     procs, ports = [p for p, _ in started], [port for _, port in started]
     pids = [p.pid for p in procs] + env.broker_pids()
     room = f"fan-{uuid.uuid4().hex[:8]}"
-    workers = await start_workers(workers_for(n))
+    workers = await start_workers(workers_for(n), net)
     try:
         shares = split(n, len(workers))
         await asyncio.gather(*(
@@ -479,7 +514,7 @@ async def fanout_spread(env: Env, kind: str, n: int, a: argparse.Namespace) -> d
                    room=room, burst=a.burst)
             for w, share in zip(workers, shares, strict=True)))
         joins = await on_all(workers, "join", burst=max(1, a.burst // len(workers)), timeout=a.join_timeout)
-        pub = await _open_publisher(ports[0], room, Stats())
+        pub = await _open_publisher(ports[0], room, Stats(), host or "127.0.0.1")
         rate = a.deliveries / n
         stop_pub = asyncio.Event()
         task = pacing(rate, pub.publish, stop_pub)
@@ -487,13 +522,28 @@ async def fanout_spread(env: Env, kind: str, n: int, a: argparse.Namespace) -> d
         gen_pids = [os.getpid(), *(w.proc.pid for w in workers if w.proc.pid)]
         s0, g0 = sum(map(cpu_seconds, pids)), [cpu_seconds(p) for p in gen_pids]
         u0 = sum(cpu_split(p)[0] for p in pids)
+        rx0, si0 = net_rx(), softirq_seconds()
+        napi0 = cpu_seconds(net.server_rx_pid) if net else 0.0
+        record = None
+        if a.perf:
+            os.makedirs(a.perf, exist_ok=True)
+            code = "before" if env.code else "after"
+            record = os.path.join(a.perf, f"fanout-{n}-{'netns' if net else 'loopback'}-{code}.data")
+            spy = perf_record(procs[0].pid, record)
         await on_all(workers, "measure", on=True)
         t0 = perf()
         await asyncio.sleep(a.duration)
         got = await on_all(workers, "measure", on=False)
         wall = perf() - t0
+        if record is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(60)
         cpu = sum(map(cpu_seconds, pids)) - s0
         user = sum(cpu_split(p)[0] for p in pids) - u0
+        # where the receive processing ran: NET_RX softirqs and softirq time per core (all traffic of the machine)
+        rx = [b - x for x, b in zip(rx0, net_rx(), strict=True)]
+        napi = cpu_seconds(net.server_rx_pid) - napi0 if net else None
+        si = [b - x for x, b in zip(si0, softirq_seconds(), strict=True)]
         gens = [cpu_seconds(p) - g for p, g in zip(gen_pids, g0, strict=True)]  # each load generator's own core
         stop_pub.set()
         await task
@@ -504,8 +554,15 @@ async def fanout_spread(env: Env, kind: str, n: int, a: argparse.Namespace) -> d
                 break
         pub.close()
         deliveries = total(got, "count")
-        return {"deliveries": deliveries, "wall": round(wall, 3), "server_cpu": round(cpu, 3),
+        # the replica's samples with the clients' receive work in their call chains (loopback: most sends)
+        shares = {f"perf_{k}": v for k, v in perf_shares(record).items()} if record is not None else {}
+        return {**shares, "deliveries": deliveries, "wall": round(wall, 3), "server_cpu": round(cpu, 3),
                 "server_user_cpu": round(user, 3), "loadgen_cpu": round(sum(gens), 3),
+                "server_rx_thread_cpu": round(napi, 3) if napi is not None else None,
+                "net_rx_server_core": rx[SERVER_CORE] if len(rx) > SERVER_CORE else None,
+                "net_rx_loadgen_core": rx[LOADGEN_CORE] if len(rx) > LOADGEN_CORE else None,
+                "softirq_s_server_core": round(si[SERVER_CORE], 3) if len(si) > SERVER_CORE else None,
+                "softirq_s_loadgen_core": round(si[LOADGEN_CORE], 3) if len(si) > LOADGEN_CORE else None,
                 "loadgen_busiest_cpu": round(max(gens), 3),
                 "receivers": n, "replicas": a.replicas, "rate": round(rate, 3),
                 "published": pub.seq, "missing_after_drain": total(reports, "lost"), "dup": total(reports, "dup"),
@@ -526,39 +583,78 @@ def _validity(row: dict[str, Any]) -> str:
 
 
 async def scenario_fanout(env: Env, a: argparse.Namespace) -> list[dict[str, Any]]:
+    spread = a.replicas > 1 or a.paced
+    if a.netns != [False] and not spread:
+        raise SystemExit("fanout --netns on: with --paced (or --replicas > 1) only")
+    with contextlib.ExitStack() as stack:
+        veth = (stack.enter_context(VethNamespace(f"whfan{os.getpid()}", server_cpu=SERVER_CORE,
+                                                  client_cpu=LOADGEN_CORE))
+                if True in a.netns and (os.cpu_count() or 1) > 1 else None)
+        if True in a.netns and veth is None:
+            raise SystemExit("fanout --netns on: needs two cores (the clients' receive work goes to the other)")
+        return await _fanout(env, a, veth.client_net if veth else None) if spread else await _fanout_window(env, a)
+
+
+async def _fanout(env: Env, a: argparse.Namespace, net: ClientNet | None) -> list[dict[str, Any]]:
+    """The paced fan-out; per size, each ``--netns`` mode (and with ``--before`` each code) in turn, the order
+    alternating from size to size; each mode's rows against its own smallest size, after rows against before."""
     out: list[dict[str, Any]] = []
+    variants = [(code, tree, ns) for code, tree in codes(env, a) for ns in a.netns]
     for kind in a.bus:
-        first: float | None = None
-        first_user: float | None = None
-        for n in a.sizes:
-            if a.replicas > 1 or a.paced:
-                if kind == "memory" and a.replicas > 1:
-                    raise SystemExit("fanout --replicas > 1 needs --bus redis or nats")
-                f = await fanout_spread(env, kind, n, a)
+        if kind == "memory" and a.replicas > 1:
+            raise SystemExit("fanout --replicas > 1 needs --bus redis or nats")
+        first: dict[tuple[str, bool], float | None] = {}
+        first_user: dict[tuple[str, bool], float | None] = {}
+        for i, n in enumerate(a.sizes):
+            rows: dict[tuple[str, bool], dict[str, Any]] = {}
+            for code, tree, ns in (variants if i % 2 == 0 else variants[::-1]):
+                env.code = tree
+                try:
+                    f = await fanout_spread(env, kind, n, a, net if ns else None)
+                finally:
+                    env.code = None
                 per_cpu = f["deliveries"] / f["server_cpu"] if f["server_cpu"] > 0 else None
                 per_user = f["deliveries"] / f["server_user_cpu"] if f["server_user_cpu"] > 0 else None
-                first = first if first is not None else per_cpu
-                first_user = first_user if first_user is not None else per_user
+                first.setdefault((code, ns), per_cpu)
+                first_user.setdefault((code, ns), per_user)
                 lat = latency_ms(f.pop("latencies"))
-                r = {"scenario": "fanout", "bus": kind, "size": n,
+                rx_cpu = f["server_rx_thread_cpu"]
+                r = {"scenario": "fanout", "bus": kind, "size": n, "net": "netns" if ns else "loopback",
+                     # netns: with the server end's receive thread (its clients' ACKs, not charged to the replica)
+                     "per_server_cpu_with_rx_s": (round(f["deliveries"] / (f["server_cpu"] + rx_cpu), 1)
+                                                  if rx_cpu is not None and f["server_cpu"] + rx_cpu > 0 else None),
+                     "code": code if a.before else None,
                      "per_server_cpu_s": round(per_cpu, 1) if per_cpu else None,
-                     "per_wall_s": round(f["deliveries"] / f["wall"], 1), "vs_smallest": ratio(per_cpu, first),
+                     "per_wall_s": round(f["deliveries"] / f["wall"], 1),
+                     "vs_smallest": ratio(per_cpu, first[code, ns]),
                      # the user-space part alone (the Python): the system part grows with the sockets touched
                      "per_server_user_cpu_s": round(per_user, 1) if per_user else None,
-                     "user_vs_smallest": ratio(per_user, first_user),
+                     "user_vs_smallest": ratio(per_user, first_user[code, ns]),
                      "server_sys_share": (round(1 - f["server_user_cpu"] / f["server_cpu"], 3) if f["server_cpu"]
                                           else None),
                      "server_cpu_pct": round(100 * f["server_cpu"] / f["wall"], 1),
                      "loadgen_cpu_pct": round(100 * f["loadgen_cpu"] / f["wall"], 1),
                      "loadgen_busiest_cpu_pct": round(100 * f["loadgen_busiest_cpu"] / f["wall"], 1), **f, **lat}
                 r["valid"] = r["loadgen_busiest_cpu_pct"] < LOADGEN_SATURATED
-                print(f"fanout {kind:6} {a.replicas} replicas N={n:>6}: {r['per_server_cpu_s']} deliveries per "
-                      f"CPU-s of replicas+broker ({r['vs_smallest']}x N={a.sizes[0]}; user space alone "
-                      f"{r['user_vs_smallest']}x, system share {r['server_sys_share']}), p99 {r['p99_ms']} ms, "
+                print(f"fanout {kind:6} {a.replicas} replicas N={n:>6} {r['net']:8} {code:6}: {r['per_server_cpu_s']} "
+                      f"deliveries per CPU-s of replicas+broker ({r['vs_smallest']}x N={a.sizes[0]}; user space "
+                      f"alone {r['user_vs_smallest']}x, system share {r['server_sys_share']}), p99 {r['p99_ms']} ms, "
                       f"server {r['server_cpu_pct']} %, loadgen {r['loadgen_cpu_pct']} % (busiest process "
-                      f"{r['loadgen_busiest_cpu_pct']} %){_validity(r)}", file=sys.stderr)
-                out.append(r)
-                continue
+                      f"{r['loadgen_busiest_cpu_pct']} %), NET_RX server/loadgen core {r['net_rx_server_core']}/"
+                      f"{r['net_rx_loadgen_core']}{_validity(r)}", file=sys.stderr)
+                rows[code, ns] = r
+            for ns in a.netns:
+                compare([rows[c, ns] for c, _ in codes(env, a)], ("per_server_cpu_s", "per_server_user_cpu_s"))
+            out += [rows[v[0], v[2]] for v in variants]
+    return out
+
+
+async def _fanout_window(env: Env, a: argparse.Namespace) -> list[dict[str, Any]]:
+    """The unpaced fan-out: one load generator, ``--window`` messages' deliveries outstanding."""
+    out: list[dict[str, Any]] = []
+    for kind in a.bus:
+        first: float | None = None
+        for n in a.sizes:
             if n > PER_WORKER + 4000:
                 raise SystemExit(f"fanout: {n} members do not fit one load-generator process")
             proc, port = env.replica(env.bus(kind), False)
@@ -783,34 +879,44 @@ async def scenario_reconnect(env: Env, a: argparse.Namespace) -> list[dict[str, 
         if kind == "memory":
             print("reconnect: the memory bus has one replica; skipped", file=sys.stderr)
             continue
-        pair, url_rows = [], []
-        for code, tree, url_join in ((c, t, u) for c, t in codes(env, a) for u in a.url_join
-                                     if not (u and c == "before")):
-            env.code = tree
-            try:
-                r = await reconnect_run(env, kind, a, url_join)
-            finally:
-                env.code = None
-            r["code"] = code if a.before else None
-            r["storm_p99_ms"] = r["storm"]["p99_ms"]
-            code = code + (" url-join" if url_join else "")
-            print(f"reconnect {kind:6} {code}: survivors+broker CPU {r['survivors_cpu_ms_per_rejoin']} ms per rejoin, "
-                  f"broker commands per rejoin {r['broker_commands_per_rejoin']}", file=sys.stderr)
-            print(f"reconnect {kind:6} M={a.members}{' ' + code if a.before else ''}: all rejoined after "
-                  f"{r['all_rejoined_s']} s ({r['rejoined']}/{r['victims']}, last {r['rejoin_last_s']} s), recovered "
-                  f"true {r['recovered_true']} false {r['recovered_false']}, lost {r['lost']} dup {r['dup']}, stayers "
-                  f"p99 {r['storm']['p99_ms']} ms during the storm (calm {r['calm']['p99_ms']} ms), survivors "
-                  f"{r['storm_survivors_cpu_pct']} % CPU; /healthz p99 {r['storm_healthz']['p99_ms']} ms; published "
-                  f"{r['published']}, acked up to {r['acked_top']}", file=sys.stderr)
-            (url_rows if url_join else pair).append(r)
-        keys = ("rejoin_last_s", "rejoin_p50_s", "storm_p99_ms", "survivors_cpu_ms_per_rejoin")
-        compare(pair, keys)
-        for r in url_rows:  # against the same code's rejoins with a join frame
-            frames = next((f for f in pair if f["code"] == r["code"]), None)
-            for key in keys:
-                r[f"{key}_vs_frame_join"] = ratio(r[key], frames[key]) if frames else None
-        out += pair + url_rows
+        for rnd in range(a.rounds):
+            out += await _reconnect_pair(env, kind, a, rnd + 1)
     return out
+
+
+async def _reconnect_pair(env: Env, kind: str, a: argparse.Namespace, rnd: int) -> list[dict[str, Any]]:
+    """One storm per code (alternating which goes first, see :func:`codes`), and per ``--url-join`` mode."""
+    pair, url_rows = [], []
+    order = codes(env, a)
+    for code, tree, url_join in ((c, t, u) for c, t in order for u in a.url_join if not (u and c == "before")):
+        env.code = tree
+        load = os.getloadavg()[0]
+        try:
+            r = await reconnect_run(env, kind, a, url_join)
+        finally:
+            env.code = None
+        r["code"] = code if a.before else None
+        r["round"], r["slot"] = rnd, [c for c, _ in order].index(code) + 1
+        r["loadavg_start"], r["loadavg_end"] = round(load, 2), round(os.getloadavg()[0], 2)
+        r["storm_p99_ms"] = r["storm"]["p99_ms"]
+        code = code + (" url-join" if url_join else "")
+        print(f"reconnect {kind:6} {code}: survivors+broker CPU {r['survivors_cpu_ms_per_rejoin']} ms per rejoin, "
+              f"broker commands per rejoin {r['broker_commands_per_rejoin']}", file=sys.stderr)
+        print(f"reconnect {kind:6} M={a.members}{' ' + code if a.before else ''} (round {rnd}, slot {r['slot']}, "
+              f"load {r['loadavg_start']}-{r['loadavg_end']}): all rejoined after "
+              f"{r['all_rejoined_s']} s ({r['rejoined']}/{r['victims']}, last {r['rejoin_last_s']} s), recovered "
+              f"true {r['recovered_true']} false {r['recovered_false']}, lost {r['lost']} dup {r['dup']}, stayers "
+              f"p99 {r['storm']['p99_ms']} ms during the storm (calm {r['calm']['p99_ms']} ms), survivors "
+              f"{r['storm_survivors_cpu_pct']} % CPU; /healthz p99 {r['storm_healthz']['p99_ms']} ms; published "
+              f"{r['published']}, acked up to {r['acked_top']}", file=sys.stderr)
+        (url_rows if url_join else pair).append(r)
+    keys = ("rejoin_last_s", "rejoin_p50_s", "storm_p99_ms", "survivors_cpu_ms_per_rejoin")
+    compare(pair, keys)
+    for r in url_rows:  # against the same code's rejoins with a join frame
+        frames = next((f for f in pair if f["code"] == r["code"]), None)
+        for key in keys:
+            r[f"{key}_vs_frame_join"] = ratio(r[key], frames[key]) if frames else None
+    return pair + url_rows
 
 
 # -- tables ------------------------------------------------------------------------------------------------------
@@ -835,7 +941,9 @@ def render(results: dict[str, Any]) -> str:
         "latency": ("bus", "replicas", "presence_ttl", "subscribers", "deliveries/s", "p50 ms", "p99 ms", "p99.9 ms",
                     "p99 vs memory", "p99 vs last TTL", "lost", "dup", "servers CPU %", "loadgen CPU %"),
         "fanout": ("bus", "N", "deliveries/server CPU-s", "vs smallest N", "user space alone vs smallest N",
-                   "system share", "deliveries/s", "p99 ms", "server CPU %", "loadgen CPU %", "valid", "missing"),
+                   "system share", "deliveries/s", "p99 ms", "server CPU %", "loadgen CPU %", "valid", "missing",
+                   "net", "code", "vs before", "user space vs before", "NET_RX server/loadgen core",
+                   "softirq s server/loadgen core"),
         "reconnect": ("bus", "code", "URL join", "members killed", "stayers", "msg/s", "all rejoined s", "rejoin p50 s",
                       "recovered true", "recovered false", "lost", "dup", "stayers p99 calm ms",
                       "stayers p99 storm ms", "storm vs calm"),
@@ -866,7 +974,11 @@ def render(results: dict[str, Any]) -> str:
                 cells = [r["bus"], r["size"], r["per_server_cpu_s"], r["vs_smallest"], r.get("user_vs_smallest"),
                          r.get("server_sys_share"), r["per_wall_s"], r["p99_ms"], r["server_cpu_pct"],
                          r["loadgen_cpu_pct"],
-                         r.get("valid", r["loadgen_cpu_pct"] < LOADGEN_SATURATED), r["missing_after_drain"]]
+                         r.get("valid", r["loadgen_cpu_pct"] < LOADGEN_SATURATED), r["missing_after_drain"],
+                         r.get("net", "loopback"), r.get("code"), r.get("per_server_cpu_s_vs_before"),
+                         r.get("per_server_user_cpu_s_vs_before"),
+                         f"{r.get('net_rx_server_core')}/{r.get('net_rx_loadgen_core')}",
+                         f"{r.get('softirq_s_server_core')}/{r.get('softirq_s_loadgen_core')}"]
             else:
                 cells = [r["bus"], r.get("code"), r.get("url_join"), r["members"], r["stayers"], r["rate"],
                          r["all_rejoined_s"], r["rejoin_p50_s"], r["recovered_true"], r["recovered_false"],
@@ -928,6 +1040,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--paced", action="store_true",
                    help="fanout on one replica as with --replicas > 1: the publisher paced to --deliveries and the "
                         "members spread over load generators of --per-worker each (else: a window of messages)")
+    p.add_argument("--netns", default="off",
+                   help="fanout --paced: off (loopback), on (load generators in a network namespace of their own "
+                        "behind a veth pair, their receive processing steered to their core), or off,on (both)")
+    p.add_argument("--perf", default=None,
+                   help="fanout --paced: perf record (kernel call chains) of the replica while measured, into this "
+                        "folder; rows get the share of samples with the clients' receive work (tcp_data_queue, "
+                        "ep_poll_callback) in their chains")
     p.add_argument("--members", type=int, default=18000, help="reconnect: members on the replica killed")
     p.add_argument("--stayers", type=int, default=1000, help="reconnect: members on the survivors")
     p.add_argument("--calm", type=float, default=3.0, help="reconnect: seconds measured before the kill")
@@ -937,13 +1056,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--publishers", type=int, default=1,
                    help="reconnect: sessions publishing in turn (the --rate in total), on the first survivor")
     p.add_argument("--storm-timeout", type=float, default=120.0, help="reconnect: give up after this many s")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="reconnect: pairs (or runs) per bus; with --before the order alternates from pair to pair")
     p.add_argument("--jitter", type=float, default=0.0, help="reconnect: random delay before a reconnect, s")
     p.add_argument("--chat-options", default=None,
                    help='JSON merged into every replica\'s chat options, e.g. \'{"presence_limit": 100}\'')
     p.add_argument("--per-worker", type=int, default=PER_WORKER,
                    help="members per load-generator process (more members: more processes)")
     p.add_argument("--before", default=None,
-                   help="join, reconnect: also measure the code of this wirehub tree (e.g. /work/main), interleaved")
+                   help="join, reconnect, fanout --paced: also measure the code of this wirehub tree (e.g. "
+                        "/work/main), interleaved")
     p.add_argument("--profile", default=None,
                    help="join: py-spy record (collapsed stacks) of each joining replica's connect phase (connect-*: "
                         "where URL joins run) and join phase (join-*) into this folder")
@@ -969,6 +1091,10 @@ def options_for(scenario: str, a: argparse.Namespace) -> argparse.Namespace:
     if not url_modes or any(m not in ("off", "on") for m in url_modes):
         raise SystemExit(f"--url-join: a list of off and on, not {a.url_join!r}")
     o.url_join = [m == "on" for m in url_modes]
+    net_modes = [x.strip() for x in a.netns.split(",")]
+    if not net_modes or any(m not in ("off", "on") for m in net_modes):
+        raise SystemExit(f"--netns: a list of off and on, not {a.netns!r}")
+    o.netns = [m == "on" for m in net_modes]
     o.rate = a.rate if a.rate is not None else (20.0 if scenario == "latency" else 5.0)
     o.duration = a.duration if a.duration is not None else (20.0 if scenario == "latency" else 5.0)
     if a.quick:

@@ -1,7 +1,7 @@
 """A chat join's CPU in process, on the memory bus: N joins of one room through the chat handler.
 
     python -m bench.join_inprocess [--members 18000] [--repeat 3] [--before TREE] [--json FILE] [--callgrind]
-                                   [--close] [--bus memory|redis]
+                                   [--close] [--bus memory|redis|nats]
 
 No sockets and no load generator: each session's ``joined`` frame is framed for the wire and dropped, with
 the collector set as ``wirehub serve`` sets it (``gc.freeze``, the generation-0 threshold),
@@ -19,7 +19,8 @@ the (untimed) joins, each session's leave of the hub room (``hub.leave_all``) an
 stops measuring before its members disconnect, so this cost is not in its figures). With ``--bus redis`` the
 joins (or disconnects) run on the Redis bus against a redis-server started here, ``--in-flight`` at once (500,
 as the socket benchmark's storm), so that the bus's per-iteration pipeline batches them as in a replica; the
-figure is this process's CPU (or instructions), not the broker's.
+figure is this process's CPU (or instructions), not the broker's. ``--bus nats`` likewise, against a nats-server
+(its batches depend on when the broker answers: counts vary a little from run to run there).
 """
 
 from __future__ import annotations
@@ -82,7 +83,11 @@ async def measure(n: int, callgrind: bool = False, close: bool = False, redis: s
 
     chat = {"path": "/ws/chat", "handler": "chat", "options": {"presence_rules": [{"pattern": "*", "events": "off"}]}}
     prefix = f"ji{uuid.uuid4().hex[:6]}"
-    bus = {"bus": {"plugin": "redis", "redis": {"url": redis, "key_prefix": prefix}}} if redis else {}
+    bus: dict[str, Any] = {}
+    if redis and redis.startswith("nats://"):
+        bus = {"bus": {"plugin": "nats", "nats": {"servers": [redis], "subject_prefix": prefix}}}
+    elif redis:
+        bus = {"bus": {"plugin": "redis", "redis": {"url": redis, "key_prefix": prefix}}}
     app = Wirehub.build(config_from_dict(config_for_tests({"endpoints": [chat], **bus})))
     await app.backend.bus.start(app.hub)
     app.hub.on_bus_state(True)
@@ -96,9 +101,15 @@ async def measure(n: int, callgrind: bool = False, close: bool = False, redis: s
         await handler.on_open(s)
         sessions.append(s)
     requests = [json.dumps({"op": "join", "room": "big", "id": i}) for i in range(n)]
-    tune_gc = getattr(cli, "_tune_gc", None)
-    if tune_gc is not None:  # as `wirehub serve` does once it has started
-        tune_gc()
+    # the collector as `wirehub serve` sets it once it has started (a --before tree may predate gc_policy)
+    try:
+        from wirehub.gc_policy import CollectorPolicy
+    except ImportError:
+        tune_gc = getattr(cli, "_tune_gc", None)
+        if tune_gc is not None:
+            tune_gc()
+    else:
+        CollectorPolicy(app.config.server).start()
     async def join(s: Session, request: str) -> None:
         await handler.on_message(s, request)
 
@@ -175,13 +186,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None)
     p.add_argument("--callgrind", action="store_true", help="instructions per join (valgrind) instead of CPU time")
     p.add_argument("--close", action="store_true", help="per disconnect of a member instead of per join")
-    p.add_argument("--bus", choices=("memory", "redis"), default="memory")
-    p.add_argument("--redis", default=None, help=argparse.SUPPRESS)  # the child's Redis URL
+    p.add_argument("--bus", choices=("memory", "redis", "nats"), default="memory")
+    p.add_argument("--redis", default=None, help=argparse.SUPPRESS)  # the child's broker URL (Redis or NATS)
     p.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # a single measurement (a child)
     a = p.parse_args(argv)
     if a.one is not None:
         print(asyncio.run(measure(a.one, a.callgrind, a.close, a.redis)))
         return 0
+    if a.bus == "nats":
+        from wirehub.brokers import NatsServer
+
+        with NatsServer() as nats:
+            return _compare(a, nats.url)
     if a.bus == "redis":
         from wirehub.brokers import RedisServer
 

@@ -244,6 +244,11 @@ async def connect(factory: Callable[[], C], host: str, port: int, timeout: float
     """Open one connection made by ``factory`` and wait for its 101."""
     loop = asyncio.get_running_loop()
     _, proto = await asyncio.wait_for(loop.create_connection(factory, host, port), timeout)
+    return await upgraded(proto, timeout)
+
+
+async def upgraded(proto: C, timeout: float) -> C:
+    """``proto`` once its 101 came (within ``timeout``); its connection aborted if it did not."""
     try:
         await asyncio.wait_for(asyncio.shield(proto.opened), timeout)
     except BaseException:

@@ -17,15 +17,16 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return int(s.getsockname()[1])
 
 
 def spawn(cmd: list[str], port: int, log: Path, *, name: str, cwd: Path = ROOT,
-          preexec_fn: Callable[[], None] | None = None, timeout: float = 30.0) -> subprocess.Popen[bytes]:
-    """Start ``cmd`` with its output in ``log`` and wait until it listens on ``port``."""
+          preexec_fn: Callable[[], None] | None = None, timeout: float = 30.0, host: str = "127.0.0.1",
+          ) -> subprocess.Popen[bytes]:
+    """Start ``cmd`` with its output in ``log`` and wait until it listens on ``host``:``port``."""
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, preexec_fn=preexec_fn)
     deadline = time.monotonic() + timeout
@@ -33,7 +34,7 @@ def spawn(cmd: list[str], port: int, log: Path, *, name: str, cwd: Path = ROOT,
         if proc.poll() is not None:
             raise RuntimeError(f"{name} exited with {proc.returncode}:\n{tail(log)}")
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            with socket.create_connection((host, port), timeout=0.5):
                 return proc
         except OSError:
             time.sleep(0.1)
@@ -50,8 +51,9 @@ def start_replica(workdir: Path, name: str, bus: dict[str, Any], endpoint: dict[
                   server: dict[str, Any] | None = None) -> tuple[subprocess.Popen[bytes], int, Path]:
     """A `wirehub serve` replica on a free port with one endpoint and ``bus``; (process, port, log).
     ``preexec_fn`` runs in the child before it starts (pin it to a core, raise its open-file limit);
-    ``server``: more ``server.`` keys."""
-    port = free_port()
+    ``server``: more ``server.`` keys (a ``host`` other than loopback: the address the replica listens on)."""
+    host = (server or {}).get("host", "127.0.0.1")
+    port = free_port(host)
     cfg = {
         "server": {"host": "127.0.0.1", "port": port, "backlog": 2048, "node_id": name, **(server or {})},
         "logging": {"level": os.environ.get("BENCH_LOG_LEVEL", "warning"), "access_log": False},
@@ -62,7 +64,7 @@ def start_replica(workdir: Path, name: str, bus: dict[str, Any], endpoint: dict[
     path = workdir / f"{name}.yaml"
     path.write_text(json.dumps(cfg))
     log = workdir / f"{name}.log"
-    return spawn(wirehub_cmd(path), port, log, name=name, preexec_fn=preexec_fn), port, log
+    return spawn(wirehub_cmd(path), port, log, name=name, preexec_fn=preexec_fn, host=host), port, log
 
 
 def start_replicas(workdir: Path, names: list[str], bus: dict[str, Any], endpoint: dict[str, Any], *,

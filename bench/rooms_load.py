@@ -32,7 +32,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench.loadgen import WsClient, client_frame, cpu_seconds, raise_nofile
+from bench.loadgen import WsClient, client_frame, cpu_seconds, raise_nofile, upgraded
+from bench.netns import ClientNet, enter
 
 perf = time.perf_counter
 _MESSAGE = b'{"op":"message"'
@@ -56,6 +57,7 @@ class MemberState:
     sampled: bool
     port: int
     source: str
+    host: str = "127.0.0.1"  # the server's address (another one from a client network namespace)
     last: int | None = None  # offset of the last message read (or the room's top at the join)
     epoch: str | None = None
     got: int = 0
@@ -220,15 +222,9 @@ async def open_member(port: int, room: str, state: MemberState, stats: Stats, ti
     """Connect from ``state.source`` (bound before connect) and wait for the 101."""
     loop = asyncio.get_running_loop()
     _, proto = await asyncio.wait_for(
-        loop.create_connection(lambda: Member("127.0.0.1", port, room, state, stats, on_delivery, url_join),
-                               "127.0.0.1", port, local_addr=(state.source, 0)), timeout)
-    try:
-        await asyncio.wait_for(asyncio.shield(proto.opened), timeout)
-    except BaseException:
-        if proto.transport is not None:
-            proto.transport.abort()
-        raise
-    return proto
+        loop.create_connection(lambda: Member(state.host, port, room, state, stats, on_delivery, url_join),
+                               state.host, port, local_addr=(state.source, 0)), timeout)
+    return await upgraded(proto, timeout)
 
 
 def pacing(rate: float, publish: Callable[[], None], stop: asyncio.Event) -> asyncio.Task[None]:
@@ -265,8 +261,10 @@ def latency_ms(values: list[float]) -> dict[str, float | int | None]:
 class _WorkerLoop:
     """The child's side: the members and the command handlers."""
 
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, net: ClientNet | None = None) -> None:
         self.index = index
+        #: the server's address and the source addresses (loopback, or a client namespace's veth)
+        self.host, self.sources = (net.server, net.sources) if net is not None else ("127.0.0.1", SOURCES)
         self.stats = Stats()
         self.members: list[Member] = []
         self.room = ""
@@ -289,8 +287,8 @@ class _WorkerLoop:
         states = []
         for port, count, every in targets:
             for i in range(count):
-                source = SOURCES[(n + self.index) % len(SOURCES)]
-                states.append(MemberState(every > 0 and i % every == 0, port, source))
+                source = self.sources[(n + self.index) % len(self.sources)]
+                states.append(MemberState(every > 0 and i % every == 0, port, source, host=self.host))
                 n += 1
 
         async def one(st: MemberState) -> None:
@@ -475,23 +473,26 @@ class _WorkerLoop:
             m.close()
 
 
-async def _open_publisher(port: int, room: str, stats: Stats) -> Publisher:
+async def _open_publisher(port: int, room: str, stats: Stats, host: str = "127.0.0.1") -> Publisher:
     loop = asyncio.get_running_loop()
-    _, pub = await loop.create_connection(lambda: Publisher("127.0.0.1", port, room, stats), "127.0.0.1", port)
+    _, pub = await loop.create_connection(lambda: Publisher(host, port, room, stats), host, port)
     await asyncio.wait_for(pub.opened, 20)
     await asyncio.wait_for(pub.join(), 60)
     return pub
 
 
-def _worker_main(conn: multiprocessing.connection.Connection, index: int, core: int | None) -> None:
+def _worker_main(conn: multiprocessing.connection.Connection, index: int, core: int | None,
+                 net: ClientNet | None) -> None:
     raise_nofile()
     if core is not None:
         os.sched_setaffinity(0, {core})
-    asyncio.run(_serve(conn, index))
+    if net is not None:  # before any socket: the members' connections go over the namespace's veth
+        enter(net.namespace)
+    asyncio.run(_serve(conn, index, net))
 
 
-async def _serve(conn: multiprocessing.connection.Connection, index: int) -> None:
-    w = _WorkerLoop(index)
+async def _serve(conn: multiprocessing.connection.Connection, index: int, net: ClientNet | None) -> None:
+    w = _WorkerLoop(index, net)
     loop = asyncio.get_running_loop()
     inbox: asyncio.Queue[tuple[int, str, dict[str, Any]]] = asyncio.Queue(maxsize=64)
     loop.add_reader(conn.fileno(), lambda: inbox.put_nowait(conn.recv()))
@@ -522,10 +523,10 @@ async def _serve(conn: multiprocessing.connection.Connection, index: int) -> Non
 class Worker:
     """The parent's handle of one worker process; :meth:`call` runs a command and awaits its answer."""
 
-    def __init__(self, index: int, core: int | None) -> None:
+    def __init__(self, index: int, core: int | None, net: ClientNet | None = None) -> None:
         ctx = multiprocessing.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker_main, args=(child, index, core), daemon=True)
+        self.proc = ctx.Process(target=_worker_main, args=(child, index, core, net), daemon=True)
         self.proc.start()
         child.close()
         self.index = index

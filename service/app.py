@@ -84,6 +84,9 @@ class Wirehub:
         self.metrics = Metrics(ep.path for ep in config.endpoints)
         #: the body of GET /metrics (a worker of several answers for the whole pod: service/workers.py)
         self.render_metrics: Callable[[], bytes] = self.metrics.render
+        #: the other workers of this pod whose event loop is stuck (service/workers.py); /healthz and /readyz
+        #: answer 503 naming them. One process has no other
+        self.stalled_workers: Callable[[], list[dict[str, object]]] = list
         hooks.failures.bind(self.metrics.plugin_errors)
         self.draining = False
         self._drain_running = False

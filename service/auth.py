@@ -52,10 +52,12 @@ class Identity:
         """Does a pattern of :attr:`rooms` match ``room``? A pattern prefixed with ``read:``
         (``read:handbook-*``) grants read access only: it matches when ``write`` is False."""
         for pattern in self.rooms:
+            if pattern == "*":  # a guest's, on every join: first, no other test
+                return True
             if pattern.startswith(READ_ONLY_PREFIX):
                 if not write and fnmatch.fnmatchcase(room, pattern[len(READ_ONLY_PREFIX):]):
                     return True
-            elif pattern == "*" or fnmatch.fnmatchcase(room, pattern):  # "*": a guest's, on every join
+            elif fnmatch.fnmatchcase(room, pattern):
                 return True
         return False
 

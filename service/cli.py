@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import logging
 import os
@@ -24,11 +23,12 @@ from typing import TYPE_CHECKING, Any
 
 from wirehub import __version__
 from wirehub.config import Config, ConfigError, Reference, load_config
+from wirehub.gc_policy import CollectorPolicy
 from wirehub.plugins import PluginError
 from wirehub.scaffold import ScaffoldError, create
 
 if TYPE_CHECKING:
-    from wirehub.workers import MetricsShare
+    from wirehub.workers import Heartbeats, MetricsShare
 
 log = logging.getLogger("wirehub")
 
@@ -185,8 +185,14 @@ async def _serve(config: Config, worker: Worker | None = None) -> int:
         log.error("startup failed: %s", exc)
         await app.stop()
         return EXIT_FAILURE
-    snapshots = None
+    snapshots = heartbeat = None
     if worker is not None:
+        from wirehub.workers import HeartbeatWriter, stalled_siblings
+
+        heartbeat = HeartbeatWriter(worker.heartbeats, worker.index)
+        heartbeat.start()
+        beats, index, limit, node = worker.heartbeats, worker.index, config.server.worker_stall_timeout, app.node
+        app.stalled_workers = lambda: stalled_siblings(beats, index, limit, node)
         if config.metrics.enabled:  # /metrics answers for the pod: this worker's series and its siblings'
             from wirehub.workers import snapshot_task
 
@@ -194,29 +200,19 @@ async def _serve(config: Config, worker: Worker | None = None) -> int:
             app.render_metrics = lambda: share.pod_exposition(index, own())
             snapshots = snapshot_task(share, index, own)
         worker.listening()
-    _tune_gc()
+    collector = CollectorPolicy(config.server)
+    collector.start()
     log.info("config %s; send SIGTERM to drain", config.source)
     await stop.wait()
     log.info("signal received: draining")
     if snapshots is not None:
         snapshots.cancel()
+    if heartbeat is not None:
+        heartbeat.stop()
     await app.drain()
+    collector.close()
     log.info("stopped")
     return EXIT_OK
-
-
-#: the collector's generation-0 threshold while serving (CPython's default: 700). A join storm allocates a
-#: few long-lived containers per member; at 700 the collector ran every few joins and scanned them again.
-GC_THRESHOLD0 = 50_000
-
-
-def _tune_gc() -> None:
-    """After startup: what startup built (modules, plugins, config) is frozen out of every collection
-    (``gc.freeze``), and generation 0 is collected every :data:`GC_THRESHOLD0` allocations."""
-    gc.collect()
-    gc.freeze()
-    _, gen1, gen2 = gc.get_threshold()
-    gc.set_threshold(GC_THRESHOLD0, gen1, gen2)
 
 
 @dataclass(frozen=True)
@@ -229,6 +225,8 @@ class Worker:
     #: called once it listens (the supervisor tells a startup failure from a crash by it)
     listening: Callable[[], None]
     share: MetricsShare
+    #: its loop's heartbeat, and its siblings' that its probes check
+    heartbeats: Heartbeats
 
 
 def _run(config: Config, worker: Worker | None = None) -> int:
@@ -241,8 +239,8 @@ def _run(config: Config, worker: Worker | None = None) -> int:
 
 
 def _run_worker(config: Config, index: int, sockets: list[socket.socket] | None, listening: Callable[[], None],
-                share: MetricsShare) -> int:
-    return _run(config, Worker(index, sockets, listening, share))
+                share: MetricsShare, heartbeats: Heartbeats) -> int:
+    return _run(config, Worker(index, sockets, listening, share, heartbeats))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

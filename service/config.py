@@ -201,6 +201,8 @@ def _coerce_value(tp: Any, value: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(key, f"expected a number, got {value!r}")
+        if not math.isfinite(value):  # YAML's .nan/.inf: a comparison with NaN is always false, so no bound holds
+            raise ConfigError(key, f"expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -338,6 +340,17 @@ class ServerConfig:
     #: how the workers share the port: ``reuseport`` (a listening socket per worker, SO_REUSEPORT: the
     #: kernel spreads connections evenly) or ``shared`` (one socket bound before the fork, accepted by all)
     process_listen: str = opt("reuseport", choices=("reuseport", "shared"))
+    #: seconds a worker's event loop may go without running (its heartbeat, every 0.25 s) before the others'
+    #: /healthz and /readyz answer 503 naming it and the supervisor kills and restarts it. Ignored with one process
+    worker_stall_timeout: float = opt(5.0, min=1.0)
+
+    #: the cyclic garbage collector while serving (service/gc_policy.py): generation 0 is collected every this
+    #: many allocations (CPython's default: 700; a join storm's members were rescanned every few joins)
+    gc_threshold0: int = opt(50_000, min=700)
+    #: freeze the objects that survive a full collection, so later full collections skip them (sessions that
+    #: stay); cycles among them are collected at the first full collection gc_thaw_interval s after the last
+    gc_freeze_survivors: bool = False
+    gc_thaw_interval: float = opt(600.0, min=1.0)
 
 
 @dataclass(frozen=True)

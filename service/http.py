@@ -59,21 +59,32 @@ class NotFoundHandler(JsonHandler):
 
 
 class HealthHandler(JsonHandler):
-    """Liveness: answers while the process serves its loop."""
+    """Liveness: answers while the process serves its loop; with several workers, 503 naming any other worker
+    of the pod whose loop is stuck (a probe reaches one worker, but a stuck one must fail the pod's probe)."""
 
     def get(self) -> None:
         assert self.app is not None
+        stalled = self.app.stalled_workers()
+        if stalled:
+            self.write_json(503, {"status": "worker_stalled", "node": self.app.node, "stalled": stalled})
+            return
         self.write_json(200, {"status": "ok", "node": self.app.node})
 
 
 class ReadyHandler(JsonHandler):
-    """Readiness: 503 until the bus is up, while it is down, and while draining."""
+    """Readiness: 503 until the bus is up, while it is down, while draining, and while another worker of the
+    pod is stuck."""
 
     def get(self) -> None:
         app = self.app
         assert app is not None
-        if app.ready:
+        stalled = app.stalled_workers() if app.ready else []
+        if app.ready and not stalled:
             self.write_json(200, {"status": "ready", "node": app.node})
+            return
+        if stalled:
+            self.write_json(503, {"status": "not_ready", "reason": "worker_stalled", "node": app.node,
+                                  "stalled": stalled})
             return
         reason = "draining" if app.draining else "starting" if not app.started else "bus_down"
         self.write_json(503, {"status": "not_ready", "reason": reason, "node": app.node})

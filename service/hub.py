@@ -11,7 +11,9 @@ When the bus comes back after an outage, the hub repairs each local room from hi
 what was published after the last offset it delivered and replays it in order before live
 messages; when history cannot cover the gap, members get ``gap {room, epoch, offset}`` and know to
 reload. A lost history (a new epoch) is a gap for the old epoch only: the new one is replayed from
-its start when its history is complete.
+its start when its history is complete. The replay reads history on another connection than the live
+messages come on, so the live copy of a message it replayed may arrive after it ended: such copies (at or
+below the replay's last offset, before a newer one) are dropped.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from dataclasses import dataclass, field
 from wirehub.bus import Backend, BusUnavailable
 from wirehub.inflight import InFlight
 from wirehub.metrics import Metrics
-from wirehub.protocol import dumps, with_offset
+from wirehub.protocol import dumps
 from wirehub.session import OutFrame, Session
 
 log = logging.getLogger("wirehub.hub")
@@ -36,6 +38,9 @@ REPAIR_PAGE = 10_000
 REPAIR_RETRY = 0.2
 #: ... and, while the bus stays up, gives up after this many attempts with a ``gap``
 REPAIR_ATTEMPTS = 5
+#: seconds after a repair during which late live copies of replayed messages are dropped (they come within a
+#: round trip; a room's history restarts without an outage only after its meta TTL, over a minute idle)
+REPAIR_FLOOR = 10.0
 
 
 @dataclass(eq=False)
@@ -50,6 +55,11 @@ class _Room:
     epoch: str | None = None
     #: while repairing: live messages kept back until the history replay is done
     backlog: list[tuple[bytes, int | None]] | None = None
+    #: after a repair, ``(offset, until)``: live messages at or below ``offset`` are late copies of replayed
+    #: ones (history reads and pub/sub are different connections: a message the replay read may still be on
+    #: its way live when the repair ends), dropped until a newer one passes (the bus delivers a room's
+    #: messages in order) or until ``until`` (monotonic), long before an idle room's history could restart
+    floor: tuple[int, float] | None = None
     #: the members and what the fan-out calls for each (:meth:`Session.receiver`), in join order; built on
     #: the first message after a membership change, so a message costs no copy of ``members``
     _receivers: tuple[tuple[Session, Callable[[str, OutFrame, int | None], None]], ...] | None = None
@@ -112,20 +122,29 @@ class Hub:
     def rooms(self) -> list[str]:
         return [name for name, r in self._rooms.items() if r.members]
 
+    def join_now(self, room: str, session: Session) -> bool:
+        """:meth:`join` when it needs no wait, without a coroutine (a join into a room this replica has
+        subscribed already: every join of a big room but its first here): True when ``session`` is now a
+        member; False when it is not (nothing was done): then :meth:`join` it."""
+        r = self._rooms.get(room)
+        if r is not None and r.subscribed and r.backlog is None and not r.lock.locked():
+            # The room is subscribed and nobody holds its lock (no first join subscribing, no last leave
+            # unsubscribing): being a member is all that is left, and no await may come between the
+            # check and the add. A leave that waits for the lock sees this member and keeps the room.
+            session.add_room(room)
+            r.add(session)
+            return True
+        return False
+
     async def join(self, room: str, session: Session) -> None:
         """Add ``session`` to ``room``; subscribes the bus on the first local member.
 
         When it returns, every message published to ``room`` afterwards reaches the session.
         Raises BusUnavailable (the session is then not a member).
         """
-        session.add_room(room)
-        r = self._rooms.get(room)
-        if r is not None and r.subscribed and r.backlog is None and not r.lock.locked():
-            # The room is subscribed and nobody holds its lock (no first join subscribing, no last leave
-            # unsubscribing): being a member is all that is left, and no await may come between the
-            # check and the add. A leave that waits for the lock sees this member and keeps the room.
-            r.add(session)
+        if self.join_now(room, session):
             return
+        session.add_room(room)
         try:
             while True:
                 r = self._rooms.get(room)
@@ -211,11 +230,15 @@ class Hub:
         published). Counted in :attr:`publishing` until the bus answered: the drain waits for it.
         """
         payload = envelope(frame, origin)
-        with self.publishing.track():
+        publishing = self.publishing
+        publishing.begin()  # InFlight.track() without its generator: once per publish
+        try:
             if dedupe_key is None:  # buses written before dedupe_key need not know the keyword
                 return await self.bus.publish(room, payload, history=history)
             return await self.bus.publish(room, payload, history=history, dedupe_key=dedupe_key,
                                           dedupe_window=dedupe_window)
+        finally:
+            publishing.end()
 
     def on_bus_message(self, room: str, payload: bytes, offset: int | None) -> None:
         r = self._rooms.get(room)
@@ -224,32 +247,47 @@ class Hub:
         if r.backlog is not None:
             r.backlog.append((payload, offset))
             return
+        floor = r.floor
+        if floor is not None and offset is not None:
+            if offset <= floor[0] and time.monotonic() < floor[1]:
+                return  # a late live copy of what the repair's replay fanned out
+            r.floor = None
         self._fan_out(r, payload, offset)
 
     def _fan_out(self, r: _Room, payload: bytes, offset: int | None) -> None:
+        # Once per bus message (in the spread layout, for about one delivery): split_envelope and with_offset
+        # are inlined, each call costs about as much as its work.
+        head, nl, frame = payload.partition(b"\n")
+        origin, _, ts = head.partition(b" ")
         try:
-            origin, ts_ms, frame = split_envelope(payload)
+            if not nl:
+                raise ValueError("no newline")
+            ts_ms = int(ts or 0)
         except ValueError:
             log.error("dropped a malformed bus message in room %s", r.name)
             self.metrics.dropped.labels("malformed").inc()
             return
-        if offset is not None:
-            r.last_offset = offset
-        self.metrics.bus_messages.inc()
+        metrics = self.metrics
+        metrics.bus_received.n += 1
         if ts_ms:
-            self.metrics.latency.observe(max(0.0, time.time() - ts_ms / 1000))
+            latency = time.time() - ts_ms / 1000
+            metrics.latency.observe(latency if latency > 0.0 else 0.0)
         # Only JSON objects get the offset spliced in; other frames (the yjs handler's binary ones)
         # go to members as they are, and a member reads the offset from deliver()'s argument.
-        out = OutFrame(with_offset(frame, offset) if frame[:1] == b"{" else frame)
+        if offset is not None:
+            r.last_offset = offset
+            if frame[:1] == b"{":
+                frame = b'%s,"offset":%d}' % (frame[:-1], offset)  # with_offset
+        out = OutFrame(frame)
         skip = r.members.get(origin) if origin else None
         # A snapshot: a member that joins or leaves while this runs (a close from inside a delivery) does
         # not change who gets this message, as with a copy of ``members``.
-        receivers = r.receivers()
+        receivers = r._receivers or r.receivers()
         name = r.name
         for s, receive in receivers:
             if s is not skip:
                 receive(name, out, offset)
-        self.metrics.deliveries.inc(len(receivers) - (skip is not None))
+        metrics.delivered.n += len(receivers) - (skip is not None)
 
     # -- bus health and repair ---------------------------------------------------------------------
 
@@ -283,6 +321,7 @@ class Hub:
     def _start_repair(self, r: _Room) -> None:
         if r.members and r.last_offset is not None and r.backlog is None:
             r.backlog = []  # now, before the bus pushes anything newer
+            r.floor = None  # the backlog's release sets the new one
             task = asyncio.ensure_future(self._repair(r))
             self._repairs.add(task)
             task.add_done_callback(self._repairs.discard)
@@ -317,6 +356,8 @@ class Hub:
             for payload, live_offset in backlog:
                 if live_offset is None or r.last_offset is None or live_offset > r.last_offset:
                     self._fan_out(r, payload, live_offset)
+            if r.last_offset is not None:
+                r.floor = (r.last_offset, time.monotonic() + REPAIR_FLOOR)
 
     async def _replay(self, r: _Room) -> None:
         """One attempt, paged, from ``last_offset``. Same epoch: the pages after it. Another epoch

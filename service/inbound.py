@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 #: nesting levels a client's JSON may have by default (``server.max_json_depth``)
@@ -48,6 +49,23 @@ def _reject_constant(name: str) -> NoReturn:
 
 
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+#: the decoder's C scanner: ``decode`` around it is two Python frames and two whitespace regex matches
+_SCAN: Callable[[str, int], tuple[Any, int]] = _DECODER.scan_once  # type: ignore[attr-defined]
+
+
+def _decode(text: str) -> Any:
+    """``_DECODER.decode(text)``, the same value or error. A frame that is one object with no whitespace
+    around it (what clients send: every request) is scanned directly; anything else (or a scan that does
+    not end at the end of the text) goes through ``decode``, which raises the exact error."""
+    if text[:1] == "{" and text[-1:] == "}":
+        try:
+            value, end = _SCAN(text, 0)
+        except StopIteration:
+            pass
+        else:
+            if end == len(text):
+                return value
+    return _DECODER.decode(text)
 
 
 def _brackets(text: str) -> bytes:
@@ -93,18 +111,18 @@ def too_deep(text: str, max_depth: int) -> bool:
 
 def loads(data: str | bytes | bytearray, max_depth: int = DEFAULT_MAX_JSON_DEPTH) -> Any:
     """Parse client JSON; raises :class:`JsonRejected` for invalid, too deep or non-strict JSON."""
-    if isinstance(data, bytes | bytearray):
+    if type(data) is str or not isinstance(data, bytes | bytearray):  # a frame's text: one check
+        text = data
+    else:
         try:
             text = bytes(data).decode("utf-8")
         except UnicodeDecodeError:
             raise JsonRejected("the text is not UTF-8") from None
-    else:
-        text = data
     # Fewer brackets than the limit cannot nest deeper than it: the common case costs two counts.
     if text.count("[") + text.count("{") > max_depth and too_deep(text, max_depth):
         raise JsonRejected(f"JSON nested deeper than {max_depth} levels")
     try:
-        value = _DECODER.decode(text)
+        value = _decode(text)
     except JsonRejected:
         raise
     except (ValueError, RecursionError):  # RecursionError: cannot happen after the scan; kept as a guard

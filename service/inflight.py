@@ -17,14 +17,22 @@ class InFlight:
 
     @contextlib.contextmanager
     def track(self) -> Iterator[None]:
-        self.count += 1
-        self._idle.clear()
+        self.begin()
         try:
             yield
         finally:
-            self.count -= 1
-            if self.count == 0:
-                self._idle.set()
+            self.end()
+
+    def begin(self) -> None:
+        """One more operation (:meth:`track` without a generator, for a hot path: pair it with :meth:`end`)."""
+        self.count += 1
+        if self.count == 1:
+            self._idle.clear()
+
+    def end(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self._idle.set()
 
     async def wait(self, timeout: float) -> bool:
         """True when nothing is in flight (now or within ``timeout`` seconds)."""

@@ -6,10 +6,13 @@ alert on. Counters are exported with the ``_total`` suffix (``wirehub_messages_i
 
 from __future__ import annotations
 
+import time
+from bisect import bisect_left
 from collections.abc import Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import metrics as prometheus_metrics
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from wirehub import __version__
@@ -33,6 +36,44 @@ class Tally:
         if self.n:
             n, self.n = self.n, 0
             self.counter.inc(n)
+
+
+class TallyHistogram(Collector):
+    """A histogram whose :meth:`observe` is a bisect and two additions on plain numbers (the fan-out observes
+    once per bus message; ``Histogram.observe`` takes a lock and updates a value object per bucket), read
+    at scrape time. Exported as Prometheus's own histogram would be: ``_bucket`` (cumulative, ``le``),
+    ``_count``, ``_sum`` and ``_created`` (unless created series are disabled)."""
+
+    def __init__(self, name: str, documentation: str, buckets: Iterable[float]) -> None:
+        self.name, self.documentation = name, documentation
+        self.bounds = tuple(sorted(buckets))
+        #: observations per bucket (not cumulative); the last one is ``+Inf``
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.sum = 0.0
+        self.created = time.time()
+
+    def observe(self, value: float) -> None:
+        # a value equal to a bound belongs to that bound's bucket (``le``): bisect_left
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def collect(self) -> Iterator[Metric]:
+        cumulative, buckets = 0, []
+        for bound, n in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            cumulative += n
+            buckets.append((_le(bound), cumulative))
+        family = HistogramMetricFamily(self.name, self.documentation, buckets=buckets, sum_value=self.sum)
+        if prometheus_metrics._use_created:  # PROMETHEUS_DISABLE_CREATED_SERIES, as for the other metrics
+            family.add_sample(f"{self.name}_created", {}, self.created)
+        yield family
+
+    def describe(self) -> Iterator[Metric]:
+        yield HistogramMetricFamily(self.name, self.documentation)
+
+
+def _le(bound: float) -> str:
+    """A bucket bound as Prometheus's client writes it (``0.005``, ``1.0``, ``+Inf``)."""
+    return "+Inf" if bound == float("inf") else repr(float(bound))
 
 
 class Metrics:
@@ -60,7 +101,12 @@ class Metrics:
         self.sent = self.tally(self.messages_out)
         self.deliveries = Counter("wirehub_deliveries", "Bus messages written to local members", registry=r)
         self.bus_messages = Counter("wirehub_bus_messages", "Messages received from the bus", registry=r)
+        #: the hub's fan-out counts every bus message and its deliveries without a lock (see Tally)
+        self.delivered = self.tally(self.deliveries)
+        self.bus_received = self.tally(self.bus_messages)
         self.published = Counter("wirehub_published", "Messages published to the bus", ["source"], registry=r)
+        #: per source, the tally of ``wirehub_published_total`` (a publish is counted without a lock)
+        self._published: dict[str, Tally] = {}
         self.dropped = Counter("wirehub_dropped", "Messages not delivered, by reason", ["reason"], registry=r)
         self.slow_consumers = Counter(
             "wirehub_slow_consumer_closes", "Sessions closed with 4008 (send queue over its cap)", registry=r
@@ -70,12 +116,13 @@ class Metrics:
         self.bus_up = Gauge("wirehub_bus_up", "1 while the bus is connected", registry=r)
         self.bus_reconnects = Counter("wirehub_bus_reconnects", "Bus transitions from down to up", registry=r)
         self.rooms = Gauge("wirehub_rooms", "Rooms with local members", registry=r)
-        self.latency = Histogram(
+        #: observed once per bus message by the fan-out: a lock-free histogram read at scrape time
+        self.latency = TallyHistogram(
             "wirehub_publish_to_delivery_seconds",
             "Time from publish (any replica) to fan-out on this replica",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+            LATENCY_BUCKETS,
         )
+        r.register(self.latency)
         self.plugin_errors = Counter(
             "wirehub_plugin_errors", "Exceptions raised by plugin hooks and handler methods", ["plugin", "hook"],
             registry=r,
@@ -136,6 +183,13 @@ class Metrics:
         tally = self._messages_in.get(endpoint)
         if tally is None:
             tally = self._messages_in[endpoint] = self.tally(self.messages_in.labels(endpoint))
+        return tally
+
+    def published_tally(self, source: str) -> Tally:
+        """The :class:`Tally` of ``wirehub_published_total{source}``, looked up once per source."""
+        tally = self._published.get(source)
+        if tally is None:
+            tally = self._published[source] = self.tally(self.published.labels(source))
         return tally
 
     def session_closed(self, endpoint: str, code: str) -> Counter:

@@ -146,7 +146,7 @@ def build_plugin_manager(config: PluginsConfig | None = None) -> PluginHost:
     """Build the plugin manager and its host; see the module docstring for the order."""
     config = config or PluginsConfig()
     blocked = set(config.block)
-    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm = PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
     sources: dict[str, str] = {}
     classes: dict[type, str] = {}  # a class named twice (entry point and plugins.load) is instantiated once
@@ -199,6 +199,33 @@ def build_plugin_manager(config: PluginsConfig | None = None) -> PluginHost:
     return PluginHost(pm, sources)
 
 
+class PluginManager(pluggy.PluginManager):
+    """pluggy's, counting the changes to its registered plugins (:attr:`generation`): a plan worked out from
+    the implementations of a hook holds while the count is the same (``authorize_now`` per join and publish
+    then asks for no copy of the implementations' list). Every change goes through ``register``,
+    ``unregister`` (``set_blocked`` unregisters) or ``add_hookspecs`` (a spec added after its implementations)."""
+
+    generation = 0
+
+    def register(self, plugin: object, name: str | None = None) -> str | None:
+        try:
+            return super().register(plugin, name)
+        finally:
+            self.generation += 1
+
+    def unregister(self, plugin: object | None = None, name: str | None = None) -> Any | None:
+        try:
+            return super().unregister(plugin, name)
+        finally:
+            self.generation += 1
+
+    def add_hookspecs(self, module_or_class: ModuleType | type) -> None:
+        try:
+            super().add_hookspecs(module_or_class)
+        finally:
+            self.generation += 1
+
+
 def _hook_name(hook: str) -> str:
     """The hook's short name for logs and metric labels: ``wirehub_authorize`` -> ``authorize``."""
     return hook.removeprefix("wirehub_")
@@ -227,6 +254,8 @@ class PluginHost:
         #: :meth:`_authorizers`: the implementations it was worked out for, and what it worked out
         self._authorize_impls: list[pluggy.HookImpl] | None = None
         self._authorize_plan: list[tuple[pluggy.HookImpl, Callable[..., Any], bool]] = []
+        #: the :attr:`PluginManager.generation` the plan was checked at (None: not yet, or not counted)
+        self._authorize_generation: int | None = None
 
     def _failed(self, impl: pluggy.HookImpl, hook: str, exc: BaseException) -> PluginFailed:
         name = _hook_name(hook)
@@ -388,11 +417,15 @@ class PluginHost:
         """The ``wirehub_authorize`` implementations in call order, each with its function and whether it
         takes ``(identity, action, room)`` in that order (then it is called without a kwargs dict);
         worked out again only when the registered implementations change (a plugin (un)registered)."""
+        generation = getattr(self.pm, "generation", None)  # None: another PluginManager, compared by its list
+        if generation is not None and generation == self._authorize_generation:
+            return self._authorize_plan
         impls = self.pm.hook.wirehub_authorize.get_hookimpls()
         if impls != self._authorize_impls:
             self._authorize_impls = impls
             self._authorize_plan = [(impl, impl.function, tuple(impl.argnames) == _AUTHORIZE_ARGS)
                                     for impl in reversed(impls)]
+        self._authorize_generation = generation
         return self._authorize_plan
 
     async def _authorize_rest(self, impl: pluggy.HookImpl, pending: Awaitable[Any], rest: list[pluggy.HookImpl],

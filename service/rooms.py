@@ -36,6 +36,8 @@ DEFAULT_ROOM_PATTERN = r"^[A-Za-z0-9_\-.:@]{1,128}$"
 DEFAULT_MAX_MESSAGE_BYTES = 16384
 #: hard cap whatever the configured pattern allows
 MAX_ROOM_NAME = 1024
+#: room names :meth:`RoomRules.room` keeps as matched (then it starts over)
+ROOM_NAME_CACHE = 4096
 #: the sender name of messages published through the HTTP API
 SERVER_SENDER = "server"
 
@@ -61,16 +63,30 @@ class RoomRules:
         self.name_re = re.compile(name_pattern)  # re.error is the caller's ConfigError
         self.max_message_bytes = max_message_bytes
         self.limits = tuple(limits)
+        #: names that matched, each to one string object (at most :data:`ROOM_NAME_CACHE`): every join and
+        #: publish of a big room names it again, and the pattern and the rules are fixed for this object's life
+        self._valid: dict[str, str] = {}
 
     def room(self, request: dict[str, Any]) -> str:
-        """The valid room name in ``request["room"]``, or ``error bad_request``."""
+        """The valid room name in ``request["room"]``, or ``error bad_request``. The same string object for
+        the same name while it is cached (one string per room in every member's state, not one per request)."""
         room = request.get("room")
-        if not isinstance(room, str):
+        if type(room) is str:
+            known = self._valid.get(room)
+            if known is not None:
+                return known
+        elif not isinstance(room, str):
             raise ProtocolError(ErrorCode.BAD_REQUEST, "field 'room' must be a string")
         if len(room) > MAX_ROOM_NAME or not self.name_re.fullmatch(room):
             raise ProtocolError(
                 ErrorCode.BAD_REQUEST, f"invalid room name: it must match {self.name_pattern}"
             )
+        valid = self._valid
+        if len(valid) >= ROOM_NAME_CACHE:
+            valid.clear()
+        # not sys.intern: every op that names a room comes here before any check of membership or rights, and
+        # on Python 3.12 an interned string is never freed (a client naming new rooms would grow the process)
+        room = valid[room] = str(room)
         return room
 
     def max_bytes(self, room: str) -> int:
@@ -206,7 +222,7 @@ async def publish_prepared(hub: Hub, message: Outgoing) -> int:
                                dedupe_key=message.dedupe_key, dedupe_window=message.dedupe_window)
     if offset is None:  # a bus that ignores history=True breaks its contract
         raise RuntimeError(f"bus {type(hub.bus).__name__} returned no offset for a history publish")
-    hub.metrics.published.labels(message.source).inc()
+    hub.metrics.published_tally(message.source).n += 1
     return offset
 
 

@@ -9,6 +9,7 @@ costs at most the cap in memory.
 from __future__ import annotations
 
 import os
+import struct
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
@@ -18,6 +19,13 @@ from wirehub.protocol import CloseCode, ErrorCode, close_reason, dumps, error_fr
 
 if TYPE_CHECKING:
     from wirehub.metrics import Metrics
+
+
+#: the 2-byte headers of the frames under 126 bytes, text ([1]) and binary ([0]), by payload length
+_SHORT_HEADERS = (tuple(bytes((0x82, n)) for n in range(126)), tuple(bytes((0x81, n)) for n in range(126)))
+#: the headers with a 16-bit and a 64-bit payload length (one call, no bytes made per part)
+_MEDIUM_HEADER = struct.Struct("!BBH")
+_LONG_HEADER = struct.Struct("!BBQ")
 
 
 class OutFrame:
@@ -39,15 +47,14 @@ class OutFrame:
         return wire
 
     def _frame(self) -> bytes:
-        n = len(self.payload)
+        payload = self.payload
+        n = len(payload)
         first = 0x82 if self.binary else 0x81
         if n < 126:
-            header = bytes((first, n))
-        elif n < 65536:
-            header = bytes((first, 126)) + n.to_bytes(2, "big")
-        else:
-            header = bytes((first, 127)) + n.to_bytes(8, "big")
-        return header + self.payload
+            return _SHORT_HEADERS[first & 1][n] + payload
+        if n < 65536:  # a joined reply with its first page of members, a history page
+            return _MEDIUM_HEADER.pack(first, 126, n) + payload
+        return _LONG_HEADER.pack(first, 127, n) + payload
 
     def __len__(self) -> int:
         return len(self.payload)

@@ -148,7 +148,7 @@ class SocketStream:
         out = self._out
         return len(out) if out is not None else 0
 
-    def send(self, data: bytes | memoryview) -> None:
+    def send(self, data: bytes | bytearray | memoryview) -> None:
         """Hand ``data`` to the kernel now; queue what it does not take (sent in order when writable)."""
         out = self._out
         if out is not None:  # never set on a closed stream
@@ -201,7 +201,7 @@ class SocketStream:
                 future.set_result(None)
 
 
-def send_now(stream: Any, data: bytes | memoryview) -> None:
+def send_now(stream: Any, data: bytes | bytearray | memoryview) -> None:
     """Send ``data`` on a connection's stream without waiting: a :class:`SocketStream`, or the Tornado
     stream before the takeover (what the kernel does not take goes to its write buffer)."""
     if isinstance(stream, SocketStream):

@@ -13,6 +13,12 @@ connection to one of them: an even spread) or by one socket bound before the for
 others' latest snapshots, every series labelled ``worker``. Each worker writes its snapshot into a slot of
 an anonymous shared mapping made before the fork (no file: the root file system is read-only in the
 Kubernetes manifests) every :data:`SNAPSHOT_INTERVAL` seconds, so nothing is added to the hot path.
+
+A worker that lives but whose event loop is stuck (a plugin doing blocking I/O, a CPU-bound bug) would only fail
+the probes that land on it. So each worker's loop also beats into :class:`Heartbeats`, another shared mapping:
+a worker's ``/healthz`` and ``/readyz`` answer 503 naming any sibling whose heartbeat is older than
+``server.worker_stall_timeout``, and the supervisor has such a worker write its Python stack (faulthandler), then
+SIGKILLs it and restarts it as a crashed one.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import contextlib
 import ctypes
 import dataclasses
 import errno
+import faulthandler
 import logging
 import math
 import mmap
@@ -52,6 +59,13 @@ MAX_BACKOFF = 30.0
 STABLE_AFTER = 30.0
 #: seconds past ``drain.grace`` before the supervisor kills the workers that still run
 KILL_AFTER_GRACE = 5.0
+#: seconds between two heartbeats of a worker's loop, and between two looks at them by the supervisor
+HEARTBEAT_INTERVAL = 0.25
+#: the signal at which a worker writes every thread's Python stack to stderr (faulthandler: from the C signal
+#: handler, so also while its loop is stuck); the supervisor sends it to a stalled worker before the kill
+STACK_SIGNAL = signal.SIGUSR1
+#: seconds the supervisor leaves a stalled worker to write its stack before SIGKILL
+STACK_WAIT = 0.1
 
 
 def available_cpus() -> int:
@@ -83,6 +97,15 @@ def _cgroup_cpus(root: Path) -> int | None:
             continue
         return None if quota_us <= 0 else max(1, math.ceil(quota_us / period_us))
     return None
+
+
+def migrate_req(sysctl: Path = Path("/proc/sys/net/ipv4/tcp_migrate_req")) -> int | None:
+    """``net.ipv4.tcp_migrate_req`` of this network namespace (the pod's), None without it (Linux before 5.14):
+    at 1, the connections queued on a SO_REUSEPORT listener that closes move to another listener of the port."""
+    try:
+        return int(sysctl.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _signal_name(signum: int) -> str:
@@ -216,6 +239,87 @@ def merge_expositions(parts: list[tuple[str | None, bytes]]) -> bytes:
     return ("\n".join(out) + "\n").encode()
 
 
+# -- heartbeats ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Stall:
+    """A worker whose loop has not beaten for ``age`` seconds."""
+
+    index: int
+    pid: int
+    age: float
+
+
+class Heartbeats:
+    """One slot per worker in an anonymous shared mapping made before the fork: ``beat_at, pid``, the
+    ``time.monotonic()`` of its loop's latest heartbeat (CLOCK_MONOTONIC: one clock for every process of the
+    host, deaf to wall-clock steps) and its pid. ``beat_at`` 0 means "not judged": the worker is starting,
+    draining, or dead and not yet restarted. Each field is one aligned 8-byte store, which a reader never sees
+    half-written on the 64-bit CPUs we run on; ``pid`` is written before the first ``beat_at``."""
+
+    _SLOT = struct.Struct("=dq")
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self.buf = mmap.mmap(-1, max(mmap.PAGESIZE, self._SLOT.size * workers))
+
+    def start(self, index: int, pid: int) -> None:
+        """Worker ``index`` (``pid``) serves: judge it from now on."""
+        struct.pack_into("=q", self.buf, index * self._SLOT.size + 8, pid)
+        self.beat(index)
+
+    def beat(self, index: int) -> None:
+        struct.pack_into("=d", self.buf, index * self._SLOT.size, time.monotonic())
+
+    def clear(self, index: int) -> None:
+        """Worker ``index`` stops serving (a drain, an exit, a fork to come): no longer judged."""
+        self._SLOT.pack_into(self.buf, index * self._SLOT.size, 0.0, 0)
+
+    def stalled(self, limit: float, skip: int | None = None) -> list[Stall]:
+        """The judged workers (but ``skip``) whose latest heartbeat is more than ``limit`` seconds old."""
+        now = time.monotonic()
+        found: list[Stall] = []
+        for index in range(self.workers):
+            beat_at, pid = self._SLOT.unpack_from(self.buf, index * self._SLOT.size)
+            if index != skip and beat_at and now - beat_at > limit:
+                found.append(Stall(index, pid, now - beat_at))
+        return found
+
+
+class HeartbeatWriter:
+    """In a worker: a timer on its loop that beats every :data:`HEARTBEAT_INTERVAL` seconds. A loop that
+    stops running stops the beats; that is all it detects (a loop that runs but serves badly is not stalled)."""
+
+    def __init__(self, heartbeats: Heartbeats, index: int) -> None:
+        self.heartbeats = heartbeats
+        self.index = index
+        self._timer: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        self.heartbeats.start(self.index, os.getpid())
+        self._timer = asyncio.get_running_loop().call_later(HEARTBEAT_INTERVAL, self._beat)
+
+    def _beat(self) -> None:
+        self.heartbeats.beat(self.index)
+        self._timer = asyncio.get_running_loop().call_later(HEARTBEAT_INTERVAL, self._beat)
+
+    def stop(self) -> None:
+        """At the drain: its siblings stop judging this worker (the drain has its own deadline)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.heartbeats.clear(self.index)
+
+
+def stalled_siblings(heartbeats: Heartbeats, index: int, limit: float, node: str) -> list[dict[str, object]]:
+    """What the probes of worker ``index`` (node id ``node``) name: each other worker stalled for more than
+    ``limit`` seconds. A worker that answers is not stalled itself, even if its own beat is late."""
+    pod = node.removesuffix(f"-w{index}")
+    return [{"worker": s.index, "node": f"{pod}-w{s.index}", "pid": s.pid, "heartbeat_age": round(s.age, 3)}
+            for s in heartbeats.stalled(limit, skip=index)]
+
+
 # -- the supervisor ---------------------------------------------------------------------------------------------
 
 
@@ -231,6 +335,9 @@ class _Worker:
     crashes: int = 0
     restarts: int = 0
     restart_at: float | None = None
+    #: kills for a stalled heartbeat; ``killed`` is set from the kill until its exit is reaped
+    stalls: int = 0
+    killed: bool = False
 
 
 def _reserve_port(host: str, port: int) -> list[socket.socket]:
@@ -277,14 +384,15 @@ def _die_with_parent(supervisor: int) -> None:
 class Supervisor:
     """Runs ``count`` workers of ``config`` until SIGTERM/SIGINT; :meth:`run` returns the exit code."""
 
-    def __init__(self, config: Config, count: int, run_worker: Callable[[Config, int, list[socket.socket] | None,
-                                                                             Callable[[], None], MetricsShare], int]
-                 ) -> None:
+    def __init__(self, config: Config, count: int,
+                 run_worker: Callable[[Config, int, list[socket.socket] | None, Callable[[], None], MetricsShare,
+                                       Heartbeats], int]) -> None:
         self.config = config
         self.count = count
         self.run_worker = run_worker
         self.workers = [_Worker(i) for i in range(count)]
         self.share = MetricsShare(count)
+        self.heartbeats = Heartbeats(count)
         self.stopping = False
         self.failed = False
         self.kill_at: float | None = None
@@ -316,6 +424,7 @@ class Supervisor:
     # -- workers ------------------------------------------------------------------------------------------
 
     def _spawn(self, worker: _Worker) -> None:
+        self.heartbeats.clear(worker.index)
         ready_r, ready_w = os.pipe()
         sys.stdout.flush()
         sys.stderr.flush()
@@ -343,7 +452,7 @@ class Supervisor:
         os.close(ready_w)
         os.set_blocking(ready_r, False)
         worker.pid, worker.ready_fd, worker.listening = pid, ready_r, False
-        worker.started_at, worker.restart_at = time.monotonic(), None
+        worker.started_at, worker.restart_at, worker.killed = time.monotonic(), None, False
         log.info("worker %d started (pid %d)", worker.index, pid)
 
     def _become_worker(self) -> None:
@@ -360,6 +469,7 @@ class Supervisor:
         if self.config.server.process_listen != "shared":
             for sock in self.sockets:
                 sock.close()
+        faulthandler.register(STACK_SIGNAL, all_threads=True, chain=False)
         _die_with_parent(supervisor)
 
     def _worker_main(self, index: int, ready_w: int) -> int:
@@ -370,7 +480,8 @@ class Supervisor:
                 os.close(ready_w)
 
         sockets = self.worker_sockets()
-        return self.run_worker(worker_config(self.config, index), index, sockets, listening, self.share)
+        return self.run_worker(worker_config(self.config, index), index, sockets, listening, self.share,
+                               self.heartbeats)
 
     def _signal_workers(self, sig: int) -> None:
         for worker in self.workers:
@@ -415,6 +526,7 @@ class Supervisor:
             if worker is None:
                 continue
             self._read_ready(worker)
+            self.heartbeats.clear(worker.index)
             worker.pid = 0
             code = os.waitstatus_to_exitcode(status)
             what = f"signal {_signal_name(-code)}" if code < 0 else f"exit code {code}"
@@ -440,6 +552,10 @@ class Supervisor:
         lines = ["# HELP wirehub_worker_restarts_total Workers restarted by the supervisor after they died",
                  "# TYPE wirehub_worker_restarts_total counter"]
         lines += [f'wirehub_worker_restarts_total{{worker="{w.index}"}} {w.restarts}' for w in self.workers]
+        lines += ["# HELP wirehub_worker_stalls_total Workers killed by the supervisor because their event loop "
+                  "stopped beating for server.worker_stall_timeout",
+                  "# TYPE wirehub_worker_stalls_total counter"]
+        lines += [f'wirehub_worker_stalls_total{{worker="{w.index}"}} {w.stalls}' for w in self.workers]
         lines += ["# HELP wirehub_workers Worker processes this pod runs (server.processes)",
                   "# TYPE wirehub_workers gauge", f"wirehub_workers {self.count}"]
         self.share.write(self.count, ("\n".join(lines) + "\n").encode())
@@ -461,6 +577,14 @@ class Supervisor:
             signal.signal(sig, self._on_signal)
         log.info("supervisor (pid %d): %d workers on port %d (%s)", os.getpid(), self.count, self.port,
                  self.config.server.process_listen)
+        if self.config.server.process_listen == "reuseport":
+            migrate = migrate_req()
+            if migrate:
+                log.info("queued connections of a dying worker move to the other workers (net.ipv4.tcp_migrate_req "
+                         "= %d)", migrate)
+            else:
+                log.info("queued connections of a dying worker are reset (net.ipv4.tcp_migrate_req = %s); "
+                         "docs/operations.md, several processes per pod", "absent" if migrate is None else migrate)
         self._publish_restarts()
         try:
             for worker in self.workers:
@@ -482,6 +606,8 @@ class Supervisor:
         due = [w.restart_at for w in self.workers if w.restart_at is not None]
         if self.kill_at is not None:
             due.append(self.kill_at)
+        if not self.stopping:  # the next look at the heartbeats
+            due.append(now + HEARTBEAT_INTERVAL)
         timeout = max(0.0, min(due) - now) if due else None
         fds = [self._wake_r] + [w.ready_fd for w in self.workers if w.ready_fd >= 0]
         try:
@@ -506,6 +632,8 @@ class Supervisor:
             if signum in (signal.SIGTERM, signal.SIGINT):
                 self._stop(f"{_signal_name(signum)} received")
         self._reap()
+        if not self.stopping:  # a drain has its own deadline (kill_at)
+            self._kill_stalled()
         now = time.monotonic()
         for worker in self.workers:
             if worker.restart_at is not None and now >= worker.restart_at and not self.stopping:
@@ -520,6 +648,24 @@ class Supervisor:
                 self.failed = True
                 self._signal_workers(signal.SIGKILL)
             self.kill_at = None
+
+    def _kill_stalled(self) -> None:
+        limit = self.config.server.worker_stall_timeout
+        for stall in self.heartbeats.stalled(limit):
+            worker = self.workers[stall.index]
+            if not worker.pid or worker.killed or stall.pid != worker.pid:
+                continue
+            log.error("worker %d (pid %d) stalled: its event loop has not run for %.1fs (server.worker_stall_timeout:"
+                      " %gs); its Python stack follows; killing it (SIGKILL) to restart it", worker.index, worker.pid,
+                      stall.age, limit)
+            worker.killed = True
+            worker.stalls += 1
+            self._publish_restarts()
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker.pid, STACK_SIGNAL)
+                # where it is stuck is the one clue an operator gets; the supervisor has nothing else to do meanwhile
+                time.sleep(STACK_WAIT)
+                os.kill(worker.pid, signal.SIGKILL)
 
 
 def snapshot_task(share: MetricsShare, index: int, render: Callable[[], bytes]) -> asyncio.Task[None]:

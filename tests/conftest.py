@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator, Mapping
 import pytest
 import uvloop
 
-from wirehub.broker_clusters import RedisCluster, RedisSentinel
+from wirehub.broker_clusters import RedisCluster, RedisSentinel, TlsFiles
 from wirehub.brokers import BrokerProcess
 from wirehub.nats_cluster import NatsCluster
 
@@ -87,6 +87,14 @@ def redis_sentinel() -> Iterator[RedisSentinel]:
     """A Redis master with 2 replicas and 3 sentinels, shared by the session."""
     with RedisSentinel() as sentinel:
         yield sentinel
+
+
+@pytest.fixture(scope="module")
+def tls() -> Iterator[TlsFiles]:
+    """A CA and a server and client certificate it signed, for the module's TLS Redis servers."""
+    files = TlsFiles()
+    yield files
+    files.close()
 
 
 @pytest.fixture(scope="module")

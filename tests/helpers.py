@@ -91,6 +91,53 @@ async def nats_replicas(broker: BrokerProcess, prefix: str, **extra: Any
             await backend.bus.close()
 
 
+@asynccontextmanager
+async def started_nats() -> AsyncIterator[Callable[[dict[str, Any]], Awaitable[tuple[Any, Any]]]]:
+    """``await start(options)``: a started NATS bus (``bus.nats`` options) and the Recorder it pushes to; every
+    one is closed on exit."""
+    from wirehub.builtins.bus.nats import NatsBus, create_backend
+    from wirehub.testing import Recorder
+
+    made: list[Backend] = []
+
+    async def start(options: dict[str, Any]) -> tuple[NatsBus, Recorder]:
+        backend = create_backend(options, "bus.nats")
+        made.append(backend)
+        recorder = Recorder()
+        await backend.bus.start(recorder)
+        assert isinstance(backend.bus, NatsBus)
+        return backend.bus, recorder
+
+    try:
+        yield start
+    finally:
+        for backend in made:
+            await backend.bus.close()
+
+
+@asynccontextmanager
+async def started_redis(server: BrokerProcess, prefix: str) -> AsyncIterator[Callable[..., Awaitable[tuple[Any, Any]]]]:
+    """``await start(**options)``: a started Redis backend (a replica) on ``server`` with key prefix ``prefix`` and
+    the Recorder it pushes to; every one is closed on exit."""
+    from wirehub.builtins.bus.redis import create_backend
+    from wirehub.testing import Recorder
+
+    made: list[Backend] = []
+
+    async def start(**extra: Any) -> tuple[Backend, Recorder]:
+        backend = create_backend(bus_options("redis", server, prefix, **extra), "bus.redis")
+        made.append(backend)
+        recorder = Recorder()
+        await backend.bus.start(recorder)
+        return backend, recorder
+
+    try:
+        yield start
+    finally:
+        for backend in made:
+            await backend.bus.close()
+
+
 def bus_block(kind: str, broker: BrokerProcess, prefix: str) -> dict[str, Any]:
     """The ``bus:`` section of a config for the ``kind`` bus on ``broker``."""
     return {"plugin": kind, kind: bus_options(kind, broker, prefix)}

@@ -1,4 +1,5 @@
-"""bench/bench_capacity.py's ``--place grouped`` (a group's members on one replica) and the paced rate it reports
+"""bench/bench_capacity.py's ``--place grouped`` (a group's members on one replica), ``--place alone`` (one member
+per group, the other members' publishes through the bus) and the paced rate it reports
 (``delivered_pct``): a tiny run on two replicas. No figure is asserted beyond the rate being met roughly."""
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.timeout(150)
-@pytest.mark.parametrize("place", ["spread", "grouped"])
+@pytest.mark.parametrize("place", ["spread", "grouped", "alone"])
 def test_bench_capacity_places_groups_and_reports_the_rate_met(place: str) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "bench.bench_capacity", "--bus", "redis", "--replicas", "2", "--place", place,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -59,3 +60,51 @@ def test_bench_rooms_quick_run_completes_and_prints_its_json(scenario: str, tmp_
     for row in rows:
         missing = [f for f in ROOMS_FIELDS[scenario] if f not in row]
         assert not missing, (missing, row)
+
+
+def test_before_pairs_alternate_their_order(tmp_path: Path) -> None:
+    """``--before``: the first pair of a run measures ``before`` first, the next ``after`` first, and so on (the
+    second slot runs on a broker the first already used); without it, only ``after``."""
+    from argparse import Namespace
+
+    from bench.bench_rooms import Env, codes
+
+    env = Env(tmp_path)
+    orders = [[code for code, _ in codes(env, Namespace(before=str(tmp_path)))] for _ in range(3)]
+    assert orders == [["before", "after"], ["after", "before"], ["before", "after"]]
+    assert codes(env, Namespace(before=None)) == [("after", None)]
+
+def test_bench_rooms_fanout_netns_takes_the_clients_receive_work_off_the_server(tmp_path: Path) -> None:
+    """``fanout --paced --netns off,on --perf``: both rows, every message delivered over the veth too, the
+    namespace removed after, and in the replica's samples the clients' receive work (a data segment queued,
+    its reader woken) on loopback only. Needs root (ip netns), perf and two cores, as the bench does."""
+    for tool, package in (("perf", "linux-perf"), ("ip", "iproute2")):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed: apt-get install {package} (.ci/run installs it)")
+    out = tmp_path / "fanout.json"
+    namespaces = set(_namespaces())
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(ROOT)]))}
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.bench_rooms", "fanout", "--sizes", "300", "--paced", "--deliveries", "6000",
+         "--duration", "3", "--warmup", "0.5", "--netns", "off,on", "--perf", str(tmp_path / "perf"),
+         "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=170, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["net"]: r for r in json.loads(out.read_text())["fanout"]}
+    assert set(rows) == {"loopback", "netns"}
+    for r in rows.values():
+        assert r["deliveries"] > 0 and r["missing_after_drain"] == 0 and r["perf_samples"] > 0, r
+    assert rows["netns"]["server_rx_thread_cpu"] is not None
+    client_side = ("perf_tcp_data_queue", "perf_sock_def_readable")
+    on_loopback = sum(rows["loopback"][k] for k in client_side)
+    assert on_loopback > 0, rows["loopback"]
+    # shares of the replica's samples: off loopback the clients' receive work is gone (0 on a quiet machine; a
+    # stray sample on a busy one, where the load generators' core is also the suite's)
+    assert sum(rows["netns"][k] for k in client_side) <= max(0.01, on_loopback / 5), rows["netns"]
+    assert set(_namespaces()) <= namespaces, "the run left its network namespace behind"
+
+
+def _namespaces() -> list[str]:
+    return [line.split()[0] for line in subprocess.run(["ip", "netns", "list"], capture_output=True,
+                                                        text=True).stdout.splitlines() if line.strip()]

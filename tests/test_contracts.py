@@ -143,8 +143,13 @@ async def broker_ops(backend_kind: str, bus_config: dict[str, Any]) -> AsyncIter
     ours = f"KV_{options['subject_prefix']}_"
 
     async def nats_ops() -> int:
-        return sum(int(info.state.last_seq) for info in await js.streams_info()
-                   if info.config.name.startswith(ours))
+        infos: list[Any] = []
+        while True:  # pages of 256: the session's server holds every earlier test's streams
+            page = await js.streams_info(offset=len(infos))
+            infos += page
+            if len(page) < 256:
+                break
+        return sum(int(info.state.last_seq) for info in infos if info.config.name.startswith(ours))
 
     yield nats_ops
     await nc.close()

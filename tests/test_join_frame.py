@@ -171,7 +171,8 @@ async def test_a_raising_implementation_is_reported_as_plugin_failed() -> None:
 
 @pytest.mark.parametrize("entry", [PresenceEntry(ODD, "s1", ODD, NameInfo(ODD)), PresenceEntry("a", "b", "c")])
 def test_the_redis_entry_json_is_the_json_of_the_entry(entry: PresenceEntry) -> None:
-    from wirehub.builtins.bus.redis_presence import _encode, _entry_json
+    from wirehub.builtins.bus._presence_json import encode as _encode
+    from wirehub.builtins.bus.redis_presence import _entry_json
 
     whole = _encode({"user": entry.user, "session": entry.session, "node": entry.node, "info": dict(entry.info)})
     assert _entry_json(entry) == whole

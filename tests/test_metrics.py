@@ -155,3 +155,40 @@ async def test_client_chosen_close_codes_do_not_grow_metric_series(wirehub_serve
         await asyncio.sleep(0.02)
     assert registry.get_sample_value("wirehub_sessions_closed_total", {"endpoint": "/ws/echo", "code": "other"}) == 3
     assert registry.get_sample_value("wirehub_sessions_closed_total", {"endpoint": "/ws/echo", "code": "4123"}) is None
+
+
+def test_the_fan_out_s_latency_histogram_exports_as_prometheus_s_own() -> None:
+    # The fan-out observes without a lock (TallyHistogram); the scrape must read as Histogram's would, a value
+    # on a bucket's bound counted in that bucket (``le``)
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from wirehub.metrics import LATENCY_BUCKETS
+
+    metrics = Metrics()
+    registry = CollectorRegistry()
+    reference = Histogram("wirehub_publish_to_delivery_seconds", "x", buckets=LATENCY_BUCKETS, registry=registry)
+    for seconds in (0.0, 0.0002, 0.0005, 0.003, 0.01, 1.0, 2.6, 5.0, 7.5, 120.0):
+        metrics.latency.observe(seconds)
+        reference.observe(seconds)
+    ours = {k: v for k, v in parse(metrics.render().decode()).items()
+            if k[0].startswith("wirehub_publish_to_delivery_seconds") and not k[0].endswith("_created")}
+    theirs = {k: v for k, v in parse(generate_latest(registry).decode()).items() if not k[0].endswith("_created")}
+    assert ours == theirs
+    assert value(ours, "wirehub_publish_to_delivery_seconds_bucket", le="0.0005") == 3
+    assert value(ours, "wirehub_publish_to_delivery_seconds_count") == 10
+
+
+
+def test_the_latency_histogram_leaves_out_created_when_prometheus_does() -> None:
+    # PROMETHEUS_DISABLE_CREATED_SERIES (or disable_created_metrics()) turns off every _created series
+    from prometheus_client import disable_created_metrics, enable_created_metrics
+
+    metrics = Metrics()
+    assert "wirehub_publish_to_delivery_seconds_created" in metrics.render().decode()
+    disable_created_metrics()
+    try:
+        text = metrics.render().decode()
+    finally:
+        enable_created_metrics()
+    assert "_created" not in text
+    assert "wirehub_publish_to_delivery_seconds_count" in text

@@ -41,6 +41,8 @@ def test_the_example_config_reads_the_servers_from_the_environment(monkeypatch: 
     ({"replicas": 2}, "bus.nats.replicas", "1, 3 or 5"),
     ({"replicas": 7}, "bus.nats.replicas", "at most"),
     ({"quorum_timeout": 0}, "bus.nats.quorum_timeout", "at least"),
+    ({"room_streams": 0}, "bus.nats.room_streams", "at least"),
+    ({"room_streams": 65}, "bus.nats.room_streams", "at most"),
 ])
 def test_bad_options_name_their_key(options: dict[str, object], key: str, message: str) -> None:
     with pytest.raises(ConfigError) as err:

@@ -1,11 +1,13 @@
 """``server.processes``: one ``wirehub serve`` that runs a supervisor and two worker processes on one port and
 one Redis, with real WebSocket clients: connections spread over both workers, a message crosses workers in
 order, ``/metrics`` answers for the pod, SIGTERM drains every worker with 1001, a SIGKILLed worker is
-restarted, a worker that fails at startup fails the serve, and the memory bus is refused at config load."""
+restarted, a worker whose event loop is stuck fails the pod's probes and is killed and restarted, a worker that
+fails at startup fails the serve, and the memory bus is refused at config load."""
 
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import logging
 import os
@@ -153,6 +155,9 @@ def test_memory_bus_with_several_processes_fails_check_config_and_serve(tmp_path
     result = run_cli("serve", "--processes", "many", env={"WIREHUB_PROCESSES": "1"})
     assert result.returncode == 2
     assert "server.processes: expected an integer, got 'many' (from --processes)" in result.stderr
+    path = write_config(tmp_path / "stall.yaml", {"server": {"worker_stall_timeout": 0.5}})
+    result = run_cli("check-config", str(path))
+    assert result.returncode == 2 and "server.worker_stall_timeout: must be at least 1.0, got 0.5" in result.stderr
     # one process on the memory bus stays as it was
     path = write_config(tmp_path / "one.yaml", {"server": {"processes": 1}})
     assert run_cli("check-config", str(path)).returncode == 0
@@ -204,6 +209,29 @@ def test_share_slots_read_back_the_latest_write_and_refuse_an_oversized_one(capl
     share.write(1, b"after the restart")
     got = share.read(1)
     assert got is not None and got[1] == b"after the restart"
+
+
+def test_heartbeats_name_the_workers_whose_loop_stopped_beating() -> None:
+    from wirehub.workers import Heartbeats, Stall, stalled_siblings
+
+    beats = Heartbeats(3)
+    assert beats.stalled(1.0) == []  # never started: not judged
+    beats.start(0, 100)
+    beats.start(1, 101)
+    beats.start(2, 102)
+    assert beats.stalled(1.0) == []
+    Heartbeats._SLOT.pack_into(beats.buf, Heartbeats._SLOT.size, time.monotonic() - 3.0, 101)  # 1 beat 3 s ago
+    [stall] = beats.stalled(1.0)
+    assert (stall.index, stall.pid) == (1, 101) and 3.0 <= stall.age < 4.0
+    assert beats.stalled(5.0) == [] and beats.stalled(1.0, skip=1) == []
+    [named] = stalled_siblings(beats, 2, 1.0, "pod-a-w2")
+    assert named["worker"] == 1 and named["node"] == "pod-a-w1" and named["pid"] == 101
+    assert stalled_siblings(beats, 1, 1.0, "pod-a-w1") == []  # a worker that answers is not stalled itself
+    beats.beat(1)
+    assert beats.stalled(1.0) == []
+    Heartbeats._SLOT.pack_into(beats.buf, 0, time.monotonic() - 9.0, 100)
+    beats.clear(0)  # draining, dead or restarting: no longer judged
+    assert beats.stalled(1.0) == [] and Stall(0, 100, 1.0).index == 0
 
 
 # -- a pod of two workers on Redis --------------------------------------------------------------------------
@@ -271,6 +299,15 @@ async def test_metrics_answer_for_the_pod_on_either_worker(pod: ServerProcess, c
         assert {dict(labels)["worker"] for (name, labels) in samples if name == "wirehub_build_info"} == {"0", "1"}
     logs = log_lines(pod)
     assert {e.get("worker") for e in logs if "listening on port" in e["msg"] and "node pod-w" in e["msg"]} == {0, 1}
+    # the supervisor says what becomes of connections queued on a worker that dies (this netns's sysctl)
+    from wirehub.workers import migrate_req
+
+    migrate = migrate_req()
+    said = [e["msg"] for e in logs if e["msg"].startswith("queued connections of a dying worker")]
+    assert said == [f"queued connections of a dying worker move to the other workers (net.ipv4.tcp_migrate_req = "
+                    f"{migrate})" if migrate else
+                    f"queued connections of a dying worker are reset (net.ipv4.tcp_migrate_req = "
+                    f"{'absent' if migrate is None else migrate}); docs/operations.md, several processes per pod"]
 
 
 async def test_sigterm_drains_every_worker_with_1001_and_the_supervisor_exits_0(
@@ -329,6 +366,117 @@ async def test_a_killed_worker_is_restarted_and_its_clients_come_back(pod: Serve
         await asyncio.sleep(0.05)
     assert f"worker 1 (pid {restarted[-1][1]}) died with signal SIGKILL" in pod.output()
     assert "restarting it in 1.0s" in pod.output()
+
+
+def probe(port: int, path: str, timeout: float = 0.5) -> tuple[int, dict[str, Any]] | None:
+    """GET ``path`` on a new connection (so on any worker): the status and JSON body, or None when nothing
+    answered within ``timeout`` (the kernel accepted the connection for a worker whose loop does not run)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    except OSError:
+        return None
+    finally:
+        conn.close()
+
+
+async def probes(port: int, path: str, answered: int, silent: int = 0, timeout: float = 30.0
+                 ) -> tuple[list[tuple[int, dict[str, Any]]], int]:
+    """Probes of ``path`` until ``answered`` of them got an answer and ``silent`` did not: (the answers, the
+    unanswered count). SO_REUSEPORT hashes each connection to a worker, so both kinds come in time."""
+    loop = asyncio.get_running_loop()
+    got: list[tuple[int, dict[str, Any]]] = []
+    unanswered = 0
+    deadline = time.monotonic() + timeout
+    while len(got) < answered or unanswered < silent:
+        assert time.monotonic() < deadline, (got, unanswered)
+        answer = await loop.run_in_executor(None, probe, port, path)
+        if answer is None:
+            unanswered += 1
+        else:
+            got.append(answer)
+    return got, unanswered
+
+
+async def test_a_worker_whose_loop_is_stuck_fails_the_pods_probes_and_is_killed_and_restarted(
+        redis: RedisServer, tmp_path: Path, clients: Clients) -> None:
+    """Worker 1's loop blocks (a loop callback sleeps, as a plugin's blocking I/O would) while its process lives.
+    With the supervisor frozen, worker 0's /healthz and /readyz answer 503 naming worker 1 once its heartbeat is
+    older than the default ``server.worker_stall_timeout`` (5 s); the probes that land on worker 1 get no
+    answer. Once the supervisor runs, it SIGKILLs worker 1 and restarts it, and the probes pass again."""
+    from tests.plugins_for_tests.loop_blocker import MODULE
+
+    path, port = pod_config(tmp_path, redis, "stall")
+    config = yaml.safe_load(path.read_text())
+    config["plugins"] = {"load": [MODULE]}
+    write_config(path, config)
+    server = await ServerProcess(path, port, name="stall", new_session=True).start_ready()
+    supervisor = server.proc.pid
+    try:
+        pids = await wait_listening(server, 2)
+        workers = await clients.by_worker(server, 20)
+        assert set(workers) == {"stall-w0", "stall-w1"}
+        answers, _ = await probes(port, "/healthz", 4)
+        assert {status for status, _ in answers} == {200}
+        os.kill(pids[0], signal.SIGUSR1)  # at any time: a worker's stack on stderr, and it goes on serving
+        deadline = time.monotonic() + 5
+        while "(most recent call first):" not in server.output():
+            assert time.monotonic() < deadline, server.output()
+            await asyncio.sleep(0.05)
+        os.kill(supervisor, signal.SIGSTOP)  # the probes' side alone first
+        blocked_at = time.monotonic()
+        os.kill(pids[1], signal.SIGUSR2)
+        await asyncio.sleep(5.5)
+        named = {"worker": 1, "node": "stall-w1", "pid": pids[1]}
+        for probe_path in ("/healthz", "/readyz"):
+            answers, _ = await probes(port, probe_path, 3, silent=1)
+            for status, body in answers:  # every answer is worker 0's, and names worker 1
+                assert status == 503 and body["node"] == "stall-w0", body
+                [stalled] = body["stalled"]
+                assert {k: stalled[k] for k in named} == named
+                assert 5.0 < stalled["heartbeat_age"] < time.monotonic() - blocked_at + 1.0
+                if probe_path == "/readyz":
+                    assert body["status"] == "not_ready" and body["reason"] == "worker_stalled"
+                else:
+                    assert body["status"] == "worker_stalled"
+        assert "blocking the event loop" in server.output() and "stalled:" not in server.output()  # none acted
+        os.kill(supervisor, signal.SIGCONT)
+        deadline = time.monotonic() + 10
+        while len(restarted := LISTENING.findall(server.output())) < 3:
+            assert time.monotonic() < deadline, server.output()
+            await asyncio.sleep(0.05)
+        assert restarted[-1][0] == "1" and int(restarted[-1][1]) != pids[1]
+        out = server.output()
+        assert re.search(rf"worker 1 \(pid {pids[1]}\) stalled: its event loop has not run for \d+\.\ds "
+                         r"\(server.worker_stall_timeout: 5s\); its Python stack follows; killing it \(SIGKILL\) to "
+                         r"restart it", out), out
+        # the stack says where: faulthandler's dump of the stuck worker, the plugin's sleep on top
+        stack = out.split(") stalled: ", 1)[1]
+        assert re.search(r'Current thread 0x[0-9a-f]+ \(most recent call first\):\n  File ".*loop_blocker\.py", '
+                         r"line \d+ in _block\n", stack), stack
+        assert f"worker 1 (pid {pids[1]}) died with signal SIGKILL" in out
+        # the pod has recovered: every probe answers 200, on either worker; worker 0's clients never noticed
+        for probe_path in ("/healthz", "/readyz"):
+            answered: set[str] = set()
+            until = time.monotonic() + 20
+            while answered != {"stall-w0", "stall-w1"}:
+                assert time.monotonic() < until, f"only {answered} answered {probe_path}"
+                [(status, body)], silent = await probes(port, probe_path, 1)
+                assert status == 200 and silent == 0, body
+                answered.add(body["node"])
+        for client in workers["stall-w1"]:
+            assert (await client.wait_closed(5))[0] is None  # the kill reset them
+        assert all(c.close_code is None for c in workers["stall-w0"])
+        samples = await scrape(server)
+        assert samples["wirehub_worker_stalls_total", (("worker", "1"),)] == 1.0
+        assert samples["wirehub_worker_stalls_total", (("worker", "0"),)] == 0.0
+        assert samples["wirehub_worker_restarts_total", (("worker", "1"),)] == 1.0
+        assert samples["wirehub_worker_restarts_total", (("worker", "0"),)] == 0.0  # SIGUSR1 left it running
+    finally:
+        os.kill(supervisor, signal.SIGCONT)
+        server.stop(GRACE + 10)
 
 
 async def test_a_worker_that_fails_at_startup_fails_the_serve(redis: RedisServer, tmp_path: Path) -> None:
@@ -439,6 +587,15 @@ def test_the_cpu_limit_of_cgroup_v2_and_v1(tmp_path: Path, files: dict[str, str]
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
     assert _cgroup_cpus(tmp_path) == cpus
+
+
+def test_the_migrate_sysctl_is_read_as_a_number_or_none(tmp_path: Path) -> None:
+    from wirehub.workers import migrate_req
+
+    (tmp_path / "on").write_text("1\n")
+    (tmp_path / "bad").write_text("yes\n")
+    assert migrate_req(tmp_path / "on") == 1
+    assert migrate_req(tmp_path / "bad") is None and migrate_req(tmp_path / "absent") is None
 
 
 def test_a_signal_without_a_name_is_logged_by_number() -> None:

@@ -8,6 +8,7 @@ dies."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
@@ -15,15 +16,17 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from tests.helpers import bus_block, bus_options
+from tests.helpers import bus_block, bus_options, nats_replicas
 from wirehub.app import Wirehub
 from wirehub.brokers import BrokerProcess
 from wirehub.builtins.bus.memory import create_backend as memory_backend
 from wirehub.builtins.bus.nats import create_backend as nats_backend
+from wirehub.builtins.bus.nats_acks import Dropped
+from wirehub.builtins.bus.nats_bus import NatsBus
 from wirehub.builtins.bus.redis import RedisBus
 from wirehub.builtins.bus.redis import create_backend as redis_backend
 from wirehub.builtins.handlers.chat import ChatHandler
-from wirehub.bus import Backend, PublishOutcomeUnknown, ordered_handoff
+from wirehub.bus import Backend, BusUnavailable, PublishOutcomeUnknown, ordered_handoff
 from wirehub.config import ConfigError, config_from_dict
 from wirehub.eager import Continued
 from wirehub.testing import LiveServer, Recorder, WsClient, config_for_tests, unique_room
@@ -116,6 +119,218 @@ async def test_a_redis_batch_cancelled_before_it_started_does_not_hold_its_room_
         assert not batcher._tails
     finally:
         await bus.close()
+
+
+async def test_a_rooms_redis_publishes_made_while_its_batch_waits_go_together_in_the_next_one(
+        redis_paused: tuple[BrokerProcess, Callable[[int], Awaitable[None]]]) -> None:
+    """One batch per room in flight: the publishes made meanwhile (one a loop turn) wait and then go as one
+    batch, in order. A queue of one-publish batches, each sent once the one before was answered, grows
+    without bound once the round trip is longer than the time between publishes (a reconnect storm)."""
+    server, pause = redis_paused
+    backend, recorder = await started_backend(redis_backend(redis_bus(server)["redis"], "bus.redis"))
+    bus = backend.bus
+    assert isinstance(bus, RedisBus) and bus._publish_batch is not None
+    batcher = bus._publish_batch
+    try:
+        room = unique_room()
+        await bus.subscribe(room)
+        await pause(1000)
+        n = 50
+        answers = []
+        for i in range(n):
+            answers.append(eager(bus.publish(room, b"m%d" % i, history=True)))
+            await asyncio.sleep(0)
+        sent = batcher.batches
+        offsets = await asyncio.wait_for(asyncio.gather(*answers), 10)
+        assert sent == 1  # the first, waiting for the paused Redis; the others wait for it
+        assert batcher.batches == 2
+        assert offsets == sorted(offsets) and len(set(offsets)) == n
+        assert await recorder.wait_for(room, n) == [b"m%d" % i for i in range(n)]
+        assert not batcher._tails and not batcher._parked
+    finally:
+        await bus.close()
+
+
+async def test_closing_the_redis_bus_answers_the_publishes_waiting_for_their_rooms_batch(
+        redis_paused: tuple[BrokerProcess, Callable[[int], Awaitable[None]]]) -> None:
+    """A publish parked behind its room's batch in flight is answered by the time ``close`` returns (an offset,
+    or refused or maybe stored), never left waiting."""
+    server, pause = redis_paused
+    backend, _ = await started_backend(redis_backend(redis_bus(server)["redis"], "bus.redis"))
+    bus = backend.bus
+    assert isinstance(bus, RedisBus)
+    room = unique_room()
+    await pause(500)
+    first = eager(bus.publish(room, b"m0", history=True))
+    await asyncio.sleep(0)
+    second = eager(bus.publish(room, b"m1", history=True))
+    await asyncio.sleep(0)
+    await bus.close()
+    assert first.done() and second.done()
+    for answer in (first, second):  # an offset, or refused / maybe stored: not left waiting
+        assert answer.exception() is None or isinstance(answer.exception(), BusUnavailable)
+
+
+async def test_a_rooms_nats_history_publishes_waiting_for_its_lock_go_as_one_atomic_batch(
+        nats_server: BrokerProcess) -> None:
+    """The lock's holder writes the room's publishes queued behind it in one atomic batch (one round trip),
+    at consecutive offsets in order; a dedupe-keyed one goes alone. One write per publish, each after the
+    one before was acknowledged, made the room's rate one per round trip: in a reconnect storm the queue
+    grew without bound."""
+    backend, recorder = await started_backend(nats_backend(bus_options("nats", nats_server, "a"), "bus.nats"))
+    bus = backend.bus
+    assert isinstance(bus, NatsBus) and bus._atomic  # nats-server 2.12+
+    try:
+        room = unique_room()
+        await bus.subscribe(room)
+        await bus.publish(room, b"m0", history=True)  # the room's first message (a run start) goes alone
+        writes = bus.history_writes
+        n = 60
+        answers = [eager(bus.publish(room, b"m%d" % i, history=True)) for i in range(1, n)]
+        keyed = eager(bus.publish(room, b"m%d" % n, history=True, dedupe_key="k", dedupe_window=5.0))
+        answers += [keyed, eager(bus.publish(room, b"m%d" % (n + 1), history=True))]
+        offsets = await asyncio.wait_for(asyncio.gather(*answers), 10)
+        assert bus.history_writes - writes <= 4  # m1 alone, m2..m59 batched, m60 alone, m61
+        assert offsets == list(range(offsets[0], offsets[0] + n + 1))
+        assert await recorder.wait_for(room, n + 2) == [b"m%d" % i for i in range(n + 2)]
+        assert await bus.publish(room, b"again", history=True, dedupe_key="k", dedupe_window=5.0) == offsets[n - 1]
+        assert not bus._waiting and not bus._locks
+    finally:
+        await bus.close()
+
+
+async def test_a_nats_history_publish_cancelled_while_it_waits_for_the_room_is_not_written(
+        nats_server: BrokerProcess) -> None:
+    backend, recorder = await started_backend(nats_backend(bus_options("nats", nats_server, "c"), "bus.nats"))
+    bus = backend.bus
+    assert isinstance(bus, NatsBus)
+    try:
+        room = unique_room()
+        await bus.subscribe(room)
+        await bus.publish(room, b"m0", history=True)
+        first = eager(bus.publish(room, b"m1", history=True))  # holds the room while it is written
+        gone = eager(bus.publish(room, b"gone", history=True))
+        last = eager(bus.publish(room, b"m2", history=True))
+        gone.cancel()
+        one, two = await asyncio.wait_for(asyncio.gather(first, last), 10)
+        assert two == one + 1 and gone.cancelled()
+        assert await recorder.wait_for(room, 3) == [b"m0", b"m1", b"m2"]
+        assert not bus._waiting and not bus._locks
+    finally:
+        await bus.close()
+
+
+async def _batch_after_stream_update(bus: NatsBus, **change: Any) -> tuple[list[Any], int]:
+    """The room's stream updated with ``change`` (as an operator or an older replica might), then m1 written
+    alone while a 1,000-byte publish and two small ones queue behind it (the next holder's batch): their
+    outcomes (offset or exception) and the room's first offset."""
+    room = unique_room()
+    await bus.subscribe(room)
+    first = await bus.publish(room, b"m0", history=True)
+    rs = bus.stream_of(room)
+    assert bus.js is not None
+    await bus.js.update_stream(dataclasses.replace(rs.config, **change))
+    holder = eager(bus.publish(room, b"m1", history=True))
+    queued = [eager(bus.publish(room, payload, history=True)) for payload in (b"x" * 1000, b"s2", b"s3")]
+    outcomes = await asyncio.wait_for(asyncio.gather(holder, *queued, return_exceptions=True), 10)
+    return outcomes, first
+
+
+async def test_a_refused_nats_batch_answers_each_publish_with_its_own_outcome(nats_server: BrokerProcess) -> None:
+    """A batch refused for one message (too large for the stream) is written one at a time: that one is
+    refused, the others are stored at consecutive offsets, and batching stays on (only "atomic publish is
+    disabled" turns it off). Before, the refusal turned batching off for good and every publish queued behind
+    the refused one got its error, though none of them was sent."""
+    backend, _ = await started_backend(nats_backend(bus_options("nats", nats_server, "r"), "bus.nats"))
+    bus = backend.bus
+    assert isinstance(bus, NatsBus) and bus._atomic
+    try:
+        (m1, big, s2, s3), first = await _batch_after_stream_update(bus, max_msg_size=300)
+        assert m1 == first + 1
+        assert isinstance(big, BusUnavailable) and not isinstance(big, PublishOutcomeUnknown), big
+        assert (s2, s3) == (m1 + 1, m1 + 2)
+        assert bus._atomic
+    finally:
+        await bus.close()
+
+
+async def test_a_stream_without_atomic_batches_gets_the_queued_publishes_one_at_a_time(
+        nats_server: BrokerProcess) -> None:
+    """An older replica updated the stream without ``allow_atomic``: the refused batch ("atomic publish is
+    disabled") is written one at a time and this replica stops batching."""
+    backend, _ = await started_backend(nats_backend(bus_options("nats", nats_server, "o"), "bus.nats"))
+    bus = backend.bus
+    assert isinstance(bus, NatsBus) and bus._atomic
+    try:
+        (m1, big, s2, s3), first = await _batch_after_stream_update(bus, allow_atomic=False)
+        assert [m1, big, s2, s3] == [first + 1, first + 2, first + 3, first + 4]
+        assert not bus._atomic
+    finally:
+        await bus.close()
+
+
+async def test_a_nats_batch_whose_answer_is_dropped_is_outcome_unknown_and_not_written_again(
+        nats_server: BrokerProcess) -> None:
+    """The acks inbox overflowed while a batch's commit was out (its answer dropped, :class:`Dropped`): the
+    batch may be stored, so its publishes are "outcome unknown". Read as a refusal, they were written once
+    more, one by one: every message stored twice."""
+    backend, _ = await started_backend(nats_backend(bus_options("nats", nats_server, "d"), "bus.nats"))
+    bus = backend.bus
+    assert isinstance(bus, NatsBus) and bus._atomic and bus.acks is not None
+    acks, real = bus.acks, bus.acks.request
+
+    async def request(subject: str, payload: bytes, headers: dict[str, str] | None = None) -> dict[str, Any]:
+        answer = asyncio.ensure_future(real(subject, payload, headers))
+        if headers and "Nats-Batch-Commit" in headers:
+            for _ in range(3):  # handed to the connection, its answer not yet read: the inbox overflows
+                await asyncio.sleep(0)
+            acks.fail_all(Dropped("test: the acks inbox overflowed"))
+        return await answer
+
+    try:
+        room = unique_room()
+        first = await bus.publish(room, b"m0", history=True)
+        acks.request = request  # type: ignore[method-assign]
+        holder = eager(bus.publish(room, b"m1", history=True))
+        queued = [eager(bus.publish(room, b"q%d" % i, history=True)) for i in range(3)]
+        outcomes = await asyncio.wait_for(asyncio.gather(holder, *queued, return_exceptions=True), 10)
+        assert outcomes[0] == first + 1
+        assert all(isinstance(o, PublishOutcomeUnknown) for o in outcomes[1:]), outcomes
+        acks.request = real  # type: ignore[method-assign]
+        await asyncio.sleep(0.5)  # the server may still be storing the batch whose answer was dropped
+        bus._last.pop(room, None)
+        _, top, _ = await bus.last(room)
+        # m1, and the batch of three once if its commit went out before the overflow (else none of it),
+        # never a second copy
+        assert top in (first + 1, first + 4), (first, top)
+    finally:
+        await bus.close()
+
+
+async def test_nats_batches_of_two_replicas_into_one_room_get_consecutive_offsets(nats_server: BrokerProcess) -> None:
+    """Two replicas' batches race for the room's next offsets: the later one is refused whole (its expected
+    last sequence is stale), reads the room's last again and is sent again. Every offset once, each replica's
+    in its own order, and a subscriber gets the messages in offset order."""
+    prefix = f"t{uuid.uuid4().hex[:6]}"
+    reader, recorder = await started_backend(nats_backend(bus_options("nats", nats_server, prefix), "bus.nats"))
+    async with nats_replicas(nats_server, prefix) as make:
+        a, b = (await make()).bus, (await make()).bus
+        room = unique_room()
+        await reader.bus.subscribe(room)
+        await a.publish(room, b"a0", history=True)
+        n = 40
+        names = [b"a%d" % i for i in range(1, n)] + [b"b%d" % i for i in range(n)]
+        mine = [eager(a.publish(room, m, history=True)) for m in names[:n - 1]]
+        theirs = [eager(b.publish(room, m, history=True)) for m in names[n - 1:]]
+        got_a = await asyncio.wait_for(asyncio.gather(*mine), 20)
+        got_b = await asyncio.wait_for(asyncio.gather(*theirs), 20)
+        assert got_a == sorted(got_a) and got_b == sorted(got_b)
+        everyone = sorted([*got_a, *got_b])
+        assert everyone == list(range(everyone[0], everyone[0] + 2 * n - 1))
+        offset_of = dict(zip(names, [*got_a, *got_b], strict=True))
+        delivered = await recorder.wait_for(room, 2 * n)
+        assert delivered[0] == b"a0" and [offset_of[m] for m in delivered[1:]] == everyone
+    await reader.bus.close()
 
 
 def test_redis_without_its_publish_batcher_and_cluster_mode_do_not_claim_it(

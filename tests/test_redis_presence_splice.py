@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from wirehub import PresenceEntry
-from wirehub.builtins.bus.redis_presence import RedisPresence, _encode, _entry_json, _info_json
+from wirehub.builtins.bus._presence_json import encode as _encode
+from wirehub.builtins.bus.redis_presence import RedisPresence, _entry_json, _info_json
 from wirehub.builtins.handlers.chat_presence import NameInfo, _info
 
 INFOS: list[Any] = [{}, _info(""), NameInfo("Zoë \"q\" \\ \u2028 \U0001f600"), {"name": "a"}, {"name": ""},

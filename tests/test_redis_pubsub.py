@@ -8,15 +8,16 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
 
-from tests.helpers import bus_options
+from tests.helpers import started_redis
 from wirehub.brokers import BrokerProcess
-from wirehub.builtins.bus.redis import RedisBus, create_backend
+from wirehub.builtins.bus.redis import RedisBus
 from wirehub.builtins.bus.redis_pubsub import read_pubsub
 from wirehub.bus import Backend, BusUnavailable, PublishOutcomeUnknown
 from wirehub.testing import Recorder, unique_room
@@ -30,19 +31,8 @@ Started = Callable[..., Awaitable[tuple[Backend, Recorder]]]
 async def started(redis_server_factory: Callable[..., BrokerProcess]) -> AsyncIterator[tuple[BrokerProcess, Started]]:
     """A Redis of the test's own and ``await start()``: a started Redis backend (a replica) on it."""
     server = redis_server_factory()
-    prefix = f"b{uuid.uuid4().hex[:6]}"
-    backends: list[Backend] = []
-
-    async def start(**extra: Any) -> tuple[Backend, Recorder]:
-        backend = create_backend(bus_options("redis", server, prefix, **extra), "bus.redis")
-        recorder = Recorder()
-        await backend.bus.start(recorder)
-        backends.append(backend)
-        return backend, recorder
-
-    yield server, start
-    for backend in backends:
-        await backend.bus.close()
+    async with started_redis(server, f"b{uuid.uuid4().hex[:6]}") as start:
+        yield server, start
 
 
 def batcher_of(backend: Backend) -> Any:
@@ -268,3 +258,105 @@ async def test_without_hiredis_the_subscriber_reads_with_redis_py(
         await b.bus.publish(room, f"m{i}".encode(), history=True)
     await ra.wait_for(room, 5)
     assert ra.of(room) == [f"m{i}".encode() for i in range(5)]
+
+
+async def _subscribed(pub: Any, channel: bytes) -> None:
+    """Until the server has run a SUBSCRIBE sent on another connection: only then is a publish from ``pub``
+    sure to come after its confirmation (the server may read the two sockets in either order)."""
+    deadline = asyncio.get_running_loop().time() + 5
+    while (await pub.pubsub_numsub(channel))[0][1] < 1:
+        assert asyncio.get_running_loop().time() < deadline, f"SUBSCRIBE {channel!r} never ran"
+        await asyncio.sleep(0.01)
+
+
+@asynccontextmanager
+async def _reading(server: BrokerProcess, on_message: Callable[[bytes, bytes], None],
+                   on_other: Callable[[Mapping[str, Any]], None]) -> AsyncIterator[tuple[Any, Any]]:
+    """(subscriber pubsub on ``ch``, publisher client) with :func:`read_pubsub` running on the subscriber."""
+    async with aioredis.Redis(port=server.port) as sub, aioredis.Redis(port=server.port) as pub:
+        pubsub = sub.pubsub()
+        await pubsub.subscribe(b"ch")
+        await _subscribed(pub, b"ch")
+        task = asyncio.ensure_future(read_pubsub(pubsub, on_message, on_other))
+        try:
+            yield pubsub, pub
+        finally:
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await pubsub.aclose()
+
+
+async def test_channel_messages_are_dispatched_from_the_socket_callback(
+        redis_server_factory: Callable[..., BrokerProcess]) -> None:
+    # No Future, task step or extra loop iteration per wakeup: with groups spread over the replicas most bus
+    # messages arrive alone, and that was a fixed cost of each (docs/buses.md, "The Redis bus's hot paths")
+    server = redis_server_factory()
+    got: list[tuple[bytes, asyncio.Task[Any] | None]] = []
+    done = asyncio.Event()
+
+    def on_message(ch: bytes, data: bytes) -> None:
+        got.append((data, asyncio.current_task()))
+        if len(got) == 3:
+            done.set()
+
+    async with _reading(server, on_message, lambda m: None) as (_, pub):
+        await asyncio.sleep(0.05)  # the subscribe confirmation is in
+        for i in range(3):
+            await pub.publish(b"ch", b"m%d" % i)
+        await asyncio.wait_for(done.wait(), 5)
+        assert got == [(b"m0", None), (b"m1", None), (b"m2", None)]
+
+
+async def test_a_confirmation_between_messages_keeps_the_connection_s_order(
+        redis_server_factory: Callable[..., BrokerProcess]) -> None:
+    server = redis_server_factory()
+    events: list[str] = []
+    done = asyncio.Event()
+
+    def on_message(ch: bytes, data: bytes) -> None:
+        events.append(data.decode())
+        if data == b"last":
+            done.set()
+
+    def on_other(msg: Mapping[str, Any]) -> None:
+        events.append(f"{msg['type']} {msg['channel'].decode()}")
+
+    async with _reading(server, on_message, on_other) as (pubsub, pub):
+        await asyncio.sleep(0.05)
+        transport = pubsub.connection._writer.transport
+        transport.pause_reading()  # what follows reaches the reader in one piece: message, confirmation, message
+        await pub.publish(b"ch", b"first")
+        await pubsub.subscribe(b"ch2")
+        await _subscribed(pub, b"ch2")
+        await pub.publish(b"ch", b"after")
+        await pub.publish(b"ch2", b"last")
+        await asyncio.sleep(0.05)
+        transport.resume_reading()
+        await asyncio.wait_for(done.wait(), 5)
+        assert events == ["subscribe ch", "first", "subscribe ch2", "after", "last"]
+        assert b"ch2" in pubsub.channels  # redis-py's bookkeeping saw the confirmation
+
+
+async def test_a_failing_message_callback_ends_the_reader_with_its_error(
+        redis_server_factory: Callable[..., BrokerProcess]) -> None:
+    server = redis_server_factory()
+    got: list[bytes] = []
+
+    def on_message(ch: bytes, data: bytes) -> None:
+        if data == b"boom":
+            raise ValueError("boom")
+        got.append(data)
+
+    async with aioredis.Redis(port=server.port) as sub, aioredis.Redis(port=server.port) as pub:
+        pubsub = sub.pubsub()
+        await pubsub.subscribe(b"ch")
+        task = asyncio.ensure_future(read_pubsub(pubsub, on_message, lambda m: None))
+        await asyncio.sleep(0.05)
+        for data in (b"a", b"boom", b"b"):
+            await pub.publish(b"ch", data)
+        with pytest.raises(ValueError, match="boom"):
+            await asyncio.wait_for(task, 5)
+        await asyncio.sleep(0.05)
+        assert got == [b"a"]  # nothing after the failure reaches the callback (the bus reconnects)
+        await pubsub.aclose()

@@ -3,17 +3,22 @@
 ``bus: {plugin: nats, nats: {servers: [nats://...], subject_prefix: wirehub, ...}}``; needs
 ``pip install 'wirehub[nats]'`` (nats-py, imported only when the backend is built).
 
-Layout (``<p>`` = ``subject_prefix``, ``<r>`` = the room name in base64url, so any room name is
-one valid subject token): the stream ``<P>_rooms`` captures ``<p>.r.*.*``; a room's history
-messages go to ``<p>.r.<r>.h`` and its messages without history to ``<p>.r.<r>.e``. Both are
-stored (``max_msgs_per_subject = history_size``, ``max_age = history_ttl``), so both get a place in
-the stream's single sequence, and republished by the stream to ``<p>.rl.<r>.h`` / ``.e``, which the
-replicas following the room subscribe to (``<p>.r.~.<id>``: a replica's subscription barriers, not a room).
+Layout (``<p>`` = ``subject_prefix``, ``<r>`` = the room name in base64url, so any room name is one valid
+subject token; with ``room_streams: N`` > 1 the rooms are hashed over the streams ``<P>_rooms_<i>of<N>``,
+whose subject tokens are ``r<i>of<N>`` and ``rl<i>of<N>``): the stream ``<P>_rooms`` captures ``<p>.r.*.*``; a
+room's history messages go to ``<p>.r.<r>.h`` and its messages without history to ``<p>.r.<r>.e``. Both are
+stored (``max_msgs_per_subject = history_size``, ``max_age = history_ttl``), so both get a place in the
+stream's single sequence, and republished by the stream to ``<p>.rl.<r>.h`` / ``.e``, which the replicas
+following the room subscribe to (``<p>.r.~.<id>``: a replica's subscription barriers, not a room).
 
 This module holds the options, their checks and the factory; the parts, one per contract:
 
 - :mod:`~wirehub.builtins.bus.nats_bus`: the connection (shared by the others), one order per room,
   offsets, epoch, failures;
+- :mod:`~wirehub.builtins.bus.nats_live`: live room delivery (RePublish following, gap fills, reads
+  again after a leader change), a part of the bus class;
+- :mod:`~wirehub.builtins.bus.nats_leaders`: the room streams' leaders spread over a cluster's nodes, at
+  connect and again after a node returns (the install's check every minute, two in a row before a move);
 - :mod:`~wirehub.builtins.bus.nats_history`: history read back from the stream, or from the tail of a
   followed room (:mod:`~wirehub.builtins.bus.nats_tail`: its subscription's newest history messages);
 - :mod:`~wirehub.builtins.bus.nats_presence`: buckets ``<P>_members``, ``<P>_nodes``, ``<P>_claims``
@@ -60,6 +65,9 @@ class NatsOptions:
     tls_key_file: str | None = None
     #: subjects start with "<subject_prefix>."; stream and buckets are named after it
     subject_prefix: str = "wirehub"
+    #: streams the rooms are hashed over (by name), each with its own leader: one orders every publish of
+    #: the install. Changing it on an install that has streams is a migration (docs/buses.md)
+    room_streams: int = opt(1, min=1, max=64)
     #: JetStream storage and replicas of the stream and buckets (replicas > 1 needs a cluster)
     storage: str = opt("file", choices=("file", "memory"))
     replicas: int = opt(1, min=1, max=5)

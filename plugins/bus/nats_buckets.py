@@ -19,6 +19,8 @@ from collections.abc import Generator
 from typing import Any
 
 from wirehub import PresenceEntry
+from wirehub.builtins.bus._presence_json import info_json as _info_json
+from wirehub.builtins.bus._presence_json import string as _string
 
 #: connections per members key: a leave rewrites its key, so this bounds a leave's write (and every
 #: replica's parse of it); a join storm's iteration with more joins fills several keys
@@ -26,12 +28,11 @@ BUCKET = 64
 #: header of an own write: its id, so the live copy knows the echo of each write of this replica
 HDR_WRITE = "Wh-W"
 
-_encode = json.JSONEncoder(separators=(",", ":")).encode
-
-
 def encode_entries(node: str, entries: list[PresenceEntry]) -> bytes:
-    return _encode({"n": node, "e": [[e.user, e.session, e.info if type(e.info) is dict else dict(e.info)]
-                                          for e in entries]}).encode()
+    """``_encode({"n": node, "e": [[user, session, info], ...]})``, spliced: the same bytes without a dict per
+    entry's info (a chat member's is a name-only mapping, not a dict) and a list per entry."""
+    items = ",".join([f"[{_string(e.user)},{_string(e.session)},{_info_json(e.info)}]" for e in entries])
+    return f'{{"n":{_string(node)},"e":[{items}]}}'.encode()
 
 
 def parse_entries(data: bytes) -> list[PresenceEntry]:

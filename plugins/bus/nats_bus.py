@@ -1,23 +1,26 @@
 """The NATS bus (:mod:`wirehub.builtins.bus.nats`): the connection that history, presence and state share,
 live room delivery, and history publishes that give each room consecutive offsets.
 
-One order per room: the stream republishes every message it stores (``RePublish`` ``<p>.r.>`` to
-``<p>.rl.>``; one publisher, the stream's leader, in stream order, with ``Nats-Sequence`` and
-``Nats-Last-Sequence``, the previous stored sequence of the same subject) and each replica follows a room
-with one core subscription to ``<p>.rl.<r>.*``: no JetStream consumer per room. ``subscribe`` returns once
-its baseline is known (every message stored later reaches the subscription; see ``_consume`` and
-``_barrier``). A message whose ``Nats-Last-Sequence`` is newer than the last one of its subject delivered, a
-drop nats-py reports (a full subscription), or a RePublish found missing (an older replica updated the
-stream) makes the room's live messages wait while the missed ones are read from the stream's leader and
-delivered in order; copies already delivered are dropped; after a stream leader change (its advisory) each
-room is read again before its next message. So every replica gets the room in stream order, without loss or
-duplicate while connected (the exception, a loss none of these notices, found only after a newer message of
-the room's other subject and then delivered late: docs/buses.md).
+One order per room: the stream republishes every message it stores (``RePublish`` ``<p>.r.>`` to ``<p>.rl.>``;
+one publisher, the stream's leader, in stream order, with ``Nats-Sequence`` and ``Nats-Last-Sequence``, the
+previous stored sequence of the same subject) and each replica follows a room with one core subscription to
+``<p>.rl.<r>.*``: no JetStream consumer per room. ``subscribe`` returns once its baseline is known (every
+message stored later reaches the subscription; see ``_consume`` and ``_barrier`` in
+:mod:`~wirehub.builtins.bus.nats_live`, which holds the live delivery). A message whose ``Nats-Last-Sequence``
+is newer than the last one of its subject delivered, a drop nats-py reports (a full subscription), or a
+RePublish found missing (an older replica updated the stream) makes the room's live messages wait while the
+missed ones are read from the stream's leader and delivered in order; copies already delivered are dropped;
+after a stream leader change (its advisory) each room is read again before its next message. So every replica
+gets the room in stream order, without loss or duplicate while connected (the exception, a loss none of these
+notices, found only after a newer message of the room's other subject and then delivered late: docs/buses.md).
 
 Offsets: a per-room counter carried in the ``Wh-Off`` header. A history publish sends the next
 offset with ``Nats-Expected-Last-Subject-Sequence`` set to the stream sequence of the room's last
 history message; JetStream refuses it if another replica got there first, and the publisher
 re-reads the room's last message and tries again. So offsets are consecutive in stream order.
+A room's history publishes wait for the room's lock in order; its holder writes those queued behind it
+in one atomic batch (nats-server 2.12+, the stream's ``allow_atomic``), the check on the first message, so
+a room's publish rate is not one per round trip.
 When a room has no retained message (new, or everything expired), its next offset starts a new
 *run* at ``last stream sequence + 1`` (larger than every earlier offset of the room, since an
 offset never exceeds its message's stream sequence) and is marked ``Wh-Start``; a reader that
@@ -48,8 +51,6 @@ acks a duplicate with ``duplicate=True`` and the first one's sequence, whose ``W
 from __future__ import annotations
 
 import asyncio
-import base64
-import calendar
 import collections
 import contextlib
 import dataclasses
@@ -61,12 +62,15 @@ import re
 import ssl
 import time
 import uuid
+import zlib
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from wirehub import BusHandler, BusUnavailable, ConfigError, PublishOutcomeUnknown
-from wirehub.builtins.bus._broker import Supervised, encode_room, safe_close
-from wirehub.builtins.bus.nats_acks import AckRefused, Acks
+from wirehub.builtins.bus._broker import encode_room, safe_close
+from wirehub.builtins.bus.nats_acks import AckRefused, Acks, Dropped, Lanes
+from wirehub.builtins.bus.nats_leaders import Leaders
+from wirehub.builtins.bus.nats_live import HDR_OFFSET, HDR_START, LiveRooms, RoomStream
 from wirehub.builtins.bus.nats_tail import Tails
 
 if TYPE_CHECKING:
@@ -77,83 +81,27 @@ log = logging.getLogger("wirehub.bus.nats")
 T = TypeVar("T")
 
 INSTALL_HINT = "pip install 'wirehub[nats]'"
-HDR_OFFSET = "Wh-Off"
-HDR_START = "Wh-Start"
 EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
 MSG_ID = "Nats-Msg-Id"
 WRONG_LAST_SEQUENCE = (10071, 10164)
+#: the first server with atomic batch publishes (``allow_atomic`` streams, ``Nats-Batch-*`` headers)
+ATOMIC_SERVER = (2, 12, 0)
+#: "atomic publish is disabled" on the stream (an older replica updated its config): the only refusal of a batch
+#: that says the stream no longer takes batches; others (too many batches in flight, a message too large, a
+#: batch the server timed out) refuse that batch alone
+ATOMIC_DISABLED = 10174
+#: history publishes of one room sent as one atomic batch at most (the server's limit is 1,000)
+BATCH_MAX = 100
 #: "duplicate message id is in process": a publish with the same Nats-Msg-Id is being stored (in a
 #: cluster, replicated) right now; once it is, the retry is answered as a duplicate with its sequence
 DUPLICATE_IN_PROCESS = 10158
 #: the oldest nats-server wirehub runs on: per-message TTLs (presence purge markers) and batched direct gets
 #: (presence copies) came in 2.11
 MIN_SERVER = (2, 11, 0)
-#: "no message found" (a leader get past the subject's last message)
-NO_MESSAGE = 10037
-#: the stream republishes ``<p>.r.<r>.<kind>`` to ``<p>.<LIVE>.<r>.<kind>``
-LIVE = "rl"
-#: followed rooms read per upkeep after a leader change, while they stay quiet (the others are read at
-#: their next message)
-VERIFY_PER_UPKEEP = 500
-#: the room token of the subscription barriers' probes: "~" is never base64url, so never a room
-BARRIER = "~"
-
-
-class _Live:
-    """One followed room's live delivery on one connection."""
-
-    __slots__ = ("base", "filling", "held", "kinds", "lost", "need", "received", "seq", "sub", "verify")
-
-    def __init__(self) -> None:
-        #: the room's last stream sequence when this replica began to follow it (nothing up to it is delivered)
-        self.base = 0
-        #: newest stream sequence delivered; -1 while the baseline is unknown
-        self.seq = -1
-        #: subject kind ("h", "e") -> newest stream sequence of it delivered
-        self.kinds: dict[str, int] = {}
-        #: messages received while the baseline is unknown or a gap is being filled; None: delivering
-        self.held: list[Any] | None = []
-        self.filling = False
-        #: nats-py dropped a message of the subscription: read the room from the stream (again)
-        self.lost = False
-        #: messages the subscription's callback got; past ``need``, one that came after the last drop
-        self.received = 0
-        self.need = 0
-        #: the stream's leader changed since the last delivery: read the room before the next message
-        self.verify = False
-        self.sub: Any = None
-
-
-@functools.lru_cache(maxsize=64)
-def _second(text: str) -> int:
-    return calendar.timegm(time.strptime(text, "%Y-%m-%dT%H:%M:%S"))
-
-
-def _stamp(text: str) -> float:
-    """An RFC 3339 UTC time as JetStream writes it (``2026-12-05T03:41:39.702316293Z``), in epoch seconds."""
-    try:
-        frac = text[19:].rstrip("Z")
-        return _second(text[:19]) + (float(frac) if frac else 0.0)
-    except ValueError:
-        return time.time()
-
-
-def _sequence(msg: Any) -> int | None:
-    """The stream sequence of a republished message; None when it has none readable."""
-    try:
-        return int((msg.headers or {})["Nats-Sequence"])
-    except (KeyError, ValueError):
-        return None
-
-
-def _headers(raw: bytes) -> dict[str, str]:
-    """The headers of a leader get's message (``NATS/1.0\r\nName: value\r\n...``)."""
-    out: dict[str, str] = {}
-    for line in raw.decode(errors="replace").split("\r\n")[1:]:
-        name, sep, value = line.partition(":")
-        if sep:
-            out[name.strip()] = value.strip()
-    return out
+#: the room streams' settings this bus sets (with ``allow_atomic`` where nats-py has it): a stream that
+#: differs only elsewhere (its dedupe window, the server's defaults) is not updated at start
+STREAM_FIELDS = ("subjects", "max_msgs_per_subject", "max_age", "storage", "num_replicas", "discard",
+                 "allow_direct", "max_consumers", "republish")
 
 
 def _import_nats(key: str) -> Any:
@@ -194,6 +142,8 @@ def startup_error(exc: BaseException, opts: NatsOptions, key: str) -> str | None
     low, cause = text.lower(), f"{type(seen).__name__}: {str(seen)[:200]}"
     if isinstance(seen, OldServer):
         return f"{key}.servers: {seen}"
+    if isinstance(seen, Layout):
+        return f"{key}.room_streams: {seen}"
     if "certificate verify failed" in low:
         return f"{key}.tls_ca_file: the server's TLS certificate was refused ({cause})"
     if "authorization violation" in low or "authentication" in low:
@@ -208,6 +158,10 @@ def startup_error(exc: BaseException, opts: NatsOptions, key: str) -> str | None
     return None
 
 
+class Layout(ConnectionError):
+    """The server's room streams are of another ``room_streams``."""
+
+
 class _Wrong(Exception):
     """Another writer was first: Nats-Expected-Last-Subject-Sequence did not match, or a publish with the
     same Nats-Msg-Id is still being stored (DUPLICATE_IN_PROCESS)."""
@@ -217,7 +171,24 @@ class _Refused(Exception):
     """JetStream answered the publish with an error: the message was not stored."""
 
 
-class NatsBus(Supervised):
+def _commit(subject: str, payload: bytes, headers: dict[str, str], acks: Acks) -> Awaitable[dict[str, Any]]:
+    """An atomic batch's last message, which commits it: the stream's acknowledgement of the batch."""
+    return acks.request(subject, payload, headers)
+
+
+class _Queued:
+    """A history publish waiting for its room's lock; ``answer`` is set when an earlier holder wrote it."""
+
+    __slots__ = ("answer", "msg_id", "payload", "sent", "taken")
+
+    def __init__(self, payload: bytes, msg_id: str | None) -> None:
+        self.payload, self.msg_id, self.taken = payload, msg_id, False
+        #: handed to the broker (its outcome is unknown if no answer comes); one never sent was not stored
+        self.sent = False
+        self.answer: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+
+class NatsBus(LiveRooms):
     """The bus; also holds the connection that history, presence and state use."""
 
     #: history publishes of a room take its lock in the order they were started (see publish)
@@ -241,40 +212,26 @@ class NatsBus(Supervised):
         )
         self.soft: tuple[type[BaseException], ...] = (nerr.Error, jerr.Error)
         self.prefix = opts.subject_prefix
-        self.stream = _name(opts.subject_prefix, "rooms")
-        self.epoch = ""
+        #: the room streams; a room's is ``streams[crc32(its base64url name) % room_streams]``
+        self.streams = [RoomStream(self.prefix, _name(self.prefix, "rooms"), i, opts.room_streams)
+                        for i in range(opts.room_streams)]
+        #: the first room stream's name (the only one with room_streams 1)
+        self.stream = self.streams[0].name
         self.nc: Any = None
         self.js: Any = None
         self.state_kv: Any = None
         self.presence: NatsPresence | None = None
-        #: followed room -> its live delivery on this connection (messages of an older one are dropped)
-        self._followed: dict[str, _Live] = {}
-        #: followed room -> its subscription, once its baseline is known (see position)
-        self._subs: dict[str, Any] = {}
-        #: subscription id -> room (nats-py names a full subscription by its sid)
-        self._by_sid: dict[int, str] = {}
-        #: connected to a cluster: a subscription's baseline is a probe through the stream (see _barrier)
-        self._clustered = False
-        self._barrier_subject = f"{self.prefix}.r.{BARRIER}.{uuid.uuid4().hex[:12]}"
-        self._barrier_next: asyncio.Future[int] | None = None
-        self._barrier_seen = 0
-        self._barrier_waiters: list[tuple[int, asyncio.Future[None]]] = []
-        #: gap fills and barriers under way (cancelled with the connection)
-        self._tasks: set[asyncio.Task[Any]] = set()
-        #: per room subscription: messages nats-py queues before it drops one (then the room is read again)
-        self.pending_msgs_limit = 100_000
-        #: followed rooms not read since the stream's leader changed (the upkeep reads them, paced)
-        self._unverified: set[str] = set()
-        #: counters for tests and operators: gaps filled from the stream, RePublish put back
-        self.gap_fills = 0
-        self.republish_restored = 0
+        self._init_live()
         #: room -> its history publishes' lock and how many publishes hold or wait for it
         self._locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
+        #: room -> its history publishes waiting for the lock, in order: the holder takes those behind it
+        self._waiting: dict[str, collections.deque[_Queued]] = {}
+        #: the stream takes atomic batches (nats-server 2.12+, allow_atomic set by this replica)
+        self._atomic = False
+        #: history writes sent (one per message, or one per atomic batch): tests and operators
+        self.history_writes = 0
         #: room -> (stream seq, offset) of its newest history message, as far as this replica knows
         self._last: collections.OrderedDict[str, tuple[int, int]] = collections.OrderedDict()
-        #: the stream's duplicate_window in seconds as this replica set it (0: the server's default, 2 min)
-        self._dedupe_window = 0.0
-        self._stream_config: Any = None
         #: replicas > 1: time.monotonic() of the last JetStream write a quorum acknowledged
         self._quorum_at = 0.0
         self._probe: asyncio.Future[None] | None = None
@@ -282,6 +239,8 @@ class NatsBus(Supervised):
         self._probe_subject = f"{self.prefix}.q.{uuid.uuid4().hex[:12]}"
         #: JetStream writes of presence (their acks on one inbox; see nats_acks)
         self.acks: Acks | None = None
+        #: the followed rooms' and presence copies' subscriptions, through one dispatcher (nats_acks.Lanes)
+        self.lanes: Lanes | None = None
         #: followed room -> its newest history messages, from its consumer (see nats_tail)
         self.tails = Tails(opts.history_size, opts.history_ttl)
         #: room -> the reads of this loop iteration waiting for one direct get of its newest message
@@ -293,6 +252,8 @@ class NatsBus(Supervised):
         self._known: set[str] = set()
         #: room -> the position read under way (the joins of one loop iteration share it)
         self._asking: dict[str, asyncio.Future[tuple[int, int, bool, float]]] = {}
+        #: where the room streams' leaders sit (nats_leaders): spread at connect and again from the upkeep
+        self.leaders = Leaders(self)
 
     async def start(self, handler: BusHandler) -> None:
         try:
@@ -304,8 +265,29 @@ class NatsBus(Supervised):
             log.error("cannot start the nats bus: %s", hint)
             raise BusUnavailable(hint) from exc
 
+    def stream_of(self, room: str) -> RoomStream:
+        """The stream that holds ``room``: a hash of its name every replica computes alike (crc32, not
+        Python's ``hash``, which differs per process)."""
+        streams = self.streams
+        if len(streams) == 1:
+            return streams[0]
+        return streams[zlib.crc32(encode_room(room).encode()) % len(streams)]
+
     def subject(self, room: str, kind: str = "h") -> str:
-        return f"{self.prefix}.r.{encode_room(room)}.{kind}"
+        return f"{self.prefix}.{self.stream_of(room).token}.{encode_room(room)}.{kind}"
+
+    def epoch_of(self, room: str) -> str:
+        """The epoch of the room's history: its stream's."""
+        return self.stream_of(room).epoch
+
+    @property
+    def epoch(self) -> str:
+        """The first room stream's epoch (every room's with room_streams 1)."""
+        return self.streams[0].epoch
+
+    @property
+    def _stream_config(self) -> Any:
+        return self.streams[0].config
 
     # -- connection ----------------------------------------------------------------------------------
 
@@ -327,6 +309,15 @@ class NatsBus(Supervised):
 
         async def on_error(exc: Exception) -> None:
             if isinstance(exc, self.nats.errors.SlowConsumerError) and conn.get("nc") is self.nc:
+                acks = self.acks
+                if acks is not None and acks.owns(exc.sid):
+                    # an answer was lost, and nothing says whose: every request under way fails now (a gap
+                    # fill asks again in smaller batches) rather than one waiting for its timeout
+                    if acks.pending():  # once per overflow, not per dropped message
+                        log.warning("nats: the acks inbox overflowed; failing the %d requests under way",
+                                    acks.pending())
+                    acks.fail_all(Dropped("an answer was dropped: the acks inbox overflowed"))
+                    return
                 # a room's subscription or a presence copy lost messages: each reads itself again
                 self._slow(exc.sid)
                 if self.presence is not None:
@@ -367,20 +358,40 @@ class NatsBus(Supervised):
         acks = Acks(nc, o.op_timeout)
         await acks.start()
         self.acks = acks
+        self.lanes = Lanes(nc)
         storage = api.StorageType.MEMORY if o.storage == "memory" else api.StorageType.FILE
-        config = api.StreamConfig(
-            name=self.stream, subjects=[f"{self.prefix}.r.*.*"], max_msgs_per_subject=max(1, o.history_size),
-            max_age=o.history_ttl, storage=storage, num_replicas=o.replicas, discard=api.DiscardPolicy.OLD,
-            allow_direct=True, duplicate_window=self._dedupe_window, max_consumers=o.max_consumers,
-            republish=self._republish(),  # live room delivery (see the module's docstring)
-        )
-        self._stream_config = config
-        try:
-            info = await js.add_stream(config)
-        except self.nats.js.errors.BadRequestError:
-            info = await js.update_stream(config)
-        created = getattr(info, "created", None) or (await js.stream_info(self.stream)).created
-        self.epoch = hashlib.sha1(f"{self.stream}@{created}".encode()).hexdigest()[:12]
+        listed = await self._check_layout(acks)
+        version = nc.connected_server_version
+        self._atomic = ((version.major, version.minor, version.patch) >= ATOMIC_SERVER
+                        and "allow_atomic" in {f.name for f in dataclasses.fields(api.StreamConfig)})
+        for rs in self.streams:
+            config = api.StreamConfig(
+                name=rs.name, subjects=[f"{self.prefix}.{rs.token}.*.*"], max_msgs_per_subject=max(1, o.history_size),
+                max_age=o.history_ttl, storage=storage, num_replicas=o.replicas, discard=api.DiscardPolicy.OLD,
+                allow_direct=True, duplicate_window=rs.dedupe_window, max_consumers=o.max_consumers,
+                republish=self._republish(rs),  # live room delivery (see the module's docstring)
+            )
+            if self._atomic:  # a room's waiting history publishes go as one batch (see publish)
+                config = dataclasses.replace(config, allow_atomic=True)
+            try:
+                info = await js.add_stream(config)
+            except self.nats.js.errors.BadRequestError:  # it exists with another configuration
+                config, info = await self._update_stream(config)
+            # the dedupe window the publishes set (api.idempotency_window; the server's default otherwise): kept,
+            # so that neither this start nor the next keyed publish updates the stream (every update advisory
+            # makes every replica read its followed rooms again)
+            window = getattr(getattr(info, "config", None), "duplicate_window", None)
+            if window:
+                config = dataclasses.replace(config, duplicate_window=window)
+                rs.dedupe_window = float(window)
+            rs.config = config
+            # batches only where the stream says it took allow_atomic: a 2.11 leader of a cluster mid-upgrade
+            # drops the field (and would store a batch's messages one by one, unchecked)
+            self._atomic = self._atomic and bool(getattr(getattr(info, "config", None), "allow_atomic", False))
+            created = getattr(info, "created", None) or (await js.stream_info(rs.name)).created
+            rs.epoch = hashlib.sha1(f"{rs.name}@{created}".encode()).hexdigest()[:12]
+        if listed:  # again: replicas of two counts starting together on an empty server both passed the first
+            await self._check_layout(acks)
         if o.replicas > 1:
             probes = api.StreamConfig(name=_name(self.prefix, "quorum"), subjects=[f"{self.prefix}.q.*"],
                                       max_msgs_per_subject=1, max_age=60.0, storage=api.StorageType.MEMORY,
@@ -395,21 +406,19 @@ class NatsBus(Supervised):
         if self.presence is not None:
             await self.presence.open(storage)
         self.state_kv = await self._bucket(_name(self.prefix, "state"), None, storage)
-        self._followed, self._subs, self._by_sid = {}, {}, {}
-        info = nc._server_info
-        self._clustered = o.replicas > 1 or bool(info.get("cluster") or info.get("connect_urls"))
-        self._barrier_seen, self._barrier_waiters = 0, []
-        self._unverified = set()
-        if self._clustered:
-            await nc.subscribe(f"{self.prefix}.{LIVE}.{BARRIER}.{self._barrier_subject.rpartition('.')[2]}",
-                               cb=self._barrier_cb)
-            await nc.subscribe(f"$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.{self.stream}", cb=self._leader_cb)
-        rooms = sorted(self._rooms)
-        for i in range(0, len(rooms), 256):  # the subscriptions of a batch share one barrier
-            done = await asyncio.gather(*(self._consume(room) for room in rooms[i:i + 256]), return_exceptions=True)
-            failed = next((r for r in done if isinstance(r, BaseException)), None)
-            if failed is not None:
-                raise failed  # after all of the batch ended: none is left running on a torn-down connection
+        await self._open_live(nc)
+        self.leaders.connected(acks)  # room_streams > 1 on a cluster: their leaders spread over the nodes
+
+    async def _update_stream(self, config: Any) -> tuple[Any, Any]:
+        """Update a room stream that exists with another configuration, keeping its dedupe window; not when
+        only that window differs (an update is an advisory every replica acts on). (config, stream info)."""
+        js = self.js
+        stored = await js.stream_info(config.name)
+        config = dataclasses.replace(config, duplicate_window=stored.config.duplicate_window or 0.0)
+        fields = (*STREAM_FIELDS, "allow_atomic") if getattr(config, "allow_atomic", None) else STREAM_FIELDS
+        if all(getattr(stored.config, f, None) == getattr(config, f) for f in fields):
+            return config, stored
+        return config, await js.update_stream(config)
 
     async def _bucket(self, name: str, ttl: float | None, storage: Any) -> Any:
         js = self.js
@@ -424,316 +433,34 @@ class NatsBus(Supervised):
             await js.update_stream(dataclasses.replace(config, max_consumers=self.opts.max_consumers))
         return kv
 
-    # -- live room delivery (RePublish + core subscriptions) -------------------------------------------
-
-    def _republish(self) -> Any:
-        return self.nats.js.api.RePublish(src=f"{self.prefix}.r.>", dest=f"{self.prefix}.{LIVE}.>")
-
-    async def _consume(self, room: str) -> None:
-        """Subscribe to the room's republished messages; return once every message stored from now on
-        reaches this replica (the baseline is known)."""
-        acks = self.acks
-        if acks is None:
-            raise ConnectionError("not connected")
-        st = _Live()
-        self._followed[room] = st
-        tail = self.tails.start(room)
-
-        async def on_msg(msg: Any) -> None:
-            if self._followed.get(room) is st:
-                st.received += 1
-                self._receive(room, st, msg)
-
-        enc = encode_room(room)
-        st.sub = await self.nc.subscribe(f"{self.prefix}.{LIVE}.{enc}.*", cb=on_msg,
-                                         pending_msgs_limit=self.pending_msgs_limit)
-        self._by_sid[st.sub._id] = room
-        try:
-            if self._clustered:
-                base = await self._barrier(acks)
-            else:
-                # sent after the SUB on the same connection: every message stored after this answer is
-                # republished to a subscription the server already has
-                req = b'{"last_by_subj":"%s.r.%s.*"}' % (self.prefix.encode(), enc.encode())
-                got = await acks.get(f"$JS.API.DIRECT.GET.{self.stream}", req)
-                base = 0 if got is None else int((got.headers or {})["Nats-Sequence"])
-        except AckRefused as exc:
-            raise BusUnavailable(f"subscribe: {exc}") from exc
-        if self._followed.get(room) is not st:
-            return  # left (or the connection went) meanwhile
-        st.base = st.seq = base
-        self._subs[room] = st.sub
-        if tail is not None:
-            tail.ready = True
-        if st.lost:  # a message was dropped before the baseline was known: it may be newer
-            self._start_fill(room, st, None)
-        else:
-            self._release(room, st)
-
-    async def _barrier_cb(self, msg: Any) -> None:
-        self._on_barrier(msg)
-
-    async def _barrier(self, acks: Acks) -> int:
-        """In a cluster, the stream's leader may sit on another node, which learns of a new subscription a
-        little later. One probe per loop iteration, stored in the stream after the subscriptions were sent:
-        its republished copy comes back only once the leader's node knows them (the SUB and the probe went
-        the same route), and everything stored after it reaches them. Its sequence is the baseline."""
-        loop = asyncio.get_running_loop()
-        fut = self._barrier_next
-        if fut is None or fut.done():
-            fut = self._barrier_next = loop.create_future()
-            loop.call_soon(self._send_barrier, acks, fut)
-        return await asyncio.shield(fut)
-
-    def _send_barrier(self, acks: Acks, fut: asyncio.Future[int]) -> None:
-        if self._barrier_next is fut:
-            self._barrier_next = None
-        task = asyncio.ensure_future(self._probe_republish(acks))
-        self._tasks.add(task)
-
-        def done(t: asyncio.Task[int]) -> None:
-            self._tasks.discard(t)
-            if fut.done():
-                return
-            exc = ConnectionError("disconnected from NATS") if t.cancelled() else t.exception()
-            if exc is None:
-                fut.set_result(t.result())
-            else:
-                fut.set_exception(exc)
-                fut.exception()  # retrieved: every subscriber may have gone
-
-        task.add_done_callback(done)
-
-    async def _probe_republish(self, acks: Acks) -> int:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.op_timeout
-        seq = await acks.publish(self._barrier_subject, b"")
-        if await self._republished(seq, self.op_timeout / 4):
-            return seq
-        # slow, or stored while the stream had no RePublish (an older replica's update; then that probe never
-        # comes back, even once the upkeep put the setting back): check it, and probe again (the
-        # subscriptions were sent before either probe)
-        await self._assert_republish()
-        seq = await acks.publish(self._barrier_subject, b"")
-        if await self._republished(seq, deadline - loop.time()):
-            return seq
-        raise BusUnavailable(f"subscribe: the stream did not republish within {self.op_timeout:g}s")
-
-    async def _republished(self, seq: int, timeout: float) -> bool:
-        """Whether the barrier probe at stream sequence ``seq`` came back within ``timeout``."""
-        if self._barrier_seen >= seq:
-            return True
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._barrier_waiters.append((seq, fut))
-        try:
-            await asyncio.wait_for(fut, timeout)
-        except TimeoutError:
-            return False
-        return True
-
-    def _on_barrier(self, msg: Any) -> None:
-        try:
-            seq = int((msg.headers or {})["Nats-Sequence"])
-        except (KeyError, ValueError):
-            return
-        self._barrier_seen = max(self._barrier_seen, seq)
-        waiting = []
-        for target, fut in self._barrier_waiters:
-            if target <= seq:
-                if not fut.done():
-                    fut.set_result(None)
-            elif not fut.done():
-                waiting.append((target, fut))
-        self._barrier_waiters = waiting
-
-    def _receive(self, room: str, st: _Live, msg: Any) -> None:
-        """One republished message of ``room``, in stream order (one publisher: the stream's leader)."""
-        if st.held is not None:
-            st.held.append(msg)
-            return
-        hdr = msg.headers or {}
-        try:
-            seq, last = int(hdr["Nats-Sequence"]), int(hdr.get("Nats-Last-Sequence", 0))
-        except (KeyError, ValueError):
-            log.warning("room %r: republished message without a readable sequence (%r)", room, hdr)
-            return
-        kind = msg.subject[msg.subject.rfind(".") + 1:]
-        done = st.kinds.get(kind, st.base)
-        if seq <= done:
-            return  # delivered already, or stored before this replica followed the room
-        if st.verify:  # a message the old leader stored and never republished comes first
-            st.verify = False
-            st.held = [msg]
-            self._start_fill(room, st, None)
-            return
-        if last > done:  # the previous message of this subject never came: fetch it (and what followed)
-            st.held = [msg]
-            self._start_fill(room, st, kind)
-            return
-        self._accept(room, st, seq, kind, hdr, msg.data, _stamp(hdr.get("Nats-Time-Stamp", "")))
-
-    def _accept(self, room: str, st: _Live, seq: int, kind: str, hdr: Any, data: bytes, at: float) -> None:
-        st.kinds[kind] = seq
-        if seq > st.seq:
-            st.seq = seq
-        offset = None
-        if kind == "h":
-            offset = int(hdr.get(HDR_OFFSET, 0)) or None
-            if offset is not None:
-                self._remember(room, seq, offset)
-                self._head(room, seq, offset, at)
-                self.tails.add(room, seq, offset, data, HDR_START in hdr, at)
-        elif kind != "e":
-            return
-        self._deliver(room, data, offset)
-
-    def _release(self, room: str, st: _Live) -> None:
-        held, st.held = st.held, None
-        for msg in held or ():
-            self._receive(room, st, msg)  # a new gap holds the rest again
-
-    def _start_fill(self, room: str, st: _Live, kind: str | None) -> None:
-        """Hold the room's live messages and read what this replica missed from the stream's leader."""
-        if st.held is None:
-            st.held = []
-        if st.filling:
-            st.lost = True  # the running fill reads on to the end once more
-            return
-        st.filling = True
-        task = asyncio.ensure_future(self._fill(room, st, kind))
-        self._tasks.add(task)
-
-        def done(t: asyncio.Task[None]) -> None:
-            self._tasks.discard(t)
-            if not t.cancelled() and t.exception() is not None and self._followed.get(room) is st:
-                # the gap cannot be filled: the reconnect path resubscribes and the members recover
-                self._fail(f"room {room!r}: missed messages could not be read: {t.exception()}")
-
-        task.add_done_callback(done)
-
-    async def _fill(self, room: str, st: _Live, kind: str | None) -> None:
-        self.gap_fills += 1
-        enc = encode_room(room)
-        if kind is not None and st.kinds.get(kind, st.base) < st.seq:
-            # a subject's gap found after a newer message of the room's other subject was delivered
-            log.warning("room %r: messages of %r missed before %d found late; delivered out of order",
-                        room, kind, st.seq)
-            await self._fetch(room, st, f"{self.prefix}.r.{enc}.{kind}", st.kinds.get(kind, st.base) + 1, st.seq)
+    async def _check_layout(self, acks: Acks) -> bool:
+        """Refuse a server whose room streams are of another ``room_streams``: a room would then live in two
+        streams (two orders, two histories). Changing it is a migration (docs/buses.md). Checked before the
+        streams are made and again after: of two replicas of different counts that both passed the first
+        check, each sees the other's streams at the second (both refuse: nothing is served in two layouts).
+        False when the streams could not be listed (not checked)."""
+        want = {rs.name for rs in self.streams}
+        pattern = re.compile(re.escape(_name(self.prefix, "rooms")) + r"(_\d+of\d+)?")
+        found: list[str] = []
+        offset = 0
         while True:
-            st.lost = False
-            # up to the newest message held meanwhile (the held ones follow it): a busy room's fill ends
-            await self._fetch(room, st, f"{self.prefix}.r.{enc}.*", st.seq + 1, None, upto_held=True)
-            if not st.lost or self._followed.get(room) is not st:
-                break
-        st.filling = False
-        if self._followed.get(room) is st:
-            self._release(room, st)
-
-    async def _fetch(self, room: str, st: _Live, subject: str, start: int, stop: int | None, *,
-                     upto_held: bool = False) -> None:
-        """Deliver the stored messages of ``subject`` from stream sequence ``start`` (up to ``stop``, or with
-        ``upto_held`` up to the newest held message once there is one) that this replica has not delivered,
-        in order; leader reads (a direct get may answer from a lagging replica)."""
-        api = f"$JS.API.STREAM.MSG.GET.{self.stream}"
-        while self._followed.get(room) is st:
-            if upto_held and stop is None and st.held and st.received > st.need:
-                stop = _sequence(st.held[-1])  # newer than every dropped message
-            if stop is not None and start > stop:
-                return
-            acks = self.acks
-            if acks is None:
-                return
             try:
-                answer = await acks.request(api, json.dumps({"seq": start, "next_by_subj": subject}).encode())
-            except AckRefused as exc:
-                if exc.code == NO_MESSAGE:
-                    return
-                raise
-            msg = answer["message"]
-            seq = int(msg["seq"])
-            if stop is not None and seq > stop:
-                return
-            if self._followed.get(room) is not st:
-                return
-            kind = msg["subject"].rpartition(".")[2]
-            if seq > st.kinds.get(kind, st.base):
-                hdr = _headers(base64.b64decode(msg.get("hdrs") or ""))
-                self._accept(room, st, seq, kind, hdr, base64.b64decode(msg.get("data") or ""),
-                             _stamp(msg.get("time", "")))
-            start = seq + 1
-
-    async def _leader_cb(self, msg: Any) -> None:
-        """The stream has a new leader: a message the old one stored but did not republish is missed by
-        every replica, and ``Nats-Last-Sequence`` shows it only at the next message of the same subject.
-        Each followed room is read from the stream before its next message is delivered (so in order),
-        and the upkeep reads the rooms that stay quiet (:data:`VERIFY_PER_UPKEEP` at a time)."""
-        log.info("stream %s has a new leader: the followed rooms are read again", self.stream)
-        self._verify_all()
-
-    def _verify_all(self) -> None:
-        """Read every followed room from the stream before its next message, and the quiet ones from the
-        upkeep, :data:`VERIFY_PER_UPKEEP` at a time (not all at once: tens of thousands of reads would
-        time out together and fail the connection)."""
-        for room, st in self._followed.items():
-            if st.seq >= 0:
-                st.verify = True
-                self._unverified.add(room)
-
-    def _verify_quiet(self) -> None:
-        busy = []
-        for _ in range(min(VERIFY_PER_UPKEEP, len(self._unverified))):
-            room = self._unverified.pop()
-            st = self._followed.get(room)
-            if st is None or not st.verify:
-                continue
-            if st.held is not None:
-                busy.append(room)  # a fill that began before the reason to verify: the next upkeep reads it
-                continue
-            st.verify = False
-            self._start_fill(room, st, None)
-        self._unverified.update(busy)
-
-    def _slow(self, sid: int) -> None:
-        """nats-py dropped a message of a full subscription (its pending limit): read the room again from
-        the stream. Called from the reader before it takes the next message, so nothing newer is
-        delivered before the fill holds the room."""
-        room = self._by_sid.get(sid)
-        st = self._followed.get(room) if room is not None else None
-        if room is None or st is None:
-            return
-        if not (st.filling or st.lost):  # once per fill, not per dropped message
-            log.warning("room %r: this replica fell behind its subscription; reading it from the stream", room)
-        # the queued messages came before the dropped one: a message received after them came after it
-        st.need = st.received + st.sub._pending_queue.qsize()
-        if st.seq < 0:
-            st.lost = True  # before the baseline: _consume fills once it is known
-        else:
-            self._start_fill(room, st, None)
-
-    async def _assert_republish(self) -> bool:
-        """Put the stream's RePublish back when it is missing (a replica of an older version updated the
-        stream without it); True when it was missing. Messages stored meanwhile were not republished:
-        each followed room is read again from its last delivered message (:meth:`_verify_all`).
-
-        Through :attr:`acks` (timers, no ``asyncio.wait_for``: Python 3.11's can swallow the cancellation
-        that closes the bus, and the upkeep would then run on)."""
-        acks = self.acks
-        if acks is None:
-            raise ConnectionError("not connected")
-        try:
-            info = await acks.request(f"$JS.API.STREAM.INFO.{self.stream}", b"")
-            want = self._republish()
-            rp = info.get("config", {}).get("republish") or {}
-            if (rp.get("src"), rp.get("dest")) == (want.src, want.dest):
+                answer = await acks.request("$JS.API.STREAM.NAMES",
+                                            json.dumps({"subject": f"{self.prefix}.>", "offset": offset}).encode())
+            except (AckRefused, TimeoutError) as exc:  # e.g. a user allowed its streams only, not the listing
+                log.warning("room streams not checked against room_streams (stream names: %s: %s)",
+                            type(exc).__name__, exc)
                 return False
-            log.warning("stream %s: RePublish was %r; restoring it and reading the followed rooms again",
-                        self.stream, rp or None)
-            await acks.request(f"$JS.API.STREAM.UPDATE.{self.stream}",
-                               json.dumps(self._stream_config.as_dict()).encode())
-        except AckRefused as exc:
-            raise BusUnavailable(f"stream {self.stream}: {exc}") from exc
-        self.republish_restored += 1
-        self._verify_all()
+            names = answer.get("streams") or []
+            found += [n for n in names if pattern.fullmatch(n)]
+            offset += len(names)
+            if not names or offset >= int(answer.get("total") or 0):
+                break
+        other = sorted(set(found) - want)
+        if other:
+            raise Layout(f"room_streams is {len(self.streams)} but the server holds the room streams "
+                         f"{', '.join(other)} of another room_streams: set it back, or migrate (docs/buses.md, "
+                         f"\"Changing room_streams\")")
         return True
 
     def _remember(self, room: str, seq: int, offset: int) -> None:
@@ -750,20 +477,15 @@ class NatsBus(Supervised):
             self._probe = None
         nc, self.nc = self.nc, None
         self.js = self.state_kv = None
-        self._followed, self._subs, self._by_sid = {}, {}, {}
-        self._barrier_next = None
-        for fut in (w for _, w in self._barrier_waiters):
-            if not fut.done():
-                fut.set_exception(ConnectionError("disconnected from NATS"))
-        self._barrier_waiters = []
-        tasks, self._tasks = list(self._tasks), set()
-        for task in tasks:
-            task.cancel()
+        self._teardown_live()
         self._heads, self._known = {}, set()
         self.tails.clear()
         if self.acks is not None:
             self.acks.fail_all(ConnectionError("disconnected from NATS"))
             self.acks = None
+        if self.lanes is not None:
+            self.lanes.close()
+            self.lanes = None
         if nc is not None:
             await safe_close(log, "nats connection")(nc.close())
 
@@ -800,11 +522,10 @@ class NatsBus(Supervised):
         if self.presence is not None:
             await self.presence.upkeep()  # first: its heartbeat is due now
         self._verify_quiet()
-        # an older replica's (re)start updates the stream without RePublish: put it back
-        try:
-            await self._assert_republish()
-        except (BusUnavailable, TimeoutError, ConnectionError) as exc:
-            log.info("upkeep: the stream's RePublish was not checked: %s: %s", type(exc).__name__, exc)
+        # a node that returned leads nothing until the leaders are spread again (beside the upkeep)
+        self.leaders.upkeep()
+        # an older replica's (re)start updates the streams without RePublish: put it back
+        await self._check_republish()
 
     async def close(self) -> None:
         if self.presence is not None:
@@ -823,7 +544,7 @@ class NatsBus(Supervised):
 
     async def _last_msg(self, room: str) -> tuple[int, int, bool, float]:
         """:meth:`last` and the message's broker time (epoch seconds; ``inf`` when there is none)."""
-        js, stream, subject = self.js, self.stream, self.subject(room)
+        js, stream, subject = self.js, self.stream_of(room).name, self.subject(room)
         not_found = self.nats.js.errors.NotFoundError
 
         async def get() -> tuple[int, int, bool, float]:
@@ -870,7 +591,8 @@ class NatsBus(Supervised):
         task.add_done_callback(done)
 
     async def _get_newest(self, room: str) -> tuple[int, int, bool]:
-        subject, req = f"$JS.API.DIRECT.GET.{self.stream}", b'{"last_by_subj":"%s"}' % self.subject(room).encode()
+        subject = f"$JS.API.DIRECT.GET.{self.stream_of(room).name}"
+        req = b'{"last_by_subj":"%s"}' % self.subject(room).encode()
         msg = await self._via_acks("history", lambda acks: acks.get(subject, req))
         if msg is None:
             return 0, 0, False
@@ -960,7 +682,7 @@ class NatsBus(Supervised):
     async def publish(self, room: str, payload: bytes, *, history: bool = False, dedupe_key: str | None = None,
                       dedupe_window: float = 0.0) -> int | None:
         self._check()
-        js, stream = self.js, self.stream
+        js, stream = self.js, self.stream_of(room).name
         if not history:
             subject = self.subject(room, "e")
             try:
@@ -972,37 +694,172 @@ class NatsBus(Supervised):
         if dedupe_key is not None and dedupe_window > 0:
             msg_id = f"{encode_room(room)}.{dedupe_key}"  # keys are per room; the stream's are not
         # ordered_handoff: a room's history publishes queue for its lock (FIFO) in the order they were
-        # started, before anything here suspends; each is written once the one before was acknowledged
+        # started, before anything here suspends; each is written once the one before was acknowledged, and
+        # the holder writes the room's publishes waiting behind it in the same atomic batch (their lock turn
+        # then only returns the answer), so a room's publish rate is not one per round trip
         held = self._locks.get(room)
         if held is None:
             held = self._locks[room] = (asyncio.Lock(), [0])
         lock, users = held
         users[0] += 1
+        me = _Queued(payload, msg_id)
+        waiting = self._waiting.setdefault(room, collections.deque())
+        waiting.append(me)
         try:
             async with lock:
-                if msg_id is not None:
-                    await self._ensure_dedupe_window(dedupe_window)
-                return await self._publish_history(room, payload, msg_id)
+                if me.answer.done():  # written in an earlier holder's batch
+                    return me.answer.result()  # type: ignore[no-any-return]
+                taken = self._take(waiting, me)
+                if len(taken) == 1:
+                    if msg_id is not None:
+                        await self._ensure_dedupe_window(self.stream_of(room), dedupe_window)
+                    return await self._publish_history(room, payload, msg_id)
+                return await self._publish_taken(room, taken)
         finally:
+            if not me.taken:  # cancelled while it waited: not written
+                with contextlib.suppress(ValueError):
+                    waiting.remove(me)
             # dropped with its last user: "not locked" alone is also true while the next waiter is woken but
             # not yet running, and a new lock then would let a later publish overtake it
             users[0] -= 1
             if not users[0] and self._locks.get(room) is held:
                 del self._locks[room]
+                if self._waiting.get(room) is waiting:
+                    del self._waiting[room]
 
-    async def _ensure_dedupe_window(self, window: float) -> None:
+    def _take(self, waiting: collections.deque[_Queued], me: _Queued) -> list[_Queued]:
+        """``me`` (the head of the room's waiting publishes) and, on a stream that takes atomic batches, those
+        behind it up to the first with a dedupe key (it goes alone) or :data:`BATCH_MAX`."""
+        me.taken = True
+        taken = [me]
+        if waiting and waiting[0] is me:  # always, as the lock is FIFO; else the rest waits its turns
+            waiting.popleft()
+        else:
+            waiting.remove(me)
+            return taken
+        if not self._atomic or me.msg_id is not None:
+            return taken
+        while waiting and len(taken) < BATCH_MAX and waiting[0].msg_id is None:
+            nxt = waiting.popleft()
+            nxt.taken = True
+            taken.append(nxt)
+        return taken
+
+    async def _publish_taken(self, room: str, taken: list[_Queued]) -> int:
+        """Write ``taken`` (the first is the caller's) and answer the others; the caller's offset."""
+        try:
+            offsets = await self._publish_batch(room, taken)
+            if offsets is None:  # one by one, each answered as its own lock turn would have been
+                return await self._publish_each(room, taken)
+        except BaseException as exc:  # each its own exception object (one raised in several tasks chains tracebacks)
+            for q in taken[1:]:
+                if q.answer.done():
+                    continue
+                if not q.sent:  # never handed to the broker: not stored
+                    q.answer.set_exception(BusUnavailable(f"publish: not sent ({type(exc).__name__})"))
+                elif isinstance(exc, BusUnavailable):
+                    q.answer.set_exception(type(exc)(str(exc)))
+                else:  # cancelled (a shutdown) while its batch was out: maybe stored
+                    q.answer.set_exception(PublishOutcomeUnknown(f"publish: {type(exc).__name__}"))
+            raise
+        for q, offset in zip(taken[1:], offsets[1:], strict=True):
+            if not q.answer.done():
+                q.answer.set_result(offset)
+        return offsets[0]
+
+    async def _publish_each(self, room: str, taken: list[_Queued]) -> int:
+        """``taken`` one by one, each answered with its own outcome (one refused or lost does not answer the
+        others); the caller's (the first's) offset, or its error."""
+        first: int | BusUnavailable = 0
+        for i, q in enumerate(taken):
+            q.sent = True
+            try:
+                outcome: int | BusUnavailable = await self._publish_history(room, q.payload)
+            except BusUnavailable as exc:
+                outcome = exc
+            if i == 0:
+                first = outcome
+            elif not q.answer.done():
+                if isinstance(outcome, BusUnavailable):
+                    q.answer.set_exception(outcome)
+                else:
+                    q.answer.set_result(outcome)
+        if isinstance(first, BusUnavailable):
+            raise first
+        return first
+
+    async def _publish_batch(self, room: str, taken: list[_Queued]) -> list[int] | None:
+        """The room's next messages as one atomic batch: stored together at consecutive offsets after the
+        room's last, or not at all (``Nats-Expected-Last-Subject-Sequence`` on the first: another writer was
+        first, so the room's last is read again and the batch sent again). None for a room without a retained
+        message (a new run), a stream that stopped taking batches (an older replica updated it) or a batch the
+        stream refused for another reason (too many in flight, too large): the caller writes them one by one."""
+        subject, payloads = self.subject(room), [q.payload for q in taken]
+        for attempt in range(100):
+            known = self._last.get(room)
+            seq, top = known if known is not None else (await self.last(room))[:2]
+            if seq == 0 or not self._atomic:
+                return None
+            nc, batch, n = self.nc, uuid.uuid4().hex, len(payloads)
+            if nc is None:
+                raise BusUnavailable("the broker is unreachable")
+            for q in taken:
+                q.sent = True
+            try:
+                for i, payload in enumerate(payloads[:-1], 1):
+                    part = {"Nats-Batch-Id": batch, "Nats-Batch-Sequence": str(i), HDR_OFFSET: str(top + i)}
+                    if i == 1:
+                        part[EXPECTED_LAST_SUBJECT_SEQ] = str(seq)
+                    await nc.publish(subject, payload, headers=part)
+            except self.errors as exc:  # nothing committed: the server drops a batch that is not
+                self._fail(f"publish: {type(exc).__name__}: {exc}")
+                raise BusUnavailable(f"publish: {type(exc).__name__}: {exc}") from exc
+            commit = {"Nats-Batch-Id": batch, "Nats-Batch-Sequence": str(n), HDR_OFFSET: str(top + n),
+                      "Nats-Batch-Commit": "1"}
+            self.history_writes += 1
+            try:
+                answer = await self._via_acks("publish", functools.partial(_commit, subject, payloads[-1], commit))
+            except BusUnavailable as exc:
+                cause = exc.__cause__
+                if isinstance(cause, Dropped):  # the answer was lost (the acks inbox overflowed), not a refusal
+                    raise PublishOutcomeUnknown(str(exc)) from exc
+                if isinstance(cause, AckRefused):  # refused whole: nothing stored
+                    for q in taken:
+                        q.sent = False
+                if isinstance(cause, AckRefused) and cause.code in WRONG_LAST_SEQUENCE:
+                    self._last.pop(room, None)
+                    await asyncio.sleep(0.001 * min(attempt, 20))
+                    continue
+                if isinstance(cause, AckRefused):
+                    if cause.code == ATOMIC_DISABLED:
+                        log.info("atomic publish to %r refused (%s): one by one from now on", room, cause)
+                        self._atomic = False
+                    else:
+                        log.info("atomic publish to %r refused (%s): this batch one by one", room, cause)
+                    return None
+                raise PublishOutcomeUnknown(str(exc)) from exc  # sent, and no answer: it may have been stored
+            last = int((answer or {}).get("seq", 0))
+            if not last:
+                raise PublishOutcomeUnknown(f"publish to {room!r}: unreadable acknowledgement {answer!r:.100}")
+            self._remember(room, last, top + n)
+            if room in self._subs:
+                self._head(room, last, top + n, time.time())
+            return [top + i for i in range(1, n + 1)]
+        raise BusUnavailable(f"publish to {room!r}: too many concurrent writers")
+
+    async def _ensure_dedupe_window(self, rs: RoomStream, window: float) -> None:
         """JetStream dedupes ``Nats-Msg-Id`` within the stream's ``duplicate_window`` (at most its
         ``max_age``): set it to ``window`` once, when it differs."""
         window = min(window, self.opts.history_ttl)
-        if window == self._dedupe_window:
+        if window == rs.dedupe_window:
             return
-        config = dataclasses.replace(self._stream_config, duplicate_window=window)
+        config = dataclasses.replace(rs.config, duplicate_window=window)
         js = self.js
         await self.call("publish", lambda: js.update_stream(config))
-        self._stream_config, self._dedupe_window = config, window
+        rs.config, rs.dedupe_window = config, window
 
     async def _publish_history(self, room: str, payload: bytes, msg_id: str | None = None) -> int:
-        js, stream, subject = self.js, self.stream, self.subject(room)
+        js, stream, subject = self.js, self.stream_of(room).name, self.subject(room)
         api_error = self.nats.js.errors.APIError
 
         async def send(headers: dict[str, str]) -> Any:
@@ -1029,6 +886,7 @@ class NatsBus(Supervised):
             headers[HDR_OFFSET] = str(offset)
             if msg_id is not None:
                 headers[MSG_ID] = msg_id
+            self.history_writes += 1
             try:
                 ack = await self.call("publish", lambda h=headers: send(h))  # type: ignore[misc]
             except _Wrong:
@@ -1040,16 +898,16 @@ class NatsBus(Supervised):
             except BusUnavailable as exc:  # sent, and no answer: it may have been stored
                 raise PublishOutcomeUnknown(str(exc)) from exc
             if ack.duplicate:  # JetStream kept the first one: ack.seq is its sequence
-                return await self._offset_of(int(ack.seq))
+                return await self._offset_of(stream, int(ack.seq))
             self._remember(room, int(ack.seq), offset)
             if room in self._subs:
                 self._head(room, int(ack.seq), offset, time.time())
             return offset
         raise BusUnavailable(f"publish to {room!r}: too many concurrent writers")
 
-    async def _offset_of(self, seq: int) -> int:
-        """The offset of the message at stream sequence ``seq``; 0 when it is gone (trimmed)."""
-        js, stream = self.js, self.stream
+    async def _offset_of(self, stream: str, seq: int) -> int:
+        """The offset of the message at sequence ``seq`` of ``stream``; 0 when it is gone (trimmed)."""
+        js = self.js
         not_found = self.nats.js.errors.NotFoundError
 
         async def get() -> int:
@@ -1091,16 +949,6 @@ class NatsBus(Supervised):
         if sub is not None and self._healthy:
             with contextlib.suppress(BusUnavailable):
                 await self.call("unsubscribe", sub.unsubscribe)
-
-    def _stop(self, room: str) -> Any:
-        """Forget the room's live delivery; its subscription (None if it has none), to unsubscribe."""
-        self._subs.pop(room, None)
-        st = self._followed.pop(room, None)
-        if st is None or st.sub is None:
-            return None
-        self._by_sid.pop(st.sub._id, None)
-        return st.sub
-
 
 async def _quietly(op: Awaitable[Any]) -> None:
     """An unsubscribe nobody waits for (a failed subscribe's): its failure changes nothing."""

@@ -7,7 +7,7 @@ import asyncio
 from typing import TYPE_CHECKING
 
 from wirehub import HistoryPage
-from wirehub.builtins.bus.nats_bus import HDR_OFFSET, HDR_START
+from wirehub.builtins.bus.nats_live import HDR_OFFSET, HDR_START
 from wirehub.builtins.bus.nats_tail import Entry
 
 if TYPE_CHECKING:
@@ -26,12 +26,12 @@ class NatsHistory:
     async def position(self, room: str) -> tuple[int, str]:
         # no round trip while this replica follows the room (see NatsBus.position)
         top = await self.bus.position(room)
-        return top, self.bus.epoch
+        return top, self.bus.epoch_of(room)
 
     async def read(self, room: str, after: int | None, limit: int) -> HistoryPage:
         bus = self.bus
         bus._check()
-        epoch = bus.epoch
+        epoch = bus.epoch_of(room)
         tail = bus.tails.get(room)
         ready = tail is not None and tail.ready  # before the newest message is asked for: see Tails.seed
         seq, top, _ = await bus.newest(room)
@@ -48,7 +48,7 @@ class NatsHistory:
         if found is None:
             # an offset never exceeds its stream sequence: floor + 1 is a safe place to start reading
             found = await self._shared_scan(room, floor, top)
-            if ready and tail is not None and epoch == bus.epoch:
+            if ready and tail is not None and epoch == bus.epoch_of(room):
                 bus.tails.seed(room, tail, floor, found, seq)
         if after is None:
             return HistoryPage(epoch, top, [(o, p) for o, p, _, _ in found][-limit:], True)
@@ -74,7 +74,7 @@ class NatsHistory:
         message) made one each, and nats-server spent about 20 ms of CPU per rejoin on them. Sharing is
         exact: the stream's messages up to ``top`` (which each caller read itself, after it joined) are
         what any scan of that range returns."""
-        key = (room, floor, top, self.bus.epoch)  # a stream made again reuses offsets: never its scans
+        key = (room, floor, top, self.bus.epoch_of(room))  # a stream made again reuses offsets: never its scans
         scan = self._scans.get(key)
         if scan is None:
             scan = asyncio.ensure_future(self.bus.call("history", lambda: self._scan(room, floor, top)))
@@ -93,7 +93,8 @@ class NatsHistory:
         api = bus.nats.js.api
         config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
                                     opt_start_seq=max(1, floor + 1))
-        sub = await bus.js.subscribe(bus.subject(room), stream=bus.stream, ordered_consumer=True, config=config)
+        sub = await bus.js.subscribe(bus.subject(room), stream=bus.stream_of(room).name, ordered_consumer=True,
+                                     config=config)
         out: _Scan = []
         try:
             while True:

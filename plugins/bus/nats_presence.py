@@ -64,7 +64,8 @@ from wirehub import BusUnavailable, DepartedListener, PresenceCount, PresenceEnt
 from wirehub.builtins.bus._broker import cancel_and_wait, encode_room
 from wirehub.builtins.bus._roster import Departures, Roster
 from wirehub.builtins.bus.nats_buckets import BUCKET, HDR_WRITE, Bucket, Write, encode_entries, fail, parse_entries
-from wirehub.builtins.bus.nats_bus import NO_MESSAGE, _name
+from wirehub.builtins.bus.nats_bus import _name
+from wirehub.builtins.bus.nats_live import NO_MESSAGE
 
 if TYPE_CHECKING:
     from wirehub.builtins.bus.nats_bus import NatsBus
@@ -102,6 +103,11 @@ def _expire(waiter: asyncio.Future[bool | None]) -> None:
 
 class _LiveRoom:
     """A replica's live copy of one room (see the module docstring)."""
+
+    # one per room this replica has members in: no instance dict unless one is set outside these (a test's
+    # stand-in method)
+    __slots__ = ("__dict__", "again", "buffer", "conn", "duplicates", "gaps", "gone", "incomplete", "keys",
+                 "last_seq", "next_sync", "own", "resync", "resyncs", "roster", "seqs", "sub", "tag", "waiters")
 
     def __init__(self, conn: Any, tag: str, own: Callable[[str, Any], None]) -> None:
         self.conn = conn  # the connection it belongs to: a new connection needs a new copy
@@ -503,7 +509,7 @@ class NatsPresence:
                 for entry in bucket.entries:
                     live.roster.add(entry)
 
-        async def on_msg(msg: Any) -> None:
+        def on_msg(msg: Any) -> None:
             try:
                 seq = int(msg.headers["Nats-Sequence"])
             except (KeyError, TypeError, ValueError):
@@ -513,8 +519,12 @@ class NatsPresence:
 
         # the subscription goes out before the reads on the same connection: the server has it when it
         # answers them, so every write it takes after the snapshot comes through it
-        live.sub = await bus.call("presence", lambda: bus.nc.subscribe(f"{self.dest}{encode_room(room)}.>",
-                                                                        cb=on_msg, pending_msgs_limit=SUB_PENDING))
+        lanes = bus.lanes
+        if lanes is None:
+            raise BusUnavailable("presence: the broker is unreachable")
+        # a lane of the connection's one dispatcher (nats_acks.Lanes), with its own pending limit (dropped)
+        live.sub = await bus.call("presence", lambda: lanes.subscribe(f"{self.dest}{encode_room(room)}.>", on_msg,
+                                                                      pending_msgs_limit=SUB_PENDING))
         self._subs[live.sub] = (room, live)  # before the read: drops while the copy starts count too
         try:
             await self._load(live, room)
@@ -875,13 +885,15 @@ class NatsPresence:
             await self._beat()
         if entry.session in self._local.get(room, ()):
             await self.leave(room, entry.session)  # joined again: the new entry replaces the old one
-        self._local.setdefault(room, {})
-        try:
-            await self._live(room)
-        except BaseException:
-            if not self._local.get(room, True):
-                del self._local[room]
-            raise
+        if room not in self._local:
+            self._local[room] = {}
+        if self._current_live(room) is None:  # a big room's joins find it running: no coroutine per join
+            try:
+                await self._live(room)
+            except BaseException:
+                if not self._local.get(room, True):
+                    del self._local[room]
+                raise
         slot = (room, entry.node)
         bucket = self._open.get(slot)
         if bucket is None or len(bucket.entries) >= BUCKET:
@@ -890,7 +902,10 @@ class NatsPresence:
             bucket = self._open[slot] = self._new_key(room, entry.node)
             self._schedule()
         bucket.entries.append(entry)
-        self._local.setdefault(room, {})[entry.session] = bucket
+        local = self._local.get(room)
+        if local is None:  # (every other member left while the copy started)
+            local = self._local[room] = {}
+        local[entry.session] = bucket
         try:
             await bucket.joined
         except asyncio.CancelledError:

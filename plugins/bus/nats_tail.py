@@ -29,6 +29,9 @@ ROOM_BYTES = 256 * 1024
 TOTAL_BYTES = 64 * 1024 * 1024
 
 Entry = tuple[int, bytes, bool, float]  # offset, payload, is run start, broker time (epoch seconds)
+#: the entries of a tail that never held one: a deque costs about 760 bytes even empty, and most followed rooms
+#: (a personal room, a quiet group) have no history message while followed
+NONE: tuple[Entry, ...] = ()
 
 
 class Tail:
@@ -37,7 +40,7 @@ class Tail:
     __slots__ = ("entries", "floor", "ready", "seq", "size", "waiters")
 
     def __init__(self) -> None:
-        self.entries: collections.deque[Entry] = collections.deque()
+        self.entries: collections.deque[Entry] | tuple[Entry, ...] = NONE
         #: every history message with offset in (floor, newest entry] is in ``entries``; -1 while empty
         self.floor = -1
         #: stream sequence of the newest history message the subscription delivered (0: none yet)
@@ -47,6 +50,13 @@ class Tail:
         self.size = 0
         #: reads waiting until the subscription delivered a stream sequence
         self.waiters: list[tuple[int, asyncio.Future[None]]] = []
+
+    def queue(self) -> collections.deque[Entry]:
+        """``entries`` to change (made at the first entry)."""
+        entries = self.entries
+        if isinstance(entries, tuple):
+            entries = self.entries = collections.deque()
+        return entries
 
     def range(self, floor: int, top: int) -> list[Entry] | None:
         """The messages with offset in (``floor``, ``top``], or None when the tail does not hold all of them."""
@@ -92,7 +102,7 @@ class Tails:
         tail = self._rooms.get(room)
         if tail is None or seq <= tail.seq:
             return
-        entries = tail.entries
+        entries = tail.queue()
         if start or not entries or offset != entries[-1][0] + 1:
             # a new run, the first message, or (never expected) a jump: coverage starts here
             self._size -= tail.size
@@ -121,6 +131,7 @@ class Tails:
                 return  # emptied by expiry: its next message must follow the seeded ones
             tail.floor, tail.seq = top, seq
         if (not entries and tail.floor == top) or (entries and floor < tail.floor <= top):
+            entries = tail.queue()
             for entry in reversed(found):
                 if entry[0] <= tail.floor:
                     entries.appendleft(entry)
@@ -147,7 +158,7 @@ class Tails:
             self._pop(tail)
 
     def _pop(self, tail: Tail) -> None:
-        offset, payload, _, _ = tail.entries.popleft()
+        offset, payload, _, _ = tail.queue().popleft()
         tail.floor = offset
         tail.size -= len(payload)
         self._size -= len(payload)

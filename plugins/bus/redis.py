@@ -84,6 +84,69 @@ def _import_redis(key: str = "bus.redis") -> Any:
     return aioredis
 
 
+class Sockets:
+    """The connections a bus's clients opened and that are not closed yet.
+
+    redis-py may return from a close with the socket still open: a TLS connection it closes without
+    waiting (a PubSub's, a connect cancelled during the handshake commands) or whose wait timed out is
+    still sending its close_notify and waiting for the server's, and after a failed close a cluster
+    client never closes its startup nodes. Left like that when the event loop stops, the socket is
+    garbage collected open (a ResourceWarning). :meth:`abort_all` (at the end of every teardown)
+    disconnects and aborts whatever is still open, so no socket of the bus outlives its teardown."""
+
+    def __init__(self) -> None:
+        #: open stream -> its connection (removed when the transport reports the connection lost)
+        self.open: dict[asyncio.StreamWriter, Any] = {}
+        self._classes: dict[type, type] = {}
+        self._drained: asyncio.Future[None] | None = None
+
+    def track(self, cls: type) -> type:
+        """A subclass of the redis-py connection class ``cls`` whose connections are tracked here."""
+        tracked = self._classes.get(cls)
+        if tracked is None:
+            sockets = self
+
+            async def _connect(conn: Any) -> None:
+                await cls._connect(conn)  # type: ignore[attr-defined]
+                sockets.add(conn)
+
+            tracked = self._classes[cls] = type(f"Tracked{cls.__name__}", (cls,), {"_connect": _connect})
+        return tracked
+
+    def add(self, conn: Any) -> None:
+        writer: asyncio.StreamWriter = conn._writer
+        protocol = writer.transport.get_protocol()
+        lost = protocol.connection_lost
+
+        def connection_lost(exc: Exception | None) -> None:
+            self.open.pop(writer, None)
+            if not self.open and self._drained is not None and not self._drained.done():
+                self._drained.set_result(None)
+            lost(exc)
+
+        protocol.connection_lost = connection_lost  # type: ignore[method-assign]
+        self.open[writer] = conn
+
+    async def abort_all(self, timeout: float = 1.0) -> None:
+        """Abort every connection still open and wait (bounded) until each is closed."""
+        if not self.open:
+            return
+        self._drained = drained = asyncio.get_running_loop().create_future()
+        try:
+            for writer, conn in list(self.open.items()):
+                if conn._writer is writer:  # never closed: redis-py forgets it too (no reuse without AUTH)
+                    with contextlib.suppress(Exception):
+                        await conn.disconnect(nowait=True)
+                writer.transport.abort()  # a closed transport ignores it
+            if self.open:
+                await asyncio.wait_for(drained, timeout)
+        except TimeoutError:
+            log.warning("%d redis connection(s) still open %gs after being aborted", len(self.open), timeout)
+            self.open.clear()
+        finally:
+            self._drained = None
+
+
 class RedisBus(Supervised):
     """The bus; also holds the connection that history, presence and state use."""
 
@@ -116,6 +179,8 @@ class RedisBus(Supervised):
         self.publish_command = "PUBLISH"
         self.failover_flag = "1" if opts.failover else "0"
         self._sentinel: Any = None
+        #: every connection of the bus's clients until it is closed (see Sockets)
+        self.sockets = Sockets()
         # a cluster pipeline would span slots: there each publish stays one call (see redis_pubsub)
         self._publish_batch = PublishBatcher(self) if opts.mode != "cluster" else None
 
@@ -171,12 +236,21 @@ class RedisBus(Supervised):
             # the pool asks the sentinels for the master on every new connection: after a failover the
             # reconnect (see _broker) lands on the promoted replica
             self._sentinel = Sentinel(nodes, sentinel_kwargs=sentinel_kwargs, **kwargs)
-            return self._sentinel.master_for(opts.sentinel.master_name, connection_pool_class=BlockingSentinelPool,
-                                             max_connections=opts.max_connections, timeout=opts.op_timeout + 1)
+            for s in self._sentinel.sentinels:
+                self.track_pool(s.connection_pool)
+            client = self._sentinel.master_for(opts.sentinel.master_name, connection_pool_class=BlockingSentinelPool,
+                                               max_connections=opts.max_connections, timeout=opts.op_timeout + 1)
+            self.track_pool(client.connection_pool)
+            return client
         # a busy pool makes callers wait (op_timeout applies), instead of failing like a broken connection
         pool = self._redis.BlockingConnectionPool.from_url(opts.url, max_connections=opts.max_connections,
                                                            timeout=opts.op_timeout + 1, **kwargs)
+        self.track_pool(pool)
         return self._redis.Redis.from_pool(pool)
+
+    def track_pool(self, pool: Any) -> None:
+        """The pool's connections are tracked by ``self.sockets`` (set before it makes any)."""
+        pool.connection_class = self.sockets.track(pool.connection_class)
 
     async def start(self, handler: BusHandler) -> None:
         try:
@@ -227,6 +301,7 @@ class RedisBus(Supervised):
         sentinel, self._sentinel = self._sentinel, None
         for s in sentinel.sentinels if sentinel is not None else ():
             await safe_close(log, "redis sentinel client")(s.aclose())
+        await self.sockets.abort_all()
 
     async def _read(self, pubsub: Any) -> None:
         try:
@@ -240,16 +315,24 @@ class RedisBus(Supervised):
             self._fail(f"subscriber connection: {type(exc).__name__}: {exc}")
 
     def _on_channel_message(self, ch: bytes, data: bytes) -> None:
-        if ch == self._hb_channel:
-            fut = self._hb_waiters.pop(data, None)
-            if fut is not None and not fut.done():
-                fut.set_result(None)
-            return
+        # Once per bus message, from the subscriber connection's data_received: the room lookup first (the
+        # heartbeat's channel is never a room's), and straight to the handler while the bus is live.
         room = self._channel_rooms.get(ch)
         if room is None:
+            if ch == self._hb_channel:
+                fut = self._hb_waiters.pop(data, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(None)
             return
         head, _, payload = data.partition(b" ")
-        self._deliver(room, payload, None if head == b"-" else int(head))
+        offset = None if head == b"-" else int(head)
+        handler = self._handler
+        if self._live and handler is not None:
+            # what _deliver does when live: a channel is in _channel_rooms only while its room is in _rooms
+            # (subscribe, unsubscribe and _open change both together)
+            handler.on_bus_message(room, payload, offset)
+        else:
+            self._deliver(room, payload, offset)
 
     def _on_pubsub(self, msg: Mapping[str, Any]) -> None:
         kind, ch = msg.get("type"), msg.get("channel")
@@ -310,7 +393,7 @@ class RedisBus(Supervised):
             window_ms = int(dedupe_window * 1000) if dedupe_key is not None else 0
             keys = [self.key("h", room), meta, f"{self.key('i', room)}:{dedupe_key}" if window_ms > 0 else meta,
                     self.epoch_key(room)]
-            args = [ch, payload, self.opts.history_size, int(self.opts.history_ttl * 1000), uuid.uuid4().hex[:12],
+            args = [ch, payload, self.opts.history_size, int(self.opts.history_ttl * 1000), os.urandom(6).hex(),
                     window_ms, self.publish_command, self.failover_flag]
             script = self.scripts["publish"]
             command = ("EVALSHA", script.sha, len(keys), *keys, *args)

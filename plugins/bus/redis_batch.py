@@ -8,6 +8,19 @@ in flight; what is asked for meanwhile goes out as the next one when one comes b
 connections of the pool, not 500 turns at it (the publisher's publishes share that pool). A command
 waits for the pipelines ahead of it, then ``op_timeout`` for its own.
 
+Order: requests that name a room (``rooms`` of :meth:`Batcher.run`, ``scope`` of :meth:`Batcher.gather`:
+presence writes) reach Redis in the order they were queued. Within a pipeline that is its order; but
+pipelines go on different pooled connections, which Redis reads in no set order (a long one 16 KiB at a
+time, the others served in between), so a room's request waits while a pipeline holding a request of that
+room is in flight, and goes in the next one after it (as the publish batcher holds a room's publishes). A
+leave at the end of a long pipeline and the rejoin of its session sent in the next could otherwise run in
+the other order: the member absent while joined. What waits keeps gathering (a join storm's joins into a
+room while its pipeline is in flight are one script run when it comes back), and the next pipeline is
+written as soon as the replies of the one ahead are in, before their callers are woken: Redis runs it while
+this process handles those replies, as when two pipelines of a room were in flight at once. Reads name no
+room: one asked for while a write of its room is in flight may see it or not, as any read concurrent with a
+write; it sees every write acknowledged before it was asked for.
+
 Requests with the same ``share`` key in one batch (the history position of a room, the same range of
 its history, the first presence page of a room) are sent ONCE and every caller gets the one parsed
 reply. That is correct because the batch is sent after every request in it was made: what the
@@ -23,6 +36,7 @@ redis-py's cluster pipeline, which routes each command to its slot's node.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import hashlib
 import math
@@ -45,11 +59,15 @@ except ImportError:  # pragma: no cover - hiredis (3.2+) is in the redis extra; 
 
 Command = tuple[Any, ...]
 #: pipelines in flight at once; what is asked for meanwhile waits and goes out as the next one, so a
-#: storm's commands travel in a few large pipelines on a few connections, not one per loop iteration
+#: storm's commands travel in a few large pipelines on a few connections, not one per loop iteration (a room's
+#: presence writes: one pipeline in flight at a time, see "Order" above)
 MAX_IN_FLIGHT = 2
-#: requests in one pipeline at most: a reply wakes at most this many callers in one loop iteration, so
-#: a storm's continuations do not hold back the deliveries to the other members for long
+#: requests in one pipeline at most, a :meth:`Batcher.gather` request counting as its items: a reply wakes at
+#: most this many callers in one loop iteration, so a storm's continuations do not hold back the deliveries
+#: to the other members for long
 MAX_BATCH = 256
+#: items of one :meth:`Batcher.gather` request at most (more: a second request of that key)
+MAX_GROUP = 256
 Parse = Callable[[list[Any]], Any]
 
 
@@ -64,8 +82,31 @@ class _Request:
     future: asyncio.Future[Any]
     share: Hashable | None = None
     #: with ``share``: a future per caller, each settled with ``future`` (a caller that gives up
-    #: cancels only its own; cheaper than a shield per caller, which adds a loop callback to each wake-up)
+    #: cancels only its own; cheaper than a shield per caller, which adds a loop callback to each wake-up);
+    #: with ``items``: the future of each item's caller, in the order of ``items``
     sharers: list[asyncio.Future[Any]] | None = None
+    #: a request of :meth:`Batcher.gather`: its callers' items, and what makes its commands from them when it
+    #: is sent and splits its replies into one result per item
+    items: list[Any] | None = None
+    group: Group | None = None
+    #: what ``group.commands`` gave with the commands, for ``group.results``
+    context: Any = None
+    #: the rooms whose requests must reach Redis in the order they were queued (see the module docstring)
+    rooms: Sequence[Hashable] = ()
+
+
+class Group(abc.ABC):
+    """What :meth:`Batcher.gather` makes of the items of one key: the commands, then a result per item."""
+
+    __slots__ = ()
+
+    @abc.abstractmethod
+    def commands(self, key: Any, items: list[Any]) -> tuple[Sequence[Command], Any]:
+        """The commands of ``items`` (made when the request is sent) and a context for :meth:`results`."""
+
+    @abc.abstractmethod
+    def results(self, key: Any, items: list[Any], replies: list[Any], context: Any) -> Sequence[Any]:
+        """One result per item, in order, from the replies of :meth:`commands`'s commands."""
 
 
 @dataclass(eq=False)
@@ -87,7 +128,13 @@ class Batcher:
         self.bus = bus
         self._queued: list[_Request] = []
         self._by_share: dict[Hashable, _Request] = {}
+        self._groups: dict[Hashable, _Request] = {}
+        #: scope -> the keys of its requests in ``_groups`` (what :meth:`seal` closes; a set: a backlog that
+        #: never empties the queue adds each key once)
+        self._scopes: dict[Hashable, set[Hashable]] = {}
         self._running: set[asyncio.Task[None]] = set()
+        #: the rooms of the requests in the pipelines in flight: their rooms' next requests wait for them
+        self._busy: set[Hashable] = set()
         self._scheduled = False
         #: sha1 -> Lua source of the scripts sent with :meth:`script`, for a Redis that lost them
         self._sources: dict[str, str] = {}
@@ -105,10 +152,11 @@ class Batcher:
         return ("EVALSHA", sha, len(keys), *keys, *args)
 
     async def run(self, commands: Sequence[Command] | Callable[[], Sequence[Command]], *,
-                  share: Hashable | None = None, parse: Parse = _raw) -> Any:
+                  share: Hashable | None = None, parse: Parse = _raw, rooms: Sequence[Hashable] = ()) -> Any:
         """``parse`` of the replies of ``commands`` (a failed command raises its error). With ``share``,
         a request with the same key already queued in this iteration answers this one too (then
-        ``commands``, when a callable, is not even built)."""
+        ``commands``, when a callable, is not even built). ``rooms``: the rooms it writes; it reaches Redis
+        after every request of those rooms queued before it (not with ``share``)."""
         self.bus._check()
         loop = asyncio.get_running_loop()
         if share is not None:
@@ -118,7 +166,8 @@ class Batcher:
                 mine = loop.create_future()  # one caller giving up must not cancel the others
                 same.sharers.append(mine)
                 return await mine
-        req = _Request(commands() if callable(commands) else commands, parse, loop.create_future(), share)
+        req = _Request(commands() if callable(commands) else commands, parse, loop.create_future(), share,
+                       rooms=rooms)
         self._queued.append(req)
         self._schedule()
         if share is None:
@@ -127,6 +176,38 @@ class Batcher:
         req.sharers = [mine]
         self._by_share[share] = req
         return await mine
+
+    async def gather(self, key: Hashable, item: Any, group: Group, *, scope: Hashable = None) -> Any:
+        """This caller's result of ONE request for every ``item`` given with ``key`` while that request is queued
+        (at most :data:`MAX_GROUP`; it may span loop iterations while pipelines are in flight), until
+        :meth:`seal` of ``scope`` closes it: ``group.commands(key, items)`` when it is sent, ``group.results(key,
+        items, replies, context)`` split among the callers, in order (``scope``: the same for every call with
+        ``key``). A join storm's presence writes into one room are one script run and one reply, not a command,
+        a reply and a request per join. The request keeps the queue place of its first item: a later item runs
+        before what was queued after that, unless a :meth:`seal` came between. ``scope`` is its room too: it
+        reaches Redis after the requests of that room queued before it. A failed command fails them all;
+        one caller giving up cancels only its own future."""
+        self.bus._check()
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        req = self._groups.get(key)
+        if req is None or len(req.items or ()) >= MAX_GROUP:
+            req = self._groups[key] = _Request((), _raw, fut, key, [], [], group)
+            if scope is not None:
+                req.rooms = (scope,)
+                self._scopes.setdefault(scope, set()).add(key)
+            self._queued.append(req)
+            self._schedule()
+        assert req.items is not None and req.sharers is not None
+        req.items.append(item)
+        req.sharers.append(fut)
+        return await fut
+
+    def seal(self, scope: Hashable) -> None:
+        """No item given after this joins a queued :meth:`gather` request of ``scope``: it goes into a new
+        request, behind what was queued meanwhile (a presence leave: a later join of the room must run after
+        it, not in a script run queued before it)."""
+        for key in self._scopes.pop(scope, ()):
+            self._groups.pop(key, None)
 
     def _schedule(self) -> None:
         if not self._scheduled and self._queued and len(self._running) < MAX_IN_FLIGHT:
@@ -137,23 +218,70 @@ class Batcher:
         self._scheduled = False
         if not self._queued or len(self._running) >= MAX_IN_FLIGHT:
             return  # sent when a batch in flight comes back
-        batch, self._queued = self._queued[:MAX_BATCH], self._queued[MAX_BATCH:]
+        queued, size = self._queued, 0
+        batch: list[_Request] = []
+        waiting: list[_Request] = []  # their rooms have a pipeline in flight: they keep their place
+        held = self._busy  # rooms whose requests wait (copied before it grows)
+        rest = 0
+        cut = False
+        for req in queued:
+            if req.rooms and held and not held.isdisjoint(req.rooms):
+                if held is self._busy:
+                    held = set(held)
+                held.update(req.rooms)  # a later request of any of its rooms waits behind it
+                waiting.append(req)
+                rest += 1
+                continue
+            size += 1 if req.items is None else len(req.items)  # a gather request: its callers woken by the reply
+            if size > MAX_BATCH and batch:
+                cut = True
+                break
+            batch.append(req)
+            rest += 1
+        if not batch:
+            return  # all of them wait for pipelines in flight: sent when one comes back
+        self._queued = waiting + queued[rest:] if waiting else queued[rest:]
         if self._queued:
-            for req in batch:  # sent now: a later request must not share its reply
-                if req.share is not None and self._by_share.get(req.share) is req:
-                    del self._by_share[req.share]
+            for req in batch:  # sent now: a later request must not share its reply, nor add to its items
+                if req.share is not None:
+                    if self._by_share.get(req.share) is req:
+                        del self._by_share[req.share]
+                    if self._groups.get(req.share) is req:
+                        del self._groups[req.share]
         else:
             self._by_share = {}
-        task = asyncio.ensure_future(self._run(batch))
+            self._groups = {}
+            self._scopes = {}
+        rooms = {room for req in batch for room in req.rooms}
+        self._busy |= rooms
+        task = asyncio.ensure_future(self._run(batch, rooms))
         self._running.add(task)
-        task.add_done_callback(self._done)
-        self._schedule()  # the rest, when another pipeline may go
+        task.add_done_callback(lambda t: self._done(t, rooms))
+        if cut:  # the rest, when another pipeline may go (what was not cut waits for a pipeline to come back)
+            self._schedule()
 
-    def _done(self, task: asyncio.Task[None]) -> None:
+    def _done(self, task: asyncio.Task[None], rooms: set[Hashable]) -> None:
+        if self._release(task, rooms):  # not already released by ``_run`` once answered
+            self._schedule()
+
+    def _release(self, task: asyncio.Task[None] | None, rooms: set[Hashable]) -> bool:
+        """``task``'s pipeline is answered (or failed): it no longer counts as in flight, nor holds its rooms."""
+        if task not in self._running:
+            return False
         self._running.discard(task)
-        self._schedule()
+        self._busy -= rooms
+        return True
 
-    async def _run(self, batch: list[_Request]) -> None:
+    async def _run(self, batch: list[_Request], rooms: set[Hashable]) -> None:
+        for req in [r for r in batch if r.group is not None]:
+            assert req.group is not None and req.items is not None
+            try:
+                req.commands, req.context = req.group.commands(req.share, req.items)
+            except Exception as exc:  # its callers get the error; the rest of the batch goes
+                _finish(req, error=exc)
+                batch.remove(req)
+        if not batch:
+            return
         commands = [c for req in batch for c in req.commands]
         stats = self.stats
         stats.round_trips += 1
@@ -169,19 +297,12 @@ class Batcher:
             if not isinstance(exc, Exception):
                 raise
             return
-        i = 0
-        for req in batch:
-            out, i = replies[i:i + len(req.commands)], i + len(req.commands)
-            failed = next((r for r in out if isinstance(r, Exception)), None)
-            if failed is not None:  # a command failed: its caller's request fails, not the others'
-                _finish(req, error=failed)
-                continue
-            try:
-                result = req.parse(out)
-            except Exception as exc:  # a reply the parser did not expect
-                _finish(req, error=exc)
-            else:
-                _finish(req, result=result)
+        # every command of it ran: the next pipeline (its rooms' waiting writes) goes now, queued ahead of the
+        # callers' continuations (woken one step later), so Redis runs it while this process handles the replies
+        self._release(asyncio.current_task(), rooms)
+        if self._queued:
+            self._flush()
+        asyncio.get_running_loop().call_soon(_settle_batch, batch, replies)
 
     async def _send(self, commands: list[Command]) -> list[Any]:
         from redis.exceptions import NoScriptError
@@ -199,10 +320,32 @@ class Batcher:
     async def close(self) -> None:
         queued, self._queued = self._queued, []
         self._by_share = {}
+        self._groups = {}
+        self._scopes = {}
         for req in queued:
             _finish(req, error=BusUnavailable("the bus was closed"))
         for task in list(self._running):
             task.cancel()
+
+
+def _settle_batch(batch: list[_Request], replies: list[Any]) -> None:
+    """Each request of a pipeline answered: its callers' results (or its command's error) from its replies."""
+    i = 0
+    for req in batch:
+        out, i = replies[i:i + len(req.commands)], i + len(req.commands)
+        failed = next((r for r in out if isinstance(r, Exception)), None)
+        if failed is not None:  # a command failed: its caller's request fails, not the others'
+            _finish(req, error=failed)
+            continue
+        if req.group is not None:
+            _split(req, out)
+            continue
+        try:
+            result = req.parse(out)
+        except Exception as exc:  # a reply the parser did not expect
+            _finish(req, error=exc)
+        else:
+            _finish(req, result=result)
 
 
 def _finish(req: _Request, *, result: Any = None, error: BaseException | None = None) -> None:
@@ -210,6 +353,20 @@ def _finish(req: _Request, *, result: Any = None, error: BaseException | None = 
     _settle(req.future, result=result, error=error)
     for fut in req.sharers or ():
         _settle(fut, result=result, error=error)
+
+
+def _split(req: _Request, replies: list[Any]) -> None:
+    """A :meth:`Batcher.gather` request's results, one to each caller."""
+    assert req.group is not None and req.items is not None and req.sharers is not None
+    try:
+        results = req.group.results(req.share, req.items, replies, req.context)
+        if len(results) != len(req.sharers):
+            raise ValueError(f"{len(results)} results for {len(req.sharers)} items")
+    except Exception as exc:  # a reply the parser did not expect
+        _finish(req, error=exc)
+        return
+    for fut, result in zip(req.sharers, results, strict=True):  # the first caller's is ``req.future``
+        _settle(fut, result=result)
 
 
 def _settle(fut: asyncio.Future[Any], *, result: Any = None, error: BaseException | None = None) -> None:

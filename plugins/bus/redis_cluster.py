@@ -127,13 +127,28 @@ class RedisClusterBus(RedisBus):
             kwargs["topology_refresh_min_interval"] = 1e9
         # redis-py fails a command when a node's pool is full: _call queues commands at max_connections
         # instead, and the few extra connections are for the watchdog's PINGs
-        return RedisCluster(startup_nodes=nodes, max_connections=self.opts.max_connections + 4,
-                            require_full_coverage=False, **kwargs)
+        client = RedisCluster(startup_nodes=nodes, max_connections=self.opts.max_connections + 4,
+                              require_full_coverage=False, **kwargs)
+        # every node's connections are tracked (see Sockets): the startup nodes made here and the nodes a
+        # topology refresh makes, from the nodes manager's connection keywords
+        manager = client.nodes_manager
+        node_kwargs = manager.connection_kwargs
+        node_kwargs["connection_class"] = self.sockets.track(node_kwargs["connection_class"])
+        for node in manager.startup_nodes.values():
+            node.connection_class = self.sockets.track(node.connection_class)
+        return client
 
     async def _call(self, what: str, op: Any, errors: tuple[type[BaseException], ...], *,
                     fail_on_error: bool = True, soft: tuple[type[BaseException], ...] = ()) -> Any:
+        client = self.client
+
         async def queued() -> Any:
             async with self._pool_slots:  # the wait counts against op_timeout
+                # a teardown may have come while this waited: redis-py's closed client would start itself
+                # again for it and open node connections nothing closes (nor may it reach a newer client)
+                self._check()
+                if self.client is not client:
+                    raise BusUnavailable(f"{what}: the connection was replaced while this waited")
                 return await op()
 
         try:
@@ -188,6 +203,8 @@ class RedisClusterBus(RedisBus):
         client, self.client = self.client, None
         if client is not None:
             await safe_close(log, "redis cluster client")(client.aclose())
+        # redis-py's close stops at the first node whose close fails (the startup nodes stay open then)
+        await self.sockets.abort_all()
 
     async def _close_sub(self, sub: _NodeSub) -> None:
         if sub.reader is not None and sub.reader is not asyncio.current_task():
@@ -201,6 +218,7 @@ class RedisClusterBus(RedisBus):
         sub = self._subs.get(node.name)
         if sub is None:
             client = self._redis.Redis(host=node.host, port=node.port, **self.client_kwargs())
+            self.track_pool(client.connection_pool)
             sub = self._subs[node.name] = _NodeSub(node.name, client, client.pubsub())
             sub.reader = asyncio.ensure_future(self._read_sub(sub))
         return sub

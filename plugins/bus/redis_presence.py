@@ -14,7 +14,9 @@ node: ``<p>:pn:<node>`` (cluster: ``<p>:pn:{<node>}``), a SET of ``[room, sessio
 updated in the same pipeline (one round trip; on a cluster one per shard touched, in parallel) as the
 room script. The commands asked for in one loop iteration (a join storm's writes and reads, with the
 history positions) go out as one pipeline (:mod:`wirehub.builtins.bus.redis_batch`), and the first-page
-reads of one room in it are one script run.
+reads of one room in it are one script run. A room's writes (join, leave, upkeep's retried leaves, a restore,
+a reaping) name the room, so they reach Redis in the order they were asked for whatever pipelines they go in
+(redis_batch's "Order": a leave and the rejoin of its session are never run the other way round).
 
 Liveness: ``<p>:presence:nodes``, a ZSET node -> last heartbeat (Redis server time, ms). Each
 replica runs ONE script per interval that stamps its node(s) and returns the nodes whose stamp is
@@ -33,13 +35,15 @@ import asyncio
 import json
 import logging
 from collections import defaultdict
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from wirehub import DepartedListener, PresenceCount, PresenceEntry, PresenceMember, PresencePage
 from wirehub.builtins.bus._broker import cancel_and_wait
+from wirehub.builtins.bus._presence_json import info_json as _info_json
+from wirehub.builtins.bus._presence_json import string as _string
 from wirehub.builtins.bus._roster import Departures
-from wirehub.builtins.bus.redis_batch import Command, Parse
+from wirehub.builtins.bus.redis_batch import Command, Group, Parse
 
 if TYPE_CHECKING:
     from wirehub.builtins.bus.redis import RedisBus
@@ -71,21 +75,28 @@ local function bump(user)
 end
 """
 
-# KEYS: users zset, user hash, session hash, head version; ARGV: session, user, entry json, info json
-# -> 1 if first of user
+# KEYS: users zset, user hash, session hash, head version; ARGV: per join (several: the joins of one loop
+# iteration into the room, in order) session, user, entry json, info json -> per join 1 if first of user, else 0
 _JOIN = _BUMP + """
-if redis.call('HSETNX', KEYS[3], ARGV[1], ARGV[3]) == 0 then return 0 end
-local cur = redis.call('HGET', KEYS[2], ARGV[2])
-if cur then
-  local n, info = string.match(cur, '^(%d+):(.*)$')
-  redis.call('HSET', KEYS[2], ARGV[2], (tonumber(n) + 1) .. ':' .. info)
-  bump(ARGV[2])
-  return 0
+local out = {}
+for i = 1, #ARGV, 4 do
+  local first = 0
+  if redis.call('HSETNX', KEYS[3], ARGV[i], ARGV[i + 2]) == 1 then
+    local user = ARGV[i + 1]
+    local cur = redis.call('HGET', KEYS[2], user)
+    if cur then
+      local n, info = string.match(cur, '^(%d+):(.*)$')
+      redis.call('HSET', KEYS[2], user, (tonumber(n) + 1) .. ':' .. info)
+    else
+      redis.call('HSET', KEYS[2], user, '1:' .. ARGV[i + 3])
+      redis.call('ZADD', KEYS[1], 0, user)
+      first = 1
+    end
+    bump(user)
+  end
+  out[#out + 1] = first
 end
-redis.call('HSET', KEYS[2], ARGV[2], '1:' .. ARGV[4])
-redis.call('ZADD', KEYS[1], 0, ARGV[2])
-bump(ARGV[2])
-return 1
+return out
 """
 
 # KEYS: as _JOIN; ARGV: sessions -> {node, user or '' (still present), ...} per removed session.
@@ -188,24 +199,6 @@ SCRIPTS = {
 }
 
 
-#: one encoder (json.dumps with options builds a new one per call)
-_encode = json.JSONEncoder(separators=(",", ":")).encode
-
-
-#: how ``_encode`` writes a string (``ensure_ascii`` on), quotes included
-_string = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
-
-
-def _info_json(info: Mapping[str, Any]) -> str:
-    """``_encode(dict(info))``; the usual infos (none, or only a name) spliced: with ``_index_item``, an encoder
-    call per join was a tenth of a Redis join's instructions in the replica."""
-    if not info:
-        return "{}"
-    if len(info) == 1 and type(name := info.get("name")) is str:
-        return f'{{"name":{_string(name)}}}'
-    return _encode(dict(info))
-
-
 def _entry_json(entry: PresenceEntry, info: str | None = None) -> str:
     """``_encode`` of the entry as a dict (user, session, node, info), spliced; ``info``: ``_encode`` of
     its info when the caller has it already (a join sends it as an argument too)."""
@@ -221,6 +214,43 @@ def _text(value: Any) -> str:
 
 def _replies(replies: list[Any]) -> list[Any]:
     return replies
+
+
+#: a join as :class:`_Joins` takes it: the join script's arguments (session, user, entry json, info json),
+#: encoded by its caller (an info JSON cannot hold fails that join, not the others of its script run)
+JoinArgs = tuple[str, str, str, str]
+
+
+class _Joins(Group):
+    """The joins into a room queued while no leave of the room was (key ``("join", room, node, limit)``;
+    items :data:`JoinArgs`): one run of the join script and one ``SADD`` of their node index items, and unless
+    ``limit`` is None one read of the first page after them in the same pipeline (``limit`` 0: the count
+    only); per join (True when it was its user's first, the page or None)."""
+
+    __slots__ = ("presence",)
+
+    def __init__(self, presence: RedisPresence) -> None:
+        self.presence = presence
+
+    def commands(self, key: Any, items: list[JoinArgs]) -> tuple[Sequence[Command], Any]:
+        _, room, node, limit = key
+        p = self.presence
+        keys = p._keys(room)
+        commands = [p._script("presence_join", keys, [a for args in items for a in args]),
+                    ("SADD", p._node_index(node), *[p._index_item(room, args[0]) for args in items])]
+        if limit is None:
+            return commands, None
+        # after the joins in the pipeline: the page holds them, and every write acknowledged before them
+        head = p._heads.get(room)
+        held = head if head is not None and head[1] == limit else None
+        commands.append(p._script("presence_page", keys, ["", limit, held[0] if held is not None else ""]))
+        return commands, held
+
+    def results(self, key: Any, items: list[JoinArgs], replies: list[Any],
+                held: tuple[str, int, list[PresenceMember]] | None) -> Sequence[tuple[bool, PresencePage | None]]:
+        limit = key[3]
+        page = self.presence._parse_page(key[1], None, limit, held, replies[2]) if limit is not None else None
+        return [(bool(first), page) for first in replies[0]]
 
 
 class RedisPresence:
@@ -249,6 +279,7 @@ class RedisPresence:
         self._memo: dict[str, dict[tuple[bytes, bytes], PresenceMember]] = {}
         #: room -> its keys (:meth:`_keys`)
         self._room_keys: dict[str, list[str]] = {}
+        self._joins = _Joins(self)
 
     # -- naming ----------------------------------------------------------------------------------------
 
@@ -280,10 +311,12 @@ class RedisPresence:
 
     # -- plumbing --------------------------------------------------------------------------------------
 
-    async def _pipeline(self, *commands: Command, share: Hashable | None = None, parse: Parse | None = None) -> Any:
+    async def _pipeline(self, *commands: Command, share: Hashable | None = None, parse: Parse | None = None,
+                        rooms: Sequence[str] = ()) -> Any:
         """The replies of ``commands`` (or ``parse`` of them), sent with the bus's other commands of this
-        loop iteration in one pipeline (:mod:`wirehub.builtins.bus.redis_batch`)."""
-        return await self.bus.batch.run(commands, share=share, parse=parse or _replies)
+        loop iteration in one pipeline (:mod:`wirehub.builtins.bus.redis_batch`). ``rooms``: those it writes,
+        whose writes reach Redis in the order they were asked for (a join is the ``scope`` of its gather)."""
+        return await self.bus.batch.run(commands, share=share, parse=parse or _replies, rooms=rooms)
 
     def _script(self, name: str, keys: list[str], args: Sequence[Any]) -> Command:
         return self.bus.batch.script(SCRIPTS[name], keys, args)
@@ -291,6 +324,20 @@ class RedisPresence:
     # -- Presence ---------------------------------------------------------------------------------------
 
     async def join(self, room: str, entry: PresenceEntry) -> bool:
+        first, _ = await self._join(room, entry, None)
+        return first
+
+    async def join_page(self, room: str, entry: PresenceEntry, limit: int) -> tuple[bool, PresencePage]:
+        """:meth:`join`, and the first page of ``limit`` members right after it (the chat's ``joined``; 0: the
+        count only): read after the join in the same pipeline, so it holds the join and every write acknowledged
+        before the join began. One round trip instead of the two of ``join`` then ``page`` (or ``count``)."""
+        first, page = await self._join(room, entry, limit)
+        assert page is not None
+        return first, page
+
+    async def _join(self, room: str, entry: PresenceEntry, limit: int | None) -> tuple[bool, PresencePage | None]:
+        info = _info_json(entry.info)  # first: an info JSON cannot hold fails this join alone, before any state
+        args: JoinArgs = (entry.session, entry.user, _entry_json(entry, info), info)
         if entry.node not in self._stamped:  # once per node: an entry's node must be known to be reapable
             self._nodes.add(entry.node)
             await self._beat()
@@ -299,17 +346,15 @@ class RedisPresence:
             local = self._local[room] = {}
         local[entry.session] = entry
         self._unleft.pop((room, entry.session), None)
-        keys, idx = self._keys(room), self._node_index(entry.node)
-        info = _info_json(entry.info)
-        args = [entry.session, entry.user, _entry_json(entry, info), info]
         try:
-            out = await self._pipeline(self._script("presence_join", keys, args),
-                                       ("SADD", idx, self._index_item(room, entry.session)))
+            # with the other joins into the room queued since its last leave: one script run, one reply
+            out: tuple[bool, PresencePage | None] = await self.bus.batch.gather(
+                ("join", room, entry.node, limit), args, self._joins, scope=room)
         except BaseException:
             self._drop_local(room, entry.session)
             self._unleft[(room, entry.session)] = entry  # a join that timed out may still have run
             raise
-        return bool(out[0])
+        return out
 
     def _drop_local(self, room: str, session: str) -> PresenceEntry | None:
         local = self._local.get(room)
@@ -322,19 +367,25 @@ class RedisPresence:
 
     async def leave(self, room: str, session: str) -> str | None:
         entry = self._drop_local(room, session)  # first: never written again, whatever happens next
+        # a join into the room asked for after this leave goes behind it, not into a script run queued before it
+        self.bus.batch.seal(room)
         keys, item = self._keys(room), self._index_item(room, session)
         if entry is not None:
             idx = self._node_index(entry.node)
             try:
-                out = await self._pipeline(self._script("presence_leave", keys, [session]), ("SREM", idx, item))
+                out = await self._pipeline(self._script("presence_leave", keys, [session]), ("SREM", idx, item),
+                                           rooms=(room,))
             except BaseException:
-                self._unleft[(room, session)] = entry
+                # it may not have run: the upkeep retries it, unless the session joined again meanwhile (its join
+                # ran after this pipeline ended: a retry would remove a joined member)
+                if session not in self._local.get(room, ()):
+                    self._unleft[(room, session)] = entry
                 raise
             removed = out[0]
         else:  # another replica's connection (or one this replica forgot): learn its node first
-            removed = (await self._pipeline(self._script("presence_leave", keys, [session])))[0]
+            removed = (await self._pipeline(self._script("presence_leave", keys, [session]), rooms=(room,)))[0]
             if removed:
-                await self._pipeline(("SREM", self._node_index(_text(removed[0])), item))
+                await self._pipeline(("SREM", self._node_index(_text(removed[0])), item), rooms=(room,))
         if not removed:
             return None
         user = _text(removed[1])
@@ -435,11 +486,13 @@ class RedisPresence:
         batch = list(self._unleft.items())[:REAP_BATCH]
         commands: list[Command] = []
         for (room, session), e in batch:
+            self.bus.batch.seal(room)  # as in leave: a join asked for after it runs after it
             commands.append(self._script("presence_leave", self._keys(room), [session]))
             commands.append(("SREM", self._node_index(e.node), self._index_item(room, session)))
-        await self._pipeline(*commands)
-        for key, _ in batch:
-            self._unleft.pop(key, None)
+        await self._pipeline(*commands, rooms=list({room for (room, _), _ in batch}))
+        for key, e in batch:
+            if self._unleft.get(key) is e:  # not a join of the session given up meanwhile
+                del self._unleft[key]
 
     async def _restore(self) -> None:
         """The broker lost our entries (restart without persistence) or we were declared dead:
@@ -448,11 +501,14 @@ class RedisPresence:
         log.warning("presence: re-writing %d entries the broker no longer had", len(entries))
         for i in range(0, len(entries), REAP_BATCH):
             commands: list[Command] = []
+            rooms: set[str] = set()
             for room, e in entries[i:i + REAP_BATCH]:
+                info = _info_json(e.info)  # as a join wrote it (compact)
                 commands.append(self._script("presence_join", self._keys(room),
-                                             [e.session, e.user, _entry_json(e), json.dumps(dict(e.info))]))
+                                             [e.session, e.user, _entry_json(e, info), info]))
                 commands.append(("SADD", self._node_index(e.node), self._index_item(room, e.session)))
-            await self._pipeline(*commands)
+                rooms.add(room)
+            await self._pipeline(*commands, rooms=list(rooms))
 
     async def _reap(self, node: str) -> None:
         departed: dict[str, list[str]] = defaultdict(list)
@@ -484,7 +540,7 @@ class RedisPresence:
                 rooms[room].append(session)
             order = list(rooms)
             commands = [self._script("presence_leave", self._keys(room), rooms[room]) for room in order]
-            out = await self._pipeline(*commands, ("SREM", idx, *items))
+            out = await self._pipeline(*commands, ("SREM", idx, *items), rooms=order)
             for room, removed in zip(order, out, strict=False):
                 departed[room] += [u for u in (_text(x) for x in removed[1::2]) if u]
         if bus.healthy and not int((await self._pipeline(("SCARD", idx)))[0]):

@@ -3,18 +3,34 @@
 At the capacity plan's workload (docs/scaling.md) most of a replica's CPU is a fixed cost per
 event-loop wakeup and per redis-py call, spread over few events. Both helpers here cut the calls:
 
-- :func:`read_pubsub` reads the subscriber connection's socket itself and lets hiredis parse every
-  reply that arrived, then dispatches them all in one loop; redis-py's ``get_message`` costs a chain
-  of coroutines, a health check and an observability hook per message. Subscribe and unsubscribe
-  confirmations still go through redis-py's ``handle_message``, which keeps its channel bookkeeping.
+- :func:`read_pubsub` takes the subscriber connection's input in the transport's own ``data_received``
+  callback, lets hiredis parse every reply that arrived and dispatches the channel messages right there;
+  redis-py's ``get_message`` costs a chain of coroutines, a health check and an observability hook per
+  message, and even a read of the connection's ``StreamReader`` costs a Future, a task step and one more
+  event-loop iteration per wakeup: with the groups spread over many replicas most bus messages come
+  alone, so that was a fixed cost of each. Subscribe and unsubscribe confirmations (and error replies)
+  still go through redis-py's ``handle_message`` in the reader's task, in order: from the first such
+  reply on, what follows waits behind it.
 - :class:`PublishBatcher` sends the publishes made in one event-loop turn as one pipeline (one
   write, one read wakeup, one pooled connection) instead of one round trip each; every publisher
   gets its own command's result or error.
 
-Order: the commands of a batch reach Redis in the order they were submitted, and a batch with a publish
-to a room is sent once the batches before it with one to that room were answered (batches go on pooled
-connections, which Redis reads in no set order). So a room's publishes reach Redis in the order they
-were submitted (the bus's ``ordered_handoff``), and Redis decides each room's one order (docs/buses.md).
+Order: the commands of a batch reach Redis in the order they were submitted, and a room has at most one
+batch with a publish to it in flight (batches go on pooled connections, which Redis reads in no set order):
+the room's publishes made meanwhile wait, and they go in the next batch once it was answered. So a
+room's publishes reach Redis in the order they were submitted (the bus's ``ordered_handoff``), Redis
+decides each room's one order (docs/buses.md), and a room's publish rate is not bound to one round trip
+each: when the round trip grows (a broker busy with a reconnect storm), the next batch grows instead of a
+queue of batches.
+
+Size: a batch holds at most :data:`MAX_BATCH_COMMANDS` publishes and, past its first, at most
+:data:`MAX_BATCH_BYTES` of arguments. After a stall (a slow Redis, a failover) a room's waiting publishes
+could otherwise all go as one pipeline of any size: one huge write, the replies of all of them within one
+``op_timeout`` (so a stall that outlasted it would make every one of them "maybe"), and the subscribers'
+replicas handed them in one read. What does not fit goes in the next batch, ahead of everything submitted
+after it (for its rooms: once the batch ahead is answered), so the room's order holds; a publish then waits
+for the batches of its room ahead of it, each of which Redis runs at its full rate (bench/README.md,
+"Follow-up (branch rcap)").
 Failure answers are those of a single publish:
 ``BusUnavailable`` when nothing was sent, ``PublishOutcomeUnknown`` when the connection broke or
 timed out after the batch was sent, and a command's own Redis error to its publisher only.
@@ -26,11 +42,20 @@ run); it is then run again alone, after the rest of its batch, as redis-py's ret
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
 from wirehub import BusUnavailable, PublishOutcomeUnknown
-from wirehub.builtins.bus.redis_batch import READ_SIZE, Command, hiredis_io, send_on_pool
+from wirehub.builtins.bus.redis_batch import Command, hiredis_io, send_on_pool
+
+#: publishes in one batch at most: a pipeline this long already runs at Redis's full rate per publish (one
+#: round trip spread over 256), while its replies fit the socket buffers and one of them is a few ms of Redis
+#: time (bench/README.md, "Follow-up (branch rcap)")
+MAX_BATCH_COMMANDS = 256
+#: bytes of arguments (payloads, keys) in one batch at most, except for its first publish (one larger than
+#: this goes alone): 256 publishes of 4 KiB; larger ones gain nothing by sharing a write
+MAX_BATCH_BYTES = 1 << 20
 
 
 class BatchOwner(Protocol):
@@ -59,31 +84,127 @@ async def read_pubsub(pubsub: Any, on_message: Callable[[bytes, bytes], None],
                 else:
                     on_other(msg)
     stream, reader, more = found
-    while True:
-        data = await stream.read(READ_SIZE)
-        if not data:
-            raise ConnectionError("the subscriber connection was closed by the server")
-        reader.feed(data)
-        # every complete reply now buffered, in order, without going back to the event loop
-        while (reply := reader.gets()) is not more:
-            if isinstance(reply, BaseException):
-                raise reply
-            # RESP3 (redis-py's default) pushes a list subclass; RESP2 a list
-            if isinstance(reply, list) and len(reply) == 3 and reply[0] == b"message":
-                on_message(reply[1], reply[2])
-                continue
-            msg = await pubsub.handle_message(reply)  # subscribe bookkeeping stays redis-py's
-            if msg is not None:
-                on_other(msg)
+    transport = pubsub.connection._writer.transport
+    feed = _SubscriberFeed(transport.get_protocol(), reader, more, on_message)
+    # From here on the connection's StreamReader gets nothing: what it holds already is fed first (EOF
+    # ends its read at once). The connection stays the feed's: once this reader ends, its input is dropped
+    # (the bus tears the connection down after it; nothing else reads it).
+    transport.set_protocol(feed)
+    try:
+        closing = transport.is_closing()  # closing before the swap: the old protocol gets its end, not the feed
+        stream.feed_eof()
+        feed.data_received(bytes(await stream.read(-1)))
+        if closing and feed.error is None:  # so the reader ends here, after what was buffered
+            feed.error = ConnectionError("the subscriber connection was closed")
+        await feed.run(pubsub, on_other)
+    finally:
+        feed.stop()
+
+
+def _is_message(reply: Any) -> bool:
+    # RESP3 (redis-py's default) pushes a list subclass; RESP2 a list
+    return isinstance(reply, list) and len(reply) == 3 and reply[0] == b"message"
+
+
+class _SubscriberFeed(asyncio.Protocol):
+    """The subscriber connection's protocol while :func:`read_pubsub` runs: parses its input as it arrives
+    and calls ``on_message`` from ``data_received``; every other reply (and everything after it, to keep
+    the connection's order) is queued for the reader's task. Flow control and the connection's end are
+    passed on to the connection's own protocol (``inner``) too."""
+
+    def __init__(self, inner: Any, reader: Any, more: object,
+                 on_message: Callable[[bytes, bytes], None]) -> None:
+        self.inner, self.reader, self.more, self.on_message = inner, reader, more, on_message
+        #: replies for the task, in order (while not empty, messages queue behind them)
+        self.queued: deque[Any] = deque()
+        #: why the reader must end: a broken connection, or what on_message or the parser raised
+        self.error: BaseException | None = None
+        self.stopped = False
+        self._wake: asyncio.Future[None] | None = None
+
+    def data_received(self, data: bytes) -> None:
+        if self.stopped or self.error is not None:
+            return
+        reader, more, queued, on_message = self.reader, self.more, self.queued, self.on_message
+        try:
+            reader.feed(data)
+            # every complete reply now buffered, in order
+            while (reply := reader.gets()) is not more:
+                # _is_message inlined: this runs once per bus message
+                if not queued and isinstance(reply, list) and len(reply) == 3 and reply[0] == b"message":
+                    on_message(reply[1], reply[2])
+                else:
+                    queued.append(reply)
+        except Exception as exc:  # the reader fails as when it raised in its own task
+            self.error = exc
+        if queued or self.error is not None:
+            self._wakeup()
+
+    def eof_received(self) -> bool | None:
+        self.inner.eof_received()
+        return None  # the transport closes itself
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.error is None:
+            self.error = exc if exc is not None else ConnectionError(
+                "the subscriber connection was closed by the server")
+        self._wakeup()
+        self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+    def stop(self) -> None:
+        """No more calls of ``on_message`` (the reader's task ended or was cancelled)."""
+        self.stopped = True
+
+    def _wakeup(self) -> None:
+        wake, self._wake = self._wake, None
+        if wake is not None and not wake.done():
+            wake.set_result(None)
+
+    async def run(self, pubsub: Any, on_other: Callable[[Mapping[str, Any]], None]) -> None:
+        """The reader's task: the queued replies in order, until the connection fails."""
+        queued = self.queued
+        while True:
+            while queued:
+                reply = queued[0]
+                if isinstance(reply, BaseException):
+                    raise reply
+                if _is_message(reply):
+                    self.on_message(reply[1], reply[2])
+                else:
+                    msg = await pubsub.handle_message(reply)  # subscribe bookkeeping stays redis-py's
+                    if msg is not None:
+                        on_other(msg)
+                queued.popleft()  # only now: data_received queues behind it meanwhile
+            if self.error is not None:
+                raise self.error
+            self._wake = asyncio.get_running_loop().create_future()
+            await self._wake
 
 
 class _Pending:
-    """One publish waiting for its batch: the command, the publisher's future and the room's channel."""
+    """One publish waiting for its batch: the command, the publisher's future, the room's channel and the
+    bytes of the command's arguments (what :data:`MAX_BATCH_BYTES` counts)."""
 
-    __slots__ = ("args", "channel", "future", "script")
+    __slots__ = ("args", "channel", "future", "script", "size")
 
     def __init__(self, args: Command, future: asyncio.Future[Any], script: Any, channel: bytes | None) -> None:
         self.args, self.future, self.script, self.channel = args, future, script, channel
+        self.size = _size(args)
+
+
+def _size(args: Command) -> int:
+    """The bytes of ``args``' str and bytes arguments (ints are a few digits: not counted)."""
+    n = 0
+    for a in args:
+        if type(a) is bytes or type(a) is str:
+            n += len(a)
+    return n
 
 
 class PublishBatcher:
@@ -97,12 +218,20 @@ class PublishBatcher:
         # pipeline, ahead of its EVALSHAs (a NOSCRIPT retry would run it after the batch's later commands)
         self._client: Any = None
         self._loaded: set[str] = set()
-        #: channel -> the end (answered or failed) of the newest batch with a publish to it: a later batch
-        #: with one waits for it, as batches go on different pooled connections (their order is not Redis's)
-        self._tails: dict[bytes, asyncio.Future[None]] = {}
-        #: batches sent and commands in them (tests and benchmarks read these)
+        #: the channels with a batch in flight: their later publishes wait for its end (answered or failed), as
+        #: batches go on different pooled connections (their order is not Redis's)
+        self._tails: set[bytes] = set()
+        #: channel -> its publishes submitted while its batch was in flight (or while older ones of the room were
+        #: here), in order: the first of them, up to the caps, go in its next batch
+        self._parked: dict[bytes, list[_Pending]] = {}
+        #: (bytes, publishes) of a room each, taken from its parked ones when its batch ended: they go first, whole
+        #: (each within the caps, older than anything pending of its room)
+        self._resumed: list[tuple[int, list[_Pending]]] = []
+        self._scheduled = False
+        #: batches sent, commands in them and the most in one (tests and benchmarks read these)
         self.batches = 0
         self.commands = 0
+        self.largest = 0
 
     def submit(self, args: Command, script: Any = None, channel: bytes | None = None) -> asyncio.Future[Any]:
         """Queue one command (``EVALSHA sha n keys... args...`` or ``PUBLISH ch data``); its future
@@ -114,43 +243,98 @@ class PublishBatcher:
         self.owner._check()  # down: nothing is sent, the publisher gets BusUnavailable at once
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
-        if not self._pending:
+        if not self._scheduled:
+            self._scheduled = True
             loop.call_soon(self._start_flush)  # after the callbacks already due in this turn
         self._pending.append(_Pending(args, fut, script, channel))
         return fut
 
+    def _schedule(self) -> None:
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._start_flush)
+
     def _start_flush(self) -> None:
-        batch, self._pending = self._pending, []
-        batch = [p for p in batch if not p.future.done()]  # a cancelled publisher's command is not sent
-        if not batch:
+        """One batch of at most the caps: the rooms' resumed publishes first, then the pending ones in order (a
+        room with a batch in flight or publishes parked has the new ones parked behind them). Once it is full
+        the rest waits, untouched, for the next turn: a publish is looked at once to be parked, not once per
+        batch of a long backlog."""
+        self._scheduled = False
+        tails, parked = self._tails, self._parked
+        ready: list[_Pending] = []
+        size = 0
+        full = False
+        resumed = self._resumed
+        if resumed:
+            taken = 0
+            released: set[bytes] = set()
+            for nbytes, chunk in resumed:
+                if ready and (len(ready) + len(chunk) > MAX_BATCH_COMMANDS or size + nbytes > MAX_BATCH_BYTES):
+                    full = True
+                    break
+                live = [p for p in chunk if not p.future.done()]  # a cancelled publisher's command is not sent
+                if not live and chunk[0].channel is not None:
+                    # every publisher of it gave up: no batch of its room goes, so none ends to take the
+                    # room's next parked ones; they are taken now
+                    released.add(chunk[0].channel)
+                ready += live
+                size += nbytes
+                taken += 1
+            del resumed[:taken]
+            if released:
+                self._ended([], released)
+        if not full:
+            pending, self._pending = self._pending, []
+            for i, p in enumerate(pending):
+                if p.future.done():
+                    continue
+                c = p.channel
+                if c is not None and (c in tails or c in parked):  # behind its room's batch in flight or older ones
+                    parked.setdefault(c, []).append(p)
+                    continue
+                size += p.size
+                if ready and (len(ready) >= MAX_BATCH_COMMANDS or size > MAX_BATCH_BYTES):
+                    full = True
+                    self._pending[:0] = pending[i:]  # ahead of what is submitted meanwhile
+                    break
+                ready.append(p)
+        if full:
+            self._schedule()
+        if not ready:
             return
-        # the batches this one must follow: the newest earlier one of each of its rooms still in flight
-        channels = {p.channel for p in batch if p.channel is not None}
-        tails = self._tails
-        after = {tails[c] for c in channels if c in tails}
-        end: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        for c in channels:
-            tails[c] = end
-        task = asyncio.ensure_future(self._flush_after(batch, after))
+        channels = {p.channel for p in ready if p.channel is not None}
+        tails |= channels
+        task = asyncio.ensure_future(self._flush(ready))
         self._flushing.add(task)
         task.add_done_callback(self._flushing.discard)
         # in a callback, not a finally: a task cancelled before its first step runs no finally, and its rooms'
-        # later batches would wait for ``end`` forever
-        task.add_done_callback(lambda _: self._ended(batch, end, channels))
+        # later publishes would wait forever
+        task.add_done_callback(lambda _: self._ended(ready, channels))
 
-    async def _flush_after(self, batch: list[_Pending], after: set[asyncio.Future[None]]) -> None:
-        if after:
-            await asyncio.wait(after)
-        await self._flush(batch)
-
-    def _ended(self, batch: list[_Pending], end: asyncio.Future[None], channels: set[bytes]) -> None:
-        """A batch's flush is over (answered, failed or cancelled): the next batches of its rooms may go."""
+    def _ended(self, batch: list[_Pending], channels: set[bytes]) -> None:
+        """A batch's flush is over (answered, failed or cancelled): the oldest waiting publishes of each of its
+        rooms, up to the caps, go next, ahead of any submitted since; the room's others stay parked."""
         _fail_all(batch, PublishOutcomeUnknown, "publish: cancelled")  # only those not answered (a shutdown)
-        end.set_result(None)
-        tails = self._tails
+        self._tails -= channels
+        parked = self._parked
         for c in channels:
-            if tails.get(c) is end:
-                del tails[c]
+            waiting = parked.get(c)
+            if waiting is None:
+                continue
+            n = size = 0
+            for p in waiting:
+                if n and (n >= MAX_BATCH_COMMANDS or size + p.size > MAX_BATCH_BYTES):
+                    break
+                size += p.size
+                n += 1
+            if n == len(waiting):
+                del parked[c]
+                chunk = waiting
+            else:
+                chunk = waiting[:n]
+                del waiting[:n]
+            self._resumed.append((size, chunk))
+            self._schedule()
 
     async def _flush(self, batch: list[_Pending]) -> None:
         owner = self.owner
@@ -173,6 +357,7 @@ class PublishBatcher:
 
         self.batches += 1
         self.commands += len(batch)
+        self.largest = max(self.largest, len(batch))
         try:
             results = await owner._call("publish", run, owner.errors)
         except BusUnavailable as exc:  # sent, then no answer or a broken connection: maybe published
@@ -214,8 +399,9 @@ class PublishBatcher:
             p.future.set_result(result)
 
     async def close(self) -> None:
-        """Wait for the batches in flight (each ends within op_timeout); queued ones fail at their flush."""
-        if self._flushing:
+        """Wait for the batches in flight (each ends within op_timeout) and for those of the publishes that
+        waited for them (started as they end); queued ones fail at their flush."""
+        while self._flushing:
             await asyncio.wait(set(self._flushing))
 
 

@@ -44,6 +44,23 @@ log = logging.getLogger("wirehub.chat.presence")
 #: how ``dumps`` (``ensure_ascii`` off) writes a string, quotes included
 json_string: Callable[[str], str] = json.encoder.encode_basestring  # type: ignore[attr-defined]
 
+#: strings a join writes again and again (its room's name and epoch, the first page's cursor), each to its JSON
+#: encoding as bytes (``json_string(text).encode()``); at most :data:`JSON_FRAGMENTS`, then started over. A pure
+#: function's answers: nothing to invalidate (a room emptied and made again has its new epoch looked up anew).
+JSON_FRAGMENTS = 4096
+_fragments: dict[str, bytes] = {}
+
+
+def json_bytes(text: str) -> bytes:
+    """``json_string(text).encode()``, remembered (see :data:`JSON_FRAGMENTS`). A caller on the join path looks
+    in ``_fragments`` itself first (``_fragments.get(text) or json_bytes(text)``: no call when it is known)."""
+    found = _fragments.get(text)
+    if found is None:
+        if len(_fragments) >= JSON_FRAGMENTS:
+            _fragments.clear()
+        found = _fragments[text] = json_string(text).encode()
+    return found
+
 EVENTS = ("each", "batched", "off")
 #: longest ``after`` cursor accepted from a client (backends' cursors are user ids or shorter)
 MAX_CURSOR = 1024
@@ -149,21 +166,31 @@ class HeadCache:
     the previous join sent (it changes only when a user on it comes or goes) without building and
     encoding ``limit`` items again. The memory and NATS backends return the same list object while the
     page holds (an identity check); the Redis backend returns an equal one (an equality check). When
-    the page changed, the items of the members still on it are reused: the memory and NATS backends
-    keep those member objects (a join into a big room moves one member onto the page), found by
-    identity; a page of new, equal objects (Redis) is matched by user, connections and info."""
+    the page changed by one edit (a user came onto it, left it, or their connections changed: what one
+    join or leave does to a big room's page), :func:`_one_edit` finds it with one scan and the members
+    unchanged around it keep their items; otherwise the items of the members still on the page are
+    reused: the memory and NATS backends keep those member objects, found by identity; a page of new,
+    equal objects (Redis) is matched by user, connections and info."""
 
     def __init__(self) -> None:
-        #: room -> (the page's members, its encoded list, their encoded items in order, and by the member's
-        #: id). The cached page keeps its members alive, so no id in it is another object's while it is cached.
-        self._rooms: dict[str, tuple[Sequence[PresenceMember], bytes, list[bytes], dict[int, bytes]]] = {}
+        #: room -> (the page's members, its encoded list, their encoded items in order). The cached page keeps
+        #: its members alive, so no id of one of them is another object's while it is cached.
+        self._rooms: dict[str, tuple[Sequence[PresenceMember], bytes, list[bytes]]] = {}
 
     def encoded(self, room: str, members: Sequence[PresenceMember]) -> bytes:
         cached = self._rooms.get(room)
-        if cached is not None and (cached[0] is members or cached[0] == members):
-            return cached[1]
+        if cached is not None:
+            if cached[0] is members or cached[0] == members:
+                return cached[1]
+            edited = _one_edit(cached[0], cached[2], members)
+            if edited is not None:
+                return self._keep(room, members, edited)
         ids = [*map(id, members)]
-        items: list[bytes | None] = [*map(cached[3].get, ids)] if cached is not None else [None] * len(ids)
+        if cached is not None:
+            by_id = dict(zip(map(id, cached[0]), cached[2], strict=True))
+            items: list[bytes | None] = [*map(by_id.get, ids)]
+        else:
+            items = [None] * len(ids)
         missing = [i for i, item in enumerate(items) if item is None] if None in items else []
         if len(missing) > 1 and cached is not None:  # new objects (Redis, a page rebuilt): reuse equal ones
             old = {(m.user, m.connections): (m.info, item) for m, item in zip(cached[0], cached[2], strict=True)}
@@ -174,13 +201,45 @@ class HeadCache:
         for i in missing:
             if items[i] is None:
                 items[i] = _member_json(members[i])
-        done = cast("list[bytes]", items)
+        return self._keep(room, members, cast("list[bytes]", items))
+
+    def _keep(self, room: str, members: Sequence[PresenceMember], items: list[bytes]) -> bytes:
         # what encode() of the items gives: compact JSON, joined by commas
-        data = b"[%s]" % b",".join(done)
+        data = b"[%s]" % b",".join(items)
         if len(self._rooms) >= HEAD_CACHE_ROOMS:
             self._rooms.clear()
-        self._rooms[room] = (members, data, done, dict(zip(ids, done, strict=True)))
+        self._rooms[room] = (members, data, items)
         return data
+
+
+def _one_edit(old: Sequence[PresenceMember], items: list[bytes],
+              new: Sequence[PresenceMember]) -> list[bytes] | None:
+    """The encoded items of ``new`` when it is ``old`` (encoded as ``items``) with one edit: a member put in,
+    one taken out (and maybe the next one after the page put at its end), or one replaced; None otherwise.
+    The members before the edit are found by identity (one scan), the rest compared as slices (in C, equal
+    when identical); every case is checked in full, so an item is reused only for an equal member."""
+    n_old, n_new = len(old), len(new)
+    if not n_old or not -1 <= n_new - n_old <= 1:
+        return None
+    i, short = 0, min(n_old, n_new)
+    while i < short and old[i] is new[i]:
+        i += 1
+    # Each case first checks by identity the member right after the edit (a page of new, equal objects, as
+    # Redis reads, is left to the caller's matching: no compare of every member), then the whole rest.
+    if n_new > n_old:  # one came onto a page that was not full
+        if (i == n_old or old[i] is new[i + 1]) and old[i:] == new[i + 1:]:
+            return [*items[:i], _member_json(new[i]), *items[i:]]
+    elif n_new < n_old:  # one left, and nobody after the page moved up
+        if (i + 1 == n_old or old[i + 1] is new[i]) and old[i + 1:] == new[i:]:
+            return [*items[:i], *items[i + 1:]]
+    elif i < n_old:
+        if (i + 1 == n_old or old[i + 1] is new[i + 1]) and old[i + 1:] == new[i + 1:]:  # one replaced
+            return [*items[:i], _member_json(new[i]), *items[i + 1:]]
+        if old[i] is new[i + 1] and old[i:-1] == new[i + 1:]:  # one came onto the full page; its last went off
+            return [*items[:i], _member_json(new[i]), *items[i:-1]]
+        if old[i + 1] is new[i] and old[i + 1:] == new[i:-1]:  # one left the full page; the next user came on
+            return [*items[:i], *items[i + 1:], _member_json(new[-1])]
+    return None
 
 
 def joined_fields(count: PresenceCount, cursor: str | None, members: bytes) -> bytes:
@@ -195,7 +254,7 @@ def _fields(users: int, connections: int, cursor: str | None) -> bytes:
     if cursor is None:
         return b',"count":{"users":%d,"connections":%d},"presence":' % (users, connections)
     return b',"count":{"users":%d,"connections":%d},"cursor":%s,"presence":' % (
-        users, connections, json_string(cursor).encode())
+        users, connections, _fragments.get(cursor) or json_bytes(cursor))
 
 
 @dataclass(frozen=True)
@@ -413,10 +472,30 @@ class ChatPresence:
         #: ``page`` (NATS: no second sync of its live copy)
         self._joined_page: Callable[[str, int], Awaitable[PresencePage]] | None = getattr(
             presence, "joined_page", None)
+        #: a backend's join that reads the first page right after it in the same round trip (Redis)
+        self._join_page: Callable[[str, PresenceEntry, int], Awaitable[tuple[bool, PresencePage]]] | None = \
+            getattr(presence, "join_page", None)
         #: a backend whose join and first page never wait (memory) answers them without a coroutine
         self._now: _AtOnce | None = presence if callable(getattr(presence, "join_now", None)) and callable(
             getattr(presence, "head_now", None)) else None  # type: ignore[assignment]
         presence.on_departed(self.departed)
+
+    def join_now(self, session: Session, room: str) -> tuple[bytes, bytes] | None:
+        """:meth:`join` without a coroutine when nothing in it waits: a backend that answers at once (memory),
+        and no event to send (the room's events off) or no presence at all; None otherwise, with nothing done
+        (then :meth:`join`)."""
+        now = self._now
+        if now is None:
+            return None
+        rule = self.rules.for_room(room)
+        if not rule.enabled:
+            return b"", b""
+        if rule.events != "off" or not rule.limit:  # an arrival to announce; a count read (async)
+            return None
+        name = session.identity.name
+        now.join_now(room, PresenceEntry(session.identity.user, session.id, session.node, _info(name)))
+        members, cursor, users, connections = now.head_now(room, rule.limit)
+        return _fields(users, connections, cursor), self.heads.encoded(room, members)
 
     async def join(self, session: Session, room: str) -> tuple[bytes, bytes]:
         """Record the session in ``room``'s presence, announce its user if new, and return the
@@ -435,6 +514,14 @@ class ChatPresence:
             if rule.limit:
                 members, cursor, users, connections = now.head_now(room, rule.limit)
                 return _fields(users, connections, cursor), self.heads.encoded(room, members)
+        elif (join_page := self._join_page) is not None:  # the page (or with limit 0 the count) in the same trip
+            first, page = await join_page(room, entry, rule.limit)
+            if first and rule.events != "off":
+                await self.modes[rule.events].joined(room, rule, entry.user, name, session)
+            if not rule.limit:
+                return _fields(page.count.users, page.count.connections, None), b"[]"
+            return _fields(page.count.users, page.count.connections, page.cursor), \
+                self.heads.encoded(room, page.members)
         elif await self.presence.join(room, entry) and rule.events != "off":
             await self.modes[rule.events].joined(room, rule, entry.user, name, session)
         if rule.limit == 0:

@@ -96,11 +96,16 @@ __all__ = [
 
 @pytest.fixture
 async def wirehub_server() -> AsyncIterator[Callable[..., Awaitable[LiveServer]]]:
-    """Factory: ``server = await wirehub_server({"endpoints": [...]})`` (merged over config_for_tests)."""
+    """Factory: ``server = await wirehub_server({"endpoints": [...]})`` (merged over config_for_tests).
+
+    Each server gets a node id of its own (``test-1``, ``test-2``, ...) unless ``server.node_id`` is given:
+    replicas on one shared bus are distinct nodes, as pods are, not all the machine's hostname."""
     started: list[LiveServer] = []
 
     async def start(overrides: dict[str, Any] | None = None) -> LiveServer:
-        config = config_from_dict(config_for_tests(overrides), source="<test>")
+        settings = config_for_tests(overrides)
+        settings["server"].setdefault("node_id", f"test-{len(started) + 1}")
+        config = config_from_dict(settings, source="<test>")
         app = Wirehub.build(config)
         sockets = bind_sockets(0, "127.0.0.1", backlog=config.server.backlog)
         await app.start(sockets)
