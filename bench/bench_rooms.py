@@ -529,7 +529,7 @@ async def fanout_spread(env: Env, kind: str, n: int, a: argparse.Namespace, net:
             os.makedirs(a.perf, exist_ok=True)
             code = "before" if env.code else "after"
             record = os.path.join(a.perf, f"fanout-{n}-{'netns' if net else 'loopback'}-{code}.data")
-            spy = perf_record(procs[0].pid, record)
+            spy = perf_record(procs[0].pid, record, a.perf_freq)
         await on_all(workers, "measure", on=True)
         t0 = perf()
         await asyncio.sleep(a.duration)
@@ -1046,7 +1046,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--perf", default=None,
                    help="fanout --paced: perf record (kernel call chains) of the replica while measured, into this "
                         "folder; rows get the share of samples with the clients' receive work (tcp_data_queue, "
-                        "ep_poll_callback) in their chains")
+                        "sock_def_readable; client_receive: either) in their chains")
+    p.add_argument("--perf-freq", type=int, default=499,
+                   help="fanout --perf: samples per second of the replica's CPU time (a short run needs more)")
     p.add_argument("--members", type=int, default=18000, help="reconnect: members on the replica killed")
     p.add_argument("--stayers", type=int, default=1000, help="reconnect: members on the survivors")
     p.add_argument("--calm", type=float, default=3.0, help="reconnect: seconds measured before the kill")

@@ -183,17 +183,21 @@ def softirq_seconds() -> list[float]:
 #: ACKs too); the others are its clients' receive work in a fan-out (a data segment queued on a receiving
 #: socket, the reader woken, its epoll woken), as the server's own input there is ACKs
 CLIENT_SIDE = ("tcp_v4_rcv", "tcp_data_queue", "sock_def_readable", "ep_poll_callback")
+#: of those, the clients' receive work proper
+CLIENT_RECEIVE = ("tcp_data_queue", "sock_def_readable")
 
 
-def perf_record(pid: int, path: str) -> subprocess.Popen[bytes]:
-    """``perf record`` of process ``pid`` with kernel call chains (stopped by SIGINT, then wait)."""
-    return subprocess.Popen(["perf", "record", "-F", "499", "-g", "-p", str(pid), "-o", path],
+def perf_record(pid: int, path: str, freq: int = 499) -> subprocess.Popen[bytes]:
+    """``perf record`` of process ``pid`` at ``freq`` samples per CPU-second, with kernel call chains (stopped
+    by SIGINT, then wait)."""
+    return subprocess.Popen(["perf", "record", "-F", str(freq), "-g", "-p", str(pid), "-o", path],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def perf_shares(path: str) -> dict[str, float | int]:
-    """Of a ``perf record`` file's samples: how many, the share in the kernel, and per :data:`CLIENT_SIDE`
-    function the share whose call chain holds it."""
+    """Of a ``perf record`` file's samples: how many, the share in the kernel, per :data:`CLIENT_SIDE`
+    function the share whose call chain holds it, and ``client_receive``: the share with either of the clients'
+    receive functions (a data segment queued, its reader woken; one sample often holds both)."""
     text = subprocess.run(["perf", "script", "-i", path], capture_output=True, text=True).stdout
     samples = [s for s in text.split("\n\n") if s.strip()]
     out: dict[str, float | int] = {"samples": len(samples)}
@@ -202,4 +206,6 @@ def perf_shares(path: str) -> dict[str, float | int]:
                                   if s.count("\n") >= 1) / len(samples), 3)
         for fn in CLIENT_SIDE:
             out[fn] = round(sum(f" {fn}+" in s for s in samples) / len(samples), 3)
+        out["client_receive"] = round(sum(any(f" {fn}+" in s for fn in CLIENT_RECEIVE) for s in samples)
+                                      / len(samples), 3)
     return out

@@ -87,7 +87,7 @@ def test_bench_rooms_fanout_netns_takes_the_clients_receive_work_off_the_server(
     proc = subprocess.run(
         [sys.executable, "-m", "bench.bench_rooms", "fanout", "--sizes", "300", "--paced", "--deliveries", "6000",
          "--duration", "3", "--warmup", "0.5", "--netns", "off,on", "--perf", str(tmp_path / "perf"),
-         "--json", str(out)],
+         "--perf-freq", "4999", "--json", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=170, env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -96,12 +96,13 @@ def test_bench_rooms_fanout_netns_takes_the_clients_receive_work_off_the_server(
     for r in rows.values():
         assert r["deliveries"] > 0 and r["missing_after_drain"] == 0 and r["perf_samples"] > 0, r
     assert rows["netns"]["server_rx_thread_cpu"] is not None
-    client_side = ("perf_tcp_data_queue", "perf_sock_def_readable")
-    on_loopback = sum(rows["loopback"][k] for k in client_side)
-    assert on_loopback > 0, rows["loopback"]
-    # shares of the replica's samples: off loopback the clients' receive work is gone (0 on a quiet machine; a
-    # stray sample on a busy one, where the load generators' core is also the suite's)
-    assert sum(rows["netns"][k] for k in client_side) <= max(0.01, on_loopback / 5), rows["netns"]
+    # in samples (the replica's CPU in 3 s is a fraction of a second, so at perf's default rate of 499 a share
+    # was a handful of samples and one stray sample failed a share's bound)
+    hits = {net: r["perf_client_receive"] * r["perf_samples"] for net, r in rows.items()}
+    assert hits["loopback"] >= 10, rows["loopback"]
+    # off loopback the clients' receive work is gone: what is left is the publisher's, which stays on the
+    # host's loopback (1 socket of 301), and a stray sample on a busy machine
+    assert hits["netns"] <= hits["loopback"] / 4 + 3, (rows["netns"], rows["loopback"])
     assert set(_namespaces()) <= namespaces, "the run left its network namespace behind"
 
 
