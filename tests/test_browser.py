@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from playwright.async_api import async_playwright
 
 from tests.helpers import ServerProcess
 from wirehub.brokers import RedisServer
@@ -47,10 +48,6 @@ async def browser() -> AsyncIterator[Any]:
     path = _chromium()
     if path is None:
         pytest.skip("Chromium is not installed: apt-get install -y chromium (.ci/run installs it)")
-    try:
-        from playwright.async_api import async_playwright
-    except ImportError:  # pragma: no cover - the test extra has it
-        pytest.skip("the playwright package is not installed: pip install 'wirehub[test]'")
     async with async_playwright() as p:
         browser = await p.chromium.launch(executable_path=path, args=CHROMIUM_ARGS)
         try:
