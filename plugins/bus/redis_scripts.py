@@ -48,9 +48,13 @@ local function ensure_meta(candidate, meta_ttl, sid)
   end
   redis.call('PEXPIRE', KEYS[2], meta_ttl)
 end
+-- Drops the entries older than horizon. The oldest entry alone is read first: in a room with traffic it is
+-- fresh, and a batch of 64 (their payloads copied into Lua) at every publish was most of the script's CPU.
 local function trim_age(horizon)
+  local count = 1
   while true do
-    local batch = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 64)
+    local batch = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', count)
+    count = 64
     if #batch == 0 then return end
     for i = 1, #batch do
       if tonumber(batch[i][2][2]) >= horizon then
