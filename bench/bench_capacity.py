@@ -261,6 +261,9 @@ async def run(kind: str, a: argparse.Namespace, groups: int, workdir: Path, *, l
         rss0 = sum(rss_bytes(p) for p in wpids)
         stats = Stats()
         conns = groups * GROUP
+        if a.history_fill:
+            await fill_history(kind, layout, prefix, [f"{runid}-g-{k}" for k in range(
+                conns if a.place == "alone" else groups)], a.history_fill)
         sem = asyncio.Semaphore(a.burst)
 
         def port_of(i: int) -> int:
@@ -397,6 +400,26 @@ async def run(kind: str, a: argparse.Namespace, groups: int, workdir: Path, *, l
         layout.close()
 
 
+async def fill_history(kind: str, layout: Layout, prefix: str, rooms: list[str], n: int) -> None:
+    """``n`` messages into each group room's history before the members arrive: a room of the plan's rate
+    (a message every two seconds) holds 64 after about two minutes, which a run of seconds never reaches,
+    and what a publish or a join costs the broker may grow with what the room holds."""
+    bus = await remote_publisher(kind, layout, prefix)
+    sem = asyncio.Semaphore(500)
+
+    async def one(room: str) -> None:
+        async with sem:
+            for _ in range(n):
+                frame = message_frame(room, "filler", b'{"t":0}', round(time.time(), 3))
+                await bus.publish(room, envelope(frame), history=True)
+    try:
+        t0 = perf()
+        await asyncio.gather(*(one(room) for room in rooms))
+        print(f"history: {n} messages in each of {len(rooms)} rooms in {perf() - t0:.1f} s", file=sys.stderr)
+    finally:
+        await bus.close()
+
+
 async def remote_publisher(kind: str, layout: Layout, prefix: str) -> Any:
     """A started bus of this tree on the run's broker(s), publishing as the other pods of a fleet would."""
     from wirehub.testing import Recorder
@@ -425,22 +448,27 @@ def render(results: list[dict[str, Any]]) -> str:
 
 
 def ratios(results: list[dict[str, Any]]) -> str:
-    """After / before per (bus, connections): the mean of the rounds' wirehub CPU per delivery and p99."""
+    """After / before per (bus, connections): the means of the rounds' wirehub and broker CPU per delivery,
+    and the p99s."""
     groups: dict[tuple[str, int], dict[str, list[dict[str, Any]]]] = {}
     for r in results:  # one (bus, connections) per run of this script: --replicas and --place are fixed
         groups.setdefault((r["bus"], r["connections"]), {}).setdefault(r["wirehub"], []).append(r)
-    lines = ["| bus | connections | wirehub CPU us/delivery, before | after | after / before | p99 ms before | after |",
-             "|---|---|---|---|---|---|---|"]
-    cpu = "wirehub_cpu_us_per_delivery"
+    lines = ["| bus | connections | wirehub CPU us/delivery, before | after | after / before "
+             "| broker CPU us/delivery, before | after | after / before | p99 ms before | after |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    cpu, broker = "wirehub_cpu_us_per_delivery", "broker_cpu_us_per_delivery"
+
+    def ratio(by: dict[str, list[dict[str, Any]]], key: str) -> str:
+        before = sum(float(r[key]) for r in by["before"]) / len(by["before"])
+        after = sum(float(r[key]) for r in by["after"]) / len(by["after"])
+        return f"**{after / before:.2f}x**" if before else "-"  # a run too short for a CPU tick: no ratio
     for (bus, conns), by in groups.items():
         if "before" not in by or "after" not in by:
             continue
-        before = sum(float(r[cpu]) for r in by["before"]) / len(by["before"])
-        after = sum(float(r[cpu]) for r in by["after"]) / len(by["after"])
-        each = {label: {key: ", ".join(str(r[key]) for r in by[label]) for key in (cpu, "p99_ms")}
+        each = {label: {key: ", ".join(str(r[key]) for r in by[label]) for key in (cpu, broker, "p99_ms")}
                 for label in ("before", "after")}
-        ratio = f"**{after / before:.2f}x**" if before else "-"  # a run too short for a CPU tick: no ratio
-        lines.append(f"| {bus} | {conns} | {each['before'][cpu]} | {each['after'][cpu]} | {ratio} | "
+        lines.append(f"| {bus} | {conns} | {each['before'][cpu]} | {each['after'][cpu]} | {ratio(by, cpu)} | "
+                     f"{each['before'][broker]} | {each['after'][broker]} | {ratio(by, broker)} | "
                      f"{each['before']['p99_ms']} | {each['after']['p99_ms']} |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
@@ -492,6 +520,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--place", choices=("spread", "grouped", "alone"), default="spread",
                    help="a group's members on every replica in turn (spread), all on one (grouped), or one member "
                         "per group here and the other 9 on pods simulated by a publisher (alone)")
+    p.add_argument("--history-fill", type=int, default=0,
+                   help="messages published into each group room's history before the members join (a room "
+                        "that has lived for minutes; the broker's cost per publish and per join may grow with it)")
     p.add_argument("--rate-per-conn", type=float, default=0.5, help="group deliveries/s per connection (plan: 0.5)")
     p.add_argument("--churn-per-min-per-conn", type=float, default=0.2, help="plan: 200,000/min of 1M = 0.2")
     p.add_argument("--warmup", type=float, default=2.0)
@@ -525,7 +556,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 counts = [int(n) for n in a.room_streams.split(",")]
                 plan: list[tuple[str, Path | None, int]] = [("after", None, n) for n in counts]
                 if a.before is not None:  # alternately, so that the machine's load drifts over both
-                    plan = [("before", a.before, counts[0]), ("after", None, counts[0])] * max(1, a.rounds)
+                    pair: list[tuple[str, Path | None, int]] = [("before", a.before, counts[0]),
+                                                                  ("after", None, counts[0])]
+                    # and the order swapped each round: the second run of a pair was slower in some runs
+                    plan = [run for i in range(max(1, a.rounds)) for run in (pair if i % 2 == 0 else pair[::-1])]
                 elif len(counts) > 1:  # alternately, and each round in the other order
                     plan = [("after", None, n) for r in range(max(1, a.rounds))
                             for n in (counts if r % 2 == 0 else counts[::-1])]

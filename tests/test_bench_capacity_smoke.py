@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_bench_capacity_before_and_after_in_one_run(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "bench.bench_capacity", "--bus", "redis", "--replicas", "1", "--groups", "2",
-         "--warmup", "0.5", "--duration", "1", "--burst", "10", "--before", str(ROOT)],
+         "--warmup", "0.5", "--duration", "1", "--burst", "10", "--before", str(ROOT), "--history-fill", "3"],
         cwd=ROOT, capture_output=True, text=True, timeout=140,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -30,6 +30,7 @@ def test_bench_capacity_before_and_after_in_one_run(tmp_path: Path) -> None:
                     "loadgen_cpu_pct"):
             assert key in r
     assert "after / before" in proc.stdout
+    assert proc.stderr.count("history: 3 messages in each of 2 rooms") == 2, proc.stderr[-3000:]
 
 
 def test_bench_capacity_refuses_a_before_that_is_no_tree(tmp_path: Path) -> None:
