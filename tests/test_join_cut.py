@@ -1,0 +1,168 @@
+"""The join path's shortcuts of branch joincut (issue 11) answer as the general paths do:
+
+- the frame reader's path for one whole small masked text frame in a read: every read around its bounds (a
+  frame of 125 and 126 bytes, two frames, a frame and part of the next, reserved bits, a fragment, an empty
+  text frame) is answered as the general loop answers it;
+- ``authorize_now`` with one implementation in argument order (the built-in policy alone) called without the
+  loop: its answers (None, a non-bool, an awaitable, an exception) mean what they mean through the loop, and a
+  plugin registered later is asked;
+- the built-in policy's guest shortcut answers as ``Identity.may_access`` does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from tests.test_socket_stream import ECHO, _frame, _Raw
+from wirehub import Identity, hookimpl
+from wirehub.builtins import policy
+from wirehub.config import PluginsConfig
+from wirehub.plugins import PluginFailed, PluginHost, build_plugin_manager
+from wirehub.testing import LiveServer
+
+Start = Callable[..., Awaitable[LiveServer]]
+
+
+def _payload(n: int) -> bytes:
+    """A JSON object of exactly ``n`` bytes (n >= 9)."""
+    return b'{"a":"' + b"x" * (n - 8) + b'"}'
+
+
+async def _echo(raw: _Raw, payload: bytes) -> None:
+    assert await raw.frame() == (0x1, b'{"echo":' + payload + b"}")
+
+
+@pytest.mark.parametrize("n", [9, 100, 124, 125, 126, 127])
+async def test_one_frame_in_a_read_is_answered_at_every_length(wirehub_server: Start, n: int) -> None:
+    raw = await _Raw.connect(await wirehub_server(ECHO))
+    for _ in range(3):
+        raw.writer.write(_frame(0x1, _payload(n)))
+        await _echo(raw, _payload(n))
+    raw.writer.close()
+
+
+async def test_two_frames_and_a_frame_split_across_reads(wirehub_server: Start) -> None:
+    raw = await _Raw.connect(await wirehub_server(ECHO))
+    a, b, c = _payload(20), _payload(30), _payload(40)
+    raw.writer.write(_frame(0x1, a) + _frame(0x1, b))
+    await _echo(raw, a)
+    await _echo(raw, b)
+    whole = _frame(0x1, c)
+    for cut in (1, 2, 5, 6, len(whole) - 1):
+        raw.writer.write(whole[:cut])
+        await raw.writer.drain()
+        await asyncio.sleep(0.05)
+        raw.writer.write(whole[cut:])
+        await _echo(raw, c)
+    raw.writer.write(_frame(0x1, a) + whole[:7])  # a whole frame, then the start of the next in the same read
+    await _echo(raw, a)
+    await asyncio.sleep(0.05)
+    raw.writer.write(whole[7:])
+    await _echo(raw, c)
+    raw.writer.close()
+
+
+async def test_a_fragmented_message_of_small_frames(wirehub_server: Start) -> None:
+    raw = await _Raw.connect(await wirehub_server(ECHO))
+    text = _payload(60)
+    first, last = _frame(0x1, text[:25]), _frame(0x0, text[25:])
+    first = bytes((0x01,)) + first[1:]  # not final
+    raw.writer.write(first)
+    await raw.writer.drain()
+    await asyncio.sleep(0.05)
+    raw.writer.write(last)
+    await _echo(raw, text)
+    raw.writer.close()
+
+
+@pytest.mark.parametrize("first", [0xC1, 0x91, 0xA1])
+async def test_reserved_bits_on_a_small_text_frame_fail_with_1002(wirehub_server: Start, first: int) -> None:
+    raw = await _Raw.connect(await wirehub_server(ECHO))
+    frame = _frame(0x1, _payload(20))
+    raw.writer.write(bytes((first,)) + frame[1:])
+    opcode, data = await raw.frame()
+    assert (opcode, int.from_bytes(data[:2], "big")) == (0x8, 1002)
+    raw.writer.close()
+
+
+async def test_an_empty_text_frame_is_a_request_like_any_other(wirehub_server: Start) -> None:
+    raw = await _Raw.connect(await wirehub_server(ECHO))
+    raw.writer.write(_frame(0x1, b""))
+    raw.writer.write(_frame(0x1, _payload(12)))  # still open and reading
+    for _ in range(2):
+        opcode, data = await raw.frame()
+        if data == b'{"echo":' + _payload(12) + b"}":
+            break
+        assert opcode == 0x1 and json.loads(data)["op"] == "error"  # the echo's answer to non-JSON
+    raw.writer.close()
+
+
+# -- authorize_now with one implementation -----------------------------------------------------------------------
+
+
+class Answers:
+    def __init__(self, answer: Any) -> None:
+        self.answer = answer
+
+    @hookimpl
+    def wirehub_authorize(self, identity: Identity, action: str, room: str) -> Any:
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        if self.answer == "later":
+            async def later() -> bool:
+                return room == "granted"
+
+            return later()
+        return self.answer
+
+
+def alone(plugin: object) -> PluginHost:
+    host = build_plugin_manager(PluginsConfig(block=("wirehub.builtins.policy",)))
+    host.pm.register(plugin, name="only")
+    return host
+
+
+@pytest.mark.parametrize(("answer", "expected"), [(True, True), (False, False), (None, False), (1, True),
+                                                  (0, False), ("yes", True)])
+async def test_one_implementation_answers_as_through_the_loop(answer: Any, expected: bool) -> None:
+    host, who = alone(Answers(answer)), Identity(user="a")
+    for _ in range(3):  # the first call works the plan out, the next ones take the shortcut
+        got = host.authorize_now(who, "join", "r")
+        assert got is expected
+        assert await host.authorize(who, "join", "r") is expected
+    assert host._authorize_only is not None
+
+
+async def test_one_implementation_answering_later_or_raising() -> None:
+    host = alone(Answers("later"))
+    for room in ("granted", "other", "granted"):
+        pending = host.authorize_now(Identity(user="a"), "join", room)
+        assert not isinstance(pending, bool) and await pending is (room == "granted")
+    failing = alone(Answers(RuntimeError("down")))
+    for _ in range(2):
+        with pytest.raises(PluginFailed):
+            failing.authorize_now(Identity(user="a"), "join", "r")
+
+
+async def test_a_plugin_registered_later_is_asked_first() -> None:
+    host = build_plugin_manager()  # the built-in policy alone: the shortcut
+    guest = Identity(user="g", rooms=("*",))
+    assert host.authorize_now(guest, "join", "r") is True and host._authorize_only is not None
+    host.pm.register(Answers(False), name="closed")
+    assert host.authorize_now(guest, "join", "r") is False and host._authorize_only is None
+    host.pm.unregister(name="closed")
+    assert host.authorize_now(guest, "join", "r") is True
+
+
+@pytest.mark.parametrize("rooms", [("*",), ("*", "read:x"), ("read:*",), ("team-*", "*"), (), ("r",), ("read:r",)])
+@pytest.mark.parametrize("action", ["join", "publish", "presence", "history"])
+def test_the_policy_answers_as_may_access(rooms: tuple[str, ...], action: str) -> None:
+    identity = Identity(user="u", rooms=rooms)
+    for room in ("r", "team-a", "x"):
+        assert policy.wirehub_authorize(identity, action, room) is identity.may_access(
+            room, write=action not in policy.READ_ACTIONS)
