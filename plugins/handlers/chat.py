@@ -199,32 +199,57 @@ class ChatHandler(OpHandler):
     async def op_join(self, session: Session, request: dict[str, Any]) -> None:
         # one string for the room's name in every member's state, not one per join request
         room = sys.intern(self.room_rules.room(request))
-        since = parse_since(request.get("since"))
+        since = request.get("since")
+        if since is not None:
+            since = parse_since(since)
         st = self._state(session)
-        if st.has(room):
-            raise ProtocolError(ErrorCode.BAD_REQUEST, f"already joined room {room!r}")
-        if st.count() >= self.options.max_rooms:
-            raise ProtocolError(
-                ErrorCode.FORBIDDEN,
-                f"at most {self.options.max_rooms} rooms per connection",
-                reason="room_limit",
-            )
+        if st._rooms:  # in a room already (a new state is in none: nothing to check)
+            if st.has(room):
+                raise ProtocolError(ErrorCode.BAD_REQUEST, f"already joined room {room!r}")
+            if st.count() >= self.options.max_rooms:
+                raise ProtocolError(
+                    ErrorCode.FORBIDDEN,
+                    f"at most {self.options.max_rooms} rooms per connection",
+                    reason="room_limit",
+                )
         ctx = self.context
-        if (refusal := self._authorize(session, "join", room)) is not None:
-            await refusal
+        allowed = ctx.hooks.authorize_now(session.identity, "join", room)  # _authorize, inlined: once per join
+        if allowed is not True:
+            await _refuse_unless(allowed, "join", room)
         st.add(room)
+        hub = ctx.hub
+        joined = hub.join_now(room, session)  # a room subscribed here already: no coroutine
+        tried = False
+        if joined and since is None and (live := hub.position(room)) is not None:
+            # At once when the presence join needs no wait either (memory, events off): then nothing waited since
+            # the hub's join, so no message of the room came meanwhile (nothing to hold back), and the position is
+            # the hub's own, so none at or below it can follow (no floor: ``hub.behind`` is False).
+            tried = True
+            try:
+                fields = self.presence.join_now(session, room)
+            except BaseException:
+                await self._leave(session, st, room)
+                raise
+            if fields is not None:
+                presence, members = fields
+                after, epoch = live
+                session.send_frame(OutFrame(_joined(request.get("id"), room, after, epoch, False, presence, members)))
+                if session.closed:
+                    await self._leave(session, st, room)
+                return
         # Gap-free and duplicate-free: live messages are held from the moment the session is a
-        # member; history after `since` is replayed; then the held ones newer than the replay go out.
+        # member (nothing waited since the hub's join above); history after `since` is replayed; then the held
+        # ones newer than the replay go out.
         session.hold(room)
         try:
-            if not ctx.hub.join_now(room, session):  # a room subscribed here already: no coroutine
-                await ctx.hub.join(room, session)
+            if not joined:
+                await hub.join(room, session)
             # Without `since` the join starts from the hub's live position when it knows one: no history
             # read. Gap-free: the session is held and a member already, so whatever is fanned out after
             # this has a greater offset and is released below.
-            live = ctx.hub.position(room) if since is None else None
+            live = hub.position(room) if since is None else None
             # O(1) in the room's size, encoded; at once on a backend that never waits (memory), with no event
-            fields = self.presence.join_now(session, room)
+            fields = None if tried else self.presence.join_now(session, room)
             presence, members = fields if fields is not None else await self.presence.join(session, room)
             recovery = None if live is not None else await recover(ctx.backend.history, room, since,
                                                                     self.options.recovery_limit)
