@@ -84,6 +84,16 @@ class OfferingTransport(Transport, Protocol):
         ...
 
 
+class CappedTransport(Transport, Protocol):
+    """A transport with :meth:`Session.send_frame`'s one-call path (taken when the transport has it)."""
+
+    def send_capped(self, frame: OutFrame, cap: int) -> int:
+        """What :meth:`Session.send_frame` does with :attr:`~Transport.closed`, :meth:`~Transport.buffered` and
+        :meth:`~Transport.send_frame`, in one call: as :meth:`OfferingTransport.offer` answers (1 queued, 0 dropped
+        as the transport is closed, -1 nothing queued as the queue would pass ``cap`` bytes)."""
+        ...
+
+
 class Session:
     """One WebSocket connection: identity, rooms, handler state and the send queue.
 
@@ -189,12 +199,23 @@ class Session:
 
     def send_frame(self, frame: OutFrame) -> bool:
         """Queue ``frame``; False (and the session closed with 4008) when over the byte cap."""
-        if self.closed:
+        if self.close_code is not None:
             return False
-        if self.transport.buffered() + len(frame.payload) > self.max_queue_bytes:
-            self._overflow()
-            return False
-        self.transport.send_frame(frame)
+        transport: Any = self.transport
+        capped = getattr(transport, "send_capped", None)
+        if capped is not None:  # the checks below and the queueing in one call (a WebSocket's StreamTransport)
+            queued = capped(frame, self.max_queue_bytes)
+            if queued <= 0:
+                if queued < 0:
+                    self._overflow()
+                return False
+        else:
+            if transport.closed:
+                return False
+            if transport.buffered() + len(frame.payload) > self.max_queue_bytes:
+                self._overflow()
+                return False
+            transport.send_frame(frame)
         if self.metrics is not None:
             self.metrics.sent.n += 1
         return True

@@ -157,6 +157,10 @@ class StreamTransport:
         self._corked_bytes = corked_bytes + len(wire)
         return 1
 
+    #: :meth:`Session.send_frame`'s one call (:class:`wirehub.session.CappedTransport`): its checks are
+    #: :meth:`offer`'s (``closed``; ``buffered()`` plus the payload against the cap), then the same queueing
+    send_capped = offer
+
     def _cork(self, wire: bytes) -> None:
         corked = self._corked
         if corked is None:

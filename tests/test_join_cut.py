@@ -6,24 +6,33 @@
 - ``authorize_now`` with one implementation in argument order (the built-in policy alone) called without the
   loop: its answers (None, a non-bool, an awaitable, an exception) mean what they mean through the loop, and a
   plugin registered later is asked;
-- the built-in policy's guest shortcut answers as ``Identity.may_access`` does.
+- the built-in policy's guest shortcut answers as ``Identity.may_access`` does;
+- ``Session.send_frame`` over a WebSocket's transport (its ``send_capped``, one call) answers, queues, counts
+  and closes (4008) as the general path (``closed``, ``buffered``, ``send_frame``) does over the same transport.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import Awaitable, Callable
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from tornado.iostream import IOStream
 
 from tests.test_socket_stream import ECHO, _frame, _Raw
-from wirehub import Identity, hookimpl
+from wirehub import Identity, OutFrame, Session, hookimpl
 from wirehub.builtins import policy
 from wirehub.config import PluginsConfig
+from wirehub.metrics import Metrics
 from wirehub.plugins import PluginFailed, PluginHost, build_plugin_manager
+from wirehub.protocol import CloseCode
+from wirehub.stream import SocketStream
 from wirehub.testing import LiveServer
+from wirehub.transport import StreamTransport
 
 Start = Callable[..., Awaitable[LiveServer]]
 
@@ -166,3 +175,74 @@ def test_the_policy_answers_as_may_access(rooms: tuple[str, ...], action: str) -
     for room in ("r", "team-a", "x"):
         assert policy.wirehub_authorize(identity, action, room) is identity.may_access(
             room, write=action not in policy.READ_ACTIONS)
+
+
+# -- Session.send_frame over a StreamTransport -------------------------------------------------------------------
+
+
+class _Plain:
+    """A StreamTransport seen without ``send_capped``: the general path of ``Session.send_frame``."""
+
+    def __init__(self, inner: StreamTransport) -> None:
+        self.inner = inner
+
+    def send_frame(self, frame: OutFrame) -> None:
+        self.inner.send_frame(frame)
+
+    def buffered(self) -> int:
+        return self.inner.buffered()
+
+    def close(self, code: int, reason: str) -> None:
+        self.inner.close(code, reason)
+
+    @property
+    def closed(self) -> bool:
+        return self.inner.closed
+
+
+async def _session_over_a_socket(plain: bool) -> tuple[Session, Any, socket.socket, list[int]]:
+    a, b = socket.socketpair()
+    b.setblocking(False)
+
+    class Owner:
+        def on_readable(self) -> None: ...
+        def on_stream_closed(self) -> None: ...
+
+    protocol = SimpleNamespace(stream=SocketStream(IOStream(a), Owner()), server_terminated=False)
+    codes: list[int] = []
+    inner = StreamTransport(protocol, lambda code, reason: codes.append(code))  # type: ignore[arg-type]
+    transport: Any = _Plain(inner) if plain else inner
+    session = Session(transport, Identity(user="u"), endpoint="/ws/chat", node="n1", max_queue_bytes=64,
+                      metrics=Metrics())
+    return session, protocol, b, codes
+
+
+@pytest.mark.parametrize("sizes", [(10, 10, 41, 5), (60, 1, 1), (62,), (63,), (30, 30)])
+async def test_send_frame_in_one_call_answers_as_the_general_path(sizes: tuple[int, ...]) -> None:
+    seen = []
+    for plain in (False, True):
+        session, protocol, peer, codes = await _session_over_a_socket(plain)
+        answers = [session.send_frame(OutFrame(b"x" * n)) for n in sizes]
+        await asyncio.sleep(0.01)
+        got = peer.recv(1000) if session.close_code is None else b""
+        seen.append((answers, got, session.close_code, codes, session.metrics.sent.n))  # type: ignore[union-attr]
+        protocol.stream.close()
+        peer.close()
+    assert seen[0] == seen[1]
+
+
+async def test_send_frame_in_one_call_drops_when_closed() -> None:
+    for plain in (False, True):
+        session, protocol, peer, codes = await _session_over_a_socket(plain)
+        protocol.server_terminated = True
+        assert session.send_frame(OutFrame(b"a")) is False and session.close_code is None
+        protocol.server_terminated = False
+        protocol.stream.close()
+        assert session.send_frame(OutFrame(b"a")) is False and session.close_code is None
+        assert session.metrics.sent.n == 0  # type: ignore[union-attr]
+        peer.close()
+    session, protocol, peer, codes = await _session_over_a_socket(False)
+    assert session.send_frame(OutFrame(b"a" * 70)) is False and session.close_code == CloseCode.SLOW_CONSUMER
+    assert session.send_frame(OutFrame(b"a")) is False
+    protocol.stream.close()
+    peer.close()
