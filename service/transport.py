@@ -142,7 +142,9 @@ class StreamTransport:
         corked_bytes = self._corked_bytes
         if (len(out) if out is not None else 0) + corked_bytes + len(frame.payload) > cap:
             return -1
-        wire = frame._wire or frame.wire  # built once per message, by the first member's offer
+        wire = frame._wire
+        if wire is None:  # built once per message, by the first member's offer (a call: cheaper than the property)
+            wire = frame._wire = frame._frame()
         corked = self._corked
         if corked is None:
             self._corked = wire

@@ -182,9 +182,10 @@ class ChatHandler(OpHandler):
         return None
 
     def _state(self, session: Session) -> _ChatState:
-        st = session.state.get(_STATE)
+        state = session.handler_state()
+        st = state.get(_STATE)
         if st is None:
-            st = session.state[_STATE] = _ChatState()
+            st = state[_STATE] = _ChatState()
         assert isinstance(st, _ChatState)
         return st
 
@@ -233,9 +234,9 @@ class ChatHandler(OpHandler):
             if fields is not None:
                 presence, members = fields
                 after, epoch = live
+                # Closed now (its reply overflowed the queue, the peer left)? Then on_close is still to come (it runs
+                # once the connection ended, from the loop, never within this call) and leaves the room.
                 session.send_frame(OutFrame(_joined(request.get("id"), room, after, epoch, False, presence, members)))
-                if session.closed:
-                    await self._leave(session, st, room)
                 return
         # Gap-free and duplicate-free: live messages are held from the moment the session is a
         # member (nothing waited since the hub's join above); history after `since` is replayed; then the held
@@ -472,17 +473,20 @@ def _joined(req_id: Any, room: str, offset: int, epoch: str, recovered: bool, pr
     "room", "offset", "epoch", "recovered", "count"?, "cursor"?, "presence"?}`` (tests/test_join_frame.py),
     without a dict and a JSON encoder per join. ``presence`` then ``members``: :meth:`ChatPresence.join`'s
     fields (what :func:`joined_fields` gives, in two parts: the big list is copied once, here)."""
+    room_json = _fragments.get(room) or json_bytes(room)
+    epoch_json = _fragments.get(epoch) or json_bytes(epoch)
+    flag = b"true" if recovered else b"false"
+    if type(req_id) is int:  # what dumps writes for an int (not a bool: True is an int too); one format per frame
+        return b'{"op":"joined","id":%d,"room":%s,"offset":%d,"epoch":%s,"recovered":%s%s%s}' % (
+            req_id, room_json, offset, epoch_json, flag, presence, members)
     if req_id is None:
         data = b'{"op":"joined","room":'
-    elif type(req_id) is int:  # what dumps writes for an int (not a bool: True is an int too)
-        data = b'{"op":"joined","id":%d,"room":' % req_id
     elif type(req_id) is str:
         data = b'{"op":"joined","id":%s,"room":' % json_string(req_id).encode()
     else:
         data = b'{"op":"joined","id":%s,"room":' % encode(req_id)
     return b'%s%s,"offset":%d,"epoch":%s,"recovered":%s%s%s}' % (
-        data, _fragments.get(room) or json_bytes(room), offset, _fragments.get(epoch) or json_bytes(epoch),
-        b"true" if recovered else b"false", presence, members)
+        data, room_json, offset, epoch_json, flag, presence, members)
 
 
 def _budget(session: Session) -> int:
