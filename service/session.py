@@ -174,6 +174,10 @@ class Session:
             state = self._state = {}
         return state
 
+    @state.setter
+    def state(self, state: dict[str, Any]) -> None:
+        self._state = state
+
     def handler_state(self) -> dict[str, Any]:
         """:attr:`state`, as a method: on a per-request path (the op rate, the chat's state) a call costs less
         than a property (the interpreter runs it in the same loop, not through a C call)."""
@@ -181,10 +185,6 @@ class Session:
         if state is None:
             state = self._state = {}
         return state
-
-    @state.setter
-    def state(self, state: dict[str, Any]) -> None:
-        self._state = state
 
     def set_identity(self, identity: Identity) -> None:
         """Replace the identity (a refreshed token); its expiry takes effect at once."""

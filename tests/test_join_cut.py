@@ -243,6 +243,6 @@ async def test_send_frame_in_one_call_drops_when_closed() -> None:
         peer.close()
     session, protocol, peer, codes = await _session_over_a_socket(False)
     assert session.send_frame(OutFrame(b"a" * 70)) is False and session.close_code == CloseCode.SLOW_CONSUMER
-    assert session.send_frame(OutFrame(b"a")) is False
+    assert session.send_frame(OutFrame(b"a")) is False and codes == [CloseCode.SLOW_CONSUMER]
     protocol.stream.close()
     peer.close()
