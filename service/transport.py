@@ -135,7 +135,10 @@ class StreamTransport:
             return 0
         stream = self._taken
         if stream is None:
-            return self._offer_edge(frame, cap)
+            stream = self._protocol.stream
+            if type(stream) is not SocketStream:
+                return self._offer_edge(frame, cap)
+            self._taken = stream  # taken over (final): kept from this first frame on
         if stream._closed:
             return 0
         out = stream._out
@@ -177,11 +180,8 @@ class StreamTransport:
             corked += wire
 
     def _offer_edge(self, frame: OutFrame, cap: int) -> int:
-        """:meth:`offer` until the transport has seen the socket taken over (Tornado's stream before)."""
+        """:meth:`offer` before the socket is taken over (on Tornado's stream)."""
         stream: Any = self._protocol.stream
-        if type(stream) is SocketStream:
-            self._taken = stream
-            return self.offer(frame, cap)
         if stream.closed():
             return 0
         if buffered(stream) + self._corked_bytes + len(frame.payload) > cap:
