@@ -135,10 +135,10 @@ class StreamTransport:
             return 0
         stream = self._taken
         if stream is None:
-            stream = self._protocol.stream
-            if type(stream) is not SocketStream:
+            current: Any = self._protocol.stream
+            if type(current) is not SocketStream:
                 return self._offer_edge(frame, cap)
-            self._taken = stream  # taken over (final): kept from this first frame on
+            stream = self._taken = current  # taken over (final): kept from this first frame on
         if stream._closed:
             return 0
         out = stream._out
