@@ -220,12 +220,13 @@ class ChatHandler(OpHandler):
         st.add(room)
         hub = ctx.hub
         joined = hub.join_now(room, session)  # a room subscribed here already: no coroutine
-        tried = False
-        if joined and since is None and (live := hub.position(room)) is not None:
+        # Without `since` the join starts from the hub's live position when it knows one: no history read.
+        live = hub.position(room) if joined and since is None else None
+        tried = live is not None
+        if live is not None:
             # At once when the presence join needs no wait either (memory, events off): then nothing waited since
             # the hub's join, so no message of the room came meanwhile (nothing to hold back), and the position is
             # the hub's own, so none at or below it can follow (no floor: ``hub.behind`` is False).
-            tried = True
             try:
                 fields = self.presence.join_now(session, room)
             except BaseException:
@@ -245,10 +246,10 @@ class ChatHandler(OpHandler):
         try:
             if not joined:
                 await hub.join(room, session)
-            # Without `since` the join starts from the hub's live position when it knows one: no history
-            # read. Gap-free: the session is held and a member already, so whatever is fanned out after
-            # this has a greater offset and is released below.
-            live = hub.position(room) if since is None else None
+                # Gap-free: the session is held and a member already, so whatever is fanned out after this has a
+                # greater offset and is released below (a position read above, after join_now, holds too: nothing
+                # waited since).
+                live = hub.position(room) if since is None else None
             # O(1) in the room's size, encoded; at once on a backend that never waits (memory), with no event
             fields = None if tried else self.presence.join_now(session, room)
             presence, members = fields if fields is not None else await self.presence.join(session, room)
