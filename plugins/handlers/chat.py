@@ -235,9 +235,11 @@ class ChatHandler(OpHandler):
             if fields is not None:
                 presence, members = fields
                 after, epoch = live
-                # Closed now (its reply overflowed the queue, the peer left)? Then on_close is still to come (it runs
-                # once the connection ended, from the loop, never within this call) and leaves the room.
                 session.send_frame(OutFrame(_joined(request.get("id"), room, after, epoch, False, presence, members)))
+                # closed meanwhile (the peer gone while an authorize hook waited, or this reply overflowed the
+                # queue): on_close may have run already, before this member was in the room
+                if session.closed:
+                    await self._leave(session, st, room)
                 return
         # Gap-free and duplicate-free: live messages are held from the moment the session is a
         # member (nothing waited since the hub's join above); history after `since` is replayed; then the held
