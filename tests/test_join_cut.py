@@ -8,7 +8,6 @@
   plugin registered later is asked;
 - the built-in policy's guest shortcut answers as ``Identity.may_access`` does;
 - ``inbound.loads`` with its direct scan inlined answers every edge frame as through ``JSONDecoder.decode``;
-- the chat presence's entry made through the slots is the dataclass's own object;
 - ``Session.send_frame`` over a WebSocket's transport (its ``send_capped``, one call) answers, queues, counts
   and closes (4008) as the general path (``closed``, ``buffered``, ``send_frame``) does over the same transport.
 """
@@ -16,7 +15,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import socket
 from collections.abc import Awaitable, Callable
@@ -28,9 +26,8 @@ from tornado.iostream import IOStream
 
 from tests.test_join_caches import FRAMES
 from tests.test_socket_stream import ECHO, _frame, _Raw
-from wirehub import Identity, OutFrame, PresenceEntry, Session, hookimpl, inbound
+from wirehub import Identity, OutFrame, Session, hookimpl, inbound
 from wirehub.builtins import policy
-from wirehub.builtins.handlers.chat_presence import NameInfo, _entry
 from wirehub.config import PluginsConfig
 from wirehub.metrics import Metrics
 from wirehub.plugins import PluginFailed, PluginHost, build_plugin_manager
@@ -251,20 +248,6 @@ async def test_send_frame_in_one_call_drops_when_closed() -> None:
     assert session.send_frame(OutFrame(b"a")) is False and codes == [CloseCode.SLOW_CONSUMER]
     protocol.stream.close()
     peer.close()
-
-
-# -- the presence entry ----------------------------------------------------------------------------------------
-
-
-def test_the_entry_made_through_the_slots_is_the_dataclass_object() -> None:
-    assert [f.name for f in dataclasses.fields(PresenceEntry)] == ["user", "session", "node", "info"]
-    assert not hasattr(PresenceEntry, "__post_init__")
-    for info in ({}, NameInfo("Ann"), {"name": "x", "role": 1}):
-        made, expected = _entry("u1", "s1", "n1", info), PresenceEntry("u1", "s1", "n1", info)
-        assert type(made) is PresenceEntry and made == expected
-        assert repr(made) == repr(expected) and dataclasses.astuple(made) == dataclasses.astuple(expected)
-        with pytest.raises(dataclasses.FrozenInstanceError):
-            made.user = "v"  # type: ignore[misc]
 
 
 # -- the inbound decoder ---------------------------------------------------------------------------------------

@@ -439,23 +439,6 @@ def _info(name: str) -> Mapping[str, Any]:
     return NameInfo(name) if name else _NO_INFO
 
 
-#: :class:`PresenceEntry`'s slots (a frozen dataclass), set through their descriptors by :func:`_entry`
-_SET_USER, _SET_SESSION, _SET_NODE, _SET_INFO = (getattr(PresenceEntry, name).__set__
-                                                 for name in ("user", "session", "node", "info"))
-_new_object = object.__new__
-
-
-def _entry(user: str, session: str, node: str, info: Mapping[str, Any]) -> PresenceEntry:
-    """``PresenceEntry(user, session, node, info)``, the same frozen object (tests/test_join_cut.py), at about half
-    the cost: the dataclass's ``__init__`` is a Python frame making four ``object.__setattr__`` calls. One per join."""
-    entry = _new_object(PresenceEntry)
-    _SET_USER(entry, user)
-    _SET_SESSION(entry, session)
-    _SET_NODE(entry, node)
-    _SET_INFO(entry, info)
-    return entry
-
-
 #: events mode name -> its implementation, built once per chat endpoint
 EVENT_MODES: dict[str, Callable[[Hub, Presence], EventMode]] = {
     "each": EachEvent,
@@ -511,12 +494,11 @@ class ChatPresence:
         if rule.events != "off":  # an arrival to announce (async)
             return None
         identity = session.identity
-        name = identity.name
-        now.join_now(room, _entry(identity.user, session.id, session.node, NameInfo(name) if name else _NO_INFO))
+        now.join_now(room, PresenceEntry(identity.user, session.id, session.node, _info(identity.name)))
         limit = rule.limit
         members, cursor, users, connections = now.head_now(room, limit)
-        if not limit:  # the count only (a big room's usual rule); _fields, inlined
-            return b',"count":{"users":%d,"connections":%d},"presence":' % (users, connections), b"[]"
+        if not limit:  # the count only (a big room's usual rule)
+            return _fields(users, connections, None), b"[]"
         return _fields(users, connections, cursor), self.heads.encoded(room, members)
 
     async def join(self, session: Session, room: str) -> tuple[bytes, bytes]:
@@ -528,7 +510,7 @@ class ChatPresence:
         if not rule.enabled:
             return b"", b""
         name = session.identity.name
-        entry = _entry(session.identity.user, session.id, session.node, _info(name))
+        entry = PresenceEntry(session.identity.user, session.id, session.node, _info(name))
         now = self._now
         if now is not None:
             if now.join_now(room, entry) and rule.events != "off":
