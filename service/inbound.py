@@ -122,15 +122,7 @@ def loads(data: str | bytes | bytearray, max_depth: int = DEFAULT_MAX_JSON_DEPTH
     if text.count("[") + text.count("{") > max_depth and too_deep(text, max_depth):
         raise JsonRejected(f"JSON nested deeper than {max_depth} levels")
     try:
-        if text[:1] == "{" and text[-1:] == "}":  # _decode's direct scan, inlined (one call less per request)
-            try:
-                value, end = _SCAN(text, 0)
-            except StopIteration:
-                end = -1
-            if end != len(text):
-                value = _DECODER.decode(text)
-        else:
-            value = _DECODER.decode(text)
+        value = _decode(text)
     except JsonRejected:
         raise
     except (ValueError, RecursionError):  # RecursionError: cannot happen after the scan; kept as a guard

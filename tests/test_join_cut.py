@@ -7,7 +7,7 @@
   loop: its answers (None, a non-bool, an awaitable, an exception) mean what they mean through the loop, and a
   plugin registered later is asked;
 - the built-in policy's guest shortcut answers as ``Identity.may_access`` does;
-- ``inbound.loads`` with its direct scan inlined answers every edge frame as through ``JSONDecoder.decode``;
+- the chat presence's entry made through the slots is the dataclass's own object;
 - ``Session.send_frame`` over a WebSocket's transport (its ``send_capped``, one call) answers, queues, counts
   and closes (4008) as the general path (``closed``, ``buffered``, ``send_frame``) does over the same transport.
 """
@@ -24,9 +24,8 @@ from typing import Any
 import pytest
 from tornado.iostream import IOStream
 
-from tests.test_join_caches import FRAMES
 from tests.test_socket_stream import ECHO, _frame, _Raw
-from wirehub import Identity, OutFrame, Session, hookimpl, inbound
+from wirehub import Identity, OutFrame, PresenceEntry, Session, hookimpl
 from wirehub.builtins import policy
 from wirehub.config import PluginsConfig
 from wirehub.metrics import Metrics
@@ -250,22 +249,15 @@ async def test_send_frame_in_one_call_drops_when_closed() -> None:
     peer.close()
 
 
-# -- the inbound decoder ---------------------------------------------------------------------------------------
+# -- the presence entry ----------------------------------------------------------------------------------------
 
 
-def _loads(text: str) -> Any:
-    try:
-        return ("value", inbound.loads(text))
-    except inbound.JsonRejected as exc:
-        return ("rejected", exc.reason)
-
-
-@pytest.mark.parametrize("text", [*FRAMES, '{"a":' + "[" * 36 + "1" + "]" * 36 + "}"])
-def test_loads_answers_as_through_decode(text: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    got = _loads(text)
-
-    def no_scan(text: str, pos: int) -> Any:
-        raise StopIteration(pos)
-
-    monkeypatch.setattr(inbound, "_SCAN", no_scan)  # every frame through JSONDecoder.decode
-    assert got == _loads(text)
+def test_the_entry_made_through_the_slots_is_the_dataclass_object() -> None:
+    assert [f.name for f in dataclasses.fields(PresenceEntry)] == ["user", "session", "node", "info"]
+    assert not hasattr(PresenceEntry, "__post_init__")
+    for info in ({}, NameInfo("Ann"), {"name": "x", "role": 1}):
+        made, expected = _entry("u1", "s1", "n1", info), PresenceEntry("u1", "s1", "n1", info)
+        assert type(made) is PresenceEntry and made == expected
+        assert repr(made) == repr(expected) and dataclasses.astuple(made) == dataclasses.astuple(expected)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            made.user = "v"  # type: ignore[misc]
