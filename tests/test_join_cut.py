@@ -6,8 +6,6 @@
 - ``authorize_now`` with one implementation in argument order (the built-in policy alone) called without the
   loop: its answers (None, a non-bool, an awaitable, an exception) mean what they mean through the loop, and a
   plugin registered later is asked;
-- the built-in policy's guest shortcut answers as ``Identity.may_access`` does;
-- the chat presence's entry made through the slots is the dataclass's own object;
 - ``Session.send_frame`` over a WebSocket's transport (its ``send_capped``, one call) answers, queues, counts
   and closes (4008) as the general path (``closed``, ``buffered``, ``send_frame``) does over the same transport.
 """
@@ -25,8 +23,7 @@ import pytest
 from tornado.iostream import IOStream
 
 from tests.test_socket_stream import ECHO, _frame, _Raw
-from wirehub import Identity, OutFrame, PresenceEntry, Session, hookimpl
-from wirehub.builtins import policy
+from wirehub import Identity, OutFrame, Session, hookimpl
 from wirehub.config import PluginsConfig
 from wirehub.metrics import Metrics
 from wirehub.plugins import PluginFailed, PluginHost, build_plugin_manager
@@ -169,15 +166,6 @@ async def test_a_plugin_registered_later_is_asked_first() -> None:
     assert host.authorize_now(guest, "join", "r") is True
 
 
-@pytest.mark.parametrize("rooms", [("*",), ("*", "read:x"), ("read:*",), ("team-*", "*"), (), ("r",), ("read:r",)])
-@pytest.mark.parametrize("action", ["join", "publish", "presence", "history"])
-def test_the_policy_answers_as_may_access(rooms: tuple[str, ...], action: str) -> None:
-    identity = Identity(user="u", rooms=rooms)
-    for room in ("r", "team-a", "x"):
-        assert policy.wirehub_authorize(identity, action, room) is identity.may_access(
-            room, write=action not in policy.READ_ACTIONS)
-
-
 # -- Session.send_frame over a StreamTransport -------------------------------------------------------------------
 
 
@@ -247,17 +235,3 @@ async def test_send_frame_in_one_call_drops_when_closed() -> None:
     assert session.send_frame(OutFrame(b"a")) is False and codes == [CloseCode.SLOW_CONSUMER]
     protocol.stream.close()
     peer.close()
-
-
-# -- the presence entry ----------------------------------------------------------------------------------------
-
-
-def test_the_entry_made_through_the_slots_is_the_dataclass_object() -> None:
-    assert [f.name for f in dataclasses.fields(PresenceEntry)] == ["user", "session", "node", "info"]
-    assert not hasattr(PresenceEntry, "__post_init__")
-    for info in ({}, NameInfo("Ann"), {"name": "x", "role": 1}):
-        made, expected = _entry("u1", "s1", "n1", info), PresenceEntry("u1", "s1", "n1", info)
-        assert type(made) is PresenceEntry and made == expected
-        assert repr(made) == repr(expected) and dataclasses.astuple(made) == dataclasses.astuple(expected)
-        with pytest.raises(dataclasses.FrozenInstanceError):
-            made.user = "v"  # type: ignore[misc]
