@@ -268,7 +268,7 @@ class OpHandler:
         server = self.context.config.server
         if not server.op_rate:
             return True
-        state = session.state
+        state = session.handler_state()
         budget = state.get(_OP_BUDGET)
         if not isinstance(budget, _OpBudget):
             # Most sessions send one request or a few (a member of a big room: its join), so the first

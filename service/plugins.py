@@ -256,6 +256,9 @@ class PluginHost:
         self._authorize_plan: list[tuple[pluggy.HookImpl, Callable[..., Any], bool]] = []
         #: the :attr:`PluginManager.generation` the plan was checked at (None: not yet, or not counted)
         self._authorize_generation: int | None = None
+        #: the plan's function when it is one implementation taking ``(identity, action, room)`` in order (the
+        #: built-in policy alone) and the plan is checked by generation: called with no loop (None: the loop)
+        self._authorize_only: Callable[..., Any] | None = None
 
     def _failed(self, impl: pluggy.HookImpl, hook: str, exc: BaseException) -> PluginFailed:
         name = _hook_name(hook)
@@ -396,6 +399,20 @@ class PluginHost:
         """:meth:`authorize` without a coroutine while the implementations answer synchronously (the
         built-in policy does): the answer, or an awaitable of it from the first implementation that
         returned an awaitable on. Called per join and publish, so it skips the per-call wrappers."""
+        only = self._authorize_only
+        if only is not None and self.pm.generation == self._authorize_generation:  # type: ignore[attr-defined]
+            try:
+                answer = only(identity, action, room)
+            except Exception as exc:
+                raise self._failed(self._authorize_plan[0][0], "wirehub_authorize", exc) from exc
+            if answer is True or answer is False:
+                return answer
+            if answer is None:  # nobody else to ask
+                return False
+            if inspect.isawaitable(answer):
+                return self._authorize_rest(self._authorize_plan[0][0], answer, [],
+                                            {"identity": identity, "action": action, "room": room})
+            return bool(answer)
         plan = self._authorizers()
         for i, (impl, function, in_order) in enumerate(plan):
             try:
@@ -426,7 +443,9 @@ class PluginHost:
             self._authorize_plan = [(impl, impl.function, tuple(impl.argnames) == _AUTHORIZE_ARGS)
                                     for impl in reversed(impls)]
         self._authorize_generation = generation
-        return self._authorize_plan
+        plan = self._authorize_plan
+        self._authorize_only = plan[0][1] if generation is not None and len(plan) == 1 and plan[0][2] else None
+        return plan
 
     async def _authorize_rest(self, impl: pluggy.HookImpl, pending: Awaitable[Any], rest: list[pluggy.HookImpl],
                               kwargs: Mapping[str, Any]) -> bool:

@@ -135,14 +135,19 @@ class StreamTransport:
             return 0
         stream = self._taken
         if stream is None:
-            return self._offer_edge(frame, cap)
+            current: Any = self._protocol.stream
+            if type(current) is not SocketStream:
+                return self._offer_edge(frame, cap)
+            stream = self._taken = current  # taken over (final): kept from this first frame on
         if stream._closed:
             return 0
         out = stream._out
         corked_bytes = self._corked_bytes
         if (len(out) if out is not None else 0) + corked_bytes + len(frame.payload) > cap:
             return -1
-        wire = frame._wire or frame.wire  # built once per message, by the first member's offer
+        wire = frame._wire
+        if wire is None:  # built once per message, by the first member's offer (a call: cheaper than the property)
+            wire = frame._wire = frame._frame()
         corked = self._corked
         if corked is None:
             self._corked = wire
@@ -156,6 +161,10 @@ class StreamTransport:
             corked += wire
         self._corked_bytes = corked_bytes + len(wire)
         return 1
+
+    #: :meth:`Session.send_frame`'s one call (:class:`wirehub.session.CappedTransport`): its checks are
+    #: :meth:`offer`'s (``closed``; ``buffered()`` plus the payload against the cap), then the same queueing
+    send_capped = offer
 
     def _cork(self, wire: bytes) -> None:
         corked = self._corked
@@ -171,11 +180,8 @@ class StreamTransport:
             corked += wire
 
     def _offer_edge(self, frame: OutFrame, cap: int) -> int:
-        """:meth:`offer` until the transport has seen the socket taken over (Tornado's stream before)."""
+        """:meth:`offer` before the socket is taken over (on Tornado's stream)."""
         stream: Any = self._protocol.stream
-        if type(stream) is SocketStream:
-            self._taken = stream
-            return self.offer(frame, cap)
         if stream.closed():
             return 0
         if buffered(stream) + self._corked_bytes + len(frame.payload) > cap:

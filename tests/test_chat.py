@@ -23,6 +23,7 @@ ServerFactory = Callable[..., Awaitable[LiveServer]]
 HEADER_AUTH = "tests.plugins_for_tests.chat_auth"
 POLICY = "tests.plugins_for_tests.chat_policy"
 FLAKY = "tests.plugins_for_tests.chat_flaky_bus"
+SLOW_AUTHORIZE = "tests.plugins_for_tests.slow_authorize"
 
 
 def chat_config(options: dict[str, Any] | None = None, **overrides: Any) -> dict[str, Any]:
@@ -763,6 +764,34 @@ async def test_connection_lost_during_a_join_leaves_no_member_behind(wirehub_ser
     assert server.app.hub.members(room) == [] and room not in server.app.hub.rooms()
     assert await server.app.backend.presence.members(room) == []
     assert [e.user for e in await server.app.backend.presence.members(lobby)] == [b.user]
+
+
+async def test_connection_lost_while_an_authorize_hook_waits_leaves_no_member_behind(
+        wirehub_server: ServerFactory) -> None:
+    """As above, with the wait in a plugin's authorize hook and a join that then waits for nothing (the room
+    subscribed here, no ``since``, events off): the session closes, and on_close runs, before the member is
+    in the room, so the join itself must see it closed and leave (found by review: the at-once path did not)."""
+    server = await wirehub_server(chat_config({"presence_rules": [{"pattern": "*", "events": "off"}]},
+                                              plugins={"load": [SLOW_AUTHORIZE]}))
+    lobby, room = unique_room(), "slow-" + unique_room()
+    a, b = await connect(server), await connect(server)
+    await a.join(lobby)
+    await b.join(lobby)
+    await b.ws.send({"op": "join", "room": room, "id": 9})  # the room subscribed here (b's join waits 0.6 s)
+    await b.ws.recv_op("joined")
+    await a.ws.send({"op": "join", "room": room})  # waits 0.6 s in authorize
+    await asyncio.sleep(0.1)
+    stream = a.ws.conn.stream
+    assert stream is not None and stream.socket is not None
+    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    stream.close()  # the network drops: a reset, no close frame
+    for _ in range(3):  # fan-out to a's dead socket fails: the core closes the session
+        await b.publish(lobby, "anyone?")
+        await asyncio.sleep(0.02)
+    await eventually(lambda: not [s for s in server.app.sessions if s.id == a.welcome["session"]])
+    await asyncio.sleep(1.0)  # the delayed join is over
+    assert [e.user for e in await server.app.backend.presence.members(room)] == [b.user]
+    assert len(server.app.hub.members(room)) == 1
 
 
 async def test_gap_after_an_outage_that_history_cannot_cover(wirehub_server: ServerFactory) -> None:

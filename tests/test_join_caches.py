@@ -259,9 +259,12 @@ async def test_the_presence_join_at_once_is_taken_only_when_nothing_waits() -> N
     s = _session("e")
     assert fast.join_now(s, "off-1") == (b"", b"")
     assert fast.join_now(s, "lobby") is None  # events each: the user's arrival is announced (async)
-    assert fast.join_now(s, "none-1") is None  # a count only: read by the async join
-    for room in ("lobby", "none-1"):  # nothing was joined
-        assert await fast.presence.count(room) == PresenceCount(0, 0)
+    assert await fast.presence.count("lobby") == PresenceCount(0, 0)  # nothing was joined
+    for i, user in enumerate(["c", "a", "c"]):  # a count only: at once too, the count as the async join's
+        s = _session(user)
+        got = fast.join_now(s, "none-1")
+        assert got is not None and got == await slow.join(s, "none-1") == (
+            b',"count":{"users":%d,"connections":%d},"presence":' % (min(i + 1, 2), i + 1), b"[]"), i
 
 
 # -- the hub's join at once --------------------------------------------------------------------------------------

@@ -268,12 +268,15 @@ class MemoryPresence:
         return roster.add(entry)
 
     def head_now(self, room: str, limit: int) -> tuple[Sequence[PresenceMember], str | None, int, int]:
-        """The first page (``limit`` > 0) without a coroutine or a :class:`PresencePage`: ``(members, cursor,
-        users, connections)``, what :meth:`page` ``(room, None, limit)`` says; the members are the same
-        list while they hold (the chat endpoint then reuses its encoding)."""
+        """The first page without a coroutine or a :class:`PresencePage`: ``(members, cursor, users,
+        connections)``, what :meth:`page` ``(room, None, limit)`` says; the members are the same list while
+        they hold (the chat endpoint then reuses its encoding). With ``limit`` 0 the count alone, as
+        :meth:`count` says it (``[]``, None, users, connections), the roster's first page left as it is."""
         roster = self._rooms.get(room)
         if roster is None:
             return [], None, 0, 0
+        if limit <= 0:
+            return [], None, roster.users(), len(roster)
         members, cursor = roster.head(limit)
         return members, cursor, roster.users(), len(roster)
 

@@ -182,9 +182,10 @@ class ChatHandler(OpHandler):
         return None
 
     def _state(self, session: Session) -> _ChatState:
-        st = session.state.get(_STATE)
+        state = session.handler_state()
+        st = state.get(_STATE)
         if st is None:
-            st = session.state[_STATE] = _ChatState()
+            st = state[_STATE] = _ChatState()
         assert isinstance(st, _ChatState)
         return st
 
@@ -199,32 +200,60 @@ class ChatHandler(OpHandler):
     async def op_join(self, session: Session, request: dict[str, Any]) -> None:
         # one string for the room's name in every member's state, not one per join request
         room = sys.intern(self.room_rules.room(request))
-        since = parse_since(request.get("since"))
+        since = request.get("since")
+        if since is not None:
+            since = parse_since(since)
         st = self._state(session)
-        if st.has(room):
-            raise ProtocolError(ErrorCode.BAD_REQUEST, f"already joined room {room!r}")
-        if st.count() >= self.options.max_rooms:
-            raise ProtocolError(
-                ErrorCode.FORBIDDEN,
-                f"at most {self.options.max_rooms} rooms per connection",
-                reason="room_limit",
-            )
+        if st._rooms:  # in a room already (a new state is in none: nothing to check)
+            if st.has(room):
+                raise ProtocolError(ErrorCode.BAD_REQUEST, f"already joined room {room!r}")
+            if st.count() >= self.options.max_rooms:
+                raise ProtocolError(
+                    ErrorCode.FORBIDDEN,
+                    f"at most {self.options.max_rooms} rooms per connection",
+                    reason="room_limit",
+                )
         ctx = self.context
-        if (refusal := self._authorize(session, "join", room)) is not None:
-            await refusal
+        allowed = ctx.hooks.authorize_now(session.identity, "join", room)  # _authorize, inlined: once per join
+        if allowed is not True:
+            await _refuse_unless(allowed, "join", room)
         st.add(room)
+        hub = ctx.hub
+        joined = hub.join_now(room, session)  # a room subscribed here already: no coroutine
+        # Without `since` the join starts from the hub's live position when it knows one: no history read.
+        live = hub.position(room) if joined and since is None else None
+        tried = live is not None
+        if live is not None:
+            # At once when the presence join needs no wait either (memory, events off): then nothing waited since
+            # the hub's join, so no message of the room came meanwhile (nothing to hold back), and the position is
+            # the hub's own, so none at or below it can follow (no floor: ``hub.behind`` is False).
+            try:
+                fields = self.presence.join_now(session, room)
+            except BaseException:
+                await self._leave(session, st, room)
+                raise
+            if fields is not None:
+                presence, members = fields
+                after, epoch = live
+                session.send_frame(OutFrame(_joined(request.get("id"), room, after, epoch, False, presence, members)))
+                # closed meanwhile (the peer gone while an authorize hook waited, or this reply overflowed the
+                # queue): on_close may have run already, before this member was in the room
+                if session.closed:
+                    await self._leave(session, st, room)
+                return
         # Gap-free and duplicate-free: live messages are held from the moment the session is a
-        # member; history after `since` is replayed; then the held ones newer than the replay go out.
+        # member (nothing waited since the hub's join above); history after `since` is replayed; then the held
+        # ones newer than the replay go out.
         session.hold(room)
         try:
-            if not ctx.hub.join_now(room, session):  # a room subscribed here already: no coroutine
-                await ctx.hub.join(room, session)
-            # Without `since` the join starts from the hub's live position when it knows one: no history
-            # read. Gap-free: the session is held and a member already, so whatever is fanned out after
-            # this has a greater offset and is released below.
-            live = ctx.hub.position(room) if since is None else None
+            if not joined:
+                await hub.join(room, session)
+                # Gap-free: the session is held and a member already, so whatever is fanned out after this has a
+                # greater offset and is released below (a position read above, after join_now, holds too: nothing
+                # waited since).
+                live = hub.position(room) if since is None else None
             # O(1) in the room's size, encoded; at once on a backend that never waits (memory), with no event
-            fields = self.presence.join_now(session, room)
+            fields = None if tried else self.presence.join_now(session, room)
             presence, members = fields if fields is not None else await self.presence.join(session, room)
             recovery = None if live is not None else await recover(ctx.backend.history, room, since,
                                                                     self.options.recovery_limit)
@@ -447,17 +476,20 @@ def _joined(req_id: Any, room: str, offset: int, epoch: str, recovered: bool, pr
     "room", "offset", "epoch", "recovered", "count"?, "cursor"?, "presence"?}`` (tests/test_join_frame.py),
     without a dict and a JSON encoder per join. ``presence`` then ``members``: :meth:`ChatPresence.join`'s
     fields (what :func:`joined_fields` gives, in two parts: the big list is copied once, here)."""
+    room_json = _fragments.get(room) or json_bytes(room)
+    epoch_json = _fragments.get(epoch) or json_bytes(epoch)
+    flag = b"true" if recovered else b"false"
+    if type(req_id) is int:  # what dumps writes for an int (not a bool: True is an int too); one format per frame
+        return b'{"op":"joined","id":%d,"room":%s,"offset":%d,"epoch":%s,"recovered":%s%s%s}' % (
+            req_id, room_json, offset, epoch_json, flag, presence, members)
     if req_id is None:
         data = b'{"op":"joined","room":'
-    elif type(req_id) is int:  # what dumps writes for an int (not a bool: True is an int too)
-        data = b'{"op":"joined","id":%d,"room":' % req_id
     elif type(req_id) is str:
         data = b'{"op":"joined","id":%s,"room":' % json_string(req_id).encode()
     else:
         data = b'{"op":"joined","id":%s,"room":' % encode(req_id)
     return b'%s%s,"offset":%d,"epoch":%s,"recovered":%s%s%s}' % (
-        data, _fragments.get(room) or json_bytes(room), offset, _fragments.get(epoch) or json_bytes(epoch),
-        b"true" if recovered else b"false", presence, members)
+        data, room_json, offset, epoch_json, flag, presence, members)
 
 
 def _budget(session: Session) -> int:

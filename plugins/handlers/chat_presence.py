@@ -452,7 +452,8 @@ EVENT_MODES: dict[str, Callable[[Hub, Presence], EventMode]] = {
 
 class _AtOnce(Protocol):
     """A presence backend whose join and first page never wait (the memory one): ``join_now`` is its
-    ``join``, ``head_now`` its ``page(room, None, limit)`` as ``(members, cursor, users, connections)``."""
+    ``join``, ``head_now`` its ``page(room, None, limit)`` as ``(members, cursor, users, connections)``; with
+    ``limit`` 0, ``([], None, users, connections)``: its ``count``, the first page's cache left alone."""
 
     def join_now(self, room: str, entry: PresenceEntry) -> bool: ...
 
@@ -490,11 +491,14 @@ class ChatPresence:
         rule = self.rules.for_room(room)
         if not rule.enabled:
             return b"", b""
-        if rule.events != "off" or not rule.limit:  # an arrival to announce; a count read (async)
+        if rule.events != "off":  # an arrival to announce (async)
             return None
-        name = session.identity.name
-        now.join_now(room, PresenceEntry(session.identity.user, session.id, session.node, _info(name)))
-        members, cursor, users, connections = now.head_now(room, rule.limit)
+        identity = session.identity
+        now.join_now(room, PresenceEntry(identity.user, session.id, session.node, _info(identity.name)))
+        limit = rule.limit
+        members, cursor, users, connections = now.head_now(room, limit)
+        if not limit:  # the count only (a big room's usual rule)
+            return _fields(users, connections, None), b"[]"
         return _fields(users, connections, cursor), self.heads.encoded(room, members)
 
     async def join(self, session: Session, room: str) -> tuple[bytes, bytes]:
@@ -511,9 +515,10 @@ class ChatPresence:
         if now is not None:
             if now.join_now(room, entry) and rule.events != "off":
                 await self.modes[rule.events].joined(room, rule, entry.user, name, session)
-            if rule.limit:
-                members, cursor, users, connections = now.head_now(room, rule.limit)
-                return _fields(users, connections, cursor), self.heads.encoded(room, members)
+            members, cursor, users, connections = now.head_now(room, rule.limit)
+            if not rule.limit:
+                return _fields(users, connections, None), b"[]"
+            return _fields(users, connections, cursor), self.heads.encoded(room, members)
         elif (join_page := self._join_page) is not None:  # the page (or with limit 0 the count) in the same trip
             first, page = await join_page(room, entry, rule.limit)
             if first and rule.events != "off":
