@@ -320,22 +320,6 @@ class Protocol(WebSocketProtocol13):
         result.add_done_callback(self._callback_done)
         return result
 
-    def _run_message(self, text: str) -> Future[Any] | None:
-        """:meth:`_run_callback` of the handler's ``on_message`` for a text message (every request), without the
-        ``*args`` tuple and ``**kwargs`` dict of the general one."""
-        try:
-            result = self.handler.on_message(text)
-        except (Exception, asyncio.CancelledError):
-            self.handler.log_exception(*sys.exc_info())
-            self._abort()
-            return None
-        if result is None:
-            return None
-        if not isinstance(result, asyncio.Future):  # another awaitable: Tornado's way
-            return super()._run_callback(lambda: result)
-        result.add_done_callback(self._callback_done)
-        return result
-
     def _callback_done(self, task: asyncio.Future[Any]) -> None:
         try:
             task.result()
@@ -357,7 +341,7 @@ class Protocol(WebSocketProtocol13):
                 self._fail(1007, "invalid UTF-8")
                 return None
             self._message_bytes_in += len(data)
-            return self._run_message(text)
+            return self._run_callback(self.handler.on_message, text)
         if opcode == 0xA:
             return None
         if opcode == 0x8:
