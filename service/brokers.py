@@ -37,6 +37,27 @@ class BrokerError(RuntimeError):
     """A broker binary is missing or the broker did not start."""
 
 
+def _wait_stopped(pid: int, timeout: float) -> None:
+    """Until every thread of ``pid`` is stopped (Linux's /proc; without it, at once); BrokerError after
+    ``timeout`` seconds."""
+    tasks = Path(f"/proc/{pid}/task")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            threads = list(tasks.iterdir())
+        except OSError:
+            return  # no /proc, or the process is gone
+        states = []
+        for thread in threads:
+            with contextlib.suppress(OSError, IndexError):  # a thread that exited meanwhile
+                states.append((thread / "stat").read_text().rsplit(")", 1)[1].split()[0])
+        if all(state in ("T", "t", "Z", "X") for state in states):
+            return
+        if time.monotonic() > deadline:
+            raise BrokerError(f"pid {pid} not stopped {timeout:g}s after SIGSTOP: thread states {states}")
+        time.sleep(0.001)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -218,9 +239,15 @@ class BrokerProcess(abc.ABC):
         self.stop()
         self.start()
 
-    def pause(self) -> None:
-        """SIGSTOP: the broker hangs; connections stay open and nothing answers."""
+    def pause(self, timeout: float = 5.0) -> None:
+        """SIGSTOP: the broker hangs; connections stay open and nothing answers.
+
+        Returns once every thread of the broker is stopped: the kernel hands a process-wide SIGSTOP to one
+        thread, and until that thread gets a CPU the others go on serving (on a loaded machine a paused
+        nats-server answered a history publish's three requests after the signal)."""
         self._signal(signal.SIGSTOP)
+        if self.proc is not None:
+            _wait_stopped(self.proc.pid, timeout)
 
     def resume(self) -> None:
         """SIGCONT after :meth:`pause`."""

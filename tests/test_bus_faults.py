@@ -7,6 +7,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -113,6 +114,26 @@ async def test_restart_with_persistence_keeps_history_and_epoch(
         assert page.complete and page.messages == [(first, b"one")]
     finally:
         await backend.bus.close()
+
+
+def _thread_states(pid: int) -> list[str]:
+    return [(t / "stat").read_text().rsplit(")", 1)[1].split()[0] for t in Path(f"/proc/{pid}/task").iterdir()]
+
+
+def test_pause_returns_once_every_broker_thread_is_stopped(broker: BrokerProcess) -> None:
+    """The kernel hands a process-wide SIGSTOP to one thread; until that one runs, the others go on serving
+    (a loaded machine's paused nats-server answered a publish's three requests). pause() waits for them all."""
+    if not Path("/proc/self/task").is_dir():
+        pytest.skip("needs Linux's /proc")
+    assert broker.proc is not None
+    for _ in range(20):
+        broker.pause()
+        assert set(_thread_states(broker.proc.pid)) <= {"T", "t"}
+        broker.resume()
+        deadline = time.monotonic() + 5
+        while {"T", "t"} & set(_thread_states(broker.proc.pid)):
+            assert time.monotonic() < deadline, "not resumed"
+            time.sleep(0.001)
 
 
 async def test_hung_broker_is_noticed_by_the_watchdog(kind: str, broker: BrokerProcess, started: Started) -> None:
