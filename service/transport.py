@@ -148,7 +148,7 @@ class StreamTransport:
         wire = frame._wire
         if wire is None:  # built once per message, by the first member's offer (a call: cheaper than the property)
             wire = frame._wire = frame._frame()
-        corked = self._corked
+        corked = self._corked  # _cork's body, inlined: this runs once per delivery of a fan-out
         if corked is None:
             self._corked = wire
             flusher = self._flusher
