@@ -17,9 +17,10 @@ Fewer ``--replicas`` at the same connections load each replica more (the plan as
 ``--place grouped`` puts each group's 10 members on one replica (what placing groups on few pods buys).
 ``--place alone`` is the spread layout of a fleet of 10 pods or more, where a group's other 9 members are on
 other pods: every connection is its group's only member here; it publishes its own share (a 10th of the
-group's messages, as a member does) and a publisher in this process sends the other 9 members' share through
-the bus, as their pods would, so each delivery is one bus message for one member (the replicas' figures
-are those of one pod of such a fleet; the bench process's publishing CPU is not counted as wirehub's).
+group's messages, as a member does) and a publisher process (:mod:`bench.remote_pub`, running the bus code of
+the tree measured) sends the other 9 members' share through the bus, as their pods would, so each delivery is
+one bus message for one member (the replicas' figures are those of one pod of such a fleet; the publisher's
+CPU is reported apart, ``remote_cpu_pct``, not as wirehub's).
 
     python -m bench.bench_capacity --bus nats-cluster,nats,redis --groups 300,900 --rate-per-conn 1
 
@@ -309,14 +310,16 @@ async def run(kind: str, a: argparse.Namespace, groups: int, workdir: Path, *, l
         publishes_per_s = rate / (GROUP - 1)
         # alone: the group's other members' publishes, one bus message and one delivery each
         remote_per_s = rate if a.place == "alone" else 0.0
-        remote = await remote_publisher(kind, layout, prefix) if remote_per_s else None
-        remote_sent = 0
-        remote_calls: set[asyncio.Future[Any]] = set()
+        remote = (await RemotePublisher.start(layout.bus(prefix), runid, conns, remote_per_s,
+                                              tree_path(workdir, tree) if tree is not None else None)
+                  if remote_per_s else None)
         churn_per_s = a.churn_per_min_per_conn * conns / 60
         published = 0
         churned = 0
         paced_from = perf()
         stop_at = perf() + a.warmup + a.duration
+        if remote is not None:
+            remote.begin(paced_from, stop_at)
         measure_at = perf() + a.warmup
         cpu0: dict[int, float] = {}
         ops1 = pub1 = 0
@@ -324,26 +327,20 @@ async def run(kind: str, a: argparse.Namespace, groups: int, workdir: Path, *, l
         churns: set[asyncio.Task[None]] = set()
         # the veth's host end receives in a thread of its own: the replicas' input (their clients' frames, ACKs)
         rx_pids = [net.server_rx_pid] if net is not None and net.server_rx_pid else []
+        remote_pids = [remote.pid] if remote is not None else []
 
         async def churn(i: int) -> None:
             members[i].close()
             members[i] = await arrive(members[i].index)
         while perf() < stop_at:
             if not stats.measuring and perf() >= measure_at:
-                cpu0 = {p: cpu_seconds(p) for p in [*wpids, *layout.pids, os.getpid(), *rx_pids]}
+                cpu0 = {p: cpu_seconds(p) for p in [*wpids, *layout.pids, os.getpid(), *rx_pids, *remote_pids]}
                 ops1, pub1, t1 = layout.ops(), published, perf()
                 stats.measuring = True
             elapsed = perf() - paced_from
             while published < publishes_per_s * elapsed:
                 random.choice(members).publish(runid)
                 published += 1
-            while remote is not None and remote_sent < remote_per_s * elapsed:
-                room = f"{runid}-g-{random.randrange(conns)}"
-                frame = message_frame(room, "remote", b'{"t":%.6f}' % perf(), round(time.time(), 3))
-                call = asyncio.ensure_future(remote.publish(room, envelope(frame), history=True))
-                remote_calls.add(call)
-                call.add_done_callback(remote_calls.discard)
-                remote_sent += 1
             while churned < churn_per_s * elapsed:
                 task = asyncio.ensure_future(churn(random.randrange(len(members))))
                 churns.add(task)
@@ -351,12 +348,14 @@ async def run(kind: str, a: argparse.Namespace, groups: int, workdir: Path, *, l
                 churned += 1
             await asyncio.sleep(0.02)
         stats.measuring = False
+        # the window in wall-clock time, to line it up with a replica's logs (or a gc.callbacks probe's)
+        print(f"measured: {time.time() - (perf() - t1):.3f} - {time.time():.3f} (epoch s)", file=sys.stderr)
         wall = perf() - t1
         await asyncio.gather(*churns)
-        await asyncio.gather(*remote_calls, return_exceptions=True)
-        if remote is not None:
-            await remote.close()
-        cpu = {p: cpu_seconds(p) - cpu0[p] for p in cpu0}
+        # its CPU before it exits (the other processes' CPU is read after the churn's tail, as before)
+        remote_cpu = sum(cpu_seconds(p) - cpu0[p] for p in remote_pids)
+        remote_report = await remote.finish() if remote is not None else None
+        cpu = {p: cpu_seconds(p) - cpu0[p] for p in cpu0 if p not in remote_pids}
         ops_pub, pubs = layout.ops() - ops1, published - pub1
         wcpu = sum(cpu[p] for p in [*wpids, *rx_pids])
         bcpu = sum(cpu[p] for p in layout.pids)
@@ -389,8 +388,13 @@ async def run(kind: str, a: argparse.Namespace, groups: int, workdir: Path, *, l
             "wirehub_cpu_us_per_conn_s": round(wcpu / wall / conns * 1e6, 1),
             "loadgen_cpu_pct": round(100 * lcpu / wall, 1),
             "server_rx_cpu_pct": round(100 * sum(cpu[p] for p in rx_pids) / wall, 1),
+            # alone: the process standing in for the other pods (not wirehub CPU), and its refused publishes
+            "remote_cpu_pct": round(100 * remote_cpu / wall, 1),
+            "remote_failed": remote_report["failed"] if remote_report else None,
         }
     finally:
+        if remote is not None:
+            remote.kill()
         for m in members:
             m.close()
         if sockets is not None:
@@ -420,6 +424,49 @@ async def fill_history(kind: str, layout: Layout, prefix: str, rooms: list[str],
         await bus.close()
 
 
+class RemotePublisher:
+    """:mod:`bench.remote_pub` in a process of its own, running ``tree``'s bus code (None: this tree's)."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.pid = proc.pid
+
+    @classmethod
+    async def start(cls, bus: dict[str, Any], runid: str, rooms: int, rate: float,
+                    tree: Path | None) -> RemotePublisher:
+        env = dict(os.environ)
+        if tree is not None:
+            env["PYTHONPATH"] = os.pathsep.join(x for x in (str(tree), env.get("PYTHONPATH")) if x)
+        spec = {"bus": bus, "runid": runid, "rooms": rooms, "rate": rate}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bench.remote_pub", json.dumps(spec), cwd=Path(__file__).parent.parent, env=env,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 30)
+        if line.strip() != b"ready":
+            proc.kill()
+            raise RuntimeError(f"the remote publisher did not start: {line!r}")
+        return cls(proc)
+
+    def begin(self, start: float, stop: float) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"start": start, "stop": stop}).encode() + b"\n")
+
+    async def finish(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = await asyncio.wait_for(self.proc.stdout.readline(), 60)
+        await self.proc.wait()
+        report: dict[str, Any] = json.loads(line)
+        if report["failed"]:
+            print(f"remote publisher: {report['failed']} of {report['sent']} publishes failed; first: "
+                  f"{report['first_error']}", file=sys.stderr)
+        return report
+
+    def kill(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.kill()
+
+
 async def remote_publisher(kind: str, layout: Layout, prefix: str) -> Any:
     """A started bus of this tree on the run's broker(s), publishing as the other pods of a fleet would."""
     from wirehub.testing import Recorder
@@ -441,7 +488,7 @@ def render(results: list[dict[str, Any]]) -> str:
             "wirehub_cpu_us_per_delivery", "wirehub_cpu_us_per_conn_s", "replica_cpu_pct_each",
             "broker_cpu_us_per_delivery", "busiest_node_share_pct", "busiest_node_cpu_pct", "broker_ops_per_publish",
             "joins_s", "broker_ops_per_join",
-            "rss_kib_per_conn", "loadgen_cpu_pct", "server_rx_cpu_pct", "churned", "errors"]
+            "rss_kib_per_conn", "loadgen_cpu_pct", "server_rx_cpu_pct", "remote_cpu_pct", "churned", "errors"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in results]
     return "\n".join(lines)
