@@ -248,6 +248,7 @@ async def run(kind: str, a: argparse.Namespace, groups: int, workdir: Path, *, l
     procs = []
     members: list[Member] = []
     sockets = NamespaceSockets(net) if net is not None else None
+    remote: RemotePublisher | None = None
     try:
         prefix, runid = f"cap{uuid.uuid4().hex[:6]}", uuid.uuid4().hex[:6]
         names = [f"{kind}-{groups}-{label}-{i}" for i in range(a.replicas)]
@@ -327,20 +328,21 @@ async def run(kind: str, a: argparse.Namespace, groups: int, workdir: Path, *, l
         churns: set[asyncio.Task[None]] = set()
         # the veth's host end receives in a thread of its own: the replicas' input (their clients' frames, ACKs)
         rx_pids = [net.server_rx_pid] if net is not None and net.server_rx_pid else []
-        remote_pids = [remote.pid] if remote is not None else []
 
         async def churn(i: int) -> None:
             members[i].close()
             members[i] = await arrive(members[i].index)
         while perf() < stop_at:
             if not stats.measuring and perf() >= measure_at:
-                cpu0 = {p: cpu_seconds(p) for p in [*wpids, *layout.pids, os.getpid(), *rx_pids, *remote_pids]}
+                cpu0 = {p: cpu_seconds(p) for p in [*wpids, *layout.pids, os.getpid(), *rx_pids]}
                 ops1, pub1, t1 = layout.ops(), published, perf()
                 stats.measuring = True
             elapsed = perf() - paced_from
             while published < publishes_per_s * elapsed:
                 random.choice(members).publish(runid)
                 published += 1
+            if remote is not None:
+                remote.check()
             while churned < churn_per_s * elapsed:
                 task = asyncio.ensure_future(churn(random.randrange(len(members))))
                 churns.add(task)
@@ -352,10 +354,8 @@ async def run(kind: str, a: argparse.Namespace, groups: int, workdir: Path, *, l
         print(f"measured: {time.time() - (perf() - t1):.3f} - {time.time():.3f} (epoch s)", file=sys.stderr)
         wall = perf() - t1
         await asyncio.gather(*churns)
-        # its CPU before it exits (the other processes' CPU is read after the churn's tail, as before)
-        remote_cpu = sum(cpu_seconds(p) - cpu0[p] for p in remote_pids)
         remote_report = await remote.finish() if remote is not None else None
-        cpu = {p: cpu_seconds(p) - cpu0[p] for p in cpu0 if p not in remote_pids}
+        cpu = {p: cpu_seconds(p) - cpu0[p] for p in cpu0}
         ops_pub, pubs = layout.ops() - ops1, published - pub1
         wcpu = sum(cpu[p] for p in [*wpids, *rx_pids])
         bcpu = sum(cpu[p] for p in layout.pids)
@@ -389,12 +389,15 @@ async def run(kind: str, a: argparse.Namespace, groups: int, workdir: Path, *, l
             "loadgen_cpu_pct": round(100 * lcpu / wall, 1),
             "server_rx_cpu_pct": round(100 * sum(cpu[p] for p in rx_pids) / wall, 1),
             # alone: the process standing in for the other pods (not wirehub CPU), and its refused publishes
-            "remote_cpu_pct": round(100 * remote_cpu / wall, 1),
+            # (its own CPU over its pacing, warm-up included: it reports it, having exited when this is read)
+            "remote_cpu_pct": round(100 * remote_report["cpu_s"] / remote_report["paced_s"], 1) if remote_report
+            else 0.0,
+            "remote_sent": remote_report["sent"] if remote_report else None,
             "remote_failed": remote_report["failed"] if remote_report else None,
         }
     finally:
         if remote is not None:
-            remote.kill()
+            await remote.kill()
         for m in members:
             m.close()
         if sockets is not None:
@@ -441,30 +444,42 @@ class RemotePublisher:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "bench.remote_pub", json.dumps(spec), cwd=Path(__file__).parent.parent, env=env,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
-        assert proc.stdout is not None
-        line = await asyncio.wait_for(proc.stdout.readline(), 30)
-        if line.strip() != b"ready":
-            proc.kill()
-            raise RuntimeError(f"the remote publisher did not start: {line!r}")
-        return cls(proc)
+        self = cls(proc)
+        try:
+            assert proc.stdout is not None
+            line = await asyncio.wait_for(proc.stdout.readline(), 30)
+            if line.strip() != b"ready":
+                raise RuntimeError(f"the remote publisher did not start (exit {proc.returncode}): {line!r}")
+        except BaseException:
+            await self.kill()
+            raise
+        return self
 
     def begin(self, start: float, stop: float) -> None:
         assert self.proc.stdin is not None
         self.proc.stdin.write(json.dumps({"start": start, "stop": stop}).encode() + b"\n")
 
+    def check(self) -> None:
+        """Raise if the process died while publishing (its stderr, inherited, says why)."""
+        if self.proc.returncode is not None:
+            raise RuntimeError(f"the remote publisher exited with {self.proc.returncode} while publishing")
+
     async def finish(self) -> dict[str, Any]:
         assert self.proc.stdout is not None
         line = await asyncio.wait_for(self.proc.stdout.readline(), 60)
         await self.proc.wait()
+        if not line:
+            raise RuntimeError(f"the remote publisher exited with {self.proc.returncode} and no report")
         report: dict[str, Any] = json.loads(line)
         if report["failed"]:
             print(f"remote publisher: {report['failed']} of {report['sent']} publishes failed; first: "
                   f"{report['first_error']}", file=sys.stderr)
         return report
 
-    def kill(self) -> None:
+    async def kill(self) -> None:
         if self.proc.returncode is None:
             self.proc.kill()
+            await self.proc.wait()
 
 
 async def remote_publisher(kind: str, layout: Layout, prefix: str) -> Any:

@@ -789,6 +789,7 @@ async def reconnect_run(env: Env, kind: str, a: argparse.Namespace, url_join: bo
     s1, port1 = env.replica(bus, events)
     s2, port2 = env.replica(bus, events)
     room = f"storm-{uuid.uuid4().hex[:8]}"
+    own_niceness = os.getpriority(os.PRIO_PROCESS, 0)
     # the stayers live in a worker of their own: the storm's client side (thousands of handshakes, joins and
     # replays in the victims' workers) must not delay their reads, or the load generator is what is measured
     workers = await start_workers(workers_for(a.members) + 1)
@@ -803,6 +804,7 @@ async def reconnect_run(env: Env, kind: str, a: argparse.Namespace, url_join: bo
             # the stayers' clients, the publisher (this process) and the broker would each have a machine of
             # their own: ahead of the victims' workers on the load generator's core, so that the stayers'
             # latency is the survivors' and not that of 18,000 clients reconnecting on one core
+            # (this process is set back after the storm: what it starts later must not inherit the niceness)
             for pid in (workers[-1].proc.pid, os.getpid(), *env.broker_pids()):
                 renice(pid, -a.priority)
         t_join = perf()
@@ -888,6 +890,8 @@ async def reconnect_run(env: Env, kind: str, a: argparse.Namespace, url_join: bo
                 "errors": total(reports, "errors"), "first_error": next((r["first_error"] for r in reports
                                                                         if r["first_error"]), None)}
     finally:
+        if a.priority:
+            renice(os.getpid(), own_niceness)
         await stop_workers(workers)
         for p in (victim, s1, s2):
             env.stop(p)

@@ -9,7 +9,8 @@ thousands of messages a second, which in the bench's process starved the load ge
 SPEC is JSON: ``bus`` (the bus block), ``runid``, ``rooms`` (group rooms are ``<runid>-g-<0..rooms-1>``),
 ``rate`` (publishes/s). Once its bus is started it prints ``ready`` and reads one JSON line from stdin:
 ``start`` and ``stop``, ``time.perf_counter`` values (CLOCK_MONOTONIC: the same clock in every process on
-Linux). It prints one JSON line at the end: ``sent``, ``failed``, ``first_error``.
+Linux). It prints one JSON line at the end: ``sent``, ``failed``, ``first_error``, and its own CPU (``cpu_s``)
+over its pacing (``paced_s``): the bench reads it from here, as the process has exited by then.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ async def publish(spec: dict[str, Any]) -> dict[str, Any]:
         print("ready", flush=True)
         spec.update(json.loads(await asyncio.to_thread(sys.stdin.readline)))
         await asyncio.sleep(max(0.0, spec["start"] - perf()))
+        cpu0 = time.process_time()
         while (now := perf()) < spec["stop"]:
             while sent < spec["rate"] * (now - spec["start"]):
                 room = f"{spec['runid']}-g-{random.randrange(spec['rooms'])}"
@@ -60,10 +62,12 @@ async def publish(spec: dict[str, Any]) -> dict[str, Any]:
                 call.add_done_callback(done)
                 sent += 1
             await asyncio.sleep(0.02)
+        cpu, paced = time.process_time() - cpu0, perf() - spec["start"]
         await asyncio.gather(*calls, return_exceptions=True)
     finally:
         await bus.close()
-    return {"sent": sent, "failed": failed, "first_error": first_error}
+    return {"sent": sent, "failed": failed, "first_error": first_error, "cpu_s": round(cpu, 3),
+            "paced_s": round(paced, 3)}
 
 
 def main() -> None:

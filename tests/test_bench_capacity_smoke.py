@@ -83,7 +83,7 @@ def test_bench_capacity_runs_the_clients_in_a_network_namespace_too() -> None:
         assert r["connections"] == 20 and r["errors"] == 0 and r["join_retries"] == 0, r
         assert r["deliveries_s"] > 0, r
         # alone: the other pods' share came from the publisher process (bench/remote_pub.py), none refused
-        assert r["remote_failed"] == 0 and r["remote_cpu_pct"] > 0, r
+        assert r["remote_sent"] > 0 and r["remote_failed"] == 0, r
     assert "loopback -> netns" in proc.stdout
     assert set(_namespaces()) <= set(before) - {stale}, "the run left a namespace behind, or a dead run's"
 
