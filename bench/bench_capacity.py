@@ -68,6 +68,7 @@ from typing import Any
 from bench.loadgen import WsClient, connect, cpu_seconds, percentile, raise_nofile, rss_bytes, upgraded
 from bench.netns import ClientNet, VethNamespace, enter
 from bench.procs import start_replicas, stop, tree_path, with_workers
+from bench.remote_pub import start_bus
 from wirehub.broker_clusters import RedisCluster
 from wirehub.brokers import BrokerProcess, NatsServer, RedisServer
 from wirehub.hub import envelope
@@ -411,7 +412,7 @@ async def fill_history(kind: str, layout: Layout, prefix: str, rooms: list[str],
     """``n`` messages into each group room's history before the members arrive: a room of the plan's rate
     (a message every two seconds) holds 64 after about two minutes, which a run of seconds never reaches,
     and what a publish or a join costs the broker may grow with what the room holds."""
-    bus = await remote_publisher(kind, layout, prefix)
+    bus = await start_bus(layout.bus(prefix))
     sem = asyncio.Semaphore(500)
 
     async def one(room: str) -> None:
@@ -480,21 +481,6 @@ class RemotePublisher:
         if self.proc.returncode is None:
             self.proc.kill()
             await self.proc.wait()
-
-
-async def remote_publisher(kind: str, layout: Layout, prefix: str) -> Any:
-    """A started bus of this tree on the run's broker(s), publishing as the other pods of a fleet would."""
-    from wirehub.testing import Recorder
-
-    block = layout.bus(prefix)
-    plugin = block["plugin"]
-    if plugin == "redis":
-        from wirehub.builtins.bus.redis import create_backend
-    else:
-        from wirehub.builtins.bus.nats import create_backend
-    bus = create_backend(block[plugin], f"bus.{plugin}").bus
-    await bus.start(Recorder())
-    return bus
 
 
 def render(results: list[dict[str, Any]]) -> str:

@@ -25,18 +25,27 @@ from typing import Any
 perf = time.perf_counter
 
 
-async def publish(spec: dict[str, Any]) -> dict[str, Any]:
-    from wirehub.hub import envelope
-    from wirehub.rooms import message_frame
+async def start_bus(block: dict[str, Any]) -> Any:
+    """A started bus of the ``wirehub`` imported here on the run's broker(s) (``block``: the bus config block),
+    publishing as the other pods of a fleet would. Imported late: a ``--before`` tree's ``wirehub`` comes
+    first on this process's ``PYTHONPATH``."""
     from wirehub.testing import Recorder
 
-    plugin = spec["bus"]["plugin"]
+    plugin = block["plugin"]
     if plugin == "redis":
         from wirehub.builtins.bus.redis import create_backend
     else:
         from wirehub.builtins.bus.nats import create_backend
-    bus = create_backend(spec["bus"][plugin], f"bus.{plugin}").bus
+    bus = create_backend(block[plugin], f"bus.{plugin}").bus
     await bus.start(Recorder())
+    return bus
+
+
+async def publish(spec: dict[str, Any]) -> dict[str, Any]:
+    from wirehub.hub import envelope
+    from wirehub.rooms import message_frame
+
+    bus = await start_bus(spec["bus"])
     sent = failed = 0
     first_error: str | None = None
     calls: set[asyncio.Future[Any]] = set()
