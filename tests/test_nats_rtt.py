@@ -1,22 +1,27 @@
 """A NATS join's round trips, against a real nats-server: the presence write is the join's only broker round
-trip (no leader request before it), and "first connection of its user" is decided at the write's echo in
+trip (no leader request before it, nor after it for the count of a count-only room), and "first connection of
+its user" is decided at the write's echo in
 the room's live copy, so of two connections of one user joining at the same instant on two replicas exactly
 one is reported first (and, of their two leaves, exactly one reports the user)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
 from tests.helpers import nats_replicas
+from wirehub import Identity, Session
 from wirehub.brokers import BrokerProcess
 from wirehub.builtins.bus.nats_buckets import Write
 from wirehub.builtins.bus.nats_presence import NatsPresence, _LiveRoom
+from wirehub.builtins.handlers.chat_presence import ChatPresence, PresenceRule, PresenceRules
 from wirehub.bus import Backend, PresenceCount, PresenceEntry
+from wirehub.hub import Hub
 from wirehub.testing import eventually, unique_room
 
 Replica = Callable[[], Awaitable[Backend]]
@@ -81,6 +86,47 @@ async def test_a_join_into_a_followed_room_asks_the_leader_nothing(replica: Repl
     assert [m.user for m in page.members] == ["ann", "bob", "cid"] and page.count == PresenceCount(3, 4)
     assert await a.presence.leave(room, "s-bob-a") is None  # bob is still connected on b
     assert await b.presence.leave(room, "s-bob") == "bob"
+
+
+async def test_a_count_only_joined_asks_the_leader_nothing_and_counts_every_join(replica: Replica,
+                                                                                 monkeypatch: Any) -> None:
+    """The chat's ``joined`` of a count-only room (``presence_limit`` 0, a big room's usual rule) reads the
+    count from the live copy as the first page does, without a second sync (a leader request per loop
+    iteration, and in a join storm a wait for the other joins' echoes), and counts what a read would."""
+    a, b = await replica(), await replica()
+    room = unique_room()
+    assert await b.presence.join(room, PresenceEntry("bob", "s-bob", "node-b", {}))
+    chat = ChatPresence(PresenceRules([PresenceRule("*", presence_limit=0)], "off", 100), 1000,
+                        cast(Hub, None), a.presence)
+    await chat.join(_session("seed"), room)  # the room followed: a live copy runs on a
+    asked: list[str] = []
+    leader_seq = presence(a)._leader_seq
+
+    async def counted(r: str) -> int:
+        asked.append(r)
+        return await leader_seq(r)
+
+    monkeypatch.setattr(presence(a), "_leader_seq", counted)
+    joined = await asyncio.gather(*(chat.join(_session(f"u{i}"), room) for i in range(5)))
+    assert asked == []
+    # each joined counts bob, the seed and itself at least, and the last of the batch all of them
+    replies = [json.loads(b"{" + fields[1:] + members + b"}") for fields, members in joined]
+    assert all(r["presence"] == [] for r in replies)
+    counts = [r["count"] for r in replies]
+    assert all(c["users"] >= 3 for c in counts) and max(c["users"] for c in counts) == 7, counts
+    assert await a.presence.count(room) == PresenceCount(7, 7)
+
+
+def _session(user: str) -> Session:
+    return Session(_Quiet(), Identity(user=user, rooms=("*",)), endpoint="/ws/chat", node="node-a",
+                   max_queue_bytes=1 << 20)
+
+
+class _Quiet:
+    """A transport that takes nothing (the presence join sends no frame with events off)."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise AssertionError(f"the join used the transport: {name}")
 
 
 async def test_the_echo_of_a_later_write_of_a_key_settles_its_join_first(replica: Replica) -> None:

@@ -961,7 +961,8 @@ class NatsPresence:
         return (await self._roster(room)).page(after, limit)
 
     async def joined_page(self, room: str, limit: int) -> PresencePage:
-        """The first page right after this replica's :meth:`join` into ``room`` (the chat's ``joined``):
+        """The first page (``limit`` 0: the count alone) right after this replica's :meth:`join` into ``room``
+        (the chat's ``joined``):
         the join returned at its write's echo in the copy, so the copy holds every write the stream took
         before the join's, hence every write acknowledged before the join began, and the join's own; a
         write acknowledged meanwhile is concurrent with the join, so the copy is read without a sync (a

@@ -469,8 +469,8 @@ class ChatPresence:
         self.presence = presence
         self.modes = {name: make(hub, presence) for name, make in EVENT_MODES.items()}
         self.heads = HeadCache()
-        #: a backend's read of the first page right after its own join, when it has a cheaper one than
-        #: ``page`` (NATS: no second sync of its live copy)
+        #: a backend's read of the first page (limit 0: the count alone) right after its own join, when it
+        #: has a cheaper one than ``page`` and ``count`` (NATS: no second sync of its live copy)
         self._joined_page: Callable[[str, int], Awaitable[PresencePage]] | None = getattr(
             presence, "joined_page", None)
         #: a backend's join that reads the first page right after it in the same round trip (Redis)
@@ -529,12 +529,16 @@ class ChatPresence:
                 self.heads.encoded(room, page.members)
         elif await self.presence.join(room, entry) and rule.events != "off":
             await self.modes[rule.events].joined(room, rule, entry.user, name, session)
-        if rule.limit == 0:
+        joined_page = self._joined_page
+        if joined_page is not None:  # with limit 0 the count of the same read
+            page = await joined_page(room, rule.limit)
+        elif rule.limit == 0:
             count = await self.presence.count(room)
             return _fields(count.users, count.connections, None), b"[]"
-        joined_page = self._joined_page
-        page = await (joined_page(room, rule.limit) if joined_page is not None else
-                      self.presence.page(room, None, rule.limit))
+        else:
+            page = await self.presence.page(room, None, rule.limit)
+        if not rule.limit:
+            return _fields(page.count.users, page.count.connections, None), b"[]"
         return _fields(page.count.users, page.count.connections, page.cursor), self.heads.encoded(room, page.members)
 
     async def leave(self, session: Session, room: str) -> None:
