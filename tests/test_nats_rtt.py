@@ -1,8 +1,8 @@
 """A NATS join's round trips, against a real nats-server: the presence write is the join's only broker round
 trip (no leader request before it, nor after it for the count of a count-only room), and "first connection of
-its user" is decided at the write's echo in
-the room's live copy, so of two connections of one user joining at the same instant on two replicas exactly
-one is reported first (and, of their two leaves, exactly one reports the user)."""
+its user" is decided at the write's echo in the room's live copy, so of two connections of one user joining
+at the same instant on two replicas exactly one is reported first (and, of their two leaves, exactly one
+reports the user)."""
 
 from __future__ import annotations
 
