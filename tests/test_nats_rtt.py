@@ -61,6 +61,19 @@ async def test_a_user_joining_on_two_replicas_at_once_is_first_exactly_once(repl
     await eventually(lambda: _count_is(a, room, PresenceCount(1, 2)))
 
 
+def _leader_requests(p: NatsPresence, monkeypatch: Any) -> list[str]:
+    """The rooms whose stream leader ``p`` asks for their newest sequence from now on (a sync's request)."""
+    asked: list[str] = []
+    leader_seq = p._leader_seq
+
+    async def counted(room: str) -> int:
+        asked.append(room)
+        return await leader_seq(room)
+
+    monkeypatch.setattr(p, "_leader_seq", counted)
+    return asked
+
+
 async def _count_is(backend: Backend, room: str, count: PresenceCount) -> bool:
     return await backend.presence.count(room) == count
 
@@ -70,14 +83,7 @@ async def test_a_join_into_a_followed_room_asks_the_leader_nothing(replica: Repl
     room = unique_room()
     assert await b.presence.join(room, PresenceEntry("bob", "s-bob", "node-b", {}))
     assert await a.presence.join(room, PresenceEntry("ann", "s-ann-1", "node-a", {}))
-    asked: list[str] = []
-    leader_seq = presence(a)._leader_seq
-
-    async def counted(r: str) -> int:
-        asked.append(r)
-        return await leader_seq(r)
-
-    monkeypatch.setattr(presence(a), "_leader_seq", counted)
+    asked = _leader_requests(presence(a), monkeypatch)
     # another replica's member joined before: the join's echo comes after it, so bob is not "first" here
     assert not await a.presence.join(room, PresenceEntry("bob", "s-bob-a", "node-a", {}))
     assert await a.presence.join(room, PresenceEntry("cid", "s-cid", "node-a", {}))
@@ -99,14 +105,7 @@ async def test_a_count_only_joined_asks_the_leader_nothing_and_counts_every_join
     chat = ChatPresence(PresenceRules([PresenceRule("*", presence_limit=0)], "off", 100), 1000,
                         cast(Hub, None), a.presence)
     await chat.join(_session("seed"), room)  # the room followed: a live copy runs on a
-    asked: list[str] = []
-    leader_seq = presence(a)._leader_seq
-
-    async def counted(r: str) -> int:
-        asked.append(r)
-        return await leader_seq(r)
-
-    monkeypatch.setattr(presence(a), "_leader_seq", counted)
+    asked = _leader_requests(presence(a), monkeypatch)
     joined = await asyncio.gather(*(chat.join(_session(f"u{i}"), room) for i in range(5)))
     assert asked == []
     # each joined counts bob, the seed and itself at least, and the last of the batch all of them
