@@ -166,25 +166,20 @@ class Session:
         else:
             rooms.add(room)
 
-    @property
-    def state(self) -> dict[str, Any]:
-        """Handler-private state (e.g. the chat handler's rate limiter)."""
+    def handler_state(self) -> dict[str, Any]:
+        """Handler-private state (e.g. the chat handler's rate limiter), made on first use. Also :attr:`state`;
+        the core's per-request paths (the op rate, the chat's state) call this: a call costs less than a
+        property (the interpreter runs it in the same loop, not through a C call)."""
         state = self._state
         if state is None:
             state = self._state = {}
         return state
 
-    @state.setter
-    def state(self, state: dict[str, Any]) -> None:
+    def _set_state(self, state: dict[str, Any]) -> None:
         self._state = state
 
-    def handler_state(self) -> dict[str, Any]:
-        """:attr:`state`, as a method: on a per-request path (the op rate, the chat's state) a call costs less
-        than a property (the interpreter runs it in the same loop, not through a C call)."""
-        state = self._state
-        if state is None:
-            state = self._state = {}
-        return state
+    #: what :meth:`handler_state` returns, for plugins (``session.state``); settable
+    state = property(handler_state, _set_state)
 
     def set_identity(self, identity: Identity) -> None:
         """Replace the identity (a refreshed token); its expiry takes effect at once."""

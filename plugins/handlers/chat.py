@@ -307,7 +307,7 @@ class ChatHandler(OpHandler):
                 session.send({"op": "left", "room": room, "reason": "forbidden"})
 
     async def on_close(self, session: Session) -> None:
-        st = session.state.get(_STATE)
+        st = session.handler_state().get(_STATE)
         if not isinstance(st, _ChatState):
             return
         for room in list(st.rooms):
