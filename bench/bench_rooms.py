@@ -39,13 +39,18 @@ figures are noisy):
   DMA or driver), and the clients share one core. ``--perf DIR`` records the replica with ``perf`` while
   measured; the rows give the share of its samples with TCP input (``tcp_v4_rcv``) and the clients' receive
   work (``tcp_data_queue``, ``sock_def_readable``) in their call chains: the check that netns moved it.
-  ``--before TREE`` measures each size on both codes.
-- ``reconnect``: three replicas on one broker; ``--members`` members of one room on the first,
-  ``--stayers`` on the other two (held by a load-generator worker of their own, so that the storm's client
-  side does not delay their reads), a publisher on the second at ``--rate``. The first is SIGKILLed; its
-  members reconnect to the survivors and join with ``since``. Figures: seconds until all rejoined
-  (target < 20), ``recovered: true`` count (target all), messages lost / duplicated over every member
-  (target 0), and the stayers' p99 during the storm (target < 100 ms) against their p99 before it.
+  ``--before TREE`` measures each size on both codes. ``--node`` measures Node `ws` (bench/node_ws: every
+  message encoded once, one ``ws.send`` per member) in the same run: its rows against its own smallest
+  size, and each wirehub row against Node's at its size (``per_server_cpu_s_vs_node``).
+- ``reconnect``: three replicas on one broker, all on the server core; ``--members`` members of one room
+  on the first, ``--stayers`` on the other two (held by a load-generator worker of their own, so that the
+  storm's client side does not delay their reads), a publisher on the second at ``--rate``. The first is
+  SIGKILLed; its members reconnect to the survivors and join with ``since``. ``--survivors 1``: two
+  replicas, so the one survivor has the core to itself after the kill and takes every rejoin (the issue's
+  layout per survivor: 20,000 members over two one-core survivors are ``--members 10000 --survivors 1``).
+  Figures: seconds until all rejoined (target < 20), ``recovered: true`` count (target all), messages
+  lost / duplicated over every member (target 0), and the stayers' p99 during the storm (target < 100 ms)
+  against their p99 before it.
   ``--url-join on`` (or ``off,on``): members join, and rejoin with ``since``, in their upgrade URL.
 
 ``--before TREE`` (join, reconnect) runs every measurement twice in the same run, interleaved: on the
@@ -86,11 +91,12 @@ from typing import Any
 from bench.bench_buses import bus_block
 from bench.loadgen import cpu_seconds, cpu_split, raise_nofile, rss_bytes
 from bench.netns import ClientNet, VethNamespace, net_rx, perf_record, perf_shares, softirq_seconds
-from bench.procs import start_replica, stop, tail
+from bench.procs import ROOT, free_port, spawn, start_replica, stop, tail
 from bench.rooms_load import Stats, Worker, _open_publisher, latency_ms, pacing
 from wirehub.brokers import BrokerProcess, NatsServer, RedisServer
 
 SERVER_CORE, LOADGEN_CORE = 0, 1
+NODE_SERVER = ROOT / "bench" / "node_ws" / "server.js"
 #: members one worker process holds (below the 20,000 open files of a process, with room to spare)
 PER_WORKER = 15_000
 #: the bench's chat options: no publish rate limit (the publisher is the load); events as the run says
@@ -125,6 +131,8 @@ class Env:
         self.code: Path | None = None
         #: before/after pairs measured so far (their order alternates)
         self.pairs = 0
+        #: the next fan-out replica is Node `ws` (bench/node_ws/server.js), not wirehub
+        self.node = False
 
     def bus(self, kind: str, presence_ttl: float | None = None) -> dict[str, Any]:
         broker = None
@@ -178,6 +186,18 @@ class Env:
                 os.environ.pop("PYTHONPATH", None)
             else:
                 os.environ["PYTHONPATH"] = saved
+        self.procs.append(proc)
+        return proc, port
+
+    def node_replica(self, host: str | None = None) -> tuple[subprocess.Popen[bytes], int]:
+        """Node `ws` speaking the chat JSON on a free port, pinned to the server core (``--node``)."""
+        host = host or "127.0.0.1"
+        port = free_port(host)
+        cmd = ["node", str(NODE_SERVER), "--port", str(port), "--host", host, "--backlog", "2048",
+               "--ping-interval", "0"]
+        self._n += 1
+        proc = spawn(cmd, port, self.workdir / f"node-{self._n}.log", name="node", preexec_fn=server_setup,
+                     host=host)
         self.procs.append(proc)
         return proc, port
 
@@ -361,7 +381,7 @@ async def scenario_join(env: Env, a: argparse.Namespace) -> list[dict[str, Any]]
                            / n)
                     first_per_join.setdefault((code, url_join), per_join)
                     r = {"scenario": "join", "bus": kind, "size": n, "events": "on" if events else "off",
-                         "code": code if a.before else None, "url_join": "on" if url_join else "off",
+                         "code": code if a.before or a.node else None, "url_join": "on" if url_join else "off",
                          "cpu_per_idle_conn_us": round(cpu_idle * 1e6, 1),
                          "cpu_per_member_us": round(cpu_member * 1e6, 1),
                          "member_vs_idle_cpu": ratio(cpu_member, cpu_idle),
@@ -514,7 +534,8 @@ async def fanout_spread(env: Env, kind: str, n: int, a: argparse.Namespace, net:
     bus = env.bus(kind)
     # with clients in a namespace the replicas listen on the veth's host address (the publisher reaches it too)
     host = net.server if net else None
-    started = [env.replica(bus, False, host) for _ in range(a.replicas)]
+    started = ([env.node_replica(host)] if env.node else
+               [env.replica(bus, False, host) for _ in range(a.replicas)])
     procs, ports = [p for p, _ in started], [port for _, port in started]
     pids = [p.pid for p in procs] + env.broker_pids()
     room = f"fan-{uuid.uuid4().hex[:8]}"
@@ -613,19 +634,22 @@ async def _fanout(env: Env, a: argparse.Namespace, net: ClientNet | None) -> lis
     alternating from size to size; each mode's rows against its own smallest size, after rows against before."""
     out: list[dict[str, Any]] = []
     variants = [(code, tree, ns) for code, tree in codes(env, a) for ns in a.netns]
+    variants += [("node", None, ns) for ns in a.netns] if a.node else []
     for kind in a.bus:
         if kind == "memory" and a.replicas > 1:
             raise SystemExit("fanout --replicas > 1 needs --bus redis or nats")
+        if a.node and (kind != "memory" or a.replicas > 1):
+            raise SystemExit("fanout --node: one replica on the memory bus only (Node `ws` has no bus)")
         first: dict[tuple[str, bool], float | None] = {}
         first_user: dict[tuple[str, bool], float | None] = {}
         for i, n in enumerate(a.sizes):
             rows: dict[tuple[str, bool], dict[str, Any]] = {}
             for code, tree, ns in (variants if i % 2 == 0 else variants[::-1]):
-                env.code = tree
+                env.code, env.node = tree, code == "node"
                 try:
                     f = await fanout_spread(env, kind, n, a, net if ns else None)
                 finally:
-                    env.code = None
+                    env.code, env.node = None, False
                 per_cpu = f["deliveries"] / f["server_cpu"] if f["server_cpu"] > 0 else None
                 per_user = f["deliveries"] / f["server_user_cpu"] if f["server_user_cpu"] > 0 else None
                 first.setdefault((code, ns), per_cpu)
@@ -636,7 +660,7 @@ async def _fanout(env: Env, a: argparse.Namespace, net: ClientNet | None) -> lis
                      # netns: with the server end's receive thread (its clients' ACKs, not charged to the replica)
                      "per_server_cpu_with_rx_s": (round(f["deliveries"] / (f["server_cpu"] + rx_cpu), 1)
                                                   if rx_cpu is not None and f["server_cpu"] + rx_cpu > 0 else None),
-                     "code": code if a.before else None,
+                     "code": code if a.before or a.node else None,
                      "per_server_cpu_s": round(per_cpu, 1) if per_cpu else None,
                      "per_wall_s": round(f["deliveries"] / f["wall"], 1),
                      "vs_smallest": ratio(per_cpu, first[code, ns]),
@@ -658,6 +682,10 @@ async def _fanout(env: Env, a: argparse.Namespace, net: ClientNet | None) -> lis
                 rows[code, ns] = r
             for ns in a.netns:
                 compare([rows[c, ns] for c, _ in codes(env, a)], ("per_server_cpu_s", "per_server_user_cpu_s"))
+                node = rows.get(("node", ns))
+                for c, _ in codes(env, a) if node else ():  # wirehub against Node at this size
+                    rows[c, ns]["per_server_cpu_s_vs_node"] = ratio(rows[c, ns]["per_server_cpu_s"],
+                                                                    node["per_server_cpu_s"])
             out += [rows[v[0], v[2]] for v in variants]
     return out
 
@@ -786,8 +814,8 @@ async def reconnect_run(env: Env, kind: str, a: argparse.Namespace, url_join: bo
     bus = env.bus(kind)
     events = None if a.reconnect_events else False
     victim, kport = env.replica(bus, events)
-    s1, port1 = env.replica(bus, events)
-    s2, port2 = env.replica(bus, events)
+    survivors = [env.replica(bus, events) for _ in range(a.survivors)]
+    ports = [port for _, port in survivors]
     room = f"storm-{uuid.uuid4().hex[:8]}"
     own_niceness = os.getpriority(os.PRIO_PROCESS, 0)
     # the stayers live in a worker of their own: the storm's client side (thousands of handshakes, joins and
@@ -795,8 +823,8 @@ async def reconnect_run(env: Env, kind: str, a: argparse.Namespace, url_join: bo
     workers = await start_workers(workers_for(a.members) + 1)
     n_w = len(workers)
     try:
-        vict, half = split(a.members, n_w - 1), split(a.stayers, 2)
-        stayers = [(port1, half[0], a.sample_every), (port2, half[1], a.sample_every)]
+        vict = split(a.members, n_w - 1)
+        stayers = [(port, k, a.sample_every) for port, k in zip(ports, split(a.stayers, len(ports)), strict=True)]
         targets = [[(kport, v, 0)] for v in vict] + [stayers]
         await asyncio.gather(*(w.call("connect", targets=targets[i], room=room, burst=a.burst, url_join=url_join)
                                for i, w in enumerate(workers)))
@@ -812,7 +840,7 @@ async def reconnect_run(env: Env, kind: str, a: argparse.Namespace, url_join: bo
         join_wall = perf() - t_join
         # --publishers sessions publish in turn (the rate in total): one session's ops run one after the other,
         # each waiting for its bus round trip, so a single publisher measures its own op queue when that is slow
-        pubs = [await _open_publisher(port1, room, Stats()) for _ in range(a.publishers)]
+        pubs = [await _open_publisher(ports[0], room, Stats()) for _ in range(a.publishers)]
         turn = itertools.count()
         stop_pub = asyncio.Event()
         task = pacing(a.rate, lambda: pubs[next(turn) % len(pubs)].publish(), stop_pub)
@@ -821,22 +849,22 @@ async def reconnect_run(env: Env, kind: str, a: argparse.Namespace, url_join: bo
         await asyncio.sleep(a.calm)
         calm = await on_all(workers, "measure", on=False)
         await on_all(workers, "measure", on=True)
-        storms = [asyncio.create_task(w.call("storm", dead_port=kport, ports=[port1, port2], burst=a.burst,
+        storms = [asyncio.create_task(w.call("storm", dead_port=kport, ports=ports, burst=a.burst,
                                              timeout=a.storm_timeout, jitter=a.jitter)) for w in workers]
         await asyncio.sleep(0.2)
         gen_pids = [w.proc.pid for w in workers if w.proc.pid]
-        srv_pids = [s1.pid, s2.pid, *env.broker_pids()]
+        srv_pids = [p.pid for p, _ in survivors] + env.broker_pids()
         g0, s0 = sum(map(cpu_seconds, gen_pids)), sum(map(cpu_seconds, srv_pids))
         r0 = env.broker_commands(kind)
-        h0 = [await asyncio.to_thread(scrape_buckets, p) for p in (port1, port2)]
-        probes = ProbePoller((port1, port2))
+        h0 = [await asyncio.to_thread(scrape_buckets, p) for p in ports]
+        probes = ProbePoller(tuple(ports))
         t_kill = perf()
         victim.kill()
         victim.wait(10)
         results = await asyncio.gather(*storms)
         storm_wall = perf() - t_kill
         healthz = probes.stop()
-        h1 = [await asyncio.to_thread(scrape_buckets, p) for p in (port1, port2)]
+        h1 = [await asyncio.to_thread(scrape_buckets, p) for p in ports]
         during = await on_all(workers, "measure", on=False)
         gen_pct = round(100 * (sum(map(cpu_seconds, gen_pids)) - g0) / storm_wall, 1)
         srv_cpu = sum(map(cpu_seconds, srv_pids)) - s0
@@ -855,7 +883,7 @@ async def reconnect_run(env: Env, kind: str, a: argparse.Namespace, url_join: bo
         for p in pubs:
             p.close()
         return {"scenario": "reconnect", "bus": kind, "members": a.members, "stayers": a.stayers, "rate": a.rate,
-                "priority": a.priority,
+                "priority": a.priority, "survivors": a.survivors,
                 "url_join": "on" if url_join else "off",
                 "events": "on" if a.reconnect_events else "off", "join_wall": round(join_wall, 2),
                 "join_failed": total(joins, "failed"),
@@ -893,7 +921,7 @@ async def reconnect_run(env: Env, kind: str, a: argparse.Namespace, url_join: bo
         if a.priority:
             renice(os.getpid(), own_niceness)
         await stop_workers(workers)
-        for p in (victim, s1, s2):
+        for p in (victim, *(s for s, _ in survivors)):
             env.stop(p)
 
 
@@ -1061,6 +1089,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fanout: spread the room over this many replicas (redis/nats; the publisher is paced)")
     p.add_argument("--deliveries", type=float, default=100_000.0,
                    help="fanout with --replicas > 1 or --paced: deliveries per second the publisher is paced to")
+    p.add_argument("--node", action="store_true",
+                   help="fanout --paced: also measure Node `ws` (bench/node_ws, `npm ci` there) as a replica, "
+                        "each size against its own smallest")
     p.add_argument("--paced", action="store_true",
                    help="fanout on one replica as with --replicas > 1: the publisher paced to --deliveries and the "
                         "members spread over load generators of --per-worker each (else: a window of messages)")
@@ -1075,6 +1106,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fanout --perf: samples per second of the replica's CPU time (a short run needs more)")
     p.add_argument("--members", type=int, default=18000, help="reconnect: members on the replica killed")
     p.add_argument("--stayers", type=int, default=1000, help="reconnect: members on the survivors")
+    p.add_argument("--survivors", type=int, default=2, choices=(1, 2),
+                   help="reconnect: replicas left after the kill, all on the server core (1: the survivor has the "
+                        "core to itself, as each of the issue's one-core survivors has)")
     p.add_argument("--calm", type=float, default=3.0, help="reconnect: seconds measured before the kill")
     p.add_argument("--after", type=float, default=2.0, help="reconnect: seconds of publishing after the storm")
     p.add_argument("--server-options", default=None,
