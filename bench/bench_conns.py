@@ -49,10 +49,9 @@ if str(ROOT) not in sys.path:  # run as `python bench/bench_conns.py`
     sys.path.insert(0, str(ROOT))
 
 from bench import loadgen  # noqa: E402
-from bench.procs import free_port, spawn  # noqa: E402
+from bench.procs import free_port, node_ws_ready, spawn  # noqa: E402
 from bench.run import Server, _child_setup, start_server, wirehub_config  # noqa: E402
 
-NODE_WS = ROOT / "bench" / "node_ws"
 SCENARIOS = ("handshake", "idle", "keepalive", "echo", "fanout")
 SERVERS = ("wirehub", "node", "baseline")  # and "before" with --before TREE, "wirehub-asyncio", "wirehub-uvloop"
 #: servers that are wirehub with ``server.event_loop`` set, by name
@@ -429,8 +428,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         a.settle = 0.5
     if (os.cpu_count() or 1) < 2:
         a.server_core = a.loadgen_core = None
-    if "node" in a.servers.split(",") and not (NODE_WS / "node_modules" / "ws").is_dir():
-        subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=NODE_WS, check=True, timeout=300)
+    if "node" in a.servers.split(","):
+        node_ws_ready()
     results: dict[str, dict[str, dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory(prefix="wirehub-conns-") as tmp:
         for scenario in a.scenarios.split(","):

@@ -41,7 +41,11 @@ figures are noisy):
   work (``tcp_data_queue``, ``sock_def_readable``) in their call chains: the check that netns moved it.
   ``--before TREE`` measures each size on both codes. ``--node`` measures Node `ws` (bench/node_ws: every
   message encoded once, one ``ws.send`` per member) in the same run: its rows against its own smallest
-  size, and each wirehub row against Node's at its size (``per_server_cpu_s_vs_node``).
+  size, and each wirehub row against Node's at its size (``per_server_cpu_s_vs_node``). A size ``N/S``
+  puts N members in rooms of S, each room with a publisher of its own at the same rate per member: as many
+  sockets, sends per socket and deliveries as ``N``, only the rooms smaller (``--sizes 18000/1000,18000``
+  tells the room's size from the number of sockets, which ``--sizes 1000,18000`` changes too).
+  ``--member-rate R`` paces every room to R messages per second instead of ``--deliveries`` in total.
 - ``reconnect``: three replicas on one broker, all on the server core; ``--members`` members of one room
   on the first, ``--stayers`` on the other two (held by a load-generator worker of their own, so that the
   storm's client side does not delay their reads), a publisher on the second at ``--rate``. The first is
@@ -89,14 +93,13 @@ from pathlib import Path
 from typing import Any
 
 from bench.bench_buses import bus_block
-from bench.loadgen import cpu_seconds, cpu_split, raise_nofile, rss_bytes
-from bench.netns import ClientNet, VethNamespace, net_rx, perf_record, perf_shares, softirq_seconds
-from bench.procs import ROOT, free_port, spawn, start_replica, stop, tail
+from bench.loadgen import count_sends, cpu_seconds, cpu_split, raise_nofile, rss_bytes
+from bench.netns import ClientNet, VethNamespace, net_rx, perf_record, perf_shares, softirq_seconds, tcp_retransmits
+from bench.procs import free_port, node_ws_ready, spawn, start_replica, stop, tail
 from bench.rooms_load import Stats, Worker, _open_publisher, latency_ms, pacing
 from wirehub.brokers import BrokerProcess, NatsServer, RedisServer
 
 SERVER_CORE, LOADGEN_CORE = 0, 1
-NODE_SERVER = ROOT / "bench" / "node_ws" / "server.js"
 #: members one worker process holds (below the 20,000 open files of a process, with room to spare)
 PER_WORKER = 15_000
 #: the bench's chat options: no publish rate limit (the publisher is the load); events as the run says
@@ -193,7 +196,7 @@ class Env:
         """Node `ws` speaking the chat JSON on a free port, pinned to the server core (``--node``)."""
         host = host or "127.0.0.1"
         port = free_port(host)
-        cmd = ["node", str(NODE_SERVER), "--port", str(port), "--host", host, "--backlog", "2048",
+        cmd = ["node", str(node_ws_ready()), "--port", str(port), "--host", host, "--backlog", "2048",
                "--ping-interval", "0"]
         self._n += 1
         proc = spawn(cmd, port, self.workdir / f"node-{self._n}.log", name="node", preexec_fn=server_setup,
@@ -526,11 +529,14 @@ async def scenario_latency(env: Env, a: argparse.Namespace) -> list[dict[str, An
 # -- fan-out by room size ----------------------------------------------------------------------------------------
 
 
-async def fanout_spread(env: Env, kind: str, n: int, a: argparse.Namespace, net: ClientNet | None = None
-                        ) -> dict[str, Any]:
+async def fanout_spread(env: Env, kind: str, n: int, a: argparse.Namespace, net: ClientNet | None = None,
+                        room_size: int = 0) -> dict[str, Any]:
     """A room of ``n`` members spread over ``a.replicas`` replicas (and as many load-generator processes as
-    needed); a publisher on the first replica paced to ``a.deliveries`` deliveries per second. With ``net``
-    the load generators run in that client namespace (the publisher stays on the host's loopback)."""
+    needed); a publisher on the first replica paced to ``a.deliveries`` deliveries per second (or to
+    ``a.member_rate`` messages per second, whatever the size). With ``net``
+    the load generators run in that client namespace (the publisher stays on the host's loopback). With
+    ``room_size`` (< ``n``) the members are in ``n // room_size`` rooms of that size, each with a publisher of
+    its own at the same rate: as many sockets, sends and deliveries, only the rooms smaller."""
     bus = env.bus(kind)
     # with clients in a namespace the replicas listen on the veth's host address (the publisher reaches it too)
     host = net.server if net else None
@@ -539,24 +545,26 @@ async def fanout_spread(env: Env, kind: str, n: int, a: argparse.Namespace, net:
     procs, ports = [p for p, _ in started], [port for _, port in started]
     pids = [p.pid for p in procs] + env.broker_pids()
     room = f"fan-{uuid.uuid4().hex[:8]}"
+    rooms = [f"{room}-{j}" for j in range(n // room_size)] if 0 < room_size < n else [room]
     workers = await start_workers(workers_for(n), net)
     try:
         shares = split(n, len(workers))
         await asyncio.gather(*(
             w.call("connect", targets=[(port, k, a.sample_every) for port, k in zip(ports, split(share, len(ports)),
                                                                                      strict=True)],
-                   room=room, burst=a.burst)
+                   room=room, burst=a.burst, rooms=rooms if len(rooms) > 1 else None)
             for w, share in zip(workers, shares, strict=True)))
         joins = await on_all(workers, "join", burst=max(1, a.burst // len(workers)), timeout=a.join_timeout)
-        pub = await _open_publisher(ports[0], room, Stats(), host or "127.0.0.1")
-        rate = a.deliveries / n
+        pubs = [await _open_publisher(ports[0], r, Stats(), host or "127.0.0.1") for r in rooms]
+        rate = a.member_rate or a.deliveries / n  # messages per second into each room
         stop_pub = asyncio.Event()
-        task = pacing(rate, pub.publish, stop_pub)
+        turn = itertools.count()
+        task = pacing(rate * len(pubs), lambda: pubs[next(turn) % len(pubs)].publish(), stop_pub)
         await asyncio.sleep(a.warmup)
         gen_pids = [os.getpid(), *(w.proc.pid for w in workers if w.proc.pid)]
         s0, g0 = sum(map(cpu_seconds, pids)), [cpu_seconds(p) for p in gen_pids]
         u0 = sum(cpu_split(p)[0] for p in pids)
-        rx0, si0 = net_rx(), softirq_seconds()
+        rx0, si0, re0 = net_rx(), softirq_seconds(), tcp_retransmits()
         napi0 = cpu_seconds(net.server_rx_pid) if net else 0.0
         record = None
         if a.perf:
@@ -566,9 +574,14 @@ async def fanout_spread(env: Env, kind: str, n: int, a: argparse.Namespace, net:
             spy = perf_record(procs[0].pid, record, a.perf_freq)
         await on_all(workers, "measure", on=True)
         t0 = perf()
+        # the replica's write system calls in the window (perf stat): deliveries per send, the frames that
+        # shared one (a pass that corked two messages for a member sends them in one)
+        sends = (asyncio.create_task(count_sends(procs[0].pid, 0.0, max(1.0, a.duration - 1.0)))
+                 if a.count_sends else None)
         await asyncio.sleep(a.duration)
         got = await on_all(workers, "measure", on=False)
         wall = perf() - t0
+        counted = await sends if sends is not None else None
         if record is not None:
             spy.send_signal(signal.SIGINT)
             spy.wait(60)
@@ -578,15 +591,18 @@ async def fanout_spread(env: Env, kind: str, n: int, a: argparse.Namespace, net:
         rx = [b - x for x, b in zip(rx0, net_rx(), strict=True)]
         napi = cpu_seconds(net.server_rx_pid) - napi0 if net else None
         si = [b - x for x, b in zip(si0, softirq_seconds(), strict=True)]
+        retrans = tcp_retransmits() - re0  # the replicas' (in the host's namespace; on loopback the clients' too)
         gens = [cpu_seconds(p) - g for p, g in zip(gen_pids, g0, strict=True)]  # each load generator's own core
         stop_pub.set()
         await task
         for _ in range(20):  # the last deliveries: up to 10 s
             await asyncio.sleep(0.5)
-            reports = await on_all(workers, "report", top=pub.top)
+            reports = await on_all(workers, "report", top=pubs[0].top if len(pubs) == 1 else
+                                   {r: p.top for r, p in zip(rooms, pubs, strict=True)})
             if not total(reports, "lost_tail"):
                 break
-        pub.close()
+        for p in pubs:
+            p.close()
         deliveries = total(got, "count")
         # the replica's samples with the clients' receive work in their call chains (loopback: most sends)
         shares = {f"perf_{k}": v for k, v in perf_shares(record).items()} if record is not None else {}
@@ -597,9 +613,12 @@ async def fanout_spread(env: Env, kind: str, n: int, a: argparse.Namespace, net:
                 "net_rx_loadgen_core": rx[LOADGEN_CORE] if len(rx) > LOADGEN_CORE else None,
                 "softirq_s_server_core": round(si[SERVER_CORE], 3) if len(si) > SERVER_CORE else None,
                 "softirq_s_loadgen_core": round(si[LOADGEN_CORE], 3) if len(si) > LOADGEN_CORE else None,
-                "loadgen_busiest_cpu": round(max(gens), 3),
+                "loadgen_busiest_cpu": round(max(gens), 3), "tcp_retransmits": retrans,
+                "frames_per_send": (round(total(got, "count") / wall / (counted[0] / counted[1]), 3)
+                                    if counted and counted[0] else None),
                 "receivers": n, "replicas": a.replicas, "rate": round(rate, 3),
-                "published": pub.seq, "missing_after_drain": total(reports, "lost"), "dup": total(reports, "dup"),
+                "published": sum(p.seq for p in pubs), "rooms": len(rooms),
+                "missing_after_drain": total(reports, "lost"), "dup": total(reports, "dup"),
                 "not_joined": total(reports, "not_joined"),
                 "join_failed": total(joins, "failed"), "latencies": [x for g in got for x in g["latencies"]]}
     finally:
@@ -642,12 +661,12 @@ async def _fanout(env: Env, a: argparse.Namespace, net: ClientNet | None) -> lis
             raise SystemExit("fanout --node: one replica on the memory bus only (Node `ws` has no bus)")
         first: dict[tuple[str, bool], float | None] = {}
         first_user: dict[tuple[str, bool], float | None] = {}
-        for i, n in enumerate(a.sizes):
+        for i, (n, room_size) in enumerate(zip(a.sizes, a.room_sizes, strict=True)):
             rows: dict[tuple[str, bool], dict[str, Any]] = {}
             for code, tree, ns in (variants if i % 2 == 0 else variants[::-1]):
                 env.code, env.node = tree, code == "node"
                 try:
-                    f = await fanout_spread(env, kind, n, a, net if ns else None)
+                    f = await fanout_spread(env, kind, n, a, net if ns else None, room_size)
                 finally:
                     env.code, env.node = None, False
                 per_cpu = f["deliveries"] / f["server_cpu"] if f["server_cpu"] > 0 else None
@@ -656,7 +675,8 @@ async def _fanout(env: Env, a: argparse.Namespace, net: ClientNet | None) -> lis
                 first_user.setdefault((code, ns), per_user)
                 lat = latency_ms(f.pop("latencies"))
                 rx_cpu = f["server_rx_thread_cpu"]
-                r = {"scenario": "fanout", "bus": kind, "size": n, "net": "netns" if ns else "loopback",
+                r = {"scenario": "fanout", "bus": kind, "size": n, "room_size": room_size or n,
+                     "net": "netns" if ns else "loopback",
                      # netns: with the server end's receive thread (its clients' ACKs, not charged to the replica)
                      "per_server_cpu_with_rx_s": (round(f["deliveries"] / (f["server_cpu"] + rx_cpu), 1)
                                                   if rx_cpu is not None and f["server_cpu"] + rx_cpu > 0 else None),
@@ -673,12 +693,16 @@ async def _fanout(env: Env, a: argparse.Namespace, net: ClientNet | None) -> lis
                      "loadgen_cpu_pct": round(100 * f["loadgen_cpu"] / f["wall"], 1),
                      "loadgen_busiest_cpu_pct": round(100 * f["loadgen_busiest_cpu"] / f["wall"], 1), **f, **lat}
                 r["valid"] = r["loadgen_busiest_cpu_pct"] < LOADGEN_SATURATED
-                print(f"fanout {kind:6} {a.replicas} replicas N={n:>6} {r['net']:8} {code:6}: {r['per_server_cpu_s']} "
+                label = f"{n}/{room_size}" if room_size else str(n)
+                print(f"fanout {kind:6} {a.replicas} replicas N={label:>6} {r['net']:8} {code:6}: "
+                      f"{r['per_server_cpu_s']} "
                       f"deliveries per CPU-s of replicas+broker ({r['vs_smallest']}x N={a.sizes[0]}; user space "
                       f"alone {r['user_vs_smallest']}x, system share {r['server_sys_share']}), p99 {r['p99_ms']} ms, "
                       f"server {r['server_cpu_pct']} %, loadgen {r['loadgen_cpu_pct']} % (busiest process "
                       f"{r['loadgen_busiest_cpu_pct']} %), NET_RX server/loadgen core {r['net_rx_server_core']}/"
-                      f"{r['net_rx_loadgen_core']}{_validity(r)}", file=sys.stderr)
+                      f"{r['net_rx_loadgen_core']}, TCP retransmits {r['tcp_retransmits']}, frames per send "
+                      f"{r['frames_per_send']}{_validity(r)}",
+                      file=sys.stderr)
                 rows[code, ns] = r
             for ns in a.netns:
                 compare([rows[c, ns] for c, _ in codes(env, a)], ("per_server_cpu_s", "per_server_user_cpu_s"))
@@ -1087,8 +1111,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=100, help="fanout: approximate payload bytes")
     p.add_argument("--replicas", type=int, default=1,
                    help="fanout: spread the room over this many replicas (redis/nats; the publisher is paced)")
+    p.add_argument("--member-rate", type=float, default=0.0,
+                   help="fanout with --replicas > 1 or --paced: messages per second to every member whatever the "
+                        "room's size, instead of --deliveries in total (each socket's sends as far apart)")
     p.add_argument("--deliveries", type=float, default=100_000.0,
                    help="fanout with --replicas > 1 or --paced: deliveries per second the publisher is paced to")
+    p.add_argument("--count-sends", action="store_true",
+                   help="fanout --paced: count the replica's write system calls in the window (perf stat) and "
+                        "give deliveries per send (frames_per_send)")
     p.add_argument("--node", action="store_true",
                    help="fanout --paced: also measure Node `ws` (bench/node_ws, `npm ci` there) as a replica, "
                         "each size against its own smallest")
@@ -1145,7 +1175,12 @@ def build_parser() -> argparse.ArgumentParser:
 def options_for(scenario: str, a: argparse.Namespace) -> argparse.Namespace:
     o = argparse.Namespace(**vars(a))
     sizes, buses = DEFAULTS[scenario]
-    o.sizes = [int(x) for x in (a.sizes or sizes).split(",") if x]
+    # fanout --paced: "N/S" is N members in rooms of S (as many sockets and sends, smaller rooms)
+    tokens = [x.partition("/") for x in (a.sizes or sizes).split(",") if x]
+    o.sizes = [int(n) for n, _, _ in tokens]
+    o.room_sizes = [int(r or 0) for _, _, r in tokens]
+    if any(o.room_sizes) and not (scenario == "fanout" and (a.paced or a.replicas > 1)):
+        raise SystemExit("--sizes N/S (rooms of S members): fanout --paced only")
     o.bus = [x.strip() for x in (a.bus or buses).split(",") if x.strip()]
     modes = [x.strip() for x in a.events.split(",")]
     if not modes or any(m not in ("off", "on") for m in modes):

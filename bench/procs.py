@@ -17,6 +17,17 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 
 
+#: the Node `ws` baseline server (bench/node_ws/server.js) and its package
+NODE_WS = ROOT / "bench" / "node_ws"
+
+
+def node_ws_ready() -> Path:
+    """bench/node_ws/server.js, with its ``ws`` package installed (``npm ci`` there on first use)."""
+    if not (NODE_WS / "node_modules" / "ws").is_dir():
+        subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=NODE_WS, check=True, timeout=300)
+    return NODE_WS / "server.js"
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))

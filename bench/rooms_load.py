@@ -276,9 +276,11 @@ class _WorkerLoop:
         self.delivered += 1
 
     async def connect(self, targets: list[tuple[int, int, int]], room: str, burst: int,
-                      url_join: bool = False, join_timeout: float = 300.0) -> dict[str, Any]:
+                      url_join: bool = False, join_timeout: float = 300.0,
+                      rooms: list[str] | None = None) -> dict[str, Any]:
         """``targets``: (port, how many, sample every n-th of them; 0 = none) for each server. With ``url_join``
-        every member joins ``room`` in its upgrade URL (then and on reconnects): :meth:`join` only waits."""
+        every member joins ``room`` in its upgrade URL (then and on reconnects): :meth:`join` only waits.
+        ``rooms``: the members take these rooms in turn instead of ``room`` (not for :meth:`storm`)."""
         self.room = room
         self.url_join = url_join
         sem = asyncio.Semaphore(burst)
@@ -291,11 +293,14 @@ class _WorkerLoop:
                 states.append(MemberState(every > 0 and i % every == 0, port, source, host=self.host))
                 n += 1
 
-        async def one(st: MemberState) -> None:
+        # each room gets as many members, drawn at random (as joins land in a server's memory)
+        drawn = random.Random(self.index).sample(range(len(states)), len(states))
+
+        async def one(k: int, st: MemberState) -> None:
             async with sem:
                 try:
-                    m = await open_member(st.port, room, st, self.stats, on_delivery=self._delivery,
-                                          url_join=url_join)
+                    m = await open_member(st.port, rooms[drawn[k] % len(rooms)] if rooms else room, st, self.stats,
+                                          on_delivery=self._delivery, url_join=url_join)
                     self.members.append(m)
                     if url_join:  # as many joins in flight as with join frames (``burst``): the 101 may come first
                         with contextlib.suppress(ConnectionError, TimeoutError):  # counted by join()
@@ -304,7 +309,7 @@ class _WorkerLoop:
                     failures.append(f"{type(exc).__name__}: {exc}")
 
         t0 = perf()
-        await asyncio.gather(*(one(st) for st in states))
+        await asyncio.gather(*(one(k, st) for k, st in enumerate(states)))
         return {"connected": len(self.members), "failed": len(failures), "first_failure": failures[:1],
                 "t0": t0, "t1": perf()}
 
@@ -439,8 +444,9 @@ class _WorkerLoop:
                 "loadgen_cpu": round(gen, 3), "receivers": per, "published": published,
                 "missing_after_drain": short, "latencies": lat["latencies"]}
 
-    def report(self, top: int | None) -> dict[str, Any]:
-        """Totals; with ``top`` (the publisher's last acked offset) a member behind it lost the rest."""
+    def report(self, top: int | dict[str, int] | None) -> dict[str, Any]:
+        """Totals; with ``top`` (the publisher's last acked offset, or each room's) a member behind it lost the
+        rest."""
         tail = 0
         behind = 0
         never = [m for m in self.members if m.state.last is None]  # their join failed: nothing to check
@@ -448,7 +454,7 @@ class _WorkerLoop:
             for m in self.members:
                 if m.state.last is None:
                     continue
-                gap = top - m.state.last
+                gap = (top[m.room] if isinstance(top, dict) else top) - m.state.last
                 if gap > 0:
                     tail += gap
                     behind += 1

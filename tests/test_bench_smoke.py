@@ -109,3 +109,55 @@ def test_bench_rooms_fanout_netns_takes_the_clients_receive_work_off_the_server(
 def _namespaces() -> list[str]:
     return [line.split()[0] for line in subprocess.run(["ip", "netns", "list"], capture_output=True,
                                                         text=True).stdout.splitlines() if line.strip()]
+
+
+def _rooms_bench(tmp_path: Path, *args: str, timeout: float = 170) -> list[dict[str, object]]:
+    out = tmp_path / "rooms.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(ROOT)]))}
+    proc = subprocess.run([sys.executable, "-m", "bench.bench_rooms", *args, "--json", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scenario = args[0]
+    rows: list[dict[str, object]] = json.loads(out.read_text())[scenario]
+    return rows
+
+
+def test_bench_rooms_fanout_small_rooms_on_as_many_sockets_and_node_in_the_same_run(tmp_path: Path) -> None:
+    """``fanout --paced --sizes 300/100,300 --node``: 300 members in 3 rooms of 100 (a publisher each) and in one
+    room, each on wirehub and on Node `ws`; every message delivered, once, to every member of its room."""
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        pytest.skip("needs node 20 and npm (apt-get install nodejs npm)")
+    rows = _rooms_bench(tmp_path, "fanout", "--sizes", "300/100,300", "--paced", "--deliveries", "6000",
+                        "--duration", "2", "--warmup", "0.5", "--node", "--count-sends")
+    got = {(r["room_size"], r["code"]): r for r in rows}
+    assert set(got) == {(100, "after"), (100, "node"), (300, "after"), (300, "node")}, rows
+    for (room_size, _), r in got.items():
+        assert r["rooms"] == 300 // room_size and r["receivers"] == 300, r
+        assert r["deliveries"] > 0 and r["missing_after_drain"] == 0 and r["dup"] == 0, r
+    assert got[100, "after"]["per_server_cpu_s_vs_node"] is not None
+    if shutil.which("perf") is not None:  # --count-sends: the replica's sends counted in the window
+        assert all(r["frames_per_send"] for r in rows), rows
+
+
+def test_bench_rooms_reconnect_to_one_survivor(tmp_path: Path) -> None:
+    """``reconnect --survivors 1``: the killed replica's members all rejoin the one survivor, recovered."""
+    (row,) = _rooms_bench(tmp_path, "reconnect", "--quick", "--per-worker", "80", "--survivors", "1")
+    assert row["survivors"] == 1 and row["victims"] and row["rejoined"] == row["victims"], row
+    assert row["recovered_true"] == row["victims"] and row["lost"] == 0 and row["dup"] == 0, row
+
+
+def test_the_veth_ends_have_a_queue_in_front_of_them() -> None:
+    """A veth has no queue of its own: a fan-out's burst that finds the other end's ring full is dropped and
+    retransmitted. Each end gets one, as a NIC's driver has (``bench.netns.QUEUE_PACKETS``)."""
+    for tool, package in (("ip", "iproute2"), ("tc", "iproute2")):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed: apt-get install {package} (.ci/run installs it)")
+    from bench.netns import QUEUE_PACKETS, VethNamespace
+
+    with VethNamespace(f"whq{os.getpid()}", server_cpu=0, client_cpu=(os.cpu_count() or 1) - 1) as veth:
+        shown = [subprocess.run([*prefix, "tc", "qdisc", "show", "dev", dev], capture_output=True, text=True,
+                                check=True).stdout
+                 for prefix, dev in (([], veth.host_if), (["ip", "netns", "exec", veth.name], veth.peer_if))]
+    for text in shown:
+        assert text.startswith("qdisc pfifo"), text
+        assert f"limit {QUEUE_PACKETS}p" in text, text

@@ -58,7 +58,8 @@ function chat(ws, data) {
     }
     const offset = (offsets.get(room) || 0) + 1;
     offsets.set(room, offset);
-    const msg = JSON.stringify({ op: 'message', room, from: ws.user, data: req.data, offset, ts: Date.now() / 1000 });
+    // the offset last, as wirehub splices it in (bench/rooms_load.py reads it from the frame's end)
+    const msg = JSON.stringify({ op: 'message', room, from: ws.user, data: req.data, ts: Date.now() / 1000, offset });
     for (const c of rooms.get(room)) if (c !== ws) c.send(msg);
     ws.send(JSON.stringify({ op: 'ack', id: req.id, offset }));
   } else {
