@@ -554,7 +554,8 @@ async def fanout_spread(env: Env, kind: str, n: int, a: argparse.Namespace, net:
                                                                                      strict=True)],
                    room=room, burst=a.burst, rooms=rooms if len(rooms) > 1 else None)
             for w, share in zip(workers, shares, strict=True)))
-        joins = await on_all(workers, "join", burst=max(1, a.burst // len(workers)), timeout=a.join_timeout)
+        joins = await on_all(workers, "join", burst=max(1, a.burst // len(workers)), timeout=a.join_timeout,
+                             shuffled=a.shuffle_joins)
         pubs = [await _open_publisher(ports[0], r, Stats(), host or "127.0.0.1") for r in rooms]
         rate = a.member_rate or a.deliveries / n  # messages per second into each room
         stop_pub = asyncio.Event()
@@ -676,6 +677,7 @@ async def _fanout(env: Env, a: argparse.Namespace, net: ClientNet | None) -> lis
                 lat = latency_ms(f.pop("latencies"))
                 rx_cpu = f["server_rx_thread_cpu"]
                 r = {"scenario": "fanout", "bus": kind, "size": n, "room_size": room_size or n,
+                     "joins": "shuffled" if a.shuffle_joins else "in connect order",
                      "net": "netns" if ns else "loopback",
                      # netns: with the server end's receive thread (its clients' ACKs, not charged to the replica)
                      "per_server_cpu_with_rx_s": (round(f["deliveries"] / (f["server_cpu"] + rx_cpu), 1)
@@ -1116,6 +1118,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "room's size, instead of --deliveries in total (each socket's sends as far apart)")
     p.add_argument("--deliveries", type=float, default=100_000.0,
                    help="fanout with --replicas > 1 or --paced: deliveries per second the publisher is paced to")
+    p.add_argument("--shuffle-joins", action="store_true",
+                   help="fanout --paced: members join in an order drawn at random, not the order they connected "
+                        "in (a long-lived room's order, after churn: its fan-out no longer walks the server's "
+                        "memory in the order it was allocated)")
     p.add_argument("--count-sends", action="store_true",
                    help="fanout --paced: count the replica's write system calls in the window (perf stat) and "
                         "give deliveries per send (frames_per_send)")

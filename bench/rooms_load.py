@@ -313,9 +313,11 @@ class _WorkerLoop:
         return {"connected": len(self.members), "failed": len(failures), "first_failure": failures[:1],
                 "t0": t0, "t1": perf()}
 
-    async def join(self, burst: int, timeout: float) -> dict[str, Any]:
+    async def join(self, burst: int, timeout: float, shuffled: bool = False) -> dict[str, Any]:
         """Every connected member joins (without ``since``), ``burst`` joins in flight at a time; with URL joins,
-        the joins still under way are waited for (the ones done already are counted too)."""
+        the joins still under way are waited for (the ones done already are counted too). ``shuffled``: in an
+        order drawn at random, not the order they connected in (which is the order of their state in the
+        server's memory: a room's fan-out, in join order, then walks it in a different order)."""
         sem = asyncio.Semaphore(burst)
         errors: list[str] = []
         done = 0
@@ -337,7 +339,8 @@ class _WorkerLoop:
                     errors.append(f"{type(exc).__name__}: {exc}"[:300])
 
         t0 = perf()
-        await asyncio.gather(*(one(m) for m in self.members if not m.joined.done()))
+        members = random.Random(self.index + 1).sample(self.members, len(self.members)) if shuffled else self.members
+        await asyncio.gather(*(one(m) for m in members if not m.joined.done()))
         return {"joined": done, "failed": len(errors), "first_error": errors[:1], "t0": t0, "t1": perf(),
                 "joined_bytes": self.stats.joined_bytes, "joined_max": self.stats.joined_max,
                 "events": self.stats.events}
