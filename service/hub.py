@@ -41,6 +41,9 @@ REPAIR_ATTEMPTS = 5
 #: seconds after a repair during which late live copies of replayed messages are dropped (they come within a
 #: round trip; a room's history restarts without an outage only after its meta TTL, over a minute idle)
 REPAIR_FLOOR = 10.0
+#: seconds a member is a newcomer: the fan-out takes the newcomers after the rest, in join order (see
+#: :meth:`_Room.receivers`)
+SETTLE = 30.0
 
 
 @dataclass(eq=False)
@@ -60,31 +63,53 @@ class _Room:
     #: its way live when the repair ends), dropped until a newer one passes (the bus delivers a room's
     #: messages in order) or until ``until`` (monotonic), long before an idle room's history could restart
     floor: tuple[int, float] | None = None
-    #: the members and what the fan-out calls for each (:meth:`Session.receiver`), in the order of their
-    #: sessions in memory (see :meth:`receivers`); built on the first message after a membership change, so a
-    #: message costs no copy of ``members``
+    #: the members and what the fan-out calls for each (:meth:`Session.receiver`), in the order
+    #: :meth:`receivers` gives; built on the first message after a membership change (or after a newcomer
+    #: settled), so a message costs no copy of ``members``
     _receivers: tuple[tuple[Session, Callable[[str, OutFrame, int | None], None]], ...] | None = None
+    #: the newcomers (joined less than ``SETTLE`` seconds ago, as far as the last rebuild knew): when each
+    #: joined (monotonic), in join order
+    newcomers: dict[bytes, float] = field(default_factory=dict)
+    #: when the oldest newcomer settles, so the order must be rebuilt (0.0: no newcomer)
+    settle_at: float = 0.0
+    #: the join time newcomers get: one float for the joins of a second (a join storm allocates no time each)
+    _stamp: float = 0.0
 
     def add(self, session: Session) -> None:
         self.members[session.id_bytes] = session
+        now = time.monotonic()
+        if now - self._stamp >= 1.0:
+            self._stamp = now
+        self.newcomers[session.id_bytes] = self._stamp
         self._receivers = None
 
     def discard(self, session: Session) -> bool:
         """Remove ``session``; False when it was not a member."""
         if self.members.pop(session.id_bytes, None) is None:
             return False
+        self.newcomers.pop(session.id_bytes, None)
         self._receivers = None
         return True
 
     def receivers(self) -> tuple[tuple[Session, Callable[[str, OutFrame, int | None], None]], ...]:
         receivers = self._receivers
         if receivers is None:
-            # By address (CPython's id), not in join order: a connection's objects are allocated together when
-            # it opens, so the fan-out then walks the sessions, their streams and sockets (and the kernel's, in
-            # accept order) about in the order they lie in memory. Members who joined in another order than
-            # they connected (any long-lived room) cost 1.5x per delivery in join order, in cache and TLB
-            # misses (bench/README.md, session 29); the sort is a few ms per rebuild of a 50,000-member room.
-            receivers = self._receivers = tuple((s, s.receiver()) for s in sorted(self.members.values(), key=id))
+            # The settled members by address (CPython's id), then the newcomers in join order. A connection's
+            # objects are allocated together when it opens, so in address order the fan-out walks the
+            # sessions, their streams and sockets (and the kernel's, in accept order) about as they lie in
+            # memory; in join order, members who joined in another order than they connected (any long-lived
+            # room) cost 1.66x the CPU per delivery in cache and TLB misses (bench/README.md, session 29). The
+            # newcomers come last so that a storm of rejoins (new sessions, wherever the allocator put them)
+            # does not delay the members who were there before it.
+            newcomers, members = self.newcomers, self.members
+            now = time.monotonic()
+            settled = [key for key, at in newcomers.items() if now - at >= SETTLE]
+            for key in settled:
+                del newcomers[key]
+            self.settle_at = next(iter(newcomers.values())) + SETTLE if newcomers else 0.0
+            ordered = sorted((s for key, s in members.items() if key not in newcomers), key=id)
+            ordered += [members[key] for key in newcomers]
+            receivers = self._receivers = tuple((s, s.receiver()) for s in ordered)
         return receivers
 
 
@@ -288,7 +313,10 @@ class Hub:
         skip = r.members.get(origin) if origin else None
         # A snapshot: a member that joins or leaves while this runs (a close from inside a delivery) does
         # not change who gets this message, as with a copy of ``members``.
-        receivers = r._receivers or r.receivers()
+        receivers = r._receivers
+        if receivers is None or (r.settle_at and time.monotonic() >= r.settle_at):
+            r._receivers = None
+            receivers = r.receivers()
         name = r.name
         for s, receive in receivers:
             if s is not skip:
