@@ -46,6 +46,9 @@ figures are noisy):
   sockets, sends per socket and deliveries as ``N``, only the rooms smaller (``--sizes 18000/1000,18000``
   tells the room's size from the number of sockets, which ``--sizes 1000,18000`` changes too).
   ``--member-rate R`` paces every room to R messages per second instead of ``--deliveries`` in total.
+  ``--shuffle-joins``: members join in an order drawn at random, not the order they connected in (a
+  long-lived room), measured once the hub counts them settled (the warm-up at least its ``SETTLE`` + 2 s).
+  ``--count-sends`` (one replica): deliveries per ``send`` of the replica (perf stat).
 - ``reconnect``: three replicas on one broker, all on the server core; ``--members`` members of one room
   on the first, ``--stayers`` on the other two (held by a load-generator worker of their own, so that the
   storm's client side does not delay their reads), a publisher on the second at ``--rate``. The first is
@@ -633,7 +636,11 @@ LOADGEN_SATURATED = 95.0
 
 
 def _validity(row: dict[str, Any]) -> str:
-    return "" if row["valid"] else " NOT VALID: the load generator's core was saturated (it set the rate)"
+    if row["valid"]:
+        return ""
+    if not row.get("deliveries", 1):
+        return " NOT VALID: nothing was delivered"
+    return " NOT VALID: the load generator's core was saturated (it set the rate)"
 
 
 async def scenario_fanout(env: Env, a: argparse.Namespace) -> list[dict[str, Any]]:
@@ -694,7 +701,7 @@ async def _fanout(env: Env, a: argparse.Namespace, net: ClientNet | None) -> lis
                      "server_cpu_pct": round(100 * f["server_cpu"] / f["wall"], 1),
                      "loadgen_cpu_pct": round(100 * f["loadgen_cpu"] / f["wall"], 1),
                      "loadgen_busiest_cpu_pct": round(100 * f["loadgen_busiest_cpu"] / f["wall"], 1), **f, **lat}
-                r["valid"] = r["loadgen_busiest_cpu_pct"] < LOADGEN_SATURATED
+                r["valid"] = r["loadgen_busiest_cpu_pct"] < LOADGEN_SATURATED and r["deliveries"] > 0
                 label = f"{n}/{room_size}" if room_size else str(n)
                 print(f"fanout {kind:6} {a.replicas} replicas N={label:>6} {r['net']:8} {code:6}: "
                       f"{r['per_server_cpu_s']} "
@@ -1120,8 +1127,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fanout with --replicas > 1 or --paced: deliveries per second the publisher is paced to")
     p.add_argument("--shuffle-joins", action="store_true",
                    help="fanout --paced: members join in an order drawn at random, not the order they connected "
-                        "in (a long-lived room's order, after churn: its fan-out no longer walks the server's "
-                        "memory in the order it was allocated)")
+                        "in (a long-lived room's order, after churn); the warm-up is then at least the hub's "
+                        "SETTLE + 2 s, so that they are measured settled, in the order the hub gives them then")
     p.add_argument("--count-sends", action="store_true",
                    help="fanout --paced: count the replica's write system calls in the window (perf stat) and "
                         "give deliveries per send (frames_per_send)")
@@ -1185,8 +1192,23 @@ def options_for(scenario: str, a: argparse.Namespace) -> argparse.Namespace:
     tokens = [x.partition("/") for x in (a.sizes or sizes).split(",") if x]
     o.sizes = [int(n) for n, _, _ in tokens]
     o.room_sizes = [int(r or 0) for _, _, r in tokens]
-    if any(o.room_sizes) and not (scenario == "fanout" and (a.paced or a.replicas > 1)):
-        raise SystemExit("--sizes N/S (rooms of S members): fanout --paced only")
+    spread = scenario == "fanout" and (a.paced or a.replicas > 1)
+    if any(o.room_sizes) and not spread:
+        raise SystemExit("--sizes N/S (rooms of S members): fanout with --paced or --replicas > 1 only")
+    for n, room_size in zip(o.sizes, o.room_sizes, strict=True):
+        if room_size and (room_size > n or n % room_size):
+            raise SystemExit(f"--sizes {n}/{room_size}: the rooms' size must divide the members")
+    if scenario == "fanout" and not spread and (a.node or a.shuffle_joins or a.count_sends or a.member_rate):
+        raise SystemExit("--node, --shuffle-joins, --count-sends, --member-rate: fanout with --paced or "
+                         "--replicas > 1 only")
+    if a.count_sends and a.replicas > 1:
+        raise SystemExit("--count-sends: one replica only (the sends of the first are counted)")
+    if a.shuffle_joins and scenario == "fanout":
+        # a member is a newcomer for the hub's SETTLE seconds, taken after the settled ones in join order
+        # (service/hub.py): measure once they settled, as a long-lived room's members have
+        from wirehub import hub
+
+        o.warmup = max(a.warmup, getattr(hub, "SETTLE", 0.0) + 2.0)
     o.bus = [x.strip() for x in (a.bus or buses).split(",") if x.strip()]
     modes = [x.strip() for x in a.events.split(",")]
     if not modes or any(m not in ("off", "on") for m in modes):

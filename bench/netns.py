@@ -69,7 +69,9 @@ def _tc_queue(dev: str, namespace: str | None = None) -> None:
     has none (``noqueue``): a send that finds the other end's ring (256 packets) full is dropped, so a fan-out
     to 18,000 sockets lost a fifth of its segments and paid for them again after the retransmit timeout,
     where a NIC's queue waits and its ring drains at line rate. With a queue, a full ring stops the veth's
-    transmit queue until the other end's NAPI thread has room (Linux 6.17), and nothing is dropped."""
+    transmit queue until the other end's NAPI thread has room, and nothing is dropped: on kernels with the
+    veth's backpressure (Linux 6.16 and later; before it, a full ring still drops). Each fan-out row of
+    ``bench_rooms`` reports the retransmits that would show it."""
     prefix = ["ip", "netns", "exec", namespace] if namespace else []
     subprocess.run([*prefix, "tc", "qdisc", "replace", "dev", dev, "root", "pfifo", "limit", str(QUEUE_PACKETS)],
                    check=True, capture_output=True)

@@ -42,7 +42,7 @@ REPAIR_ATTEMPTS = 5
 #: round trip; a room's history restarts without an outage only after its meta TTL, over a minute idle)
 REPAIR_FLOOR = 10.0
 #: seconds a member is a newcomer: the fan-out takes the newcomers after the rest, in join order (see
-#: :meth:`_Room.receivers`)
+#: :meth:`_Room.rebuild`)
 SETTLE = 30.0
 
 
@@ -63,53 +63,81 @@ class _Room:
     #: its way live when the repair ends), dropped until a newer one passes (the bus delivers a room's
     #: messages in order) or until ``until`` (monotonic), long before an idle room's history could restart
     floor: tuple[int, float] | None = None
-    #: the members and what the fan-out calls for each (:meth:`Session.receiver`), in the order
-    #: :meth:`receivers` gives; built on the first message after a membership change (or after a newcomer
-    #: settled), so a message costs no copy of ``members``
-    _receivers: tuple[tuple[Session, Callable[[str, OutFrame, int | None], None]], ...] | None = None
+    #: the members and what the fan-out calls for each (:meth:`Session.receiver`) as :meth:`rebuild` made it
+    #: last: the settled ones (the first ``_n_settled``), then the newcomers. Rebuilt on the first message
+    #: after a membership change (``stale``) or after a newcomer settled, so a message costs no copy of
+    #: ``members``
+    _receivers: tuple[tuple[Session, Callable[[str, OutFrame, int | None], None]], ...] = ()
+    _n_settled: int = 0
+    stale: bool = True
     #: the newcomers (joined less than ``SETTLE`` seconds ago, as far as the last rebuild knew): when each
-    #: joined (monotonic), in join order
-    newcomers: dict[bytes, float] = field(default_factory=dict)
+    #: joined (monotonic, one stamp per second), in join order; None when there is none (no dict kept)
+    newcomers: dict[bytes, float] | None = None
     #: when the oldest newcomer settles, so the order must be rebuilt (0.0: no newcomer)
     settle_at: float = 0.0
-    #: the join time newcomers get: one float for the joins of a second (a join storm allocates no time each)
-    _stamp: float = 0.0
 
-    def add(self, session: Session) -> None:
-        self.members[session.id_bytes] = session
-        now = time.monotonic()
-        if now - self._stamp >= 1.0:
-            self._stamp = now
-        self.newcomers[session.id_bytes] = self._stamp
-        self._receivers = None
+    def add(self, session: Session, at: float) -> None:
+        """Add ``session``, a newcomer since ``at`` (monotonic)."""
+        key = session.id_bytes
+        self.members[key] = session
+        newcomers = self.newcomers
+        if newcomers is None:
+            newcomers = self.newcomers = {}
+        newcomers.pop(key, None)  # a newcomer again, in join order
+        newcomers[key] = at
+        self.stale = True
 
     def discard(self, session: Session) -> bool:
         """Remove ``session``; False when it was not a member."""
         if self.members.pop(session.id_bytes, None) is None:
             return False
-        self.newcomers.pop(session.id_bytes, None)
-        self._receivers = None
+        if self.newcomers:
+            self.newcomers.pop(session.id_bytes, None)
+        self.stale = True
         return True
 
     def receivers(self) -> tuple[tuple[Session, Callable[[str, OutFrame, int | None], None]], ...]:
-        receivers = self._receivers
-        if receivers is None:
-            # The settled members by address (CPython's id), then the newcomers in join order. A connection's
-            # objects are allocated together when it opens, so in address order the fan-out walks the
-            # sessions, their streams and sockets (and the kernel's, in accept order) about as they lie in
-            # memory; in join order, members who joined in another order than they connected (any long-lived
-            # room) cost 1.66x the CPU per delivery in cache and TLB misses (bench/README.md, session 29). The
-            # newcomers come last so that a storm of rejoins (new sessions, wherever the allocator put them)
-            # does not delay the members who were there before it.
-            newcomers, members = self.newcomers, self.members
+        return self.rebuild() if self.stale else self._receivers
+
+    def rebuild(self) -> tuple[tuple[Session, Callable[[str, OutFrame, int | None], None]], ...]:
+        """The settled members by address (CPython's id), then the newcomers in join order.
+
+        A connection's objects are allocated together when it opens, so in address order the fan-out walks
+        the sessions, their streams and sockets (and the kernel's, in accept order) about as they lie in
+        memory; in join order, members who joined in another order than they connected cost 1.7x the CPU per
+        delivery in cache and TLB misses (18,000 members; bench/README.md, session 29). The newcomers come
+        last so that a storm of rejoins (new sessions, wherever the allocator put them) does not delay the
+        members who were there before it. The settled order is kept from the last rebuild: the members who
+        left drop out of it and the ones who settled since are sorted in (one sorted run and a short tail).
+        """
+        members, newcomers = self.members, self.newcomers
+        kept = self._receivers[: self._n_settled]
+        if newcomers:  # one who left and joined again since is a newcomer now
+            settled = [s for s, _ in kept if members.get(s.id_bytes) is s and s.id_bytes not in newcomers]
+        else:
+            settled = [s for s, _ in kept if members.get(s.id_bytes) is s]
+        fresh: list[Session] = []
+        if newcomers:
             now = time.monotonic()
-            settled = [key for key, at in newcomers.items() if now - at >= SETTLE]
-            for key in settled:
+            ripe: list[bytes] = []
+            for key, at in newcomers.items():  # in join order, so in the order of their stamps
+                if now - at < SETTLE:
+                    break
+                ripe.append(key)
+            for key in ripe:
                 del newcomers[key]
-            self.settle_at = next(iter(newcomers.values())) + SETTLE if newcomers else 0.0
-            ordered = sorted((s for key, s in members.items() if key not in newcomers), key=id)
-            ordered += [members[key] for key in newcomers]
-            receivers = self._receivers = tuple((s, s.receiver()) for s in ordered)
+                settled.append(members[key])
+            if ripe:
+                settled.sort(key=id)
+            if newcomers:
+                self.settle_at = next(iter(newcomers.values())) + SETTLE
+                fresh = [members[key] for key in newcomers]
+            else:
+                self.newcomers, self.settle_at = None, 0.0
+        receivers = tuple((s, s.receiver()) for s in settled)
+        if fresh:
+            receivers += tuple((s, s.receiver()) for s in fresh)
+        self._receivers, self._n_settled, self.stale = receivers, len(settled), False
         return receivers
 
 
@@ -143,8 +171,18 @@ class Hub:
         self.healthy = False
         #: publishes handed to the bus and not answered yet (the drain waits for them)
         self.publishing = InFlight()
+        #: the join time a room's newcomers get (:meth:`_join_stamp`)
+        self._stamp = 0.0
 
     # -- membership --------------------------------------------------------------------------------
+
+    def _join_stamp(self) -> float:
+        """Now (monotonic), to the second: the joins of a second share one float (a storm's newcomers keep
+        none of their own)."""
+        now = time.monotonic()
+        if now - self._stamp >= 1.0:
+            self._stamp = now
+        return self._stamp
 
     def members(self, room: str) -> list[Session]:
         r = self._rooms.get(room)
@@ -163,7 +201,7 @@ class Hub:
             # unsubscribing): being a member is all that is left, and no await may come between the
             # check and the add. A leave that waits for the lock sees this member and keeps the room.
             session.add_room(room)
-            r.add(session)
+            r.add(session, self._join_stamp())
             return True
         return False
 
@@ -182,7 +220,7 @@ class Hub:
                 if r is None:
                     r = self._rooms[room] = _Room(room)
                     self.metrics.rooms.set(len(self._rooms))
-                r.add(session)
+                r.add(session, self._join_stamp())
                 async with r.lock:
                     if self._rooms.get(room) is not r:
                         # the last member's leave retired this room while we waited: use the new one
@@ -314,9 +352,8 @@ class Hub:
         # A snapshot: a member that joins or leaves while this runs (a close from inside a delivery) does
         # not change who gets this message, as with a copy of ``members``.
         receivers = r._receivers
-        if receivers is None or (r.settle_at and time.monotonic() >= r.settle_at):
-            r._receivers = None
-            receivers = r.receivers()
+        if r.stale or (r.settle_at and time.monotonic() >= r.settle_at):
+            receivers = r.rebuild()
         name = r.name
         for s, receive in receivers:
             if s is not skip:

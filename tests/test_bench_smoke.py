@@ -135,7 +135,7 @@ def test_bench_rooms_fanout_small_rooms_on_as_many_sockets_and_node_in_the_same_
         assert r["rooms"] == 300 // room_size and r["receivers"] == 300, r
         assert r["deliveries"] > 0 and r["missing_after_drain"] == 0 and r["dup"] == 0, r
     assert got[100, "after"]["per_server_cpu_s_vs_node"] is not None
-    if shutil.which("perf") is not None:  # --count-sends: the replica's sends counted in the window
+    if shutil.which("perf") is not None and os.geteuid() == 0:  # --count-sends: perf stat's tracepoints
         assert all(r["frames_per_send"] for r in rows), rows
 
 

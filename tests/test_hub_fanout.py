@@ -98,7 +98,7 @@ def fan_out_in(hub: Hub, room: str, *sessions: Session) -> None:
     the test of it below), for the tests of what one member's delivery does to the ones after it."""
     r = hub._rooms[room]
     assert set(sessions) == set(r.members.values())
-    r._receivers = tuple((s, s.receiver()) for s in sessions)
+    r._receivers, r._n_settled, r.stale = tuple((s, s.receiver()) for s in sessions), 0, False
 
 
 async def test_a_member_closed_during_a_fan_out_gets_nothing_of_it() -> None:
@@ -190,12 +190,17 @@ async def test_the_fan_out_takes_settled_members_in_memory_order_then_newcomers_
     for s, t in late:
         t.offer = lambda frame, cap, s=s, t=t: order.append(s) or OfferTransport.offer(t, frame, cap)
         await hub.join("r", s)
-    await hub.leave("r", by_address[10])
-    del by_address[10]
-    assert fan_out(4) == by_address + [s for s, _ in late]
+    await hub.leave("r", by_address.pop(10))  # a settled member leaves
+    await hub.leave("r", late.pop(2)[0])  # and a newcomer
+    newcomers = [s for s, _ in late]
+    assert fan_out(4) == by_address + newcomers
+    again = by_address.pop(0)  # leaves and joins again: a newcomer, the last one
+    await hub.leave("r", again)
+    await hub.join("r", again)
+    assert fan_out(5) == by_address + newcomers + [again]
     clock.now += hub_module.SETTLE
-    assert fan_out(5) == sorted(by_address + [s for s, _ in late], key=id)
-    assert not hub._rooms["r"].newcomers
+    assert fan_out(6) == sorted(by_address + newcomers + [again], key=id)
+    assert hub._rooms["r"].newcomers is None  # no dict kept once none is left
 
 
 async def test_holds_and_duplicate_floors_apply_on_the_offer_path() -> None:
