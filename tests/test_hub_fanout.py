@@ -156,7 +156,7 @@ async def test_the_fan_out_takes_settled_members_in_memory_order_then_newcomers_
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Settled members in the order of their sessions in memory, not in join order: members who joined in another
-    order than they connected (any long-lived room) would send the fan-out back and forth through memory, 1.66x
+    order than they connected (members who come and go) would send the fan-out back and forth through memory, 1.7x
     the CPU per delivery. Members who joined less than ``SETTLE`` seconds ago come after them, in join order, so
     that a storm of rejoins does not delay the members who were there; the order is rebuilt when they settle."""
     import random
