@@ -132,8 +132,8 @@ class _Room:
             if newcomers:
                 self.settle_at = next(iter(newcomers.values())) + SETTLE
                 fresh = [members[key] for key in newcomers]
-            else:
-                self.newcomers, self.settle_at = None, 0.0
+        if not newcomers:  # none left (settled, or the last ones left): no dict kept, nothing to wait for
+            self.newcomers, self.settle_at = None, 0.0
         receivers = tuple((s, s.receiver()) for s in settled)
         if fresh:
             receivers += tuple((s, s.receiver()) for s in fresh)

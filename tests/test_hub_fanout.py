@@ -200,7 +200,17 @@ async def test_the_fan_out_takes_settled_members_in_memory_order_then_newcomers_
     assert fan_out(5) == by_address + newcomers + [again]
     clock.now += hub_module.SETTLE
     assert fan_out(6) == sorted(by_address + newcomers + [again], key=id)
-    assert hub._rooms["r"].newcomers is None  # no dict kept once none is left
+    room = hub._rooms["r"]
+    assert room.newcomers is None and room.settle_at == 0.0  # no dict kept once none is left
+    lone, _ = member(hub)  # the last newcomer leaves before it settles: nothing is left to wait for either
+    await hub.join("r", lone)
+    fan_out(7)
+    await hub.leave("r", lone)
+    fan_out(8)
+    assert room.newcomers is None and room.settle_at == 0.0
+    clock.now += hub_module.SETTLE
+    rebuilt = room._receivers
+    assert fan_out(9) == sorted(by_address + newcomers + [again], key=id) and room._receivers is rebuilt
 
 
 async def test_holds_and_duplicate_floors_apply_on_the_offer_path() -> None:
