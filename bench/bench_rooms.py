@@ -48,6 +48,9 @@ figures are noisy):
   ``--member-rate R`` paces every room to R messages per second instead of ``--deliveries`` in total.
   ``--shuffle-joins``: members join in an order drawn at random, not the order they connected in (a
   long-lived room), measured once the hub counts them settled (the warm-up at least its ``SETTLE`` + 2 s).
+  ``--churn R`` (``--churn-fraction F``, 0.3): after the joins, R rounds in which a fraction F of the members
+  disconnect and as many new connections join, so the replica's heap is one members came and went in (each
+  new session's objects in the memory that others left), measured settled too.
   ``--count-sends`` (one replica): deliveries per ``send`` of the replica (perf stat).
 - ``reconnect``: three replicas on one broker, all on the server core; ``--members`` members of one room
   on the first, ``--stayers`` on the other two (held by a load-generator worker of their own, so that the
@@ -559,6 +562,8 @@ async def fanout_spread(env: Env, kind: str, n: int, a: argparse.Namespace, net:
             for w, share in zip(workers, shares, strict=True)))
         joins = await on_all(workers, "join", burst=max(1, a.burst // len(workers)), timeout=a.join_timeout,
                              shuffled=a.shuffle_joins)
+        churned = (await on_all(workers, "churn", rounds=a.churn, fraction=a.churn_fraction,
+                                burst=max(1, a.burst // len(workers)), timeout=a.join_timeout) if a.churn else [])
         pubs = [await _open_publisher(ports[0], r, Stats(), host or "127.0.0.1") for r in rooms]
         rate = a.member_rate or a.deliveries / n  # messages per second into each room
         stop_pub = asyncio.Event()
@@ -624,7 +629,8 @@ async def fanout_spread(env: Env, kind: str, n: int, a: argparse.Namespace, net:
                 "published": sum(p.seq for p in pubs), "rooms": len(rooms),
                 "missing_after_drain": total(reports, "lost"), "dup": total(reports, "dup"),
                 "not_joined": total(reports, "not_joined"),
-                "join_failed": total(joins, "failed"), "latencies": [x for g in got for x in g["latencies"]]}
+                "join_failed": total(joins, "failed") + total(churned, "failed"),
+                "churned": total(churned, "replaced"), "latencies": [x for g in got for x in g["latencies"]]}
     finally:
         await stop_workers(workers)
         for p in procs:
@@ -684,7 +690,8 @@ async def _fanout(env: Env, a: argparse.Namespace, net: ClientNet | None) -> lis
                 lat = latency_ms(f.pop("latencies"))
                 rx_cpu = f["server_rx_thread_cpu"]
                 r = {"scenario": "fanout", "bus": kind, "size": n, "room_size": room_size or n,
-                     "joins": "shuffled" if a.shuffle_joins else "in connect order",
+                     "joins": ("shuffled" if a.shuffle_joins else "in connect order") +
+                              (f", {a.churn} rounds of churn ({a.churn_fraction:.0%})" if a.churn else ""),
                      "net": "netns" if ns else "loopback",
                      # netns: with the server end's receive thread (its clients' ACKs, not charged to the replica)
                      "per_server_cpu_with_rx_s": (round(f["deliveries"] / (f["server_cpu"] + rx_cpu), 1)
@@ -1129,6 +1136,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fanout --paced: members join in an order drawn at random, not the order they connected "
                         "in (a long-lived room's order, after churn); the warm-up is then at least the hub's "
                         "SETTLE + 2 s, so that they are measured settled, in the order the hub gives them then")
+    p.add_argument("--churn", type=int, default=0,
+                   help="fanout --paced: after the joins, this many rounds in which --churn-fraction of the members "
+                        "(drawn at random) disconnect and as many new ones connect and join: the replica's heap "
+                        "after members came and went; measured settled, as with --shuffle-joins")
+    p.add_argument("--churn-fraction", type=float, default=0.3, help="fanout --churn: members replaced per round")
     p.add_argument("--count-sends", action="store_true",
                    help="fanout --paced: count the replica's write system calls in the window (perf stat) and "
                         "give deliveries per send (frames_per_send)")
@@ -1198,12 +1210,15 @@ def options_for(scenario: str, a: argparse.Namespace) -> argparse.Namespace:
     for n, room_size in zip(o.sizes, o.room_sizes, strict=True):
         if room_size and (room_size > n or n % room_size):
             raise SystemExit(f"--sizes {n}/{room_size}: the rooms' size must divide the members")
-    if scenario == "fanout" and not spread and (a.node or a.shuffle_joins or a.count_sends or a.member_rate):
-        raise SystemExit("--node, --shuffle-joins, --count-sends, --member-rate: fanout with --paced or "
+    if scenario == "fanout" and not spread and (a.node or a.shuffle_joins or a.count_sends or a.member_rate
+                                                 or a.churn):
+        raise SystemExit("--node, --shuffle-joins, --churn, --count-sends, --member-rate: fanout with --paced or "
                          "--replicas > 1 only")
+    if a.churn < 0 or not 0 < a.churn_fraction <= 1:
+        raise SystemExit("--churn: rounds >= 0; --churn-fraction: more than 0, at most 1")
     if a.count_sends and a.replicas > 1:
         raise SystemExit("--count-sends: one replica only (the sends of the first are counted)")
-    if a.shuffle_joins and scenario == "fanout":
+    if (a.shuffle_joins or a.churn) and scenario == "fanout":
         # a member is a newcomer for the hub's SETTLE seconds, taken after the settled ones in join order
         # (service/hub.py): measure once they settled, as a long-lived room's members have
         from wirehub import hub
@@ -1229,6 +1244,8 @@ def options_for(scenario: str, a: argparse.Namespace) -> argparse.Namespace:
             if k == "bus" and a.bus:
                 continue
             setattr(o, k, v)
+            if k == "sizes":  # one room per size
+                o.room_sizes = [0] * len(v)
     return o
 
 

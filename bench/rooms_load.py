@@ -345,6 +345,39 @@ class _WorkerLoop:
                 "joined_bytes": self.stats.joined_bytes, "joined_max": self.stats.joined_max,
                 "events": self.stats.events}
 
+    async def churn(self, rounds: int, fraction: float, burst: int, timeout: float) -> dict[str, Any]:
+        """``rounds`` times: a ``fraction`` of the members drawn at random disconnect, then as many new
+        connections open (from the same sources, into the same rooms) and join, ``burst`` at a time. The server
+        frees those sessions and allocates the new ones into the memory they left: a heap after a room's members
+        came and went for a while, not a fresh one in which each connection's objects lie together."""
+        rng = random.Random(self.index + 7)
+        sem = asyncio.Semaphore(burst)
+        errors: list[str] = []
+        replaced = 0
+
+        async def one(old: Member) -> Member | None:
+            async with sem:
+                try:
+                    m = await open_member(old.state.port, old.room, old.state, self.stats, on_delivery=self._delivery)
+                    await asyncio.wait_for(m.join(), timeout)
+                    return m
+                except (OSError, TimeoutError, ConnectionError) as exc:
+                    errors.append(f"{type(exc).__name__}: {exc}"[:300])
+                    return None
+
+        t0 = perf()
+        for _ in range(rounds):
+            gone = set(rng.sample(range(len(self.members)), int(len(self.members) * fraction)))
+            leaving = [self.members[i] for i in gone]
+            for m in leaving:
+                m.close()
+            if leaving:
+                await asyncio.wait([asyncio.ensure_future(m.lost) for m in leaving], timeout=timeout)
+            new = [m for m in await asyncio.gather(*(one(m) for m in leaving)) if m is not None]
+            replaced += len(new)
+            self.members = [m for i, m in enumerate(self.members) if i not in gone] + new
+        return {"replaced": replaced, "failed": len(errors), "first_error": errors[:1], "t0": t0, "t1": perf()}
+
     def measure(self, on: bool) -> dict[str, Any]:
         s = self.stats
         if on:

@@ -139,6 +139,17 @@ def test_bench_rooms_fanout_small_rooms_on_as_many_sockets_and_node_in_the_same_
         assert all(r["frames_per_send"] for r in rows), rows
 
 
+def test_bench_rooms_fanout_after_churn(tmp_path: Path) -> None:
+    """``fanout --paced --churn 2 --churn-fraction 0.5``: twice, half the members leave and as many new connections
+    join in their place; then every message reaches every member of the room, once."""
+    rows = _rooms_bench(tmp_path, "fanout", "--quick", "--paced", "--churn", "2", "--churn-fraction", "0.5")
+    assert [r["receivers"] for r in rows] == [100, 200], rows
+    for r in rows:
+        assert r["churned"] == r["receivers"] and r["join_failed"] == 0 and r["not_joined"] == 0, r
+        assert r["deliveries"] > 0 and r["missing_after_drain"] == 0 and r["dup"] == 0, r
+        assert "2 rounds of churn" in str(r["joins"]), r
+
+
 def test_bench_rooms_reconnect_to_one_survivor(tmp_path: Path) -> None:
     """``reconnect --survivors 1``: the killed replica's members all rejoin the one survivor, recovered."""
     (row,) = _rooms_bench(tmp_path, "reconnect", "--quick", "--per-worker", "80", "--survivors", "1")
