@@ -265,6 +265,15 @@ class Presence(Protocol):
         pages of a scan; ``cursor`` is None on the last page."""
         ...
 
+    async def lookup(self, room: str, users: Sequence[str]) -> PresencePage:
+        """The room's count and those of ``users`` who are in it now (at least one connection, on any
+        replica), in one read: a page of them in the order given (each once), ``cursor`` None. O(1) broker
+        round trips and O(len(users)) work. Read your writes, as ``page``; across replicas it sees every
+        write acknowledged before it began. The chat's batched ``presence.diff`` reports the users it names as
+        this gives them when it is sent (so that diffs from several replicas, in whatever order, leave a
+        client's list right)."""
+        ...
+
     def on_departed(self, callback: DepartedListener) -> None:
         """Register a listener called, on exactly one live replica, with ``(room, users)`` for the
         users whose last connection was removed because its replica died (stopped heartbeating).

@@ -28,6 +28,7 @@ RULES = [
     {"pattern": "quiet-*", "events": "off"},
     {"pattern": "big-*", "events": "batched", "interval": INTERVAL},
     {"pattern": "drain-*", "events": "batched", "interval": 2.0},  # longer than a drain with grace 1
+    {"pattern": "slow-*", "events": "batched", "interval": 1.0},  # timers whose order a test sets
 ]
 
 
@@ -264,12 +265,12 @@ async def diffs_until(ws: WsClient, members: set[str], want: set[str], timeout: 
     return got
 
 
-async def settle(ws: WsClient, members: set[str], want: set[str]) -> list[dict[str, Any]]:
-    """:func:`diffs_until`, then every diff still coming until none for a few intervals."""
+async def settle(ws: WsClient, members: set[str], want: set[str], quiet: float = INTERVAL * 3) -> list[dict[str, Any]]:
+    """:func:`diffs_until`, then every diff still coming until none for ``quiet`` seconds (a few intervals)."""
     got = await diffs_until(ws, members, want)
     while True:
         try:
-            frame = await ws.recv(INTERVAL * 3)
+            frame = await ws.recv(quiet)
         except TimeoutError:
             break
         assert frame["op"] == "presence.diff", frame
@@ -279,7 +280,9 @@ async def settle(ws: WsClient, members: set[str], want: set[str]) -> list[dict[s
     return got
 
 
-async def test_a_join_and_leave_within_one_interval_cancel_out(server: LiveServer) -> None:
+async def test_a_user_who_came_and_went_within_one_interval_is_named_as_gone(server: LiveServer) -> None:
+    """A diff names each user as they are when it is sent: one who joined and left in the interval is in
+    ``leaves`` (they are gone; a client that never listed them deletes nothing), once."""
     room = unique_room("big")
     watcher, _ = await member(server, "watcher", room)
     first = await watcher.recv_op("presence.diff")
@@ -287,10 +290,37 @@ async def test_a_join_and_leave_within_one_interval_cancel_out(server: LiveServe
                      "count": {"users": 1, "connections": 1}}
     ws, _ = await member(server, "flash", room)
     ws.close()
+    assert await watcher.recv_op("presence.diff") == {"op": "presence.diff", "room": room, "joins": [],
+                                                      "leaves": ["flash"], "count": {"users": 1, "connections": 1}}
     await watcher.expect_nothing(INTERVAL * 3)
     named = await connect(server, "named", name="Named One")
     await named.request({"op": "join", "room": room})
     assert (await watcher.recv_op("presence.diff"))["joins"] == [{"user": "named", "name": "Named One"}]
+
+
+async def test_a_change_while_a_diff_is_on_its_way_is_named_again_in_the_next(
+    server: LiveServer, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Another replica's change between a diff's read and its publish may reach the members before the diff,
+    which then tells the user as they were: a second read after the publish names them in the next diff."""
+    room = unique_room("big")
+    watcher, _ = await member(server, "watcher", room)
+    await watcher.recv_op("presence.diff")
+    await member(server, "u", room)
+    (session,) = [s for s in server.app.sessions if s.identity.user == "u"]
+    hub, presence = server.app.hub, server.app.backend.presence
+    publish = hub.publish
+
+    async def publish_after_a_leave(r: str, frame: bytes, **kw: Any) -> int | None:
+        if r == room and b'"u"' in frame:  # u's last connection leaves as on another replica: no event here
+            await presence.leave(room, session.id)
+        return await publish(r, frame, **kw)
+
+    monkeypatch.setattr(hub, "publish", publish_after_a_leave)
+    stale = await watcher.recv_op("presence.diff")
+    assert stale["joins"] == [{"user": "u"}] and stale["count"]["users"] == 2, stale
+    assert (await watcher.recv_op("presence.diff"))["leaves"] == ["u"]
+    await watcher.expect_nothing(INTERVAL * 3)
 
 
 async def test_batched_diffs_are_ordered_and_add_up_to_the_membership(replicas: list[LiveServer]) -> None:
@@ -322,7 +352,13 @@ async def test_batched_diffs_are_ordered_and_add_up_to_the_membership(replicas: 
     after_a = await settle(a, seen_a, truth)
     diffs_b += await settle(b, seen_b, truth)
     assert diffs_b == (before_a + after_a)[-len(diffs_b):]  # one order on every replica
-    assert base + sum(len(d["joins"]) - len(d["leaves"]) for d in after_a) == len(truth)
+    # the diffs name only users who came or went, and the last one naming a user has them as they are
+    last: dict[str, bool] = {}
+    for d in after_a:
+        last.update({j["user"]: True for j in d["joins"]} | dict.fromkeys(d["leaves"], False))
+    assert set(last) <= {f"in{i:03d}" for i in range(30)} | {f"flash{i:03d}" for i in range(6)}, last
+    assert {u for u, there in last.items() if there} == truth - {"obs-a", "obs-b"}
+    assert base == 2
     count = await a.request({"op": "presence", "room": room, "count_only": True})
     assert count["count"] == {"users": len(truth), "connections": len(truth)}
     replica_count = len({id(r) for r in sides})
@@ -342,7 +378,8 @@ async def test_departed_users_go_out_as_leaves(server: LiveServer) -> None:
                                                   {"op": "presence.leave", "room": plain, "user": "ghost-2"}]
     await handler.presence.departed(big, ["ghost-3"])
     diff = await a.recv_op("presence.diff")
-    assert diff["leaves"] == ["ghost-3"] and diff["joins"] == []
+    # the dead replica's diffs not sent yet are lost: the list may lack one of them, so reload it
+    assert diff["leaves"] == ["ghost-3"] and diff["joins"] == [] and diff["truncated"] is True
     await handler.presence.departed(unique_room("ticker"), ["ghost-4"])  # presence off: nothing
     await a.expect_nothing(INTERVAL * 2)
     # a dead replica's 1,200 users: one bounded diff (500 names), flagged as truncated, count exact
@@ -351,6 +388,51 @@ async def test_departed_users_go_out_as_leaves(server: LiveServer) -> None:
     assert diff["leaves"] == [f"gone-{i:04d}" for i in range(500)] and diff["truncated"] is True
     assert diff["count"] == {"users": 1, "connections": 1}
     await a.expect_nothing(INTERVAL * 2)
+
+
+async def _two_timers(a: LiveServer, b: LiveServer, room: str) -> None:
+    """B's diff of ``room`` falls due 0.3 s before A's (each replica's timer starts at its first change)."""
+    await member(b, "p2", room)
+    await asyncio.sleep(0.3)
+    await member(a, "p1", room)
+    await asyncio.sleep(0.2)
+
+
+async def test_a_user_back_on_another_replica_stays_listed_when_the_diffs_cross(
+    request: pytest.FixtureRequest, kind: str, wirehub_server: ServerFactory,
+) -> None:
+    """u's last connection leaves on A and u comes back on B; B's diff goes out first. Told as events (join,
+    then leave) the client's list lost u for good; each diff names u as u is when it is sent."""
+    a, b = await start_replicas(request, wirehub_server, kind, 2)
+    room = unique_room("slow")
+    watcher, joined = await member(a, "watcher", room)
+    seen = {m["user"] for m in joined["presence"]}
+    first, _ = await member(a, "u", room)
+    await diffs_until(watcher, seen, {"watcher", "u"})
+    await _two_timers(a, b, room)
+    await first.aclose()
+    await asyncio.sleep(0.1)
+    await member(b, "u", room)
+    await settle(watcher, seen, {"watcher", "u", "p1", "p2"}, quiet=2.0)
+
+
+async def test_two_tabs_on_two_replicas_both_gone_leave_no_ghost_when_the_diffs_cross(
+    request: pytest.FixtureRequest, kind: str, wirehub_server: ServerFactory,
+) -> None:
+    """u's first tab joins on A, a second on B; the first closes, then the second (u's last, on B). B's diff
+    (a leave) goes out before A's (a join): told as events the client kept u for good."""
+    a, b = await start_replicas(request, wirehub_server, kind, 2)
+    room = unique_room("slow")
+    watcher, joined = await member(a, "watcher", room)
+    seen = {m["user"] for m in joined["presence"]}
+    await diffs_until(watcher, seen, {"watcher"})
+    await _two_timers(a, b, room)
+    tab1, _ = await member(a, "u", room)
+    tab2, _ = await member(b, "u", room)
+    for tab in (tab1, tab2):
+        await tab.aclose()
+        await asyncio.sleep(0.05)
+    await settle(watcher, seen, {"watcher", "p1", "p2"}, quiet=2.0)
 
 
 async def test_a_draining_replica_sends_its_pending_leaves(

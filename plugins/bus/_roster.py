@@ -226,6 +226,11 @@ class Roster:
         head = self._head
         return head, (head[-1].user if len(self._users) > len(head) and head else None)
 
+    def lookup(self, users: Sequence[str]) -> list[PresenceMember]:
+        """The members among ``users`` (present now), in the order given, each once."""
+        found = self._users
+        return [PresenceMember(u, *_connections(found[u])) for u in dict.fromkeys(users) if u in found]
+
     def has_user(self, user: str) -> bool:
         return user in self._users
 

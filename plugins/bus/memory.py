@@ -297,6 +297,12 @@ class MemoryPresence:
         roster = self._rooms.get(room)
         return roster.page(after, limit) if roster is not None else PresencePage([], None, PresenceCount())
 
+    async def lookup(self, room: str, users: Sequence[str]) -> PresencePage:
+        roster = self._rooms.get(room)
+        if roster is None:
+            return PresencePage([], None, PresenceCount())
+        return PresencePage(roster.lookup(users), None, roster.count())
+
     def on_departed(self, callback: DepartedListener) -> None:
         self._departures.add(callback)
 

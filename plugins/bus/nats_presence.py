@@ -57,7 +57,7 @@ import logging
 import os
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from wirehub import BusUnavailable, DepartedListener, PresenceCount, PresenceEntry, PresencePage
@@ -959,6 +959,10 @@ class NatsPresence:
 
     async def page(self, room: str, after: str | None, limit: int) -> PresencePage:
         return (await self._roster(room)).page(after, limit)
+
+    async def lookup(self, room: str, users: Sequence[str]) -> PresencePage:
+        roster = await self._roster(room)
+        return PresencePage(roster.lookup(users), None, roster.count())
 
     async def joined_page(self, room: str, limit: int) -> PresencePage:
         """The first page (``limit`` 0: the count alone) right after this replica's :meth:`join` into ``room``

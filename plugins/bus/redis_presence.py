@@ -162,6 +162,11 @@ end
 return out
 """
 
+# KEYS: as _PAGE's; ARGV: users -> {users, connections, {each user's "<connections>:<info json>" or nil}}
+_LOOKUP = """
+return {redis.call('ZCARD', KEYS[1]), redis.call('HLEN', KEYS[3]), redis.call('HMGET', KEYS[2], unpack(ARGV))}
+"""
+
 # KEYS: nodes zset; ARGV: ttl_ms, node...
 # -> {{nodes of ARGV without a live stamp (none, or older than the TTL: maybe reaped)}, {dead nodes}}
 _BEAT = """
@@ -194,6 +199,7 @@ SCRIPTS = {
     "presence_join": _JOIN,
     "presence_leave": _LEAVE,
     "presence_page": _PAGE,
+    "presence_lookup": _LOOKUP,
     "presence_beat": _BEAT,
     "presence_forget_node": _FORGET_NODE,
 }
@@ -437,6 +443,20 @@ class RedisPresence:
                 self._memo[room] = seen
         cursor = members[-1].user if int(out[2]) and members else None
         return PresencePage(members, cursor, PresenceCount(int(out[0]), int(out[1])))
+
+    async def lookup(self, room: str, users: Sequence[str]) -> PresencePage:
+        keys, wanted = self._keys(room), list(dict.fromkeys(users))
+        if not wanted:
+            return PresencePage([], None, await self.count(room))
+        # one script run: the count and the users' records of one moment (a pipeline could interleave a join)
+        out = await self._pipeline(self._script("presence_lookup", keys, wanted))
+        users_n, connections, found = out[0]
+        members = []
+        for user, raw in zip(wanted, found, strict=True):
+            if raw:
+                n, _, info = _text(raw).partition(":")
+                members.append(PresenceMember(user, int(n), json.loads(info or "{}")))
+        return PresencePage(members, None, PresenceCount(int(users_n), int(connections)))
 
     def on_departed(self, callback: DepartedListener) -> None:
         self._departures.add(callback)

@@ -153,6 +153,12 @@ def _member_json(member: PresenceMember) -> bytes:
     return data + b"}"
 
 
+def _join_item(member: PresenceMember) -> dict[str, str]:
+    """A user in a ``presence.diff``'s ``joins``: id, and display name when known."""
+    name = member.info.get("name")
+    return {"user": member.user, "name": name} if name else {"user": member.user}
+
+
 def count_item(count: PresenceCount) -> dict[str, int]:
     return {"users": count.users, "connections": count.connections}
 
@@ -294,6 +300,10 @@ class EventMode(Protocol):
 
     async def left(self, room: str, rule: RoomPresence, user: str, origin: Session | None) -> None: ...
 
+    async def departed(self, room: str, rule: RoomPresence, users: Sequence[str]) -> None:
+        """Users whose last connection was on a replica that died (the backend's ``on_departed``)."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -303,6 +313,11 @@ class NoEvents:
 
     async def left(self, room: str, rule: RoomPresence, user: str, origin: Session | None) -> None:
         return None
+
+    async def departed(self, room: str, rule: RoomPresence, users: Sequence[str]) -> None:
+        """A dead replica's users whose last connection it held (reported by the backend)."""
+        for user in users:
+            await self.left(room, rule, user, None)
 
     async def close(self) -> None:
         return None
@@ -327,16 +342,24 @@ class EachEvent(NoEvents):
 
 @dataclass(eq=False)
 class _Diff:
-    joins: dict[str, str] = field(default_factory=dict)  # user -> name ("" for none), in arrival order
-    leaves: dict[str, None] = field(default_factory=dict)  # an ordered set
+    interval: float
+    #: the users whose first connection joined or last connection left here in the interval, in that order
+    users: dict[str, None] = field(default_factory=dict)
+    #: it names a dead replica's users: that replica's diffs not sent yet are lost
+    departed: bool = False
 
 
 class BatchedEvents(NoEvents):
-    """One ``presence.diff`` per room per ``interval`` from this replica, for its own joins and leaves.
+    """One ``presence.diff`` per room per ``interval`` from this replica, naming the users whose first
+    connection joined or last connection left on it in that interval.
 
-    The diff goes through the bus like any event, so every member on every replica gets the diffs of
-    all replicas in the room's bus order. A join and a leave of one user within one interval cancel
-    out. ``count`` is read when the diff is sent: the room's totals with the diff applied.
+    Each user a diff names is reported as the backend has them when the diff is sent (``lookup``, with the
+    count): in ``joins`` when present, in ``leaves`` when gone, whatever happened in the interval. Replicas
+    send on timers of their own, so one replica's diff about a user may reach members before another's
+    about an earlier change of the same user (a user who left on A and came back on B): reported as they
+    are at sending time, the later diff in the room's bus order is right. A change that came between the
+    read and the publish may have gone out first in another replica's diff: a second read after the
+    publish names such users again in this replica's next diff.
     """
 
     def __init__(self, hub: Hub, presence: Presence) -> None:
@@ -346,33 +369,31 @@ class BatchedEvents(NoEvents):
         self._timers: dict[str, asyncio.TimerHandle] = {}
         #: the send in progress per room: the next one of the room waits for it (diffs stay in order)
         self._sending: dict[str, asyncio.Task[None]] = {}
+        self._closed = False
 
-    def _diff(self, room: str, rule: RoomPresence) -> _Diff:
+    def _diff(self, room: str, interval: float) -> _Diff:
         diff = self._pending.get(room)
         if diff is None:
-            diff = self._pending[room] = _Diff()
+            diff = self._pending[room] = _Diff(interval)
             loop = asyncio.get_running_loop()
-            self._timers[room] = loop.call_later(rule.interval, self._due, room)
+            self._timers[room] = loop.call_later(interval, self._due, room)
         return diff
 
     async def joined(self, room: str, rule: RoomPresence, user: str, name: str, origin: Session | None) -> None:
-        diff = self._diff(room, rule)
-        if user in diff.leaves:  # left and came back within the interval: no change
-            del diff.leaves[user]
-        else:
-            diff.joins[user] = name
+        self._diff(room, rule.interval).users[user] = None
 
     async def left(self, room: str, rule: RoomPresence, user: str, origin: Session | None) -> None:
-        diff = self._diff(room, rule)
-        if user in diff.joins:  # came and went within the interval: no change
-            del diff.joins[user]
-        else:
-            diff.leaves[user] = None
+        self._diff(room, rule.interval).users[user] = None
+
+    async def departed(self, room: str, rule: RoomPresence, users: Sequence[str]) -> None:
+        diff = self._diff(room, rule.interval)
+        diff.departed = True
+        diff.users.update(dict.fromkeys(users))
 
     def _due(self, room: str) -> None:
         self._timers.pop(room, None)
         diff = self._pending.pop(room, None)
-        if diff is None or not (diff.joins or diff.leaves):
+        if diff is None or not diff.users:
             return
         previous = self._sending.get(room)
         task = asyncio.ensure_future(self._send(room, diff, previous))
@@ -382,24 +403,31 @@ class BatchedEvents(NoEvents):
     async def _send(self, room: str, diff: _Diff, previous: asyncio.Task[None] | None) -> None:
         if previous is not None:
             await asyncio.wait([previous])
+        named = list(itertools.islice(diff.users, MAX_DIFF_ITEMS))
         try:
-            count = await self.presence.count(room)
-            joins = [{"user": u, "name": n} if n else {"user": u}
-                     for u, n in itertools.islice(diff.joins.items(), MAX_DIFF_ITEMS)]
+            found = await self.presence.lookup(room, named)
+            present = {m.user: m for m in found.members}
+            joins = [_join_item(present[u]) for u in named if u in present]
             frame: dict[str, Any] = {"op": "presence.diff", "room": room, "joins": joins,
-                                     "leaves": list(itertools.islice(diff.leaves, MAX_DIFF_ITEMS)),
-                                     "count": count_item(count)}
-            if len(diff.joins) > MAX_DIFF_ITEMS or len(diff.leaves) > MAX_DIFF_ITEMS:
+                                     "leaves": [u for u in named if u not in present], "count": count_item(found.count)}
+            if len(diff.users) > MAX_DIFF_ITEMS or diff.departed:
                 frame["truncated"] = True
             await self.hub.publish(room, encode(frame))
+            now = {m.user for m in (await self.presence.lookup(room, named)).members}
         except BusUnavailable:
-            log.warning("room %s: a presence.diff (%d joins, %d leaves) was lost, the bus is down",
-                        room, len(diff.joins), len(diff.leaves))
+            log.warning("room %s: a presence.diff naming %d users was lost, the bus is down", room, len(diff.users))
+            return
         except Exception:
             log.exception("room %s: sending a presence.diff failed", room)
+            return
+        moved = [u for u in named if (u in now) != (u in present)]
+        # changed between the read and the publish: another replica's diff may have told it first
+        if moved and not self._closed:
+            self._diff(room, diff.interval).users.update(dict.fromkeys(moved))
 
     async def close(self) -> None:
         """Send what is pending now (a draining replica's leaves), then wait for the sends."""
+        self._closed = True
         for timer in self._timers.values():
             timer.cancel()
         for room in list(self._pending):
@@ -557,8 +585,7 @@ class ChatPresence:
         if not rule.enabled:
             return
         try:
-            for user in users:
-                await self.modes[rule.events].left(room, rule, user, None)
+            await self.modes[rule.events].departed(room, rule, users)
         except BusUnavailable:
             log.warning("room %s: leave events of %d departed users lost, the bus is down", room, len(users))
 

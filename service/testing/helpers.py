@@ -66,6 +66,8 @@ class WsClient:
 
     def __init__(self, conn: WebSocketClientConnection) -> None:
         self.conn = conn
+        #: the end of the connection was read (Tornado gives it once: a read after it waits for good)
+        self.ended = False
 
     async def send(self, obj: Any) -> None:
         await self.conn.write_message(obj if isinstance(obj, str | bytes) else json.dumps(obj),
@@ -73,7 +75,9 @@ class WsClient:
 
     async def recv_raw(self, timeout: float = 5.0) -> str | bytes | None:
         """The next frame; None when the server closed the connection."""
-        return await asyncio.wait_for(self.conn.read_message(), timeout)
+        msg = await asyncio.wait_for(self.conn.read_message(), timeout)
+        self.ended = msg is None
+        return msg
 
     async def recv(self, timeout: float = 5.0) -> dict[str, Any]:
         msg = await self.recv_raw(timeout)
@@ -113,8 +117,8 @@ class WsClient:
         """Read until the server closes; returns (close_code, close_reason)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while await asyncio.wait_for(self.conn.read_message(), max(0.01, deadline - loop.time())) is not None:
-            pass
+        while not self.ended:
+            self.ended = await asyncio.wait_for(self.conn.read_message(), max(0.01, deadline - loop.time())) is None
         return self.close_code, self.close_reason
 
     @property
@@ -134,7 +138,7 @@ class WsClient:
         the garbage collector is a ResourceWarning, an error in whichever test happens to collect it."""
         self.conn.close(code)
         try:
-            if self.close_code is None:  # else its end was read already
+            if self.close_code is None and not self.ended:  # else its end was read already
                 await self.wait_closed(timeout=timeout)
         except (TimeoutError, OSError):
             pass

@@ -100,6 +100,28 @@ class PresenceContract:
         assert await b.presence.leave(room, "s2") is None
         assert await a.presence.count(room) == PresenceCount(2, 2)  # read your writes: a wrote s1, s3
 
+    async def test_lookup_gives_the_count_and_which_of_some_users_are_in_the_room_now(
+            self, backend_pair: BackendPair) -> None:
+        """What a batched presence.diff is checked against when it is sent: the count, and of the users it
+        names those present now (in the order given, each once), read on either replica after the writes."""
+        (a, _), (b, _) = backend_pair
+        room = unique_room()
+        assert await a.presence.join(room, PresenceEntry("ann", "s1", "na", {"name": "Ann"})) is True
+        assert await b.presence.join(room, PresenceEntry("ann", "s2", "nb", {"name": "Ann"})) is False
+        assert await b.presence.join(room, PresenceEntry("bob", "s3", "nb")) is True
+        for p in (a.presence, b.presence):
+            found = await p.lookup(room, ["zed", "bob", "ann", "bob"])
+            assert found.members == [PresenceMember("bob", 1, {}), PresenceMember("ann", 2, {"name": "Ann"})]
+            assert found.count == PresenceCount(2, 3) and found.cursor is None
+        assert await b.presence.leave(room, "s3") == "bob"
+        assert await a.presence.leave(room, "s1") is None
+        for p in (a.presence, b.presence):  # the other replica's leave is seen too
+            found = await p.lookup(room, ["bob", "ann"])
+            assert found.members == [PresenceMember("ann", 1, {"name": "Ann"})], found
+            assert found.count == PresenceCount(1, 1)
+        assert await a.presence.lookup(room, []) == PresencePage([], None, PresenceCount(1, 1))
+        assert await b.presence.lookup(unique_room(), ["ann"]) == PresencePage([], None, PresenceCount())
+
     async def test_count_and_pages_exact_across_replicas(self, backend_pair: BackendPair) -> None:
         """1,000 members, half joined on each replica: pages of 37 from either replica list every
         member once, in user id order; the counts agree."""
