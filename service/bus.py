@@ -271,7 +271,8 @@ class Presence(Protocol):
         round trips and O(len(users)) work. Read your writes, as ``page``; across replicas it sees every
         write acknowledged before it began. The chat's batched ``presence.diff`` reports the users it names as
         this gives them when it is sent (so that diffs from several replicas, in whatever order, leave a
-        client's list right)."""
+        client's list right); it names at most 500 users, but any number must work. A bus plugin written
+        before this method still works: the chat then reads ``members`` (O(n)) instead, with a warning."""
         ...
 
     def on_departed(self, callback: DepartedListener) -> None:

@@ -14,8 +14,10 @@ from typing import Any
 import pytest
 
 from tests.helpers import Cluster, bus_block, run_cli, write_config
+from wirehub import BusUnavailable, PresenceEntry
 from wirehub.brokers import BrokerProcess
 from wirehub.builtins.handlers.chat import ChatHandler
+from wirehub.builtins.handlers.chat_presence import BatchedEvents
 from wirehub.client import Client
 from wirehub.testing import LiveServer, WsClient, unique_room, ws_connect
 
@@ -321,6 +323,96 @@ async def test_a_change_while_a_diff_is_on_its_way_is_named_again_in_the_next(
     assert stale["joins"] == [{"user": "u"}] and stale["count"]["users"] == 2, stale
     assert (await watcher.recv_op("presence.diff"))["leaves"] == ["u"]
     await watcher.expect_nothing(INTERVAL * 3)
+
+
+async def test_a_closing_replica_sends_at_once_what_changed_while_its_last_diff_was_on_its_way(
+    server: LiveServer, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A draining replica's last diff says u left; u comes back through another replica before it is
+    published: no later diff of this replica would tell it, so it goes out at once."""
+    handler = server.app.handlers[CHAT]
+    assert isinstance(handler, ChatHandler)
+    room = unique_room("big")
+    watcher, _ = await member(server, "watcher", room)
+    await watcher.recv_op("presence.diff")
+    u, _ = await member(server, "u", room)
+    assert (await watcher.recv_op("presence.diff"))["joins"] == [{"user": "u"}]
+    hub, presence = server.app.hub, server.app.backend.presence
+    publish, back = hub.publish, []
+
+    async def back_elsewhere(r: str, frame: bytes, **kw: Any) -> int | None:
+        if r == room and b'"u"' in frame and not back:  # u joins as on another replica: no event here
+            back.append(await presence.join(room, PresenceEntry("u", "elsewhere", "other-node")))
+        return await publish(r, frame, **kw)
+
+    monkeypatch.setattr(hub, "publish", back_elsewhere)
+    await u.aclose()
+    await asyncio.sleep(INTERVAL / 4)  # its leave waits in the pending diff
+    await handler.presence.close()  # what the shutdown runs after a drain
+    assert (await watcher.recv_op("presence.diff"))["leaves"] == ["u"]
+    assert (await watcher.recv_op("presence.diff"))["joins"] == [{"user": "u"}]
+
+
+async def test_a_count_changed_while_a_diff_was_on_its_way_goes_out_again(
+    server: LiveServer, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Another replica's join between a diff's read and its publish changes the count the diff carries
+    (and may have gone out first): the next diff carries the count again, naming nobody."""
+    room = unique_room("big")
+    watcher, _ = await member(server, "watcher", room)
+    await watcher.recv_op("presence.diff")
+    hub, presence = server.app.hub, server.app.backend.presence
+    publish, other = hub.publish, []
+
+    async def other_joins(r: str, frame: bytes, **kw: Any) -> int | None:
+        if r == room and b'"x"' in frame and not other:  # counted, not named by this replica
+            other.append(await presence.join(room, PresenceEntry("v", "elsewhere", "other-node")))
+        return await publish(r, frame, **kw)
+
+    monkeypatch.setattr(hub, "publish", other_joins)
+    await member(server, "x", room)
+    stale = await watcher.recv_op("presence.diff")
+    assert stale["joins"] == [{"user": "x"}] and stale["count"] == {"users": 2, "connections": 2}, stale
+    assert await watcher.recv_op("presence.diff") == {"op": "presence.diff", "room": room, "joins": [], "leaves": [],
+                                                      "count": {"users": 3, "connections": 3}}
+    await watcher.expect_nothing(INTERVAL * 3)
+
+
+async def test_a_diff_whose_publish_failed_goes_out_with_the_next(
+    server: LiveServer, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    room = unique_room("big")
+    watcher, _ = await member(server, "watcher", room)
+    await watcher.recv_op("presence.diff")
+    hub = server.app.hub
+    publish, failed = hub.publish, []
+
+    async def down_once(r: str, frame: bytes, **kw: Any) -> int | None:
+        if r == room and not failed:
+            failed.append(frame)
+            raise BusUnavailable("the bus is down for a moment")
+        return await publish(r, frame, **kw)
+
+    monkeypatch.setattr(hub, "publish", down_once)
+    await member(server, "u", room)
+    assert (await watcher.recv_op("presence.diff"))["joins"] == [{"user": "u"}] and failed
+
+
+async def test_a_bus_without_lookup_has_its_diffs_checked_against_its_members(server: LiveServer) -> None:
+    """A bus plugin's presence written before ``Presence.lookup``: the batched diffs read the room's members."""
+    presence = server.app.backend.presence
+
+    class Older:  # the contract without lookup (members is in it)
+        async def members(self, room: str) -> list[PresenceEntry]:
+            return await presence.members(room)
+
+    mode = BatchedEvents(server.app.hub, Older())  # type: ignore[arg-type]
+    room = unique_room("big")
+    for entry in (PresenceEntry("ann", "s1", "n1", {"name": "Ann"}), PresenceEntry("ann", "s2", "n2", {"name": "Ann"}),
+                  PresenceEntry("bob", "s3", "n1")):
+        await presence.join(room, entry)
+    users = ["zed", "bob", "ann", "bob"]
+    assert await mode._lookup_by_members(room, users) == await presence.lookup(room, users)
 
 
 async def test_batched_diffs_are_ordered_and_add_up_to_the_membership(replicas: list[LiveServer]) -> None:

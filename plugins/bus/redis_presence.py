@@ -164,7 +164,12 @@ return out
 
 # KEYS: as _PAGE's; ARGV: users -> {users, connections, {each user's "<connections>:<info json>" or nil}}
 _LOOKUP = """
-return {redis.call('ZCARD', KEYS[1]), redis.call('HLEN', KEYS[3]), redis.call('HMGET', KEYS[2], unpack(ARGV))}
+local found = {}
+for i = 1, #ARGV, 1000 do  -- unpack takes at most about 8,000 values
+  local part = redis.call('HMGET', KEYS[2], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+  for j = 1, #part do found[#found + 1] = part[j] end
+end
+return {redis.call('ZCARD', KEYS[1]), redis.call('HLEN', KEYS[3]), found}
 """
 
 # KEYS: nodes zset; ARGV: ttl_ms, node...

@@ -67,6 +67,8 @@ MAX_CURSOR = 1024
 #: most joins and most leaves one presence.diff names: a reconnect storm of 20,000 users into a room
 #: must not become a megabyte frame to every member (it would close them all as slow consumers)
 MAX_DIFF_ITEMS = 500
+#: diffs a closing replica sends in a row for the users who changed while its last one was on its way
+CLOSING_ROUNDS = 3
 
 
 @dataclass(frozen=True)
@@ -347,6 +349,13 @@ class _Diff:
     users: dict[str, None] = field(default_factory=dict)
     #: it names a dead replica's users: that replica's diffs not sent yet are lost
     departed: bool = False
+    #: sent even naming nobody: the room's count changed while the last diff was on its way
+    recount: bool = False
+
+    def merge(self, other: _Diff) -> None:
+        self.users.update(other.users)
+        self.departed |= other.departed
+        self.recount |= other.recount
 
 
 class BatchedEvents(NoEvents):
@@ -359,7 +368,8 @@ class BatchedEvents(NoEvents):
     about an earlier change of the same user (a user who left on A and came back on B): reported as they
     are at sending time, the later diff in the room's bus order is right. A change that came between the
     read and the publish may have gone out first in another replica's diff: a second read after the
-    publish names such users again in this replica's next diff.
+    publish names such users again in this replica's next diff (at once while closing: there is no next),
+    and sends the count again when it changed. A diff that failed is sent again with the next one.
     """
 
     def __init__(self, hub: Hub, presence: Presence) -> None:
@@ -370,6 +380,8 @@ class BatchedEvents(NoEvents):
         #: the send in progress per room: the next one of the room waits for it (diffs stay in order)
         self._sending: dict[str, asyncio.Task[None]] = {}
         self._closed = False
+        self._warned = False
+        self._lookup: Callable[[str, Sequence[str]], Awaitable[PresencePage]] | None = getattr(presence, "lookup", None)
 
     def _diff(self, room: str, interval: float) -> _Diff:
         diff = self._pending.get(room)
@@ -393,7 +405,7 @@ class BatchedEvents(NoEvents):
     def _due(self, room: str) -> None:
         self._timers.pop(room, None)
         diff = self._pending.pop(room, None)
-        if diff is None or not diff.users:
+        if diff is None or not (diff.users or diff.recount):
             return
         previous = self._sending.get(room)
         task = asyncio.ensure_future(self._send(room, diff, previous))
@@ -403,9 +415,23 @@ class BatchedEvents(NoEvents):
     async def _send(self, room: str, diff: _Diff, previous: asyncio.Task[None] | None) -> None:
         if previous is not None:
             await asyncio.wait([previous])
+        for _ in range(CLOSING_ROUNDS):
+            again = await self._send_one(room, diff)
+            if again is None:
+                return
+            if not self._closed:
+                self._diff(room, diff.interval).merge(again)
+                return
+            diff = again  # closing: no later diff of this replica would tell it
+
+    async def _send_one(self, room: str, diff: _Diff) -> _Diff | None:
+        """Publish ``diff``; what must go out again (None: nothing): the users whose state changed between
+        its read and its publish, the count if it changed, or all of it when the publish failed."""
         named = list(itertools.islice(diff.users, MAX_DIFF_ITEMS))
+        lookup = self._lookup or self._lookup_by_members
+        published = False
         try:
-            found = await self.presence.lookup(room, named)
+            found = await lookup(room, named)
             present = {m.user: m for m in found.members}
             joins = [_join_item(present[u]) for u in named if u in present]
             frame: dict[str, Any] = {"op": "presence.diff", "room": room, "joins": joins,
@@ -413,17 +439,34 @@ class BatchedEvents(NoEvents):
             if len(diff.users) > MAX_DIFF_ITEMS or diff.departed:
                 frame["truncated"] = True
             await self.hub.publish(room, encode(frame))
-            now = {m.user for m in (await self.presence.lookup(room, named)).members}
-        except BusUnavailable:
-            log.warning("room %s: a presence.diff naming %d users was lost, the bus is down", room, len(diff.users))
-            return
-        except Exception:
-            log.exception("room %s: sending a presence.diff failed", room)
-            return
+            published = True
+            after = await lookup(room, named)
+        except Exception as exc:  # the bus down or an outcome unknown: told as they are then, with the next
+            if isinstance(exc, BusUnavailable):
+                log.warning("room %s: a presence.diff naming %d users was not sent, the bus is down: it goes with "
+                            "the next", room, len(diff.users))
+            else:
+                log.exception("room %s: sending a presence.diff failed: it goes with the next", room)
+            return _Diff(diff.interval, dict.fromkeys(named), recount=True) if published else diff
+        now = {m.user for m in after.members}
         moved = [u for u in named if (u in now) != (u in present)]
-        # changed between the read and the publish: another replica's diff may have told it first
-        if moved and not self._closed:
-            self._diff(room, diff.interval).users.update(dict.fromkeys(moved))
+        if not moved and after.count == found.count:
+            return None
+        return _Diff(diff.interval, dict.fromkeys(moved), recount=after.count != found.count)
+
+    async def _lookup_by_members(self, room: str, users: Sequence[str]) -> PresencePage:
+        """``Presence.lookup`` from ``members`` (O(n)), for a bus plugin written before ``lookup``."""
+        if not self._warned:
+            self._warned = True
+            log.warning("the bus's presence has no lookup(room, users): batched presence diffs read each room's "
+                        "whole membership (members) to check the users they name")
+        per_user: dict[str, list[PresenceEntry]] = {}
+        entries = await self.presence.members(room)
+        for entry in entries:
+            per_user.setdefault(entry.user, []).append(entry)
+        members = [PresenceMember(u, len(per_user[u]), per_user[u][0].info) for u in dict.fromkeys(users)
+                   if u in per_user]
+        return PresencePage(members, None, PresenceCount(len(per_user), len(entries)))
 
     async def close(self) -> None:
         """Send what is pending now (a draining replica's leaves), then wait for the sends."""

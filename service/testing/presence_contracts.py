@@ -120,6 +120,8 @@ class PresenceContract:
             assert found.members == [PresenceMember("ann", 1, {"name": "Ann"})], found
             assert found.count == PresenceCount(1, 1)
         assert await a.presence.lookup(room, []) == PresencePage([], None, PresenceCount(1, 1))
+        many = [f"absent-{i}" for i in range(9000)]  # more than one call's arguments can carry, in a script
+        assert (await b.presence.lookup(room, [*many, "ann"])).members == [PresenceMember("ann", 1, {"name": "Ann"})]
         assert await b.presence.lookup(unique_room(), ["ann"]) == PresencePage([], None, PresenceCount())
 
     async def test_count_and_pages_exact_across_replicas(self, backend_pair: BackendPair) -> None:
