@@ -268,11 +268,14 @@ class Presence(Protocol):
     async def lookup(self, room: str, users: Sequence[str]) -> PresencePage:
         """The room's count and those of ``users`` who are in it now (at least one connection, on any
         replica), in one read: a page of them in the order given (each once), ``cursor`` None. O(1) broker
-        round trips and O(len(users)) work. Read your writes, as ``page``; across replicas it sees every
-        write acknowledged before it began. The chat's batched ``presence.diff`` reports the users it names as
-        this gives them when it is sent (so that diffs from several replicas, in whatever order, leave a
-        client's list right); it names at most 500 users, but any number must work. A bus plugin written
-        before this method still works: the chat then reads ``members`` (O(n)) instead, with a warning."""
+        round trips and O(len(users)) work where the replica holds the room's members (NATS reads the whole
+        room, as its ``count`` does, on a replica with no member of it). Read your writes, as ``page``;
+        across replicas it sees every write acknowledged before it began. The chat's batched
+        ``presence.diff`` reports the users it names as this gives them when it is sent (so that diffs from
+        several replicas, in whatever order, leave a client's list right); it names at most 500 users, but
+        any number must work. A bus plugin written before this method (or one that inherits this empty
+        body) still works: the chat then reads ``members`` (O(n)) instead, with a warning. The contract
+        suite checks it."""
         ...
 
     def on_departed(self, callback: DepartedListener) -> None:

@@ -451,8 +451,6 @@ class RedisPresence:
 
     async def lookup(self, room: str, users: Sequence[str]) -> PresencePage:
         keys, wanted = self._keys(room), list(dict.fromkeys(users))
-        if not wanted:
-            return PresencePage([], None, await self.count(room))
         # one script run: the count and the users' records of one moment (a pipeline could interleave a join)
         out = await self._pipeline(self._script("presence_lookup", keys, wanted))
         users_n, connections, found = out[0]

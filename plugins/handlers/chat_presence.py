@@ -35,6 +35,7 @@ from wirehub import (
     encode,
     opt,
 )
+from wirehub.builtins.bus._roster import Roster
 
 if TYPE_CHECKING:
     from wirehub import Hub, Session
@@ -69,6 +70,10 @@ MAX_CURSOR = 1024
 MAX_DIFF_ITEMS = 500
 #: diffs a closing replica sends in a row for the users who changed while its last one was on its way
 CLOSING_ROUNDS = 3
+#: the longest wait, in seconds, before a failed diff is tried again (the wait doubles from the interval)
+RETRY_MAX = 30.0
+#: tries of a diff that fails with an error other than the bus's before it is given up
+GIVE_UP = 3
 
 
 @dataclass(frozen=True)
@@ -347,15 +352,19 @@ class _Diff:
     interval: float
     #: the users whose first connection joined or last connection left here in the interval, in that order
     users: dict[str, None] = field(default_factory=dict)
-    #: it names a dead replica's users: that replica's diffs not sent yet are lost
-    departed: bool = False
+    #: a client's list may be stale (``truncated``): it names a dead replica's users (that replica's unsent
+    #: diffs are lost), or an earlier diff of the room was given up
+    stale: bool = False
     #: sent even naming nobody: the room's count changed while the last diff was on its way
     recount: bool = False
+    #: sends of it (or of what it was merged into) that failed in a row: the next waits longer
+    failures: int = 0
 
     def merge(self, other: _Diff) -> None:
         self.users.update(other.users)
-        self.departed |= other.departed
+        self.stale |= other.stale
         self.recount |= other.recount
+        self.failures = max(self.failures, other.failures)
 
 
 class BatchedEvents(NoEvents):
@@ -381,14 +390,21 @@ class BatchedEvents(NoEvents):
         self._sending: dict[str, asyncio.Task[None]] = {}
         self._closed = False
         self._warned = False
-        self._lookup: Callable[[str, Sequence[str]], Awaitable[PresencePage]] | None = getattr(presence, "lookup", None)
+        #: rooms whose last send failed (logged once until one goes out)
+        self._failing: set[str] = set()
+        #: rooms whose diff was given up: their next one says truncated
+        self._stale_rooms: set[str] = set()
+        # a bus plugin's presence from before lookup (or one that inherits the protocol's empty body)
+        own = getattr(type(presence), "lookup", None) not in (None, Presence.lookup)
+        self._lookup: Callable[[str, Sequence[str]], Awaitable[PresencePage]] = (
+            presence.lookup if own else self._lookup_by_members)
 
-    def _diff(self, room: str, interval: float) -> _Diff:
+    def _diff(self, room: str, interval: float, delay: float | None = None) -> _Diff:
         diff = self._pending.get(room)
         if diff is None:
             diff = self._pending[room] = _Diff(interval)
             loop = asyncio.get_running_loop()
-            self._timers[room] = loop.call_later(interval, self._due, room)
+            self._timers[room] = loop.call_later(interval if delay is None else delay, self._due, room)
         return diff
 
     async def joined(self, room: str, rule: RoomPresence, user: str, name: str, origin: Session | None) -> None:
@@ -399,7 +415,7 @@ class BatchedEvents(NoEvents):
 
     async def departed(self, room: str, rule: RoomPresence, users: Sequence[str]) -> None:
         diff = self._diff(room, rule.interval)
-        diff.departed = True
+        diff.stale = True
         diff.users.update(dict.fromkeys(users))
 
     def _due(self, room: str) -> None:
@@ -420,7 +436,9 @@ class BatchedEvents(NoEvents):
             if again is None:
                 return
             if not self._closed:
-                self._diff(room, diff.interval).merge(again)
+                # a failed one again after 2, 4, 8, ... intervals, at most RETRY_MAX (the bus down: until it is back)
+                delay = min(diff.interval * 2 ** again.failures, RETRY_MAX) if again.failures else None
+                self._diff(room, diff.interval, delay).merge(again)
                 return
             diff = again  # closing: no later diff of this replica would tell it
 
@@ -428,7 +446,7 @@ class BatchedEvents(NoEvents):
         """Publish ``diff``; what must go out again (None: nothing): the users whose state changed between
         its read and its publish, the count if it changed, or all of it when the publish failed."""
         named = list(itertools.islice(diff.users, MAX_DIFF_ITEMS))
-        lookup = self._lookup or self._lookup_by_members
+        lookup = self._lookup
         published = False
         try:
             found = await lookup(room, named)
@@ -436,23 +454,43 @@ class BatchedEvents(NoEvents):
             joins = [_join_item(present[u]) for u in named if u in present]
             frame: dict[str, Any] = {"op": "presence.diff", "room": room, "joins": joins,
                                      "leaves": [u for u in named if u not in present], "count": count_item(found.count)}
-            if len(diff.users) > MAX_DIFF_ITEMS or diff.departed:
+            if len(diff.users) > MAX_DIFF_ITEMS or diff.stale or room in self._stale_rooms:
                 frame["truncated"] = True
             await self.hub.publish(room, encode(frame))
             published = True
             after = await lookup(room, named)
         except Exception as exc:  # the bus down or an outcome unknown: told as they are then, with the next
-            if isinstance(exc, BusUnavailable):
-                log.warning("room %s: a presence.diff naming %d users was not sent, the bus is down: it goes with "
-                            "the next", room, len(diff.users))
-            else:
-                log.exception("room %s: sending a presence.diff failed: it goes with the next", room)
-            return _Diff(diff.interval, dict.fromkeys(named), recount=True) if published else diff
+            return self._failed(room, diff, named, published, exc)
+        self._failing.discard(room)
+        self._stale_rooms.discard(room)
         now = {m.user for m in after.members}
         moved = [u for u in named if (u in now) != (u in present)]
         if not moved and after.count == found.count:
             return None
         return _Diff(diff.interval, dict.fromkeys(moved), recount=after.count != found.count)
+
+    def _failed(self, room: str, diff: _Diff, named: list[str], published: bool, exc: Exception) -> _Diff | None:
+        """What goes out again after a failed send: all of it (nothing reached the members), or when only the
+        read after the publish failed its users as they will be then. Logged once per room until one goes
+        out; an error that is not the bus's is given up after :data:`GIVE_UP` tries (the next diff of the room
+        then says ``truncated``)."""
+        bus = isinstance(exc, BusUnavailable)
+        if room not in self._failing:
+            self._failing.add(room)
+            what = "went out, the read after it failed" if published else "was not sent"
+            if bus:
+                log.warning("room %s: a presence.diff %s (the bus is down): sent again once it is back", room, what)
+            else:
+                log.error("room %s: a presence.diff %s: sent again later", room, what, exc_info=exc)
+        again = _Diff(diff.interval, dict.fromkeys(named), recount=True) if published else diff
+        again.failures = diff.failures + 1
+        if not bus and again.failures >= GIVE_UP:
+            log.error("room %s: gave up a presence.diff naming %d users after %d tries", room, len(again.users),
+                      again.failures)
+            self._failing.discard(room)
+            self._stale_rooms.add(room)  # the room's next diff says truncated
+            return None
+        return again
 
     async def _lookup_by_members(self, room: str, users: Sequence[str]) -> PresencePage:
         """``Presence.lookup`` from ``members`` (O(n)), for a bus plugin written before ``lookup``."""
@@ -460,13 +498,10 @@ class BatchedEvents(NoEvents):
             self._warned = True
             log.warning("the bus's presence has no lookup(room, users): batched presence diffs read each room's "
                         "whole membership (members) to check the users they name")
-        per_user: dict[str, list[PresenceEntry]] = {}
-        entries = await self.presence.members(room)
-        for entry in entries:
-            per_user.setdefault(entry.user, []).append(entry)
-        members = [PresenceMember(u, len(per_user[u]), per_user[u][0].info) for u in dict.fromkeys(users)
-                   if u in per_user]
-        return PresencePage(members, None, PresenceCount(len(per_user), len(entries)))
+        roster = Roster()  # the memory bus's: the same members and count as a backend's lookup
+        for entry in await self.presence.members(room):
+            roster.add(entry)
+        return PresencePage(roster.lookup(users), None, roster.count())
 
     async def close(self) -> None:
         """Send what is pending now (a draining replica's leaves), then wait for the sends."""
