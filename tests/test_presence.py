@@ -672,6 +672,17 @@ async def test_python_client_count_paging_and_diffs(wirehub_server: ServerFactor
         await asyncio.sleep(INTERVAL * 2)
         assert sub.count == {"users": 6, "connections": 6}
         assert {e["op"] for e in events} == {"presence.diff"}
+
+        # a truncated diff (a dead replica's unsent diffs lost): the list starts again from the first page
+        first = [m["user"] for m in (await client.presence_page(room))["members"]]
+        sub.members["ghost"] = {"user": "ghost", "connections": 1}
+        client._dispatch({"op": "presence.diff", "room": room, "joins": [], "leaves": [],
+                          "count": {"users": 6, "connections": 6}, "truncated": True})
+        deadline = asyncio.get_running_loop().time() + 5
+        while "ghost" in sub.members:
+            assert asyncio.get_running_loop().time() < deadline, sub.members
+            await asyncio.sleep(0.02)
+        assert sorted(sub.members) == first and sub.reloading is None
     finally:
         await client.close()
 

@@ -8,7 +8,7 @@ import contextlib
 import json
 from typing import Any
 
-from wirehub.client.connection import Connection
+from wirehub.client.connection import Connection, log
 from wirehub.client.policy import Callback, ClientError
 from wirehub.client.rooms import GameRoom, Subscription, apply_presence_event, take_presence_snapshot
 
@@ -66,6 +66,29 @@ class Client(Connection):
             items.append(item)
         return items
 
+    async def _reload_members(self, sub: Subscription) -> None:
+        """After a ``truncated`` diff the members known here may be stale (diffs were cut short, or a replica
+        died with some unsent): start again from the room's first page, then apply the diffs that came while
+        it was read (each names users as they were when it was sent, so the later one wins)."""
+        sub.reloading = []
+        try:
+            page = await self.presence_page(sub.room)
+        except Exception as exc:  # disconnected, closed, refused: the next truncated diff tries again
+            sub.reloading = None
+            log.info("reloading the members of %s after a truncated diff failed: %s", sub.room, exc)
+            return
+        came, sub.reloading = sub.reloading or [], None
+        if self.rooms.get(sub.room) is not sub:  # left meanwhile
+            return
+        count = sub.count  # the page's, read after those diffs were sent
+        sub.members = {m["user"]: dict(m) for m in page.get("members") or ()}
+        sub.cursor = page.get("cursor")
+        for diff in came:
+            apply_presence_event(sub, diff)
+        sub.count = count
+        if any(diff.get("truncated") is True for diff in came):
+            self._spawn(self._reload_members(sub))
+
     def _dispatch(self, frame: dict[str, Any]) -> None:
         """A frame that is not a reply: a room's message, presence, gap, patch, state, left or error."""
         op = frame.get("op")
@@ -77,6 +100,10 @@ class Client(Connection):
         elif op in ("presence.join", "presence.leave", "presence.diff"):
             if sub is not None:
                 apply_presence_event(sub, frame)
+                if sub.reloading is not None:
+                    sub.reloading.append(frame)
+                elif op == "presence.diff" and frame.get("truncated") is True:
+                    self._spawn(self._reload_members(sub))
             if sub is not None and sub.on_presence is not None:
                 self._call(sub.on_presence, frame)
             self._emit("presence", frame)

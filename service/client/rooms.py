@@ -34,6 +34,8 @@ class Subscription:
     cursor: str | None = None
     members: dict[str, dict[str, Any]] = field(default_factory=dict)
     own: set[int] = field(default_factory=set)
+    #: while the members are reloaded (after a ``truncated`` diff): the diffs that came meanwhile
+    reloading: list[dict[str, Any]] | None = None
 
     @property
     def position(self) -> dict[str, Any] | None:

@@ -48,7 +48,11 @@ export class WirehubClient extends Connection {
       case "presence.leave":
       case "presence.diff": {
         const sub = this.rooms.get(frame.room);
-        if (sub) applyPresenceEvent(sub, frame);
+        if (sub) {
+          applyPresenceEvent(sub, frame);
+          if (sub._reloading) sub._reloading.push(frame);
+          else if (frame.op === "presence.diff" && frame.truncated) this._reloadMembers(sub);
+        }
         sub?.options.onPresence?.(frame);
         this._emit("presence", frame);
         return;
@@ -267,6 +271,31 @@ export class WirehubClient extends Connection {
     const sub = this.rooms.get(room);
     if (sub && reply.count) sub.count = { ...reply.count };
     return { members: reply.members, count: reply.count, cursor: reply.cursor ?? null };
+  }
+
+  /**
+   * After a `truncated` diff the members known here may be stale (diffs were cut short, or a replica died
+   * with some unsent): the list starts again from the room's first page, and the diffs that came while it
+   * was read are applied on top (each names users as they were when it was sent, so the later one wins).
+   * @param {Subscription} sub
+   */
+  async _reloadMembers(sub) {
+    sub._reloading = [];
+    try {
+      const page = await this.presencePage(sub.room);
+      const came = sub._reloading ?? [];
+      sub._reloading = null;
+      if (this.rooms.get(sub.room) !== sub) return; // left meanwhile
+      const count = sub.count;
+      sub.members = new Map(page.members.map((m) => [m.user, { ...m }]));
+      sub.cursor = page.cursor;
+      for (const diff of came) applyPresenceEvent(sub, diff);
+      sub.count = count; // the page's, read after those diffs were sent
+      if (came.some((diff) => diff.truncated)) this._reloadMembers(sub);
+    } catch (err) {
+      sub._reloading = null;
+      this._debug("reloading the members after a truncated diff failed", String(err));
+    }
   }
 
   /**

@@ -35,6 +35,8 @@ export class Subscription {
     this.cursor = null;
     /** @type {Map<string, Member>} members known here, by user */
     this.members = new Map();
+    /** @type {PresenceEvent[] | null} while the list is reloaded (after a `truncated` diff): the diffs that came */
+    this._reloading = null;
     /** offsets of this client's own publishes, not given to onMessage when history replays them */
     /** @type {Set<number>} */
     this.own = new Set();

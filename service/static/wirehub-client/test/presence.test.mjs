@@ -58,6 +58,26 @@ test("presence.diff updates members and count", async () => {
   assert.ok(events.every((ev) => ev.op === "presence.diff"));
 });
 
+test("a truncated diff reloads the members from the room's first page", async () => {
+  const room = uniqueRoom("big");
+  const others = [];
+  for (let i = 0; i < 4; i++) {
+    const c = client();
+    await c.join(room, () => {});
+    others.push(c);
+  }
+  const me = client();
+  const sub = await me.join(room, () => {});
+  const listed = [...sub.members.keys()];
+  sub.members.set("ghost", { user: "ghost", connections: 1 }); // what a dead replica's unsent diff left behind
+  sub.members.delete(listed[0]);
+  me._dispatch({ op: "presence.diff", room, joins: [], leaves: ["gone"], count: { users: 5, connections: 5 },
+    truncated: true });
+  await eventually(() => !sub.members.has("ghost") && sub.members.has(listed[0]), 5000, "the list reloaded");
+  assert.deepEqual([...sub.members.keys()].sort(), [...listed].sort());
+  assert.deepEqual(sub.count, { users: 5, connections: 5 });
+});
+
 test("applying events and diffs: idempotent joins, count from the server", () => {
   const sub = new Subscription(/** @type {any} */ (null), "big-1", () => {}, {});
   takePresenceSnapshot(sub, { presence: [{ user: "ann", connections: 2 }, { user: "bea", connections: 1 }],

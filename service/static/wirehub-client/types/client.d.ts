@@ -78,6 +78,13 @@ export class WirehubClient extends Connection {
         cursor: string | null;
     }>;
     /**
+     * After a `truncated` diff the members known here may be stale (diffs were cut short, or a replica died
+     * with some unsent): the list starts again from the room's first page, and the diffs that came while it
+     * was read are applied on top (each names users as they were when it was sent, so the later one wins).
+     * @param {Subscription} sub
+     */
+    _reloadMembers(sub: Subscription): Promise<void>;
+    /**
      * How many are in a room, without the list: `{users, connections}`.
      * @param {string} room
      * @returns {Promise<{users: number, connections: number}>}

@@ -47,6 +47,8 @@ export class Subscription {
     cursor: string | null;
     /** @type {Map<string, Member>} members known here, by user */
     members: Map<string, Member>;
+    /** @type {PresenceEvent[] | null} while the list is reloaded (after a `truncated` diff): the diffs that came */
+    _reloading: PresenceEvent[] | null;
     /** offsets of this client's own publishes, not given to onMessage when history replays them */
     /** @type {Set<number>} */
     own: Set<number>;

@@ -164,4 +164,8 @@ export type PresenceEvent = {
         users: number;
         connections: number;
     } | undefined;
+    /**
+     * presence.diff: the members known may be stale (the client reloads them)
+     */
+    truncated?: boolean | undefined;
 };
