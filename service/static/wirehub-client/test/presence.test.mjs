@@ -8,16 +8,25 @@ import { client, closeAll, eventually, uniqueRoom } from "./helpers.mjs";
 
 afterEach(() => closeAll());
 
-test("bounded joined, paging with a cursor, count only", async () => {
+/**
+ * A big room with `n` other members, and this test's own client joined last.
+ * @param {number} n
+ */
+async function crowded(n) {
   const room = uniqueRoom("big");
   const others = [];
-  for (let i = 0; i < 5; i++) {
+  for (let i = 0; i < n; i++) {
     const c = client();
     await c.join(room, () => {});
     others.push(c);
   }
   const me = client();
   const sub = await me.join(room, () => {});
+  return { room, others, me, sub };
+}
+
+test("bounded joined, paging with a cursor, count only", async () => {
+  const { room, others, me, sub } = await crowded(5);
   assert.deepEqual(sub.count, { users: 6, connections: 6 });
   assert.equal(sub.presence.length, 3);
   assert.equal(sub.members.size, 3);
@@ -59,15 +68,7 @@ test("presence.diff updates members and count", async () => {
 });
 
 test("a truncated diff reloads the members from the room's first page", async () => {
-  const room = uniqueRoom("big");
-  const others = [];
-  for (let i = 0; i < 4; i++) {
-    const c = client();
-    await c.join(room, () => {});
-    others.push(c);
-  }
-  const me = client();
-  const sub = await me.join(room, () => {});
+  const { room, me, sub } = await crowded(4);
   const listed = [...sub.members.keys()];
   sub.members.set("ghost", { user: "ghost", connections: 1 }); // what a dead replica's unsent diff left behind
   sub.members.delete(listed[0]);
