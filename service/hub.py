@@ -111,11 +111,10 @@ class _Room:
         left drop out of it and the ones who settled since are sorted in (one sorted run and a short tail).
         """
         members, newcomers = self.members, self.newcomers
-        kept = self._receivers[: self._n_settled]
-        if newcomers:  # one who left and joined again since is a newcomer now
-            settled = [s for s, _ in kept if members.get(s.id_bytes) is s and s.id_bytes not in newcomers]
-        else:
-            settled = [s for s, _ in kept if members.get(s.id_bytes) is s]
+        # the kept settled order, without who left and who left and joined again since (a newcomer now)
+        joined_since = newcomers or ()
+        settled = [s for s, _ in self._receivers[: self._n_settled]
+                   if members.get(s.id_bytes) is s and s.id_bytes not in joined_since]
         fresh: list[Session] = []
         if newcomers:
             now = time.monotonic()
