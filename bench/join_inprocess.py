@@ -1,7 +1,7 @@
 """A chat join's CPU in process, on the memory bus: N joins of one room through the chat handler.
 
     python -m bench.join_inprocess [--members 18000] [--repeat 3] [--before TREE] [--json FILE] [--callgrind]
-                                   [--close] [--bus memory|redis|nats]
+                                   [--close] [--bus memory|redis|nats] [--events off|each] [--room-size K]
 
 No sockets and no load generator: each session's ``joined`` frame is framed for the wire and dropped, with
 the collector set as ``wirehub serve`` sets it (``gc.freeze``, the generation-0 threshold),
@@ -20,7 +20,11 @@ stops measuring before its members disconnect, so this cost is not in its figure
 joins (or disconnects) run on the Redis bus against a redis-server started here, ``--in-flight`` at once (500,
 as the socket benchmark's storm), so that the bus's per-iteration pipeline batches them as in a replica; the
 figure is this process's CPU (or instructions), not the broker's. ``--bus nats`` likewise, against a nats-server
-(its batches depend on when the broker answers: counts vary a little from run to run there).
+(its batches depend on when the broker answers: counts vary a little from run to run there). ``--events each``
+joins with the default ``presence.join`` events (each one a publish to the room's other members, and on a tree
+that checks its events a presence read after it) instead of none, and the 0.5 s after the joins (what they set
+off) counted as well; ``--room-size K`` spreads the members over
+rooms of K (a chat's small rooms, where a join is a user's first in its room), not one room.
 """
 
 from __future__ import annotations
@@ -67,11 +71,11 @@ def _callgrind(*args: str) -> None:
 
 
 async def measure(n: int, callgrind: bool = False, close: bool = False, redis: str | None = None,
-                  in_flight: int = 500) -> float:
+                  in_flight: int = 500, events: str = "off", room_size: int = 0) -> float:
     """CPU seconds per join of ``n`` sessions joining one room (guest-like random user ids and names); with
     ``callgrind`` the joins run with callgrind's instrumentation on (the caller reads the count); with
     ``close``, per disconnect of a member instead (the joins untimed); with ``redis`` (a URL) on that
-    Redis, ``in_flight`` at once."""
+    Redis, ``in_flight`` at once; ``events`` the rooms' presence events, ``room_size`` members per room (0: one)."""
     import uuid
 
     from wirehub import cli
@@ -81,7 +85,7 @@ async def measure(n: int, callgrind: bool = False, close: bool = False, redis: s
     from wirehub.session import Session
     from wirehub.testing import config_for_tests
 
-    chat = {"path": "/ws/chat", "handler": "chat", "options": {"presence_rules": [{"pattern": "*", "events": "off"}]}}
+    chat = {"path": "/ws/chat", "handler": "chat", "options": {"presence_rules": [{"pattern": "*", "events": events}]}}
     prefix = f"ji{uuid.uuid4().hex[:6]}"
     bus: dict[str, Any] = {}
     if redis and redis.startswith("nats://"):
@@ -100,7 +104,8 @@ async def measure(n: int, callgrind: bool = False, close: bool = False, redis: s
                     max_queue_bytes=1 << 20, metrics=app.metrics)
         await handler.on_open(s)
         sessions.append(s)
-    requests = [json.dumps({"op": "join", "room": "big", "id": i}) for i in range(n)]
+    requests = [json.dumps({"op": "join", "room": f"r{i // room_size}" if room_size else "big", "id": i})
+                for i in range(n)]
     # the collector as `wirehub serve` sets it once it has started (a --before tree may predate gc_policy)
     try:
         from wirehub.gc_policy import CollectorPolicy
@@ -144,6 +149,8 @@ async def measure(n: int, callgrind: bool = False, close: bool = False, redis: s
         _callgrind("-z")
     t0 = time.process_time()
     await each(leave if close else join)
+    if events != "off":  # what the joins set off after them (a tree's checks of its events) counts too
+        await asyncio.sleep(0.5)
     spent = time.process_time() - t0
     if callgrind:
         _callgrind("-d")
@@ -153,10 +160,11 @@ async def measure(n: int, callgrind: bool = False, close: bool = False, redis: s
 
 
 def run_in(tree: Path | None, n: int, link_dir: Path, callgrind: bool = False, close: bool = False,
-           redis: str | None = None) -> float:
+           redis: str | None = None, events: str = "off", room_size: int = 0) -> float:
     """Seconds per join (or instructions per join, ``callgrind``) of one measurement in a fresh process."""
     env = dict(os.environ)
     more = [*(["--close"] if close else []), *(["--redis", redis] if redis else [])]
+    more += ["--events", events, "--room-size", str(room_size)]
     if tree is not None:  # the other tree's `service` folder imported as `wirehub`
         link = link_dir / "wirehub"
         if not link.exists():
@@ -187,11 +195,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--callgrind", action="store_true", help="instructions per join (valgrind) instead of CPU time")
     p.add_argument("--close", action="store_true", help="per disconnect of a member instead of per join")
     p.add_argument("--bus", choices=("memory", "redis", "nats"), default="memory")
+    p.add_argument("--events", choices=("off", "each"), default="off", help="the rooms' presence events")
+    p.add_argument("--room-size", type=int, default=0, help="members per room (default: all in one room)")
     p.add_argument("--redis", default=None, help=argparse.SUPPRESS)  # the child's broker URL (Redis or NATS)
     p.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # a single measurement (a child)
     a = p.parse_args(argv)
     if a.one is not None:
-        print(asyncio.run(measure(a.one, a.callgrind, a.close, a.redis)))
+        print(asyncio.run(measure(a.one, a.callgrind, a.close, a.redis, events=a.events, room_size=a.room_size)))
         return 0
     if a.bus == "nats":
         from wirehub.brokers import NatsServer
@@ -215,11 +225,12 @@ def _compare(a: argparse.Namespace, redis: str | None) -> int:
     with tempfile.TemporaryDirectory(prefix="wirehub-join-inprocess-") as tmp:
         for _ in range(a.repeat):
             for code, tree in codes:
-                one = run_in(tree, a.members, Path(tmp), a.callgrind, a.close, redis)
+                one = run_in(tree, a.members, Path(tmp), a.callgrind, a.close, redis, a.events, a.room_size)
                 value = round(one) if a.callgrind else round(one * 1e6, 2)
                 results[code].append(value)
                 print(f"{code}: {value} {unit} per {what}", file=sys.stderr)
-    out: dict[str, Any] = {"members": a.members, "bus": a.bus, f"{unit}_per_{what}": results,
+    out: dict[str, Any] = {"members": a.members, "bus": a.bus, "events": a.events, "room_size": a.room_size,
+                           f"{unit}_per_{what}": results,
                            f"median_{unit}": {k: sorted(v)[len(v) // 2] for k, v in results.items()},
                            "meta": {"argv": sys.argv[1:], "loadavg": os.getloadavg(),
                                     "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}}

@@ -271,9 +271,10 @@ class Presence(Protocol):
         round trips and O(len(users)) work where the replica holds the room's members (NATS reads the whole
         room, as its ``count`` does, on a replica with no member of it). Read your writes, as ``page``;
         across replicas it sees every write acknowledged before it began. The chat's batched
-        ``presence.diff`` reports the users it names as this gives them when it is sent (so that diffs from
-        several replicas, in whatever order, leave a client's list right); it names at most 500 users, but
-        any number must work. A bus plugin written before this method (or one that inherits this empty
+        ``presence.diff`` reports the users it names as this gives them when it is sent, and each of its
+        ``presence.join`` / ``presence.leave`` is checked against it after it was sent (so that several
+        replicas' news, in whatever order, leaves a client's list right); a diff names at most 500 users,
+        but any number must work. A bus plugin written before this method (or one that inherits this empty
         body) still works: the chat then reads ``members`` (O(n)) instead, with a warning. The contract
         suite checks it."""
         ...

@@ -190,6 +190,15 @@ class Hub:
     def rooms(self) -> list[str]:
         return [name for name, r in self._rooms.items() if r.members]
 
+    async def bus_up(self) -> None:
+        """Return once the bus is up (at once while it is)."""
+        await self._bus_up.wait()
+
+    def is_member(self, room: str, session: Session) -> bool:
+        """Whether ``session`` is a member of ``room`` here now, O(1)."""
+        r = self._rooms.get(room)
+        return r is not None and r.members.get(session.id_bytes) is session
+
     def join_now(self, room: str, session: Session) -> bool:
         """:meth:`join` when it needs no wait, without a coroutine (a join into a room this replica has
         subscribed already: every join of a big room but its first here): True when ``session`` is now a

@@ -17,7 +17,7 @@ from tests.helpers import Cluster, bus_block, run_cli, write_config
 from wirehub import BusUnavailable, Presence, PresenceEntry
 from wirehub.brokers import BrokerProcess
 from wirehub.builtins.handlers.chat import ChatHandler
-from wirehub.builtins.handlers.chat_presence import BatchedEvents
+from wirehub.builtins.handlers.chat_events import BatchedEvents
 from wirehub.client import Client
 from wirehub.testing import LiveServer, WsClient, unique_room, ws_connect
 

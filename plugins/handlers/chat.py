@@ -529,6 +529,5 @@ def wirehub_register_handlers() -> Mapping[str, HandlerFactory]:
 @hookimpl
 async def wirehub_shutdown(app: Wirehub) -> None:
     """Send the presence diffs still pending (a draining replica's leaves)."""
-    for handler in app.handlers.values():
-        if isinstance(handler, ChatHandler):
-            await handler.presence.close()
+    await asyncio.gather(*(handler.presence.close() for handler in app.handlers.values()
+                           if isinstance(handler, ChatHandler)))

@@ -5,7 +5,8 @@ The option ``presence_rules`` (first matching glob wins, like ``room_limits``) d
 - whether presence is kept at all (``presence: false``: no entry is written, ``joined`` carries no
   presence, the ``presence`` op answers ``forbidden`` with ``reason: "presence_off"``);
 - how many members ``joined`` lists (``presence_limit``), always with the room's count and a cursor;
-- how join/leave events go out: one of :data:`EVENT_MODES` (``each``, ``batched``, ``off``).
+- how join/leave events go out: one of the modes of :mod:`wirehub.builtins.handlers.chat_events` (``each``,
+  ``batched``, ``off``).
 
 A join costs O(1) in the room's size: one presence write and one bounded page (or a count).
 """
@@ -14,11 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
-import itertools
 import json
 import logging
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
@@ -35,7 +35,7 @@ from wirehub import (
     encode,
     opt,
 )
-from wirehub.builtins.bus._roster import Roster
+from wirehub.builtins.handlers.chat_events import EVENT_MODES, EVENTS, count_item
 
 if TYPE_CHECKING:
     from wirehub import Hub, Session
@@ -62,18 +62,8 @@ def json_bytes(text: str) -> bytes:
         found = _fragments[text] = json_string(text).encode()
     return found
 
-EVENTS = ("each", "batched", "off")
 #: longest ``after`` cursor accepted from a client (backends' cursors are user ids or shorter)
 MAX_CURSOR = 1024
-#: most joins and most leaves one presence.diff names: a reconnect storm of 20,000 users into a room
-#: must not become a megabyte frame to every member (it would close them all as slow consumers)
-MAX_DIFF_ITEMS = 500
-#: diffs a closing replica sends in a row for the users who changed while its last one was on its way
-CLOSING_ROUNDS = 3
-#: the longest wait, in seconds, before a failed diff is tried again (the wait doubles from the interval)
-RETRY_MAX = 30.0
-#: tries of a diff that fails with an error other than the bus's before it is given up
-GIVE_UP = 3
 
 
 @dataclass(frozen=True)
@@ -158,16 +148,6 @@ def _member_json(member: PresenceMember) -> bytes:
     if name:
         data += b',"name":' + (json_string(name).encode() if type(name) is str else encode(name))
     return data + b"}"
-
-
-def _join_item(member: PresenceMember) -> dict[str, str]:
-    """A user in a ``presence.diff``'s ``joins``: id, and display name when known."""
-    name = member.info.get("name")
-    return {"user": member.user, "name": name} if name else {"user": member.user}
-
-
-def count_item(count: PresenceCount) -> dict[str, int]:
-    return {"users": count.users, "connections": count.connections}
 
 
 #: rooms whose encoded first page is kept (a big room's joins read the same page again and again)
@@ -297,223 +277,6 @@ def parse_query(request: Mapping[str, Any], default_limit: int, max_limit: int) 
     return Query(count_only, after, limit)
 
 
-# -- event modes ----------------------------------------------------------------------------------------------
-
-
-class EventMode(Protocol):
-    """How a user's arrival (first connection) and departure (last connection) reach the members."""
-
-    async def joined(self, room: str, rule: RoomPresence, user: str, name: str, origin: Session | None) -> None: ...
-
-    async def left(self, room: str, rule: RoomPresence, user: str, origin: Session | None) -> None: ...
-
-    async def departed(self, room: str, rule: RoomPresence, users: Sequence[str]) -> None:
-        """Users whose last connection was on a replica that died (the backend's ``on_departed``)."""
-        ...
-
-    async def close(self) -> None: ...
-
-
-class NoEvents:
-    async def joined(self, room: str, rule: RoomPresence, user: str, name: str, origin: Session | None) -> None:
-        return None
-
-    async def left(self, room: str, rule: RoomPresence, user: str, origin: Session | None) -> None:
-        return None
-
-    async def departed(self, room: str, rule: RoomPresence, users: Sequence[str]) -> None:
-        """A dead replica's users whose last connection it held (reported by the backend)."""
-        for user in users:
-            await self.left(room, rule, user, None)
-
-    async def close(self) -> None:
-        return None
-
-
-class EachEvent(NoEvents):
-    """``presence.join`` / ``presence.leave`` per user, through the bus so members on every replica get
-    them; not to the session that caused them (the joiner has the list in ``joined``)."""
-
-    def __init__(self, hub: Hub, presence: Presence) -> None:
-        self.hub = hub
-
-    async def joined(self, room: str, rule: RoomPresence, user: str, name: str, origin: Session | None) -> None:
-        event: dict[str, Any] = {"op": "presence.join", "room": room, "user": user}
-        if name:
-            event["name"] = name
-        await self.hub.publish(room, encode(event), origin=origin)
-
-    async def left(self, room: str, rule: RoomPresence, user: str, origin: Session | None) -> None:
-        await self.hub.publish(room, encode({"op": "presence.leave", "room": room, "user": user}), origin=origin)
-
-
-@dataclass(eq=False)
-class _Diff:
-    interval: float
-    #: the users whose first connection joined or last connection left here in the interval, in that order
-    users: dict[str, None] = field(default_factory=dict)
-    #: a client's list may be stale (``truncated``): it names a dead replica's users (that replica's unsent
-    #: diffs are lost), or an earlier diff of the room was given up
-    stale: bool = False
-    #: sent even naming nobody: the room's count changed while the last diff was on its way
-    recount: bool = False
-    #: sends of it (or of what it was merged into) that failed in a row: the next waits longer
-    failures: int = 0
-
-    def merge(self, other: _Diff) -> None:
-        self.users.update(other.users)
-        self.stale |= other.stale
-        self.recount |= other.recount
-        self.failures = max(self.failures, other.failures)
-
-
-class BatchedEvents(NoEvents):
-    """One ``presence.diff`` per room per ``interval`` from this replica, naming the users whose first
-    connection joined or last connection left on it in that interval.
-
-    Each user a diff names is reported as the backend has them when the diff is sent (``lookup``, with the
-    count): in ``joins`` when present, in ``leaves`` when gone, whatever happened in the interval. Replicas
-    send on timers of their own, so one replica's diff about a user may reach members before another's
-    about an earlier change of the same user (a user who left on A and came back on B): reported as they
-    are at sending time, the later diff in the room's bus order is right. A change that came between the
-    read and the publish may have gone out first in another replica's diff: a second read after the
-    publish names such users again in this replica's next diff (at once while closing: there is no next),
-    and sends the count again when it changed. A diff that failed is sent again with the next one.
-    """
-
-    def __init__(self, hub: Hub, presence: Presence) -> None:
-        self.hub = hub
-        self.presence = presence
-        self._pending: dict[str, _Diff] = {}
-        self._timers: dict[str, asyncio.TimerHandle] = {}
-        #: the send in progress per room: the next one of the room waits for it (diffs stay in order)
-        self._sending: dict[str, asyncio.Task[None]] = {}
-        self._closed = False
-        self._warned = False
-        #: rooms whose last send failed (logged once until one goes out)
-        self._failing: set[str] = set()
-        #: rooms whose diff was given up: their next one says truncated
-        self._stale_rooms: set[str] = set()
-        # a bus plugin's presence from before lookup (or one that inherits the protocol's empty body)
-        own = getattr(type(presence), "lookup", None) not in (None, Presence.lookup)
-        self._lookup: Callable[[str, Sequence[str]], Awaitable[PresencePage]] = (
-            presence.lookup if own else self._lookup_by_members)
-
-    def _diff(self, room: str, interval: float, delay: float | None = None) -> _Diff:
-        diff = self._pending.get(room)
-        if diff is None:
-            diff = self._pending[room] = _Diff(interval)
-            loop = asyncio.get_running_loop()
-            self._timers[room] = loop.call_later(interval if delay is None else delay, self._due, room)
-        return diff
-
-    async def joined(self, room: str, rule: RoomPresence, user: str, name: str, origin: Session | None) -> None:
-        self._diff(room, rule.interval).users[user] = None
-
-    async def left(self, room: str, rule: RoomPresence, user: str, origin: Session | None) -> None:
-        self._diff(room, rule.interval).users[user] = None
-
-    async def departed(self, room: str, rule: RoomPresence, users: Sequence[str]) -> None:
-        diff = self._diff(room, rule.interval)
-        diff.stale = True
-        diff.users.update(dict.fromkeys(users))
-
-    def _due(self, room: str) -> None:
-        self._timers.pop(room, None)
-        diff = self._pending.pop(room, None)
-        if diff is None or not (diff.users or diff.recount):
-            return
-        previous = self._sending.get(room)
-        task = asyncio.ensure_future(self._send(room, diff, previous))
-        self._sending[room] = task
-        task.add_done_callback(lambda t: self._sending.pop(room, None) if self._sending.get(room) is t else None)
-
-    async def _send(self, room: str, diff: _Diff, previous: asyncio.Task[None] | None) -> None:
-        if previous is not None:
-            await asyncio.wait([previous])
-        for _ in range(CLOSING_ROUNDS):
-            again = await self._send_one(room, diff)
-            if again is None:
-                return
-            if not self._closed:
-                # a failed one again after 2, 4, 8, ... intervals, at most RETRY_MAX (the bus down: until it is back)
-                delay = min(diff.interval * 2 ** again.failures, RETRY_MAX) if again.failures else None
-                self._diff(room, diff.interval, delay).merge(again)
-                return
-            diff = again  # closing: no later diff of this replica would tell it
-
-    async def _send_one(self, room: str, diff: _Diff) -> _Diff | None:
-        """Publish ``diff``; what must go out again (None: nothing): the users whose state changed between
-        its read and its publish, the count if it changed, or all of it when the publish failed."""
-        named = list(itertools.islice(diff.users, MAX_DIFF_ITEMS))
-        lookup = self._lookup
-        published = False
-        try:
-            found = await lookup(room, named)
-            present = {m.user: m for m in found.members}
-            joins = [_join_item(present[u]) for u in named if u in present]
-            frame: dict[str, Any] = {"op": "presence.diff", "room": room, "joins": joins,
-                                     "leaves": [u for u in named if u not in present], "count": count_item(found.count)}
-            if len(diff.users) > MAX_DIFF_ITEMS or diff.stale or room in self._stale_rooms:
-                frame["truncated"] = True
-            await self.hub.publish(room, encode(frame))
-            published = True
-            after = await lookup(room, named)
-        except Exception as exc:  # the bus down or an outcome unknown: told as they are then, with the next
-            return self._failed(room, diff, named, published, exc)
-        self._failing.discard(room)
-        self._stale_rooms.discard(room)
-        now = {m.user for m in after.members}
-        moved = [u for u in named if (u in now) != (u in present)]
-        if not moved and after.count == found.count:
-            return None
-        return _Diff(diff.interval, dict.fromkeys(moved), recount=after.count != found.count)
-
-    def _failed(self, room: str, diff: _Diff, named: list[str], published: bool, exc: Exception) -> _Diff | None:
-        """What goes out again after a failed send: all of it (nothing reached the members), or when only the
-        read after the publish failed its users as they will be then. Logged once per room until one goes
-        out; an error that is not the bus's is given up after :data:`GIVE_UP` tries (the next diff of the room
-        then says ``truncated``)."""
-        bus = isinstance(exc, BusUnavailable)
-        if room not in self._failing:
-            self._failing.add(room)
-            what = "went out, the read after it failed" if published else "was not sent"
-            if bus:
-                log.warning("room %s: a presence.diff %s (the bus is down): sent again once it is back", room, what)
-            else:
-                log.error("room %s: a presence.diff %s: sent again later", room, what, exc_info=exc)
-        again = _Diff(diff.interval, dict.fromkeys(named), recount=True) if published else diff
-        again.failures = diff.failures + 1
-        if not bus and again.failures >= GIVE_UP:
-            log.error("room %s: gave up a presence.diff naming %d users after %d tries", room, len(again.users),
-                      again.failures)
-            self._failing.discard(room)
-            self._stale_rooms.add(room)  # the room's next diff says truncated
-            return None
-        return again
-
-    async def _lookup_by_members(self, room: str, users: Sequence[str]) -> PresencePage:
-        """``Presence.lookup`` from ``members`` (O(n)), for a bus plugin written before ``lookup``."""
-        if not self._warned:
-            self._warned = True
-            log.warning("the bus's presence has no lookup(room, users): batched presence diffs read each room's "
-                        "whole membership (members) to check the users they name")
-        roster = Roster()  # the memory bus's: the same members and count as a backend's lookup
-        for entry in await self.presence.members(room):
-            roster.add(entry)
-        return PresencePage(roster.lookup(users), None, roster.count())
-
-    async def close(self) -> None:
-        """Send what is pending now (a draining replica's leaves), then wait for the sends."""
-        self._closed = True
-        for timer in self._timers.values():
-            timer.cancel()
-        for room in list(self._pending):
-            self._due(room)
-        if self._sending:
-            await asyncio.wait(list(self._sending.values()), timeout=5)
-
-
 #: an entry's info without a name is this one shared empty mapping (one per member adds up)
 _NO_INFO: Mapping[str, Any] = MappingProxyType({})
 
@@ -543,14 +306,6 @@ class NameInfo(Mapping[str, Any]):
 
 def _info(name: str) -> Mapping[str, Any]:
     return NameInfo(name) if name else _NO_INFO
-
-
-#: events mode name -> its implementation, built once per chat endpoint
-EVENT_MODES: dict[str, Callable[[Hub, Presence], EventMode]] = {
-    "each": EachEvent,
-    "batched": BatchedEvents,
-    "off": lambda hub, presence: NoEvents(),
-}
 
 
 # -- the chat endpoint's presence ------------------------------------------------------------------------------
@@ -649,13 +404,18 @@ class ChatPresence:
 
     async def leave(self, session: Session, room: str) -> None:
         """Remove the session's entry; announce its user's departure after their last connection.
-        Raises BusUnavailable (the entry then expires with the replica's heartbeat)."""
+        Raises BusUnavailable when the entry could not be removed (it then expires with the replica's
+        heartbeat)."""
         rule = self.rules.for_room(room)
         if not rule.enabled:
             return
         user = await self.presence.leave(room, session.id)
         if user is not None:
-            await self.modes[rule.events].left(room, rule, user, session)
+            try:
+                await self.modes[rule.events].left(room, rule, user, session)
+            except BusUnavailable:  # the entry is gone; the event's check tells the members once the bus is back
+                log.warning("room %s: the leave of %r was not announced, the bus is down (it is once it is back)",
+                            room, user)
 
     async def departed(self, room: str, users: Sequence[str]) -> None:
         """The backend removed a dead replica's entries: their users' last connections left ``room``."""
@@ -665,7 +425,8 @@ class ChatPresence:
         try:
             await self.modes[rule.events].departed(room, rule, users)
         except BusUnavailable:
-            log.warning("room %s: leave events of %d departed users lost, the bus is down", room, len(users))
+            log.warning("room %s: the leaves of %d departed users were not announced, the bus is down (they are "
+                        "once it is back)", room, len(users))
 
     def check_enabled(self, room: str) -> None:
         if not self.rules.for_room(room).enabled:
@@ -682,5 +443,4 @@ class ChatPresence:
         return fields
 
     async def close(self) -> None:
-        for mode in self.modes.values():
-            await mode.close()
+        await asyncio.gather(*(mode.close() for mode in self.modes.values()))

@@ -70,8 +70,10 @@ def take_presence_snapshot(sub: Subscription, joined: dict[str, Any]) -> None:
 def apply_presence_event(sub: Subscription, frame: dict[str, Any]) -> None:
     """A presence.join / presence.leave / presence.diff applied to the member map and the count.
 
-    A diff may repeat a join that ``joined`` already listed (same interval): applying is idempotent,
-    and its ``count`` is the server's (authoritative); single events adjust the count by one user.
+    Events may repeat what ``joined`` or an earlier event told: applying is idempotent, and a diff's
+    ``count`` is the server's (authoritative). Single events adjust the count by one user: a join of a user
+    not listed, a leave of one listed (or of any while the list is partial, fewer listed than counted); a
+    repeated event carries the room's count, kept while the list is partial.
     """
     op, count = frame.get("op"), sub.count
     if op == "presence.diff":
@@ -85,16 +87,22 @@ def apply_presence_event(sub: Subscription, frame: dict[str, Any]) -> None:
     user = frame.get("user")
     if not isinstance(user, str):
         return
+    # partial: fewer listed than counted (a big room's first page), so a user not listed may be in the room
+    partial = count is not None and count["users"] > len(sub.members)
+    old = sub.members.get(user)
     if op == "presence.join":
-        item = {"user": user, "connections": 1, **({"name": frame["name"]} if frame.get("name") else {})}
-        if user not in sub.members and count is not None:
+        if old is None and count is not None:
             count["users"] += 1
-        sub.members[user] = item
+        sub.members[user] = {"connections": 1, **(old or {}), "user": user,
+                             **({"name": frame["name"]} if frame.get("name") else {})}
     else:
-        if count is not None:
+        # a repeated leave (events are checked; one that crossed another is told again) counts once: an
+        # unlisted user counts as gone only while the list is partial
+        if count is not None and (old is not None or partial):
             count["users"] = max(0, count["users"] - 1)
         sub.members.pop(user, None)
-
+    if partial and isinstance(frame.get("count"), dict):  # a repeated event's count: the server's read
+        sub.count = dict(frame["count"])
 
 @dataclass(eq=False)
 class GameRoom:

@@ -164,8 +164,10 @@ export function takePresenceSnapshot(sub, joined) {
 }
 
 /**
- * Apply presence.join / presence.leave / presence.diff to `sub.members` and `sub.count`. A diff may
- * repeat a join `joined` already listed: applying is idempotent, and its `count` is the server's.
+ * Apply presence.join / presence.leave / presence.diff to `sub.members` and `sub.count`. Events may
+ * repeat what `joined` or an earlier event told: applying is idempotent (a join counts a user not listed, a
+ * leave one listed, or any while the list is partial; a repeated event's `count` is kept while the list is
+ * partial), and a diff's `count` is the server's.
  * @param {Subscription} sub
  * @param {PresenceEvent} ev
  */
@@ -177,11 +179,19 @@ export function applyPresenceEvent(sub, ev) {
     return;
   }
   const user = /** @type {string} */ (ev.user);
+  // partial: fewer listed than counted (a big room's first page), so a user not listed may be in the room
+  const partial = sub.count !== null && sub.count.users > sub.members.size;
+  const old = sub.members.get(user);
   if (ev.op === "presence.join") {
-    if (!sub.members.has(user) && sub.count) sub.count.users += 1;
-    sub.members.set(user, ev.name ? { user, name: ev.name, connections: 1 } : { user, connections: 1 });
+    if (!old && sub.count) sub.count.users += 1;
+    sub.members.set(user, { connections: 1, ...old, user, ...(ev.name ? { name: ev.name } : {}) });
   } else {
-    if (sub.count) sub.count.users = Math.max(0, sub.count.users - 1);
+    // A repeated leave (events are checked; one that crossed another is told again) counts once: an
+    // unlisted user is counted as gone only while the list is partial.
+    if (sub.count && (old || partial)) sub.count.users = Math.max(0, sub.count.users - 1);
     sub.members.delete(user);
   }
+  // a repeated event carries the room's count as the server read it: the figure to keep when the list is
+  // partial (a whole list counts itself)
+  if (partial && ev.count) sub.count = { ...ev.count };
 }

@@ -71,7 +71,8 @@
  * @property {string} [name]
  * @property {Array<{user: string, name?: string}>} [joins] presence.diff
  * @property {string[]} [leaves] presence.diff
- * @property {{users: number, connections: number}} [count] presence.diff: the room's totals
+ * @property {{users: number, connections: number}} [count] presence.diff, and a repeated presence.join /
+ *   presence.leave: the room's totals
  * @property {boolean} [truncated] presence.diff: the members known may be stale (the client reloads them)
  */
 

@@ -94,6 +94,27 @@ test("applying events and diffs: idempotent joins, count from the server", () =>
   applyPresenceEvent(sub, { op: "presence.leave", room: "big-1", user: "dan" });
   assert.equal(sub.count.users, 41);
   assert.ok(!sub.members.has("dan"));
+  applyPresenceEvent(sub, { op: "presence.leave", room: "big-1", user: "eve" });  // unlisted, the list partial
+  assert.equal(sub.count.users, 40);
+  // a whole list: a repeated event counts once
+  takePresenceSnapshot(sub, { presence: [{ user: "ann", connections: 1 }], count: { users: 1, connections: 1 } });
+  applyPresenceEvent(sub, { op: "presence.join", room: "big-1", user: "bob" });
+  applyPresenceEvent(sub, { op: "presence.join", room: "big-1", user: "bob" });
+  applyPresenceEvent(sub, { op: "presence.leave", room: "big-1", user: "bob" });
+  applyPresenceEvent(sub, { op: "presence.leave", room: "big-1", user: "bob" });
+  assert.equal(sub.count.users, 1);
+  assert.deepEqual([...sub.members.keys()], ["ann"]);
+  // a repeated join keeps what the list knew; with the whole list its count is not needed
+  applyPresenceEvent(sub, { op: "presence.join", room: "big-1", user: "ann", count: { users: 7, connections: 9 } });
+  assert.deepEqual(sub.members.get("ann"), { user: "ann", connections: 1 });
+  assert.equal(sub.count.users, 1);
+  // a partial list: u counted but not listed left through A and came back through B; the bus had B's join,
+  // A's leave, then A's correction with the room's count
+  takePresenceSnapshot(sub, { presence: [{ user: "ann", connections: 2 }], count: { users: 10, connections: 12 } });
+  for (const ev of [{ op: "presence.join", room: "big-1", user: "u" }, { op: "presence.leave", room: "big-1", user: "u" },
+    { op: "presence.join", room: "big-1", user: "u", count: { users: 10, connections: 12 } }]) applyPresenceEvent(sub, ev);
+  assert.ok(sub.members.has("u"));
+  assert.deepEqual(sub.count, { users: 10, connections: 12 });
   takePresenceSnapshot(sub, {});  // presence off for the room
   assert.equal(sub.count, null);
   assert.equal(sub.members.size, 0);

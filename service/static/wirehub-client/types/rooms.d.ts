@@ -5,8 +5,10 @@
  */
 export function takePresenceSnapshot(sub: Subscription, joined: Record<string, any>): void;
 /**
- * Apply presence.join / presence.leave / presence.diff to `sub.members` and `sub.count`. A diff may
- * repeat a join `joined` already listed: applying is idempotent, and its `count` is the server's.
+ * Apply presence.join / presence.leave / presence.diff to `sub.members` and `sub.count`. Events may
+ * repeat what `joined` or an earlier event told: applying is idempotent (a join counts a user not listed, a
+ * leave one listed, or any while the list is partial; a repeated event's `count` is kept while the list is
+ * partial), and a diff's `count` is the server's.
  * @param {Subscription} sub
  * @param {PresenceEvent} ev
  */

@@ -158,7 +158,8 @@ export type PresenceEvent = {
      */
     leaves?: string[] | undefined;
     /**
-     * presence.diff: the room's totals
+     * presence.diff, and a repeated presence.join /
+     * presence.leave: the room's totals
      */
     count?: {
         users: number;
