@@ -172,3 +172,17 @@ def test_the_veth_ends_have_a_queue_in_front_of_them() -> None:
     for text in shown:
         assert text.startswith("qdisc pfifo"), text
         assert f"limit {QUEUE_PACKETS}p" in text, text
+
+
+@pytest.mark.parametrize("what", ["join", "close"])
+def test_join_inprocess_with_each_events_in_small_rooms(what: str, tmp_path: Path) -> None:
+    """``join_inprocess --events each --room-size 5`` (per join, and per disconnect with ``--close``) prints its
+    JSON with the options it ran with and a figure per measurement."""
+    out = tmp_path / "out.json"
+    argv = [sys.executable, "-m", "bench.join_inprocess", "--members", "40", "--repeat", "1", "--events", "each",
+            "--room-size", "5", "--json", str(out), *(["--close"] if what == "close" else [])]
+    subprocess.run(argv, check=True, capture_output=True, timeout=120, cwd=ROOT)
+    result = json.loads(out.read_text())
+    assert result["events"] == "each" and result["room_size"] == 5 and result["bus"] == "memory"
+    (figure,) = result[f"us_per_{what}"]["after"]
+    assert figure > 0
