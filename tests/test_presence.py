@@ -17,7 +17,7 @@ from tests.helpers import Cluster, bus_block, run_cli, write_config
 from wirehub import BusUnavailable, Presence, PresenceEntry
 from wirehub.brokers import BrokerProcess
 from wirehub.builtins.handlers.chat import ChatHandler
-from wirehub.builtins.handlers.chat_events import BatchedEvents
+from wirehub.builtins.handlers.chat_events import BatchedEvents, lookup_of
 from wirehub.client import Client
 from wirehub.testing import LiveServer, WsClient, unique_room, ws_connect
 
@@ -393,7 +393,7 @@ async def test_a_bus_without_lookup_has_its_diffs_checked_against_its_members(
         async def members(self, room: str) -> list[PresenceEntry]:
             return await presence.members(room)
 
-    mode = BatchedEvents(server.app.hub, Older())
+    mode = BatchedEvents(server.app.hub, lookup_of(Older()))
     room, watcher = await watched_room(server)
     for entry in (PresenceEntry("ann", "s1", "n1", {"name": "Ann"}), PresenceEntry("ann", "s2", "n2", {"name": "Ann"}),
                   PresenceEntry("bob", "s3", "n1")):

@@ -125,6 +125,9 @@ def _retry_after(first: float, failures: int) -> float:
     return min(first * 2.0 ** (failures - 1), RETRY_MAX)
 
 
+Told = tuple[bool, "Session | None"]
+
+
 class EachEvent(NoEvents):
     """``presence.join`` / ``presence.leave`` per user, through the bus so members on every replica get
     them; not to the session that caused them (the joiner has the list in ``joined``).
@@ -136,17 +139,18 @@ class EachEvent(NoEvents):
     or this one was not sent: the bus down) gets an event of how they are now, with the room's ``count``, to
     every member, checked the same way; a user with a newer event of this replica, sent or on its way, is
     left to that one's check. A join whose session is still in the room here needs no read. A check that
-    fails is tried again after 1, 2, 4, ... s (at most RETRY_MAX), at once when the bus comes back (an
-    error that is not the bus's: :data:`GIVE_UP` tries). A publish whose outcome is unknown may still
-    land later: its user is checked again :data:`UNSETTLED` seconds after.
+    fails is tried again after 1, 2, 4, ... s (at most RETRY_MAX), at once when the bus comes back; an
+    error that is not the bus's gives the room's checks up after :data:`GIVE_UP` tries. A publish whose
+    outcome is unknown may still land later: its user is checked again :data:`UNSETTLED` seconds after. A
+    closing replica tries each check once more and stops.
     """
 
-    def __init__(self, hub: Hub, presence: Presence) -> None:
+    def __init__(self, hub: Hub, lookup: Lookup) -> None:
         self.hub = hub
-        self._lookup = lookup_of(presence)
+        self._lookup = lookup
         #: room -> user -> in the room as this replica last told the members (or, when that publish failed,
         #: as they knew before), and for a join the session that made it, waiting for the check
-        self._told: dict[str, dict[str, tuple[bool, Session | None]]] = {}
+        self._told: dict[str, dict[str, Told]] = {}
         #: rooms told about since their check last started: the next loop iteration starts theirs
         self._ready: set[str] = set()
         self._scheduled: asyncio.Handle | None = None
@@ -154,6 +158,8 @@ class EachEvent(NoEvents):
         self._checking: dict[str, asyncio.Task[None]] = {}
         #: (room, user) -> this replica's events about them on their way to the bus: a check leaves them be
         self._sending: dict[tuple[str, str], int] = {}
+        #: the second checks of publishes whose outcome was unknown (cancelled when closing)
+        self._unsettled: set[asyncio.TimerHandle] = set()
         #: rooms whose check failed (logged once until one succeeds)
         self._failing: set[str] = set()
         self._closed = False
@@ -175,7 +181,7 @@ class EachEvent(NoEvents):
                 await self.left(room, rule, user, None)
             except BusUnavailable:
                 for rest in users[i + 1:]:  # not told either: the check tells them once the bus is back
-                    self._check(room, rest, True, None)
+                    self._check(room, rest, (True, None))
                 raise
 
     async def _tell(self, room: str, user: str, present: bool, frame: bytes, origin: Session | None) -> None:
@@ -184,29 +190,46 @@ class EachEvent(NoEvents):
         sending[key] = sending.get(key, 0) + 1
         try:
             await self.hub.publish(room, frame, origin=origin)
-        except BaseException as exc:
-            self._check(room, user, not present, None)  # not sent, or not known to be: the members knew the opposite
-            if isinstance(exc, PublishOutcomeUnknown):  # it may land later yet: then check it as told
-                asyncio.get_running_loop().call_later(UNSETTLED, self._unsettled, room, user, present)
+        except asyncio.CancelledError:  # sent or not: the members may know the opposite
+            if not self._closed:
+                self._check(room, user, (not present, None))
+            raise
+        except Exception as exc:
+            if not self._closed:  # not sent, or not known to be: the members knew the opposite
+                told = self._check(room, user, (not present, None))
+                if isinstance(exc, PublishOutcomeUnknown):  # it may land later yet: then check it as told
+                    self._check_later(room, user, present, told)
             raise
         finally:
             left = sending.pop(key) - 1
             if left:
                 sending[key] = left
-        self._check(room, user, present, origin)
+        self._check(room, user, (present, origin))
 
-    def _unsettled(self, room: str, user: str, present: bool) -> None:
-        if user not in self._told.get(room, ()) and (room, user) not in self._sending:
-            self._check(room, user, present, None)
+    def _check_later(self, room: str, user: str, present: bool, told: Told) -> None:
+        handle: asyncio.TimerHandle
 
-    def _check(self, room: str, user: str, present: bool, origin: Session | None) -> None:
-        told = self._told.get(room)
-        if told is None:
-            told = self._told[room] = {}
-        told[user] = (present, origin)
+        def due() -> None:
+            self._unsettled.discard(handle)
+            if self._closed:
+                return
+            if (room, user) in self._sending:  # another event of theirs on its way: after it
+                self._check_later(room, user, present, told)
+            elif self._told.get(room, {}).get(user, told) is told:  # nothing newer told about them
+                self._check(room, user, (present, None))
+
+        handle = asyncio.get_running_loop().call_later(UNSETTLED, due)
+        self._unsettled.add(handle)
+
+    def _check(self, room: str, user: str, told: Told) -> Told:
+        users = self._told.get(room)
+        if users is None:
+            users = self._told[room] = {}
+        users[user] = told
         self._ready.add(room)
-        if self._scheduled is None:  # closed too: an event sent after close() is checked as it can be
+        if self._scheduled is None:  # closed too: an event sent after close() gets one try
             self._scheduled = asyncio.get_running_loop().call_soon(self._due)
+        return told
 
     def _due(self) -> None:
         """Start the check of the rooms told about, but those whose check is in progress (theirs go on)."""
@@ -221,7 +244,7 @@ class EachEvent(NoEvents):
                 task = self._checking[room] = asyncio.ensure_future(self._check_room(room))
                 task.add_done_callback(functools.partial(self._checked, room))
 
-    def _settle(self, room: str, told: dict[str, tuple[bool, Session | None]]) -> bool:
+    def _settle(self, room: str, told: dict[str, Told]) -> bool:
         """Drop the joins whose session is still in the room here (its entry is there, so the user is in the
         room, as told: no read); whether any user is left to read."""
         is_member = self.hub.is_member
@@ -235,13 +258,10 @@ class EachEvent(NoEvents):
     def _checked(self, room: str, task: asyncio.Task[None]) -> None:
         if self._checking.get(room) is task:
             del self._checking[room]
-        if room in self._told:
-            self._check_again(room)
-
-    def _check_again(self, room: str) -> None:
-        self._ready.add(room)
-        if self._scheduled is None:
-            self._scheduled = asyncio.get_running_loop().call_soon(self._due)
+        if room in self._told and not self._closed:
+            self._ready.add(room)
+            if self._scheduled is None:
+                self._scheduled = asyncio.get_running_loop().call_soon(self._due)
 
     async def _check_room(self, room: str) -> None:
         failures = rounds = 0
@@ -254,7 +274,7 @@ class EachEvent(NoEvents):
                 failures += 1
                 for user, value in told.items():  # a newer event of a user is what to check
                     self._told.setdefault(room, {}).setdefault(user, value)
-                if not self._failed(room, told, failures, exc):
+                if not self._failed(room, failures, exc):
                     return
                 await self._pause(_retry_after(CHECK_RETRY, failures), exc)
                 continue
@@ -263,7 +283,7 @@ class EachEvent(NoEvents):
             if not self._closed or rounds >= CLOSING_ROUNDS:
                 return  # what was told meanwhile: in the next round (closing: at once, there is no next)
 
-    async def _correct(self, room: str, told: dict[str, tuple[bool, Session | None]]) -> None:
+    async def _correct(self, room: str, told: dict[str, Told]) -> None:
         """Read ``told``'s users and tell the members how each one whose news was wrong is now."""
         found = await self._lookup(room, list(told))
         present = {m.user: m for m in found.members}
@@ -288,10 +308,10 @@ class EachEvent(NoEvents):
             for wake in wakes:
                 wake.cancel()
 
-    def _failed(self, room: str, told: dict[str, tuple[bool, Session | None]], failures: int, exc: Exception) -> bool:
-        """Log a failed check (once per room until one succeeds); whether to try it again. A check given up
-        (closing, or an error that is not the bus's :data:`GIVE_UP` times) drops what it read, not the
-        events told since."""
+    def _failed(self, room: str, failures: int, exc: Exception) -> bool:
+        """Log a failed check (once per room until one succeeds); whether to try it again. Given up (closing,
+        or an error that is not the bus's :data:`GIVE_UP` times), everything pending for the room is dropped:
+        a try more would fail the same way."""
         bus = isinstance(exc, BusUnavailable)
         if room not in self._failing:
             self._failing.add(room)
@@ -302,16 +322,11 @@ class EachEvent(NoEvents):
                 log.error("room %s: presence events could not be checked: tried again later", room, exc_info=exc)
         if not self._closed and (bus or failures < GIVE_UP):
             return True
+        dropped = self._told.pop(room, {})
         if not self._closed:
             log.error("room %s: gave up checking the presence events of %d users after %d tries", room,
-                      len(told), failures)
+                      len(dropped), failures)
         self._failing.discard(room)
-        pending = self._told.get(room, {})
-        for user, value in told.items():
-            if pending.get(user) is value:
-                del pending[user]
-        if not pending:
-            self._told.pop(room, None)
         return False
 
     async def close(self) -> None:
@@ -321,6 +336,10 @@ class EachEvent(NoEvents):
         self._closing.set()
         if self._scheduled is not None:
             self._scheduled.cancel()
+            self._scheduled = None
+        for handle in self._unsettled:
+            handle.cancel()
+        self._unsettled.clear()
         self._due()
         if self._checking:
             await _finish(list(self._checking.values()))
@@ -369,7 +388,7 @@ class BatchedEvents(NoEvents):
     and sends the count again when it changed. A diff that failed is sent again with the next one.
     """
 
-    def __init__(self, hub: Hub, presence: Presence) -> None:
+    def __init__(self, hub: Hub, lookup: Lookup) -> None:
         self.hub = hub
         self._pending: dict[str, _Diff] = {}
         self._timers: dict[str, asyncio.TimerHandle] = {}
@@ -380,7 +399,7 @@ class BatchedEvents(NoEvents):
         self._failing: set[str] = set()
         #: rooms whose diff was given up: their next one says truncated
         self._stale_rooms: set[str] = set()
-        self._lookup = lookup_of(presence)
+        self._lookup = lookup
 
     def _diff(self, room: str, interval: float, delay: float | None = None) -> _Diff:
         diff = self._pending.get(room)
@@ -486,9 +505,10 @@ class BatchedEvents(NoEvents):
             await _finish(list(self._sending.values()))
 
 
-#: events mode name -> its implementation, built once per chat endpoint
-EVENT_MODES: dict[str, Callable[[Hub, Presence], EventMode]] = {
+#: events mode name -> its implementation, built once per chat endpoint with the hub and the presence's
+#: :func:`lookup_of`
+EVENT_MODES: dict[str, Callable[[Hub, Lookup], EventMode]] = {
     "each": EachEvent,
     "batched": BatchedEvents,
-    "off": lambda hub, presence: NoEvents(),
+    "off": lambda hub, lookup: NoEvents(),
 }

@@ -35,7 +35,7 @@ from wirehub import (
     encode,
     opt,
 )
-from wirehub.builtins.handlers.chat_events import EVENT_MODES, EVENTS, count_item
+from wirehub.builtins.handlers.chat_events import EVENT_MODES, EVENTS, count_item, lookup_of
 
 if TYPE_CHECKING:
     from wirehub import Hub, Session
@@ -328,7 +328,8 @@ class ChatPresence:
         self.rules = rules
         self.max_limit = max_limit
         self.presence = presence
-        self.modes = {name: make(hub, presence) for name, make in EVENT_MODES.items()}
+        lookup = lookup_of(presence)  # a bus plugin's presence without lookup: one fallback, one warning
+        self.modes = {name: make(hub, lookup) for name, make in EVENT_MODES.items()}
         self.heads = HeadCache()
         #: a backend's read of the first page (limit 0: the count alone) right after its own join, when it
         #: has a cheaper one than ``page`` and ``count`` (NATS: no second sync of its live copy)

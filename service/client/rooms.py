@@ -101,8 +101,10 @@ def apply_presence_event(sub: Subscription, frame: dict[str, Any]) -> None:
         if count is not None and (old is not None or partial):
             count["users"] = max(0, count["users"] - 1)
         sub.members.pop(user, None)
-    if partial and isinstance(frame.get("count"), dict):  # a repeated event's count: the server's read
-        sub.count = dict(frame["count"])
+    new = frame.get("count")
+    if partial and isinstance(new, dict):  # a repeated event's count: the server's read, never below the listed
+        users = max(new["users"], len(sub.members))
+        sub.count = {"users": users, "connections": max(new["connections"], users)}
 
 @dataclass(eq=False)
 class GameRoom:

@@ -191,7 +191,10 @@ export function applyPresenceEvent(sub, ev) {
     if (sub.count && (old || partial)) sub.count.users = Math.max(0, sub.count.users - 1);
     sub.members.delete(user);
   }
-  // a repeated event carries the room's count as the server read it: the figure to keep when the list is
-  // partial (a whole list counts itself)
-  if (partial && ev.count) sub.count = { ...ev.count };
+  // a repeated event carries the room's count as the server read it (a round trip old): the figure to keep
+  // when the list is partial (a whole list counts itself), never below the users listed
+  if (partial && ev.count) {
+    const users = Math.max(ev.count.users, sub.members.size);
+    sub.count = { users, connections: Math.max(ev.count.connections, users) };
+  }
 }

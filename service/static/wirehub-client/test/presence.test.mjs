@@ -115,6 +115,13 @@ test("applying events and diffs: idempotent joins, count from the server", () =>
     { op: "presence.join", room: "big-1", user: "u", count: { users: 10, connections: 12 } }]) applyPresenceEvent(sub, ev);
   assert.ok(sub.members.has("u"));
   assert.deepEqual(sub.count, { users: 10, connections: 12 });
+  // a repeated event's count was read a round trip before it came: never below the users listed
+  takePresenceSnapshot(sub, { presence: [{ user: "w", connections: 1 }], count: { users: 2, connections: 2 } });
+  for (const ev of [{ op: "presence.join", room: "big-1", user: "a" }, { op: "presence.leave", room: "big-1", user: "a" },
+    { op: "presence.join", room: "big-1", user: "z" },
+    { op: "presence.join", room: "big-1", user: "a", count: { users: 2, connections: 2 } }]) applyPresenceEvent(sub, ev);
+  assert.deepEqual([...sub.members.keys()].sort(), ["a", "w", "z"]);
+  assert.deepEqual(sub.count, { users: 3, connections: 3 });
   takePresenceSnapshot(sub, {});  // presence off for the room
   assert.equal(sub.count, null);
   assert.equal(sub.members.size, 0);
