@@ -46,6 +46,15 @@ async def wait_count(server: LiveServer, room: str, users: int) -> None:
     raise AssertionError(f"room {room} never had {users} users")
 
 
+async def watched_user(server: LiveServer) -> tuple[str, WsClient, WsClient]:
+    """A room with a member, ``watcher``, who was told that ``u`` (the last client returned) joined."""
+    room = unique_room()
+    watcher, _ = await member(server, "watcher", room)
+    ws, _ = await member(server, "u", room)
+    assert await watcher.recv() == {"op": "presence.join", "room": room, "user": "u"}
+    return room, watcher, ws
+
+
 async def members_after(watcher: WsClient, members: set[str], quiet: float = 1.0) -> list[dict[str, Any]]:
     """Apply the presence events ``watcher`` gets to ``members`` until none comes for ``quiet`` s."""
     got = []
@@ -63,27 +72,19 @@ async def members_after(watcher: WsClient, members: set[str], quiet: float = 1.0
         got.append(frame)
 
 
-async def test_events_that_cross_on_the_bus_leave_the_user_listed(
+async def u_on_a_watched(
     request: pytest.FixtureRequest, kind: str, wirehub_server: ServerFactory, monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """u's last connection leaves through A and u comes back through B; B's presence.join reaches the bus
-    before A's presence.leave (held here until then, as a slow publish on A would). Without the check the
-    members' lists lost u for good; A's read after its leave finds u back and tells them."""
+) -> tuple[LiveServer, LiveServer, str, WsClient, set[str], WsClient, asyncio.Event]:
+    """Two replicas A and B; on A a watcher, whose ``members`` follow the events, and u (``first``), whose join it
+    was told. The event returned is set once B published a join of u."""
     a, b = await start_replicas(request, wirehub_server, kind, 2)
     room = unique_room()
     watcher, joined = await member(a, "watcher", room)
     members = {m["user"] for m in joined["presence"]}
     first, _ = await member(a, "u", room)
-    assert await members_after(watcher, members) == [{"op": "presence.join", "room": room, "user": "u"}]
-
+    assert await members_after(watcher, members, 0.5) == [{"op": "presence.join", "room": room, "user": "u"}]
     b_told = asyncio.Event()
-    publish_a: Publish = a.app.hub.publish
     publish_b: Publish = b.app.hub.publish
-
-    async def held_on_a(r: str, frame: bytes, **kw: Any) -> int | None:
-        if is_event(frame, "presence.leave", "u"):
-            await asyncio.wait_for(b_told.wait(), 10)
-        return await publish_a(r, frame, **kw)
 
     async def told_on_b(r: str, frame: bytes, **kw: Any) -> int | None:
         offset = await publish_b(r, frame, **kw)
@@ -91,8 +92,25 @@ async def test_events_that_cross_on_the_bus_leave_the_user_listed(
             b_told.set()
         return offset
 
-    monkeypatch.setattr(a.app.hub, "publish", held_on_a)
     monkeypatch.setattr(b.app.hub, "publish", told_on_b)
+    return a, b, room, watcher, members, first, b_told
+
+
+async def test_events_that_cross_on_the_bus_leave_the_user_listed(
+    request: pytest.FixtureRequest, kind: str, wirehub_server: ServerFactory, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """u's last connection leaves through A and u comes back through B; B's presence.join reaches the bus
+    before A's presence.leave (held here until then, as a slow publish on A would). Without the check the
+    members' lists lost u for good; A's read after its leave finds u back and tells them."""
+    a, b, room, watcher, members, first, b_told = await u_on_a_watched(request, kind, wirehub_server, monkeypatch)
+    publish_a: Publish = a.app.hub.publish
+
+    async def held_on_a(r: str, frame: bytes, **kw: Any) -> int | None:
+        if is_event(frame, "presence.leave", "u"):
+            await asyncio.wait_for(b_told.wait(), 10)
+        return await publish_a(r, frame, **kw)
+
+    monkeypatch.setattr(a.app.hub, "publish", held_on_a)
     await first.aclose()
     await wait_count(b, room, 1)  # A removed u's entry (its leave waits to be published)
     await member(b, "u", room)
@@ -108,10 +126,7 @@ async def test_a_leave_the_bus_did_not_take_is_announced_once_it_is_back(
     """The bus refuses u's presence.leave and then the check's first read: the check is tried again (1 s
     later), finds u gone and tells the members, logged once."""
     server = await wirehub_server(chat_config())
-    room = unique_room()
-    watcher, _ = await member(server, "watcher", room)
-    ws, _ = await member(server, "u", room)
-    assert await watcher.recv() == {"op": "presence.join", "room": room, "user": "u"}
+    room, watcher, ws = await watched_user(server)
     hub, mode = server.app.hub, each_mode(server)
     publish: Publish = hub.publish
     lookup = mode._lookup
@@ -294,15 +309,9 @@ async def test_a_leave_whose_outcome_was_unknown_and_that_landed_late_is_correct
     stored after the client gave up: simulated here). UNSETTLED seconds later A checks u again as if it had
     landed, and tells the members u is there. Found by a review."""
     monkeypatch.setattr(chat_events, "UNSETTLED", 1.0)
-    a, b = await start_replicas(request, wirehub_server, kind, 2)
-    room = unique_room()
-    watcher, joined = await member(a, "watcher", room)
-    members = {m["user"] for m in joined["presence"]}
-    first, _ = await member(a, "u", room)
-    assert await members_after(watcher, members, 0.5) == [{"op": "presence.join", "room": room, "user": "u"}]
-    b_told, late = asyncio.Event(), asyncio.Event()
+    a, b, room, watcher, members, first, b_told = await u_on_a_watched(request, kind, wirehub_server, monkeypatch)
+    late = asyncio.Event()
     publish_a: Publish = a.app.hub.publish
-    publish_b: Publish = b.app.hub.publish
     landed: list[int | None] = []
 
     async def times_out_on_a(r: str, frame: bytes, **kw: Any) -> int | None:
@@ -317,15 +326,8 @@ async def test_a_leave_whose_outcome_was_unknown_and_that_landed_late_is_correct
             raise PublishOutcomeUnknown("timed out")
         return await publish_a(r, frame, **kw)
 
-    async def told_on_b(r: str, frame: bytes, **kw: Any) -> int | None:
-        offset = await publish_b(r, frame, **kw)
-        if is_event(frame, "presence.join", "u"):
-            b_told.set()
-        return offset
-
     stored: list[asyncio.Future[None]] = []
     monkeypatch.setattr(a.app.hub, "publish", times_out_on_a)
-    monkeypatch.setattr(b.app.hub, "publish", told_on_b)
     await first.aclose()
     await wait_count(b, room, 1)
     await member(b, "u", room)
@@ -345,10 +347,7 @@ async def test_a_check_waiting_out_a_bus_outage_goes_on_when_the_bus_is_back(
     wait (30 s here). Found by a review."""
     monkeypatch.setattr(chat_events, "CHECK_RETRY", 30.0)
     server = await wirehub_server(chat_config())
-    room = unique_room()
-    watcher, _ = await member(server, "watcher", room)
-    ws, _ = await member(server, "u", room)
-    assert await watcher.recv() == {"op": "presence.join", "room": room, "user": "u"}
+    room, watcher, ws = await watched_user(server)
     hub, mode = server.app.hub, each_mode(server)
     publish: Publish = hub.publish
     lookup = mode._lookup
