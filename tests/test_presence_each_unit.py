@@ -172,6 +172,38 @@ async def test_an_unknown_outcome_is_checked_again_after_its_first_check_kept_fa
     assert believed(hub.bus, "u") is True, hub.bus
 
 
+async def test_an_event_told_during_a_check_that_ends_as_the_replica_closes_is_checked() -> None:
+    """b's leave is told while the room's check of a's is reading; that check ends in the loop iteration that
+    runs close(), before its done callback: close() still checks b (who came back through another replica,
+    whose join went first). Found by a third review."""
+    mode, hub, presence = make()
+    gate = asyncio.get_running_loop().create_future()
+
+    async def held(room: str, users: Sequence[str]) -> PresencePage:
+        await gate
+        found = [PresenceMember(u, 1) for u in users if u in presence.users]
+        return PresencePage(found, None, PresenceCount(len(presence.users), len(presence.users)))
+
+    mode._lookup = held
+    await mode.left(ROOM, cast(Any, None), "a", None)  # its check starts and waits in the read
+    await asyncio.sleep(0.01)
+    assert ROOM in mode._checking
+    await mode.left(ROOM, cast(Any, None), "b", None)
+    presence.users = {"b"}
+    await asyncio.sleep(0.01)
+
+    async def closing() -> None:
+        await gate
+        await mode.close()
+
+    closer = asyncio.ensure_future(closing())
+    await asyncio.sleep(0)
+    gate.set_result(None)  # the check and close() wake in one iteration
+    await closer
+    await asyncio.sleep(0.05)
+    assert believed(hub.bus, "b") is True, hub.bus
+
+
 def test_a_repeated_events_count_never_goes_below_the_users_listed() -> None:
     """presence_limit 1: w listed, a counted. a leaves through A and comes back through B (B's join first on
     the bus, then A's leave); A reads {w, a} (count 2); z joins meanwhile and lands before A's correction.

@@ -190,9 +190,9 @@ class EachEvent(NoEvents):
         sending[key] = sending.get(key, 0) + 1
         try:
             await self.hub.publish(room, frame, origin=origin)
-        except asyncio.CancelledError:  # sent or not: the members may know the opposite
+        except asyncio.CancelledError:  # sent or not (it may land later yet): the members may know the opposite
             if not self._closed:
-                self._check(room, user, (not present, None))
+                self._check_later(room, user, present, self._check(room, user, (not present, None)))
             raise
         except Exception as exc:
             if not self._closed:  # not sent, or not known to be: the members knew the opposite
@@ -215,8 +215,8 @@ class EachEvent(NoEvents):
                 return
             if (room, user) in self._sending:  # another event of theirs on its way: after it
                 self._check_later(room, user, present, told)
-            elif self._told.get(room, {}).get(user, told) is told:  # nothing newer told about them
-                self._check(room, user, (present, None))
+            elif self._told.get(room, {}).get(user, told) is told:  # no newer event of theirs waits for its check
+                self._check(room, user, (present, None))  # (one already checked: a correction at most repeats it)
 
         handle = asyncio.get_running_loop().call_later(UNSETTLED, due)
         self._unsettled.add(handle)
@@ -340,6 +340,9 @@ class EachEvent(NoEvents):
         for handle in self._unsettled:
             handle.cancel()
         self._unsettled.clear()
+        # every room with something told: a check that ended in this iteration has not started its room's next
+        # (its callback comes later and, closed, starts none); one still running goes on in its closing rounds
+        self._ready.update(self._told)
         self._due()
         if self._checking:
             await _finish(list(self._checking.values()))
