@@ -226,10 +226,14 @@ class EachEvent(NoEvents):
         if users is None:
             users = self._told[room] = {}
         users[user] = told
-        self._ready.add(room)
-        if self._scheduled is None:  # closed too: an event sent after close() gets one try
-            self._scheduled = asyncio.get_running_loop().call_soon(self._due)
+        self._soon(room)  # closed too: an event sent after close() gets one try
         return told
+
+    def _soon(self, room: str) -> None:
+        """Start ``room``'s check in the next loop iteration."""
+        self._ready.add(room)
+        if self._scheduled is None:
+            self._scheduled = asyncio.get_running_loop().call_soon(self._due)
 
     def _due(self) -> None:
         """Start the check of the rooms told about, but those whose check is in progress (theirs go on)."""
@@ -259,9 +263,7 @@ class EachEvent(NoEvents):
         if self._checking.get(room) is task:
             del self._checking[room]
         if room in self._told and not self._closed:
-            self._ready.add(room)
-            if self._scheduled is None:
-                self._scheduled = asyncio.get_running_loop().call_soon(self._due)
+            self._soon(room)
 
     async def _check_room(self, room: str) -> None:
         failures = rounds = 0
@@ -319,7 +321,8 @@ class EachEvent(NoEvents):
                 log.warning("room %s: presence events could not be checked (the bus is down): checked once it is "
                             "back", room)
             else:
-                log.error("room %s: presence events could not be checked: tried again later", room, exc_info=exc)
+                log.error("room %s: presence events could not be checked%s", room,
+                          "" if self._closed else ": tried again later", exc_info=exc)
         if not self._closed and (bus or failures < GIVE_UP):
             return True
         dropped = self._told.pop(room, {})

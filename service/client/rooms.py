@@ -106,6 +106,7 @@ def apply_presence_event(sub: Subscription, frame: dict[str, Any]) -> None:
         users = max(new["users"], len(sub.members))
         sub.count = {"users": users, "connections": max(new["connections"], users)}
 
+
 @dataclass(eq=False)
 class GameRoom:
     """A joined game room: ``state`` and ``version`` follow the server, patch by patch.
