@@ -241,7 +241,9 @@ class Presence(Protocol):
     - Expiry: when a replica stops heartbeating (crashed, SIGKILLed, partitioned) its entries are
       removed within ``presence_ttl`` plus one upkeep interval by one live replica (an atomic
       claim), in batches, and the users whose LAST connection went with them are reported to
-      :meth:`on_departed` listeners on that replica only.
+      :meth:`on_departed` listeners on that replica only. A replica that was only stalled, and finds its
+      entries gone when it heartbeats again, writes them again and reports their users to
+      :meth:`on_restored` listeners.
     - After the last connection of a room leaves, nothing of that room's presence is left in the
       broker (no keys, no KV values).
     """
@@ -283,6 +285,16 @@ class Presence(Protocol):
         """Register a listener called, on exactly one live replica, with ``(room, users)`` for the
         users whose last connection was removed because its replica died (stopped heartbeating).
         A listener that raises is logged and does not stop the others."""
+        ...
+
+    def on_restored(self, callback: DepartedListener) -> None:
+        """Register a listener called, on this replica, with ``(room, users)`` for the users of the entries it
+        wrote again because the broker no longer had them: this replica was declared dead (a stall longer than
+        ``presence_ttl``: another replica removed its entries and reported them to :meth:`on_departed`), or the
+        broker lost its data. Called once the entries are written, per room. A backend whose replicas cannot be
+        declared dead (one process) never calls it; one written before this method (or one that inherits this
+        empty body) leaves the chat's members believing such users gone until they come or go again. A listener
+        that raises is logged and does not stop the others."""
         ...
 
     async def members(self, room: str) -> list[PresenceEntry]:

@@ -13,7 +13,9 @@ messages; when history cannot cover the gap, members get ``gap {room, epoch, off
 reload. A lost history (a new epoch) is a gap for the old epoch only: the new one is replayed from
 its start when its history is complete. The replay reads history on another connection than the live
 messages come on, so the live copy of a message it replayed may arrive after it ended: such copies (at or
-below the replay's last offset, before a newer one) are dropped.
+below the replay's last offset, before a newer one) are dropped. What the bus carried meanwhile without
+history (a chat's presence events) is not replayed: :meth:`Hub.on_resumed` listeners learn which rooms
+missed it.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from wirehub.bus import Backend, BusUnavailable
@@ -31,6 +33,9 @@ from wirehub.protocol import dumps
 from wirehub.session import OutFrame, Session
 
 log = logging.getLogger("wirehub.hub")
+
+#: a listener of :meth:`Hub.on_resumed`: the rooms that have members here
+ResumedListener = Callable[[Sequence[str]], None]
 
 #: messages per history read of a repair
 REPAIR_PAGE = 10_000
@@ -172,6 +177,7 @@ class Hub:
         self.publishing = InFlight()
         #: the join time a room's newcomers get (:meth:`_join_stamp`)
         self._stamp = 0.0
+        self._resumed: list[ResumedListener] = []
 
     # -- membership --------------------------------------------------------------------------------
 
@@ -193,6 +199,33 @@ class Hub:
     async def bus_up(self) -> None:
         """Return once the bus is up (at once while it is)."""
         await self._bus_up.wait()
+
+    def on_resumed(self, listener: ResumedListener) -> None:
+        """Register ``listener``, called with the rooms that have members here when this replica's link to the bus
+        is back after an outage (every such room), or when only some rooms' subscriptions were interrupted and are
+        back (those of them). What the bus carried meanwhile is lost for these members but what history replays:
+        a listener tells them of the rest. Called before the bus pushes anything newer; it must not block. One
+        that raises is logged and does not stop the others."""
+        self._resumed.append(listener)
+
+    def _report_resumed(self, rooms: list[str]) -> None:
+        if not rooms:
+            return
+        for listener in list(self._resumed):
+            try:
+                listener(rooms)
+            except Exception:
+                log.exception("an on_resumed listener failed for %d rooms", len(rooms))
+
+    def deliver_here(self, room: str, frame: bytes) -> None:
+        """Send the encoded JSON object ``frame`` to this replica's members of ``room`` only: not through the bus,
+        not in history (what only they need, such as a notice that they missed something)."""
+        r = self._rooms.get(room)
+        if r is None:
+            return
+        out = OutFrame(frame)
+        for s in list(r.members.values()):
+            s.deliver(room, out, None)
 
     def is_member(self, room: str, session: Session) -> bool:
         """Whether ``session`` is a member of ``room`` here now, O(1)."""
@@ -387,15 +420,20 @@ class Hub:
             self.metrics.bus_reconnects.inc()
             for r in list(self._rooms.values()):
                 self._start_repair(r)
+            self._report_resumed([r.name for r in self._rooms.values() if r.members])
 
     def on_bus_rooms_resumed(self, rooms: list[str]) -> None:
         """Only these rooms' subscriptions were interrupted, and are back (a Redis Cluster shard
         failed over, a slot moved) while the bus stayed up: repair them as after an outage. The bus
         calls it before it pushes anything of the new subscriptions."""
+        resumed = []
         for name in rooms:
             r = self._rooms.get(name)
             if r is not None:
                 self._start_repair(r)
+                if r.members:
+                    resumed.append(name)
+        self._report_resumed(resumed)
 
     def _start_repair(self, r: _Room) -> None:
         if r.members and r.last_offset is not None and r.backlog is None:

@@ -89,6 +89,11 @@ class RoomRules:
         room = valid[room] = str(room)
         return room
 
+    def owns(self, room: str) -> bool:
+        """Whether ``room`` is a name this endpoint accepts (the hub's and the bus's rooms are every endpoint's: a
+        game's are ``namespace/room``, which the default pattern refuses)."""
+        return room in self._valid or (len(room) <= MAX_ROOM_NAME and self.name_re.fullmatch(room) is not None)
+
     def max_bytes(self, room: str) -> int:
         for limit in self.limits:
             if fnmatch.fnmatchcase(room, limit.pattern):

@@ -705,12 +705,18 @@ async def test_bus_outage_is_error_unavailable_never_delivered(wirehub_server: S
     assert (await c.error({"op": "history", "room": room}))["code"] == "unavailable"
     d = await connect(server)
     bus.set_down(False)
+    for m in (a, b):  # events sent meanwhile did not reach them (not in history): told to reload the list
+        assert (await m.ws.recv_op("presence.diff"))["truncated"] is True
     await d.join(room)
     for m in (a, b):
         assert (await m.ws.recv_op("presence.join"))["user"] == d.user
     bus.set_down(True)
     assert (await d.ws.request({"op": "leave", "room": room}))["op"] == "left"  # leaving always works
     bus.set_down(False)
+    notice = await b.ws.recv()
+    assert {k: notice[k] for k in ("op", "room", "joins", "leaves", "truncated")} == {
+        "op": "presence.diff", "room": room, "joins": [], "leaves": [], "truncated": True}, notice
+    assert (await a.ws.recv_op("presence.diff"))["truncated"] is True
     await b.ws.expect_nothing(0.1)
     ack = await a.publish(room, "back")
     assert ack["offset"] == 1  # the failed publish was not stored

@@ -418,3 +418,53 @@ async def test_a_floor_drops_late_live_copies_until_a_newer_message_passes_it() 
     hub.on_bus_message("r", envelope(b'{"n":4}'), 4)
     assert t.texts() == [b'{"n":4,"offset":4}'] and s._floor is None
     assert not hub.behind("r", epoch, 4)
+
+
+async def test_resumed_listeners_get_the_rooms_with_members_here_after_an_outage_or_a_rooms_resumption(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """What the bus carried without history during an outage is lost: on_resumed listeners learn which rooms
+    (those with members here) missed it, after a whole outage and after some rooms' subscriptions only."""
+    hub, _ = await make_hub()
+    a, b = session()[0], session()[0]
+    await hub.join("r1", a)
+    await hub.join("r2", b)
+    await hub.join("emptied", a)
+    await hub.leave("emptied", a)
+    calls: list[list[str]] = []
+
+    def broken(rooms: Any) -> None:
+        raise RuntimeError("a broken listener")
+
+    hub.on_resumed(broken)
+    hub.on_resumed(lambda rooms: calls.append(sorted(rooms)))
+    hub.on_bus_state(True)  # up without an outage: nothing was missed
+    assert calls == []
+    hub.on_bus_state(False)
+    assert calls == []
+    hub.on_bus_state(True)
+    assert calls == [["r1", "r2"]]
+    assert "an on_resumed listener failed" in caplog.text  # and the next one was called all the same
+    hub.on_bus_rooms_resumed(["r2", "unknown", "emptied"])
+    assert calls[-1] == ["r2"]
+    hub.on_bus_rooms_resumed(["unknown"])
+    assert len(calls) == 2  # no room with members: no call
+    await asyncio.sleep(0.05)  # the repairs
+
+
+async def test_deliver_here_reaches_this_replica_s_members_only_not_the_bus(monkeypatch: pytest.MonkeyPatch) -> None:
+    hub, bus = await make_hub()
+    (a, ta), (b, tb), (c, tc) = session(), session(), session()
+    await hub.join("r", a)
+    await hub.join("r", b)
+    await hub.join("other", c)
+
+    async def no_publish(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("published")
+
+    monkeypatch.setattr(bus, "publish", no_publish)
+    hub.deliver_here("r", b'{"op":"notice"}')
+    hub.deliver_here("nobody-here", b'{"op":"notice"}')
+    assert ta.texts() == tb.texts() == [b'{"op":"notice"}']
+    assert tc.texts() == []
+    assert (await hub.backend.history.read("r", None, 10)).messages == []

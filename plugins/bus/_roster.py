@@ -256,9 +256,10 @@ class Roster:
 
 
 class Departures:
-    """The ``on_departed`` listeners of one presence store."""
+    """The ``on_departed`` (or ``on_restored``: ``hook``) listeners of one presence store."""
 
-    def __init__(self) -> None:
+    def __init__(self, hook: str = "on_departed") -> None:
+        self.hook = hook
         self._listeners: list[DepartedListener] = []
 
     def add(self, callback: DepartedListener) -> None:
@@ -273,4 +274,4 @@ class Departures:
                 if inspect.isawaitable(result):
                     await result
             except Exception:
-                log.exception("on_departed listener failed for room %s", room)
+                log.exception("%s listener failed for room %s", self.hook, room)

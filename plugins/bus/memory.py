@@ -306,6 +306,9 @@ class MemoryPresence:
     def on_departed(self, callback: DepartedListener) -> None:
         self._departures.add(callback)
 
+    def on_restored(self, callback: DepartedListener) -> None:
+        """Never called: one process, whose entries no replica removes."""
+
     async def members(self, room: str) -> list[PresenceEntry]:
         roster = self._rooms.get(room)
         return roster.entries() if roster is not None else []

@@ -263,6 +263,10 @@ class NatsPresence:
         self.nodes_kv: Any = None
         self.claims_kv: Any = None
         self._departures = Departures()
+        self._restorations = Departures("on_restored")
+        #: keys written again after the broker lost them whose write failed: reported to ``on_restored`` once
+        #: upkeep's rewrite of them goes through
+        self._unreported: set[Bucket] = set()
         #: room -> session -> the key (bucket) holding it: this replica's connections
         self._local: dict[str, dict[str, Bucket]] = {}
         #: room -> key -> this replica's keys of the room (with entries, or writes under way)
@@ -979,6 +983,9 @@ class NatsPresence:
     def on_departed(self, callback: DepartedListener) -> None:
         self._departures.add(callback)
 
+    def on_restored(self, callback: DepartedListener) -> None:
+        self._restorations.add(callback)
+
     async def members(self, room: str) -> list[PresenceEntry]:
         return (await self._roster(room)).entries()
 
@@ -1016,11 +1023,29 @@ class NatsPresence:
         buckets = [b for own in self._own.values() for b in own.values() if b.entries and not b.pending]
         log.warning("presence: re-writing %d keys (%d entries) the broker no longer had",
                     len(buckets), sum(len(b.entries) for b in buckets))
-        await self._rewrite(buckets)
+        self._unreported.update(buckets)
+        await self._report_restored(await self._rewrite(buckets))
 
-    async def _rewrite(self, buckets: list[Bucket]) -> None:
+    async def _rewrite(self, buckets: list[Bucket]) -> list[Bucket]:
+        """Write ``buckets``' current state again; those written (a failed one is left to upkeep: unsettled)."""
+        written: list[Bucket] = []
         for i in range(0, len(buckets), REAP_BATCH):
-            await asyncio.gather(*(self._send(b) for b in buckets[i:i + REAP_BATCH]), return_exceptions=True)
+            chunk = buckets[i:i + REAP_BATCH]
+            outcomes = await asyncio.gather(*(self._send(b) for b in chunk), return_exceptions=True)
+            written += [b for b, outcome in zip(chunk, outcomes, strict=True) if not isinstance(outcome, BaseException)]
+        return written
+
+    async def _report_restored(self, written: list[Bucket]) -> None:
+        """Report the users of the keys in ``written`` that were written again after a loss (``on_restored``)."""
+        rooms: dict[str, dict[str, None]] = {}  # room -> its users written again, in order
+        for bucket in written:
+            if bucket in self._unreported:
+                self._unreported.discard(bucket)
+                users = rooms.setdefault(bucket.room, {})
+                users.update(dict.fromkeys(e.user for e in bucket.entries))
+        self._unreported = {b for b in self._unreported if not b.idle()}  # left meanwhile: nothing to report
+        for room, users in rooms.items():
+            await self._restorations.report(room, list(users))
 
     async def upkeep(self) -> None:
         """One heartbeat put; dead nodes come from the nodes watch (no round trip) and are reaped
@@ -1036,7 +1061,9 @@ class NatsPresence:
         # rare: only after a write the broker did not take (down, timeout): its key's current state again
         unsettled = [b for own in self._own.values() for b in own.values() if b.unsettled and not b.pending]
         if unsettled:
-            await self._rewrite(unsettled[:REAP_BATCH])
+            written = await self._rewrite(unsettled[:REAP_BATCH])
+            if self._unreported:
+                await self._report_restored(written)
 
     async def _reap(self, node: str) -> None:
         bus = self.bus

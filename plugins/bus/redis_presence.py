@@ -271,6 +271,7 @@ class RedisPresence:
         self.bus = bus
         self.ttl_ms = int(ttl * 1000)
         self._departures = Departures()
+        self._restorations = Departures("on_restored")
         #: this replica's entries: room -> session -> entry; written again only if the broker lost them
         #: (per room, not keyed by a (room, session) tuple: 56 B less per member of a big room)
         self._local: dict[str, dict[str, PresenceEntry]] = {}
@@ -464,6 +465,9 @@ class RedisPresence:
     def on_departed(self, callback: DepartedListener) -> None:
         self._departures.add(callback)
 
+    def on_restored(self, callback: DepartedListener) -> None:
+        self._restorations.add(callback)
+
     async def members(self, room: str) -> list[PresenceEntry]:
         key = self._keys(room)[2]
         raw = (await self._pipeline(("HVALS", key)))[0]
@@ -519,19 +523,21 @@ class RedisPresence:
 
     async def _restore(self) -> None:
         """The broker lost our entries (restart without persistence) or we were declared dead:
-        write them again, in batches (rare; O(entries))."""
+        write them again, in batches (rare; O(entries)), and report their users to ``on_restored``."""
         entries = [(room, e) for room, local in self._local.items() for e in local.values()]
         log.warning("presence: re-writing %d entries the broker no longer had", len(entries))
         for i in range(0, len(entries), REAP_BATCH):
             commands: list[Command] = []
-            rooms: set[str] = set()
+            rooms: dict[str, dict[str, None]] = {}  # room -> its users written again, in order
             for room, e in entries[i:i + REAP_BATCH]:
                 info = _info_json(e.info)  # as a join wrote it (compact)
                 commands.append(self._script("presence_join", self._keys(room),
                                              [e.session, e.user, _entry_json(e, info), info]))
                 commands.append(("SADD", self._node_index(e.node), self._index_item(room, e.session)))
-                rooms.add(room)
+                rooms.setdefault(room, {})[e.user] = None
             await self._pipeline(*commands, rooms=list(rooms))
+            for room, users in rooms.items():
+                await self._restorations.report(room, list(users))
 
     async def _reap(self, node: str) -> None:
         departed: dict[str, list[str]] = defaultdict(list)

@@ -154,7 +154,8 @@ class ChatHandler(OpHandler):
         #: read by the HTTP publish API too
         self.room_rules = rules
         self.presence = ChatPresence(presence_rules, options.presence_max_limit, context.hub,
-                                     context.backend.presence)
+                                     context.backend.presence, owns=rules.owns)
+        context.hub.on_resumed(self.presence.resumed)
         ops: dict[str, Op] = {
             "join": self.op_join,
             "leave": self.op_leave,

@@ -101,6 +101,10 @@ class EventMode(Protocol):
         """Users whose last connection was on a replica that died (the backend's ``on_departed``)."""
         ...
 
+    def restored(self, room: str, rule: RoomPresence, users: Sequence[str]) -> None:
+        """Users of this replica whose entries it wrote again (the backend's ``on_restored``)."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -115,6 +119,11 @@ class NoEvents:
         """A dead replica's users whose last connection it held (reported by the backend)."""
         for user in users:
             await self.left(room, rule, user, None)
+
+    def restored(self, room: str, rule: RoomPresence, users: Sequence[str]) -> None:
+        """This replica's users whose entries it wrote again (the backend's ``on_restored``): declared dead in a
+        stall, their departure may have been told to the members."""
+        return None
 
     async def close(self) -> None:
         return None
@@ -183,6 +192,10 @@ class EachEvent(NoEvents):
                 for rest in users[i + 1:]:  # not told either: the check tells them once the bus is back
                     self._check(room, rest, (True, None))
                 raise
+
+    def restored(self, room: str, rule: RoomPresence, users: Sequence[str]) -> None:
+        for user in users:  # the members may have been told they left: the check tells them how they are
+            self._check(room, user, (False, None))
 
     async def _tell(self, room: str, user: str, present: bool, frame: bytes, origin: Session | None) -> None:
         key = (room, user)
@@ -425,6 +438,9 @@ class BatchedEvents(NoEvents):
         diff = self._diff(room, rule.interval)
         diff.stale = True
         diff.users.update(dict.fromkeys(users))
+
+    def restored(self, room: str, rule: RoomPresence, users: Sequence[str]) -> None:
+        self._diff(room, rule.interval).users.update(dict.fromkeys(users))
 
     def _due(self, room: str) -> None:
         self._timers.pop(room, None)

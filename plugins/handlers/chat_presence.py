@@ -62,6 +62,8 @@ def json_bytes(text: str) -> bytes:
         found = _fragments[text] = json_string(text).encode()
     return found
 
+#: rooms whose count one step of :meth:`ChatPresence._tell_stale` reads at once
+NOTICE_BATCH = 100
 #: longest ``after`` cursor accepted from a client (backends' cursors are user ids or shorter)
 MAX_CURSOR = 1024
 
@@ -324,8 +326,12 @@ class _AtOnce(Protocol):
 class ChatPresence:
     """Presence entries, snapshots and events of one chat endpoint."""
 
-    def __init__(self, rules: PresenceRules, max_limit: int, hub: Hub, presence: Presence) -> None:
+    def __init__(self, rules: PresenceRules, max_limit: int, hub: Hub, presence: Presence,
+                 owns: Callable[[str], bool] = lambda room: True) -> None:
         self.rules = rules
+        #: whether a room of the hub or the backend is one of this endpoint's (their reports name every room: a
+        #: game's ``ns/room`` too, whose members must get no chat event)
+        self.owns = owns
         self.max_limit = max_limit
         self.presence = presence
         lookup = lookup_of(presence)  # a bus plugin's presence without lookup: one fallback, one warning
@@ -342,6 +348,12 @@ class ChatPresence:
         self._now: _AtOnce | None = presence if callable(getattr(presence, "join_now", None)) and callable(
             getattr(presence, "head_now", None)) else None  # type: ignore[assignment]
         presence.on_departed(self.departed)
+        on_restored = getattr(presence, "on_restored", None)  # a bus plugin written before it has none
+        if on_restored is not None:
+            on_restored(self.restored)
+        self.hub = hub
+        #: the notices to members who missed events (:meth:`resumed`) being sent
+        self._notices: set[asyncio.Task[None]] = set()
 
     def join_now(self, session: Session, room: str) -> tuple[bytes, bytes] | None:
         """:meth:`join` without a coroutine when nothing in it waits: a backend that answers at once (memory),
@@ -421,13 +433,50 @@ class ChatPresence:
     async def departed(self, room: str, users: Sequence[str]) -> None:
         """The backend removed a dead replica's entries: their users' last connections left ``room``."""
         rule = self.rules.for_room(room)
-        if not rule.enabled:
+        if not rule.enabled or not self.owns(room):
             return
         try:
             await self.modes[rule.events].departed(room, rule, users)
         except BusUnavailable:
             log.warning("room %s: the leaves of %d departed users were not announced, the bus is down (they are "
                         "once it is back)", room, len(users))
+
+    def restored(self, room: str, users: Sequence[str]) -> None:
+        """The backend wrote this replica's entries of ``users`` again: it was declared dead in a stall (their
+        departure may have been told) or the broker lost them."""
+        rule = self.rules.for_room(room)
+        if rule.enabled and self.owns(room):
+            self.modes[rule.events].restored(room, rule, users)
+
+    def resumed(self, rooms: Sequence[str]) -> None:
+        """The hub's :meth:`~wirehub.Hub.on_resumed`: this replica's members of ``rooms`` missed what the bus
+        carried while its link (or those rooms' subscriptions) was down, presence events included (they are not
+        in history). Each room with events on gets, on this replica only, a ``presence.diff`` that names nobody
+        and says ``truncated`` (its list may be stale: reload it), with the room's count."""
+        stale = []
+        for room in rooms:
+            rule = self.rules.for_room(room)
+            if rule.enabled and rule.events != "off" and self.owns(room):
+                stale.append(room)
+        if stale:
+            task = asyncio.ensure_future(self._tell_stale(stale))
+            self._notices.add(task)
+            task.add_done_callback(self._notices.discard)
+
+    async def _tell_stale(self, rooms: list[str]) -> None:
+        for i in range(0, len(rooms), NOTICE_BATCH):
+            chunk = rooms[i:i + NOTICE_BATCH]
+            counts = await asyncio.gather(*(self.presence.count(room) for room in chunk), return_exceptions=True)
+            for room, count in zip(chunk, counts, strict=True):
+                if isinstance(count, PresenceCount):
+                    self.hub.deliver_here(room, encode({"op": "presence.diff", "room": room, "joins": [], "leaves": [],
+                                                        "count": count_item(count), "truncated": True}))
+                elif isinstance(count, BusUnavailable):  # down again: they are told when it is back
+                    log.info("room %s: members who missed presence events during the outage are told once the bus "
+                             "is back", room)
+                elif isinstance(count, Exception):
+                    log.error("room %s: members who missed presence events during the outage could not be told",
+                              room, exc_info=count)
 
     def check_enabled(self, room: str) -> None:
         if not self.rules.for_room(room).enabled:
@@ -444,4 +493,9 @@ class ChatPresence:
         return fields
 
     async def close(self) -> None:
+        notices = list(self._notices)
+        for task in notices:
+            task.cancel()
         await asyncio.gather(*(mode.close() for mode in self.modes.values()))
+        if notices:
+            await asyncio.wait(notices)

@@ -67,9 +67,10 @@ class Client(Connection):
         return items
 
     async def _reload_members(self, sub: Subscription) -> None:
-        """After a ``truncated`` diff the members known here may be stale (diffs were cut short, or a replica
-        died with some unsent): start again from the room's first page, then apply the diffs that came while
-        it was read (each names users as they were when it was sent, so the later one wins)."""
+        """After a ``truncated`` diff the members known here may be stale (diffs were cut short, a replica died
+        with some unsent, or the server missed events while its link to the bus was down): start again from the
+        room's first page, then apply the diffs that came while it was read (each names users as they were when
+        it was sent, so the later one wins)."""
         sub.reloading = []
         try:
             page = await self.presence_page(sub.room)

@@ -230,6 +230,46 @@ class PresenceExpiryContract:
         page = await c.presence.page(room, None, 10)
         assert [(m.user, m.connections) for m in page.members] == [("anna", 1), ("shared", 1)]
 
+    async def test_a_replica_declared_dead_in_a_stall_writes_its_entries_again_and_reports_them(
+        self, presence_replica: ReplicaFactory,
+    ) -> None:
+        """A replica whose upkeep stalls for longer than the TTL is declared dead (its entries removed and reported
+        departed); at its next heartbeat it writes them again and reports their users to ``on_restored``."""
+        opts = {"presence_ttl": self.ttl, "presence_interval": self.interval}
+        a = await presence_replica(**opts)
+        stalled = await presence_replica(**opts)
+        room, other = unique_room(), unique_room()
+        node = f"stall-{uuid.uuid4().hex[:6]}"
+        departed: list[tuple[str, list[str]]] = []
+        restored: list[tuple[str, list[str]]] = []
+        a.presence.on_departed(lambda r, users: departed.append((r, sorted(users))))
+        stalled.presence.on_restored(lambda r, users: restored.append((r, sorted(users))))
+        await a.presence.join(room, PresenceEntry("anna", "sa", "node-a"))
+        await stalled.presence.join(room, PresenceEntry("s1", "s-1", node))
+        await stalled.presence.join(room, PresenceEntry("s1", "s-1b", node))  # one user, two connections
+        await stalled.presence.join(room, PresenceEntry("s2", "s-2", node))
+        await stalled.presence.join(other, PresenceEntry("s2", "s-other", node))
+        await eventually(lambda: _is(a.presence, room, PresenceCount(3, 4)))
+
+        upkeep = stalled.presence.upkeep  # type: ignore[attr-defined]
+        go_on = asyncio.Event()
+
+        async def stalled_upkeep() -> None:
+            await go_on.wait()
+            await upkeep()
+
+        stalled.presence.upkeep = stalled_upkeep  # type: ignore[attr-defined]
+        await eventually(lambda: _true(len(departed) == 2), timeout=self.ttl + self.interval + 3.0)
+        assert sorted(departed) == sorted([(room, ["s1", "s2"]), (other, ["s2"])])
+        assert await a.presence.count(room) == PresenceCount(1, 1)
+        assert restored == []
+
+        go_on.set()
+        await eventually(lambda: _true(len(restored) == 2))
+        assert sorted(restored) == sorted([(room, ["s1", "s2"]), (other, ["s2"])])
+        await eventually(lambda: _is(a.presence, room, PresenceCount(3, 4)))
+        await eventually(lambda: _is(a.presence, other, PresenceCount(1, 1)))
+
     async def test_upkeep_round_trips_do_not_grow_with_entries(
         self, presence_replica: ReplicaFactory, broker_ops: Callable[[], Awaitable[int]],
     ) -> None:
@@ -260,3 +300,7 @@ class PresenceExpiryContract:
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def _is(p: Presence, room: str, count: PresenceCount) -> bool:
+    return await p.count(room) == count

@@ -78,9 +78,10 @@ export class WirehubClient extends Connection {
         cursor: string | null;
     }>;
     /**
-     * After a `truncated` diff the members known here may be stale (diffs were cut short, or a replica died
-     * with some unsent): the list starts again from the room's first page, and the diffs that came while it
-     * was read are applied on top (each names users as they were when it was sent, so the later one wins).
+     * After a `truncated` diff the members known here may be stale (diffs were cut short, a replica died with some
+     * unsent, or the server missed events while its link to the bus was down): the list starts again from the
+     * room's first page, and the diffs that came while it was read are applied on top (each names users as they
+     * were when it was sent, so the later one wins).
      * @param {Subscription} sub
      */
     _reloadMembers(sub: Subscription): Promise<void>;
