@@ -218,6 +218,33 @@ async def test_a_check_that_finds_what_it_told_sends_nothing(
     assert not mode._checking and not mode._told
 
 
+async def test_a_leaving_session_is_out_of_the_hub_room_before_its_presence_entry_is_removed(
+    wirehub_server: ServerFactory, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The check skips the read of a join whose session is still a member here (its entry is there). That holds
+    only if a leaving session leaves the hub room before its presence entry goes: by ``leave`` and by closing."""
+    server = await wirehub_server(chat_config())
+    hub, presence = server.app.hub, server.app.backend.presence
+    remove = presence.leave
+    seen: list[tuple[str, bool]] = []
+
+    async def leave(room: str, session: str) -> str | None:
+        seen.append((session, any(s.id == session for s in hub.members(room))))
+        return await remove(room, session)
+
+    monkeypatch.setattr(presence, "leave", leave)
+    room = unique_room()
+    await member(server, "watcher", room)
+    by_op, by_close = (await member(server, "a", room))[0], (await member(server, "b", room))[0]
+    assert (await by_op.request({"op": "leave", "room": room}))["op"] == "left"
+    await by_close.aclose()
+    for _ in range(100):
+        if len(seen) == 2:
+            break
+        await asyncio.sleep(0.02)
+    assert [still for _, still in seen] == [False, False], seen
+
+
 def test_the_python_client_counts_a_repeated_event_once() -> None:
     """A checked event may repeat one the client applied: with the whole list held, a join counts a user not
     listed and a leave one listed; while the list is partial, a leave of an unlisted member counts, and a

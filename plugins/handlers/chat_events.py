@@ -151,7 +151,10 @@ class EachEvent(NoEvents):
     fails is tried again after 1, 2, 4, ... s (at most RETRY_MAX), at once when the bus comes back; an
     error that is not the bus's gives the room's checks up after :data:`GIVE_UP` tries. A publish whose
     outcome is unknown may still land later: its user is checked again :data:`UNSETTLED` seconds after. A
-    closing replica tries each check once more and stops.
+    closing replica tries each check once more and stops. A dead replica's departures are followed by a
+    ``presence.diff`` that names nobody and says ``truncated``: what it wrote and had not told is lost, so
+    members reload. Users whose entries this replica wrote again (declared dead in a stall) are checked as if
+    the members believed them gone.
     """
 
     def __init__(self, hub: Hub, lookup: Lookup) -> None:
@@ -192,6 +195,10 @@ class EachEvent(NoEvents):
                 for rest in users[i + 1:]:  # not told either: the check tells them once the bus is back
                     self._check(room, rest, (True, None))
                 raise
+        # what the dead replica wrote and had not told (or checked) yet is lost: the members reload their lists
+        found = await self._lookup(room, ())
+        await self.hub.publish(room, encode({"op": "presence.diff", "room": room, "joins": [], "leaves": [],
+                                             "count": count_item(found.count), "truncated": True}))
 
     def restored(self, room: str, rule: RoomPresence, users: Sequence[str]) -> None:
         for user in users:  # the members may have been told they left: the check tells them how they are
