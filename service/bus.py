@@ -288,13 +288,17 @@ class Presence(Protocol):
         ...
 
     def on_restored(self, callback: DepartedListener) -> None:
-        """Register a listener called, on this replica, with ``(room, users)`` for the users of the entries it
+        """Register a listener called, on this replica, with ``(room, users)`` for the users whose entries it
         wrote again because the broker no longer had them: this replica was declared dead (a stall longer than
         ``presence_ttl``: another replica removed its entries and reported them to :meth:`on_departed`), or the
-        broker lost its data. Called once the entries are written, per room. A backend whose replicas cannot be
-        declared dead (one process) never calls it; one written before this method (or one that inherits this
-        empty body) leaves the chat's members believing such users gone until they come or go again. A listener
-        that raises is logged and does not stop the others."""
+        broker lost its data. At least the users who had no connection left in ``room`` (a user the broker still
+        held through another connection may be reported too: the chat's answer is idempotent); none whose entries
+        the broker still had. Called once their entries are written, per room, in batches; a reaping of this
+        replica's node still under way must not remove what is written (Redis waits for it to end; on NATS the
+        reaping's last step deletes the heartbeat key, so the entries are written again after it). A backend whose
+        replicas cannot be declared dead (one process) never calls it; one written before this method (or one that
+        inherits this empty body) leaves the chat's members believing such users gone until they come or go
+        again. A listener that raises is logged and does not stop the others."""
         ...
 
     async def members(self, room: str) -> list[PresenceEntry]:

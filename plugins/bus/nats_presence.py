@@ -264,8 +264,8 @@ class NatsPresence:
         self.claims_kv: Any = None
         self._departures = Departures()
         self._restorations = Departures("on_restored")
-        #: keys written again after the broker lost them whose write failed: reported to ``on_restored`` once
-        #: upkeep's rewrite of them goes through
+        #: keys written again after the broker lost them, not reported to ``on_restored`` yet (their write failed:
+        #: once a write of them goes through)
         self._unreported: set[Bucket] = set()
         #: room -> session -> the key (bucket) holding it: this replica's connections
         self._local: dict[str, dict[str, Bucket]] = {}
@@ -1023,29 +1023,36 @@ class NatsPresence:
         buckets = [b for own in self._own.values() for b in own.values() if b.entries and not b.pending]
         log.warning("presence: re-writing %d keys (%d entries) the broker no longer had",
                     len(buckets), sum(len(b.entries) for b in buckets))
-        self._unreported.update(buckets)
-        await self._report_restored(await self._rewrite(buckets))
+        self._unreported.update(await self._gone(buckets))
+        await self._rewrite(buckets)
+        await self._report_restored()
 
-    async def _rewrite(self, buckets: list[Bucket]) -> list[Bucket]:
-        """Write ``buckets``' current state again; those written (a failed one is left to upkeep: unsettled)."""
-        written: list[Bucket] = []
+    async def _gone(self, buckets: list[Bucket]) -> list[Bucket]:
+        """Those of ``buckets`` whose key the broker no longer holds (reaped, or lost): their users are back once
+        written. All of them when the keys cannot be listed (a join told twice rather than none)."""
+        try:
+            stored = {key for node in self._nodes for key, _ in await self._scan(f"*.{encode_room(node)}.*")}
+        except Exception as exc:
+            log.info("presence: our keys could not be listed before writing them again: %s", exc)
+            return buckets
+        return [b for b in buckets if b.key not in stored]
+
+    async def _rewrite(self, buckets: list[Bucket]) -> None:
         for i in range(0, len(buckets), REAP_BATCH):
-            chunk = buckets[i:i + REAP_BATCH]
-            outcomes = await asyncio.gather(*(self._send(b) for b in chunk), return_exceptions=True)
-            written += [b for b, outcome in zip(chunk, outcomes, strict=True) if not isinstance(outcome, BaseException)]
-        return written
+            await asyncio.gather(*(self._send(b) for b in buckets[i:i + REAP_BATCH]), return_exceptions=True)
 
-    async def _report_restored(self, written: list[Bucket]) -> None:
-        """Report the users of the keys in ``written`` that were written again after a loss (``on_restored``)."""
+    async def _report_restored(self) -> None:
+        """Report to ``on_restored`` the users of the keys written again after a loss whose write went through
+        (upkeep's rewrite, or any write of the key since: it writes the key's whole state)."""
         rooms: dict[str, dict[str, None]] = {}  # room -> its users written again, in order
-        for bucket in written:
-            if bucket in self._unreported:
-                self._unreported.discard(bucket)
-                users = rooms.setdefault(bucket.room, {})
-                users.update(dict.fromkeys(e.user for e in bucket.entries))
-        self._unreported = {b for b in self._unreported if not b.idle()}  # left meanwhile: nothing to report
+        for bucket in list(self._unreported):
+            if bucket.unsettled:  # its last write failed: upkeep writes it again
+                continue
+            self._unreported.discard(bucket)
+            rooms.setdefault(bucket.room, {}).update(dict.fromkeys(e.user for e in bucket.entries))
         for room, users in rooms.items():
-            await self._restorations.report(room, list(users))
+            if users:
+                await self._restorations.report(room, list(users))
 
     async def upkeep(self) -> None:
         """One heartbeat put; dead nodes come from the nodes watch (no round trip) and are reaped
@@ -1061,9 +1068,9 @@ class NatsPresence:
         # rare: only after a write the broker did not take (down, timeout): its key's current state again
         unsettled = [b for own in self._own.values() for b in own.values() if b.unsettled and not b.pending]
         if unsettled:
-            written = await self._rewrite(unsettled[:REAP_BATCH])
-            if self._unreported:
-                await self._report_restored(written)
+            await self._rewrite(unsettled[:REAP_BATCH])
+        if self._unreported:
+            await self._report_restored()
 
     async def _reap(self, node: str) -> None:
         bus = self.bus
@@ -1080,6 +1087,8 @@ class NatsPresence:
 
             if not await bus.call("presence", claim):
                 return
+            if self._seen.get(node, 0.0) > time.monotonic() - self.ttl:
+                return  # it heartbeat again since (a stall): alive; its claim expires
             log.warning("presence: node %s stopped heartbeating; removing its entries", node)
             dead = await self._scan(f"*.{token}.*")
             rooms: dict[str, list[PresenceEntry]] = defaultdict(list)

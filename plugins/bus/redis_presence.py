@@ -200,6 +200,16 @@ redis.call('ZREM', KEYS[1], ARGV[1])
 return 1
 """
 
+# KEYS: nodes zset; ARGV: node, ttl_ms -> 1 when the node heartbeat within the TTL (a reaper that claimed it
+# after it came back leaves it be)
+_ALIVE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local stamp = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if stamp and tonumber(stamp) > now - tonumber(ARGV[2]) then return 1 end
+return 0
+"""
+
 SCRIPTS = {
     "presence_join": _JOIN,
     "presence_leave": _LEAVE,
@@ -207,6 +217,7 @@ SCRIPTS = {
     "presence_lookup": _LOOKUP,
     "presence_beat": _BEAT,
     "presence_forget_node": _FORGET_NODE,
+    "presence_alive": _ALIVE,
 }
 
 
@@ -279,6 +290,8 @@ class RedisPresence:
         self._nodes: set[str] = set()
         #: nodes stamped at least once (a node is stamped before its first entry is written)
         self._stamped: set[str] = set()
+        #: our entries must be written again (a stamp was lost) and have not all been yet: each beat tries
+        self._unrestored = False
         #: dead nodes being reaped by this replica
         self._reaping: set[str] = set()
         self._reapers: set[asyncio.Task[None]] = set()
@@ -492,7 +505,9 @@ class RedisPresence:
         out = (await self._pipeline(self._script("presence_beat", [self._nodes_key], args)))[0]
         lost = {_text(n) for n in out[0]} & self._stamped
         self._stamped.update(nodes)
-        if lost and self._local:
+        if lost:
+            self._unrestored = True
+        if self._unrestored:
             await self._restore()
         return [_text(n) for n in out[1]]
 
@@ -522,22 +537,39 @@ class RedisPresence:
                 del self._unleft[key]
 
     async def _restore(self) -> None:
-        """The broker lost our entries (restart without persistence) or we were declared dead:
-        write them again, in batches (rare; O(entries)), and report their users to ``on_restored``."""
-        entries = [(room, e) for room, local in self._local.items() for e in local.values()]
-        log.warning("presence: re-writing %d entries the broker no longer had", len(entries))
-        for i in range(0, len(entries), REAP_BATCH):
+        """The broker lost our entries (restart without persistence) or we were declared dead: write them
+        again, in batches (rare; O(entries)), and report the users who were gone from a room and are back to
+        ``on_restored``. Not while a replica reaps one of our nodes (it would remove what is written): the next
+        beat tries again, as after a batch that failed."""
+        if not self._local:
+            self._unrestored = False
+            return
+        claims = await self._pipeline(*(("EXISTS", self._claim_key(node)) for node in sorted(self._nodes)))
+        if any(int(n) for n in claims):
+            log.info("presence: our entries are written again once the reaping of our node is over")
+            return
+        keys = [(room, session) for room, local in self._local.items() for session in local]
+        log.warning("presence: re-writing %d entries the broker no longer had", len(keys))
+        for i in range(0, len(keys), REAP_BATCH):
+            batch = []
+            for room, session in keys[i:i + REAP_BATCH]:
+                e = self._local.get(room, {}).get(session)
+                if e is not None:  # not left meanwhile (its leave found nothing to remove: no ghost)
+                    batch.append((room, e))
             commands: list[Command] = []
-            rooms: dict[str, dict[str, None]] = {}  # room -> its users written again, in order
-            for room, e in entries[i:i + REAP_BATCH]:
+            for room, e in batch:
                 info = _info_json(e.info)  # as a join wrote it (compact)
                 commands.append(self._script("presence_join", self._keys(room),
                                              [e.session, e.user, _entry_json(e, info), info]))
                 commands.append(("SADD", self._node_index(e.node), self._index_item(room, e.session)))
-                rooms.setdefault(room, {})[e.user] = None
-            await self._pipeline(*commands, rooms=list(rooms))
-            for room, users in rooms.items():
+            out = await self._pipeline(*commands, rooms=list({room for room, _ in batch}))
+            back: dict[str, dict[str, None]] = {}  # room -> the users it had not (first connection again)
+            for (room, e), firsts in zip(batch, out[::2], strict=True):
+                if int(firsts[0]):
+                    back.setdefault(room, {})[e.user] = None
+            for room, users in back.items():
                 await self._restorations.report(room, list(users))
+        self._unrestored = False
 
     async def _reap(self, node: str) -> None:
         departed: dict[str, list[str]] = defaultdict(list)
@@ -556,6 +588,11 @@ class RedisPresence:
         claim = self._claim_key(node)
         won = (await self._pipeline(("SET", claim, "1", "NX", "PX", self.ttl_ms)))[0]
         if not won:
+            return
+        # it may have heartbeat again since the beat that found it dead (a stall): then it is alive, and its
+        # restore waits for no claim of its node, so none may remove what it writes again
+        if int((await self._pipeline(self._script("presence_alive", [self._nodes_key], [node, self.ttl_ms])))[0]):
+            await self._pipeline(("DEL", claim))
             return
         log.warning("presence: node %s stopped heartbeating; removing its entries", node)
         idx = self._node_index(node)

@@ -53,6 +53,8 @@ CHECK_RETRY = 1.0
 #: how long a closing replica waits for its diffs and checks, in seconds (within the drain's reserve for
 #: shutdown, at most 2 s)
 CLOSE_WAIT = 1.5
+#: rooms whose count a :class:`StaleNotices` reads at once
+NOTICE_BATCH = 100
 #: seconds after a publish whose outcome is unknown (it may still land on the bus) to check its user again
 UNSETTLED = 10.0
 
@@ -153,8 +155,8 @@ class EachEvent(NoEvents):
     outcome is unknown may still land later: its user is checked again :data:`UNSETTLED` seconds after. A
     closing replica tries each check once more and stops. A dead replica's departures are followed by a
     ``presence.diff`` that names nobody and says ``truncated``: what it wrote and had not told is lost, so
-    members reload. Users whose entries this replica wrote again (declared dead in a stall) are checked as if
-    the members believed them gone.
+    members reload; so is a room whose entries this replica wrote again (declared dead in a stall, the members
+    were told its users left).
     """
 
     def __init__(self, hub: Hub, lookup: Lookup) -> None:
@@ -178,6 +180,15 @@ class EachEvent(NoEvents):
         #: set when closing: wakes the checks waiting to try again
         self._closing = asyncio.Event()
 
+        async def count(room: str) -> PresenceCount:
+            return (await lookup(room, ())).count
+
+        async def publish(room: str, frame: bytes) -> None:
+            await hub.publish(room, frame)
+
+        #: to every member: their lists may be stale (a dead replica's untold events, a stalled one's users back)
+        self._stale = StaleNotices(hub, count, publish, drop_when_down=False)
+
     async def joined(self, room: str, rule: RoomPresence, user: str, name: str, origin: Session | None) -> None:
         event: dict[str, Any] = {"op": "presence.join", "room": room, "user": user}
         if name:
@@ -195,14 +206,12 @@ class EachEvent(NoEvents):
                 for rest in users[i + 1:]:  # not told either: the check tells them once the bus is back
                     self._check(room, rest, (True, None))
                 raise
-        # what the dead replica wrote and had not told (or checked) yet is lost: the members reload their lists
-        found = await self._lookup(room, ())
-        await self.hub.publish(room, encode({"op": "presence.diff", "room": room, "joins": [], "leaves": [],
-                                             "count": count_item(found.count), "truncated": True}))
+        self._stale.tell([room])  # what the dead replica wrote and had not told (or checked) is lost: reload
 
     def restored(self, room: str, rule: RoomPresence, users: Sequence[str]) -> None:
-        for user in users:  # the members may have been told they left: the check tells them how they are
-            self._check(room, user, (False, None))
+        # the members may have been told they left (the replica that reaped them): one notice per room, not an
+        # event per user (a broker that lost everyone's entries has every replica write them all again)
+        self._stale.tell([room])
 
     async def _tell(self, room: str, user: str, present: bool, frame: bytes, origin: Session | None) -> None:
         key = (room, user)
@@ -369,6 +378,7 @@ class EachEvent(NoEvents):
         self._due()
         if self._checking:
             await _finish(list(self._checking.values()))
+        await self._stale.close()
 
 
 async def _finish(tasks: list[asyncio.Task[None]]) -> None:
@@ -378,6 +388,87 @@ async def _finish(tasks: list[asyncio.Task[None]]) -> None:
         task.cancel()
     if pending:
         await asyncio.wait(pending)
+
+
+def stale_diff(room: str, count: PresenceCount) -> bytes:
+    """A ``presence.diff`` that names nobody and says ``truncated``: the members' list of ``room`` may be stale
+    (they reload it), with the room's ``count``."""
+    return encode({"op": "presence.diff", "room": room, "joins": [], "leaves": [], "count": count_item(count),
+                   "truncated": True})
+
+
+class StaleNotices:
+    """:func:`stale_diff` notices, each with its room's count read first (``read``), handed to ``send``: to the
+    members of every replica (``publish``) or of this one. Rooms whose read or send failed are tried again after
+    1, 2, 4, ... s (at most RETRY_MAX), at once when the bus comes back; with ``drop_when_down`` they are dropped
+    instead when the bus is down (what tells them then comes again once it is back). An error that is not the
+    bus's gives them up after :data:`GIVE_UP` tries. Closing cancels what is left."""
+
+    def __init__(self, hub: Hub, read: Callable[[str], Awaitable[PresenceCount]],
+                 send: Callable[[str, bytes], Awaitable[Any]], *, drop_when_down: bool) -> None:
+        self.hub = hub
+        self._read, self._send, self._drop_when_down = read, send, drop_when_down
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    def tell(self, rooms: Sequence[str]) -> None:
+        if rooms and not self._closed:
+            task = asyncio.ensure_future(self._tell(list(rooms)))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _one(self, room: str) -> None:
+        await self._send(room, stale_diff(room, await self._read(room)))
+
+    async def _tell(self, rooms: list[str]) -> None:
+        failures = 0
+        while True:
+            failed: list[str] = []
+            error: BaseException | None = None
+            for i in range(0, len(rooms), NOTICE_BATCH):
+                chunk = rooms[i:i + NOTICE_BATCH]
+                outcomes = await asyncio.gather(*(self._one(room) for room in chunk), return_exceptions=True)
+                for room, outcome in zip(chunk, outcomes, strict=True):
+                    if isinstance(outcome, Exception):
+                        failed.append(room)
+                        error = outcome
+            if not failed:
+                return
+            failures += 1
+            bus = isinstance(error, BusUnavailable)
+            if bus and self._drop_when_down and not self.hub.healthy:
+                log.info("%d rooms: members who may hold stale presence lists are told once the bus is back",
+                         len(failed))
+                return
+            if not bus and failures >= GIVE_UP:
+                log.error("%d rooms: gave up telling members their presence lists may be stale after %d tries",
+                          len(failed), failures, exc_info=error)
+                return
+            if failures == 1:
+                log.warning("%d rooms: members could not be told their presence lists may be stale yet (%s): tried "
+                            "again later", len(failed), error)
+            await _wake_or_wait(self.hub, _retry_after(CHECK_RETRY, failures), bus)
+            rooms = failed
+
+    async def close(self) -> None:
+        self._closed = True
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+
+
+async def _wake_or_wait(hub: Hub, delay: float, bus: bool) -> None:
+    """``delay`` s, or (``bus``: the bus down) until the bus is back up if that comes first."""
+    if not (bus and not hub.healthy):
+        await asyncio.sleep(delay)
+        return
+    up = asyncio.ensure_future(hub.bus_up())
+    try:
+        await asyncio.wait([up], timeout=delay)
+    finally:
+        up.cancel()
 
 
 @dataclass(eq=False)

@@ -35,7 +35,7 @@ from wirehub import (
     encode,
     opt,
 )
-from wirehub.builtins.handlers.chat_events import EVENT_MODES, EVENTS, count_item, lookup_of
+from wirehub.builtins.handlers.chat_events import EVENT_MODES, EVENTS, StaleNotices, count_item, lookup_of
 
 if TYPE_CHECKING:
     from wirehub import Hub, Session
@@ -62,8 +62,6 @@ def json_bytes(text: str) -> bytes:
         found = _fragments[text] = json_string(text).encode()
     return found
 
-#: rooms whose count one step of :meth:`ChatPresence._tell_stale` reads at once
-NOTICE_BATCH = 100
 #: longest ``after`` cursor accepted from a client (backends' cursors are user ids or shorter)
 MAX_CURSOR = 1024
 
@@ -351,9 +349,13 @@ class ChatPresence:
         on_restored = getattr(presence, "on_restored", None)  # a bus plugin written before it has none
         if on_restored is not None:
             on_restored(self.restored)
-        self.hub = hub
-        #: the notices to members who missed events (:meth:`resumed`) being sent
-        self._notices: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+        async def deliver_here(room: str, frame: bytes) -> None:
+            hub.deliver_here(room, frame)
+
+        #: to this replica's members who missed events (:meth:`resumed`)
+        self._missed = StaleNotices(hub, presence.count, deliver_here, drop_when_down=True)
 
     def join_now(self, session: Session, room: str) -> tuple[bytes, bytes] | None:
         """:meth:`join` without a coroutine when nothing in it waits: a backend that answers at once (memory),
@@ -433,7 +435,7 @@ class ChatPresence:
     async def departed(self, room: str, users: Sequence[str]) -> None:
         """The backend removed a dead replica's entries: their users' last connections left ``room``."""
         rule = self.rules.for_room(room)
-        if not rule.enabled or not self.owns(room):
+        if not rule.enabled or not self.owns(room) or self._closed:
             return
         try:
             await self.modes[rule.events].departed(room, rule, users)
@@ -445,7 +447,7 @@ class ChatPresence:
         """The backend wrote this replica's entries of ``users`` again: it was declared dead in a stall (their
         departure may have been told) or the broker lost them."""
         rule = self.rules.for_room(room)
-        if rule.enabled and self.owns(room):
+        if rule.enabled and self.owns(room) and not self._closed:
             self.modes[rule.events].restored(room, rule, users)
 
     def resumed(self, rooms: Sequence[str]) -> None:
@@ -458,25 +460,8 @@ class ChatPresence:
             rule = self.rules.for_room(room)
             if rule.enabled and rule.events != "off" and self.owns(room):
                 stale.append(room)
-        if stale:
-            task = asyncio.ensure_future(self._tell_stale(stale))
-            self._notices.add(task)
-            task.add_done_callback(self._notices.discard)
-
-    async def _tell_stale(self, rooms: list[str]) -> None:
-        for i in range(0, len(rooms), NOTICE_BATCH):
-            chunk = rooms[i:i + NOTICE_BATCH]
-            counts = await asyncio.gather(*(self.presence.count(room) for room in chunk), return_exceptions=True)
-            for room, count in zip(chunk, counts, strict=True):
-                if isinstance(count, PresenceCount):
-                    self.hub.deliver_here(room, encode({"op": "presence.diff", "room": room, "joins": [], "leaves": [],
-                                                        "count": count_item(count), "truncated": True}))
-                elif isinstance(count, BusUnavailable):  # down again: they are told when it is back
-                    log.info("room %s: members who missed presence events during the outage are told once the bus "
-                             "is back", room)
-                elif isinstance(count, Exception):
-                    log.error("room %s: members who missed presence events during the outage could not be told",
-                              room, exc_info=count)
+        if not self._closed:
+            self._missed.tell(stale)
 
     def check_enabled(self, room: str) -> None:
         if not self.rules.for_room(room).enabled:
@@ -493,9 +478,5 @@ class ChatPresence:
         return fields
 
     async def close(self) -> None:
-        notices = list(self._notices)
-        for task in notices:
-            task.cancel()
-        await asyncio.gather(*(mode.close() for mode in self.modes.values()))
-        if notices:
-            await asyncio.wait(notices)
+        self._closed = True  # the backend and the hub may report on until they close: nothing is started then
+        await asyncio.gather(self._missed.close(), *(mode.close() for mode in self.modes.values()))

@@ -1,0 +1,220 @@
+"""Restoring presence after a replica was declared dead or the broker lost its entries (Redis and NATS): the entries
+are written again until they all are, not while a reaping of the node is under way, without writing back a session
+that left meanwhile, and only the users who were gone from a room are reported to ``on_restored`` (once their key
+was written, on NATS by whatever write of it went through)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+import pytest
+
+from wirehub import BusUnavailable, PresenceCount, PresenceEntry
+from wirehub.brokers import NatsServer, RedisServer
+from wirehub.builtins.bus import redis_presence
+from wirehub.testing import unique_room
+
+FAST = {"heartbeat_interval": 0.5, "heartbeat_timeout": 2.0, "op_timeout": 3.0, "presence_ttl": 3.0}
+
+
+@pytest.fixture
+def bus_config(backend_kind: str, request: pytest.FixtureRequest) -> dict[str, Any]:
+    prefix = f"rs{uuid.uuid4().hex[:8]}"
+    if backend_kind == "redis":
+        server: RedisServer = request.getfixturevalue("redis_server")
+        return {"plugin": "redis", "redis": {"url": server.url, "key_prefix": prefix, **FAST}}
+    nserver: NatsServer = request.getfixturevalue("nats_server")
+    return {"plugin": "nats", "nats": {"servers": [nserver.url], "subject_prefix": prefix, "storage": "memory",
+                                       **FAST}}
+
+
+async def _simulate_reaped(p: Any, room: str, node: str) -> None:
+    """What a live replica's reaping of ``node`` leaves in Redis: the room's keys, the node's index and stamp gone."""
+    client = p.bus.client
+    await client.delete(*p._keys(room), p._node_index(node))
+    await client.zrem(p._nodes_key, node)
+
+
+@pytest.mark.parametrize("backend_kind", ["redis"])
+async def test_redis_a_restore_that_failed_is_tried_again_at_the_next_beat_and_reported(presence_replica: Any) -> None:
+    """A replica declared dead writes its entries again at its next beat. That beat refreshed its stamp, so when
+    the write fails (a timeout, the bus blipping) the next beats must try again until it goes through, and report
+    the users (members told they left are told they are back)."""
+    b = await presence_replica()
+    p = b.presence
+    room, node = unique_room(), "stalled-node"
+    restored: list[tuple[str, list[str]]] = []
+    p.on_restored(lambda r, users: restored.append((r, sorted(users))))
+    await p.join(room, PresenceEntry("u1", "s1", node))
+    await p.join(room, PresenceEntry("u2", "s2", node))
+    await _simulate_reaped(p, room, node)
+
+    orig = p._pipeline
+    failed = []
+
+    async def flaky(*commands: Any, **kw: Any) -> Any:
+        if not failed and any(isinstance(c, tuple) and c and c[0] == "SADD" for c in commands):
+            failed.append(1)
+            raise BusUnavailable("timeout (simulated) during the restore's write")
+        return await orig(*commands, **kw)
+
+    p._pipeline = flaky
+    with pytest.raises(BusUnavailable):
+        await p.upkeep()
+    p._pipeline = orig
+    for _ in range(3):
+        await p.upkeep()
+        await asyncio.sleep(0.1)
+    count = await p.count(room)
+    assert count == PresenceCount(2, 2), f"entries never written again: {count}"
+    assert restored, "on_restored never called"
+
+
+@pytest.mark.parametrize("backend_kind", ["redis"])
+async def test_redis_a_session_that_leaves_during_a_restore_is_not_written_back(
+    presence_replica: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The restore writes the entries batch by batch. A session that leaves while an earlier batch is on its way
+    (its leave removes nothing: it was reaped) must not be written back by its own batch later (a ghost entry no
+    leave would remove), nor its user reported back."""
+    monkeypatch.setattr(redis_presence, "REAP_BATCH", 1)  # stands for > 500 entries on the replica
+    b = await presence_replica()
+    p = b.presence
+    room, node = unique_room(), "stalled-node"
+    restored: list[tuple[str, list[str]]] = []
+    p.on_restored(lambda r, users: restored.append((r, sorted(users))))
+    await p.join(room, PresenceEntry("u1", "s1", node))
+    await p.join(room, PresenceEntry("u2", "s2", node))
+    await _simulate_reaped(p, room, node)
+
+    orig = p._pipeline
+    left: list[Any] = []
+
+    async def with_a_leave_meanwhile(*commands: Any, **kw: Any) -> Any:
+        out = await orig(*commands, **kw)
+        if not left and any(isinstance(c, tuple) and c and c[0] == "SADD" for c in commands):
+            left.append(await p.leave(room, "s2"))  # u2's connection closes while batch 1 was on its way
+        return out
+
+    p._pipeline = with_a_leave_meanwhile
+    await p.upkeep()
+    p._pipeline = orig
+    members = sorted((e.user, e.session) for e in await p.members(room))
+    assert members == [("u1", "s1")], f"ghost entry written back after its leave: {members}"
+    assert all("u2" not in users for _, users in restored), f"u2 reported restored after leaving: {restored}"
+
+
+@pytest.mark.parametrize("backend_kind", ["nats"])
+async def test_nats_a_key_whose_restore_failed_is_reported_once_a_write_of_it_went_through(
+    presence_replica: Any,
+) -> None:
+    """A key whose restore write failed waits to be reported. A leave of one of its entries writes the key's whole
+    state (the others' entries are back in the broker) and settles it, so upkeep does not rewrite it: its users
+    are reported all the same, at the next upkeep."""
+    b = await presence_replica()
+    other = (await presence_replica()).presence  # reads the broker (this replica's copy trusts its own keys)
+    p = b.presence
+    room, node = unique_room(), "stalled-node"
+    restored: list[tuple[str, list[str]]] = []
+    p.on_restored(lambda r, users: restored.append((r, sorted(users))))
+    await p.join(room, PresenceEntry("u0", "s0", node))  # the node's first beat and the room's copy
+    before = set(p._own[room])
+    await asyncio.gather(p.join(room, PresenceEntry("u1", "s1", node)), p.join(room, PresenceEntry("u2", "s2", node)))
+    buckets = [b for k, b in p._own[room].items() if k not in before]
+    assert len(buckets) == 1, buckets  # one key holds both
+    bucket = buckets[0]
+    await p._purge(bucket.key)  # what the reaping of this node did
+    await asyncio.sleep(0.2)
+    assert (await other.count(room)).users == 1  # u0's key is still there
+
+    orig = p.bus.write
+    failed: list[str] = []
+
+    async def flaky(kind: str, subject: str, data: bytes, headers: Any) -> int:
+        if subject.endswith(bucket.key) and data:  # the broker does not take this key's writes (this upkeep)
+            failed.append(subject)
+            raise BusUnavailable("simulated write failure during the restore")
+        return await orig(kind, subject, data, headers)
+
+    p.bus.write = flaky
+    p._last_beat = time.monotonic() - p.ttl - 1  # a stall longer than the TTL
+    await p.upkeep()
+    assert failed and bucket in p._unreported and bucket.unsettled
+    assert all(users != ["u1", "u2"] for _, users in restored), restored  # u0's key may be reported
+    restored.clear()
+    p.bus.write = orig  # the broker takes writes again
+    assert await p.leave(room, "s1") in ("u1", None)  # u1 leaves: the key is written with u2 in it
+    assert not bucket.unsettled
+    for _ in range(3):
+        await p.upkeep()
+        await asyncio.sleep(0.1)
+    count = await other.count(room)
+    assert count == PresenceCount(2, 2)  # u0, and u2 is back in the broker ...
+    assert restored == [(room, ["u2"])], f"... but never reported restored: {restored}"
+
+
+@pytest.mark.parametrize("backend_kind", ["redis"])
+async def test_redis_a_restore_waits_for_a_reaping_of_its_node_under_way(presence_replica: Any) -> None:
+    """B (its stamp stale) beats while A reaps it. B must not write its entries again while the reaping is under
+    way (A would remove them, and B's fresh stamp would not tell it to write them again): it waits for the
+    reaping to end, then writes them and reports them."""
+    a = await presence_replica()
+    b = await presence_replica()
+    room = unique_room()
+    departed: list[Any] = []
+    restored: list[Any] = []
+    a.presence.on_departed(lambda r, users: departed.append((r, sorted(users))))
+    b.presence.on_restored(lambda r, users: restored.append((r, sorted(users))))
+    await a.presence.join(room, PresenceEntry("anna", "sa", "node-a"))
+    for i in range(3):
+        await b.presence.join(room, PresenceEntry(f"b{i}", f"sb{i}", "node-b"))
+    client = b.bus.client
+    # B stalled past the TTL: its stamp is old
+    await client.zadd(b.presence._nodes_key, {"node-b": 1})
+    await a.presence.upkeep()  # A sees node-b dead: its reaping starts in the background
+    await b.presence.upkeep()  # B's beat meanwhile: its stamp is missing/expired, it writes its entries again
+    await asyncio.gather(*list(a.presence._reapers))
+    for _ in range(3):
+        await b.presence.upkeep()
+        await a.presence.upkeep()
+    count = await b.presence.count(room)
+    assert count == PresenceCount(4, 4), f"B's users are connected but gone from presence: {count}"
+    # reaped and back, or (B's beat came before A's claim) neither: members are never left believing them gone
+    assert departed == restored, (departed, restored)
+
+
+@pytest.mark.parametrize("backend_kind", ["redis"])
+async def test_redis_a_stale_stamp_nobody_reaped_reports_nobody(presence_replica: Any) -> None:
+    """A stamp older than the TTL that nobody reaped (a pause shorter than a reaper's reaction): the beat writes the
+    entries again (nothing changes) and reports nobody: the users never left."""
+    b = await presence_replica()
+    p = b.presence
+    room = unique_room()
+    restored: list[Any] = []
+    p.on_restored(lambda r, users: restored.append((r, sorted(users))))
+    for i in range(3):
+        await p.join(room, PresenceEntry(f"u{i}", f"s{i}", "node-b"))
+    await b.bus.client.zadd(p._nodes_key, {"node-b": 1})  # stale, not reaped: the entries are all there
+    await p.upkeep()
+    assert await p.count(room) == PresenceCount(3, 3)
+    assert restored == [], f"users reported restored whose entries never left the broker: {restored}"
+
+
+@pytest.mark.parametrize("backend_kind", ["nats"])
+async def test_nats_a_silence_longer_than_the_ttl_that_nobody_reaped_reports_nobody(presence_replica: Any) -> None:
+    """A replica silent for longer than the TTL writes its keys again (it may have been reaped), but reports only
+    the users of keys the broker no longer held: here none."""
+    b = await presence_replica()
+    p = b.presence
+    room = unique_room()
+    restored: list[Any] = []
+    p.on_restored(lambda r, users: restored.append((r, sorted(users))))
+    for i in range(3):
+        await p.join(room, PresenceEntry(f"u{i}", f"s{i}", "node-b"))
+    p._last_beat = time.monotonic() - p.ttl - 1  # a stall longer than the TTL that no replica reaped
+    await p.upkeep()
+    assert await p.count(room) == PresenceCount(3, 3)
+    assert restored == []
