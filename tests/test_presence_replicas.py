@@ -5,6 +5,8 @@ are right before and after."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -100,6 +102,30 @@ async def test_a_sigkilled_replica_leaves_presence_within_ttl(cluster: Cluster) 
     late = await join(cluster, 1, "d1", room)
     await presence_becomes(observer_a, room, {**survivors, "d1": 1})
     await asyncio.gather(*(ws.aclose() for ws in (*clients, late)))  # before the replicas stop: see test_replicas
+
+
+async def test_a_replica_stopped_for_longer_than_the_ttl_has_its_users_back_when_it_resumes(cluster: Cluster) -> None:
+    """SIGSTOP (a frozen VM, a long pause) past presence_ttl: the survivors declare the replica dead, its user z
+    leaves, and the members are told (presence.leave, then a truncated presence.diff). SIGCONT: its next
+    heartbeat finds its entries gone and writes them again, and the members are told to reload (a truncated
+    presence.diff with the count): z is listed again."""
+    room = unique_room()
+    watcher = await join(cluster, 0, "w", room)
+    stalled = await join(cluster, 2, "z", room)
+    await presence_becomes(watcher, room, {"w": 1, "z": 1})
+    pid = cluster.replicas[2].proc.pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        assert (await watcher.recv_op("presence.leave", timeout=TTL + INTERVAL + 5))["user"] == "z"
+        gone = await watcher.recv_op("presence.diff")
+        assert gone["truncated"] is True and gone["count"] == {"users": 1, "connections": 1}, gone
+        assert await presence(watcher, room) == {"w": 1}
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    back = await watcher.recv_op("presence.diff", timeout=10)
+    assert back["truncated"] is True and back["count"] == {"users": 2, "connections": 2}, back
+    assert await presence(watcher, room) == {"w": 1, "z": 1}
+    await asyncio.gather(watcher.aclose(), stalled.aclose())
 
 
 async def test_a_broker_that_lost_presence_gets_it_back(kind: str, broker: BrokerProcess) -> None:
