@@ -492,6 +492,45 @@ async def test_batched_diffs_are_ordered_and_add_up_to_the_membership(replicas: 
     assert len(after_a) <= replica_count * (burst / INTERVAL + 3)  # batched, not one event per join
 
 
+@pytest.mark.parametrize("kind", ["memory", "redis", "nats"])
+async def test_auto_events_are_each_in_a_small_room_and_batched_in_a_big_one(
+    request: pytest.FixtureRequest, kind: str, wirehub_server: ServerFactory,
+) -> None:
+    """The default ``auto``: presence.join / presence.leave while a room has at most presence_each_max users (4
+    here), one presence.diff per interval above it (a join into a room of 50,000 is not an event to each of them),
+    and each again once a read finds it at or below 9/10 of that (not flipping at every join around it)."""
+    bus = None
+    if kind != "memory":
+        broker: Any = request.getfixturevalue("redis_server" if kind == "redis" else "nats_server")
+        prefix = f"pa{uuid.uuid4().hex[:8]}"
+        bus = {"plugin": "redis", "redis": {"url": broker.url, "key_prefix": prefix, **FAST}} if kind == "redis" \
+            else {"plugin": "nats", "nats": {"servers": [broker.url], "subject_prefix": prefix, "storage": "memory",
+                                             **FAST}}
+    server = await wirehub_server(chat_config(bus, presence_each_max=4))
+    room = unique_room()
+    watcher, _ = await member(server, "w", room)
+    users = {u: (await member(server, u, room))[0] for u in ("u1", "u2", "u3")}
+    assert [(f["op"], f["user"]) for f in [await watcher.recv() for _ in range(3)]] == [
+        ("presence.join", "u1"), ("presence.join", "u2"), ("presence.join", "u3")]
+    for u in ("u4", "u5"):  # 5 users, then 6: past presence_each_max
+        users[u] = (await member(server, u, room))[0]
+    diff = await watcher.recv_op("presence.diff")
+    while "u5" not in [j["user"] for j in diff["joins"]]:
+        diff = await watcher.recv_op("presence.diff")
+    assert diff["count"] == {"users": 6, "connections": 6}
+    for u in ("u1", "u2", "u3", "u4", "u5"):  # leaves read no count: batched until a read finds the room small
+        assert (await users[u].request({"op": "leave", "room": room}))["op"] == "left"
+    while "u5" not in (await watcher.recv_op("presence.diff"))["leaves"]:
+        pass
+    await member(server, "q", room)  # 2 users: the room is small again (this join may still go batched)
+    await asyncio.sleep(1.5)  # its event or diff
+    await member(server, "r", room)
+    frame = await watcher.recv()
+    while frame.get("user") == "q" or "q" in str(frame.get("joins")):
+        frame = await watcher.recv()
+    assert frame == {"op": "presence.join", "room": room, "user": "r"}
+
+
 async def test_departed_users_go_out_as_leaves(server: LiveServer) -> None:
     """What the handler does with the backend's on_departed report (a dead replica's users)."""
     handler = server.app.handlers[CHAT]
@@ -696,7 +735,10 @@ async def test_python_client_count_paging_and_diffs(wirehub_server: ServerFactor
 
 @pytest.mark.parametrize(("options", "key", "fragment"), [
     ({"presence_rules": [{"pattern": "a-*", "events": "sometimes"}]}, "presence_rules[0].events",
-     "'sometimes' is not one of: each, batched, off"),
+     "'sometimes' is not one of: auto, each, batched, off"),
+    ({"presence_rules": [{"pattern": "a-*", "presence": False, "events": "auto"}]}, "presence_rules[0].events",
+     "needs presence"),
+    ({"presence_each_max": 0}, "presence_each_max", "at least 1"),
     ({"presence_rules": [{"pattern": "a-*", "interval": 0}]}, "presence_rules[0].interval", "at least 0.05"),
     ({"presence_rules": [{"pattern": "a-*", "presence": False, "events": "each"}]}, "presence_rules[0].events",
      "needs presence"),

@@ -93,8 +93,10 @@ class ChatOptions:
     #: members listed in joined (then a cursor), and the largest page of the presence op
     presence_limit: int = opt(100, min=0)
     presence_max_limit: int = opt(1000, min=1, max=5000)
-    #: per-room-pattern presence: [{pattern, presence, events: each|batched|off, interval, presence_limit}]
+    #: per-room-pattern presence: [{pattern, presence, events: auto|each|batched|off, interval, presence_limit}]
     presence_rules: tuple[PresenceRule, ...] = ()
+    #: rooms whose events are auto (the default) get each up to this many users, batched above
+    presence_each_max: int = opt(1000, min=1)
     #: messages in a history reply when the client gives no limit, and the largest limit allowed
     history_limit: int = opt(50, min=1)
     history_max_limit: int = opt(500, min=1)
@@ -154,7 +156,8 @@ class ChatHandler(OpHandler):
         #: read by the HTTP publish API too
         self.room_rules = rules
         self.presence = ChatPresence(presence_rules, options.presence_max_limit, context.hub,
-                                     context.backend.presence, owns=rules.owns)
+                                     context.backend.presence, owns=rules.owns,
+                                     each_max=options.presence_each_max)
         context.hub.on_resumed(self.presence.resumed)
         ops: dict[str, Op] = {
             "join": self.op_join,
@@ -517,7 +520,7 @@ def _factory(options: Mapping[str, Any], key: str, context: HandlerContext) -> C
     check_rules(opts.presence_rules, opts.presence_max_limit, f"{key}.presence_rules")
     if not opts.presence_events:
         log.warning("%s.presence_events is deprecated: use presence_rules [{pattern: '*', events: off}]", key)
-    default_events = "each" if opts.presence_events else "off"
+    default_events = "auto" if opts.presence_events else "off"
     presence_rules = PresenceRules(opts.presence_rules, default_events, opts.presence_limit)
     return ChatHandler(opts, context, rules, presence_rules)
 

@@ -38,7 +38,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("wirehub.chat.presence")
 
-EVENTS = ("each", "batched", "off")
+#: the ``events`` of a presence rule: ``auto`` is ``each`` in a room of at most the chat's ``presence_each_max``
+#: users and ``batched`` in a bigger one (:meth:`ChatPresence.mode`)
+EVENTS = ("auto", "each", "batched", "off")
 #: most joins and most leaves one presence.diff names: a reconnect storm of 20,000 users into a room
 #: must not become a megabyte frame to every member (it would close them all as slow consumers)
 MAX_DIFF_ITEMS = 500

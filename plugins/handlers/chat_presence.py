@@ -35,7 +35,14 @@ from wirehub import (
     encode,
     opt,
 )
-from wirehub.builtins.handlers.chat_events import EVENT_MODES, EVENTS, StaleNotices, count_item, lookup_of
+from wirehub.builtins.handlers.chat_events import (
+    EVENT_MODES,
+    EVENTS,
+    EventMode,
+    StaleNotices,
+    count_item,
+    lookup_of,
+)
 
 if TYPE_CHECKING:
     from wirehub import Hub, Session
@@ -73,7 +80,7 @@ class PresenceRule:
     pattern: str
     #: keep presence entries for these rooms; false: none at all (a ticker has no member list)
     presence: bool = True
-    #: each | batched | off; unset: the endpoint's default (each, or off with presence_events: false)
+    #: auto | each | batched | off; unset: the endpoint's default (auto, or off with presence_events: false)
     events: str | None = opt(None, choices=EVENTS)
     #: seconds between two presence.diff events of one room from one replica (events: batched)
     interval: float = opt(1.0, min=0.05, max=60)
@@ -93,6 +100,8 @@ class RoomPresence:
 
 #: rooms whose rule is kept (every join and leave asks; a big room asks for the same one again and again)
 RULE_CACHE_ROOMS = 4096
+#: rooms known here as big (``auto`` events batched) at most; past it the set starts over
+BIG_ROOMS = 4096
 
 
 class PresenceRules:
@@ -325,8 +334,13 @@ class ChatPresence:
     """Presence entries, snapshots and events of one chat endpoint."""
 
     def __init__(self, rules: PresenceRules, max_limit: int, hub: Hub, presence: Presence,
-                 owns: Callable[[str], bool] = lambda room: True) -> None:
+                 owns: Callable[[str], bool] = lambda room: True, each_max: int = 1000) -> None:
         self.rules = rules
+        #: rooms whose events are ``auto`` get ``each`` up to this many users, ``batched`` above
+        self.each_max = each_max
+        #: rooms with ``auto`` events whose last count read here was above ``each_max`` (and not below 9/10 of it
+        #: since): few, the big ones; a room not known here is taken as small
+        self._big: set[str] = set()
         #: whether a room of the hub or the backend is one of this endpoint's (their reports name every room: a
         #: game's ``ns/room`` too, whose members must get no chat event)
         self.owns = owns
@@ -356,6 +370,28 @@ class ChatPresence:
 
         #: to this replica's members who missed events (:meth:`resumed`)
         self._missed = StaleNotices(hub, presence.count, deliver_here, drop_when_down=True)
+
+    def mode(self, room: str, rule: RoomPresence) -> EventMode:
+        """The events mode of ``room``: its rule's, and for ``auto`` ``each`` or (a room of more than ``each_max``
+        users, as last read here) ``batched``: a join or leave in a room of 50,000 must not be an event to
+        50,000 members each."""
+        events = rule.events
+        if events == "auto":
+            events = "batched" if room in self._big else "each"
+        return self.modes[events]
+
+    def _sized(self, room: str, rule: RoomPresence, users: int) -> None:
+        """A count of ``room`` read here: its ``auto`` events follow it (batched above ``each_max`` users, each
+        again at or below 9/10 of it: a room around the threshold does not flip at every join)."""
+        if rule.events != "auto":
+            return
+        if users > self.each_max:
+            if room not in self._big:
+                if len(self._big) >= BIG_ROOMS:
+                    self._big.clear()
+                self._big.add(room)
+        elif users * 10 <= self.each_max * 9:
+            self._big.discard(room)
 
     def join_now(self, session: Session, room: str) -> tuple[bytes, bytes] | None:
         """:meth:`join` without a coroutine when nothing in it waits: a backend that answers at once (memory),
@@ -389,30 +425,35 @@ class ChatPresence:
         entry = PresenceEntry(session.identity.user, session.id, session.node, _info(name))
         now = self._now
         if now is not None:
-            if now.join_now(room, entry) and rule.events != "off":
-                await self.modes[rule.events].joined(room, rule, entry.user, name, session)
+            first = now.join_now(room, entry)
             members, cursor, users, connections = now.head_now(room, rule.limit)
+            self._sized(room, rule, users)
+            if first and rule.events != "off":
+                await self.mode(room, rule).joined(room, rule, entry.user, name, session)
             if not rule.limit:
                 return _fields(users, connections, None), b"[]"
             return _fields(users, connections, cursor), self.heads.encoded(room, members)
         elif (join_page := self._join_page) is not None:  # the page (or with limit 0 the count) in the same trip
             first, page = await join_page(room, entry, rule.limit)
+            self._sized(room, rule, page.count.users)
             if first and rule.events != "off":
-                await self.modes[rule.events].joined(room, rule, entry.user, name, session)
+                await self.mode(room, rule).joined(room, rule, entry.user, name, session)
             if not rule.limit:
                 return _fields(page.count.users, page.count.connections, None), b"[]"
             return _fields(page.count.users, page.count.connections, page.cursor), \
                 self.heads.encoded(room, page.members)
         elif await self.presence.join(room, entry) and rule.events != "off":
-            await self.modes[rule.events].joined(room, rule, entry.user, name, session)
+            await self.mode(room, rule).joined(room, rule, entry.user, name, session)
         joined_page = self._joined_page
         if joined_page is not None:  # with limit 0 the count of the same read
             page = await joined_page(room, rule.limit)
         elif rule.limit == 0:
             count = await self.presence.count(room)
+            self._sized(room, rule, count.users)
             return _fields(count.users, count.connections, None), b"[]"
         else:
             page = await self.presence.page(room, None, rule.limit)
+        self._sized(room, rule, page.count.users)
         if not rule.limit:
             return _fields(page.count.users, page.count.connections, None), b"[]"
         return _fields(page.count.users, page.count.connections, page.cursor), self.heads.encoded(room, page.members)
@@ -427,7 +468,7 @@ class ChatPresence:
         user = await self.presence.leave(room, session.id)
         if user is not None:
             try:
-                await self.modes[rule.events].left(room, rule, user, session)
+                await self.mode(room, rule).left(room, rule, user, session)
             except BusUnavailable:  # the entry is gone; the event's check tells the members once the bus is back
                 log.warning("room %s: the leave of %r was not announced, the bus is down (it is once it is back)",
                             room, user)
@@ -438,7 +479,7 @@ class ChatPresence:
         if not rule.enabled or not self.owns(room) or self._closed:
             return
         try:
-            await self.modes[rule.events].departed(room, rule, users)
+            await self.mode(room, rule).departed(room, rule, users)
         except BusUnavailable:
             log.warning("room %s: the leaves of %d departed users were not announced, the bus is down (they are "
                         "once it is back)", room, len(users))
@@ -448,7 +489,7 @@ class ChatPresence:
         departure may have been told) or the broker lost them."""
         rule = self.rules.for_room(room)
         if rule.enabled and self.owns(room) and not self._closed:
-            self.modes[rule.events].restored(room, rule, users)
+            self.mode(room, rule).restored(room, rule, users)
 
     def resumed(self, rooms: Sequence[str]) -> None:
         """The hub's :meth:`~wirehub.Hub.on_resumed`: this replica's members of ``rooms`` missed what the bus
@@ -469,9 +510,13 @@ class ChatPresence:
 
     async def query(self, room: str, query: Query) -> dict[str, Any]:
         """The fields of a ``presence`` reply."""
+        rule = self.rules.for_room(room)
         if query.count_only:
-            return {"count": count_item(await self.presence.count(room))}
+            count = await self.presence.count(room)
+            self._sized(room, rule, count.users)
+            return {"count": count_item(count)}
         page = await self.presence.page(room, query.after, query.limit)
+        self._sized(room, rule, page.count.users)
         fields: dict[str, Any] = {"members": [member_item(m) for m in page.members], "count": count_item(page.count)}
         if page.cursor is not None:
             fields["cursor"] = page.cursor
