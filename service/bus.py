@@ -291,14 +291,16 @@ class Presence(Protocol):
         """Register a listener called, on this replica, with ``(room, users)`` for the users whose entries it
         wrote again because the broker no longer had them: this replica was declared dead (a stall longer than
         ``presence_ttl``: another replica removed its entries and reported them to :meth:`on_departed`), or the
-        broker lost its data. At least the users who had no connection left in ``room`` (a user the broker still
-        held through another connection may be reported too: the chat's answer is idempotent); none whose entries
-        the broker still had. Called once their entries are written, per room, in batches; a reaping of this
-        replica's node still under way must not remove what is written (Redis waits for it to end; on NATS the
-        reaping's last step deletes the heartbeat key, so the entries are written again after it). A backend whose
-        replicas cannot be declared dead (one process) never calls it; one written before this method (or one that
-        inherits this empty body) leaves the chat's members believing such users gone until they come or go
-        again. A listener that raises is logged and does not stop the others."""
+        broker lost its data. At least the users who had no connection left in ``room``; a user the broker still
+        held through another connection may be reported too, and all of them when the backend cannot tell (the
+        chat's answer is idempotent), but not the users of a replica whose entries were all still there. Called
+        once their entries are written, per room, in batches. What a reaping of this replica's node still under
+        way removes must be written again too (the built-in backends: a reaper checks the node before each batch;
+        Redis writes once no claim of the node is held and again after any batch that removed some; NATS again
+        for any of its keys another replica purged). A backend whose replicas cannot be declared dead (one
+        process) never calls it; one written before this method (or one that inherits this empty body) leaves
+        the chat's members believing such users gone until they come or go again. A listener that raises is
+        logged and does not stop the others."""
         ...
 
     async def members(self, room: str) -> list[PresenceEntry]:

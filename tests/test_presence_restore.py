@@ -157,33 +157,70 @@ async def test_nats_a_key_whose_restore_failed_is_reported_once_a_write_of_it_we
 
 
 @pytest.mark.parametrize("backend_kind", ["redis"])
-async def test_redis_a_restore_waits_for_a_reaping_of_its_node_under_way(presence_replica: Any) -> None:
-    """B (its stamp stale) beats while A reaps it. B must not write its entries again while the reaping is under
-    way (A would remove them, and B's fresh stamp would not tell it to write them again): it waits for the
-    reaping to end, then writes them and reports them."""
+async def test_redis_a_restore_waits_while_a_claim_of_its_node_is_held(presence_replica: Any) -> None:
+    """A replica whose entries were reaped writes them again only once no replica holds a claim of its node (a
+    reaping under way would remove what it writes), then reports their users."""
+    b = await presence_replica()
+    p = b.presence
+    room, node = unique_room(), "stalled-node"
+    restored: list[tuple[str, list[str]]] = []
+    p.on_restored(lambda r, users: restored.append((r, sorted(users))))
+    await p.join(room, PresenceEntry("u1", "s1", node))
+    await p.join(room, PresenceEntry("u2", "s2", node))
+    await _simulate_reaped(p, room, node)
+    claim = p._claim_key(node)
+    await b.bus.client.set(claim, "1", px=30_000)  # a reaping of the node under way
+    for _ in range(2):
+        await p.upkeep()
+    assert await p.count(room) == PresenceCount(0, 0) and restored == []
+    await b.bus.client.delete(claim)  # the reaping is over
+    await p.upkeep()
+    assert await p.count(room) == PresenceCount(2, 2)
+    assert restored == [(room, ["u1", "u2"])]
+
+
+@pytest.mark.parametrize("backend_kind", ["nats"])
+async def test_nats_a_reaper_leaves_a_node_that_heartbeat_again_alone(presence_replica: Any) -> None:
+    """A finds B dead (a stall past the TTL) and claims it; B heartbeats again before A's first purge: A purges
+    nothing and reports no departure."""
     a = await presence_replica()
     b = await presence_replica()
     room = unique_room()
     departed: list[Any] = []
-    restored: list[Any] = []
     a.presence.on_departed(lambda r, users: departed.append((r, sorted(users))))
-    b.presence.on_restored(lambda r, users: restored.append((r, sorted(users))))
-    await a.presence.join(room, PresenceEntry("anna", "sa", "node-a"))
     for i in range(3):
         await b.presence.join(room, PresenceEntry(f"b{i}", f"sb{i}", "node-b"))
-    client = b.bus.client
-    # B stalled past the TTL: its stamp is old
-    await client.zadd(b.presence._nodes_key, {"node-b": 1})
-    await a.presence.upkeep()  # A sees node-b dead: its reaping starts in the background
-    await b.presence.upkeep()  # B's beat meanwhile: its stamp is missing/expired, it writes its entries again
-    await asyncio.gather(*list(a.presence._reapers))
-    for _ in range(3):
-        await b.presence.upkeep()
-        await a.presence.upkeep()
-    count = await b.presence.count(room)
-    assert count == PresenceCount(4, 4), f"B's users are connected but gone from presence: {count}"
-    # reaped and back, or (B's beat came before A's claim) neither: members are never left believing them gone
-    assert departed == restored, (departed, restored)
+    go, scanning, b_back = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    upkeep, scan, purge = b.presence.upkeep, a.presence._scan, a.presence._purge
+    purged: list[str] = []
+
+    async def stalled() -> None:
+        await go.wait()
+        await upkeep()
+
+    async def slow_scan(pattern: str) -> Any:
+        found = await scan(pattern)
+        if pattern.startswith("*."):  # the reaping's scan of a node's keys
+            scanning.set()
+            await b_back.wait()
+        return found
+
+    async def recorded(key: str) -> int:
+        purged.append(key)
+        return await purge(key)
+
+    b.presence.upkeep, a.presence._scan, a.presence._purge = stalled, slow_scan, recorded
+    await asyncio.wait_for(scanning.wait(), 15)  # A claimed node-b and scanned its keys
+    go.set()
+    b.presence.upkeep = upkeep
+    for _ in range(100):  # B's beat reaches A
+        if a.presence._seen.get("node-b", 0.0) > time.monotonic() - a.presence.ttl:
+            break
+        await asyncio.sleep(0.05)
+    b_back.set()
+    await asyncio.gather(*list(a.presence._reapers), return_exceptions=True)
+    assert purged == [] and departed == []
+    assert await a.presence.count(room) == PresenceCount(3, 3)
 
 
 @pytest.mark.parametrize("backend_kind", ["redis"])
@@ -218,3 +255,112 @@ async def test_nats_a_silence_longer_than_the_ttl_that_nobody_reaped_reports_nob
     await p.upkeep()
     assert await p.count(room) == PresenceCount(3, 3)
     assert restored == []
+
+
+@pytest.mark.parametrize("backend_kind", ["redis"])
+async def test_redis_a_reaping_that_outlives_its_claim_leaves_the_entries_written_again(
+    presence_replica: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A reaping slower than the TTL (many batches, a slow broker) loses its claim; B, back, writes its entries
+    again; the reaper, stalled between its check of the node and a batch, removes some of them once more. Its
+    batch counts itself in B's reaped key, so B's next beat writes them again: none is lost for good."""
+    monkeypatch.setattr(redis_presence, "REAP_BATCH", 1)  # stands for a node with many entries
+    a = await presence_replica()
+    b = await presence_replica()
+    room = unique_room()
+    departed: list[Any] = []
+    restored: list[Any] = []
+    a.presence.on_departed(lambda r, users: departed.append((r, sorted(users))))
+    b.presence.on_restored(lambda r, users: restored.append((r, sorted(users))))
+    for i in range(3):
+        await b.presence.join(room, PresenceEntry(f"b{i}", f"sb{i}", "node-b"))
+    await b.bus.client.zadd(b.presence._nodes_key, {"node-b": 1})  # B stalled past the TTL
+
+    orig = a.presence._pipeline
+    batches = 0
+
+    async def slow_reaper(*commands: Any, **kw: Any) -> Any:
+        nonlocal batches
+        if commands and isinstance(commands[0], tuple) and commands[0][0] == "SRANDMEMBER":
+            batches += 1
+            if batches == 2:  # the reaping goes on past its claim's TTL
+                await asyncio.sleep(a.presence.ttl_ms / 1000 + 0.5)
+        return await orig(*commands, **kw)
+
+    a.presence._pipeline = slow_reaper
+    await a.presence.upkeep()  # A finds node-b dead; reaping starts
+    await asyncio.sleep(0.3)
+    await b.presence.upkeep()  # B back: claim held, waits
+    await asyncio.sleep(a.presence.ttl_ms / 1000 + 0.1)
+    await b.presence.upkeep()  # claim expired: B restores
+    await asyncio.gather(*list(a.presence._reapers))
+    for _ in range(3):
+        await b.presence.upkeep()
+        await a.presence.upkeep()
+        await asyncio.sleep(0.1)
+    count = await b.presence.count(room)
+    assert count == PresenceCount(3, 3), f"B's 3 connected sessions are gone from presence for good: {count}"
+
+
+@pytest.mark.parametrize("backend_kind", ["nats"])
+async def test_nats_keys_purged_by_a_reaping_of_a_live_node_are_written_again(
+    presence_replica: Any,
+) -> None:
+    """B (stalled past the TTL) wakes between A's scan and A's purges: its restore finds its keys there. A then
+    purges them, and its purge of B's heartbeat key fails (a blip), so B's heartbeat does not tell it. B's copy of
+    the room sees another replica purge a key of its own: it writes it again and reports its users."""
+    a = await presence_replica()
+    b = await presence_replica()
+    c = await presence_replica()  # reads the broker
+    rooms = [unique_room() for _ in range(3)]
+    departed: list[Any] = []
+    restored: list[Any] = []
+    a.presence.on_departed(lambda r, users: departed.append((r, sorted(users))))
+    b.presence.on_restored(lambda r, users: restored.append((r, sorted(users))))
+    for i, room in enumerate(rooms):
+        await b.presence.join(room, PresenceEntry(f"b{i}", f"sb{i}", "node-b"))
+    for room in rooms:
+        assert (await c.presence.count(room)).users == 1
+
+    c.presence._reaping.add("node-b")  # A is the reaper
+    go = asyncio.Event()
+    upkeep = b.presence.upkeep
+
+    async def stalled() -> None:
+        await go.wait()
+        await upkeep()
+
+    b.presence.upkeep = stalled
+    b_back = asyncio.Event()
+    purge = a.presence._purge
+
+    async def purge_after_b_is_back(key: str) -> int:
+        await b_back.wait()
+        return await purge(key)
+
+    a.presence._purge = purge_after_b_is_back
+    js = a.bus.js
+    publish = js.publish
+    nodes_subject = f"$KV.{a.presence.nodes_bucket}."
+
+    async def blip(subject: str, *args: Any, **kw: Any) -> Any:
+        if subject.startswith(nodes_subject) and (kw.get("headers") or {}).get("KV-Operation") == "PURGE":
+            raise TimeoutError("blip on the heartbeat purge")
+        return await publish(subject, *args, **kw)
+
+    js.publish = blip
+    for _ in range(100):
+        await asyncio.sleep(0.1)
+        if "node-b" in a.presence._reaping:
+            break
+    assert "node-b" in a.presence._reaping
+    await asyncio.sleep(0.3)  # A claimed and scanned; now waits in _purge
+    go.set()
+    b.presence.upkeep = upkeep
+    await asyncio.sleep(1.0)  # B's beats: silent > TTL, restores (keys all there)
+    b_back.set()
+    await asyncio.gather(*list(a.presence._reapers), return_exceptions=True)
+    js.publish = publish
+    await asyncio.sleep(3.0)  # several beats of B and upkeeps of A
+    counts = [await c.presence.count(room) for room in rooms]
+    assert all(n.users == 1 for n in counts), f"B's connected users are gone from presence for good: {counts}"

@@ -839,9 +839,15 @@ class NatsPresence:
         bucket = self._own.get(room, {}).get(key)
         if bucket is None:
             return
-        wid = (msg.headers or {}).get(HDR_WRITE)
+        headers = msg.headers or {}
+        wid = headers.get(HDR_WRITE)
         if wid is not None and wid in bucket.writes:
             self._settle(bucket, wid, live)
+        elif wid is None and headers.get("KV-Operation") in ("PURGE", "DEL") and bucket.entries:
+            # another replica removed a key of ours: it reaped our node, taken for dead in a stall of ours (its
+            # heartbeat purge, which tells us too, may yet fail). Upkeep writes it again and reports its users.
+            bucket.unsettled = True
+            self._unreported.add(bucket)
 
     def _no_echo(self, bucket: Bucket, wid: str) -> None:
         """No echo within op_timeout (the copy's consumer is being reset): the copy as it is."""
@@ -1088,7 +1094,7 @@ class NatsPresence:
             if not await bus.call("presence", claim):
                 return
             if self._seen.get(node, 0.0) > time.monotonic() - self.ttl:
-                return  # it heartbeat again since (a stall): alive; its claim expires
+                return  # it heartbeat again since the upkeep that found it dead (a stall): alive
             log.warning("presence: node %s stopped heartbeating; removing its entries", node)
             dead = await self._scan(f"*.{token}.*")
             rooms: dict[str, list[PresenceEntry]] = defaultdict(list)
@@ -1096,6 +1102,8 @@ class NatsPresence:
                 rooms[key.split(".", 1)[0]].append(entry)
             keys = sorted({key for key, _ in dead})
             for i in range(0, len(keys), REAP_BATCH):
+                if self._seen.get(node, 0.0) > time.monotonic() - self.ttl:
+                    return  # it heartbeat again (a stall): alive; what was purged it writes again (_echoed)
                 await asyncio.gather(*(self._purge(key) for key in keys[i:i + REAP_BATCH]))
             js, subject = bus.js, f"$KV.{self.nodes_bucket}.{token}"
             await bus.call("presence", lambda: js.publish(subject, b"", headers=dict(PURGE_HEADERS),

@@ -23,10 +23,13 @@ replica runs ONE script per interval that stamps its node(s) and returns the nod
 older than ``presence_ttl``: one round trip whatever the number of entries. For a dead node a live
 replica takes ``<p>:presence:claim:<node>`` (SET NX PX ttl): only one replica wins; it removes
 the node's entries in batches through the room leave script, drops the node, and reports the
-users who left to its ``on_departed`` listeners. A replica that finds its own stamp missing or
-expired (a broker that lost its data, or a stall longer than the TTL that may have had it reaped)
-writes its entries again (a reaping still under way may remove some of them once more: a replica
-stalled that long should be restarted anyway).
+users who left to its ``on_departed`` listeners; before each batch it renews the claim and stops
+when the node heartbeat again since (a stall, not a death) or the claim ran out. A replica that finds
+its own stamp missing or expired (a broker that lost its data, or a stall longer than the TTL that may
+have had it reaped) writes its entries again once no claim of its node is left, at every beat until all
+are written, and reports the users who were gone to its ``on_restored`` listeners. What is left: a
+reaper stalled in the middle of a batch's round trip for longer than the TTL may remove entries
+written again meanwhile.
 """
 
 from __future__ import annotations
@@ -52,6 +55,8 @@ log = logging.getLogger("wirehub.bus.redis")
 
 #: entries removed per reaping round trip
 REAP_BATCH = 500
+#: how long a node's count of reaped batches is kept when its replica never comes back to clear it (ms)
+REAPED_TTL_MS = 3_600_000
 #: rooms whose first page a replica keeps
 HEAD_CACHE_ROOMS = 1024
 # The head of a room, KEYS[4], a HASH: ``d``, the largest first page a replica caches (set by the page
@@ -210,6 +215,13 @@ if stamp and tonumber(stamp) > now - tonumber(ARGV[2]) then return 1 end
 return 0
 """
 
+# KEYS: a node's reaped count; ARGV: the count its replica read before writing its entries again -> 1 when
+# cleared (no batch came since)
+_CLEAR_REAPED = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
 SCRIPTS = {
     "presence_join": _JOIN,
     "presence_leave": _LEAVE,
@@ -218,6 +230,7 @@ SCRIPTS = {
     "presence_beat": _BEAT,
     "presence_forget_node": _FORGET_NODE,
     "presence_alive": _ALIVE,
+    "presence_clear_reaped": _CLEAR_REAPED,
 }
 
 
@@ -290,8 +303,11 @@ class RedisPresence:
         self._nodes: set[str] = set()
         #: nodes stamped at least once (a node is stamped before its first entry is written)
         self._stamped: set[str] = set()
-        #: our entries must be written again (a stamp was lost) and have not all been yet: each beat tries
+        #: our entries must be written again (a stamp was lost, or a reaping removed some) and have not all been
+        #: yet: each beat tries
         self._unrestored = False
+        #: node -> the count of reaped batches the last beat read (cleared after the restore if unchanged)
+        self._reaped: dict[str, str] = {}
         #: dead nodes being reaped by this replica
         self._reaping: set[str] = set()
         self._reapers: set[asyncio.Task[None]] = set()
@@ -328,6 +344,11 @@ class RedisPresence:
 
     def _claim_key(self, node: str) -> str:
         return f"{self.bus.prefix}:presence:claim:{node}"
+
+    def _reaped_key(self, node: str) -> str:
+        """How many batches of ``node``'s entries a reaping removed (its replica clears it once it wrote them
+        again)."""
+        return f"{self.bus.prefix}:presence:reaped:{node}"
 
     @staticmethod
     def _index_item(room: str, session: str) -> str:
@@ -502,10 +523,14 @@ class RedisPresence:
         """Stamp this replica's node(s); the dead nodes. Restores our entries if a stamp was lost."""
         nodes = sorted(self._nodes)
         args = [self.ttl_ms, *nodes]
-        out = (await self._pipeline(self._script("presence_beat", [self._nodes_key], args)))[0]
+        out, *reaped = await self._pipeline(self._script("presence_beat", [self._nodes_key], args),
+                                            *(("GET", self._reaped_key(node)) for node in nodes))
         lost = {_text(n) for n in out[0]} & self._stamped
         self._stamped.update(nodes)
-        if lost:
+        # a reaping removed entries of ours (each batch counts itself in the key): they are written again, then the
+        # count is cleared unless a batch came meanwhile (one stalled past its check of the node)
+        self._reaped = {node: _text(n) for node, n in zip(nodes, reaped, strict=True) if n is not None}
+        if lost or self._reaped:
             self._unrestored = True
         if self._unrestored:
             await self._restore()
@@ -541,7 +566,7 @@ class RedisPresence:
         again, in batches (rare; O(entries)), and report the users who were gone from a room and are back to
         ``on_restored``. Not while a replica reaps one of our nodes (it would remove what is written): the next
         beat tries again, as after a batch that failed."""
-        if not self._local:
+        if not self._local and not self._reaped:
             self._unrestored = False
             return
         claims = await self._pipeline(*(("EXISTS", self._claim_key(node)) for node in sorted(self._nodes)))
@@ -569,6 +594,10 @@ class RedisPresence:
                     back.setdefault(room, {})[e.user] = None
             for room, users in back.items():
                 await self._restorations.report(room, list(users))
+        if self._reaped:
+            await self._pipeline(*(self._script("presence_clear_reaped", [self._reaped_key(node)], [count])
+                                   for node, count in self._reaped.items()))
+            self._reaped = {}
         self._unrestored = False
 
     async def _reap(self, node: str) -> None:
@@ -583,32 +612,44 @@ class RedisPresence:
             await self._departures.report(room, users)
 
     async def _remove_node(self, node: str, departed: dict[str, list[str]]) -> None:
-        """Claim ``node``, remove its entries batch by batch (adding who left to ``departed``), drop it."""
+        """Claim ``node``, remove its entries batch by batch (adding who left to ``departed``), drop it.
+
+        Before each batch the claim is renewed and the node checked: one that heartbeat again since the beat that
+        found it dead (a stall) is alive, and it writes its entries again once no claim of its node is left, so
+        the reaping stops there (as when the claim ran out: a replica so slow may have been overtaken)."""
         bus = self.bus
         claim = self._claim_key(node)
         won = (await self._pipeline(("SET", claim, "1", "NX", "PX", self.ttl_ms)))[0]
         if not won:
             return
-        # it may have heartbeat again since the beat that found it dead (a stall): then it is alive, and its
-        # restore waits for no claim of its node, so none may remove what it writes again
-        if int((await self._pipeline(self._script("presence_alive", [self._nodes_key], [node, self.ttl_ms])))[0]):
-            await self._pipeline(("DEL", claim))
-            return
-        log.warning("presence: node %s stopped heartbeating; removing its entries", node)
         idx = self._node_index(node)
+        held = True
+        started = False
         while bus.healthy:
+            renewed, alive = await self._pipeline(
+                ("PEXPIRE", claim, self.ttl_ms), self._script("presence_alive", [self._nodes_key], [node, self.ttl_ms]))
+            held = bool(int(renewed))
+            if not held or int(alive):
+                break
             items = (await self._pipeline(("SRANDMEMBER", idx, REAP_BATCH)))[0]
             if not items:
                 break
+            if not started:
+                started = True
+                log.warning("presence: node %s stopped heartbeating; removing its entries", node)
             rooms: dict[str, list[str]] = defaultdict(list)
             for item in items:
                 room, session = json.loads(item)
                 rooms[room].append(session)
             order = list(rooms)
             commands = [self._script("presence_leave", self._keys(room), rooms[room]) for room in order]
-            out = await self._pipeline(*commands, ("SREM", idx, *items), rooms=order)
+            reaped = self._reaped_key(node)  # tells the node, should it be alive, to write its entries again
+            out = await self._pipeline(*commands, ("SREM", idx, *items), ("INCR", reaped),
+                                       ("PEXPIRE", reaped, REAPED_TTL_MS), rooms=order)
             for room, removed in zip(order, out, strict=False):
                 departed[room] += [u for u in (_text(x) for x in removed[1::2]) if u]
+        if not held:
+            return  # not ours any more: another replica's (or none)
         if bus.healthy and not int((await self._pipeline(("SCARD", idx)))[0]):
             await self._pipeline(self._script("presence_forget_node", [self._nodes_key], [node, self.ttl_ms]))
         await self._pipeline(("DEL", claim))

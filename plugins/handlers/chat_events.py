@@ -201,14 +201,16 @@ class EachEvent(NoEvents):
         await self._tell(room, user, False, encode({"op": "presence.leave", "room": room, "user": user}), origin)
 
     async def departed(self, room: str, rule: RoomPresence, users: Sequence[str]) -> None:
-        for i, user in enumerate(users):
-            try:
-                await self.left(room, rule, user, None)
-            except BusUnavailable:
-                for rest in users[i + 1:]:  # not told either: the check tells them once the bus is back
-                    self._check(room, rest, (True, None))
-                raise
-        self._stale.tell([room])  # what the dead replica wrote and had not told (or checked) is lost: reload
+        try:
+            for i, user in enumerate(users):
+                try:
+                    await self.left(room, rule, user, None)
+                except BusUnavailable:
+                    for rest in users[i + 1:]:  # not told either: the check tells them once the bus is back
+                        self._check(room, rest, (True, None))
+                    raise
+        finally:
+            self._stale.tell([room])  # what the dead replica wrote and had not told (or checked) is lost: reload
 
     def restored(self, room: str, rule: RoomPresence, users: Sequence[str]) -> None:
         # the members may have been told they left (the replica that reaped them): one notice per room, not an
@@ -332,14 +334,7 @@ class EachEvent(NoEvents):
     async def _pause(self, delay: float, exc: Exception) -> None:
         """Until a failed check is due again: ``delay`` s, or until the replica closes or (the bus down) the
         bus is back up."""
-        wakes: list[asyncio.Future[Any]] = [asyncio.ensure_future(self._closing.wait())]
-        if isinstance(exc, BusUnavailable) and not self.hub.healthy:
-            wakes.append(asyncio.ensure_future(self.hub.bus_up()))
-        try:
-            await asyncio.wait(wakes, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for wake in wakes:
-                wake.cancel()
+        await _wake_or_wait(self.hub, delay, isinstance(exc, BusUnavailable), self._closing)
 
     def _failed(self, room: str, failures: int, exc: Exception) -> bool:
         """Log a failed check (once per room until one succeeds); whether to try it again. Given up (closing,
@@ -378,9 +373,8 @@ class EachEvent(NoEvents):
         # (its callback comes later and, closed, starts none); one still running goes on in its closing rounds
         self._ready.update(self._told)
         self._due()
-        if self._checking:
-            await _finish(list(self._checking.values()))
-        await self._stale.close()
+        checks = _finish(list(self._checking.values())) if self._checking else asyncio.sleep(0)
+        await asyncio.gather(checks, self._stale.close())
 
 
 async def _finish(tasks: list[asyncio.Task[None]]) -> None:
@@ -401,76 +395,97 @@ def stale_diff(room: str, count: PresenceCount) -> bytes:
 
 class StaleNotices:
     """:func:`stale_diff` notices, each with its room's count read first (``read``), handed to ``send``: to the
-    members of every replica (``publish``) or of this one. Rooms whose read or send failed are tried again after
-    1, 2, 4, ... s (at most RETRY_MAX), at once when the bus comes back; with ``drop_when_down`` they are dropped
-    instead when the bus is down (what tells them then comes again once it is back). An error that is not the
-    bus's gives them up after :data:`GIVE_UP` tries. Closing cancels what is left."""
+    members of every replica (``publish``) or of this one. One worker takes the rooms told about, in order,
+    :data:`NOTICE_BATCH` reads at a time (a broker that lost every entry reports every room). Rooms whose read or
+    send failed are tried again after 1, 2, 4, ... s (at most RETRY_MAX), at once when the bus comes back; with
+    ``drop_when_down`` they are dropped instead when the bus is down (what tells them then comes again once it
+    is back). An error that is not the bus's gives the rooms up after :data:`GIVE_UP` rounds. A closing owner
+    gets one more try of what is pending, within :data:`CLOSE_WAIT`."""
 
     def __init__(self, hub: Hub, read: Callable[[str], Awaitable[PresenceCount]],
                  send: Callable[[str, bytes], Awaitable[Any]], *, drop_when_down: bool) -> None:
         self.hub = hub
         self._read, self._send, self._drop_when_down = read, send, drop_when_down
-        self._tasks: set[asyncio.Task[None]] = set()
+        #: rooms to tell, in order (a room told twice before its notice went out gets one)
+        self._pending: dict[str, None] = {}
+        self._worker: asyncio.Task[None] | None = None
         self._closed = False
+        #: set when closing: ends a wait after a failure (the rooms get their last try at once)
+        self._closing = asyncio.Event()
 
     def tell(self, rooms: Sequence[str]) -> None:
-        if rooms and not self._closed:
-            task = asyncio.ensure_future(self._tell(list(rooms)))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        if self._closed or not rooms:
+            return
+        self._pending.update(dict.fromkeys(rooms))
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.ensure_future(self._work())
 
     async def _one(self, room: str) -> None:
         await self._send(room, stale_diff(room, await self._read(room)))
 
-    async def _tell(self, rooms: list[str]) -> None:
+    async def _round(self, rooms: list[str]) -> tuple[list[str], BaseException | None]:
+        """Tell ``rooms``; those that failed, and an error of them."""
+        failed: list[str] = []
+        error: BaseException | None = None
+        for i in range(0, len(rooms), NOTICE_BATCH):
+            chunk = rooms[i:i + NOTICE_BATCH]
+            outcomes = await asyncio.gather(*(self._one(room) for room in chunk), return_exceptions=True)
+            for room, outcome in zip(chunk, outcomes, strict=True):
+                if isinstance(outcome, Exception):
+                    failed.append(room)
+                    error = outcome
+        return failed, error
+
+    async def _work(self) -> None:
         failures = 0
-        while True:
-            failed: list[str] = []
-            error: BaseException | None = None
-            for i in range(0, len(rooms), NOTICE_BATCH):
-                chunk = rooms[i:i + NOTICE_BATCH]
-                outcomes = await asyncio.gather(*(self._one(room) for room in chunk), return_exceptions=True)
-                for room, outcome in zip(chunk, outcomes, strict=True):
-                    if isinstance(outcome, Exception):
-                        failed.append(room)
-                        error = outcome
+        while self._pending:
+            rooms = list(self._pending)
+            self._pending.clear()
+            failed, error = await self._round(rooms)
             if not failed:
-                return
+                failures = 0
+                continue
             failures += 1
             bus = isinstance(error, BusUnavailable)
+            if self._closed:
+                log.warning("%d rooms: members could not be told their presence lists may be stale (%s)",
+                            len(failed), error)
+                return
             if bus and self._drop_when_down and not self.hub.healthy:
                 log.info("%d rooms: members who may hold stale presence lists are told once the bus is back",
                          len(failed))
-                return
+                continue
             if not bus and failures >= GIVE_UP:
                 log.error("%d rooms: gave up telling members their presence lists may be stale after %d tries",
                           len(failed), failures, exc_info=error)
-                return
+                failures = 0
+                continue
             if failures == 1:
                 log.warning("%d rooms: members could not be told their presence lists may be stale yet (%s): tried "
                             "again later", len(failed), error)
-            await _wake_or_wait(self.hub, _retry_after(CHECK_RETRY, failures), bus)
-            rooms = failed
+            self._pending = {**dict.fromkeys(failed), **self._pending}
+            await _wake_or_wait(self.hub, _retry_after(CHECK_RETRY, failures), bus, self._closing)
 
     async def close(self) -> None:
+        """One more try of what is pending (none after it fails), within :data:`CLOSE_WAIT`."""
         self._closed = True
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks)
+        self._closing.set()
+        if self._pending and (self._worker is None or self._worker.done()):
+            self._worker = asyncio.ensure_future(self._work())
+        if self._worker is not None and not self._worker.done():
+            await _finish([self._worker])
 
 
-async def _wake_or_wait(hub: Hub, delay: float, bus: bool) -> None:
-    """``delay`` s, or (``bus``: the bus down) until the bus is back up if that comes first."""
-    if not (bus and not hub.healthy):
-        await asyncio.sleep(delay)
-        return
-    up = asyncio.ensure_future(hub.bus_up())
+async def _wake_or_wait(hub: Hub, delay: float, bus: bool, closing: asyncio.Event) -> None:
+    """``delay`` s, or less: until ``closing`` is set or (``bus``: the bus down) the bus is back up."""
+    wakes: list[asyncio.Future[Any]] = [asyncio.ensure_future(closing.wait())]
+    if bus and not hub.healthy:
+        wakes.append(asyncio.ensure_future(hub.bus_up()))
     try:
-        await asyncio.wait([up], timeout=delay)
+        await asyncio.wait(wakes, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        up.cancel()
+        for wake in wakes:
+            wake.cancel()
 
 
 @dataclass(eq=False)
