@@ -138,3 +138,31 @@ async def test_a_closing_replica_gives_a_pending_notice_one_try() -> None:
     await chat.close()
     ops = [(f["op"], f.get("truncated")) for _, f in hub.published]
     assert ("presence.diff", True) in ops, ops
+
+
+async def test_a_room_that_keeps_failing_does_not_delay_the_notices_of_others(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One room whose publish keeps failing (its Redis Cluster shard down, the hub up) waits out its own back-off:
+    a notice told for another room meanwhile goes out at once."""
+    monkeypatch.setattr(chat_events, "CHECK_RETRY", 0.2)
+    loop = asyncio.get_running_loop()
+    sent: dict[str, float] = {}
+
+    async def read(room: str) -> PresenceCount:
+        return PresenceCount(3, 3)
+
+    async def send(room: str, frame: bytes) -> None:
+        if room == "stuck":
+            raise BusUnavailable("the room's shard is down")
+        sent[room] = loop.time()
+
+    notices = chat_events.StaleNotices(cast(Any, Hub()), read, send, drop_when_down=False)
+    notices.tell(["stuck"])
+    await asyncio.sleep(0.7)  # tries at 0, 0.2 and 0.6: now waiting 0.8 s
+    told = loop.time()
+    notices.tell(["other"])
+    for _ in range(100):
+        if "other" in sent:
+            break
+        await asyncio.sleep(0.01)
+    assert sent["other"] - told < 0.1
+    await notices.close()

@@ -396,81 +396,104 @@ def stale_diff(room: str, count: PresenceCount) -> bytes:
 class StaleNotices:
     """:func:`stale_diff` notices, each with its room's count read first (``read``), handed to ``send``: to the
     members of every replica (``publish``) or of this one. One worker takes the rooms told about, in order,
-    :data:`NOTICE_BATCH` reads at a time (a broker that lost every entry reports every room). Rooms whose read or
-    send failed are tried again after 1, 2, 4, ... s (at most RETRY_MAX), at once when the bus comes back; with
-    ``drop_when_down`` they are dropped instead when the bus is down (what tells them then comes again once it
-    is back). An error that is not the bus's gives the rooms up after :data:`GIVE_UP` rounds. A closing owner
-    gets one more try of what is pending, within :data:`CLOSE_WAIT`."""
+    :data:`NOTICE_BATCH` reads at a time (a broker that lost every entry reports every room). A room whose read
+    or send failed is tried again after 1, 2, 4, ... s (at most RETRY_MAX) of its own, at once when the bus comes
+    back, while other rooms go on; with ``drop_when_down`` it is dropped instead when the bus is down (what tells
+    it then comes again once it is back). An error that is not the bus's gives a room up after :data:`GIVE_UP`
+    tries. A closing owner gets one more try of every room pending, within :data:`CLOSE_WAIT`."""
 
     def __init__(self, hub: Hub, read: Callable[[str], Awaitable[PresenceCount]],
                  send: Callable[[str, bytes], Awaitable[Any]], *, drop_when_down: bool) -> None:
         self.hub = hub
         self._read, self._send, self._drop_when_down = read, send, drop_when_down
-        #: rooms to tell, in order (a room told twice before its notice went out gets one)
+        #: rooms to tell now, in order (a room told twice before its notice went out gets one)
         self._pending: dict[str, None] = {}
+        #: rooms that failed: room -> (when to try again, loop time; failures in a row; at once when the bus is
+        #: back: it failed while the bus was down)
+        self._retry: dict[str, tuple[float, int, bool]] = {}
         self._worker: asyncio.Task[None] | None = None
+        #: set by a tell and when closing: the worker looks again
+        self._wake = asyncio.Event()
         self._closed = False
-        #: set when closing: ends a wait after a failure (the rooms get their last try at once)
-        self._closing = asyncio.Event()
 
     def tell(self, rooms: Sequence[str]) -> None:
         if self._closed or not rooms:
             return
         self._pending.update(dict.fromkeys(rooms))
+        self._wake.set()
         if self._worker is None or self._worker.done():
             self._worker = asyncio.ensure_future(self._work())
 
     async def _one(self, room: str) -> None:
         await self._send(room, stale_diff(room, await self._read(room)))
 
-    async def _round(self, rooms: list[str]) -> tuple[list[str], BaseException | None]:
-        """Tell ``rooms``; those that failed, and an error of them."""
-        failed: list[str] = []
-        error: BaseException | None = None
-        for i in range(0, len(rooms), NOTICE_BATCH):
-            chunk = rooms[i:i + NOTICE_BATCH]
-            outcomes = await asyncio.gather(*(self._one(room) for room in chunk), return_exceptions=True)
-            for room, outcome in zip(chunk, outcomes, strict=True):
-                if isinstance(outcome, Exception):
-                    failed.append(room)
-                    error = outcome
-        return failed, error
+    def _due(self) -> list[str]:
+        """The rooms to tell now: those told, then those due again (all of them when closing)."""
+        now = asyncio.get_running_loop().time()
+        rooms = dict(self._pending)
+        self._pending.clear()
+        up = self.hub.healthy
+        for room, (at, _, on_up) in self._retry.items():
+            if at <= now or self._closed or (on_up and up):
+                rooms[room] = None
+        return list(rooms)
 
     async def _work(self) -> None:
-        failures = 0
-        while self._pending:
-            rooms = list(self._pending)
-            self._pending.clear()
-            failed, error = await self._round(rooms)
-            if not failed:
-                failures = 0
+        loop = asyncio.get_running_loop()
+        while True:
+            self._wake.clear()
+            rooms = self._due()
+            if not rooms:
+                if not self._retry or self._closed:
+                    return
+                delay = max(0.0, min(at for at, _, _ in self._retry.values()) - loop.time())
+                await _wake_or_wait(self.hub, delay, True, self._wake)
                 continue
-            failures += 1
-            bus = isinstance(error, BusUnavailable)
-            if self._closed:
-                log.warning("%d rooms: members could not be told their presence lists may be stale (%s)",
-                            len(failed), error)
-                return
-            if bus and self._drop_when_down and not self.hub.healthy:
-                log.info("%d rooms: members who may hold stale presence lists are told once the bus is back",
-                         len(failed))
-                continue
-            if not bus and failures >= GIVE_UP:
-                log.error("%d rooms: gave up telling members their presence lists may be stale after %d tries",
-                          len(failed), failures, exc_info=error)
-                failures = 0
-                continue
-            if failures == 1:
-                log.warning("%d rooms: members could not be told their presence lists may be stale yet (%s): tried "
-                            "again later", len(failed), error)
-            self._pending = {**dict.fromkeys(failed), **self._pending}
-            await _wake_or_wait(self.hub, _retry_after(CHECK_RETRY, failures), bus, self._closing)
+            failed: dict[str, Exception] = {}
+            for i in range(0, len(rooms), NOTICE_BATCH):
+                chunk = rooms[i:i + NOTICE_BATCH]
+                outcomes = await asyncio.gather(*(self._one(room) for room in chunk), return_exceptions=True)
+                for room, outcome in zip(chunk, outcomes, strict=True):
+                    if isinstance(outcome, Exception):
+                        failed[room] = outcome
+                    else:
+                        self._retry.pop(room, None)
+            if failed:
+                self._failed(failed)
+
+    def _failed(self, failed: dict[str, Exception]) -> None:
+        """Schedule the rooms that failed again, or drop them; one log line per round."""
+        now = asyncio.get_running_loop().time()
+        dropped = given_up = first = 0
+        error: Exception | None = None
+        down = not self.hub.healthy
+        for room, exc in failed.items():
+            error = exc
+            failures = self._retry.pop(room, (0.0, 0, False))[1] + 1
+            bus = isinstance(exc, BusUnavailable)
+            if self._closed or (bus and self._drop_when_down and down):
+                dropped += 1
+            elif not bus and failures >= GIVE_UP:
+                given_up += 1
+            else:
+                first += failures == 1
+                self._retry[room] = (now + _retry_after(CHECK_RETRY, failures), failures, bus and down)
+        if given_up:
+            log.error("%d rooms: gave up telling members their presence lists may be stale after %d tries", given_up,
+                      GIVE_UP, exc_info=error)
+        if dropped and self._closed:
+            log.warning("%d rooms: members could not be told their presence lists may be stale (%s)", dropped, error)
+        elif dropped:
+            log.info("%d rooms: members who may hold stale presence lists are told once the bus is back", dropped)
+        if first:  # (a room failing again is not logged again)
+            log.warning("%d rooms: members could not be told their presence lists may be stale yet (%s): tried again "
+                        "later", first, error)
 
     async def close(self) -> None:
-        """One more try of what is pending (none after it fails), within :data:`CLOSE_WAIT`."""
+        """One more try of every room pending (none after it fails), within :data:`CLOSE_WAIT`."""
         self._closed = True
-        self._closing.set()
-        if self._pending and (self._worker is None or self._worker.done()):
+        self._wake.set()
+        if (self._pending or self._retry) and (self._worker is None or self._worker.done()):
             self._worker = asyncio.ensure_future(self._work())
         if self._worker is not None and not self._worker.done():
             await _finish([self._worker])

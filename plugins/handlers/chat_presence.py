@@ -100,7 +100,8 @@ class RoomPresence:
 
 #: rooms whose rule is kept (every join and leave asks; a big room asks for the same one again and again)
 RULE_CACHE_ROOMS = 4096
-#: rooms known here as big (``auto`` events batched) at most; past it the set starts over
+#: rooms known here as big (``auto`` events batched) at most; past it the one read above the limit longest ago
+#: is forgotten (a big room that emptied is read no more)
 BIG_ROOMS = 4096
 
 
@@ -340,7 +341,7 @@ class ChatPresence:
         self.each_max = each_max
         #: rooms with ``auto`` events whose last count read here was above ``each_max`` (and not below 9/10 of it
         #: since): few, the big ones; a room not known here is taken as small
-        self._big: set[str] = set()
+        self._big: dict[str, None] = {}
         #: whether a room of the hub or the backend is one of this endpoint's (their reports name every room: a
         #: game's ``ns/room`` too, whose members must get no chat event)
         self.owns = owns
@@ -385,13 +386,15 @@ class ChatPresence:
         again at or below 9/10 of it: a room around the threshold does not flip at every join)."""
         if rule.events != "auto":
             return
+        big = self._big
         if users > self.each_max:
-            if room not in self._big:
-                if len(self._big) >= BIG_ROOMS:
-                    self._big.clear()
-                self._big.add(room)
+            if room in big:
+                del big[room]
+            elif len(big) >= BIG_ROOMS:  # the one read above the limit longest ago goes
+                del big[next(iter(big))]
+            big[room] = None  # last: read most recently
         elif users * 10 <= self.each_max * 9:
-            self._big.discard(room)
+            big.pop(room, None)
 
     def join_now(self, session: Session, room: str) -> tuple[bytes, bytes] | None:
         """:meth:`join` without a coroutine when nothing in it waits: a backend that answers at once (memory),
@@ -442,18 +445,18 @@ class ChatPresence:
                 return _fields(page.count.users, page.count.connections, None), b"[]"
             return _fields(page.count.users, page.count.connections, page.cursor), \
                 self.heads.encoded(room, page.members)
-        elif await self.presence.join(room, entry) and rule.events != "off":
-            await self.mode(room, rule).joined(room, rule, entry.user, name, session)
+        first = await self.presence.join(room, entry)
         joined_page = self._joined_page
         if joined_page is not None:  # with limit 0 the count of the same read
             page = await joined_page(room, rule.limit)
         elif rule.limit == 0:
             count = await self.presence.count(room)
-            self._sized(room, rule, count.users)
-            return _fields(count.users, count.connections, None), b"[]"
+            page = PresencePage((), None, count)
         else:
             page = await self.presence.page(room, None, rule.limit)
-        self._sized(room, rule, page.count.users)
+        self._sized(room, rule, page.count.users)  # before the event: auto goes by this read
+        if first and rule.events != "off":
+            await self.mode(room, rule).joined(room, rule, entry.user, name, session)
         if not rule.limit:
             return _fields(page.count.users, page.count.connections, None), b"[]"
         return _fields(page.count.users, page.count.connections, page.cursor), self.heads.encoded(room, page.members)
@@ -479,6 +482,8 @@ class ChatPresence:
         if not rule.enabled or not self.owns(room) or self._closed:
             return
         try:
+            if rule.events == "auto":  # the reaper may never have read the room: a leave per user to 50,000?
+                self._sized(room, rule, (await self.presence.count(room)).users)
             await self.mode(room, rule).departed(room, rule, users)
         except BusUnavailable:
             log.warning("room %s: the leaves of %d departed users were not announced, the bus is down (they are "
