@@ -446,20 +446,27 @@ class ChatPresence:
             return _fields(page.count.users, page.count.connections, page.cursor), \
                 self.heads.encoded(room, page.members)
         first = await self.presence.join(room, entry)
-        joined_page = self._joined_page
-        if joined_page is not None:  # with limit 0 the count of the same read
-            page = await joined_page(room, rule.limit)
-        elif rule.limit == 0:
-            count = await self.presence.count(room)
-            page = PresencePage((), None, count)
-        else:
-            page = await self.presence.page(room, None, rule.limit)
+        try:
+            page = await self._first_page(room, rule.limit)
+        except Exception:
+            if first and rule.events != "off":  # the entry is written: its arrival is told all the same
+                await self.mode(room, rule).joined(room, rule, entry.user, name, session)
+            raise
         self._sized(room, rule, page.count.users)  # before the event: auto goes by this read
         if first and rule.events != "off":
             await self.mode(room, rule).joined(room, rule, entry.user, name, session)
         if not rule.limit:
             return _fields(page.count.users, page.count.connections, None), b"[]"
         return _fields(page.count.users, page.count.connections, page.cursor), self.heads.encoded(room, page.members)
+
+    async def _first_page(self, room: str, limit: int) -> PresencePage:
+        """The room's first ``limit`` members and count (limit 0: the count alone), read after a join here."""
+        joined_page = self._joined_page
+        if joined_page is not None:  # with limit 0 the count of the same read
+            return await joined_page(room, limit)
+        if limit == 0:
+            return PresencePage((), None, await self.presence.count(room))
+        return await self.presence.page(room, None, limit)
 
     async def leave(self, session: Session, room: str) -> None:
         """Remove the session's entry; announce its user's departure after their last connection.
@@ -481,9 +488,15 @@ class ChatPresence:
         rule = self.rules.for_room(room)
         if not rule.enabled or not self.owns(room) or self._closed:
             return
+        if rule.events == "auto":  # the reaper may never have read the room: a leave per user to 50,000?
+            try:
+                before = (await self.presence.count(room)).users + len(users)
+            except Exception as exc:  # the mode known here, then
+                log.info("room %s: its count before announcing departures could not be read: %s", room, exc)
+            else:
+                if before > self.each_max:  # (a mass departure does not make the room small for its own news)
+                    self._sized(room, rule, before)
         try:
-            if rule.events == "auto":  # the reaper may never have read the room: a leave per user to 50,000?
-                self._sized(room, rule, (await self.presence.count(room)).users)
             await self.mode(room, rule).departed(room, rule, users)
         except BusUnavailable:
             log.warning("room %s: the leaves of %d departed users were not announced, the bus is down (they are "
