@@ -62,18 +62,26 @@ async def replicas(request: pytest.FixtureRequest, wirehub_server: ServerFactory
     return await start_replicas(request, wirehub_server, kind, 3)
 
 
-async def start_replicas(request: pytest.FixtureRequest, wirehub_server: ServerFactory, kind: str,
-                         n: int, **extra: Any) -> list[LiveServer]:
-    """``n`` in-process replicas on the session's Redis or NATS, under a prefix of their own."""
+def shared_bus(request: pytest.FixtureRequest, kind: str) -> dict[str, Any]:
+    """A ``bus:`` block on the session's Redis or NATS ("memory": an empty one), under a prefix of its own:
+    replicas given the same block share it."""
     prefix = f"pr{uuid.uuid4().hex[:8]}"
+    if kind == "memory":
+        return {}
     if kind == "redis":
         broker: Any = request.getfixturevalue("redis_server")
-        bus = {"plugin": "redis", "redis": {"url": broker.url, "key_prefix": prefix, **FAST}}
-    else:
-        broker = request.getfixturevalue("nats_server")
-        bus = {"plugin": "nats", "nats": {"servers": [broker.url], "subject_prefix": prefix, "storage": "memory",
-                                          **FAST}}
-    return [await wirehub_server({**chat_config(bus), "server": {"node_id": f"r{i}"}, **extra}) for i in range(n)]
+        return {"plugin": "redis", "redis": {"url": broker.url, "key_prefix": prefix, **FAST}}
+    broker = request.getfixturevalue("nats_server")
+    return {"plugin": "nats", "nats": {"servers": [broker.url], "subject_prefix": prefix, "storage": "memory", **FAST}}
+
+
+async def start_replicas(request: pytest.FixtureRequest, wirehub_server: ServerFactory, kind: str,
+                         n: int, chat_options: dict[str, Any] | None = None, **extra: Any) -> list[LiveServer]:
+    """``n`` in-process replicas on the session's Redis or NATS, under a prefix of their own; ``chat_options``:
+    more options of their chat endpoint."""
+    bus = shared_bus(request, kind)
+    return [await wirehub_server({**chat_config(bus, **(chat_options or {})), "server": {"node_id": f"r{i}"},
+                                  **extra}) for i in range(n)]
 
 
 async def connect(server: LiveServer, user: str, name: str = "") -> WsClient:
@@ -499,14 +507,7 @@ async def test_auto_events_are_each_in_a_small_room_and_batched_in_a_big_one(
     """The default ``auto``: presence.join / presence.leave while a room has at most presence_each_max users (4
     here), one presence.diff per interval above it (a join into a room of 50,000 is not an event to each of them),
     and each again once a read finds it at or below 9/10 of that (not flipping at every join around it)."""
-    bus = None
-    if kind != "memory":
-        broker: Any = request.getfixturevalue("redis_server" if kind == "redis" else "nats_server")
-        prefix = f"pa{uuid.uuid4().hex[:8]}"
-        bus = {"plugin": "redis", "redis": {"url": broker.url, "key_prefix": prefix, **FAST}} if kind == "redis" \
-            else {"plugin": "nats", "nats": {"servers": [broker.url], "subject_prefix": prefix, "storage": "memory",
-                                             **FAST}}
-    server = await wirehub_server(chat_config(bus, presence_each_max=4))
+    server = await wirehub_server(chat_config(shared_bus(request, kind) or None, presence_each_max=4))
     room = unique_room()
     watcher, _ = await member(server, "w", room)
     users = {u: (await member(server, u, room))[0] for u in ("u1", "u2", "u3")}

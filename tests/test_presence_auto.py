@@ -4,12 +4,11 @@ a bigger one, as each replica reads the room's count (tests/test_presence.py has
 from __future__ import annotations
 
 import asyncio
-import uuid
 from typing import Any, cast
 
 import pytest
 
-from tests.test_presence import CHAT, FAST, ServerFactory, chat_config, member
+from tests.test_presence import CHAT, ServerFactory, member, start_replicas
 from tests.test_presence_notices import Hub
 from wirehub.builtins.bus.memory import MemoryPresence
 from wirehub.builtins.handlers import chat_presence
@@ -55,16 +54,7 @@ async def test_a_join_storm_through_a_replica_that_never_read_a_big_room_goes_ba
 
 
 async def _two(request: pytest.FixtureRequest, wirehub_server: ServerFactory, kind: str) -> list[Any]:
-    prefix = f"rv{uuid.uuid4().hex[:8]}"
-    if kind == "redis":
-        broker: Any = request.getfixturevalue("redis_server")
-        bus = {"plugin": "redis", "redis": {"url": broker.url, "key_prefix": prefix, **FAST}}
-    else:
-        broker = request.getfixturevalue("nats_server")
-        bus = {"plugin": "nats", "nats": {"servers": [broker.url], "subject_prefix": prefix, "storage": "memory",
-                                          **FAST}}
-    return [await wirehub_server({**chat_config(bus, presence_each_max=EACH_MAX), "server": {"node_id": f"r{i}"}})
-            for i in range(2)]
+    return await start_replicas(request, wirehub_server, kind, 2, {"presence_each_max": EACH_MAX})
 
 
 @pytest.mark.parametrize("kind", ["redis", "nats"])

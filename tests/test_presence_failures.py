@@ -6,13 +6,15 @@ close while waiting, a room told again, drop when down): no busy loop, nothing l
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
 
+from tests.test_join_fast_path import OnlyAsync
 from tests.test_presence_notices import Hub
-from wirehub import BusUnavailable, PresenceCount, PresenceEntry
+from wirehub import BusUnavailable, PresenceCount, PresenceEntry, PresencePage
 from wirehub.builtins.bus.memory import MemoryPresence
 from wirehub.builtins.handlers import chat_events
 from wirehub.builtins.handlers.chat_presence import ChatPresence, PresenceRules
@@ -93,24 +95,16 @@ async def test_a_mass_departure_from_a_room_known_big_stays_batched() -> None:
 
 
 
-class Generic:
-    """A presence with no join_now / join_page (the NATS path through ChatPresence.join's generic branch)."""
+class Generic(OnlyAsync):
+    """A presence with no join_now / join_page (the NATS path through ChatPresence.join's generic branch), whose
+    next page read fails (once ``gate`` is set, if there is one)."""
 
     def __init__(self) -> None:
-        self.inner = MemoryPresence()
+        super().__init__()
         self.gate: asyncio.Event | None = None
         self.fail_next_page = False
 
-    async def join(self, room: str, entry: PresenceEntry) -> bool:
-        return await self.inner.join(room, entry)
-
-    async def leave(self, room: str, session: str) -> str | None:
-        return await self.inner.leave(room, session)
-
-    async def count(self, room: str) -> PresenceCount:
-        return await self.inner.count(room)
-
-    async def page(self, room: str, after: str | None, limit: int) -> Any:
+    async def page(self, room: str, after: str | None, limit: int) -> PresencePage:
         if self.fail_next_page:
             self.fail_next_page = False
             gate = self.gate
@@ -119,14 +113,8 @@ class Generic:
             raise BusUnavailable("page read failed")
         return await self.inner.page(room, after, limit)
 
-    async def lookup(self, room: str, users: Any) -> Any:
+    async def lookup(self, room: str, users: Sequence[str]) -> PresencePage:
         return await self.inner.lookup(room, users)
-
-    async def members(self, room: str) -> Any:
-        return await self.inner.members(room)
-
-    def on_departed(self, cb: Any) -> None:
-        pass
 
 
 def _session(user: str, sid: str) -> Any:

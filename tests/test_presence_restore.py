@@ -31,6 +31,20 @@ def bus_config(backend_kind: str, request: pytest.FixtureRequest) -> dict[str, A
                                        **FAST}}
 
 
+async def _reaped_replica(presence_replica: Any) -> tuple[Any, str, str, list[tuple[str, list[str]]]]:
+    """A Redis replica with u1 and u2 on node ``stalled-node`` in a room, as a reaping left them (gone from the
+    broker, still connected here); what it reports to ``on_restored`` is recorded."""
+    b = await presence_replica()
+    p = b.presence
+    room, node = unique_room(), "stalled-node"
+    restored: list[tuple[str, list[str]]] = []
+    p.on_restored(lambda r, users: restored.append((r, sorted(users))))
+    await p.join(room, PresenceEntry("u1", "s1", node))
+    await p.join(room, PresenceEntry("u2", "s2", node))
+    await _simulate_reaped(p, room, node)
+    return p, room, node, restored
+
+
 async def _simulate_reaped(p: Any, room: str, node: str) -> None:
     """What a live replica's reaping of ``node`` leaves in Redis: the room's keys, the node's index and stamp gone."""
     client = p.bus.client
@@ -43,14 +57,7 @@ async def test_redis_a_restore_that_failed_is_tried_again_at_the_next_beat_and_r
     """A replica declared dead writes its entries again at its next beat. That beat refreshed its stamp, so when
     the write fails (a timeout, the bus blipping) the next beats must try again until it goes through, and report
     the users (members told they left are told they are back)."""
-    b = await presence_replica()
-    p = b.presence
-    room, node = unique_room(), "stalled-node"
-    restored: list[tuple[str, list[str]]] = []
-    p.on_restored(lambda r, users: restored.append((r, sorted(users))))
-    await p.join(room, PresenceEntry("u1", "s1", node))
-    await p.join(room, PresenceEntry("u2", "s2", node))
-    await _simulate_reaped(p, room, node)
+    p, room, _, restored = await _reaped_replica(presence_replica)
 
     orig = p._pipeline
     failed = []
@@ -81,14 +88,7 @@ async def test_redis_a_session_that_leaves_during_a_restore_is_not_written_back(
     (its leave removes nothing: it was reaped) must not be written back by its own batch later (a ghost entry no
     leave would remove), nor its user reported back."""
     monkeypatch.setattr(redis_presence, "REAP_BATCH", 1)  # stands for > 500 entries on the replica
-    b = await presence_replica()
-    p = b.presence
-    room, node = unique_room(), "stalled-node"
-    restored: list[tuple[str, list[str]]] = []
-    p.on_restored(lambda r, users: restored.append((r, sorted(users))))
-    await p.join(room, PresenceEntry("u1", "s1", node))
-    await p.join(room, PresenceEntry("u2", "s2", node))
-    await _simulate_reaped(p, room, node)
+    p, room, _, restored = await _reaped_replica(presence_replica)
 
     orig = p._pipeline
     left: list[Any] = []
@@ -160,20 +160,13 @@ async def test_nats_a_key_whose_restore_failed_is_reported_once_a_write_of_it_we
 async def test_redis_a_restore_waits_while_a_claim_of_its_node_is_held(presence_replica: Any) -> None:
     """A replica whose entries were reaped writes them again only once no replica holds a claim of its node (a
     reaping under way would remove what it writes), then reports their users."""
-    b = await presence_replica()
-    p = b.presence
-    room, node = unique_room(), "stalled-node"
-    restored: list[tuple[str, list[str]]] = []
-    p.on_restored(lambda r, users: restored.append((r, sorted(users))))
-    await p.join(room, PresenceEntry("u1", "s1", node))
-    await p.join(room, PresenceEntry("u2", "s2", node))
-    await _simulate_reaped(p, room, node)
+    p, room, node, restored = await _reaped_replica(presence_replica)
     claim = p._claim_key(node)
-    await b.bus.client.set(claim, "1", px=30_000)  # a reaping of the node under way
+    await p.bus.client.set(claim, "1", px=30_000)  # a reaping of the node under way
     for _ in range(2):
         await p.upkeep()
     assert await p.count(room) == PresenceCount(0, 0) and restored == []
-    await b.bus.client.delete(claim)  # the reaping is over
+    await p.bus.client.delete(claim)  # the reaping is over
     await p.upkeep()
     assert await p.count(room) == PresenceCount(2, 2)
     assert restored == [(room, ["u1", "u2"])]
@@ -223,10 +216,13 @@ async def test_nats_a_reaper_leaves_a_node_that_heartbeat_again_alone(presence_r
     assert await a.presence.count(room) == PresenceCount(3, 3)
 
 
-@pytest.mark.parametrize("backend_kind", ["redis"])
-async def test_redis_a_stale_stamp_nobody_reaped_reports_nobody(presence_replica: Any) -> None:
-    """A stamp older than the TTL that nobody reaped (a pause shorter than a reaper's reaction): the beat writes the
-    entries again (nothing changes) and reports nobody: the users never left."""
+@pytest.mark.parametrize("backend_kind", ["redis", "nats"])
+async def test_a_heartbeat_late_past_the_ttl_that_nobody_reaped_reports_nobody(
+    presence_replica: Any, backend_kind: str,
+) -> None:
+    """A heartbeat late past the TTL that nobody reaped (a pause shorter than a reaper's reaction): the replica
+    writes its entries again (it may have been reaped; nothing changes) and reports nobody: the users never
+    left."""
     b = await presence_replica()
     p = b.presence
     room = unique_room()
@@ -234,24 +230,10 @@ async def test_redis_a_stale_stamp_nobody_reaped_reports_nobody(presence_replica
     p.on_restored(lambda r, users: restored.append((r, sorted(users))))
     for i in range(3):
         await p.join(room, PresenceEntry(f"u{i}", f"s{i}", "node-b"))
-    await b.bus.client.zadd(p._nodes_key, {"node-b": 1})  # stale, not reaped: the entries are all there
-    await p.upkeep()
-    assert await p.count(room) == PresenceCount(3, 3)
-    assert restored == [], f"users reported restored whose entries never left the broker: {restored}"
-
-
-@pytest.mark.parametrize("backend_kind", ["nats"])
-async def test_nats_a_silence_longer_than_the_ttl_that_nobody_reaped_reports_nobody(presence_replica: Any) -> None:
-    """A replica silent for longer than the TTL writes its keys again (it may have been reaped), but reports only
-    the users of keys the broker no longer held: here none."""
-    b = await presence_replica()
-    p = b.presence
-    room = unique_room()
-    restored: list[Any] = []
-    p.on_restored(lambda r, users: restored.append((r, sorted(users))))
-    for i in range(3):
-        await p.join(room, PresenceEntry(f"u{i}", f"s{i}", "node-b"))
-    p._last_beat = time.monotonic() - p.ttl - 1  # a stall longer than the TTL that no replica reaped
+    if backend_kind == "redis":
+        await b.bus.client.zadd(p._nodes_key, {"node-b": 1})  # its stamp stale
+    else:
+        p._last_beat = time.monotonic() - p.ttl - 1  # silent for longer than the TTL
     await p.upkeep()
     assert await p.count(room) == PresenceCount(3, 3)
     assert restored == []
