@@ -17,7 +17,7 @@ from wirehub.brokers import NatsServer, RedisServer
 from wirehub.builtins.bus import redis_presence
 from wirehub.testing import unique_room
 
-FAST = {"heartbeat_interval": 0.5, "heartbeat_timeout": 2.0, "op_timeout": 3.0, "presence_ttl": 3.0}
+FAST = {"heartbeat_interval": 0.5, "heartbeat_timeout": 2.0, "op_timeout": 3.0, "presence_ttl": 1.5}
 
 
 @pytest.fixture
@@ -343,6 +343,6 @@ async def test_nats_keys_purged_by_a_reaping_of_a_live_node_are_written_again(
     b_back.set()
     await asyncio.gather(*list(a.presence._reapers), return_exceptions=True)
     js.publish = publish
-    await asyncio.sleep(3.0)  # several beats of B and upkeeps of A
+    await asyncio.sleep(2.0)  # several beats of B and upkeeps of A (every presence_ttl / 3)
     counts = [await c.presence.count(room) for room in rooms]
     assert all(n.users == 1 for n in counts), f"B's connected users are gone from presence for good: {counts}"

@@ -27,9 +27,10 @@ users who left to its ``on_departed`` listeners; before each batch it renews the
 when the node heartbeat again since (a stall, not a death) or the claim ran out. A replica that finds
 its own stamp missing or expired (a broker that lost its data, or a stall longer than the TTL that may
 have had it reaped) writes its entries again once no claim of its node is left, at every beat until all
-are written, and reports the users who were gone to its ``on_restored`` listeners. What is left: a
-reaper stalled in the middle of a batch's round trip for longer than the TTL may remove entries
-written again meanwhile.
+are written, and reports the users who were gone to its ``on_restored`` listeners. Each reaping batch
+counts itself in ``<p>:presence:reaped:<node>`` in its own pipeline, which the node's replica reads at
+its heartbeat: entries that a reaper stalled past its checks removed after the node came back are
+written again at the next beat.
 """
 
 from __future__ import annotations

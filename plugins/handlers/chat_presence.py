@@ -6,7 +6,8 @@ The option ``presence_rules`` (first matching glob wins, like ``room_limits``) d
   presence, the ``presence`` op answers ``forbidden`` with ``reason: "presence_off"``);
 - how many members ``joined`` lists (``presence_limit``), always with the room's count and a cursor;
 - how join/leave events go out: one of the modes of :mod:`wirehub.builtins.handlers.chat_events` (``each``,
-  ``batched``, ``off``).
+  ``batched``, ``off``), or ``auto`` (the default): ``each`` in a room of at most ``presence_each_max`` users,
+  ``batched`` in a bigger one, as last read here (:meth:`ChatPresence.mode`).
 
 A join costs O(1) in the room's size: one presence write and one bounded page (or a count).
 """
