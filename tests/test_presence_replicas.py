@@ -131,7 +131,8 @@ async def test_a_replica_stopped_for_longer_than_the_ttl_has_its_users_back_when
 async def test_a_broker_that_lost_presence_gets_it_back(kind: str, broker: BrokerProcess) -> None:
     """Entries are never refreshed, so a broker restart that lost them (Redis without persistence,
     a NATS memory store) must not lose them for good: each replica notices its heartbeat key is gone
-    and writes its entries again."""
+    and writes its entries again, and reports their users to ``on_restored`` (the chat tells the members to
+    reload: docs/protocol.md, "A replica declared dead that was only stalled")."""
     opts = bus_options(kind, broker, f"pl{uuid.uuid4().hex[:6]}", presence_interval=INTERVAL,
                        **({"storage": "memory"} if kind == "nats" else {}))
     make = redis_backend if kind == "redis" else nats_backend
@@ -139,6 +140,10 @@ async def test_a_broker_that_lost_presence_gets_it_back(kind: str, broker: Broke
     b: Backend = make(opts, f"bus.{kind}")
     for backend in (a, b):
         await backend.bus.start(Recorder())
+    restored: dict[str, set[tuple[str, str]]] = {"a": set(), "b": set()}
+    for name, backend in (("a", a), ("b", b)):
+        backend.presence.on_restored(
+            lambda r, users, name=name: restored[name].update((r, u) for u in users))
     try:
         room = unique_room()
         await a.presence.join(room, PresenceEntry("alice", "sa", "node-a"))
@@ -156,6 +161,7 @@ async def test_a_broker_that_lost_presence_gets_it_back(kind: str, broker: Broke
         # (this Redis keeps nothing on disk and this NATS stores in memory: the entries are gone)
         await eventually(whole, timeout=TTL + INTERVAL + 2)
         await eventually(lambda: whole(b), timeout=TTL + INTERVAL + 2)
+        assert restored == {"a": {(room, "alice")}, "b": {(room, "bob")}}
         assert await b.presence.leave(room, "sb") == "bob"
         await eventually(lambda: _is(a, room, PresenceCount(1, 2)))
     finally:
